@@ -1,0 +1,1 @@
+"""Settings, tables, the job state machine and artifact storage: the one owner of shared state."""

@@ -1,0 +1,44 @@
+"""Service settings, read from the environment (`TUNEQ_*`) or a `.env` file."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNEQ_", env_file=".env", extra="ignore")
+
+    home: Path = Field(Path("var"), description="Root of the embedded stack's state.")
+    database_url: str = Field("", description="SQLAlchemy URL; default: SQLite file under home.")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker.")
+    artifact_dir: Path | None = Field(None, description="Where files and artifacts are stored; default home/artifacts.")
+    work_dir: Path | None = Field(None, description="Scratch space of running jobs; default home/work.")
+    model_roots: list[Path] = Field(default_factory=list, description="Directories whose subfolders are base models.")
+    allow_hub_models: bool = Field(False, description="Accept hub ids that are not under a model root.")
+    visibility_timeout_s: int = Field(3600, ge=1, description="Broker re-delivery timeout of unacked tasks.")
+    heartbeat_s: float = Field(5.0, gt=0, description="How often a running worker renews its lease.")
+    lease_ttl_s: float = Field(60.0, gt=0, description="A lease older than this is dead and its job re-queued.")
+    worker_id: str = Field("", description="Name of this worker; default host:pid.")
+    accelerate_launch: bool = Field(True, description="Run the trainer under `accelerate launch`.")
+    max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest accepted upload.")
+    page_limit_max: int = Field(100, ge=1, description="Largest page size of list routes.")
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.home / 'tuneq.db').resolve()}"
+
+    def resolved_artifact_dir(self) -> Path:
+        return (self.artifact_dir or self.home / "artifacts").resolve()
+
+    def resolved_work_dir(self) -> Path:
+        return (self.work_dir or self.home / "work").resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

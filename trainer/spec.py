@@ -1,0 +1,104 @@
+"""JobSpec: the one definition of a fine-tuning job.
+
+Everything that reaches a GPU passes through this model first, so every check that can fail
+without loading weights lives here and names the field and its allowed range.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Method = Literal["full", "lora", "qlora"]
+DataFormat = Literal["auto", "chat"]
+Precision = Literal["auto", "bf16", "fp32"]
+
+# Linear projections of Llama-shaped decoders; "all-linear" lets peft find them on any model.
+ALL_LINEAR = "all-linear"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoraSettings(_Strict):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, le=4096, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        ALL_LINEAR, description="Module names to adapt, or 'all-linear'."
+    )
+
+    @model_validator(mode="after")
+    def _targets_not_empty(self) -> LoraSettings:
+        if isinstance(self.target_modules, list):
+            if not self.target_modules:
+                raise ValueError("lora.target_modules: give at least one module name or 'all-linear'")
+            for name in self.target_modules:
+                if not name or not name.replace("_", "").replace(".", "").isalnum():
+                    raise ValueError(
+                        f"lora.target_modules: {name!r} is not a module name "
+                        "(letters, digits, '_' and '.')"
+                    )
+        return self
+
+
+class Hyperparameters(_Strict):
+    n_epochs: int = Field(1, ge=1, le=100, description="Passes over the training file.")
+    max_steps: int | None = Field(
+        None, ge=1, le=10_000_000, description="Optimizer steps; overrides n_epochs when set."
+    )
+    learning_rate: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate of AdamW.")
+    batch_size: int = Field(4, ge=1, le=4096, description="Examples per micro-batch (per GPU).")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096, description="Micro-batches per optimizer step.")
+    max_seq_len: int = Field(1024, ge=8, le=262_144, description="Tokens per example; longer ones are truncated.")
+    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0, description="Fraction of steps spent warming up.")
+    warmup_steps: int | None = Field(None, ge=0, le=10_000_000, description="Warm-up steps; overrides warmup_ratio.")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW decoupled weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0.0, le=1e6, description="Clip gradients to this norm; 0 disables.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of data order, init and dropout.")
+
+
+class Schedule(_Strict):
+    log_every_steps: int = Field(1, ge=1, le=1_000_000, description="Steps between metric events.")
+    eval_every_steps: int | None = Field(
+        None, ge=1, le=1_000_000, description="Steps between validation passes (default: at the end only)."
+    )
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, le=1_000_000, description="Steps between checkpoints (default: none until the end)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, le=1000, description="Newest checkpoints kept on disk.")
+
+
+class JobSpec(_Strict):
+    """What to train, on what, and how."""
+
+    model: str = Field(..., min_length=1, max_length=512, description="Hub id or local directory of the base model.")
+    method: Method = Field("lora", description="full | lora | qlora.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="Used by lora and qlora.")
+    training_file: str = Field(..., min_length=1, description="Path of the training JSONL.")
+    validation_file: str | None = Field(None, description="Path of the validation JSONL.")
+    data_format: DataFormat = Field("auto", description="Format of the data files.")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    schedule: Schedule = Field(default_factory=Schedule)
+    precision: Precision = Field("auto", description="auto: bf16 on a GPU that supports it, else fp32.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    suffix: str | None = Field(None, max_length=64, description="Added to the fine-tuned model's name.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> JobSpec:
+        hp = self.hyperparameters
+        if self.method == "full" and "lora" in self.model_fields_set:
+            raise ValueError("lora: LoRA settings apply to method 'lora' or 'qlora', not 'full'")
+        if hp.warmup_steps is not None and hp.max_steps is not None and hp.warmup_steps > hp.max_steps:
+            raise ValueError(
+                f"hyperparameters.warmup_steps: {hp.warmup_steps} exceeds max_steps {hp.max_steps}; "
+                f"allowed 0..{hp.max_steps}"
+            )
+        if self.suffix is not None and not all(c.isalnum() or c in "-_" for c in self.suffix):
+            raise ValueError("suffix: letters, digits, '-' and '_' only")
+        return self
+
+    def effective_batch(self) -> int:
+        return self.hyperparameters.batch_size * self.hyperparameters.gradient_accumulation_steps
