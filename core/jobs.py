@@ -1,0 +1,137 @@
+"""Job service functions shared by the API and the worker.
+
+The lease is how the database, not the broker, decides who runs a job: Celery on Redis may
+deliver the same task twice (visibility timeout, restarts), and only the delivery that takes the
+lease in one transaction runs it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from core import states
+from core.models import File, Job, now
+
+
+class JobError(ValueError):
+    """A request about a job that cannot be honoured; `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_request"):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+def create_job(
+    db: Session,
+    *,
+    spec: dict[str, Any],
+    model: str,
+    method: str,
+    training_file: File,
+    validation_file: File | None = None,
+    suffix: str | None = None,
+    owner_id: str | None = None,
+    priority: int = 0,
+    gpus: int = 1,
+    plan: dict[str, Any] | None = None,
+) -> Job:
+    """Insert a job and move it to `queued` (or `failed` if its files are not usable).
+
+    The caller commits, then calls core.queue.enqueue_job(job.id).
+    """
+    job = Job(
+        spec=spec, model=model, method=method, training_file=training_file.id,
+        validation_file=validation_file.id if validation_file else None, suffix=suffix,
+        owner_id=owner_id, priority=priority, gpus=gpus, plan=plan,
+    )
+    db.add(job)
+    db.flush()
+    states.add_event(db, job, "Validating training file.", type="status", data={"to": states.VALIDATING})
+    for f, field in ((training_file, "training_file"), (validation_file, "validation_file")):
+        if f is not None and f.status != "processed":
+            raise JobError(f"{field}: file {f.id} failed validation; fix the file and upload it again", field)
+    states.transition(db, job, states.QUEUED, "Job queued.")
+    return job
+
+
+def request_cancel(db: Session, job: Job) -> Job:
+    """Cancel now if nothing runs it; otherwise flag it for the worker that holds the lease."""
+    if job.status in states.TERMINAL:
+        raise states.IllegalTransition(job.id, job.status, states.CANCELLED)
+    if job.status == states.CANCELLING:
+        return job
+    if job.status == states.RUNNING:
+        job.cancel_requested = True
+        return states.transition(db, job, states.CANCELLING, "Cancellation requested.")
+    job.cancel_requested = True
+    return states.transition(db, job, states.CANCELLED, "Job cancelled.")
+
+
+def acquire_lease(db: Session, job_id: str, worker_id: str, ttl_s: float) -> Job | None:
+    """Take the job's lease if it is queued, or running under a lease older than ttl_s.
+
+    One conditional UPDATE does it, so two deliveries racing on two workers cannot both win.
+    Returns the job (now `running`, with a new attempt number) or None when another holds it.
+    """
+    t = now()
+    stale_before = t - ttl_s
+    res = db.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .where(
+            (Job.status == states.QUEUED)
+            | ((Job.status == states.RUNNING) & ((Job.lease_heartbeat_at.is_(None)) | (Job.lease_heartbeat_at < stale_before)))
+        )
+        .values(lease_owner=worker_id, lease_heartbeat_at=t, lease_attempt=Job.lease_attempt + 1)
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:
+        db.rollback()
+        return None
+    job = db.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    if job.status == states.QUEUED:
+        states.transition(db, job, states.RUNNING, f"Job started on {worker_id} (attempt {job.lease_attempt}).")
+    else:
+        states.add_event(db, job, f"Lease taken over by {worker_id} (attempt {job.lease_attempt}).", type="status")
+    db.commit()
+    return job
+
+
+def heartbeat(db: Session, job_id: str, worker_id: str, attempt: int) -> Job | None:
+    """Renew the lease; None means it was lost (reaped or taken over) and the run must stop."""
+    res = db.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_owner == worker_id, Job.lease_attempt == attempt)
+        .values(lease_heartbeat_at=now())
+        .execution_options(synchronize_session=False)
+    )
+    db.commit()
+    if res.rowcount != 1:
+        return None
+    return db.get(Job, job_id, populate_existing=True)
+
+
+def holds_lease(job: Job, worker_id: str, attempt: int) -> bool:
+    return job.lease_owner == worker_id and job.lease_attempt == attempt
+
+
+def reap_stale(db: Session, ttl_s: float) -> list[str]:
+    """Put running jobs whose worker stopped heartbeating back in the queue; return their ids."""
+    stale_before = now() - ttl_s
+    jobs = db.scalars(
+        select(Job).where(Job.status.in_([states.RUNNING, states.CANCELLING]), Job.lease_heartbeat_at < stale_before)
+    ).all()
+    ids = []
+    for job in jobs:
+        if job.status == states.CANCELLING:
+            states.transition(db, job, states.CANCELLED, "Job cancelled (its worker stopped).")
+        else:
+            states.transition(db, job, states.QUEUED, f"Worker {job.lease_owner} stopped heartbeating; job re-queued.")
+            ids.append(job.id)
+    db.commit()
+    return ids
