@@ -1,0 +1,136 @@
+"""The whole stack as real processes: uvicorn serving the API and a Celery worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tuneq.embedded import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Stack:
+    url: str
+    env: dict[str, str]
+    home: Path
+    api: subprocess.Popen[bytes]
+    worker: subprocess.Popen[bytes]
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30)
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"API exited early:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"API not healthy after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def start_stack(tmp_path: Path, database_url: str, redis_url: str, models_root: Path) -> Stack:
+    from core.migrate import upgrade_head
+
+    home = tmp_path / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    upgrade_head(database_url)
+    port = free_port()
+    env = {
+        **os.environ,
+        "TUNEQ_HOME": str(home),
+        "TUNEQ_DATABASE_URL": database_url,
+        "TUNEQ_REDIS_URL": redis_url,
+        "TUNEQ_MODEL_ROOTS": json.dumps([str(models_root)]),
+        "TUNEQ_HEARTBEAT_S": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    api_log = home / "api.log"
+    worker_log = home / "worker.log"
+    api = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env=env, stdout=open(api_log, "wb"), stderr=subprocess.STDOUT,
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "worker"], cwd=ROOT, env=env, stdout=open(worker_log, "wb"), stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, api, api_log)
+    except Exception:
+        _stop(api)
+        _stop(worker)
+        raise
+    return Stack(url=url, env=env, home=home, api=api, worker=worker)
+
+
+@pytest.fixture
+def stack(tmp_path: Path, redis_url: str, tiny_model_dir: Path) -> Iterator[Stack]:
+    s = start_stack(tmp_path, f"sqlite:///{tmp_path / 'tuneq.db'}", redis_url, tiny_model_dir.parent)
+    yield s
+    _stop(s.worker)
+    _stop(s.api)
+
+
+@pytest.fixture
+def pg_stack(tmp_path: Path, redis_url: str, pg_url: str, tiny_model_dir: Path) -> Iterator[Stack]:
+    s = start_stack(tmp_path, pg_url, redis_url, tiny_model_dir.parent)
+    yield s
+    _stop(s.worker)
+    _stop(s.api)
+
+
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "ocean", "maple", "robot",
+         "candle", "forest", "silver", "garden", "pencil", "rocket", "window", "bridge", "yellow", "castle"]
+
+
+def reverse_dataset(n: int, seed: int = 0) -> str:
+    """A task with a checkable answer: spell a word backwards."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        w = rng.choice(WORDS)
+        lines.append(json.dumps({"messages": [
+            {"role": "system", "content": "You reverse words."},
+            {"role": "user", "content": f"Reverse: {w}"},
+            {"role": "assistant", "content": w[::-1]},
+        ]}))
+    return "\n".join(lines) + "\n"
+
+
+def dump_logs(stack: Stack) -> str:
+    parts = []
+    for name in ("api.log", "worker.log"):
+        p = stack.home / name
+        if p.exists():
+            parts.append(f"--- {name}\n{p.read_text()[-4000:]}")
+    for log in (stack.home / "work").glob("*/trainer.log"):
+        parts.append(f"--- {log}\n{log.read_text()[-4000:]}")
+    return "\n".join(parts)
