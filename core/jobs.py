@@ -120,18 +120,74 @@ def holds_lease(job: Job, worker_id: str, attempt: int) -> bool:
     return job.lease_owner == worker_id and job.lease_attempt == attempt
 
 
+def lock_leased_job(db: Session, job_id: str, worker_id: str, attempt: int) -> Job | None:
+    """Renew the lease inside an open transaction and return the fresh job, or None if it is lost.
+
+    The conditional UPDATE takes the row's write lock (PostgreSQL) or the database's (SQLite), so
+    a reaper or a second worker cannot change the job between this check and the caller's
+    commit: the worker's final transition happens only while it still holds the lease.
+    """
+    res = db.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_owner == worker_id, Job.lease_attempt == attempt)
+        .values(lease_heartbeat_at=now())
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:
+        db.rollback()
+        return None
+    return db.get(Job, job_id, populate_existing=True)
+
+
+def release_lease(db: Session, job_id: str, worker_id: str, attempt: int, message: str) -> bool:
+    """Give a running job back to the queue (worker shutdown); the caller then enqueues it.
+
+    A job whose cancel was requested meanwhile ends cancelled instead. Returns True when the
+    job went back to `queued`.
+    """
+    job = lock_leased_job(db, job_id, worker_id, attempt)
+    if job is None:
+        return False
+    requeued = job.status == states.RUNNING
+    if requeued:
+        states.transition(db, job, states.QUEUED, message)
+    elif job.status == states.CANCELLING:
+        states.transition(db, job, states.CANCELLED, "Job cancelled (its worker stopped).")
+    db.commit()
+    return requeued
+
+
 def reap_stale(db: Session, ttl_s: float) -> list[str]:
     """Put running jobs whose worker stopped heartbeating back in the queue; return their ids."""
     stale_before = now() - ttl_s
-    jobs = db.scalars(
-        select(Job).where(Job.status.in_([states.RUNNING, states.CANCELLING]), Job.lease_heartbeat_at < stale_before)
+    candidates = db.execute(
+        select(Job.id, Job.lease_owner, Job.lease_attempt).where(
+            Job.status.in_([states.RUNNING, states.CANCELLING]), Job.lease_heartbeat_at < stale_before
+        )
     ).all()
+    db.rollback()
     ids = []
-    for job in jobs:
+    for job_id, owner, attempt in candidates:
+        # Claim each job with a conditional UPDATE: between the SELECT and now its worker may
+        # have heartbeated or finished, and a plain ORM write would overwrite that.
+        res = db.execute(
+            update(Job)
+            .where(
+                Job.id == job_id, Job.lease_owner == owner, Job.lease_attempt == attempt,
+                Job.status.in_([states.RUNNING, states.CANCELLING]), Job.lease_heartbeat_at < stale_before,
+            )
+            .values(lease_heartbeat_at=None)
+            .execution_options(synchronize_session=False)
+        )
+        if res.rowcount != 1:
+            db.rollback()
+            continue
+        job = db.get(Job, job_id, populate_existing=True)
+        assert job is not None
         if job.status == states.CANCELLING:
             states.transition(db, job, states.CANCELLED, "Job cancelled (its worker stopped).")
         else:
-            states.transition(db, job, states.QUEUED, f"Worker {job.lease_owner} stopped heartbeating; job re-queued.")
+            states.transition(db, job, states.QUEUED, f"Worker {owner} stopped heartbeating; job re-queued.")
             ids.append(job.id)
-    db.commit()
+        db.commit()
     return ids
