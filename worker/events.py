@@ -1,0 +1,138 @@
+"""Reading the trainer's events.jsonl and turning each line into DB state.
+
+The file is appended while we read it, so the reader keeps a byte offset and leaves a line
+without its newline for the next read. The offset is also written next to the file after every
+commit, so a re-run of the job (after a worker crash) does not store the same events twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core import states
+from core.models import Checkpoint, Job
+
+log = logging.getLogger(__name__)
+
+PROGRESS_KEYS = ("step", "total_steps", "epoch", "tokens_per_second", "peak_memory_bytes", "train_loss")
+TRAIN_METRIC_KEYS = ("step", "train_loss", "learning_rate", "grad_norm", "tokens")
+VALID_METRIC_KEYS = ("valid_loss", "valid_mean_token_accuracy")
+
+
+class EventTail:
+    def __init__(self, path: Path, offset_path: Path):
+        self.path = path
+        self.offset_path = offset_path
+        self.offset = self._load_offset()
+
+    def _load_offset(self) -> int:
+        try:
+            return int(self.offset_path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def save_offset(self) -> None:
+        tmp = self.offset_path.with_suffix(".tmp")
+        tmp.write_text(str(self.offset))
+        tmp.replace(self.offset_path)
+
+    def read(self) -> list[dict[str, Any]]:
+        """Complete lines appended since the last read, parsed; malformed lines are skipped."""
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return []
+        if size < self.offset:  # the file was started anew (a fresh, not resumed, run)
+            self.offset = 0
+        if size == self.offset:
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read(size - self.offset)
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            return []
+        self.offset += end + 1
+        events = []
+        for raw in chunk[:end].split(b"\n"):
+            if not raw.strip():
+                continue
+            try:
+                ev = json.loads(raw)
+            except json.JSONDecodeError:
+                log.warning("skipping malformed event line in %s: %.200r", self.path, raw)
+                continue
+            if isinstance(ev, dict) and isinstance(ev.get("type"), str):
+                events.append(ev)
+        return events
+
+
+class ProgressTracker:
+    """Folds events into job.progress / job.metrics; remembers what the end of the run needs."""
+
+    def __init__(self, work_dir: Path):
+        self.work_dir = work_dir
+        self.last_error: dict[str, Any] | None = None
+        self.finished: dict[str, Any] | None = None
+        self._rate_origin: tuple[float, int] | None = None  # (time, step) of this run's first metrics
+
+    def apply(self, db: Session, job: Job, ev: dict[str, Any]) -> None:
+        data = ev.get("data") if isinstance(ev.get("data"), dict) else {}
+        kind = ev["type"]
+        states.add_event(
+            db, job, str(ev.get("message") or kind), type=kind[:20], level=_level(ev.get("level")),
+            data=data, created_at=_float(ev.get("time")),
+        )
+        if kind == "start":
+            job.progress = {**job.progress, "step": data.get("resumed_from_step") or 0,
+                            "total_steps": data.get("total_steps")}
+        elif kind == "metrics":
+            self._on_metrics(job, data, _float(ev.get("time")) or time.time())
+        elif kind == "validation":
+            job.metrics = {**job.metrics, **_pick(data, VALID_METRIC_KEYS)}
+        elif kind == "checkpoint":
+            self._on_checkpoint(db, job, data)
+        elif kind == "error":
+            self.last_error = data | {"message": data.get("message") or ev.get("message") or "training failed"}
+        elif kind == "finished":
+            self.finished = data
+
+    def _on_metrics(self, job: Job, data: dict[str, Any], t: float) -> None:
+        progress = {**job.progress, **_pick(data, PROGRESS_KEYS)}
+        step, total = data.get("step"), data.get("total_steps")
+        if isinstance(step, int) and isinstance(total, int):
+            if self._rate_origin is None:
+                self._rate_origin = (t, step)
+            t0, s0 = self._rate_origin
+            if step > s0 and t > t0:
+                progress["eta_seconds"] = round((total - step) * (t - t0) / (step - s0), 1)
+        job.progress = progress
+        job.metrics = {**job.metrics, **_pick(data, TRAIN_METRIC_KEYS)}
+
+    def _on_checkpoint(self, db: Session, job: Job, data: dict[str, Any]) -> None:
+        step, rel = data.get("step"), data.get("path")
+        if not isinstance(step, int) or not rel:
+            return
+        # A resumed run may announce a step again; one row per step.
+        known = db.scalar(select(Checkpoint.id).where(Checkpoint.job_id == job.id, Checkpoint.step == step))
+        if known is None:
+            db.add(Checkpoint(job_id=job.id, step=step, path=str(self.work_dir / rel), metrics=data.get("metrics") or {}))
+
+
+def _pick(data: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: data[k] for k in keys if k in data}
+
+
+def _level(value: Any) -> str:
+    return value if value in ("info", "warning", "error") else "info"
+
+
+def _float(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None

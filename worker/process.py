@@ -1,0 +1,113 @@
+"""The trainer as a child process group: launch, signal, wait, kill.
+
+The trainer runs in its own session so that signals meant for the worker (Ctrl-C, a warm
+shutdown) do not reach it, and so that one killpg reaches every process it spawned
+(`accelerate launch` and its child, data-loader workers).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group.
+
+    `accelerate launch` dies on SIGUSR1/SIGTERM before its child does, and an orphaned child's
+    zombie may never be reaped in a container whose PID 1 is not an init, so killpg(pgid, 0)
+    cannot tell whether the trainer is gone; /proc can.
+    """
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()
+        state, pgrp = fields[0], int(fields[2])
+        if pgrp == pgid and state not in ("Z", "X"):
+            members.append(int(entry.name))
+    return members
+
+
+class TrainerProcess:
+    def __init__(self, argv: list[str], *, cwd: Path, log_path: Path, env: dict[str, str]):
+        with open(log_path, "ab") as log:
+            self.popen = subprocess.Popen(
+                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.pgid = self.popen.pid
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def send(self, sig: int) -> None:
+        try:
+            os.killpg(self.pgid, sig)
+        except ProcessLookupError:
+            pass
+
+    def finished(self) -> bool:
+        """True once the launched process has exited and nothing of its group is left."""
+        if self.popen.poll() is None:
+            return False
+        return not group_members(self.pgid)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.returncode
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.finished():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    def stop(self, sig: int = signal.SIGTERM, grace_s: float = 10.0) -> None:
+        """Send `sig`, wait up to grace_s for the group to exit, then SIGKILL what is left."""
+        self.send(sig)
+        if not self.wait(grace_s):
+            self.kill()
+
+    def kill(self) -> None:
+        self.send(signal.SIGKILL)
+        try:
+            self.popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        self.wait(10)
+
+
+def kill_strays(work_dir: Path) -> list[int]:
+    """SIGKILL trainers of an earlier attempt still writing into work_dir; return their pids.
+
+    A worker killed with SIGKILL leaves its trainer running (it is in its own session), and a
+    re-run of the job must not share the directory with it.
+    """
+    target = str(work_dir)
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        argv = [a.decode(errors="replace") for a in args]
+        if "trainer" in argv and "--out" in argv and target in argv:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+            except ProcessLookupError:
+                pass
+    return killed

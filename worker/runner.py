@@ -1,0 +1,248 @@
+"""One delivery of `tuneq.run_job`: lease, launch the trainer, supervise it, record the outcome.
+
+The database decides who runs a job (DESIGN.md, reliability): everything here happens under the
+lease taken at the start, and the final status is written only while that lease still holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core import states
+from core.db import get_sessionmaker
+from core.jobs import acquire_lease, heartbeat, lock_leased_job, release_lease
+from core.models import Job
+from core.queue import enqueue_job
+from core.settings import Settings, get_settings
+from core.storage import get_storage
+from worker.artifacts import publish_final
+from worker.events import EventTail, ProgressTracker
+from worker.process import TrainerProcess, kill_strays
+from worker.workdir import SpecError, has_checkpoint, job_dir, runnable_spec, trainer_argv, trainer_env, write_spec
+
+log = logging.getLogger(__name__)
+
+# Set by the Celery app on warm shutdown: running jobs stop their trainer and go back to the queue.
+SHUTDOWN = threading.Event()
+
+EXIT_PAUSED = 75  # the trainer saved a checkpoint on SIGUSR1 and stopped (EX_TEMPFAIL)
+POLL_S = 0.25
+CANCEL_GRACE_S = 10.0
+# A pause or a shutdown lets the trainer write a checkpoint first; that can take a while.
+CHECKPOINT_GRACE_S = 120.0
+LOG_TAIL_CHARS = 2000
+
+
+def default_worker_id(settings: Settings) -> str:
+    return settings.worker_id or f"{socket.gethostname()}:{os.getpid()}"
+
+
+def run_job(job_id: str, worker_id: str | None = None) -> str:
+    """Run one job to its end; return the outcome.
+
+    Outcomes: a final status (succeeded, failed, cancelled, paused), `requeued` (worker shutdown),
+    `lost` (another worker took the lease), `skipped` (not runnable by this delivery).
+    """
+    settings = get_settings()
+    worker_id = worker_id or default_worker_id(settings)
+    db = get_sessionmaker()()
+    try:
+        job = acquire_lease(db, job_id, worker_id, settings.lease_ttl_s)
+        if job is None:
+            _log_skip(db, job_id)
+            return "skipped"
+        return JobRun(db, job, worker_id, settings).execute()
+    finally:
+        db.close()
+
+
+def _log_skip(db: Session, job_id: str) -> None:
+    job = db.get(Job, job_id)
+    if job is None:
+        log.warning("job %s does not exist; dropping the message", job_id)
+    elif job.status == states.RUNNING:
+        log.info("job %s is leased by %s (attempt %s); dropping this duplicate delivery",
+                 job_id, job.lease_owner, job.lease_attempt)
+    else:
+        log.info("job %s is %s; nothing to run", job_id, job.status)
+    db.rollback()
+
+
+class JobRun:
+    def __init__(self, db: Session, job: Job, worker_id: str, settings: Settings):
+        self.db = db
+        self.job = job
+        self.job_id = job.id
+        self.worker_id = worker_id
+        self.attempt = job.lease_attempt
+        self.settings = settings
+        self.dir = job_dir(settings, job.id)
+        self.tracker = ProgressTracker(self.dir)
+        self.tail = EventTail(self.dir / "events.jsonl", self.dir / "events.offset")
+
+    def execute(self) -> str:
+        try:
+            spec = runnable_spec(self.db, self.job)
+        except SpecError as exc:
+            error = {"code": "invalid_spec", "message": str(exc), "param": exc.param}
+            return self.finish(states.FAILED, f"Job failed: {exc}", error=error)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if strays := kill_strays(self.dir):
+            log.warning("job %s: killed trainer processes %s left by an earlier attempt", self.job_id, strays)
+        resume = has_checkpoint(self.dir)
+        argv = trainer_argv(self.settings, write_spec(self.dir, spec), self.dir, resume)
+        proc = TrainerProcess(argv, cwd=self.dir, log_path=self.dir / "trainer.log", env=trainer_env())
+        log.info("job %s: trainer pid %s started (attempt %s%s)", self.job_id, proc.pid, self.attempt,
+                 ", resuming" if resume else "")
+        states.add_event(self.db, self.job, "Resuming from the latest checkpoint." if resume else "Trainer started.",
+                         type="message", data={"pid": proc.pid, "worker": self.worker_id, "resume": resume})
+        self.db.commit()
+        try:
+            stopped_by = self.supervise(proc)
+        finally:
+            if not proc.finished():
+                proc.kill()
+        self.pump()
+        return self.conclude(proc, stopped_by)
+
+    # -- while the trainer runs -------------------------------------------------------------
+
+    def supervise(self, proc: TrainerProcess) -> str | None:
+        """Stream events, heartbeat and honour cancel/pause/shutdown until the trainer is gone.
+
+        Returns why it was stopped (cancel, pause, shutdown, lost) or None if it ended by itself.
+        """
+        next_beat = time.monotonic() + self.settings.heartbeat_s
+        stopped_by: str | None = None
+        kill_at = float("inf")
+        while not proc.finished():
+            self.pump()
+            now = time.monotonic()
+            if now >= next_beat:
+                if heartbeat(self.db, self.job_id, self.worker_id, self.attempt) is None:
+                    log.warning("job %s: lease lost (attempt %s); stopping the trainer", self.job_id, self.attempt)
+                    proc.kill()
+                    return "lost"
+                next_beat = now + self.settings.heartbeat_s
+            if stopped_by is None and (stopped_by := self.stop_reason()):
+                sig, grace = {"cancel": (signal.SIGTERM, CANCEL_GRACE_S)}.get(
+                    stopped_by, (signal.SIGUSR1, CHECKPOINT_GRACE_S))
+                log.info("job %s: %s; sending %s to the trainer", self.job_id, stopped_by, signal.Signals(sig).name)
+                proc.send(sig)
+                kill_at = now + grace
+            elif now >= kill_at:
+                log.warning("job %s: trainer ignored %s for too long; killing it", self.job_id, stopped_by)
+                proc.kill()
+            time.sleep(POLL_S)
+        return stopped_by
+
+    def stop_reason(self) -> str | None:
+        cancel, pause = self.db.execute(
+            select(Job.cancel_requested, Job.pause_requested).where(Job.id == self.job_id)
+        ).one()
+        self.db.rollback()  # end the read transaction: no snapshot held open between polls
+        if cancel:
+            return "cancel"
+        if SHUTDOWN.is_set():
+            return "shutdown"
+        if pause:
+            return "pause"
+        return None
+
+    def pump(self) -> None:
+        """Store the events the trainer appended since the last call."""
+        events = self.tail.read()
+        if not events:
+            return
+        for ev in events:
+            self.tracker.apply(self.db, self.job, ev)
+        self.db.commit()
+        self.tail.save_offset()
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def conclude(self, proc: TrainerProcess, stopped_by: str | None) -> str:
+        if stopped_by == "lost":
+            return "lost"
+        if stopped_by == "shutdown":
+            if release_lease(self.db, self.job_id, self.worker_id, self.attempt, "Worker shut down; job re-queued."):
+                enqueue_job(self.job_id)
+                return "requeued"
+            return "lost"
+        if stopped_by == "cancel":
+            return self.finish(states.CANCELLED, "Job cancelled.")
+        if stopped_by == "pause" or proc.returncode == EXIT_PAUSED:
+            return self.finish(states.PAUSED, "Job paused; resuming continues from the latest checkpoint.")
+        if proc.returncode == 0:
+            return self.succeed()
+        return self.finish(states.FAILED, "Job failed.", error=self.failure(proc.returncode))
+
+    def succeed(self) -> str:
+        final = self.dir / "final"
+        if not final.is_dir():
+            error = {"code": "internal", "message": "the trainer exited 0 but wrote no final/ directory", "param": None}
+            return self.finish(states.FAILED, "Job failed.", error=error)
+        stored = publish_final(get_storage(), self.job, final)
+        finished = self.tracker.finished or {}
+
+        def record(job: Job) -> None:
+            self.db.add_all(s.row(job.id) for s in stored)
+            job.fine_tuned_model = fine_tuned_model_name(job)
+            job.trained_tokens = finished.get("trained_tokens", job.trained_tokens)
+            job.metrics = {**job.metrics, **(finished.get("metrics") or {})}
+            job.progress = {**job.progress, "eta_seconds": 0}
+
+        return self.finish(states.SUCCEEDED, "The job has successfully completed.", before=record)
+
+    def failure(self, returncode: int | None) -> dict[str, Any]:
+        err = self.tracker.last_error
+        if err is not None:
+            message = str(err["message"]) + (f" Hint: {err['hint']}" if err.get("hint") else "")
+            return {"code": err.get("code") or "internal", "message": message, "param": err.get("param")}
+        tail = _tail(self.dir / "trainer.log", LOG_TAIL_CHARS)
+        return {"code": "internal", "message": f"The trainer exited with code {returncode}.\n{tail}", "param": None}
+
+    def finish(self, target: str, message: str, *, error: dict[str, Any] | None = None,
+               before: Callable[[Job], None] | None = None) -> str:
+        """Write the final status, but only while this run still holds the lease."""
+        job = lock_leased_job(self.db, self.job_id, self.worker_id, self.attempt)
+        if job is None:
+            log.warning("job %s: lease lost before the end (attempt %s); leaving the job alone", self.job_id, self.attempt)
+            return "lost"
+        if job.status == states.CANCELLING and target in (states.FAILED, states.PAUSED):
+            target, message, error = states.CANCELLED, "Job cancelled.", None  # the user's cancel wins
+        if before is not None:
+            before(job)
+        if target == states.PAUSED:
+            job.pause_requested = False  # honoured; a resume must not pause again at once
+        states.transition(self.db, job, target, message, error=error)
+        self.db.commit()
+        log.info("job %s: %s", self.job_id, target)
+        return target
+
+
+def fine_tuned_model_name(job: Job) -> str:
+    base = job.model.rstrip("/")
+    if os.path.isabs(base):
+        base = Path(base).name  # a local directory: its folder name, not where this host keeps it
+    return f"ft:{base}:{job.suffix or 'tuneq'}:{job.id}"
+
+
+def _tail(path: Path, chars: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - chars))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""

@@ -1,0 +1,87 @@
+"""The job's work directory: spec.json in, trainer command out (docs/internals.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+import trainer.spec
+from core.models import File, Job
+from core.settings import Settings
+from core.storage import get_storage
+from trainer.spec import JobSpec
+
+# The worker may run from anywhere; the trainer package is importable from where trainer.spec is.
+CODE_ROOT = Path(trainer.spec.__file__).resolve().parents[1]
+
+
+class SpecError(ValueError):
+    """The stored spec cannot be turned into a runnable one; `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+def job_dir(settings: Settings, job_id: str) -> Path:
+    return settings.resolved_work_dir() / job_id
+
+
+def runnable_spec(db: Session, job: Job) -> dict[str, Any]:
+    """job.spec with its file ids replaced by local paths, checked against JobSpec."""
+    spec = dict(job.spec)
+    storage = get_storage()
+    for field in ("training_file", "validation_file"):
+        file_id = spec.get(field)
+        if not file_id:
+            continue
+        f = db.get(File, file_id)
+        if f is None:
+            raise SpecError(f"{field}: file {file_id} does not exist", field)
+        spec[field] = str(storage.path(f.storage_key))
+    try:
+        JobSpec.model_validate(spec)
+    except ValueError as exc:
+        raise SpecError(f"spec is not valid: {exc}") from exc
+    # Written as given, not re-dumped: a dump would set defaults the trainer reads as explicit
+    # choices (e.g. `lora` on a full fine-tune).
+    return spec
+
+
+def write_spec(work_dir: Path, spec: dict[str, Any]) -> Path:
+    path = work_dir / "spec.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(spec, indent=2))
+    tmp.replace(path)
+    return path
+
+
+def has_checkpoint(work_dir: Path) -> bool:
+    ckpts = work_dir / "checkpoints"
+    return ckpts.is_dir() and any(p.is_dir() and any(p.iterdir()) for p in ckpts.iterdir())
+
+
+def trainer_argv(settings: Settings, spec_path: Path, work_dir: Path, resume: bool) -> list[str]:
+    cmd = ["-m", "trainer", "run", str(spec_path), "--out", str(work_dir)]
+    if resume:
+        cmd.append("--resume")
+    if settings.accelerate_launch:
+        launch = [
+            "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no",
+        ]
+        return [sys.executable, *launch, *cmd]
+    return [sys.executable, *cmd]
+
+
+def trainer_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CODE_ROOT), env.get("PYTHONPATH", "")) if p)
+    # Events and logs must reach their files as they happen, not when a buffer fills.
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
