@@ -1,0 +1,136 @@
+"""One error shape for every failure: `{"error": {"message", "type", "param", "code"}}`.
+
+It is OpenAI's, so the official SDK raises its typed exceptions (BadRequestError, NotFoundError,
+ConflictError, ...) with our message and param.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core.jobs import JobError
+from core.model_roots import ModelNotFound
+from core.states import IllegalTransition
+
+log = logging.getLogger("tuneq.api")
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    503: "service_unavailable_error",
+}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def not_found(what: str, id_: str, param: str | None = None) -> APIError:
+    return APIError(404, f"No {what} with id {id_!r}", param=param, code="not_found")
+
+
+def envelope(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": _TYPES.get(status, "api_error"), "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+def dotted(loc: tuple[Any, ...] | list[Any]) -> str | None:
+    """('body', 'hyperparameters', 'n_epochs') -> 'hyperparameters.n_epochs'; list indexes as [i]."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or None
+
+
+def _strip_prefix(msg: str) -> str:
+    # pydantic prefixes errors raised in validators with "Value error, "; users need only the reason.
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            return msg[len(prefix):]
+    return msg
+
+
+def first_validation_error(errors: list[dict[str, Any]], drop: tuple[str, ...] = ()) -> tuple[str, str | None]:
+    """(message, param) of the first pydantic error, the param as a dotted path of the field."""
+    err = errors[0]
+    loc = [p for p in err.get("loc", ()) if p not in drop]
+    # Union branches add their type name to the path ("method.str"); users never typed those.
+    loc = [p for p in loc if not (isinstance(p, str) and (p in {"str", "int", "float", "bool"} or p.startswith(("dict[", "list[", "literal[", "function-"))))]
+    param = dotted(loc)
+    reason = _strip_prefix(str(err.get("msg", "invalid value")))
+    if param is None and ":" in reason:
+        # Cross-field checks name their field first ("hyperparameters.warmup_steps: ...").
+        head = reason.split(":", 1)[0]
+        if head and all(c.isalnum() or c in "._" for c in head):
+            param = head
+    message = f"{param}: {reason}" if param and not reason.startswith(param) else reason
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    return message, param
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return envelope(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = first_validation_error(list(exc.errors()), drop=("body", "query", "path", "header"))
+        return envelope(400, message, param, "invalid_value")
+
+    @app.exception_handler(ValidationError)
+    async def _validation(_: Request, exc: ValidationError) -> JSONResponse:
+        message, param = first_validation_error(exc.errors())
+        return envelope(400, message, param, "invalid_value")
+
+    @app.exception_handler(JobError)
+    async def _job_error(_: Request, exc: JobError) -> JSONResponse:
+        return envelope(400, str(exc), exc.param, exc.code)
+
+    @app.exception_handler(ModelNotFound)
+    async def _model_not_found(_: Request, exc: ModelNotFound) -> JSONResponse:
+        return envelope(400, str(exc), "model", "model_not_found")
+
+    @app.exception_handler(IllegalTransition)
+    async def _illegal(_: Request, exc: IllegalTransition) -> JSONResponse:
+        return envelope(409, str(exc), None, "invalid_state")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404 and message == "Not Found":
+            message = "No such route"
+        if exc.status_code == 413:
+            return envelope(413, message, "file", "file_too_large")
+        return envelope(exc.status_code, message, None, None)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return envelope(500, "internal error; see the API server's log", None, "internal_error")

@@ -1,0 +1,154 @@
+"""From an OpenAI-shaped job request to a trainer.spec.JobSpec.
+
+OpenAI clients send `hyperparameters` at the top level (older SDKs) or inside
+`method.supervised.hyperparameters`, with `learning_rate_multiplier` instead of a learning rate
+and "auto" for defaults. tuneq adds the method (full, lora, qlora) and its LoRA settings in the
+same `{type, <type>: {...}}` pattern. All of it ends in one JobSpec, whose checks are the only
+range checks; their errors are reported under the path the user wrote.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from api.errors import APIError, bad_request, first_validation_error
+from api.schemas import CreateJobRequest
+from trainer.spec import JobSpec
+
+# learning_rate_multiplier scales these; full fine-tuning needs a much smaller step than adapters.
+BASE_LEARNING_RATE = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}
+DEFAULT_METHOD = "lora"
+TUNEQ_METHODS = ("full", "lora", "qlora")
+# OpenAI lets these three be "auto": tuneq's defaults then apply.
+AUTO_FIELDS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+
+
+@dataclass
+class _Method:
+    name: str | None = None  # None: the request did not choose; the spec's default applies
+    type_key: str | None = None  # the key the user wrote, e.g. "supervised" or "qlora"
+    lora: dict[str, Any] = field(default_factory=dict)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+
+
+def base_learning_rate(method: str) -> float:
+    return BASE_LEARNING_RATE.get(method, BASE_LEARNING_RATE[DEFAULT_METHOD])
+
+
+def _parse_method(raw: str | dict[str, Any] | None) -> _Method:
+    if raw is None:
+        return _Method()
+    if isinstance(raw, str):
+        if raw not in TUNEQ_METHODS:
+            raise bad_request(f"method: must be one of 'full', 'lora', 'qlora', got {raw!r}", "method")
+        return _Method(name=raw, type_key=raw)
+    kind = raw.get("type")
+    if kind is None:
+        raise bad_request("method.type: required ('supervised', 'full', 'lora' or 'qlora')", "method.type")
+    if kind in ("dpo", "reinforcement"):
+        raise bad_request(f"method.type: {kind!r} is not supported by tuneq; use 'supervised', 'full', 'lora' or 'qlora'", "method.type")
+    if kind != "supervised" and kind not in TUNEQ_METHODS:
+        raise bad_request(f"method.type: must be 'supervised', 'full', 'lora' or 'qlora', got {kind!r}", "method.type")
+    for key in raw:
+        if key not in ("type", kind):
+            raise bad_request(f"method.{key}: not allowed with method.type {kind!r}", f"method.{key}")
+    body = raw.get(kind) or {}
+    if not isinstance(body, dict):
+        raise bad_request(f"method.{kind}: must be an object", f"method.{kind}")
+    body = dict(body)
+    hyper = body.pop("hyperparameters", None) or {}
+    if not isinstance(hyper, dict):
+        raise bad_request(f"method.{kind}.hyperparameters: must be an object", f"method.{kind}.hyperparameters")
+    if kind == "supervised":
+        for key in body:
+            raise bad_request(f"method.supervised.{key}: unknown field", f"method.supervised.{key}")
+        return _Method(name=None, type_key=kind, hyperparameters=hyper)
+    return _Method(name=kind, type_key=kind, lora=body, hyperparameters=hyper)
+
+
+def _merge_hyperparameters(req: CreateJobRequest, method: _Method) -> dict[str, Any]:
+    top = dict(req.hyperparameters or {})
+    merged = dict(top)
+    for key, value in method.hyperparameters.items():
+        if key in top and top[key] != value:
+            raise bad_request(
+                f"method.{method.type_key}.hyperparameters.{key}: conflicts with hyperparameters.{key}; give it once",
+                f"method.{method.type_key}.hyperparameters.{key}",
+            )
+        merged[key] = value
+    if req.seed is not None:
+        if "seed" in merged and merged["seed"] != req.seed:
+            raise bad_request("seed: conflicts with hyperparameters.seed; give it once", "seed")
+        merged["seed"] = req.seed
+    for key in AUTO_FIELDS:
+        if merged.get(key) == "auto":
+            del merged[key]
+    return merged
+
+
+def _apply_multiplier(hp: dict[str, Any], method: str, param: str) -> None:
+    if "learning_rate_multiplier" not in hp:
+        hp.setdefault("learning_rate", base_learning_rate(method))
+        return
+    mult = hp.pop("learning_rate_multiplier")
+    if "learning_rate" in hp:
+        raise bad_request(f"{param}: give learning_rate or learning_rate_multiplier, not both", param)
+    if isinstance(mult, bool) or not isinstance(mult, int | float) or not mult > 0:
+        raise bad_request(f"{param}: must be a number greater than 0, got {mult!r}", param)
+    hp["learning_rate"] = mult * base_learning_rate(method)
+
+
+def build_spec(req: CreateJobRequest, *, model_path: str) -> JobSpec:
+    """The JobSpec of a request whose model and files were already resolved; APIError if invalid."""
+    if req.integrations:
+        raise bad_request("integrations: not supported by tuneq", "integrations")
+    if req.metadata:
+        raise bad_request("metadata: not stored by tuneq", "metadata")
+    method = _parse_method(req.method)
+    hp = _merge_hyperparameters(req, method)
+    hp_from_method = set(method.hyperparameters)
+    name = method.name or DEFAULT_METHOD
+    lr_param = (
+        f"method.{method.type_key}.hyperparameters.learning_rate_multiplier"
+        if "learning_rate_multiplier" in hp_from_method
+        else "hyperparameters.learning_rate_multiplier"
+    )
+    _apply_multiplier(hp, name, lr_param)
+
+    data: dict[str, Any] = {"model": model_path, "method": name, "training_file": req.training_file, "hyperparameters": hp}
+    if method.lora:
+        data["lora"] = method.lora
+    optional = {
+        "validation_file": req.validation_file, "suffix": req.suffix, "schedule": req.schedule,
+        "gradient_checkpointing": req.gradient_checkpointing, "precision": req.precision,
+        "data_format": req.data_format,
+    }
+    data.update({k: v for k, v in optional.items() if v is not None})
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        message, param = first_validation_error(exc.errors())
+        user_param = _user_path(param, method, hp_from_method)
+        if param == "hyperparameters.seed" and req.seed is not None and "seed" not in (req.hyperparameters or {}):
+            user_param = "seed"
+
+        if param and user_param != param:
+            message = message.replace(param, user_param, 1)
+        raise APIError(400, message, param=user_param, code="invalid_value") from None
+
+
+def _user_path(param: str | None, method: _Method, hp_from_method: set[str]) -> str | None:
+    """Name the field as the request wrote it: spec 'lora.r' came from 'method.lora.r'."""
+    if not param:
+        return param
+    head, _, rest = param.partition(".")
+    if head == "lora" and method.type_key:
+        return f"method.{method.type_key}" + (f".{rest}" if rest else "")
+    if head == "hyperparameters" and rest.split(".")[0] in hp_from_method:
+        return f"method.{method.type_key}.{param}"
+    if head == "method" and isinstance(method.type_key, str) and method.type_key != method.name:
+        return "method.type"
+    return param

@@ -1,0 +1,25 @@
+"""The tuneq HTTP API: OpenAI's fine-tuning surface under /v1, plus tuneq's extensions."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from api import errors
+from api.routes import artifacts, checkpoints, events, files, health, jobs, models
+from api.uploads import UploadLimitMiddleware
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="tuneq",
+        version="0.1.0",
+        summary="Self-hosted LLM fine-tuning with OpenAI's fine-tuning API.",
+    )
+    errors.install(app)
+    app.add_middleware(UploadLimitMiddleware)
+    for module in (files, jobs, events, checkpoints, artifacts, models, health):
+        app.include_router(module.router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,39 @@
+"""A job's saved checkpoints, newest first."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from sqlalchemy import and_, or_, select
+
+from api.deps import SessionDep, SettingsDep
+from api.errors import bad_request
+from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
+from api.routes.jobs import load_job
+from api.schemas import CheckpointOut, Page
+from core.models import Checkpoint, Job
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+
+
+def checkpoint_out(job: Job, ck: Checkpoint) -> CheckpointOut:
+    name = job.fine_tuned_model or f"ft:{job.model}:{job.suffix or ''}:{job.id}"
+    return CheckpointOut(
+        id=ck.id, created_at=int(ck.created_at), fine_tuned_model_checkpoint=f"{name}:ckpt-step-{ck.step}",
+        fine_tuning_job_id=job.id, metrics=ck.metrics or {}, step_number=ck.step,
+    )
+
+
+@router.get("/{job_id}/checkpoints")
+def list_fine_tuning_checkpoints(
+    job_id: str, db: SessionDep, settings: SettingsDep, after: AfterQuery = None, limit: LimitQuery = 10
+) -> Page[CheckpointOut]:
+    check_limit(limit, settings)
+    job = load_job(db, job_id)
+    stmt = select(Checkpoint).where(Checkpoint.job_id == job.id)
+    if after is not None:
+        cursor = db.scalar(select(Checkpoint).where(Checkpoint.id == after, Checkpoint.job_id == job.id))
+        if cursor is None:
+            raise bad_request(f"after: no checkpoint with id {after!r} in job {job.id}", "after")
+        stmt = stmt.where(or_(Checkpoint.step < cursor.step, and_(Checkpoint.step == cursor.step, Checkpoint.id < cursor.id)))
+    rows = db.scalars(stmt.order_by(Checkpoint.step.desc(), Checkpoint.id.desc()).limit(limit + 1)).all()
+    return make_page(rows, limit, lambda ck: checkpoint_out(job, ck))

@@ -1,0 +1,128 @@
+"""Training and validation files: stored under a key tuneq chooses, validated line by line on upload."""
+
+from __future__ import annotations
+
+from pathlib import PurePath
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi import File as FormFile
+from fastapi.responses import FileResponse
+from sqlalchemy import and_, or_, select
+
+from api.deps import SessionDep, SettingsDep, StorageDep
+from api.errors import APIError, bad_request, not_found
+from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
+from api.schemas import FileObject, Page
+from api.uploads import too_large_message
+from core.models import File, new_id
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+PURPOSES = ("fine-tune",)
+# How many bad lines the file object's status_details names; the full list is in `validation`.
+DETAILS_LINES = 5
+
+
+def file_out(f: File) -> FileObject:
+    return FileObject(
+        id=f.id, bytes=f.bytes, created_at=int(f.created_at), filename=f.filename, purpose=f.purpose,
+        status="processed" if f.status == "processed" else "error",
+        status_details=None if f.status == "processed" else bad_lines_summary(f.report),
+        sha256=f.sha256, validation=f.report or {},
+    )
+
+
+def bad_lines_summary(report: dict[str, Any]) -> str:
+    errors = report.get("errors") or []
+    if not errors:
+        return "the file is not a valid fine-tuning file"
+    total = sum((report.get("error_counts") or {}).values()) or len(errors)
+    shown = "; ".join(f"line {e.get('line')}: {e.get('message') or e.get('code')}" for e in errors[:DETAILS_LINES])
+    more = f"; and {total - DETAILS_LINES} more" if total > DETAILS_LINES else ""
+    return f"{total} bad line{'s' if total != 1 else ''}: {shown}{more}"
+
+
+def load_file(db: SessionDep, file_id: str, param: str | None = None) -> File:
+    f = db.get(File, file_id)
+    if f is None:
+        raise not_found("file", file_id, param)
+    return f
+
+
+def _display_name(filename: str | None) -> str:
+    # Shown back to the user only; the stored key never contains it.
+    name = PurePath((filename or "").replace("\\", "/")).name
+    return name[:255] or "upload.jsonl"
+
+
+def _validate(path: str) -> dict[str, Any]:
+    from trainer.data import validate_file  # heavy import, only when a file arrives
+
+    return validate_file(path, tokenizer=None, max_seq_len=None)
+
+
+@router.post("")
+def create_file(
+    file: Annotated[UploadFile, FormFile(description="A JSONL file, one example per line.")],
+    purpose: Annotated[str, Form(description="'fine-tune'.")],
+    db: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+) -> FileObject:
+    if purpose not in PURPOSES:
+        raise bad_request(f"purpose: must be 'fine-tune', got {purpose!r}", "purpose")
+    if file.size is not None and file.size > settings.max_upload_bytes:
+        raise APIError(413, too_large_message(settings.max_upload_bytes), param="file", code="file_too_large")
+    file_id = new_id("file")
+    key = f"files/{file_id}.jsonl"
+    file.file.seek(0)
+    size, sha256 = storage.put_stream(key, file.file)
+    report = _validate(str(storage.path(key)))
+    row = File(
+        id=file_id, filename=_display_name(file.filename), purpose=purpose, bytes=size, storage_key=key,
+        status="processed" if report.get("valid") else "error", sha256=sha256, report=report,
+    )
+    db.add(row)
+    db.commit()
+    return file_out(row)
+
+
+@router.get("")
+def list_files(
+    db: SessionDep,
+    settings: SettingsDep,
+    after: AfterQuery = None,
+    limit: LimitQuery = DEFAULT_LIMIT,
+    purpose: Annotated[str | None, Query()] = None,
+    order: Annotated[Literal["asc", "desc"], Query()] = "desc",
+) -> Page[FileObject]:
+    check_limit(limit, settings)
+    desc = order == "desc"
+    stmt = select(File)
+    if purpose is not None:
+        stmt = stmt.where(File.purpose == purpose)
+    if after is not None:
+        cursor = db.get(File, after)
+        if cursor is None:
+            raise bad_request(f"after: no file with id {after!r}", "after")
+        if desc:
+            stmt = stmt.where(or_(File.created_at < cursor.created_at, and_(File.created_at == cursor.created_at, File.id < cursor.id)))
+        else:
+            stmt = stmt.where(or_(File.created_at > cursor.created_at, and_(File.created_at == cursor.created_at, File.id > cursor.id)))
+    order_by = (File.created_at.desc(), File.id.desc()) if desc else (File.created_at.asc(), File.id.asc())
+    rows = db.scalars(stmt.order_by(*order_by).limit(limit + 1)).all()
+    return make_page(rows, limit, file_out)
+
+
+@router.get("/{file_id}")
+def get_file(file_id: str, db: SessionDep) -> FileObject:
+    return file_out(load_file(db, file_id))
+
+
+@router.get("/{file_id}/content", response_class=FileResponse)
+def get_file_content(file_id: str, db: SessionDep, storage: StorageDep) -> FileResponse:
+    f = load_file(db, file_id)
+    if not storage.exists(f.storage_key):
+        raise APIError(404, f"the content of file {file_id} is missing from storage", code="content_missing")
+    return FileResponse(storage.path(f.storage_key), media_type="application/jsonl", filename=f.filename)

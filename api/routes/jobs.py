@@ -1,0 +1,133 @@
+"""Fine-tuning jobs: create (validate, persist, then enqueue), read, list, cancel."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from sqlalchemy import and_, or_, select
+
+from api.deps import SessionDep, SettingsDep
+from api.errors import APIError, bad_request, not_found
+from api.job_spec import base_learning_rate, build_spec
+from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
+from api.routes.files import bad_lines_summary
+from api.schemas import CreateJobRequest, JobErrorOut, JobOut, Page
+from core import states
+from core.jobs import create_job, request_cancel
+from core.model_roots import resolve_model
+from core.models import File, Job
+from core.queue import enqueue_job
+
+log = logging.getLogger("tuneq.api")
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+
+ORGANIZATION = "tuneq"
+
+
+def _int(t: float | None) -> int | None:
+    return None if t is None else int(t)
+
+
+def job_out(job: Job) -> JobOut:
+    spec: dict[str, Any] = job.spec or {}
+    method = spec.get("method", job.method)
+    hp = dict(spec.get("hyperparameters") or {})
+    if "learning_rate" in hp:
+        hp["learning_rate_multiplier"] = hp["learning_rate"] / base_learning_rate(method)
+    method_body: dict[str, Any] = {"hyperparameters": hp}
+    if method in ("lora", "qlora") and spec.get("lora"):
+        method_body = {**spec["lora"], **method_body}
+    error = None
+    if job.error:
+        error = JobErrorOut(**{"message": "the job failed", **job.error})
+    progress = job.progress or {}
+    return JobOut(
+        id=job.id, created_at=int(job.created_at), finished_at=_int(job.finished_at), model=job.model,
+        fine_tuned_model=job.fine_tuned_model, organization_id=job.owner_id or ORGANIZATION, status=job.status,
+        training_file=job.training_file, validation_file=job.validation_file, hyperparameters=hp,
+        seed=int(hp.get("seed", 0)), trained_tokens=job.trained_tokens, error=error, result_files=[],
+        estimated_finish=_int(progress.get("estimated_finish")),
+        method={"type": method, method: method_body},
+        user_provided_suffix=job.suffix, priority=job.priority, gpus=job.gpus,
+        progress=progress, metrics=job.metrics or {}, started_at=_int(job.started_at),
+    )
+
+
+def load_job(db: SessionDep, job_id: str) -> Job:
+    job = db.get(Job, job_id)
+    if job is None:
+        raise not_found("fine-tuning job", job_id)
+    return job
+
+
+def _usable_file(db: SessionDep, file_id: str, param: str) -> File:
+    f = db.get(File, file_id)
+    if f is None:
+        raise bad_request(f"{param}: no file with id {file_id!r}; upload it with POST /v1/files", param, "file_not_found")
+    if f.purpose != "fine-tune":
+        raise bad_request(f"{param}: file {file_id} has purpose {f.purpose!r}, not 'fine-tune'", param)
+    if f.status != "processed":
+        raise bad_request(
+            f"{param}: file {file_id} failed validation, {bad_lines_summary(f.report)}; fix the file and upload it again",
+            param, "invalid_file",
+        )
+    return f
+
+
+@router.post("")
+def create_fine_tuning_job(body: CreateJobRequest, db: SessionDep, settings: SettingsDep) -> JobOut:
+    model_path = resolve_model(body.model, settings)
+    training = _usable_file(db, body.training_file, "training_file")
+    validation = _usable_file(db, body.validation_file, "validation_file") if body.validation_file else None
+    spec = build_spec(body, model_path=model_path)
+    job = create_job(
+        db, spec=spec.model_dump(mode="json"), model=body.model, method=spec.method, training_file=training,
+        validation_file=validation, suffix=spec.suffix, priority=body.priority, gpus=body.gpus,
+    )
+    # Commit before enqueueing: a worker may take the message before this request returns.
+    db.commit()
+    try:
+        enqueue_job(job.id)
+    except Exception as exc:  # noqa: BLE001 - any broker failure leaves a job nobody will run
+        log.exception("enqueue of %s failed", job.id)
+        message = f"the job queue is unreachable ({type(exc).__name__}); job {job.id} was not started"
+        states.transition(db, job, states.FAILED, message, error={"code": "queue_unavailable", "message": message})
+        db.commit()
+        raise APIError(503, message, code="queue_unavailable") from None
+    return job_out(job)
+
+
+@router.get("")
+def list_fine_tuning_jobs(
+    db: SessionDep,
+    settings: SettingsDep,
+    after: AfterQuery = None,
+    limit: LimitQuery = DEFAULT_LIMIT,
+    status: Annotated[str | None, Query(description="Only jobs in this status (tuneq extension).")] = None,
+) -> Page[JobOut]:
+    check_limit(limit, settings)
+    stmt = select(Job)
+    if status is not None:
+        stmt = stmt.where(Job.status == status)
+    if after is not None:
+        cursor = db.get(Job, after)
+        if cursor is None:
+            raise bad_request(f"after: no fine-tuning job with id {after!r}", "after")
+        stmt = stmt.where(or_(Job.created_at < cursor.created_at, and_(Job.created_at == cursor.created_at, Job.id < cursor.id)))
+    rows = db.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all()
+    return make_page(rows, limit, job_out)
+
+
+@router.get("/{job_id}")
+def get_fine_tuning_job(job_id: str, db: SessionDep) -> JobOut:
+    return job_out(load_job(db, job_id))
+
+
+@router.post("/{job_id}/cancel")
+def cancel_fine_tuning_job(job_id: str, db: SessionDep) -> JobOut:
+    job = request_cancel(db, load_job(db, job_id))
+    db.commit()
+    return job_out(job)

@@ -1,0 +1,148 @@
+"""Wire objects. They follow OpenAI's fine-tuning API where it has an answer; tuneq's additions
+are plain extra fields, so OpenAI clients ignore them and the SDK reaches them as attributes."""
+
+from __future__ import annotations
+
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    """OpenAI's cursor page: the next page is `?after=<last_id>` while has_more is true."""
+
+    object: Literal["list"] = "list"
+    data: list[T]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["processed", "error"]
+    status_details: str | None = None
+    expires_at: int | None = None
+    sha256: str
+    validation: dict[str, Any] = Field(description="The per-line validation report of trainer.data.validate_file.")
+
+
+class JobErrorOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    code: str | None = None
+    message: str
+    param: str | None = None
+
+
+class JobOut(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    finished_at: int | None
+    model: str
+    fine_tuned_model: str | None
+    organization_id: str
+    status: str
+    training_file: str
+    validation_file: str | None
+    hyperparameters: dict[str, Any]
+    seed: int
+    trained_tokens: int | None
+    error: JobErrorOut | None
+    result_files: list[str]
+    estimated_finish: int | None
+    integrations: list[Any] = []
+    metadata: dict[str, str] | None = None
+    method: dict[str, Any]
+    # tuneq's extensions
+    user_provided_suffix: str | None
+    priority: int
+    gpus: int
+    progress: dict[str, Any]
+    metrics: dict[str, Any]
+    started_at: int | None
+
+
+class EventOut(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: str
+    message: str
+    type: str
+    data: dict[str, Any] | None
+
+
+class CheckpointOut(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: dict[str, Any]
+    step_number: int
+
+
+class ArtifactOut(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.artifact"] = "fine_tuning.job.artifact"
+    created_at: int
+    fine_tuning_job_id: str
+    name: str
+    kind: str
+    bytes: int
+    sha256: str
+
+
+class ModelOut(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "tuneq"
+
+
+class CreateJobRequest(BaseModel):
+    """OpenAI's job body plus tuneq's fields (send those with the SDK's `extra_body`).
+
+    hyperparameters, method and schedule are checked by trainer.spec.JobSpec, the one definition
+    of a job, so the limits live in one place.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., min_length=1, max_length=512, description="A name from GET /v1/models.")
+    training_file: str = Field(..., min_length=1, description="A file id from POST /v1/files.")
+    validation_file: str | None = Field(None, description="A file id from POST /v1/files.")
+    suffix: str | None = Field(None, max_length=64)
+    seed: int | None = None
+    hyperparameters: dict[str, Any] | None = Field(
+        None,
+        description="n_epochs, batch_size, learning_rate_multiplier ('auto' allowed) and every field of "
+        "trainer.spec.Hyperparameters (learning_rate, max_steps, gradient_accumulation_steps, ...).",
+    )
+    method: str | dict[str, Any] | None = Field(
+        None,
+        description="'full' | 'lora' | 'qlora', OpenAI's {'type': 'supervised', 'supervised': {...}}, or "
+        "{'type': 'lora', 'lora': {'r', 'alpha', 'dropout', 'target_modules', 'hyperparameters'}}.",
+    )
+    schedule: dict[str, Any] | None = Field(None, description="trainer.spec.Schedule.")
+    gradient_checkpointing: bool | None = None
+    precision: str | None = None
+    data_format: str | None = None
+    priority: int = Field(0, ge=-100, le=100, description="Higher runs first.")
+    gpus: int = Field(1, ge=1, le=64, description="GPUs of one host the job needs.")
+    integrations: list[Any] | None = None
+    metadata: dict[str, str] | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok", "error"]
+    database: str
+    redis: str
