@@ -1,0 +1,176 @@
+"""Helpers of the DB and worker integration tests: settings per test, jobs, a worker process."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.orm import Session
+
+from tests.conftest import reset_caches
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def db_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, database_url: str, redis_url: str) -> Iterator[dict[str, str]]:
+    """TUNEQ_* settings for tests that need the database and the queue but no model."""
+    env = {
+        "TUNEQ_HOME": str(tmp_path / "home"),
+        "TUNEQ_DATABASE_URL": database_url,
+        "TUNEQ_REDIS_URL": redis_url,
+        "TUNEQ_ACCELERATE_LAUNCH": "false",
+        "TUNEQ_HEARTBEAT_S": "0.5",
+        "TUNEQ_LEASE_TTL_S": "30",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    reset_caches()
+    yield env
+    reset_caches()
+
+
+@pytest.fixture
+def db(db_env: dict[str, str]) -> Iterator[Session]:
+    from core.db import get_sessionmaker
+
+    session = get_sessionmaker()()
+    yield session
+    session.close()
+
+
+def chat_lines(n: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    words = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "ocean", "maple", "robot"]
+    rows = []
+    for _ in range(n):
+        w = rng.choice(words)
+        rows.append(json.dumps({"messages": [
+            {"role": "user", "content": f"Reverse: {w}"},
+            {"role": "assistant", "content": w[::-1]},
+        ]}))
+    return "\n".join(rows) + "\n"
+
+
+def store_file(db: Session, text: str, filename: str = "train.jsonl") -> Any:
+    """A processed upload, stored the way the API stores it."""
+    import io
+
+    from core.models import File, new_id
+    from core.storage import get_storage
+
+    file_id = new_id("file")
+    key = f"files/{file_id}.jsonl"
+    size, digest = get_storage().put_stream(key, io.BytesIO(text.encode()))
+    f = File(id=file_id, filename=filename, bytes=size, storage_key=key, sha256=digest, status="processed")
+    db.add(f)
+    db.flush()
+    return f
+
+
+def make_job(db: Session, model: str = "tiny-llama", *, steps: int = 4, examples: int = 16,
+             checkpoint_every: int | None = None, method: str = "lora", suffix: str | None = None,
+             training_text: str | None = None, **spec_extra: Any) -> Any:
+    """A queued job whose spec holds the training file's id, as the API writes it; committed."""
+    from core.jobs import create_job
+
+    training = store_file(db, training_text if training_text is not None else chat_lines(examples))
+    spec: dict[str, Any] = {
+        "model": model,
+        "method": method,
+        "training_file": training.id,
+        "hyperparameters": {"max_steps": steps, "batch_size": 2, "max_seq_len": 32, "warmup_steps": 0},
+        "schedule": {"log_every_steps": 1, "checkpoint_every_steps": checkpoint_every},
+        "suffix": suffix,
+        **spec_extra,
+    }
+    if method == "lora":
+        spec["lora"] = {"r": 4, "alpha": 8}
+    job = create_job(db, spec=spec, model=model, method=method, training_file=training, suffix=suffix)
+    db.commit()
+    return job
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def job_status(job_id: str) -> str:
+    from core.db import session_scope
+    from core.models import Job
+
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        return job.status
+
+
+def process_alive(pid: int) -> bool:
+    """True while pid exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+class CeleryWorker:
+    """`celery -A worker.app worker …` as a real subprocess with the test's TUNEQ_* environment."""
+
+    def __init__(self, log_path: Path, slots: int = 1, extra_env: dict[str, str] | None = None):
+        self.log_path = log_path
+        env = {**os.environ, **(extra_env or {}), "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", "tuneq", "--pool", "threads",
+             "--concurrency", str(slots), "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+             "--without-heartbeat", "--hostname", f"test-{os.getpid()}-{time.monotonic_ns()}@%h"],
+            cwd=ROOT, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        wait_for(lambda: "ready." in self.log() or self.proc.poll() is not None, timeout, "the celery worker")
+        assert self.proc.poll() is None, f"worker exited:\n{self.log()}"
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def celery_worker(tmp_path: Path) -> Iterator[Callable[..., CeleryWorker]]:
+    """Start workers on demand (the test's env must be set first); all are stopped afterwards."""
+    started: list[CeleryWorker] = []
+
+    def start(slots: int = 1, **extra_env: str) -> CeleryWorker:
+        w = CeleryWorker(tmp_path / f"worker-{len(started)}.log", slots, extra_env)
+        started.append(w)
+        w.wait_ready()
+        return w
+
+    yield start
+    for w in started:
+        w.stop()
