@@ -1,0 +1,327 @@
+"""The training recipe: setup -> loop (accumulate, clip, step, log, eval, checkpoint) -> export.
+
+Loss normalisation. A step's loss is the mean over every trained (label) token of all its
+micro-batches on all ranks: sum of token losses / total label tokens of the window. Averaging
+per-micro-batch means instead would weight a token in a short example more than one in a long
+example, and make the result depend on how a batch happens to be split. The window's token count
+is known before its forward passes (labels are data), so each micro-batch's summed loss is scaled
+by world_size / total_tokens before backward; DDP's gradient averaging divides world_size back out.
+
+Metrics: `tokens` counts input tokens (padding excluded) over all ranks since the start,
+`tokens_per_second` is that rate over the last logging interval; `trained_tokens` counts label
+tokens, the ones the loss is taken over.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from trainer import checkpoint as ckpt
+from trainer.data import IGNORE_INDEX, collate, load_tokenized
+from trainer.errors import ConfigError, Paused
+from trainer.events import EventWriter
+from trainer.export import export_final
+from trainer.methods import apply_method
+from trainer.model import count_parameters, load_model, load_tokenizer, resolve_precision
+from trainer.sampler import DataOrder
+from trainer.signals import StopFlags
+from trainer.spec import JobSpec
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs to continue exactly."""
+
+    step: int = 0
+    micro_step: int = 0  # global micro-batches consumed; the data position
+    trained_tokens: int = 0
+    seen_tokens: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of one step, separate so that tests can drive them directly
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token losses, number of label tokens); position t predicts token t+1."""
+    logits = logits[:, :-1, :].float()
+    targets = labels[:, 1:].to(logits.device)
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss, (targets != IGNORE_INDEX).sum()
+
+
+def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def forward_backward(model: Any, micro_batches: list[dict[str, torch.Tensor]], accelerator: Any) -> dict[str, Any]:
+    """Accumulate the gradients of one optimizer step; returns the step's token-mean loss.
+
+    Gradients equal those of one big batch holding all micro-batches of all ranks.
+    """
+    device = accelerator.device
+    counts = torch.tensor(
+        [sum(count_label_tokens(mb) for mb in micro_batches), sum(int(mb["attention_mask"].sum()) for mb in micro_batches)],
+        device=device,
+        dtype=torch.long,
+    )
+    counts = accelerator.reduce(counts, "sum")
+    label_tokens, input_tokens = int(counts[0]), int(counts[1])
+    scale = accelerator.num_processes / max(label_tokens, 1)
+    loss_sum = torch.zeros((), device=device)
+    for i, mb in enumerate(micro_batches):
+        # Gradients are all-reduced only after the last micro-batch of the window.
+        sync = nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
+        with sync:
+            out = model(input_ids=mb["input_ids"].to(device), attention_mask=mb["attention_mask"].to(device))
+            summed, _ = token_loss_sum(out.logits, mb["labels"])
+            accelerator.backward(summed * scale)
+        loss_sum += summed.detach()
+    loss_sum = accelerator.reduce(loss_sum, "sum")
+    return {"loss_sum": float(loss_sum), "label_tokens": label_tokens, "input_tokens": input_tokens}
+
+
+@torch.no_grad()
+def evaluate(model: Any, examples: list[dict], batch_size: int, pad_id: int, accelerator: Any) -> dict[str, float]:
+    """Token-mean loss and next-token accuracy over the validation set, sharded by rank."""
+    model.eval()
+    device = accelerator.device
+    totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, tokens
+    mine = examples[accelerator.process_index :: accelerator.num_processes]
+    for i in range(0, len(mine), batch_size):
+        batch = collate(mine[i : i + batch_size], pad_id)
+        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        loss, n = token_loss_sum(out.logits, batch["labels"])
+        targets = batch["labels"][:, 1:].to(device)
+        predicted = out.logits[:, :-1, :].argmax(-1)
+        correct = ((predicted == targets) & (targets != IGNORE_INDEX)).sum()
+        totals += torch.stack([loss.double(), correct.double(), n.double()])
+    totals = accelerator.reduce(totals, "sum")
+    model.train()
+    n = max(float(totals[2]), 1.0)
+    return {"valid_loss": float(totals[0]) / n, "valid_mean_token_accuracy": float(totals[1]) / n}
+
+
+def build_optimizer(model: Any, spec: JobSpec, device: torch.device) -> torch.optim.Optimizer:
+    hp = spec.hyperparameters
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Decay matrices only: decaying norms' gains and biases pulls them towards zero for no benefit.
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(0.9, 0.999), fused=device.type == "cuda")
+
+
+def plan_steps(spec: JobSpec, order: DataOrder) -> tuple[int, int]:
+    """(optimizer steps, micro-batches in total or 0 when max_steps bounds the run)."""
+    hp = spec.hyperparameters
+    if hp.max_steps is not None:
+        return hp.max_steps, 0
+    total_micro = order.micro_batches_per_epoch * hp.n_epochs
+    return math.ceil(total_micro / hp.gradient_accumulation_steps), total_micro
+
+
+def warmup_steps(spec: JobSpec, total_steps: int) -> int:
+    hp = spec.hyperparameters
+    if hp.warmup_steps is not None:
+        return min(hp.warmup_steps, total_steps)
+    return int(round(hp.warmup_ratio * total_steps))
+
+
+def peak_memory_bytes(device: torch.device) -> int | None:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def _pause_agreed(flags: StopFlags, accelerator: Any) -> bool:
+    # A signal reaches the ranks at slightly different times; all of them must stop after the
+    # same step or the next collective would hang.
+    if accelerator.num_processes == 1:
+        return flags.pause_requested
+    wanted = torch.tensor(int(flags.pause_requested), device=accelerator.device)
+    return bool(accelerator.reduce(wanted, "sum") > 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe
+
+
+def train(
+    spec: JobSpec, out_dir: Path, accelerator: Any, events: EventWriter, resume: bool = False, flags: StopFlags | None = None
+) -> dict[str, Any]:
+    from accelerate.utils import gather_object, set_seed
+    from transformers import get_cosine_schedule_with_warmup
+
+    flags = flags or StopFlags()
+    hp, schedule = spec.hyperparameters, spec.schedule
+    out_dir = Path(out_dir)
+    device = accelerator.device
+    is_main = accelerator.is_main_process
+    started = time.time()
+
+    # ---- setup: data, model, method, optimizer, schedule, resume --------------------------
+    set_seed(hp.seed)
+    precision = resolve_precision(spec.precision, device)
+    tokenizer = load_tokenizer(spec.model)
+    train_data = load_tokenized(spec.training_file, tokenizer, hp.max_seq_len, "training_file")
+    valid_data = (
+        load_tokenized(spec.validation_file, tokenizer, hp.max_seq_len, "validation_file")
+        if spec.validation_file
+        else None
+    )
+    model = apply_method(load_model(spec, precision, device), spec)
+    trainable_params, total_params = count_parameters(model)
+    optimizer = build_optimizer(model, spec, device)
+    order = DataOrder(
+        len(train_data.examples), hp.batch_size, accelerator.num_processes, accelerator.process_index, hp.seed
+    )
+    total_steps, total_micro = plan_steps(spec, order)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(spec, total_steps), total_steps)
+    # The scheduler stays outside prepare(): accelerate would step it once per process.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    raw_model = accelerator.unwrap_model(model)
+
+    state = TrainState()
+    resumed_from = None
+    newest = ckpt.latest_checkpoint(out_dir) if resume else None
+    if newest is not None:
+        saved = ckpt.load_checkpoint(newest, raw_model, optimizer, scheduler, accelerator.process_index, device)
+        for key in ("batch_size", "gradient_accumulation_steps", "world_size"):
+            now = {"batch_size": hp.batch_size, "gradient_accumulation_steps": hp.gradient_accumulation_steps,
+                   "world_size": accelerator.num_processes}[key]
+            if saved["layout"][key] != now:
+                raise ConfigError(
+                    f"{key}: the checkpoint {newest.name} was made with {saved['layout'][key]}, this run has {now}; "
+                    "resume with the same value"
+                )
+        state = TrainState(**saved["train_state"])
+        resumed_from = state.step
+
+    events.emit(
+        "start",
+        f"{spec.method} on {len(train_data.examples)} examples, {total_steps} steps"
+        + (f", resumed from step {resumed_from}" if resumed_from is not None else ""),
+        total_steps=total_steps,
+        examples=len(train_data.examples),
+        epochs=hp.n_epochs if hp.max_steps is None else round(total_steps * hp.gradient_accumulation_steps / order.micro_batches_per_epoch, 3),
+        method=spec.method,
+        device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        precision=precision,
+        trainable_params=trainable_params,
+        total_params=total_params,
+        resumed_from_step=resumed_from,
+        # Cut examples lose their ends; dropped ones had nothing trainable left within max_seq_len.
+        truncated_examples=train_data.truncated,
+        dropped_examples=train_data.dropped,
+    )
+
+    def save(metrics: dict[str, Any]) -> None:
+        rngs = gather_object([ckpt.rng_state()])
+        if is_main:
+            layout = {"batch_size": hp.batch_size, "gradient_accumulation_steps": hp.gradient_accumulation_steps,
+                      "world_size": accelerator.num_processes}
+            path = ckpt.save_checkpoint(
+                out_dir, state.step, raw_model, optimizer, scheduler,
+                {"train_state": asdict(state), "layout": layout, "epoch": order.epoch_of(state.micro_step), "metrics": metrics},
+                rngs, schedule.keep_checkpoints,
+            )
+            events.emit("checkpoint", f"checkpoint at step {state.step}", step=state.step,
+                        path=str(path.relative_to(out_dir)), metrics=metrics)
+        accelerator.wait_for_everyone()
+
+    # ---- loop --------------------------------------------------------------------------------
+    last_metrics: dict[str, Any] = {}
+    valid_metrics: dict[str, Any] = {}
+    window = {"loss_sum": 0.0, "label_tokens": 0, "input_tokens": 0, "time": time.time()}
+    last_saved_step = state.step if resumed_from is not None else -1
+    while state.step < total_steps:
+        n_micro = hp.gradient_accumulation_steps
+        if total_micro:
+            n_micro = min(n_micro, total_micro - state.micro_step)
+        micro_batches = [
+            collate([train_data.examples[i] for i in order.indices(state.micro_step + k)], tokenizer.pad_token_id)
+            for k in range(n_micro)
+        ]
+        lr = scheduler.get_last_lr()[0]
+
+        result = forward_backward(model, micro_batches, accelerator)
+        clip_to = hp.max_grad_norm if hp.max_grad_norm > 0 else float("inf")
+        grad_norm = float(accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip_to))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        state.step += 1
+        state.micro_step += n_micro
+        state.trained_tokens += result["label_tokens"]
+        state.seen_tokens += result["input_tokens"]
+        for key in ("loss_sum", "label_tokens", "input_tokens"):
+            window[key] += result[key]
+
+        if state.step % schedule.log_every_steps == 0 or state.step == total_steps:
+            now = time.time()
+            last_metrics = {
+                "step": state.step,
+                "total_steps": total_steps,
+                "epoch": round(order.epoch_of(state.micro_step), 4),
+                "train_loss": window["loss_sum"] / max(window["label_tokens"], 1),
+                "learning_rate": lr,
+                "grad_norm": grad_norm,
+                "tokens": state.seen_tokens,
+                "tokens_per_second": window["input_tokens"] / max(now - window["time"], 1e-9),
+                "peak_memory_bytes": peak_memory_bytes(device),
+            }
+            events.emit("metrics", f"step {state.step}/{total_steps} loss {last_metrics['train_loss']:.4f}", **last_metrics)
+            window = {"loss_sum": 0.0, "label_tokens": 0, "input_tokens": 0, "time": now}
+
+        if valid_data is not None and (
+            (schedule.eval_every_steps and state.step % schedule.eval_every_steps == 0) or state.step == total_steps
+        ):
+            valid_metrics = evaluate(model, valid_data.examples, hp.batch_size, tokenizer.pad_token_id, accelerator)
+            events.emit("validation", f"step {state.step} valid loss {valid_metrics['valid_loss']:.4f}",
+                        step=state.step, **valid_metrics)
+
+        if schedule.checkpoint_every_steps and state.step % schedule.checkpoint_every_steps == 0:
+            save({**last_metrics, **valid_metrics})
+            last_saved_step = state.step
+
+        if _pause_agreed(flags, accelerator):
+            if last_saved_step != state.step:
+                save({**last_metrics, **valid_metrics})
+            raise Paused()
+
+    # ---- export ------------------------------------------------------------------------------
+    final_metrics = {
+        "steps": state.step,
+        "train_loss": last_metrics.get("train_loss"),
+        "trained_tokens": state.trained_tokens,
+        "tokens": state.seen_tokens,
+        "runtime_s": round(time.time() - started, 3),
+        **valid_metrics,
+    }
+    accelerator.wait_for_everyone()
+    if is_main:
+        export_final(out_dir, raw_model, tokenizer, spec, final_metrics, events, precision)
+    accelerator.wait_for_everyone()
+    events.emit(
+        "finished",
+        f"finished after {state.step} steps",
+        step=state.step,
+        train_loss=final_metrics["train_loss"],
+        trained_tokens=state.trained_tokens,
+        final_dir="final",
+        metrics=final_metrics,
+    )
+    return final_metrics

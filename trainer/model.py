@@ -1,0 +1,115 @@
+"""Loading the base model and tokenizer, and choosing the numeric precision.
+
+The loading code is the real one (`from_pretrained` on a local directory or a hub id); no
+machine here reaches a hub, so tests pass directories that `trainer.tiny` built. Remote code is
+never run: a job spec must not be a way to execute someone's Python on a shared GPU server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.errors import ConfigError, ModelError
+from trainer.spec import JobSpec
+
+
+def quiet_libraries() -> None:
+    """Progress bars and info logs of the libraries would flood trainer.log with every run."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """'bf16' or 'fp32' for this device; a forced bf16 on a GPU without it fails before loading."""
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+        if requested == "bf16" and not supported:
+            raise ConfigError(
+                f"precision: bf16 is not supported by {torch.cuda.get_device_name(device)}; allowed: auto, fp32"
+            )
+        if requested == "auto":
+            return "bf16" if supported else "fp32"
+        return requested
+    # CPUs compute bf16 through autocast, slowly; only on request.
+    return "fp32" if requested == "auto" else requested
+
+
+def _check_source(name: str) -> None:
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model: {name} has no config.json; it is not a model directory")
+    elif name.startswith(("/", ".", "~")):
+        raise ModelError(f"model: directory {name} does not exist")
+
+
+def load_tokenizer(name: str) -> Any:
+    from transformers import AutoTokenizer
+
+    _check_source(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, missing files: all mean "bad model"
+        raise ModelError(f"model: cannot load the tokenizer of {name}: {exc}") from exc
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"model: the tokenizer of {name} has no EOS token; the model could not learn to stop")
+    if tokenizer.pad_token_id is None:
+        # Padding is masked out of attention and loss, so any id will do; EOS always exists.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: JobSpec, precision: str, device: torch.device) -> Any:
+    """The base model as the method needs it, before any adapter is attached."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.methods import quantization_config
+
+    _check_source(spec.model)
+    # Frozen weights stay in bf16 on a GPU: upcasting a frozen 8B base to fp32 would double its
+    # memory for no gain. Full fine-tuning keeps fp32 master weights and computes in bf16 autocast.
+    if precision == "bf16" and spec.method != "full":
+        dtype = torch.bfloat16
+    else:
+        dtype = torch.float32
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "attn_implementation": "sdpa",
+        "trust_remote_code": False,
+    }
+    if device.type == "cuda":
+        # Straight onto this rank's GPU; bitsandbytes also needs it to quantize on load.
+        kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
+    if spec.method == "qlora":
+        kwargs["quantization_config"] = quantization_config(precision)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec.model, **kwargs)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"model: cannot load {spec.model}: {exc}") from exc
+    # The KV cache is for generation; in training it only costs memory.
+    model.config.use_cache = False
+    return model
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total); a 4-bit parameter stores two weights per byte."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

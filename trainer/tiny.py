@@ -1,0 +1,148 @@
+"""Models that can be built here, with no model hub.
+
+`build_tiny` makes a Llama-shaped model small enough to train in seconds on a CPU, with a real
+byte-level BPE tokenizer and a chat template, so tests and the embedded demo exercise the same
+code paths as a hub model. `build_config` gives full-size shapes for benchmarks: speed and memory
+depend on the shape, not on the weight values, so random weights are enough.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import LlamaConfig
+
+ASSETS = Path(__file__).parent / "assets"
+CORPUS = ASSETS / "tiny_corpus.txt"
+
+BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+TINY_VOCAB = 768
+
+# One header token per role; EOS closes every assistant turn so the model learns to stop.
+# The newline after EOS is layout only; data.py leaves trailing whitespace out of the loss.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('role must be system, user or assistant, not ' + message['role']) }}"
+    "{% endif %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+# name -> (hidden, layers, heads, kv_heads, ffn, vocab, tied, rope_theta)
+SHAPES: dict[str, tuple[int, int, int, int, int, int, bool, float]] = {
+    # Qwen2.5-0.5B's dimensions in a Llama block (no qkv bias): ~0.49B parameters.
+    "llama-0.5b": (896, 24, 14, 2, 4864, 151_936, True, 1_000_000.0),
+    "llama-3.2-1b": (2048, 16, 32, 8, 8192, 128_256, True, 500_000.0),
+    "llama-3.2-3b": (3072, 28, 24, 8, 8192, 128_256, True, 500_000.0),
+    "llama-3-8b": (4096, 32, 32, 8, 14336, 128_256, False, 500_000.0),
+}
+
+
+def build_config(shape: str) -> LlamaConfig:
+    """A full-size Llama config by name (see SHAPES), for benchmarks with random weights."""
+    if shape not in SHAPES:
+        raise ValueError(f"shape: {shape!r} is unknown; choose one of {', '.join(SHAPES)}")
+    hidden, layers, heads, kv, ffn, vocab, tied, theta = SHAPES[shape]
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=8192,
+        tie_word_embeddings=tied,
+        rope_theta=theta,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+
+
+def build_tokenizer():
+    """Byte-level BPE trained on the shipped corpus; training is deterministic for fixed input."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        min_frequency=2,
+        special_tokens=[PAD, BOS, EOS, *ROLE_TOKENS],
+        # Every byte is in the vocabulary, so no text is ever unknown.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train([str(CORPUS)], trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=list(ROLE_TOKENS),
+        model_max_length=2048,
+        padding_side="right",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny(out_dir: str | Path, seed: int = 0) -> Path:
+    """Save a tiny Llama-shaped model, its tokenizer and chat template into out_dir."""
+    import torch
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    # A private generator keeps the caller's global RNG untouched and the weights a pure
+    # function of the seed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_shape(out_dir: str | Path, shape: str, seed: int = 0, dtype: str = "bfloat16") -> Path:
+    """Save a full-size shape with random weights and the tiny tokenizer (ids fit any vocab)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = build_config(shape)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    model.save_pretrained(out)
+    build_tokenizer().save_pretrained(out)
+    return out
