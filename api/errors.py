@@ -83,10 +83,11 @@ def first_validation_error(errors: list[dict[str, Any]], drop: tuple[str, ...] =
     loc = [p for p in loc if not (isinstance(p, str) and (p in {"str", "int", "float", "bool"} or p.startswith(("dict[", "list[", "literal[", "function-"))))]
     param = dotted(loc)
     reason = _strip_prefix(str(err.get("msg", "invalid value")))
-    if param is None and ":" in reason:
-        # Cross-field checks name their field first ("hyperparameters.warmup_steps: ...").
+    if ":" in reason:
+        # Model-level checks name their field first ("hyperparameters.warmup_steps: ..."), more
+        # precisely than their location (the model, or nothing).
         head = reason.split(":", 1)[0]
-        if head and all(c.isalnum() or c in "._" for c in head):
+        if head and all(c.isalnum() or c in "._" for c in head) and (param is None or head.startswith(param + ".")):
             param = head
     message = f"{param}: {reason}" if param and not reason.startswith(param) else reason
     if len(errors) > 1:

@@ -89,23 +89,29 @@ def resolve_model(name: str, settings: Settings | None = None) -> str:
     """The local directory of base model `name`, or the hub id itself when hub models are allowed."""
     settings = settings or get_settings()
     try:
-        _check_name(name)
+        return _resolve(name, settings)
     except ModelNotFound as exc:
-        raise ModelNotFound(str(exc), [m.name for m in list_models(settings)]) from None
+        available = [m.name for m in list_models(settings)]
+        listed = ", ".join(available) if available else "none (set TUNEQ_MODEL_ROOTS)"
+        raise ModelNotFound(f"{exc}; available models: {listed}", available) from None
+
+
+def _resolve(name: str, settings: Settings) -> str:
+    _check_name(name)
+    escaped = False
     for root in settings.model_roots:
         root = Path(root).resolve()
         candidate = (root / name).resolve()
         if candidate == root:
             continue
         if not _inside(candidate, root):
-            if (root / name).exists() or (root / name).is_symlink():
-                # Not a hub fallback either: the name means a local link someone planted.
-                raise ModelNotFound(f"model: {name!r} leads outside its model root", [m.name for m in list_models(settings)])
+            escaped = escaped or (root / name).exists() or (root / name).is_symlink()
             continue
         if _is_model_dir(candidate):
             return str(candidate)
-    available = [m.name for m in list_models(settings)]
+    if escaped:
+        # Not a hub id either: the name matches a local link someone planted.
+        raise ModelNotFound(f"model: {name!r} leads outside its model root", [])
     if settings.allow_hub_models and _HUB_ID.match(name):
         return name
-    listed = ", ".join(available) if available else "none (set TUNEQ_MODEL_ROOTS)"
-    raise ModelNotFound(f"model: unknown model {name!r}; available models: {listed}", available)
+    raise ModelNotFound(f"model: unknown model {name!r}", [])

@@ -1,0 +1,245 @@
+"""Fine-tuning jobs over HTTP on SQLite and PostgreSQL, with the real Redis queue behind them."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+GOOD_LINE = json.dumps({"messages": [{"role": "user", "content": "Reverse: abc"}, {"role": "assistant", "content": "cba"}]})
+QUEUE = "tuneq"  # core.queue: task_default_queue
+
+
+@pytest.fixture
+def client(service_env: dict[str, str]) -> Iterator[TestClient]:
+    from api.main import create_app
+
+    with TestClient(create_app()) as c:
+        yield c
+
+
+@pytest.fixture
+def queue(service_env: dict[str, str]) -> redis.Redis:
+    return redis.Redis.from_url(service_env["TUNEQ_REDIS_URL"])
+
+
+@pytest.fixture
+def file_id(client: TestClient) -> str:
+    r = client.post("/v1/files", files={"file": ("t.jsonl", (GOOD_LINE + "\n") * 4)}, data={"purpose": "fine-tune"})
+    assert r.json()["status"] == "processed"
+    return r.json()["id"]
+
+
+def queued_job_ids(queue: redis.Redis) -> list[str]:
+    """Job ids of the task messages waiting in Redis, oldest first (kombu LPUSHes, workers BRPOP)."""
+    ids = []
+    for raw in reversed(queue.lrange(QUEUE, 0, -1)):
+        message = json.loads(raw)
+        assert message["headers"]["task"] == "tuneq.run_job"
+        args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        ids.append(args[0])
+    return ids
+
+
+def create(client: TestClient, **body):
+    return client.post("/v1/fine_tuning/jobs", json=body)
+
+
+def error_of(r) -> dict:
+    assert r.status_code == 400, r.text
+    return r.json()["error"]
+
+
+def spec_of(job_id: str) -> dict:
+    from core.db import session_scope
+    from core.models import Job
+
+    with session_scope() as db:
+        return db.get(Job, job_id).spec
+
+
+def test_openai_body_creates_a_queued_job_and_enqueues_it(client: TestClient, file_id: str, queue: redis.Redis, tiny_model_dir) -> None:
+    r = create(
+        client, model="tiny-llama", training_file=file_id, validation_file=file_id, suffix="rev", seed=7,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": 0.5}}},
+    )
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert job["object"] == "fine_tuning.job" and job["id"].startswith("ftjob-")
+    assert job["status"] == "queued" and job["model"] == "tiny-llama"
+    assert job["training_file"] == job["validation_file"] == file_id
+    assert job["seed"] == 7 and job["user_provided_suffix"] == "rev" and job["integrations"] == []
+    assert job["hyperparameters"]["n_epochs"] == 2
+    assert job["hyperparameters"]["learning_rate"] == pytest.approx(1e-4)  # 0.5 × the LoRA base 2e-4
+    assert job["method"]["type"] == "lora" and job["method"]["lora"]["r"] == 16
+    assert queued_job_ids(queue) == [job["id"]]
+    spec = spec_of(job["id"])
+    assert spec["model"] == str(tiny_model_dir.resolve())  # the resolved directory, not the name
+    assert spec["training_file"] == file_id and spec["hyperparameters"]["seed"] == 7
+    assert spec["hyperparameters"]["batch_size"] == 4  # "auto" is the spec's default
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json() == job
+
+
+def test_tuneq_extensions_reach_the_spec(client: TestClient, file_id: str, queue: redis.Redis) -> None:
+    r = create(
+        client, model="tiny-llama", training_file=file_id, priority=5, gpus=2, gradient_checkpointing=True,
+        precision="fp32", schedule={"checkpoint_every_steps": 10},
+        method={"type": "qlora", "qlora": {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}},
+        hyperparameters={"max_steps": 50, "learning_rate": 1e-3, "gradient_accumulation_steps": 2, "warmup_steps": 5,
+                         "max_seq_len": 256, "weight_decay": 0.01, "max_grad_norm": 0.5},
+    )
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert job["priority"] == 5 and job["gpus"] == 2
+    assert job["method"] == {"type": "qlora", "qlora": {**job["method"]["qlora"], "r": 8, "alpha": 16.0}}
+    spec = spec_of(job["id"])
+    assert spec["method"] == "qlora" and spec["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    assert spec["hyperparameters"]["max_steps"] == 50 and spec["hyperparameters"]["learning_rate"] == 1e-3
+    assert spec["schedule"]["checkpoint_every_steps"] == 10
+    assert spec["gradient_checkpointing"] is True and spec["precision"] == "fp32"
+    full = create(client, model="tiny-llama", training_file=file_id, method="full",
+                  hyperparameters={"learning_rate_multiplier": 2}).json()
+    assert spec_of(full["id"])["method"] == "full"
+    assert spec_of(full["id"])["hyperparameters"]["learning_rate"] == pytest.approx(4e-5)  # 2 × the full base 2e-5
+    assert queued_job_ids(queue) == [job["id"], full["id"]]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
+        ({"hyperparameters": {"batch_size": 5000}}, "hyperparameters.batch_size"),
+        ({"hyperparameters": {"learning_rate": 2.0}}, "hyperparameters.learning_rate"),
+        ({"hyperparameters": {"learning_rate_multiplier": -1}}, "hyperparameters.learning_rate_multiplier"),
+        ({"hyperparameters": {"max_steps": 5, "warmup_steps": 10}}, "hyperparameters.warmup_steps"),
+        ({"hyperparameters": {"epochs": 3}}, "hyperparameters.epochs"),
+        ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 0}}}},
+         "method.supervised.hyperparameters.batch_size"),
+        ({"method": {"type": "lora", "lora": {"r": 0}}}, "method.lora.r"),
+        ({"method": {"type": "lora", "lora": {"target_modules": ["q proj"]}}}, "method.lora.target_modules"),
+        ({"method": {"type": "full", "full": {"r": 8}}}, "method.full"),
+        ({"method": {"type": "dpo"}}, "method.type"),
+        ({"method": "prefix"}, "method"),
+        ({"seed": -1}, "seed"),
+        ({"suffix": "no spaces"}, "suffix"),
+        ({"precision": "fp8"}, "precision"),
+        ({"schedule": {"log_every_steps": 0}}, "schedule.log_every_steps"),
+        ({"priority": 1000}, "priority"),
+        ({"gpus": 0}, "gpus"),
+        ({"typo_field": 1}, "typo_field"),
+        ({"model": "no-such-model"}, "model"),
+        ({"training_file": "file-nope"}, "training_file"),
+        ({"validation_file": "file-nope"}, "validation_file"),
+    ],
+)
+def test_bad_values_name_their_field(client: TestClient, file_id: str, queue: redis.Redis, body: dict, param: str) -> None:
+    r = create(client, **{"model": "tiny-llama", "training_file": file_id, **body})
+    err = error_of(r)
+    assert err["param"] == param, err
+    assert err["type"] == "invalid_request_error" and err["message"]
+    assert queue.llen(QUEUE) == 0
+    assert client.get("/v1/fine_tuning/jobs").json()["data"] == []
+
+
+def test_unknown_model_lists_available_ones(client: TestClient, file_id: str) -> None:
+    err = error_of(create(client, model="gpt-4o-mini", training_file=file_id))
+    assert err["param"] == "model" and "tiny-llama" in err["message"]
+
+
+def test_file_that_failed_validation_is_refused_with_its_lines(client: TestClient) -> None:
+    bad = client.post("/v1/files", files={"file": ("b.jsonl", f"{GOOD_LINE}\nnope\n{GOOD_LINE}\n[]\n")},
+                      data={"purpose": "fine-tune"}).json()
+    err = error_of(create(client, model="tiny-llama", training_file=bad["id"]))
+    assert err["param"] == "training_file"
+    assert "line 2" in err["message"] and "line 4" in err["message"]
+
+
+def test_pages_are_newest_first_with_cursors(client: TestClient, file_id: str) -> None:
+    ids = [create(client, model="tiny-llama", training_file=file_id).json()["id"] for _ in range(5)]
+    newest_first = ids[::-1]
+    seen, after = [], None
+    while True:
+        page = client.get("/v1/fine_tuning/jobs", params={"limit": 2, **({"after": after} if after else {})}).json()
+        assert page["object"] == "list" and len(page["data"]) <= 2
+        seen += [j["id"] for j in page["data"]]
+        if not page["has_more"]:
+            break
+        after = page["data"][-1]["id"]
+    assert seen == newest_first
+    assert error_of(client.get("/v1/fine_tuning/jobs", params={"limit": 101}))["param"] == "limit"
+    assert error_of(client.get("/v1/fine_tuning/jobs", params={"limit": 0}))["param"] == "limit"
+    assert error_of(client.get("/v1/fine_tuning/jobs", params={"after": "ftjob-nope"}))["param"] == "after"
+
+
+def test_cancel_a_queued_job(client: TestClient, file_id: str) -> None:
+    job = create(client, model="tiny-llama", training_file=file_id).json()
+    r = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled" and r.json()["finished_at"]
+    again = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    assert again.status_code == 409
+    assert again.json()["error"]["type"] == "conflict_error" and "cancelled" in again.json()["error"]["message"]
+
+
+def test_events_newest_first_with_cursor(client: TestClient, file_id: str) -> None:
+    job = create(client, model="tiny-llama", training_file=file_id).json()
+    client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 100}).json()["data"]
+    assert [e["data"].get("to") for e in events] == ["cancelled", "queued", "validating_files"]
+    assert all(e["object"] == "fine_tuning.job.event" and e["level"] == "info" for e in events)
+    assert events[0]["message"] == "Job cancelled."
+    first = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 1}).json()
+    assert first["has_more"] is True and first["data"][0]["id"] == events[0]["id"]
+    rest = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"after": events[0]["id"]}).json()
+    assert [e["id"] for e in rest["data"]] == [e["id"] for e in events[1:]]
+
+
+def test_unknown_job_is_404_everywhere(client: TestClient) -> None:
+    for method, path in [("get", ""), ("post", "/cancel"), ("get", "/events"), ("get", "/checkpoints"),
+                         ("get", "/artifacts"), ("get", "/artifacts/adapter.tar.gz/content")]:
+        r = getattr(client, method)(f"/v1/fine_tuning/jobs/ftjob-nope{path}")
+        assert r.status_code == 404, (path, r.text)
+        assert r.json()["error"] == {"message": "No fine-tuning job with id 'ftjob-nope'", "type": "not_found_error",
+                                     "param": None, "code": "not_found"}
+
+
+def test_checkpoints_and_artifact_download(client: TestClient, file_id: str) -> None:
+    import hashlib
+    import io
+
+    from core.db import session_scope
+    from core.models import Artifact, Checkpoint
+    from core.storage import get_storage
+
+    job = create(client, model="tiny-llama", training_file=file_id, suffix="x").json()
+    payload = b"\x1f\x8b pretend adapter archive" * 1000
+    size, digest = get_storage().put_stream(f"jobs/{job['id']}/adapter.tar.gz", io.BytesIO(payload))
+    with session_scope() as db:
+        db.add_all([
+            Checkpoint(job_id=job["id"], step=10, path="checkpoints/step-00000010", metrics={"train_loss": 2.0}),
+            Checkpoint(job_id=job["id"], step=20, path="checkpoints/step-00000020", metrics={"train_loss": 1.0}),
+            Artifact(id="art-1", job_id=job["id"], name="adapter.tar.gz", kind="archive",
+                     storage_key=f"jobs/{job['id']}/adapter.tar.gz", bytes=size, sha256=digest),
+            Artifact(id="art-2", job_id=job["id"], name="final/lost.json", kind="file",
+                     storage_key=f"jobs/{job['id']}/final/lost.json", bytes=1, sha256=""),
+        ])
+    cks = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+    assert [c["step_number"] for c in cks] == [20, 10]
+    assert cks[0]["object"] == "fine_tuning.job.checkpoint" and cks[0]["fine_tuning_job_id"] == job["id"]
+    assert cks[0]["metrics"] == {"train_loss": 1.0} and cks[0]["fine_tuned_model_checkpoint"].endswith(":ckpt-step-20")
+
+    arts = client.get(f"/v1/fine_tuning/jobs/{job['id']}/artifacts").json()["data"]
+    assert [(a["id"], a["name"], a["kind"], a["bytes"]) for a in arts] == [
+        ("art-1", "adapter.tar.gz", "archive", len(payload)), ("art-2", "final/lost.json", "file", 1)]
+    for ref in ("art-1", "adapter.tar.gz"):
+        r = client.get(f"/v1/fine_tuning/jobs/{job['id']}/artifacts/{ref}/content")
+        assert r.status_code == 200 and r.content == payload
+        assert hashlib.sha256(r.content).hexdigest() == arts[0]["sha256"]
+        assert 'filename="adapter.tar.gz"' in r.headers["content-disposition"]
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}/artifacts/final/lost.json/content").status_code == 404
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}/artifacts/art-nope/content").status_code == 404
+    other = create(client, model="tiny-llama", training_file=file_id).json()
+    assert client.get(f"/v1/fine_tuning/jobs/{other['id']}/artifacts/art-1/content").status_code == 404

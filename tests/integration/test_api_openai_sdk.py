@@ -1,0 +1,73 @@
+"""The official openai SDK, unmodified, against the tuneq app (ASGI, in process)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import openai
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+LINES = [json.dumps({"messages": [{"role": "user", "content": f"Reverse: {w}"}, {"role": "assistant", "content": w[::-1]}]})
+         for w in ("apple", "river", "stone")]
+
+
+@pytest.fixture
+def sdk(service_env: dict[str, str]) -> Iterator[openai.OpenAI]:
+    from api.main import create_app
+
+    # TestClient is an httpx.Client that sends every request to the app, so the SDK's own
+    # request building, response parsing and error mapping all run for real.
+    with TestClient(create_app()) as http:
+        yield openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
+
+
+def test_sdk_walkthrough(sdk: openai.OpenAI, service_env: dict[str, str]) -> None:
+    f = sdk.files.create(file=("train.jsonl", ("\n".join(LINES) + "\n").encode()), purpose="fine-tune")
+    assert f.id.startswith("file-") and f.status == "processed" and f.filename == "train.jsonl"
+    assert sdk.files.retrieve(f.id).bytes == f.bytes
+    assert sdk.files.content(f.id).text.splitlines() == LINES
+
+    job = sdk.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=f.id, seed=3, suffix="rev",
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 2}}},
+    )
+    assert job.status == "queued" and job.seed == 3 and job.hyperparameters.n_epochs == 2
+    assert job.hyperparameters.batch_size == 2
+    assert redis.Redis.from_url(service_env["TUNEQ_REDIS_URL"]).llen("tuneq") == 1
+
+    lora = sdk.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=f.id,
+        extra_body={"method": {"type": "lora", "lora": {"r": 4, "alpha": 8}}, "hyperparameters": {"max_steps": 20}, "priority": 3},
+    )
+    assert lora.method.type == "lora" and lora.method.lora["r"] == 4 and lora.priority == 3
+
+    assert sdk.fine_tuning.jobs.retrieve(job.id).id == job.id
+    listed = [j.id for j in sdk.fine_tuning.jobs.list(limit=1)]  # iterating follows the cursor
+    assert listed == [lora.id, job.id]
+
+    cancelled = sdk.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled"
+    events = list(sdk.fine_tuning.jobs.list_events(job.id, limit=2))
+    assert [e.data["to"] for e in events] == ["cancelled", "queued", "validating_files"]
+    assert all(e.object == "fine_tuning.job.event" for e in events)
+    assert sdk.fine_tuning.jobs.checkpoints.list(job.id).data == []
+    assert [m.id for m in sdk.models.list()] == ["tiny-llama"]
+
+
+def test_sdk_raises_typed_errors_with_param(sdk: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        sdk.fine_tuning.jobs.retrieve("ftjob-nope")
+    with pytest.raises(openai.BadRequestError) as exc:
+        sdk.fine_tuning.jobs.create(model="tiny-llama", training_file="file-nope")
+    assert exc.value.param == "training_file" and exc.value.code == "file_not_found"
+    f = sdk.files.create(file=("t.jsonl", (LINES[0] + "\n").encode()), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError) as exc:
+        sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id, hyperparameters={"n_epochs": 0})
+    assert exc.value.param == "hyperparameters.n_epochs"
+    job = sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id)
+    sdk.fine_tuning.jobs.cancel(job.id)
+    with pytest.raises(openai.ConflictError):
+        sdk.fine_tuning.jobs.cancel(job.id)
