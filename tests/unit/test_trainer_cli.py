@@ -1,0 +1,158 @@
+"""The trainer as the worker runs it: a process with exit codes, signals and one-line errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from trainer.events import read_events
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+
+
+def trainer(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "trainer", *args], cwd=ROOT, capture_output=True, text=True, timeout=120, **kw)
+
+
+def write_spec(path: Path, spec) -> Path:
+    path.write_text(spec.model_dump_json())
+    return path
+
+
+def start(spec_path: Path, out: Path, *extra: str) -> subprocess.Popen:
+    # Its own session, like the worker starts it: signals go to the whole process group.
+    return subprocess.Popen(
+        [PYTHON, "-m", "trainer", "run", str(spec_path), "--out", str(out), *extra],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+
+
+def wait_for(out: Path, predicate, timeout: float = 90.0) -> list[dict]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        events = read_events(out / "events.jsonl")
+        if predicate(events):
+            return events
+        time.sleep(0.1)
+    raise AssertionError(f"timed out; events: {read_events(out / 'events.jsonl')[-3:]}")
+
+
+def metrics_after(n_starts: int):
+    def check(events: list[dict]) -> bool:
+        starts = [i for i, e in enumerate(events) if e["type"] == "start"]
+        return len(starts) >= n_starts and any(e["type"] == "metrics" for e in events[starts[n_starts - 1]:])
+    return check
+
+
+def test_invalid_spec_is_one_line_and_exit_2(tmp_path: Path):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"model": "m", "training_file": "t.jsonl", "hyperparameters": {"batch_size": 0}}))
+    res = trainer("run", str(spec), "--out", str(tmp_path / "out"))
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "hyperparameters.batch_size" in lines[0], res.stderr
+
+    res = trainer("run", str(tmp_path / "missing.json"), "--out", str(tmp_path / "out"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+    spec.write_text("{not json")
+    res = trainer("run", str(spec), "--out", str(tmp_path / "out"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+
+    res = trainer("frobnicate")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_validate_prints_the_report(tmp_path: Path, tiny_model_dir: Path, chat_files):
+    res = trainer("validate", str(chat_files["train"]), "--model", str(tiny_model_dir), "--max-seq-len", "16")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["valid"] and report["examples"] == 48 and report["truncated"] > 0 and report["tokens"] == 48 * 16
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{}\n")
+    res = trainer("validate", str(bad))
+    assert res.returncode == 1 and json.loads(res.stdout)["error_counts"] == {"missing_messages": 1}
+
+
+def test_tiny_is_deterministic_per_seed(tmp_path: Path, tiny_model_dir: Path):
+    from trainer.tiny import build_tiny
+
+    def digest(d: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
+
+    again = digest(build_tiny(tmp_path / "a", seed=0))
+    assert again == digest(tiny_model_dir)
+    other = digest(build_tiny(tmp_path / "b", seed=1))
+    assert other["model.safetensors"] != again["model.safetensors"]
+    assert other["tokenizer.json"] == again["tokenizer.json"]
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True and 512 <= config["vocab_size"] <= 1000
+    assert config["num_key_value_heads"] == 2 and config["max_position_embeddings"] == 2048
+
+
+def test_sigusr1_pauses_with_a_checkpoint_and_resume_continues(make_spec, tmp_path: Path):
+    spec = write_spec(tmp_path / "spec.json", make_spec("lora", hyperparameters={"max_steps": 100_000}))
+    out = tmp_path / "out"
+    proc = start(spec, out)
+    wait_for(out, metrics_after(1))
+    os.killpg(proc.pid, signal.SIGUSR1)
+    assert proc.wait(timeout=60) == 75, proc.stderr.read()
+
+    events = read_events(out / "events.jsonl")
+    assert events[-1]["type"] == "checkpoint"
+    step = events[-1]["data"]["step"]
+    saved = out / events[-1]["data"]["path"]
+    assert saved.name == f"step-{step:08d}"
+    state = json.loads((saved / "state.json").read_text())
+    assert state["train_state"]["step"] == step
+    assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt"} <= {p.name for p in saved.iterdir()}
+    assert not any(e["type"] in ("finished", "error") for e in events)
+
+    proc = start(spec, out, "--resume")
+    events = wait_for(out, metrics_after(2))
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    resumed = [e for e in events if e["type"] == "start"][-1]["data"]
+    assert resumed["resumed_from_step"] == step
+    first_after = next(e for e in events[events.index(next(e for e in events if e["data"] == resumed)):] if e["type"] == "metrics")
+    assert first_after["data"]["step"] == step + 1
+
+
+def test_sigterm_cancels_promptly(make_spec, tmp_path: Path):
+    spec = write_spec(tmp_path / "spec.json", make_spec("lora", hyperparameters={"max_steps": 100_000}))
+    out = tmp_path / "out"
+    proc = start(spec, out)
+    wait_for(out, metrics_after(1))
+    sent = time.time()
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143
+    assert time.time() - sent < 10
+    assert "Traceback" not in proc.stderr.read()
+    assert not (out / "final").exists()
+
+
+def test_runs_under_accelerate_launch(make_spec, tmp_path: Path):
+    spec = write_spec(tmp_path / "spec.json", make_spec("lora", hyperparameters={"max_steps": 4}))
+    out = tmp_path / "out"
+    launcher = Path(PYTHON).parent / "accelerate"
+    if not launcher.exists():
+        pytest.fail(f"accelerate launcher missing at {launcher}")
+    res = subprocess.run(
+        [str(launcher), "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "--cpu", "-m", "trainer", "run", str(spec), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    kinds = [e["type"] for e in read_events(out / "events.jsonl")]
+    assert kinds[0] == "start" and kinds[-1] == "finished" and kinds.count("metrics") == 4
+    assert (out / "final" / "adapter_model.safetensors").is_file()
