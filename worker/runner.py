@@ -220,6 +220,11 @@ class JobRun:
         if job is None:
             log.warning("job %s: lease lost before the end (attempt %s); leaving the job alone", self.job_id, self.attempt)
             return "lost"
+        if job.status in states.TERMINAL:
+            # Ended meanwhile by someone else (a cancel of a stale view of the job); keep that.
+            self.db.commit()
+            log.warning("job %s: already %s; not overwriting it with %s", self.job_id, job.status, target)
+            return job.status
         if job.status == states.CANCELLING and target in (states.FAILED, states.PAUSED):
             target, message, error = states.CANCELLED, "Job cancelled.", None  # the user's cancel wins
         if before is not None:

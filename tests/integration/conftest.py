@@ -78,7 +78,7 @@ def store_file(db: Session, text: str, filename: str = "train.jsonl") -> Any:
 
 
 def make_job(db: Session, model: str = "tiny-llama", *, steps: int = 4, examples: int = 16,
-             checkpoint_every: int | None = None, method: str = "lora", suffix: str | None = None,
+             checkpoint_every: int | None = None, log_every: int = 1, method: str = "lora", suffix: str | None = None,
              training_text: str | None = None, **spec_extra: Any) -> Any:
     """A queued job whose spec holds the training file's id, as the API writes it; committed."""
     from core.jobs import create_job
@@ -89,7 +89,7 @@ def make_job(db: Session, model: str = "tiny-llama", *, steps: int = 4, examples
         "method": method,
         "training_file": training.id,
         "hyperparameters": {"max_steps": steps, "batch_size": 2, "max_seq_len": 32, "warmup_steps": 0},
-        "schedule": {"log_every_steps": 1, "checkpoint_every_steps": checkpoint_every},
+        "schedule": {"log_every_steps": log_every, "checkpoint_every_steps": checkpoint_every},
         "suffix": suffix,
         **spec_extra,
     }
@@ -174,3 +174,42 @@ def celery_worker(tmp_path: Path) -> Iterator[Callable[..., CeleryWorker]]:
     yield start
     for w in started:
         w.stop()
+
+
+@pytest.fixture
+def worker_env(db_env: dict[str, str], tiny_model_dir: Path) -> dict[str, str]:
+    """db_env plus a tiny model; the trainer runs without `accelerate launch` (faster to start)."""
+    return {**db_env, "model": str(tiny_model_dir)}
+
+
+def events_of(job_id: str, type: str | None = None) -> list[Any]:
+    from sqlalchemy import select
+
+    from core.db import session_scope
+    from core.models import JobEvent
+
+    with session_scope() as s:
+        q = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)
+        if type is not None:
+            q = q.where(JobEvent.type == type)
+        return list(s.scalars(q).all())
+
+
+def trainer_pid(job_id: str) -> int:
+    started = [e for e in events_of(job_id, "message") if e.data and "pid" in e.data]
+    assert started, "no 'Trainer started' event"
+    return started[-1].data["pid"]
+
+
+def trainer_processes(work_dir: Path) -> list[int]:
+    """Live processes whose command line runs the trainer on work_dir."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and process_alive(int(entry.name)):
+            try:
+                argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if "trainer" in argv and str(work_dir) in argv:
+                pids.append(int(entry.name))
+    return pids

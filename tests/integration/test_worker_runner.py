@@ -1,0 +1,188 @@
+"""worker.runner.run_job called directly, with the real trainer on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from core import states
+from core.jobs import acquire_lease, request_cancel
+from core.models import Artifact, Checkpoint, Job
+from core.settings import get_settings
+from core.storage import get_storage, sha256_file
+from tests.integration.conftest import (
+    events_of, make_job, process_alive, trainer_pid, trainer_processes, wait_for,
+)
+from worker.runner import run_job
+
+LONG = 100_000  # steps: far more than a test waits for; these jobs end by cancel, pause or loss
+
+
+class Background:
+    """run_job in a thread, as a Celery thread-pool slot runs it."""
+
+    def __init__(self, job_id: str, worker_id: str = "w1"):
+        self.result: str | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(job_id, worker_id), daemon=True)
+        self.thread.start()
+
+    def _run(self, job_id: str, worker_id: str) -> None:
+        try:
+            self.result = run_job(job_id, worker_id=worker_id)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in join()
+            self.error = exc
+
+    def join(self, timeout: float = 120) -> str | None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "run_job did not return"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+@pytest.fixture
+def running(db: Session, worker_env: dict[str, str]) -> Iterator[Job]:
+    """A long job whose trainer is past its first steps."""
+    job = make_job(db, worker_env["model"], steps=LONG, examples=64, log_every=20)
+    bg = Background(job.id)
+    wait_for(lambda: events_of(job.id, "metrics"), 60, "the first metrics event")
+    job.background = bg  # type: ignore[attr-defined]
+    yield job
+    if bg.thread.is_alive():  # a failed test must not leave a trainer behind
+        with_session_cancel(db, job.id)
+        bg.thread.join(60)
+
+
+def with_session_cancel(db: Session, job_id: str) -> None:
+    db.expire_all()
+    job = db.get(Job, job_id)
+    if job.status not in states.TERMINAL:
+        request_cancel(db, job)
+        db.commit()
+
+
+def work_dir(job_id: str) -> Path:
+    return get_settings().resolved_work_dir() / job_id
+
+
+def test_job_runs_to_succeeded_with_events_checkpoints_and_artifacts(db: Session, worker_env: dict[str, str]) -> None:
+    job = make_job(db, worker_env["model"], steps=4, checkpoint_every=2, suffix="rev")
+    assert run_job(job.id, worker_id="w1") == states.SUCCEEDED
+
+    db.expire_all()
+    job = db.get(Job, job.id)
+    assert job.status == states.SUCCEEDED and job.error is None and job.lease_owner is None
+    assert job.fine_tuned_model == f"ft:tiny-llama:rev:{job.id}"
+    assert job.trained_tokens and job.trained_tokens > 0
+    assert job.progress["step"] == job.progress["total_steps"] == 4
+    assert job.progress["tokens_per_second"] > 0 and "eta_seconds" in job.progress
+    assert isinstance(job.metrics["train_loss"], float)
+
+    types = [e.type for e in events_of(job.id)]
+    assert types.count("metrics") == 4 and "start" in types and "finished" in types
+    assert [(e.data["from"], e.data["to"]) for e in events_of(job.id, "status") if "from" in e.data][-2:] == [
+        (states.QUEUED, states.RUNNING), (states.RUNNING, states.SUCCEEDED)]
+
+    ckpts = db.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id).order_by(Checkpoint.step)).all()
+    assert [c.step for c in ckpts] == [2, 4] and Path(ckpts[0].path).is_dir()
+
+    # spec.json holds local paths, not the file ids the API stored.
+    spec = json.loads((work_dir(job.id) / "spec.json").read_text())
+    assert Path(spec["training_file"]).is_file() and spec["model"] == worker_env["model"]
+
+    arts = {a.name: a for a in db.scalars(select(Artifact).where(Artifact.job_id == job.id))}
+    final = work_dir(job.id) / "final"
+    assert {f"final/{p.relative_to(final).as_posix()}" for p in final.rglob("*") if p.is_file()} | {
+        "adapter.tar.gz"} == set(arts)
+    assert arts["final/manifest.json"].kind == "manifest"
+    assert arts["final/adapter_model.safetensors"].kind == "file"
+    assert arts["adapter.tar.gz"].kind == "archive"
+    storage = get_storage()
+    for a in arts.values():
+        assert a.storage_key.startswith(f"jobs/{job.id}/")
+        assert sha256_file(storage.path(a.storage_key)) == a.sha256 and a.bytes > 0
+
+
+def test_bad_training_data_fails_with_the_trainers_error(db: Session, worker_env: dict[str, str]) -> None:
+    job = make_job(db, worker_env["model"], training_text='{"messages": "not a list"}\nnot json\n')
+    assert run_job(job.id, worker_id="w1") == states.FAILED
+    db.expire_all()
+    job = db.get(Job, job.id)
+    assert job.status == states.FAILED
+    assert set(job.error) == {"code", "message", "param"}
+    assert job.error["code"] == "data" and job.error["message"]
+
+
+def test_second_delivery_of_a_running_job_drops_out(running: Job, db: Session) -> None:
+    assert run_job(running.id, worker_id="w2") == "skipped"
+    db.expire_all()
+    assert db.get(Job, running.id).lease_owner == "w1"
+    assert len([e for e in events_of(running.id, "message") if e.data and "pid" in e.data]) == 1
+
+
+def test_cancel_of_a_running_job_stops_the_trainer(running: Job, db: Session) -> None:
+    pid = trainer_pid(running.id)
+    assert process_alive(pid)
+    db.expire_all()
+    request_cancel(db, db.get(Job, running.id))
+    db.commit()
+    t0 = time.monotonic()
+    assert running.background.join() == states.CANCELLED
+    stop_s = time.monotonic() - t0
+    db.expire_all()
+    assert db.get(Job, running.id).status == states.CANCELLED
+    assert not process_alive(pid) and trainer_processes(work_dir(running.id)) == []
+    assert stop_s < 15, f"cancel took {stop_s:.1f}s"
+
+
+def test_pause_saves_a_checkpoint_and_frees_the_slot(running: Job, db: Session) -> None:
+    pid = trainer_pid(running.id)
+    db.execute(update(Job).where(Job.id == running.id).values(pause_requested=True))
+    db.commit()
+    assert running.background.join() == states.PAUSED
+    db.expire_all()
+    job = db.get(Job, running.id)
+    assert job.status == states.PAUSED and not job.pause_requested and job.lease_owner is None
+    assert db.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id)).all()
+    assert not process_alive(pid)
+
+
+def test_lost_lease_kills_the_trainer_and_leaves_the_job_alone(running: Job, db: Session) -> None:
+    pid = trainer_pid(running.id)
+    # Another worker took the job over (as after a reap): the old run must stop writing.
+    db.execute(update(Job).where(Job.id == running.id).values(lease_owner="thief", lease_attempt=Job.lease_attempt + 1))
+    db.commit()
+    assert running.background.join() == "lost"
+    db.expire_all()
+    job = db.get(Job, running.id)
+    assert job.status == states.RUNNING and job.lease_owner == "thief"
+    assert not process_alive(pid)
+    db.execute(update(Job).where(Job.id == running.id).values(status=states.FAILED, lease_owner=None))
+    db.commit()
+
+
+def test_rerun_after_a_lost_worker_resumes_from_the_checkpoint(db: Session, worker_env: dict[str, str]) -> None:
+    job = make_job(db, worker_env["model"], steps=LONG, examples=64, checkpoint_every=5, log_every=20)
+    first = Background(job.id, "w1")
+    wait_for(lambda: events_of(job.id, "checkpoint"), 60, "a checkpoint")
+    # w1 stops heartbeating as far as the DB can tell: its lease is taken by w2.
+    db.execute(update(Job).where(Job.id == job.id).values(lease_heartbeat_at=time.time() - 3600))
+    db.commit()
+    assert acquire_lease(db, job.id, "w2", ttl_s=30) is not None
+    assert first.join() == "lost"
+    db.execute(update(Job).where(Job.id == job.id).values(status=states.QUEUED, lease_owner=None))
+    db.commit()
+
+    second = Background(job.id, "w3")
+    start = wait_for(lambda: [e for e in events_of(job.id, "start")][1:], 60, "the second start event")[0]
+    assert start.data["resumed_from_step"] >= 5
+    with_session_cancel(db, job.id)
+    assert second.join() == states.CANCELLED
