@@ -1,0 +1,80 @@
+"""A real `celery -A worker.app worker` process, fed through core.queue like the API feeds it."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session
+
+from core import states
+from core.jobs import request_cancel
+from core.models import Job
+from core.queue import enqueue_job
+from core.settings import get_settings
+from tests.integration.conftest import (
+    events_of, job_status, make_job, process_alive, trainer_pid, trainer_processes, wait_for,
+)
+from tests.integration.test_worker_reaper import queued_job_ids
+
+LONG = 100_000
+
+
+def work_dir(job_id: str) -> Path:
+    return get_settings().resolved_work_dir() / job_id
+
+
+def test_enqueued_job_runs_once_to_succeeded_under_accelerate(
+    db: Session, worker_env: dict[str, str], celery_worker
+) -> None:
+    job = make_job(db, worker_env["model"], steps=4, checkpoint_every=2)
+    worker = celery_worker(slots=2, TUNEQ_ACCELERATE_LAUNCH="true")
+    enqueue_job(job.id)
+    enqueue_job(job.id)  # the same message twice, as a broker re-delivery would
+
+    wait_for(lambda: job_status(job.id) in states.TERMINAL, 120, f"the job to end\n{worker.log()}")
+    assert job_status(job.id) == states.SUCCEEDED, worker.log()
+    db.expire_all()
+    job = db.get(Job, job.id)
+    assert job.lease_attempt == 1 and job.fine_tuned_model
+    assert len([e for e in events_of(job.id, "message") if e.data and "pid" in e.data]) == 1
+    wait_for(lambda: "dropping this duplicate delivery" in worker.log() or "nothing to run" in worker.log(),
+             30, "the second delivery to drop out")
+    assert trainer_processes(work_dir(job.id)) == []
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_cancel_of_a_running_job_ends_cancelled_with_the_trainer_gone(
+    db: Session, worker_env: dict[str, str], celery_worker
+) -> None:
+    job = make_job(db, worker_env["model"], steps=LONG, examples=64, log_every=20)
+    worker = celery_worker(slots=1, TUNEQ_ACCELERATE_LAUNCH="true")
+    enqueue_job(job.id)
+    wait_for(lambda: events_of(job.id, "metrics"), 90, f"training to start\n{worker.log()}")
+    pid = trainer_pid(job.id)
+    assert len(trainer_processes(work_dir(job.id))) == 2  # `accelerate launch` and the trainer under it
+
+    db.expire_all()
+    request_cancel(db, db.get(Job, job.id))
+    db.commit()
+    wait_for(lambda: job_status(job.id) == states.CANCELLED, 30, f"the job to be cancelled\n{worker.log()}")
+    assert not process_alive(pid) and trainer_processes(work_dir(job.id)) == []
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_warm_shutdown_stops_the_trainer_and_requeues_the_job(
+    db: Session, worker_env: dict[str, str], celery_worker
+) -> None:
+    job = make_job(db, worker_env["model"], steps=LONG, examples=64, log_every=20)
+    worker = celery_worker(slots=1, TUNEQ_ACCELERATE_LAUNCH="false")
+    enqueue_job(job.id)
+    wait_for(lambda: events_of(job.id, "metrics"), 90, f"training to start\n{worker.log()}")
+    pid = trainer_pid(job.id)
+
+    worker.proc.send_signal(signal.SIGTERM)
+    worker.proc.wait(60)
+    assert job_status(job.id) == states.QUEUED, worker.log()
+    assert not process_alive(pid) and trainer_processes(work_dir(job.id)) == []
+    assert queued_job_ids(worker_env["TUNEQ_REDIS_URL"]) == [job.id]
+    assert events_of(job.id, "checkpoint"), "the trainer should checkpoint before it stops"
