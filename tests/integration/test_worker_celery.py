@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from core import states
 from core.jobs import request_cancel
 from core.models import Job
-from core.queue import enqueue_job
+from core.jobs import acquire_lease
+from core.queue import REAP, enqueue_job, producer
 from core.settings import get_settings
 from tests.integration.conftest import (
     events_of, job_status, make_job, process_alive, trainer_pid, trainer_processes, wait_for,
@@ -78,3 +81,19 @@ def test_warm_shutdown_stops_the_trainer_and_requeues_the_job(
     assert not process_alive(pid) and trainer_processes(work_dir(job.id)) == []
     assert queued_job_ids(worker_env["TUNEQ_REDIS_URL"]) == [job.id]
     assert events_of(job.id, "checkpoint"), "the trainer should checkpoint before it stops"
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_reap_task_requeues_a_dead_workers_job_and_a_worker_finishes_it(
+    db: Session, worker_env: dict[str, str], celery_worker
+) -> None:
+    job = make_job(db, worker_env["model"], steps=4)
+    assert acquire_lease(db, job.id, "dead-worker", ttl_s=30) is not None
+    db.execute(update(Job).where(Job.id == job.id).values(lease_heartbeat_at=time.time() - 3600))
+    db.commit()
+    worker = celery_worker(slots=1, TUNEQ_ACCELERATE_LAUNCH="false")
+    producer().send_task(REAP)
+    wait_for(lambda: job_status(job.id) in states.TERMINAL, 90, f"the reaped job to end\n{worker.log()}")
+    assert job_status(job.id) == states.SUCCEEDED
+    db.expire_all()
+    assert db.get(Job, job.id).lease_attempt == 2

@@ -23,6 +23,8 @@ from tests.integration.conftest import (
 from worker.runner import run_job
 
 LONG = 100_000  # steps: far more than a test waits for; these jobs end by cancel, pause or loss
+# The database-specific part of these paths (the lease UPDATEs) is covered on both in test_db_lease.
+SQLITE_ONLY = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 
 class Background:
@@ -111,6 +113,7 @@ def test_job_runs_to_succeeded_with_events_checkpoints_and_artifacts(db: Session
         assert sha256_file(storage.path(a.storage_key)) == a.sha256 and a.bytes > 0
 
 
+@SQLITE_ONLY
 def test_bad_training_data_fails_with_the_trainers_error(db: Session, worker_env: dict[str, str]) -> None:
     job = make_job(db, worker_env["model"], training_text='{"messages": "not a list"}\nnot json\n')
     assert run_job(job.id, worker_id="w1") == states.FAILED
@@ -143,6 +146,7 @@ def test_cancel_of_a_running_job_stops_the_trainer(running: Job, db: Session) ->
     assert stop_s < 15, f"cancel took {stop_s:.1f}s"
 
 
+@SQLITE_ONLY
 def test_pause_saves_a_checkpoint_and_frees_the_slot(running: Job, db: Session) -> None:
     pid = trainer_pid(running.id)
     db.execute(update(Job).where(Job.id == running.id).values(pause_requested=True))
@@ -155,6 +159,7 @@ def test_pause_saves_a_checkpoint_and_frees_the_slot(running: Job, db: Session) 
     assert not process_alive(pid)
 
 
+@SQLITE_ONLY
 def test_lost_lease_kills_the_trainer_and_leaves_the_job_alone(running: Job, db: Session) -> None:
     pid = trainer_pid(running.id)
     # Another worker took the job over (as after a reap): the old run must stop writing.
@@ -169,6 +174,7 @@ def test_lost_lease_kills_the_trainer_and_leaves_the_job_alone(running: Job, db:
     db.commit()
 
 
+@SQLITE_ONLY
 def test_rerun_after_a_lost_worker_resumes_from_the_checkpoint(db: Session, worker_env: dict[str, str]) -> None:
     job = make_job(db, worker_env["model"], steps=LONG, examples=64, checkpoint_every=5, log_every=20)
     first = Background(job.id, "w1")
