@@ -156,3 +156,34 @@ def test_runs_under_accelerate_launch(make_spec, tmp_path: Path):
     kinds = [e["type"] for e in read_events(out / "events.jsonl")]
     assert kinds[0] == "start" and kinds[-1] == "finished" and kinds.count("metrics") == 4
     assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_two_ranks_match_one_rank_with_the_same_global_batch(make_spec, tmp_path: Path):
+    # DDP on CPU (gloo): 2 ranks x batch 2 see the same examples per step as 1 rank x batch 4.
+    # Ranks hold different numbers of label tokens, so only a loss normalised over the tokens
+    # of all ranks (and the accumulation window) gives the same losses and gradients.
+    torchrun = Path(PYTHON).parent / "torchrun"
+    hp = {"max_steps": 4, "gradient_accumulation_steps": 2, "learning_rate": 3e-3}
+    one = write_spec(tmp_path / "one.json", make_spec("lora", hyperparameters={**hp, "batch_size": 4}))
+    two = write_spec(tmp_path / "two.json", make_spec("lora", hyperparameters={**hp, "batch_size": 2},
+                                                      schedule={"checkpoint_every_steps": 2}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "trainer", "run", str(two), "--out",
+                          str(tmp_path / "two")], cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert trainer("run", str(one), "--out", str(tmp_path / "one"), env=env).returncode == 0
+
+    def metrics(out: Path) -> list[tuple[float, float]]:
+        return [(e["data"]["train_loss"], e["data"]["grad_norm"]) for e in read_events(out / "events.jsonl")
+                if e["type"] == "metrics"]
+
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(a) == len(b) == 4
+    for (loss_a, norm_a), (loss_b, norm_b) in zip(a, b, strict=True):
+        assert loss_b == pytest.approx(loss_a, rel=1e-5) and norm_b == pytest.approx(norm_a, rel=1e-4)
+    events = read_events(tmp_path / "two" / "events.jsonl")
+    assert sum(e["type"] == "start" for e in events) == 1, "only rank 0 writes events"
+    import torch
+
+    rng = torch.load(tmp_path / "two" / "checkpoints" / "step-00000004" / "rng.pt", weights_only=True)
+    assert len(rng) == 2, "the RNG state of every rank is saved"

@@ -101,7 +101,7 @@ def test_qlora_trains_on_a_4bit_base(make_spec, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     out = tmp_path / "run"
-    assert run_job(make_spec("qlora"), out) == 0
+    assert run_job(make_spec("qlora", gradient_checkpointing=True), out) == 0
     assert_loss_falls(out)
     start = events_of(out, "start")[0]
     assert start["method"] == "qlora" and start["trainable_params"] < start["total_params"]
@@ -149,6 +149,36 @@ def test_resume_continues_exactly(method, make_spec, tmp_path):
     wa, wb = load_file(straight / "final" / name), load_file(resumed / "final" / name)
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_checkpointing_is_enabled_without_reentrancy(make_spec):
+    from trainer.methods import apply_method
+    from trainer.model import load_model
+
+    spec = make_spec("lora", gradient_checkpointing=True)
+    model = apply_method(load_model(spec, "fp32", torch.device("cpu")), spec)
+    layer = model.base_model.model.model.layers[0]
+    assert layer.gradient_checkpointing
+    assert model.base_model.model.model.embed_tokens.weight.requires_grad is False
+    model.train()
+    out = model(input_ids=torch.tensor([[1, 4, 50, 60, 70]]))
+    out.logits.sum().backward()
+    # B starts at zero, so only its gradient is non-zero on the first backward.
+    lora_grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
+
+
+def test_out_of_memory_names_settings_that_help(make_spec, tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("trainer.loop.forward_backward", boom)
+    out = tmp_path / "oom"
+    assert run_job(make_spec("lora"), out) == 1
+    last = read_events(out / "events.jsonl")[-1]
+    assert last["type"] == "error" and last["level"] == "error" and last["data"]["code"] == "oom"
+    for setting in ("batch_size", "gradient_checkpointing", "qlora", "max_seq_len"):
+        assert setting in last["data"]["hint"]
 
 
 def test_bad_data_and_bad_model_are_error_events(make_spec, tmp_path):
