@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -67,11 +68,21 @@ def load_spec(path: Path):
 
 
 def _run(args: argparse.Namespace) -> int:
-    spec = load_spec(args.spec)
-    for name in ("training_file", "validation_file"):
-        value = getattr(spec, name)
-        if value is not None and not Path(value).is_file():
-            raise UsageError(f"{name}: {value} is not a readable file")
+    try:
+        spec = load_spec(args.spec)
+        for name in ("training_file", "validation_file"):
+            value = getattr(spec, name)
+            if value is not None and not Path(value).is_file():
+                raise UsageError(f"{name}: {value} is not a readable file")
+    except UsageError as exc:
+        # The worker reads events, not stderr: the job's error must be there too. Rank 0 only;
+        # torchrun and accelerate set RANK before the process starts.
+        if os.environ.get("RANK", "0") == "0":
+            from trainer.events import EventWriter
+
+            with EventWriter(args.out / "events.jsonl") as events:
+                events.emit("error", str(exc), level="error", code="config", hint="fix the job spec")
+        raise
     from trainer.job import run_job
 
     return run_job(spec, args.out, resume=args.resume)

@@ -60,6 +60,8 @@ def test_invalid_spec_is_one_line_and_exit_2(tmp_path: Path):
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "hyperparameters.batch_size" in lines[0], res.stderr
+    error = read_events(tmp_path / "out" / "events.jsonl")[-1]
+    assert error["type"] == "error" and error["data"]["code"] == "config" and "batch_size" in error["message"]
 
     res = trainer("run", str(tmp_path / "missing.json"), "--out", str(tmp_path / "out"))
     assert res.returncode == 2 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
@@ -90,7 +92,9 @@ def test_tiny_is_deterministic_per_seed(tmp_path: Path, tiny_model_dir: Path):
     def digest(d: Path) -> dict[str, str]:
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())}
 
-    again = digest(build_tiny(tmp_path / "a", seed=0))
+    res = trainer("tiny", str(tmp_path / "a"), "--seed", "0")
+    assert res.returncode == 0, res.stderr
+    again = digest(tmp_path / "a")
     assert again == digest(tiny_model_dir)
     other = digest(build_tiny(tmp_path / "b", seed=1))
     assert other["model.safetensors"] != again["model.safetensors"]
@@ -98,6 +102,26 @@ def test_tiny_is_deterministic_per_seed(tmp_path: Path, tiny_model_dir: Path):
     config = json.loads((tiny_model_dir / "config.json").read_text())
     assert config["tie_word_embeddings"] is True and 512 <= config["vocab_size"] <= 1000
     assert config["num_key_value_heads"] == 2 and config["max_position_embeddings"] == 2048
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert tok.bos_token and tok.eos_token and tok.pad_token and tok.pad_token_id != tok.eos_token_id
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|assistant|>\n")
+    done = tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}], tokenize=False)
+    assert "Hello" + tok.eos_token in done
+
+
+@pytest.mark.parametrize(("shape", "billions"), [("llama-0.5b", 0.49), ("llama-3.2-1b", 1.24), ("llama-3.2-3b", 3.21), ("llama-3-8b", 8.03)])
+def test_benchmark_shapes_have_their_sizes(shape: str, billions: float):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from trainer.tiny import build_config
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(build_config(shape))
+    assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.01)
 
 
 def test_sigusr1_pauses_with_a_checkpoint_and_resume_continues(make_spec, tmp_path: Path):
