@@ -1,0 +1,258 @@
+"""`tuneq up`: the whole service on one machine, as child processes of one foreground command.
+
+The API and the worker run as separate processes, exactly as on a server, so what works here
+works there. Each child gets its own session: Ctrl-C reaches only this supervisor, which then
+stops the worker first (it checkpoints or stops its trainers on SIGTERM) and the API after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from tuneq.client import TuneqError
+
+TINY_MODEL = "tiny-llama"
+HEALTH_TIMEOUT_S = 60.0
+# The worker may checkpoint a running job before it exits; give it time to do so.
+WORKER_GRACE_S = 60.0
+API_GRACE_S = 10.0
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def _redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=2)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.RedisError, ValueError):
+        return False
+
+
+def _tail(path: Path, n: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def _detached_redis(workdir: Path):  # noqa: ANN202 - EmbeddedRedis is imported lazily
+    from tuneq.embedded import EmbeddedRedis, redis_server_binary
+
+    class DetachedRedis(EmbeddedRedis):
+        """EmbeddedRedis in a session of its own: in the terminal's process group, Ctrl-C would
+        stop redis-server at once, before the worker could ack or requeue on its way out."""
+
+        def start(self) -> str:
+            import redis
+
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self.proc = subprocess.Popen(
+                [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+                 "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            )
+            client = redis.Redis(port=self.port)
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    client.ping()
+                    return self.url
+                except redis.ConnectionError:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        raise TuneqError(f"embedded redis-server did not start on port {self.port}") from None
+                    time.sleep(0.05)
+
+    return DetachedRedis(workdir=workdir)
+
+
+class Stack:
+    def __init__(self, home: Path, host: str = "127.0.0.1", port: int = 8000, worker: bool = True,
+                 log: Callable[[str], None] = print):
+        self.home = Path(home).resolve()
+        self.host = host
+        self.port = port
+        self.with_worker = worker
+        self.log = log
+        self.env: dict[str, str] = {}
+        self.children: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+        self.redis = None
+        self._stop = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    # -- setup
+
+    def prepare(self) -> None:
+        """Everything before the first child: env, database schema, the tiny model, Redis."""
+        if not _port_free(self.host, self.port):
+            raise TuneqError(f"port {self.port} on {self.host} is in use; stop what runs there or pass --port")
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "logs").mkdir(exist_ok=True)
+        env = dict(os.environ)
+        env["TUNEQ_HOME"] = str(self.home)
+        env.setdefault("TUNEQ_DATABASE_URL", f"sqlite:///{self.home / 'tuneq.db'}")
+        env["PYTHONUNBUFFERED"] = "1"
+        # Children import api/, worker/ and trainer/ from the same checkout as this process,
+        # installed or not, whatever the current directory.
+        source_root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH", "")) if p)
+        self.env = env
+
+        self.log(f"database: migrating {env['TUNEQ_DATABASE_URL']}")
+        from core.migrate import upgrade_head
+
+        upgrade_head(env["TUNEQ_DATABASE_URL"])
+
+        models = self.home / "models"
+        tiny = models / TINY_MODEL
+        if not (tiny / "config.json").is_file():
+            self.log(f"model: building {TINY_MODEL} into {tiny}")
+            built = subprocess.run([sys.executable, "-m", "trainer", "tiny", str(tiny)], env=env,
+                                   capture_output=True, text=True)
+            if built.returncode != 0:
+                last = (built.stderr or built.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise TuneqError(f"building the tiny model failed: {last[0]}")
+        env.setdefault("TUNEQ_MODEL_ROOTS", json.dumps([str(models)]))
+
+        if env.get("TUNEQ_REDIS_URL"):
+            if not _redis_answers(env["TUNEQ_REDIS_URL"]):
+                raise TuneqError(f"TUNEQ_REDIS_URL={env['TUNEQ_REDIS_URL']} does not answer; unset it to use an embedded Redis")
+            self.log(f"redis: using {env['TUNEQ_REDIS_URL']}")
+        else:
+            self.redis = _detached_redis(self.home / "redis")
+            env["TUNEQ_REDIS_URL"] = self.redis.start()
+            self.log(f"redis: embedded at {env['TUNEQ_REDIS_URL']}")
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        log_path = self.home / "logs" / f"{name}.log"
+        with open(log_path, "ab") as log_file:
+            proc = subprocess.Popen(argv, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        self.children.append((name, proc, log_path))
+        self.log(f"{name}: pid {proc.pid}, log {log_path}")
+
+    def start(self) -> None:
+        self._spawn("api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", self.host, "--port", str(self.port)])
+        if self.with_worker:
+            self._spawn("worker", [sys.executable, "-m", "worker"])
+        self._wait_healthy()
+        if self.redis is not None and not self._stop.is_set():
+            self._resend_queued()
+
+    def _resend_queued(self) -> None:
+        """A new embedded Redis holds no messages: send again the jobs the database still has queued.
+
+        A job sent twice is harmless, since the database lease lets only one delivery run it.
+        """
+        os.environ.update({k: v for k, v in self.env.items() if k.startswith("TUNEQ_")})
+        from sqlalchemy import select
+
+        from core import db, queue, settings
+        from core.models import Job
+
+        settings.get_settings.cache_clear()
+        db.get_engine.cache_clear()
+        db.get_sessionmaker.cache_clear()
+        queue.producer.cache_clear()
+        with db.session_scope() as session:
+            ids = list(session.scalars(select(Job.id).where(Job.status == "queued").order_by(Job.created_at)))
+        for job_id in ids:
+            queue.enqueue_job(job_id)
+        if ids:
+            self.log(f"queue: sent {len(ids)} waiting job(s) to the new Redis")
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+        while time.monotonic() < deadline and not self._stop.is_set():
+            for name, proc, log_path in self.children:
+                if proc.poll() is not None:
+                    raise TuneqError(f"{name} exited with code {proc.returncode} while starting; see {log_path}:\n{_tail(log_path)}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        if not self._stop.is_set():
+            raise TuneqError(f"the API did not become healthy within {HEALTH_TIMEOUT_S:.0f}s; see {self.home / 'logs'}")
+
+    # -- running and stopping
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._stop.set()
+
+    def wait(self) -> int:
+        """Until a signal (0) or a child that dies on its own (1)."""
+        while not self._stop.wait(0.5):
+            for name, proc, log_path in self.children:
+                if proc.poll() is not None:
+                    self.log(f"{name} exited with code {proc.returncode}; stopping. Last lines of {log_path}:\n{_tail(log_path)}")
+                    return 1
+        return 0
+
+    def stop(self) -> None:
+        # Worker first: it must not pick up work while the API goes away, and it needs time
+        # to stop its trainers; then the API; Redis last, so the worker can ack on its way out.
+        for name, proc, _ in reversed(self.children):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(WORKER_GRACE_S if name == "worker" else API_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    self.log(f"{name} did not stop in time; killing it")
+                    proc.kill()
+                    proc.wait(5)
+            self.log(f"{name}: stopped")
+        self.children.clear()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+            self.log("redis: stopped")
+
+    def run(self) -> int:
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.prepare()
+            if self._stop.is_set():
+                return 0
+            self.start()
+            if self._stop.is_set():
+                return 0
+            self.log(f"tuneq is up at {self.url}  (models: {', '.join(self._models())}; Ctrl-C stops it)")
+            return self.wait()
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _models(self) -> list[str]:
+        try:
+            return [m["id"] for m in httpx.get(f"{self.url}/v1/models", timeout=5).json()["data"]]
+        except (httpx.HTTPError, ValueError, KeyError):
+            return []
