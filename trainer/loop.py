@@ -193,17 +193,18 @@ def train(
     model.train()
     raw_model = accelerator.unwrap_model(model)
 
-    state = TrainState()
-    resumed_from = None
+    # A checkpoint's data position counts global micro-batches, so it only means the same
+    # examples under the same batch layout.
+    layout = {"batch_size": hp.batch_size, "gradient_accumulation_steps": hp.gradient_accumulation_steps,
+              "world_size": accelerator.num_processes}
+    state, resumed_from = TrainState(), None
     newest = ckpt.latest_checkpoint(out_dir) if resume else None
     if newest is not None:
         saved = ckpt.load_checkpoint(newest, raw_model, optimizer, scheduler, accelerator.process_index, device)
-        for key in ("batch_size", "gradient_accumulation_steps", "world_size"):
-            now = {"batch_size": hp.batch_size, "gradient_accumulation_steps": hp.gradient_accumulation_steps,
-                   "world_size": accelerator.num_processes}[key]
+        for key, now in layout.items():
             if saved["layout"][key] != now:
                 raise ConfigError(
-                    f"{key}: the checkpoint {newest.name} was made with {saved['layout'][key]}, this run has {now}; "
+                    f"{key}: checkpoint {newest.name} was made with {saved['layout'][key]}, this run has {now}; "
                     "resume with the same value"
                 )
         state = TrainState(**saved["train_state"])
@@ -215,7 +216,7 @@ def train(
         + (f", resumed from step {resumed_from}" if resumed_from is not None else ""),
         total_steps=total_steps,
         examples=len(train_data.examples),
-        epochs=hp.n_epochs if hp.max_steps is None else round(total_steps * hp.gradient_accumulation_steps / order.micro_batches_per_epoch, 3),
+        epochs=round(order.epoch_of(total_micro or total_steps * hp.gradient_accumulation_steps), 3),
         method=spec.method,
         device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         precision=precision,
@@ -230,8 +231,6 @@ def train(
     def save(metrics: dict[str, Any]) -> None:
         rngs = gather_object([ckpt.rng_state()])
         if is_main:
-            layout = {"batch_size": hp.batch_size, "gradient_accumulation_steps": hp.gradient_accumulation_steps,
-                      "world_size": accelerator.num_processes}
             path = ckpt.save_checkpoint(
                 out_dir, state.step, raw_model, optimizer, scheduler,
                 {"train_state": asdict(state), "layout": layout, "epoch": order.epoch_of(state.micro_step), "metrics": metrics},
