@@ -192,6 +192,8 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     raw_model = accelerator.unwrap_model(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    clip_to = hp.max_grad_norm if hp.max_grad_norm > 0 else float("inf")  # inf: measure, never clip
 
     # A checkpoint's data position counts global micro-batches, so it only means the same
     # examples under the same batch layout.
@@ -253,11 +255,11 @@ def train(
             collate([train_data.examples[i] for i in order.indices(state.micro_step + k)], tokenizer.pad_token_id)
             for k in range(n_micro)
         ]
-        lr = scheduler.get_last_lr()[0]
+        lr = scheduler.get_last_lr()[0]  # the rate this step is taken with
 
+        # accumulate, clip, step
         result = forward_backward(model, micro_batches, accelerator)
-        clip_to = hp.max_grad_norm if hp.max_grad_norm > 0 else float("inf")
-        grad_norm = float(accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip_to))
+        grad_norm = float(accelerator.clip_grad_norm_(trainable, clip_to))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -269,6 +271,7 @@ def train(
         for key in ("loss_sum", "label_tokens", "input_tokens"):
             window[key] += result[key]
 
+        # log
         if state.step % schedule.log_every_steps == 0 or state.step == total_steps:
             now = time.time()
             last_metrics = {
@@ -285,6 +288,7 @@ def train(
             events.emit("metrics", f"step {state.step}/{total_steps} loss {last_metrics['train_loss']:.4f}", **last_metrics)
             window = {"loss_sum": 0.0, "label_tokens": 0, "input_tokens": 0, "time": now}
 
+        # eval
         if valid_data is not None and (
             (schedule.eval_every_steps and state.step % schedule.eval_every_steps == 0) or state.step == total_steps
         ):
@@ -292,6 +296,7 @@ def train(
             events.emit("validation", f"step {state.step} valid loss {valid_metrics['valid_loss']:.4f}",
                         step=state.step, **valid_metrics)
 
+        # checkpoint, and pause (a checkpoint, then exit 75)
         if schedule.checkpoint_every_steps and state.step % schedule.checkpoint_every_steps == 0:
             save({**last_metrics, **valid_metrics})
             last_saved_step = state.step

@@ -171,3 +171,13 @@ def test_all_weight_zero_is_refused():
     with pytest.raises(LineError) as info:
         parse_example({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 0}]})
     assert info.value.code == "no_assistant"
+
+
+def test_tokenizers_without_offsets_get_the_same_masks(tokenizer, monkeypatch):
+    expected = tokenize_messages(tokenizer, parse_example(CONVERSATION))
+
+    def no_offsets(*args, **kwargs):
+        raise NotImplementedError("return_offsets_mapping is not available for python tokenizers")
+
+    monkeypatch.setattr("trainer.data._labels_by_offsets", no_offsets)
+    assert tokenize_messages(tokenizer, parse_example(CONVERSATION)) == expected
