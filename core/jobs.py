@@ -59,16 +59,32 @@ def create_job(
 
 
 def request_cancel(db: Session, job: Job) -> Job:
-    """Cancel now if nothing runs it; otherwise flag it for the worker that holds the lease."""
-    if job.status in states.TERMINAL:
-        raise states.IllegalTransition(job.id, job.status, states.CANCELLED)
-    if job.status == states.CANCELLING:
-        return job
-    if job.status == states.RUNNING:
-        job.cancel_requested = True
-        return states.transition(db, job, states.CANCELLING, "Cancellation requested.")
-    job.cancel_requested = True
-    return states.transition(db, job, states.CANCELLED, "Job cancelled.")
+    """Cancel now if nothing runs it; otherwise flag it for the worker that holds the lease.
+
+    The flag is set by an UPDATE conditioned on the status this request saw, which also takes
+    the row's write lock: a worker that ended the job in between makes the condition fail, and
+    the request re-reads instead of overwriting a finished job.
+    """
+    for _ in range(5):
+        observed = job.status
+        if observed in states.TERMINAL:
+            raise states.IllegalTransition(job.id, observed, states.CANCELLED)
+        if observed == states.CANCELLING:
+            return job
+        res = db.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == observed)
+            .values(cancel_requested=True)
+            .execution_options(synchronize_session=False)
+        )
+        if res.rowcount == 1:
+            db.refresh(job)
+            if observed == states.RUNNING:
+                return states.transition(db, job, states.CANCELLING, "Cancellation requested.")
+            return states.transition(db, job, states.CANCELLED, "Job cancelled.")
+        db.rollback()
+        db.refresh(job)
+    raise states.IllegalTransition(job.id, job.status, states.CANCELLED)
 
 
 def acquire_lease(db: Session, job_id: str, worker_id: str, ttl_s: float) -> Job | None:
