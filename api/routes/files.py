@@ -9,6 +9,7 @@ from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi import File as FormFile
 from fastapi.responses import FileResponse
 from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
 
 from api.deps import SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, bad_request, not_found
@@ -43,7 +44,7 @@ def bad_lines_summary(report: dict[str, Any]) -> str:
     return f"{total} bad line{'s' if total != 1 else ''}: {shown}{more}"
 
 
-def load_file(db: SessionDep, file_id: str, param: str | None = None) -> File:
+def load_file(db: Session, file_id: str, param: str | None = None) -> File:
     f = db.get(File, file_id)
     if f is None:
         raise not_found("file", file_id, param)

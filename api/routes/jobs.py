@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
 
 from api.deps import SessionDep, SettingsDep
 from api.errors import APIError, bad_request, not_found
@@ -56,14 +57,14 @@ def job_out(job: Job) -> JobOut:
     )
 
 
-def load_job(db: SessionDep, job_id: str) -> Job:
+def load_job(db: Session, job_id: str) -> Job:
     job = db.get(Job, job_id)
     if job is None:
         raise not_found("fine-tuning job", job_id)
     return job
 
 
-def _usable_file(db: SessionDep, file_id: str, param: str) -> File:
+def _usable_file(db: Session, file_id: str, param: str) -> File:
     f = db.get(File, file_id)
     if f is None:
         raise bad_request(f"{param}: no file with id {file_id!r}; upload it with POST /v1/files", param, "file_not_found")
