@@ -7,7 +7,7 @@ from sqlalchemy import and_, or_, select
 
 from api.deps import SessionDep, SettingsDep
 from api.errors import bad_request
-from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
+from api.pagination import AfterQuery, LimitQuery, check_limit, make_page
 from api.routes.jobs import load_job
 from api.schemas import CheckpointOut, Page
 from core.models import Checkpoint, Job

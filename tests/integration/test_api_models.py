@@ -70,3 +70,9 @@ def test_healthz_checks_database_and_redis(client: TestClient, monkeypatch: pyte
 def test_unknown_route_uses_the_error_envelope(client: TestClient) -> None:
     r = client.get("/v1/nothing")
     assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_openapi_documents_every_route(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/files", "/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/{job_id}/events", "/v1/models", "/healthz",
+            "/v1/fine_tuning/jobs/{job_id}/artifacts/{artifact}/content"} <= set(paths)
