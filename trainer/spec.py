@@ -89,7 +89,8 @@ class JobSpec(_Strict):
     @model_validator(mode="after")
     def _cross_field(self) -> JobSpec:
         hp = self.hyperparameters
-        if self.method == "full" and "lora" in self.model_fields_set:
+        # Compared with the defaults, not with "was it given", so that a dumped spec validates again.
+        if self.method == "full" and self.lora != LoraSettings():
             raise ValueError("lora: LoRA settings apply to method 'lora' or 'qlora', not 'full'")
         if hp.warmup_steps is not None and hp.max_steps is not None and hp.warmup_steps > hp.max_steps:
             raise ValueError(

@@ -92,6 +92,7 @@ def assert_learned(losses: list[float]) -> None:
     assert len(losses) >= 10, losses
     first = sum(losses[:3]) / 3
     last = sum(losses[-3:]) / 3
+    print(f"train loss {first:.3f} -> {last:.3f}: {[round(x, 2) for x in losses]}")
     assert last < 0.7 * first, f"loss did not fall enough: {first:.3f} -> {last:.3f}"
 
 
@@ -100,8 +101,8 @@ def test_lora_through_http(stack: Stack, tiny_model_dir: Path, tmp_path: Path) -
     from transformers import AutoModelForCausalLM
 
     job, losses, out = run_method(
-        stack, {"type": "lora", "lora": {"r": 8, "alpha": 16}},
-        {"n_epochs": 3, "batch_size": 8, "learning_rate": 5e-3}, tmp_path,
+        stack, {"type": "lora", "lora": {"r": 16, "alpha": 64}},
+        {"n_epochs": 5, "batch_size": 8, "learning_rate": 3e-3}, tmp_path,
     )
     assert_learned(losses)
     assert job["fine_tuned_model"] and job["trained_tokens"] > 0
@@ -115,7 +116,7 @@ def test_full_through_http(stack: Stack, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     _, losses, out = run_method(
-        stack, {"type": "full"}, {"n_epochs": 3, "batch_size": 8, "learning_rate": 1e-3}, tmp_path,
+        stack, {"type": "full"}, {"n_epochs": 5, "batch_size": 8, "learning_rate": 1e-3}, tmp_path,
     )
     assert_learned(losses)
     check_manifest(out)
@@ -127,8 +128,8 @@ def test_qlora_through_http(stack: Stack, tiny_model_dir: Path, tmp_path: Path) 
     from transformers import AutoModelForCausalLM
 
     _, losses, out = run_method(
-        stack, {"type": "qlora", "lora": {"r": 8, "alpha": 16}},
-        {"n_epochs": 3, "batch_size": 8, "learning_rate": 5e-3}, tmp_path,
+        stack, {"type": "qlora", "qlora": {"r": 16, "alpha": 64}},
+        {"n_epochs": 5, "batch_size": 8, "learning_rate": 3e-3}, tmp_path,
     )
     assert_learned(losses)
     adapter_dir = next(out.rglob("adapter_config.json")).parent
