@@ -144,6 +144,13 @@ def peak_memory_bytes(device: torch.device) -> int | None:
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
 
 
+def _any_rank(flag: bool, accelerator: Any) -> bool:
+    # Clocks differ between ranks; a checkpoint is a collective, so one rank's "due" decides for all.
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), "sum") > 0)
+
+
 def _pause_agreed(flags: StopFlags, accelerator: Any) -> bool:
     # A signal reaches the ranks at slightly different times; all of them must stop after the
     # same step or the next collective would hang.
@@ -247,6 +254,7 @@ def train(
     valid_metrics: dict[str, Any] = {}
     window = {"loss_sum": 0.0, "label_tokens": 0, "input_tokens": 0, "time": time.time()}
     last_saved_step = state.step if resumed_from is not None else -1
+    last_saved_time = time.time()
     while state.step < total_steps:
         n_micro = hp.gradient_accumulation_steps
         if total_micro:
@@ -297,9 +305,12 @@ def train(
                         step=state.step, **valid_metrics)
 
         # checkpoint, and pause (a checkpoint, then exit 75)
-        if schedule.checkpoint_every_steps and state.step % schedule.checkpoint_every_steps == 0:
+        due = bool(schedule.checkpoint_every_steps and state.step % schedule.checkpoint_every_steps == 0)
+        if schedule.checkpoint_every_minutes and not due:
+            due = _any_rank(time.time() - last_saved_time >= schedule.checkpoint_every_minutes * 60, accelerator)
+        if due:
             save({**last_metrics, **valid_metrics})
-            last_saved_step = state.step
+            last_saved_step, last_saved_time = state.step, time.time()
 
         if _pause_agreed(flags, accelerator):
             if last_saved_step != state.step:

@@ -68,6 +68,9 @@ class Schedule(_Strict):
     checkpoint_every_steps: int | None = Field(
         None, ge=1, le=1_000_000, description="Steps between checkpoints (default: none until the end)."
     )
+    checkpoint_every_minutes: float | None = Field(
+        None, gt=0, le=10_080, description="Also checkpoint when this many minutes passed since the last one."
+    )
     keep_checkpoints: int = Field(2, ge=1, le=1000, description="Newest checkpoints kept on disk.")
 
 

@@ -1,0 +1,25 @@
+"""schedule.checkpoint_every_minutes: a checkpoint by the clock as well as by the step count."""
+
+from __future__ import annotations
+
+from trainer.events import read_events
+from trainer.job import run_job
+
+
+def test_checkpoints_by_time_keep_the_newest(make_spec, tmp_path):
+    # A period shorter than one step: every step is due, so a job without a step period still
+    # checkpoints, and keep_checkpoints prunes by age.
+    spec = make_spec("lora", schedule={"checkpoint_every_minutes": 1e-6, "keep_checkpoints": 2},
+                     hyperparameters={"max_steps": 4, "batch_size": 2, "max_seq_len": 32, "warmup_steps": 0})
+    out = tmp_path / "run"
+    assert run_job(spec, out) == 0
+    steps = [e["data"]["step"] for e in read_events(out / "events.jsonl") if e["type"] == "checkpoint"]
+    assert steps == [1, 2, 3, 4]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003", "step-00000004"]
+
+
+def test_no_time_checkpoints_without_the_setting(make_spec, tmp_path):
+    spec = make_spec("lora", hyperparameters={"max_steps": 3, "batch_size": 2, "max_seq_len": 32, "warmup_steps": 0})
+    out = tmp_path / "run"
+    assert run_job(spec, out) == 0
+    assert not [e for e in read_events(out / "events.jsonl") if e["type"] == "checkpoint"]
