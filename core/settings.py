@@ -24,6 +24,14 @@ class Settings(BaseSettings):
     lease_ttl_s: float = Field(60.0, gt=0, description="A lease older than this is dead and its job re-queued.")
     worker_id: str = Field("", description="Name of this worker; default host:pid.")
     accelerate_launch: bool = Field(True, description="Run the trainer under `accelerate launch`.")
+    # Reliability (issue 3). A host's devices are GPUs, or on a CPU host the worker's job slots.
+    gpus: int | None = Field(None, ge=0, le=64, description="GPUs of this host; default: counted by nvidia-smi/torch.")
+    host_id: str = Field("", description="Name of this host for GPU leases; default: the hostname.")
+    gpu_lock_dir: Path | None = Field(None, description="Per-GPU lock files shared by a host's workers; default home/gpu-locks.")
+    registry_ttl_s: float = Field(15.0, gt=0, description="A worker not seen for this long is no longer registered.")
+    dispatch_interval_s: float = Field(1.0, gt=0, description="How often a worker re-sends queued jobs the broker may have lost.")
+    max_attempts: int = Field(5, ge=1, le=100, description="Runs of a job after infrastructure failures before it fails.")
+    retry_backoff_s: float = Field(5.0, ge=0, description="Wait before the first retry; doubles with each further one.")
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest accepted upload.")
     page_limit_max: int = Field(100, ge=1, description="Largest page size of list routes.")
 
