@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from core import states
 from core.models import File, Job, now
+from core.retries import retry_or_fail
 
 
 class JobError(ValueError):
@@ -200,10 +201,8 @@ def reap_stale(db: Session, ttl_s: float) -> list[str]:
             continue
         job = db.get(Job, job_id, populate_existing=True)
         assert job is not None
-        if job.status == states.CANCELLING:
-            states.transition(db, job, states.CANCELLED, "Job cancelled (its worker stopped).")
-        else:
-            states.transition(db, job, states.QUEUED, f"Worker {owner} stopped heartbeating; job re-queued.")
+        # A lost worker is an infrastructure failure: it counts against max_attempts.
+        if retry_or_fail(db, job, f"worker {owner} stopped heartbeating"):
             ids.append(job.id)
         db.commit()
     return ids

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import redis
 from celery import Celery
 
 from core.settings import get_settings
@@ -40,6 +41,35 @@ def producer() -> Celery:
     return make_celery()
 
 
+# A job whose message is in the broker carries this key; the dispatcher re-sends queued jobs
+# without one, so a message lost with Redis (or never sent) cannot strand a job.
+PENDING = "tuneq:pending:"
+PENDING_TTL_S = 30
+
+
 def enqueue_job(job_id: str) -> None:
     """Hand a job id to the workers. Call only after the job row is committed."""
+    from core import workers
+
+    try:
+        workers.client().set(PENDING + job_id, "1", ex=PENDING_TTL_S)
+    except redis.RedisError:
+        pass  # send_task below reports the broker's state; the marker is only an optimisation
     producer().send_task(RUN_JOB, args=[job_id])
+
+
+def claim_dispatch(job_id: str) -> bool:
+    """True for the one dispatcher that should re-send this job now."""
+    from core import workers
+
+    return bool(workers.client().set(PENDING + job_id, "1", nx=True, ex=PENDING_TTL_S))
+
+
+def clear_pending(job_id: str) -> None:
+    """The message was taken: a job still queued afterwards needs a new one."""
+    from core import workers
+
+    try:
+        workers.client().delete(PENDING + job_id)
+    except redis.RedisError:
+        pass

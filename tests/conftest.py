@@ -108,7 +108,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 def reset_caches() -> None:
     """Settings, engines and the Celery producer are cached per process; tests change them."""
-    from core import db, queue, settings
+    from core import db, queue, settings, workers
 
     settings.get_settings.cache_clear()
     if db.get_engine.cache_info().currsize:
@@ -116,6 +116,7 @@ def reset_caches() -> None:
     db.get_engine.cache_clear()
     db.get_sessionmaker.cache_clear()
     queue.producer.cache_clear()
+    workers.client.cache_clear()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,83 @@
+"""Pause, resume and preemption: flags in the database that the worker holding the job obeys.
+
+A user's pause keeps the job paused until resumed. A preemption is a pause that a
+higher-priority job asked for: the job goes back to the queue at once (marked in
+progress["preempted_by"]) and resumes from its checkpoint when GPUs are free again.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from core import states
+from core.models import Job
+
+PREEMPTED_BY = "preempted_by"
+
+
+def request_pause(db: Session, job: Job) -> Job:
+    """Pause a queued job now, or flag a running one for its worker. The caller commits."""
+    for _ in range(5):
+        observed = job.status
+        if observed == states.PAUSED:
+            return job
+        if observed not in (states.QUEUED, states.RUNNING):
+            raise states.IllegalTransition(job.id, observed, states.PAUSED)
+        # Conditioned on the status seen, like request_cancel: a worker ending the job in between wins.
+        res = db.execute(
+            update(Job).where(Job.id == job.id, Job.status == observed).values(pause_requested=True)
+            .execution_options(synchronize_session=False)
+        )
+        if res.rowcount == 1:
+            db.refresh(job)
+            job.progress = {k: v for k, v in (job.progress or {}).items() if k != PREEMPTED_BY}
+            if observed == states.QUEUED:
+                job.pause_requested = False
+                return states.transition(db, job, states.PAUSED, "Job paused before it started.")
+            states.add_event(db, job, "Pause requested; the trainer saves a checkpoint, then frees its GPUs.",
+                             type="status")
+            return job
+        db.rollback()
+        db.refresh(job)
+    raise states.IllegalTransition(job.id, job.status, states.PAUSED)
+
+
+def request_resume(db: Session, job: Job) -> Job:
+    """paused -> queued; the caller commits, then enqueues. A pause not yet honoured is withdrawn."""
+    if job.status == states.RUNNING and job.pause_requested:
+        job.pause_requested = False
+        states.add_event(db, job, "Pause withdrawn.", type="status")
+        return job
+    if job.status == states.QUEUED:
+        return job
+    job.pause_requested = False
+    return states.transition(db, job, states.QUEUED, "Job resumed; it continues from its latest checkpoint.")
+
+
+def preempt(db: Session, victim: Job, for_job: Job) -> bool:
+    """Ask the worker running `victim` to pause it for `for_job`; False if it is not running."""
+    res = db.execute(
+        update(Job).where(Job.id == victim.id, Job.status == states.RUNNING, Job.pause_requested.is_(False))
+        .values(pause_requested=True).execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:
+        db.rollback()
+        return False
+    db.refresh(victim)
+    victim.progress = {**(victim.progress or {}), PREEMPTED_BY: for_job.id}
+    states.add_event(
+        db, victim,
+        f"Preempted: job {for_job.id} (priority {for_job.priority}) needs the GPUs of this job "
+        f"(priority {victim.priority}); it pauses at a checkpoint and resumes when GPUs are free.",
+        type="preempted", level="warning", data={"for_job": for_job.id, "priority": for_job.priority},
+    )
+    db.commit()
+    return True
+
+
+def after_pause(db: Session, job: Job) -> None:
+    """Called right after running -> paused: a preempted job goes straight back to the queue."""
+    if (job.progress or {}).get(PREEMPTED_BY):
+        job.progress = {k: v for k, v in job.progress.items() if k != PREEMPTED_BY}
+        states.transition(db, job, states.QUEUED, "Job re-queued after preemption; it resumes when GPUs are free.")

@@ -1,0 +1,56 @@
+"""Which workers are alive and how many GPUs each host has: Redis keys with a TTL, no DB schema.
+
+A worker refreshes its key on every heartbeat; a dead one simply expires. The API reads the keys
+to refuse a job that no registered host could ever run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import lru_cache
+from typing import Any
+
+import redis
+
+from core.settings import get_settings
+
+PREFIX = "tuneq:worker:"
+
+
+@lru_cache
+def client() -> redis.Redis:
+    return redis.Redis.from_url(get_settings().redis_url, socket_connect_timeout=2, socket_timeout=5)
+
+
+def register(worker_id: str, host: str, gpus: int, kind: str, ttl_s: float, **extra: Any) -> None:
+    info = {"worker_id": worker_id, "host": host, "gpus": gpus, "kind": kind, **extra}
+    client().set(PREFIX + worker_id, json.dumps(info), ex=max(1, math.ceil(ttl_s)))
+
+
+def unregister(worker_id: str) -> None:
+    client().delete(PREFIX + worker_id)
+
+
+def registered() -> list[dict[str, Any]]:
+    out = []
+    for key in client().scan_iter(PREFIX + "*", count=100):
+        raw = client().get(key)
+        if raw:
+            out.append(json.loads(raw))
+    return out
+
+
+def largest_host() -> int | None:
+    """GPUs of the biggest registered host, or None when no worker is registered (yet)."""
+    hosts: dict[str, int] = {}
+    for w in registered():
+        hosts[w["host"]] = max(hosts.get(w["host"], 0), int(w["gpus"]))
+    return max(hosts.values()) if hosts else None
+
+
+def total_devices() -> int:
+    hosts: dict[str, int] = {}
+    for w in registered():
+        hosts[w["host"]] = max(hosts.get(w["host"], 0), int(w["gpus"]))
+    return sum(hosts.values())
