@@ -53,9 +53,12 @@ METHODS: tuple[str, ...] = ("full", "lora", "qlora")
 H200_BF16_PEAK_FLOPS = 790e12
 DEFAULT_EFFICIENCY = 0.35
 
-# The caching allocator rounds and splits blocks; reserved memory runs a few percent above
-# allocated memory in steady-state training, and reserved memory is what hits the OOM.
-DEFAULT_FRAGMENTATION = 0.05
+# The caching allocator rounds and splits blocks, so reserved memory (what hits the OOM) runs
+# above the allocated peak. On the H200 (bench/results/plan_accuracy.md) reserved/allocated was
+# 1.00-1.10 for most cells, 1.15 for QLoRA at batch 4, and 1.06-1.26 for full fine-tuning with
+# checkpointing, whose recomputed layers interleave with growing gradients.
+DEFAULT_FRAGMENTATION = 0.10
+FULL_CHECKPOINTED_FRAGMENTATION = 0.15
 # cuBLAS/cuBLASLt workspaces and other small library buffers that go through the allocator.
 LIBRARY_WORKSPACE_BYTES = 64 * 1024**2
 DEFAULT_MARGIN = 0.10
@@ -355,6 +358,8 @@ class _Lora:
     dropout: float
     adapter_bytes: int  # peft upcasts bf16 adapters to fp32
     modules: frozenset[str]
+    # peft's bnb Linear4bit skips the fp32 input cast under autocast; its plain Linear does not.
+    quantized: bool = False
 
 
 def _weight_bytes(shape: Shape, method: str, base_bytes: int, lora: _Lora | None) -> tuple[int, dict[str, int]]:
@@ -399,6 +404,7 @@ def layer_activation_bytes_per_token(
     lora: _Lora | None = None,
     padded: bool = False,
     seq_len: int = 0,
+    autocast: bool = False,
 ) -> dict[str, float]:
     """Bytes autograd saves per token in one decoder layer, itemised.
 
@@ -422,6 +428,9 @@ def layer_activation_bytes_per_token(
       lora_A saves that copy: 4·in per adapted module (no sharing across q,k,v), plus lora_B
       saves lora_A's output (4r). With dropout > 0 lora_A saves the dropped copy instead and
       dropout keeps a 1-byte mask: 4·in + 1·in.
+      Under bf16 autocast (accelerate mixed_precision="bf16") lora_A casts that fp32 copy back to
+      bf16 and saves the cast instead: 2·in per module, 2r for lora_B. peft's 4-bit layer skips
+      the fp32 cast under autocast, so lora_A saves the shared bf16 input: a·in once per group.
     * Residual adds save nothing.
 
     * rsqrt's fp32 output: 4 bytes per token per norm.
@@ -467,15 +476,18 @@ def layer_activation_bytes_per_token(
         for _ in adapted.get(grp, []):
             if lora is None:
                 break
+            # dtype lora_A computes in, and whether it gets its own copy of the input.
+            compute = a if autocast else lora.adapter_bytes
+            own_copy = compute != a or (autocast and not lora.quantized and lora.adapter_bytes != a)
             if lora.dropout > 0:
-                lora_saved += lora.adapter_bytes * w + w
-            elif lora.adapter_bytes != a:
-                lora_saved += lora.adapter_bytes * w
+                lora_saved += compute * w + w
+            elif own_copy:
+                lora_saved += compute * w
             elif not saved_by_base and grp != ATTN_OUT:
-                # Same dtype, no dropout: lora_A saves the very input tensor, shared by the group.
+                # lora_A saves the very input tensor, shared by the group.
                 lora_saved += a * w
                 saved_by_base = True
-            lora_saved += lora.adapter_bytes * lora.r
+            lora_saved += compute * lora.r
     out["linear_inputs"] = linear_inputs
     out["lora"] = lora_saved
 
@@ -517,13 +529,17 @@ def estimate_memory(
     precision: Precision = "bf16",
     gradient_accumulation_steps: int = 1,
     padded: bool = True,
-    fragmentation: float = DEFAULT_FRAGMENTATION,
+    autocast: bool = False,
+    fragmentation: float | None = None,
 ) -> MemoryEstimate:
     """Peak memory per GPU of training `config` with `method` (see the module docstring).
 
     padded: batches carry a padding mask (the trainer pads to the longest example), which makes
     transformers repeat k/v heads and torch keep a float attention bias per layer. A batch
     without padding runs flash attention with no mask.
+    autocast: the step runs under bf16 autocast (accelerate mixed_precision="bf16"); this
+    shrinks LoRA's saved inputs (bf16 instead of fp32 copies). fp32-master full fine-tuning
+    always assumes autocast.
     """
     if method not in METHODS:
         raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}")
@@ -543,7 +559,7 @@ def estimate_memory(
         modules = frozenset(shape.lora_targets(lora_targets))
         if not modules:
             raise ValueError(f"lora_targets: {lora_targets!r} matches no module of this model")
-        lora = _Lora(r=lora_r, dropout=lora_dropout, adapter_bytes=4, modules=modules)
+        lora = _Lora(r=lora_r, dropout=lora_dropout, adapter_bytes=4, modules=modules, quantized=method == "qlora")
 
     # --- parameters, gradients, optimizer -------------------------------------------------
     if method == "full":
@@ -591,6 +607,7 @@ def estimate_memory(
         lora=lora,
         padded=padded,
         seq_len=seq_len,
+        autocast=autocast and a == 2,
     )
     layer_tok = per_layer["total"]
     rb = 4 if fp32_master else a
@@ -606,7 +623,10 @@ def estimate_memory(
     head_tok = 4 * shape.hidden + 4 + (2 * rb * shape.hidden if method == "full" else 0)
     head_acts = head_tok * tokens
     transient = _backward_transient_per_token(shape, a, lora) * tokens
+    # Autocast keeps a bf16 copy of every fp32 weight it casts until backward has used it.
     autocast_cache = 2 * shape.matmul_params if fp32_master else 0
+    if lora is not None and autocast and a == 2:
+        autocast_cache = 2 * trainable
 
     # --- logits -------------------------------------------------------------------------
     # bf16 logits (kept by the model output through backward), the fp32 upcast in the loss,
@@ -643,6 +663,9 @@ def estimate_memory(
 
     live_grads += extra_static
     allocated = weights + live_grads + opt + live_acts + live_logits + small
+    if fragmentation is None:
+        full_ckpt = method == "full" and gradient_checkpointing
+        fragmentation = FULL_CHECKPOINTED_FRAGMENTATION if full_ckpt else DEFAULT_FRAGMENTATION
     frag = int(allocated * fragmentation)
     overhead = small + frag
     total = allocated + frag
@@ -920,6 +943,7 @@ def plan(
     optimizer: Optimizer = "adamw",
     full_precision: FullPrecision = "bf16",
     padded: bool = True,
+    autocast: bool = False,
     peak_tflops: float | None = None,
     efficiency: float | None = None,
 ) -> Plan:
@@ -958,6 +982,7 @@ def plan(
             precision=job.precision,
             gradient_accumulation_steps=job.grad_accum,
             padded=padded,
+            autocast=autocast,
         )
 
     methods: dict[str, MethodPlan] = {}
