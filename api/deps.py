@@ -1,4 +1,4 @@
-"""Request dependencies: a database session per request, the settings, the artifact store."""
+"""Request dependencies: a database session per request, the settings, the artifact store, the caller."""
 
 from __future__ import annotations
 
@@ -6,9 +6,13 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from api.errors import APIError
 from core.db import get_sessionmaker
+from core.identity import authenticate, is_admin
+from core.models import User
 from core.settings import Settings, get_settings
 from core.storage import LocalStorage, get_storage
 
@@ -29,3 +33,28 @@ def get_db() -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_db)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StorageDep = Annotated[LocalStorage, Depends(get_storage)]
+
+
+# auto_error=False: a missing key must answer in tuneq's error envelope, not FastAPI's default.
+_bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer tq_...`.")
+
+
+def get_current_user(db: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> User:
+    if credentials is None:
+        raise APIError(401, "missing API key; send `Authorization: Bearer <key>`", code="missing_api_key")
+    user = authenticate(db, credentials.credentials)
+    if user is None:
+        raise APIError(401, "invalid or revoked API key", code="invalid_api_key")
+    return user
+
+
+CurrentUser = Annotated[User, Depends(get_current_user)]
+
+
+def get_admin_user(user: CurrentUser) -> User:
+    if not is_admin(user):
+        raise APIError(403, "this route is for admins only", code="admin_only")
+    return user
+
+
+AdminUser = Annotated[User, Depends(get_admin_user)]

@@ -15,7 +15,9 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.identity import IdentityError
 from core.jobs import JobError
+from core.limits import LimitExceeded
 from core.model_roots import ModelNotFound
 from core.states import IllegalTransition
 
@@ -30,17 +32,20 @@ _TYPES = {
     409: "conflict_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
+    429: "rate_limit_error",
     503: "service_unavailable_error",
 }
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers
 
 
 def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
@@ -51,9 +56,12 @@ def not_found(what: str, id_: str, param: str | None = None) -> APIError:
     return APIError(404, f"No {what} with id {id_!r}", param=param, code="not_found")
 
 
-def envelope(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+def envelope(status: int, message: str, param: str | None = None, code: str | None = None,
+             headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": _TYPES.get(status, "api_error"), "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer", **(headers or {})}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def dotted(loc: tuple[Any, ...] | list[Any]) -> str | None:
@@ -98,7 +106,7 @@ def first_validation_error(errors: list[dict[str, Any]], drop: tuple[str, ...] =
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return envelope(exc.status, exc.message, exc.param, exc.code)
+        return envelope(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -113,6 +121,16 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(JobError)
     async def _job_error(_: Request, exc: JobError) -> JSONResponse:
         return envelope(400, str(exc), exc.param, exc.code)
+
+    @app.exception_handler(IdentityError)
+    async def _identity_error(_: Request, exc: IdentityError) -> JSONResponse:
+        status = {"not_found": 404, "user_exists": 409}.get(exc.code, 400)
+        return envelope(status, str(exc), exc.param, exc.code)
+
+    @app.exception_handler(LimitExceeded)
+    async def _limit(_: Request, exc: LimitExceeded) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        return envelope(429, str(exc), exc.param, exc.code, headers)
 
     @app.exception_handler(ModelNotFound)
     async def _model_not_found(_: Request, exc: ModelNotFound) -> JSONResponse:
@@ -129,7 +147,7 @@ def install(app: FastAPI) -> None:
             message = "No such route"
         if exc.status_code == 413:
             return envelope(413, message, "file", "file_too_large")
-        return envelope(exc.status_code, message, None, None)
+        return envelope(exc.status_code, message, None, None, exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from api import errors
-from api.routes import artifacts, checkpoints, events, files, health, jobs, models
+from api.auth_gate import UploadAuthMiddleware
+from api.routes import admin, artifacts, checkpoints, events, files, health, jobs, models
 from api.uploads import UploadLimitMiddleware
 
 
@@ -17,7 +18,9 @@ def create_app() -> FastAPI:
     )
     errors.install(app)
     app.add_middleware(UploadLimitMiddleware)
-    for module in (files, jobs, events, checkpoints, artifacts, models, health):
+    # Added last, so it runs first: no upload byte is read for a caller without a valid key.
+    app.add_middleware(UploadAuthMiddleware)
+    for module in (files, jobs, events, checkpoints, artifacts, models, admin, health):
         app.include_router(module.router)
     return app
 

@@ -146,3 +146,40 @@ class Health(BaseModel):
     status: Literal["ok", "error"]
     database: str
     redis: str
+
+
+class UserOut(BaseModel):
+    id: str
+    object: Literal["user"] = "user"
+    name: str
+    role: Literal["admin", "member"]
+    team: str | None = Field(None, description="The team's name.")
+    created_at: int
+
+
+class CreateUserRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1, max_length=200, description="Unique; letters, digits, '.', '_', '@', '-'.")
+    role: Literal["admin", "member"] = "member"
+    team: str | None = Field(None, min_length=1, max_length=200, description="Created on first use.")
+
+
+class CreateKeyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("", max_length=200, description="A label, e.g. where the key is used.")
+
+
+class KeyOut(BaseModel):
+    id: str
+    object: Literal["api_key"] = "api_key"
+    user_id: str
+    name: str
+    prefix: str = Field(description="The non-secret head of the token.")
+    created_at: int
+    revoked_at: int | None
+
+
+class CreatedKeyOut(KeyOut):
+    key: str = Field(description="The token. It is shown only in this response; store it now.")

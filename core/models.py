@@ -22,20 +22,44 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
+class Team(Base):
+    """Members of a team may read each other's jobs (never change them)."""
+
+    __tablename__ = "teams"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("team"))
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
 class User(Base):
-    """Room for identity: jobs and files carry an owner; keys and roles come later."""
+    """Jobs and files carry an owner; the role decides who may see everything."""
 
     __tablename__ = "users"
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("user"))
     name: Mapped[str] = mapped_column(String(200), unique=True)
-    role: Mapped[str] = mapped_column(String(20), default="member")
+    role: Mapped[str] = mapped_column(String(20), default="member")  # admin | member
+    team_id: Mapped[str | None] = mapped_column(ForeignKey("teams.id"), nullable=True, index=True)
     created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class ApiKey(Base):
+    """A bearer token. Only its sha256 is stored: a leaked database does not leak keys."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("key"))
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    # The non-secret head of the token, so a listing can say which key is which.
+    prefix: Mapped[str] = mapped_column(String(40))
+    token_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class File(Base):
     __tablename__ = "files"
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("file"))
-    owner_id: Mapped[str | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    owner_id: Mapped[str | None] = mapped_column(ForeignKey("users.id"), nullable=True, index=True)
     filename: Mapped[str] = mapped_column(String(255))
     purpose: Mapped[str] = mapped_column(String(40), default="fine-tune")
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -49,7 +73,7 @@ class File(Base):
 class Job(Base):
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ftjob"))
-    owner_id: Mapped[str | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    owner_id: Mapped[str | None] = mapped_column(ForeignKey("users.id"), nullable=True, index=True)
     status: Mapped[str] = mapped_column(String(20), default="validating_files", index=True)
     model: Mapped[str] = mapped_column(String(512))
     method: Mapped[str] = mapped_column(String(20))

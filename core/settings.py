@@ -33,7 +33,22 @@ class Settings(BaseSettings):
     max_attempts: int = Field(5, ge=1, le=100, description="Runs of a job after infrastructure failures before it fails.")
     retry_backoff_s: float = Field(5.0, ge=0, description="Wait before the first retry; doubles with each further one.")
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest accepted upload.")
-    page_limit_max: int = Field(100, ge=1, description="Largest page size of list routes.")
+    page_limit_max: int = Field(100, ge=1, le=10_000, description="Largest page size of list routes.")
+    # Limits per user on a shared service. Admins are held to them too: a script with an admin
+    # key can fill a cluster as easily as anyone's.
+    max_active_jobs_per_user: int = Field(10, ge=1, description="Jobs not yet finished (queued, running, paused) per user.")
+    max_gpus_per_user: int = Field(8, ge=1, description="GPUs that one user's unfinished jobs may ask for in total.")
+    job_create_rate: int = Field(30, ge=1, description="Jobs one user may create per job_create_window_s.")
+    job_create_window_s: int = Field(60, ge=1, le=86_400, description="Window of the job creation rate limit.")
+    max_examples_per_file: int = Field(1_000_000, ge=1, description="Examples (valid lines) an uploaded file may hold.")
+    max_tokens_per_file: int = Field(
+        200_000_000, ge=1, description="Tokens a training or validation file may hold, counted with the job's tokenizer."
+    )
+    trust_remote_code_models: list[str] = Field(
+        default_factory=list,
+        description="Hub ids or absolute model directories whose own Python code may run (trust_remote_code). "
+        "Set by an admin; a job can never ask for it.",
+    )
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -146,3 +146,25 @@ def service_env(
     reset_caches()
     yield env
     reset_caches()
+
+
+def create_user_with_key(name: str, role: str = "member", team: str | None = None) -> tuple[str, str]:
+    """(user id, API key) of a new user in the database the current TUNEQ_* settings name."""
+    from core.db import session_scope
+    from core.identity import create_key, create_user
+
+    with session_scope() as db:
+        user = create_user(db, name, role, team)
+        _, token = create_key(db, user, "test")
+        return user.id, token
+
+
+@pytest.fixture
+def admin_key(service_env: dict[str, str]) -> str:
+    """An admin's API key in the test's database (admins see every job and file)."""
+    return create_user_with_key("test-admin", "admin")[1]
+
+
+@pytest.fixture
+def admin_headers(admin_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {admin_key}"}

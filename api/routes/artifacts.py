@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 from sqlalchemy import or_, select
 
-from api.deps import SessionDep, StorageDep
+from api.deps import CurrentUser, SessionDep, StorageDep
 from api.errors import APIError, not_found
 from api.routes.jobs import load_job
 from api.schemas import ArtifactOut, Page
@@ -25,8 +25,8 @@ def artifact_out(a: Artifact) -> ArtifactOut:
 
 
 @router.get("/{job_id}/artifacts")
-def list_fine_tuning_artifacts(job_id: str, db: SessionDep) -> Page[ArtifactOut]:
-    job = load_job(db, job_id)
+def list_fine_tuning_artifacts(job_id: str, user: CurrentUser, db: SessionDep) -> Page[ArtifactOut]:
+    job = load_job(db, job_id, user)
     rows = db.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name, Artifact.id)).all()
     items = [artifact_out(a) for a in rows]
     return Page[ArtifactOut](
@@ -36,8 +36,10 @@ def list_fine_tuning_artifacts(job_id: str, db: SessionDep) -> Page[ArtifactOut]
 
 # `:path` so that names with folders (final/adapter_config.json) work as well as ids.
 @router.get("/{job_id}/artifacts/{artifact:path}/content", response_class=FileResponse)
-def get_fine_tuning_artifact_content(job_id: str, artifact: str, db: SessionDep, storage: StorageDep) -> FileResponse:
-    job = load_job(db, job_id)
+def get_fine_tuning_artifact_content(
+    job_id: str, artifact: str, user: CurrentUser, db: SessionDep, storage: StorageDep
+) -> FileResponse:
+    job = load_job(db, job_id, user)
     row = db.scalar(
         select(Artifact)
         .where(Artifact.job_id == job.id, or_(Artifact.id == artifact, Artifact.name == artifact))

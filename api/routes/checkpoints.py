@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from sqlalchemy import and_, or_, select
 
-from api.deps import SessionDep, SettingsDep
+from api.deps import CurrentUser, SessionDep, SettingsDep
 from api.errors import bad_request
 from api.pagination import AfterQuery, LimitQuery, check_limit, make_page
 from api.routes.jobs import load_job
@@ -25,10 +25,11 @@ def checkpoint_out(job: Job, ck: Checkpoint) -> CheckpointOut:
 
 @router.get("/{job_id}/checkpoints")
 def list_fine_tuning_checkpoints(
-    job_id: str, db: SessionDep, settings: SettingsDep, after: AfterQuery = None, limit: LimitQuery = 10
+    job_id: str, user: CurrentUser, db: SessionDep, settings: SettingsDep, after: AfterQuery = None,
+    limit: LimitQuery = 10,
 ) -> Page[CheckpointOut]:
     check_limit(limit, settings)
-    job = load_job(db, job_id)
+    job = load_job(db, job_id, user)
     stmt = select(Checkpoint).where(Checkpoint.job_id == job.id)
     if after is not None:
         cursor = db.scalar(select(Checkpoint).where(Checkpoint.id == after, Checkpoint.job_id == job.id))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from sqlalchemy import select
 
-from api.deps import SessionDep, SettingsDep
+from api.deps import CurrentUser, SessionDep, SettingsDep
 from api.errors import bad_request
 from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
 from api.routes.jobs import load_job
@@ -21,10 +21,11 @@ def event_out(ev: JobEvent) -> EventOut:
 
 @router.get("/{job_id}/events")
 def list_fine_tuning_events(
-    job_id: str, db: SessionDep, settings: SettingsDep, after: AfterQuery = None, limit: LimitQuery = DEFAULT_LIMIT
+    job_id: str, user: CurrentUser, db: SessionDep, settings: SettingsDep, after: AfterQuery = None,
+    limit: LimitQuery = DEFAULT_LIMIT,
 ) -> Page[EventOut]:
     check_limit(limit, settings)
-    job = load_job(db, job_id)
+    job = load_job(db, job_id, user)
     # seq, not created_at: events written in one transaction share a timestamp but never a seq.
     stmt = select(JobEvent).where(JobEvent.job_id == job.id)
     if after is not None:

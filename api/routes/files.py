@@ -11,12 +11,14 @@ from fastapi.responses import FileResponse
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
-from api.deps import SessionDep, SettingsDep, StorageDep
+from api.deps import CurrentUser, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, bad_request, not_found
+from api.limits import check_examples
 from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
 from api.schemas import FileObject, Page
 from api.uploads import too_large_message
-from core.models import File, new_id
+from core.identity import can_read_file, readable_files
+from core.models import File, User, new_id
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -44,9 +46,10 @@ def bad_lines_summary(report: dict[str, Any]) -> str:
     return f"{total} bad line{'s' if total != 1 else ''}: {shown}{more}"
 
 
-def load_file(db: Session, file_id: str, param: str | None = None) -> File:
+def load_file(db: Session, file_id: str, user: User, param: str | None = None) -> File:
+    """The file if `user` may read it; another user's file answers like a missing one."""
     f = db.get(File, file_id)
-    if f is None:
+    if f is None or not can_read_file(user, f):
         raise not_found("file", file_id, param)
     return f
 
@@ -67,6 +70,7 @@ def _validate(path: str) -> dict[str, Any]:
 def create_file(
     file: Annotated[UploadFile, FormFile(description="A JSONL file, one example per line.")],
     purpose: Annotated[str, Form(description="'fine-tune'.")],
+    user: CurrentUser,
     db: SessionDep,
     settings: SettingsDep,
     storage: StorageDep,
@@ -80,8 +84,13 @@ def create_file(
     file.file.seek(0)
     size, sha256 = storage.put_stream(key, file.file)
     report = _validate(str(storage.path(key)))
+    try:
+        check_examples(report, settings)
+    except APIError:
+        storage.path(key).unlink(missing_ok=True)
+        raise
     row = File(
-        id=file_id, filename=_display_name(file.filename), purpose=purpose, bytes=size, storage_key=key,
+        id=file_id, owner_id=user.id, filename=_display_name(file.filename), purpose=purpose, bytes=size, storage_key=key,
         status="processed" if report.get("valid") else "error", sha256=sha256, report=report,
     )
     db.add(row)
@@ -91,6 +100,7 @@ def create_file(
 
 @router.get("")
 def list_files(
+    user: CurrentUser,
     db: SessionDep,
     settings: SettingsDep,
     after: AfterQuery = None,
@@ -100,12 +110,12 @@ def list_files(
 ) -> Page[FileObject]:
     check_limit(limit, settings)
     desc = order == "desc"
-    stmt = select(File)
+    stmt = select(File).where(readable_files(user))
     if purpose is not None:
         stmt = stmt.where(File.purpose == purpose)
     if after is not None:
         cursor = db.get(File, after)
-        if cursor is None:
+        if cursor is None or not can_read_file(user, cursor):
             raise bad_request(f"after: no file with id {after!r}", "after")
         if desc:
             stmt = stmt.where(or_(File.created_at < cursor.created_at, and_(File.created_at == cursor.created_at, File.id < cursor.id)))
@@ -117,13 +127,13 @@ def list_files(
 
 
 @router.get("/{file_id}")
-def get_file(file_id: str, db: SessionDep) -> FileObject:
-    return file_out(load_file(db, file_id))
+def get_file(file_id: str, user: CurrentUser, db: SessionDep) -> FileObject:
+    return file_out(load_file(db, file_id, user))
 
 
 @router.get("/{file_id}/content", response_class=FileResponse)
-def get_file_content(file_id: str, db: SessionDep, storage: StorageDep) -> FileResponse:
-    f = load_file(db, file_id)
+def get_file_content(file_id: str, user: CurrentUser, db: SessionDep, storage: StorageDep) -> FileResponse:
+    f = load_file(db, file_id, user)
     if not storage.exists(f.storage_key):
         raise APIError(404, f"the content of file {file_id} is missing from storage", code="content_missing")
     return FileResponse(storage.path(f.storage_key), media_type="application/jsonl", filename=f.filename)

@@ -15,10 +15,10 @@ GOOD_LINE = json.dumps({"messages": [{"role": "user", "content": "Reverse: abc"}
 
 
 @pytest.fixture
-def client(service_env: dict[str, str]) -> Iterator[TestClient]:
+def client(service_env: dict[str, str], admin_headers: dict[str, str]) -> Iterator[TestClient]:
     from api.main import create_app
 
-    with TestClient(create_app()) as c:
+    with TestClient(create_app(), headers=admin_headers) as c:
         yield c
 
 
@@ -79,7 +79,9 @@ def test_upload_over_the_limit_is_413(client: TestClient, monkeypatch: pytest.Mo
     assert len(list(artifacts.glob("*.jsonl"))) == 1
 
 
-def test_streamed_upload_is_cut_off_at_the_limit(service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_streamed_upload_is_cut_off_at_the_limit(
+    service_env: dict[str, str], admin_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without Content-Length only counting the stream can stop it: the rest is never read."""
     import asyncio
 
@@ -110,7 +112,8 @@ def test_streamed_upload_is_cut_off_at_the_limit(service_env: dict[str, str], mo
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
         "path": "/v1/files", "raw_path": b"/v1/files", "root_path": "", "query_string": b"",
-        "headers": [(b"host", b"testserver"), (b"content-type", f"multipart/form-data; boundary={boundary}".encode())],
+        "headers": [(b"host", b"testserver"), (b"content-type", f"multipart/form-data; boundary={boundary}".encode()),
+                    (b"authorization", f"Bearer {admin_key}".encode())],
         "client": ("127.0.0.1", 1), "server": ("testserver", 80),
     }
     asyncio.run(asyncio.wait_for(create_app()(scope, receive, send), 30))

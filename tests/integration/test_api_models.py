@@ -15,10 +15,10 @@ GOOD_LINE = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role":
 
 
 @pytest.fixture
-def client(service_env: dict[str, str]) -> Iterator[TestClient]:
+def client(service_env: dict[str, str], admin_headers: dict[str, str]) -> Iterator[TestClient]:
     from api.main import create_app
 
-    with TestClient(create_app()) as c:
+    with TestClient(create_app(), headers=admin_headers) as c:
         yield c
 
 

@@ -1,0 +1,63 @@
+"""Size limits of training data that need the data itself: examples per file, tokens per file.
+
+Examples are counted when a file is uploaded. Tokens depend on the model's tokenizer, which a
+file does not know until a job names the model, so they are counted when a job is created.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from api.errors import APIError
+from core.models import File
+from core.settings import Settings
+from core.storage import get_storage
+
+
+def check_examples(report: dict[str, Any], settings: Settings) -> None:
+    examples = int(report.get("examples") or 0)
+    if examples > settings.max_examples_per_file:
+        raise APIError(
+            413, f"file: {examples} examples, more than the {settings.max_examples_per_file} a file may hold "
+            "(TUNEQ_MAX_EXAMPLES_PER_FILE); split it", param="file", code="too_many_examples",
+        )
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(model_dir: str) -> Any:
+    from trainer.model import load_tokenizer  # heavy import, only when a job is created
+
+    return load_tokenizer(model_dir)
+
+
+@lru_cache(maxsize=256)
+def _count_tokens(storage_path: str, sha256: str, model_dir: str, max_seq_len: int) -> int:
+    # sha256 is part of the key so a rewritten file is never served a stale count.
+    from trainer.data import validate_file
+
+    report = validate_file(storage_path, tokenizer=_tokenizer(model_dir), max_seq_len=max_seq_len)
+    return int(report.get("tokens") or 0)
+
+
+def check_file_tokens(f: File, param: str, model_path: str, max_seq_len: int, settings: Settings) -> None:
+    """Refuse a file with more tokens than allowed, counted as training would see them.
+
+    Hub models (TUNEQ_ALLOW_HUB_MODELS) are not downloaded by the API, so for them the count is
+    left to the upload, example and step limits.
+    """
+    if not Path(model_path).is_dir():
+        return
+    from trainer.errors import ModelError
+
+    try:
+        tokens = _count_tokens(str(get_storage().path(f.storage_key)), f.sha256, model_path, max_seq_len)
+    except ModelError as exc:
+        raise APIError(400, str(exc), param="model", code="model_unusable") from None
+    if tokens > settings.max_tokens_per_file:
+        raise APIError(
+            413, f"{param}: file {f.id} holds {tokens} tokens for this model, more than the "
+            f"{settings.max_tokens_per_file} a file may hold (TUNEQ_MAX_TOKENS_PER_FILE)", param=param,
+            code="too_many_tokens",
+        )
