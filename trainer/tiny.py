@@ -96,10 +96,10 @@ def build_tokenizer():
     return fast
 
 
-PRETRAIN_STEPS = 300
+PRETRAIN_STEPS = 150
 
 
-def pretrain_on_corpus(model, tokenizer, steps: int, seq_len: int = 64, batch_size: int = 16) -> float:
+def pretrain_on_corpus(model, tokenizer, steps: int, seq_len: int = 64, batch_size: int = 8) -> float:
     """A few hundred steps of language modelling on the shipped corpus; returns the last loss.
 
     A randomly initialised model with tied embeddings of std 0.02 can only produce logits of

@@ -43,7 +43,8 @@ def test_accumulated_micro_batches_equal_one_big_batch(setup):
     big = grads_of(model, lambda: forward_backward(model, one_batch, accelerator))
     res = {}
     accumulated = grads_of(model, lambda: res.update(forward_backward(model, four_micro, accelerator)))
-    torch.testing.assert_close(accumulated, big, rtol=1e-4, atol=1e-7)
+    # fp32 sums in another order differ by rounding (~1e-7 absolute); averaging errors are far larger.
+    torch.testing.assert_close(accumulated, big, rtol=1e-4, atol=1e-6)
 
     # The reported loss is the token mean over the whole window.
     with torch.no_grad():
