@@ -10,6 +10,26 @@ from typing import Any
 import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+KEY_HINT = "set TUNEQ_API_KEY, or put the key in ~/.config/tuneq/api_key"
+
+
+def key_files() -> list[Path]:
+    """Where a key is looked for after $TUNEQ_API_KEY: the user's config, then `tuneq up`'s admin key."""
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return [config / "tuneq" / "api_key", Path(os.environ.get("TUNEQ_HOME") or "var") / "admin.key"]
+
+
+def find_api_key() -> str | None:
+    if os.environ.get("TUNEQ_API_KEY"):
+        return os.environ["TUNEQ_API_KEY"].strip()
+    for path in key_files():
+        try:
+            key = path.read_text().strip()
+        except OSError:
+            continue
+        if key:
+            return key
+    return None
 
 
 class TuneqError(Exception):
@@ -25,9 +45,13 @@ class APIError(TuneqError):
 
 
 class Client:
-    def __init__(self, base_url: str | None = None, *, http: httpx.Client | None = None, timeout: float = 60):
+    def __init__(self, base_url: str | None = None, *, http: httpx.Client | None = None, timeout: float = 60,
+                 api_key: str | None = None):
         self.base_url = (base_url or os.environ.get("TUNEQ_URL") or DEFAULT_URL).rstrip("/")
         self.http = http or httpx.Client(base_url=self.base_url, timeout=timeout)
+        key = api_key or find_api_key()
+        if key:
+            self.http.headers["Authorization"] = f"Bearer {key}"
 
     def close(self) -> None:
         self.http.close()
@@ -110,5 +134,7 @@ def _raise_for_error(r: httpx.Response) -> None:
         message, param, code = err.get("message") or r.reason_phrase, err.get("param"), err.get("code")
     except (ValueError, KeyError, TypeError, AttributeError):
         message, param, code = f"HTTP {r.status_code} {r.reason_phrase}", None, None
+    if r.status_code == 401:
+        message = f"{message}; {KEY_HINT}"
     raise APIError(r.status_code, message, param, code)
 

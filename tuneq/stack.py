@@ -128,6 +128,7 @@ class Stack:
         from core.migrate import upgrade_head
 
         upgrade_head(env["TUNEQ_DATABASE_URL"])
+        self._first_admin_key(env["TUNEQ_DATABASE_URL"])
 
         models = self.home / "models"
         tiny = models / TINY_MODEL
@@ -148,6 +149,35 @@ class Stack:
             self.redis = _detached_redis(self.home / "redis")
             env["TUNEQ_REDIS_URL"] = self.redis.start()
             self.log(f"redis: embedded at {env['TUNEQ_REDIS_URL']}")
+
+    @property
+    def admin_key_path(self) -> Path:
+        return self.home / "admin.key"
+
+    def _first_admin_key(self, url: str) -> None:
+        """On a database without an admin, create one and show its key once (also in admin.key, 0600)."""
+        from sqlalchemy.orm import Session
+
+        from core.db import make_engine
+        from core.identity import bootstrap_admin
+
+        engine = make_engine(url)
+        try:
+            with Session(engine) as db:
+                token = bootstrap_admin(db)
+                db.commit()
+        finally:
+            engine.dispose()
+        if token is None:
+            where = f"in {self.admin_key_path}" if self.admin_key_path.is_file() else "not stored here"
+            self.log(f"auth: an admin exists (its first key is {where}); more keys: `tuneq admin create-key NAME`")
+            return
+        # Created 0600 from the start: there is no moment when others could read it.
+        fd = os.open(self.admin_key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        os.chmod(self.admin_key_path, 0o600)
+        self.log(f"auth: created user 'admin'; its API key, shown once (also in {self.admin_key_path}, mode 0600):\n  {token}")
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log_path = self.home / "logs" / f"{name}.log"
@@ -253,6 +283,8 @@ class Stack:
 
     def _models(self) -> list[str]:
         try:
-            return [m["id"] for m in httpx.get(f"{self.url}/v1/models", timeout=5).json()["data"]]
-        except (httpx.HTTPError, ValueError, KeyError):
+            key = self.admin_key_path.read_text().strip()
+            r = httpx.get(f"{self.url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=5)
+            return [m["id"] for m in r.json()["data"]]
+        except (OSError, httpx.HTTPError, ValueError, KeyError):
             return []

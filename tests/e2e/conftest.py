@@ -27,9 +27,10 @@ class Stack:
     home: Path
     api: subprocess.Popen[bytes]
     worker: subprocess.Popen[bytes]
+    key: str
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30)
+        return httpx.Client(base_url=self.url, timeout=30, headers={"Authorization": f"Bearer {self.key}"})
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
@@ -56,12 +57,30 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(5)
 
 
+def _member_key(database_url: str) -> str:
+    """A member's key (not an admin's): the whole path must work without admin rights."""
+    from sqlalchemy.orm import Session
+
+    from core.db import make_engine
+    from core.identity import create_key, create_user
+
+    engine = make_engine(database_url)
+    try:
+        with Session(engine) as db:
+            _, token = create_key(db, create_user(db, "e2e-user", "member", "e2e"), "e2e")
+            db.commit()
+    finally:
+        engine.dispose()
+    return token
+
+
 def start_stack(tmp_path: Path, database_url: str, redis_url: str, models_root: Path) -> Stack:
     from core.migrate import upgrade_head
 
     home = tmp_path / "home"
     home.mkdir(parents=True, exist_ok=True)
     upgrade_head(database_url)
+    key = _member_key(database_url)
     port = free_port()
     env = {
         **os.environ,
@@ -88,7 +107,7 @@ def start_stack(tmp_path: Path, database_url: str, redis_url: str, models_root: 
         _stop(api)
         _stop(worker)
         raise
-    return Stack(url=url, env=env, home=home, api=api, worker=worker)
+    return Stack(url=url, env=env, home=home, api=api, worker=worker, key=key)
 
 
 @pytest.fixture

@@ -20,10 +20,12 @@ GOOD_LINE = json.dumps({"messages": [{"role": "user", "content": "Reverse: abc"}
 
 
 @pytest.fixture
-def runner(service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+def runner(service_env: dict[str, str], admin_key: str, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
     from api.main import create_app
 
     app = create_app()
+    # The key comes the way a user's does: from the environment, read by the client.
+    monkeypatch.setenv("TUNEQ_API_KEY", admin_key)
     monkeypatch.setattr(cli, "make_client", lambda: Client("http://testserver", http=TestClient(app)))
     return CliRunner()
 

@@ -15,13 +15,13 @@ LINES = [json.dumps({"messages": [{"role": "user", "content": f"Reverse: {w}"}, 
 
 
 @pytest.fixture
-def sdk(service_env: dict[str, str]) -> Iterator[openai.OpenAI]:
+def sdk(service_env: dict[str, str], admin_key: str) -> Iterator[openai.OpenAI]:
     from api.main import create_app
 
     # TestClient is an httpx.Client that sends every request to the app, so the SDK's own
     # request building, response parsing and error mapping all run for real.
     with TestClient(create_app()) as http:
-        yield openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http, max_retries=0)
+        yield openai.OpenAI(base_url="http://testserver/v1", api_key=admin_key, http_client=http, max_retries=0)
 
 
 def test_sdk_walkthrough(sdk: openai.OpenAI, service_env: dict[str, str]) -> None:

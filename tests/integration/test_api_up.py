@@ -67,9 +67,17 @@ def test_up_runs_a_job_and_stops_on_ctrl_c(tmp_path: Path, tiny_model_dir: Path)
         redis_port = int(re.search(r"redis: embedded at redis://127.0.0.1:(\d+)/0", text).group(1))
         assert len(pids) == 2 and _listening(redis_port)
         assert (home / "tuneq.db").is_file()
+        # The first admin key: printed once, and kept in admin.key for its owner only.
+        key_file = home / "admin.key"
+        key = key_file.read_text().strip()
+        assert key.startswith("tq_") and text.count(key) == 1
+        assert key_file.stat().st_mode & 0o777 == 0o600
 
         with httpx.Client(base_url=url, timeout=30) as c:
             assert c.get("/healthz").json()["status"] == "ok"
+            assert c.get("/v1/models").status_code == 401
+            c.headers["Authorization"] = f"Bearer {key}"
+            assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["tiny-llama"]
             f = c.post("/v1/files", files={"file": ("t.jsonl", (LINE + "\n") * 8)}, data={"purpose": "fine-tune"}).json()
             job = c.post("/v1/fine_tuning/jobs", json={
                 "model": "tiny-llama", "training_file": f["id"], "method": "lora",

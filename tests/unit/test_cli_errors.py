@@ -85,13 +85,14 @@ def test_api_errors_are_shown_with_their_message(runner: CliRunner, monkeypatch:
     from fastapi.testclient import TestClient
 
     from core.migrate import upgrade_head
-    from tests.conftest import reset_caches
+    from tests.conftest import create_user_with_key, reset_caches
 
     url = f"sqlite:///{tmp_path / 'tuneq.db'}"
     upgrade_head(url)
     monkeypatch.setenv("TUNEQ_DATABASE_URL", url)
     monkeypatch.setenv("TUNEQ_HOME", str(tmp_path / "home"))
     reset_caches()
+    monkeypatch.setenv("TUNEQ_API_KEY", create_user_with_key("cli-user")[1])
     from api.main import create_app
 
     app = create_app()
