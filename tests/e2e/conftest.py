@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.datasets import reverse_dataset  # noqa: F401 - re-exported for the e2e tests
 from tuneq.embedded import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,24 +124,6 @@ def pg_stack(tmp_path: Path, redis_url: str, pg_url: str, tiny_model_dir: Path) 
     yield s
     _stop(s.worker)
     _stop(s.api)
-
-
-WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "ocean", "maple", "robot",
-         "candle", "forest", "silver", "garden", "pencil", "rocket", "window", "bridge", "yellow", "castle"]
-
-
-def reverse_dataset(n: int, seed: int = 0) -> str:
-    """A task with a checkable answer: spell a word backwards."""
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n):
-        w = rng.choice(WORDS)
-        lines.append(json.dumps({"messages": [
-            {"role": "system", "content": "You reverse words."},
-            {"role": "user", "content": f"Reverse: {w}"},
-            {"role": "assistant", "content": w[::-1]},
-        ]}))
-    return "\n".join(lines) + "\n"
 
 
 def dump_logs(stack: Stack) -> str:
