@@ -2,11 +2,14 @@
 
 The loading code is the real one (`from_pretrained` on a local directory or a hub id); no
 machine here reaches a hub, so tests pass directories that `trainer.tiny` built. Remote code is
-never run: a job spec must not be a way to execute someone's Python on a shared GPU server.
+never run unless an admin listed the model in TUNEQ_TRUST_REMOTE_CODE_MODELS: a job spec must not
+be a way to execute someone's Python on a shared GPU server, so the spec has no such switch. Weights
+load only from safetensors, which holds tensors and nothing executable (a pickle can run code).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -55,12 +58,25 @@ def _check_source(name: str) -> None:
         raise ModelError(f"model: directory {name} does not exist")
 
 
+def remote_code_allowed(name: str) -> bool:
+    """True only for a model the service's admin listed (hub id or absolute directory)."""
+    raw = os.environ.get("TUNEQ_TRUST_REMOTE_CODE_MODELS", "").strip()
+    try:
+        listed = json.loads(raw) if raw else []
+    except ValueError:
+        return False
+    if not isinstance(listed, list):
+        return False
+    allowed = {str(Path(e).resolve()) if str(e).startswith("/") else str(e) for e in listed if isinstance(e, str) and e}
+    return (str(Path(name).resolve()) if name.startswith("/") else name) in allowed
+
+
 def load_tokenizer(name: str) -> Any:
     from transformers import AutoTokenizer
 
     _check_source(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=remote_code_allowed(name))
     except Exception as exc:  # noqa: BLE001 - OSError, ValueError, missing files: all mean "bad model"
         raise ModelError(f"model: cannot load the tokenizer of {name}: {exc}") from exc
     if tokenizer.eos_token_id is None:
@@ -87,7 +103,8 @@ def load_model(spec: JobSpec, precision: str, device: torch.device) -> Any:
     kwargs: dict[str, Any] = {
         "dtype": dtype,
         "attn_implementation": "sdpa",
-        "trust_remote_code": False,
+        "trust_remote_code": remote_code_allowed(spec.model),
+        "use_safetensors": True,
     }
     if device.type == "cuda":
         # Straight onto this rank's GPU; bitsandbytes also needs it to quantize on load.
