@@ -35,10 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny", help="build a tiny Llama-shaped model with tokenizer and chat template")
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
-    val = sub.add_parser("validate", help="print the validation report of a chat JSONL file")
+    val = sub.add_parser("validate", help="print the validation report of a JSONL file")
     val.add_argument("file", type=Path)
     val.add_argument("--model", help="model directory whose tokenizer counts tokens")
     val.add_argument("--max-seq-len", type=int, default=None)
+    val.add_argument("--format", default="auto", choices=["auto", "chat", "alpaca", "prompt_completion", "text"])
     return p
 
 
@@ -70,8 +71,10 @@ def load_spec(path: Path):
 def _run(args: argparse.Namespace) -> int:
     try:
         spec = load_spec(args.spec)
-        for name in ("training_file", "validation_file"):
-            value = getattr(spec, name)
+        files = [("training_file", spec.training_file), ("validation_file", spec.validation_file),
+                 ("forgetting_file", spec.forgetting_file)]
+        files += [(f"mix[{k}].file", m.file) for k, m in enumerate(spec.mix)]
+        for name, value in files:
             if value is not None and not Path(value).is_file():
                 raise UsageError(f"{name}: {value} is not a readable file")
     except UsageError as exc:
@@ -117,7 +120,7 @@ def _validate(args: argparse.Namespace) -> int:
             tokenizer = load_tokenizer(args.model)
         except ModelError as err:
             raise UsageError(err.message) from err
-    report = validate_file(args.file, tokenizer, args.max_seq_len)
+    report = validate_file(args.file, tokenizer, args.max_seq_len, data_format=args.format)
     print(json.dumps(report, indent=1))
     return 0 if report["valid"] else 1
 

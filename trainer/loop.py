@@ -7,9 +7,17 @@ example, and make the result depend on how a batch happens to be split. The wind
 is known before its forward passes (labels are data), so each micro-batch's summed loss is scaled
 by world_size / total_tokens before backward; DDP's gradient averaging divides world_size back out.
 
+Packing changes none of this: a packed row's label tokens are its examples' label tokens, and
+the attention never crosses an example boundary, so a step's loss is the same token mean.
+
 Metrics: `tokens` counts input tokens (padding excluded) over all ranks since the start,
 `tokens_per_second` is that rate over the last logging interval; `trained_tokens` counts label
 tokens, the ones the loss is taken over.
+
+Evaluation follows OpenAI's names: every eval_every_steps a pass over a fixed sample of the
+validation file (`valid_loss`, `valid_mean_token_accuracy`, `valid_perplexity`), and at the end
+a pass over all of it (`full_valid_*`). Forgetting is the loss on a general held-out file
+(`forgetting_file`) before and after training: how much of what the base model knew is lost.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer import checkpoint as ckpt
-from trainer.data import IGNORE_INDEX, collate, load_tokenized
+from trainer.data import IGNORE_INDEX, collate, load_tokenized, mix_in, model_inputs, pack
 from trainer.errors import ConfigError, Paused
 from trainer.events import EventWriter
 from trainer.export import export_final
@@ -44,6 +52,8 @@ class TrainState:
     micro_step: int = 0  # global micro-batches consumed; the data position
     trained_tokens: int = 0
     seen_tokens: int = 0
+    # The forgetting file's metrics before any training; a resumed run cannot measure them again.
+    forgetting_before: dict[str, float] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +93,7 @@ def forward_backward(model: Any, micro_batches: list[dict[str, torch.Tensor]], a
         # Gradients are all-reduced only after the last micro-batch of the window.
         sync = nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
         with sync:
-            out = model(input_ids=mb["input_ids"].to(device), attention_mask=mb["attention_mask"].to(device))
+            out = model(**model_inputs(mb, device))
             summed, _ = token_loss_sum(out.logits, mb["labels"])
             accelerator.backward(summed * scale)
         loss_sum += summed.detach()
@@ -91,16 +101,23 @@ def forward_backward(model: Any, micro_batches: list[dict[str, torch.Tensor]], a
     return {"loss_sum": float(loss_sum), "label_tokens": label_tokens, "input_tokens": input_tokens}
 
 
+def perplexity(loss: float) -> float:
+    # exp overflows a float beyond ~709; a loss that high means "no idea" either way.
+    return math.exp(min(loss, 700.0))
+
+
 @torch.no_grad()
-def evaluate(model: Any, examples: list[dict], batch_size: int, pad_id: int, accelerator: Any) -> dict[str, float]:
-    """Token-mean loss and next-token accuracy over the validation set, sharded by rank."""
+def evaluate(
+    model: Any, examples: list[dict], batch_size: int, pad_id: int, accelerator: Any, prefix: str = "valid"
+) -> dict[str, float]:
+    """Token-mean loss, next-token accuracy and perplexity over `examples`, sharded by rank."""
     model.eval()
     device = accelerator.device
     totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, tokens
     mine = examples[accelerator.process_index :: accelerator.num_processes]
     for i in range(0, len(mine), batch_size):
         batch = collate(mine[i : i + batch_size], pad_id)
-        out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        out = model(**model_inputs(batch, device))
         loss, n = token_loss_sum(out.logits, batch["labels"])
         targets = batch["labels"][:, 1:].to(device)
         predicted = out.logits[:, :-1, :].argmax(-1)
@@ -109,7 +126,19 @@ def evaluate(model: Any, examples: list[dict], batch_size: int, pad_id: int, acc
     totals = accelerator.reduce(totals, "sum")
     model.train()
     n = max(float(totals[2]), 1.0)
-    return {"valid_loss": float(totals[0]) / n, "valid_mean_token_accuracy": float(totals[1]) / n}
+    loss = float(totals[0]) / n
+    return {f"{prefix}_loss": loss, f"{prefix}_mean_token_accuracy": float(totals[1]) / n,
+            f"{prefix}_perplexity": perplexity(loss)}
+
+
+def eval_sample(examples: list[dict], size: int, seed: int) -> list[dict]:
+    """A fixed, seeded sample for the periodic pass, so its values compare across steps."""
+    if len(examples) <= size:
+        return examples
+    import numpy as np
+
+    chosen = np.random.default_rng([seed, 7]).permutation(len(examples))[:size]
+    return [examples[i] for i in sorted(chosen.tolist())]
 
 
 def build_optimizer(model: Any, spec: JobSpec, device: torch.device) -> torch.optim.Optimizer:
@@ -181,17 +210,24 @@ def train(
     set_seed(hp.seed)
     precision = resolve_precision(spec.precision, device)
     tokenizer = load_tokenizer(spec.model)
-    train_data = load_tokenized(spec.training_file, tokenizer, hp.max_seq_len, "training_file")
-    valid_data = (
-        load_tokenized(spec.validation_file, tokenizer, hp.max_seq_len, "validation_file")
-        if spec.validation_file
-        else None
-    )
+
+    def load(path: str, what: str, data_format: str = "auto") -> Any:
+        return load_tokenized(path, tokenizer, hp.max_seq_len, what, data_format, spec.train_on_inputs)
+
+    train_data = load(spec.training_file, "training_file", spec.data_format)
+    valid_data = load(spec.validation_file, "validation_file", spec.data_format) if spec.validation_file else None
+    # Replay and general files may be in any format, whatever the task data is.
+    mix_sources = [(load(m.file, f"mix[{k}].file").examples, m.weight) for k, m in enumerate(spec.mix)]
+    forgetting_data = load(spec.forgetting_file, "forgetting_file") if spec.forgetting_file else None
+    train_examples, mixed_counts = mix_in(train_data.examples, mix_sources, hp.seed)
+    if spec.packing:
+        train_examples = pack(train_examples, hp.max_seq_len)
+    valid_sample = eval_sample(valid_data.examples, schedule.eval_examples, hp.seed) if valid_data else None
     model = apply_method(load_model(spec, precision, device), spec)
     trainable_params, total_params = count_parameters(model)
     optimizer = build_optimizer(model, spec, device)
     order = DataOrder(
-        len(train_data.examples), hp.batch_size, accelerator.num_processes, accelerator.process_index, hp.seed
+        len(train_examples), hp.batch_size, accelerator.num_processes, accelerator.process_index, hp.seed
     )
     total_steps, total_micro = plan_steps(spec, order)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(spec, total_steps), total_steps)
@@ -219,9 +255,22 @@ def train(
         state = TrainState(**saved["train_state"])
         resumed_from = state.step
 
+    def forgetting_pass() -> dict[str, float]:
+        assert forgetting_data is not None
+        got = evaluate(model, forgetting_data.examples, hp.batch_size, tokenizer.pad_token_id, accelerator, "forgetting")
+        return {"loss": got["forgetting_loss"], "perplexity": got["forgetting_perplexity"],
+                "mean_token_accuracy": got["forgetting_mean_token_accuracy"]}
+
+    if forgetting_data is not None and state.forgetting_before is None:
+        # Measured on the model as training starts: LoRA's B is zero, so this is the base model.
+        state.forgetting_before = forgetting_pass()
+
     events.emit(
         "start",
-        f"{spec.method} on {len(train_data.examples)} examples, {total_steps} steps"
+        f"{spec.method} on {len(train_data.examples)} examples"
+        + (f" + {sum(mixed_counts)} mixed in" if mixed_counts else "")
+        + (f" packed into {len(train_examples)} rows" if spec.packing else "")
+        + f", {total_steps} steps"
         + (f", resumed from step {resumed_from}" if resumed_from is not None else ""),
         total_steps=total_steps,
         examples=len(train_data.examples),
@@ -235,6 +284,9 @@ def train(
         # Cut examples lose their ends; dropped ones had nothing trainable left within max_seq_len.
         truncated_examples=train_data.truncated,
         dropped_examples=train_data.dropped,
+        data_format=train_data.format,
+        mixed_examples=mixed_counts,
+        packed_rows=len(train_examples) if spec.packing else None,
     )
 
     def save(metrics: dict[str, Any]) -> None:
@@ -260,7 +312,7 @@ def train(
         if total_micro:
             n_micro = min(n_micro, total_micro - state.micro_step)
         micro_batches = [
-            collate([train_data.examples[i] for i in order.indices(state.micro_step + k)], tokenizer.pad_token_id)
+            collate([train_examples[i] for i in order.indices(state.micro_step + k)], tokenizer.pad_token_id)
             for k in range(n_micro)
         ]
         lr = scheduler.get_last_lr()[0]  # the rate this step is taken with
@@ -296,11 +348,18 @@ def train(
             events.emit("metrics", f"step {state.step}/{total_steps} loss {last_metrics['train_loss']:.4f}", **last_metrics)
             window = {"loss_sum": 0.0, "label_tokens": 0, "input_tokens": 0, "time": now}
 
-        # eval
-        if valid_data is not None and (
+        # eval: the sample every eval_every_steps; at the end also the whole file
+        if valid_data is not None and valid_sample is not None and (
             (schedule.eval_every_steps and state.step % schedule.eval_every_steps == 0) or state.step == total_steps
         ):
-            valid_metrics = evaluate(model, valid_data.examples, hp.batch_size, tokenizer.pad_token_id, accelerator)
+            valid_metrics = evaluate(model, valid_sample, hp.batch_size, tokenizer.pad_token_id, accelerator)
+            if state.step == total_steps:
+                full = (
+                    {f"full_{k}": v for k, v in valid_metrics.items()}
+                    if valid_sample is valid_data.examples
+                    else evaluate(model, valid_data.examples, hp.batch_size, tokenizer.pad_token_id, accelerator, "full_valid")
+                )
+                valid_metrics = {**valid_metrics, **full}
             events.emit("validation", f"step {state.step} valid loss {valid_metrics['valid_loss']:.4f}",
                         step=state.step, **valid_metrics)
 
@@ -318,6 +377,21 @@ def train(
             raise Paused()
 
     # ---- export ------------------------------------------------------------------------------
+    forgetting: dict[str, Any] = {}
+    if forgetting_data is not None and state.forgetting_before is not None:
+        before, after = state.forgetting_before, forgetting_pass()
+        forgetting = {
+            "forgetting_loss_before": before["loss"], "forgetting_loss_after": after["loss"],
+            "forgetting_perplexity_before": before["perplexity"], "forgetting_perplexity_after": after["perplexity"],
+            # The figure to watch: how much worse the model got at general text.
+            "forgetting_loss_increase": after["loss"] - before["loss"],
+        }
+        events.emit(
+            "forgetting",
+            f"general loss {before['loss']:.4f} -> {after['loss']:.4f} "
+            f"(perplexity {before['perplexity']:.2f} -> {after['perplexity']:.2f})",
+            step=state.step, examples=len(forgetting_data.examples), before=before, after=after, **forgetting,
+        )
     final_metrics = {
         "steps": state.step,
         "train_loss": last_metrics.get("train_loss"),
@@ -325,6 +399,7 @@ def train(
         "tokens": state.seen_tokens,
         "runtime_s": round(time.time() - started, 3),
         **valid_metrics,
+        **forgetting,
     }
     accelerator.wait_for_everyone()
     if is_main:

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Method = Literal["full", "lora", "qlora"]
-DataFormat = Literal["auto", "chat"]
+DataFormat = Literal["auto", "chat", "alpaca", "prompt_completion", "text"]
 Precision = Literal["auto", "bf16", "fp32"]
 
 # Linear projections of Llama-shaped decoders; "all-linear" lets peft find them on any model.
@@ -72,6 +72,18 @@ class Schedule(_Strict):
         None, gt=0, le=10_080, description="Also checkpoint when this many minutes passed since the last one."
     )
     keep_checkpoints: int = Field(2, ge=1, le=1000, description="Newest checkpoints kept on disk.")
+    eval_examples: int = Field(
+        256, ge=1, le=1_000_000,
+        description="Validation examples of the periodic pass (valid_*); the pass at the end (full_valid_*) uses all.",
+    )
+
+
+class MixSource(_Strict):
+    file: str = Field(..., min_length=1, description="Path of a JSONL file of replay or general data (any format).")
+    weight: float = Field(
+        ..., gt=0, le=100,
+        description="Examples of this file per example of the training file in the mixed data (0.25: one in five is replay).",
+    )
 
 
 class JobSpec(_Strict):
@@ -82,7 +94,21 @@ class JobSpec(_Strict):
     lora: LoraSettings = Field(default_factory=LoraSettings, description="Used by lora and qlora.")
     training_file: str = Field(..., min_length=1, description="Path of the training JSONL.")
     validation_file: str | None = Field(None, description="Path of the validation JSONL.")
-    data_format: DataFormat = Field("auto", description="Format of the data files.")
+    data_format: DataFormat = Field(
+        "auto", description="Format of the training and validation files; auto detects it from the first example."
+    )
+    train_on_inputs: bool | None = Field(
+        None, description="Also train on prompts and system/user turns (default: false, true for raw text)."
+    )
+    packing: bool = Field(
+        False, description="Pack short examples into rows of max_seq_len; batch_size then counts rows."
+    )
+    mix: list[MixSource] = Field(
+        default_factory=list, max_length=16, description="Replay or general data mixed into training at a weight."
+    )
+    forgetting_file: str | None = Field(
+        None, description="General held-out JSONL; its loss and perplexity before and after training measure forgetting."
+    )
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     schedule: Schedule = Field(default_factory=Schedule)
     precision: Precision = Field("auto", description="auto: bf16 on a GPU that supports it, else fp32.")

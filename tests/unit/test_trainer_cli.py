@@ -83,6 +83,8 @@ def test_validate_prints_the_report(tmp_path: Path, tiny_model_dir: Path, chat_f
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{}\n")
     res = trainer("validate", str(bad))
+    assert res.returncode == 1 and json.loads(res.stdout)["error_counts"] == {"unknown_format": 1}
+    res = trainer("validate", str(bad), "--format", "chat")
     assert res.returncode == 1 and json.loads(res.stdout)["error_counts"] == {"missing_messages": 1}
 
 
