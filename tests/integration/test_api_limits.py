@@ -1,0 +1,115 @@
+"""Per-user limits through the API: unfinished jobs, GPUs, creation rate, examples and tokens per file."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import create_user_with_key, reset_caches
+
+GOOD_LINE = json.dumps({"messages": [{"role": "user", "content": "Reverse: abc"}, {"role": "assistant", "content": "cba"}]})
+
+
+@pytest.fixture
+def limits(service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    def set_limits(**values: int) -> None:
+        for name, value in values.items():
+            monkeypatch.setenv(f"TUNEQ_{name.upper()}", str(value))
+        reset_caches()
+
+    return set_limits
+
+
+@pytest.fixture
+def member(service_env: dict[str, str]) -> Iterator[TestClient]:
+    from api.main import create_app
+
+    _, key = create_user_with_key("alice", "member", "red")
+    with TestClient(create_app(), headers={"Authorization": f"Bearer {key}"}) as c:
+        yield c
+
+
+def upload(c: TestClient, lines: int = 4) -> str:
+    r = c.post("/v1/files", files={"file": ("t.jsonl", (GOOD_LINE + "\n") * lines)}, data={"purpose": "fine-tune"})
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
+def create(c: TestClient, file_id: str, **extra):  # noqa: ANN201
+    return c.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id, **extra})
+
+
+def test_unfinished_jobs_per_user(limits, member: TestClient, admin_headers: dict[str, str]) -> None:  # noqa: ANN001
+    limits(max_active_jobs_per_user=2)
+    f = upload(member)
+    first, second = create(member, f).json(), create(member, f).json()
+    r = create(member, f)
+    assert r.status_code == 429, r.text
+    err = r.json()["error"]
+    assert err["code"] == "active_job_limit" and "2 unfinished jobs" in err["message"] and "TUNEQ_MAX_ACTIVE_JOBS_PER_USER" in err["message"]
+    assert "retry-after" not in r.headers  # waiting alone does not help; a job must end
+    # Another user's quota is their own.
+    assert create(TestClient(member.app, headers=admin_headers), upload(TestClient(member.app, headers=admin_headers))).status_code == 200
+    assert member.post(f"/v1/fine_tuning/jobs/{first['id']}/cancel").json()["status"] == "cancelled"
+    assert create(member, f).status_code == 200
+    assert second["status"] == "queued"
+
+
+def test_gpus_per_user(limits, member: TestClient) -> None:  # noqa: ANN001
+    limits(max_gpus_per_user=3)
+    f = upload(member)
+    too_many = create(member, f, gpus=4)
+    assert too_many.status_code == 429 and too_many.json()["error"]["param"] == "gpus"
+    assert "3 GPUs" in too_many.json()["error"]["message"]
+    job = create(member, f, gpus=2).json()
+    over = create(member, f, gpus=2)
+    assert over.status_code == 429 and over.json()["error"]["code"] == "gpu_limit"
+    assert "ask for 2 GPUs" in over.json()["error"]["message"]
+    assert create(member, f, gpus=1).status_code == 200
+    member.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    assert create(member, f, gpus=2).status_code == 200
+
+
+def test_job_creation_rate_answers_429_with_retry_after(limits, member: TestClient) -> None:  # noqa: ANN001
+    limits(job_create_rate=3, job_create_window_s=60)
+    f = upload(member)
+    assert [create(member, f).status_code for _ in range(3)] == [200, 200, 200]
+    r = create(member, f)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(r.headers["retry-after"]) <= 61
+    assert f"try again in {r.headers['retry-after']} s" in r.json()["error"]["message"]
+
+
+def test_examples_per_file(limits, member: TestClient, service_env: dict[str, str]) -> None:  # noqa: ANN001
+    from pathlib import Path
+
+    limits(max_examples_per_file=3)
+    upload(member, 3)
+    r = member.post("/v1/files", files={"file": ("t.jsonl", (GOOD_LINE + "\n") * 4)}, data={"purpose": "fine-tune"})
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "too_many_examples" and "4 examples" in r.json()["error"]["message"]
+    stored = list((Path(service_env["TUNEQ_HOME"]) / "artifacts" / "files").glob("*"))
+    assert len(stored) == 1  # the refused file was not kept
+    assert len(member.get("/v1/files").json()["data"]) == 1
+
+
+def test_tokens_per_file_counted_with_the_models_tokenizer(limits, member: TestClient) -> None:  # noqa: ANN001
+    f = upload(member, 4)
+    limits(max_tokens_per_file=20)
+    r = create(member, f)
+    assert r.status_code == 413, r.text
+    err = r.json()["error"]
+    assert err["param"] == "training_file" and err["code"] == "too_many_tokens" and "tokens" in err["message"]
+    limits(max_tokens_per_file=100_000)
+    assert create(member, f).status_code == 200
+
+
+def test_page_size_is_bounded(limits, member: TestClient) -> None:  # noqa: ANN001
+    limits(page_limit_max=5)
+    for url in ("/v1/files", "/v1/fine_tuning/jobs"):
+        assert member.get(url, params={"limit": 5}).status_code == 200
+        r = member.get(url, params={"limit": 6})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "limit"
