@@ -70,3 +70,38 @@ def test_hub_ids_only_when_allowed(roots: tuple[Settings, Path, Path]) -> None:
     for name in ("escape", "../secret-model", "/abs/path", "a/b/c"):
         with pytest.raises(ModelNotFound):
             resolve_model(name, hub)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "https://huggingface.co/org/model", "file:///etc/passwd", "hf://org/model", "org/model?revision=x",
+        "org/model#frag", "org@evil.com/model", "//evil.com/org/model", "org/../../../etc",
+        "tiny-llama/../../secret-model", "%2e%2e/secret-model", "..%2fsecret-model", "tiny-llama\x00.txt",
+        " org/model", "org/model ", "a/b/c", "-rf/model", ".hidden/model", "org/.git",
+    ],
+)
+def test_url_tricks_are_neither_local_nor_hub_models(roots: tuple[Settings, Path, Path], name: str) -> None:
+    settings, root, outside = roots
+    hub = Settings(model_roots=[root], allow_hub_models=True, _env_file=None)
+    for s in (settings, hub):
+        with pytest.raises(ModelNotFound) as exc:
+            resolve_model(name, s)
+        assert str(outside) not in str(exc.value)
+
+
+def test_symlinked_folder_out_of_a_root_is_refused_even_one_level_down(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    outside = model(tmp_path / "elsewhere" / "llama")
+    (root / "org").mkdir(parents=True)
+    (root / "org" / "llama").symlink_to(outside)
+    (root / "linked-org").symlink_to(outside.parent)
+    settings = Settings(model_roots=[root], _env_file=None)
+    assert list_models(settings) == []
+    for name in ("org/llama", "linked-org/llama"):
+        with pytest.raises(ModelNotFound, match="outside its model root"):
+            resolve_model(name, settings)
+    # Even with hub ids allowed: the name matches a planted local link, so it is not sent to a hub.
+    hub = Settings(model_roots=[root], allow_hub_models=True, _env_file=None)
+    with pytest.raises(ModelNotFound):
+        resolve_model("org/llama", hub)
