@@ -124,7 +124,8 @@ def build_spec(req: CreateJobRequest, *, model_path: str) -> JobSpec:
     optional = {
         "validation_file": req.validation_file, "suffix": req.suffix, "schedule": req.schedule,
         "gradient_checkpointing": req.gradient_checkpointing, "precision": req.precision,
-        "data_format": req.data_format,
+        "data_format": req.data_format, "train_on_inputs": req.train_on_inputs, "packing": req.packing,
+        "mix": req.mix, "forgetting_file": req.forgetting_file,
     }
     data.update({k: v for k, v in optional.items() if v is not None})
     try:

@@ -34,11 +34,11 @@ def _tokenizer(model_dir: str) -> Any:
 
 @lru_cache(maxsize=256)
 def _count_tokens(storage_path: str, sha256: str, model_dir: str, max_seq_len: int) -> int:
-    # sha256 is part of the key so a rewritten file is never served a stale count.
-    from trainer.data import validate_file
+    # sha256 is part of the key so a rewritten file is never served a stale count. The job's
+    # data check reads the same cached report, so a file is tokenized once per job.
+    from api.data_check import token_report
 
-    report = validate_file(storage_path, tokenizer=_tokenizer(model_dir), max_seq_len=max_seq_len)
-    return int(report.get("tokens") or 0)
+    return int(token_report(storage_path, sha256, model_dir, max_seq_len).get("tokens") or 0)
 
 
 def check_file_tokens(f: File, param: str, model_path: str, max_seq_len: int, settings: Settings) -> None:

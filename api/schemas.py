@@ -135,7 +135,15 @@ class CreateJobRequest(BaseModel):
     schedule: dict[str, Any] | None = Field(None, description="trainer.spec.Schedule.")
     gradient_checkpointing: bool | None = None
     precision: str | None = None
-    data_format: str | None = None
+    data_format: str | None = Field(None, description="auto | chat | alpaca | prompt_completion | text.")
+    train_on_inputs: bool | None = Field(None, description="Also train on prompts (default: false; true for text).")
+    packing: bool | None = Field(None, description="Pack short examples into full rows of max_seq_len.")
+    mix: list[dict[str, Any]] | None = Field(
+        None, description="Replay/general data mixed into training: [{'file': file id, 'weight': examples per training example}]."
+    )
+    forgetting_file: str | None = Field(
+        None, description="A file id of general held-out text; its loss before and after training measures forgetting."
+    )
     priority: int = Field(0, ge=-100, le=100, description="Higher runs first.")
     gpus: int = Field(1, ge=1, le=64, description="GPUs of one host the job needs.")
     integrations: list[Any] | None = None

@@ -44,6 +44,21 @@ def runnable_spec(db: Session, job: Job) -> dict[str, Any]:
         if f is None:
             raise SpecError(f"{field}: file {file_id} does not exist", field)
         spec[field] = str(storage.path(f.storage_key))
+    # Replay and forgetting files are stored files named by id, like training_file.
+    named = [("forgetting_file", spec.get("forgetting_file"))]
+    named += [(f"mix[{k}].file", m.get("file")) for k, m in enumerate(spec.get("mix") or []) if isinstance(m, dict)]
+    paths = {}
+    for field, file_id in named:
+        if not file_id:
+            continue
+        f = db.get(File, file_id)
+        if f is None:
+            raise SpecError(f"{field}: file {file_id} does not exist", field)
+        paths[field] = str(storage.path(f.storage_key))
+    if "forgetting_file" in paths:
+        spec["forgetting_file"] = paths["forgetting_file"]
+    if spec.get("mix"):
+        spec["mix"] = [{**m, "file": paths[f"mix[{k}].file"]} for k, m in enumerate(spec["mix"])]
     try:
         JobSpec.model_validate(spec)
     except ValueError as exc:

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Query
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, object_session
 
+from api import data_check
 from api.deps import CurrentUser, SessionDep, SettingsDep
 from api.errors import APIError, bad_request, not_found
 from api.job_spec import base_learning_rate, build_spec
@@ -95,6 +96,28 @@ def _usable_file(db: Session, file_id: str, param: str, user: User) -> File:
     return f
 
 
+def _check_data(db: Session, spec: Any, training: File, validation: File | None, model_path: str,
+                user: User) -> dict[str, dict[str, Any]]:
+    """Every file of the job usable by this user and trainable with this model and max_seq_len.
+
+    Mix and forgetting files may be in any format: replay data is often raw text.
+    """
+    max_len, fmt, inputs = spec.hyperparameters.max_seq_len, spec.data_format, spec.train_on_inputs
+    files: list[tuple[File, str, str]] = [(training, "training_file", fmt)]
+    if validation is not None:
+        files.append((validation, "validation_file", fmt))
+    for k, source in enumerate(spec.mix):
+        files.append((_usable_file(db, source.file, f"mix[{k}].file", user), f"mix[{k}].file", "auto"))
+    if spec.forgetting_file:
+        files.append((_usable_file(db, spec.forgetting_file, "forgetting_file", user), "forgetting_file", "auto"))
+    stats = {}
+    for f, param, file_format in files:
+        got = data_check.check_file(f, param, model_path, max_len, file_format, inputs)
+        if got is not None:
+            stats[param] = {"file": f.id, **got}
+    return stats
+
+
 @router.post("")
 def create_fine_tuning_job(body: CreateJobRequest, user: CurrentUser, db: SessionDep, settings: SettingsDep) -> JobOut:
     try:
@@ -109,11 +132,15 @@ def create_fine_tuning_job(body: CreateJobRequest, user: CurrentUser, db: Sessio
     for f, param in ((training, "training_file"), (validation, "validation_file")):
         if f is not None:
             check_file_tokens(f, param, model_path, spec.hyperparameters.max_seq_len, settings)
+    data_stats = _check_data(db, spec, training, validation, model_path, user)
     check_job_quota(db, user, body.gpus, settings)
     job = create_job(
         db, spec=spec.model_dump(mode="json"), model=body.model, method=spec.method, training_file=training,
         validation_file=validation, suffix=spec.suffix, owner_id=user.id, priority=body.priority, gpus=body.gpus,
     )
+    if data_stats:
+        states.add_event(db, job, data_check.summary(data_stats, spec.hyperparameters.max_seq_len),
+                         type="data_check", data=data_stats)
     # Commit before enqueueing: a worker may take the message before this request returns.
     db.commit()
     try:
