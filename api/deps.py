@@ -14,7 +14,7 @@ from core.db import get_sessionmaker
 from core.identity import authenticate, is_admin
 from core.models import User
 from core.settings import Settings, get_settings
-from core.storage import LocalStorage, get_storage
+from core.storage import Storage, get_storage
 
 
 def get_db() -> Iterator[Session]:
@@ -32,7 +32,7 @@ def get_db() -> Iterator[Session]:
 
 SessionDep = Annotated[Session, Depends(get_db)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-StorageDep = Annotated[LocalStorage, Depends(get_storage)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
 
 
 # auto_error=False: a missing key must answer in tuneq's error envelope, not FastAPI's default.

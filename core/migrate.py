@@ -1,5 +1,8 @@
 """Programmatic `alembic upgrade head`: the only way tuneq creates or changes its schema.
 
+`python -m core.migrate` also creates a missing S3 bucket: it is the one step a deployment
+runs before the API serves.
+
 alembic.ini and migrations/ are found next to this package, so the API, `tuneq up` and tests can
 migrate from any working directory.
 """
@@ -40,6 +43,17 @@ def main(argv: list[str] | None = None) -> None:
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     upgrade_head(url)
     print(f"migrated to head: {url.split('@')[-1]}")
+    prepare_storage()
+
+
+def prepare_storage() -> None:
+    """Create the S3 bucket a fresh deployment names, so API and workers can write at once."""
+    from core.settings import get_settings
+    from core.storage import get_storage
+
+    storage = get_storage()
+    if hasattr(storage, "ensure_bucket") and storage.ensure_bucket():
+        print(f"created bucket: {get_settings().storage_url}")
 
 
 if __name__ == "__main__":

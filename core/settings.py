@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,6 +18,35 @@ class Settings(BaseSettings):
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker.")
     artifact_dir: Path | None = Field(None, description="Where files and artifacts are stored; default home/artifacts.")
     work_dir: Path | None = Field(None, description="Scratch space of running jobs; default home/work.")
+    # Artifact storage (issue 11). Several hosts share one store only through S3: a local
+    # directory is seen by the API and the workers of one host alone.
+    storage_url: str = Field(
+        "", description="Where files and artifacts live: '' or file:///dir (local), or s3://bucket/prefix.",
+        pattern=r"^$|^file://|^s3://[^/]+",
+    )
+    storage_cache_dir: Path | None = Field(
+        None, description="Local copies of stored files that training reads (S3 only); default home/storage-cache."
+    )
+    s3_endpoint_url: str = Field("", description="S3-compatible endpoint, e.g. http://minio:9000; '' for AWS.")
+    s3_region: str = Field("us-east-1", description="Region of the bucket.")
+    s3_access_key_id: str = Field("", description="'' to use boto3's own chain (AWS_* variables, instance role).")
+    s3_secret_access_key: SecretStr = Field(SecretStr(""), description="Secret of s3_access_key_id.")
+    s3_addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "path", description="'path' suits MinIO and most self-hosted stores; AWS takes any."
+    )
+    # Connection pool of PostgreSQL (SQLite has none to tune). pre-ping and recycle are what let
+    # API and workers survive a database restart without serving dead connections.
+    db_pool_size: int = Field(5, ge=1, le=1000, description="Connections kept open per process.")
+    db_max_overflow: int = Field(10, ge=0, le=1000, description="Extra connections opened under load.")
+    db_pool_timeout_s: float = Field(30.0, gt=0, description="Wait for a free pooled connection before failing.")
+    db_pool_recycle_s: int = Field(
+        1800, ge=-1, description="Reopen connections older than this (firewalls and proxies drop idle ones); -1: never."
+    )
+    db_pool_pre_ping: bool = Field(True, description="Test a pooled connection before use; replaces one the server dropped.")
+    db_connect_timeout_s: int = Field(5, ge=1, le=600, description="Give up on one connection attempt after this.")
+    db_connect_retry_s: float = Field(
+        10.0, ge=0, description="Keep retrying a refused connection this long (rides out a database restart)."
+    )
     model_roots: list[Path] = Field(default_factory=list, description="Directories whose subfolders are base models.")
     allow_hub_models: bool = Field(False, description="Accept hub ids that are not under a model root.")
     visibility_timeout_s: int = Field(3600, ge=1, description="Broker re-delivery timeout of unacked tasks.")
@@ -57,6 +87,9 @@ class Settings(BaseSettings):
 
     def resolved_artifact_dir(self) -> Path:
         return (self.artifact_dir or self.home / "artifacts").resolve()
+
+    def resolved_storage_cache_dir(self) -> Path:
+        return (self.storage_cache_dir or self.home / "storage-cache").resolve()
 
     def resolved_work_dir(self) -> Path:
         return (self.work_dir or self.home / "work").resolve()

@@ -1,4 +1,9 @@
-"""Artifact storage. Keys are relative names chosen by tuneq, never by users."""
+"""Artifact storage. Keys are relative names chosen by tuneq, never by users.
+
+Two backends with one interface: a local directory (one host) and an S3-compatible bucket
+(several hosts), chosen by `TUNEQ_STORAGE_URL`. Keys are never rewritten once stored (file and
+job ids are unique), which is what lets the S3 backend cache local copies without checking them.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,10 @@ import hashlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
+from urllib.parse import unquote, urlsplit
 
-from core.settings import get_settings
+from core.settings import Settings, get_settings
 
 CHUNK = 1024 * 1024
 
@@ -17,31 +23,48 @@ class StorageKeyError(ValueError):
     pass
 
 
+class Storage(Protocol):
+    def put_stream(self, key: str, stream: BinaryIO) -> tuple[int, str]: ...
+    def put_file(self, key: str, src: Path) -> tuple[int, str]: ...
+    def open(self, key: str) -> BinaryIO: ...
+    def iter_bytes(self, key: str) -> Iterator[bytes]: ...
+    def exists(self, key: str) -> bool: ...
+    def delete(self, key: str) -> None: ...
+    def delete_prefix(self, prefix: str) -> None: ...
+    def local_path(self, key: str) -> Path: ...
+
+
+def check_key(key: str) -> str:
+    # Keys become paths on disk (local store, S3 cache): nothing may climb out of the root.
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in key:
+        raise StorageKeyError(f"bad storage key: {key!r}")
+    return key
+
+
 class LocalStorage:
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, key: str) -> Path:
-        p = (self.root / key).resolve()
+        p = (self.root / check_key(key)).resolve()
         if self.root not in p.parents:
             raise StorageKeyError(f"storage key escapes the store: {key!r}")
         return p
+
+    def local_path(self, key: str) -> Path:
+        path = self.path(key)
+        if not path.is_file():
+            raise FileNotFoundError(f"no stored file {key!r}")
+        return path
 
     def put_stream(self, key: str, stream: BinaryIO) -> tuple[int, str]:
         """Copy a stream into the store; return (bytes, sha256)."""
         dest = self.path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".part")
-        digest = hashlib.sha256()
-        size = 0
-        with open(tmp, "wb") as out:
-            while chunk := stream.read(CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-                out.write(chunk)
-        tmp.replace(dest)
-        return size, digest.hexdigest()
+        size, digest = write_hashed(stream, dest)
+        return size, digest
 
     def put_file(self, key: str, src: Path) -> tuple[int, str]:
         with open(src, "rb") as f:
@@ -58,12 +81,40 @@ class LocalStorage:
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
 
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self.path(prefix), ignore_errors=True)
 
 
-def get_storage() -> LocalStorage:
-    return LocalStorage(get_settings().resolved_artifact_dir())
+def write_hashed(stream: BinaryIO, dest: Path) -> tuple[int, str]:
+    """Write stream to dest through a temporary name, so a reader never sees half a file."""
+    tmp = dest.with_name(dest.name + ".part")
+    digest = hashlib.sha256()
+    size = 0
+    with open(tmp, "wb") as out:
+        while chunk := stream.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            out.write(chunk)
+    tmp.replace(dest)
+    return size, digest.hexdigest()
+
+
+def get_storage() -> Storage:
+    return storage_for(get_settings())
+
+
+def storage_for(settings: Settings) -> Storage:
+    url = settings.storage_url
+    if url.startswith("s3://"):
+        from core.s3_storage import S3Config, s3_storage
+
+        return s3_storage(S3Config.from_settings(settings))
+    if url.startswith("file://"):
+        return LocalStorage(Path(unquote(urlsplit(url).path)))
+    return LocalStorage(settings.resolved_artifact_dir())
 
 
 def sha256_file(path: Path) -> str:

@@ -65,6 +65,15 @@ def redis_url(redis_server_url: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real S3-protocol server (moto's, a subprocess) for the S3 storage backend's tests."""
+    from tests.s3server import moto_server
+
+    with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 def pg_admin_url() -> str:
     from sqlalchemy import create_engine, text
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.models import Artifact, Job
-from core.storage import LocalStorage
+from core.storage import Storage
 
 
 @dataclass
@@ -27,7 +27,7 @@ def archive_name(method: str) -> str:
     return "model.tar.gz" if method == "full" else "adapter.tar.gz"
 
 
-def publish_final(storage: LocalStorage, job: Job, final_dir: Path) -> list[Stored]:
+def publish_final(storage: Storage, job: Job, final_dir: Path) -> list[Stored]:
     """Copy every file of final_dir, and one tar.gz of it, into storage under jobs/{id}/.
 
     Runs outside any DB transaction: copying a full model takes long, and SQLite would hold its

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 
 from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from sqlalchemy import or_, select
 
+from api.content import stored_content
 from api.deps import CurrentUser, SessionDep, StorageDep
 from api.errors import APIError, not_found
 from api.routes.jobs import load_job
@@ -38,7 +39,7 @@ def list_fine_tuning_artifacts(job_id: str, user: CurrentUser, db: SessionDep) -
 @router.get("/{job_id}/artifacts/{artifact:path}/content", response_class=FileResponse)
 def get_fine_tuning_artifact_content(
     job_id: str, artifact: str, user: CurrentUser, db: SessionDep, storage: StorageDep
-) -> FileResponse:
+) -> Response:
     job = load_job(db, job_id, user)
     row = db.scalar(
         select(Artifact)
@@ -50,7 +51,7 @@ def get_fine_tuning_artifact_content(
         raise not_found("artifact", artifact)
     if not storage.exists(row.storage_key):
         raise APIError(404, f"the content of artifact {row.id} is missing from storage", code="content_missing")
-    return FileResponse(
-        storage.path(row.storage_key), media_type="application/octet-stream",
+    return stored_content(
+        storage, row.storage_key, size=row.bytes, media_type="application/octet-stream",
         filename=PurePosixPath(row.name).name, headers={"X-Content-SHA256": row.sha256},
     )

@@ -7,10 +7,11 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi import File as FormFile
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
+from api.content import stored_content
 from api.deps import CurrentUser, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, bad_request, not_found
 from api.limits import check_examples
@@ -83,11 +84,11 @@ def create_file(
     key = f"files/{file_id}.jsonl"
     file.file.seek(0)
     size, sha256 = storage.put_stream(key, file.file)
-    report = _validate(str(storage.path(key)))
+    report = _validate(str(storage.local_path(key)))
     try:
         check_examples(report, settings)
     except APIError:
-        storage.path(key).unlink(missing_ok=True)
+        storage.delete(key)
         raise
     row = File(
         id=file_id, owner_id=user.id, filename=_display_name(file.filename), purpose=purpose, bytes=size, storage_key=key,
@@ -132,8 +133,8 @@ def get_file(file_id: str, user: CurrentUser, db: SessionDep) -> FileObject:
 
 
 @router.get("/{file_id}/content", response_class=FileResponse)
-def get_file_content(file_id: str, user: CurrentUser, db: SessionDep, storage: StorageDep) -> FileResponse:
+def get_file_content(file_id: str, user: CurrentUser, db: SessionDep, storage: StorageDep) -> Response:
     f = load_file(db, file_id, user)
     if not storage.exists(f.storage_key):
         raise APIError(404, f"the content of file {file_id} is missing from storage", code="content_missing")
-    return FileResponse(storage.path(f.storage_key), media_type="application/jsonl", filename=f.filename)
+    return stored_content(storage, f.storage_key, size=f.bytes, media_type="application/jsonl", filename=f.filename)
