@@ -43,7 +43,8 @@ def runnable_spec(db: Session, job: Job) -> dict[str, Any]:
         f = db.get(File, file_id)
         if f is None:
             raise SpecError(f"{field}: file {file_id} does not exist", field)
-        spec[field] = str(storage.path(f.storage_key))
+        # A local copy: the trainer reads files, and S3 storage keeps them in a bucket.
+        spec[field] = str(storage.local_path(f.storage_key))
     # Replay and forgetting files are stored files named by id, like training_file.
     named = [("forgetting_file", spec.get("forgetting_file"))]
     named += [(f"mix[{k}].file", m.get("file")) for k, m in enumerate(spec.get("mix") or []) if isinstance(m, dict)]
@@ -54,7 +55,7 @@ def runnable_spec(db: Session, job: Job) -> dict[str, Any]:
         f = db.get(File, file_id)
         if f is None:
             raise SpecError(f"{field}: file {file_id} does not exist", field)
-        paths[field] = str(storage.path(f.storage_key))
+        paths[field] = str(storage.local_path(f.storage_key))
     if "forgetting_file" in paths:
         spec["forgetting_file"] = paths["forgetting_file"]
     if spec.get("mix"):
