@@ -28,23 +28,33 @@ def sha256_of(path: Path) -> str:
 def export_final(
     out_dir: Path, model: Any, tokenizer: Any, spec: JobSpec, metrics: dict[str, Any], events: EventWriter, precision: str
 ) -> Path:
-    """Save the adapter (lora, qlora) or the whole model (full) with its tokenizer; rank 0 only."""
+    """Save the adapter (peft methods) or the whole model (full, freeze) with its tokenizer, and
+    with export.merged the adapter merged into the base (final/merged/); rank 0 only."""
     final = Path(out_dir) / FINAL
     final.mkdir(parents=True, exist_ok=True)
-    if spec.method == "full" and precision == "bf16":
+    detail = method_detail(model)
+    if spec.method in ("full", "freeze") and precision == "bf16":
         # fp32 master weights served their purpose; users load and serve the model in bf16.
         model = model.to(torch.bfloat16)
     # A PeftModel saves only the adapter: adapter_config.json + adapter_model.safetensors.
     model.save_pretrained(final)
     tokenizer.save_pretrained(final)
+    if spec.export.merged:
+        from trainer.merge import export_merged
+
+        export_merged(spec.model, final, tokenizer, spec.export.merged_dtype)
 
     files = {}
     for path in sorted(p for p in final.rglob("*") if p.is_file() and p.name != MANIFEST):
         files[str(path.relative_to(final))] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
     manifest = {
-        "format": "peft-adapter" if spec.method in ("lora", "qlora") else "full-model",
+        "format": "full-model" if spec.method in ("full", "freeze") else "peft-adapter",
         "base_model": spec.model,
         "method": spec.method,
+        # What the trained model really was, read from it, not from the spec.
+        "method_detail": detail,
+        "merged": {"dir": "merged", "dtype": spec.export.merged_dtype, "into": "unquantized base"}
+        if spec.export.merged else None,
         "created": time.time(),
         "spec": spec.model_dump(mode="json"),
         "metrics": json_safe(metrics),
@@ -55,3 +65,24 @@ def export_final(
     for name, info in files.items():
         events.emit("artifact", f"saved {FINAL}/{name}", path=f"{FINAL}/{name}", **info)
     return final
+
+
+def method_detail(model: Any) -> dict[str, Any]:
+    """peft type and options, quantized layer classes and trainable parameters of the live model."""
+    quantized: dict[str, int] = {}
+    for module in model.modules():
+        name = type(module).__name__
+        # peft's adapter wrappers around them share the names; count bitsandbytes' layers only.
+        if name in ("Linear4bit", "Linear8bitLt") and type(module).__module__.startswith("bitsandbytes"):
+            quantized[name] = quantized.get(name, 0) + 1
+    detail: dict[str, Any] = {
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "quantized_linears": quantized,
+    }
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is not None:
+        detail["peft_type"] = str(getattr(config.peft_type, "value", config.peft_type))
+        for key in ("r", "use_dora", "use_rslora", "num_virtual_tokens"):
+            if hasattr(config, key):
+                detail[key] = getattr(config, key)
+    return detail

@@ -38,6 +38,7 @@ from trainer.errors import ConfigError, Paused
 from trainer.events import EventWriter
 from trainer.export import export_final
 from trainer.methods import apply_method
+from trainer.optim import build_optimizer
 from trainer.model import count_parameters, load_model, load_tokenizer, resolve_precision
 from trainer.sampler import DataOrder
 from trainer.signals import StopFlags
@@ -139,18 +140,6 @@ def eval_sample(examples: list[dict], size: int, seed: int) -> list[dict]:
 
     chosen = np.random.default_rng([seed, 7]).permutation(len(examples))[:size]
     return [examples[i] for i in sorted(chosen.tolist())]
-
-
-def build_optimizer(model: Any, spec: JobSpec, device: torch.device) -> torch.optim.Optimizer:
-    hp = spec.hyperparameters
-    params = [p for p in model.parameters() if p.requires_grad]
-    # Decay matrices only: decaying norms' gains and biases pulls them towards zero for no benefit.
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(0.9, 0.999), fused=device.type == "cuda")
 
 
 def plan_steps(spec: JobSpec, order: DataOrder) -> tuple[int, int]:

@@ -96,7 +96,7 @@ def load_model(spec: JobSpec, precision: str, device: torch.device) -> Any:
     _check_source(spec.model)
     # Frozen weights stay in bf16 on a GPU: upcasting a frozen 8B base to fp32 would double its
     # memory for no gain. Full fine-tuning keeps fp32 master weights and computes in bf16 autocast.
-    if precision == "bf16" and spec.method != "full":
+    if precision == "bf16" and spec.method not in ("full", "freeze"):
         dtype = torch.bfloat16
     else:
         dtype = torch.float32
@@ -110,7 +110,7 @@ def load_model(spec: JobSpec, precision: str, device: torch.device) -> Any:
         # Straight onto this rank's GPU; bitsandbytes also needs it to quantize on load.
         kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
     if spec.method == "qlora":
-        kwargs["quantization_config"] = quantization_config(precision)
+        kwargs["quantization_config"] = quantization_config(precision, spec.quantization)
     try:
         model = AutoModelForCausalLM.from_pretrained(spec.model, **kwargs)
     except torch.cuda.OutOfMemoryError:

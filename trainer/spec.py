@@ -10,7 +10,18 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Method = Literal["full", "lora", "qlora"]
+from trainer.method_settings import (
+    ExportSettings,
+    FreezeSettings,
+    IA3Settings,
+    Optimizer,
+    PrefixSettings,
+    QuantizationSettings,
+    check_method_settings,
+)
+
+# freeze: full fine-tuning of the top layers only; ia3 and prefix: the adapter family besides LoRA.
+Method = Literal["full", "lora", "qlora", "ia3", "prefix", "freeze"]
 DataFormat = Literal["auto", "chat", "alpaca", "prompt_completion", "text"]
 Precision = Literal["auto", "bf16", "fp32"]
 
@@ -28,6 +39,11 @@ class LoraSettings(_Strict):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         ALL_LINEAR, description="Module names to adapt, or 'all-linear'."
+    )
+    use_dora: bool = Field(False, description="DoRA: learn each weight's magnitude apart from its LoRA direction.")
+    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r), which keeps high ranks learning.")
+    loraplus_lr_ratio: float | None = Field(
+        None, ge=1.0, le=1024.0, description="LoRA+: the B matrices learn at this multiple of the learning rate."
     )
 
     @model_validator(mode="after")
@@ -90,8 +106,17 @@ class JobSpec(_Strict):
     """What to train, on what, and how."""
 
     model: str = Field(..., min_length=1, max_length=512, description="Hub id or local directory of the base model.")
-    method: Method = Field("lora", description="full | lora | qlora.")
+    method: Method = Field("lora", description="full | lora | qlora | ia3 | prefix | freeze.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="Used by lora and qlora.")
+    quantization: QuantizationSettings | None = Field(None, description="qlora's base: 4-bit (default) or 8-bit.")
+    ia3: IA3Settings | None = Field(None, description="Used by ia3.")
+    prefix: PrefixSettings | None = Field(None, description="Used by prefix.")
+    freeze: FreezeSettings | None = Field(None, description="Used by freeze (required there).")
+    optimizer: Optimizer = Field("adamw", description="adamw | adamw_fused | adamw_8bit | paged_adamw | paged_adamw_8bit.")
+    init_from: str | None = Field(
+        None, min_length=1, description="Adapter, model or checkpoint directory whose weights this job starts from."
+    )
+    export: ExportSettings = Field(default_factory=ExportSettings, description="What final/ holds besides the adapter.")
     training_file: str = Field(..., min_length=1, description="Path of the training JSONL.")
     validation_file: str | None = Field(None, description="Path of the validation JSONL.")
     data_format: DataFormat = Field(
@@ -119,8 +144,9 @@ class JobSpec(_Strict):
     def _cross_field(self) -> JobSpec:
         hp = self.hyperparameters
         # Compared with the defaults, not with "was it given", so that a dumped spec validates again.
-        if self.method == "full" and self.lora != LoraSettings():
-            raise ValueError("lora: LoRA settings apply to method 'lora' or 'qlora', not 'full'")
+        if self.method not in ("lora", "qlora") and self.lora != LoraSettings():
+            raise ValueError(f"lora: LoRA settings apply to method 'lora' or 'qlora', not {self.method!r}")
+        check_method_settings(self)
         if hp.warmup_steps is not None and hp.max_steps is not None and hp.warmup_steps > hp.max_steps:
             raise ValueError(
                 f"hyperparameters.warmup_steps: {hp.warmup_steps} exceeds max_steps {hp.max_steps}; "
