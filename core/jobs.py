@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -44,6 +45,7 @@ def create_job(
 
     The caller commits, then calls core.queue.enqueue_job(job.id).
     """
+    check_gpus_fit(gpus)
     job = Job(
         spec=spec, model=model, method=method, training_file=training_file.id,
         validation_file=validation_file.id if validation_file else None, suffix=suffix,
@@ -57,6 +59,23 @@ def create_job(
             raise JobError(f"{field}: file {f.id} failed validation; fix the file and upload it again", field)
     states.transition(db, job, states.QUEUED, "Job queued.")
     return job
+
+
+def check_gpus_fit(gpus: int) -> None:
+    """Refuse a job no registered host has enough GPUs for; with no worker registered, accept
+    (hosts may join later). The registry lives in Redis; if it is unreachable, so is the queue,
+    and enqueueing reports that."""
+    from core import workers
+
+    try:
+        largest = workers.largest_host()
+    except redis.RedisError:
+        return
+    if largest is not None and gpus > largest:
+        raise JobError(
+            f"gpus: {gpus} GPUs requested, but the largest registered host has {largest}; allowed 1..{largest}",
+            "gpus", "gpus_unavailable",
+        )
 
 
 def request_cancel(db: Session, job: Job) -> Job:

@@ -9,16 +9,22 @@ from __future__ import annotations
 from typing import Any
 
 from celery import signals
+from sqlalchemy.exc import DBAPIError
 
 from core.queue import REAP, RUN_JOB, make_celery
-from worker import reaper, runner
+from core.settings import get_settings
+from worker import gpus, host, reaper, runner
 
 app = make_celery()
 
 _reaper: reaper.ReaperThread | None = None
+_host: host.HostThread | None = None
 
 
-@app.task(name=RUN_JOB)
+# A database that is down when the message arrives: try again later, with back-off, instead of
+# losing the delivery (the dispatcher would re-send it too, but only once the DB is back).
+@app.task(name=RUN_JOB, autoretry_for=(DBAPIError,), retry_backoff=True, retry_backoff_max=60,
+          max_retries=get_settings().max_attempts)
 def run_job(job_id: str) -> str:
     return runner.run_job(job_id)
 
@@ -28,12 +34,24 @@ def reap() -> list[str]:
     return reaper.reap_once()
 
 
+@signals.celeryd_after_setup.connect
+def _take_host_gpus(instance: Any = None, **_: Any) -> None:
+    # On a CPU host the devices are job slots; one thread stays spare (see worker/__main__.py).
+    threads = getattr(instance, "concurrency", None) or 1
+    gpus.configure(gpus.GpuPool.for_host(get_settings(), slots=max(1, threads - 1)))
+
+
 @signals.worker_ready.connect
 def _start_reaper(**_: Any) -> None:
-    global _reaper
+    global _reaper, _host
     if _reaper is None:
         _reaper = reaper.ReaperThread()
         _reaper.start()
+    if _host is None:
+        settings = get_settings()
+        pool = gpus.get_pool(settings)
+        _host = host.HostThread(pool, runner.default_worker_id(settings), slots=pool.count)
+        _host.start()
 
 
 @signals.worker_shutting_down.connect
@@ -42,3 +60,5 @@ def _stop_running_jobs(**_: Any) -> None:
     runner.SHUTDOWN.set()
     if _reaper is not None:
         _reaper.stop()
+    if _host is not None:
+        _host.stop()

@@ -111,3 +111,46 @@ def kill_strays(work_dir: Path) -> list[int]:
             except ProcessLookupError:
                 pass
     return killed
+
+
+SUPERVISOR_ENV = "TUNEQ_SUPERVISOR_PID"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def kill_orphans() -> list[int]:
+    """SIGKILL the process groups of trainers whose supervising worker is dead; return the pgids.
+
+    A SIGKILLed worker leaves its trainer running in its own session, and the kernel has already
+    freed that worker's GPU locks: left alone, the orphan would share a GPU with the next job.
+    Each trainer carries its worker's pid in its environment, which tells orphans apart from
+    trainers of live workers of the same host.
+    """
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"trainer" not in argv:
+            continue
+        prefix = SUPERVISOR_ENV.encode() + b"="
+        sup = next((e[len(prefix):] for e in environ if e.startswith(prefix)), None)
+        if sup is None or not sup.isdigit() or _alive(int(sup)):
+            continue
+        try:
+            pgid = os.getpgid(int(entry.name))
+            os.killpg(pgid, signal.SIGKILL)
+            killed.append(pgid)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return killed

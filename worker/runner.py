@@ -17,18 +17,23 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from core import states
+from core import control, states
 from core.db import get_sessionmaker
 from core.jobs import acquire_lease, heartbeat, lock_leased_job, release_lease
 from core.models import Job
-from core.queue import enqueue_job
+from core.queue import clear_pending, enqueue_job
+from core.retries import USER_ERRORS, retry_or_fail
 from core.settings import Settings, get_settings
 from core.storage import get_storage
+from worker import placement
 from worker.artifacts import publish_final
 from worker.events import EventTail, ProgressTracker
-from worker.process import TrainerProcess, kill_strays
+from worker.gpus import GpuPool, Reservation, get_pool
+from worker.process import SUPERVISOR_ENV, TrainerProcess, kill_strays
 from worker.workdir import SpecError, has_checkpoint, job_dir, runnable_spec, trainer_argv, trainer_env, write_spec
 
 log = logging.getLogger(__name__)
@@ -51,18 +56,32 @@ def default_worker_id(settings: Settings) -> str:
 def run_job(job_id: str, worker_id: str | None = None) -> str:
     """Run one job to its end; return the outcome.
 
-    Outcomes: a final status (succeeded, failed, cancelled, paused), `requeued` (worker shutdown),
-    `lost` (another worker took the lease), `skipped` (not runnable by this delivery).
+    Outcomes: a final status (succeeded, failed, cancelled, paused), `queued` (preempted or
+    retried), `requeued` (worker shutdown), `lost` (another worker took the lease), `skipped`
+    (not runnable by this delivery), `deferred` (no free GPUs for it here; it is re-sent later).
+    A message is a wake-up as much as an order: when a job ahead of this one in the queue fits
+    the free GPUs, that job runs instead, so no GPU idles while a fitting job waits.
     """
     settings = get_settings()
     worker_id = worker_id or default_worker_id(settings)
+    pool = get_pool(settings)
     db = get_sessionmaker()()
     try:
-        job = acquire_lease(db, job_id, worker_id, settings.lease_ttl_s)
-        if job is None:
-            _log_skip(db, job_id)
-            return "skipped"
-        return JobRun(db, job, worker_id, settings).execute()
+        try:
+            taken = placement.take(db, pool, job_id, worker_id, settings)
+        finally:
+            # Only now: cleared before the lease, a dispatcher could see the job queued with no
+            # message in flight and send a second one.
+            clear_pending(job_id)
+        if isinstance(taken, str):
+            if taken == "skipped":
+                _log_skip(db, job_id)
+            return taken
+        job, reservation = taken
+        try:
+            return JobRun(db, job, worker_id, settings, pool, reservation).execute()
+        finally:
+            pool.release(reservation)
     finally:
         db.close()
 
@@ -80,8 +99,11 @@ def _log_skip(db: Session, job_id: str) -> None:
 
 
 class JobRun:
-    def __init__(self, db: Session, job: Job, worker_id: str, settings: Settings):
+    def __init__(self, db: Session, job: Job, worker_id: str, settings: Settings, pool: GpuPool | None = None,
+                 reservation: Reservation | None = None):
         self.db = db
+        self.pool = pool
+        self.reservation = reservation
         self.job = job
         self.job_id = job.id
         self.worker_id = worker_id
@@ -101,12 +123,21 @@ class JobRun:
         if strays := kill_strays(self.dir):
             log.warning("job %s: killed trainer processes %s left by an earlier attempt", self.job_id, strays)
         resume = has_checkpoint(self.dir)
-        argv = trainer_argv(self.settings, write_spec(self.dir, spec), self.dir, resume)
-        proc = TrainerProcess(argv, cwd=self.dir, log_path=self.dir / "trainer.log", env=trainer_env())
-        log.info("job %s: trainer pid %s started (attempt %s%s)", self.job_id, proc.pid, self.attempt,
-                 ", resuming" if resume else "")
+        devices = self.reservation.indices if self.reservation else []
+        kind = self.pool.kind if self.pool else "cpu"
+        procs = len(devices) if kind == "gpu" and devices else 1
+        argv = trainer_argv(self.settings, write_spec(self.dir, spec), self.dir, resume, num_processes=procs)
+        env = {**trainer_env(), SUPERVISOR_ENV: str(os.getpid())}
+        if self.reservation:
+            env.update(self.reservation.env(kind))
+        proc = TrainerProcess(argv, cwd=self.dir, log_path=self.dir / "trainer.log", env=env)
+        log.info("job %s: trainer pid %s started on %s %s (attempt %s%s)", self.job_id, proc.pid, kind, devices,
+                 self.attempt, ", resuming" if resume else "")
+        host = self.pool.host if self.pool else None
         states.add_event(self.db, self.job, "Resuming from the latest checkpoint." if resume else "Trainer started.",
-                         type="message", data={"pid": proc.pid, "worker": self.worker_id, "resume": resume})
+                         type="message", data={"pid": proc.pid, "worker": self.worker_id, "resume": resume,
+                                               "attempt": self.attempt, "host": host, "devices": devices,
+                                               "device_kind": kind})
         self.db.commit()
         try:
             stopped_by = self.supervise(proc)
@@ -127,10 +158,10 @@ class JobRun:
         stopped_by: str | None = None
         kill_at = float("inf")
         while not proc.finished():
-            self.pump()
+            self.with_db(self.pump)
             now = time.monotonic()
             if now >= next_beat:
-                if heartbeat(self.db, self.job_id, self.worker_id, self.attempt) is None:
+                if self.with_db(heartbeat, self.db, self.job_id, self.worker_id, self.attempt) is None:
                     log.warning("job %s: lease lost (attempt %s); stopping the trainer", self.job_id, self.attempt)
                     proc.kill()
                     return "lost"
@@ -147,7 +178,26 @@ class JobRun:
             time.sleep(POLL_S)
         return stopped_by
 
+    def with_db(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call fn, riding out a database outage shorter than half the lease TTL.
+
+        Past that the reaper may hand the job to another worker, so the error ends this run (the
+        trainer is killed) rather than let two runs overlap.
+        """
+        for attempt in Retrying(
+            retry=retry_if_exception_type(DBAPIError), wait=wait_exponential(multiplier=0.2, max=5),
+            stop=stop_after_delay(self.settings.lease_ttl_s / 2), reraise=True,
+            before_sleep=lambda rs: (self.db.rollback(), log.warning("job %s: database error, retrying: %s",
+                                                                      self.job_id, rs.outcome.exception())),
+        ):
+            with attempt:
+                return fn(*args)
+        return None
+
     def stop_reason(self) -> str | None:
+        return self.with_db(self._stop_reason)
+
+    def _stop_reason(self) -> str | None:
         cancel, pause = self.db.execute(
             select(Job.cancel_requested, Job.pause_requested).where(Job.id == self.job_id)
         ).one()
@@ -186,7 +236,21 @@ class JobRun:
             return self.finish(states.PAUSED, "Job paused; resuming continues from the latest checkpoint.")
         if proc.returncode == 0:
             return self.succeed()
+        err = self.tracker.last_error
+        if err is None or (err.get("code") not in USER_ERRORS and (proc.returncode or 0) < 0):
+            # No error of its own: the trainer was killed (OOM killer, a stray signal, a lost
+            # device) or crashed; a re-run resumes from the checkpoint, within max_attempts.
+            return self.retry(_death(proc.returncode))
         return self.finish(states.FAILED, "Job failed.", error=self.failure(proc.returncode))
+
+    def retry(self, reason: str) -> str:
+        job = lock_leased_job(self.db, self.job_id, self.worker_id, self.attempt)
+        if job is None:
+            return "lost"
+        requeued = retry_or_fail(self.db, job, reason)
+        self.db.commit()
+        log.warning("job %s: %s; %s", self.job_id, reason, "re-queued" if requeued else job.status)
+        return states.QUEUED if requeued else job.status
 
     def succeed(self) -> str:
         final = self.dir / "final"
@@ -232,9 +296,11 @@ class JobRun:
         if target == states.PAUSED:
             job.pause_requested = False  # honoured; a resume must not pause again at once
         states.transition(self.db, job, target, message, error=error)
+        if target == states.PAUSED:
+            control.after_pause(self.db, job)
         self.db.commit()
-        log.info("job %s: %s", self.job_id, target)
-        return target
+        log.info("job %s: %s", self.job_id, job.status)
+        return job.status
 
 
 def fine_tuned_model_name(job: Job) -> str:
@@ -242,6 +308,16 @@ def fine_tuned_model_name(job: Job) -> str:
     if os.path.isabs(base):
         base = Path(base).name  # a local directory: its folder name, not where this host keeps it
     return f"ft:{base}:{job.suffix or 'tuneq'}:{job.id}"
+
+
+def _death(returncode: int | None) -> str:
+    if returncode is not None and returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"the trainer was killed by {name}"
+    return f"the trainer exited with code {returncode} without reporting an error"
 
 
 def _tail(path: Path, chars: int) -> str:

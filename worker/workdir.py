@@ -15,6 +15,7 @@ from core.models import File, Job
 from core.settings import Settings
 from core.storage import get_storage
 from trainer.spec import JobSpec
+from worker.continuation import resolve_init_from
 
 # The worker may run from anywhere; the trainer package is importable from where trainer.spec is.
 CODE_ROOT = Path(trainer.spec.__file__).resolve().parents[1]
@@ -60,6 +61,11 @@ def runnable_spec(db: Session, job: Job) -> dict[str, Any]:
         spec["forgetting_file"] = paths["forgetting_file"]
     if spec.get("mix"):
         spec["mix"] = [{**m, "file": paths[f"mix[{k}].file"]} for k, m in enumerate(spec["mix"])]
+    if spec.get("init_from"):
+        try:
+            spec["init_from"] = resolve_init_from(db, spec["init_from"])
+        except ValueError as exc:
+            raise SpecError(str(exc), "from_checkpoint") from None
     try:
         JobSpec.model_validate(spec)
     except ValueError as exc:
@@ -82,13 +88,13 @@ def has_checkpoint(work_dir: Path) -> bool:
     return ckpts.is_dir() and any(p.is_dir() and any(p.iterdir()) for p in ckpts.iterdir())
 
 
-def trainer_argv(settings: Settings, spec_path: Path, work_dir: Path, resume: bool) -> list[str]:
+def trainer_argv(settings: Settings, spec_path: Path, work_dir: Path, resume: bool, num_processes: int = 1) -> list[str]:
     cmd = ["-m", "trainer", "run", str(spec_path), "--out", str(work_dir)]
     if resume:
         cmd.append("--resume")
     if settings.accelerate_launch:
         launch = [
-            "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+            "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no",
         ]
         return [sys.executable, *launch, *cmd]

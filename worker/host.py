@@ -1,0 +1,84 @@
+"""The worker's background duties on its host: stay registered, re-send queued jobs, kill orphans.
+
+The broker holds only hints: a message lost with a restarted Redis, a job re-queued after a
+retry's back-off or a preemption, a job deferred because its GPUs were taken, all need a new
+message. The database knows which jobs are queued, so every worker re-sends them (one of them
+wins each job's pending marker), in queue order and no more than the cluster's devices.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from core import workers
+from core.db import session_scope
+from core.models import now
+from core.queue import RUN_JOB, claim_dispatch, producer
+from core.scheduling import waiting
+from core.settings import get_settings
+from worker.gpus import GpuPool
+from worker.process import kill_orphans
+
+log = logging.getLogger(__name__)
+
+ORPHAN_SCAN_S = 5.0
+
+
+def dispatch_once() -> list[str]:
+    """Send a run_job message for queued jobs that have none in flight; return their ids."""
+    with session_scope() as db:
+        queue = waiting(db)
+    if not queue:
+        return []
+    cap = max(1, workers.total_devices())
+    t, sent, considered = now(), [], 0
+    for w in queue:
+        if considered >= cap:
+            break
+        if w.retry_at > t:
+            continue
+        considered += 1
+        if claim_dispatch(w.id):
+            producer().send_task(RUN_JOB, args=[w.id])
+            log.info("job %s is queued with no message in flight; sent one", w.id)
+            sent.append(w.id)
+    return sent
+
+
+class HostThread(threading.Thread):
+    def __init__(self, pool: GpuPool, worker_id: str, slots: int):
+        super().__init__(name="tuneq-host", daemon=True)
+        self.pool, self.worker_id, self.slots = pool, worker_id, slots
+        self.stopped = threading.Event()
+        self.wake = threading.Event()
+
+    def register(self) -> None:
+        s = get_settings()
+        workers.register(self.worker_id, self.pool.host, self.pool.count, self.pool.kind, s.registry_ttl_s,
+                         slots=self.slots, free=self.pool.free(), seen=time.time())
+
+    def run(self) -> None:
+        s = get_settings()
+        next_orphan_scan = 0.0
+        while not self.stopped.is_set():
+            for duty in (self.register, dispatch_once):
+                try:
+                    duty()
+                except Exception:  # a DB or Redis outage must not end the thread; the next pass retries
+                    log.warning("%s failed; retrying", duty.__name__, exc_info=True)
+            if time.monotonic() >= next_orphan_scan:
+                if killed := kill_orphans():
+                    log.warning("killed orphaned trainer process groups %s", killed)
+                next_orphan_scan = time.monotonic() + ORPHAN_SCAN_S
+            self.wake.wait(s.dispatch_interval_s)
+            self.wake.clear()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.wake.set()
+        try:
+            workers.unregister(self.worker_id)
+        except Exception:  # noqa: BLE001 - the key expires anyway
+            pass

@@ -1,0 +1,94 @@
+"""Choosing what a delivery runs on this host's free GPUs, and preempting for a higher priority.
+
+GPUs are reserved (lock files) before the job's lease is taken (DB), so a job is only ever
+`running` while it holds its GPUs; a reservation whose lease is refused is given back at once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core import control, states
+from core.jobs import acquire_lease
+from core.models import Job, now
+from core.scheduling import Waiting, blocked_head, pick, waiting
+from core.settings import Settings
+from worker.gpus import GpuPool, Reservation
+
+log = logging.getLogger(__name__)
+
+
+def _runnable(job: Job | None, ttl_s: float) -> bool:
+    if job is None:
+        return False
+    if job.status == states.QUEUED:
+        return True
+    stale = job.lease_heartbeat_at is None or job.lease_heartbeat_at < now() - ttl_s
+    return job.status == states.RUNNING and stale
+
+
+def take(db: Session, pool: GpuPool, job_id: str, worker_id: str, settings: Settings) -> tuple[Job, Reservation] | str:
+    """A leased job with its GPUs reserved, or why not: `skipped` or `deferred`."""
+    job = db.get(Job, job_id, populate_existing=True)
+    runnable = _runnable(job, settings.lease_ttl_s)
+    db.rollback()
+    if not runnable:
+        return "skipped"
+    assert job is not None
+    with pool.mutex:
+        if job.status == states.RUNNING:  # a dead worker's job, taken over before the reaper got to it
+            target_id, gpus = job.id, job.gpus
+        else:
+            queue = waiting(db)
+            db.rollback()
+            free = pool.free()
+            chosen = pick(queue, free, pool.count)
+            if chosen is None:
+                preempt_for(db, pool, queue, free)
+                return "deferred"
+            target_id, gpus = chosen.id, chosen.gpus
+            if target_id != job_id:
+                log.info("job %s waits behind job %s, which fits the free GPUs and runs first", job_id, target_id)
+        reservation = pool.reserve(gpus, owner=target_id)
+        if reservation is None:  # another worker process of this host was faster
+            return "deferred"
+        leased = acquire_lease(db, target_id, worker_id, settings.lease_ttl_s)
+        if leased is None:
+            pool.release(reservation)
+            return "skipped" if target_id == job_id else "deferred"
+        return leased, reservation
+
+
+def preempt_for(db: Session, pool: GpuPool, queue: list[Waiting], free: int) -> list[str]:
+    """Pause the lowest-priority jobs on this host when that frees enough GPUs for a
+    higher-priority waiting job; return the ids asked to pause."""
+    head = blocked_head(queue, free, pool.count)
+    if head is None:
+        return []
+    held: dict[str, int] = {}
+    for owner in pool.holders().values():
+        held[owner] = held.get(owner, 0) + 1
+    if not held:
+        return []
+    running = db.scalars(select(Job).where(Job.id.in_(held), Job.status == states.RUNNING)).all()
+    # GPUs already being given back by an earlier preemption count as free.
+    need = head.gpus - free - sum(held[j.id] for j in running if j.pause_requested)
+    victims = sorted((j for j in running if not j.pause_requested and j.priority < head.priority),
+                     key=lambda j: (j.priority, -(j.started_at or 0)))
+    chosen = []
+    for v in victims:
+        if need <= 0:
+            break
+        chosen.append(v)
+        need -= held[v.id]
+    if need > 0 or not chosen:
+        db.rollback()
+        return []
+    for_job = db.get(Job, head.id)
+    asked = [v.id for v in chosen if for_job is not None and control.preempt(db, v, for_job)]
+    if asked:
+        log.warning("preempting %s for job %s (priority %s)", asked, head.id, head.priority)
+    return asked
