@@ -18,7 +18,8 @@ T = TypeVar("T")
 
 DEFAULT_LIMIT = 20
 
-LimitQuery = Annotated[int, Query(description="Items per page (at most TUNEQ_PAGE_LIMIT_MAX).")]
+# The static bound documents a range for clients and fuzzers; check_limit applies the configured one.
+LimitQuery = Annotated[int, Query(ge=1, le=10_000, description="Items per page (at most TUNEQ_PAGE_LIMIT_MAX).")]
 AfterQuery = Annotated[str | None, Query(description="Id of the last item of the previous page.")]
 
 

@@ -121,7 +121,7 @@ class CreateJobRequest(BaseModel):
     training_file: str = Field(..., min_length=1, description="A file id from POST /v1/files.")
     validation_file: str | None = Field(None, description="A file id from POST /v1/files.")
     suffix: str | None = Field(None, max_length=64)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
     hyperparameters: dict[str, Any] | None = Field(
         None,
         description="n_epochs, batch_size, learning_rate_multiplier ('auto' allowed) and every field of "
