@@ -202,9 +202,14 @@ def status(
         ("progress", _progress(job)),
     ]
     metrics = job.get("metrics") or {}
-    for key in ("train_loss", "valid_loss", "valid_mean_token_accuracy"):
+    for key in ("train_loss", "valid_loss", "valid_mean_token_accuracy", "full_valid_loss", "full_valid_mean_token_accuracy"):
         if metrics.get(key) is not None:
             rows.append((key, f"{metrics[key]:.4f}" if isinstance(metrics[key], float) else str(metrics[key])))
+    if metrics.get("forgetting_loss_before") is not None and metrics.get("forgetting_loss_after") is not None:
+        # The general held-out loss before -> after: how much the job cost the base model.
+        rows.append(("forgetting", f"loss {metrics['forgetting_loss_before']:.4f} -> {metrics['forgetting_loss_after']:.4f}, "
+                     f"perplexity {metrics.get('forgetting_perplexity_before', 0):.2f} -> "
+                     f"{metrics.get('forgetting_perplexity_after', 0):.2f}"))
     if job.get("trained_tokens"):
         rows.append(("trained tokens", str(job["trained_tokens"])))
     if job.get("fine_tuned_model"):
