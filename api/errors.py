@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.identity import IdentityError
@@ -23,6 +24,9 @@ from core.model_roots import ModelNotFound
 from core.states import IllegalTransition
 
 log = logging.getLogger("tuneq.api")
+
+# What a client is told to wait after a database outage answer: about a PostgreSQL restart.
+RETRY_AFTER_S = 2
 
 _TYPES = {
     400: "invalid_request_error",
@@ -104,6 +108,17 @@ def first_validation_error(errors: list[dict[str, Any]], drop: tuple[str, ...] =
     return message, param
 
 
+def database_unavailable(exc: BaseException) -> bool:
+    """A lost or refused database connection (restart, failover), not a bad statement."""
+    return isinstance(exc, DBAPIError) and (isinstance(exc, OperationalError) or exc.connection_invalidated)
+
+
+def unavailable(exc: BaseException) -> JSONResponse:
+    log.warning("database unavailable: %s", str(exc).splitlines()[0][:300])
+    return envelope(503, "the database is unavailable; retry shortly", None, "database_unavailable",
+                    {"Retry-After": str(RETRY_AFTER_S)})
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -158,7 +173,17 @@ def install(app: FastAPI) -> None:
             return envelope(413, message, "file", "file_too_large")
         return envelope(exc.status_code, message, None, None, exc.headers)
 
+    @app.exception_handler(DBAPIError)
+    async def _database(request: Request, exc: DBAPIError) -> JSONResponse:
+        if not database_unavailable(exc):
+            return await _unexpected(request, exc)
+        # Read by api.db_retry: a read cut off by the outage may be run once more.
+        request.state.database_unavailable = True
+        return unavailable(exc)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if database_unavailable(exc):  # raised in a middleware, outside the handler above
+            return unavailable(exc)
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return envelope(500, "internal error; see the API server's log", None, "internal_error")

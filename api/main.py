@@ -6,6 +6,7 @@ from fastapi import FastAPI
 
 from api import errors
 from api.auth_gate import UploadAuthMiddleware
+from api.db_retry import RetryReadsMiddleware
 from api.routes import admin, artifacts, checkpoints, events, files, health, jobs, models
 from api.uploads import UploadLimitMiddleware
 
@@ -17,6 +18,7 @@ def create_app() -> FastAPI:
         summary="Self-hosted LLM fine-tuning with OpenAI's fine-tuning API.",
     )
     errors.install(app)
+    app.add_middleware(RetryReadsMiddleware)
     app.add_middleware(UploadLimitMiddleware)
     # Added last, so it runs first: no upload byte is read for a caller without a valid key.
     app.add_middleware(UploadAuthMiddleware)

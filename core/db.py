@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from core.settings import get_settings
+from core.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, settings: Settings | None = None) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
@@ -26,7 +30,34 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    settings = settings or get_settings()
+    engine = create_engine(
+        url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout_s, pool_recycle=settings.db_pool_recycle_s,
+        pool_pre_ping=settings.db_pool_pre_ping, connect_args={"connect_timeout": settings.db_connect_timeout_s},
+    )
+    retry_connect(engine, settings.db_connect_retry_s)
+    return engine
+
+
+def retry_connect(engine: Engine, within_s: float) -> None:
+    """Retry refused connections for a while: a database restart then costs callers a pause, not an error.
+
+    Only opening a connection is retried here; it changes nothing on the server, so it is safe
+    for any caller. A statement cut off by the restart still fails and is the caller's to retry
+    (the worker's DB calls, the API's idempotent reads).
+    """
+    if within_s <= 0:
+        return
+    retrying = Retrying(
+        retry=retry_if_exception_type(engine.dialect.loaded_dbapi.OperationalError),
+        stop=stop_after_delay(within_s), wait=wait_exponential(multiplier=0.1, max=2), reraise=True,
+        before_sleep=lambda rs: log.warning("database connection failed, retrying: %s", rs.outcome.exception()),
+    )
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(dialect, _record, cargs, cparams):  # noqa: ANN001, ANN202
+        return retrying(dialect.connect, *cargs, **cparams)
 
 
 @lru_cache

@@ -1,0 +1,124 @@
+"""The database connection rides out a PostgreSQL restart (a throwaway cluster of the test's own),
+and the API answers an outage with 503 + Retry-After instead of a 500."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import text
+
+from core.settings import Settings
+from tests.conftest import reset_caches
+from tests.pgcluster import PgCluster
+from tuneq.embedded import free_port
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[PgCluster]:
+    c = PgCluster(free_port())
+    c.init()
+    c.start()
+    yield c
+    c.destroy()
+
+
+def test_pool_settings_reach_the_engine(cluster: PgCluster) -> None:
+    from core.db import make_engine
+
+    engine = make_engine(cluster.url(), Settings(db_pool_size=3, db_max_overflow=2, db_pool_recycle_s=90))
+    try:
+        assert (engine.pool.size(), engine.pool._max_overflow, engine.pool._recycle, engine.pool._pre_ping) == (3, 2, 90, True)
+    finally:
+        engine.dispose()
+
+
+def test_pooled_connections_and_new_ones_survive_a_restart(cluster: PgCluster) -> None:
+    from core.db import make_engine
+
+    engine = make_engine(cluster.url(), Settings(db_connect_retry_s=20))
+    try:
+        with engine.connect() as c:  # leaves a pooled connection that the restart will kill
+            assert c.execute(text("select 1")).scalar() == 1
+        cluster.stop()
+        result: list[object] = []
+        # Asked while the server is down: the connect retry waits for it instead of failing.
+        t = threading.Thread(target=lambda: result.append(_select_one(engine)))
+        t.start()
+        time.sleep(2)
+        assert t.is_alive(), f"gave up while the server was down: {result}"
+        cluster.start()
+        t.join(30)
+        assert result == [1]
+    finally:
+        engine.dispose()
+        if not (cluster.data / "postmaster.pid").exists():
+            cluster.start()
+
+
+def _select_one(engine) -> object:  # noqa: ANN001
+    try:
+        with engine.connect() as c:
+            return c.execute(text("select 1")).scalar()
+    except Exception as exc:  # noqa: BLE001 - reported to the test thread
+        return exc
+
+
+def test_api_answers_503_while_the_database_is_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from api.main import create_app
+
+    # A port nothing listens on: the database is down for this whole test.
+    monkeypatch.setenv("TUNEQ_DATABASE_URL", f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/none")
+    monkeypatch.setenv("TUNEQ_HOME", str(tmp_path))
+    monkeypatch.setenv("TUNEQ_DB_CONNECT_RETRY_S", "0.3")
+    reset_caches()
+    try:
+        with TestClient(create_app(), raise_server_exceptions=False) as c:
+            # Well-formed, so that checking it needs the database.
+            auth = {"Authorization": f"Bearer tq_{'ab' * 12}_{'x' * 30}"}
+            read = c.get("/v1/fine_tuning/jobs", headers=auth)  # retried by the API, then given up
+            upload = c.post("/v1/files", headers=auth, files={"file": ("t.jsonl", b"{}\n")}, data={"purpose": "fine-tune"})
+            health = c.get("/healthz")
+        for r in (read, upload):
+            assert r.status_code == 503, r.text
+            assert r.json()["error"]["code"] == "database_unavailable" and r.headers["retry-after"] == "2"
+        assert health.status_code == 503 and health.json()["database"].startswith("error")
+    finally:
+        reset_caches()
+
+
+def test_api_runs_a_read_again_once_the_database_is_back(cluster: PgCluster, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from api.main import create_app
+    from core.migrate import upgrade_head
+    from tests.conftest import create_user_with_key
+
+    url = cluster.create_database(f"api_{free_port()}")
+    upgrade_head(url)
+    monkeypatch.setenv("TUNEQ_DATABASE_URL", url)
+    monkeypatch.setenv("TUNEQ_HOME", str(tmp_path))
+    # Shorter than the outage: only the API's own retry of the read can bridge it.
+    monkeypatch.setenv("TUNEQ_DB_CONNECT_RETRY_S", "0.3")
+    reset_caches()
+    try:
+        key = create_user_with_key("reader", "member")[1]
+        with TestClient(create_app(), headers={"Authorization": f"Bearer {key}"}) as c:
+            assert c.get("/v1/fine_tuning/jobs").status_code == 200
+            cluster.stop()
+            answers: list[object] = []
+            t = threading.Thread(target=lambda: answers.append(c.get("/v1/fine_tuning/jobs")))
+            t.start()
+            time.sleep(1.0)
+            cluster.start()
+            t.join(30)
+        assert answers and answers[0].status_code == 200, answers[0].text  # type: ignore[attr-defined]
+    finally:
+        reset_caches()
+        if not (cluster.data / "postmaster.pid").exists():
+            cluster.start()
