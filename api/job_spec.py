@@ -16,12 +16,19 @@ from pydantic import ValidationError
 
 from api.errors import APIError, bad_request, first_validation_error
 from api.schemas import CreateJobRequest
+from trainer.errors import ConfigError
+from trainer.modules import check_spec_model
 from trainer.spec import JobSpec
 
 # learning_rate_multiplier scales these; full fine-tuning needs a much smaller step than adapters.
-BASE_LEARNING_RATE = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}
+# IA3's scaling vectors and prefix tuning's virtual tokens are few and start neutral: they need
+# far larger steps than LoRA; freeze trains whole layers like full fine-tuning.
+BASE_LEARNING_RATE = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5, "freeze": 2e-5, "ia3": 3e-3, "prefix": 3e-3}
 DEFAULT_METHOD = "lora"
-TUNEQ_METHODS = ("full", "lora", "qlora")
+TUNEQ_METHODS = ("full", "lora", "qlora", "ia3", "prefix", "freeze")
+_METHOD_LIST = ", ".join(repr(m) for m in TUNEQ_METHODS)
+# Keys of a method body that are spec fields of their own rather than LoRA settings.
+_OWN_FIELDS = {"qlora": ("quantization",)}
 # OpenAI lets these three be "auto": tuneq's defaults then apply.
 AUTO_FIELDS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 
@@ -43,15 +50,15 @@ def _parse_method(raw: str | dict[str, Any] | None) -> _Method:
         return _Method()
     if isinstance(raw, str):
         if raw not in TUNEQ_METHODS:
-            raise bad_request(f"method: must be one of 'full', 'lora', 'qlora', got {raw!r}", "method")
+            raise bad_request(f"method: must be one of {_METHOD_LIST}, got {raw!r}", "method")
         return _Method(name=raw, type_key=raw)
     kind = raw.get("type")
     if kind is None:
-        raise bad_request("method.type: required ('supervised', 'full', 'lora' or 'qlora')", "method.type")
+        raise bad_request(f"method.type: required ('supervised' or one of {_METHOD_LIST})", "method.type")
     if kind in ("dpo", "reinforcement"):
-        raise bad_request(f"method.type: {kind!r} is not supported by tuneq; use 'supervised', 'full', 'lora' or 'qlora'", "method.type")
+        raise bad_request(f"method.type: {kind!r} is not supported by tuneq; use 'supervised' or one of {_METHOD_LIST}", "method.type")
     if kind != "supervised" and kind not in TUNEQ_METHODS:
-        raise bad_request(f"method.type: must be 'supervised', 'full', 'lora' or 'qlora', got {kind!r}", "method.type")
+        raise bad_request(f"method.type: must be 'supervised' or one of {_METHOD_LIST}, got {kind!r}", "method.type")
     for key in raw:
         if key not in ("type", kind):
             raise bad_request(f"method.{key}: not allowed with method.type {kind!r}", f"method.{key}")
@@ -101,8 +108,25 @@ def _apply_multiplier(hp: dict[str, Any], method: str, param: str) -> None:
     hp["learning_rate"] = mult * base_learning_rate(method)
 
 
-def build_spec(req: CreateJobRequest, *, model_path: str) -> JobSpec:
-    """The JobSpec of a request whose model and files were already resolved; APIError if invalid."""
+def _method_fields(method: _Method) -> dict[str, Any]:
+    """Spec fields of the method body: LoRA settings under `lora`, the others under their name."""
+    body = dict(method.lora)
+    if not body or method.name is None:
+        return {}
+    if method.name in ("lora", "qlora", "full"):
+        own = {k: body.pop(k) for k in _OWN_FIELDS.get(method.name, ()) if k in body}
+        return {**own, **({"lora": body} if body else {})}
+    return {method.name: body}
+
+
+def build_spec(
+    req: CreateJobRequest, *, model_path: str, init_from: str | None = None, inherited: dict[str, Any] | None = None
+) -> JobSpec:
+    """The JobSpec of a request whose model and files were already resolved; APIError if invalid.
+
+    init_from: the job or checkpoint id this job continues from (the worker makes it a path);
+    inherited: the method fields of that job, used when the request names no method.
+    """
     if req.integrations:
         raise bad_request("integrations: not supported by tuneq", "integrations")
     if req.metadata:
@@ -110,6 +134,8 @@ def build_spec(req: CreateJobRequest, *, model_path: str) -> JobSpec:
     method = _parse_method(req.method)
     hp = _merge_hyperparameters(req, method)
     hp_from_method = set(method.hyperparameters)
+    if req.method is None and inherited:
+        method = _Method(name=inherited["method"], type_key=inherited["method"], hyperparameters=method.hyperparameters)
     name = method.name or DEFAULT_METHOD
     lr_param = (
         f"method.{method.type_key}.hyperparameters.learning_rate_multiplier"
@@ -119,17 +145,20 @@ def build_spec(req: CreateJobRequest, *, model_path: str) -> JobSpec:
     _apply_multiplier(hp, name, lr_param)
 
     data: dict[str, Any] = {"model": model_path, "method": name, "training_file": req.training_file, "hyperparameters": hp}
-    if method.lora:
-        data["lora"] = method.lora
+    data.update(_method_fields(method))
+    if req.method is None and inherited:
+        data.update({k: v for k, v in inherited.items() if k != "method"})
+    if init_from is not None:
+        data["init_from"] = init_from
     optional = {
         "validation_file": req.validation_file, "suffix": req.suffix, "schedule": req.schedule,
         "gradient_checkpointing": req.gradient_checkpointing, "precision": req.precision,
         "data_format": req.data_format, "train_on_inputs": req.train_on_inputs, "packing": req.packing,
-        "mix": req.mix, "forgetting_file": req.forgetting_file,
+        "mix": req.mix, "forgetting_file": req.forgetting_file, "optimizer": req.optimizer, "export": req.export,
     }
     data.update({k: v for k, v in optional.items() if v is not None})
     try:
-        return JobSpec.model_validate(data)
+        spec = JobSpec.model_validate(data)
     except ValidationError as exc:
         message, param = first_validation_error(exc.errors())
         user_param = _user_path(param, method, hp_from_method)
@@ -139,6 +168,14 @@ def build_spec(req: CreateJobRequest, *, model_path: str) -> JobSpec:
         if param and user_param != param:
             message = message.replace(param, user_param, 1)
         raise APIError(400, message, param=user_param, code="invalid_value") from None
+    try:
+        check_spec_model(spec)  # module names of a meta-device model: no weights are read
+    except ConfigError as exc:
+        param = exc.message.split(":", 1)[0]
+        user_param = _user_path(param, method, hp_from_method)
+        raise APIError(400, exc.message.replace(param, user_param or param, 1), param=user_param,
+                       code="invalid_value") from None
+    return spec
 
 
 def _user_path(param: str | None, method: _Method, hp_from_method: set[str]) -> str | None:
@@ -148,6 +185,9 @@ def _user_path(param: str | None, method: _Method, hp_from_method: set[str]) -> 
     head, _, rest = param.partition(".")
     if head == "lora" and method.type_key:
         return f"method.{method.type_key}" + (f".{rest}" if rest else "")
+    if head in ("quantization", "ia3", "prefix", "freeze") and method.type_key:
+        inner = param if head == "quantization" else rest
+        return f"method.{method.type_key}" + (f".{inner}" if inner else "")
     if head == "hyperparameters" and rest.split(".")[0] in hp_from_method:
         return f"method.{method.type_key}.{param}"
     if head == "method" and isinstance(method.type_key, str) and method.type_key != method.name:

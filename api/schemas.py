@@ -129,8 +129,11 @@ class CreateJobRequest(BaseModel):
     )
     method: str | dict[str, Any] | None = Field(
         None,
-        description="'full' | 'lora' | 'qlora', OpenAI's {'type': 'supervised', 'supervised': {...}}, or "
-        "{'type': 'lora', 'lora': {'r', 'alpha', 'dropout', 'target_modules', 'hyperparameters'}}.",
+        description="'full' | 'lora' | 'qlora' | 'ia3' | 'prefix' | 'freeze', OpenAI's "
+        "{'type': 'supervised', 'supervised': {...}}, or {'type': <method>, <method>: {settings, 'hyperparameters'}}: "
+        "lora/qlora take r, alpha, dropout, target_modules, use_dora, use_rslora, loraplus_lr_ratio (qlora also "
+        "quantization: {bits: 4|8}); ia3 target_modules, feedforward_modules; prefix num_virtual_tokens; "
+        "freeze trainable_layers (from the top).",
     )
     schedule: dict[str, Any] | None = Field(None, description="trainer.spec.Schedule.")
     gradient_checkpointing: bool | None = None
@@ -143,6 +146,15 @@ class CreateJobRequest(BaseModel):
     )
     forgetting_file: str | None = Field(
         None, description="A file id of general held-out text; its loss before and after training measures forgetting."
+    )
+    optimizer: str | None = Field(None, description="adamw | adamw_fused | adamw_8bit | paged_adamw | paged_adamw_8bit.")
+    export: dict[str, Any] | None = Field(
+        None, description="{'merged': true} also exports the adapter merged into the base (merged.tar.gz)."
+    )
+    from_checkpoint: str | None = Field(
+        None, min_length=1, max_length=64,
+        description="Continue from a previous job (ftjob-…: its final weights) or checkpoint (ftckpt-…); "
+        "without a method, that job's method and settings are used.",
     )
     priority: int = Field(0, ge=-100, le=100, description="Higher runs first.")
     gpus: int = Field(1, ge=1, le=64, description="GPUs of one host the job needs.")

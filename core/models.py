@@ -133,7 +133,7 @@ class Artifact(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("art"))
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(512))  # relative path inside the job's artifact set
-    kind: Mapped[str] = mapped_column(String(20), default="file")  # file | archive | manifest
+    kind: Mapped[str] = mapped_column(String(20), default="file")  # file | archive | manifest | checkpoint
     storage_key: Mapped[str] = mapped_column(String(1024))
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     sha256: Mapped[str] = mapped_column(String(64), default="")

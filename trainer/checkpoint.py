@@ -4,6 +4,7 @@
   optimizer.pt, scheduler.pt                        state dicts, loaded with weights_only=True
   rng.pt                                            python/numpy/torch/cuda RNG of every rank
   state.json                                        step, micro-batch position, epoch, token counts
+  manifest.json                                     bytes and sha256 of every other file
 
 A checkpoint is written into a temporary directory and renamed into place, so a trainer killed
 while saving leaves the previous checkpoint as the newest complete one.
@@ -115,12 +116,22 @@ def save_checkpoint(
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_states, tmp / "rng.pt")
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+    _write_manifest(tmp)
     if final.exists():
         shutil.rmtree(final)  # a rerun without --resume reached the same step again
     tmp.rename(final)
     for old in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_manifest(directory: Path) -> None:
+    # A downloaded checkpoint can be verified file by file, like final/.
+    from trainer.export import MANIFEST, sha256_of
+
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
 
 
 def load_checkpoint(

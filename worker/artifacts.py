@@ -23,8 +23,23 @@ class Stored:
                         sha256=self.sha256)
 
 
+MERGED = "merged"
+# What a checkpoint archive leaves out: the optimizer, scheduler and RNG state only resume a run
+# on the worker and can be several times the weights' size.
+CHECKPOINT_RESUME_ONLY = {"optimizer.pt", "scheduler.pt", "rng.pt"}
+
+
 def archive_name(method: str) -> str:
-    return "model.tar.gz" if method == "full" else "adapter.tar.gz"
+    return "model.tar.gz" if method in ("full", "freeze") else "adapter.tar.gz"
+
+
+def _archive(storage: Storage, src: Path, key: str, name: str, kind: str, arcname: str, skip=lambda p: False) -> Stored:
+    tar_path = src.parent / f".{Path(name).name}.tmp"
+    with tarfile.open(tar_path, "w:gz") as tar:
+        tar.add(src, arcname=arcname, filter=lambda info: None if skip(info.name) else info)
+    size, digest = storage.put_file(key, tar_path)
+    tar_path.unlink()
+    return Stored(name, kind, key, size, digest)
 
 
 def publish_final(storage: Storage, job: Job, final_dir: Path) -> list[Stored]:
@@ -42,10 +57,23 @@ def publish_final(storage: Storage, job: Job, final_dir: Path) -> list[Stored]:
         kind = "manifest" if rel == "manifest.json" else "file"
         stored.append(Stored(f"final/{rel}", kind, key, size, digest))
     name = archive_name(job.method)
-    tar_path = final_dir.parent / name
-    with tarfile.open(tar_path, "w:gz") as tar:
-        tar.add(final_dir, arcname=name.removesuffix(".tar.gz"))
-    size, digest = storage.put_file(f"{prefix}/{name}", tar_path)
-    tar_path.unlink()
-    stored.append(Stored(name, "archive", f"{prefix}/{name}", size, digest))
+    root = name.removesuffix(".tar.gz")
+    # The merged model has an archive of its own: an adapter download stays adapter-sized.
+    stored.append(_archive(storage, final_dir, f"{prefix}/{name}", name, "archive", root,
+                           skip=lambda n: n == f"{root}/{MERGED}" or n.startswith(f"{root}/{MERGED}/")))
+    if (final_dir / MERGED).is_dir():
+        stored.append(_archive(storage, final_dir / MERGED, f"{prefix}/merged.tar.gz", "merged.tar.gz", "archive", MERGED))
+    stored += publish_checkpoints(storage, job, final_dir.parent / "checkpoints")
+    return stored
+
+
+def publish_checkpoints(storage: Storage, job: Job, checkpoints: Path) -> list[Stored]:
+    """One checkpoints/step-N.tar.gz (weights, state.json, manifest.json) per kept checkpoint."""
+    if not checkpoints.is_dir():
+        return []
+    stored = []
+    for ck in sorted(p for p in checkpoints.iterdir() if p.is_dir() and (p / "state.json").is_file()):
+        name = f"checkpoints/{ck.name}.tar.gz"
+        stored.append(_archive(storage, ck, f"jobs/{job.id}/{name}", name, "checkpoint", ck.name,
+                               skip=lambda n: n.rsplit("/", 1)[-1] in CHECKPOINT_RESUME_ONLY))
     return stored

@@ -15,6 +15,7 @@ from core.models import File, Job
 from core.settings import Settings
 from core.storage import get_storage
 from trainer.spec import JobSpec
+from worker.continuation import resolve_init_from
 
 # The worker may run from anywhere; the trainer package is importable from where trainer.spec is.
 CODE_ROOT = Path(trainer.spec.__file__).resolve().parents[1]
@@ -60,6 +61,11 @@ def runnable_spec(db: Session, job: Job) -> dict[str, Any]:
         spec["forgetting_file"] = paths["forgetting_file"]
     if spec.get("mix"):
         spec["mix"] = [{**m, "file": paths[f"mix[{k}].file"]} for k, m in enumerate(spec["mix"])]
+    if spec.get("init_from"):
+        try:
+            spec["init_from"] = resolve_init_from(db, spec["init_from"])
+        except ValueError as exc:
+            raise SpecError(str(exc), "from_checkpoint") from None
     try:
         JobSpec.model_validate(spec)
     except ValueError as exc:

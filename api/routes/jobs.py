@@ -15,6 +15,7 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, object_session
 
 from api import data_check
+from api.continuation import resolve_source
 from api.deps import CurrentUser, SessionDep, SettingsDep
 from api.errors import APIError, bad_request, not_found
 from api.job_spec import base_learning_rate, build_spec
@@ -52,6 +53,10 @@ def job_out(job: Job) -> JobOut:
     method_body: dict[str, Any] = {"hyperparameters": hp}
     if method in ("lora", "qlora") and spec.get("lora"):
         method_body = {**spec["lora"], **method_body}
+    if method == "qlora" and spec.get("quantization"):
+        method_body = {**method_body, "quantization": spec["quantization"]}
+    if method in ("ia3", "prefix", "freeze") and spec.get(method):
+        method_body = {**spec[method], **method_body}
     error = None
     if job.error:
         error = JobErrorOut(**{"message": "the job failed", **job.error})
@@ -128,7 +133,9 @@ def create_fine_tuning_job(body: CreateJobRequest, user: CurrentUser, db: Sessio
     model_path = resolve_model(body.model, settings)
     training = _usable_file(db, body.training_file, "training_file", user)
     validation = _usable_file(db, body.validation_file, "validation_file", user) if body.validation_file else None
-    spec = build_spec(body, model_path=model_path)
+    source = resolve_source(db, user, body.from_checkpoint, body.model) if body.from_checkpoint else None
+    spec = build_spec(body, model_path=model_path, init_from=source.ref if source else None,
+                      inherited=source.method_fields() if source else None)
     for f, param in ((training, "training_file"), (validation, "validation_file")):
         if f is not None:
             check_file_tokens(f, param, model_path, spec.hyperparameters.max_seq_len, settings)

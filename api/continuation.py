@@ -1,0 +1,57 @@
+"""`from_checkpoint`: a new job that starts from a previous job's final weights or checkpoint.
+
+The API checks what it can see in the database (the source exists, the caller may read it, it
+finished, it trained the same base model) and stores the id as the spec's init_from; the worker
+turns the id into a local directory when the job runs, as it does with file ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from api.errors import bad_request
+from core import states
+from core.identity import can_read_job
+from core.models import Checkpoint, Job, User
+
+PARAM = "from_checkpoint"
+# Spec fields that define the adapter's shape; a continued job without a method takes them over.
+METHOD_FIELDS = ("method", "lora", "quantization", "ia3", "prefix", "freeze")
+
+
+@dataclass
+class Source:
+    ref: str  # the id stored as init_from
+    job: Job
+
+    def method_fields(self) -> dict[str, Any]:
+        spec = self.job.spec or {}
+        return {k: spec[k] for k in METHOD_FIELDS if spec.get(k) is not None}
+
+
+def resolve_source(db: Session, user: User, ref: str, model: str) -> Source:
+    if ref.startswith("ftckpt-"):
+        ck = db.get(Checkpoint, ref)
+        job = db.get(Job, ck.job_id) if ck is not None else None
+        if job is None or not can_read_job(db, user, job):
+            raise bad_request(f"{PARAM}: no checkpoint with id {ref!r}", PARAM, "checkpoint_not_found")
+    elif ref.startswith("ftjob-"):
+        job = db.get(Job, ref)
+        if job is None or not can_read_job(db, user, job):
+            raise bad_request(f"{PARAM}: no fine-tuning job with id {ref!r}", PARAM, "job_not_found")
+        if job.status != states.SUCCEEDED:
+            raise bad_request(
+                f"{PARAM}: job {ref} is {job.status}; only a succeeded job has final weights "
+                "(give one of its checkpoints, ftckpt-…, instead)", PARAM,
+            )
+    else:
+        raise bad_request(f"{PARAM}: give a job id (ftjob-…) or a checkpoint id (ftckpt-…), got {ref!r}", PARAM)
+    if job.model != model:
+        raise bad_request(
+            f"{PARAM}: {ref} was trained on {job.model!r}, this job's model is {model!r}; use the same base model",
+            PARAM,
+        )
+    return Source(ref=ref, job=job)
