@@ -11,7 +11,10 @@ What is modelled (one training micro-step on one GPU, in bytes):
 - gradients: one per trainable parameter, in the parameter's dtype.
 - optimizer: AdamW's m and v. `adamw` plans them in fp32 (8 B/param, the conservative mixed
   precision recipe); `adamw_torch` plans what torch.optim.AdamW really allocates, `zeros_like(p)`,
-  i.e. 4 B/param for bf16 params; `adamw_8bit` is bitsandbytes' 8-bit AdamW (2 B/param).
+  i.e. 4 B/param for bf16 params; `adamw_fused` (torch's fused kernel) allocates the same;
+  `adamw_8bit` is bitsandbytes' 8-bit AdamW (2 B/param); `paged_adamw` (fp32 m and v, 8 B/param)
+  and `paged_adamw_8bit` (2 B/param) keep them in paged memory, planned as resident on the GPU:
+  the driver moves pages to the host only under pressure, which a plan must not count on.
 - activations: the tensors autograd saves, derived op by op below for a Llama decoder layer.
 - logits: bf16 logits, the fp32 upcast in the loss, log_softmax's saved output and its gradient;
   with a 128k vocabulary these dominate everything else at long sequences.
@@ -41,7 +44,11 @@ from typing import Any, Literal
 GiB = 1024**3
 
 Method = Literal["full", "lora", "qlora"]
-Optimizer = Literal["adamw", "adamw_torch", "adamw_8bit"]
+Optimizer = Literal["adamw", "adamw_torch", "adamw_fused", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"]
+OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw_torch", "adamw_fused", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
+# JobSpec.optimizer -> the name here: the spec's "adamw" is torch's AdamW, what `adamw_torch` plans.
+SPEC_OPTIMIZERS = {"adamw": "adamw_torch", "adamw_fused": "adamw_fused", "adamw_8bit": "adamw_8bit",
+                   "paged_adamw": "paged_adamw", "paged_adamw_8bit": "paged_adamw_8bit"}
 Strategy = Literal["ddp", "fsdp"]
 FullPrecision = Literal["bf16", "fp32_master"]
 Precision = Literal["bf16", "fp32"]
@@ -547,8 +554,8 @@ def estimate_memory(
         raise ValueError("batch_size, seq_len and gpus must be at least 1")
     if strategy not in ("ddp", "fsdp"):
         raise ValueError(f"strategy: {strategy!r} is not 'ddp' or 'fsdp'")
-    if optimizer not in ("adamw", "adamw_torch", "adamw_8bit"):
-        raise ValueError(f"optimizer: {optimizer!r} is not adamw, adamw_torch or adamw_8bit")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer: {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     shape = config if isinstance(config, Shape) else model_shape(config)
     notes: list[str] = []
 
@@ -573,9 +580,12 @@ def estimate_memory(
         trainable = _lora_params(shape, lora)
         param_bytes = grad_bytes = lora.adapter_bytes
     grads = trainable * grad_bytes
-    state_bytes = {"adamw": 8, "adamw_torch": 2 * param_bytes, "adamw_8bit": 2}[optimizer]
+    state_bytes = {"adamw": 8, "adamw_torch": 2 * param_bytes, "adamw_fused": 2 * param_bytes, "adamw_8bit": 2,
+                   "paged_adamw": 8, "paged_adamw_8bit": 2}[optimizer]
     opt = trainable * state_bytes
-    if optimizer == "adamw_torch" and method == "full" and param_bytes == 2:
+    if optimizer.startswith("paged_"):
+        notes.append("paged optimizer states are planned as resident; under pressure they move to host memory")
+    if optimizer in ("adamw_torch", "adamw_fused") and method == "full" and param_bytes == 2:
         notes.append("torch AdamW keeps m and v in the parameters' dtype: bf16 here")
 
     # --- sharding / replication ----------------------------------------------------------
