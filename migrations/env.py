@@ -17,6 +17,7 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 target_metadata = Base.metadata
+MIGRATION_LOCK = 0x7475_6E65_71  # "tuneq"; any constant that no other advisory lock uses
 
 
 def database_url() -> str:
@@ -53,6 +54,10 @@ def run_migrations_online() -> None:
         with engine.connect() as connection:
             configure(connection=connection)
             with context.begin_transaction():
+                if connection.dialect.name == "postgresql":
+                    # Every API replica migrates on start: the first upgrades, the others wait
+                    # here and then find the schema at head. Released at commit.
+                    connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
                 context.run_migrations()
     finally:
         engine.dispose()

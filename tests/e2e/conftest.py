@@ -74,7 +74,10 @@ def _member_key(database_url: str) -> str:
     return token
 
 
-def start_stack(tmp_path: Path, database_url: str, redis_url: str, models_root: Path) -> Stack:
+def start_stack(tmp_path: Path, database_url: str, redis_url: str, models_root: Path,
+                extra_env: dict[str, str] | None = None, worker_env: dict[str, str] | None = None) -> Stack:
+    """API and worker as processes; extra_env goes to both, worker_env to the worker alone
+    (e.g. a storage cache of its own, as on another host)."""
     from core.migrate import upgrade_head
 
     home = tmp_path / "home"
@@ -90,6 +93,7 @@ def start_stack(tmp_path: Path, database_url: str, redis_url: str, models_root: 
         "TUNEQ_MODEL_ROOTS": json.dumps([str(models_root)]),
         "TUNEQ_HEARTBEAT_S": "1",
         "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
     }
     api_log = home / "api.log"
     worker_log = home / "worker.log"
@@ -98,7 +102,8 @@ def start_stack(tmp_path: Path, database_url: str, redis_url: str, models_root: 
         cwd=ROOT, env=env, stdout=open(api_log, "wb"), stderr=subprocess.STDOUT,
     )
     worker = subprocess.Popen(
-        [sys.executable, "-m", "worker"], cwd=ROOT, env=env, stdout=open(worker_log, "wb"), stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "worker"], cwd=ROOT, env={**env, **(worker_env or {})}, stdout=open(worker_log, "wb"),
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -122,3 +122,16 @@ def test_api_runs_a_read_again_once_the_database_is_back(cluster: PgCluster, tmp
         reset_caches()
         if not (cluster.data / "postmaster.pid").exists():
             cluster.start()
+
+
+def test_replicas_migrating_at_once_all_succeed(pg_url: str) -> None:
+    import subprocess
+    import sys
+
+    from tests.e2e.conftest import ROOT
+
+    # Processes, as API replicas starting together are; each runs what the container runs first.
+    procs = [subprocess.Popen([sys.executable, "-m", "core.migrate", "--url", pg_url], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    outs = [(p.wait(120), p.stdout.read()) for p in procs]  # type: ignore[union-attr]
+    assert all(code == 0 for code, _ in outs), outs
