@@ -1,0 +1,27 @@
+#!/bin/sh
+# One image, several roles: `api` (migrates first), `worker`, `migrate`, `flower`; anything else runs as given.
+set -eu
+
+case "${1:-api}" in
+  api)
+    shift || true
+    # Every API replica may run this: Alembic takes a lock and a second run finds head.
+    python -m core.migrate
+    exec uvicorn api.main:app --host 0.0.0.0 --port "${PORT:-8000}" --proxy-headers \
+      --forwarded-allow-ips "${FORWARDED_ALLOW_IPS:-127.0.0.1}" --workers "${TUNEQ_API_WORKERS:-2}" "$@"
+    ;;
+  worker)
+    shift
+    exec python -m worker "$@"
+    ;;
+  migrate)
+    exec python -m core.migrate
+    ;;
+  flower)
+    shift
+    exec celery -A worker.app flower --port="${PORT:-5555}" "$@"
+    ;;
+  *)
+    exec "$@"
+    ;;
+esac
