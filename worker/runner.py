@@ -144,8 +144,10 @@ class JobRun:
         finally:
             if not proc.finished():
                 proc.kill()
-        self.pump()
-        return self.conclude(proc, stopped_by)
+        # A database restart just as the trainer ends must not lose its last events or turn a
+        # finished training into a retried one.
+        self.with_db(self.pump)
+        return self.with_db(self.conclude, proc, stopped_by)
 
     # -- while the trainer runs -------------------------------------------------------------
 
