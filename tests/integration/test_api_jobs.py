@@ -122,7 +122,7 @@ BAD_VALUES = [
     ({"method": {"type": "lora", "lora": {"target_modules": ["q proj"]}}}, "method.lora.target_modules"),
     ({"method": {"type": "full", "full": {"r": 8}}}, "method.full"),
     ({"method": {"type": "dpo"}}, "method.type"),
-    ({"method": "prefix"}, "method"),
+    ({"method": "prompt_tuning"}, "method"),
     ({"seed": -1}, "seed"),
     ({"suffix": "no spaces"}, "suffix"),
     ({"precision": "fp8"}, "precision"),
