@@ -32,8 +32,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # Threads, not prefork: a job is a supervisor loop around a trainer subprocess, so the slot
     # spends its time waiting, and Celery's warm shutdown can let each slot stop its trainer.
+    # No gossip, mingle or event heartbeats: the database decides who runs what, and Celery's
+    # gossip crashes the consumer when Redis restarts (AttributeError on reconnect, celery 5.7).
     worker_args = ["worker", "-Q", "tuneq", "--pool", "threads", "--concurrency", str(args.slots),
-                   "--loglevel", args.loglevel]
+                   "--loglevel", args.loglevel, "--without-gossip", "--without-mingle", "--without-heartbeat"]
     if args.hostname:
         worker_args += ["--hostname", args.hostname]
     app.worker_main(worker_args)

@@ -13,9 +13,10 @@ from sqlalchemy.exc import DBAPIError
 
 from core.queue import REAP, RUN_JOB, make_celery
 from core.settings import get_settings
-from worker import gpus, host, reaper, runner
+from worker import gpus, host, kombu_fixes, reaper, runner
 
 app = make_celery()
+kombu_fixes.install()  # a Redis restart must not stop the worker (see the module)
 
 _reaper: reaper.ReaperThread | None = None
 _host: host.HostThread | None = None

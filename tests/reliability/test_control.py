@@ -1,0 +1,137 @@
+"""GPU allocation, pause/resume, priorities and preemption with configured GPU counts on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from core import states
+from core.control import request_pause, request_resume
+from core.jobs import JobError, check_gpus_fit, request_cancel
+from core.models import Job
+from core.queue import enqueue_job
+from core.scheduling import queue_position
+from tests.reliability.conftest import (
+    assert_never_twice_at_once, events_of, job_status, make_job, resumed_steps, trainer_starts, wait_for,
+)
+
+LONG = 100_000
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(e.decode().split("=", 1) for e in raw if b"=" in e)
+
+
+def status_is(job_id: str, *wanted: str):
+    return lambda: job_status(job_id) in wanted
+
+
+def test_four_gpus_run_four_one_gpu_jobs_at_once_each_on_its_own_gpu(db: Session, rel_env, workers) -> None:
+    jobs = [make_job(db, rel_env["model"], steps=LONG, examples=32, log_every=50) for _ in range(5)]
+    w = workers(gpus=4)
+    for j in jobs:
+        enqueue_job(j.id)
+    wait_for(lambda: sum(job_status(j.id) == states.RUNNING for j in jobs) == 4
+             and all(trainer_starts(j.id) for j in jobs if job_status(j.id) == states.RUNNING), 120,
+             f"four running jobs\n{w.log()}")
+    running = [j for j in jobs if job_status(j.id) == states.RUNNING]
+    waiting = [j for j in jobs if j not in running]
+    devices = sorted(environ_of(trainer_starts(j.id)[0].data["pid"])["CUDA_VISIBLE_DEVICES"] for j in running)
+    assert devices == ["0", "1", "2", "3"]
+    assert len(waiting) == 1 and job_status(waiting[0].id) == states.QUEUED
+    db.expire_all()
+    assert queue_position(db, db.get(Job, waiting[0].id)) == 1
+    # Free one GPU: the waiting job gets it without anyone sending it again.
+    request_cancel(db, db.get(Job, running[0].id))
+    db.commit()
+    wait_for(status_is(waiting[0].id, states.RUNNING), 60, f"the fifth job to start\n{w.log()}")
+    for j in jobs:
+        db.expire_all()
+        if job_status(j.id) not in states.TERMINAL:
+            request_cancel(db, db.get(Job, j.id))
+            db.commit()
+    wait_for(lambda: all(job_status(j.id) == states.CANCELLED for j in jobs), 60, "all cancelled")
+
+
+def test_a_job_bigger_than_every_registered_host_is_refused(rel_env, workers) -> None:
+    check_gpus_fit(8)  # nothing registered yet: a host may still join
+    workers(gpus=2)
+    wait_for(lambda: _raises(lambda: check_gpus_fit(3)), 10, "the worker's registration")
+    with pytest.raises(JobError) as err:
+        check_gpus_fit(3)
+    assert err.value.param == "gpus" and "2" in str(err.value)
+    check_gpus_fit(2)
+
+
+def _raises(fn) -> bool:
+    try:
+        fn()
+    except JobError:
+        return True
+    return False
+
+
+def test_pause_resume_and_cancel_while_queued_running_or_paused(db: Session, rel_env, workers) -> None:
+    job = make_job(db, rel_env["model"], steps=40, examples=64, checkpoint_every=50, log_every=5)
+    queued = make_job(db, rel_env["model"], steps=LONG)
+    # paused and cancelled before any worker ran them
+    request_pause(db, db.get(Job, queued.id))
+    db.commit()
+    assert job_status(queued.id) == states.PAUSED
+    request_cancel(db, db.get(Job, queued.id))
+    db.commit()
+    assert job_status(queued.id) == states.CANCELLED
+
+    w = workers()
+    enqueue_job(job.id)
+    wait_for(lambda: any(e.data.get("step", 0) >= 10 for e in events_of(job.id, "metrics")), 120, w.log())
+    db.expire_all()
+    request_pause(db, db.get(Job, job.id))
+    db.commit()
+    wait_for(status_is(job.id, states.PAUSED), 60, f"paused\n{w.log()}")
+    ckpt = events_of(job.id, "checkpoint")[-1].data["step"]  # saved on pause, though no step period is due
+    assert ckpt >= 10
+    db.expire_all()
+    assert db.get(Job, job.id).lease_owner is None
+    request_resume(db, db.get(Job, job.id))
+    db.commit()
+    enqueue_job(job.id)
+    wait_for(status_is(job.id, states.SUCCEEDED, states.FAILED), 120, f"the resumed job to end\n{w.log()}")
+    assert job_status(job.id) == states.SUCCEEDED
+    assert resumed_steps(job.id)[-1] == ckpt
+    assert_never_twice_at_once(job.id)
+
+
+def test_higher_priority_preempts_the_lowest_and_the_paused_one_resumes(db: Session, rel_env, workers) -> None:
+    low = make_job(db, rel_env["model"], steps=30, examples=64, checkpoint_every=50, log_every=5)
+    lower = make_job(db, rel_env["model"], steps=30, examples=64, checkpoint_every=50, log_every=5)
+    db.execute(update(Job).where(Job.id == lower.id).values(priority=-5))
+    db.commit()
+    w = workers(gpus=2)
+    enqueue_job(low.id)
+    enqueue_job(lower.id)
+    wait_for(lambda: all(events_of(j.id, "metrics") for j in (low, lower)), 120, f"both running\n{w.log()}")
+
+    high = make_job(db, rel_env["model"], steps=6, examples=32, log_every=2)
+    db.execute(update(Job).where(Job.id == high.id).values(priority=10))
+    db.commit()
+    enqueue_job(high.id)
+    wait_for(status_is(high.id, states.SUCCEEDED), 120, f"the high-priority job\n{w.log()}")
+    preempted = events_of(lower.id, "preempted")
+    assert len(preempted) == 1 and high.id in preempted[0].message, "the lowest priority job is the one paused"
+    assert events_of(low.id, "preempted") == []
+    for j in (low, lower):
+        wait_for(status_is(j.id, states.SUCCEEDED, states.FAILED), 180, f"{j.id} to end\n{w.log()}")
+        assert job_status(j.id) == states.SUCCEEDED
+    transitions = [(e.data["from"], e.data["to"]) for e in events_of(lower.id, "status") if e.data and "from" in e.data]
+    assert (states.RUNNING, states.PAUSED) in transitions and (states.PAUSED, states.QUEUED) in transitions
+    assert resumed_steps(lower.id)[-1] is not None
+    # The high job started while the lower one was paused, not after it finished.
+    high_start = trainer_starts(high.id)[0].seq
+    lower_back = [e.seq for e in trainer_starts(lower.id)][-1]
+    assert high_start < lower_back
+    assert_never_twice_at_once(lower.id)

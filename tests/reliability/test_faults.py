@@ -1,0 +1,104 @@
+"""Faults a shared GPU server sees, with real worker processes: no job is lost or run twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from sqlalchemy.orm import Session
+
+from core import states
+from core.models import Job
+from core.queue import enqueue_job, producer
+from tests.conftest import reset_caches
+from tests.reliability.conftest import (
+    assert_never_twice_at_once, events_of, job_status, make_job, resumed_steps, trainer_starts, wait_for,
+)
+
+STEPS = 30  # long enough to kill mid-run, short enough to finish twice within the suite's budget
+
+
+def training_job(db: Session, env: dict[str, str], steps: int = STEPS, **kw) -> Job:
+    return make_job(db, env["model"], steps=steps, examples=64, checkpoint_every=5, log_every=5, **kw)
+
+
+def wait_checkpoint(job_id: str, w, step: int = 5) -> None:
+    wait_for(lambda: any(e.data.get("step", 0) >= step for e in events_of(job_id, "checkpoint")), 120,
+             f"a checkpoint at step {step}\n{w.log()}")
+
+
+def wait_end(job_id: str, w, timeout: float = 180) -> str:
+    wait_for(lambda: job_status(job_id) in states.TERMINAL, timeout, f"the job to end\n{w.log()}")
+    return job_status(job_id)
+
+
+def test_sigkill_of_the_worker_resumes_on_a_restarted_worker(db: Session, rel_env, workers) -> None:
+    job = training_job(db, rel_env)
+    w1 = workers()
+    enqueue_job(job.id)
+    wait_checkpoint(job.id, w1)
+    trainer = trainer_starts(job.id)[0].data["pid"]
+    w1.kill()
+    w2 = workers()  # kills the orphaned trainer, reaps the stale lease, resumes
+    assert wait_end(job.id, w2) == states.SUCCEEDED, w2.log()
+    assert not os.path.exists(f"/proc/{trainer}/cmdline") or job_status(job.id) == states.SUCCEEDED
+    resumed = resumed_steps(job.id)
+    assert resumed[0] is None and resumed[-1] is not None and resumed[-1] >= 5, resumed
+    assert any(e.type == "retry" and "stopped heartbeating" in e.message for e in events_of(job.id))
+    assert_never_twice_at_once(job.id)
+
+
+def test_sigkill_of_the_trainer_alone_is_retried_and_resumes(db: Session, rel_env, workers) -> None:
+    job = training_job(db, rel_env)
+    w = workers()
+    enqueue_job(job.id)
+    wait_checkpoint(job.id, w)
+    os.kill(trainer_starts(job.id)[0].data["pid"], signal.SIGKILL)
+    assert wait_end(job.id, w) == states.SUCCEEDED, w.log()
+    retry = [e for e in events_of(job.id, "retry")]
+    assert len(retry) == 1 and "SIGKILL" in retry[0].message and retry[0].data["retry"] == 1
+    assert resumed_steps(job.id)[-1] >= 5
+    assert_never_twice_at_once(job.id)
+
+
+def test_user_error_fails_at_once_without_retry(db: Session, rel_env, workers) -> None:
+    job = make_job(db, rel_env["model"], training_text='{"messages": "not a list"}\nnot json\n')
+    w = workers()
+    enqueue_job(job.id)
+    assert wait_end(job.id, w) == states.FAILED
+    db.expire_all()
+    failed = db.get(Job, job.id)
+    assert failed.error["code"] == "data" and failed.error["message"]
+    assert events_of(job.id, "retry") == [] and len(trainer_starts(job.id)) == 1
+
+
+def test_same_message_twice_runs_once(db: Session, rel_env, workers) -> None:
+    job = training_job(db, rel_env, steps=6)
+    w1, w2 = workers(), workers()
+    enqueue_job(job.id)
+    enqueue_job(job.id)
+    assert wait_end(job.id, w1) == states.SUCCEEDED, w1.log() + w2.log()
+    db.expire_all()
+    assert db.get(Job, job.id).lease_attempt == 1 and len(trainer_starts(job.id)) == 1
+
+
+def test_job_longer_than_the_visibility_timeout_runs_once(db: Session, rel_env, workers, monkeypatch) -> None:
+    # DESIGN.md: Redis re-delivers an unacked message after the visibility timeout to a worker that
+    # starts later, while the first run still goes on. The lease makes the second delivery drop out.
+    short = {"TUNEQ_VISIBILITY_TIMEOUT_S": "2"}
+    monkeypatch.setenv("TUNEQ_VISIBILITY_TIMEOUT_S", "2")
+    reset_caches()
+    job = training_job(db, rel_env, steps=20)
+    w1 = workers(**short)
+    enqueue_job(job.id)
+    wait_checkpoint(job.id, w1)
+    w2 = workers(**short)
+    # What a consumer does when it (re)connects: messages unacked for longer than the
+    # visibility timeout go back to the queue, though w1 still runs the job.
+    with producer().connection_for_write() as conn:
+        conn.default_channel.qos.restore_visible(num=100)
+    wait_for(lambda: "dropping this duplicate delivery" in w1.log() + w2.log(), 60,
+             f"the re-delivered message\n{w1.log()}\n{w2.log()}")
+    assert wait_end(job.id, w1) == states.SUCCEEDED, w1.log() + w2.log()
+    db.expire_all()
+    assert db.get(Job, job.id).lease_attempt == 1 and len(trainer_starts(job.id)) == 1
