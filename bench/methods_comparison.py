@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -93,6 +94,7 @@ _RSS_WRAPPER = (
 def run_method(name: str, model: Path, train: Path, valid: Path, args: argparse.Namespace) -> dict:
     fields, lr = METHODS[name]
     out = args.work / "runs" / name
+    shutil.rmtree(out, ignore_errors=True)  # events.jsonl is appended to: start clean
     out.mkdir(parents=True, exist_ok=True)
     spec = {
         "model": str(model), "training_file": str(train), "validation_file": str(valid), **fields,

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -78,6 +79,9 @@ def mean_tokens(path: Path, model_dir: Path, seq: int) -> float:
 def run(name: str, packing: bool, batch: int, model_dir: Path, train: Path, valid: Path, work: Path,
         args: argparse.Namespace) -> dict:
     out = work / name
+    # A second run on a machine that kept /tmp would otherwise append to the old events.jsonl
+    # and report a mix of both runs (seen on the H200: tokens/s from stale timestamps).
+    shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     spec = {
         "model": str(model_dir), "method": args.method, "training_file": str(train), "validation_file": str(valid),

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -63,6 +64,7 @@ def run_method(method: str, model_dir: Path, data: Path, work: Path, args: argpa
     }
     if method != "full":
         spec["lora"] = {"r": 16, "alpha": 32}
+    shutil.rmtree(out, ignore_errors=True)  # events.jsonl is appended to: start clean
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps(spec))
     t0 = time.time()
