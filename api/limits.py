@@ -52,7 +52,7 @@ def check_file_tokens(f: File, param: str, model_path: str, max_seq_len: int, se
     from trainer.errors import ModelError
 
     try:
-        tokens = _count_tokens(str(get_storage().path(f.storage_key)), f.sha256, model_path, max_seq_len)
+        tokens = _count_tokens(str(get_storage().local_path(f.storage_key)), f.sha256, model_path, max_seq_len)
     except ModelError as exc:
         raise APIError(400, str(exc), param="model", code="model_unusable") from None
     if tokens > settings.max_tokens_per_file:
