@@ -44,8 +44,9 @@ _TYPES = {
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None):
         super().__init__(message)
+        self.extra = extra  # machine-readable details beside the message, e.g. a plan's numbers
         self.status = status
         self.message = message
         self.param = param
@@ -62,8 +63,10 @@ def not_found(what: str, id_: str, param: str | None = None) -> APIError:
 
 
 def envelope(status: int, message: str, param: str | None = None, code: str | None = None,
-             headers: dict[str, str] | None = None) -> JSONResponse:
+             headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": _TYPES.get(status, "api_error"), "param": param, "code": code}}
+    if extra:
+        body["error"]["details"] = extra
     if status == 401:
         headers = {"WWW-Authenticate": "Bearer", **(headers or {})}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -122,7 +125,7 @@ def unavailable(exc: BaseException) -> JSONResponse:
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return envelope(exc.status, exc.message, exc.param, exc.code, exc.headers)
+        return envelope(exc.status, exc.message, exc.param, exc.code, exc.headers, exc.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:

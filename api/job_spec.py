@@ -9,6 +9,7 @@ range checks; their errors are reported under the path the user wrote.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,10 @@ _METHOD_LIST = ", ".join(repr(m) for m in TUNEQ_METHODS)
 _OWN_FIELDS = {"qlora": ("quantization",)}
 # OpenAI lets these three be "auto": tuneq's defaults then apply.
 AUTO_FIELDS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+# method "auto": the planner picks full, lora or qlora by what fits (trainer.planner.choose_method).
+AUTO_METHOD = "auto"
+# (JobSpec-shaped draft whose method and/or batch_size may be "auto") -> (method, batch_size).
+Chooser = Callable[[dict[str, Any]], tuple[str, int | None]]
 
 
 @dataclass
@@ -49,15 +54,15 @@ def _parse_method(raw: str | dict[str, Any] | None) -> _Method:
     if raw is None:
         return _Method()
     if isinstance(raw, str):
-        if raw not in TUNEQ_METHODS:
-            raise bad_request(f"method: must be one of {_METHOD_LIST}, got {raw!r}", "method")
+        if raw not in TUNEQ_METHODS and raw != AUTO_METHOD:
+            raise bad_request(f"method: must be one of {_METHOD_LIST} or 'auto', got {raw!r}", "method")
         return _Method(name=raw, type_key=raw)
     kind = raw.get("type")
     if kind is None:
         raise bad_request(f"method.type: required ('supervised' or one of {_METHOD_LIST})", "method.type")
     if kind in ("dpo", "reinforcement"):
         raise bad_request(f"method.type: {kind!r} is not supported by tuneq; use 'supervised' or one of {_METHOD_LIST}", "method.type")
-    if kind != "supervised" and kind not in TUNEQ_METHODS:
+    if kind != "supervised" and kind not in TUNEQ_METHODS and kind != AUTO_METHOD:
         raise bad_request(f"method.type: must be 'supervised' or one of {_METHOD_LIST}, got {kind!r}", "method.type")
     for key in raw:
         if key not in ("type", kind):
@@ -119,13 +124,20 @@ def _method_fields(method: _Method) -> dict[str, Any]:
     return {method.name: body}
 
 
+def _asked_auto_batch(req: CreateJobRequest, method: _Method) -> bool:
+    return "auto" in ((req.hyperparameters or {}).get("batch_size"), method.hyperparameters.get("batch_size"))
+
+
 def build_spec(
-    req: CreateJobRequest, *, model_path: str, init_from: str | None = None, inherited: dict[str, Any] | None = None
+    req: CreateJobRequest, *, model_path: str, init_from: str | None = None, inherited: dict[str, Any] | None = None,
+    choose: Chooser | None = None,
 ) -> JobSpec:
     """The JobSpec of a request whose model and files were already resolved; APIError if invalid.
 
     init_from: the job or checkpoint id this job continues from (the worker makes it a path);
-    inherited: the method fields of that job, used when the request names no method.
+    inherited: the method fields of that job, used when the request names no method;
+    choose: resolves method "auto" and batch_size "auto" (the planner); without it batch_size
+    "auto" is the spec's default and method "auto" is refused.
     """
     if req.integrations:
         raise bad_request("integrations: not supported by tuneq", "integrations")
@@ -136,6 +148,20 @@ def build_spec(
     hp_from_method = set(method.hyperparameters)
     if req.method is None and inherited:
         method = _Method(name=inherited["method"], type_key=inherited["method"], hyperparameters=method.hyperparameters)
+    if choose is not None and (method.name == AUTO_METHOD or _asked_auto_batch(req, method)):
+        auto_batch = _asked_auto_batch(req, method)
+        draft: dict[str, Any] = {
+            "method": method.name or DEFAULT_METHOD, "lora": method.lora,
+            "hyperparameters": {**hp, "batch_size": "auto"} if auto_batch else hp,
+            "gradient_checkpointing": req.gradient_checkpointing, "precision": req.precision or "auto",
+            "optimizer": req.optimizer,
+        }
+        chosen, batch = choose(draft)
+        method.name = chosen
+        if auto_batch and batch is not None:
+            hp["batch_size"] = batch
+    if method.name == AUTO_METHOD:
+        raise bad_request("method: 'auto' needs a model whose config the planner can read (a local model)", "method")
     name = method.name or DEFAULT_METHOD
     lr_param = (
         f"method.{method.type_key}.hyperparameters.learning_rate_multiplier"

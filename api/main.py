@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from api import errors
 from api.auth_gate import UploadAuthMiddleware
 from api.db_retry import RetryReadsMiddleware
-from api.routes import admin, artifacts, checkpoints, events, files, health, jobs, models
+from api.routes import admin, artifacts, checkpoints, events, files, health, jobs, models, plan
 from api.uploads import UploadLimitMiddleware
 
 
@@ -22,7 +22,7 @@ def create_app() -> FastAPI:
     app.add_middleware(UploadLimitMiddleware)
     # Added last, so it runs first: no upload byte is read for a caller without a valid key.
     app.add_middleware(UploadAuthMiddleware)
-    for module in (files, jobs, events, checkpoints, artifacts, models, admin, health):
+    for module in (files, jobs, plan, events, checkpoints, artifacts, models, admin, health):
         app.include_router(module.router)
     return app
 

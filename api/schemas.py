@@ -68,6 +68,8 @@ class JobOut(BaseModel):
     progress: dict[str, Any]
     metrics: dict[str, Any]
     started_at: int | None
+    # Predicted peak GPU memory (the planner's, at creation) next to the measured one.
+    plan: dict[str, Any] | None = None
 
 
 class EventOut(BaseModel):

@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     max_tokens_per_file: int = Field(
         200_000_000, ge=1, description="Tokens a training or validation file may hold, counted with the job's tokenizer."
     )
+    # Planner (issue 7): what a job is planned against before any GPU is touched. The API host
+    # usually has no GPU, so the worker hosts' memory and speed are declared here.
+    plan_gpu_memory_gib: float = Field(80.0, gt=0, description="Memory per GPU that job plans must fit in, in GiB.")
+    plan_gpu_tflops: float = Field(790.0, gt=0, description="bf16 dense peak per GPU in TFLOP/s (790: measured H200).")
     trust_remote_code_models: list[str] = Field(
         default_factory=list,
         description="Hub ids or absolute model directories whose own Python code may run (trust_remote_code). "

@@ -171,6 +171,67 @@ def submit(
     print(job["id"])
 
 
+# ------------------------------------------------------------------------------------------ plan
+
+_PARTS = ("weights", "gradients", "optimizer_states", "activations", "logits", "overhead", "total")
+
+
+@app.command()
+@friendly
+def plan(
+    file: Annotated[Path, typer.Argument(help="Training data: chat JSONL, one example per line.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Base model (see `tuneq models`).")],
+    method: Annotated[str, typer.Option(help="auto | lora | qlora | full.")] = "auto",
+    batch_size: Annotated[str | None, typer.Option("--batch-size", help="Examples per micro-batch, or auto.")] = None,
+    max_seq_len: Annotated[int | None, typer.Option("--max-seq-len", help="Tokens per example.")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the data.")] = None,
+    gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")] = None,
+    gpus: Annotated[int, typer.Option(help="GPUs the job would get.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole plan as JSON.")] = False,
+) -> None:
+    """Upload FILE and show how much GPU memory each method needs, what fits, and how long it takes."""
+    if method not in (*METHODS, "auto"):
+        raise fail(f"--method: must be auto or one of {', '.join(METHODS)}, got {method!r}")
+    hp: dict[str, Any] = {k: v for k, v in {"n_epochs": epochs, "max_seq_len": max_seq_len}.items() if v is not None}
+    if batch_size is not None:
+        if batch_size != "auto" and not batch_size.isdigit():
+            raise fail(f"--batch-size: a positive integer or auto, got {batch_size!r}")
+        hp["batch_size"] = batch_size if batch_size == "auto" else int(batch_size)
+    with make_client() as c:
+        body: dict[str, Any] = {"model": model, "training_file": _upload(c, file, "training file"), "method": method,
+                                "hyperparameters": hp, "gpus": gpus}
+        if gradient_checkpointing is not None:
+            body["gradient_checkpointing"] = gradient_checkpointing
+        got = c.plan_job(body)
+    if as_json:
+        import json
+
+        print(json.dumps(got, indent=2))
+        return
+    p = got["plan"]
+    table = Table(title=f"{model}: {p['model']['params'] / 1e9:.3g}B params, {p['gpus']} x {p['available_gib']:g} GiB "
+                        f"(usable {p['usable_bytes'] / 2**30:.1f} GiB), max_seq_len {p['seq_len']}")
+    table.add_column("method")
+    table.add_column("batch", justify="right")
+    for part in _PARTS:
+        table.add_column(part.replace("_states", "").replace("_", " "), justify="right")
+    table.add_column("fits")
+    for name, mp in p["methods"].items():
+        gib = mp["estimate"]["breakdown_gib"]
+        table.add_row(name, str(mp["batch_size"] or "-"), *(f"{gib[k]:.2f}" for k in _PARTS), "yes" if mp["fits"] else "no")
+    out.print(table)
+    for note in p.get("notes", []):
+        out.print(f"note: {note}")
+    rec = got["recommendation"]
+    out.print(("recommended: " if rec["fits"] else "refused: ") + rec["message"])
+    t = got["time"]
+    if t["seconds"] is not None:
+        out.print(f"time: {t['dataset_tokens']} tokens, {t['flops']:.3g} FLOPs, {t['seconds'] / 3600:.2f} h, "
+                  f"{t['gpu_hours']:.3g} GPU-hours")
+    if not rec["fits"]:
+        raise typer.Exit(2)
+
+
 # ------------------------------------------------------------------------------------------ status
 
 

@@ -88,6 +88,9 @@ class Client:
     def create_job(self, body: dict[str, Any]) -> dict[str, Any]:
         return self._json("POST", "/v1/fine_tuning/jobs", json=body)
 
+    def plan_job(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self._json("POST", "/v1/fine_tuning/plan", json=body)
+
     def get_job(self, job_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/fine_tuning/jobs/{job_id}")
 

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Query
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, object_session
 
-from api import data_check
+from api import data_check, planning
 from api.continuation import resolve_source
 from api.deps import CurrentUser, SessionDep, SettingsDep
 from api.errors import APIError, bad_request, not_found
@@ -72,6 +72,7 @@ def job_out(job: Job) -> JobOut:
         method={"type": method, method: method_body},
         user_provided_suffix=job.suffix, priority=job.priority, gpus=job.gpus,
         progress=progress, metrics=job.metrics or {}, started_at=_int(job.started_at),
+        plan=planning.job_view(job.plan, job.progress, job.metrics),
     )
 
 
@@ -123,6 +124,14 @@ def _check_data(db: Session, spec: Any, training: File, validation: File | None,
     return stats
 
 
+def plan_job(spec: dict[str, Any], model_path: str, gpus: int, settings: Any, training: File,
+             data_stats: dict[str, dict[str, Any]] | None) -> dict[str, Any] | None:
+    """The planner's plan of a validated spec, with the time estimate when the token count is known."""
+    tokens = planning.tokens_of(training.report) or planning.tokens_of((data_stats or {}).get("training_file"))
+    p = planning.make_plan(spec, model_path, gpus, settings, dataset_tokens=tokens)
+    return planning.to_json(p) if p is not None else None
+
+
 @router.post("")
 def create_fine_tuning_job(body: CreateJobRequest, user: CurrentUser, db: SessionDep, settings: SettingsDep) -> JobOut:
     try:
@@ -134,17 +143,22 @@ def create_fine_tuning_job(body: CreateJobRequest, user: CurrentUser, db: Sessio
     training = _usable_file(db, body.training_file, "training_file", user)
     validation = _usable_file(db, body.validation_file, "validation_file", user) if body.validation_file else None
     source = resolve_source(db, user, body.from_checkpoint, body.model) if body.from_checkpoint else None
+    examples = (training.report or {}).get("examples")
     spec = build_spec(body, model_path=model_path, init_from=source.ref if source else None,
-                      inherited=source.method_fields() if source else None)
+                      inherited=source.method_fields() if source else None,
+                      choose=planning.chooser(model_path, body.gpus, settings, examples if isinstance(examples, int) else None))
     for f, param in ((training, "training_file"), (validation, "validation_file")):
         if f is not None:
             check_file_tokens(f, param, model_path, spec.hyperparameters.max_seq_len, settings)
     data_stats = _check_data(db, spec, training, validation, model_path, user)
+    job_plan = plan_job(spec.model_dump(mode="json"), model_path, body.gpus, settings, training, data_stats)
+    planning.refuse_if_too_big(job_plan)  # before OOM on a GPU an hour from now
     check_job_quota(db, user, body.gpus, settings)
     job = create_job(
         db, spec=spec.model_dump(mode="json"), model=body.model, method=spec.method, training_file=training,
         validation_file=validation, suffix=spec.suffix, owner_id=user.id, priority=body.priority, gpus=body.gpus,
     )
+    job.plan = job_plan
     if data_stats:
         states.add_event(db, job, data_check.summary(data_stats, spec.hyperparameters.max_seq_len),
                          type="data_check", data=data_stats)

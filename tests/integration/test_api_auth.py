@@ -40,6 +40,7 @@ RULES: dict[tuple[str, str], str] = {
     ("GET", "/v1/files/{file_id}/content"): "file_read",
     ("POST", "/v1/fine_tuning/jobs"): "any_user",
     ("GET", "/v1/fine_tuning/jobs"): "any_user",
+    ("POST", "/v1/fine_tuning/plan"): "any_user",
     ("GET", J): "job_read",
     ("POST", J + "/cancel"): "job_change",
     ("POST", J + "/pause"): "job_change",
@@ -146,7 +147,7 @@ def build_request(world: World, method: str, path: str, who: str, kind: str) -> 
     if (method, path) == ("POST", "/v1/files"):
         req["files"] = {"file": ("t.jsonl", GOOD_LINE + "\n")}
         req["data"] = {"purpose": "fine-tune"}
-    elif (method, path) == ("POST", "/v1/fine_tuning/jobs"):
+    elif (method, path) in (("POST", "/v1/fine_tuning/jobs"), ("POST", "/v1/fine_tuning/plan")):
         # The caller's own file: someone else's would be refused for another reason.
         own = world.ids["file_id"] if who in ("owner", "admin", "none") else None
         if own is None:

@@ -1,0 +1,152 @@
+"""The planner as the API uses it: one plan per job body, from the model's config.json alone.
+
+The API host normally has no GPU, so what the plan is checked against (memory and speed per GPU)
+comes from settings describing the worker hosts. The trainer runs under bf16 autocast and keeps
+fp32 master weights for full fine-tuning, so plans are made with those options.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from api.errors import APIError
+from core.settings import Settings
+from trainer import planner
+
+GiB = planner.GiB
+# Decoder families whose layers the planner's activation model was derived from; for others the
+# numbers are shown but a job is not refused on them.
+CONFIDENT_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def model_config(model_path: str) -> Any | None:
+    """The transformers config of a local model directory; None for a hub id (not fetched here)."""
+    path = Path(model_path)
+    if not (path / "config.json").is_file():
+        return None
+    from transformers import AutoConfig
+
+    # config.json only: no weights and no remote code are touched.
+    return AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+
+
+def _unmodelled(spec_like: dict[str, Any]) -> str | None:
+    method = spec_like.get("method")
+    if method not in (*planner.METHODS, "auto"):
+        return f"method {method!r} is not modelled by the planner (only full, lora, qlora); its fit is not checked"
+    if (spec_like.get("lora") or {}).get("use_dora"):
+        return "DoRA is not modelled by the planner; its fit is not checked"
+    quant = spec_like.get("quantization") or {}
+    if method == "qlora" and quant.get("bits", 4) != 4:
+        return "8-bit QLoRA is not modelled by the planner (it plans 4-bit NF4); its fit is not checked"
+    return None
+
+
+def make_plan(spec_like: dict[str, Any], model_path: str, gpus: int, settings: Settings,
+              dataset_tokens: int | None = None) -> dict[str, Any] | None:
+    """The plan of a JobSpec-shaped dict, as stored on the job and returned by the plan route.
+
+    None when the model has no local config. `checked` says whether the plan may refuse the job.
+    """
+    config = model_config(model_path)
+    if config is None:
+        return None
+    note = _unmodelled(spec_like)
+    planned = dict(spec_like)
+    if note is not None:
+        # Still show what the modelled methods would need: that is the useful comparison.
+        planned["method"] = "auto"
+    optimizer = planner.SPEC_OPTIMIZERS.get(spec_like.get("optimizer") or "adamw", "adamw_torch")
+    p = planner.plan(
+        planned, config, int(settings.plan_gpu_memory_gib * GiB), gpus=max(1, gpus), dataset_tokens=dataset_tokens,
+        optimizer=optimizer, full_precision="fp32_master", autocast=True, peak_tflops=settings.plan_gpu_tflops,
+    ).to_dict()
+    confident = p["model"]["model_type"] in CONFIDENT_MODEL_TYPES
+    if note is None and not confident:
+        note = f"model type {p['model']['model_type']!r} is not a Llama-like decoder; the estimate is rough and not enforced"
+    p["checked"] = note is None
+    p["notes"] = [note] if note else []
+    p["available_gib"] = round(settings.plan_gpu_memory_gib, 3)
+    for mp in p["methods"].values():
+        mp["estimate"]["breakdown_gib"] = {
+            k: round(mp["estimate"][k] / GiB, 3)
+            for k in ("weights", "gradients", "optimizer_states", "activations", "logits", "overhead", "allocated", "total")
+        }
+    chosen = p["method"] or (spec_like.get("method") if spec_like.get("method") in planner.METHODS else None)
+    p["predicted_peak_gib"] = p["methods"][chosen]["estimate"]["total_gib"] if chosen in p["methods"] else None
+    if p["compute"] is not None:
+        p["compute"]["peak_tflops_per_gpu"] = settings.plan_gpu_tflops
+    return p
+
+
+def refuse_if_too_big(p: dict[str, Any] | None) -> None:
+    """422 with the numbers when a checked plan says the job's own settings cannot fit."""
+    if p is None or not p["checked"] or p["fits"]:
+        return
+    focus = p["requested_method"] if p["requested_method"] in p["methods"] else "qlora"
+    need = p["methods"][focus]["estimate"]["total"]
+    raise APIError(
+        422, f"the job does not fit on its GPUs: {p['message']}", param="method", code="does_not_fit",
+        extra={"predicted_gib": round(need / GiB, 3), "available_gib": p["available_gib"],
+               "usable_gib": round(p["usable_bytes"] / GiB, 3), "gpus": p["gpus"], "suggestions": p["suggestions"]},
+    )
+
+
+def chooser(model_path: str, gpus: int, settings: Settings, examples: int | None, *, refuse: bool = True,
+            seen: list[dict[str, Any]] | None = None) -> Callable[[dict[str, Any]], tuple[str, int | None]]:
+    """Resolves method "auto" and batch_size "auto" for api.job_spec.build_spec.
+
+    refuse=False (the plan route) picks something valid even when nothing fits, so the plan can
+    still be shown; `seen` receives the draft as requested, "auto" values included.
+    """
+
+    def choose(draft: dict[str, Any]) -> tuple[str, int | None]:
+        if seen is not None:
+            seen.append(draft)
+        p = make_plan(draft, model_path, gpus, settings)
+        fallback = draft["method"] if draft["method"] != "auto" else "lora"
+        if p is None:
+            if draft["method"] == "auto":
+                raise APIError(400, "method: 'auto' needs a model whose config.json the planner can read (a local model)",
+                               param="method", code="invalid_value")
+            return draft["method"], None
+        if not p["checked"]:
+            return fallback, None  # the spec's default batch size: the planner cannot vouch for another
+        if refuse:
+            refuse_if_too_big(p)
+        batch = p["batch_size"]
+        if p["method"] is None:
+            return (draft["method"] if draft["method"] != "auto" else "qlora"), None
+        if batch is not None and examples:
+            # A micro-batch larger than the data set only pads: cap it at the examples there are.
+            batch = min(batch, 1 << (examples.bit_length() - 1))
+        return p["method"], batch
+
+    return choose
+
+
+def job_view(plan: dict[str, Any] | None, progress: dict[str, Any] | None, metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The plan as the job object shows it: predicted beside measured peak memory."""
+    measured = (progress or {}).get("peak_memory_bytes") or (metrics or {}).get("peak_memory_bytes")
+    if plan is None and not measured:
+        return None
+    plan = plan or {}
+    return {
+        "method": plan.get("method"), "batch_size": plan.get("batch_size"), "fits": plan.get("fits"),
+        "checked": plan.get("checked"), "notes": plan.get("notes", []),
+        "gpu_memory_gib": plan.get("available_gib"),
+        "predicted_peak_gib": plan.get("predicted_peak_gib"),
+        "measured_peak_gib": round(measured / GiB, 3) if measured else None,
+    }
+
+
+def tokens_of(report: dict[str, Any] | None) -> int | None:
+    t = (report or {}).get("tokens")
+    return int(t) if isinstance(t, int | float) and t > 0 else None
+
+
+def to_json(p: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(p))  # JSON column: plain types only

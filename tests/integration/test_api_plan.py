@@ -1,0 +1,131 @@
+"""The planner through the API: the plan route, method/batch "auto", plans stored on jobs, refusals."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import reset_caches
+
+GOOD_LINE = json.dumps({"messages": [{"role": "user", "content": "Reverse: abc"}, {"role": "assistant", "content": "cba"}]})
+
+
+@pytest.fixture
+def client(service_env: dict[str, str], admin_headers: dict[str, str]) -> Iterator[TestClient]:
+    from api.main import create_app
+
+    with TestClient(create_app(), headers=admin_headers) as c:
+        yield c
+
+
+@pytest.fixture
+def file_id(client: TestClient) -> str:
+    r = client.post("/v1/files", files={"file": ("t.jsonl", (GOOD_LINE + "\n") * 4)}, data={"purpose": "fine-tune"})
+    assert r.json()["status"] == "processed"
+    return r.json()["id"]
+
+
+def test_plan_route_returns_every_method_with_its_breakdown(client: TestClient, file_id: str) -> None:
+    r = client.post("/v1/fine_tuning/plan", json={"model": "tiny-llama", "training_file": file_id, "method": "auto"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "fine_tuning.plan"
+    methods = body["plan"]["methods"]
+    assert set(methods) == {"full", "lora", "qlora"}
+    for mp in methods.values():
+        est = mp["estimate"]
+        parts = ("weights", "gradients", "optimizer_states", "activations", "logits", "overhead")
+        assert sum(est[k] for k in parts) == est["total"] > 0
+        assert set(parts) <= set(est["breakdown_gib"])
+    assert body["recommendation"]["method"] == "full" and body["recommendation"]["fits"]  # the tiny model fits full
+    assert body["plan"]["checked"] is True and body["plan"]["available_gib"] == 80
+    t = body["time"]
+    assert t["dataset_tokens"] and t["dataset_tokens"] > 0  # counted by the data check
+    assert t["flops"] > 0 and t["seconds"] > 0 and t["gpu_hours"] > 0
+
+
+def test_auto_method_and_batch_pick_full_and_store_the_plan(client: TestClient, file_id: str) -> None:
+    r = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id, "method": "auto",
+                                                   "hyperparameters": {"batch_size": "auto"}})
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert job["method"]["type"] == "full"
+    assert job["hyperparameters"]["batch_size"] == 4  # the largest that fits, capped at the file's 4 examples
+    assert job["plan"]["predicted_peak_gib"] > 0 and job["plan"]["measured_peak_gib"] is None
+    assert job["plan"]["method"] == "full"
+    from core.db import session_scope
+    from core.models import Job
+
+    with session_scope() as db:
+        stored = db.get(Job, job["id"]).plan
+    assert stored["fits"] and set(stored["methods"]) == {"full", "lora", "qlora"}
+    assert stored["compute"]["gpu_hours"] > 0
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["plan"] == job["plan"]
+
+
+def test_a_job_that_cannot_fit_is_refused_with_numbers(client: TestClient, file_id: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNEQ_PLAN_GPU_MEMORY_GIB", "0.001")
+    reset_caches()
+    r = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id, "method": "full"})
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["code"] == "does_not_fit" and "does not fit" in err["message"]
+    assert err["details"]["predicted_gib"] > err["details"]["available_gib"] == 0.001
+    assert isinstance(err["details"]["suggestions"], list)
+    r = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id, "method": "auto"})
+    assert r.status_code == 422, r.text
+    assert client.get("/v1/fine_tuning/jobs").json()["data"] == []
+    # The plan route still answers, with the refusal as its recommendation.
+    r = client.post("/v1/fine_tuning/plan", json={"model": "tiny-llama", "training_file": file_id, "method": "full"})
+    assert r.status_code == 200, r.text
+    assert r.json()["recommendation"]["fits"] is False and "does not fit" in r.json()["recommendation"]["message"]
+
+
+def test_methods_the_planner_does_not_model_are_not_refused(client: TestClient, file_id: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNEQ_PLAN_GPU_MEMORY_GIB", "0.001")
+    reset_caches()
+    r = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id, "method": "ia3"})
+    assert r.status_code == 200, r.text
+    assert r.json()["plan"]["checked"] is False and "not modelled" in r.json()["plan"]["notes"][0]
+
+
+def test_auto_leaves_full_for_a_model_too_big_for_the_gpu(tmp_path: Path) -> None:
+    from api.planning import make_plan
+    from core.settings import Settings
+    from trainer.tiny import build_config
+
+    build_config("llama-3-8b").save_pretrained(tmp_path / "big")  # config only: planning reads no weights
+    spec = {"method": "auto", "hyperparameters": {"batch_size": 1, "max_seq_len": 1024}, "gradient_checkpointing": True}
+    p = make_plan(spec, str(tmp_path / "big"), 1, Settings(plan_gpu_memory_gib=80))
+    assert p["methods"]["full"]["fits"] is False and p["method"] in ("lora", "qlora")
+    p = make_plan(spec, str(tmp_path / "big"), 1, Settings(plan_gpu_memory_gib=12))
+    assert p["method"] == "qlora"
+
+
+def test_cli_plan_prints_the_table_and_json(service_env: dict[str, str], admin_key: str, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from api.main import create_app
+    from tuneq import cli
+    from tuneq.client import Client
+
+    monkeypatch.setenv("TUNEQ_API_KEY", admin_key)
+    app = create_app()
+    monkeypatch.setattr(cli, "make_client", lambda: Client("http://testserver", http=TestClient(app)))
+    data = tmp_path / "t.jsonl"
+    data.write_text((GOOD_LINE + "\n") * 4)
+    runner = CliRunner()
+    r = runner.invoke(cli.app, ["plan", str(data), "--model", "tiny-llama"])
+    assert r.exit_code == 0, r.output
+    assert "qlora" in r.output and "recommended: full fits" in r.output and "GPU-hours" in r.output
+    r = runner.invoke(cli.app, ["plan", str(data), "--model", "tiny-llama", "--method", "lora", "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout[r.stdout.index("{"):])
+    assert got["recommendation"]["method"] == "lora" and set(got["plan"]["methods"]) == {"full", "lora", "qlora"}
