@@ -12,9 +12,11 @@ import logging
 import threading
 import time
 
-from core import workers
+from sqlalchemy import select
+
+from core import states, workers
 from core.db import session_scope
-from core.models import now
+from core.models import Job, now
 from core.queue import RUN_JOB, claim_dispatch, producer
 from core.scheduling import waiting
 from core.settings import get_settings
@@ -41,6 +43,11 @@ def dispatch_once() -> list[str]:
             continue
         considered += 1
         if claim_dispatch(w.id):
+            # A worker may have leased the job (and cleared its marker) since `waiting` read it.
+            with session_scope() as db:
+                still_queued = db.scalar(select(Job.status).where(Job.id == w.id)) == states.QUEUED
+            if not still_queued:
+                continue
             producer().send_task(RUN_JOB, args=[w.id])
             log.info("job %s is queued with no message in flight; sent one", w.id)
             sent.append(w.id)

@@ -32,13 +32,14 @@ def _runnable(job: Job | None, ttl_s: float) -> bool:
 
 def take(db: Session, pool: GpuPool, job_id: str, worker_id: str, settings: Settings) -> tuple[Job, Reservation] | str:
     """A leased job with its GPUs reserved, or why not: `skipped` or `deferred`."""
-    job = db.get(Job, job_id, populate_existing=True)
-    runnable = _runnable(job, settings.lease_ttl_s)
-    db.rollback()
-    if not runnable:
-        return "skipped"
-    assert job is not None
     with pool.mutex:
+        # Read under the mutex: a sibling slot of this worker may have just leased the job.
+        job = db.get(Job, job_id, populate_existing=True)
+        runnable = _runnable(job, settings.lease_ttl_s)
+        db.rollback()
+        if not runnable:
+            return "skipped"
+        assert job is not None
         if job.status == states.RUNNING:  # a dead worker's job, taken over before the reaper got to it
             target_id, gpus = job.id, job.gpus
         else:

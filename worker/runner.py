@@ -234,10 +234,10 @@ class JobRun:
             return "lost"
         if stopped_by == "cancel":
             return self.finish(states.CANCELLED, "Job cancelled.")
+        if proc.returncode == 0:  # a pause that came while the trainer was finishing is moot
+            return self.succeed()
         if stopped_by == "pause" or proc.returncode == EXIT_PAUSED:
             return self.finish(states.PAUSED, "Job paused; resuming continues from the latest checkpoint.")
-        if proc.returncode == 0:
-            return self.succeed()
         err = self.tracker.last_error
         if err is None or (err.get("code") not in USER_ERRORS and (proc.returncode or 0) < 0):
             # No error of its own: the trainer was killed (OOM killer, a stray signal, a lost
