@@ -130,7 +130,9 @@ class Poller(threading.Thread):
 
 
 # Enough that the job is still training after the restart (about 5 s) on a fast machine.
-STEPS = 80
+# Long enough that the job is still training when the database comes back (~5 s of outage and
+# waiting): a tiny-model step takes ~15 ms on an idle core, so 80 steps could finish inside it.
+STEPS = 800
 
 
 def test_job_and_api_ride_out_a_postgres_restart(tmp_path: Path, redis_url: str, tiny_model_dir: Path) -> None:
