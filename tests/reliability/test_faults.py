@@ -15,7 +15,9 @@ from tests.reliability.conftest import (
     assert_never_twice_at_once, events_of, job_status, make_job, resumed_steps, trainer_starts, wait_for,
 )
 
-STEPS = 30  # long enough to kill mid-run, short enough to finish twice within the suite's budget
+# Long enough to kill mid-run on an idle machine too (a tiny step is ~30 ms there, and the kill
+# comes ~1 s after the step-5 checkpoint reaches the database), short enough to run twice.
+STEPS = 150
 
 
 def training_job(db: Session, env: dict[str, str], steps: int = STEPS, **kw) -> Job:
@@ -88,7 +90,8 @@ def test_job_longer_than_the_visibility_timeout_runs_once(db: Session, rel_env, 
     short = {"TUNEQ_VISIBILITY_TIMEOUT_S": "2"}
     monkeypatch.setenv("TUNEQ_VISIBILITY_TIMEOUT_S", "2")
     reset_caches()
-    job = training_job(db, rel_env, steps=20)
+    # Still running after the second worker has started (seconds) and the message is restored.
+    job = training_job(db, rel_env, steps=300)
     w1 = workers(**short)
     enqueue_job(job.id)
     wait_checkpoint(job.id, w1)

@@ -28,7 +28,7 @@ def test_redis_restart_mid_job_loses_nothing(db: Session, rel_env, workers, tmp_
     try:
         monkeypatch.setenv("TUNEQ_REDIS_URL", url)
         reset_caches()
-        running = make_job(db, rel_env["model"], steps=30, examples=64, checkpoint_every=5, log_every=5)
+        running = make_job(db, rel_env["model"], steps=150, examples=64, checkpoint_every=5, log_every=5)
         waiting = make_job(db, rel_env["model"], steps=4)
         w = workers(TUNEQ_REDIS_URL=url)
         enqueue_job(running.id)
