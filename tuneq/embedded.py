@@ -27,8 +27,11 @@ def redis_server_binary() -> str:
 class EmbeddedRedis:
     """Start redis-server on a free loopback port; stop it on exit. Keeps nothing on disk."""
 
-    def __init__(self, port: int | None = None, workdir: Path | None = None):
+    def __init__(self, port: int | None = None, workdir: Path | None = None, detached: bool = False):
         self.port = port or free_port()
+        # Detached: in a session of its own, so a terminal's Ctrl-C does not stop redis-server
+        # before the worker could ack or requeue on its way out.
+        self.detached = detached
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="tuneq-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -41,7 +44,7 @@ class EmbeddedRedis:
         self.proc = subprocess.Popen(
             [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=self.detached,
         )
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + 20

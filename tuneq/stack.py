@@ -60,33 +60,9 @@ def _tail(path: Path, n: int = 20) -> str:
 
 
 def _detached_redis(workdir: Path):  # noqa: ANN202 - EmbeddedRedis is imported lazily
-    from tuneq.embedded import EmbeddedRedis, redis_server_binary
+    from tuneq.embedded import EmbeddedRedis
 
-    class DetachedRedis(EmbeddedRedis):
-        """EmbeddedRedis in a session of its own: in the terminal's process group, Ctrl-C would
-        stop redis-server at once, before the worker could ack or requeue on its way out."""
-
-        def start(self) -> str:
-            import redis
-
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            self.proc = subprocess.Popen(
-                [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-                 "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            )
-            client = redis.Redis(port=self.port)
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    client.ping()
-                    return self.url
-                except redis.ConnectionError:
-                    if self.proc.poll() is not None or time.monotonic() > deadline:
-                        raise TuneqError(f"embedded redis-server did not start on port {self.port}") from None
-                    time.sleep(0.05)
-
-    return DetachedRedis(workdir=workdir)
+    return EmbeddedRedis(workdir=workdir, detached=True)
 
 
 class Stack:
@@ -147,7 +123,10 @@ class Stack:
             self.log(f"redis: using {env['TUNEQ_REDIS_URL']}")
         else:
             self.redis = _detached_redis(self.home / "redis")
-            env["TUNEQ_REDIS_URL"] = self.redis.start()
+            try:
+                env["TUNEQ_REDIS_URL"] = self.redis.start()
+            except RuntimeError as exc:
+                raise TuneqError(str(exc)) from None
             self.log(f"redis: embedded at {env['TUNEQ_REDIS_URL']}")
 
     @property
