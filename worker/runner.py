@@ -34,6 +34,7 @@ from worker.artifacts import publish_final
 from worker.events import EventTail, ProgressTracker
 from worker.gpus import GpuPool, Reservation, get_pool
 from worker.process import SUPERVISOR_ENV, TrainerProcess, kill_strays
+from worker.tensorboard_log import TensorBoardLog
 from worker.workdir import SpecError, has_checkpoint, job_dir, runnable_spec, trainer_argv, trainer_env, write_spec
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class JobRun:
         self.dir = job_dir(settings, job.id)
         self.tracker = ProgressTracker(self.dir)
         self.tail = EventTail(self.dir / "events.jsonl", self.dir / "events.offset")
+        self.tensorboard = TensorBoardLog(self.dir / "tensorboard")
 
     def execute(self) -> str:
         try:
@@ -219,6 +221,10 @@ class JobRun:
             return
         for ev in events:
             self.tracker.apply(self.db, self.job, ev)
+            self.tensorboard.add(ev)
+        # Curves first: a crash before the commit re-reads these events and draws them twice,
+        # which is better than never.
+        self.tensorboard.flush()
         self.db.commit()
         self.tail.save_offset()
 
@@ -282,6 +288,8 @@ class JobRun:
     def finish(self, target: str, message: str, *, error: dict[str, Any] | None = None,
                before: Callable[[Job], None] | None = None) -> str:
         """Write the final status, but only while this run still holds the lease."""
+        # Outside the transaction, like publish_final: the curves of an ended job, downloadable.
+        curves = self.tensorboard.publish(get_storage(), self.job_id, self.attempt) if target in states.TERMINAL else None
         job = lock_leased_job(self.db, self.job_id, self.worker_id, self.attempt)
         if job is None:
             log.warning("job %s: lease lost before the end (attempt %s); leaving the job alone", self.job_id, self.attempt)
@@ -297,6 +305,8 @@ class JobRun:
             before(job)
         if target == states.PAUSED:
             job.pause_requested = False  # honoured; a resume must not pause again at once
+        if curves is not None and target in states.TERMINAL:
+            self.db.add(curves.row(job.id))
         states.transition(self.db, job, target, message, error=error)
         if target == states.PAUSED:
             control.after_pause(self.db, job)

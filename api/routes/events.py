@@ -1,37 +1,85 @@
-"""A job's event log, newest first like OpenAI's."""
+"""A job's event log: a page, newest first like OpenAI's, or (`?stream=true`) a live SSE stream.
+
+The stream sends events oldest first. Without a cursor it starts with the newest `limit` events;
+with one (`after`, or the `Last-Event-ID` a reconnecting EventSource sends, which wins) it sends
+every event after that one, so a reconnect loses nothing. Each SSE message has the event's id as
+`id` and the event object (as in the page) as JSON `data`; a comment line every PING_S keeps
+proxies from closing an idle stream. When the job has ended and its last events are sent, a
+final `event: end` with `{"id": job id, "status": ...}` tells the client not to reconnect.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import anyio
+from fastapi import Header, Query
 from fastapi import APIRouter
 from sqlalchemy import select
+from sse_starlette import EventSourceResponse
 
 from api.deps import CurrentUser, SessionDep, SettingsDep
 from api.errors import bad_request
 from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
 from api.routes.jobs import load_job
 from api.schemas import EventOut, Page
+from core.event_feed import EventFeed, start_seq
 from core.models import JobEvent
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+
+POLL_S = 0.5
+PING_S = 15.0
+
+STREAM_DOC = {200: {"description": "A page of events, or with stream=true a text/event-stream of them.",
+                    "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 
 def event_out(ev: JobEvent) -> EventOut:
     return EventOut(id=ev.id, created_at=int(ev.created_at), level=ev.level, message=ev.message, type=ev.type, data=ev.data)
 
 
-@router.get("/{job_id}/events")
+@router.get("/{job_id}/events", responses=STREAM_DOC)
 def list_fine_tuning_events(
     job_id: str, user: CurrentUser, db: SessionDep, settings: SettingsDep, after: AfterQuery = None,
     limit: LimitQuery = DEFAULT_LIMIT,
+    stream: Annotated[bool, Query(description="Send the events as server-sent events, oldest first, live until "
+                                              "the job ends (tuneq extension).")] = False,
+    last_event_id: Annotated[str | None, Header(description="With stream=true: resume after this event "
+                                                           "(sent by a reconnecting EventSource).")] = None,
 ) -> Page[EventOut]:
     check_limit(limit, settings)
     job = load_job(db, job_id, user)
+    if stream:
+        cursor, param = (last_event_id, "Last-Event-ID") if last_event_id else (after, "after")
+        seq = start_seq(db, job.id, after_event_id=cursor, backlog=limit)
+        if seq is None:
+            raise bad_request(f"{param}: no event with id {cursor!r} in job {job.id}", param)
+        db.rollback()  # the stream polls with sessions of its own; hold no transaction open here
+        return EventSourceResponse(_follow(EventFeed(job.id, seq)), ping=PING_S,  # type: ignore[return-value]
+                                   headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
     # seq, not created_at: events written in one transaction share a timestamp but never a seq.
     stmt = select(JobEvent).where(JobEvent.job_id == job.id)
     if after is not None:
-        cursor = db.scalar(select(JobEvent).where(JobEvent.id == after, JobEvent.job_id == job.id))
-        if cursor is None:
+        cursor_row = db.scalar(select(JobEvent).where(JobEvent.id == after, JobEvent.job_id == job.id))
+        if cursor_row is None:
             raise bad_request(f"after: no event with id {after!r} in job {job.id}", "after")
-        stmt = stmt.where(JobEvent.seq < cursor.seq)
+        stmt = stmt.where(JobEvent.seq < cursor_row.seq)
     rows = db.scalars(stmt.order_by(JobEvent.seq.desc()).limit(limit + 1)).all()
     return make_page(rows, limit, event_out)
+
+
+async def _follow(feed: EventFeed) -> AsyncIterator[dict[str, Any]]:
+    while True:
+        # The database driver blocks; a thread keeps the event loop free for other requests.
+        batch, status = await anyio.to_thread.run_sync(feed.poll)
+        for ev in batch:
+            yield {"id": ev.id, "data": event_out(ev).model_dump_json()}
+        if feed.finished(status, batch):
+            yield {"event": "end", "data": json.dumps({"id": feed.job_id, "status": status})}
+            return
+        if not batch:
+            await asyncio.sleep(POLL_S)

@@ -30,7 +30,7 @@ from core.limits import check_job_quota, take_job_slot
 from core.model_roots import resolve_model
 from core.models import File, Job, User
 from core.queue import enqueue_job
-from core.scheduling import queue_position
+from core.progress import job_progress
 from core.control import request_pause, request_resume
 
 log = logging.getLogger("tuneq.api")
@@ -60,9 +60,7 @@ def job_out(job: Job) -> JobOut:
     error = None
     if job.error:
         error = JobErrorOut(**{"message": "the job failed", **job.error})
-    progress = dict(job.progress or {})
-    if job.status == states.QUEUED and (session := object_session(job)) is not None:
-        progress["queue_position"] = queue_position(session, job)  # 1: runs next
+    progress = job_progress(object_session(job), job)  # core/progress.py: FIELDS, queue_position 1 runs next
     return JobOut(
         id=job.id, created_at=int(job.created_at), finished_at=_int(job.finished_at), model=job.model,
         fine_tuned_model=job.fine_tuned_model, organization_id=job.owner_id or ORGANIZATION, status=job.status,

@@ -34,6 +34,8 @@ KINDS: dict[str, dict[str, Any]] = {
 
 RULES: dict[tuple[str, str], str] = {
     ("GET", "/healthz"): "public",
+    # Service-wide figures (every team's jobs, worker host names): admins only.
+    ("GET", "/metrics"): "admin",
     ("POST", "/v1/files"): "any_user",
     ("GET", "/v1/files"): "any_user",
     ("GET", "/v1/files/{file_id}"): "file_read",

@@ -103,7 +103,9 @@ def test_job_runs_to_succeeded_with_events_checkpoints_and_artifacts(db: Session
     arts = {a.name: a for a in db.scalars(select(Artifact).where(Artifact.job_id == job.id))}
     final = work_dir(job.id) / "final"
     assert {f"final/{p.relative_to(final).as_posix()}" for p in final.rglob("*") if p.is_file()} | {
-        "adapter.tar.gz", "checkpoints/step-00000002.tar.gz", "checkpoints/step-00000004.tar.gz"} == set(arts)
+        "adapter.tar.gz", "checkpoints/step-00000002.tar.gz", "checkpoints/step-00000004.tar.gz",
+        "tensorboard.tar.gz"} == set(arts)
+    assert arts["tensorboard.tar.gz"].kind == "logs"
     assert arts["checkpoints/step-00000002.tar.gz"].kind == "checkpoint"
     assert arts["final/manifest.json"].kind == "manifest"
     assert arts["final/adapter_model.safetensors"].kind == "file"

@@ -1,0 +1,60 @@
+"""The job object's `progress`: every field always present, figures from the latest metrics event."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+from tests.conftest import create_user_with_key
+from tests.integration.conftest import make_job
+
+FIELDS = {"step", "total_steps", "epoch", "train_loss", "tokens_per_second", "peak_memory_bytes", "mfu",
+          "eta_seconds", "queue_position", "updated_at", "estimated_finish"}
+
+
+@pytest.fixture
+def client(db_env: dict[str, str]) -> Iterator[TestClient]:
+    from api.main import create_app
+
+    _, key = create_user_with_key("admin", "admin")
+    with TestClient(create_app(), headers={"Authorization": f"Bearer {key}"}) as c:
+        yield c
+
+
+def test_progress_of_queued_running_and_finished_jobs(client: TestClient, db: Session) -> None:
+    from core import states
+
+    first, second = make_job(db), make_job(db)
+    p = client.get(f"/v1/fine_tuning/jobs/{second.id}").json()["progress"]
+    assert FIELDS <= set(p) and p["queue_position"] == 2 and p["step"] is None and p["eta_seconds"] is None
+
+    # What the worker leaves after a metrics event 10 s ago: its ETA then was 100 s.
+    job = first
+    job.status, job.started_at = states.RUNNING, time.time() - 60
+    measured = time.time() - 10
+    job.progress = {"step": 3, "total_steps": 12, "eta_seconds": 100.0, "retry_not_before": 0}
+    states.add_event(db, job, "step 4/12 loss 1.5", type="metrics", created_at=measured, data={
+        "step": 4, "total_steps": 12, "epoch": 0.5, "train_loss": 1.5, "tokens_per_second": 321.0,
+        "peak_memory_bytes": 2**30, "mfu": 0.41})
+    db.commit()
+    got = client.get(f"/v1/fine_tuning/jobs/{job.id}").json()
+    p = got["progress"]
+    assert (p["step"], p["total_steps"], p["epoch"], p["train_loss"]) == (4, 12, 0.5, 1.5)
+    assert (p["tokens_per_second"], p["peak_memory_bytes"], p["mfu"]) == (321.0, 2**30, 0.41)
+    assert 85 <= p["eta_seconds"] <= 91  # aged by the time since the event
+    assert p["updated_at"] == pytest.approx(measured) and p["queue_position"] is None
+    assert p["retry_not_before"] == 0  # the worker's own keys stay
+    assert abs(got["estimated_finish"] - (time.time() + p["eta_seconds"])) <= 2
+    # The second job moved up.
+    assert client.get(f"/v1/fine_tuning/jobs/{second.id}").json()["progress"]["queue_position"] == 1
+    listed = {j["id"]: j for j in client.get("/v1/fine_tuning/jobs").json()["data"]}
+    assert listed[job.id]["progress"]["mfu"] == 0.41
+
+    job.status, job.finished_at = states.SUCCEEDED, time.time()
+    db.commit()
+    p = client.get(f"/v1/fine_tuning/jobs/{job.id}").json()["progress"]
+    assert p["eta_seconds"] == 0 and p["step"] == 4 and p["estimated_finish"] is None

@@ -1,0 +1,64 @@
+"""The TensorBoard event files the worker writes parse back with TensorBoard's own reader."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from core.storage import LocalStorage
+from worker.tensorboard_log import ARTIFACT, KIND, TensorBoardLog
+
+LOSSES = [2.5, 1.75, 1.25, 0.875]
+
+
+def trainer_events(first_step: int = 1) -> list[dict]:
+    evs = [{"type": "start", "time": 1000.0, "data": {"total_steps": 4}}]
+    for i, loss in enumerate(LOSSES[first_step - 1:], start=first_step):
+        evs.append({"type": "metrics", "time": 1000.0 + i, "data": {
+            "step": i, "total_steps": 4, "train_loss": loss, "learning_rate": 1e-3 * i, "tokens_per_second": 100.0,
+            "peak_memory_bytes": None, "mfu": 0.25}})
+    evs.append({"type": "validation", "time": 1010.0, "data": {"step": 4, "valid_loss": 1.5, "valid_mean_token_accuracy": 0.5}})
+    evs.append({"type": "metrics", "data": {"train_loss": 9.0}})  # no step: nothing to draw
+    return evs
+
+
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_scalars_of_metrics_and_validation_events(tmp_path: Path) -> None:
+    tb = TensorBoardLog(tmp_path / "tensorboard")
+    for ev in trainer_events():
+        tb.add(ev)
+    tb.close()
+    got = scalars(tmp_path / "tensorboard")
+    assert [(s, round(v, 4)) for s, v in got["train/loss"]] == list(enumerate(LOSSES, start=1))
+    assert [s for s, _ in got["train/learning_rate"]] == [1, 2, 3, 4] and got["train/mfu"][0][1] == 0.25
+    assert got["valid/loss"] == [(4, 1.5)] and got["valid/mean_token_accuracy"] == [(4, 0.5)]
+    assert "train/peak_memory_gib" not in got  # null on CPU: no point
+
+
+def test_publish_archives_every_run_for_tensorboard_logdir(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "store")
+    assert TensorBoardLog(tmp_path / "nothing").publish(storage, "ftjob-x", 1) is None
+    first = TensorBoardLog(tmp_path / "work" / "tensorboard")
+    for ev in trainer_events()[:3]:  # steps 1-2, then the worker died
+        first.add(ev)
+    first.close()
+    resumed = TensorBoardLog(tmp_path / "work" / "tensorboard")
+    for ev in trainer_events(first_step=3):
+        resumed.add(ev)
+    stored = resumed.publish(storage, "ftjob-x", 2)
+    assert stored is not None and stored.name == ARTIFACT and stored.kind == KIND
+    assert stored.key == "jobs/ftjob-x/tensorboard-2.tar.gz"
+    with tarfile.open(storage.path(stored.key)) as tar:
+        tar.extractall(tmp_path / "download", filter="data")
+    # Both runs' files, one curve: what `tensorboard --logdir download/tensorboard` shows.
+    assert len(list((tmp_path / "download" / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    got = scalars(tmp_path / "download" / "tensorboard")
+    # Files are read in name (start time) order; these two started within one second.
+    assert sorted((s, round(v, 4)) for s, v in got["train/loss"]) == list(enumerate(LOSSES, start=1))
