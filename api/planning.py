@@ -1,8 +1,9 @@
 """The planner as the API uses it: one plan per job body, from the model's config.json alone.
 
 The API host normally has no GPU, so what the plan is checked against (memory and speed per GPU)
-comes from settings describing the worker hosts. The trainer runs under bf16 autocast and keeps
-fp32 master weights for full fine-tuning, so plans are made with those options.
+comes from settings describing the worker hosts. The planner models the trainer as it runs
+(trainer.planner.estimate_for_spec): bf16 mixed precision, the spec's full_precision, optimizer,
+speed and strategy, the fast path's chunked loss and fused LoRA.
 """
 
 from __future__ import annotations
@@ -35,13 +36,8 @@ def model_config(model_path: str) -> Any | None:
 
 def _unmodelled(spec_like: dict[str, Any]) -> str | None:
     method = spec_like.get("method")
-    if method not in (*planner.METHODS, "auto"):
-        return f"method {method!r} is not modelled by the planner (only full, lora, qlora); its fit is not checked"
-    if (spec_like.get("lora") or {}).get("use_dora"):
-        return "DoRA is not modelled by the planner; its fit is not checked"
-    quant = spec_like.get("quantization") or {}
-    if method == "qlora" and quant.get("bits", 4) != 4:
-        return "8-bit QLoRA is not modelled by the planner (it plans 4-bit NF4); its fit is not checked"
+    if method not in (*planner.ALL_METHODS, "auto"):
+        return f"method {method!r} is not modelled by the planner; its fit is not checked"
     return None
 
 
@@ -59,10 +55,9 @@ def make_plan(spec_like: dict[str, Any], model_path: str, gpus: int, settings: S
     if note is not None:
         # Still show what the modelled methods would need: that is the useful comparison.
         planned["method"] = "auto"
-    optimizer = planner.SPEC_OPTIMIZERS.get(spec_like.get("optimizer") or "adamw", "adamw_torch")
     p = planner.plan(
         planned, config, int(settings.plan_gpu_memory_gib * GiB), gpus=max(1, gpus), dataset_tokens=dataset_tokens,
-        optimizer=optimizer, full_precision="fp32_master", autocast=True, peak_tflops=settings.plan_gpu_tflops,
+        peak_tflops=settings.plan_gpu_tflops,
     ).to_dict()
     confident = p["model"]["model_type"] in CONFIDENT_MODEL_TYPES
     if note is None and not confident:
@@ -75,7 +70,7 @@ def make_plan(spec_like: dict[str, Any], model_path: str, gpus: int, settings: S
             k: round(mp["estimate"][k] / GiB, 3)
             for k in ("weights", "gradients", "optimizer_states", "activations", "logits", "overhead", "allocated", "total")
         }
-    chosen = p["method"] or (spec_like.get("method") if spec_like.get("method") in planner.METHODS else None)
+    chosen = p["method"] or (spec_like.get("method") if spec_like.get("method") in planner.ALL_METHODS else None)
     p["predicted_peak_gib"] = p["methods"][chosen]["estimate"]["total_gib"] if chosen in p["methods"] else None
     if p["compute"] is not None:
         p["compute"]["peak_tflops_per_gpu"] = settings.plan_gpu_tflops

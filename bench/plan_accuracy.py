@@ -1,18 +1,24 @@
-"""How close is the planner's peak-memory prediction to what a GPU measures?
+"""How close is the planner's peak memory to what the REAL trainer measures?
 
-    python3 bench/plan_accuracy.py --out bench/results            # on a GPU (an H200 here)
-    python3 bench/plan_accuracy.py --out /tmp/x --dry-run         # anywhere: predictions only
+    python3 bench/plan_accuracy.py                     # on the H200: the default grid (24 cells)
+    python3 bench/plan_accuracy.py --quick             # 12 cells
+    python3 bench/plan_accuracy.py --cells "lora llama-3.2-1b S2048 lean" "full llama-0.5b S512 fast"
+    python3 bench/plan_accuracy.py --dry-run           # here, on CPU: 2 tiny cells end to end
 
-Grid: method (full, lora, qlora) x Llama shapes (~0.5B, 1.24B, ~3B) x seq (512, 2048) x
-gradient checkpointing (off, on), micro-batch 4. Every cell runs in a fresh subprocess, so one
-cell's allocator state, cached kernels or OOM never leaks into the next. A cell builds the model
-from its config with random weights (speed and memory do not depend on the values), applies the
-method, runs three steps (forward with labels, backward, grad clip, fused AdamW, zero_grad) on
-random ids with one padded row (the trainer pads to the longest example), resets the peak after
-step 1 (optimizer states exist from then on) and records torch.cuda.max_memory_allocated.
+Every cell is one `python -m trainer run SPEC --out DIR` process (the path a job takes: fast path,
+accelerate's bf16 mixed precision, the chunked loss, fused LoRA, liger where installed), on a
+model directory that holds a full-size Llama config (trainer.tiny.build_config) and the tiny
+tokenizer. full and lora start from random weights built on the GPU (TUNEQ_RANDOM_INIT=1,
+trainer/model.py); qlora must quantise on load, so each of its shapes is saved once in bf16.
+The data is four text rows, three longer than max_seq_len and one 7/8 as long, so every batch
+of 4 is padded to exactly max_seq_len, as the planner assumes. Three optimizer steps; the peak is
+the `peak_memory_bytes` of the step-3 metrics event (torch.cuda.max_memory_allocated since the
+process started), after which the bench stops the trainer rather than wait for its export.
 
-QLoRA has to load through from_pretrained to quantise, so each shape is saved once in bf16 to a
-temporary directory first. Writes DIR/plan_accuracy.md and DIR/plan_accuracy.json.
+Predicted: trainer.planner.estimate_for_spec for the very spec the cell ran (its `allocated`,
+which is what max_memory_allocated counts), told whether liger's kernels were on (the start
+event says). Writes DIR/plan_accuracy_real_trainer.md and .json (dry run: ..._dryrun.*); on CPU
+the peak cannot be measured and is recorded as n/a.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -30,267 +37,303 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 GiB = 1024**3
-
-# name -> (hidden, layers, heads, kv_heads, ffn, vocab, tied). Own copy, so the benchmark does
-# not move when the demo shapes elsewhere do.
-SHAPES = {
-    "llama-0.5b": (896, 24, 14, 2, 4864, 151_936, True),
-    "llama-3.2-1b": (2048, 16, 32, 8, 8192, 128_256, True),
-    "llama-3.2-3b": (3072, 28, 24, 8, 8192, 128_256, True),
-}
+SHAPES = ("llama-0.5b", "llama-3.2-1b", "llama-3.2-3b")
 METHODS = ("full", "lora", "qlora")
 SEQS = (512, 2048)
-BATCH = 4
-STEPS = 3
-LORA_R, LORA_ALPHA = 16, 32
-
-
-def llama_config(shape: str):
-    from transformers import LlamaConfig
-
-    hidden, layers, heads, kv, ffn, vocab, tied = SHAPES[shape]
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=ffn,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        max_position_embeddings=8192,
-        tie_word_embeddings=tied,
-        rms_norm_eps=1e-5,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        use_cache=False,
-    )
-    cfg._attn_implementation = "sdpa"
-    return cfg
-
-
-def predict(cell: dict) -> dict:
-    from trainer.planner import estimate_compute, estimate_memory
-
-    cfg = llama_config(cell["shape"])
-    est = estimate_memory(
-        cfg,
-        method=cell["method"],
-        batch_size=cell["batch"],
-        seq_len=cell["seq"],
-        gradient_checkpointing=cell["ckpt"],
-        # torch's fused AdamW keeps m and v in the parameters' dtype, which is what runs here.
-        optimizer="adamw_torch",
-        lora_r=LORA_R,
-        padded=True,
-    )
-    comp = estimate_compute(
-        cfg, method=cell["method"], tokens=cell["batch"] * cell["seq"], seq_len=cell["seq"],
-        gradient_checkpointing=cell["ckpt"], lora_r=LORA_R,
-    )
-    return {"estimate": est.to_dict(), "flops_per_step": comp.total_flops}
-
-
-# ---------------------------------------------------------------------------------------------
-# Inside the subprocess
-# ---------------------------------------------------------------------------------------------
-
-
-def save_shape(shape: str, out_dir: str) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(llama_config(shape), dtype=torch.bfloat16)
-    model.save_pretrained(out_dir)
-
-
-def run_cell(cell: dict) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    torch.manual_seed(0)
-    dev = torch.device("cuda", 0)
-    torch.cuda.set_device(dev)
-    cfg = llama_config(cell["shape"])
-    if cell["method"] == "qlora":
-        qc = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-        model = AutoModelForCausalLM.from_pretrained(
-            cell["saved_dir"], quantization_config=qc, dtype=torch.bfloat16, device_map={"": 0},
-            attn_implementation="sdpa",
-        )
-    else:
-        with dev:
-            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
-    model.config.use_cache = False
-    if cell["method"] in ("lora", "qlora"):
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(
-            model,
-            LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear",
-                       task_type="CAUSAL_LM"),
-        )
-    if cell["ckpt"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
-
-    B, S, V = cell["batch"], cell["seq"], cfg.vocab_size
-    ids = torch.randint(3, V, (B, S), device=dev)
-    mask = torch.ones(B, S, dtype=torch.long, device=dev)
-    mask[-1, -S // 8:] = 0  # one shorter example: the batch is padded, as the trainer's are
-    labels = ids.masked_fill(mask == 0, -100)
-    static = torch.cuda.memory_allocated()
-
-    times = []
-    for step in range(STEPS):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        del out
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-        if step == 0:
-            torch.cuda.reset_peak_memory_stats()
-    return {
-        "measured_allocated": torch.cuda.max_memory_allocated(),
-        "measured_reserved": torch.cuda.max_memory_reserved(),
-        "static_after_load": static,
-        "trainable_params": sum(p.numel() for p in params),
-        "step_seconds": min(times[1:]),
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Driver
-# ---------------------------------------------------------------------------------------------
-
-
-def grid(shapes, methods, seqs) -> list[dict]:
-    # Shape-major, small first, so a time budget cut still leaves every method measured.
-    cells = []
-    for shape in shapes:
-        for seq in seqs:
-            for ckpt in (False, True):
-                for method in methods:
-                    cells.append({"shape": shape, "method": method, "seq": seq, "ckpt": ckpt, "batch": BATCH})
-    return cells
+SPEEDS = ("fast", "lean")
+BATCH, STEPS = 4, 3
+# Seconds a cell costs besides its steps: interpreter, torch/transformers/peft imports, CUDA
+# context, random init on the GPU, the loss probe; qlora also reads and quantises its weights.
+CELL_START_S, QLORA_LOAD_S_PER_GB = 9.0, 1.5
+DRY_SHAPE = {"vocab_size": 768, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True,
+             "max_position_embeddings": 2048}
 
 
 def cell_name(c: dict) -> str:
-    return f"{c['method']} {c['shape']} S{c['seq']} B{c['batch']} ckpt {'on' if c['ckpt'] else 'off'}"
+    return f"{c['method']} {c['shape']} S{c['seq']} {c['speed']}"
+
+
+def grid(shapes=SHAPES, methods=METHODS, seqs=SEQS, speeds=SPEEDS) -> list[dict]:
+    return [{"shape": s, "method": m, "seq": q, "speed": sp, "batch": BATCH}
+            for s in shapes for q in seqs for sp in speeds for m in methods]
+
+
+def default_cells() -> list[dict]:
+    """24 cells for about 240-270 s of H200 (most of it process start): every method x seq x
+    speed on the 1B shape; on the 0.5B shape (vocabulary 152k: the loss weighs most) seq 2048 and
+    lean 512; the 3B shape at 2048 lean (full, lora) and 512 fast (lora)."""
+    cells = grid(shapes=("llama-3.2-1b",))
+    cells += grid(shapes=("llama-0.5b",), seqs=(2048,)) + grid(shapes=("llama-0.5b",), seqs=(512,), speeds=("lean",))
+    cells += [{"shape": "llama-3.2-3b", "method": m, "seq": 2048, "speed": "lean", "batch": BATCH} for m in ("full", "lora")]
+    cells.append({"shape": "llama-3.2-3b", "method": "lora", "seq": 512, "speed": "fast", "batch": BATCH})
+    return cells
+
+
+def quick_cells() -> list[dict]:
+    return grid(shapes=("llama-3.2-1b",))
+
+
+def config_of(shape: str):
+    from transformers import LlamaConfig
+
+    from trainer.tiny import build_config
+
+    return LlamaConfig(**DRY_SHAPE) if shape == "tiny" else build_config(shape)
+
+
+def spec_of(c: dict, model_dir: str, data: str, dry: bool) -> dict:
+    return {
+        "model": model_dir, "method": c["method"], "training_file": data,
+        # prompt/completion rows are cut at max_seq_len (raw text would be split into windows).
+        "data_format": "prompt_completion", "train_on_inputs": True,
+        "speed": c["speed"], "optimizer": "adamw", "precision": "auto" if dry else "bf16",
+        "hyperparameters": {"batch_size": c["batch"], "max_seq_len": c["seq"], "max_steps": STEPS,
+                            "learning_rate": 1e-5, "warmup_steps": 0},
+        "schedule": {"log_every_steps": 1},
+    }
+
+
+def predict(c: dict, spec: dict, liger: bool = False) -> dict:
+    from trainer.planner import estimate_compute, estimate_for_spec
+
+    cfg = config_of(c["shape"])
+    est = estimate_for_spec(spec, cfg, liger=liger)
+    comp = estimate_compute(cfg, method=c["method"], tokens=c["batch"] * c["seq"], seq_len=c["seq"],
+                            gradient_checkpointing=c["speed"] == "lean")
+    return {"estimate": est.to_dict(), "flops_per_step": comp.total_flops, "step_seconds": comp.seconds}
+
+
+def expected_seconds(cells: list[dict]) -> float:
+    from trainer.planner import model_shape
+
+    total = 0.0
+    for c in cells:
+        step = predict(c, spec_of(c, "m", "d", False))["step_seconds"]
+        total += CELL_START_S + STEPS * step
+    for shape in {c["shape"] for c in cells if c["method"] == "qlora"}:
+        gb = 2 * model_shape(config_of(shape)).total_params / 1e9
+        total += CELL_START_S + gb * QLORA_LOAD_S_PER_GB * (1 + sum(1 for c in cells if c["shape"] == shape and c["method"] == "qlora"))
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Model directories and data
+# ---------------------------------------------------------------------------------------------
+
+
+def write_model_dir(shape: str, out: Path, with_weights: bool, device: str) -> Path:
+    """config.json + tokenizer; with_weights: bf16 random weights too (built on `device`)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainer.tiny import build_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = config_of(shape)
+    cfg.save_pretrained(out)
+    build_tokenizer().save_pretrained(out)
+    if with_weights:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        model.save_pretrained(out)
+    return out
+
+
+def write_data(model_dir: Path, seq: int, path: Path) -> Path:
+    """Four rows: three cut at max_seq_len and one 7/8 as long, so each batch of 4 (the whole
+    file) is padded to exactly max_seq_len."""
+    from transformers import AutoTokenizer
+
+    from trainer.tiny import CORPUS
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    text = CORPUS.read_text(encoding="utf-8")
+    ids = tok(text)["input_ids"]
+    while len(ids) < 2 * seq + 64:
+        ids = ids + ids
+    rows = [tok.decode(ids[k * 17 : k * 17 + seq + 64]) for k in range(3)]
+    rows.append(tok.decode(ids[: seq * 7 // 8]))
+    path.write_text("".join(json.dumps({"prompt": r, "completion": " end"}) + "\n" for r in rows))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# One cell
+# ---------------------------------------------------------------------------------------------
+
+
+def read_events(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass  # a line still being written
+    return out
+
+
+def run_cell(c: dict, model_dir: Path, work: Path, dry: bool, timeout_s: float) -> dict:
+    """Run the trainer on this cell; stop it once step STEPS has reported its metrics."""
+    run_dir = work / cell_name(c).replace(" ", "_")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = write_data(model_dir, c["seq"], run_dir / "train.jsonl")
+    spec = spec_of(c, str(model_dir), str(data), dry)
+    (run_dir / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if c["method"] != "qlora":
+        env["TUNEQ_RANDOM_INIT"] = "1"
+    events_path = run_dir / "out" / "events.jsonl"
+    t0 = time.time()
+    with open(run_dir / "trainer.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "trainer", "run", str(run_dir / "spec.json"), "--out",
+                                 str(run_dir / "out")], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        done = False
+        while proc.poll() is None and time.time() - t0 < timeout_s:
+            events = read_events(events_path)
+            if any(e.get("type") == "metrics" and e.get("data", {}).get("step") == STEPS for e in events):
+                done = True
+                break
+            time.sleep(0.2)
+        if proc.poll() is None:
+            # Its export (a full model's safetensors) would only cost time here.
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    events = read_events(events_path)
+    metrics = [e.get("data", {}) for e in events if e.get("type") == "metrics"]
+    start = next((e.get("data", {}) for e in events if e.get("type") == "start"), {})
+    result = {"seconds": round(time.time() - t0, 1), "spec": spec, "fast_path": start.get("fast_path"),
+              "steps_seen": len(metrics), "examples": start.get("examples")}
+    if not metrics:
+        errors = [e.get("message") for e in events if e.get("type") == "error"]
+        tail = (run_dir / "trainer.log").read_text().strip().splitlines()[-1:] or ["no output"]
+        result["error"] = (errors[0] if errors else tail[0])[:200]
+        return result
+    peaks = [m.get("peak_memory_bytes") for m in metrics if m.get("peak_memory_bytes")]
+    result["measured_allocated"] = max(peaks) if peaks else None
+    result["tokens_per_second"] = metrics[-1].get("tokens_per_second")
+    result["finished_steps"] = done
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
 
 
 def write_report(rows: list[dict], out: Path, device: str, dry: bool) -> str:
     lines = [
-        "# Planner accuracy: predicted vs measured peak memory",
+        "# Planner accuracy against the real trainer (`python -m trainer run`)",
         "",
-        f"Device: {device}. Micro-batch {BATCH}, LoRA r{LORA_R} all-linear, fused AdamW (states in the "
-        "parameters' dtype), one padded row per batch, peak after step 1 of 3.",
-        "Predicted: the planner's `allocated` (comparable to `torch.cuda.max_memory_allocated`); "
-        "`total` adds fragmentation and is compared with max_memory_reserved.",
+        f"Device: {device}. Micro-batch {BATCH} (one row 7/8 long: padded), {STEPS} optimizer steps, "
+        "AdamW (torch, fused on CUDA), bf16 mixed precision, fp32 master weights for full, LoRA r16 all-linear, "
+        "QLoRA NF4; the trainer's default fast path (chunked loss, fused LoRA, liger when installed).",
+        "Predicted: `estimate_for_spec(spec).allocated`; measured: the trainer's `peak_memory_bytes` "
+        "(torch.cuda.max_memory_allocated since start). Target: every cell within ±10 %.",
         "",
-        "| cell | predicted GiB | measured GiB | error % | predicted total GiB | reserved GiB | peak at | step s | MFU % |",
-        "|---|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| cell | predicted GiB | measured GiB | error % | peak at | loss | liger | predicted total GiB | cell s |",
+        "|---|---:|---:|---:|---|---|---|---:|---:|",
     ]
-    errs = []
+    errs: list[tuple[float, str]] = []
     for r in rows:
         est = r["prediction"]["estimate"]
         pred = est["allocated"] / GiB
-        m = r.get("measured")
-        if m and "measured_allocated" in m:
-            meas = m["measured_allocated"] / GiB
-            err = 100.0 * (pred - meas) / meas
-            errs.append(abs(err))
-            mfu = 100.0 * r["prediction"]["flops_per_step"] / m["step_seconds"] / 790e12
-            lines.append(
-                f"| {r['cell']} | {pred:.2f} | {meas:.2f} | {err:+.1f} | {est['total'] / GiB:.2f} | "
-                f"{m['measured_reserved'] / GiB:.2f} | {est['peak_at']} | {m['step_seconds']:.3f} | {mfu:.0f} |"
-            )
+        m = r.get("measured") or {}
+        fast = m.get("fast_path") or {}
+        liger = ",".join(fast.get("liger_kernels") or []) or "-"
+        meas = m.get("measured_allocated")
+        if meas:
+            err = 100.0 * (est["allocated"] - meas) / meas
+            errs.append((abs(err), r["cell"]))
+            shown = f"{meas / GiB:.2f} | {err:+.1f}"
         else:
-            status = "dry run" if dry else (m or {}).get("error", "not run")
-            lines.append(
-                f"| {r['cell']} | {pred:.2f} | {status} |  | {est['total'] / GiB:.2f} |  | {est['peak_at']} |  |  |"
-            )
+            why = "n/a (CPU)" if dry and "error" not in m else m.get("error", "not run")
+            shown = f"{why} | "
+        lines.append(f"| {r['cell']} | {pred:.2f} | {shown} | {est['peak_at']} | {est['loss']} | {liger} | "
+                     f"{est['total'] / GiB:.2f} | {m.get('seconds', '')} |")
     if errs:
-        lines += ["", f"Mean |error| {sum(errs) / len(errs):.1f} %, max {max(errs):.1f} % over {len(errs)} cells."]
+        worst = max(errs)
+        within = sum(1 for e, _ in errs if e <= 10)
+        lines += ["", f"Mean |error| {sum(e for e, _ in errs) / len(errs):.1f} %, worst {worst[0]:.1f} % "
+                  f"({worst[1]}); {within}/{len(errs)} cells within ±10 %."]
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "plan_accuracy.md").write_text(text)
-    (out / "plan_accuracy.json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))
+    stem = "plan_accuracy_real_trainer" + ("_dryrun" if dry else "")
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))
     return text
+
+
+def select(args) -> list[dict]:
+    if args.dry_run:
+        return [{"shape": "tiny", "method": m, "seq": 64, "speed": "fast", "batch": BATCH} for m in ("full", "lora")]
+    cells = quick_cells() if args.quick else default_cells()
+    if args.all:
+        cells = grid()
+    if args.cells:
+        everything = {cell_name(c): c for c in grid()}
+        unknown = [n for n in args.cells if n not in everything]
+        if unknown:
+            raise SystemExit(f"--cells: unknown {unknown}; names look like {cell_name(grid()[0])!r}")
+        cells = [everything[n] for n in args.cells]
+    return cells
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="where the .md and .json go")
-    ap.add_argument("--dry-run", action="store_true", help="print predictions only; needs no GPU")
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--seqs", nargs="+", type=int, default=list(SEQS))
-    ap.add_argument("--budget-s", type=float, default=450.0, help="stop starting cells after this long")
-    ap.add_argument("--cell", help=argparse.SUPPRESS)
-    ap.add_argument("--save-shape", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--dry-run", action="store_true", help="2 tiny cells through the trainer on CPU (peak n/a)")
+    ap.add_argument("--quick", action="store_true", help="12 cells: the 1B shape only")
+    ap.add_argument("--all", action="store_true", help="all 36 cells (about 330 s)")
+    ap.add_argument("--cells", nargs="+", help="cells by name, e.g. 'lora llama-3.2-1b S2048 lean'")
+    ap.add_argument("--cell-timeout-s", type=float, default=120.0)
+    ap.add_argument("--budget-s", type=float, default=300.0, help="start no cell after this long")
+    ap.add_argument("--estimate-only", action="store_true", help="print the cells and expected seconds, run nothing")
     args = ap.parse_args()
 
-    if args.save_shape:
-        save_shape(*args.save_shape)
+    cells = select(args)
+    print(f"{len(cells)} cells, expected about {expected_seconds(cells) if not args.dry_run else 10 * len(cells):.0f} s",
+          flush=True)
+    if args.estimate_only:
+        for c in cells:
+            print(" ", cell_name(c))
         return 0
-    if args.cell:
-        print("RESULT " + json.dumps(run_cell(json.loads(args.cell))), flush=True)
-        return 0
-
     t_start = time.time()
-    cells = grid(args.shapes, args.methods, args.seqs)
-    rows = [{"cell": cell_name(c), "config": c, "prediction": predict(c)} for c in cells]
-    device = "none (dry run)"
-    if not args.dry_run:
-        import torch
+    import torch
 
-        if not torch.cuda.is_available():
-            print("no CUDA device: run with --dry-run for predictions only", file=sys.stderr)
-            return 2
-        device = torch.cuda.get_device_name(0)
-        tmp = Path(tempfile.mkdtemp(prefix="plan_accuracy_"))
-        saved: dict[str, str] = {}
-        if "qlora" in args.methods:
-            for shape in args.shapes:
-                d = tmp / shape
-                subprocess.run([sys.executable, __file__, "--save-shape", shape, str(d)], check=True)
-                saved[shape] = str(d)
-        for r in rows:
-            if time.time() - t_start > args.budget_s:
-                r["measured"] = {"error": "skipped: time budget"}
-                continue
-            c = dict(r["config"], saved_dir=saved.get(r["config"]["shape"]))
-            t0 = time.time()
-            p = subprocess.run(
-                [sys.executable, __file__, "--cell", json.dumps(c)], capture_output=True, text=True,
-                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-            )
-            got = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
-            if got:
-                r["measured"] = json.loads(got[-1][len("RESULT "):])
-            else:
-                tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]
-                r["measured"] = {"error": f"failed: {tail[0][:120]}"}
-            r["cell_seconds"] = round(time.time() - t0, 1)
-            m = r["measured"]
-            pred = r["prediction"]["estimate"]["allocated"] / GiB
-            meas = m.get("measured_allocated", 0) / GiB
-            print(f"{r['cell']:<40} pred {pred:6.2f} GiB  meas {meas:6.2f} GiB  ({r['cell_seconds']} s)", flush=True)
+    cuda = torch.cuda.is_available()
+    if not args.dry_run and not cuda:
+        print("no CUDA device: run with --dry-run here", file=sys.stderr)
+        return 2
+    device = torch.cuda.get_device_name(0) if cuda else "CPU (dry run: peak memory not measurable)"
+    work = Path(tempfile.mkdtemp(prefix="plan_accuracy_"))
+    dirs: dict[tuple[str, bool], Path] = {}
+    rows = []
+    for c in cells:
+        name = cell_name(c)
+        weights = c["method"] == "qlora"
+        key = (c["shape"], weights)
+        if key not in dirs:
+            dirs[key] = write_model_dir(c["shape"], work / f"{c['shape']}{'_w' if weights else ''}", weights,
+                                        "cuda" if cuda else "cpu")
+        if time.time() - t_start > args.budget_s:
+            rows.append({"cell": name, "config": c, "measured": {"error": "skipped: time budget"},
+                         "prediction": predict(c, spec_of(c, str(dirs[key]), "d", args.dry_run))})
+            continue
+        measured = run_cell(c, dirs[key], work, args.dry_run, args.cell_timeout_s)
+        liger = bool((measured.get("fast_path") or {}).get("liger_kernels"))
+        pred = predict(c, measured["spec"], liger=liger)
+        rows.append({"cell": name, "config": c, "prediction": pred, "measured": measured})
+        meas = measured.get("measured_allocated")
+        print(f"{name:<34} pred {pred['estimate']['allocated'] / GiB:6.2f} GiB  "
+              f"meas {(f'{meas / GiB:6.2f} GiB' if meas else measured.get('error', 'n/a')):>10}  "
+              f"({measured['seconds']} s)", flush=True)
     print(write_report(rows, Path(args.out), device, args.dry_run))
+    print(f"total {time.time() - t_start:.0f} s")
     return 0
 
 

@@ -4,30 +4,46 @@ The API calls `plan()` when a job is submitted, before any GPU is touched, so ev
 works from a transformers config alone: the model is built on the meta device to count its
 parameters exactly, and memory is predicted from what the trainer's code actually keeps alive.
 
+The trainer modelled is `python -m trainer run` (trainer/loop.py under accelerate): bf16 mixed
+precision through accelerate, which runs the forward under bf16 autocast and converts the
+model's outputs to fp32; full and freeze load fp32 master weights (or bf16 weights with
+full_precision="bf16"); adapter methods keep a bf16 base and fp32 adapters (peft upcasts them).
+
 What is modelled (one training micro-step on one GPU, in bytes):
 
-- weights: bf16 base weights (2 B/param); QLoRA stores decoder linears as NF4 with double
-  quantisation; LoRA adapters are fp32 because peft upcasts bf16 adapters by default.
+- weights: the frozen base in bf16, NF4 (QLoRA, double quantisation) or int8 (8-bit QLoRA, with
+  its fp32 row scales); the trainable ones in their dtype (fp32 master, bf16, fp32 adapters).
 - gradients: one per trainable parameter, in the parameter's dtype.
 - optimizer: AdamW's m and v. `adamw` plans them in fp32 (8 B/param, the conservative mixed
   precision recipe); `adamw_torch` plans what torch.optim.AdamW really allocates, `zeros_like(p)`,
   i.e. 4 B/param for bf16 params; `adamw_fused` (torch's fused kernel) allocates the same;
   `adamw_8bit` is bitsandbytes' 8-bit AdamW (2 B/param); `paged_adamw` (fp32 m and v, 8 B/param)
-  and `paged_adamw_8bit` (2 B/param) keep them in paged memory, planned as resident on the GPU:
-  the driver moves pages to the host only under pressure, which a plan must not count on.
-- activations: the tensors autograd saves, derived op by op below for a Llama decoder layer.
-- logits: bf16 logits, the fp32 upcast in the loss, log_softmax's saved output and its gradient;
-  with a 128k vocabulary these dominate everything else at long sequences.
-- overhead: small buffers (ids, labels, rotary tables, masks, cuBLAS workspace, NF4 dequant
-  scratch) and allocator fragmentation.
+  and `paged_adamw_8bit` (2 B/param) live in CUDA unified memory that bitsandbytes allocates
+  outside torch's allocator: planned as resident on the GPU (the driver moves pages to the host
+  only under pressure, which a plan must not count on) but not part of `allocated`.
+- activations: the tensors autograd saves, derived op by op below for a Llama decoder layer,
+  plus the per-method extras (DoRA's two saved outputs per adapted module, IA3's scaled
+  tensors, prefix tuning's longer keys). Frozen lower layers of `freeze` save nothing unless
+  checkpointing makes the embedding output require a gradient.
+- logits: see `logits_bytes`: with the whole-batch loss every position's logits exist at once
+  (and in fp32); the chunked cross-entropy keeps only one chunk's logits alive.
+- overhead: small buffers (ids, labels, rotary tables, masks, cuBLAS workspace, NF4/int8
+  dequantisation scratch, DoRA's weight-norm scratch) and allocator fragmentation.
 
-Peak memory is the larger of two moments of a step: the start of backward (all activations plus
-the logits' backward buffers, few gradients yet, because zero_grad(set_to_none=True) freed them)
-and the end of backward (all gradients, one layer's activations). Between the two, memory moves
-roughly linearly layer by layer, so the peak is at one end.
+Peak memory is the largest of four moments of a micro-step: the end of the forward (all saved
+activations plus autocast's cache of bf16 weight copies), the loss's forward, the start of backward (all saved
+activations plus the loss's backward buffers, few gradients yet, because zero_grad(set_to_none)
+freed them) and the end of backward (all gradients, one layer's activations). Between them memory
+moves roughly linearly layer by layer, so the peak is at one of them.
 
-`allocated` is what torch.cuda.max_memory_allocated reports; `total` adds fragmentation and is
-what must fit. The CUDA context (~0.5 GiB) is outside both; the fit margin absorbs it.
+Speed modes: `fast` runs without gradient checkpointing, `lean` with it. Several GPUs: DDP
+replicates weights, gradients and optimizer states on every GPU and adds its gradient buckets;
+FSDP full-shard divides parameters, gradients and optimizer states by k and gathers one layer's
+parameters (and prefetches the next) in bf16 at a time.
+
+`allocated` is what torch.cuda.max_memory_allocated reports; `total` adds fragmentation (and paged
+optimizer states) and is what must fit. The CUDA context (~0.5 GiB) is outside both; the fit
+margin absorbs it.
 """
 
 from __future__ import annotations
@@ -43,7 +59,12 @@ from typing import Any, Literal
 
 GiB = 1024**3
 
-Method = Literal["full", "lora", "qlora"]
+Method = Literal["full", "lora", "qlora", "ia3", "prefix", "freeze"]
+# Every method the trainer has; `METHODS` is the ladder that method "auto" walks down.
+ALL_METHODS: tuple[str, ...] = ("full", "lora", "qlora", "ia3", "prefix", "freeze")
+METHODS: tuple[str, ...] = ("full", "lora", "qlora")
+ADAPTER_METHODS: tuple[str, ...] = ("lora", "qlora", "ia3", "prefix")
+WHOLE_WEIGHT_METHODS: tuple[str, ...] = ("full", "freeze")
 Optimizer = Literal["adamw", "adamw_torch", "adamw_fused", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"]
 OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw_torch", "adamw_fused", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
 # JobSpec.optimizer -> the name here: the spec's "adamw" is torch's AdamW, what `adamw_torch` plans.
@@ -52,8 +73,8 @@ SPEC_OPTIMIZERS = {"adamw": "adamw_torch", "adamw_fused": "adamw_fused", "adamw_
 Strategy = Literal["ddp", "fsdp"]
 FullPrecision = Literal["bf16", "fp32_master"]
 Precision = Literal["bf16", "fp32"]
-
-METHODS: tuple[str, ...] = ("full", "lora", "qlora")
+Speed = Literal["lean", "fast"]
+SPEEDS: tuple[str, ...] = ("fast", "lean")  # the order "auto" tries them in
 
 # Measured bf16 dense matmul throughput of the lent H200 (FLOP/s), and the share of it a
 # fine-tuning step reaches end to end (attention, norms, optimizer, data and Python overhead).
@@ -75,6 +96,13 @@ DEFAULT_MARGIN = 0.10
 NF4_BLOCK = 64
 NF4_BLOCKS_PER_SCALE = 256
 NF4_CODE_BYTES = 256 * 4 + 16 * 4
+
+# The chunked linear cross-entropy: per logit of the live chunk, its bf16 value, the fp32 upcast,
+# the fp32 gradient of the softmax and its bf16 cast back for the matmul.
+CHUNK_BYTES_PER_LOGIT = 2 + 4 + 4 + 2
+# peft's IA3 targets for Llama-shaped decoders, and those of them whose input is scaled.
+IA3_DEFAULT_TARGETS = ("k_proj", "v_proj", "down_proj")
+IA3_DEFAULT_FEEDFORWARD = ("down_proj",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,10 +375,12 @@ class MemoryEstimate:
     logits: int
     overhead: int
     allocated: int  # what torch.cuda.max_memory_allocated should report
-    total: int  # allocated plus fragmentation: what has to fit
-    peak_at: str  # "backward_start" or "backward_end"
+    total: int  # allocated plus fragmentation and paged optimizer states: what has to fit
+    peak_at: str  # "forward_end", "loss_forward", "backward_start" or "backward_end"
     parts: dict[str, int]
     notes: list[str]
+    speed: str = "fast"
+    loss: str = "whole"  # "whole" or "chunked(<tokens>)"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -369,37 +399,63 @@ class _Lora:
     quantized: bool = False
 
 
-def _weight_bytes(shape: Shape, method: str, base_bytes: int, lora: _Lora | None) -> tuple[int, dict[str, int]]:
-    if method != "qlora":
-        base = shape.total_params * base_bytes
-        parts = {"base_weights": base}
-    else:
-        # bitsandbytes quantises every decoder linear; embeddings, the LM head and norms stay bf16.
-        quant = 0
-        q_params = 0
-        for m in shape.linears:
-            if m.layer is None:
-                continue
-            n = m.in_features * m.out_features
-            q_params += n
-            blocks = math.ceil(n / NF4_BLOCK)
-            quant += math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / NF4_BLOCKS_PER_SCALE) + NF4_CODE_BYTES
-            if m.bias:
-                quant += m.out_features * base_bytes
-        rest = (shape.total_params - q_params - sum(m.out_features for m in shape.linears if m.layer is not None and m.bias)) * base_bytes
-        parts = {"nf4_linears": quant, "bf16_rest": rest}
-        base = quant + rest
-    adapters = 0
-    if lora is not None:
-        adapters = _lora_params(shape, lora) * lora.adapter_bytes
-        parts["adapters"] = adapters
-    return base + adapters, parts
-
-
 def _lora_params(shape: Shape, lora: _Lora) -> int:
     n = sum(lora.r * (m.in_features + m.out_features) for m in shape.linears if m.name in lora.modules)
     n += sum(lora.r * (num + dim) for name, num, dim in shape.embeddings if name in lora.modules)
     return n
+
+
+def _quantized_bytes(shape: Shape, bits: int, base_bytes: int) -> tuple[int, int]:
+    """(bytes of the quantised decoder linears, their parameter count). bitsandbytes quantises
+    every decoder linear; embeddings, the LM head and norms stay bf16."""
+    quant = q_params = 0
+    for m in shape.linears:
+        if m.layer is None:
+            continue
+        n = m.in_features * m.out_features
+        q_params += n
+        if bits == 8:
+            # LLM.int8(): one byte per weight and one fp32 scale per output row (SCB).
+            quant += n + 4 * m.out_features
+        else:
+            blocks = math.ceil(n / NF4_BLOCK)
+            quant += math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / NF4_BLOCKS_PER_SCALE) + NF4_CODE_BYTES
+        if m.bias:
+            quant += m.out_features * base_bytes
+    return quant, q_params
+
+
+def _module_suffixes(shape: Shape, names: tuple[str, ...] | list[str]) -> list[Linear]:
+    """Decoder linears whose name is one of `names` or ends with '.' + one of them."""
+    wanted = list(names)
+    return [m for m in shape.linears if m.layer is not None
+            and any(m.name == w or m.name.endswith("." + w) for w in wanted)]
+
+
+def ia3_params(shape: Shape, targets: list[str] | tuple[str, ...] | None = None,
+               feedforward: list[str] | tuple[str, ...] | None = None) -> int:
+    """peft IA3: one scale per output feature of a target, per input feature of a feed-forward one."""
+    targets = tuple(targets or IA3_DEFAULT_TARGETS)
+    ff = set(feedforward if feedforward is not None else (IA3_DEFAULT_FEEDFORWARD if targets == IA3_DEFAULT_TARGETS else ()))
+    n = 0
+    for m in _module_suffixes(shape, targets):
+        n += m.in_features if _layer_suffix(m.name).rsplit(".", 1)[-1] in ff else m.out_features
+    return n
+
+
+def prefix_params(shape: Shape, tokens: int = 16, projection: bool = False) -> int:
+    """peft prefix tuning: a key and a value row of kv_heads x head_dim per layer and virtual
+    token; with the projection, an embedding of one row per token and a two-layer MLP."""
+    token_dim = shape.kv_heads * shape.head_dim
+    out = shape.layers * 2 * token_dim
+    if not projection:
+        return tokens * out
+    return tokens * token_dim + (token_dim * token_dim + token_dim) + (token_dim * out + out)
+
+
+def freeze_trainable_params(shape: Shape, trainable_layers: int, train_embeddings: bool = False) -> int:
+    """freeze: the top layers, the final norm and optionally the input embedding (and a tied head)."""
+    return trainable_layers * shape.layer_params + shape.hidden + (shape.embedding_params if train_embeddings else 0)
 
 
 def layer_activation_bytes_per_token(
@@ -412,6 +468,7 @@ def layer_activation_bytes_per_token(
     padded: bool = False,
     seq_len: int = 0,
     autocast: bool = False,
+    liger: bool = False,
 ) -> dict[str, float]:
     """Bytes autograd saves per token in one decoder layer, itemised.
 
@@ -441,6 +498,10 @@ def layer_activation_bytes_per_token(
     * Residual adds save nothing.
 
     * rsqrt's fp32 output: 4 bytes per token per norm.
+    * With liger's kernels (the trainer's fast path on CUDA when installed): RMSNorm saves its
+      input (rb·h) and the fp32 rstd (4), SwiGLU saves gate and up (2a·f) but not SiLU's output.
+    * The trainer's fused LoRA layers (trainer/lora_fused.py) save the bf16 input shared with the
+      base matmul and x·Aᵀ (a·r): pass a `_Lora` with quantized=True, which is the same pattern.
 
     Llama full fine-tuning, bf16, no padding: 2·(4h + 4 + 2h) + 2h + 2h + (2h + 4g·d + 2h + 4n) + 8f
                                             = 20h + 4·g·d + 8f + 4n + 8 bytes.
@@ -455,9 +516,12 @@ def layer_activation_bytes_per_token(
     out: dict[str, float] = {}
 
     # + 4 bytes: rsqrt's fp32 output, one per token.
-    norm_fp32 = 4 * h + 4
-    norm_out = rb * h if base_trainable else 0
-    out["norms"] = 2 * (norm_fp32 + norm_out)
+    if liger:
+        out["norms"] = 2 * (rb * h + 4)
+    else:
+        norm_fp32 = 4 * h + 4
+        norm_out = rb * h if base_trainable else 0
+        out["norms"] = 2 * (norm_fp32 + norm_out)
 
     # Which layer-0 suffixes are adapted; every layer is assumed to be adapted alike.
     adapted: dict[str, list[str]] = {}
@@ -501,7 +565,7 @@ def layer_activation_bytes_per_token(
     kv_saved = (2 * a * n * d) if (padded and g != n) else (2 * a * g * d)
     out["attention"] = a * attn_w + kv_saved + a * attn_w + 4 * n + (a * seq_len if padded else 0)
     if shape.gated_mlp:
-        out["mlp"] = 3 * a * f
+        out["mlp"] = (2 if liger else 3) * a * f
     else:
         out["mlp"] = a * f  # activation input; its output is down's input (counted above)
     out["total"] = sum(out.values())
@@ -519,6 +583,65 @@ def _backward_transient_per_token(shape: Shape, a: int, lora: _Lora | None) -> f
     return t
 
 
+def method_extra_bytes_per_token(
+    shape: Shape, *, method: str, act_bytes: int = 2, lora: _Lora | None = None, use_dora: bool = False,
+    autocast: bool = False, ia3_targets: list[str] | tuple[str, ...] | None = None,
+    ia3_feedforward: list[str] | tuple[str, ...] | None = None,
+) -> float:
+    """Saved bytes per token and layer that a method adds to `layer_activation_bytes_per_token`.
+
+    * DoRA (peft): `(m/‖W+BA‖ - 1) · base_out + m/‖W+BA‖ · lora_out · s` saves base_out (bf16)
+      and lora_out (bf16 under autocast, else in the adapter's dtype) for the magnitude's
+      gradient: (a + c)·out per adapted module.
+    * IA3 (peft): a feed-forward target scales its input, `x · l`, which saves x (a·in); the
+      others scale their output, which saves the base output (a·out).
+    """
+    a = act_bytes
+    extra = 0.0
+    if use_dora and lora is not None:
+        c = a if autocast else lora.adapter_bytes
+        extra += sum((a + c) * m.out_features for m in shape.linears if m.layer == 0 and m.name in lora.modules)
+    if method == "ia3":
+        targets = tuple(ia3_targets or IA3_DEFAULT_TARGETS)
+        ff = set(ia3_feedforward if ia3_feedforward is not None
+                 else (IA3_DEFAULT_FEEDFORWARD if targets == IA3_DEFAULT_TARGETS else ()))
+        for m in _module_suffixes(shape, targets):
+            if m.layer == 0:
+                extra += a * (m.in_features if _layer_suffix(m.name).rsplit(".", 1)[-1] in ff else m.out_features)
+    return extra
+
+
+def logits_bytes(vocab: int, tokens: int, *, out_bytes: int, chunk_tokens: int | None = None,
+                 hidden: int = 0, hidden_bytes: int = 4) -> dict[str, int]:
+    """The loss's memory in bytes (T = batch x seq tokens, V vocab): "model_out" what the model's
+    forward returns, "forward" the loss's forward, "peak" the start of backward, "kept" what stays
+    to the end of backward.
+
+    Whole batch (chunk_tokens None: trainer.loss_heads.PlainLoss, also FSDP's loss): the
+    model's logits stay referenced through backward in `out_bytes` per logit (4: accelerate's
+    mixed precision returns fp32 outputs); cross-entropy's log_softmax saves its fp32 output, and
+    its backward holds the incoming and the outgoing fp32 gradient at once:
+        kept = o·V·T,  peak = (o + 4 + 4 + 4)·V·T
+    Chunked (trainer.linear_ce, the fast path): the model answers the head's input (hidden
+    states in `hidden_bytes`, fp32 after accelerate's output conversion), the loss selects the
+    labelled rows (fp32), casts them to bf16 and fills a bf16 gradient for them while it runs C
+    tokens at a time; one chunk holds its bf16 logits or their bf16 gradient next to the fp32
+    copy: 6·C·V. Nothing of size V·T ever exists:
+        forward (the loss's own peak) = 6·C·V + (hb + 4 + 2 + 2)·h·T
+        peak (backward start)         = 2·h·T (the saved gradient) + 8·h·T (its fp32 cast and
+                                        the scatter back into the batch's shape)
+    The head weight's gradient (computed in the loss's forward when the head trains) and the
+    bf16 copy of an fp32 head are added by the caller.
+    """
+    if chunk_tokens is None:
+        # forward: the logits, the loss's reshaped copy of them and log_softmax's output.
+        return {"kept": out_bytes * vocab * tokens, "peak": (out_bytes + 12) * vocab * tokens,
+                "forward": (out_bytes + 8) * vocab * tokens, "model_out": 2 * vocab * tokens}
+    live = 6 * min(chunk_tokens, tokens) * vocab
+    return {"kept": 0, "peak": 10 * hidden * tokens, "forward": live + (hidden_bytes + 8) * hidden * tokens,
+            "model_out": hidden_bytes * hidden * tokens}
+
+
 def estimate_memory(
     config: Any,
     *,
@@ -530,6 +653,14 @@ def estimate_memory(
     lora_r: int = 16,
     lora_targets: str | list[str] = "all-linear",
     lora_dropout: float = 0.0,
+    use_dora: bool = False,
+    quant_bits: int = 4,
+    ia3_targets: list[str] | None = None,
+    ia3_feedforward: list[str] | None = None,
+    prefix_tokens: int = 16,
+    prefix_projection: bool = False,
+    freeze_layers: int | None = None,
+    freeze_embeddings: bool = False,
     gpus: int = 1,
     strategy: Strategy = "ddp",
     full_precision: FullPrecision = "bf16",
@@ -537,6 +668,9 @@ def estimate_memory(
     gradient_accumulation_steps: int = 1,
     padded: bool = True,
     autocast: bool = False,
+    loss_chunk_tokens: int | None = None,
+    fused_lora: bool = False,
+    liger: bool = False,
     fragmentation: float | None = None,
 ) -> MemoryEstimate:
     """Peak memory per GPU of training `config` with `method` (see the module docstring).
@@ -544,162 +678,268 @@ def estimate_memory(
     padded: batches carry a padding mask (the trainer pads to the longest example), which makes
     transformers repeat k/v heads and torch keep a float attention bias per layer. A batch
     without padding runs flash attention with no mask.
-    autocast: the step runs under bf16 autocast (accelerate mixed_precision="bf16"); this
-    shrinks LoRA's saved inputs (bf16 instead of fp32 copies). fp32-master full fine-tuning
-    always assumes autocast.
+    autocast: the step runs as the trainer runs it, under accelerate's bf16 mixed precision:
+    bf16 autocast inside the forward (its cache of bf16 weight copies, bf16 saved inputs of
+    LoRA) and fp32 outputs (the logits). fp32-master full fine-tuning always assumes autocast.
+    loss_chunk_tokens: the trainer's chunked linear cross-entropy with chunks of this many
+    tokens; None is the whole-batch loss.
+    fused_lora: the trainer's fused LoRA layers (plain LoRA on a bf16 or 4-bit base, no dropout,
+    no DoRA); liger: liger's RMSNorm, RoPE and SwiGLU kernels replace the model's.
+    FSDP always checkpoints activations (the trainer turns on FSDP's own when speed is fast).
     """
-    if method not in METHODS:
-        raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}")
+    if method not in ALL_METHODS:
+        raise ValueError(f"method: {method!r} is not one of {', '.join(ALL_METHODS)}")
     if batch_size < 1 or seq_len < 1 or gpus < 1:
         raise ValueError("batch_size, seq_len and gpus must be at least 1")
     if strategy not in ("ddp", "fsdp"):
         raise ValueError(f"strategy: {strategy!r} is not 'ddp' or 'fsdp'")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer: {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if quant_bits not in (4, 8):
+        raise ValueError(f"quant_bits: {quant_bits} is not 4 or 8")
+    if loss_chunk_tokens is not None and loss_chunk_tokens < 1:
+        raise ValueError("loss_chunk_tokens must be at least 1")
     shape = config if isinstance(config, Shape) else model_shape(config)
+    if method == "freeze" and not (freeze_layers and 1 <= freeze_layers <= shape.layers):
+        raise ValueError(f"freeze_layers: {freeze_layers} is outside 1..{shape.layers}")
+    sharded = gpus > 1 and strategy == "fsdp"
+    if sharded and method not in WHOLE_WEIGHT_METHODS:
+        raise ValueError(f"strategy: fsdp is planned for full and freeze; {method} runs DDP over several GPUs")
     notes: list[str] = []
+    h, L, V = shape.hidden, shape.layers, shape.vocab
+    if sharded and not gradient_checkpointing:
+        gradient_checkpointing = True
+        notes.append("FSDP checkpoints activations whatever the speed (trainer/distributed.py)")
 
     a = 4 if precision == "fp32" else 2  # activation / frozen-weight dtype
-    fp32_master = method == "full" and full_precision == "fp32_master" and precision != "fp32"
+    whole = method in WHOLE_WEIGHT_METHODS
+    fp32_master = whole and full_precision == "fp32_master" and precision != "fp32"
+    # FSDP's mixed precision casts the parameters to bf16 as it gathers them: no autocast cache,
+    # and the residual stream is bf16.
+    casts = fp32_master and not sharded
+    rb = 4 if casts else a  # residual stream bytes
+    autocast = autocast or fp32_master
     lora = None
+    fused = False
     if method in ("lora", "qlora"):
         modules = frozenset(shape.lora_targets(lora_targets))
         if not modules:
             raise ValueError(f"lora_targets: {lora_targets!r} matches no module of this model")
-        lora = _Lora(r=lora_r, dropout=lora_dropout, adapter_bytes=4, modules=modules, quantized=method == "qlora")
+        # The fused layer applies to plain LoRA on a bf16 or 4-bit base; peft's own forward
+        # otherwise. Both save the shared bf16 input where peft's 4-bit layer does.
+        fused = fused_lora and lora_dropout == 0 and not use_dora and not (method == "qlora" and quant_bits == 8)
+        lora = _Lora(r=lora_r, dropout=lora_dropout, adapter_bytes=4, modules=modules,
+                     quantized=(method == "qlora" and quant_bits == 4) or fused)
 
     # --- parameters, gradients, optimizer -------------------------------------------------
-    if method == "full":
+    head_matmul = V * h
+    layer_matmul = sum(m.in_features * m.out_features for m in shape.linears if m.layer == 0)
+    if whole:
         param_bytes = 4 if (fp32_master or precision == "fp32") else 2
-        trainable = shape.total_params
         weights = shape.total_params * param_bytes
         weight_parts = {"base_weights": weights}
+        if method == "full":
+            trainable = shape.total_params
+        else:
+            trainable = freeze_trainable_params(shape, freeze_layers, freeze_embeddings)
         grad_bytes = param_bytes
     else:
-        weights, weight_parts = _weight_bytes(shape, method, a, lora)
-        trainable = _lora_params(shape, lora)
-        param_bytes = grad_bytes = lora.adapter_bytes
+        if method == "qlora":
+            quant, q_params = _quantized_bytes(shape, quant_bits, a)
+            biases = sum(m.out_features for m in shape.linears if m.layer is not None and m.bias)
+            rest = (shape.total_params - q_params - biases) * a
+            weight_parts = {"nf4_linears" if quant_bits == 4 else "int8_linears": quant, "bf16_rest": rest}
+        else:
+            weight_parts = {"base_weights": shape.total_params * a}
+        if lora is not None:
+            trainable = _lora_params(shape, lora)
+            if use_dora:
+                trainable += sum(m.out_features for m in shape.linears if m.name in lora.modules)
+        elif method == "ia3":
+            trainable = ia3_params(shape, ia3_targets, ia3_feedforward)
+        else:
+            trainable = prefix_params(shape, prefix_tokens, prefix_projection)
+        weight_parts["adapters"] = trainable * 4  # peft keeps adapters in fp32
+        weights = sum(weight_parts.values())
+        param_bytes = grad_bytes = 4
     grads = trainable * grad_bytes
     state_bytes = {"adamw": 8, "adamw_torch": 2 * param_bytes, "adamw_fused": 2 * param_bytes, "adamw_8bit": 2,
                    "paged_adamw": 8, "paged_adamw_8bit": 2}[optimizer]
     opt = trainable * state_bytes
-    if optimizer.startswith("paged_"):
-        notes.append("paged optimizer states are planned as resident; under pressure they move to host memory")
-    if optimizer in ("adamw_torch", "adamw_fused") and method == "full" and param_bytes == 2:
+    paged = optimizer.startswith("paged_")
+    if paged:
+        notes.append("paged optimizer states live in unified memory outside torch's allocator: counted in total, "
+                     "not in allocated; under pressure the driver moves them to host memory")
+    if optimizer in ("adamw_torch", "adamw_fused") and whole and param_bytes == 2:
         notes.append("torch AdamW keeps m and v in the parameters' dtype: bf16 here")
 
     # --- sharding / replication ----------------------------------------------------------
-    extra_static = 0
-    if gpus > 1 and strategy == "fsdp":
-        layer_w = shape.layer_params * (param_bytes if method == "full" else a)
-        root_w = (shape.embedding_params + shape.lm_head_params) * (param_bytes if method == "full" else a)
-        gathered = max(layer_w, root_w)
+    ddp_buckets = 0
+    fsdp_unit_grad = 0
+    if sharded:
+        # Sharded fp32 (or bf16) master copy; bf16 copies gathered for the root unit (embedding,
+        # head, final norm: gathered through the whole step) and for one layer plus the prefetched next.
+        root = shape.embedding_params + shape.lm_head_params + h
+        gathered = 2 * root + 2 * 2 * shape.layer_params
         weights = math.ceil(weights / gpus) + gathered
-        weight_parts["fsdp_gathered_unit"] = gathered
-        grads_sharded = math.ceil(grads / gpus)
-        # Each unit's full gradient exists until it is reduce-scattered.
-        unit_grad = min(grads, shape.layer_params * grad_bytes if method == "full" else grads)
-        grads = grads_sharded + unit_grad
+        weight_parts["fsdp_gathered_units"] = gathered
+        grads = math.ceil(grads / gpus)
+        # A unit's unsharded bf16 gradient and its fp32 copy for the reduction exist until it is
+        # reduce-scattered.
+        fsdp_unit_grad = (2 + 4) * max(shape.layer_params, root)
         opt = math.ceil(opt / gpus)
         notes.append(f"FSDP full shard over {gpus} GPUs: weights, gradients and optimizer divided by {gpus}")
     elif gpus > 1:
-        # DDP copies gradients into its all-reduce buckets.
-        extra_static = trainable * grad_bytes
+        # DDP copies gradients into its all-reduce buckets (gradient_as_bucket_view is off).
+        ddp_buckets = trainable * grad_bytes
         notes.append(f"DDP over {gpus} GPUs: every GPU holds the whole model plus gradient buckets")
 
     # --- activations ----------------------------------------------------------------------
     tokens = batch_size * seq_len
+    if method == "prefix":
+        padded = True  # peft extends the attention mask by the virtual tokens
+    lora_autocast = autocast and a == 2
     per_layer = layer_activation_bytes_per_token(
         shape,
         act_bytes=a,
-        residual_bytes=4 if fp32_master else a,
-        base_trainable=method == "full",
+        residual_bytes=rb,
+        base_trainable=whole,
         lora=lora,
         padded=padded,
-        seq_len=seq_len,
-        autocast=autocast and a == 2,
+        seq_len=seq_len + (prefix_tokens if method == "prefix" else 0),
+        autocast=lora_autocast,
+        liger=liger,
     )
-    layer_tok = per_layer["total"]
-    rb = 4 if fp32_master else a
+    layer_tok = per_layer["total"] + method_extra_bytes_per_token(
+        shape, method=method, act_bytes=a, lora=lora, use_dora=use_dora, autocast=lora_autocast,
+        ia3_targets=ia3_targets, ia3_feedforward=ia3_feedforward,
+    )
+    # Layers that save activations without checkpointing: freeze's frozen lower layers see an
+    # input that needs no gradient, so they save nothing.
+    saving_layers = freeze_layers if method == "freeze" else L
     if gradient_checkpointing:
         # Non-reentrant checkpointing keeps each layer's input (the residual stream) and
-        # recomputes one layer at a time in backward.
-        stored = shape.layers * rb * shape.hidden * tokens
+        # recomputes one layer at a time in backward. With a frozen embedding the trainer makes
+        # its output require a gradient, so every layer is checkpointed alike.
+        stored = L * rb * h * tokens
         recompute = layer_tok * tokens
     else:
-        stored = shape.layers * layer_tok * tokens
+        stored = saving_layers * layer_tok * tokens
         recompute = 0
-    # Final norm (fp32 copy, plus its output when the head trains, which the head saves too).
-    head_tok = 4 * shape.hidden + 4 + (2 * rb * shape.hidden if method == "full" else 0)
+    if method == "prefix":
+        # The virtual tokens' keys and values, saved by attention per layer and row.
+        stored += L * batch_size * prefix_tokens * 2 * a * shape.heads * shape.head_dim
+    # Final norm: its fp32 copy, its output when its weight trains, and what the head keeps.
+    norm_trains = method in ("full", "freeze")
+    head_trains = method == "full" or (method == "freeze" and freeze_embeddings and shape.tied)
+    chunk = None if sharded else loss_chunk_tokens  # FSDP's head is sharded: the plain loss
+    head_tok = (rb * h + 4) if liger else (4 * h + 4 + (rb * h if norm_trains else 0))
+    if chunk is None and head_trains:
+        head_tok += (2 if autocast else rb) * h  # the head's saved input
+    # (the chunked loss computes its gradients in its forward and keeps no input)
     head_acts = head_tok * tokens
     transient = _backward_transient_per_token(shape, a, lora) * tokens
-    # Autocast keeps a bf16 copy of every fp32 weight it casts until backward has used it.
-    autocast_cache = 2 * shape.matmul_params if fp32_master else 0
-    if lora is not None and autocast and a == 2:
-        autocast_cache = 2 * trainable
+
+    # Autocast caches a bf16 copy of every fp32 weight that trains (a leaf that requires grad)
+    # until the forward ends; the matmul saves it for backward unless the layer is checkpointed.
+    # Frozen fp32 weights (freeze's lower layers) are cast anew and saved only where their input
+    # needs a gradient: the head's.
+    cache_saved = cache_forward = cache_recompute = 0
+    if casts:
+        trained_layers = L if method == "full" else freeze_layers
+        head_cast = 0 if chunk is not None else 2 * head_matmul
+        layers_cast = 2 * trained_layers * layer_matmul
+        cache_forward = layers_cast + head_cast
+        cache_saved = head_cast + (0 if gradient_checkpointing else layers_cast)
+        cache_recompute = 2 * layer_matmul if gradient_checkpointing else 0
+    elif lora is not None and lora_autocast and not fused:
+        cache_forward = 2 * trainable
+        cache_saved = 0 if gradient_checkpointing else 2 * trainable
+        cache_recompute = 2 * trainable // L if gradient_checkpointing else 0
 
     # --- logits -------------------------------------------------------------------------
-    # bf16 logits (kept by the model output through backward), the fp32 upcast in the loss,
-    # log_softmax's saved fp32 output, then in backward its incoming and outgoing fp32 grads.
-    # Peak is in log_softmax's backward: a·V + 4V + 4V + 4V per token.
-    V = shape.vocab
-    logits_peak = (a + 12) * V * tokens
-    logits_kept = a * V * tokens
+    logit_out_bytes = 4 if autocast else a
+    lg = logits_bytes(V, tokens, out_bytes=logit_out_bytes, chunk_tokens=chunk, hidden=h,
+                      hidden_bytes=4 if autocast else rb)
+    if chunk is not None and head_trains:
+        # The head's gradient exists from the loss's forward on (at the end of backward it is
+        # one of `grads`); an fp32 head is cast to bf16 for the loop.
+        head_grad = head_matmul * grad_bytes if gradient_accumulation_steps == 1 else 0
+        lg = {**lg, "peak": lg["peak"] + head_grad,
+              "forward": lg["forward"] + head_grad + (2 * head_matmul if param_bytes == 4 and a == 2 else 0)}
 
     # --- small things -------------------------------------------------------------------
     small = 2 * 8 * tokens  # input ids and labels (int64)
     small += 2 * 8 * tokens  # shifted labels and the padded copy in the loss
     small += 2 * a * shape.head_dim * tokens  # rotary cos/sin, shared by all layers
     if padded:
-        small += batch_size * seq_len * seq_len  # the bool 4D mask
+        small += batch_size * seq_len * (seq_len + (prefix_tokens if method == "prefix" else 0))  # bool 4D mask
     small += LIBRARY_WORKSPACE_BYTES
-    if method == "qlora":
+    largest = max((m.in_features * m.out_features for m in shape.linears if m.layer is not None), default=0)
+    widest_in = max((m.in_features for m in shape.linears if m.layer is not None), default=h)
+    if method == "qlora" and quant_bits == 4:
         # bitsandbytes dequantises one weight to bf16 per matmul, forward and backward.
-        largest = max((m.in_features * m.out_features for m in shape.linears if m.layer is not None), default=0)
         small += 2 * a * largest
+    elif method == "qlora":
+        # int8 matmul: the fp16 copy and int8 quantisation of its input, and the weight
+        # dequantised to fp16 for the input gradient.
+        small += 2 * largest + 3 * widest_in * tokens
+    if use_dora and lora is not None:
+        # DoRA recomputes ‖W + BA‖ every forward: W+BA and B@A as fp32 matrices, plus peft's
+        # identity of the input width (in x in) for the LoRA weight.
+        small += 3 * 4 * largest + 4 * widest_in * widest_in
 
-    # --- two candidate peaks ------------------------------------------------------------
+    # --- candidate peaks ------------------------------------------------------------------
     grads_always = grads if gradient_accumulation_steps > 1 else 0
     # Tied full fine-tuning: the LM head's and the embedding's grads meet in one buffer at the end.
-    tie_transient = shape.vocab * shape.hidden * grad_bytes if (method == "full" and shape.tied) else 0
-    start_acts = stored + head_acts + autocast_cache
-    start = start_acts + logits_peak + grads_always
-    end_acts = recompute + transient + (0 if gradient_checkpointing else layer_tok * tokens)
-    end = grads + logits_kept + end_acts + tie_transient
-    if start >= end:
-        peak_at, live_grads, live_acts, live_logits = "backward_start", grads_always, start_acts, logits_peak
-    else:
-        peak_at, live_grads, live_acts, live_logits = "backward_end", grads + tie_transient, end_acts, logits_kept
+    tie_transient = shape.vocab * shape.hidden * grad_bytes if (head_trains and shape.tied and not sharded) else 0
+    forward_acts = stored + head_acts + cache_forward
+    start_acts = stored + head_acts + cache_saved
+    end_acts = recompute + transient + cache_recompute + (0 if gradient_checkpointing else layer_tok * tokens)
+    end_grads = grads + tie_transient + fsdp_unit_grad
+    moments = [
+        # the model's forward ends: autocast's cache still holds every cast weight
+        ("forward_end", grads_always, forward_acts, lg["model_out"]),
+        # the loss's own forward (the chunk loop, or the fp32 copies of the whole logits)
+        ("loss_forward", grads_always, start_acts, lg["forward"]),
+        ("backward_start", grads_always, start_acts, lg["peak"]),
+        ("backward_end", end_grads, end_acts, lg["kept"]),
+    ]
+    peak_at, live_grads, live_acts, live_logits = max(moments, key=lambda m: m[1] + m[2] + m[3])
 
-    live_grads += extra_static
-    allocated = weights + live_grads + opt + live_acts + live_logits + small
+    live_grads += ddp_buckets
+    opt_allocated = 0 if paged else opt
+    allocated = weights + live_grads + opt_allocated + live_acts + live_logits + small
     if fragmentation is None:
-        full_ckpt = method == "full" and gradient_checkpointing
+        full_ckpt = whole and gradient_checkpointing
         fragmentation = FULL_CHECKPOINTED_FRAGMENTATION if full_ckpt else DEFAULT_FRAGMENTATION
     frag = int(allocated * fragmentation)
     overhead = small + frag
-    total = allocated + frag
+    total = allocated + frag + (opt if paged else 0)
 
     parts = {
         **weight_parts,
         "gradients_all": grads,
         "optimizer_states": opt,
-        "ddp_buckets": extra_static,
+        "ddp_buckets": ddp_buckets,
+        "fsdp_unit_gradient": fsdp_unit_grad,
         "activations_stored": stored,
         "activations_head": head_acts,
         "activations_recompute_layer": recompute,
         "backward_transient": transient,
-        "autocast_weight_cache": autocast_cache,
-        "logits_peak": logits_peak,
-        "logits_kept": logits_kept,
+        "autocast_weight_cache": cache_saved,
+        "autocast_weight_cache_forward": cache_forward,
+        "logits_peak": lg["peak"],
+        "logits_kept": lg["kept"],
+        "logits_forward": lg["forward"],
         "tied_grad_transient": tie_transient,
         "small_buffers": small,
         "fragmentation": frag,
         "layer_bytes_per_token": int(layer_tok),
     }
-    if gradient_checkpointing is False and layer_tok * tokens * shape.layers > 0.5 * total:
-        notes.append("activations dominate: gradient checkpointing would cut them to one layer's worth")
-    if logits_peak > 0.3 * total:
+    if not gradient_checkpointing and layer_tok * tokens * saving_layers > 0.5 * total:
+        notes.append("activations dominate: speed lean (gradient checkpointing) would cut them to one layer's worth")
+    if lg["peak"] > 0.3 * total:
         notes.append("logits and the loss's fp32 copies dominate: a shorter max_seq_len or smaller batch helps most")
     return MemoryEstimate(
         method=method,
@@ -709,7 +949,7 @@ def estimate_memory(
         optimizer=optimizer,
         gpus=gpus,
         strategy=strategy if gpus > 1 else "single",
-        full_precision=full_precision if method == "full" else "n/a",
+        full_precision=full_precision if whole else "n/a",
         trainable_params=trainable,
         weights=int(weights),
         gradients=int(live_grads),
@@ -722,7 +962,10 @@ def estimate_memory(
         peak_at=peak_at,
         parts={k: int(v) for k, v in parts.items()},
         notes=notes,
+        speed="lean" if gradient_checkpointing else "fast",
+        loss="whole" if chunk is None else f"chunked({chunk})",
     )
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -760,6 +1003,7 @@ def estimate_compute(
     gradient_checkpointing: bool = False,
     lora_r: int = 16,
     lora_targets: str | list[str] = "all-linear",
+    freeze_layers: int | None = None,
     peak_tflops: float | None = None,
     efficiency: float | None = None,
 ) -> ComputeEstimate:
@@ -768,18 +1012,28 @@ def estimate_compute(
     Matmul FLOPs per token, N = decoder linear weights + LM head (tied or not):
       full:        6N  (forward 2N, input grads 2N, weight grads 2N)
       lora/qlora:  4N + 6·trainable  (frozen base: forward and input grads only)
+      ia3/prefix:  4N                (their few parameters cost next to nothing)
+      freeze:      2N + 4·N_top      (backward stops below the top layers' weights)
     Attention scores and values, per token: 4·L·(n·d)·S forward, three times that with backward,
     halved by the causal mask: 6·L·(n·d)·S. Checkpointing recomputes the forward once more.
     peak_tflops: per GPU, default the measured H200 bf16 matmul peak; efficiency: the fraction of
     it a real step reaches.
     """
-    if method not in METHODS:
-        raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}")
+    if method not in ALL_METHODS:
+        raise ValueError(f"method: {method!r} is not one of {', '.join(ALL_METHODS)}")
     shape = config if isinstance(config, Shape) else model_shape(config)
     N = shape.matmul_params
     notes: list[str] = []
     if method == "full":
         mm = 6.0 * N
+        fwd = 2.0 * N
+    elif method == "freeze":
+        layer_mm = sum(m.in_features * m.out_features for m in shape.linears if m.layer == 0)
+        top = (freeze_layers or shape.layers) * layer_mm + shape.vocab * shape.hidden
+        mm = 2.0 * N + 4.0 * top
+        fwd = 2.0 * N
+    elif method in ("ia3", "prefix"):
+        mm = 4.0 * N
         fwd = 2.0 * N
     else:
         trainable = shape.lora_params(lora_r, lora_targets)
@@ -817,11 +1071,36 @@ def estimate_compute(
     )
 
 
+
 # --------------------------------------------------------------------------------------------
 # Plan
 # --------------------------------------------------------------------------------------------
 
 AUTO_BATCH_MAX = 64
+# With batch_size "auto" and speed "auto", fast (no checkpointing) is taken only when it fits at
+# this micro-batch or more: a GPU that fits fast only at batch 1 or 2 is better used lean.
+AUTO_FAST_MIN_BATCH = 4
+
+# How the trainer runs a step, which a plan assumes unless the spec says otherwise.
+TRAINER_AUTOCAST = True  # accelerate's bf16 mixed precision: autocast forward, fp32 outputs
+TRAINER_FULL_PRECISION: FullPrecision = "fp32_master"
+# The fast path (trainer/fastpath.py, on unless TUNEQ_FASTPATH=0): the chunked loss with the
+# chunk trainer.linear_ce picks for the vocabulary, fused LoRA layers; liger's kernels only where
+# liger-kernel is installed on the GPU host, which the API cannot see: planned without them
+# (they save memory, so the plan errs high).
+TRAINER_LOSS_CHUNK_TOKENS: int | None | Literal["auto"] = "auto"
+TRAINER_FUSED_LORA = True
+TRAINER_LIGER = False
+
+
+def trainer_chunk_tokens(vocab: int) -> int | None:
+    """The chunk the trainer's chunked loss takes for this vocabulary; None for a trainer
+    without the chunked loss (its whole-batch loss)."""
+    try:
+        from trainer.linear_ce import chunk_tokens
+    except ImportError:
+        return None
+    return chunk_tokens(vocab)
 
 
 @dataclass(frozen=True)
@@ -831,10 +1110,13 @@ class MethodPlan:
     fits: bool
     headroom_bytes: int  # usable memory minus the estimate's total; negative when it does not fit
     estimate: MemoryEstimate
+    speed: str = "fast"  # fast: no gradient checkpointing; lean: checkpointing
+    strategy: str = "single"  # single, ddp or fsdp
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["estimate"] = self.estimate.to_dict()
+        d["gradient_checkpointing"] = self.speed == "lean"
         return d
 
 
@@ -843,16 +1125,18 @@ class Plan:
     model: dict[str, Any]
     gpu_memory_bytes: int
     gpus: int
-    strategy: str
+    strategy: str  # of the chosen method (or of the requested one when refused)
     margin: float
     usable_bytes: int
     requested_method: str
     requested_batch_size: int | str
+    requested_speed: str
     seq_len: int
     gradient_checkpointing: bool
     methods: dict[str, MethodPlan]
     method: str | None  # chosen; None when refused
     batch_size: int | None
+    speed: str | None
     fits: bool
     message: str
     suggestions: list[dict[str, Any]]
@@ -868,11 +1152,13 @@ class Plan:
             "usable_bytes": self.usable_bytes,
             "requested_method": self.requested_method,
             "requested_batch_size": self.requested_batch_size,
+            "requested_speed": self.requested_speed,
             "seq_len": self.seq_len,
             "gradient_checkpointing": self.gradient_checkpointing,
             "methods": {k: v.to_dict() for k, v in self.methods.items()},
             "method": self.method,
             "batch_size": self.batch_size,
+            "speed": self.speed,
             "fits": self.fits,
             "message": self.message,
             "suggestions": self.suggestions,
@@ -883,49 +1169,156 @@ class Plan:
 @dataclass(frozen=True)
 class _Job:
     """The planning-relevant fields of a JobSpec (or of a JobSpec-shaped mapping that may say
-    method "auto" and batch_size "auto", which JobSpec itself does not accept)."""
+    method "auto", batch_size "auto" and speed "auto", which JobSpec itself may not accept)."""
 
     method: str
     batch_size: int | str
     seq_len: int
-    gradient_checkpointing: bool
+    speed: str  # "fast", "lean" or "auto"
     lora_r: int
     lora_targets: str | list[str]
     lora_dropout: float
+    use_dora: bool
+    quant_bits: int
+    ia3_targets: list[str] | None
+    ia3_feedforward: list[str] | None
+    prefix_tokens: int
+    prefix_projection: bool
+    freeze_layers: int | None
+    freeze_embeddings: bool
+    optimizer: str | None  # planner name; None: the spec does not say
+    full_precision: str | None
+    strategy: str  # auto, ddp or fsdp
     precision: str
     n_epochs: int
     max_steps: int | None
     grad_accum: int
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.speed == "lean"
 
 
 def _get(obj: Any, key: str, default: Any) -> Any:
     if obj is None:
         return default
     if isinstance(obj, Mapping):
-        return obj.get(key, default)
-    return getattr(obj, key, default)
+        value = obj.get(key, default)
+    else:
+        value = getattr(obj, key, default)
+    return default if value is None else value
 
 
 def _job(spec_like: Any) -> _Job:
     hp = _get(spec_like, "hyperparameters", None)
     lora = _get(spec_like, "lora", None)
+    quant = _get(spec_like, "quantization", None)
+    ia3 = _get(spec_like, "ia3", None)
+    prefix = _get(spec_like, "prefix", None)
+    freeze = _get(spec_like, "freeze", None)
     precision = _get(spec_like, "precision", "auto")
-    batch = _get(hp, "batch_size", 4)
-    if batch is None:
-        batch = "auto"
+    # A mapping may say batch_size None or "auto": the planner picks it.
+    has_batch = hp is not None and ("batch_size" in hp if isinstance(hp, Mapping) else hasattr(hp, "batch_size"))
+    raw_batch = (hp.get("batch_size") if isinstance(hp, Mapping) else hp.batch_size) if has_batch else 4
+    batch = "auto" if raw_batch in (None, "auto") else raw_batch
+    speed = _get(spec_like, "speed", None)
+    if speed not in ("fast", "lean", "auto"):
+        speed = "lean" if _get(spec_like, "gradient_checkpointing", False) else "fast"
+    optimizer = _get(spec_like, "optimizer", None)
+    full_precision = _get(spec_like, "full_precision", None)
     return _Job(
         method=str(_get(spec_like, "method", "lora")),
         batch_size=batch if batch == "auto" else int(batch),
         seq_len=int(_get(hp, "max_seq_len", 1024)),
-        gradient_checkpointing=bool(_get(spec_like, "gradient_checkpointing", False)),
+        speed=speed,
         lora_r=int(_get(lora, "r", 16)),
         lora_targets=_get(lora, "target_modules", "all-linear"),
         lora_dropout=float(_get(lora, "dropout", 0.0)),
+        use_dora=bool(_get(lora, "use_dora", False)),
+        quant_bits=int(_get(quant, "bits", 4)),
+        ia3_targets=_get(ia3, "target_modules", None),
+        ia3_feedforward=_get(ia3, "feedforward_modules", None),
+        prefix_tokens=int(_get(prefix, "num_virtual_tokens", 16)),
+        prefix_projection=bool(_get(prefix, "prefix_projection", False)),
+        freeze_layers=_get(freeze, "trainable_layers", None),
+        freeze_embeddings=bool(_get(freeze, "train_embeddings", False)),
+        optimizer=SPEC_OPTIMIZERS.get(optimizer, optimizer) if optimizer else None,
+        full_precision=full_precision if full_precision in ("bf16", "fp32_master") else None,
+        strategy=str(_get(spec_like, "strategy", "auto")),
         # "auto" means bf16 on any GPU this service plans for.
         precision="fp32" if precision == "fp32" else "bf16",
         n_epochs=int(_get(hp, "n_epochs", 1)),
         max_steps=_get(hp, "max_steps", None),
         grad_accum=int(_get(hp, "gradient_accumulation_steps", 1)),
+    )
+
+
+def estimate_for_spec(
+    spec_like: Any,
+    config: Any,
+    *,
+    method: str | None = None,
+    batch_size: int | None = None,
+    speed: str | None = None,
+    gpus: int = 1,
+    strategy: Strategy = "ddp",
+    optimizer: str | None = None,
+    full_precision: FullPrecision | None = None,
+    autocast: bool | None = None,
+    loss_chunk_tokens: int | None | Literal["trainer"] = "trainer",
+    padded: bool = True,
+    seq_len: int | None = None,
+    fast_path: bool = True,
+    liger: bool | None = None,
+) -> MemoryEstimate:
+    """`estimate_memory` for a JobSpec (or a JobSpec-shaped mapping) as the trainer runs it.
+
+    method, batch_size, speed and seq_len override the spec's (for "auto" and for suggestions);
+    the other keywords override what the trainer does by default. fast_path False plans the
+    plain loop (TUNEQ_FASTPATH=0): whole-batch loss, peft's LoRA layers, no liger.
+    """
+    job = _job(spec_like)
+    shape = config if isinstance(config, Shape) else model_shape(config)
+    chunk = TRAINER_LOSS_CHUNK_TOKENS if loss_chunk_tokens == "trainer" else loss_chunk_tokens
+    if chunk == "auto":
+        chunk = trainer_chunk_tokens(shape.vocab)
+    if not fast_path:
+        chunk, liger = None, False
+    m = method or job.method
+    b = batch_size if batch_size is not None else job.batch_size
+    if b == "auto":
+        raise ValueError("batch_size: give a number to estimate; 'auto' is resolved by plan()")
+    sp = speed or job.speed
+    if sp == "auto":
+        raise ValueError("speed: give fast or lean to estimate; 'auto' is resolved by plan()")
+    return estimate_memory(
+        shape,
+        method=m,
+        batch_size=int(b),
+        seq_len=seq_len or job.seq_len,
+        gradient_checkpointing=sp == "lean",
+        optimizer=optimizer or job.optimizer or "adamw_torch",
+        lora_r=job.lora_r,
+        lora_targets=job.lora_targets,
+        lora_dropout=job.lora_dropout,
+        use_dora=job.use_dora and m in ("lora", "qlora"),
+        quant_bits=job.quant_bits,
+        ia3_targets=job.ia3_targets,
+        ia3_feedforward=job.ia3_feedforward,
+        prefix_tokens=job.prefix_tokens,
+        prefix_projection=job.prefix_projection,
+        freeze_layers=job.freeze_layers,
+        freeze_embeddings=job.freeze_embeddings,
+        gpus=gpus,
+        strategy=strategy,
+        full_precision=full_precision or job.full_precision or TRAINER_FULL_PRECISION,
+        precision=job.precision,
+        gradient_accumulation_steps=job.grad_accum,
+        padded=padded,
+        autocast=TRAINER_AUTOCAST if autocast is None else autocast,
+        loss_chunk_tokens=chunk,
+        fused_lora=fast_path and TRAINER_FUSED_LORA,
+        liger=TRAINER_LIGER if liger is None else liger,
     )
 
 
@@ -941,6 +1334,14 @@ def choose_method(methods: Mapping[str, MethodPlan]) -> str | None:
     return None
 
 
+def _strategy(method: str, gpus: int, strategy: str) -> str:
+    """How the trainer spreads `method` over the GPUs (trainer.distributed.resolve_strategy):
+    auto is FSDP for full and freeze, DDP for adapters; adapters never shard."""
+    if gpus == 1 or method not in WHOLE_WEIGHT_METHODS:
+        return "ddp"  # on one GPU neither replicates nor shards anything
+    return "fsdp" if strategy == "auto" else strategy
+
+
 def plan(
     spec_like: Any,
     config: Any,
@@ -949,67 +1350,77 @@ def plan(
     dataset_tokens: int | None = None,
     *,
     margin: float = DEFAULT_MARGIN,
-    strategy: Strategy = "ddp",
-    optimizer: Optimizer = "adamw",
-    full_precision: FullPrecision = "bf16",
+    strategy: Literal["auto", "ddp", "fsdp"] | None = None,
+    optimizer: Optimizer | None = None,
+    full_precision: FullPrecision | None = None,
     padded: bool = True,
-    autocast: bool = False,
+    autocast: bool | None = None,
+    loss_chunk_tokens: int | None | Literal["trainer"] = "trainer",
     peak_tflops: float | None = None,
     efficiency: float | None = None,
 ) -> Plan:
     """Estimate every method for this job on `gpus` GPUs of `gpu_memory_bytes` each, pick one.
 
-    A method fits when its total stays under (1 - margin) of the GPU's memory. With method
-    "auto" the first of full, lora, qlora that fits is chosen; with batch_size "auto" (or None)
-    each method gets the largest power of two up to 64 that fits. An explicit method that does
-    not fit is refused with a message that names what would fit, with numbers.
+    A setting fits when its total stays under (1 - margin) of the GPU's memory. Method "auto"
+    takes the first of full, lora, qlora that fits; speed "auto" takes fast when it fits (with
+    batch_size "auto": at a micro-batch of AUTO_FAST_MIN_BATCH or more), else lean; batch_size
+    "auto" takes the largest power of two up to 64 that fits. On several GPUs adapters run DDP,
+    full and freeze FSDP unless the spec (or `strategy`) says ddp. A requested method
+    that does not fit is refused with a message that names what would fit, with numbers.
+    Unset keywords (None, "trainer") mean: as the spec says, else as the trainer runs.
     """
     if gpu_memory_bytes <= 0:
         raise ValueError("gpu_memory_bytes must be positive")
     if not 0 <= margin < 1:
         raise ValueError(f"margin: {margin} is outside [0, 1)")
     job = _job(spec_like)
-    if job.method not in (*METHODS, "auto"):
-        raise ValueError(f"method: {job.method!r} is not one of full, lora, qlora, auto")
+    if job.method not in (*ALL_METHODS, "auto"):
+        raise ValueError(f"method: {job.method!r} is not one of {', '.join(ALL_METHODS)}, auto")
     shape = config if isinstance(config, Shape) else model_shape(config)
     usable = int(gpu_memory_bytes * (1 - margin))
 
-    def est(method: str, batch: int, *, seq: int | None = None, ckpt: bool | None = None, k: int | None = None,
-            strat: str | None = None) -> MemoryEstimate:
-        return estimate_memory(
-            shape,
-            method=method,
-            batch_size=batch,
-            seq_len=seq or job.seq_len,
-            gradient_checkpointing=job.gradient_checkpointing if ckpt is None else ckpt,
-            optimizer=optimizer,
-            lora_r=job.lora_r,
-            lora_targets=job.lora_targets,
-            lora_dropout=job.lora_dropout,
-            gpus=k or gpus,
-            strategy=strat or strategy,
-            full_precision=full_precision,
-            precision=job.precision,
-            gradient_accumulation_steps=job.grad_accum,
-            padded=padded,
-            autocast=autocast,
+    def est(method: str, batch: int, *, speed: str | None = None, seq: int | None = None, k: int | None = None,
+            strat: str = "ddp") -> MemoryEstimate:
+        return estimate_for_spec(
+            spec_like, shape, method=method, batch_size=batch, speed=speed or ("lean" if job.speed == "lean" else "fast"),
+            seq_len=seq, gpus=k or gpus, strategy=strat, optimizer=optimizer, full_precision=full_precision,
+            autocast=autocast, loss_chunk_tokens=loss_chunk_tokens, padded=padded,
         )
 
-    methods: dict[str, MethodPlan] = {}
-    for m in METHODS:
-        if job.batch_size == "auto":
-            chosen_b, e = None, est(m, 1)
-            b = AUTO_BATCH_MAX
-            while b >= 1:
-                e_b = est(m, b)
-                if e_b.total <= usable:
-                    chosen_b, e = b, e_b
-                    break
-                b //= 2
-            methods[m] = MethodPlan(m, chosen_b, chosen_b is not None, usable - e.total, e)
-        else:
-            e = est(m, int(job.batch_size))
-            methods[m] = MethodPlan(m, int(job.batch_size), e.total <= usable, usable - e.total, e)
+    speeds = list(SPEEDS) if job.speed == "auto" else [job.speed]
+
+    def best(m: str) -> MethodPlan:
+        """The first (strategy, speed) of `m` that fits, with its batch; else the leanest try."""
+        last: MethodPlan | None = None
+        # Prefix tuning's past key/values bypass checkpointing: the trainer refuses it.
+        tries = ["fast"] if m == "prefix" else speeds
+        for strat in [_strategy(m, gpus, strategy or job.strategy)]:
+            for sp in tries:
+                fast_needs = AUTO_FAST_MIN_BATCH if (sp == "fast" and len(tries) > 1) else 1
+                label = strat if gpus > 1 else "single"
+                if job.batch_size == "auto":
+                    chosen_b, e = None, est(m, 1, speed=sp, strat=strat)
+                    b = AUTO_BATCH_MAX
+                    while b >= fast_needs:
+                        e_b = est(m, b, speed=sp, strat=strat)
+                        if e_b.total <= usable:
+                            chosen_b, e = b, e_b
+                            break
+                        b //= 2
+                    mp = MethodPlan(m, chosen_b, chosen_b is not None, usable - e.total, e, sp, label)
+                else:
+                    e = est(m, int(job.batch_size), speed=sp, strat=strat)
+                    mp = MethodPlan(m, int(job.batch_size), e.total <= usable, usable - e.total, e, sp, label)
+                if mp.fits:
+                    return mp
+                last = mp
+        assert last is not None
+        return last
+
+    candidates = list(METHODS)
+    if job.method not in ("auto", *METHODS):
+        candidates.append(job.method)
+    methods = {m: best(m) for m in candidates}
 
     target = job.method
     if target == "auto":
@@ -1023,23 +1434,22 @@ def plan(
         message = (
             f"{chosen} fits: {_gib(mp.estimate.total)} per GPU of {_gib(usable)} usable "
             f"({_gib(gpu_memory_bytes)} less {margin:.0%} headroom) at batch_size {mp.batch_size}, "
-            f"max_seq_len {job.seq_len}"
+            f"max_seq_len {job.seq_len}, speed {mp.speed}"
+            + (f", {mp.strategy.upper()} over {gpus} GPUs" if gpus > 1 else "")
         )
     else:
         focus = target if target != "auto" else "qlora"
         batch = 1 if job.batch_size == "auto" else int(job.batch_size)
-        need = methods[focus].estimate.total
-        suggestions = _suggest(est, focus, batch, job, usable, gpus, methods, shape)
-        what = (
-            f"{focus} fine-tuning"
-            if target != "auto"
-            else "no method (full, lora or qlora)"
-        )
+        mp = methods[focus]
+        need = mp.estimate.total
+        suggestions = _suggest(est, focus, batch, mp.speed, job, usable, gpus)
+        what = f"{focus} fine-tuning" if target != "auto" else "no method (full, lora or qlora)"
         message = (
             f"{what} of this {shape.total_params / 1e9:.2f}B-parameter model does not fit: "
             f"{focus} needs {_gib(need)} per GPU at batch_size {batch}, max_seq_len {job.seq_len}, "
-            f"gradient_checkpointing {str(job.gradient_checkpointing).lower()}; "
-            f"usable is {_gib(usable)} ({_gib(gpu_memory_bytes)} less {margin:.0%} headroom)."
+            f"speed {mp.speed} (gradient_checkpointing {str(mp.speed == 'lean').lower()})"
+            + (f", {mp.strategy.upper()} over {gpus} GPUs" if gpus > 1 else "")
+            + f"; usable is {_gib(usable)} ({_gib(gpu_memory_bytes)} less {margin:.0%} headroom)."
         )
         if suggestions:
             message += " What would fit: " + "; ".join(s["text"] for s in suggestions) + "."
@@ -1057,13 +1467,15 @@ def plan(
             tokens=tokens,
             gpus=gpus,
             seq_len=job.seq_len,
-            gradient_checkpointing=job.gradient_checkpointing,
+            gradient_checkpointing=methods[chosen].speed == "lean",
             lora_r=job.lora_r,
             lora_targets=job.lora_targets,
+            freeze_layers=job.freeze_layers,
             peak_tflops=peak_tflops,
             efficiency=efficiency,
         )
 
+    shown = methods[chosen] if chosen else methods[target if target != "auto" else "qlora"]
     return Plan(
         model={
             "model_type": shape.model_type,
@@ -1075,16 +1487,18 @@ def plan(
         },
         gpu_memory_bytes=int(gpu_memory_bytes),
         gpus=gpus,
-        strategy=strategy if gpus > 1 else "single",
+        strategy=shown.strategy,
         margin=margin,
         usable_bytes=usable,
         requested_method=job.method,
         requested_batch_size=job.batch_size,
+        requested_speed=job.speed,
         seq_len=job.seq_len,
-        gradient_checkpointing=job.gradient_checkpointing,
+        gradient_checkpointing=shown.speed == "lean",
         methods=methods,
         method=chosen,
         batch_size=methods[chosen].batch_size if chosen else None,
+        speed=methods[chosen].speed if chosen else None,
         fits=chosen is not None,
         message=message,
         suggestions=suggestions,
@@ -1092,21 +1506,20 @@ def plan(
     )
 
 
-def _suggest(est, method: str, batch: int, job: _Job, usable: int, gpus: int,
-             methods: Mapping[str, MethodPlan], shape: Shape) -> list[dict[str, Any]]:
+def _suggest(est, method: str, batch: int, speed: str, job: _Job, usable: int, gpus: int) -> list[dict[str, Any]]:
     """Single changes to the job that would make it fit, each with its estimate."""
     out: list[dict[str, Any]] = []
 
     def add(kind: str, value: Any, e: MemoryEstimate, text: str) -> None:
         out.append({"change": kind, "value": value, "total_bytes": e.total, "text": f"{text} ({_gib(e.total)})"})
 
-    if not job.gradient_checkpointing:
-        e = est(method, batch, ckpt=True)
+    if speed == "fast":
+        e = est(method, batch, speed="lean")
         if e.total <= usable:
-            add("gradient_checkpointing", True, e, "gradient_checkpointing true")
+            add("gradient_checkpointing", True, e, "speed lean (gradient_checkpointing true)")
     b = batch // 2
     while b >= 1:
-        e = est(method, b)
+        e = est(method, b, speed=speed)
         if e.total <= usable:
             add("batch_size", b, e, f"batch_size {b}")
             break
@@ -1115,29 +1528,32 @@ def _suggest(est, method: str, batch: int, job: _Job, usable: int, gpus: int,
     lo, hi = 0, job.seq_len - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if est(method, batch, seq=max(8, mid // 64 * 64 or mid)).total <= usable:
+        if est(method, batch, speed=speed, seq=max(8, mid // 64 * 64 or mid)).total <= usable:
             lo = mid
         else:
             hi = mid - 1
     if lo >= 8:
         s = lo // 64 * 64 or lo
-        add("max_seq_len", s, est(method, batch, seq=s), f"max_seq_len {s}")
-    for k in (2, 4, 8, 16, 32, 64):
-        if k <= gpus:
-            continue
-        e = est(method, batch, k=k, strat="fsdp")
-        if e.total <= usable:
-            add("gpus", k, e, f"{k} GPUs with FSDP full sharding")
-            break
-    for m in METHODS[METHODS.index(method) + 1:]:
-        e = est(m, batch)
+        add("max_seq_len", s, est(method, batch, speed=speed, seq=s), f"max_seq_len {s}")
+    if method in WHOLE_WEIGHT_METHODS:
+        # Only sharding lowers the memory per GPU; DDP replicates everything.
+        for k in (2, 4, 8, 16, 32, 64):
+            if k <= gpus:
+                continue
+            e = est(method, batch, speed=speed, k=k, strat="fsdp")
+            if e.total <= usable:
+                add("gpus", k, e, f"{k} GPUs with FSDP full sharding")
+                break
+    ladder = METHODS[METHODS.index(method) + 1:] if method in METHODS else ("lora", "qlora")
+    for m in ladder:
+        e = est(m, batch, speed=speed)
         if e.total <= usable:
             add("method", m, e, f"method {m}")
             break
-    if not out and not job.gradient_checkpointing:
+    if not out and speed == "fast":
         # Nothing single fits: try the strongest combination we can offer.
-        e = est("qlora", 1, ckpt=True)
+        e = est("qlora", 1, speed="lean")
         if e.total <= usable:
             add("combination", {"method": "qlora", "batch_size": 1, "gradient_checkpointing": True}, e,
-                "method qlora with batch_size 1 and gradient_checkpointing true")
+                "method qlora with batch_size 1 and speed lean (gradient_checkpointing true)")
     return out

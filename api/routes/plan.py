@@ -58,6 +58,7 @@ def plan_fine_tuning_job(body: CreateJobRequest, user: CurrentUser, db: SessionD
         "object": "fine_tuning.plan",
         "model": body.model,
         "recommendation": {"method": p["method"], "batch_size": p["batch_size"], "fits": p["fits"],
+                           "speed": p["speed"], "strategy": p["strategy"],
                            "message": p["message"], "suggestions": p["suggestions"]},
         "time": {
             "dataset_tokens": tokens,

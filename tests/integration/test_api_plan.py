@@ -42,6 +42,9 @@ def test_plan_route_returns_every_method_with_its_breakdown(client: TestClient, 
         assert sum(est[k] for k in parts) == est["total"] > 0
         assert set(parts) <= set(est["breakdown_gib"])
     assert body["recommendation"]["method"] == "full" and body["recommendation"]["fits"]  # the tiny model fits full
+    # speed auto: the tiny model fits without checkpointing; one GPU neither replicates nor shards.
+    assert body["recommendation"]["speed"] == "fast" and body["recommendation"]["strategy"] == "single"
+    assert methods["full"]["estimate"]["loss"].startswith("chunked(")  # the trainer's fast-path loss
     assert body["plan"]["checked"] is True and body["plan"]["available_gib"] == 80
     t = body["time"]
     assert t["dataset_tokens"] and t["dataset_tokens"] > 0  # counted by the data check
@@ -86,13 +89,17 @@ def test_a_job_that_cannot_fit_is_refused_with_numbers(client: TestClient, file_
     assert r.json()["recommendation"]["fits"] is False and "does not fit" in r.json()["recommendation"]["message"]
 
 
-def test_methods_the_planner_does_not_model_are_not_refused(client: TestClient, file_id: str,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_method_is_planned_and_refused_when_too_big(client: TestClient, file_id: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    r = client.post("/v1/fine_tuning/plan", json={"model": "tiny-llama", "training_file": file_id, "method": "ia3"})
+    assert r.status_code == 200, r.text
+    assert set(r.json()["plan"]["methods"]) == {"full", "lora", "qlora", "ia3"}
+    assert r.json()["recommendation"]["method"] == "ia3" and r.json()["plan"]["checked"] is True
     monkeypatch.setenv("TUNEQ_PLAN_GPU_MEMORY_GIB", "0.001")
     reset_caches()
     r = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id, "method": "ia3"})
-    assert r.status_code == 200, r.text
-    assert r.json()["plan"]["checked"] is False and "not modelled" in r.json()["plan"]["notes"][0]
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "does_not_fit" and "ia3" in r.json()["error"]["message"]
 
 
 def test_auto_leaves_full_for_a_model_too_big_for_the_gpu(tmp_path: Path) -> None:

@@ -1,0 +1,190 @@
+"""The planner for the trainer as it runs after the fast-path change: every method and optimizer,
+the chunked loss, speed lean/fast, DDP and FSDP, and the choices `auto` makes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import LlamaConfig
+
+from trainer import planner as P
+
+GiB = 1024**3
+
+
+def llama(hidden, layers, heads, kv, ffn, vocab, tied) -> LlamaConfig:
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tied)
+
+
+TINY = llama(64, 2, 4, 2, 128, 768, True)
+LLAMA_1B = llama(2048, 16, 32, 8, 8192, 128_256, True)
+LLAMA_8B = llama(4096, 32, 32, 8, 14_336, 128_256, False)  # Llama-3-8B's shape
+
+
+def spec(method="auto", batch=4, seq=1024, speed="auto", **extra):
+    return {"model": "x", "method": method, "speed": speed,
+            "hyperparameters": {"batch_size": batch, "max_seq_len": seq}, **extra}
+
+
+def est(config, method="lora", batch=4, seq=2048, speed="fast", **kw):
+    return P.estimate_for_spec(spec(method, batch, seq, speed), config, **kw)
+
+
+# --- auto ------------------------------------------------------------------------------------
+
+
+def test_auto_takes_full_and_fast_when_they_fit_with_margin_on_a_big_gpu():
+    p = P.plan(spec(batch=4, seq=2048), LLAMA_1B, 140 * GiB)
+    assert p.fits and p.method == "full" and p.speed == "fast"
+    assert p.methods["full"].estimate.total <= 0.9 * 140 * GiB
+
+
+def test_auto_takes_lean_when_fast_does_not_fit():
+    p = P.plan(spec(method="full", batch=8, seq=4096), LLAMA_1B, 80 * GiB)
+    assert p.fits and p.speed == "lean"
+    fast = est(LLAMA_1B, "full", 8, 4096, "fast")
+    assert fast.total > 0.9 * 80 * GiB >= p.methods["full"].estimate.total
+    assert json.loads(json.dumps(p.to_dict()))["speed"] == "lean"
+
+
+def test_auto_steps_down_to_lora_then_qlora_then_refuses_with_numbers():
+    lora = P.plan(spec(batch=1, seq=1024), LLAMA_8B, 40 * GiB)
+    assert lora.method == "lora" and not lora.methods["full"].fits
+    qlora = P.plan(spec(batch=1, seq=1024), LLAMA_8B, 16 * GiB)
+    assert qlora.method == "qlora" and not qlora.methods["lora"].fits
+    none = P.plan(spec(batch=1, seq=1024), LLAMA_8B, 4 * GiB)
+    assert not none.fits and none.method is None
+    assert "does not fit" in none.message and "qlora needs" in none.message and "GiB" in none.message
+    need = none.methods["qlora"].estimate.total / GiB
+    assert f"{need:.1f} GiB" in none.message
+
+
+def test_auto_batch_with_auto_speed_prefers_a_useful_fast_batch():
+    p = P.plan(spec(method="lora", batch="auto", seq=2048), LLAMA_1B, 24 * GiB)
+    assert p.fits
+    if p.speed == "fast":
+        assert p.batch_size >= P.AUTO_FAST_MIN_BATCH
+    else:  # fast fits only below the minimum batch: lean with a bigger one
+        assert est(LLAMA_1B, "lora", P.AUTO_FAST_MIN_BATCH, 2048, "fast").total > 0.9 * 24 * GiB
+
+
+# --- several GPUs --------------------------------------------------------------------------
+
+
+def test_fsdp_over_two_gpus_fits_an_8b_full_fine_tune_that_one_gpu_cannot():
+    one = P.plan(spec(method="full", batch=1, seq=2048), LLAMA_8B, 140 * GiB, gpus=1)
+    assert not one.fits
+    two = P.plan(spec(method="full", batch=1, seq=2048), LLAMA_8B, 140 * GiB, gpus=2)
+    assert two.fits and two.strategy == "fsdp"
+    e = two.methods["full"].estimate
+    assert e.strategy == "fsdp" and e.gradient_checkpointing  # FSDP always checkpoints
+    single = one.methods["full"].estimate
+    assert e.optimizer_states == -(-single.optimizer_states // 2)
+    assert "FSDP" in two.message
+
+
+def test_ddp_per_gpu_memory_is_about_one_gpus():
+    one = est(LLAMA_1B, "lora", 4, 2048, "lean")
+    ddp = est(LLAMA_1B, "lora", 4, 2048, "lean", gpus=4, strategy="ddp")
+    assert one.total <= ddp.total <= 1.02 * one.total
+    full1 = est(LLAMA_1B, "full", 4, 2048, "lean")
+    full_ddp = est(LLAMA_1B, "full", 4, 2048, "lean", gpus=2, strategy="ddp")
+    assert full_ddp.parts["ddp_buckets"] == full1.parts["gradients_all"]  # one fp32 copy of the gradients
+
+
+def test_adapters_are_planned_with_ddp_even_on_several_gpus():
+    p = P.plan(spec(method="lora", batch=4, seq=1024), LLAMA_1B, 80 * GiB, gpus=2)
+    assert p.methods["lora"].strategy == "ddp" and p.methods["full"].strategy == "fsdp"
+    with pytest.raises(ValueError, match="fsdp"):
+        est(LLAMA_1B, "lora", gpus=2, strategy="fsdp")
+
+
+# --- methods and optimizers move the estimate the right way ----------------------------------
+
+
+def test_methods_order_their_weights_states_and_activations():
+    e = {m: est(LLAMA_1B, m, speed="fast") for m in ("full", "lora", "qlora")}
+    q8 = P.estimate_for_spec(spec("qlora", 4, 2048, "fast", quantization={"bits": 8}), LLAMA_1B)
+    dora = P.estimate_for_spec(spec("lora", 4, 2048, "fast", lora={"use_dora": True}), LLAMA_1B)
+    ia3 = est(LLAMA_1B, "ia3")
+    prefix = est(LLAMA_1B, "prefix")
+    freeze = P.estimate_for_spec(spec("freeze", 4, 2048, "fast", freeze={"trainable_layers": 4}), LLAMA_1B)
+    assert e["qlora"].weights < q8.weights < e["lora"].weights < e["full"].weights
+    assert dora.trainable_params > e["lora"].trainable_params > ia3.trainable_params
+    assert dora.activations > e["lora"].activations  # DoRA saves two outputs per adapted module
+    assert ia3.optimizer_states < e["lora"].optimizer_states
+    assert prefix.trainable_params == P.prefix_params(P.model_shape(LLAMA_1B), 16)
+    states = lambda x: x.weights + x.parts["gradients_all"] + x.optimizer_states  # noqa: E731
+    assert states(e["lora"]) < states(freeze) < states(e["full"])
+    assert freeze.parts["activations_stored"] < e["full"].parts["activations_stored"]
+    for x in (*e.values(), q8, dora, ia3, prefix, freeze):
+        assert x.weights + x.gradients + x.optimizer_states + x.activations + x.logits + x.overhead == x.total
+
+
+def test_optimizers_and_precision_change_the_states():
+    n = P.model_shape(LLAMA_1B).total_params
+    by = {o: P.estimate_for_spec(spec("full", 1, 512, "lean", optimizer=o), LLAMA_1B)
+          for o in ("adamw", "adamw_fused", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")}
+    assert by["adamw"].optimizer_states == by["adamw_fused"].optimizer_states == 8 * n  # fp32 master
+    assert by["adamw_8bit"].optimizer_states == 2 * n
+    assert by["adamw_8bit"].total < by["adamw"].total
+    paged = by["paged_adamw"]
+    assert paged.allocated + paged.optimizer_states <= paged.total  # outside torch's allocator
+    assert by["adamw"].allocated - paged.allocated == 8 * n
+    bf16 = P.estimate_for_spec(spec("full", 1, 512, "lean", full_precision="bf16"), LLAMA_1B)
+    assert bf16.weights == 2 * n and bf16.optimizer_states == 4 * n  # zeros_like(bf16 param)
+    assert bf16.total < by["adamw"].total
+
+
+def test_lean_saves_activations_but_not_states():
+    for m in ("full", "lora", "qlora", "ia3"):
+        fast, lean = est(LLAMA_1B, m, 8, 2048, "fast"), est(LLAMA_1B, m, 8, 2048, "lean")
+        assert lean.parts["activations_stored"] < fast.parts["activations_stored"] / 10
+        assert lean.total < fast.total
+        assert lean.optimizer_states == fast.optimizer_states
+
+
+# --- the loss ----------------------------------------------------------------------------------
+
+
+def test_chunked_loss_logits_do_not_grow_with_the_batch():
+    V, h, C = 128_256, 2048, 512
+    live = {b: P.logits_bytes(V, b * 2048, out_bytes=4, chunk_tokens=C, hidden=h) for b in (1, 4, 16)}
+    for b, lg in live.items():
+        # Only hidden-state-sized terms grow with the tokens; the chunk's logits do not.
+        assert lg["forward"] - 12 * h * b * 2048 == 6 * C * V
+    whole = {b: P.logits_bytes(V, b * 2048, out_bytes=4) for b in (1, 4)}
+    assert whole[4]["peak"] == 4 * whole[1]["peak"] == 4 * 16 * V * 2048
+    chunked = est(LLAMA_1B, "lora", 8, 2048, "lean")
+    plain = est(LLAMA_1B, "lora", 8, 2048, "lean", loss_chunk_tokens=None)
+    assert chunked.loss.startswith("chunked(") and plain.loss == "whole"
+    assert chunked.total < plain.total - 8 * 2048 * V * 10
+
+
+def test_the_trainer_chunk_is_the_one_linear_ce_picks():
+    from trainer.linear_ce import chunk_tokens
+
+    assert est(LLAMA_1B).loss == f"chunked({chunk_tokens(128_256)})"
+    assert est(LLAMA_1B, fast_path=False).loss == "whole"
+
+
+# --- parameter counts of the adapter family against peft --------------------------------------
+
+
+@pytest.mark.parametrize("method", ["ia3", "prefix", "dora"])
+def test_trainable_counts_equal_peft(method):
+    import torch
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = {"ia3": IA3Config(task_type="CAUSAL_LM"),
+              "prefix": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=16),
+              "dora": LoraConfig(r=8, target_modules="all-linear", use_dora=True)}[method]
+    model = get_peft_model(LlamaForCausalLM(TINY), config)
+    real = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    s = spec("lora" if method == "dora" else method, 1, 32, "fast",
+             **({"lora": {"r": 8, "use_dora": True}} if method == "dora" else {}))
+    assert P.estimate_for_spec(s, TINY).trainable_params == real
