@@ -7,6 +7,7 @@ one line on stderr and a non-zero exit; a traceback would only hide the message.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import sys
@@ -22,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
+from tuneq import config
 from tuneq.client import APIError, Client, TuneqError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -55,7 +57,8 @@ class _OneLineErrors(TyperGroup):
 
 app = typer.Typer(
     cls=_OneLineErrors,
-    help="tuneq: self-hosted LLM fine-tuning. Talks to the API at $TUNEQ_URL (default http://127.0.0.1:8000).",
+    help="tuneq: self-hosted LLM fine-tuning. Talks to the API at $TUNEQ_URL (or `url` in ~/.config/tuneq/config.toml, "
+    "default http://127.0.0.1:8000) with the key $TUNEQ_API_KEY (or `api_key` there).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -77,7 +80,7 @@ def friendly(fn: F) -> F:
         except APIError as exc:
             where = f" ({exc.param})" if exc.param and exc.param not in str(exc) else ""
             raise fail(f"{exc}{where}") from None
-        except TuneqError as exc:
+        except (TuneqError, config.ConfigError) as exc:
             raise fail(str(exc)) from None
         except KeyboardInterrupt:
             raise fail("interrupted", 130) from None
@@ -127,12 +130,55 @@ def _upload(c: Client, path: Path, what: str) -> str:
     return f["id"]
 
 
+def _load_spec(path: Path) -> dict[str, Any]:
+    """A job body (as POST /v1/fine_tuning/jobs takes it) from a YAML or JSON file."""
+    import yaml
+
+    if not path.is_file():
+        raise fail(f"--spec {path}: no such file")
+    text = path.read_text()
+    try:
+        spec = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise fail(f"--spec {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
+    if not isinstance(spec, dict):
+        raise fail(f"--spec {path}: must be a mapping of job fields (model, training_file, method, ...)")
+    return spec
+
+
+def _file_ref(c: Client, value: Any, field: str, base: Path) -> str:
+    """A spec's file field: a local path (uploaded now, relative to the spec file) or a file id."""
+    if not isinstance(value, str) or not value:
+        raise fail(f"{field}: a path to a JSONL file or a file id (file-...), got {value!r}")
+    path = Path(value) if Path(value).is_absolute() else base / value
+    if path.is_file():
+        return _upload(c, path, field)
+    if value.startswith("file-"):
+        return value
+    raise fail(f"{field}: {path}: no such file (nor a file id)")
+
+
+def _upload_spec_files(c: Client, body: dict[str, Any], base: Path) -> None:
+    for field in ("training_file", "validation_file", "forgetting_file"):
+        if body.get(field) is not None:
+            body[field] = _file_ref(c, body[field], field, base)
+    for k, source in enumerate(body.get("mix") or []):
+        if isinstance(source, dict) and "file" in source:
+            source["file"] = _file_ref(c, source["file"], f"mix[{k}].file", base)
+
+
+def _method_name(method: Any) -> str | None:
+    return method if isinstance(method, str) else method.get("type") if isinstance(method, dict) else None
+
+
 @app.command()
 @friendly
 def submit(
-    file: Annotated[Path, typer.Argument(help="Training data: chat JSONL, one example per line.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Base model (see `tuneq models`).")],
-    method: Annotated[str, typer.Option(help="lora | qlora | full.")] = "lora",
+    file: Annotated[Path | None, typer.Argument(help="Training data: JSONL, one example per line (or training_file in --spec).")] = None,
+    spec: Annotated[Path | None, typer.Option("--spec", "-f", help="A job body as YAML or JSON (the fields of POST "
+                    "/v1/fine_tuning/jobs); file fields may be local paths, uploaded first. Flags override it.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Base model (see `tuneq models`).")] = None,
+    method: Annotated[str | None, typer.Option(help="lora | qlora | full (default lora).")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the data.")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps (overrides --epochs).")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
@@ -143,32 +189,49 @@ def submit(
     validation_file: Annotated[Path | None, typer.Option("--validation-file", help="Validation JSONL.")] = None,
     suffix: Annotated[str | None, typer.Option(help="Added to the fine-tuned model's name.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of data order and init.")] = None,
-    priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
-    gpus: Annotated[int, typer.Option(help="GPUs the job needs.")] = 1,
+    priority: Annotated[int | None, typer.Option(help="Higher runs first (default 0).")] = None,
+    gpus: Annotated[int | None, typer.Option(help="GPUs the job needs (default 1).")] = None,
+    watch_it: Annotated[bool, typer.Option("--watch", help="Then follow it like `tuneq watch`.")] = False,
 ) -> None:
-    """Upload FILE, create a fine-tuning job on it and print the job id."""
-    if method not in METHODS:
+    """Upload the data, create a fine-tuning job and print its id."""
+    if method is not None and method not in METHODS:
         raise fail(f"--method: must be one of {', '.join(METHODS)}, got {method!r}")
-    if method == "full" and (lora_r is not None or lora_alpha is not None):
+    body: dict[str, Any] = _load_spec(spec) if spec is not None else {}
+    base = spec.resolve().parent if spec is not None else Path.cwd()
+    name = method or _method_name(body.get("method")) or "lora"
+    if name == "full" and (lora_r is not None or lora_alpha is not None):
         raise fail("--lora-r/--lora-alpha apply to --method lora or qlora")
+    if model is not None:
+        body["model"] = model
+    if not body.get("model"):
+        raise fail("Missing option '--model' (or `model` in --spec)", 2)
+    if file is None and body.get("training_file") is None:
+        raise fail("Missing argument 'FILE': the training data (or `training_file` in --spec)", 2)
     hp = {k: v for k, v in {"n_epochs": epochs, "max_steps": max_steps, "learning_rate": lr, "batch_size": batch_size,
                             "max_seq_len": max_seq_len}.items() if v is not None}
+    body["hyperparameters"] = {**(body.get("hyperparameters") or {}), **hp}
     lora = {k: v for k, v in {"r": lora_r, "alpha": lora_alpha}.items() if v is not None}
+    current = body.get("method")
+    if lora:
+        settings = current.get(name, {}) if isinstance(current, dict) and current.get("type") == name else {}
+        body["method"] = {"type": name, name: {**settings, **lora}}
+    elif method is not None or current is None:
+        body["method"] = name
+    for key, value in (("suffix", suffix), ("seed", seed), ("priority", priority), ("gpus", gpus)):
+        if value is not None:
+            body[key] = value
     with make_client() as c:
-        body: dict[str, Any] = {
-            "model": model, "training_file": _upload(c, file, "training file"),
-            "method": {"type": method, method: lora} if lora else method,
-            "hyperparameters": hp, "priority": priority, "gpus": gpus,
-        }
+        _upload_spec_files(c, body, base)
+        if file is not None:
+            body["training_file"] = _upload(c, file, "training file")
         if validation_file is not None:
             body["validation_file"] = _upload(c, validation_file, "validation file")
-        for key, value in (("suffix", suffix), ("seed", seed)):
-            if value is not None:
-                body[key] = value
         job = c.create_job(body)
-    err.print(f"created {job['id']} ({job['status']}); follow it with `tuneq status {job['id']}`")
+    err.print(f"created {job['id']} ({job['status']}); follow it with `tuneq watch {job['id']}`")
     # Only the id on stdout, so that JOB=$(tuneq submit ...) works.
-    print(job["id"])
+    print(job["id"], flush=True)
+    if watch_it:
+        watch(job["id"])
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -234,38 +297,64 @@ def plan(
 
 # ------------------------------------------------------------------------------------------ status
 
+TERMINAL = ("succeeded", "failed", "cancelled")
+# `tuneq watch` exits with the job's outcome, so scripts can chain on it.
+EXIT_CODES = {"succeeded": 0, "failed": 1, "cancelled": 3}
+LOSS_KEYS = ("train_loss", "valid_loss", "valid_mean_token_accuracy", "full_valid_loss", "full_valid_mean_token_accuracy")
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
 
 def _progress(job: dict[str, Any]) -> str:
     p = job.get("progress") or {}
     step, total = p.get("step"), p.get("total_steps")
+    if job.get("status") == "queued" and p.get("queue_position"):
+        return f"queued #{p['queue_position']}"
     if step is None:
         return "-"
     return f"step {step}/{total}" if total else f"step {step}"
 
 
-@app.command()
-@friendly
-def status(
-    job_id: Annotated[str, typer.Argument(metavar="JOB", help="A job id (ftjob-...).")],
-    events: Annotated[int, typer.Option(help="How many recent events to show.")] = 5,
-) -> None:
-    """Show a job's status, progress, metrics and latest events."""
-    with make_client() as c:
-        job = c.get_job(job_id)
-        recent = c.events(job_id, limit=events) if events > 0 else []
-    table = Table(show_header=False, box=None)
-    table.add_column(style="bold")
-    table.add_column()
-    method = (job.get("method") or {}).get("type", "-")
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, int | float):
+        return "-"
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _figure(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _speed(p: dict[str, Any]) -> str:
+    parts = []
+    if p.get("tokens_per_second") is not None:
+        parts.append(f"{p['tokens_per_second']:,.0f} tokens/s")
+    if p.get("mfu") is not None:
+        parts.append(f"MFU {p['mfu']:.1%}")
+    if p.get("peak_memory_bytes"):
+        parts.append(f"peak memory {p['peak_memory_bytes'] / 2**30:.2f} GiB")
+    return ", ".join(parts)
+
+
+def _job_rows(job: dict[str, Any]) -> list[tuple[str, str]]:
+    p = job.get("progress") or {}
     rows = [
-        ("job", job["id"]), ("status", job["status"]), ("model", job["model"]), ("method", method),
+        ("job", job["id"]), ("status", job["status"]), ("model", job["model"]),
+        ("method", (job.get("method") or {}).get("type", "-")),
         ("created", _when(job.get("created_at"))), ("finished", _when(job.get("finished_at"))),
-        ("progress", _progress(job)),
+        ("progress", _progress(job) + (f", epoch {p['epoch']:.2f}" if isinstance(p.get("epoch"), float) else "")),
     ]
+    if job["status"] == "running" and p.get("eta_seconds") is not None:
+        rows.append(("eta", _duration(p["eta_seconds"])))
+    if speed := _speed(p):
+        rows.append(("speed", speed))
     metrics = job.get("metrics") or {}
-    for key in ("train_loss", "valid_loss", "valid_mean_token_accuracy", "full_valid_loss", "full_valid_mean_token_accuracy"):
+    for key in LOSS_KEYS:
         if metrics.get(key) is not None:
-            rows.append((key, f"{metrics[key]:.4f}" if isinstance(metrics[key], float) else str(metrics[key])))
+            rows.append((key, _figure(metrics[key])))
     if metrics.get("forgetting_loss_before") is not None and metrics.get("forgetting_loss_after") is not None:
         # The general held-out loss before -> after: how much the job cost the base model.
         rows.append(("forgetting", f"loss {metrics['forgetting_loss_before']:.4f} -> {metrics['forgetting_loss_after']:.4f}, "
@@ -277,23 +366,220 @@ def status(
         rows.append(("fine-tuned model", job["fine_tuned_model"]))
     if job.get("error"):
         rows.append(("error", f"[red]{job['error'].get('message')}[/red]"))
+    return rows
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> None:
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
     for k, v in rows:
         table.add_row(k, v)
     out.print(table)
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    _print_rows(_job_rows(job))
+
+
+def _event_line(e: dict[str, Any]) -> str:
+    return f"{_when(e['created_at'])}  {e['level']:<7} {e['type']:<10} {e['message']}"
+
+
+@app.command()
+@friendly
+def status(
+    job_id: Annotated[str, typer.Argument(metavar="JOB", help="A job id (ftjob-...).")],
+    events: Annotated[int, typer.Option(help="How many recent events to show.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the job object as JSON.")] = False,
+) -> None:
+    """Show a job's status, progress, metrics and latest events."""
+    with make_client() as c:
+        job = c.get_job(job_id)
+        recent = c.events(job_id, limit=events) if events > 0 and not as_json else []
+    if as_json:
+        print_json(job)
+        return
+    _print_job(job)
     if recent:
         out.print()
         for e in reversed(recent):
-            out.print(f"{_when(e['created_at'])}  {e['level']:<7} {e['message']}", markup=False, highlight=False)
+            out.print(_event_line(e), markup=False, highlight=False)
+
+
+# ------------------------------------------------------------------------------------------ watch and events
+
+
+def follow_events(c: Client, job_id: str, *, after: str | None = None, limit: int = 20, stream: bool = True,
+                  poll_s: float = 2.0) -> Any:
+    """Yield the job's events oldest first until it ends: from the SSE stream, else by polling.
+
+    A broken stream is reopened after the last event seen (nothing lost, nothing twice); after
+    three failures in a row, or on a server without streams, the list is polled instead.
+    """
+    import time
+
+    last, failures = after, 0
+    while stream and failures < 3:
+        try:
+            for ev in c.stream_events(job_id, after=last, limit=limit):
+                last, failures = ev["id"], 0
+                yield ev
+            return
+        except APIError as exc:
+            if exc.status not in (400, 404, 405, 406) or exc.param in ("after", "Last-Event-ID"):
+                raise
+            break  # an older server: no stream here
+        except TuneqError:
+            failures += 1
+            time.sleep(min(2.0 * failures, 5.0))
+    while True:
+        status_now = c.get_job(job_id)["status"]  # before the events: a final status implies its last events
+        for ev in c.events_since(job_id, last, limit):
+            last = ev["id"]
+            yield ev
+        if status_now in TERMINAL:
+            return
+        time.sleep(poll_s)
+
+
+class LiveBar:
+    """The rich progress bar of `tuneq watch`: step/total, epoch, loss, tokens/s, ETA."""
+
+    def __init__(self, job: dict[str, Any]):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.fields[status]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("epoch {task.fields[epoch]}"), TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[speed]}"), TextColumn("ETA {task.fields[eta]}"), console=out,
+        )
+        self.task = self.progress.add_task(job["id"], total=None, status="", epoch="-", loss="-", speed="-", eta="-")
+        self.job(job)
+
+    def __enter__(self) -> LiveBar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def job(self, job: dict[str, Any]) -> None:
+        p = job.get("progress") or {}
+        status_text = _progress(job) if job["status"] == "queued" else job["status"]
+        eta = _duration(p.get("eta_seconds")) if job["status"] == "running" else "-"
+        self.progress.update(self.task, status=status_text, eta=eta)
+        self.metrics(p)
+
+    def metrics(self, data: dict[str, Any]) -> None:
+        fields: dict[str, Any] = {}
+        if isinstance(data.get("step"), int):
+            fields["completed"] = data["step"]
+        if isinstance(data.get("total_steps"), int):
+            fields["total"] = data["total_steps"]
+        if isinstance(data.get("epoch"), int | float):
+            fields["epoch"] = f"{data['epoch']:.2f}"
+        if isinstance(data.get("train_loss"), int | float):
+            fields["loss"] = f"{data['train_loss']:.4f}"
+        if isinstance(data.get("tokens_per_second"), int | float):
+            fields["speed"] = f"{data['tokens_per_second']:,.0f} tok/s"
+        self.progress.update(self.task, **fields)
+
+    def say(self, line: str) -> None:
+        self.progress.console.print(line, markup=False, highlight=False)
+
+
+def _shown(ev: dict[str, Any]) -> bool:
+    """Events worth a line above the bar: everything but the per-step metrics."""
+    return ev.get("type") != "metrics"
+
+
+def _finish_watch(job: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(job), flush=True)
+    else:
+        out.print()
+        _print_job(job)
+        if job["status"] == "succeeded":
+            out.print(f"download it with `tuneq download {job['id']} DIR`", highlight=False)
+    code = EXIT_CODES.get(job["status"], 1)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+@friendly
+def watch(
+    job_id: Annotated[str, typer.Argument(metavar="JOB", help="A job id (ftjob-...).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print each event, then the final job, as JSON lines.")] = False,
+    stream: Annotated[bool, typer.Option("--stream/--poll", help="Follow the server's event stream, or poll.")] = True,
+    interval: Annotated[float, typer.Option(help="Seconds between polls (--poll, or when the stream is unavailable).")] = 2.0,
+) -> None:
+    """Follow a job live until it ends; exit 0 if it succeeded, 1 if it failed, 3 if cancelled."""
+    import time
+
+    with make_client() as c:
+        job = c.get_job(job_id)
+        if job["status"] in TERMINAL:
+            _finish_watch(job, as_json)
+            return
+        if as_json:
+            for ev in follow_events(c, job_id, stream=stream, poll_s=interval):
+                print(json.dumps(ev), flush=True)
+            _finish_watch(c.get_job(job_id), as_json)
+            return
+        with LiveBar(job) as bar:
+            refreshed = time.monotonic()
+            for ev in follow_events(c, job_id, stream=stream, poll_s=interval):
+                if _shown(ev):
+                    bar.say(_event_line(ev))
+                if ev.get("type") == "metrics":
+                    bar.metrics(ev.get("data") or {})
+                # The job object has what events lack (ETA, queue position); a few reads a second at most.
+                if ev.get("type") == "status" or time.monotonic() - refreshed > 2:
+                    bar.job(c.get_job(job_id))
+                    refreshed = time.monotonic()
+            job = c.get_job(job_id)
+            bar.job(job)
+    _finish_watch(job, as_json)
+
+
+@app.command()
+@friendly
+def events(
+    job_id: Annotated[str, typer.Argument(metavar="JOB", help="A job id (ftjob-...).")],
+    limit: Annotated[int, typer.Option(help="How many recent events.")] = 20,
+    follow: Annotated[bool, typer.Option("--follow", "-F", help="Keep printing new events until the job ends.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON: a list, or with --follow one event per line.")] = False,
+) -> None:
+    """Print a job's events, oldest first."""
+    with make_client() as c:
+        if follow:
+            for ev in follow_events(c, job_id, limit=limit):
+                print(json.dumps(ev) if as_json else _event_line(ev), flush=True)
+            return
+        recent = list(reversed(c.events(job_id, limit=limit)))
+    if as_json:
+        print_json(recent)
+        return
+    for ev in recent:
+        out.print(_event_line(ev), markup=False, highlight=False)
 
 
 # ------------------------------------------------------------------------------------------ download
 
+# What `tuneq download` fetches: the adapter (or model), the merged model, or the TensorBoard logs.
+MERGED_ARCHIVE = "merged.tar.gz"
+TENSORBOARD_ARCHIVE = "tensorboard.tar.gz"
 
-def _pick_archive(arts: list[dict[str, Any]]) -> dict[str, Any] | None:
-    archives = [a for a in arts if a.get("kind") == "archive"]
-    for name in ARCHIVES:
+
+def _pick_archive(arts: list[dict[str, Any]], name: str | None = None) -> dict[str, Any] | None:
+    if name is not None:
+        return next((a for a in arts if a["name"] == name), None)
+    archives = [a for a in arts if a.get("kind") == "archive" and a["name"] != MERGED_ARCHIVE]
+    for wanted in ARCHIVES:
         for a in archives:
-            if a["name"] == name:
+            if a["name"] == wanted:
                 return a
     return archives[0] if archives else None
 
@@ -316,23 +602,37 @@ def _unpack(archive: Path, dest: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _missing_archive(job: dict[str, Any], wanted: str | None) -> str:
+    if job["status"] != "succeeded" and wanted != TENSORBOARD_ARCHIVE:
+        return f"job {job['id']} has no archive to download (status: {job['status']}; results appear when it succeeds)"
+    if wanted == MERGED_ARCHIVE:
+        return f"job {job['id']} exported no merged model; create the job with \"export\": {{\"merged\": true}}"
+    if wanted == TENSORBOARD_ARCHIVE:
+        return f"job {job['id']} has no TensorBoard logs (yet: they are published when the job ends; status: {job['status']})"
+    return f"job {job['id']} has no archive to download"
+
+
 @app.command()
 @friendly
 def download(
     job_id: Annotated[str, typer.Argument(metavar="JOB", help="A succeeded job's id.")],
     dest: Annotated[Path, typer.Argument(metavar="DIR", help="Where the adapter (or model) files go.")],
+    merged: Annotated[bool, typer.Option("--merged", help="The adapter merged into the base model (jobs with export.merged).")] = False,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="The TensorBoard logs: `tensorboard --logdir DIR`.")] = False,
     keep_archive: Annotated[bool, typer.Option(help="Also keep the .tar.gz next to DIR.")] = False,
 ) -> None:
-    """Download a job's adapter (or full model) archive and unpack it into DIR."""
+    """Download a job's adapter (or full model, merged model, TensorBoard logs) and unpack it into DIR."""
+    if merged and tensorboard:
+        raise fail("--merged and --tensorboard: choose one")
+    wanted = MERGED_ARCHIVE if merged else TENSORBOARD_ARCHIVE if tensorboard else None
     dest = dest.resolve()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise fail(f"{dest} exists and is not an empty directory")
     with make_client() as c:
         job = c.get_job(job_id)
-        art = _pick_archive(c.artifacts(job_id))
+        art = _pick_archive(c.artifacts(job_id), wanted)
         if art is None:
-            hint = "" if job["status"] == "succeeded" else f" (status: {job['status']}; results appear when it succeeds)"
-            raise fail(f"job {job_id} has no archive to download{hint}")
+            raise fail(_missing_archive(job, wanted))
         dest.parent.mkdir(parents=True, exist_ok=True)
         archive = dest.parent / f".{dest.name}.{art['name']}.part"
         try:
@@ -351,34 +651,175 @@ def download(
 # ------------------------------------------------------------------------------------------ small ones
 
 
+def _control(action: str, job_id: str, as_json: bool) -> None:
+    with make_client() as c:
+        job = getattr(c, f"{action}_job")(job_id)
+    if as_json:
+        print_json(job)
+    else:
+        print(f"{job['id']} {job['status']}")
+
+
+JobArg = Annotated[str, typer.Argument(metavar="JOB", help="A job id (ftjob-...).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the job object as JSON.")]
+
+
 @app.command()
 @friendly
-def cancel(job_id: Annotated[str, typer.Argument(metavar="JOB")]) -> None:
+def cancel(job_id: JobArg, as_json: JsonOpt = False) -> None:
     """Cancel a job (a running one stops at its next poll)."""
-    with make_client() as c:
-        job = c.cancel_job(job_id)
-    print(f"{job['id']} {job['status']}")
+    _control("cancel", job_id, as_json)
 
 
 @app.command()
 @friendly
-def jobs(limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20) -> None:
-    """List recent jobs."""
+def pause(job_id: JobArg, as_json: JsonOpt = False) -> None:
+    """Pause a job: a running one saves a checkpoint and frees its GPUs; `tuneq resume` continues it."""
+    _control("pause", job_id, as_json)
+
+
+@app.command()
+@friendly
+def resume(job_id: JobArg, as_json: JsonOpt = False) -> None:
+    """Put a paused job back in the queue; it continues from its latest checkpoint."""
+    _control("resume", job_id, as_json)
+
+
+@app.command("list")
+@friendly
+def list_jobs(
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+    status_filter: Annotated[str | None, typer.Option("--status", help="Only jobs in this status.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the job objects as JSON.")] = False,
+) -> None:
+    """List recent jobs (alias: jobs)."""
     with make_client() as c:
-        items = c.list_jobs(limit)
+        items = c.list_jobs(limit, status_filter)
+    if as_json:
+        print_json(items)
+        return
     table = Table("job", "status", "model", "method", "progress", "created")
     for j in items:
         table.add_row(j["id"], j["status"], j["model"], (j.get("method") or {}).get("type", "-"), _progress(j), _when(j["created_at"]))
     out.print(table)
 
 
+app.command("jobs", hidden=True)(list_jobs)
+
+
 @app.command()
 @friendly
-def models() -> None:
+def models(as_json: Annotated[bool, typer.Option("--json", help="Print the model objects as JSON.")] = False) -> None:
     """List the base models the server offers."""
     with make_client() as c:
-        for m in c.models():
-            print(m["id"])
+        items = c.models()
+    if as_json:
+        print_json(items)
+        return
+    for m in items:
+        print(m["id"])
+
+
+# ------------------------------------------------------------------------------------------ files
+
+files_app = typer.Typer(cls=_OneLineErrors, no_args_is_help=True, help="Training data: upload, list, show the validation report.")
+app.add_typer(files_app, name="files")
+
+
+def _report_rows(f: dict[str, Any]) -> list[tuple[str, str]]:
+    v = f.get("validation") or {}
+    rows = [("file", f["id"]), ("name", f["filename"]), ("status", f["status"]), ("bytes", str(f["bytes"])),
+            ("created", _when(f.get("created_at"))), ("format", str(v.get("format") or "-")),
+            ("lines", str(v.get("lines", "-"))), ("examples", str(v.get("examples", "-")))]
+    for key in ("tokens", "trained_tokens", "longest", "truncated", "dropped"):
+        if v.get(key) is not None:
+            rows.append((key, str(v[key])))
+    if v.get("error_counts"):
+        rows.append(("problems", ", ".join(f"{code} x{n}" for code, n in sorted(v["error_counts"].items()))))
+    return rows
+
+
+@files_app.command("upload")
+@friendly
+def files_upload(
+    path: Annotated[Path, typer.Argument(help="A JSONL file, one example per line.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the file object (with its validation report) as JSON.")] = False,
+) -> None:
+    """Upload a file; every line is checked now. Prints its id; a refused file lists its bad lines and exits 1."""
+    if not path.is_file():
+        raise fail(f"{path}: no such file")
+    with make_client() as c:
+        f = c.upload_file(path)
+    if as_json:
+        print_json(f)
+    elif f.get("status") == "processed":
+        err.print(f"uploaded {path} as {f['id']} ({(f.get('validation') or {}).get('examples', '?')} examples)")
+        print(f["id"])
+    else:
+        _show_bad_lines(path, f)
+    if f.get("status") != "processed":
+        raise fail(f"{path} was refused: {f.get('status_details') or 'validation failed'}")
+
+
+@files_app.command("list")
+@friendly
+def files_list(
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the file objects as JSON.")] = False,
+) -> None:
+    """List your uploaded files."""
+    with make_client() as c:
+        items = c.list_files(limit)
+    if as_json:
+        print_json(items)
+        return
+    table = Table("file", "name", "status", "examples", "bytes", "created")
+    for f in items:
+        table.add_row(f["id"], f["filename"], f["status"], str((f.get("validation") or {}).get("examples", "-")),
+                      str(f["bytes"]), _when(f["created_at"]))
+    out.print(table)
+
+
+@files_app.command("show")
+@friendly
+def files_show(
+    file_id: Annotated[str, typer.Argument(metavar="FILE", help="A file id (file-...).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the file object as JSON.")] = False,
+) -> None:
+    """Show a file and its validation report (format, examples, tokens, bad lines)."""
+    with make_client() as c:
+        f = c.get_file(file_id)
+    if as_json:
+        print_json(f)
+        return
+    _print_rows(_report_rows(f))
+    if f.get("status") != "processed":
+        _show_bad_lines(Path(f["filename"]), f)
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+@app.command("config")
+@friendly
+def config_cmd(
+    url: Annotated[str | None, typer.Option(help="Save the server's URL.")] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", help="Save the API key.")] = None,
+) -> None:
+    """Show where the server and key come from; with --url/--api-key, save them to the config file."""
+    if url is not None or api_key is not None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise fail(f"--url: must start with http:// or https://, got {url!r}")
+        path = config.save(url=url, api_key=api_key)
+        err.print(f"saved to {path}")
+    found_url, url_from = config.setting("url")
+    from tuneq.client import DEFAULT_URL, find_api_key
+
+    key = find_api_key()
+    key_from = config.setting("api_key")[1] or ("a key file" if key else "")
+    print(f"url      {found_url or DEFAULT_URL}  ({url_from or 'default'})")
+    print(f"api_key  {key[:12] + '...' if key else '(none)'}  ({key_from or 'not set'})")
+    print(f"config   {config.config_path()}")
 
 
 # ------------------------------------------------------------------------------------------ up

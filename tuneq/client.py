@@ -3,25 +3,34 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from tuneq import config
+
 DEFAULT_URL = "http://127.0.0.1:8000"
-KEY_HINT = "set TUNEQ_API_KEY, or put the key in ~/.config/tuneq/api_key"
+KEY_HINT = "set TUNEQ_API_KEY, or run `tuneq config --api-key KEY`"
+# A stream is silent between events except for the server's ping every 15 s.
+STREAM_TIMEOUT = httpx.Timeout(10.0, read=60.0)
 
 
 def key_files() -> list[Path]:
-    """Where a key is looked for after $TUNEQ_API_KEY: the user's config, then `tuneq up`'s admin key."""
-    config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-    return [config / "tuneq" / "api_key", Path(os.environ.get("TUNEQ_HOME") or "var") / "admin.key"]
+    """Where a key is looked for after $TUNEQ_API_KEY and the config file: a key file of its own,
+    then `tuneq up`'s admin key."""
+    config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return [config_home / "tuneq" / "api_key", Path(os.environ.get("TUNEQ_HOME") or "var") / "admin.key"]
 
 
 def find_api_key() -> str | None:
-    if os.environ.get("TUNEQ_API_KEY"):
-        return os.environ["TUNEQ_API_KEY"].strip()
+    """$TUNEQ_API_KEY, else the config file's api_key, else the first key file that has one."""
+    key, _ = config.setting("api_key")
+    if key:
+        return key
     for path in key_files():
         try:
             key = path.read_text().strip()
@@ -47,7 +56,7 @@ class APIError(TuneqError):
 class Client:
     def __init__(self, base_url: str | None = None, *, http: httpx.Client | None = None, timeout: float = 60,
                  api_key: str | None = None):
-        self.base_url = (base_url or os.environ.get("TUNEQ_URL") or DEFAULT_URL).rstrip("/")
+        self.base_url = (base_url or config.setting("url")[0] or DEFAULT_URL).rstrip("/")
         self.http = http or httpx.Client(base_url=self.base_url, timeout=timeout)
         key = api_key or find_api_key()
         if key:
@@ -94,14 +103,68 @@ class Client:
     def get_job(self, job_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/fine_tuning/jobs/{job_id}")
 
-    def list_jobs(self, limit: int = 20) -> list[dict[str, Any]]:
-        return self._json("GET", "/v1/fine_tuning/jobs", params={"limit": limit})["data"]
+    def list_jobs(self, limit: int = 20, status: str | None = None) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit, **({"status": status} if status else {})}
+        return self._json("GET", "/v1/fine_tuning/jobs", params=params)["data"]
 
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         return self._json("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel")
 
-    def events(self, job_id: str, limit: int = 20) -> list[dict[str, Any]]:
-        return self._json("GET", f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": limit})["data"]
+    def pause_job(self, job_id: str) -> dict[str, Any]:
+        return self._json("POST", f"/v1/fine_tuning/jobs/{job_id}/pause")
+
+    def resume_job(self, job_id: str) -> dict[str, Any]:
+        return self._json("POST", f"/v1/fine_tuning/jobs/{job_id}/resume")
+
+    def events(self, job_id: str, limit: int = 20, after: str | None = None) -> list[dict[str, Any]]:
+        """One page, newest first (OpenAI's order); `after` is the last (oldest) id of the page before."""
+        params: dict[str, Any] = {"limit": limit, **({"after": after} if after else {})}
+        return self._json("GET", f"/v1/fine_tuning/jobs/{job_id}/events", params=params)["data"]
+
+    def events_since(self, job_id: str, since: str | None, limit: int = 20) -> list[dict[str, Any]]:
+        """Events newer than the event `since`, oldest first (without it: the newest `limit`)."""
+        if since is None:
+            return list(reversed(self.events(job_id, limit)))
+        newer: list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            page = self.events(job_id, 100, cursor)
+            for ev in page:
+                if ev["id"] == since:
+                    return list(reversed(newer))
+                newer.append(ev)
+            if len(page) < 100:
+                return list(reversed(newer))
+            cursor = page[-1]["id"]
+
+    def stream_events(self, job_id: str, after: str | None = None, limit: int = 20) -> Iterator[dict[str, Any]]:
+        """The job's events as the server streams them (SSE), oldest first, until the job ends.
+
+        `after`: resume after that event (sent as Last-Event-ID); without it the stream starts
+        with the newest `limit` events. Returns when the server says the job ended.
+        """
+        path = f"/v1/fine_tuning/jobs/{job_id}/events"
+        headers = {"Accept": "text/event-stream", **({"Last-Event-ID": after} if after else {})}
+        try:
+            with self.http.stream("GET", path, params={"stream": "true", "limit": limit}, headers=headers,
+                                  timeout=STREAM_TIMEOUT) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    _raise_for_error(r)
+                for name, data in _sse_messages(r.iter_lines()):
+                    if name == "end":
+                        return
+                    if name == "message" and data:
+                        yield json.loads(data)
+        except httpx.TransportError as exc:
+            raise TuneqError(f"the event stream from {self.base_url} broke off ({type(exc).__name__})") from None
+        raise TuneqError(f"the event stream from {self.base_url} ended before the job did")
+
+    def list_files(self, limit: int = 20) -> list[dict[str, Any]]:
+        return self._json("GET", "/v1/files", params={"limit": limit})["data"]
+
+    def get_file(self, file_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/files/{file_id}")
 
     def artifacts(self, job_id: str) -> list[dict[str, Any]]:
         return self._json("GET", f"/v1/fine_tuning/jobs/{job_id}/artifacts")["data"]
@@ -127,6 +190,25 @@ class Client:
         if artifact.get("sha256") and digest.hexdigest() != artifact["sha256"]:
             raise TuneqError(f"{artifact['name']}: sha256 mismatch after download; try again")
         return dest
+
+
+def _sse_messages(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
+    """(event name, data) of each message of a text/event-stream; comments (pings) are skipped."""
+    name, data = "message", []
+    for line in lines:
+        if not line:
+            if data:
+                yield name, "\n".join(data)
+            name, data = "message", []
+        elif line.startswith(":"):
+            continue
+        else:
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "event":
+                name = value
+            elif field == "data":
+                data.append(value)
 
 
 def _raise_for_error(r: httpx.Response) -> None:
