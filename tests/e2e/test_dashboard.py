@@ -89,7 +89,8 @@ def test_ui_scripts_never_parse_html() -> None:
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_dashboard_submits_watches_and_downloads(stack: Stack, page, tmp_path: Path) -> None:
+# `page` first: without a browser the test skips before the stack starts.
+def test_dashboard_submits_watches_and_downloads(page, stack: Stack, tmp_path: Path) -> None:
     started = time.monotonic()
     train, valid, bad = tmp_path / "train.jsonl", tmp_path / "valid.jsonl", tmp_path / "bad.jsonl"
     train.write_text(reverse_dataset(96, seed=1))
