@@ -254,6 +254,7 @@ class Stack:
             if self._stop.is_set():
                 return 0
             self.log(f"tuneq is up at {self.url}  (models: {', '.join(self._models())}; Ctrl-C stops it)")
+            self.log(f"dashboard: {self.url}/ui  (paste an API key into it)")
             return self.wait()
         finally:
             self.stop()
