@@ -96,8 +96,8 @@ def make_client() -> Client:
     return Client()
 
 
-def _when(t: int | None) -> str:
-    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+def _when(t: int | None, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+    return datetime.fromtimestamp(t).strftime(fmt) if t else "-"
 
 
 # ------------------------------------------------------------------------------------------ submit
@@ -174,7 +174,8 @@ def _method_name(method: Any) -> str | None:
 @app.command()
 @friendly
 def submit(
-    file: Annotated[Path | None, typer.Argument(help="Training data: JSONL, one example per line (or training_file in --spec).")] = None,
+    file: Annotated[Path | None, typer.Argument(help="Training data: a JSONL file (uploaded first) or the id of an "
+                    "uploaded one (or training_file in --spec).")] = None,
     spec: Annotated[Path | None, typer.Option("--spec", "-f", help="A job body as YAML or JSON (the fields of POST "
                     "/v1/fine_tuning/jobs); file fields may be local paths, uploaded first. Flags override it.")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Base model (see `tuneq models`).")] = None,
@@ -186,7 +187,7 @@ def submit(
     max_seq_len: Annotated[int | None, typer.Option("--max-seq-len", help="Tokens per example.")] = None,
     lora_r: Annotated[int | None, typer.Option("--lora-r", help="LoRA rank.")] = None,
     lora_alpha: Annotated[float | None, typer.Option("--lora-alpha", help="LoRA alpha.")] = None,
-    validation_file: Annotated[Path | None, typer.Option("--validation-file", help="Validation JSONL.")] = None,
+    validation_file: Annotated[Path | None, typer.Option("--validation-file", help="Validation JSONL (or file id).")] = None,
     suffix: Annotated[str | None, typer.Option(help="Added to the fine-tuned model's name.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of data order and init.")] = None,
     priority: Annotated[int | None, typer.Option(help="Higher runs first (default 0).")] = None,
@@ -223,9 +224,9 @@ def submit(
     with make_client() as c:
         _upload_spec_files(c, body, base)
         if file is not None:
-            body["training_file"] = _upload(c, file, "training file")
+            body["training_file"] = _file_ref(c, str(file), "training file", Path.cwd())
         if validation_file is not None:
-            body["validation_file"] = _upload(c, validation_file, "validation file")
+            body["validation_file"] = _file_ref(c, str(validation_file), "validation file", Path.cwd())
         job = c.create_job(body)
     err.print(f"created {job['id']} ({job['status']}); follow it with `tuneq watch {job['id']}`")
     # Only the id on stdout, so that JOB=$(tuneq submit ...) works.
@@ -651,6 +652,14 @@ def download(
 # ------------------------------------------------------------------------------------------ small ones
 
 
+def _list_table(headers: tuple[str, ...]) -> Table:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for i, h in enumerate(headers):
+        # Whole ids and statuses: they are copied into the next command.
+        table.add_column(h, no_wrap=i == 0 or h == "status")
+    return table
+
+
 def _control(action: str, job_id: str, as_json: bool) -> None:
     with make_client() as c:
         job = getattr(c, f"{action}_job")(job_id)
@@ -698,9 +707,10 @@ def list_jobs(
     if as_json:
         print_json(items)
         return
-    table = Table("job", "status", "model", "method", "progress", "created")
+    table = _list_table(("job", "status", "model", "method", "progress", "created"))
     for j in items:
-        table.add_row(j["id"], j["status"], j["model"], (j.get("method") or {}).get("type", "-"), _progress(j), _when(j["created_at"]))
+        table.add_row(j["id"], j["status"], j["model"], (j.get("method") or {}).get("type", "-"), _progress(j),
+                      _when(j["created_at"], "%m-%d %H:%M"))
     out.print(table)
 
 
@@ -773,10 +783,10 @@ def files_list(
     if as_json:
         print_json(items)
         return
-    table = Table("file", "name", "status", "examples", "bytes", "created")
+    table = _list_table(("file", "name", "status", "examples", "bytes", "created"))
     for f in items:
         table.add_row(f["id"], f["filename"], f["status"], str((f.get("validation") or {}).get("examples", "-")),
-                      str(f["bytes"]), _when(f["created_at"]))
+                      str(f["bytes"]), _when(f["created_at"], "%m-%d %H:%M"))
     out.print(table)
 
 

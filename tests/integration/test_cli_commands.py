@@ -258,6 +258,12 @@ suffix: from-spec
         assert (job.spec["lora"]["r"], job.spec["lora"]["alpha"], job.spec["lora"]["dropout"]) == (4, 32, 0.1)
         hp = job.spec["hyperparameters"]
         assert (hp["n_epochs"], hp["learning_rate"], hp["max_steps"]) == (2, 0.002, 3)
+    # An uploaded file's id works where a path does.
+    file_id = CliRunner().invoke(cli.app, ["files", "upload", str(tmp_path / "data" / "train.jsonl")]).stdout.strip()
+    by_id = CliRunner().invoke(cli.app, ["submit", file_id, "--model", "tiny-llama", "--max-steps", "2"])
+    assert by_id.exit_code == 0, by_id.output
+    with session_scope() as db:
+        assert db.get(Job, by_id.stdout.strip()).training_file == file_id
     spec.write_text("model: tiny-llama\ntraining_file: data/missing.jsonl\n")
     missing = CliRunner().invoke(cli.app, ["submit", "-f", str(spec)])
     assert missing.exit_code == 1 and "training_file:" in missing.stderr and "missing.jsonl: no such file" in missing.stderr
