@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     lease_ttl_s: float = Field(60.0, gt=0, description="A lease older than this is dead and its job re-queued.")
     worker_id: str = Field("", description="Name of this worker; default host:pid.")
     accelerate_launch: bool = Field(True, description="Run the trainer under `accelerate launch`.")
+    dist_timeout_s: float = Field(
+        600.0, gt=0, le=86_400,
+        description="A multi-GPU job's process waits this long in a collective for a peer before it fails.",
+    )
     # Reliability (issue 3). A host's devices are GPUs, or on a CPU host the worker's job slots.
     gpus: int | None = Field(None, ge=0, le=64, description="GPUs of this host; default: counted by nvidia-smi/torch.")
     host_id: str = Field("", description="Name of this host for GPU leases; default: the hostname.")

@@ -84,15 +84,17 @@ def save_weights(model: Any, directory: Path) -> None:
 def load_weights(model: Any, directory: Path, device: torch.device) -> None:
     from safetensors.torch import load_file, load_model
 
+    # Accelerate names a CPU rank's device "cpu:0", which safetensors refuses.
+    target = "cpu" if device.type == "cpu" else str(device)
     if _is_peft(model):
         from peft import set_peft_model_state_dict
 
-        state = load_file(str(directory / "adapter_model.safetensors"), device=str(device))
+        state = load_file(str(directory / "adapter_model.safetensors"), device=target)
         result = set_peft_model_state_dict(model, state)
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"checkpoint {directory.name} does not fit this adapter: {result.unexpected_keys[:3]}")
     else:
-        load_model(model, str(directory / "model.safetensors"), strict=True, device=str(device))
+        load_model(model, str(directory / "model.safetensors"), strict=True, device=target)
 
 
 def save_checkpoint(
@@ -104,15 +106,28 @@ def save_checkpoint(
     state: dict[str, Any],
     rng_states: list[dict[str, Any]],
     keep: int,
+    full_state: tuple[dict, dict] | None = None,
 ) -> Path:
-    """Write one checkpoint (rank 0 only) and delete all but the newest `keep`."""
+    """Write one checkpoint (rank 0 only) and delete all but the newest `keep`.
+
+    full_state: (model, optimizer) state dicts that every rank gathered for an FSDP-sharded
+    model (trainer.distributed.gather_training_state); they are written in the one-GPU format.
+    """
     final = checkpoint_path(out_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_weights(model, tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if full_state is not None:
+        from safetensors.torch import save_file
+
+        from trainer.distributed import unique_tensors
+
+        save_file(unique_tensors(full_state[0]), str(tmp / "model.safetensors"))
+        torch.save(full_state[1], tmp / "optimizer.pt")
+    else:
+        save_weights(model, tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_states, tmp / "rng.pt")
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
@@ -137,9 +152,26 @@ def _write_manifest(directory: Path) -> None:
 def load_checkpoint(
     directory: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int, device: torch.device
 ) -> dict[str, Any]:
-    """Restore everything saved by save_checkpoint into live objects; returns state.json."""
-    load_weights(model, directory, device)
-    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=device, weights_only=True))
+    """Restore everything saved by save_checkpoint into live objects; returns state.json.
+
+    Every rank calls it; an FSDP-sharded model is filled from rank 0's reading of the files.
+    """
+    from trainer.distributed import is_sharded, scatter_training_state
+
+    if device.type == "cpu":
+        # Accelerate names a CPU rank's device "cpu:0", which torch.load and safetensors refuse.
+        device = torch.device("cpu")
+    if is_sharded(model):
+        from safetensors.torch import load_file
+
+        # Only rank 0 reads: the broadcast fills every rank's shards, and k copies of an 8B
+        # model's optimizer state in host memory would not fit.
+        weights = load_file(str(directory / "model.safetensors")) if rank == 0 else {}
+        optim = torch.load(directory / "optimizer.pt", weights_only=True) if rank == 0 else {}
+        scatter_training_state(model, optimizer, weights, optim)
+    else:
+        load_weights(model, directory, device)
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
     rng = torch.load(directory / "rng.pt", weights_only=True)
     set_rng_state(rng[rank] if rank < len(rng) else rng[0])

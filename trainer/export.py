@@ -26,18 +26,32 @@ def sha256_of(path: Path) -> str:
 
 
 def export_final(
-    out_dir: Path, model: Any, tokenizer: Any, spec: JobSpec, metrics: dict[str, Any], events: EventWriter, precision: str
+    out_dir: Path, model: Any, tokenizer: Any, spec: JobSpec, metrics: dict[str, Any], events: EventWriter, precision: str,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save the adapter (peft methods) or the whole model (full, freeze) with its tokenizer, and
-    with export.merged the adapter merged into the base (final/merged/); rank 0 only."""
+    with export.merged the adapter merged into the base (final/merged/); rank 0 only.
+
+    state_dict: the whole model of an FSDP-sharded run, gathered on rank 0 by every rank
+    (trainer.distributed.gather_model_state); rank 0's own parameters are only its shards.
+    """
     final = Path(out_dir) / FINAL
     final.mkdir(parents=True, exist_ok=True)
     detail = method_detail(model)
-    if spec.method in ("full", "freeze") and precision == "bf16":
-        # fp32 master weights served their purpose; users load and serve the model in bf16.
-        model = model.to(torch.bfloat16)
-    # A PeftModel saves only the adapter: adapter_config.json + adapter_model.safetensors.
-    model.save_pretrained(final)
+    if state_dict is not None:
+        if precision == "bf16":
+            state_dict = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state_dict.items()}
+        model.save_pretrained(final, state_dict=state_dict)
+        if precision == "bf16":
+            # save_pretrained names the dtype of the live (fp32 master) shards, not of what it wrote.
+            model.config.dtype = "bfloat16"
+            model.config.save_pretrained(final)
+    else:
+        if spec.method in ("full", "freeze") and precision == "bf16":
+            # fp32 master weights served their purpose; users load and serve the model in bf16.
+            model = model.to(torch.bfloat16)
+        # A PeftModel saves only the adapter: adapter_config.json + adapter_model.safetensors.
+        model.save_pretrained(final)
     tokenizer.save_pretrained(final)
     if spec.export.merged:
         from trainer.merge import export_merged

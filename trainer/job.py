@@ -3,6 +3,7 @@ an exit code (docs/internals.md: 0 success, 75 paused, 143 cancelled, 1 failed).
 
 from __future__ import annotations
 
+import os
 import traceback
 from pathlib import Path
 
@@ -21,9 +22,14 @@ OOM_HINT = (
 )
 
 
-def run_job(spec: JobSpec, out_dir: str | Path, resume: bool = False, flags: StopFlags | None = None) -> int:
-    from accelerate import Accelerator
+DISTRIBUTED_HINT = (
+    "another process of this multi-GPU job stopped or the GPUs lost contact; the job is retried from its "
+    "newest checkpoint (see trainer.log of every rank)"
+)
 
+
+def run_job(spec: JobSpec, out_dir: str | Path, resume: bool = False, flags: StopFlags | None = None) -> int:
+    from trainer.distributed import build_accelerator, is_distributed_failure
     from trainer.loop import train
     from trainer.model import quiet_libraries
 
@@ -32,7 +38,13 @@ def run_job(spec: JobSpec, out_dir: str | Path, resume: bool = False, flags: Sto
     cuda = torch.cuda.is_available()
     # Mixed precision is decided per device and spec inside train(); Accelerator needs it now.
     wants_bf16 = spec.precision == "bf16" or (spec.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
-    accelerator = Accelerator(mixed_precision="bf16" if wants_bf16 else "no", cpu=not cuda)
+    is_main = os.environ.get("RANK", "0") == "0"
+    try:
+        accelerator, _ = build_accelerator(spec, cuda, wants_bf16)
+    except TrainerError as err:
+        with EventWriter(out / "events.jsonl", enabled=is_main) as events:
+            events.emit("error", err.message, level="error", code=err.code, hint=err.hint)
+        return EXIT_FAILED
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     events = EventWriter(out / "events.jsonl", enabled=accelerator.is_main_process)
@@ -51,6 +63,12 @@ def run_job(spec: JobSpec, out_dir: str | Path, resume: bool = False, flags: Sto
         return EXIT_FAILED
     except Exception as exc:  # noqa: BLE001 - the worker must get an event, not just a dead process
         traceback.print_exc()
+        if is_distributed_failure(exc):
+            # Not a bug and not the user's: a peer died or the network failed. Code `distributed`
+            # is an infrastructure failure to the worker, which retries the job.
+            events.emit("error", f"a collective operation failed: {str(exc).splitlines()[0][:300]}", level="error",
+                        code="distributed", hint=DISTRIBUTED_HINT)
+            return EXIT_FAILED
         events.emit("error", f"internal error: {type(exc).__name__}: {exc}", level="error", code="internal",
                     hint="see trainer.log; this is a bug in tuneq, please report it")
         return EXIT_FAILED

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from trainer import checkpoint as ckpt
 from trainer.data import IGNORE_INDEX, collate, load_tokenized, mix_in, model_inputs, pack
+from trainer.distributed import gather_model_state, gather_training_state, is_sharded
 from trainer.errors import ConfigError, Paused
 from trainer.events import EventWriter
 from trainer.export import export_final
@@ -116,7 +117,12 @@ def evaluate(
     device = accelerator.device
     totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, tokens
     mine = examples[accelerator.process_index :: accelerator.num_processes]
-    for i in range(0, len(mine), batch_size):
+    # Under FSDP every forward is a collective: a rank with one batch fewer runs a discarded one.
+    n_batches = math.ceil(math.ceil(len(examples) / accelerator.num_processes) / batch_size)
+    for i in range(0, n_batches * batch_size, batch_size):
+        if not mine[i : i + batch_size]:
+            model(**model_inputs(collate(examples[:1], pad_id), device))
+            continue
         batch = collate(mine[i : i + batch_size], pad_id)
         out = model(**model_inputs(batch, device))
         loss, n = token_loss_sum(out.logits, batch["labels"])
@@ -280,11 +286,12 @@ def train(
 
     def save(metrics: dict[str, Any]) -> None:
         rngs = gather_object([ckpt.rng_state()])
+        full_state = gather_training_state(raw_model, optimizer)  # FSDP: every rank gathers, rank 0 keeps
         if is_main:
             path = ckpt.save_checkpoint(
                 out_dir, state.step, raw_model, optimizer, scheduler,
                 {"train_state": asdict(state), "layout": layout, "epoch": order.epoch_of(state.micro_step), "metrics": metrics},
-                rngs, schedule.keep_checkpoints,
+                rngs, schedule.keep_checkpoints, full_state=full_state,
             )
             events.emit("checkpoint", f"checkpoint at step {state.step}", step=state.step,
                         path=str(path.relative_to(out_dir)), metrics=metrics)
@@ -391,8 +398,9 @@ def train(
         **forgetting,
     }
     accelerator.wait_for_everyone()
+    whole = gather_model_state(raw_model) if is_sharded(raw_model) else None  # FSDP: a collective
     if is_main:
-        export_final(out_dir, raw_model, tokenizer, spec, final_metrics, events, precision)
+        export_final(out_dir, raw_model, tokenizer, spec, final_metrics, events, precision, state_dict=whole)
     accelerator.wait_for_everyone()
     events.emit(
         "finished",

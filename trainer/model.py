@@ -111,6 +111,8 @@ def load_model(spec: JobSpec, precision: str, device: torch.device) -> Any:
         kwargs["device_map"] = {"": device.index if device.index is not None else torch.cuda.current_device()}
     if spec.method == "qlora":
         kwargs["quantization_config"] = quantization_config(precision, spec.quantization)
+    if random_init_requested(spec.model):
+        return _random_model(spec, dtype, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(spec.model, **kwargs)
     except torch.cuda.OutOfMemoryError:
@@ -118,6 +120,40 @@ def load_model(spec: JobSpec, precision: str, device: torch.device) -> Any:
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"model: cannot load {spec.model}: {exc}") from exc
     # The KV cache is for generation; in training it only costs memory.
+    model.config.use_cache = False
+    return model
+
+
+# Benchmarks only: full-size shapes with random weights, built where they train. Writing and
+# reading 16 GB of random safetensors for an 8B shape costs minutes and measures nothing.
+RANDOM_INIT_ENV = "TUNEQ_RANDOM_INIT"
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def random_init_requested(name: str) -> bool:
+    """TUNEQ_RANDOM_INIT=1 and a config-only model directory; a directory with weights is refused,
+    so that the switch can never silently replace real weights (the worker also strips it)."""
+    if os.environ.get(RANDOM_INIT_ENV, "") != "1":
+        return False
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model: {RANDOM_INIT_ENV}=1 needs a local model directory with a config.json; {name} is not one")
+    if any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        raise ModelError(
+            f"model: {RANDOM_INIT_ENV}=1 initialises random weights only for a config-only directory; {name} holds weights"
+        )
+    return True
+
+
+def _random_model(spec: JobSpec, dtype: torch.dtype, device: torch.device) -> Any:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if spec.method == "qlora":
+        raise ModelError(f"model: {RANDOM_INIT_ENV}=1 cannot build a quantized base; use lora or full")
+    config = AutoConfig.from_pretrained(spec.model)
+    # Created on the device itself: an 8B shape initialises in seconds on a GPU.
+    with torch.device(device if device.type == "cuda" else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.config.use_cache = False
     return model
 

@@ -24,6 +24,7 @@ from trainer.method_settings import (
 Method = Literal["full", "lora", "qlora", "ia3", "prefix", "freeze"]
 DataFormat = Literal["auto", "chat", "alpaca", "prompt_completion", "text"]
 Precision = Literal["auto", "bf16", "fp32"]
+Strategy = Literal["auto", "ddp", "fsdp"]
 
 # Linear projections of Llama-shaped decoders; "all-linear" lets peft find them on any model.
 ALL_LINEAR = "all-linear"
@@ -138,6 +139,11 @@ class JobSpec(_Strict):
     schedule: Schedule = Field(default_factory=Schedule)
     precision: Precision = Field("auto", description="auto: bf16 on a GPU that supports it, else fp32.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    strategy: Strategy = Field(
+        "auto",
+        description="How several GPUs share the job: ddp (each holds the model) or fsdp (weights, gradients and "
+        "optimizer state sharded; full and freeze only); auto: fsdp for full fine-tuning on several GPUs, else ddp.",
+    )
     suffix: str | None = Field(None, max_length=64, description="Added to the fine-tuned model's name.")
 
     @model_validator(mode="after")
@@ -147,6 +153,11 @@ class JobSpec(_Strict):
         if self.method not in ("lora", "qlora") and self.lora != LoraSettings():
             raise ValueError(f"lora: LoRA settings apply to method 'lora' or 'qlora', not {self.method!r}")
         check_method_settings(self)
+        if self.strategy == "fsdp" and self.method not in ("full", "freeze"):
+            raise ValueError(
+                f"strategy: fsdp shards full fine-tuning (method 'full' or 'freeze'), not {self.method!r}; "
+                "adapter methods train with 'ddp' or 'auto'"
+            )
         if hp.warmup_steps is not None and hp.max_steps is not None and hp.warmup_steps > hp.max_steps:
             raise ValueError(
                 f"hyperparameters.warmup_steps: {hp.warmup_steps} exceeds max_steps {hp.max_steps}; "

@@ -44,22 +44,34 @@ class TrainerProcess:
                 start_new_session=True,
             )
         self.pgid = self.popen.pid
+        self.work_dir = Path(cwd)
 
     @property
     def pid(self) -> int:
         return self.popen.pid
+
+    def members(self) -> list[int]:
+        """Live processes of the trainer: its process group, and the ranks of a multi-GPU job,
+        which torchrun starts each in a session of its own (out of reach of the group)."""
+        return sorted(set(group_members(self.pgid)) | set(trainer_pids(self.work_dir)))
 
     def send(self, sig: int) -> None:
         try:
             os.killpg(self.pgid, sig)
         except ProcessLookupError:
             pass
+        for pid in trainer_pids(self.work_dir):
+            try:
+                if os.getpgid(pid) != self.pgid:
+                    os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
 
     def finished(self) -> bool:
-        """True once the launched process has exited and nothing of its group is left."""
+        """True once the launched process has exited and no process of the trainer is left."""
         if self.popen.poll() is None:
             return False
-        return not group_members(self.pgid)
+        return not self.members()
 
     @property
     def returncode(self) -> int | None:
@@ -88,14 +100,10 @@ class TrainerProcess:
         self.wait(10)
 
 
-def kill_strays(work_dir: Path) -> list[int]:
-    """SIGKILL trainers of an earlier attempt still writing into work_dir; return their pids.
-
-    A worker killed with SIGKILL leaves its trainer running (it is in its own session), and a
-    re-run of the job must not share the directory with it.
-    """
+def trainer_pids(work_dir: Path) -> list[int]:
+    """Live processes running the trainer (`… trainer run … --out work_dir`) on work_dir."""
     target = str(work_dir)
-    killed = []
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
@@ -104,12 +112,24 @@ def kill_strays(work_dir: Path) -> list[int]:
         except OSError:
             continue
         argv = [a.decode(errors="replace") for a in args]
-        if "trainer" in argv and "--out" in argv and target in argv:
-            try:
-                os.kill(int(entry.name), signal.SIGKILL)
-                killed.append(int(entry.name))
-            except ProcessLookupError:
-                pass
+        if "trainer" in argv and "--out" in argv and target in argv and _alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def kill_strays(work_dir: Path) -> list[int]:
+    """SIGKILL trainers of an earlier attempt still writing into work_dir; return their pids.
+
+    A worker killed with SIGKILL leaves its trainer running (it is in its own session), and a
+    re-run of the job must not share the directory with it.
+    """
+    killed = []
+    for pid in trainer_pids(work_dir):
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except ProcessLookupError:
+            pass
     return killed
 
 

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 # Set by the Celery app on warm shutdown: running jobs stop their trainer and go back to the queue.
 SHUTDOWN = threading.Event()
 
+# The trainer's error code for a failed collective (a peer rank died): an infrastructure failure.
+DISTRIBUTED_ERROR = "distributed"
 EXIT_PAUSED = 75  # the trainer saved a checkpoint on SIGUSR1 and stopped (EX_TEMPFAIL)
 POLL_S = 0.25
 CANCEL_GRACE_S = 10.0
@@ -129,7 +131,7 @@ class JobRun:
         kind = self.pool.kind if self.pool else "cpu"
         procs = len(devices) if kind == "gpu" and devices else 1
         argv = trainer_argv(self.settings, write_spec(self.dir, spec), self.dir, resume, num_processes=procs)
-        env = {**trainer_env(), SUPERVISOR_ENV: str(os.getpid())}
+        env = {**trainer_env(self.settings), SUPERVISOR_ENV: str(os.getpid())}
         if self.reservation:
             env.update(self.reservation.env(kind))
         proc = TrainerProcess(argv, cwd=self.dir, log_path=self.dir / "trainer.log", env=env)
@@ -245,6 +247,9 @@ class JobRun:
         if stopped_by == "pause" or proc.returncode == EXIT_PAUSED:
             return self.finish(states.PAUSED, "Job paused; resuming continues from the latest checkpoint.")
         err = self.tracker.last_error
+        if err is not None and err.get("code") == DISTRIBUTED_ERROR:
+            # One rank of a multi-GPU job died and took the others down: the job is not at fault.
+            return self.retry(f"a process of the trainer failed: {err.get('message')}")
         if err is None or (err.get("code") not in USER_ERRORS and (proc.returncode or 0) < 0):
             # No error of its own: the trainer was killed (OOM killer, a stray signal, a lost
             # device) or crashed; a re-run resumes from the checkpoint, within max_attempts.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -88,22 +89,62 @@ def has_checkpoint(work_dir: Path) -> bool:
     return ckpts.is_dir() and any(p.is_dir() and any(p.iterdir()) for p in ckpts.iterdir())
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now, for the rendezvous of one job's processes.
+
+    Two multi-GPU jobs on one host must not share torchrun's default port (29500).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def trainer_argv(settings: Settings, spec_path: Path, work_dir: Path, resume: bool, num_processes: int = 1) -> list[str]:
+    """The command that runs the trainer as `num_processes` processes (one per leased GPU).
+
+    One process runs under `accelerate launch` as a plain child. Several need `--multi_gpu`:
+    without it accelerate starts one process whatever --num_processes says. That path is torchrun
+    underneath, which also works on a CPU host (gloo), and which stops every rank when one dies
+    (--max_restarts 0: a restart is the worker's business, from the newest checkpoint).
+    """
     cmd = ["-m", "trainer", "run", str(spec_path), "--out", str(work_dir)]
     if resume:
         cmd.append("--resume")
+    if num_processes > 1:
+        port = str(free_port())
+        if settings.accelerate_launch:
+            launch = [
+                "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+                "--num_machines", "1", "--main_process_port", port, "--max_restarts", "0",
+                "--monitor_interval", "0.5", "--mixed_precision", "no", "--dynamo_backend", "no",
+            ]
+        else:
+            launch = [
+                "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes), "--nnodes", "1",
+                "--master_addr", "127.0.0.1", "--master_port", port, "--max_restarts", "0", "--monitor_interval", "0.5",
+            ]
+        return [sys.executable, *launch, *cmd]
     if settings.accelerate_launch:
         launch = [
-            "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "--num_machines", "1",
+            "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no",
         ]
         return [sys.executable, *launch, *cmd]
     return [sys.executable, *cmd]
 
 
-def trainer_env() -> dict[str, str]:
+# A benchmark switch (trainer.model): it must never reach a served job's trainer.
+BENCH_ONLY_ENV = ("TUNEQ_RANDOM_INIT",)
+
+
+def trainer_env(settings: Settings | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CODE_ROOT), env.get("PYTHONPATH", "")) if p)
     # Events and logs must reach their files as they happen, not when a buffer fills.
     env["PYTHONUNBUFFERED"] = "1"
+    for name in BENCH_ONLY_ENV:
+        env.pop(name, None)
+    if settings is not None:
+        # How long a rank waits in a collective for a peer that stopped answering.
+        env["TUNEQ_DIST_TIMEOUT_S"] = str(settings.dist_timeout_s)
     return env
