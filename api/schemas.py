@@ -150,6 +150,9 @@ class CreateJobRequest(BaseModel):
         None, description="A file id of general held-out text; its loss before and after training measures forgetting."
     )
     optimizer: str | None = Field(None, description="adamw | adamw_fused | adamw_8bit | paged_adamw | paged_adamw_8bit.")
+    speed: str | None = Field(None, description="lean (gradient checkpointing, least memory) | fast | auto (the planner picks).")
+    full_precision: str | None = Field(None, description="Full fine-tuning's weights: fp32_master (default) | bf16.")
+    strategy: str | None = Field(None, description="Several GPUs: auto | ddp | fsdp (full and freeze only).")
     export: dict[str, Any] | None = Field(
         None, description="{'merged': true} also exports the adapter merged into the base (merged.tar.gz)."
     )
