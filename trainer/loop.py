@@ -12,7 +12,10 @@ the attention never crosses an example boundary, so a step's loss is the same to
 
 Metrics: `tokens` counts input tokens (padding excluded) over all ranks since the start,
 `tokens_per_second` is that rate over the last logging interval; `trained_tokens` counts label
-tokens, the ones the loss is taken over.
+tokens, the ones the loss is taken over; `mfu` is model FLOPs per second over the GPUs' bf16 peak
+(trainer.throughput; null on a CPU); `train_mean_token_accuracy` is the share of label tokens the
+model predicted exactly, over the interval. How the loss is computed (chunked through the LM head,
+or from whole logits) is trainer.fastpath's choice; the numbers are the same either way.
 
 Evaluation follows OpenAI's names: every eval_every_steps a pass over a fixed sample of the
 validation file (`valid_loss`, `valid_mean_token_accuracy`, `valid_perplexity`), and at the end
@@ -30,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from trainer import checkpoint as ckpt
 from trainer.data import IGNORE_INDEX, collate, load_tokenized, mix_in, model_inputs, pack
@@ -38,9 +40,11 @@ from trainer.distributed import gather_model_state, gather_training_state, is_sh
 from trainer.errors import ConfigError, Paused
 from trainer.events import EventWriter
 from trainer.export import export_final
-from trainer.methods import apply_method
+from trainer.fastpath import setup_model
+from trainer.loss_heads import LossHead, PlainLoss, token_loss_sum  # noqa: F401 - token_loss_sum: tests
 from trainer.optim import build_optimizer
-from trainer.model import count_parameters, load_model, load_tokenizer, resolve_precision
+from trainer.model import count_parameters, load_tokenizer, resolve_precision
+from trainer.throughput import mfu, model_flops, peak_flops
 from trainer.sampler import DataOrder
 from trainer.signals import StopFlags
 from trainer.spec import JobSpec
@@ -62,45 +66,40 @@ class TrainState:
 # Pieces of one step, separate so that tests can drive them directly
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token losses, number of label tokens); position t predicts token t+1."""
-    logits = logits[:, :-1, :].float()
-    targets = labels[:, 1:].to(logits.device)
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return loss, (targets != IGNORE_INDEX).sum()
-
-
 def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def forward_backward(model: Any, micro_batches: list[dict[str, torch.Tensor]], accelerator: Any) -> dict[str, Any]:
+def forward_backward(
+    model: Any, micro_batches: list[dict[str, torch.Tensor]], accelerator: Any, loss_head: LossHead | None = None
+) -> dict[str, Any]:
     """Accumulate the gradients of one optimizer step; returns the step's token-mean loss.
 
-    Gradients equal those of one big batch holding all micro-batches of all ranks.
+    Gradients equal those of one big batch holding all micro-batches of all ranks. loss_head:
+    how a micro-batch becomes its loss (trainer.loss_heads; default the plain full-logits loss).
     """
     device = accelerator.device
+    loss_head = loss_head or PlainLoss()
     counts = torch.tensor(
-        [sum(count_label_tokens(mb) for mb in micro_batches), sum(int(mb["attention_mask"].sum()) for mb in micro_batches)],
+        [sum(count_label_tokens(mb) for mb in micro_batches), sum(int(mb["attention_mask"].sum()) for mb in micro_batches),
+         sum(int(mb["input_ids"].shape[0]) for mb in micro_batches)],
         device=device,
         dtype=torch.long,
     )
     counts = accelerator.reduce(counts, "sum")
-    label_tokens, input_tokens = int(counts[0]), int(counts[1])
+    label_tokens, input_tokens, rows = int(counts[0]), int(counts[1]), int(counts[2])
     scale = accelerator.num_processes / max(label_tokens, 1)
-    loss_sum = torch.zeros((), device=device)
+    totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, correct tokens
     for i, mb in enumerate(micro_batches):
         # Gradients are all-reduced only after the last micro-batch of the window.
         sync = nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
         with sync:
-            out = model(**model_inputs(mb, device))
-            summed, _ = token_loss_sum(out.logits, mb["labels"])
+            summed, _, correct = loss_head(model, mb, device)
             accelerator.backward(summed * scale)
-        loss_sum += summed.detach()
-    loss_sum = accelerator.reduce(loss_sum, "sum")
-    return {"loss_sum": float(loss_sum), "label_tokens": label_tokens, "input_tokens": input_tokens}
+        totals += torch.stack([summed.detach().double(), correct.double()])
+    totals = accelerator.reduce(totals, "sum")
+    return {"loss_sum": float(totals[0]), "label_tokens": label_tokens, "input_tokens": input_tokens,
+            "correct_tokens": int(totals[1]), "rows": rows}
 
 
 def perplexity(loss: float) -> float:
@@ -110,7 +109,8 @@ def perplexity(loss: float) -> float:
 
 @torch.no_grad()
 def evaluate(
-    model: Any, examples: list[dict], batch_size: int, pad_id: int, accelerator: Any, prefix: str = "valid"
+    model: Any, examples: list[dict], batch_size: int, pad_id: int, accelerator: Any, prefix: str = "valid",
+    loss_head: LossHead | None = None,
 ) -> dict[str, float]:
     """Token-mean loss, next-token accuracy and perplexity over `examples`, sharded by rank."""
     model.eval()
@@ -124,11 +124,7 @@ def evaluate(
             model(**model_inputs(collate(examples[:1], pad_id), device))
             continue
         batch = collate(mine[i : i + batch_size], pad_id)
-        out = model(**model_inputs(batch, device))
-        loss, n = token_loss_sum(out.logits, batch["labels"])
-        targets = batch["labels"][:, 1:].to(device)
-        predicted = out.logits[:, :-1, :].argmax(-1)
-        correct = ((predicted == targets) & (targets != IGNORE_INDEX)).sum()
+        loss, n, correct = (loss_head or PlainLoss())(model, batch, device)
         totals += torch.stack([loss.double(), correct.double(), n.double()])
     totals = accelerator.reduce(totals, "sum")
     model.train()
@@ -218,7 +214,7 @@ def train(
     if spec.packing:
         train_examples = pack(train_examples, hp.max_seq_len)
     valid_sample = eval_sample(valid_data.examples, schedule.eval_examples, hp.seed) if valid_data else None
-    model = apply_method(load_model(spec, precision, device), spec)
+    model, fast = setup_model(spec, precision, device)
     trainable_params, total_params = count_parameters(model)
     optimizer = build_optimizer(model, spec, device)
     order = DataOrder(
@@ -230,6 +226,8 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     raw_model = accelerator.unwrap_model(model)
+    loss_head = fast.loss.for_prepared(model)
+    flops, peak = model_flops(raw_model), peak_flops(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     clip_to = hp.max_grad_norm if hp.max_grad_norm > 0 else float("inf")  # inf: measure, never clip
 
@@ -252,7 +250,8 @@ def train(
 
     def forgetting_pass() -> dict[str, float]:
         assert forgetting_data is not None
-        got = evaluate(model, forgetting_data.examples, hp.batch_size, tokenizer.pad_token_id, accelerator, "forgetting")
+        got = evaluate(model, forgetting_data.examples, hp.batch_size, tokenizer.pad_token_id, accelerator, "forgetting",
+                       loss_head)
         return {"loss": got["forgetting_loss"], "perplexity": got["forgetting_perplexity"],
                 "mean_token_accuracy": got["forgetting_mean_token_accuracy"]}
 
@@ -273,6 +272,7 @@ def train(
         method=spec.method,
         device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         precision=precision,
+        fast_path={**fast.describe(), "loss": loss_head.name},
         trainable_params=trainable_params,
         total_params=total_params,
         resumed_from_step=resumed_from,
@@ -300,7 +300,7 @@ def train(
     # ---- loop --------------------------------------------------------------------------------
     last_metrics: dict[str, Any] = {}
     valid_metrics: dict[str, Any] = {}
-    window = {"loss_sum": 0.0, "label_tokens": 0, "input_tokens": 0, "time": time.time()}
+    window = {"loss_sum": 0.0, "label_tokens": 0, "input_tokens": 0, "correct_tokens": 0, "rows": 0, "time": time.time()}
     last_saved_step = state.step if resumed_from is not None else -1
     last_saved_time = time.time()
     while state.step < total_steps:
@@ -314,7 +314,7 @@ def train(
         lr = scheduler.get_last_lr()[0]  # the rate this step is taken with
 
         # accumulate, clip, step
-        result = forward_backward(model, micro_batches, accelerator)
+        result = forward_backward(model, micro_batches, accelerator, loss_head)
         grad_norm = float(accelerator.clip_grad_norm_(trainable, clip_to))
         optimizer.step()
         scheduler.step()
@@ -324,36 +324,42 @@ def train(
         state.micro_step += n_micro
         state.trained_tokens += result["label_tokens"]
         state.seen_tokens += result["input_tokens"]
-        for key in ("loss_sum", "label_tokens", "input_tokens"):
+        for key in ("loss_sum", "label_tokens", "input_tokens", "correct_tokens", "rows"):
             window[key] += result[key]
 
         # log
         if state.step % schedule.log_every_steps == 0 or state.step == total_steps:
             now = time.time()
+            tokens_per_second = window["input_tokens"] / max(now - window["time"], 1e-9)
+            mean_row = window["input_tokens"] / max(window["rows"], 1)
             last_metrics = {
                 "step": state.step,
                 "total_steps": total_steps,
                 "epoch": round(order.epoch_of(state.micro_step), 4),
                 "train_loss": window["loss_sum"] / max(window["label_tokens"], 1),
+                "train_mean_token_accuracy": window["correct_tokens"] / max(window["label_tokens"], 1),
                 "learning_rate": lr,
                 "grad_norm": grad_norm,
                 "tokens": state.seen_tokens,
-                "tokens_per_second": window["input_tokens"] / max(now - window["time"], 1e-9),
+                "tokens_per_second": tokens_per_second,
+                "mfu": mfu(flops, tokens_per_second, mean_row, peak, accelerator.num_processes),
                 "peak_memory_bytes": peak_memory_bytes(device),
             }
             events.emit("metrics", f"step {state.step}/{total_steps} loss {last_metrics['train_loss']:.4f}", **last_metrics)
-            window = {"loss_sum": 0.0, "label_tokens": 0, "input_tokens": 0, "time": now}
+            window = {"loss_sum": 0.0, "label_tokens": 0, "input_tokens": 0, "correct_tokens": 0, "rows": 0, "time": now}
 
         # eval: the sample every eval_every_steps; at the end also the whole file
         if valid_data is not None and valid_sample is not None and (
             (schedule.eval_every_steps and state.step % schedule.eval_every_steps == 0) or state.step == total_steps
         ):
-            valid_metrics = evaluate(model, valid_sample, hp.batch_size, tokenizer.pad_token_id, accelerator)
+            valid_metrics = evaluate(model, valid_sample, hp.batch_size, tokenizer.pad_token_id, accelerator,
+                                     loss_head=loss_head)
             if state.step == total_steps:
                 full = (
                     {f"full_{k}": v for k, v in valid_metrics.items()}
                     if valid_sample is valid_data.examples
-                    else evaluate(model, valid_data.examples, hp.batch_size, tokenizer.pad_token_id, accelerator, "full_valid")
+                    else evaluate(model, valid_data.examples, hp.batch_size, tokenizer.pad_token_id, accelerator,
+                                  "full_valid", loss_head)
                 )
                 valid_metrics = {**valid_metrics, **full}
             events.emit("validation", f"step {state.step} valid loss {valid_metrics['valid_loss']:.4f}",

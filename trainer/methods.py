@@ -114,12 +114,17 @@ def freeze_all_but_top(model: Any, trainable_layers: int, train_embeddings: bool
             p.requires_grad_(True)
 
 
-def apply_method(model: Any, spec: JobSpec) -> Any:
-    """The model with exactly the method's parameters trainable, started from spec.init_from."""
+def apply_method(model: Any, spec: JobSpec, checkpointing: bool | None = None) -> Any:
+    """The model with exactly the method's parameters trainable, started from spec.init_from.
+
+    checkpointing: gradient checkpointing as resolved from spec.speed (None: spec.gradient_checkpointing).
+    """
     from trainer.init_weights import load_initial_weights
     from trainer.modules import check_against_model, modules_of_model
 
-    if spec.gradient_checkpointing:
+    if checkpointing is None:
+        checkpointing = bool(spec.gradient_checkpointing)
+    if checkpointing:
         enable_gradient_checkpointing(model)
     check_against_model(spec, modules_of_model(model))
     if spec.method in ("full", "freeze"):
@@ -127,7 +132,7 @@ def apply_method(model: Any, spec: JobSpec) -> Any:
             p.requires_grad_(True)
         if spec.method == "freeze":
             freeze_all_but_top(model, spec.freeze.trainable_layers, spec.freeze.train_embeddings)
-            if spec.gradient_checkpointing:
+            if checkpointing:
                 model.enable_input_require_grads()
         load_initial_weights(model, spec)
         return model
@@ -135,7 +140,7 @@ def apply_method(model: Any, spec: JobSpec) -> Any:
     from peft import get_peft_model
 
     config = peft_config(spec)
-    if spec.gradient_checkpointing:
+    if checkpointing:
         # With a frozen embedding nothing before the first checkpointed block needs a gradient;
         # making the input require one keeps the recomputed graph connected.
         model.enable_input_require_grads()

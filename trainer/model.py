@@ -95,8 +95,9 @@ def load_model(spec: JobSpec, precision: str, device: torch.device) -> Any:
 
     _check_source(spec.model)
     # Frozen weights stay in bf16 on a GPU: upcasting a frozen 8B base to fp32 would double its
-    # memory for no gain. Full fine-tuning keeps fp32 master weights and computes in bf16 autocast.
-    if precision == "bf16" and spec.method not in ("full", "freeze"):
+    # memory for no gain. Full fine-tuning keeps fp32 master weights and computes in bf16 autocast,
+    # unless full_precision "bf16" asks for bf16 weights, gradients and AdamW state throughout.
+    if precision == "bf16" and (spec.method not in ("full", "freeze") or spec.full_precision == "bf16"):
         dtype = torch.bfloat16
     else:
         dtype = torch.float32

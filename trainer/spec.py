@@ -24,6 +24,9 @@ from trainer.method_settings import (
 Method = Literal["full", "lora", "qlora", "ia3", "prefix", "freeze"]
 DataFormat = Literal["auto", "chat", "alpaca", "prompt_completion", "text"]
 Precision = Literal["auto", "bf16", "fp32"]
+# lean: gradient checkpointing, least memory; fast: keep activations, about a third less compute.
+Speed = Literal["auto", "lean", "fast"]
+FullPrecision = Literal["fp32_master", "bf16"]
 Strategy = Literal["auto", "ddp", "fsdp"]
 
 # Linear projections of Llama-shaped decoders; "all-linear" lets peft find them on any model.
@@ -138,7 +141,20 @@ class JobSpec(_Strict):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     schedule: Schedule = Field(default_factory=Schedule)
     precision: Precision = Field("auto", description="auto: bf16 on a GPU that supports it, else fp32.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    speed: Speed = Field(
+        "auto",
+        description="lean: gradient checkpointing (recompute activations in backward, least memory); fast: no "
+        "checkpointing (about a third less compute); auto: fast when it fits the GPU, else lean.",
+    )
+    gradient_checkpointing: bool | None = Field(
+        None, description="The old name of the speed choice: true is speed lean, false is fast; null: as speed says."
+    )
+    full_precision: FullPrecision = Field(
+        "fp32_master",
+        description="full and freeze with bf16 precision: fp32_master keeps fp32 weights and AdamW state and "
+        "computes in bf16 autocast; bf16 keeps weights, gradients and AdamW state in bf16 (half the memory, "
+        "small updates can round away). Adapter methods always keep the frozen base in bf16.",
+    )
     strategy: Strategy = Field(
         "auto",
         description="How several GPUs share the job: ddp (each holds the model) or fsdp (weights, gradients and "
@@ -152,6 +168,7 @@ class JobSpec(_Strict):
         # Compared with the defaults, not with "was it given", so that a dumped spec validates again.
         if self.method not in ("lora", "qlora") and self.lora != LoraSettings():
             raise ValueError(f"lora: LoRA settings apply to method 'lora' or 'qlora', not {self.method!r}")
+        self._speed_from_checkpointing()
         check_method_settings(self)
         if self.strategy == "fsdp" and self.method not in ("full", "freeze"):
             raise ValueError(
@@ -166,6 +183,23 @@ class JobSpec(_Strict):
         if self.suffix is not None and not all(c.isalnum() or c in "-_" for c in self.suffix):
             raise ValueError("suffix: letters, digits, '-' and '_' only")
         return self
+
+    def _speed_from_checkpointing(self) -> None:
+        # One choice under two names: after validation both say the same (null while speed is auto).
+        ckpt = self.gradient_checkpointing
+        if ckpt is not None:
+            implied = "lean" if ckpt else "fast"
+            if self.speed not in ("auto", implied):
+                raise ValueError(
+                    f"gradient_checkpointing: {str(ckpt).lower()} means speed {implied!r}, but speed is {self.speed!r}; "
+                    "give only speed"
+                )
+            self.speed = implied
+        elif self.speed != "auto":
+            self.gradient_checkpointing = self.speed == "lean"
+        if self.method == "prefix" and self.speed == "lean" and not ckpt:
+            raise ValueError("speed: 'lean' checkpoints activations, which method 'prefix' does not support; "
+                             "allowed: fast, auto")
 
     def effective_batch(self) -> int:
         return self.hyperparameters.batch_size * self.hyperparameters.gradient_accumulation_steps

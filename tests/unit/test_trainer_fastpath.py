@@ -1,0 +1,321 @@
+"""The trainer's fast path: chunked LM-head cross-entropy, fused LoRA, speed modes, bf16 full
+fine-tuning, MFU; and that it trains exactly like the plain loop (fp32 on a CPU)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from trainer.linear_ce import chunk_tokens, linear_cross_entropy
+from trainer.loss_heads import ChunkedLoss, PlainLoss, build_loss
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """|got - want| / |want| over the whole tensor: rounding in another summation order stays near
+    1e-7 in fp32, a wrong formula is of order 1."""
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+def _events(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------------------------
+# Chunked linear cross-entropy
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_linear_cross_entropy_equals_cross_entropy_of_full_logits(chunk: int):
+    torch.manual_seed(0)
+    h = torch.randn(90, 24, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 24, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 50, (90,))
+    loss, correct = linear_cross_entropy(h, w, t, chunk=chunk)
+    (loss * 0.37).backward()
+    got = (h.grad.clone(), w.grad.clone())
+    h.grad = w.grad = None
+
+    logits = h @ w.t()
+    ref = F.cross_entropy(logits, t, reduction="sum")
+    (ref * 0.37).backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-6)
+    assert int(correct) == int((logits.argmax(-1) == t).sum())
+    torch.testing.assert_close(got[0], h.grad, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(got[1], w.grad, rtol=1e-6, atol=1e-8)
+
+
+def test_linear_cross_entropy_frozen_head_and_no_grad():
+    h = torch.randn(10, 8, requires_grad=True)
+    w = torch.randn(20, 8)  # a frozen head: only the hidden states get a gradient
+    t = torch.randint(0, 20, (10,))
+    loss, _ = linear_cross_entropy(h, w, t, chunk=3)
+    loss.backward()
+    assert h.grad is not None and w.grad is None
+    with torch.no_grad():
+        again, _ = linear_cross_entropy(h, w, t, chunk=3)
+    assert not again.requires_grad and float(again) == pytest.approx(float(loss.detach()), rel=1e-6)
+
+
+def test_chunk_size_fits_the_budget():
+    assert chunk_tokens(128_256) == 512  # 512 x 128256 x 4 B = 251 MiB <= 256 MiB
+    assert chunk_tokens(768) == 8192  # capped
+    assert chunk_tokens(128_256, budget_bytes=64 * 1024**2) == 128
+
+
+class _LogitRows(TorchDispatchMode):
+    """The most rows of vocabulary-wide values (logits, softmax, their gradients) that any op
+    produces, forward or backward: a tensor whose last dimension is the vocabulary."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.most = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view:  # a view (the head's transpose) allocates nothing
+            return out
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.ndim and t.shape[-1] == self.vocab:
+                self.most = max(self.most, t.numel() // self.vocab)
+        return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+
+
+def _batch(vocab: int, rows: int = 8, length: int = 96) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (rows, length), generator=g)
+    labels = ids.clone()
+    labels[:, :10] = -100  # a prompt: no loss there
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def test_chunked_loss_never_allocates_tokens_by_vocab(tiny):
+    """Fails if the loss goes back to whole logits: the plain loss's largest tensor is the logits."""
+    vocab = tiny.config.vocab_size
+    batch = _batch(vocab)
+    tokens = batch["input_ids"].numel()
+    head = build_loss(tiny, torch.device("cpu"))
+    assert isinstance(head, ChunkedLoss)
+    head.chunk = 32
+
+    def logit_rows(loss_fn) -> int:
+        tiny.zero_grad(set_to_none=True)
+        with _LogitRows(vocab) as mode:
+            loss, n, _ = loss_fn(tiny, batch, torch.device("cpu"))
+            loss.backward()
+        return mode.most
+
+    assert logit_rows(PlainLoss()) >= tokens * 7 // 8  # the check does see whole logits
+    assert logit_rows(head) <= 32, "some op held more than one chunk of tokens' logits"
+
+
+def test_chunked_loss_matches_plain_loss_and_gradients(tiny):
+    batch = _batch(tiny.config.vocab_size)
+    results = []
+    for loss_fn in (PlainLoss(), build_loss(tiny, torch.device("cpu"))):
+        tiny.zero_grad(set_to_none=True)
+        loss, n, correct = loss_fn(tiny, batch, torch.device("cpu"))
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in tiny.parameters()])
+        results.append((float(loss.detach()), int(n), int(correct), grads))
+    (l0, n0, c0, g0), (l1, n1, c1, g1) = results
+    assert n0 == n1 == 8 * (96 - 10) and c0 == c1
+    assert l1 == pytest.approx(l0, rel=1e-5)
+    # Summed (not averaged) losses: gradients are large, and fp32 sums in another order differ
+    # by rounding in the last digits, nowhere near what a wrong gradient would.
+    assert _relative_error(g1, g0) < 1e-5
+
+
+def test_model_whose_logits_are_not_the_heads_output_keeps_the_plain_loss(tiny):
+    model = copy.deepcopy(tiny)
+    # Like a model that soft-caps or scales its logits after the head.
+    model.register_forward_hook(lambda _m, _a, out: out.__setitem__("logits", out["logits"] * 0.5) or out)
+    assert isinstance(build_loss(model, torch.device("cpu")), PlainLoss)
+    assert isinstance(build_loss(tiny, torch.device("cpu"), chunked=False), PlainLoss)
+
+
+# --------------------------------------------------------------------------------------------
+# Fused LoRA
+
+
+def _lora(model, **settings):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM", **settings)
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    torch.manual_seed(3)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)  # B starts at zero; make the adapter matter
+    return peft_model
+
+
+@pytest.mark.parametrize("settings", [{}, {"use_rslora": True}])
+def test_fused_lora_equals_peft(tiny, settings):
+    from trainer.lora_fused import fuse_lora
+
+    reference = _lora(tiny, **settings)
+    fused = copy.deepcopy(reference)
+    assert fuse_lora(fused) == 14  # 7 linears x 2 layers
+    batch = _batch(tiny.config.vocab_size, rows=2, length=20)
+    outs = []
+    for model in (reference, fused):
+        logits = model(input_ids=batch["input_ids"]).logits
+        logits.square().mean().backward()
+        outs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-4, atol=1e-5)
+    for name, grad in outs[0][1].items():
+        assert _relative_error(outs[1][1][name], grad) < 1e-5, name
+
+
+def test_fused_lora_leaves_dora_and_dropout_to_peft(tiny):
+    from trainer.lora_fused import fuse_lora
+
+    assert fuse_lora(_lora(tiny, use_dora=True)) == 0
+    assert fuse_lora(_lora(tiny, lora_dropout=0.1)) == 0
+
+
+def test_fused_lora_on_a_4bit_base_equals_peft(tiny_model_dir: Path, make_spec):
+    from trainer.lora_fused import fuse_lora
+    from trainer.methods import apply_method
+    from trainer.model import load_model
+
+    spec = make_spec("qlora")
+    reference = apply_method(load_model(spec, "fp32", torch.device("cpu")), spec)
+    for name, p in reference.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    fused = copy.deepcopy(reference)
+    assert fuse_lora(fused) == 14
+    ids = _batch(reference.config.vocab_size, rows=2, length=16)["input_ids"]
+    a = reference(input_ids=ids).logits
+    b = fused(input_ids=ids).logits
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    a.square().mean().backward()
+    b.square().mean().backward()
+    ga = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    for n, p in fused.named_parameters():
+        if p.requires_grad:
+            assert _relative_error(p.grad, ga[n]) < 1e-4, n
+
+
+# --------------------------------------------------------------------------------------------
+# Equivalence with the plain loop over 50 steps (fp32 on a CPU: the numbers must agree closely)
+
+
+@pytest.mark.parametrize(("method", "fused_layers"), [("lora", 14), ("full", 0)])
+def test_fast_path_trains_like_the_plain_loop(make_spec, tmp_path: Path, monkeypatch, method: str, fused_layers: int):
+    from trainer.job import run_job
+
+    hp = {"max_steps": 50, "batch_size": 2, "max_seq_len": 48, "learning_rate": 3e-3 if method == "lora" else 1e-3}
+    runs = {}
+    for name, env in (("plain", "0"), ("fast", "1")):
+        monkeypatch.setenv("TUNEQ_FASTPATH", env)
+        monkeypatch.setenv("TUNEQ_CE_CHUNK_TOKENS", "16")  # several chunks per micro-batch
+        out = tmp_path / name
+        assert run_job(make_spec(method, hyperparameters=hp, schedule={"log_every_steps": 1}), out) == 0
+        runs[name] = _events(out)
+    start = next(e["data"] for e in runs["fast"] if e["type"] == "start")
+    assert start["fast_path"]["loss"] == "chunked" and start["fast_path"]["loss_chunk_tokens"] == 16
+    assert start["fast_path"]["fused_lora_layers"] == fused_layers
+    assert start["fast_path"]["speed"] == "fast" and start["fast_path"]["gradient_checkpointing"] is False
+    assert next(e["data"] for e in runs["plain"] if e["type"] == "start")["fast_path"]["loss"] == "plain"
+
+    losses = {k: [e["data"]["train_loss"] for e in v if e["type"] == "metrics"] for k, v in runs.items()}
+    assert len(losses["fast"]) == 50
+    assert losses["fast"][-1] < 0.8 * losses["fast"][0]  # it trained
+    torch.testing.assert_close(torch.tensor(losses["fast"]), torch.tensor(losses["plain"]), rtol=2e-4, atol=1e-5)
+
+    metrics = [e["data"] for e in runs["fast"] if e["type"] == "metrics"]
+    plain_metrics = [e["data"] for e in runs["plain"] if e["type"] == "metrics"]
+    assert all(m["mfu"] is None and m["peak_memory_bytes"] is None for m in metrics)  # a CPU has no peak
+    assert all(0.0 <= m["train_mean_token_accuracy"] <= 1.0 for m in metrics)
+    assert [m["train_mean_token_accuracy"] for m in metrics[:5]] == [m["train_mean_token_accuracy"] for m in plain_metrics[:5]]
+
+
+# --------------------------------------------------------------------------------------------
+# Speed modes and full-fine-tuning precision
+
+
+def test_speed_decides_gradient_checkpointing(make_spec):
+    from trainer.fastpath import resolve_speed, setup_model
+
+    cpu = torch.device("cpu")
+    assert resolve_speed(make_spec("lora"), cpu) == "fast"  # auto on a CPU
+    model, fast = setup_model(make_spec("lora", speed="lean"), "fp32", cpu)
+    assert fast.speed == "lean" and fast.gradient_checkpointing
+    assert model.base_model.model.model.layers[0].gradient_checkpointing
+    model, fast = setup_model(make_spec("lora", speed="fast"), "fp32", cpu)
+    assert not fast.gradient_checkpointing and not model.base_model.model.model.layers[0].gradient_checkpointing
+    # The old name still works and is the same choice.
+    assert make_spec("lora", gradient_checkpointing=True).speed == "lean"
+    assert make_spec("lora", gradient_checkpointing=False).speed == "fast"
+
+
+def test_speed_and_checkpointing_must_agree_and_prefix_cannot_be_lean(make_spec):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="gradient_checkpointing: false means speed 'fast'"):
+        make_spec("lora", speed="lean", gradient_checkpointing=False)
+    with pytest.raises(ValidationError, match="speed: 'lean'.*prefix"):
+        make_spec("prefix", speed="lean")
+    spec = make_spec("lora", speed="lean")
+    assert type(spec).model_validate(spec.model_dump()).speed == "lean"
+
+
+@pytest.mark.parametrize(("full_precision", "dtype"), [("fp32_master", torch.float32), ("bf16", torch.bfloat16)])
+def test_full_precision_sets_the_weights_dtype(make_spec, full_precision: str, dtype: torch.dtype):
+    from trainer.model import load_model
+    from trainer.optim import build_optimizer
+
+    spec = make_spec("full", full_precision=full_precision)
+    model = load_model(spec, "bf16", torch.device("cpu"))
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    # AdamW keeps its state in the parameters' dtype: bf16 state for bf16 weights.
+    model.train()
+    model(input_ids=torch.tensor([[1, 5, 9, 12]]), labels=torch.tensor([[1, 5, 9, 12]])).loss.backward()
+    optimizer = build_optimizer(model, spec, torch.device("cpu"))
+    optimizer.step()
+    assert {s["exp_avg"].dtype for s in optimizer.state.values()} == {dtype}
+    # Adapter methods keep a bf16 base whatever full_precision says.
+    assert next(load_model(make_spec("lora"), "bf16", torch.device("cpu")).parameters()).dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs and MFU
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_model_flops_agree_with_the_planner(tiny, method: str):
+    from trainer.planner import estimate_compute
+    from trainer.throughput import model_flops
+
+    model = tiny if method == "full" else _lora(tiny)
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    ours = model_flops(model).per_token(seq_len=512)
+    planned = estimate_compute(tiny.config, method=method, tokens=1, seq_len=512, lora_r=8).flops_per_token
+    assert ours == pytest.approx(planned, rel=1e-9)
+
+
+def test_mfu_uses_the_configured_peak(monkeypatch):
+    from trainer.throughput import ModelFlops, mfu, peak_flops
+
+    assert peak_flops(torch.device("cpu")) is None
+    monkeypatch.setenv("TUNEQ_GPU_PEAK_TFLOPS", "100")
+    assert peak_flops(torch.device("cuda")) == 100e12
+    flops = ModelFlops(matmul_weights=10**9, trainable_matmul_weights=10**9, layers=0, attention_width=0)
+    assert mfu(flops, 10_000, 2048, 100e12, devices=2) == pytest.approx(6e9 * 1e4 / 200e12)

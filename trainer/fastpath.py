@@ -1,0 +1,130 @@
+"""The model as train() runs it: loaded, fast kernels on, method applied, loss chosen.
+
+The fast path, on by default wherever its pieces apply, each of them falling back on its own:
+- the loss runs the LM head a chunk of tokens at a time (trainer.loss_heads.ChunkedLoss): no
+  full-vocabulary logits and no fp32 copy of them, on any device;
+- plain LoRA layers run as one fused autograd function (trainer.lora_fused): no fp32 copies of
+  the input and no adapter-output temporaries;
+- on CUDA, when liger-kernel is installed, its fused RMSNorm, RoPE and SwiGLU replace the
+  model's (its own cross-entropy is not used: the chunked loss above already never holds the logits);
+- frozen weights stay in bf16 (trainer.model), full fine-tuning optionally all in bf16.
+
+`speed` decides gradient checkpointing: lean recomputes every decoder layer in backward (least
+memory), fast keeps activations (about a third less compute), auto takes fast when the planner's
+estimate without checkpointing fits the GPU, else lean. An explicit `gradient_checkpointing` in
+the spec is the same choice under its old name.
+
+TUNEQ_FASTPATH=0 turns all of it off (the plain loop, for comparison and for debugging);
+TUNEQ_LIGER=0 turns off only the liger kernels.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from trainer.loss_heads import ChunkedLoss, PlainLoss, build_loss
+from trainer.spec import JobSpec
+
+# Share of the GPU's memory the no-checkpointing estimate may take for speed auto to pick fast.
+AUTO_FAST_SHARE = 0.85
+
+
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def fast_path_enabled() -> bool:
+    return _env_on("TUNEQ_FASTPATH")
+
+
+@dataclass
+class FastPath:
+    """What the job runs with; reported in the start event."""
+
+    speed: str  # lean | fast, resolved
+    gradient_checkpointing: bool
+    loss: PlainLoss | ChunkedLoss
+    fused_lora_layers: int = 0
+    liger: list[str] = field(default_factory=list)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "speed": self.speed,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "loss": self.loss.name,
+            "loss_chunk_tokens": self.loss.chunk,
+            "fused_lora_layers": self.fused_lora_layers,
+            "liger_kernels": self.liger,
+        }
+
+
+def _fits_without_checkpointing(spec: JobSpec, config: Any, device: torch.device) -> bool:
+    """The planner's estimate without checkpointing against this GPU; any doubt picks lean."""
+    try:
+        from trainer.planner import estimate_memory
+
+        hp = spec.hyperparameters
+        kwargs: dict[str, Any] = {"method": spec.method, "batch_size": hp.batch_size, "seq_len": hp.max_seq_len,
+                                  "gradient_checkpointing": False}
+        if spec.method in ("lora", "qlora"):
+            kwargs.update(lora_r=spec.lora.r, lora_targets=spec.lora.target_modules)
+        estimate = estimate_memory(config, **kwargs)
+        total = torch.cuda.get_device_properties(device).total_memory
+        return estimate.total <= AUTO_FAST_SHARE * total
+    except Exception:  # noqa: BLE001 - an estimate that fails must not fail the job
+        return False
+
+
+def resolve_speed(spec: JobSpec, device: torch.device, config: Any = None) -> str:
+    """lean or fast for this job on this device."""
+    if spec.speed in ("lean", "fast"):
+        return spec.speed
+    if spec.method == "prefix" or device.type != "cuda":
+        # A CPU's memory is the host's, and prefix tuning cannot be checkpointed.
+        return "fast"
+    return "fast" if config is not None and _fits_without_checkpointing(spec, config, device) else "lean"
+
+
+def apply_liger(model: Any) -> list[str]:
+    """Liger's fused RMSNorm, RoPE and SwiGLU on this model instance, when installed; [] otherwise."""
+    if not _env_on("TUNEQ_LIGER"):
+        return []
+    try:
+        import inspect
+
+        import liger_kernel.transformers as liger
+    except Exception:  # noqa: BLE001 - optional: absent or broken, the model keeps its own layers
+        return []
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    patch = getattr(liger, f"apply_liger_kernel_to_{model_type}", None)
+    if patch is None:
+        return []
+    wanted = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+              "fused_linear_cross_entropy": False, "model": model}
+    accepted = inspect.signature(patch).parameters
+    try:
+        patch(**{k: v for k, v in wanted.items() if k in accepted})
+    except Exception:  # noqa: BLE001
+        return []
+    return [k for k in ("rms_norm", "rope", "swiglu") if k in accepted]
+
+
+def setup_model(spec: JobSpec, precision: str, device: torch.device) -> tuple[Any, FastPath]:
+    """Load the base, apply the method and the fast path; the model is ready for the optimizer."""
+    from trainer.lora_fused import fuse_lora
+    from trainer.methods import apply_method
+    from trainer.model import load_model
+
+    base = load_model(spec, precision, device)
+    fast = fast_path_enabled()
+    liger = apply_liger(base) if fast and device.type == "cuda" else []
+    speed = resolve_speed(spec, device, getattr(base, "config", None))
+    checkpointing = speed == "lean"
+    model = apply_method(base, spec, checkpointing=checkpointing)
+    fused = fuse_lora(model) if fast else 0
+    loss = build_loss(model, device, chunked=fast)
+    return model, FastPath(speed, checkpointing, loss, fused, liger)

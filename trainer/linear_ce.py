@@ -1,0 +1,151 @@
+"""Cross-entropy through the LM head a chunk of tokens at a time: full-vocabulary logits never exist.
+
+At Llama-3 shape (vocabulary 128,256) one micro-batch of 8 x 2048 tokens has 2.1 billion logits:
+4 GiB in bf16 and 8 GiB more for the fp32 copy the loss takes, plus softmax and gradient of the
+same size. Here the head's matmul, the log-sum-exp and the logits' gradient run on `chunk` tokens
+at a time. The gradients of the hidden states and of the head's weight are computed in the
+forward pass, while the chunk's logits exist anyway, so backward only scales them by the incoming
+gradient: three matmuls per chunk instead of the four that recomputing in backward would take.
+
+Live memory beyond the inputs: one chunk's logits (compute dtype) and their fp32 copy, which
+becomes the softmax and then the gradient in place, then a compute-dtype copy of that gradient:
+about chunk x vocab x 8 bytes in bf16 (chunk x vocab x 8 in fp32 too: 4 + 4), plus the gradient of
+the selected hidden states (tokens x hidden, compute dtype) and, when the head trains, its weight
+gradient (the size of the weight, which backward would allocate anyway).
+
+Numerics match `F.cross_entropy` on `logits.float()`: the matmul runs in the compute dtype (bf16
+under autocast, as the model's own head would), everything after it in fp32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# fp32 bytes of one chunk's logits; 256 MiB gives 512 tokens at a 128k vocabulary, big enough that
+# the head's matmuls stay efficient and small next to a 1B model's activations.
+CHUNK_BYTES = 256 * 1024**2
+MIN_CHUNK, MAX_CHUNK = 16, 8192
+
+
+def chunk_tokens(vocab: int, budget_bytes: int | None = None) -> int:
+    """Tokens per chunk: the largest power of two whose fp32 logits fit the budget.
+
+    TUNEQ_CE_CHUNK_TOKENS overrides it (for measuring; not a job setting).
+    """
+    forced = os.environ.get("TUNEQ_CE_CHUNK_TOKENS", "").strip()
+    if forced:
+        return max(1, int(forced))
+    budget = budget_bytes if budget_bytes is not None else CHUNK_BYTES
+    n = max(1, budget // (4 * max(vocab, 1)))
+    n = 1 << (n.bit_length() - 1)
+    return max(MIN_CHUNK, min(MAX_CHUNK, n))
+
+
+def live_bytes(vocab: int, chunk: int, compute_bytes: int = 2) -> int:
+    """Bytes the chunk loop keeps alive at its peak (for the planner): logits in the compute
+    dtype, their fp32 copy, and the compute-dtype copy of their gradient."""
+    return chunk * vocab * (compute_bytes + 4 + (compute_bytes if compute_bytes != 4 else 0))
+
+
+_ADDMM_FP32_OUT: dict[str, bool] = {}
+
+
+def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b where acc is fp32 and a, b are bf16/fp16, without a weight-sized temporary
+    when the device can write a fp32 result from low-precision inputs (CUDA's addmm out_dtype)."""
+    key = acc.device.type
+    if _ADDMM_FP32_OUT.get(key, True):
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _ADDMM_FP32_OUT[key] = True
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _ADDMM_FP32_OUT[key] = False
+    acc.add_(torch.mm(a, b))
+
+
+def _chunk_loop(
+    h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk: int,
+    grad_h: torch.Tensor | None, grad_w: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss sum and correct count; fills grad_h / grad_w (d loss_sum / d input) when given."""
+    # fp32 at least: the loss and softmax of bf16 logits are taken in fp32, as F.cross_entropy on
+    # logits.float() would; fp64 inputs stay fp64.
+    acc_dtype = torch.promote_types(h.dtype, torch.float32)
+    loss = torch.zeros((), device=h.device, dtype=acc_dtype)
+    correct = torch.zeros((), device=h.device, dtype=torch.long)
+    for start in range(0, h.shape[0], chunk):
+        hc, tc = h[start : start + chunk], targets[start : start + chunk]
+        logits = hc @ w.t()
+        correct += (logits.argmax(-1) == tc).sum()
+        z = logits.to(acc_dtype)
+        if z is not logits:
+            del logits  # the fp32 copy is all that is needed from here on
+        lse = torch.logsumexp(z, dim=-1)
+        loss += (lse - z.gather(1, tc[:, None]).squeeze(1)).sum()
+        if grad_h is None and grad_w is None:
+            continue
+        # d(lse - z_t)/dz = softmax(z) - onehot(t), built in place in the fp32 copy.
+        z.sub_(lse[:, None]).exp_()
+        z[torch.arange(z.shape[0], device=z.device), tc] -= 1.0
+        g = z.to(h.dtype)
+        del z
+        if grad_h is not None:
+            torch.mm(g, w, out=grad_h[start : start + chunk])
+        if grad_w is not None:
+            if grad_w.dtype == g.dtype:
+                grad_w.addmm_(g.t(), hc)
+            else:
+                _accumulate_fp32(grad_w, g.t(), hc)
+    return loss, correct
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, compute_dtype, need_h, need_w):  # type: ignore[override]
+        with torch.autocast(hidden.device.type, enabled=False):
+            h = hidden.to(compute_dtype)
+            w = weight.to(compute_dtype)
+            grad_h = torch.empty_like(h) if need_h else None
+            grad_w = torch.zeros_like(weight, dtype=weight.dtype if weight.is_floating_point() else compute_dtype) \
+                if need_w else None
+            loss, correct = _chunk_loop(h, w, targets, chunk, grad_h, grad_w)
+        ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
+        ctx.has = (grad_h is not None, grad_w is not None)
+        ctx.hidden_dtype = hidden.dtype
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_correct):  # type: ignore[override]
+        saved = list(ctx.saved_tensors)
+        grad_h = saved.pop(0) if ctx.has[0] else None
+        grad_w = saved.pop(0) if ctx.has[1] else None
+        # The saved gradients are used once; scaling them in place avoids a second copy.
+        if grad_h is not None:
+            grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype)).to(ctx.hidden_dtype)
+        if grad_w is not None:
+            grad_w = grad_w.mul_(grad_loss.to(grad_w.dtype))
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+    chunk: int | None = None, compute_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over rows of -log softmax(hidden @ weight.T)[target], rows whose argmax is the target).
+
+    hidden [N, d] and targets [N] hold only the rows that count (no ignore index); weight [V, d]
+    is the LM head's. compute_dtype: the head matmul's dtype (default: the autocast dtype when
+    autocast is on, else the hidden states' dtype).
+    """
+    if compute_dtype is None:
+        kind = hidden.device.type
+        compute_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+    chunk = chunk or chunk_tokens(weight.shape[0])
+    grad_on = torch.is_grad_enabled()
+    need_h = grad_on and hidden.requires_grad
+    need_w = grad_on and weight.requires_grad
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, compute_dtype, need_h, need_w)

@@ -1,0 +1,120 @@
+"""LoRA linear layers as one autograd function: y = x W^T + b + s (x A^T) B^T.
+
+peft computes the adapter as separate modules: with fp32 adapter weights it copies x to fp32 for
+every adapted layer (under autocast a bf16 copy of that again is what lora_A saves), builds
+lora_B's output, scales it into another tensor and adds that to the base output: several
+tensors of the layer's input or output size per layer, each written and read again, in forward
+and in backward. Here the adapter's product is added into the base output in place (addmm), the
+only tensors saved are the input (shared with the base matmul, and between q/k/v, which read the
+same one) and x A^T (rank-sized), and backward computes the same four products peft's graph does.
+
+Only the plain case is fused: one active adapter, no dropout, no DoRA, a frozen nn.Linear or
+bitsandbytes 4-bit base. Anything else keeps peft's forward, which stays the reference: the unit
+tests compare the two.
+"""
+
+from __future__ import annotations
+
+from types import MethodType
+from typing import Any
+
+import torch
+
+
+def _is_4bit(weight: Any) -> bool:
+    return weight.__class__.__name__ == "Params4bit" and getattr(weight, "quant_state", None) is not None
+
+
+def _dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if _is_4bit(weight):
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+    return weight.to(dtype)
+
+
+class _LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, compute_dtype, out_dtype):  # type: ignore[override]
+        with torch.autocast(x.device.type, enabled=False):
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1]).to(compute_dtype)
+            w = _dense_weight(weight, compute_dtype)
+            a, b = lora_a.to(compute_dtype), lora_b.to(compute_dtype)
+            y = torch.addmm(bias.to(compute_dtype), x2, w.t()) if bias is not None else x2 @ w.t()
+            xa = x2 @ a.t()
+            y.addmm_(xa, b.t(), alpha=scaling)
+        ctx.save_for_backward(x2, xa, lora_a, lora_b)
+        # The frozen weight is a parameter that lives anyway; keeping a reference costs nothing,
+        # and a 4-bit one is dequantised again in backward rather than kept in bf16.
+        ctx.weight, ctx.scaling, ctx.compute_dtype = weight, scaling, compute_dtype
+        ctx.x_shape, ctx.x_dtype = shape, x.dtype
+        return y.reshape(*shape[:-1], y.shape[-1]).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x2, xa, lora_a, lora_b = ctx.saved_tensors
+        cd, s = ctx.compute_dtype, ctx.scaling
+        with torch.autocast(x2.device.type, enabled=False):
+            g = grad_out.reshape(-1, grad_out.shape[-1]).to(cd)
+            a, b = lora_a.to(cd), lora_b.to(cd)
+            gxa = (g @ b).mul_(s)  # d loss / d (x A^T)
+            grad_b = (g.t() @ xa).mul_(s).to(lora_b.dtype) if ctx.needs_input_grad[4] else None
+            grad_a = (gxa.t() @ x2).to(lora_a.dtype) if ctx.needs_input_grad[3] else None
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = (g @ _dense_weight(ctx.weight, cd)).addmm_(gxa, a)
+                grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
+        return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
+def _fusable(module: Any) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(module, LoraLayer) or not hasattr(module, "lora_A"):
+        return False
+    active = list(module.active_adapters)
+    if len(active) != 1 or active[0] not in module.lora_A or active[0] in getattr(module, "lora_variant", {}):
+        return False
+    name = active[0]
+    if not isinstance(module.lora_dropout[name], torch.nn.Identity):
+        return False
+    base = module.get_base_layer()
+    if not isinstance(base, torch.nn.Linear) or getattr(module, "fan_in_fan_out", False):
+        return False
+    weight = base.weight
+    if weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return False
+    return weight.is_floating_point() and weight.ndim == 2 or _is_4bit(weight)
+
+
+def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    if args or kwargs or self.disable_adapters or self.merged or not x.is_floating_point():
+        return type(self).forward(self, x, *args, **kwargs)
+    name = self.active_adapters[0]
+    base = self.get_base_layer()
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        compute = out = torch.get_autocast_dtype(kind)
+    else:
+        # A 4-bit base computes in its compute dtype and answers in the input's, as bitsandbytes does.
+        compute = (getattr(base, "compute_dtype", None) or x.dtype) if _is_4bit(base.weight) else x.dtype
+        out = x.dtype
+    return _LoraLinear.apply(
+        x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name]),
+        compute, out,
+    )
+
+
+def fuse_lora(model: Any) -> int:
+    """Give every plain LoRA linear of `model` the fused forward; returns how many were fused."""
+    try:
+        from peft.tuners.lora import LoraLayer  # noqa: F401
+    except ImportError:
+        return 0
+    fused = 0
+    for module in model.modules():
+        if _fusable(module):
+            module.forward = MethodType(_fused_forward, module)
+            fused += 1
+    return fused

@@ -1,0 +1,147 @@
+"""How a micro-batch becomes (summed token loss, label tokens, correctly predicted label tokens).
+
+`PlainLoss` asks the model for its logits and takes the cross-entropy of their fp32 copy: simple,
+works for any causal LM, and holds tokens x vocabulary logits several times over.
+`ChunkedLoss` asks the model for the LM head's *input* instead (the head answers its input back
+for the length of the forward call) and runs the head and the loss a chunk of tokens at a time
+(trainer.linear_ce), only over positions that have a label.
+
+`build_loss` picks the chunked one only where it gives the same numbers: it checks, with one short
+forward, that the model's logits are exactly its output embedding applied to that embedding's
+input. A model that scales or soft-caps its logits after the head, or has no plain linear head,
+keeps the plain loss.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from trainer.data import IGNORE_INDEX, model_inputs
+from trainer.linear_ce import chunk_tokens, linear_cross_entropy
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token losses, number of label tokens); position t predicts token t+1."""
+    logits = logits[:, :-1, :].float()
+    targets = labels[:, 1:].to(logits.device)
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss, (targets != IGNORE_INDEX).sum()
+
+
+def correct_tokens(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    targets = labels[:, 1:].to(logits.device)
+    return ((logits[:, :-1, :].argmax(-1) == targets) & (targets != IGNORE_INDEX)).sum()
+
+
+class PlainLoss:
+    name = "plain"
+    chunk = None
+
+    def __call__(self, model: Any, batch: dict[str, torch.Tensor], device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = model(**model_inputs(batch, device)).logits
+        loss, n = token_loss_sum(logits, batch["labels"])
+        with torch.no_grad():
+            correct = correct_tokens(logits, batch["labels"])
+        return loss, n, correct
+
+    def for_prepared(self, model: Any) -> PlainLoss:
+        return self
+
+
+def _identity(hidden: torch.Tensor) -> torch.Tensor:
+    return hidden
+
+
+@contextmanager
+def head_returns_input(head: torch.nn.Module) -> Iterator[None]:
+    """For the duration, `head(h)` is `h`: the model's `.logits` are the head's input."""
+    # An instance attribute shadows the class's forward; a wrapper someone installed the same way
+    # (accelerate's hooks do) is put back afterwards.
+    before = head.__dict__.get("forward")
+    head.forward = _identity
+    try:
+        yield
+    finally:
+        if before is None:
+            del head.forward
+        else:
+            head.forward = before
+
+
+class ChunkedLoss:
+    name = "chunked"
+
+    def __init__(self, head: torch.nn.Linear, chunk: int | None = None):
+        self.head = head
+        self.chunk = chunk or chunk_tokens(head.weight.shape[0])
+
+    def __call__(self, model: Any, batch: dict[str, torch.Tensor], device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with head_returns_input(self.head):
+            hidden = model(**model_inputs(batch, device)).logits
+        targets = batch["labels"][:, 1:].to(hidden.device)
+        keep = targets != IGNORE_INDEX
+        # Only positions with a label pay for the head: prompts and padding cost nothing here.
+        loss, correct = linear_cross_entropy(hidden[:, :-1][keep], self.head.weight, targets[keep], self.chunk)
+        return loss, keep.sum(), correct
+
+    def for_prepared(self, model: Any) -> PlainLoss | ChunkedLoss:
+        """The loss for the model as accelerate wrapped it: a sharded (FSDP) head's weight is not
+        whole outside its own forward, so a sharded model keeps the plain loss."""
+        wrapped = any("FullyShardedDataParallel" in type(m).__name__ or type(m).__name__.startswith("FSDP")
+                      for m in model.modules())
+        sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())  # FSDP2
+        return PlainLoss() if wrapped or sharded else self
+
+
+LossHead = PlainLoss | ChunkedLoss
+
+
+def _plain_head(model: Any) -> torch.nn.Linear | None:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    if not head.weight.is_floating_point() or head.weight.ndim != 2:
+        return None
+    return head
+
+
+@torch.no_grad()
+def _logits_are_head_output(model: Any, head: torch.nn.Linear, device: Any) -> bool:
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(_module: Any, args: tuple, output: torch.Tensor) -> None:
+        seen["input"], seen["output"] = args[0], output
+
+    handle = head.register_forward_hook(record)
+    was_training = model.training
+    model.eval()
+    try:
+        ids = torch.arange(1, 9, device=device).remainder(head.weight.shape[0])[None]
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if "output" not in seen or seen["input"].shape[:-1] != logits.shape[:-1]:
+        return False
+    return seen["output"].shape == logits.shape and torch.equal(seen["output"].to(logits.dtype), logits)
+
+
+def build_loss(model: Any, device: Any, chunked: bool = True) -> PlainLoss | ChunkedLoss:
+    """The chunked loss where the model's logits are provably its linear head's output, else plain."""
+    if not chunked:
+        return PlainLoss()
+    head = _plain_head(model)
+    if head is None:
+        return PlainLoss()
+    try:
+        same = _logits_are_head_output(model, head, device)
+    except Exception:  # noqa: BLE001 - a model the probe cannot drive keeps the path that always works
+        same = False
+    return ChunkedLoss(head) if same else PlainLoss()
