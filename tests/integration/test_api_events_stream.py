@@ -15,6 +15,9 @@ from sqlalchemy.orm import Session
 from tests.conftest import create_user_with_key
 from tests.integration.conftest import make_job
 
+# A stream that never ends is this module's likeliest failure: fail it in minutes, not at the suite's limit.
+pytestmark = pytest.mark.timeout(120)
+
 
 @pytest.fixture
 def client(db_env: dict[str, str]) -> Iterator[TestClient]:
