@@ -30,6 +30,7 @@ SCALARS: dict[str, list[tuple[str, str, float]]] = {
         ("grad_norm", "train/grad_norm", 1.0), ("epoch", "train/epoch", 1.0), ("tokens", "train/tokens", 1.0),
         ("tokens_per_second", "train/tokens_per_second", 1.0), ("mfu", "train/mfu", 1.0),
         ("peak_memory_bytes", "train/peak_memory_gib", 1 / GiB),
+        ("train_mean_token_accuracy", "train/mean_token_accuracy", 1.0),
     ],
     "validation": [
         ("valid_loss", "valid/loss", 1.0), ("valid_mean_token_accuracy", "valid/mean_token_accuracy", 1.0),
