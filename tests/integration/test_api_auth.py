@@ -34,6 +34,9 @@ KINDS: dict[str, dict[str, Any]] = {
 
 RULES: dict[tuple[str, str], str] = {
     ("GET", "/healthz"): "public",
+    # The dashboard's page holds no data; its scripts call the API with the user's key.
+    ("GET", "/ui"): "public",
+    ("GET", "/ui/"): "public",
     # Service-wide figures (every team's jobs, worker host names): admins only.
     ("GET", "/metrics"): "admin",
     ("POST", "/v1/files"): "any_user",
