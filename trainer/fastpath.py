@@ -65,14 +65,17 @@ class FastPath:
 def _fits_without_checkpointing(spec: JobSpec, config: Any, device: torch.device) -> bool:
     """The planner's estimate without checkpointing against this GPU; any doubt picks lean."""
     try:
-        from trainer.planner import estimate_memory
+        from trainer import planner
 
-        hp = spec.hyperparameters
-        kwargs: dict[str, Any] = {"method": spec.method, "batch_size": hp.batch_size, "seq_len": hp.max_seq_len,
-                                  "gradient_checkpointing": False}
-        if spec.method in ("lora", "qlora"):
-            kwargs.update(lora_r=spec.lora.r, lora_targets=spec.lora.target_modules)
-        estimate = estimate_memory(config, **kwargs)
+        if hasattr(planner, "estimate_for_spec"):
+            estimate = planner.estimate_for_spec(spec, config, speed="fast")
+        else:
+            hp = spec.hyperparameters
+            kwargs: dict[str, Any] = {"method": spec.method, "batch_size": hp.batch_size, "seq_len": hp.max_seq_len,
+                                      "gradient_checkpointing": False}
+            if spec.method in ("lora", "qlora"):
+                kwargs.update(lora_r=spec.lora.r, lora_targets=spec.lora.target_modules)
+            estimate = planner.estimate_memory(config, **kwargs)
         total = torch.cuda.get_device_properties(device).total_memory
         return estimate.total <= AUTO_FAST_SHARE * total
     except Exception:  # noqa: BLE001 - an estimate that fails must not fail the job
@@ -126,5 +129,6 @@ def setup_model(spec: JobSpec, precision: str, device: torch.device) -> tuple[An
     checkpointing = speed == "lean"
     model = apply_method(base, spec, checkpointing=checkpointing)
     fused = fuse_lora(model) if fast else 0
-    loss = build_loss(model, device, chunked=fast)
+    # accelerate runs the forward under bf16 autocast whenever the precision is bf16 (trainer.job).
+    loss = build_loss(model, device, chunked=fast, compute_dtype=torch.bfloat16 if precision == "bf16" else None)
     return model, FastPath(speed, checkpointing, loss, fused, liger)

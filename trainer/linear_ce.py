@@ -7,11 +7,12 @@ at a time. The gradients of the hidden states and of the head's weight are compu
 forward pass, while the chunk's logits exist anyway, so backward only scales them by the incoming
 gradient: three matmuls per chunk instead of the four that recomputing in backward would take.
 
-Live memory beyond the inputs: one chunk's logits (compute dtype) and their fp32 copy, which
+Live memory beyond the inputs (`live_bytes`): one chunk's logits and their fp32 copy, which
 becomes the softmax and then the gradient in place, then a compute-dtype copy of that gradient:
-about chunk x vocab x 8 bytes in bf16 (chunk x vocab x 8 in fp32 too: 4 + 4), plus the gradient of
-the selected hidden states (tokens x hidden, compute dtype) and, when the head trains, its weight
-gradient (the size of the weight, which backward would allocate anyway).
+at most chunk x vocab x 8 bytes at any moment; plus the gradient of the selected hidden states
+(tokens x hidden, compute dtype), a compute-dtype copy of the head weight if it is stored wider,
+and, when the head trains, its weight gradient (the size of the weight, which backward would
+allocate anyway).
 
 Numerics match `F.cross_entropy` on `logits.float()`: the matmul runs in the compute dtype (bf16
 under autocast, as the model's own head would), everything after it in fp32.
@@ -23,9 +24,10 @@ import os
 
 import torch
 
-# fp32 bytes of one chunk's logits; 256 MiB gives 512 tokens at a 128k vocabulary, big enough that
-# the head's matmuls stay efficient and small next to a 1B model's activations.
-CHUNK_BYTES = 256 * 1024**2
+# fp32 bytes of one chunk's logits; 128 MiB gives 256 tokens at a 128k vocabulary: the head's
+# matmuls still have 256 rows (efficient on tensor cores), and the loss's ~0.25 GiB stays small
+# next to a checkpointed 1B model's activations.
+CHUNK_BYTES = 128 * 1024**2
 MIN_CHUNK, MAX_CHUNK = 16, 8192
 
 
@@ -44,26 +46,42 @@ def chunk_tokens(vocab: int, budget_bytes: int | None = None) -> int:
 
 
 def live_bytes(vocab: int, chunk: int, compute_bytes: int = 2) -> int:
-    """Bytes the chunk loop keeps alive at its peak (for the planner): logits in the compute
-    dtype, their fp32 copy, and the compute-dtype copy of their gradient."""
-    return chunk * vocab * (compute_bytes + 4 + (compute_bytes if compute_bytes != 4 else 0))
+    """Bytes of vocabulary-wide tensors the chunk loop holds at its peak (for the planner).
+
+    In turn: the logits (compute dtype) and their fp32 copy; the fp32 copy and log-sum-exp's
+    fp32 temporary; the fp32 gradient and its compute-dtype copy. The middle one is the largest,
+    8 bytes per logit, unless the compute dtype is wider than 4 bytes.
+    """
+    return chunk * vocab * max(8, compute_bytes + 4)
 
 
-_ADDMM_FP32_OUT: dict[str, bool] = {}
+_ADDMM_FP32_OUT: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _fp32_out_addmm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether addmm can add a low-precision product straight into a fp32 tensor here (CUDA's
+    out_dtype variant), checked once on small tensors against the plain computation."""
+    key = (device.type, dtype)
+    if key not in _ADDMM_FP32_OUT:
+        try:
+            a = torch.randn(8, 16, device=device).to(dtype)
+            b = torch.randn(16, 8, device=device).to(dtype)
+            acc = torch.ones(8, 8, device=device)
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            want = 1.0 + a.float() @ b.float()
+            _ADDMM_FP32_OUT[key] = bool(torch.allclose(acc, want, rtol=1e-2, atol=1e-2))
+        except (RuntimeError, TypeError, NotImplementedError):
+            _ADDMM_FP32_OUT[key] = False
+    return _ADDMM_FP32_OUT[key]
 
 
 def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b where acc is fp32 and a, b are bf16/fp16, without a weight-sized temporary
-    when the device can write a fp32 result from low-precision inputs (CUDA's addmm out_dtype)."""
-    key = acc.device.type
-    if _ADDMM_FP32_OUT.get(key, True):
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            _ADDMM_FP32_OUT[key] = True
-            return
-        except (RuntimeError, TypeError, NotImplementedError):
-            _ADDMM_FP32_OUT[key] = False
-    acc.add_(torch.mm(a, b))
+    """acc += a @ b where acc is fp32 and a, b are bf16/fp16: without a weight-sized temporary
+    where the device can write the fp32 result directly."""
+    if _fp32_out_addmm_works(acc.device, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.add_(torch.mm(a, b))
 
 
 def _chunk_loop(

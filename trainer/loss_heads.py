@@ -77,9 +77,12 @@ def head_returns_input(head: torch.nn.Module) -> Iterator[None]:
 class ChunkedLoss:
     name = "chunked"
 
-    def __init__(self, head: torch.nn.Linear, chunk: int | None = None):
+    def __init__(self, head: torch.nn.Linear, chunk: int | None = None, compute_dtype: torch.dtype | None = None):
         self.head = head
         self.chunk = chunk or chunk_tokens(head.weight.shape[0])
+        # The model's own head runs inside the autocast region of its forward; this one runs after
+        # it, so it is told the dtype (else fp32 master weights would make it an fp32 matmul).
+        self.compute_dtype = compute_dtype
 
     def __call__(self, model: Any, batch: dict[str, torch.Tensor], device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with head_returns_input(self.head):
@@ -87,7 +90,8 @@ class ChunkedLoss:
         targets = batch["labels"][:, 1:].to(hidden.device)
         keep = targets != IGNORE_INDEX
         # Only positions with a label pay for the head: prompts and padding cost nothing here.
-        loss, correct = linear_cross_entropy(hidden[:, :-1][keep], self.head.weight, targets[keep], self.chunk)
+        loss, correct = linear_cross_entropy(hidden[:, :-1][keep], self.head.weight, targets[keep], self.chunk,
+                                             self.compute_dtype)
         return loss, keep.sum(), correct
 
     def for_prepared(self, model: Any) -> PlainLoss | ChunkedLoss:
@@ -133,8 +137,13 @@ def _logits_are_head_output(model: Any, head: torch.nn.Linear, device: Any) -> b
     return seen["output"].shape == logits.shape and torch.equal(seen["output"].to(logits.dtype), logits)
 
 
-def build_loss(model: Any, device: Any, chunked: bool = True) -> PlainLoss | ChunkedLoss:
-    """The chunked loss where the model's logits are provably its linear head's output, else plain."""
+def build_loss(
+    model: Any, device: Any, chunked: bool = True, compute_dtype: torch.dtype | None = None
+) -> PlainLoss | ChunkedLoss:
+    """The chunked loss where the model's logits are provably its linear head's output, else plain.
+
+    compute_dtype: the head matmul's dtype, that of the mixed precision the model runs under
+    (None: the hidden states' dtype)."""
     if not chunked:
         return PlainLoss()
     head = _plain_head(model)
@@ -144,4 +153,4 @@ def build_loss(model: Any, device: Any, chunked: bool = True) -> PlainLoss | Chu
         same = _logits_are_head_output(model, head, device)
     except Exception:  # noqa: BLE001 - a model the probe cannot drive keeps the path that always works
         same = False
-    return ChunkedLoss(head) if same else PlainLoss()
+    return ChunkedLoss(head, compute_dtype=compute_dtype) if same else PlainLoss()

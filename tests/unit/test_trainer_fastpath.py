@@ -62,10 +62,28 @@ def test_linear_cross_entropy_frozen_head_and_no_grad():
     assert not again.requires_grad and float(again) == pytest.approx(float(loss.detach()), rel=1e-6)
 
 
+def test_linear_cross_entropy_in_bf16_with_fp32_master_head():
+    """The fp32_master case: the head is fp32, the matmuls bf16, its gradient accumulated in fp32."""
+    torch.manual_seed(1)
+    h = torch.randn(64, 32, requires_grad=True)
+    w = (torch.randn(100, 32) * 0.3).requires_grad_()
+    t = torch.randint(0, 100, (64,))
+    loss, _ = linear_cross_entropy(h, w, t, chunk=16, compute_dtype=torch.bfloat16)
+    loss.backward()
+    assert w.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
+    got = (h.grad.clone(), w.grad.clone())
+    h.grad = w.grad = None
+    logits = (h.bfloat16() @ w.bfloat16().t()).float()  # what autocast gives the model's own head
+    ref = F.cross_entropy(logits, t, reduction="sum")
+    ref.backward()
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-4)
+    assert _relative_error(got[0], h.grad) < 1e-2 and _relative_error(got[1], w.grad) < 1e-2
+
+
 def test_chunk_size_fits_the_budget():
-    assert chunk_tokens(128_256) == 512  # 512 x 128256 x 4 B = 251 MiB <= 256 MiB
+    assert chunk_tokens(128_256) == 256  # 256 x 128256 x 4 B = 125 MiB <= 128 MiB
     assert chunk_tokens(768) == 8192  # capped
-    assert chunk_tokens(128_256, budget_bytes=64 * 1024**2) == 128
+    assert chunk_tokens(128_256, budget_bytes=256 * 1024**2) == 512
 
 
 class _LogitRows(TorchDispatchMode):
@@ -319,3 +337,19 @@ def test_mfu_uses_the_configured_peak(monkeypatch):
     assert peak_flops(torch.device("cuda")) == 100e12
     flops = ModelFlops(matmul_weights=10**9, trainable_matmul_weights=10**9, layers=0, attention_width=0)
     assert mfu(flops, 10_000, 2048, 100e12, devices=2) == pytest.approx(6e9 * 1e4 / 200e12)
+
+
+def test_speed_auto_on_a_gpu_takes_fast_only_when_the_plan_fits(monkeypatch):
+    from types import SimpleNamespace
+
+    from trainer.fastpath import resolve_speed
+    from trainer.spec import JobSpec
+    from trainer.tiny import build_config
+
+    spec = JobSpec(model="m", training_file="t", method="lora", hyperparameters={"batch_size": 8, "max_seq_len": 2048})
+    config, gpu = build_config("llama-3.2-1b"), torch.device("cuda")
+    for gib, speed in ((16, "lean"), (141, "fast")):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _d, gib=gib: SimpleNamespace(total_memory=gib * 2**30))
+        assert resolve_speed(spec, gpu, config) == speed, gib
+    assert resolve_speed(spec.model_copy(update={"method": "prefix"}), gpu, config) == "fast"
+    assert resolve_speed(spec.model_copy(update={"speed": "lean"}), gpu, config) == "lean"  # explicit wins

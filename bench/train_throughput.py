@@ -1,0 +1,638 @@
+"""Training throughput of tuneq against TRL, Unsloth and a plain loop, side by side (issue 6).
+
+Workload: the Llama-3.2-1B shape (trainer.tiny.build_config) with random bf16 weights, sdpa,
+rows of `--seq` random token ids, per-device batch `--batch`, LoRA r16 alpha 32 on all linear
+layers, QLoRA = bitsandbytes NF4 with double quantization and bf16 compute. Every row trains
+`--warmup` steps, then the peak-memory statistics are reset and `--steps` steps are timed
+(torch.cuda.synchronize around each); peak = torch.cuda.max_memory_allocated over them.
+
+Rows (`--rows`, comma separated names or families: trl, plain, tuneq, unsloth, all):
+  trl-*      TRL SFTTrainer with its defaults (checkpointing on), LoRA also without
+             checkpointing and with use_liger_kernel, QLoRA, full (bf16 weights, TRL's default);
+  plain-*    model(input_ids, labels=input_ids), backward, fused AdamW (QLoRA through peft's
+             prepare_model_for_kbit_training with checkpointing);
+  tuneq-*    the trainer's own step: trainer.fastpath.setup_model, trainer.optim.build_optimizer,
+             accelerate's bf16 mixed precision and trainer.loop.forward_backward, as train() runs
+             them, in speed lean and fast; full also with fp32 master weights;
+  unsloth-*  bench/peers_unsloth.py (Unsloth's SFTTrainer path), each in its own interpreter.
+Rows run in child processes grouped so that no library's global patches (liger, Unsloth) leak
+into another family's rows; a row that fails is recorded as 'not run: <reason>'.
+
+MFU = model FLOPs per token (trainer.throughput, the planner's formulas: 6N full, 4N + 6T
+adapters, plus attention; recomputation not counted) x tokens/s / the bf16 matmul rate measured
+in the same run (8192^3 matmuls). Ratios compare with the TRL row of the same method and mode.
+
+    python bench/train_throughput.py                       # on the lent GPU, all rows (~6 min)
+    python bench/train_throughput.py --rows trl,plain,tuneq  # ~4 min; then, in a second call:
+    python bench/train_throughput.py --rows unsloth --merge  # adds the Unsloth rows to that table
+    python bench/train_throughput.py --profile tuneq-lora-lean  # + a kernel profile of that row
+    python bench/train_throughput.py --dry-run             # CPU, tiny model: proves the wiring
+
+Writes bench/results/train_throughput_h200.md and .json (a dry run: ..._cpu_dryrun.*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+GiB = 1024**3
+LORA = {"r": 16, "alpha": 32}
+LEARNING_RATE = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}
+
+# name: (family, method, settings)
+ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "trl-lora": ("trl", "lora", {}),
+    "trl-lora-nockpt": ("trl", "lora", {"gradient_checkpointing": False}),
+    "trl-lora-liger": ("trl", "lora", {"use_liger_kernel": True}),
+    "trl-qlora": ("trl", "qlora", {}),
+    "trl-full": ("trl", "full", {}),
+    "plain-full": ("plain", "full", {}),
+    "plain-lora": ("plain", "lora", {}),
+    "plain-qlora": ("plain", "qlora", {}),
+    "tuneq-lora-lean": ("tuneq", "lora", {"speed": "lean"}),
+    "tuneq-lora-fast": ("tuneq", "lora", {"speed": "fast"}),
+    "tuneq-qlora-lean": ("tuneq", "qlora", {"speed": "lean"}),
+    "tuneq-qlora-fast": ("tuneq", "qlora", {"speed": "fast"}),
+    "tuneq-full-bf16-lean": ("tuneq", "full", {"speed": "lean", "full_precision": "bf16"}),
+    "tuneq-full-bf16-fast": ("tuneq", "full", {"speed": "fast", "full_precision": "bf16"}),
+    "tuneq-full-fp32-lean": ("tuneq", "full", {"speed": "lean", "full_precision": "fp32_master"}),
+    "tuneq-full-fp32-fast": ("tuneq", "full", {"speed": "fast", "full_precision": "fp32_master"}),
+    "unsloth-lora": ("unsloth", "lora", {"gradient_checkpointing": True}),
+    "unsloth-lora-nockpt": ("unsloth", "lora", {"gradient_checkpointing": False}),
+    "unsloth-qlora": ("unsloth", "qlora", {"gradient_checkpointing": True}),
+    "unsloth-full": ("unsloth", "full", {"gradient_checkpointing": True}),
+}
+
+# tuneq row: (TRL row it is measured against, minimum tokens/s ratio, maximum peak ratio); None: report only
+TARGETS: dict[str, tuple[str, float | None, float | None]] = {
+    "tuneq-lora-lean": ("trl-lora", 1.3, 1.0),
+    "tuneq-lora-fast": ("trl-lora-nockpt", 1.3, 1.0),
+    "tuneq-qlora-lean": ("trl-qlora", 1.3, 1.0),
+    "tuneq-qlora-fast": ("trl-qlora", 1.3, 1.0),
+    "tuneq-full-bf16-lean": ("trl-full", 1.2, 1.2),
+    "tuneq-full-bf16-fast": ("trl-full", 1.2, 1.2),
+    "tuneq-full-fp32-lean": ("trl-full", None, None),
+    "tuneq-full-fp32-fast": ("trl-full", None, None),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# In the child processes
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_gib(device) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None
+
+
+def _reset_peak(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _free(device) -> None:
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _rows_of_ids(args, vocab: int, n: int):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    # Ids 0-2 are pad, bos and eos of the tokenizer: kept out so no collator masks them.
+    return torch.randint(3, vocab, (n, args.seq), generator=g)
+
+
+def _timed(step: Callable[[int], Any], args, device) -> dict[str, Any]:
+    """Warm up, reset the peak, time `steps` steps with a synchronize around each."""
+    losses = []
+    for i in range(args.warmup):
+        losses.append(float(step(i)))
+    _sync(device)
+    _reset_peak(device)
+    times = []
+    for i in range(args.warmup, args.warmup + args.steps):
+        start = time.perf_counter()
+        losses.append(float(step(i)))
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    tokens = args.batch * args.seq * args.steps
+    return {"tokens_per_second": tokens / sum(times), "peak_gib": _peak_gib(device), "step_s": times,
+            "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def _flops_per_token(model, seq: int) -> float:
+    from trainer.throughput import model_flops
+
+    return model_flops(model).per_token(seq)
+
+
+def _device(args):
+    import torch
+
+    return torch.device("cpu" if args.dry_run else "cuda")
+
+
+def _load_hf(args, method: str, device):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if not args.dry_run else torch.float32,
+                              "attn_implementation": "sdpa"}
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": 0}
+    if method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if not args.dry_run else torch.float32,
+        )
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, **kwargs)
+    model.config.use_cache = False
+    return model
+
+
+def _lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules="all-linear", lora_dropout=0.0,
+                      task_type="CAUSAL_LM")
+
+
+def run_plain(name: str, method: str, settings: dict, args) -> dict[str, Any]:
+    import torch
+
+    device = _device(args)
+    model = _load_hf(args, method, device)
+    if method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    if method in ("lora", "qlora"):
+        from peft import get_peft_model
+
+        model = get_peft_model(model, _lora_config())
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE[method], fused=device.type == "cuda")
+    ids = _rows_of_ids(args, model.config.vocab_size, args.batch * (args.warmup + args.steps))
+
+    def step(i: int):
+        batch = ids[i * args.batch : (i + 1) * args.batch].to(device)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    result = _timed(step, args, device)
+    result["flops_per_token"] = _flops_per_token(model, args.seq)
+    del model, optimizer, params
+    return result
+
+
+def run_tuneq(name: str, method: str, settings: dict, args) -> dict[str, Any]:
+    import torch
+    from accelerate import Accelerator
+
+    from trainer.fastpath import setup_model
+    from trainer.loop import forward_backward
+    from trainer.model import quiet_libraries, resolve_precision
+    from trainer.optim import build_optimizer
+    from trainer.spec import JobSpec
+
+    quiet_libraries()
+    device = _device(args)
+    spec = JobSpec.model_validate({
+        "model": str(args.model_dir), "method": method, "training_file": "unused.jsonl",
+        **({"lora": LORA} if method in ("lora", "qlora") else {}),
+        "hyperparameters": {"batch_size": args.batch, "max_seq_len": args.seq, "learning_rate": LEARNING_RATE[method]},
+        "precision": "fp32" if args.dry_run else "bf16",
+        **settings,
+    })
+    # What trainer.job gives a one-GPU job: accelerate's bf16 mixed precision.
+    accelerator = Accelerator(mixed_precision="no" if args.dry_run else "bf16", cpu=args.dry_run)
+    precision = resolve_precision(spec.precision, accelerator.device)
+    model, fast = setup_model(spec, precision, accelerator.device)
+    optimizer = build_optimizer(model, spec, accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loss_head = fast.loss.for_prepared(model)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    raw = accelerator.unwrap_model(model)
+    ids = _rows_of_ids(args, raw.config.vocab_size, args.batch * (args.warmup + args.steps + 2))
+
+    def step(i: int):
+        rows = ids[i * args.batch : (i + 1) * args.batch]
+        batch = {"input_ids": rows, "attention_mask": torch.ones_like(rows), "labels": rows.clone()}
+        result = forward_backward(model, [batch], accelerator, loss_head)
+        accelerator.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return result["loss_sum"] / max(result["label_tokens"], 1)
+
+    result = _timed(step, args, device)
+    result["flops_per_token"] = _flops_per_token(raw, args.seq)
+    result["fast_path"] = {**fast.describe(), "loss": loss_head.name}
+    if args.profile == name:
+        result["profile"] = _profile(step, args, device, name)
+    del model, optimizer, trainable, raw, fast, loss_head
+    return result
+
+
+def _profile(step: Callable[[int], Any], args, device, name: str) -> str:
+    """Two more steps under the profiler: the kernels that take the time, written beside the table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i in range(args.warmup + args.steps, args.warmup + args.steps + 2):
+            step(i)
+        _sync(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=30)
+    path = args.out.with_name(args.out.name + f"_profile_{name}.md")
+    path.write_text(f"# Profile of {name}: two steps after the timed ones\n\n```\n{table}\n```\n")
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def run_trl(name: str, method: str, settings: dict, args) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    device = _device(args)
+    model = _load_hf(args, method, device)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    n = args.batch * (args.warmup + args.steps)
+    dataset = Dataset.from_dict({"input_ids": _rows_of_ids(args, model.config.vocab_size, n).tolist()})
+    clock: dict[str, Any] = {"times": [], "peak": None}
+
+    class StepClock(TrainerCallback):
+        def on_step_begin(self, _args, state, control, **kwargs):
+            if state.global_step == args.warmup:
+                _sync(device)
+                _reset_peak(device)
+            _sync(device)
+            clock["start"] = time.perf_counter()
+
+        def on_step_end(self, _args, state, control, **kwargs):
+            _sync(device)
+            if state.global_step > args.warmup:
+                clock["times"].append(time.perf_counter() - clock["start"])
+
+    config = SFTConfig(
+        output_dir=str(args.work / f"trl-{name}"),
+        per_device_train_batch_size=args.batch,
+        max_steps=args.warmup + args.steps,
+        max_length=args.seq,
+        learning_rate=LEARNING_RATE[method],
+        logging_steps=10_000,
+        save_strategy="no",
+        report_to="none",
+        dataloader_num_workers=0,
+        **({"bf16": False, "use_cpu": True} if args.dry_run else {}),
+        **settings,
+    )
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=_lora_config() if method in ("lora", "qlora") else None, callbacks=[StepClock()],
+    )
+    output = trainer.train()
+    times = clock["times"]
+    if len(times) != args.steps:
+        raise RuntimeError(f"timed {len(times)} steps, expected {args.steps}")
+    result = {"tokens_per_second": args.batch * args.seq * args.steps / sum(times), "peak_gib": _peak_gib(device),
+              "step_s": times, "loss_last": float(output.training_loss),
+              "flops_per_token": _flops_per_token(trainer.model, args.seq)}
+    del trainer, model, dataset
+    return result
+
+
+def measure_matmul_peak(args) -> dict[str, Any]:
+    """Dense matmul FLOP/s of this device in the compute dtype (bf16 on the GPU)."""
+    import torch
+
+    device = _device(args)
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (512, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    reps = 20 if device.type == "cuda" else 5
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return {"flops": 2 * n**3 * reps / seconds, "n": n, "dtype": str(dtype).replace("torch.", "")}
+
+
+def build_model(args) -> None:
+    """The shape with random weights, saved once with the tiny tokenizer; created on the GPU."""
+    marker = args.model_dir / ".complete"
+    if marker.exists():
+        return
+    import torch
+
+    from trainer.tiny import build_config, build_tiny, build_tokenizer
+
+    partial = args.model_dir.with_name(args.model_dir.name + f".partial-{os.getpid()}")
+    if args.dry_run:
+        build_tiny(partial, seed=0)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(build_config(args.shape), dtype=torch.bfloat16)
+        model.save_pretrained(partial)
+        build_tokenizer().save_pretrained(partial)
+        del model
+    # bench/peers_unsloth.py reuses a directory that carries this marker.
+    (partial / ".complete").write_text("built by bench/train_throughput.py\n")
+    partial.rename(args.model_dir)
+
+
+RUNNERS = {"plain": run_plain, "tuneq": run_tuneq, "trl": run_trl}
+
+
+def child(args) -> int:
+    """Run `args.child_rows` in this process, appending each result to args.result as it ends."""
+    import torch
+
+    results: list[dict[str, Any]] = []
+
+    def save() -> None:
+        args.result.write_text(json.dumps(results))
+
+    device = _device(args)
+    for name in args.child_rows.split(","):
+        if name == "setup":
+            build_model(args)
+            results.append({"name": "setup", "matmul_peak": measure_matmul_peak(args)})
+            save()
+            continue
+        family, method, settings = ROWS[name]
+        _free(device)
+        before = torch.cuda.memory_allocated(device) / GiB if device.type == "cuda" else 0.0
+        started = time.time()
+        try:
+            row = RUNNERS[family](name, method, settings, args)
+        except Exception as exc:  # noqa: BLE001 - one row failing must not lose the others
+            row = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+        row.update(name=name, seconds=round(time.time() - started, 1), allocated_before_gib=round(before, 3))
+        results.append(row)
+        save()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# In the parent: groups of rows in children, then the table
+
+
+def _groups(names: list[str]) -> list[list[str]]:
+    """Rows that may share a process: one family each, liger-patched TRL on its own."""
+    order = ["plain", "trl", "trl-liger", "tuneq"]
+    buckets: dict[str, list[str]] = {}
+    for name in names:
+        family, _, settings = ROWS[name]
+        key = "trl-liger" if family == "trl" and settings.get("use_liger_kernel") else family
+        buckets.setdefault(key, []).append(name)
+    return [buckets[k] for k in order if k in buckets]
+
+
+def _run_child(args, rows: list[str], timeout: float) -> list[dict[str, Any]]:
+    result = args.work / f"result-{rows[0]}.json"
+    result.unlink(missing_ok=True)
+    command = [sys.executable, str(Path(__file__).resolve()), "--child-rows", ",".join(rows), "--result", str(result),
+               *args.passthrough]
+    print(f"  running {', '.join(rows)} ...", flush=True)
+    error = None
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        if done.returncode != 0:
+            error = f"child exited {done.returncode}: {(done.stderr or done.stdout).strip().splitlines()[-1:]}"
+    except subprocess.TimeoutExpired:
+        error = f"timed out after {timeout:.0f} s"
+    got = json.loads(result.read_text()) if result.exists() else []
+    seen = {r["name"] for r in got}
+    for name in rows:
+        if name not in seen:
+            got.append({"name": name, "error": error or "no result"})
+    return got
+
+
+def _run_unsloth(args, name: str) -> dict[str, Any]:
+    _, method, settings = ROWS[name]
+    print(f"  running {name} ...", flush=True)
+    try:
+        from bench import peers_unsloth
+    except Exception as exc:  # noqa: BLE001
+        return {"name": name, "error": f"bench/peers_unsloth.py cannot be imported: {exc}"}
+    kwargs = {"model_dir": str(args.model_dir), "dry_run": args.dry_run}
+    if not args.dry_run:
+        kwargs["shape"] = args.shape
+    try:
+        runner = getattr(peers_unsloth, "run_unsloth_subprocess", None)
+        if runner is not None:
+            row = runner(method, settings["gradient_checkpointing"], args.batch, args.seq, args.warmup, args.steps,
+                         timeout_s=args.row_timeout, **kwargs)
+        else:
+            row = peers_unsloth.run_unsloth(method, settings["gradient_checkpointing"], args.batch, args.seq,
+                                            args.warmup, args.steps)
+    except Exception as exc:  # noqa: BLE001
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        return {"name": name, "error": (lines[-1] if lines else type(exc).__name__)[:300]}
+    return {"name": name, **row}
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def _verdict(row: dict, ref: dict | None, target: tuple[str, float | None, float | None]) -> tuple[str, str, str]:
+    """(ratio text, target text, met text)."""
+    ref_name, min_speed, max_mem = target
+    want = "report only" if min_speed is None else f"≥ {min_speed}× tokens/s, ≤ {max_mem}× peak vs {ref_name}"
+    if "error" in row or ref is None or "error" in ref:
+        return "—", want, "not measured"
+    speed = row["tokens_per_second"] / ref["tokens_per_second"]
+    mem = row["peak_gib"] / ref["peak_gib"] if row.get("peak_gib") and ref.get("peak_gib") else None
+    ratio = f"{speed:.2f}× / {_fmt(mem, '.2f')}× mem vs {ref_name}"
+    if min_speed is None:
+        return ratio, want, "—"
+    if mem is None:
+        return ratio, want, "not measured (no peak memory on this device)"
+    misses = []
+    if speed < min_speed:
+        misses.append(f"speed {speed:.2f}× < {min_speed}×")
+    if mem > max_mem:
+        misses.append(f"memory {_fmt(mem, '.2f')}× > {max_mem}×")
+    return ratio, want, "yes" if not misses else "no: " + "; ".join(misses)
+
+
+def _dominance(rows: dict[str, dict]) -> list[str]:
+    """For every peer row: the tuneq rows of its method at least as fast with no more peak memory."""
+    lines = []
+    for name, row in rows.items():
+        family, method, _ = ROWS[name]
+        if family == "tuneq" or "error" in row:
+            continue
+        better = [t for t, r in rows.items() if ROWS[t][0] == "tuneq" and ROWS[t][1] == method and "error" not in r
+                  and r["tokens_per_second"] >= row["tokens_per_second"]
+                  and (r.get("peak_gib") or 0) <= (row.get("peak_gib") or 0)]
+        lines.append(f"| {name} | {', '.join(better) if better else '**none: not matched**'} |")
+    return lines
+
+
+def report(args, setup: dict, rows: dict[str, dict]) -> str:
+    peak = setup.get("matmul_peak", {}).get("flops")
+    title = "CPU dry run (tiny model; proves the script, measures nothing)" if args.dry_run else "H200"
+    out = [
+        f"# Training throughput: tuneq vs TRL, Unsloth and a plain loop ({title})",
+        "",
+        f"Workload: {'tiny model' if args.dry_run else args.shape} random weights, batch {args.batch} x seq {args.seq}, "
+        f"{args.warmup} warm-up + {args.steps} timed steps; LoRA r{LORA['r']} alpha {LORA['alpha']} all linear; "
+        "QLoRA NF4 double-quant bf16 compute. Peak = torch.cuda.max_memory_allocated over the timed steps. "
+        f"MFU against the measured {setup.get('matmul_peak', {}).get('dtype', '?')} matmul rate "
+        f"{_fmt(peak / 1e12 if peak else None, '.3g')} TFLOP/s. Command: `python bench/train_throughput.py "
+        f"{' '.join(args.argv)}`" + (" (merged into the rows of an earlier run)" if args.merge else "") + ".",
+        "",
+        "| run | tokens/s | peak GiB | MFU | ratio vs TRL (tokens/s / peak) | target | met? |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        if "error" in row:
+            out.append(f"| {name} | not run: {row['error'].replace('|', '/')} | | | | | |")
+            continue
+        fpt = row.get("flops_per_token")
+        mfu = fpt * row["tokens_per_second"] / peak if fpt and peak else None
+        ratio, want, met = ("", "", "")
+        if name in TARGETS:
+            ratio, want, met = _verdict(row, rows.get(TARGETS[name][0]), TARGETS[name])
+        out.append(f"| {name} | {row['tokens_per_second']:,.0f} | {_fmt(row.get('peak_gib'), '.2f')} | "
+                   f"{_fmt(mfu, '.1%')} | {ratio} | {want} | {met} |")
+    dominance = _dominance(rows)
+    if dominance:
+        out += ["", "Peer rows and the tuneq settings at least as fast with no more peak memory:", "",
+                "| peer row | tuneq rows that match it |", "|---|---|", *dominance]
+    fast_paths = {n: r["fast_path"] for n, r in rows.items() if "fast_path" in r}
+    if fast_paths:
+        out += ["", "What the tuneq rows ran with:", ""]
+        out += [f"- {n}: {json.dumps(v)}" for n, v in fast_paths.items()]
+    profiles = {n: r["profile"] for n, r in rows.items() if "profile" in r}
+    out += [f"- profile of {n}: {p}" for n, p in profiles.items()]
+    return "\n".join(out) + "\n"
+
+
+def select(spec: str) -> list[str]:
+    names: list[str] = []
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        if part == "all":
+            names += list(ROWS)
+        elif part in ROWS:
+            names.append(part)
+        elif any(f == part for f, _, _ in ROWS.values()):
+            names += [n for n, (f, _, _) in ROWS.items() if f == part]
+        else:
+            raise SystemExit(f"--rows: {part!r} is not a row or family; rows: {', '.join(ROWS)}")
+    return list(dict.fromkeys(names))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default="all")
+    parser.add_argument("--shape", default="llama-3.2-1b")
+    parser.add_argument("--seq", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model, short rows")
+    parser.add_argument("--profile", default=None, help="a tuneq row to profile (two extra steps)")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tuneq-train-throughput")
+    parser.add_argument("--out", type=Path, default=None, help="results path without suffix")
+    parser.add_argument("--row-timeout", type=float, default=None, help="seconds per row")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other rows of the existing results file (run the families in several calls)")
+    parser.add_argument("--child-rows", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.seq = args.seq or (64 if args.dry_run else 2048)
+    args.batch = args.batch or (2 if args.dry_run else 8)
+    if args.dry_run:
+        args.warmup, args.steps = min(args.warmup, 1), min(args.steps, 2)
+    args.row_timeout = args.row_timeout or (300.0 if args.dry_run else 150.0)
+    args.out = args.out or ROOT / "bench" / "results" / ("train_throughput_cpu_dryrun" if args.dry_run else "train_throughput_h200")
+    args.model_dir = args.work / ("tiny" if args.dry_run else args.shape)
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.argv = [a for a in argv if not a.startswith("--child-rows") and not a.startswith("--result")]
+    if args.child_rows:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return child(args)
+
+    names = select(args.rows)
+    args.passthrough = [a for a in argv if a != "--rows"]
+    if "--rows" in argv:  # drop the value that followed --rows
+        i = argv.index("--rows")
+        args.passthrough = argv[:i] + argv[i + 2 :]
+    args.passthrough = [a for a in args.passthrough if not a.startswith("--rows=")]
+    started = time.time()
+    print(f"train throughput: {len(names)} rows -> {args.out}.md", flush=True)
+    setup = _run_child(args, ["setup"], timeout=300)[0]
+    if "error" in setup:
+        raise SystemExit(f"could not build the model or measure the matmul peak: {setup['error']}")
+    results: dict[str, dict] = {}
+    for group in _groups([n for n in names if ROWS[n][0] != "unsloth"]):
+        for row in _run_child(args, group, timeout=60 + args.row_timeout * len(group)):
+            results[row["name"]] = row
+    for name in (n for n in names if ROWS[n][0] == "unsloth"):
+        results[name] = _run_unsloth(args, name)
+    ordered = {n: results[n] for n in names}
+    previous = args.out.with_suffix(".json")
+    if args.merge and previous.exists():
+        kept = json.loads(previous.read_text()).get("rows", {})
+        ordered = {n: ordered.get(n) or kept[n] for n in ROWS if n in ordered or n in kept}
+    text = report(args, setup, ordered)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".md").write_text(text)
+    args.out.with_suffix(".json").write_text(json.dumps(
+        {"setup": setup, "rows": ordered, "seconds": round(time.time() - started, 1),
+         "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}},
+        indent=1, default=str,
+    ))
+    print(text)
+    print(f"done in {time.time() - started:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
