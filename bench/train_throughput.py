@@ -378,6 +378,10 @@ def build_model(args) -> None:
         del model
     # bench/peers_unsloth.py reuses a directory that carries this marker.
     (partial / ".complete").write_text("built by bench/train_throughput.py\n")
+    if args.model_dir.exists():  # an earlier build that never finished
+        import shutil
+
+        shutil.rmtree(args.model_dir)
     partial.rename(args.model_dir)
 
 
