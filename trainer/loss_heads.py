@@ -54,19 +54,25 @@ class PlainLoss:
         return self
 
 
-def _identity(hidden: torch.Tensor) -> torch.Tensor:
-    return hidden
-
-
 @contextmanager
-def head_returns_input(head: torch.nn.Module) -> Iterator[None]:
-    """For the duration, `head(h)` is `h`: the model's `.logits` are the head's input."""
+def head_returns_input(head: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """For the duration, `head(h)` is `h`, and h is also recorded in the yielded dict ("hidden").
+
+    The recorded tensor is the one to use: accelerate's mixed precision converts the model's
+    outputs to fp32, which would turn bf16 hidden states into an fp32 copy twice their size.
+    """
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(hidden: torch.Tensor) -> torch.Tensor:
+        seen["hidden"] = hidden
+        return hidden
+
     # An instance attribute shadows the class's forward; a wrapper someone installed the same way
     # (accelerate's hooks do) is put back afterwards.
     before = head.__dict__.get("forward")
-    head.forward = _identity
+    head.forward = record
     try:
-        yield
+        yield seen
     finally:
         if before is None:
             del head.forward
@@ -85,8 +91,9 @@ class ChunkedLoss:
         self.compute_dtype = compute_dtype
 
     def __call__(self, model: Any, batch: dict[str, torch.Tensor], device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        with head_returns_input(self.head):
-            hidden = model(**model_inputs(batch, device)).logits
+        with head_returns_input(self.head) as seen:
+            model(**model_inputs(batch, device))  # its fp32-converted output is dropped at once
+        hidden = seen["hidden"]
         targets = batch["labels"][:, 1:].to(hidden.device)
         keep = targets != IGNORE_INDEX
         # Only positions with a label pay for the head: prompts and padding cost nothing here.

@@ -263,6 +263,18 @@ def test_fast_path_trains_like_the_plain_loop(make_spec, tmp_path: Path, monkeyp
     assert [m["train_mean_token_accuracy"] for m in metrics[:5]] == [m["train_mean_token_accuracy"] for m in plain_metrics[:5]]
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one mixed-precision setting per process; these tests need bf16 while the
+    others ran with none, so the state is cleared before and after."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
 @pytest.mark.parametrize(("method", "extra"), [("lora", {}), ("full", {"full_precision": "fp32_master"})])
 def test_fast_path_under_bf16_autocast_stays_within_bf16_noise(make_spec, tmp_path: Path, monkeypatch, method, extra):
     """precision bf16 on a CPU runs under CPU autocast, as a GPU job does: the fused LoRA and the
