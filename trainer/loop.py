@@ -4,8 +4,10 @@ Loss normalisation. A step's loss is the mean over every trained (label) token o
 micro-batches on all ranks: sum of token losses / total label tokens of the window. Averaging
 per-micro-batch means instead would weight a token in a short example more than one in a long
 example, and make the result depend on how a batch happens to be split. The window's token count
-is known before its forward passes (labels are data), so each micro-batch's summed loss is scaled
-by world_size / total_tokens before backward; DDP's gradient averaging divides world_size back out.
+is known before its forward passes (labels are data): one process scales each micro-batch's summed
+loss by 1 / total_tokens before backward. Several processes back-propagate the summed losses and
+multiply the averaged gradients by world_size / total_tokens once the step's single all-reduce
+(counts, loss sums, pause and checkpoint votes together) has told them total_tokens.
 
 Packing changes none of this: a packed row's label tokens are its examples' label tokens, and
 the attention never crosses an example boundary, so a step's loss is the same token mean.
@@ -30,13 +32,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from trainer import checkpoint as ckpt
 from trainer.data import IGNORE_INDEX, collate, load_tokenized, mix_in, model_inputs, pack
-from trainer.distributed import gather_model_state, gather_training_state, is_sharded
+from trainer.distributed import gather_model_state, gather_training_state, is_sharded, scale_gradients, sum_over_ranks
 from trainer.errors import ConfigError, Paused
 from trainer.events import EventWriter
 from trainer.export import export_final
@@ -71,35 +73,44 @@ def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def forward_backward(
-    model: Any, micro_batches: list[dict[str, torch.Tensor]], accelerator: Any, loss_head: LossHead | None = None
+    model: Any, micro_batches: list[dict[str, torch.Tensor]], accelerator: Any, loss_head: LossHead | None = None,
+    votes: Callable[[], list[bool]] | None = None,
 ) -> dict[str, Any]:
     """Accumulate the gradients of one optimizer step; returns the step's token-mean loss.
 
     Gradients equal those of one big batch holding all micro-batches of all ranks. loss_head:
     how a micro-batch becomes its loss (trainer.loss_heads; default the plain full-logits loss).
+    votes: flags asked for after the backward pass; result["votes"][i] is True when any rank's
+    flag i is (they ride in the step's one all-reduce).
+
+    One process scales each micro-batch's summed loss by 1 / label tokens before backward, as
+    the module docstring says. Several processes back-propagate the summed losses and learn the
+    window's label tokens of all ranks in the step's single all-reduce, together with the loss
+    sums and the votes; the averaged gradients are then multiplied by world_size / label tokens:
+    the same gradients, with one collective per step instead of one before and one after backward.
     """
     device = accelerator.device
     loss_head = loss_head or PlainLoss()
-    counts = torch.tensor(
-        [sum(count_label_tokens(mb) for mb in micro_batches), sum(int(mb["attention_mask"].sum()) for mb in micro_batches),
-         sum(int(mb["input_ids"].shape[0]) for mb in micro_batches)],
-        device=device,
-        dtype=torch.long,
-    )
-    counts = accelerator.reduce(counts, "sum")
-    label_tokens, input_tokens, rows = int(counts[0]), int(counts[1]), int(counts[2])
-    scale = accelerator.num_processes / max(label_tokens, 1)
+    world = accelerator.num_processes
+    local = [float(sum(count_label_tokens(mb) for mb in micro_batches)),
+             float(sum(int(mb["attention_mask"].sum()) for mb in micro_batches)),
+             float(sum(int(mb["input_ids"].shape[0]) for mb in micro_batches))]
+    scale = 1.0 / max(local[0], 1.0) if world == 1 else 1.0
     totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, correct tokens
     for i, mb in enumerate(micro_batches):
         # Gradients are all-reduced only after the last micro-batch of the window.
         sync = nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
         with sync:
             summed, _, correct = loss_head(model, mb, device)
-            accelerator.backward(summed * scale)
+            accelerator.backward(summed * scale if world == 1 else summed)
         totals += torch.stack([summed.detach().double(), correct.double()])
-    totals = accelerator.reduce(totals, "sum")
-    return {"loss_sum": float(totals[0]), "label_tokens": label_tokens, "input_tokens": input_tokens,
-            "correct_tokens": int(totals[1]), "rows": rows}
+    wanted = [float(bool(v)) for v in votes()] if votes is not None else []
+    loss_sum, correct_tokens, label_tokens, input_tokens, rows, *agreed = sum_over_ranks(
+        totals, local + wanted, accelerator)
+    if world > 1:
+        scale_gradients(model, world / max(label_tokens, 1.0))
+    return {"loss_sum": loss_sum, "label_tokens": int(label_tokens), "input_tokens": int(input_tokens),
+            "correct_tokens": int(correct_tokens), "rows": int(rows), "votes": [v > 0 for v in agreed]}
 
 
 def perplexity(loss: float) -> float:
@@ -162,22 +173,6 @@ def warmup_steps(spec: JobSpec, total_steps: int) -> int:
 
 def peak_memory_bytes(device: torch.device) -> int | None:
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-
-
-def _any_rank(flag: bool, accelerator: Any) -> bool:
-    # Clocks differ between ranks; a checkpoint is a collective, so one rank's "due" decides for all.
-    if accelerator.num_processes == 1:
-        return flag
-    return bool(accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), "sum") > 0)
-
-
-def _pause_agreed(flags: StopFlags, accelerator: Any) -> bool:
-    # A signal reaches the ranks at slightly different times; all of them must stop after the
-    # same step or the next collective would hang.
-    if accelerator.num_processes == 1:
-        return flags.pause_requested
-    wanted = torch.tensor(int(flags.pause_requested), device=accelerator.device)
-    return bool(accelerator.reduce(wanted, "sum") > 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,6 +298,12 @@ def train(
     window = {"loss_sum": 0.0, "label_tokens": 0, "input_tokens": 0, "correct_tokens": 0, "rows": 0, "time": time.time()}
     last_saved_step = state.step if resumed_from is not None else -1
     last_saved_time = time.time()
+
+    def step_votes() -> list[bool]:
+        # A signal reaches the ranks at slightly different times, and their clocks differ; pausing
+        # and checkpointing are collectives, so one rank's wish decides for all, after the same step.
+        minutes = schedule.checkpoint_every_minutes
+        return [flags.pause_requested, bool(minutes) and time.time() - last_saved_time >= minutes * 60]
     while state.step < total_steps:
         n_micro = hp.gradient_accumulation_steps
         if total_micro:
@@ -314,7 +315,7 @@ def train(
         lr = scheduler.get_last_lr()[0]  # the rate this step is taken with
 
         # accumulate, clip, step
-        result = forward_backward(model, micro_batches, accelerator, loss_head)
+        result = forward_backward(model, micro_batches, accelerator, loss_head, step_votes)
         grad_norm = float(accelerator.clip_grad_norm_(trainable, clip_to))
         optimizer.step()
         scheduler.step()
@@ -365,15 +366,14 @@ def train(
             events.emit("validation", f"step {state.step} valid loss {valid_metrics['valid_loss']:.4f}",
                         step=state.step, **valid_metrics)
 
-        # checkpoint, and pause (a checkpoint, then exit 75)
+        # checkpoint, and pause (a checkpoint, then exit 75), as the ranks voted in the step's all-reduce
+        pause_voted, minutes_due = result["votes"]
         due = bool(schedule.checkpoint_every_steps and state.step % schedule.checkpoint_every_steps == 0)
-        if schedule.checkpoint_every_minutes and not due:
-            due = _any_rank(time.time() - last_saved_time >= schedule.checkpoint_every_minutes * 60, accelerator)
-        if due:
+        if due or minutes_due:
             save({**last_metrics, **valid_metrics})
             last_saved_step, last_saved_time = state.step, time.time()
 
-        if _pause_agreed(flags, accelerator):
+        if pause_voted:
             if last_saved_step != state.step:
                 save({**last_metrics, **valid_metrics})
             raise Paused()
