@@ -13,7 +13,9 @@ Rows (`--rows`, comma separated names or families: trl, plain, tuneq, unsloth, a
              prepare_model_for_kbit_training with checkpointing);
   tuneq-*    the trainer's own step: trainer.fastpath.setup_model, trainer.optim.build_optimizer,
              accelerate's bf16 mixed precision and trainer.loop.forward_backward, as train() runs
-             them, in speed lean and fast; full also with fp32 master weights;
+             them, in speed lean and fast; full also with fp32 master weights, and full bf16
+             in speed balanced with 8, 12 or 13 of the 16 decoder layers checkpointed (ckptK;
+             a dry run scales K to the tiny model's layers);
   unsloth-*  bench/peers_unsloth.py (Unsloth's SFTTrainer path), each in its own interpreter.
 Rows run in child processes grouped so that no library's global patches (liger, Unsloth) leak
 into another family's rows; a row that fails is recorded as 'not run: <reason>'.
@@ -28,7 +30,8 @@ in the same run (8192^3 matmuls). Ratios compare with the TRL row of the same me
     python bench/train_throughput.py --profile tuneq-lora-lean  # + a kernel profile of that row
     python bench/train_throughput.py --dry-run             # CPU, tiny model: proves the wiring
 
-Writes bench/results/train_throughput_h200.md and .json (a dry run: ..._cpu_dryrun.*).
+Writes bench/results/train_throughput_h200.md and .json (a dry run: ..._cpu_dryrun.*), again
+after every row that ends, so a run killed halfway keeps what it measured.
 """
 
 from __future__ import annotations
@@ -67,6 +70,10 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "tuneq-qlora-fast": ("tuneq", "qlora", {"speed": "fast"}),
     "tuneq-full-bf16-lean": ("tuneq", "full", {"speed": "lean", "full_precision": "bf16"}),
     "tuneq-full-bf16-fast": ("tuneq", "full", {"speed": "fast", "full_precision": "bf16"}),
+    # Between the two: only the bottom K of the 16 decoder layers checkpointed.
+    "tuneq-full-bf16-ckpt8": ("tuneq", "full", {"speed": "balanced", "checkpoint_layers": 8, "full_precision": "bf16"}),
+    "tuneq-full-bf16-ckpt12": ("tuneq", "full", {"speed": "balanced", "checkpoint_layers": 12, "full_precision": "bf16"}),
+    "tuneq-full-bf16-ckpt13": ("tuneq", "full", {"speed": "balanced", "checkpoint_layers": 13, "full_precision": "bf16"}),
     "tuneq-full-fp32-lean": ("tuneq", "full", {"speed": "lean", "full_precision": "fp32_master"}),
     "tuneq-full-fp32-fast": ("tuneq", "full", {"speed": "fast", "full_precision": "fp32_master"}),
     "unsloth-lora": ("unsloth", "lora", {"gradient_checkpointing": True}),
@@ -83,6 +90,9 @@ TARGETS: dict[str, tuple[str, float | None, float | None]] = {
     "tuneq-qlora-fast": ("trl-qlora", 1.3, 1.0),
     "tuneq-full-bf16-lean": ("trl-full", 1.2, 1.2),
     "tuneq-full-bf16-fast": ("trl-full", 1.2, 1.2),
+    "tuneq-full-bf16-ckpt8": ("trl-full", 1.2, 1.2),
+    "tuneq-full-bf16-ckpt12": ("trl-full", 1.2, 1.2),
+    "tuneq-full-bf16-ckpt13": ("trl-full", 1.2, 1.2),
     "tuneq-full-fp32-lean": ("trl-full", None, None),
     "tuneq-full-fp32-fast": ("trl-full", None, None),
 }
@@ -228,6 +238,10 @@ def run_tuneq(name: str, method: str, settings: dict, args) -> dict[str, Any]:
 
     quiet_libraries()
     device = _device(args)
+    if args.dry_run and settings.get("checkpoint_layers"):
+        # K is of the 1B shape's 16 layers; the tiny model keeps the same share.
+        layers = json.loads((args.model_dir / "config.json").read_text())["num_hidden_layers"]
+        settings = {**settings, "checkpoint_layers": max(1, settings["checkpoint_layers"] * layers // 16)}
     spec = JobSpec.model_validate({
         "model": str(args.model_dir), "method": method, "training_file": "unused.jsonl",
         **({"lora": LORA} if method in ("lora", "qlora") else {}),
@@ -433,20 +447,40 @@ def _groups(names: list[str]) -> list[list[str]]:
     return [buckets[k] for k in order if k in buckets]
 
 
-def _run_child(args, rows: list[str], timeout: float) -> list[dict[str, Any]]:
+def _read_rows(result: Path) -> list[dict[str, Any]]:
+    try:
+        return json.loads(result.read_text()) if result.exists() else []
+    except ValueError:  # caught while the child rewrites it: the next look reads it whole
+        return []
+
+
+def _run_child(args, rows: list[str], timeout: float,
+               on_rows: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """Run `rows` in a child; on_rows sees the rows ended so far each time another one ends."""
     result = args.work / f"result-{rows[0]}.json"
     result.unlink(missing_ok=True)
     command = [sys.executable, str(Path(__file__).resolve()), "--child-rows", ",".join(rows), "--result", str(result),
                *args.passthrough]
     print(f"  running {', '.join(rows)} ...", flush=True)
     error = None
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-        if done.returncode != 0:
-            error = f"child exited {done.returncode}: {(done.stderr or done.stdout).strip().splitlines()[-1:]}"
-    except subprocess.TimeoutExpired:
-        error = f"timed out after {timeout:.0f} s"
-    got = json.loads(result.read_text()) if result.exists() else []
+    logs = args.work / f"child-{rows[0]}.log"
+    with logs.open("w") as log:
+        child_process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        deadline, seen = time.time() + timeout, 0
+        while child_process.poll() is None and time.time() < deadline:
+            time.sleep(2)
+            got = _read_rows(result)
+            if on_rows is not None and len(got) > seen:
+                seen = len(got)
+                on_rows(got)
+        if child_process.poll() is None:
+            child_process.kill()
+            child_process.wait()
+            error = f"timed out after {timeout:.0f} s"
+        elif child_process.returncode != 0:
+            tail = logs.read_text().strip().splitlines()[-1:]
+            error = f"child exited {child_process.returncode}: {tail}"
+    got = _read_rows(result)
     seen = {r["name"] for r in got}
     for name in rows:
         if name not in seen:
@@ -615,24 +649,34 @@ def main(argv: list[str] | None = None) -> int:
     if "error" in setup:
         raise SystemExit(f"could not build the model or measure the matmul peak: {setup['error']}")
     results: dict[str, dict] = {}
-    for group in _groups([n for n in names if ROWS[n][0] != "unsloth"]):
-        for row in _run_child(args, group, timeout=60 + args.row_timeout * len(group)):
-            results[row["name"]] = row
-    for name in (n for n in names if ROWS[n][0] == "unsloth"):
-        results[name] = _run_unsloth(args, name)
-    ordered = {n: results[n] for n in names}
     previous = args.out.with_suffix(".json")
-    if args.merge and previous.exists():
-        kept = json.loads(previous.read_text()).get("rows", {})
-        ordered = {n: ordered.get(n) or kept[n] for n in ROWS if n in ordered or n in kept}
-    text = report(args, setup, ordered)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps(
-        {"setup": setup, "rows": ordered, "seconds": round(time.time() - started, 1),
-         "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}},
-        indent=1, default=str,
-    ))
+    kept = json.loads(previous.read_text()).get("rows", {}) if args.merge and previous.exists() else {}
+
+    def write() -> str:
+        """The table of the rows ended so far (and the kept ones), on disk now: a kill loses only the running row."""
+        ordered = {n: results[n] for n in names if n in results}
+        if kept:
+            ordered = {n: ordered.get(n) or kept[n] for n in ROWS if n in ordered or n in kept}
+        text = report(args, setup, ordered)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(text)
+        args.out.with_suffix(".json").write_text(json.dumps(
+            {"setup": setup, "rows": ordered, "seconds": round(time.time() - started, 1),
+             "complete": all(n in results for n in names),
+             "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}},
+            indent=1, default=str,
+        ))
+        return text
+
+    def ended(rows: list[dict[str, Any]]) -> None:
+        results.update({row["name"]: row for row in rows})
+        write()
+
+    for group in _groups([n for n in names if ROWS[n][0] != "unsloth"]):
+        ended(_run_child(args, group, timeout=60 + args.row_timeout * len(group), on_rows=ended))
+    for name in (n for n in names if ROWS[n][0] == "unsloth"):
+        ended([_run_unsloth(args, name)])
+    text = write()
     print(text)
     print(f"done in {time.time() - started:.0f} s", flush=True)
     return 0

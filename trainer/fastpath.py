@@ -10,9 +10,11 @@ The fast path, on by default wherever its pieces apply, each of them falling bac
 - frozen weights stay in bf16 (trainer.model), full fine-tuning optionally all in bf16.
 
 `speed` decides gradient checkpointing: lean recomputes every decoder layer in backward (least
-memory), fast keeps activations (about a third less compute), auto takes fast when the planner's
-estimate without checkpointing fits the GPU, else lean. An explicit `gradient_checkpointing` in
-the spec is the same choice under its old name.
+memory), fast keeps activations (about a third less compute), balanced checkpoints only the bottom
+`checkpoint_layers` decoder layers (each costs its recompute and saves all but its input), auto
+takes fast when the planner's estimate without checkpointing fits the GPU, else balanced with the
+fewest checkpointed layers that fit, else lean. An explicit `gradient_checkpointing` in the spec
+is the lean/fast choice under its old name.
 
 TUNEQ_FASTPATH=0 turns all of it off (the plain loop, for comparison and for debugging);
 TUNEQ_LIGER=0 turns off only the liger kernels.
@@ -45,11 +47,12 @@ def fast_path_enabled() -> bool:
 class FastPath:
     """What the job runs with; reported in the start event."""
 
-    speed: str  # lean | fast, resolved
+    speed: str  # lean | fast | balanced, resolved
     gradient_checkpointing: bool
     loss: PlainLoss | ChunkedLoss
     fused_lora_layers: int = 0
     liger: list[str] = field(default_factory=list)
+    checkpointed_layers: int | None = None  # of the decoder layers, from the bottom; None: not counted
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -59,6 +62,7 @@ class FastPath:
             "loss_chunk_tokens": self.loss.chunk,
             "fused_lora_layers": self.fused_lora_layers,
             "liger_kernels": self.liger,
+            "checkpointed_layers": self.checkpointed_layers,
         }
 
 
@@ -82,14 +86,79 @@ def _fits_without_checkpointing(spec: JobSpec, config: Any, device: torch.device
         return False
 
 
-def resolve_speed(spec: JobSpec, device: torch.device, config: Any = None) -> str:
-    """lean or fast for this job on this device."""
+def _fewest_fitting_layers(spec: JobSpec, config: Any, device: torch.device) -> int | None:
+    """speed balanced's k by the planner's estimate against this GPU; None: none fits, or doubt."""
+    try:
+        from trainer import planner
+
+        total = torch.cuda.get_device_properties(device).total_memory
+        return planner.fewest_checkpoint_layers(spec, config, AUTO_FAST_SHARE * total)
+    except Exception:  # noqa: BLE001 - an estimate that fails must not fail the job
+        return None
+
+
+def _layer_count(config: Any) -> int | None:
+    return getattr(config, "num_hidden_layers", None) if config is not None else None
+
+
+def resolve_checkpointing(spec: JobSpec, device: torch.device, config: Any = None) -> tuple[str, int | None]:
+    """(speed, checkpointed layers from the bottom) for this job on this device.
+
+    The layer count is None for lean (all of them) and 0 for fast; balanced gives a number.
+    """
+    layers = _layer_count(config)
+    if spec.speed == "balanced":
+        k = spec.checkpoint_layers
+        if k is None:
+            # Without a GPU the memory is the host's: nothing needs checkpointing.
+            k = _fewest_fitting_layers(spec, config, device) if device.type == "cuda" and config is not None else 0
+            if k is None:
+                return "lean", None
+        if layers is not None and k > layers:
+            from trainer.errors import ConfigError
+
+            raise ConfigError(f"checkpoint_layers: {k} exceeds the model's {layers} decoder layers; allowed 0..{layers}")
+        return "balanced", k
     if spec.speed in ("lean", "fast"):
-        return spec.speed
+        return spec.speed, (None if spec.speed == "lean" else 0)
     if spec.method == "prefix" or device.type != "cuda":
         # A CPU's memory is the host's, and prefix tuning cannot be checkpointed.
-        return "fast"
-    return "fast" if config is not None and _fits_without_checkpointing(spec, config, device) else "lean"
+        return "fast", 0
+    if config is None:
+        return "lean", None
+    if _fits_without_checkpointing(spec, config, device):
+        return "fast", 0
+    k = _fewest_fitting_layers(spec, config, device)
+    if k is None or layers is None or k >= layers:
+        return "lean", None
+    return ("fast", 0) if k == 0 else ("balanced", k)
+
+
+def resolve_speed(spec: JobSpec, device: torch.device, config: Any = None) -> str:
+    """lean, fast or balanced for this job on this device."""
+    return resolve_checkpointing(spec, device, config)[0]
+
+
+def checkpoint_bottom_layers(model: Any, k: int) -> int:
+    """Keep gradient checkpointing (already enabled on the model) on the bottom k decoder layers
+    only; returns how many are checkpointed.
+
+    transformers checks each layer's own `gradient_checkpointing` flag when it runs the layer, so
+    turning the flag off above k leaves those layers' forward plain, through peft's wrappers and
+    liger's patched modules alike.
+    """
+    from trainer.methods import decoder_layers
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = decoder_layers(base)
+    for i, layer in enumerate(layers):
+        if not hasattr(layer, "gradient_checkpointing"):
+            from trainer.errors import ConfigError
+
+            raise ConfigError("speed: 'balanced' needs a transformers model whose decoder layers can be "
+                              "checkpointed one by one; use lean or fast")
+        layer.gradient_checkpointing = i < k
+    return min(k, len(layers))
 
 
 def apply_liger(model: Any) -> list[str]:
@@ -125,10 +194,15 @@ def setup_model(spec: JobSpec, precision: str, device: torch.device) -> tuple[An
     base = load_model(spec, precision, device)
     fast = fast_path_enabled()
     liger = apply_liger(base) if fast and device.type == "cuda" else []
-    speed = resolve_speed(spec, device, getattr(base, "config", None))
-    checkpointing = speed == "lean"
+    config = getattr(base, "config", None)
+    speed, k = resolve_checkpointing(spec, device, config)
+    checkpointing = speed == "lean" or bool(k)
     model = apply_method(base, spec, checkpointing=checkpointing)
+    if speed == "balanced" and k:
+        k = checkpoint_bottom_layers(model, k)
+    elif k is None:
+        k = _layer_count(config)
     fused = fuse_lora(model) if fast else 0
     # accelerate runs the forward under bf16 autocast whenever the precision is bf16 (trainer.job).
     loss = build_loss(model, device, chunked=fast, compute_dtype=torch.bfloat16 if precision == "bf16" else None)
-    return model, FastPath(speed, checkpointing, loss, fused, liger)
+    return model, FastPath(speed, checkpointing, loss, fused, liger, k)

@@ -36,7 +36,8 @@ activations plus the loss's backward buffers, few gradients yet, because zero_gr
 freed them) and the end of backward (all gradients, one layer's activations). Between them memory
 moves roughly linearly layer by layer, so the peak is at one of them.
 
-Speed modes: `fast` runs without gradient checkpointing, `lean` with it. Several GPUs: DDP
+Speed modes: `fast` runs without gradient checkpointing, `lean` with it, `balanced` with it on the
+bottom k decoder layers only (their inputs stored, the other layers' activations kept). Several GPUs: DDP
 replicates weights, gradients and optimizer states on every GPU and adds its gradient buckets;
 FSDP full-shard divides parameters, gradients and optimizer states by k and gathers one layer's
 parameters (and prefetches the next) in bf16 at a time.
@@ -379,8 +380,9 @@ class MemoryEstimate:
     peak_at: str  # "forward_end", "loss_forward", "backward_start" or "backward_end"
     parts: dict[str, int]
     notes: list[str]
-    speed: str = "fast"
+    speed: str = "fast"  # fast, lean or balanced (0 < checkpoint_layers < layers)
     loss: str = "whole"  # "whole" or "chunked(<tokens>)"
+    checkpoint_layers: int = 0  # decoder layers checkpointed, from the bottom
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -649,6 +651,7 @@ def estimate_memory(
     batch_size: int,
     seq_len: int,
     gradient_checkpointing: bool = False,
+    checkpoint_layers: int | None = None,
     optimizer: Optimizer = "adamw",
     lora_r: int = 16,
     lora_targets: str | list[str] = "all-linear",
@@ -685,8 +688,11 @@ def estimate_memory(
     tokens; None is the whole-batch loss.
     fused_lora: the trainer's fused LoRA layers (plain LoRA on a bf16 or 4-bit base, no dropout,
     no DoRA); liger: liger's RMSNorm, RoPE and SwiGLU kernels replace the model's.
+    checkpoint_layers: only the bottom k of the L decoder layers are checkpointed (speed
+    balanced); None: all when gradient_checkpointing, else none. k = L is lean, k = 0 fast.
     FSDP always checkpoints activations (the trainer turns on FSDP's own when speed is fast).
     """
+    arguments = dict(locals())
     if method not in ALL_METHODS:
         raise ValueError(f"method: {method!r} is not one of {', '.join(ALL_METHODS)}")
     if batch_size < 1 or seq_len < 1 or gpus < 1:
@@ -707,9 +713,15 @@ def estimate_memory(
         raise ValueError(f"strategy: fsdp is planned for full and freeze; {method} runs DDP over several GPUs")
     notes: list[str] = []
     h, L, V = shape.hidden, shape.layers, shape.vocab
+    if checkpoint_layers is not None and not 0 <= checkpoint_layers <= L:
+        raise ValueError(f"checkpoint_layers: {checkpoint_layers} is outside 0..{L}")
     if sharded and not gradient_checkpointing:
         gradient_checkpointing = True
         notes.append("FSDP checkpoints activations whatever the speed (trainer/distributed.py)")
+    if sharded or checkpoint_layers is None:
+        checkpoint_layers = L if gradient_checkpointing else 0
+    ck = checkpoint_layers  # checkpointed layers, from the bottom
+    gradient_checkpointing = ck > 0
 
     a = 4 if precision == "fp32" else 2  # activation / frozen-weight dtype
     whole = method in WHOLE_WEIGHT_METHODS
@@ -818,10 +830,10 @@ def estimate_memory(
     # input that needs no gradient, so they save nothing.
     saving_layers = freeze_layers if method == "freeze" else L
     if gradient_checkpointing:
-        # Non-reentrant checkpointing keeps each layer's input (the residual stream) and
-        # recomputes one layer at a time in backward. With a frozen embedding the trainer makes
-        # its output require a gradient, so every layer is checkpointed alike.
-        stored = L * rb * h * tokens
+        # Non-reentrant checkpointing keeps each checkpointed layer's input (the residual stream)
+        # and recomputes one layer at a time in backward. With a frozen embedding the trainer
+        # makes its output require a gradient, so every layer above saves its activations.
+        stored = ck * rb * h * tokens + (L - ck) * layer_tok * tokens
         recompute = layer_tok * tokens
     else:
         stored = saving_layers * layer_tok * tokens
@@ -850,11 +862,12 @@ def estimate_memory(
         head_cast = 0 if chunk is not None else 2 * head_matmul
         layers_cast = 2 * trained_layers * layer_matmul
         cache_forward = layers_cast + head_cast
-        cache_saved = head_cast + (0 if gradient_checkpointing else layers_cast)
+        # The layers that are not checkpointed save their casts (the top ones, which train in freeze too).
+        cache_saved = head_cast + 2 * min(trained_layers, L - ck) * layer_matmul
         cache_recompute = 2 * layer_matmul if gradient_checkpointing else 0
     elif lora is not None and lora_autocast and not fused:
         cache_forward = 2 * trainable
-        cache_saved = 0 if gradient_checkpointing else 2 * trainable
+        cache_saved = 2 * trainable * (L - ck) // L
         cache_recompute = 2 * trainable // L if gradient_checkpointing else 0
 
     # --- logits -------------------------------------------------------------------------
@@ -911,9 +924,16 @@ def estimate_memory(
     opt_allocated = 0 if paged else opt
     allocated = weights + live_grads + opt_allocated + live_acts + live_logits + small
     if fragmentation is None:
-        full_ckpt = whole and gradient_checkpointing
+        # Measured at k = L; any k > 0 ends its backward recomputing bottom layers between the
+        # grown gradients, which is where that fragmentation comes from.
+        full_ckpt = whole and ck > 0
         fragmentation = FULL_CHECKPOINTED_FRAGMENTATION if full_ckpt else DEFAULT_FRAGMENTATION
     frag = int(allocated * fragmentation)
+    if whole and 0 < ck < L and arguments["fragmentation"] is None:
+        # Checkpointing a layer never costs memory: the checkpointed-run fragmentation must not
+        # outweigh the one layer saved (fp32 master weights inflate it past that).
+        fast_total = estimate_memory(**{**arguments, "checkpoint_layers": 0}).total
+        frag = max(0, min(frag, fast_total - allocated - (opt if paged else 0)))
     overhead = small + frag
     total = allocated + frag + (opt if paged else 0)
 
@@ -937,7 +957,7 @@ def estimate_memory(
         "fragmentation": frag,
         "layer_bytes_per_token": int(layer_tok),
     }
-    if not gradient_checkpointing and layer_tok * tokens * saving_layers > 0.5 * total:
+    if ck < L and layer_tok * tokens * (L - ck if ck else saving_layers) > 0.5 * total:
         notes.append("activations dominate: speed lean (gradient checkpointing) would cut them to one layer's worth")
     if lg["peak"] > 0.3 * total:
         notes.append("logits and the loss's fp32 copies dominate: a shorter max_seq_len or smaller batch helps most")
@@ -962,10 +982,21 @@ def estimate_memory(
         peak_at=peak_at,
         parts={k: int(v) for k, v in parts.items()},
         notes=notes,
-        speed="lean" if gradient_checkpointing else "fast",
+        speed="lean" if ck == L else "fast" if ck == 0 else "balanced",
         loss="whole" if chunk is None else f"chunked({chunk})",
+        checkpoint_layers=ck,
     )
 
+
+
+def fewest_checkpoint_layers(spec_like: Any, config: Any, budget_bytes: float, **kwargs: Any) -> int | None:
+    """Speed balanced's k: the fewest checkpointed decoder layers (the most kept whole) whose
+    estimate fits budget_bytes; None when not even all of them checkpointed fits."""
+    shape = config if isinstance(config, Shape) else model_shape(config)
+    for k in range(shape.layers + 1):  # the estimate only shrinks as k grows (tested)
+        if estimate_for_spec(spec_like, shape, speed="balanced", checkpoint_layers=k, **kwargs).total <= budget_bytes:
+            return k
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -1174,7 +1205,7 @@ class _Job:
     method: str
     batch_size: int | str
     seq_len: int
-    speed: str  # "fast", "lean" or "auto"
+    speed: str  # "fast", "lean", "balanced" or "auto"
     lora_r: int
     lora_targets: str | list[str]
     lora_dropout: float
@@ -1193,6 +1224,7 @@ class _Job:
     n_epochs: int
     max_steps: int | None
     grad_accum: int
+    checkpoint_layers: int | None = None  # speed balanced; None: the trainer picks
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -1222,7 +1254,7 @@ def _job(spec_like: Any) -> _Job:
     raw_batch = (hp.get("batch_size") if isinstance(hp, Mapping) else hp.batch_size) if has_batch else 4
     batch = "auto" if raw_batch in (None, "auto") else raw_batch
     speed = _get(spec_like, "speed", None)
-    if speed not in ("fast", "lean", "auto"):
+    if speed not in ("fast", "lean", "auto", "balanced"):
         speed = "lean" if _get(spec_like, "gradient_checkpointing", False) else "fast"
     optimizer = _get(spec_like, "optimizer", None)
     full_precision = _get(spec_like, "full_precision", None)
@@ -1250,6 +1282,7 @@ def _job(spec_like: Any) -> _Job:
         n_epochs=int(_get(hp, "n_epochs", 1)),
         max_steps=_get(hp, "max_steps", None),
         grad_accum=int(_get(hp, "gradient_accumulation_steps", 1)),
+        checkpoint_layers=_get(spec_like, "checkpoint_layers", None),
     )
 
 
@@ -1270,12 +1303,15 @@ def estimate_for_spec(
     seq_len: int | None = None,
     fast_path: bool = True,
     liger: bool | None = None,
+    checkpoint_layers: int | None = None,
 ) -> MemoryEstimate:
     """`estimate_memory` for a JobSpec (or a JobSpec-shaped mapping) as the trainer runs it.
 
     method, batch_size, speed and seq_len override the spec's (for "auto" and for suggestions);
     the other keywords override what the trainer does by default. fast_path False plans the
     plain loop (TUNEQ_FASTPATH=0): whole-batch loss, peft's LoRA layers, no liger.
+    checkpoint_layers (or the spec's) is speed balanced's k; balanced without one is planned as
+    lean, the most the trainer's choice of k can need.
     """
     job = _job(spec_like)
     shape = config if isinstance(config, Shape) else model_shape(config)
@@ -1291,12 +1327,17 @@ def estimate_for_spec(
     sp = speed or job.speed
     if sp == "auto":
         raise ValueError("speed: give fast or lean to estimate; 'auto' is resolved by plan()")
+    k = None
+    if sp == "balanced":
+        k = checkpoint_layers if checkpoint_layers is not None else job.checkpoint_layers
+        k = shape.layers if k is None else int(k)
     return estimate_memory(
         shape,
         method=m,
         batch_size=int(b),
         seq_len=seq_len or job.seq_len,
-        gradient_checkpointing=sp == "lean",
+        gradient_checkpointing=sp == "lean" or (k is not None and k > 0),
+        checkpoint_layers=k,
         optimizer=optimizer or job.optimizer or "adamw_torch",
         lora_r=job.lora_r,
         lora_targets=job.lora_targets,

@@ -24,8 +24,9 @@ from trainer.method_settings import (
 Method = Literal["full", "lora", "qlora", "ia3", "prefix", "freeze"]
 DataFormat = Literal["auto", "chat", "alpaca", "prompt_completion", "text"]
 Precision = Literal["auto", "bf16", "fp32"]
-# lean: gradient checkpointing, least memory; fast: keep activations, about a third less compute.
-Speed = Literal["auto", "lean", "fast"]
+# lean: gradient checkpointing, least memory; fast: keep activations, about a third less compute;
+# balanced: checkpoint only the bottom checkpoint_layers decoder layers (as many as memory needs).
+Speed = Literal["auto", "lean", "fast", "balanced"]
 FullPrecision = Literal["fp32_master", "bf16"]
 Strategy = Literal["auto", "ddp", "fsdp"]
 
@@ -144,7 +145,13 @@ class JobSpec(_Strict):
     speed: Speed = Field(
         "auto",
         description="lean: gradient checkpointing (recompute activations in backward, least memory); fast: no "
-        "checkpointing (about a third less compute); auto: fast when it fits the GPU, else lean.",
+        "checkpointing (about a third less compute); balanced: checkpoint only the bottom checkpoint_layers "
+        "decoder layers; auto: fast when it fits the GPU, else the fewest checkpointed layers that fit, else lean.",
+    )
+    checkpoint_layers: int | None = Field(
+        None, ge=0, le=4096,
+        description="speed balanced: how many decoder layers, from the bottom, are checkpointed (null: the fewest "
+        "that fit the GPU, by the planner's estimate). Giving it with speed auto means balanced.",
     )
     gradient_checkpointing: bool | None = Field(
         None, description="The old name of the speed choice: true is speed lean, false is fast; null: as speed says."
@@ -185,7 +192,22 @@ class JobSpec(_Strict):
         return self
 
     def _speed_from_checkpointing(self) -> None:
-        # One choice under two names: after validation both say the same (null while speed is auto).
+        # One choice under two names: after validation both say the same (null while speed is auto
+        # or balanced, which is neither all layers checkpointed nor none).
+        if self.checkpoint_layers is not None:
+            if self.speed == "auto":
+                self.speed = "balanced"
+            if self.speed != "balanced":
+                raise ValueError(f"checkpoint_layers: applies to speed 'balanced' (or 'auto'), not {self.speed!r}")
+            if self.gradient_checkpointing is not None:
+                raise ValueError("gradient_checkpointing: give speed 'balanced' with checkpoint_layers, not both")
+        if self.speed == "balanced":
+            if self.gradient_checkpointing is not None:
+                raise ValueError("gradient_checkpointing: speed 'balanced' checkpoints some layers; give only speed")
+            if self.method == "prefix":
+                raise ValueError("speed: 'balanced' checkpoints activations, which method 'prefix' does not support; "
+                                 "allowed: fast, auto")
+            return
         ckpt = self.gradient_checkpointing
         if ckpt is not None:
             implied = "lean" if ckpt else "fast"

@@ -188,3 +188,40 @@ def test_trainable_counts_equal_peft(method):
     s = spec("lora" if method == "dora" else method, 1, 32, "fast",
              **({"lora": {"r": 8, "use_dora": True}} if method == "dora" else {}))
     assert P.estimate_for_spec(s, TINY).trainable_params == real
+
+
+# --- speed balanced: k of L layers checkpointed ----------------------------------------------
+
+
+# Not freeze: its frozen lower layers save nothing without checkpointing, but once the bottom one is
+# checkpointed the input requires a gradient and the frozen layers above it save theirs.
+@pytest.mark.parametrize(("method", "extra"), [("full", {"full_precision": "bf16"}), ("full", {}), ("lora", {}),
+                                               ("qlora", {})])
+def test_balanced_estimate_shrinks_with_k_and_meets_lean_and_fast_at_the_ends(method, extra):
+    s = {**spec(method, 8, 2048, "balanced"), **extra}
+    L = LLAMA_1B.num_hidden_layers
+    totals = [P.estimate_for_spec(s, LLAMA_1B, checkpoint_layers=k).total for k in range(L + 1)]
+    assert all(a >= b for a, b in zip(totals, totals[1:])), totals
+    fast = P.estimate_for_spec({**s, "speed": "fast"}, LLAMA_1B)
+    lean = P.estimate_for_spec({**s, "speed": "lean"}, LLAMA_1B)
+    assert totals[0] == fast.total and totals[L] == lean.total
+    assert totals[0] > totals[L // 2] > totals[L]
+    mid = P.estimate_for_spec(s, LLAMA_1B, checkpoint_layers=L // 2)
+    assert mid.speed == "balanced" and mid.checkpoint_layers == L // 2 and mid.gradient_checkpointing
+
+
+def test_fewest_checkpoint_layers_is_the_smallest_k_that_fits():
+    s = spec("full", 8, 2048, "auto", full_precision="bf16")
+    lean = P.estimate_for_spec({**s, "speed": "lean"}, LLAMA_1B).total
+    fast = P.estimate_for_spec({**s, "speed": "fast"}, LLAMA_1B).total
+    budget = (lean + fast) / 2
+    k = P.fewest_checkpoint_layers(s, LLAMA_1B, budget)
+    assert 0 < k < LLAMA_1B.num_hidden_layers
+    assert P.estimate_for_spec(s, LLAMA_1B, speed="balanced", checkpoint_layers=k).total <= budget
+    assert P.estimate_for_spec(s, LLAMA_1B, speed="balanced", checkpoint_layers=k - 1).total > budget
+    assert P.fewest_checkpoint_layers(s, LLAMA_1B, fast) == 0
+    assert P.fewest_checkpoint_layers(s, LLAMA_1B, lean - 1) is None
+    # balanced without a count is planned as its worst case, lean.
+    assert P.estimate_for_spec({**s, "speed": "balanced"}, LLAMA_1B).total == lean
+    with pytest.raises(ValueError, match="checkpoint_layers: 17 is outside 0..16"):
+        P.estimate_for_spec(s, LLAMA_1B, speed="balanced", checkpoint_layers=17)

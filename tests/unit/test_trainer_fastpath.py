@@ -379,8 +379,82 @@ def test_speed_auto_on_a_gpu_takes_fast_only_when_the_plan_fits(monkeypatch):
 
     spec = JobSpec(model="m", training_file="t", method="lora", hyperparameters={"batch_size": 8, "max_seq_len": 2048})
     config, gpu = build_config("llama-3.2-1b"), torch.device("cuda")
-    for gib, speed in ((16, "lean"), (141, "fast")):
+    # 16 GiB: fast (about 22 GiB) does not fit, lean (about 5) leaves room for some whole layers.
+    for gib, speed in ((4, "lean"), (16, "balanced"), (141, "fast")):
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _d, gib=gib: SimpleNamespace(total_memory=gib * 2**30))
         assert resolve_speed(spec, gpu, config) == speed, gib
     assert resolve_speed(spec.model_copy(update={"method": "prefix"}), gpu, config) == "fast"
     assert resolve_speed(spec.model_copy(update={"speed": "lean"}), gpu, config) == "lean"  # explicit wins
+
+
+# --------------------------------------------------------------------------------------------
+# Speed balanced: checkpointing on the bottom k decoder layers only
+
+
+def _layer_runs(model) -> list[int]:
+    """Calls of each decoder layer's MLP: the recompute in backward calls it again. A pre-hook,
+    because the layer's own hooks sit outside transformers' checkpoint and the recompute stops
+    (torch's early stop) inside the MLP, before a forward hook would run."""
+    from trainer.methods import decoder_layers
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    runs = [0] * len(decoder_layers(base))
+    for i, layer in enumerate(decoder_layers(base)):
+        layer.mlp.register_forward_pre_hook(lambda *_a, i=i: runs.__setitem__(i, runs[i] + 1))
+    return runs
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_balanced_checkpoints_only_the_bottom_layers_and_trains_like_fast(make_spec, method: str):
+    from trainer.fastpath import setup_model
+
+    cpu = torch.device("cpu")
+    losses, runs = {}, {}
+    for name, extra in (("fast", {"speed": "fast"}), ("balanced", {"speed": "balanced", "checkpoint_layers": 1})):
+        torch.manual_seed(0)  # the same LoRA init in both
+        model, fast = setup_model(make_spec(method, **extra), "fp32", cpu)
+        model.train()
+        counts = _layer_runs(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        batch = _batch(model.config.vocab_size, rows=2, length=32)
+        got = []
+        for _ in range(4):
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            got.append(float(loss.detach()))
+        losses[name], runs[name] = torch.tensor(got), counts
+        if name == "balanced":
+            assert fast.speed == "balanced" and fast.gradient_checkpointing and fast.checkpointed_layers == 1
+    layers = len(runs["fast"])
+    assert layers >= 2
+    assert runs["fast"] == [4] * layers
+    # Layer 0 runs again in every backward; the layers above it run once.
+    assert runs["balanced"] == [8] + [4] * (layers - 1)
+    assert losses["fast"][-1] < losses["fast"][0]  # it trains
+    torch.testing.assert_close(losses["balanced"], losses["fast"], rtol=1e-5, atol=1e-6)
+
+
+def test_balanced_checkpoint_layers_spec_rules(make_spec):
+    from pydantic import ValidationError
+
+    from trainer.errors import ConfigError
+    from trainer.fastpath import resolve_checkpointing, setup_model
+
+    assert make_spec("lora", checkpoint_layers=3).speed == "balanced"  # auto with a count is balanced
+    assert make_spec("lora", speed="balanced").gradient_checkpointing is None
+    with pytest.raises(ValidationError, match="checkpoint_layers: applies to speed 'balanced'"):
+        make_spec("lora", speed="lean", checkpoint_layers=3)
+    with pytest.raises(ValidationError, match="gradient_checkpointing"):
+        make_spec("lora", speed="balanced", gradient_checkpointing=True)
+    with pytest.raises(ValidationError, match="speed: 'balanced'.*prefix"):
+        make_spec("prefix", speed="balanced")
+    with pytest.raises(ValidationError, match="checkpoint_layers"):
+        make_spec("lora", checkpoint_layers=-1)
+    spec = make_spec("lora", checkpoint_layers=1)
+    assert type(spec).model_validate(spec.model_dump()).checkpoint_layers == 1
+    # On a CPU balanced without a count checkpoints nothing (the memory is the host's).
+    assert resolve_checkpointing(make_spec("lora", speed="balanced"), torch.device("cpu")) == ("balanced", 0)
+    with pytest.raises(ConfigError, match="checkpoint_layers: 9 exceeds the model's 2 decoder layers"):
+        setup_model(make_spec("lora", checkpoint_layers=9), "fp32", torch.device("cpu"))
