@@ -150,7 +150,10 @@ class CreateJobRequest(BaseModel):
         None, description="A file id of general held-out text; its loss before and after training measures forgetting."
     )
     optimizer: str | None = Field(None, description="adamw | adamw_fused | adamw_8bit | paged_adamw | paged_adamw_8bit.")
-    speed: str | None = Field(None, description="lean (gradient checkpointing, least memory) | fast | auto (the planner picks).")
+    speed: str | None = Field(
+        None, description="lean (gradient checkpointing, least memory) | balanced (only the bottom checkpoint_layers "
+        "layers) | fast | auto (the planner picks).")
+    checkpoint_layers: int | None = Field(None, description="speed balanced: decoder layers checkpointed, from the bottom.")
     full_precision: str | None = Field(None, description="Full fine-tuning's weights: fp32_master (default) | bf16.")
     strategy: str | None = Field(None, description="Several GPUs: auto | ddp | fsdp (full and freeze only).")
     export: dict[str, Any] | None = Field(

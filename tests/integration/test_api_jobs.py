@@ -127,6 +127,7 @@ BAD_VALUES = [
     ({"suffix": "no spaces"}, "suffix"),
     ({"precision": "fp8"}, "precision"),
     ({"speed": "turbo"}, "speed"),
+    ({"speed": "lean", "checkpoint_layers": 1}, "checkpoint_layers"),
     ({"full_precision": "fp16"}, "full_precision"),
     ({"method": "lora", "strategy": "fsdp"}, "strategy"),
     ({"schedule": {"log_every_steps": 0}}, "schedule.log_every_steps"),
