@@ -153,7 +153,7 @@ class CreateJobRequest(BaseModel):
     speed: str | None = Field(
         None, description="lean (gradient checkpointing, least memory) | balanced (only the bottom checkpoint_layers "
         "layers) | fast | auto (the planner picks).")
-    checkpoint_layers: int | None = Field(None, description="speed balanced: decoder layers checkpointed, from the bottom.")
+    checkpoint_layers: int | None = Field(None, ge=0, le=1024, description="speed balanced: decoder layers checkpointed, from the bottom.")
     full_precision: str | None = Field(None, description="Full fine-tuning's weights: fp32_master (default) | bf16.")
     strategy: str | None = Field(None, description="Several GPUs: auto | ddp | fsdp (full and freeze only).")
     export: dict[str, Any] | None = Field(

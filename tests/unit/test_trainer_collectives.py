@@ -100,6 +100,9 @@ def _fsdp_rank_main(out: str) -> None:
     assert all(torch.equal(a, b * 0.25) for a, b in zip(after, before))
     if dist.get_rank() == 0:
         (Path(out) / "scaled").write_text("ok")
+    # Without it, one rank can tear gloo down while the other is still in its last full_tensor()
+    # gather, and the process aborts ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
