@@ -75,8 +75,12 @@ def preempt_for(db: Session, pool: GpuPool, queue: list[Waiting], free: int) -> 
     if not held:
         return []
     running = db.scalars(select(Job).where(Job.id.in_(held), Job.status == states.RUNNING)).all()
-    # GPUs already being given back by an earlier preemption count as free.
-    need = head.gpus - free - sum(held[j.id] for j in running if j.pause_requested)
+    # GPUs already being given back by an earlier preemption count as free, and so do GPUs whose
+    # job is no longer running but whose worker has not released them yet (a paused job is queued
+    # again before its GPUs are unlocked): preempting another job for those would pause two.
+    running_ids = {j.id for j in running}
+    in_transition = sum(n for owner, n in held.items() if owner not in running_ids)
+    need = head.gpus - free - in_transition - sum(held[j.id] for j in running if j.pause_requested)
     victims = sorted((j for j in running if not j.pause_requested and j.priority < head.priority),
                      key=lambda j: (j.priority, -(j.started_at or 0)))
     chosen = []
