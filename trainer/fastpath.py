@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from trainer import ce_kernel
 from trainer.loss_heads import ChunkedLoss, PlainLoss, build_loss
 from trainer.spec import JobSpec
 
@@ -60,10 +61,20 @@ class FastPath:
             "gradient_checkpointing": self.gradient_checkpointing,
             "loss": self.loss.name,
             "loss_chunk_tokens": self.loss.chunk,
+            # The Triton cross-entropy kernel (trainer.ce_kernel) takes 3 chunks per launch.
+            "loss_kernel": loss_kernel(self.loss),
             "fused_lora_layers": self.fused_lora_layers,
             "liger_kernels": self.liger,
             "checkpointed_layers": self.checkpointed_layers,
         }
+
+
+def loss_kernel(loss: PlainLoss | ChunkedLoss) -> str | None:
+    if not isinstance(loss, ChunkedLoss):
+        return None
+    device = loss.head.weight.device
+    dtype = loss.compute_dtype or (torch.bfloat16 if device.type == "cuda" else loss.head.weight.dtype)
+    return "triton" if ce_kernel.available(dtype, device) else "torch"
 
 
 def _fits_without_checkpointing(spec: JobSpec, config: Any, device: torch.device) -> bool:
