@@ -120,3 +120,17 @@ def test_every_step_is_logged_once_in_order_before_what_follows_it(make_spec, ch
         meta = json.loads((out / event["data"]["path"] / "state.json").read_text())
         assert meta["train_state"]["step"] == step
         assert meta["train_state"]["seen_tokens"] == metrics[step]["tokens"]
+
+
+def test_profile_steps_write_tables_per_rank(make_spec, tmp_path, monkeypatch):
+    from trainer import profiling
+
+    assert profiling.parse_steps("") is None and profiling.parse_steps("3:3") is None
+    assert profiling.parse_steps("2:4") == (2, 4)
+    monkeypatch.setenv(profiling.STEPS_ENV, "2:4")
+    monkeypatch.setenv(profiling.DIR_ENV, str(tmp_path / "prof"))
+    spec = make_spec("lora", hyperparameters={"max_steps": 5, "batch_size": 2, "max_seq_len": 32, "warmup_steps": 0})
+    assert run_job(spec, tmp_path / "run") == 0
+    text = (tmp_path / "prof" / "profile-rank0.txt").read_text()
+    assert "step 2:" in text and "step 3:" in text and "step 4:" not in text
+    assert "by self CPU time" in text and "forward_backward" in text and "optimizer" in text
