@@ -631,8 +631,11 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def model_inputs(batch: dict[str, torch.Tensor], device: Any) -> dict[str, torch.Tensor]:
     """What the model's forward takes: a packed batch passes position_ids and no attention mask,
     which is how transformers recognises packed sequences and builds block-diagonal attention.
-    It does so only without a KV cache, hence use_cache=False even where the config enables it."""
+    It does so only without a KV cache, hence use_cache=False even where the config enables it.
+    The copies do not block: from a pinned batch (the training loop pins them) they run behind
+    the queued kernels instead of making the host wait for them."""
     if "position_ids" in batch:
-        return {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device),
-                "use_cache": False}
-    return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+        return {"input_ids": batch["input_ids"].to(device, non_blocking=True),
+                "position_ids": batch["position_ids"].to(device, non_blocking=True), "use_cache": False}
+    return {"input_ids": batch["input_ids"].to(device, non_blocking=True),
+            "attention_mask": batch["attention_mask"].to(device, non_blocking=True)}

@@ -8,7 +8,7 @@ master weights and optimizer state do not fit one GPU fits k of them.
 
 Per optimizer step the ranks meet twice: DDP's (or FSDP's) gradient reduction after the last
 micro-batch of the window, and one all-reduce of the step's scalars (label tokens, loss sums,
-pause and checkpoint votes; see sum_over_ranks). Evaluation and checkpoints add theirs when due.
+pause and checkpoint votes; see sum_over_ranks), whose result the host reads one step later. Evaluation and checkpoints add theirs when due.
 
 FSDP state is saved as full state dicts gathered on rank 0 (checkpoints and the final model keep
 the one-GPU format: model.safetensors, optimizer.pt). Every rank takes part in the gathering; only
@@ -146,30 +146,50 @@ def build_accelerator(spec: JobSpec, cuda: bool, bf16: bool) -> tuple[Any, str]:
 # A step's scalars: one all-reduce
 
 
-def sum_over_ranks(on_device: torch.Tensor, on_host: list[float], accelerator: Any) -> list[float]:
-    """on_device followed by on_host, each summed over all ranks, in ONE all-reduce.
+def sum_over_ranks(on_device: torch.Tensor, on_host: list[float], accelerator: Any) -> torch.Tensor:
+    """on_device followed by on_host, each summed over all ranks, in ONE all-reduce; on the device.
 
-    Every collective is a point where the ranks wait for each other and the host for the GPU; a
-    step's counts, loss sums and votes travel together. float64 holds counts exactly (to 2**53).
+    Every collective is a point where the ranks wait for each other; a step's counts, loss sums
+    and votes travel together. float64 holds counts exactly (to 2**53). The result is not read
+    here: the host reads it a step later (trainer.step_values), so it never waits for the GPU.
     """
-    host = torch.tensor(on_host, dtype=torch.float64).to(on_device.device, non_blocking=True)
-    packed = torch.cat([on_device.detach().to(torch.float64).flatten(), host])
+    host = torch.tensor(on_host, dtype=torch.float64)
+    if on_device.device.type == "cuda":
+        host = host.pin_memory()  # a pageable copy would make the host wait for the stream
+    packed = torch.cat([on_device.detach().to(torch.float64).flatten(), host.to(on_device.device, non_blocking=True)])
     if accelerator.num_processes > 1:
         packed = accelerator.reduce(packed, "sum")
-    return packed.tolist()
+    return packed
 
 
-def scale_gradients(model: Any, factor: float) -> None:
-    """Multiply every gradient of `model` by `factor` (FSDP's sharded ones in place, shard by shard)."""
+def scale_gradients(model: Any, factor: float | torch.Tensor) -> None:
+    """Multiply every gradient of `model` by `factor` (FSDP's sharded ones in place, shard by shard).
+
+    factor may be a 0-dim device tensor (DDP: the step's label-token total, still on the GPU), so
+    the host need not wait for it. The products are those of the float factor: fp32 gradients are
+    multiplied by its fp32 value, as a Python scalar would be; others in fp32 and rounded back
+    (multiplying a bf16 tensor by a tensor would first round the factor to bf16). Sharded (DTensor)
+    gradients take the factor's host value: FSDP steps are long, and that path stays as it was.
+    """
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     plain = [g for g in grads if not isinstance(g, DTensor)]
-    if plain:
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    if isinstance(factor, torch.Tensor):
+        f32 = factor.detach().to(torch.float32)
+        fp32 = [g for g in plain if g.dtype == torch.float32]
+        if fp32:
+            torch._foreach_mul_(fp32, f32)
+        for g in plain:
+            if g.dtype != torch.float32:
+                g.copy_(g.float() * f32)
+        if sharded:
+            factor = float(factor)
+    elif plain:
         torch._foreach_mul_(plain, factor)
-    for g in grads:
-        if isinstance(g, DTensor):
-            g.mul_(factor)
+    for g in sharded:
+        g.mul_(factor)
 
 
 # ---------------------------------------------------------------------------------------------

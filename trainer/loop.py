@@ -45,10 +45,13 @@ from trainer.export import export_final
 from trainer.fastpath import setup_model
 from trainer.loss_heads import LossHead, PlainLoss, token_loss_sum  # noqa: F401 - token_loss_sum: tests
 from trainer.optim import build_optimizer
+from trainer import profiling
+from trainer.profiling import region
 from trainer.model import count_parameters, load_tokenizer, resolve_precision
 from trainer.throughput import mfu, model_flops, peak_flops
 from trainer.sampler import DataOrder
 from trainer.signals import StopFlags
+from trainer.step_values import LateRead, pinned
 from trainer.spec import JobSpec
 
 
@@ -64,6 +67,28 @@ class TrainState:
     forgetting_before: dict[str, float] | None = None
 
 
+@dataclass
+class QueuedStep:
+    """A step whose work is queued on the device; its values are read one step later."""
+
+    step: int
+    micro_step: int
+    lr: float
+    values: LateRead  # STEP_VALUES, the votes, then the gradient norm
+
+
+def as_values(norm: Any, device: torch.device) -> torch.Tensor:
+    """The gradient norm as one float64 element to append to a step's values, on `device`.
+    FSDP's norm is a DTensor; its full value is what float() used to read (the same collective)."""
+    if not isinstance(norm, torch.Tensor):
+        return torch.tensor([float(norm)], dtype=torch.float64, device=device)
+    full = getattr(norm, "full_tensor", None)
+    if callable(full):
+        norm = full()
+    # Without gradients torch answers a CPU zero; the norm of real gradients is already there.
+    return norm.detach().reshape(1).to(device=device, dtype=torch.float64)
+
+
 # ---------------------------------------------------------------------------------------------
 # Pieces of one step, separate so that tests can drive them directly
 
@@ -72,26 +97,30 @@ def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def forward_backward(
+def queue_forward_backward(
     model: Any, micro_batches: list[dict[str, torch.Tensor]], accelerator: Any, loss_head: LossHead | None = None,
     votes: Callable[[], list[bool]] | None = None,
-) -> dict[str, Any]:
-    """Accumulate the gradients of one optimizer step; returns the step's token-mean loss.
+) -> torch.Tensor:
+    """Accumulate the gradients of one optimizer step, without waiting for the GPU.
 
+    Returns the step's values summed over ranks, still on the device: [loss sum, correct tokens,
+    label tokens, input tokens, rows, *votes] (see STEP_VALUES; read them with step_result).
     Gradients equal those of one big batch holding all micro-batches of all ranks. loss_head:
     how a micro-batch becomes its loss (trainer.loss_heads; default the plain full-logits loss).
-    votes: flags asked for after the backward pass; result["votes"][i] is True when any rank's
-    flag i is (they ride in the step's one all-reduce).
+    votes: flags asked for after the backward pass; vote i is non-zero when any rank's flag i is
+    set (they ride in the step's one all-reduce).
 
     One process scales each micro-batch's summed loss by 1 / label tokens before backward, as
     the module docstring says. Several processes back-propagate the summed losses and learn the
     window's label tokens of all ranks in the step's single all-reduce, together with the loss
     sums and the votes; the averaged gradients are then multiplied by world_size / label tokens:
     the same gradients, with one collective per step instead of one before and one after backward.
+    That factor is a device tensor, so the optimizer step is queued before the total is known here.
     """
     device = accelerator.device
     loss_head = loss_head or PlainLoss()
     world = accelerator.num_processes
+    # The counts come from the host's copy of the batch: no device value is read for them.
     local = [float(sum(count_label_tokens(mb) for mb in micro_batches)),
              float(sum(int(mb["attention_mask"].sum()) for mb in micro_batches)),
              float(sum(int(mb["input_ids"].shape[0]) for mb in micro_batches))]
@@ -105,12 +134,32 @@ def forward_backward(
             accelerator.backward(summed * scale if world == 1 else summed)
         totals += torch.stack([summed.detach().double(), correct.double()])
     wanted = [float(bool(v)) for v in votes()] if votes is not None else []
-    loss_sum, correct_tokens, label_tokens, input_tokens, rows, *agreed = sum_over_ranks(
-        totals, local + wanted, accelerator)
+    with region("all_reduce"):
+        packed = sum_over_ranks(totals, local + wanted, accelerator)
     if world > 1:
-        scale_gradients(model, world / max(label_tokens, 1.0))
-    return {"loss_sum": loss_sum, "label_tokens": int(label_tokens), "input_tokens": int(input_tokens),
-            "correct_tokens": int(correct_tokens), "rows": int(rows), "votes": [v > 0 for v in agreed]}
+        scale_gradients(model, world / packed[2].clamp(min=1.0))
+    return packed
+
+
+# The order of queue_forward_backward's values.
+STEP_VALUES = ("loss_sum", "correct_tokens", "label_tokens", "input_tokens", "rows")
+
+
+def step_result(values: list[float]) -> dict[str, Any]:
+    """The host's view of a step's values: counts as ints, votes as bools (after the named ones)."""
+    named = dict(zip(STEP_VALUES, values))
+    return {"loss_sum": named["loss_sum"], "label_tokens": int(named["label_tokens"]),
+            "input_tokens": int(named["input_tokens"]), "correct_tokens": int(named["correct_tokens"]),
+            "rows": int(named["rows"]), "votes": [v > 0 for v in values[len(STEP_VALUES):]]}
+
+
+def forward_backward(
+    model: Any, micro_batches: list[dict[str, torch.Tensor]], accelerator: Any, loss_head: LossHead | None = None,
+    votes: Callable[[], list[bool]] | None = None,
+) -> dict[str, Any]:
+    """queue_forward_backward, read at once (tests, benches): the step's token-mean loss is
+    result["loss_sum"] / result["label_tokens"]; result["votes"][i] is True when any rank's flag i is."""
+    return step_result(queue_forward_backward(model, micro_batches, accelerator, loss_head, votes).tolist())
 
 
 def perplexity(loss: float) -> float:
@@ -293,90 +342,132 @@ def train(
         accelerator.wait_for_everyone()
 
     # ---- loop --------------------------------------------------------------------------------
+    # A step is queued on the GPU and its values (loss, counts, votes, gradient norm) are read only
+    # after the next step has been queued (trainer.step_values): the host never waits for the GPU
+    # in the middle of training. So step N's metrics are emitted, and its votes acted on, after
+    # step N+1 is queued; before an evaluation, a checkpoint, a pause or the end, the step just
+    # queued is read too ("drained"), so that every event of a step precedes what follows it.
     last_metrics: dict[str, Any] = {}
     valid_metrics: dict[str, Any] = {}
     window = {"loss_sum": 0.0, "label_tokens": 0, "input_tokens": 0, "correct_tokens": 0, "rows": 0, "time": time.time()}
     last_saved_step = state.step if resumed_from is not None else -1
     last_saved_time = time.time()
+    pending: QueuedStep | None = None  # queued, not read yet
+    profiler = profiling.from_env(accelerator.process_index, device)
 
     def step_votes() -> list[bool]:
         # A signal reaches the ranks at slightly different times, and their clocks differ; pausing
-        # and checkpointing are collectives, so one rank's wish decides for all, after the same step.
+        # and checkpointing are collectives, so one rank's wish decides for all, after the same step
+        # (every rank reads the same reduced votes, after the same step).
         minutes = schedule.checkpoint_every_minutes
         return [flags.pause_requested, bool(minutes) and time.time() - last_saved_time >= minutes * 60]
-    while state.step < total_steps:
-        n_micro = hp.gradient_accumulation_steps
-        if total_micro:
-            n_micro = min(n_micro, total_micro - state.micro_step)
-        micro_batches = [
-            collate([train_examples[i] for i in order.indices(state.micro_step + k)], tokenizer.pad_token_id)
-            for k in range(n_micro)
-        ]
-        lr = scheduler.get_last_lr()[0]  # the rate this step is taken with
 
-        # accumulate, clip, step
-        result = forward_backward(model, micro_batches, accelerator, loss_head, step_votes)
-        grad_norm = float(accelerator.clip_grad_norm_(trainable, clip_to))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        state.step += 1
-        state.micro_step += n_micro
+    def finish(queued: QueuedStep) -> list[bool]:
+        """Read a queued step's values: count its tokens, log it when due; returns its votes."""
+        nonlocal window, last_metrics
+        *values, grad_norm = queued.values.read()
+        result = step_result(values)
         state.trained_tokens += result["label_tokens"]
         state.seen_tokens += result["input_tokens"]
         for key in ("loss_sum", "label_tokens", "input_tokens", "correct_tokens", "rows"):
             window[key] += result[key]
-
-        # log
-        if state.step % schedule.log_every_steps == 0 or state.step == total_steps:
+        if queued.step % schedule.log_every_steps == 0 or queued.step == total_steps:
             now = time.time()
             tokens_per_second = window["input_tokens"] / max(now - window["time"], 1e-9)
             mean_row = window["input_tokens"] / max(window["rows"], 1)
             last_metrics = {
-                "step": state.step,
+                "step": queued.step,
                 "total_steps": total_steps,
-                "epoch": round(order.epoch_of(state.micro_step), 4),
+                "epoch": round(order.epoch_of(queued.micro_step), 4),
                 "train_loss": window["loss_sum"] / max(window["label_tokens"], 1),
                 "train_mean_token_accuracy": window["correct_tokens"] / max(window["label_tokens"], 1),
-                "learning_rate": lr,
+                "learning_rate": queued.lr,
                 "grad_norm": grad_norm,
                 "tokens": state.seen_tokens,
                 "tokens_per_second": tokens_per_second,
                 "mfu": mfu(flops, tokens_per_second, mean_row, peak, accelerator.num_processes),
                 "peak_memory_bytes": peak_memory_bytes(device),
             }
-            events.emit("metrics", f"step {state.step}/{total_steps} loss {last_metrics['train_loss']:.4f}", **last_metrics)
+            events.emit("metrics", f"step {queued.step}/{total_steps} loss {last_metrics['train_loss']:.4f}",
+                        **last_metrics)
             window = {"loss_sum": 0.0, "label_tokens": 0, "input_tokens": 0, "correct_tokens": 0, "rows": 0, "time": now}
+        return result["votes"]
 
-        # eval: the sample every eval_every_steps; at the end also the whole file
-        if valid_data is not None and valid_sample is not None and (
-            (schedule.eval_every_steps and state.step % schedule.eval_every_steps == 0) or state.step == total_steps
-        ):
-            valid_metrics = evaluate(model, valid_sample, hp.batch_size, tokenizer.pad_token_id, accelerator,
-                                     loss_head=loss_head)
-            if state.step == total_steps:
-                full = (
-                    {f"full_{k}": v for k, v in valid_metrics.items()}
-                    if valid_sample is valid_data.examples
-                    else evaluate(model, valid_data.examples, hp.batch_size, tokenizer.pad_token_id, accelerator,
-                                  "full_valid", loss_head)
-                )
-                valid_metrics = {**valid_metrics, **full}
-            events.emit("validation", f"step {state.step} valid loss {valid_metrics['valid_loss']:.4f}",
-                        step=state.step, **valid_metrics)
+    try:
+        while state.step < total_steps:
+            if profiler is not None:
+                profiler.before_step(state.step + 1)
+            n_micro = hp.gradient_accumulation_steps
+            if total_micro:
+                n_micro = min(n_micro, total_micro - state.micro_step)
+            with region("collate"):
+                micro_batches = [
+                    pinned(collate([train_examples[i] for i in order.indices(state.micro_step + k)], tokenizer.pad_token_id),
+                           device)
+                    for k in range(n_micro)
+                ]
+            lr = scheduler.get_last_lr()[0]  # the rate this step is taken with
 
-        # checkpoint, and pause (a checkpoint, then exit 75), as the ranks voted in the step's all-reduce
-        pause_voted, minutes_due = result["votes"]
-        due = bool(schedule.checkpoint_every_steps and state.step % schedule.checkpoint_every_steps == 0)
-        if due or minutes_due:
-            save({**last_metrics, **valid_metrics})
-            last_saved_step, last_saved_time = state.step, time.time()
+            # accumulate, clip, step: all queued, nothing read
+            with region("forward_backward"):
+                packed = queue_forward_backward(model, micro_batches, accelerator, loss_head, step_votes)
+            with region("clip"):
+                grad_norm = accelerator.clip_grad_norm_(trainable, clip_to)
+            with region("optimizer"):
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
 
-        if pause_voted:
-            if last_saved_step != state.step:
+            state.step += 1
+            state.micro_step += n_micro
+            queued = QueuedStep(state.step, state.micro_step, lr, LateRead(torch.cat([packed, as_values(grad_norm, packed.device)])))
+
+            # log the step before this one, which the GPU has finished meanwhile
+            with region("log"):
+                votes = finish(pending) if pending is not None else [False, False]
+            pending = queued
+            if profiler is not None:
+                profiler.after_step(state.step)
+            evaluating = valid_data is not None and valid_sample is not None and (
+                (schedule.eval_every_steps and state.step % schedule.eval_every_steps == 0) or state.step == total_steps
+            )
+            due = bool(schedule.checkpoint_every_steps and state.step % schedule.checkpoint_every_steps == 0)
+            if not (evaluating or due or any(votes) or state.step == total_steps):
+                continue
+            # Something follows this step: read it first, so its metrics come before it (and a
+            # checkpoint holds the counts of the step it saves).
+            votes = [a or b for a, b in zip(votes, finish(pending))]
+            pending = None
+
+            # eval: the sample every eval_every_steps; at the end also the whole file
+            if evaluating:
+                assert valid_data is not None and valid_sample is not None
+                valid_metrics = evaluate(model, valid_sample, hp.batch_size, tokenizer.pad_token_id, accelerator,
+                                         loss_head=loss_head)
+                if state.step == total_steps:
+                    full = (
+                        {f"full_{k}": v for k, v in valid_metrics.items()}
+                        if valid_sample is valid_data.examples
+                        else evaluate(model, valid_data.examples, hp.batch_size, tokenizer.pad_token_id, accelerator,
+                                      "full_valid", loss_head)
+                    )
+                    valid_metrics = {**valid_metrics, **full}
+                events.emit("validation", f"step {state.step} valid loss {valid_metrics['valid_loss']:.4f}",
+                            step=state.step, **valid_metrics)
+
+            # checkpoint, and pause (a checkpoint, then exit 75), as the ranks voted in the all-reduce
+            # of this step or the one before
+            pause_voted, minutes_due = votes
+            if due or minutes_due:
                 save({**last_metrics, **valid_metrics})
-            raise Paused()
+                last_saved_step, last_saved_time = state.step, time.time()
+
+            if pause_voted:
+                if last_saved_step != state.step:
+                    save({**last_metrics, **valid_metrics})
+                raise Paused()
+    finally:
+        profiling.stop()  # writes what a profiled range recorded, even a range cut short
 
     # ---- export ------------------------------------------------------------------------------
     forgetting: dict[str, Any] = {}

@@ -27,7 +27,8 @@ from trainer.linear_ce import chunk_tokens, linear_cross_entropy
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token losses, number of label tokens); position t predicts token t+1."""
     logits = logits[:, :-1, :].float()
-    targets = labels[:, 1:].to(logits.device)
+    # The whole (contiguous, pinned) labels cross without blocking; a slice would be staged first.
+    targets = labels.to(logits.device, non_blocking=True)[:, 1:]
     loss = F.cross_entropy(
         logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
@@ -35,7 +36,7 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 def correct_tokens(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    targets = labels[:, 1:].to(logits.device)
+    targets = labels.to(logits.device, non_blocking=True)[:, 1:]
     return ((logits[:, :-1, :].argmax(-1) == targets) & (targets != IGNORE_INDEX)).sum()
 
 
@@ -80,6 +81,23 @@ def head_returns_input(head: torch.nn.Module) -> Iterator[dict[str, torch.Tensor
             head.forward = before
 
 
+def labelled_rows(labels: torch.Tensor, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows of the flattened [batch * seq] hidden states that predict a label, those labels), on
+    `device`, in row-major order (that of boolean-mask indexing).
+
+    Position t predicts token t+1. Selecting by a boolean mask on the GPU would make the host wait
+    for the mask to learn how many rows there are; the labels are data, so the rows are found on
+    the host (where the batch is built) and cross without blocking.
+    """
+    seq = labels.shape[1]
+    targets = labels[:, 1:]
+    b, t = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    rows, picked = b * seq + t, targets[b, t]
+    if rows.device.type == "cpu" and torch.device(device).type == "cuda":
+        rows, picked = rows.pin_memory(), picked.pin_memory()
+    return rows.to(device, non_blocking=True), picked.to(device, non_blocking=True)
+
+
 class ChunkedLoss:
     name = "chunked"
 
@@ -94,12 +112,11 @@ class ChunkedLoss:
         with head_returns_input(self.head) as seen:
             model(**model_inputs(batch, device))  # its fp32-converted output is dropped at once
         hidden = seen["hidden"]
-        targets = batch["labels"][:, 1:].to(hidden.device)
-        keep = targets != IGNORE_INDEX
+        rows, targets = labelled_rows(batch["labels"], hidden.device)
         # Only positions with a label pay for the head: prompts and padding cost nothing here.
-        loss, correct = linear_cross_entropy(hidden[:, :-1][keep], self.head.weight, targets[keep], self.chunk,
-                                             self.compute_dtype)
-        return loss, keep.sum(), correct
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+        loss, correct = linear_cross_entropy(picked, self.head.weight, targets, self.chunk, self.compute_dtype)
+        return loss, torch.full((), rows.shape[0], device=hidden.device, dtype=torch.long), correct
 
     def for_prepared(self, model: Any) -> PlainLoss | ChunkedLoss:
         """The loss for the model as accelerate wrapped it: a sharded (FSDP) head's weight is not

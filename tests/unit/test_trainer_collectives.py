@@ -147,13 +147,13 @@ def _rank_main(spec_path: str, out: str) -> None:
     from trainer.spec import JobSpec
 
     snapshots: list[Counter[str]] = []
-    forward_backward = trainer.loop.forward_backward
+    queue_forward_backward = trainer.loop.queue_forward_backward
 
     def at_step_start(*args, **kwargs):
         snapshots.append(Counter(counts))
-        return forward_backward(*args, **kwargs)
+        return queue_forward_backward(*args, **kwargs)
 
-    trainer.loop.forward_backward = at_step_start
+    trainer.loop.queue_forward_backward = at_step_start
     code = run_job(JobSpec.model_validate_json(Path(spec_path).read_text()), out)
     if os.environ["RANK"] == "0":
         steps = [dict(after - before) for before, after in zip(snapshots, snapshots[1:])]

@@ -172,7 +172,7 @@ def test_out_of_memory_names_settings_that_help(make_spec, tmp_path, monkeypatch
     def boom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("trainer.loop.forward_backward", boom)
+    monkeypatch.setattr("trainer.loop.queue_forward_backward", boom)
     out = tmp_path / "oom"
     assert run_job(make_spec("lora"), out) == 1
     last = read_events(out / "events.jsonl")[-1]
