@@ -90,7 +90,8 @@ class GpuMemorySampler(threading.Thread):
             self.stop.wait(0.5)
 
 
-def run_trainer(name: str, spec: dict[str, Any], processes: int, work: Path, warmup: int, timeout: float) -> dict:
+def run_trainer(name: str, spec: dict[str, Any], processes: int, work: Path, warmup: int, timeout: float,
+                profile_steps: str | None = None) -> dict:
     """`python -m trainer run` under the launch command the worker builds for `processes` GPUs."""
     from core.settings import Settings
     from worker.workdir import trainer_argv, trainer_env
@@ -102,6 +103,8 @@ def run_trainer(name: str, spec: dict[str, Any], processes: int, work: Path, war
     argv = trainer_argv(Settings(accelerate_launch=True), out / "spec.json", out, resume=False, num_processes=processes)
     env = {**trainer_env(Settings()), "TUNEQ_RANDOM_INIT": "1", "OMP_NUM_THREADS": "1",
            "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(processes))}
+    if profile_steps:  # trainer.profiling: every rank writes profile-rank{r}.txt there
+        env.update(TUNEQ_PROFILE_STEPS=profile_steps, TUNEQ_PROFILE_DIR=str(out / "profile"))
     sampler = GpuMemorySampler()
     sampler.start()
     t0 = time.time()
@@ -166,6 +169,7 @@ def main() -> int:
     ap.add_argument("--full-batch", type=int, default=2, help="micro-batch per GPU of the 8B run")
     ap.add_argument("--warmup", type=int, default=5, help="first metrics events left out of tokens/s")
     ap.add_argument("--skip-8b", action="store_true")
+    ap.add_argument("--profile-steps", default=None, help="e.g. 20:22: profile those LoRA steps on every rank")
     args = ap.parse_args()
 
     dry = args.dry_run
@@ -197,7 +201,16 @@ def main() -> int:
     }
     if dry:
         lora_spec["precision"] = "fp32"  # bf16 on a CPU is emulated and slow
-    runs = [run_trainer(f"lora-{k}gpu", lora_spec, k, work, warmup, timeout=600) for k in (1, 2)]
+    runs = [run_trainer(f"lora-{k}gpu", lora_spec, k, work, warmup, timeout=600, profile_steps=args.profile_steps)
+            for k in (1, 2)]
+    if args.profile_steps:
+        # One file per run and rank beside the table (the profiled steps are slower: the median skips them).
+        for run in runs:
+            for f in sorted((work / run["name"] / "profile").glob("profile-rank*.txt")):
+                dest = args.results / f"multi_gpu_profile_{run['name']}_{f.stem.split('-')[-1]}.txt"
+                args.results.mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, dest)
+                run.setdefault("profiles", []).append(dest.name)
     one, two = runs
     ratio = (two["tokens_per_second"] / one["tokens_per_second"]
              if one["tokens_per_second"] and two["tokens_per_second"] else None)

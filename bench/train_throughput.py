@@ -74,6 +74,11 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "tuneq-full-bf16-ckpt8": ("tuneq", "full", {"speed": "balanced", "checkpoint_layers": 8, "full_precision": "bf16"}),
     "tuneq-full-bf16-ckpt12": ("tuneq", "full", {"speed": "balanced", "checkpoint_layers": 12, "full_precision": "bf16"}),
     "tuneq-full-bf16-ckpt13": ("tuneq", "full", {"speed": "balanced", "checkpoint_layers": 13, "full_precision": "bf16"}),
+    "tuneq-full-bf16-ckpt11": ("tuneq", "full", {"speed": "balanced", "checkpoint_layers": 11, "full_precision": "bf16"}),
+    # Unsloth's rows train with 8-bit AdamW; the same optimizer, for a like-for-like point.
+    "tuneq-full-bf16-lean-adam8": ("tuneq", "full", {"speed": "lean", "full_precision": "bf16", "optimizer": "adamw_8bit"}),
+    "tuneq-lora-ckpt3": ("tuneq", "lora", {"speed": "balanced", "checkpoint_layers": 3}),
+    "tuneq-qlora-ckpt3": ("tuneq", "qlora", {"speed": "balanced", "checkpoint_layers": 3}),
     "tuneq-full-fp32-lean": ("tuneq", "full", {"speed": "lean", "full_precision": "fp32_master"}),
     "tuneq-full-fp32-fast": ("tuneq", "full", {"speed": "fast", "full_precision": "fp32_master"}),
     "unsloth-lora": ("unsloth", "lora", {"gradient_checkpointing": True}),
@@ -93,6 +98,10 @@ TARGETS: dict[str, tuple[str, float | None, float | None]] = {
     "tuneq-full-bf16-ckpt8": ("trl-full", 1.2, 1.2),
     "tuneq-full-bf16-ckpt12": ("trl-full", 1.2, 1.2),
     "tuneq-full-bf16-ckpt13": ("trl-full", 1.2, 1.2),
+    "tuneq-full-bf16-ckpt11": ("trl-full", 1.2, 1.2),
+    "tuneq-full-bf16-lean-adam8": ("trl-full", 1.2, 1.2),
+    "tuneq-lora-ckpt3": ("trl-lora-nockpt", 1.3, 1.0),
+    "tuneq-qlora-ckpt3": ("trl-qlora", 1.3, 1.0),
     "tuneq-full-fp32-lean": ("trl-full", None, None),
     "tuneq-full-fp32-fast": ("trl-full", None, None),
 }
