@@ -5,7 +5,16 @@ submits a long low-priority LoRA job, waits until it trains, submits a high-prio
 the same GPU, and records what happens: the low job is paused with a checkpoint, the high job
 runs on the freed GPU and succeeds, then the low job resumes from its checkpoint and succeeds.
 
-    python bench/preempt_gpu.py [--home /tmp/tq-preempt] [--port 8011]
+    python bench/preempt_gpu.py [--home /tmp/tq-preempt] [--port 8011] [--low-steps 3000]
+
+Job lengths are set in optimizer steps (hyperparameters.max_steps, 1..10,000,000), not epochs
+(n_epochs is bounded at 100: 64 rows x 100 epochs at batch 8 is only 800 steps). The low job
+must still be training when the high one takes its GPU: the script sends the high job once it
+sees the low one past step 60 (its polls lag: on a CPU it saw step 385), and the preemption
+landed 0.6 s later there. The tiny model ran 85-165 steps/s on a 2-core CPU and takes hundreds
+of steps per few seconds on a GPU, so the low job is 3000 steps by default (about 35 s of
+training at 90 steps/s; the whole script took 75 s on that CPU). If the low job ends before it
+is preempted, the script stops at once and says to raise --low-steps.
 
 Prints a timeline and writes bench/results/preempt_gpu.md/.json. Exit 0 only if every check holds.
 """
@@ -27,23 +36,52 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.datasets import reverse_dataset  # noqa: E402 - after the path fix above
+from tuneq.client import Client  # noqa: E402
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
-def events(c: httpx.Client, job_id: str) -> list[dict]:
-    got, after = [], None
+def events(c: Client, job_id: str) -> list[dict]:
+    """Every event of the job, oldest first."""
+    got: list[dict] = []
+    after = None
     while True:
-        page = c.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100, **({"after": after} if after else {})}).json()
-        got.extend(page["data"])
-        if not page["has_more"]:
+        page = c.events(job_id, 100, after)
+        got.extend(page)
+        if len(page) < 100:
             return list(reversed(got))
-        after = page["data"][-1]["id"]
+        after = page[-1]["id"]
+
+
+class Tail:
+    """A job's events as they come: each poll fetches only the ones newer than the last seen. (The
+    newest page alone could miss the preempted event: the low job can log more than a page of
+    metrics events between two polls.)"""
+
+    def __init__(self, c: Client, job_id: str):
+        self.c, self.job_id, self.seen = c, job_id, []
+
+    def poll(self) -> list[dict]:
+        if self.seen:
+            self.seen += self.c.events_since(self.job_id, self.seen[-1]["id"], limit=100)
+        else:
+            self.seen = events(self.c, self.job_id)
+        return self.seen
 
 
 def last_step(evs: list[dict]) -> int:
     steps = [e["data"].get("step", 0) for e in evs if e.get("type") == "metrics" and e.get("data")]
     return max(steps, default=0)
+
+
+def steps_per_s(evs: list[dict]) -> float | None:
+    """Steps per second of the job's last trainer run, from its metrics events' timestamps (whole
+    seconds in the API, so rough over a short run): what --low-steps has to outlast."""
+    starts = [i for i, e in enumerate(evs) if e.get("type") == "start"]
+    ms = [e for e in evs[starts[-1] if starts else 0:] if e.get("type") == "metrics" and e.get("data")]
+    if len(ms) < 2 or ms[-1]["created_at"] <= ms[0]["created_at"]:
+        return None
+    return round((ms[-1]["data"]["step"] - ms[0]["data"]["step"]) / (ms[-1]["created_at"] - ms[0]["created_at"]), 1)
 
 
 def wait(pred, timeout: float, what: str, stack: subprocess.Popen) -> None:  # noqa: ANN001
@@ -61,7 +99,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--home", default="/tmp/tq-preempt")
     ap.add_argument("--port", type=int, default=8011)
-    ap.add_argument("--low-epochs", type=int, default=400, help="long enough that the low job is still training when the high one arrives")
+    ap.add_argument("--low-steps", type=int, default=3000,
+                    help="optimizer steps of the low job: long enough that it is still training when the high one arrives")
+    ap.add_argument("--high-steps", type=int, default=150, help="optimizer steps of the high job")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "preempt_gpu"))
     args = ap.parse_args()
 
@@ -89,39 +129,52 @@ def main() -> int:
 
         wait(healthy, 300, "the stack to answer /health", stack)
         note("stack up")
-        c = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key_file.read_text().strip()}"}, timeout=30)
-        up = c.post("/v1/files", files={"file": ("train.jsonl", reverse_dataset(64, seed=1).encode())},
-                    data={"purpose": "fine-tune"}).json()
+        c = Client(base, api_key=key_file.read_text().strip(), timeout=30)
+        train = home / "preempt_train.jsonl"
+        train.write_text(reverse_dataset(64, seed=1))
+        up = c.upload_file(train)
+        # The pause writes its own checkpoint; periodic ones only slow a fast GPU loop down.
         body = {"model": "tiny-llama", "training_file": up["id"], "method": {"type": "lora"}, "gpus": 1,
-                "schedule": {"checkpoint_every_steps": 50}}
-        low = c.post("/v1/fine_tuning/jobs", json={**body, "priority": -5, "suffix": "low",
-                                                   "hyperparameters": {"n_epochs": args.low_epochs, "batch_size": 8}})
-        assert low.status_code == 200, low.text
-        low_id = low.json()["id"]
-        note(f"low-priority job {low_id} created")
-        wait(lambda: last_step(events(c, low_id)) >= 60, 300, "the low job to pass step 60", stack)
-        step_at_high = last_step(events(c, low_id))
-        note(f"low job training, step {step_at_high}")
-        high = c.post("/v1/fine_tuning/jobs", json={**body, "priority": 10, "suffix": "high",
-                                                    "hyperparameters": {"n_epochs": 20, "batch_size": 8}})
-        assert high.status_code == 200, high.text
-        high_id = high.json()["id"]
-        note(f"high-priority job {high_id} created")
+                "schedule": {"checkpoint_every_steps": 500}}
+        low_id = c.create_job({**body, "priority": -5, "suffix": "low",
+                               "hyperparameters": {"max_steps": args.low_steps, "batch_size": 8}})["id"]
+        note(f"low-priority job {low_id} created ({args.low_steps} steps)")
 
-        wait(lambda: any(e.get("type") == "preempted" for e in events(c, low_id)), 180, "the low job's preempted event", stack)
-        note("low job asked to pause (preempted event)")
+        low_tail = Tail(c, low_id)
+
+        def low_training() -> bool:
+            if c.get_job(low_id)["status"] in TERMINAL:
+                raise SystemExit(f"the low job ended before the high one arrived: raise --low-steps (now {args.low_steps})")
+            return last_step(low_tail.poll()) >= 60
+
+        wait(low_training, 300, "the low job to pass step 60", stack)
+        step_at_high = last_step(low_tail.poll())
+        note(f"low job training, step {step_at_high}")
+        high_id = c.create_job({**body, "priority": 10, "suffix": "high",
+                                "hyperparameters": {"max_steps": args.high_steps, "batch_size": 8}})["id"]
+        note(f"high-priority job {high_id} created ({args.high_steps} steps)")
+
+        def low_preempted() -> bool:
+            if any(e.get("type") == "preempted" for e in low_tail.poll()):
+                return True
+            if c.get_job(low_id)["status"] in TERMINAL:
+                raise SystemExit(f"the low job ended before it was preempted: raise --low-steps (now {args.low_steps})")
+            return False
+
+        wait(low_preempted, 180, "the low job's preempted event", stack)
+        step_at_preempt = last_step(low_tail.poll())
+        note(f"low job asked to pause (preempted event), step {step_at_preempt}")
         # A preempted job passes through `paused` straight back to `queued` (core/control.after_pause).
-        wait(lambda: c.get(f"/v1/fine_tuning/jobs/{low_id}").json()["status"] in ("paused", "queued"), 180,
-             "the low job to stop at a checkpoint", stack)
-        note(f"low job stopped, now {c.get(f'/v1/fine_tuning/jobs/{low_id}').json()['status']}")
-        wait(lambda: c.get(f"/v1/fine_tuning/jobs/{high_id}").json()["status"] == "running" or
-             c.get(f"/v1/fine_tuning/jobs/{high_id}").json()["status"] in TERMINAL, 300, "the high job to start", stack)
-        note(f"high job {c.get(f'/v1/fine_tuning/jobs/{high_id}').json()['status']}")
-        wait(lambda: c.get(f"/v1/fine_tuning/jobs/{high_id}").json()["status"] in TERMINAL, 600, "the high job to end", stack)
-        high_job = c.get(f"/v1/fine_tuning/jobs/{high_id}").json()
+        wait(lambda: c.get_job(low_id)["status"] in ("paused", "queued"), 180, "the low job to stop at a checkpoint", stack)
+        note(f"low job stopped, now {c.get_job(low_id)['status']}")
+        wait(lambda: c.get_job(high_id)["status"] == "running" or c.get_job(high_id)["status"] in TERMINAL, 300,
+             "the high job to start", stack)
+        note(f"high job {c.get_job(high_id)['status']}")
+        wait(lambda: c.get_job(high_id)["status"] in TERMINAL, 600, "the high job to end", stack)
+        high_job = c.get_job(high_id)
         note(f"high job {high_job['status']}")
-        wait(lambda: c.get(f"/v1/fine_tuning/jobs/{low_id}").json()["status"] in TERMINAL, 600, "the low job to end", stack)
-        low_job = c.get(f"/v1/fine_tuning/jobs/{low_id}").json()
+        wait(lambda: c.get_job(low_id)["status"] in TERMINAL, 600, "the low job to end", stack)
+        low_job = c.get_job(low_id)
         note(f"low job {low_job['status']}")
 
         low_events, high_events = events(c, low_id), events(c, high_id)
@@ -138,7 +191,9 @@ def main() -> int:
         }
         result = {
             "device": ", ".join(gpus_seen),
-            "low_job": low_id, "high_job": high_id, "low_step_when_high_arrived": step_at_high,
+            "low_job": low_id, "high_job": high_id, "low_steps": args.low_steps, "high_steps": args.high_steps,
+            "low_step_when_high_arrived": step_at_high, "low_step_at_preempted_event": step_at_preempt,
+            "low_steps_per_s_after_resume": steps_per_s(low_events),
             "low_resumed_from_step": resumed_at[1] if len(resumed_at) > 1 else None,
             "low_final_step": last_step(low_events), "high_final_step": last_step(high_events),
             "start_event_devices": gpus_seen, "timeline": timeline, "checks": checks,
@@ -157,8 +212,10 @@ def main() -> int:
     lines = ["# Priority preemption on the GPU (bench/preempt_gpu.py)", "",
              f"Device: {result['device']}. Low job {low_id} (priority -5), high job {high_id} (priority 10), one GPU.", "",
              "| t (s) | event |", "|---|---|", *[f"| {t} | {m} |" for t, m in timeline], "",
-             f"Low job step when the high job arrived: {step_at_high}; resumed from step {result['low_resumed_from_step']}; "
-             f"final step {result['low_final_step']}. High job final step {result['high_final_step']}.", "",
+             f"Low job ({args.low_steps} steps) at step {step_at_high} when the high job ({args.high_steps} steps) was sent, "
+             f"{step_at_preempt} when the script saw the preempted event; resumed from step {result['low_resumed_from_step']}; "
+             f"final step {result['low_final_step']}, about {result['low_steps_per_s_after_resume']} steps/s after resuming. "
+             f"High job final step {result['high_final_step']}. Wall time {timeline[-1][0]} s.", "",
              "| check | holds |", "|---|---|", *[f"| {k} | {'yes' if v else 'NO'} |" for k, v in checks.items()], ""]
     out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
