@@ -11,10 +11,18 @@ same one) and x A^T (rank-sized), and backward computes the same four products p
 Only the plain case is fused: one active adapter, no dropout, no DoRA, a frozen nn.Linear or
 bitsandbytes 4-bit base. Anything else keeps peft's forward, which stays the reference: the unit
 tests compare the two.
+
+A 4-bit base's product is its own forward (bitsandbytes' Linear4bit), called on the caller's input
+under the caller's autocast, as peft calls it: bitsandbytes picks its kernel by device, CPU
+features, mode and input (its CUDA gemm_4bit kernels; on a CPU with AVX512-BF16, for an eval-mode
+layer whose input needs no gradient, a bf16 kernel on a repacked weight), and a dequantize +
+matmul of our own matched only some of those choices. Its backward is bitsandbytes' own formula
+(input gradient = grad @ dequantized weight), fused here with the adapter's.
 """
 
 from __future__ import annotations
 
+import copy
 from types import MethodType
 from typing import Any
 
@@ -29,24 +37,43 @@ def _dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if _is_4bit(weight):
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # Linear4bit.forward repacked it for its CPU bf16 kernel (eval mode, an input without
+            # gradient: a validation pass), which has no backward; dequantize bitsandbytes' own
+            # inverse of that packing, on a copy of the state (the inverse rewrites the state it
+            # gets, and the layer keeps the packed one).
+            data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
+        return bnbf.dequantize_4bit(data, state).to(dtype)
     return weight.to(dtype)
 
 
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, compute_dtype, out_dtype):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, x, weight, bias, lora_a, lora_b, scaling, compute_dtype, out_dtype, base4bit=None
+    ):
+        shape = x.shape
+        if base4bit is not None:
+            # The 4-bit layer's own forward, on the caller's x (its requires_grad intact) under the
+            # caller's autocast: what peft's base_layer(x) computes. Grad mode is off in here, so
+            # bitsandbytes runs its gemm_4bit op directly instead of through MatMul4Bit, whose
+            # forward is that same op. It adds the bias and answers in x's dtype.
+            y = base4bit(x)
         with torch.autocast(x.device.type, enabled=False):
-            shape = x.shape
             x2 = x.reshape(-1, shape[-1]).to(compute_dtype)
-            w = _dense_weight(weight, compute_dtype)
             a, b = lora_a.to(compute_dtype), lora_b.to(compute_dtype)
-            y = torch.addmm(bias.to(compute_dtype), x2, w.t()) if bias is not None else x2 @ w.t()
+            if base4bit is not None:
+                y = y.reshape(-1, y.shape[-1]).to(compute_dtype)
+            else:
+                w = _dense_weight(weight, compute_dtype)
+                y = torch.addmm(bias.to(compute_dtype), x2, w.t()) if bias is not None else x2 @ w.t()
             xa = x2 @ a.t()
             y.addmm_(xa, b.t(), alpha=scaling)
         ctx.save_for_backward(x2, xa, lora_a, lora_b)
         # The frozen weight is a parameter that lives anyway; keeping a reference costs nothing,
-        # and a 4-bit one is dequantised again in backward rather than kept in bf16.
+        # and a 4-bit one is dequantised again in backward (as bitsandbytes' MatMul4Bit does)
+        # rather than kept in bf16.
         ctx.weight, ctx.scaling, ctx.compute_dtype = weight, scaling, compute_dtype
         ctx.x_shape, ctx.x_dtype = shape, x.dtype
         return y.reshape(*shape[:-1], y.shape[-1]).to(out_dtype)
@@ -65,7 +92,7 @@ class _LoraLinear(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = (g @ _dense_weight(ctx.weight, cd)).addmm_(gxa, a)
                 grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
-        return grad_x, None, None, grad_a, grad_b, None, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None
 
 
 def _fusable(module: Any) -> bool:
@@ -102,7 +129,7 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         out = x.dtype
     return _LoraLinear.apply(
         x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name]),
-        compute, out,
+        compute, out, base if _is_4bit(base.weight) else None,
     )
 
 
