@@ -6,6 +6,7 @@ the same GPU, and records what happens: the low job is paused with a checkpoint,
 runs on the freed GPU and succeeds, then the low job resumes from its checkpoint and succeeds.
 
     python bench/preempt_gpu.py [--home /tmp/tq-preempt] [--port 8011] [--low-steps 3000]
+    CUDA_VISIBLE_DEVICES=0 python bench/preempt_gpu.py   # on a host with several GPUs: one for both jobs
 
 Job lengths are set in optimizer steps (hyperparameters.max_steps, 1..10,000,000), not epochs
 (n_epochs is bounded at 100: 64 rows x 100 epochs at batch 8 is only 800 steps). The low job
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,6 +108,9 @@ def main() -> int:
     args = ap.parse_args()
 
     home = Path(args.home)
+    # A home left by an earlier run holds its jobs: restarted, they would take the GPU first
+    # (seen on the lent GPU: the new low job never started behind the old one).
+    shutil.rmtree(home, ignore_errors=True)
     env = {**os.environ, "TUNEQ_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     log = open(home.with_suffix(".log"), "w")  # noqa: SIM115 - lives as long as the stack
     t0 = time.monotonic()

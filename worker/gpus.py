@@ -20,8 +20,30 @@ from pathlib import Path
 from core.settings import Settings
 
 
+def visible_devices() -> list[str] | None:
+    """The device ids this worker was given in CUDA_VISIBLE_DEVICES; None when it is unset.
+
+    On a shared server an operator confines a worker to some GPUs this way; nvidia-smi ignores
+    the variable and lists them all, so the worker must not count or hand out the others. CUDA
+    stops reading the list at the first entry that names no device ("-1" hides every GPU).
+    """
+    raw = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if raw is None:
+        return None
+    ids: list[str] = []
+    for part in raw.split(","):
+        part = part.strip()
+        if not part or part.startswith("-"):
+            break
+        ids.append(part)
+    return ids
+
+
 def detect_gpus() -> int:
-    """GPUs of this host: nvidia-smi, else torch (slower to import), else 0."""
+    """GPUs of this worker: CUDA_VISIBLE_DEVICES when set, else nvidia-smi, else torch, else 0."""
+    visible = visible_devices()
+    if visible is not None:
+        return len(visible)
     if shutil.which("nvidia-smi"):
         try:
             out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=True).stdout
@@ -40,16 +62,23 @@ def detect_gpus() -> int:
 class Reservation:
     indices: list[int]
     files: list = field(default_factory=list, repr=False)
+    # The ids the job sees its GPUs by: the worker's own CUDA_VISIBLE_DEVICES entries, else indices.
+    device_ids: list[str] | None = None
 
     def env(self, kind: str) -> dict[str, str]:
         # On a CPU host the "devices" are job slots, and there is nothing to make visible.
-        return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, self.indices))} if kind == "gpu" else {}
+        ids = self.device_ids if self.device_ids is not None else [str(i) for i in self.indices]
+        return {"CUDA_VISIBLE_DEVICES": ",".join(ids)} if kind == "gpu" else {}
 
 
 class GpuPool:
-    def __init__(self, count: int, lock_dir: Path, kind: str = "gpu", host: str | None = None):
+    def __init__(self, count: int, lock_dir: Path, kind: str = "gpu", host: str | None = None,
+                 device_ids: list[str] | None = None):
         self.count = count
         self.kind = kind
+        # Index i of this pool is the host's GPU device_ids[i]; lock files are named by that id,
+        # so workers confined to different GPUs of one host never lock each other's.
+        self.device_ids = device_ids[:count] if device_ids is not None else None
         self.host = host or socket.gethostname()
         self.lock_dir = lock_dir
         lock_dir.mkdir(parents=True, exist_ok=True)
@@ -60,13 +89,16 @@ class GpuPool:
     def for_host(cls, settings: Settings, slots: int = 1) -> GpuPool:
         count = settings.gpus if settings.gpus is not None else detect_gpus()
         kind = "gpu"
+        visible = visible_devices()
         if count == 0:
-            count, kind = max(1, slots), "cpu"
+            count, kind, visible = max(1, slots), "cpu", None
         lock_dir = settings.gpu_lock_dir or settings.home / "gpu-locks"
-        return cls(count, lock_dir.resolve(), kind, settings.host_id or None)
+        if visible is not None and len(visible) < count:
+            visible = None  # a configured count beyond the visible list: plain indices, as before
+        return cls(count, lock_dir.resolve(), kind, settings.host_id or None, device_ids=visible)
 
     def _path(self, i: int) -> Path:
-        return self.lock_dir / f"{self.kind}{i}.lock"
+        return self.lock_dir / f"{self.kind}{self.device_ids[i] if self.device_ids else i}.lock"
 
     def _try(self, i: int):  # noqa: ANN202
         f = open(self._path(i), "a+")
@@ -95,7 +127,9 @@ class GpuPool:
                 f.truncate()
                 f.write(owner)
                 f.flush()
-            return Reservation([i for i, _ in got], [f for _, f in got])
+            indices = [i for i, _ in got]
+            ids = [self.device_ids[i] for i in indices] if self.device_ids else None
+            return Reservation(indices, [f for _, f in got], ids)
 
     def release(self, r: Reservation) -> None:
         with self.mutex:

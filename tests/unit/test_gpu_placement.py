@@ -51,3 +51,37 @@ def test_gpu_locks_are_exclusive_across_processes_and_freed_when_the_holder_dies
     assert pool.free() == 1  # the kernel dropped the dead process's lock
     pool.release(mine)
     assert pool.free() == 3 and pool.holders() == {}
+
+
+def test_a_worker_confined_by_cuda_visible_devices_uses_only_those_gpus(tmp_path: Path, monkeypatch) -> None:
+    """nvidia-smi lists every GPU of the host; a worker started with CUDA_VISIBLE_DEVICES=2,3 must
+    count two GPUs, give its jobs the ids 2 and 3 (not 0 and 1), and lock them under those ids."""
+    from core.settings import Settings
+    from worker.gpus import detect_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert detect_gpus() == 2
+    pool = GpuPool.for_host(Settings(home=tmp_path, gpus=None))
+    assert (pool.count, pool.kind) == (2, "gpu")
+    first, second = pool.reserve(1, "job-a"), pool.reserve(1, "job-b")
+    assert first.env("gpu") == {"CUDA_VISIBLE_DEVICES": "2"}
+    assert second.env("gpu") == {"CUDA_VISIBLE_DEVICES": "3"}
+    assert pool.reserve(1, "job-c") is None
+    assert (tmp_path / "gpu-locks" / "gpu2.lock").read_text() == "job-a"
+
+    # Another worker of the host, confined to GPU 3, sees it held; one confined to GPU 1 does not.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert GpuPool.for_host(Settings(home=tmp_path, gpus=None)).free() == 0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert GpuPool.for_host(Settings(home=tmp_path, gpus=None)).free() == 1
+
+
+def test_cuda_visible_devices_stops_at_an_entry_that_names_no_device(monkeypatch) -> None:
+    from worker.gpus import detect_gpus, visible_devices
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,-1,1")
+    assert visible_devices() == ["0"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert detect_gpus() == 0
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert visible_devices() is None
