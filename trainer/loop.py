@@ -42,6 +42,7 @@ from trainer.distributed import gather_model_state, gather_training_state, is_sh
 from trainer.errors import ConfigError, Paused
 from trainer.events import EventWriter
 from trainer.export import export_final
+from trainer.eval_mode import evaluation
 from trainer.fastpath import setup_model
 from trainer.loss_heads import LossHead, PlainLoss, token_loss_sum  # noqa: F401 - token_loss_sum: tests
 from trainer.optim import build_optimizer
@@ -173,7 +174,17 @@ def evaluate(
     loss_head: LossHead | None = None,
 ) -> dict[str, float]:
     """Token-mean loss, next-token accuracy and perplexity over `examples`, sharded by rank."""
-    model.eval()
+    with evaluation(model):
+        totals = _evaluation_totals(model, examples, batch_size, pad_id, accelerator, loss_head)
+    n = max(float(totals[2]), 1.0)
+    loss = float(totals[0]) / n
+    return {f"{prefix}_loss": loss, f"{prefix}_mean_token_accuracy": float(totals[1]) / n,
+            f"{prefix}_perplexity": perplexity(loss)}
+
+
+def _evaluation_totals(model: Any, examples: list[dict], batch_size: int, pad_id: int, accelerator: Any,
+                       loss_head: LossHead | None) -> torch.Tensor:
+    """(loss sum, correct tokens, label tokens) over all ranks."""
     device = accelerator.device
     totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, tokens
     mine = examples[accelerator.process_index :: accelerator.num_processes]
@@ -186,12 +197,7 @@ def evaluate(
         batch = collate(mine[i : i + batch_size], pad_id)
         loss, n, correct = (loss_head or PlainLoss())(model, batch, device)
         totals += torch.stack([loss.double(), correct.double(), n.double()])
-    totals = accelerator.reduce(totals, "sum")
-    model.train()
-    n = max(float(totals[2]), 1.0)
-    loss = float(totals[0]) / n
-    return {f"{prefix}_loss": loss, f"{prefix}_mean_token_accuracy": float(totals[1]) / n,
-            f"{prefix}_perplexity": perplexity(loss)}
+    return accelerator.reduce(totals, "sum")
 
 
 def eval_sample(examples: list[dict], size: int, seed: int) -> list[dict]:

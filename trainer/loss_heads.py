@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
+from trainer.eval_mode import evaluation
 from trainer.data import IGNORE_INDEX, model_inputs
 from trainer.linear_ce import chunk_tokens, linear_cross_entropy
 
@@ -148,14 +149,12 @@ def _logits_are_head_output(model: Any, head: torch.nn.Linear, device: Any) -> b
         seen["input"], seen["output"] = args[0], output
 
     handle = head.register_forward_hook(record)
-    was_training = model.training
-    model.eval()
     try:
-        ids = torch.arange(1, 9, device=device).remainder(head.weight.shape[0])[None]
-        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        with evaluation(model):
+            ids = torch.arange(1, 9, device=device).remainder(head.weight.shape[0])[None]
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     finally:
         handle.remove()
-        model.train(was_training)
     if "output" not in seen or seen["input"].shape[:-1] != logits.shape[:-1]:
         return False
     return seen["output"].shape == logits.shape and torch.equal(seen["output"].to(logits.dtype), logits)
