@@ -79,6 +79,10 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "tuneq-full-bf16-lean-adam8": ("tuneq", "full", {"speed": "lean", "full_precision": "bf16", "optimizer": "adamw_8bit"}),
     "tuneq-lora-ckpt3": ("tuneq", "lora", {"speed": "balanced", "checkpoint_layers": 3}),
     "tuneq-qlora-ckpt3": ("tuneq", "qlora", {"speed": "balanced", "checkpoint_layers": 3}),
+    # The 2026-11-30 profile put ~2.2 ms of host time on each cuDNN attention call: the same rows
+    # with cuDNN's SDPA backend off (flash / memory-efficient instead), to see if the host was the limit.
+    "tuneq-lora-lean-nocudnn": ("tuneq", "lora", {"speed": "lean", "sdpa_cudnn": False}),
+    "tuneq-full-bf16-lean-nocudnn": ("tuneq", "full", {"speed": "lean", "full_precision": "bf16", "sdpa_cudnn": False}),
     "tuneq-full-fp32-lean": ("tuneq", "full", {"speed": "lean", "full_precision": "fp32_master"}),
     "tuneq-full-fp32-fast": ("tuneq", "full", {"speed": "fast", "full_precision": "fp32_master"}),
     "unsloth-lora": ("unsloth", "lora", {"gradient_checkpointing": True}),
@@ -102,6 +106,8 @@ TARGETS: dict[str, tuple[str, float | None, float | None]] = {
     "tuneq-full-bf16-lean-adam8": ("trl-full", 1.2, 1.2),
     "tuneq-lora-ckpt3": ("trl-lora-nockpt", 1.3, 1.0),
     "tuneq-qlora-ckpt3": ("trl-qlora", 1.3, 1.0),
+    "tuneq-lora-lean-nocudnn": ("trl-lora", 1.3, 1.0),
+    "tuneq-full-bf16-lean-nocudnn": ("trl-full", 1.2, 1.2),
     "tuneq-full-fp32-lean": ("trl-full", None, None),
     "tuneq-full-fp32-fast": ("trl-full", None, None),
 }
@@ -247,6 +253,9 @@ def run_tuneq(name: str, method: str, settings: dict, args) -> dict[str, Any]:
 
     quiet_libraries()
     device = _device(args)
+    settings = dict(settings)
+    if settings.pop("sdpa_cudnn", True) is False and torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if args.dry_run and settings.get("checkpoint_layers"):
         # K is of the 1B shape's 16 layers; the tiny model keeps the same share.
         layers = json.loads((args.model_dir / "config.json").read_text())["num_hidden_layers"]
@@ -447,11 +456,13 @@ def child(args) -> int:
 
 def _groups(names: list[str]) -> list[list[str]]:
     """Rows that may share a process: one family each, liger-patched TRL on its own."""
-    order = ["plain", "trl", "trl-liger", "tuneq"]
+    order = ["plain", "trl", "trl-liger", "tuneq", "tuneq-nocudnn"]
     buckets: dict[str, list[str]] = {}
     for name in names:
         family, _, settings = ROWS[name]
         key = "trl-liger" if family == "trl" and settings.get("use_liger_kernel") else family
+        if settings.get("sdpa_cudnn") is False:
+            key = "tuneq-nocudnn"  # a process-wide switch: these rows get their own process
         buckets.setdefault(key, []).append(name)
     return [buckets[k] for k in order if k in buckets]
 
