@@ -54,7 +54,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -1141,13 +1141,14 @@ class MethodPlan:
     fits: bool
     headroom_bytes: int  # usable memory minus the estimate's total; negative when it does not fit
     estimate: MemoryEstimate
-    speed: str = "fast"  # fast: no gradient checkpointing; lean: checkpointing
+    speed: str = "fast"  # fast: no gradient checkpointing; lean: checkpointing; balanced: the bottom k layers
     strategy: str = "single"  # single, ddp or fsdp
+    checkpoint_layers: int | None = None  # speed balanced's k
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["estimate"] = self.estimate.to_dict()
-        d["gradient_checkpointing"] = self.speed == "lean"
+        d["gradient_checkpointing"] = self.speed in ("lean", "balanced")
         return d
 
 
@@ -1421,14 +1422,28 @@ def plan(
     usable = int(gpu_memory_bytes * (1 - margin))
 
     def est(method: str, batch: int, *, speed: str | None = None, seq: int | None = None, k: int | None = None,
-            strat: str = "ddp") -> MemoryEstimate:
+            strat: str = "ddp", layers: int | None = None) -> MemoryEstimate:
         return estimate_for_spec(
-            spec_like, shape, method=method, batch_size=batch, speed=speed or ("lean" if job.speed == "lean" else "fast"),
+            spec_like, shape, method=method, batch_size=batch,
+            speed=speed or (job.speed if job.speed in ("lean", "balanced") else "fast"),
             seq_len=seq, gpus=k or gpus, strategy=strat, optimizer=optimizer, full_precision=full_precision,
-            autocast=autocast, loss_chunk_tokens=loss_chunk_tokens, padded=padded,
+            autocast=autocast, loss_chunk_tokens=loss_chunk_tokens, padded=padded, checkpoint_layers=layers,
         )
 
-    speeds = list(SPEEDS) if job.speed == "auto" else [job.speed]
+    def est_balanced(method: str, batch: int, strat: str) -> MemoryEstimate:
+        """Balanced with the spec's k, else the fewest checkpointed layers that fit (all when none
+        does), as the trainer resolves it on the GPU."""
+        k = job.checkpoint_layers
+        if k is None:
+            for k in range(shape.layers + 1):  # the estimate only shrinks as k grows
+                e = est(method, batch, speed="balanced", strat=strat, layers=k)
+                if e.total <= usable:
+                    return e
+        return est(method, batch, speed="balanced", strat=strat, layers=k)
+
+    # speed auto, as the trainer resolves it: fast when it fits, else the fewest checkpointed
+    # layers that fit (balanced), else all of them (lean).
+    speeds = ["fast", "balanced", "lean"] if job.speed == "auto" else [job.speed]
 
     def best(m: str) -> MethodPlan:
         """The first (strategy, speed) of `m` that fits, with its batch; else the leanest try."""
@@ -1437,21 +1452,30 @@ def plan(
         tries = ["fast"] if m == "prefix" else speeds
         for strat in [_strategy(m, gpus, strategy or job.strategy)]:
             for sp in tries:
-                fast_needs = AUTO_FAST_MIN_BATCH if (sp == "fast" and len(tries) > 1) else 1
+                # Under auto, keeping activations only pays at a useful micro-batch.
+                fast_needs = AUTO_FAST_MIN_BATCH if (sp in ("fast", "balanced") and len(tries) > 1) else 1
                 label = strat if gpus > 1 else "single"
+
+                def one(b: int, sp: str = sp, strat: str = strat) -> MemoryEstimate:
+                    return est_balanced(m, b, strat) if sp == "balanced" else est(m, b, speed=sp, strat=strat)
+
                 if job.batch_size == "auto":
-                    chosen_b, e = None, est(m, 1, speed=sp, strat=strat)
+                    chosen_b, e = None, one(1)
                     b = AUTO_BATCH_MAX
                     while b >= fast_needs:
-                        e_b = est(m, b, speed=sp, strat=strat)
+                        e_b = one(b)
                         if e_b.total <= usable:
                             chosen_b, e = b, e_b
                             break
                         b //= 2
                     mp = MethodPlan(m, chosen_b, chosen_b is not None, usable - e.total, e, sp, label)
                 else:
-                    e = est(m, int(job.batch_size), speed=sp, strat=strat)
+                    e = one(int(job.batch_size))
                     mp = MethodPlan(m, int(job.batch_size), e.total <= usable, usable - e.total, e, sp, label)
+                if sp == "balanced" and len(tries) > 1 and not 0 < e.checkpoint_layers < shape.layers:
+                    continue  # all or none checkpointed: that is lean or fast, tried on their own
+                if sp == "balanced":
+                    mp = replace(mp, checkpoint_layers=e.checkpoint_layers)
                 if mp.fits:
                     return mp
                 last = mp
@@ -1476,6 +1500,7 @@ def plan(
             f"{chosen} fits: {_gib(mp.estimate.total)} per GPU of {_gib(usable)} usable "
             f"({_gib(gpu_memory_bytes)} less {margin:.0%} headroom) at batch_size {mp.batch_size}, "
             f"max_seq_len {job.seq_len}, speed {mp.speed}"
+            + (f" (bottom {mp.checkpoint_layers} of {shape.layers} layers checkpointed)" if mp.speed == "balanced" else "")
             + (f", {mp.strategy.upper()} over {gpus} GPUs" if gpus > 1 else "")
         )
     else:
@@ -1488,7 +1513,7 @@ def plan(
         message = (
             f"{what} of this {shape.total_params / 1e9:.2f}B-parameter model does not fit: "
             f"{focus} needs {_gib(need)} per GPU at batch_size {batch}, max_seq_len {job.seq_len}, "
-            f"speed {mp.speed} (gradient_checkpointing {str(mp.speed == 'lean').lower()})"
+            f"speed {mp.speed} (gradient_checkpointing {str(mp.speed != 'fast').lower()})"
             + (f", {mp.strategy.upper()} over {gpus} GPUs" if gpus > 1 else "")
             + f"; usable is {_gib(usable)} ({_gib(gpu_memory_bytes)} less {margin:.0%} headroom)."
         )
@@ -1535,7 +1560,7 @@ def plan(
         requested_batch_size=job.batch_size,
         requested_speed=job.speed,
         seq_len=job.seq_len,
-        gradient_checkpointing=shown.speed == "lean",
+        gradient_checkpointing=shown.speed != "fast",
         methods=methods,
         method=chosen,
         batch_size=methods[chosen].batch_size if chosen else None,

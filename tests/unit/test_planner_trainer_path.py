@@ -41,12 +41,30 @@ def test_auto_takes_full_and_fast_when_they_fit_with_margin_on_a_big_gpu():
     assert p.methods["full"].estimate.total <= 0.9 * 140 * GiB
 
 
-def test_auto_takes_lean_when_fast_does_not_fit():
+def test_auto_checkpoints_the_fewest_layers_that_fit_when_fast_does_not():
+    """As the trainer resolves speed auto on a GPU: fast, else balanced with the fewest
+    checkpointed layers that fit, else lean."""
     p = P.plan(spec(method="full", batch=8, seq=4096), LLAMA_1B, 80 * GiB)
-    assert p.fits and p.speed == "lean"
+    usable = 0.9 * 80 * GiB
     fast = est(LLAMA_1B, "full", 8, 4096, "fast")
-    assert fast.total > 0.9 * 80 * GiB >= p.methods["full"].estimate.total
-    assert json.loads(json.dumps(p.to_dict()))["speed"] == "lean"
+    assert fast.total > usable
+    chosen = p.methods["full"]
+    assert p.fits and p.speed == "balanced" and 0 < chosen.checkpoint_layers < 16
+    k = chosen.checkpoint_layers
+    assert est(LLAMA_1B, "full", 8, 4096, "balanced", checkpoint_layers=k).total <= usable
+    assert est(LLAMA_1B, "full", 8, 4096, "balanced", checkpoint_layers=k - 1).total > usable
+    shown = json.loads(json.dumps(p.to_dict()))
+    assert shown["speed"] == "balanced" and shown["methods"]["full"]["checkpoint_layers"] == k
+    assert shown["gradient_checkpointing"] is True and f"bottom {k} of 16 layers" in p.message
+
+
+def test_balanced_plans_the_given_layer_count_or_the_fewest_that_fit():
+    given = P.plan(spec(method="full", batch=8, seq=4096, speed="balanced", checkpoint_layers=14), LLAMA_1B, 80 * GiB)
+    assert given.methods["full"].checkpoint_layers == 14 and given.speed == "balanced"
+    assert given.methods["full"].estimate.total == est(LLAMA_1B, "full", 8, 4096, "balanced", checkpoint_layers=14).total
+    picked = P.plan(spec(method="full", batch=8, seq=4096, speed="balanced"), LLAMA_1B, 80 * GiB)
+    auto = P.plan(spec(method="full", batch=8, seq=4096), LLAMA_1B, 80 * GiB)
+    assert picked.methods["full"].checkpoint_layers == auto.methods["full"].checkpoint_layers
 
 
 def test_auto_steps_down_to_lora_then_qlora_then_refuses_with_numbers():
