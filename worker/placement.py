@@ -50,6 +50,14 @@ def take(db: Session, pool: GpuPool, job_id: str, worker_id: str, settings: Sett
             if chosen is None:
                 preempt_for(db, pool, queue, free)
                 return "deferred"
+            head = blocked_head(queue, free, pool.count)
+            if (head is not None and chosen.id != head.id and chosen.priority < head.priority
+                    and _being_freed(db, pool) > 0):
+                # GPUs are being given back for a higher-priority job that needs more than are free:
+                # backfilling the ones already free (e.g. with the job just preempted) would undo
+                # its preemption, and a multi-GPU head would never find all its GPUs free at once.
+                db.rollback()
+                return "deferred"
             target_id, gpus = chosen.id, chosen.gpus
             if target_id != job_id:
                 log.info("job %s waits behind job %s, which fits the free GPUs and runs first", job_id, target_id)
@@ -61,6 +69,18 @@ def take(db: Session, pool: GpuPool, job_id: str, worker_id: str, settings: Sett
             pool.release(reservation)
             return "skipped" if target_id == job_id else "deferred"
         return leased, reservation
+
+
+def _being_freed(db: Session, pool: GpuPool) -> int:
+    """Locked GPUs whose job is no longer running or has been asked to pause."""
+    held: dict[str, int] = {}
+    for owner in pool.holders().values():
+        held[owner] = held.get(owner, 0) + 1
+    if not held:
+        return 0
+    staying = db.scalars(select(Job.id).where(Job.id.in_(held), Job.status == states.RUNNING,
+                                              Job.pause_requested.is_(False))).all()
+    return sum(n for owner, n in held.items() if owner not in set(staying))
 
 
 def preempt_for(db: Session, pool: GpuPool, queue: list[Waiting], free: int) -> list[str]:

@@ -184,3 +184,52 @@ def test_no_preemption_when_the_remaining_gpu_runs_a_job_that_outranks_the_waiti
 
     assert deliver(db, pool, high) == "deferred"
     assert pause_requested(db, leaving, top) == {leaving.id: False, top.id: False}
+
+
+def test_gpus_freed_for_a_waiting_two_gpu_job_are_not_backfilled_by_lower_jobs(
+        db: Session, tmp_path: Path, hold) -> None:
+    """GPU 0 is unlocked while the job on GPU 1 is still pausing for the two-GPU job: the job just
+    preempted from GPU 0 must not take it back (else the head never finds both GPUs free)."""
+    pool = GpuPool(2, tmp_path / "locks")
+    leaving, low = running_job(db, priority=1), running_job(db, priority=2)
+    gpu0 = hold(pool, 0, leaving.id)
+    gpu1 = hold(pool, 1, low.id)
+    preempted_earlier(db, leaving)
+    paused_and_requeued(db, leaving.id)
+    high = queued_job(db, priority=5, gpus=2)
+    assert deliver(db, pool, high) == "deferred"
+    assert pause_requested(db, leaving, low) == {leaving.id: False, low.id: True}
+
+    gpu0.stop()
+    assert pool.free() == 1
+    assert deliver(db, pool, leaving) == "deferred"  # no backfill onto the GPU freed for `high`
+    assert deliver(db, pool, high) == "deferred"  # one of its two GPUs is still in use
+    assert db.get(Job, leaving.id, populate_existing=True).status == states.QUEUED
+    db.rollback()
+
+    # low reaches its pause and is re-queued, then its worker unlocks GPU 1: high takes both.
+    paused_and_requeued(db, low.id)
+    gpu1.stop()
+    taken = deliver(db, pool, leaving)  # whichever delivery comes first, the head runs
+    assert not isinstance(taken, str), taken
+    job, reservation = taken
+    try:
+        assert job.id == high.id and sorted(reservation.indices) == [0, 1]
+    finally:
+        pool.release(reservation)
+
+
+def test_free_gpus_are_still_backfilled_when_nothing_is_being_freed(db: Session, tmp_path: Path, hold) -> None:
+    """A two-GPU job that outranks nobody on the host waits; a lower one-GPU job may use the free GPU."""
+    pool = GpuPool(2, tmp_path / "locks")
+    top = running_job(db, priority=9)
+    hold(pool, 1, top.id)
+    high = queued_job(db, priority=5, gpus=2)
+    small = queued_job(db, priority=0)
+    taken = deliver(db, pool, high)  # a delivery runs the first queued job that fits: small
+    assert not isinstance(taken, str), taken
+    job, reservation = taken
+    try:
+        assert job.id == small.id and reservation.indices == [0]
+    finally:
+        pool.release(reservation)
