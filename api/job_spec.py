@@ -182,7 +182,7 @@ def build_spec(
         "data_format": req.data_format, "train_on_inputs": req.train_on_inputs, "packing": req.packing,
         "mix": req.mix, "forgetting_file": req.forgetting_file, "optimizer": req.optimizer, "export": req.export,
         "speed": req.speed, "full_precision": req.full_precision, "strategy": req.strategy,
-        "checkpoint_layers": req.checkpoint_layers,
+        "checkpoint_layers": req.checkpoint_layers, "checkpoint_offload": req.checkpoint_offload,
     }
     data.update({k: v for k, v in optional.items() if v is not None})
     try:

@@ -154,6 +154,9 @@ class CreateJobRequest(BaseModel):
         None, description="lean (gradient checkpointing, least memory) | balanced (only the bottom checkpoint_layers "
         "layers) | fast | auto (the planner picks).")
     checkpoint_layers: int | None = Field(None, ge=0, le=1024, description="speed balanced: decoder layers checkpointed, from the bottom.")
+    checkpoint_offload: bool | None = Field(
+        None, description="Checkpointed layers' inputs wait in pinned CPU memory between forward and backward "
+        "(less GPU memory, PCIe copies that overlap compute); needs speed lean or balanced.")
     full_precision: str | None = Field(None, description="Full fine-tuning's weights: fp32_master (default) | bf16.")
     strategy: str | None = Field(None, description="Several GPUs: auto | ddp | fsdp (full and freeze only).")
     export: dict[str, Any] | None = Field(

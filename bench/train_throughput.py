@@ -68,6 +68,9 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "tuneq-lora-fast": ("tuneq", "lora", {"speed": "fast"}),
     "tuneq-qlora-lean": ("tuneq", "qlora", {"speed": "lean"}),
     "tuneq-qlora-fast": ("tuneq", "qlora", {"speed": "fast"}),
+    # lean with the checkpointed layers' inputs in pinned host memory (Unsloth's checkpointing does the same).
+    "tuneq-lora-lean-offload": ("tuneq", "lora", {"speed": "lean", "checkpoint_offload": True}),
+    "tuneq-qlora-lean-offload": ("tuneq", "qlora", {"speed": "lean", "checkpoint_offload": True}),
     "tuneq-full-bf16-lean": ("tuneq", "full", {"speed": "lean", "full_precision": "bf16"}),
     "tuneq-full-bf16-fast": ("tuneq", "full", {"speed": "fast", "full_precision": "bf16"}),
     # Between the two: only the bottom K of the 16 decoder layers checkpointed.
@@ -97,6 +100,8 @@ TARGETS: dict[str, tuple[str, float | None, float | None]] = {
     "tuneq-lora-fast": ("trl-lora-nockpt", 1.3, 1.0),
     "tuneq-qlora-lean": ("trl-qlora", 1.3, 1.0),
     "tuneq-qlora-fast": ("trl-qlora", 1.3, 1.0),
+    "tuneq-lora-lean-offload": ("trl-lora", 1.3, 1.0),
+    "tuneq-qlora-lean-offload": ("trl-qlora", 1.3, 1.0),
     "tuneq-full-bf16-lean": ("trl-full", 1.2, 1.2),
     "tuneq-full-bf16-fast": ("trl-full", 1.2, 1.2),
     "tuneq-full-bf16-ckpt8": ("trl-full", 1.2, 1.2),

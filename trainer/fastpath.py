@@ -54,6 +54,7 @@ class FastPath:
     fused_lora_layers: int = 0
     liger: list[str] = field(default_factory=list)
     checkpointed_layers: int | None = None  # of the decoder layers, from the bottom; None: not counted
+    offload: Any = None  # trainer.offload.CheckpointOffload when spec.checkpoint_offload
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -66,6 +67,7 @@ class FastPath:
             "fused_lora_layers": self.fused_lora_layers,
             "liger_kernels": self.liger,
             "checkpointed_layers": self.checkpointed_layers,
+            "checkpoint_offload": self.offload is not None,
         }
 
 
@@ -214,6 +216,12 @@ def setup_model(spec: JobSpec, precision: str, device: torch.device) -> tuple[An
     elif k is None:
         k = _layer_count(config)
     fused = fuse_lora(model) if fast else 0
+    offload = None
+    if spec.checkpoint_offload and checkpointing:
+        from trainer.offload import attach_checkpoint_offload
+
+        # Last: the hooks skip tensors on the storage of any parameter, the fused layers' included.
+        offload = attach_checkpoint_offload(model)
     # accelerate runs the forward under bf16 autocast whenever the precision is bf16 (trainer.job).
     loss = build_loss(model, device, chunked=fast, compute_dtype=torch.bfloat16 if precision == "bf16" else None)
-    return model, FastPath(speed, checkpointing, loss, fused, liger, k)
+    return model, FastPath(speed, checkpointing, loss, fused, liger, k, offload)

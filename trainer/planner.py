@@ -652,6 +652,7 @@ def estimate_memory(
     seq_len: int,
     gradient_checkpointing: bool = False,
     checkpoint_layers: int | None = None,
+    checkpoint_offload: bool = False,
     optimizer: Optimizer = "adamw",
     lora_r: int = 16,
     lora_targets: str | list[str] = "all-linear",
@@ -690,6 +691,8 @@ def estimate_memory(
     no DoRA); liger: liger's RMSNorm, RoPE and SwiGLU kernels replace the model's.
     checkpoint_layers: only the bottom k of the L decoder layers are checkpointed (speed
     balanced); None: all when gradient_checkpointing, else none. k = L is lean, k = 0 fast.
+    checkpoint_offload: the checkpointed layers' inputs wait in host memory (trainer.offload); the
+    GPU holds at most OFFLOAD_RESIDENT_LAYERS of them (the one in use and the one prefetched).
     FSDP always checkpoints activations (the trainer turns on FSDP's own when speed is fast).
     """
     arguments = dict(locals())
@@ -833,8 +836,12 @@ def estimate_memory(
         # Non-reentrant checkpointing keeps each checkpointed layer's input (the residual stream)
         # and recomputes one layer at a time in backward. With a frozen embedding the trainer
         # makes its output require a gradient, so every layer above saves its activations.
-        stored = ck * rb * h * tokens + (L - ck) * layer_tok * tokens
+        resident = min(ck, OFFLOAD_RESIDENT_LAYERS) if checkpoint_offload else ck
+        stored = resident * rb * h * tokens + (L - ck) * layer_tok * tokens
         recompute = layer_tok * tokens
+        if ck > resident:
+            notes.append(f"checkpoint_offload: {_gib((ck - resident) * rb * h * tokens)} of checkpointed layers' "
+                         f"inputs wait in pinned host memory ({_gib(ck * rb * h * tokens)} of host memory)")
     else:
         stored = saving_layers * layer_tok * tokens
         recompute = 0
@@ -987,6 +994,11 @@ def estimate_memory(
         checkpoint_layers=ck,
     )
 
+
+
+# Checkpointed layers' inputs on the GPU with checkpoint_offload: the one whose copy to the host is
+# still running or whose recompute runs, and the next one's, prefetched.
+OFFLOAD_RESIDENT_LAYERS = 2
 
 
 def fewest_checkpoint_layers(spec_like: Any, config: Any, budget_bytes: float, **kwargs: Any) -> int | None:
@@ -1226,6 +1238,7 @@ class _Job:
     max_steps: int | None
     grad_accum: int
     checkpoint_layers: int | None = None  # speed balanced; None: the trainer picks
+    checkpoint_offload: bool = False
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -1284,6 +1297,7 @@ def _job(spec_like: Any) -> _Job:
         max_steps=_get(hp, "max_steps", None),
         grad_accum=int(_get(hp, "gradient_accumulation_steps", 1)),
         checkpoint_layers=_get(spec_like, "checkpoint_layers", None),
+        checkpoint_offload=bool(_get(spec_like, "checkpoint_offload", False)),
     )
 
 
@@ -1305,6 +1319,7 @@ def estimate_for_spec(
     fast_path: bool = True,
     liger: bool | None = None,
     checkpoint_layers: int | None = None,
+    checkpoint_offload: bool | None = None,
 ) -> MemoryEstimate:
     """`estimate_memory` for a JobSpec (or a JobSpec-shaped mapping) as the trainer runs it.
 
@@ -1312,7 +1327,7 @@ def estimate_for_spec(
     the other keywords override what the trainer does by default. fast_path False plans the
     plain loop (TUNEQ_FASTPATH=0): whole-batch loss, peft's LoRA layers, no liger.
     checkpoint_layers (or the spec's) is speed balanced's k; balanced without one is planned as
-    lean, the most the trainer's choice of k can need.
+    lean, the most the trainer's choice of k can need. checkpoint_offload overrides the spec's.
     """
     job = _job(spec_like)
     shape = config if isinstance(config, Shape) else model_shape(config)
@@ -1339,6 +1354,7 @@ def estimate_for_spec(
         seq_len=seq_len or job.seq_len,
         gradient_checkpointing=sp == "lean" or (k is not None and k > 0),
         checkpoint_layers=k,
+        checkpoint_offload=job.checkpoint_offload if checkpoint_offload is None else checkpoint_offload,
         optimizer=optimizer or job.optimizer or "adamw_torch",
         lora_r=job.lora_r,
         lora_targets=job.lora_targets,

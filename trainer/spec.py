@@ -153,6 +153,13 @@ class JobSpec(_Strict):
         description="speed balanced: how many decoder layers, from the bottom, are checkpointed (null: the fewest "
         "that fit the GPU, by the planner's estimate). Giving it with speed auto means balanced.",
     )
+    checkpoint_offload: bool = Field(
+        False,
+        description="The checkpointed layers' inputs wait in pinned CPU memory between forward and backward: "
+        "saves about seq_len x batch_size x hidden x 2 bytes of GPU memory per checkpointed layer, costs PCIe "
+        "copies that overlap compute. Needs checkpointed layers: speed lean, or balanced with checkpoint_layers "
+        "above 0 (or null).",
+    )
     gradient_checkpointing: bool | None = Field(
         None, description="The old name of the speed choice: true is speed lean, false is fast; null: as speed says."
     )
@@ -176,6 +183,7 @@ class JobSpec(_Strict):
         if self.method not in ("lora", "qlora") and self.lora != LoraSettings():
             raise ValueError(f"lora: LoRA settings apply to method 'lora' or 'qlora', not {self.method!r}")
         self._speed_from_checkpointing()
+        self._offload_needs_checkpointing()
         check_method_settings(self)
         if self.strategy == "fsdp" and self.method not in ("full", "freeze"):
             raise ValueError(
@@ -222,6 +230,18 @@ class JobSpec(_Strict):
         if self.method == "prefix" and self.speed == "lean" and not ckpt:
             raise ValueError("speed: 'lean' checkpoints activations, which method 'prefix' does not support; "
                              "allowed: fast, auto")
+
+    def _offload_needs_checkpointing(self) -> None:
+        # After _speed_from_checkpointing: gradient_checkpointing true is lean by now, and a
+        # checkpoint_layers count with speed auto is balanced.
+        if not self.checkpoint_offload:
+            return
+        if self.speed == "balanced" and self.checkpoint_layers == 0:
+            raise ValueError("checkpoint_offload: checkpoint_layers 0 checkpoints no layer, so there is nothing to "
+                             "offload; give checkpoint_layers above 0, speed 'lean', or checkpoint_offload false")
+        if self.speed not in ("lean", "balanced"):
+            raise ValueError(f"checkpoint_offload: offloads the inputs of checkpointed layers, which speed "
+                             f"{self.speed!r} may not have; give speed 'lean' or 'balanced', or checkpoint_offload false")
 
     def effective_batch(self) -> int:
         return self.hyperparameters.batch_size * self.hyperparameters.gradient_accumulation_steps

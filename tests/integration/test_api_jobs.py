@@ -87,7 +87,7 @@ def test_openai_body_creates_a_queued_job_and_enqueues_it(client: TestClient, fi
 def test_tuneq_extensions_reach_the_spec(client: TestClient, file_id: str, queue: redis.Redis) -> None:
     r = create(
         client, model="tiny-llama", training_file=file_id, priority=5, gpus=2, gradient_checkpointing=True,
-        precision="fp32", schedule={"checkpoint_every_steps": 10},
+        checkpoint_offload=True, precision="fp32", schedule={"checkpoint_every_steps": 10},
         method={"type": "qlora", "qlora": {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}},
         hyperparameters={"max_steps": 50, "learning_rate": 1e-3, "gradient_accumulation_steps": 2, "warmup_steps": 5,
                          "max_seq_len": 256, "weight_decay": 0.01, "max_grad_norm": 0.5},
@@ -101,6 +101,7 @@ def test_tuneq_extensions_reach_the_spec(client: TestClient, file_id: str, queue
     assert spec["hyperparameters"]["max_steps"] == 50 and spec["hyperparameters"]["learning_rate"] == 1e-3
     assert spec["schedule"]["checkpoint_every_steps"] == 10
     assert spec["gradient_checkpointing"] is True and spec["precision"] == "fp32"
+    assert spec["checkpoint_offload"] is True
     full = create(client, model="tiny-llama", training_file=file_id, method="full",
                   hyperparameters={"learning_rate_multiplier": 2}).json()
     assert spec_of(full["id"])["method"] == "full"
@@ -128,6 +129,10 @@ BAD_VALUES = [
     ({"precision": "fp8"}, "precision"),
     ({"speed": "turbo"}, "speed"),
     ({"speed": "lean", "checkpoint_layers": 1}, "checkpoint_layers"),
+    ({"checkpoint_offload": True}, "checkpoint_offload"),  # speed auto may checkpoint nothing
+    ({"speed": "fast", "checkpoint_offload": True}, "checkpoint_offload"),
+    ({"speed": "balanced", "checkpoint_layers": 0, "checkpoint_offload": True}, "checkpoint_offload"),
+    ({"speed": "lean", "checkpoint_offload": "sometimes"}, "checkpoint_offload"),
     ({"full_precision": "fp16"}, "full_precision"),
     ({"method": "lora", "strategy": "fsdp"}, "strategy"),
     ({"schedule": {"log_every_steps": 0}}, "schedule.log_every_steps"),
