@@ -378,7 +378,9 @@ def train(
         for key in ("loss_sum", "label_tokens", "input_tokens", "correct_tokens", "rows"):
             window[key] += result[key]
         if queued.step % schedule.log_every_steps == 0 or queued.step == total_steps:
-            now = time.time()
+            # Not the time of this read: on a CPU the next step has already run by now, and the
+            # last step would be read at once after the one before it.
+            now = queued.values.ready_at
             tokens_per_second = window["input_tokens"] / max(now - window["time"], 1e-9)
             mean_row = window["input_tokens"] / max(window["rows"], 1)
             last_metrics = {

@@ -13,6 +13,7 @@ On a CPU the values are simply the tensor; reading late changes nothing there.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -24,6 +25,9 @@ class LateRead:
     def __init__(self, values: torch.Tensor) -> None:
         values = values.detach()
         self._done: Any = None
+        # When the step's work was over, for tokens/s: on a CPU the values are final now (the step
+        # ran while it was queued); on a GPU, when read() has seen the copy finish.
+        self.ready_at = time.time()
         if values.device.type == "cuda":
             self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             self._host.copy_(values, non_blocking=True)
@@ -36,6 +40,7 @@ class LateRead:
         if self._done is not None:
             # Not a sync of the stream: waits only for the copy, queued a whole step ago.
             self._done.synchronize()
+            self.ready_at = time.time()
         return self._host.tolist()
 
 

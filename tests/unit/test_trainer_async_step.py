@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,26 @@ def test_profile_steps_write_tables_per_rank(make_spec, tmp_path, monkeypatch):
     text = (tmp_path / "prof" / "profile-rank0.txt").read_text()
     assert "step 2:" in text and "step 3:" in text and "step 4:" not in text
     assert "by self CPU time" in text and "forward_backward" in text and "optimizer" in text
+
+
+def test_tokens_per_second_times_each_step_by_when_its_work_ended(make_spec, tmp_path, monkeypatch):
+    """Read one step late, the last step is read right after the one before it; its tokens/s must
+    still come from when its work ended (on a CPU: when it was queued), not from the read. Each
+    step is made to take 50 ms more, so every step's rate is at most tokens / 0.05 s."""
+    import trainer.loop
+
+    queue = trainer.loop.queue_forward_backward
+
+    def slow_step(*args, **kwargs):
+        time.sleep(0.05)
+        return queue(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.loop, "queue_forward_backward", slow_step)
+    spec = make_spec("lora", hyperparameters={"max_steps": 6, "batch_size": 2, "max_seq_len": 32, "warmup_steps": 0})
+    out = tmp_path / "run"
+    assert run_job(spec, out) == 0
+    metrics = [e["data"] for e in read_events(out / "events.jsonl") if e["type"] == "metrics"]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    tokens = [b["tokens"] - a["tokens"] for a, b in zip(metrics, metrics[1:])]
+    for m, n in zip(metrics[1:], tokens):
+        assert m["tokens_per_second"] <= n / 0.05, (m["step"], m["tokens_per_second"], n)
