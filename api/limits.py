@@ -6,7 +6,6 @@ file does not know until a job names the model, so they are counted when a job i
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -25,23 +24,17 @@ def check_examples(report: dict[str, Any], settings: Settings) -> None:
         )
 
 
-@lru_cache(maxsize=4)
-def _tokenizer(model_dir: str) -> Any:
-    from trainer.model import load_tokenizer  # heavy import, only when a job is created
-
-    return load_tokenizer(model_dir)
-
-
-@lru_cache(maxsize=256)
-def _count_tokens(storage_path: str, sha256: str, model_dir: str, max_seq_len: int) -> int:
-    # sha256 is part of the key so a rewritten file is never served a stale count. The job's
-    # data check reads the same cached report, so a file is tokenized once per job.
+def _count_tokens(storage_path: str, sha256: str, model_dir: str, max_seq_len: int, data_format: str,
+                  train_on_inputs: bool | None) -> int:
+    # The job's data check asks token_report with the same arguments, so its cached report is
+    # this one: a file is tokenized once per job, not once per check.
     from api.data_check import token_report
 
-    return int(token_report(storage_path, sha256, model_dir, max_seq_len).get("tokens") or 0)
+    return int(token_report(storage_path, sha256, model_dir, max_seq_len, data_format, train_on_inputs).get("tokens") or 0)
 
 
-def check_file_tokens(f: File, param: str, model_path: str, max_seq_len: int, settings: Settings) -> None:
+def check_file_tokens(f: File, param: str, model_path: str, max_seq_len: int, settings: Settings,
+                      data_format: str = "auto", train_on_inputs: bool | None = None) -> None:
     """Refuse a file with more tokens than allowed, counted as training would see them.
 
     Hub models (TUNEQ_ALLOW_HUB_MODELS) are not downloaded by the API, so for them the count is
@@ -52,7 +45,8 @@ def check_file_tokens(f: File, param: str, model_path: str, max_seq_len: int, se
     from trainer.errors import ModelError
 
     try:
-        tokens = _count_tokens(str(get_storage().local_path(f.storage_key)), f.sha256, model_path, max_seq_len)
+        tokens = _count_tokens(str(get_storage().local_path(f.storage_key)), f.sha256, model_path, max_seq_len,
+                               data_format, train_on_inputs)
     except ModelError as exc:
         raise APIError(400, str(exc), param="model", code="model_unusable") from None
     if tokens > settings.max_tokens_per_file:

@@ -147,7 +147,8 @@ def create_fine_tuning_job(body: CreateJobRequest, user: CurrentUser, db: Sessio
                       choose=planning.chooser(model_path, body.gpus, settings, examples if isinstance(examples, int) else None))
     for f, param in ((training, "training_file"), (validation, "validation_file")):
         if f is not None:
-            check_file_tokens(f, param, model_path, spec.hyperparameters.max_seq_len, settings)
+            check_file_tokens(f, param, model_path, spec.hyperparameters.max_seq_len, settings,
+                              spec.data_format, spec.train_on_inputs)
     data_stats = _check_data(db, spec, training, validation, model_path, user)
     job_plan = plan_job(spec.model_dump(mode="json"), model_path, body.gpus, settings, training, data_stats)
     planning.refuse_if_too_big(job_plan)  # before OOM on a GPU an hour from now
