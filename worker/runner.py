@@ -101,6 +101,37 @@ def _log_skip(db: Session, job_id: str) -> None:
     db.rollback()
 
 
+class LeaseKeeper:
+    """Heartbeats a lease from a thread of its own (own database session) while the run does
+    something long without its supervise loop. A lost lease is only logged here: supervise()
+    sees it at its first heartbeat and stops the run."""
+
+    def __init__(self, job_id: str, worker_id: str, attempt: int, every_s: float):
+        self.job_id, self.worker_id, self.attempt, self.every_s = job_id, worker_id, attempt, every_s
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
+        self.beats = 0
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.every_s):
+            try:
+                with get_sessionmaker()() as db:
+                    if heartbeat(db, self.job_id, self.worker_id, self.attempt) is None:
+                        log.warning("job %s: lease lost while preparing (attempt %s)", self.job_id, self.attempt)
+                        return
+                self.beats += 1
+            except DBAPIError as exc:  # a database outage: supervise() rides it out or stops
+                log.warning("job %s: heartbeat while preparing failed: %s", self.job_id, exc)
+
+    def __enter__(self) -> LeaseKeeper:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(self.every_s + 10)
+
+
 class JobRun:
     def __init__(self, db: Session, job: Job, worker_id: str, settings: Settings, pool: GpuPool | None = None,
                  reservation: Reservation | None = None):
@@ -119,7 +150,11 @@ class JobRun:
 
     def execute(self) -> str:
         try:
-            spec = runnable_spec(self.db, self.job)
+            # Fetching the job's files (and a continuation's checkpoint) from the artifact store
+            # can outlast the lease before supervise() heartbeats; the reaper must not re-queue
+            # a job that is only downloading.
+            with LeaseKeeper(self.job_id, self.worker_id, self.attempt, self.settings.heartbeat_s):
+                spec = runnable_spec(self.db, self.job)
         except SpecError as exc:
             error = {"code": "invalid_spec", "message": str(exc), "param": exc.param}
             return self.finish(states.FAILED, f"Job failed: {exc}", error=error)

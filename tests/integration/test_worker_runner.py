@@ -195,3 +195,30 @@ def test_rerun_after_a_lost_worker_resumes_from_the_checkpoint(db: Session, work
     assert start.data["resumed_from_step"] >= 5
     with_session_cancel(db, job.id)
     assert second.join() == states.CANCELLED
+
+
+def test_a_job_still_fetching_its_files_keeps_its_lease(db: Session, worker_env: dict[str, str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preparing a run (files and a continuation's checkpoint from the artifact store) happens
+    before the supervise loop heartbeats; a download longer than the lease must not get the job
+    reaped. Here preparation takes 3 s and the reaper's TTL is 2 s."""
+    from core.db import get_sessionmaker
+    from core.jobs import reap_stale
+    from worker import runner
+
+    job = make_job(db, worker_env["model"], steps=2)
+    real = runner.runnable_spec
+    seen = {}
+
+    def slow_fetch(session, j):  # noqa: ANN001, ANN202
+        time.sleep(3.0)
+        with get_sessionmaker()() as other:
+            seen["reaped"] = reap_stale(other, 2.0)
+            other.commit()
+        return real(session, j)
+
+    monkeypatch.setattr(runner, "runnable_spec", slow_fetch)
+    assert run_job(job.id, worker_id="w1") == states.SUCCEEDED
+    assert seen["reaped"] == []
+    db.expire_all()
+    assert [e for e in events_of(job.id) if e.type == "retry"] == []
