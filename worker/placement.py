@@ -52,7 +52,7 @@ def take(db: Session, pool: GpuPool, job_id: str, worker_id: str, settings: Sett
                 return "deferred"
             head = blocked_head(queue, free, pool.count)
             if (head is not None and chosen.id != head.id and chosen.priority < head.priority
-                    and _being_freed(db, pool) > 0):
+                    and _being_freed(*_holdings(db, pool)) > 0):
                 # GPUs are being given back for a higher-priority job that needs more than are free:
                 # backfilling the ones already free (e.g. with the job just preempted) would undo
                 # its preemption, and a multi-GPU head would never find all its GPUs free at once.
@@ -71,16 +71,21 @@ def take(db: Session, pool: GpuPool, job_id: str, worker_id: str, settings: Sett
         return leased, reservation
 
 
-def _being_freed(db: Session, pool: GpuPool) -> int:
-    """Locked GPUs whose job is no longer running or has been asked to pause."""
+def _holdings(db: Session, pool: GpuPool) -> tuple[dict[str, int], list[Job]]:
+    """GPUs locked per job on this host, and which of those jobs are running."""
     held: dict[str, int] = {}
     for owner in pool.holders().values():
         held[owner] = held.get(owner, 0) + 1
-    if not held:
-        return 0
-    staying = db.scalars(select(Job.id).where(Job.id.in_(held), Job.status == states.RUNNING,
-                                              Job.pause_requested.is_(False))).all()
-    return sum(n for owner, n in held.items() if owner not in set(staying))
+    running = list(db.scalars(select(Job).where(Job.id.in_(held), Job.status == states.RUNNING))) if held else []
+    return held, running
+
+
+def _being_freed(held: dict[str, int], running: list[Job]) -> int:
+    """Locked GPUs about to come free: their job was asked to pause, or is no longer running but
+    its worker has not unlocked them yet (a paused job is queued again before its GPUs unlock)."""
+    running_ids = {j.id for j in running}
+    return (sum(n for owner, n in held.items() if owner not in running_ids)
+            + sum(held[j.id] for j in running if j.pause_requested))
 
 
 def preempt_for(db: Session, pool: GpuPool, queue: list[Waiting], free: int) -> list[str]:
@@ -89,18 +94,11 @@ def preempt_for(db: Session, pool: GpuPool, queue: list[Waiting], free: int) -> 
     head = blocked_head(queue, free, pool.count)
     if head is None:
         return []
-    held: dict[str, int] = {}
-    for owner in pool.holders().values():
-        held[owner] = held.get(owner, 0) + 1
+    held, running = _holdings(db, pool)
     if not held:
         return []
-    running = db.scalars(select(Job).where(Job.id.in_(held), Job.status == states.RUNNING)).all()
-    # GPUs already being given back by an earlier preemption count as free, and so do GPUs whose
-    # job is no longer running but whose worker has not released them yet (a paused job is queued
-    # again before its GPUs are unlocked): preempting another job for those would pause two.
-    running_ids = {j.id for j in running}
-    in_transition = sum(n for owner, n in held.items() if owner not in running_ids)
-    need = head.gpus - free - in_transition - sum(held[j.id] for j in running if j.pause_requested)
+    # GPUs already being given back count as free: preempting another job for them would pause two.
+    need = head.gpus - free - _being_freed(held, running)
     victims = sorted((j for j in running if not j.pause_requested and j.priority < head.priority),
                      key=lambda j: (j.priority, -(j.started_at or 0)))
     chosen = []

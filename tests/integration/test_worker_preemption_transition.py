@@ -108,6 +108,16 @@ def deliver(db: Session, pool: GpuPool, job: Job):  # noqa: ANN201
     return placement.take(db, pool, job.id, "dispatching-worker", get_settings())
 
 
+def gpu0_in_transition(db: Session, pool: GpuPool, hold, priority_on_gpu1: int):  # noqa: ANN001, ANN201
+    """GPU 0 held by a priority-1 job that was preempted and is queued again (still locked), GPU 1
+    by a running job of `priority_on_gpu1`, and a queued priority-5 job that needs both GPUs."""
+    leaving, other = running_job(db, priority=1), running_job(db, priority=priority_on_gpu1)
+    holders = (hold(pool, 0, leaving.id), hold(pool, 1, other.id))
+    preempted_earlier(db, leaving)
+    paused_and_requeued(db, leaving.id)
+    return leaving, other, queued_job(db, priority=5, gpus=2), holders
+
+
 def test_the_lowest_priority_running_job_is_preempted_for_a_waiting_higher_one(
         db: Session, tmp_path: Path, hold) -> None:
     pool = GpuPool(2, tmp_path / "locks")
@@ -159,12 +169,7 @@ def test_a_two_gpu_job_preempts_one_more_job_when_one_of_its_gpus_is_already_bei
     """GPU 0 is in transition (its job re-queued, still locked), GPU 1 runs a lower job: the
     two-GPU job needs exactly one more preemption, of the job on GPU 1, and then no other."""
     pool = GpuPool(2, tmp_path / "locks")
-    leaving, low = running_job(db, priority=1), running_job(db, priority=2)
-    hold(pool, 0, leaving.id)
-    hold(pool, 1, low.id)
-    preempted_earlier(db, leaving)
-    paused_and_requeued(db, leaving.id)
-    high = queued_job(db, priority=5, gpus=2)
+    leaving, low, high, _ = gpu0_in_transition(db, pool, hold, priority_on_gpu1=2)
 
     assert deliver(db, pool, high) == "deferred"
     assert pause_requested(db, leaving, low) == {leaving.id: False, low.id: True}
@@ -175,12 +180,7 @@ def test_a_two_gpu_job_preempts_one_more_job_when_one_of_its_gpus_is_already_bei
 def test_no_preemption_when_the_remaining_gpu_runs_a_job_that_outranks_the_waiting_one(
         db: Session, tmp_path: Path, hold) -> None:
     pool = GpuPool(2, tmp_path / "locks")
-    leaving, top = running_job(db, priority=1), running_job(db, priority=9)
-    hold(pool, 0, leaving.id)
-    hold(pool, 1, top.id)
-    preempted_earlier(db, leaving)
-    paused_and_requeued(db, leaving.id)
-    high = queued_job(db, priority=5, gpus=2)
+    leaving, top, high, _ = gpu0_in_transition(db, pool, hold, priority_on_gpu1=9)
 
     assert deliver(db, pool, high) == "deferred"
     assert pause_requested(db, leaving, top) == {leaving.id: False, top.id: False}
@@ -191,12 +191,7 @@ def test_gpus_freed_for_a_waiting_two_gpu_job_are_not_backfilled_by_lower_jobs(
     """GPU 0 is unlocked while the job on GPU 1 is still pausing for the two-GPU job: the job just
     preempted from GPU 0 must not take it back (else the head never finds both GPUs free)."""
     pool = GpuPool(2, tmp_path / "locks")
-    leaving, low = running_job(db, priority=1), running_job(db, priority=2)
-    gpu0 = hold(pool, 0, leaving.id)
-    gpu1 = hold(pool, 1, low.id)
-    preempted_earlier(db, leaving)
-    paused_and_requeued(db, leaving.id)
-    high = queued_job(db, priority=5, gpus=2)
+    leaving, low, high, (gpu0, gpu1) = gpu0_in_transition(db, pool, hold, priority_on_gpu1=2)
     assert deliver(db, pool, high) == "deferred"
     assert pause_requested(db, leaving, low) == {leaving.id: False, low.id: True}
 
