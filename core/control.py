@@ -1,8 +1,9 @@
 """Pause, resume and preemption: flags in the database that the worker holding the job obeys.
 
 A user's pause keeps the job paused until resumed. A preemption is a pause that a
-higher-priority job asked for: the job goes back to the queue at once (marked in
-progress["preempted_by"]) and resumes from its checkpoint when GPUs are free again.
+higher-priority job asked for: the job goes back to the queue at once (marked in its
+`preempted_by` column, shown as progress["preempted_by"]) and resumes from its checkpoint when
+GPUs are free again.
 """
 
 from __future__ import annotations
@@ -12,9 +13,6 @@ from sqlalchemy.orm import Session
 
 from core import states
 from core.models import Job
-
-PREEMPTED_BY = "preempted_by"
-
 
 def request_pause(db: Session, job: Job) -> Job:
     """Pause a queued job now, or flag a running one for its worker. The caller commits."""
@@ -31,7 +29,7 @@ def request_pause(db: Session, job: Job) -> Job:
         )
         if res.rowcount == 1:
             db.refresh(job)
-            job.progress = {k: v for k, v in (job.progress or {}).items() if k != PREEMPTED_BY}
+            job.preempted_by = None
             if observed == states.QUEUED:
                 job.pause_requested = False
                 return states.transition(db, job, states.PAUSED, "Job paused before it started.")
@@ -65,7 +63,7 @@ def preempt(db: Session, victim: Job, for_job: Job) -> bool:
         db.rollback()
         return False
     db.refresh(victim)
-    victim.progress = {**(victim.progress or {}), PREEMPTED_BY: for_job.id}
+    victim.preempted_by = for_job.id
     states.add_event(
         db, victim,
         f"Preempted: job {for_job.id} (priority {for_job.priority}) needs the GPUs of this job "
@@ -78,6 +76,6 @@ def preempt(db: Session, victim: Job, for_job: Job) -> bool:
 
 def after_pause(db: Session, job: Job) -> None:
     """Called right after running -> paused: a preempted job goes straight back to the queue."""
-    if (job.progress or {}).get(PREEMPTED_BY):
-        job.progress = {k: v for k, v in job.progress.items() if k != PREEMPTED_BY}
+    if job.preempted_by:
+        job.preempted_by = None
         states.transition(db, job, states.QUEUED, "Job re-queued after preemption; it resumes when GPUs are free.")

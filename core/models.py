@@ -95,6 +95,10 @@ class Job(Base):
     # Control flags the worker polls: the API never signals a process itself.
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     pause_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The job a preemption paused this one for (it goes straight back to the queue). A column of
+    # its own: kept in `progress`, the worker's event pump rewrote that JSON from a copy read just
+    # before the preemption committed, the marker was lost and the job stayed paused (lent H200).
+    preempted_by: Mapped[str | None] = mapped_column(String(40), nullable=True)
     # The lease: the database, not the broker, decides who runs a job.
     lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
     lease_attempt: Mapped[int] = mapped_column(Integer, default=0)

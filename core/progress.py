@@ -39,6 +39,8 @@ def job_progress(db: Session | None, job: Job, at: float | None = None) -> dict[
     (`retry_not_before`, `preempted_by`, ...). Without a session, only what the row holds."""
     stored = dict(job.progress or {})
     progress: dict[str, Any] = {k: stored.get(k) for k in FIELDS} | stored
+    if job.preempted_by:
+        progress["preempted_by"] = job.preempted_by
     event = latest_metrics(db, job.id) if db is not None and job.status in TRAINED else None
     if event is not None:
         data = event.data or {}

@@ -92,7 +92,7 @@ def paused_and_requeued(db: Session, job_id: str) -> None:
 def preempted_earlier(db: Session, job: Job) -> None:
     """As control.preempt leaves a victim, for a job that has run and ended since."""
     job.pause_requested = True
-    job.progress = {**(job.progress or {}), control.PREEMPTED_BY: "ftjob-earlier"}
+    job.preempted_by = "ftjob-earlier"
     db.commit()
 
 
@@ -228,3 +228,28 @@ def test_free_gpus_are_still_backfilled_when_nothing_is_being_freed(db: Session,
         assert job.id == small.id and reservation.indices == [0]
     finally:
         pool.release(reservation)
+
+
+def test_a_progress_write_racing_the_preemption_does_not_lose_it(db: Session):
+    """The victim's worker stores its trainer's metrics into `progress` all the time. On the lent
+    H200 it read the job just before control.preempt committed and wrote progress back after:
+    when the marker lived in `progress` it was gone, and the paused job never went back to the
+    queue. The worker's read, the preemption, then the worker's write, in that order here."""
+    from core.db import get_sessionmaker
+    from worker.events import ProgressTracker
+
+    victim = running_job(db, priority=0)
+    high = queued_job(db, priority=10)
+    worker_db = get_sessionmaker()()
+    try:
+        mine = worker_db.get(Job, victim.id)
+        assert mine is not None
+        _ = mine.progress  # loaded by the pump, before the preemption commits
+        assert control.preempt(db, db.get(Job, victim.id, populate_existing=True), high)
+        ProgressTracker(Path("/nonexistent")).apply(
+            worker_db, mine, {"type": "metrics", "time": 1.0, "data": {"step": 7, "total_steps": 100}})
+        worker_db.commit()
+    finally:
+        worker_db.close()
+    paused_and_requeued(db, victim.id)
+    assert db.get(Job, victim.id, populate_existing=True).progress["step"] == 7
