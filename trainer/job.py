@@ -11,7 +11,7 @@ import torch
 
 from trainer.errors import OutOfMemory, Stopped, TrainerError
 from trainer.events import EventWriter
-from trainer.signals import StopFlags, handle_signals
+from trainer.signals import PAUSE_FILE, StopFlags, handle_signals
 from trainer.spec import JobSpec
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -48,7 +48,7 @@ def run_job(spec: JobSpec, out_dir: str | Path, resume: bool = False, flags: Sto
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     events = EventWriter(out / "events.jsonl", enabled=accelerator.is_main_process)
-    flags = flags or StopFlags()
+    flags = flags or StopFlags(pause_file=out / PAUSE_FILE)
     try:
         with handle_signals(flags):
             try:

@@ -28,6 +28,7 @@ a pass over all of it (`full_valid_*`). Forgetting is the loss on a general held
 from __future__ import annotations
 
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -471,6 +472,8 @@ def train(
                 last_saved_step, last_saved_time = state.step, time.time()
 
             if pause_voted:
+                print(f"trainer: pausing after step {state.step} (asked by {flags.source() or 'another rank'})",
+                      file=sys.stderr, flush=True)
                 if last_saved_step != state.step:
                     save({**last_metrics, **valid_metrics})
                 raise Paused()

@@ -13,6 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from trainer.signals import PAUSE_FILE
+
 
 def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes of a process group.
@@ -38,6 +40,8 @@ def group_members(pgid: int) -> list[int]:
 
 class TrainerProcess:
     def __init__(self, argv: list[str], *, cwd: Path, log_path: Path, env: dict[str, str]):
+        # The previous run's pause request is not this run's.
+        (Path(cwd) / PAUSE_FILE).unlink(missing_ok=True)
         with open(log_path, "ab") as log:
             self.popen = subprocess.Popen(
                 argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -66,6 +70,12 @@ class TrainerProcess:
                     os.kill(pid, sig)
             except ProcessLookupError:
                 pass
+
+    def ask_pause(self) -> None:
+        """Ask the trainer to checkpoint and stop: by a file it checks every step, and by SIGUSR1.
+        The file still reaches a trainer that the signal does not (see trainer.signals)."""
+        (self.work_dir / PAUSE_FILE).touch()
+        self.send(signal.SIGUSR1)
 
     def finished(self) -> bool:
         """True once the launched process has exited and no process of the trainer is left."""

@@ -208,11 +208,15 @@ class JobRun:
                     return "lost"
                 next_beat = now + self.settings.heartbeat_s
             if stopped_by is None and (stopped_by := self.stop_reason()):
-                sig, grace = {"cancel": (signal.SIGTERM, CANCEL_GRACE_S)}.get(
-                    stopped_by, (signal.SIGUSR1, CHECKPOINT_GRACE_S))
-                log.info("job %s: %s; sending %s to the trainer", self.job_id, stopped_by, signal.Signals(sig).name)
-                proc.send(sig)
-                kill_at = now + grace
+                if stopped_by == "cancel":
+                    log.info("job %s: cancel; sending SIGTERM to the trainer", self.job_id)
+                    proc.send(signal.SIGTERM)
+                    kill_at = now + CANCEL_GRACE_S
+                else:
+                    log.info("job %s: %s; asking the trainer to checkpoint and stop (pause file, SIGUSR1)",
+                             self.job_id, stopped_by)
+                    proc.ask_pause()
+                    kill_at = now + CHECKPOINT_GRACE_S
             elif now >= kill_at:
                 log.warning("job %s: trainer ignored %s for too long; killing it", self.job_id, stopped_by)
                 proc.kill()

@@ -154,6 +154,21 @@ def test_sigusr1_pauses_with_a_checkpoint_and_resume_continues(make_spec, tmp_pa
     assert first_after["data"]["step"] == step + 1
 
 
+def test_pause_file_pauses_without_a_signal(make_spec, tmp_path: Path):
+    """The worker's second channel: with SIGUSR1 ignored, the file alone pauses the trainer."""
+    from trainer.signals import PAUSE_FILE
+
+    spec = write_spec(tmp_path / "spec.json", make_spec("lora", hyperparameters={"max_steps": 100_000}))
+    out = tmp_path / "out"
+    proc = start(spec, out)
+    wait_for(out, metrics_after(1))
+    (out / PAUSE_FILE).touch()
+    assert proc.wait(timeout=60) == 75, proc.stderr.read()
+    events = read_events(out / "events.jsonl")
+    assert events[-1]["type"] == "checkpoint"
+    assert "asked by pause file" in proc.stderr.read()
+
+
 def test_sigterm_cancels_promptly(make_spec, tmp_path: Path):
     spec = write_spec(tmp_path / "spec.json", make_spec("lora", hyperparameters={"max_steps": 100_000}))
     out = tmp_path / "out"
