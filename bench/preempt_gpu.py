@@ -86,6 +86,23 @@ def steps_per_s(evs: list[dict]) -> float | None:
     return round((ms[-1]["data"]["step"] - ms[0]["data"]["step"]) / (ms[-1]["created_at"] - ms[0]["created_at"]), 1)
 
 
+def trainer_signal_masks(work_dir: Path) -> list[dict[str, str]]:
+    """The signal masks (/proc/PID/status Sig*) of the processes running a job's trainer: whether
+    SIGUSR1 (bit 10) is blocked, ignored or caught there."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        if str(work_dir).encode() in argv:
+            found.append({"pid": entry.name, "argv": " ".join(a.decode(errors="replace") for a in argv)[:200],
+                          **{k: v.strip() for k, v in (ln.split(":", 1) for ln in status.splitlines())
+                             if k in ("PPid", "SigBlk", "SigIgn", "SigCgt")}})
+    return found
+
+
 def wait(pred, timeout: float, what: str, stack: subprocess.Popen) -> None:  # noqa: ANN001
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -125,6 +142,7 @@ def main() -> int:
     base = f"http://127.0.0.1:{args.port}"
     key_file = home / "admin.key"
     checks: dict[str, bool] = {}
+    low_id = high_id = "?"
     try:
         def healthy() -> bool:
             try:
@@ -169,9 +187,13 @@ def main() -> int:
         wait(low_preempted, 180, "the low job's preempted event", stack)
         step_at_preempt = last_step(low_tail.poll())
         note(f"low job asked to pause (preempted event), step {step_at_preempt}")
+        signal_masks = trainer_signal_masks(home / "work" / low_id)
         # A preempted job passes through `paused` straight back to `queued` (core/control.after_pause).
         wait(lambda: c.get_job(low_id)["status"] in ("paused", "queued"), 180, "the low job to stop at a checkpoint", stack)
         note(f"low job stopped, now {c.get_job(low_id)['status']}")
+        # `paused` is only a passing state here; a preempted job that stays paused waits for a
+        # resume no one will send (seen on 2026-11-30: its preemption marker was lost).
+        wait(lambda: c.get_job(low_id)["status"] != "paused", 10, "the preempted low job to leave `paused`", stack)
         wait(lambda: c.get_job(high_id)["status"] == "running" or c.get_job(high_id)["status"] in TERMINAL, 300,
              "the high job to start", stack)
         note(f"high job {c.get_job(high_id)['status']}")
@@ -187,7 +209,15 @@ def main() -> int:
         preempted = [e for e in low_events if e.get("type") == "preempted"]
         resumed_at = [e["data"].get("resumed_from_step") for e in starts if e.get("data")]
         gpus_seen = sorted({str((e.get("data") or {}).get("device")) for e in low_events + high_events if e.get("type") == "start"})
+        at = dict((m, t) for t, m in timeline)
+        preempted_at = next(t for m, t in at.items() if m.startswith("low job asked to pause"))
+        stopped_at = next(t for m, t in at.items() if m.startswith("low job stopped"))
         checks = {
+            # On 2026-11-30 the low job ran on to its last step after the preemption (the pause was
+            # lost) and the other checks held all the same: these two catch that.
+            "low job stopped within 30 s of its preemption": stopped_at - preempted_at <= 30,
+            "low job resumed before its last step": len(resumed_at) == 2 and bool(resumed_at[1])
+                                                    and resumed_at[1] < args.low_steps,
             "high job succeeded": high_job["status"] == "succeeded",
             "low job succeeded": low_job["status"] == "succeeded",
             "low job preempted exactly once, naming the high job": len(preempted) == 1 and high_id in preempted[0]["message"],
@@ -202,7 +232,12 @@ def main() -> int:
             "low_resumed_from_step": resumed_at[1] if len(resumed_at) > 1 else None,
             "low_final_step": last_step(low_events), "high_final_step": last_step(high_events),
             "start_event_devices": gpus_seen, "timeline": timeline, "checks": checks,
+            "trainer_signal_masks_at_preemption": signal_masks,
         }
+    except SystemExit as stop:
+        # A timeout or a job that ended too early: still write what was seen, with the logs.
+        note(f"FAILED: {stop}")
+        result = {"failure": str(stop), "timeline": timeline, "checks": {}}
     finally:
         if stack.poll() is None:
             os.killpg(stack.pid, signal.SIGINT)
@@ -213,7 +248,17 @@ def main() -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # The logs that tell why, when a check fails: the worker's, and the low job's trainer's.
+    for src, name in ((home / "logs" / "worker.log", "worker"), (home / "work" / low_id / "trainer.log", "low_trainer")):
+        if src.is_file():
+            shutil.copyfile(src, out.parent / f"{out.name}_{name}.log")
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    if "failure" in result:
+        lines = ["# Priority preemption on the GPU (bench/preempt_gpu.py): FAILED", "", result["failure"], "",
+                 "| t (s) | event |", "|---|---|", *[f"| {t} | {m} |" for t, m in timeline], ""]
+        out.with_suffix(".md").write_text("\n".join(lines))
+        print("\n".join(lines))
+        return 1
     lines = ["# Priority preemption on the GPU (bench/preempt_gpu.py)", "",
              f"Device: {result['device']}. Low job {low_id} (priority -5), high job {high_id} (priority 10), one GPU.", "",
              "| t (s) | event |", "|---|---|", *[f"| {t} | {m} |" for t, m in timeline], "",
