@@ -129,8 +129,9 @@ def _random_rows(rows: int, seq: int, vocab: int, seed: int):
     return Dataset.from_dict({"input_ids": ids.tolist()})
 
 
-def _step_clock(warmup: int, steps: int, cuda: bool):
-    """A callback that times the steps after warm-up, resetting the peak-memory statistics first."""
+def _step_clock(warmup: int, steps: int, cuda: bool, memory_file: Path | None = None):
+    """A callback that times the steps after warm-up, resetting the peak-memory statistics first.
+    With memory_file, one more step (after the timed ones) is recorded by bench.memory_peak."""
     import torch
     from transformers import TrainerCallback
 
@@ -138,6 +139,8 @@ def _step_clock(warmup: int, steps: int, cuda: bool):
         def __init__(self) -> None:
             self.start: float | None = None
             self.end: float | None = None
+            self.peak: int | None = None
+            self.recorder = None
 
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == warmup:
@@ -150,7 +153,15 @@ def _step_clock(warmup: int, steps: int, cuda: bool):
             if state.global_step == warmup + steps:
                 if cuda:
                     torch.cuda.synchronize()
+                    self.peak = torch.cuda.max_memory_allocated()
                 self.end = time.perf_counter()
+                if memory_file is not None:
+                    from bench.memory_peak import PeakRecorder
+
+                    self.recorder = PeakRecorder()
+            elif self.recorder is not None:
+                self.recorder.write(memory_file, f"{memory_file.stem} (Unsloth's SFTTrainer, bench/peers_unsloth.py)")
+                self.recorder = None
 
     return StepClock()
 
@@ -220,14 +231,17 @@ def run_unsloth(
         )
 
     vocab = model.get_input_embeddings().weight.shape[0]
-    dataset = _random_rows(batch * (warmup + steps), seq, vocab, seed=0)
-    clock = _step_clock(warmup, steps, cuda)
+    memory_dir = os.environ.get("TUNEQ_BENCH_MEMORY_DIR") if cuda else None
+    memory_file = Path(memory_dir) / f"unsloth-{method}{'' if gradient_checkpointing else '-nockpt'}.md" if memory_dir else None
+    extra = 1 if memory_file else 0  # the recorded step, after the timed ones
+    dataset = _random_rows(batch * (warmup + steps + extra), seq, vocab, seed=0)
+    clock = _step_clock(warmup, steps, cuda, memory_file)
     with tempfile.TemporaryDirectory(prefix="unsloth-peer-") as output_dir:
         config = SFTConfig(
             output_dir=output_dir,
             per_device_train_batch_size=batch,
             gradient_accumulation_steps=1,
-            max_steps=warmup + steps,
+            max_steps=warmup + steps + extra,
             learning_rate=LEARNING_RATE[method],
             warmup_steps=0,
             max_length=seq,
@@ -235,7 +249,7 @@ def run_unsloth(
             bf16=cuda,
             fp16=False,
             # One log line at the end: logging syncs the GPU, which would slow the timed steps.
-            logging_steps=warmup + steps,
+            logging_steps=warmup + steps + extra,
             save_strategy="no",
             eval_strategy="no",
             report_to="none",
@@ -259,7 +273,7 @@ def run_unsloth(
             f"of {warmup + steps}"
         )
     elapsed = clock.end - clock.start
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    peak = clock.peak / 2**30 if cuda and clock.peak is not None else None
     note = (
         f"unsloth {unsloth.__version__}, {method}, checkpointing {checkpointing!r}, "
         f"{type(trainer).__name__}, optim {getattr(config.optim, 'value', config.optim)}"

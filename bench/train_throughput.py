@@ -50,6 +50,8 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import memory_peak  # noqa: E402 - after the path fix above
+
 GiB = 1024**3
 LORA = {"r": 16, "alpha": 32}
 LEARNING_RATE = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5}
@@ -298,6 +300,10 @@ def run_tuneq(name: str, method: str, settings: dict, args) -> dict[str, Any]:
     result["fast_path"] = {**fast.describe(), "loss": loss_head.name}
     if args.profile == name:
         result["profile"] = _profile(step, args, device, name)
+    if (memory_dir := memory_peak.wanted()) is not None and device.type == "cuda":
+        recorder = memory_peak.PeakRecorder()
+        step(args.warmup + args.steps)
+        recorder.write(memory_dir / f"{name}.md", f"{name} (bench/train_throughput.py)")
     del model, optimizer, trainable, raw, fast, loss_head
     return result
 
