@@ -55,6 +55,7 @@ class FastPath:
     liger: list[str] = field(default_factory=list)
     checkpointed_layers: int | None = None  # of the decoder layers, from the bottom; None: not counted
     offload: Any = None  # trainer.offload.CheckpointOffload when spec.checkpoint_offload
+    fused_lora_mlps: int = 0  # SwiGLU MLPs run as one function (trainer.lora_mlp)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -65,6 +66,7 @@ class FastPath:
             # The Triton cross-entropy kernel (trainer.ce_kernel) takes 3 chunks per launch.
             "loss_kernel": loss_kernel(self.loss),
             "fused_lora_layers": self.fused_lora_layers,
+            "fused_lora_mlps": self.fused_lora_mlps,
             "liger_kernels": self.liger,
             "checkpointed_layers": self.checkpointed_layers,
             "checkpoint_offload": self.offload is not None,
@@ -201,6 +203,7 @@ def apply_liger(model: Any) -> list[str]:
 def setup_model(spec: JobSpec, precision: str, device: torch.device) -> tuple[Any, FastPath]:
     """Load the base, apply the method and the fast path; the model is ready for the optimizer."""
     from trainer.lora_fused import fuse_lora
+    from trainer.lora_mlp import fuse_lora_mlps
     from trainer.methods import apply_method
     from trainer.model import load_model
 
@@ -216,6 +219,7 @@ def setup_model(spec: JobSpec, precision: str, device: torch.device) -> tuple[An
     elif k is None:
         k = _layer_count(config)
     fused = fuse_lora(model) if fast else 0
+    mlps = fuse_lora_mlps(model) if fast else 0
     offload = None
     if spec.checkpoint_offload and checkpointing:
         from trainer.offload import attach_checkpoint_offload
@@ -224,4 +228,4 @@ def setup_model(spec: JobSpec, precision: str, device: torch.device) -> tuple[An
         offload = attach_checkpoint_offload(model)
     # accelerate runs the forward under bf16 autocast whenever the precision is bf16 (trainer.job).
     loss = build_loss(model, device, chunked=fast, compute_dtype=torch.bfloat16 if precision == "bf16" else None)
-    return model, FastPath(speed, checkpointing, loss, fused, liger, k, offload)
+    return model, FastPath(speed, checkpointing, loss, fused, liger, k, offload, mlps)

@@ -471,6 +471,7 @@ def layer_activation_bytes_per_token(
     seq_len: int = 0,
     autocast: bool = False,
     liger: bool = False,
+    fused_mlp: bool = False,
 ) -> dict[str, float]:
     """Bytes autograd saves per token in one decoder layer, itemised.
 
@@ -504,6 +505,9 @@ def layer_activation_bytes_per_token(
       input (rb·h) and the fp32 rstd (4), SwiGLU saves gate and up (2a·f) but not SiLU's output.
     * The trainer's fused LoRA layers (trainer/lora_fused.py) save the bf16 input shared with the
       base matmul and x·Aᵀ (a·r): pass a `_Lora` with quantized=True, which is the same pattern.
+    * fused_mlp: the trainer's LoRA SwiGLU MLP as one function (trainer/lora_mlp.py), where gate,
+      up and down are all adapted: it saves gate's and up's outputs (2a·f) and the x·Aᵀ, not the
+      SiLU·up product that down would save as its input (backward rebuilds it).
 
     Llama full fine-tuning, bf16, no padding: 2·(4h + 4 + 2h) + 2h + 2h + (2h + 4g·d + 2h + 4n) + 8f
                                             = 20h + 4·g·d + 8f + 4n + 8 bytes.
@@ -537,6 +541,8 @@ def layer_activation_bytes_per_token(
     for _, grp in shape.groups:
         group_members[grp] = group_members.get(grp, 0) + 1
 
+    mlp_fused = (fused_mlp and lora is not None and shape.gated_mlp and len(adapted.get(MLP_IN, [])) == 2
+                 and bool(adapted.get(MLP_MID)))
     linear_inputs = 0.0
     lora_saved = 0.0
     for grp, w in widths.items():
@@ -556,6 +562,8 @@ def layer_activation_bytes_per_token(
                 lora_saved += compute * w + w
             elif own_copy:
                 lora_saved += compute * w
+            elif mlp_fused and grp == MLP_MID:
+                pass  # the fused MLP rebuilds down's input in backward
             elif not saved_by_base and grp != ATTN_OUT:
                 # lora_A saves the very input tensor, shared by the group.
                 lora_saved += a * w
@@ -567,7 +575,7 @@ def layer_activation_bytes_per_token(
     kv_saved = (2 * a * n * d) if (padded and g != n) else (2 * a * g * d)
     out["attention"] = a * attn_w + kv_saved + a * attn_w + 4 * n + (a * seq_len if padded else 0)
     if shape.gated_mlp:
-        out["mlp"] = (2 if liger else 3) * a * f
+        out["mlp"] = (2 if liger or mlp_fused else 3) * a * f
     else:
         out["mlp"] = a * f  # activation input; its output is down's input (counted above)
     out["total"] = sum(out.values())
@@ -824,6 +832,7 @@ def estimate_memory(
         seq_len=seq_len + (prefix_tokens if method == "prefix" else 0),
         autocast=lora_autocast,
         liger=liger,
+        fused_mlp=fused,
     )
     layer_tok = per_layer["total"] + method_extra_bytes_per_token(
         shape, method=method, act_bytes=a, lora=lora, use_dora=use_dora, autocast=lora_autocast,

@@ -47,6 +47,7 @@ def test_fast_path_trains_like_the_plain_loop_in_bf16(tiny_model_dir: Path, tmp_
     assert start["fast_path"]["gradient_checkpointing"] is (speed == "lean")
     if method != "full":
         assert start["fast_path"]["fused_lora_layers"] == 14
+        assert start["fast_path"]["fused_lora_mlps"] == 2
     if importlib.util.find_spec("liger_kernel") is not None:
         assert start["fast_path"]["liger_kernels"], "liger-kernel is installed but was not applied"
 
@@ -122,3 +123,22 @@ def test_triton_cross_entropy_kernel_equals_the_torch_chunks(monkeypatch, dtype)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     assert (gh1 - gh0).norm() <= tol * gh0.norm()
     assert (gw1 - gw0).norm() <= tol * gw0.norm()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_swiglu_backward_kernel_equals_autograd(dtype):
+    """trainer.lora_mlp's in-place Triton pass: silu(a) * b into dc's buffer, the gradients of a
+    and b into theirs, as autograd computes them (fp32 arithmetic, rounded once to dtype)."""
+    from trainer.lora_mlp import _kernel_available, swiglu_back_in_place
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a, b, dc = (torch.randn(4096, 1000, generator=g, device="cuda").mul_(3).to(dtype) for _ in range(3))
+    assert _kernel_available(a)
+    a_ref, b_ref = a.float().requires_grad_(), b.float().requires_grad_()
+    c = torch.nn.functional.silu(a_ref) * b_ref
+    c.backward(dc.float())
+    swiglu_back_in_place(dc, a, b)
+    tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(dc.float(), c.detach(), **tol)
+    torch.testing.assert_close(a.float(), a_ref.grad, **tol)
+    torch.testing.assert_close(b.float(), b_ref.grad, **tol)

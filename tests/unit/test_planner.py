@@ -154,6 +154,35 @@ def test_layer_activation_formula_matches_saved_tensors(method, padded, autocast
     assert saved[1] == predicted * B * S + cached
 
 
+@pytest.mark.parametrize("fused_mlp", [False, True])
+def test_layer_formula_matches_the_trainers_fused_lora_layers(fused_mlp: bool):
+    """The trainer's fused LoRA linears (trainer/lora_fused.py), with and without its fused SwiGLU
+    MLP (trainer/lora_mlp.py), under bf16 autocast: the planner's bytes, to the byte."""
+    from peft import LoraConfig, get_peft_model
+
+    from trainer.lora_fused import fuse_lora
+    from trainer.lora_mlp import fuse_lora_mlps
+
+    cfg = llama(hidden=256, layers=3, heads=8, kv=2, ffn=704, vocab=1000, tied=True)
+    model = get_peft_model(_real_model(cfg).to(torch.bfloat16), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    assert fuse_lora(model) == 21
+    if fused_mlp:
+        assert fuse_lora_mlps(model) == 3
+    shape = P.model_shape(cfg)
+    lora = P._Lora(r=8, dropout=0.0, adapter_bytes=4, modules=frozenset(shape.lora_targets("all-linear")), quantized=True)
+    model.train()
+    B, S = 2, 128
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        saved = _saved_bytes_per_layer(model, torch.randint(0, 1000, (B, S)), None)
+    predicted = P.layer_activation_bytes_per_token(shape, lora=lora, seq_len=S, autocast=True, fused_mlp=fused_mlp)
+    assert saved[1] == predicted["total"] * B * S
+    if fused_mlp:
+        plain = P.layer_activation_bytes_per_token(shape, lora=lora, seq_len=S, autocast=True)["total"]
+        # torch's SiLU and mul save gate's output, SiLU's and up's; down saves the product (4 bf16
+        # ffn-wide tensors); the fused MLP saves two. (With Liger's SiLU-mul, 3 against 2.)
+        assert plain - predicted["total"] == 2 * 2 * 704
+
+
 # --- weights, gradients and optimizer against a real step -----------------------------------
 
 

@@ -205,6 +205,59 @@ def test_fused_lora_leaves_dora_and_dropout_to_peft(tiny):
     assert fuse_lora(_lora(tiny, lora_dropout=0.1)) == 0
 
 
+def _grads_after(model, batch, checkpointing: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    logits = model(input_ids=batch["input_ids"]).logits
+    logits.square().mean().backward()
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fused_lora_mlp_equals_peft(tiny, checkpointing: bool):
+    """The whole SwiGLU MLP as one function (trainer.lora_mlp): the same logits and adapter
+    gradients as peft's three layers, also when a checkpointed layer recomputes it."""
+    from trainer.lora_fused import fuse_lora
+    from trainer.lora_mlp import fuse_lora_mlps
+
+    reference = _lora(tiny)
+    fused = copy.deepcopy(reference)
+    assert fuse_lora(fused) == 14 and fuse_lora_mlps(fused) == 2
+    batch = _batch(tiny.config.vocab_size, rows=2, length=20)
+    want, grads = _grads_after(reference, batch, checkpointing)
+    got, fused_grads = _grads_after(fused, batch, checkpointing)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert fused_grads.keys() == grads.keys()
+    for name, grad in grads.items():
+        assert _relative_error(fused_grads[name], grad) < 1e-5, name
+
+
+def test_swiglu_backward_in_place_equals_autograd():
+    from trainer.lora_mlp import swiglu_back_in_place
+
+    g = torch.Generator().manual_seed(0)
+    a, b, dc = (torch.randn(64, 48, generator=g) * 3 for _ in range(3))
+    a_ref, b_ref = a.clone().requires_grad_(), b.clone().requires_grad_()
+    c = F.silu(a_ref) * b_ref
+    c.backward(dc)
+    swiglu_back_in_place(dc, a, b)
+    torch.testing.assert_close(dc, c.detach())
+    torch.testing.assert_close(a, a_ref.grad)
+    torch.testing.assert_close(b, b_ref.grad)
+
+
+def test_fused_lora_mlp_leaves_other_mlps_alone(tiny):
+    from trainer.lora_mlp import fuse_lora_mlps
+
+    assert fuse_lora_mlps(_lora(tiny, lora_dropout=0.1)) == 0  # peft's dropout path
+    from peft import LoraConfig, get_peft_model
+
+    some = get_peft_model(copy.deepcopy(tiny), LoraConfig(r=8, target_modules=["q_proj", "gate_proj", "up_proj"]))
+    assert fuse_lora_mlps(some) == 0  # down_proj not adapted
+
+
 def _qlora_reference(make_spec):
     from trainer.methods import apply_method
     from trainer.model import load_model
@@ -240,6 +293,21 @@ def test_fused_lora_on_a_4bit_base_equals_peft(tiny_model_dir: Path, make_spec, 
     for n, p in fused.named_parameters():
         if p.requires_grad:
             assert _relative_error(p.grad, ga[n]) < 1e-4, n
+
+
+def test_fused_lora_mlp_on_a_4bit_base_equals_peft(tiny_model_dir: Path, make_spec):
+    from trainer.lora_fused import fuse_lora
+    from trainer.lora_mlp import fuse_lora_mlps
+
+    reference = _qlora_reference(make_spec)
+    fused = copy.deepcopy(reference)
+    assert fuse_lora(fused) == 14 and fuse_lora_mlps(fused) == 2
+    batch = _batch(reference.config.vocab_size, rows=2, length=16)
+    want, grads = _grads_after(reference, batch)
+    got, fused_grads = _grads_after(fused, batch)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for name, grad in grads.items():
+        assert _relative_error(fused_grads[name], grad) < 1e-4, name
 
 
 def test_fused_lora_backward_on_a_4bit_weight_repacked_for_the_cpu(tiny_model_dir: Path, make_spec):
