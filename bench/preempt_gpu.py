@@ -114,6 +114,10 @@ def wait(pred, timeout: float, what: str, stack: subprocess.Popen) -> None:  # n
     raise SystemExit(f"timed out after {timeout}s waiting for {what}")
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit("stopped by SIGTERM (a timeout?)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--home", default="/tmp/tq-preempt")
@@ -123,6 +127,9 @@ def main() -> int:
     ap.add_argument("--high-steps", type=int, default=150, help="optimizer steps of the high job")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "preempt_gpu"))
     args = ap.parse_args()
+    # `timeout` ends the script with SIGTERM: stop the stack and write what was seen even then
+    # (on 2026-11-30 a timed-out run left its stack, and a low job training, on the GPU).
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
 
     home = Path(args.home)
     # A home left by an earlier run holds its jobs: restarted, they would take the GPU first
