@@ -74,6 +74,8 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "tuneq-lora-lean-offload": ("tuneq", "lora", {"speed": "lean", "checkpoint_offload": True}),
     "tuneq-qlora-lean-offload": ("tuneq", "qlora", {"speed": "lean", "checkpoint_offload": True}),
     "tuneq-full-bf16-lean": ("tuneq", "full", {"speed": "lean", "full_precision": "bf16"}),
+    # Unsloth's full row held 10.23 GiB to lean's 10.66 (2026-11-30): the same with the inputs offloaded.
+    "tuneq-full-bf16-lean-offload": ("tuneq", "full", {"speed": "lean", "full_precision": "bf16", "checkpoint_offload": True}),
     "tuneq-full-bf16-fast": ("tuneq", "full", {"speed": "fast", "full_precision": "bf16"}),
     # Between the two: only the bottom K of the 16 decoder layers checkpointed.
     "tuneq-full-bf16-ckpt8": ("tuneq", "full", {"speed": "balanced", "checkpoint_layers": 8, "full_precision": "bf16"}),
@@ -105,6 +107,7 @@ TARGETS: dict[str, tuple[str, float | None, float | None]] = {
     "tuneq-lora-lean-offload": ("trl-lora", 1.3, 1.0),
     "tuneq-qlora-lean-offload": ("trl-qlora", 1.3, 1.0),
     "tuneq-full-bf16-lean": ("trl-full", 1.2, 1.2),
+    "tuneq-full-bf16-lean-offload": ("trl-full", 1.2, 1.2),
     "tuneq-full-bf16-fast": ("trl-full", 1.2, 1.2),
     "tuneq-full-bf16-ckpt8": ("trl-full", 1.2, 1.2),
     "tuneq-full-bf16-ckpt12": ("trl-full", 1.2, 1.2),
