@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from bench.memory_peak import GiB, summarize
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _frame(name: str) -> list[dict]:
     return [{"filename": "/x/site-packages/torch/nn/modules/module.py", "line": 1, "name": "_call_impl"},
-            {"filename": "/work/main/trainer/loss_heads.py", "line": 7, "name": name}]
+            {"filename": str(ROOT / "trainer" / "loss_heads.py"), "line": 7, "name": name}]
 
 
 def test_the_peak_is_the_highest_point_and_names_who_holds_it():
