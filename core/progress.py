@@ -36,7 +36,8 @@ def latest_metrics(db: Session, job_id: str) -> JobEvent | None:
 
 def job_progress(db: Session | None, job: Job, at: float | None = None) -> dict[str, Any]:
     """The job's progress with every key of FIELDS, plus what the worker keeps there
-    (`retry_not_before`, `preempted_by`, ...). Without a session, only what the row holds."""
+    (`retry_not_before`, ...) and `preempted_by` from its column. Without a session, only what
+    the row holds."""
     stored = dict(job.progress or {})
     progress: dict[str, Any] = {k: stored.get(k) for k in FIELDS} | stored
     if job.preempted_by:

@@ -17,7 +17,7 @@ fewest checkpointed layers that fit, else lean. An explicit `gradient_checkpoint
 is the lean/fast choice under its old name.
 
 TUNEQ_FASTPATH=0 turns all of it off (the plain loop, for comparison and for debugging);
-TUNEQ_LIGER=0 turns off only the liger kernels.
+TUNEQ_LIGER=0 turns off only the liger kernels; TUNEQ_LORA_MLP=0 only the fused LoRA MLP (trainer.lora_mlp).
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ def setup_model(spec: JobSpec, precision: str, device: torch.device) -> tuple[An
     elif k is None:
         k = _layer_count(config)
     fused = fuse_lora(model) if fast else 0
-    mlps = fuse_lora_mlps(model) if fast else 0
+    mlps = fuse_lora_mlps(model) if fast and _env_on("TUNEQ_LORA_MLP") else 0
     offload = None
     if spec.checkpoint_offload and checkpointing:
         from trainer.offload import attach_checkpoint_offload

@@ -48,6 +48,42 @@ def _dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return weight.to(dtype)
 
 
+def adapted_product(x2: torch.Tensor, base_out: torch.Tensor | None, weight: Any, bias: torch.Tensor | None,
+                    lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                    cd: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x W^T + b + s (x A^T) B^T, x A^T) for 2-D x2 in compute dtype cd, autocast off. base_out: a
+    4-bit layer's own forward, already run under the caller's autocast (bias included); None: the
+    dense product here. The adapter's product is added in place."""
+    if base_out is not None:
+        y = base_out.reshape(-1, base_out.shape[-1]).to(cd)
+    else:
+        w = _dense_weight(weight, cd)
+        y = torch.addmm(bias.to(cd), x2, w.t()) if bias is not None else x2 @ w.t()
+    xa = x2 @ lora_a.to(cd).t()
+    y.addmm_(xa, lora_b.to(cd).t(), alpha=scaling)
+    return y, xa
+
+
+def adapter_grads(g: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                  scaling: float, cd: torch.dtype, need_a: bool = True,
+                  need_b: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Given g = d loss / d y of adapted_product: (d loss / d (x A^T), A's gradient, B's gradient)."""
+    gxa = (g @ lora_b.to(cd)).mul_(scaling)
+    grad_b = (g.t() @ xa).mul_(scaling).to(lora_b.dtype) if need_b else None
+    grad_a = (gxa.t() @ x2).to(lora_a.dtype) if need_a else None
+    return gxa, grad_a, grad_b
+
+
+def compute_dtypes(x: torch.Tensor, base: Any) -> tuple[torch.dtype, torch.dtype]:
+    """(compute, output) dtype of an adapted layer on x: autocast's; else a 4-bit base computes
+    in its compute dtype and answers in the input's, as bitsandbytes does."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind), torch.get_autocast_dtype(kind)
+    compute = (getattr(base, "compute_dtype", None) or x.dtype) if _is_4bit(base.weight) else x.dtype
+    return compute, x.dtype
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -62,14 +98,8 @@ class _LoraLinear(torch.autograd.Function):
             y = base4bit(x)
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, shape[-1]).to(compute_dtype)
-            a, b = lora_a.to(compute_dtype), lora_b.to(compute_dtype)
-            if base4bit is not None:
-                y = y.reshape(-1, y.shape[-1]).to(compute_dtype)
-            else:
-                w = _dense_weight(weight, compute_dtype)
-                y = torch.addmm(bias.to(compute_dtype), x2, w.t()) if bias is not None else x2 @ w.t()
-            xa = x2 @ a.t()
-            y.addmm_(xa, b.t(), alpha=scaling)
+            y, xa = adapted_product(x2, y if base4bit is not None else None, weight, bias, lora_a, lora_b, scaling,
+                                    compute_dtype)
         ctx.save_for_backward(x2, xa, lora_a, lora_b)
         # The frozen weight is a parameter that lives anyway; keeping a reference costs nothing,
         # and a 4-bit one is dequantised again in backward (as bitsandbytes' MatMul4Bit does)
@@ -84,13 +114,10 @@ class _LoraLinear(torch.autograd.Function):
         cd, s = ctx.compute_dtype, ctx.scaling
         with torch.autocast(x2.device.type, enabled=False):
             g = grad_out.reshape(-1, grad_out.shape[-1]).to(cd)
-            a, b = lora_a.to(cd), lora_b.to(cd)
-            gxa = (g @ b).mul_(s)  # d loss / d (x A^T)
-            grad_b = (g.t() @ xa).mul_(s).to(lora_b.dtype) if ctx.needs_input_grad[4] else None
-            grad_a = (gxa.t() @ x2).to(lora_a.dtype) if ctx.needs_input_grad[3] else None
+            gxa, grad_a, grad_b = adapter_grads(g, x2, xa, lora_a, lora_b, s, cd, *ctx.needs_input_grad[3:5])
             grad_x = None
             if ctx.needs_input_grad[0]:
-                grad_x = (g @ _dense_weight(ctx.weight, cd)).addmm_(gxa, a)
+                grad_x = (g @ _dense_weight(ctx.weight, cd)).addmm_(gxa, lora_a.to(cd))
                 grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
         return grad_x, None, None, grad_a, grad_b, None, None, None, None
 
@@ -120,13 +147,7 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
         return type(self).forward(self, x, *args, **kwargs)
     name = self.active_adapters[0]
     base = self.get_base_layer()
-    kind = x.device.type
-    if torch.is_autocast_enabled(kind):
-        compute = out = torch.get_autocast_dtype(kind)
-    else:
-        # A 4-bit base computes in its compute dtype and answers in the input's, as bitsandbytes does.
-        compute = (getattr(base, "compute_dtype", None) or x.dtype) if _is_4bit(base.weight) else x.dtype
-        out = x.dtype
+    compute, out = compute_dtypes(x, base)
     return _LoraLinear.apply(
         x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name]),
         compute, out, base if _is_4bit(base.weight) else None,

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trainer.lora_fused import _dense_weight, _fusable, _is_4bit
+from trainer.lora_fused import _dense_weight, _fusable, _is_4bit, adapted_product, adapter_grads, compute_dtypes
 
 try:  # Triton ships with CUDA builds of torch; CPU builds have none.
     import triton
@@ -74,16 +74,6 @@ def swiglu_back_in_place(dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
     b.copy_(dc32 * silu)
 
 
-def _adapted(x2: torch.Tensor, base_out: torch.Tensor | None, weight: Any, lora_a: torch.Tensor,
-             lora_b: torch.Tensor, scaling: float, cd: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x W^T + s (x A^T) B^T, x A^T) on 2-D x2. base_out: a 4-bit layer's own forward, already
-    run (under the caller's autocast, as peft runs it); None: the dense product here."""
-    y = base_out.reshape(-1, base_out.shape[-1]).to(cd) if base_out is not None else x2 @ _dense_weight(weight, cd).t()
-    xa = x2 @ lora_a.to(cd).t()
-    y.addmm_(xa, lora_b.to(cd).t(), alpha=scaling)
-    return y, xa
-
-
 class _LoraMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ga, gb, ua, ub, da, db, bases, compute_dtype, out_dtype):  # type: ignore[override]
@@ -93,13 +83,13 @@ class _LoraMLP(torch.autograd.Function):
         g_base, u_base = (g4(x) if g4 is not None else None), (u4(x) if u4 is not None else None)
         with torch.autocast(kind, enabled=False):
             x2 = x.reshape(-1, shape[-1]).to(cd)
-            a, xa_g = _adapted(x2, g_base, gw, ga, gb, gs, cd)
-            b, xa_u = _adapted(x2, u_base, uw, ua, ub, us, cd)
+            a, xa_g = adapted_product(x2, g_base, gw, None, ga, gb, gs, cd)
+            b, xa_u = adapted_product(x2, u_base, uw, None, ua, ub, us, cd)
             del g_base, u_base
             c = F.silu(a).mul_(b)
         d_base = d4(c) if d4 is not None else None
         with torch.autocast(kind, enabled=False):
-            y, xa_d = _adapted(c, d_base, dw, da, db, ds, cd)
+            y, xa_d = adapted_product(c, d_base, dw, None, da, db, ds, cd)
         del c, d_base  # the point: backward rebuilds c in the buffer of its gradient
         ctx.save_for_backward(x2, a, b, xa_g, xa_u, xa_d, ga, gb, ua, ub, da, db)
         ctx.weights, ctx.scalings, ctx.cd = (gw, uw, dw), (gs, us, ds), cd
@@ -120,12 +110,8 @@ class _LoraMLP(torch.autograd.Function):
             swiglu_back_in_place(dc, a, b)  # now dc holds c, a and b their gradients
             grad_da = (gxa_d.t() @ dc).to(da.dtype) if need[5] else None
             del dc
-            gxa_g = (a @ gb.to(cd)).mul_(gs)
-            gxa_u = (b @ ub.to(cd)).mul_(us)
-            grad_ga = (gxa_g.t() @ x2).to(ga.dtype) if need[1] else None
-            grad_gb = (a.t() @ xa_g).mul_(gs).to(gb.dtype) if need[2] else None
-            grad_ua = (gxa_u.t() @ x2).to(ua.dtype) if need[3] else None
-            grad_ub = (b.t() @ xa_u).mul_(us).to(ub.dtype) if need[4] else None
+            gxa_g, grad_ga, grad_gb = adapter_grads(a, x2, xa_g, ga, gb, gs, cd, need[1], need[2])
+            gxa_u, grad_ua, grad_ub = adapter_grads(b, x2, xa_u, ua, ub, us, cd, need[3], need[4])
             grad_x = None
             if need[0]:
                 grad_x = a @ _dense_weight(gw, cd)
@@ -155,23 +141,16 @@ def _mlp_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch
     projs = (self.gate_proj, self.up_proj, self.down_proj)
     if args or kwargs or not x.is_floating_point() or any(p.disable_adapters or p.merged for p in projs):
         return self._tuneq_unfused_forward(x, *args, **kwargs)
-    kind = x.device.type
     gw, g4, ga, gb, gs = _adapter(self.gate_proj)
     uw, u4, ua, ub, us = _adapter(self.up_proj)
     dw, d4, da, db, ds = _adapter(self.down_proj)
-    if torch.is_autocast_enabled(kind):
-        compute = out = torch.get_autocast_dtype(kind)
-    else:
-        compute = (getattr(self.gate_proj.get_base_layer(), "compute_dtype", None) or x.dtype) if g4 is not None else x.dtype
-        out = x.dtype
+    compute, out = compute_dtypes(x, self.gate_proj.get_base_layer())
     return _LoraMLP.apply(x, ga, gb, ua, ub, da, db, ((gw, g4, gs), (uw, u4, us), (dw, d4, ds)), compute, out)
 
 
 def fuse_lora_mlps(model: Any) -> int:
     """Give every SwiGLU MLP whose three projections are plain LoRA linears the fused forward;
-    returns how many. TUNEQ_LORA_MLP=0 leaves them as they are (for measuring)."""
-    if os.environ.get("TUNEQ_LORA_MLP", "1").strip().lower() in ("0", "off", "false", "no"):
-        return 0
+    returns how many."""
     fused = 0
     for module in model.modules():
         if _fusable_mlp(module) and not hasattr(module, "_tuneq_unfused_forward"):
