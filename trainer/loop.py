@@ -47,6 +47,7 @@ from trainer.eval_mode import evaluation
 from trainer.fastpath import setup_model
 from trainer.loss_heads import LossHead, PlainLoss, token_loss_sum  # noqa: F401 - token_loss_sum: tests
 from trainer.optim import build_optimizer
+from trainer.optim_in_backward import OptimizerInBackward
 from trainer import profiling
 from trainer.profiling import region
 from trainer.model import count_parameters, load_tokenizer, resolve_precision
@@ -268,6 +269,10 @@ def train(
     model, fast = setup_model(spec, precision, device)
     trainable_params, total_params = count_parameters(model)
     optimizer = build_optimizer(model, spec, device)
+    in_backward = optimizer if isinstance(optimizer, OptimizerInBackward) else None
+    if in_backward is not None and accelerator.num_processes > 1:
+        raise ConfigError(f"optimizer_in_backward: runs on one GPU (this run has {accelerator.num_processes} "
+                          "processes): DDP reduces gradients after the hooks that would update with them")
     order = DataOrder(
         len(train_examples), hp.batch_size, accelerator.num_processes, accelerator.process_index, hp.seed
     )
@@ -323,7 +328,7 @@ def train(
         method=spec.method,
         device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         precision=precision,
-        fast_path={**fast.describe(), "loss": loss_head.name},
+        fast_path={**fast.describe(), "loss": loss_head.name, "optimizer_in_backward": in_backward is not None},
         trainable_params=trainable_params,
         total_params=total_params,
         resumed_from_step=resumed_from,
@@ -420,12 +425,15 @@ def train(
             # accumulate, clip, step: all queued, nothing read
             with region("forward_backward"):
                 packed = queue_forward_backward(model, micro_batches, accelerator, loss_head, step_votes)
-            with region("clip"):
-                grad_norm = accelerator.clip_grad_norm_(trainable, clip_to)
+            if in_backward is None:
+                with region("clip"):
+                    grad_norm = accelerator.clip_grad_norm_(trainable, clip_to)
             with region("optimizer"):
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+            if in_backward is not None:
+                grad_norm = in_backward.take_grad_norm()
 
             state.step += 1
             state.micro_step += n_micro

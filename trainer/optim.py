@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from trainer.errors import ConfigError
+from trainer.optim_in_backward import OptimizerInBackward
 from trainer.spec import JobSpec
 
 BETAS = (0.9, 0.999)
@@ -52,7 +53,15 @@ def build_optimizer(model: Any, spec: JobSpec, device: torch.device) -> torch.op
     kind = spec.optimizer
     if kind in ("adamw", "adamw_fused"):
         fused = kind == "adamw_fused" or device.type == "cuda"
-        return torch.optim.AdamW(groups, lr=hp.learning_rate, betas=BETAS, fused=fused)
+
+        def adamw(some: list[dict[str, Any]]) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(some, lr=hp.learning_rate, betas=BETAS, fused=fused)
+
+        if spec.optimizer_in_backward:
+            # Every name of a parameter: a tied head must be seen to be shared.
+            named = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad]
+            return OptimizerInBackward(named, groups, adamw)
+        return adamw(groups)
     try:
         import bitsandbytes as bnb
     except ImportError as exc:
