@@ -34,7 +34,10 @@ Peak memory is the largest of four moments of a micro-step: the end of the forwa
 activations plus autocast's cache of bf16 weight copies), the loss's forward, the start of backward (all saved
 activations plus the loss's backward buffers, few gradients yet, because zero_grad(set_to_none)
 freed them) and the end of backward (all gradients, one layer's activations). Between them memory
-moves roughly linearly layer by layer, so the peak is at one of them.
+moves roughly linearly layer by layer, so the peak is at one of them. With optimizer_in_backward
+(trainer/optim_in_backward.py) each decoder layer's gradients are freed by its AdamW step as soon
+as they are complete, so the end of backward holds only the gradients outside the layers and one
+layer's.
 
 Speed modes: `fast` runs without gradient checkpointing, `lean` with it, `balanced` with it on the
 bottom k decoder layers only (their inputs stored, the other layers' activations kept). Several GPUs: DDP
@@ -434,15 +437,19 @@ def _module_suffixes(shape: Shape, names: tuple[str, ...] | list[str]) -> list[L
             and any(m.name == w or m.name.endswith("." + w) for w in wanted)]
 
 
-def ia3_params(shape: Shape, targets: list[str] | tuple[str, ...] | None = None,
-               feedforward: list[str] | tuple[str, ...] | None = None) -> int:
+def _ia3_vectors(shape: Shape, targets: list[str] | tuple[str, ...] | None = None,
+                 feedforward: list[str] | tuple[str, ...] | None = None) -> list[tuple[Linear, int]]:
     """peft IA3: one scale per output feature of a target, per input feature of a feed-forward one."""
     targets = tuple(targets or IA3_DEFAULT_TARGETS)
     ff = set(feedforward if feedforward is not None else (IA3_DEFAULT_FEEDFORWARD if targets == IA3_DEFAULT_TARGETS else ()))
-    n = 0
-    for m in _module_suffixes(shape, targets):
-        n += m.in_features if _layer_suffix(m.name).rsplit(".", 1)[-1] in ff else m.out_features
-    return n
+    return [(m, m.in_features if _layer_suffix(m.name).rsplit(".", 1)[-1] in ff else m.out_features)
+            for m in _module_suffixes(shape, targets)]
+
+
+def ia3_params(shape: Shape, targets: list[str] | tuple[str, ...] | None = None,
+               feedforward: list[str] | tuple[str, ...] | None = None) -> int:
+    """peft IA3: one scale per output feature of a target, per input feature of a feed-forward one."""
+    return sum(n for _, n in _ia3_vectors(shape, targets, feedforward))
 
 
 def prefix_params(shape: Shape, tokens: int = 16, projection: bool = False) -> int:
@@ -458,6 +465,29 @@ def prefix_params(shape: Shape, tokens: int = 16, projection: bool = False) -> i
 def freeze_trainable_params(shape: Shape, trainable_layers: int, train_embeddings: bool = False) -> int:
     """freeze: the top layers, the final norm and optionally the input embedding (and a tied head)."""
     return trainable_layers * shape.layer_params + shape.hidden + (shape.embedding_params if train_embeddings else 0)
+
+
+def _layer_trainable(shape: Shape, method: str, *, lora: _Lora | None, use_dora: bool,
+                     ia3_targets: list[str] | None, ia3_feedforward: list[str] | None,
+                     freeze_layers: int | None) -> dict[int, int]:
+    """Trainable parameters per decoder layer: the buckets optimizer_in_backward steps in backward.
+    Those outside the layers (embeddings, head, final norm, prefix tuning's encoder) are not here:
+    they wait for optimizer.step() after backward."""
+    if method == "full":
+        return dict.fromkeys(range(shape.layers), shape.layer_params)
+    if method == "freeze":
+        return dict.fromkeys(range(shape.layers - (freeze_layers or 0), shape.layers), shape.layer_params)
+    per: dict[int, int] = {}
+    if lora is not None:
+        for m in shape.linears:
+            if m.layer is not None and m.name in lora.modules:
+                # DoRA's magnitude vector sits in the layer beside A and B.
+                per[m.layer] = per.get(m.layer, 0) + lora.r * (m.in_features + m.out_features) + (
+                    m.out_features if use_dora else 0)
+    elif method == "ia3":
+        for m, n in _ia3_vectors(shape, ia3_targets, ia3_feedforward):
+            per[m.layer] = per.get(m.layer, 0) + n
+    return per
 
 
 def layer_activation_bytes_per_token(
@@ -661,6 +691,7 @@ def estimate_memory(
     gradient_checkpointing: bool = False,
     checkpoint_layers: int | None = None,
     checkpoint_offload: bool = False,
+    optimizer_in_backward: bool = False,
     optimizer: Optimizer = "adamw",
     lora_r: int = 16,
     lora_targets: str | list[str] = "all-linear",
@@ -701,6 +732,8 @@ def estimate_memory(
     balanced); None: all when gradient_checkpointing, else none. k = L is lean, k = 0 fast.
     checkpoint_offload: the checkpointed layers' inputs wait in host memory (trainer.offload); the
     GPU holds at most OFFLOAD_RESIDENT_LAYERS of them (the one in use and the one prefetched).
+    optimizer_in_backward: each decoder layer's AdamW step runs in backward and frees its
+    gradients (trainer/optim_in_backward.py); one GPU, torch AdamW, no accumulation.
     FSDP always checkpoints activations (the trainer turns on FSDP's own when speed is fast).
     """
     arguments = dict(locals())
@@ -716,6 +749,12 @@ def estimate_memory(
         raise ValueError(f"quant_bits: {quant_bits} is not 4 or 8")
     if loss_chunk_tokens is not None and loss_chunk_tokens < 1:
         raise ValueError("loss_chunk_tokens must be at least 1")
+    if optimizer_in_backward and (gpus > 1 or gradient_accumulation_steps > 1
+                                  or optimizer not in ("adamw", "adamw_torch", "adamw_fused")):
+        # What the trainer refuses (trainer/spec.py, trainer/loop.py) has no plan.
+        raise ValueError("optimizer_in_backward: runs on one GPU with torch AdamW and gradient_accumulation_steps 1, "
+                         f"not gpus {gpus}, optimizer {optimizer!r}, gradient_accumulation_steps "
+                         f"{gradient_accumulation_steps}")
     shape = config if isinstance(config, Shape) else model_shape(config)
     if method == "freeze" and not (freeze_layers and 1 <= freeze_layers <= shape.layers):
         raise ValueError(f"freeze_layers: {freeze_layers} is outside 1..{shape.layers}")
@@ -926,6 +965,19 @@ def estimate_memory(
     start_acts = stored + head_acts + cache_saved
     end_acts = recompute + transient + cache_recompute + (0 if gradient_checkpointing else layer_tok * tokens)
     end_grads = grads + tie_transient + fsdp_unit_grad
+    freed_in_backward = 0
+    if optimizer_in_backward:
+        per_layer_trainable = _layer_trainable(shape, method, lora=lora, use_dora=use_dora, ia3_targets=ia3_targets,
+                                               ia3_feedforward=ia3_feedforward, freeze_layers=freeze_layers)
+        one_layer_grads = max(per_layer_trainable.values(), default=0) * grad_bytes
+        freed_in_backward = sum(per_layer_trainable.values()) * grad_bytes - one_layer_grads
+        # Only the layer being finished keeps its gradients; layer 0's step has freed them before the
+        # embedding's backward runs (autograd runs AccumulateGrad first), so the tied embedding's
+        # second gradient never meets them: the larger of the two, not both.
+        end_grads = grads - freed_in_backward - one_layer_grads + max(one_layer_grads, tie_transient)
+        notes.append(f"optimizer_in_backward: each decoder layer's AdamW step frees its gradients in backward, "
+                     f"{_gib(freed_in_backward)} of gradients never held (at most one layer's, "
+                     f"{_gib(one_layer_grads)}, at once)")
     moments = [
         # the model's forward ends: autocast's cache still holds every cast weight
         ("forward_end", grads_always, forward_acts, lg["model_out"]),
@@ -973,6 +1025,8 @@ def estimate_memory(
         "fragmentation": frag,
         "layer_bytes_per_token": int(layer_tok),
     }
+    if optimizer_in_backward:  # only then, so that the default's parts stay as they were
+        parts["gradients_freed_in_backward"] = freed_in_backward
     if ck < L and layer_tok * tokens * (L - ck if ck else saving_layers) > 0.5 * total:
         notes.append("activations dominate: speed lean (gradient checkpointing) would cut them to one layer's worth")
     if lg["peak"] > 0.3 * total:
@@ -1248,6 +1302,7 @@ class _Job:
     grad_accum: int
     checkpoint_layers: int | None = None  # speed balanced; None: the trainer picks
     checkpoint_offload: bool = False
+    optimizer_in_backward: bool = False
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -1307,6 +1362,7 @@ def _job(spec_like: Any) -> _Job:
         grad_accum=int(_get(hp, "gradient_accumulation_steps", 1)),
         checkpoint_layers=_get(spec_like, "checkpoint_layers", None),
         checkpoint_offload=bool(_get(spec_like, "checkpoint_offload", False)),
+        optimizer_in_backward=bool(_get(spec_like, "optimizer_in_backward", False)),
     )
 
 
@@ -1329,6 +1385,7 @@ def estimate_for_spec(
     liger: bool | None = None,
     checkpoint_layers: int | None = None,
     checkpoint_offload: bool | None = None,
+    optimizer_in_backward: bool | None = None,
 ) -> MemoryEstimate:
     """`estimate_memory` for a JobSpec (or a JobSpec-shaped mapping) as the trainer runs it.
 
@@ -1336,7 +1393,9 @@ def estimate_for_spec(
     the other keywords override what the trainer does by default. fast_path False plans the
     plain loop (TUNEQ_FASTPATH=0): whole-batch loss, peft's LoRA layers, no liger.
     checkpoint_layers (or the spec's) is speed balanced's k; balanced without one is planned as
-    lean, the most the trainer's choice of k can need. checkpoint_offload overrides the spec's.
+    lean, the most the trainer's choice of k can need. checkpoint_offload and optimizer_in_backward
+    override the spec's; on several GPUs (which the trainer refuses it on) optimizer_in_backward is
+    planned off, with a note, so that suggestions of more GPUs stay plannable.
     """
     job = _job(spec_like)
     shape = config if isinstance(config, Shape) else model_shape(config)
@@ -1356,7 +1415,8 @@ def estimate_for_spec(
     if sp == "balanced":
         k = checkpoint_layers if checkpoint_layers is not None else job.checkpoint_layers
         k = shape.layers if k is None else int(k)
-    return estimate_memory(
+    in_backward = job.optimizer_in_backward if optimizer_in_backward is None else optimizer_in_backward
+    e = estimate_memory(
         shape,
         method=m,
         batch_size=int(b),
@@ -1364,6 +1424,7 @@ def estimate_for_spec(
         gradient_checkpointing=sp == "lean" or (k is not None and k > 0),
         checkpoint_layers=k,
         checkpoint_offload=job.checkpoint_offload if checkpoint_offload is None else checkpoint_offload,
+        optimizer_in_backward=in_backward and gpus == 1,
         optimizer=optimizer or job.optimizer or "adamw_torch",
         lora_r=job.lora_r,
         lora_targets=job.lora_targets,
@@ -1387,6 +1448,9 @@ def estimate_for_spec(
         fused_lora=fast_path and TRAINER_FUSED_LORA,
         liger=TRAINER_LIGER if liger is None else liger,
     )
+    if in_backward and gpus > 1:
+        e = replace(e, notes=[*e.notes, f"optimizer_in_backward runs on one GPU: planned without it on {gpus} GPUs"])
+    return e
 
 
 def _gib(n: float) -> str:
