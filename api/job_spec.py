@@ -183,6 +183,7 @@ def build_spec(
         "mix": req.mix, "forgetting_file": req.forgetting_file, "optimizer": req.optimizer, "export": req.export,
         "speed": req.speed, "full_precision": req.full_precision, "strategy": req.strategy,
         "checkpoint_layers": req.checkpoint_layers, "checkpoint_offload": req.checkpoint_offload,
+        "optimizer_in_backward": req.optimizer_in_backward,
     }
     data.update({k: v for k, v in optional.items() if v is not None})
     try:
@@ -196,6 +197,10 @@ def build_spec(
         if param and user_param != param:
             message = message.replace(param, user_param, 1)
         raise APIError(400, message, param=user_param, code="invalid_value") from None
+    if spec.optimizer_in_backward and req.gpus > 1:
+        # The spec cannot see the GPU count; the trainer would refuse it only once the job runs.
+        raise bad_request(f"optimizer_in_backward: runs on one GPU, this job asks for {req.gpus}; give gpus 1 "
+                          "or optimizer_in_backward false", "optimizer_in_backward")
     try:
         check_spec_model(spec)  # module names of a meta-device model: no weights are read
     except ConfigError as exc:

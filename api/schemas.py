@@ -157,6 +157,9 @@ class CreateJobRequest(BaseModel):
     checkpoint_offload: bool | None = Field(
         None, description="Checkpointed layers' inputs wait in pinned CPU memory between forward and backward "
         "(less GPU memory, PCIe copies that overlap compute); needs speed lean or balanced.")
+    optimizer_in_backward: bool | None = Field(
+        None, description="Update each layer as soon as its gradients exist and free them (less peak memory); "
+        "needs max_grad_norm 0, gradient_accumulation_steps 1, optimizer adamw, one GPU.")
     full_precision: str | None = Field(None, description="Full fine-tuning's weights: fp32_master (default) | bf16.")
     strategy: str | None = Field(None, description="Several GPUs: auto | ddp | fsdp (full and freeze only).")
     export: dict[str, Any] | None = Field(

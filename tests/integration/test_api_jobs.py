@@ -106,7 +106,11 @@ def test_tuneq_extensions_reach_the_spec(client: TestClient, file_id: str, queue
                   hyperparameters={"learning_rate_multiplier": 2}).json()
     assert spec_of(full["id"])["method"] == "full"
     assert spec_of(full["id"])["hyperparameters"]["learning_rate"] == pytest.approx(4e-5)  # 2 × the full base 2e-5
-    assert queued_job_ids(queue) == [job["id"], full["id"]]
+    in_backward = create(client, model="tiny-llama", training_file=file_id, method="full", optimizer_in_backward=True,
+                         hyperparameters={"max_grad_norm": 0}).json()
+    assert spec_of(in_backward["id"])["optimizer_in_backward"] is True
+    assert spec_of(full["id"])["optimizer_in_backward"] is False
+    assert queued_job_ids(queue) == [job["id"], full["id"], in_backward["id"]]
 
 
 # One test walks all cases: a fresh PostgreSQL database per case would cost more than the cases.
@@ -133,6 +137,9 @@ BAD_VALUES = [
     ({"speed": "fast", "checkpoint_offload": True}, "checkpoint_offload"),
     ({"speed": "balanced", "checkpoint_layers": 0, "checkpoint_offload": True}, "checkpoint_offload"),
     ({"speed": "lean", "checkpoint_offload": "sometimes"}, "checkpoint_offload"),
+    ({"method": "full", "optimizer_in_backward": True}, "optimizer_in_backward"),  # clipping is on by default
+    ({"method": "full", "optimizer_in_backward": True, "hyperparameters": {"max_grad_norm": 0},
+      "gpus": 2}, "optimizer_in_backward"),
     ({"full_precision": "fp16"}, "full_precision"),
     ({"method": "lora", "strategy": "fsdp"}, "strategy"),
     ({"schedule": {"log_every_steps": 0}}, "schedule.log_every_steps"),
