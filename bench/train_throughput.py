@@ -76,6 +76,13 @@ ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "tuneq-full-bf16-lean": ("tuneq", "full", {"speed": "lean", "full_precision": "bf16"}),
     # Unsloth's full row held 10.23 GiB to lean's 10.66 (2026-11-30): the same with the inputs offloaded.
     "tuneq-full-bf16-lean-offload": ("tuneq", "full", {"speed": "lean", "full_precision": "bf16", "checkpoint_offload": True}),
+    # Layers updated inside backward (no global-norm clipping, so max_grad_norm 0); -noclip is the
+    # same recipe with the ordinary step, to tell the two effects apart.
+    "tuneq-full-bf16-lean-noclip": ("tuneq", "full", {"speed": "lean", "full_precision": "bf16", "max_grad_norm": 0.0}),
+    "tuneq-full-bf16-lean-inbwd": ("tuneq", "full", {"speed": "lean", "full_precision": "bf16", "max_grad_norm": 0.0,
+                                                     "optimizer_in_backward": True}),
+    "tuneq-full-bf16-lean-offload-inbwd": ("tuneq", "full", {"speed": "lean", "full_precision": "bf16", "max_grad_norm": 0.0,
+                                                             "optimizer_in_backward": True, "checkpoint_offload": True}),
     "tuneq-full-bf16-fast": ("tuneq", "full", {"speed": "fast", "full_precision": "bf16"}),
     # Between the two: only the bottom K of the 16 decoder layers checkpointed.
     "tuneq-full-bf16-ckpt8": ("tuneq", "full", {"speed": "balanced", "checkpoint_layers": 8, "full_precision": "bf16"}),
@@ -108,6 +115,9 @@ TARGETS: dict[str, tuple[str, float | None, float | None]] = {
     "tuneq-qlora-lean-offload": ("trl-qlora", 1.3, 1.0),
     "tuneq-full-bf16-lean": ("trl-full", 1.2, 1.2),
     "tuneq-full-bf16-lean-offload": ("trl-full", 1.2, 1.2),
+    "tuneq-full-bf16-lean-noclip": ("trl-full", 1.2, 1.2),
+    "tuneq-full-bf16-lean-inbwd": ("trl-full", 1.2, 1.2),
+    "tuneq-full-bf16-lean-offload-inbwd": ("trl-full", 1.2, 1.2),
     "tuneq-full-bf16-fast": ("trl-full", 1.2, 1.2),
     "tuneq-full-bf16-ckpt8": ("trl-full", 1.2, 1.2),
     "tuneq-full-bf16-ckpt12": ("trl-full", 1.2, 1.2),
@@ -264,6 +274,7 @@ def run_tuneq(name: str, method: str, settings: dict, args) -> dict[str, Any]:
     quiet_libraries()
     device = _device(args)
     settings = dict(settings)
+    clip_to = settings.pop("max_grad_norm", 1.0)
     if settings.pop("sdpa_cudnn", True) is False and torch.cuda.is_available():
         torch.backends.cuda.enable_cudnn_sdp(False)
     if args.dry_run and settings.get("checkpoint_layers"):
@@ -273,7 +284,8 @@ def run_tuneq(name: str, method: str, settings: dict, args) -> dict[str, Any]:
     spec = JobSpec.model_validate({
         "model": str(args.model_dir), "method": method, "training_file": "unused.jsonl",
         **({"lora": LORA} if method in ("lora", "qlora") else {}),
-        "hyperparameters": {"batch_size": args.batch, "max_seq_len": args.seq, "learning_rate": LEARNING_RATE[method]},
+        "hyperparameters": {"batch_size": args.batch, "max_seq_len": args.seq, "learning_rate": LEARNING_RATE[method],
+                            "max_grad_norm": clip_to},
         "precision": "fp32" if args.dry_run else "bf16",
         **settings,
     })
@@ -293,14 +305,17 @@ def run_tuneq(name: str, method: str, settings: dict, args) -> dict[str, Any]:
         rows = ids[i * args.batch : (i + 1) * args.batch]
         batch = {"input_ids": rows, "attention_mask": torch.ones_like(rows), "labels": rows.clone()}
         result = forward_backward(model, [batch], accelerator, loss_head)
-        accelerator.clip_grad_norm_(trainable, 1.0)
+        # As trainer.loop does: 0 measures the norm without clipping; in backward the optimizer measures it.
+        if not spec.optimizer_in_backward:
+            accelerator.clip_grad_norm_(trainable, clip_to or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return result["loss_sum"] / max(result["label_tokens"], 1)
 
     result = _timed(step, args, device)
     result["flops_per_token"] = _flops_per_token(raw, args.seq)
-    result["fast_path"] = {**fast.describe(), "loss": loss_head.name}
+    result["fast_path"] = {**fast.describe(), "loss": loss_head.name,
+                           "optimizer_in_backward": spec.optimizer_in_backward}
     if args.profile == name:
         result["profile"] = _profile(step, args, device, name)
     if (memory_dir := memory_peak.wanted()) is not None and device.type == "cuda":
