@@ -266,7 +266,7 @@ def run_tuneq(name: str, method: str, settings: dict, args) -> dict[str, Any]:
     from accelerate import Accelerator
 
     from trainer.fastpath import setup_model
-    from trainer.loop import forward_backward
+    from trainer.loop import forward_backward, optimizer_step
     from trainer.model import quiet_libraries, resolve_precision
     from trainer.optim import build_optimizer
     from trainer.spec import JobSpec
@@ -305,11 +305,7 @@ def run_tuneq(name: str, method: str, settings: dict, args) -> dict[str, Any]:
         rows = ids[i * args.batch : (i + 1) * args.batch]
         batch = {"input_ids": rows, "attention_mask": torch.ones_like(rows), "labels": rows.clone()}
         result = forward_backward(model, [batch], accelerator, loss_head)
-        # As trainer.loop does: 0 measures the norm without clipping; in backward the optimizer measures it.
-        if not spec.optimizer_in_backward:
-            accelerator.clip_grad_norm_(trainable, clip_to or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(accelerator, optimizer, trainable, clip_to or float("inf"))  # 0: measure, never clip
         return result["loss_sum"] / max(result["label_tokens"], 1)
 
     result = _timed(step, args, device)

@@ -144,6 +144,25 @@ def queue_forward_backward(
     return packed
 
 
+def optimizer_step(accelerator: Any, optimizer: Any, trainable: list[torch.Tensor], clip_to: float,
+                   scheduler: Any = None) -> torch.Tensor:
+    """Clip, step, zero the gradients; the step's gradient norm, on the device (not read here).
+
+    With optimizer_in_backward the layers were stepped in backward, before the whole gradient
+    existed: nothing is clipped, and the norm is the one the optimizer summed on the way."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # under accelerate's wrapper
+    in_backward = isinstance(inner, OptimizerInBackward)
+    if not in_backward:
+        with region("clip"):
+            grad_norm = accelerator.clip_grad_norm_(trainable, clip_to)
+    with region("optimizer"):
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return inner.take_grad_norm() if in_backward else grad_norm
+
+
 # The order of queue_forward_backward's values.
 STEP_VALUES = ("loss_sum", "correct_tokens", "label_tokens", "input_tokens", "rows")
 
@@ -269,8 +288,8 @@ def train(
     model, fast = setup_model(spec, precision, device)
     trainable_params, total_params = count_parameters(model)
     optimizer = build_optimizer(model, spec, device)
-    in_backward = optimizer if isinstance(optimizer, OptimizerInBackward) else None
-    if in_backward is not None and accelerator.num_processes > 1:
+    in_backward = isinstance(optimizer, OptimizerInBackward)
+    if in_backward and accelerator.num_processes > 1:
         raise ConfigError(f"optimizer_in_backward: runs on one GPU (this run has {accelerator.num_processes} "
                           "processes): DDP reduces gradients after the hooks that would update with them")
     order = DataOrder(
@@ -328,7 +347,7 @@ def train(
         method=spec.method,
         device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
         precision=precision,
-        fast_path={**fast.describe(), "loss": loss_head.name, "optimizer_in_backward": in_backward is not None},
+        fast_path={**fast.describe(), "loss": loss_head.name, "optimizer_in_backward": in_backward},
         trainable_params=trainable_params,
         total_params=total_params,
         resumed_from_step=resumed_from,
@@ -425,15 +444,7 @@ def train(
             # accumulate, clip, step: all queued, nothing read
             with region("forward_backward"):
                 packed = queue_forward_backward(model, micro_batches, accelerator, loss_head, step_votes)
-            if in_backward is None:
-                with region("clip"):
-                    grad_norm = accelerator.clip_grad_norm_(trainable, clip_to)
-            with region("optimizer"):
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if in_backward is not None:
-                grad_norm = in_backward.take_grad_norm()
+            grad_norm = optimizer_step(accelerator, optimizer, trainable, clip_to, scheduler)
 
             state.step += 1
             state.micro_step += n_micro

@@ -89,8 +89,7 @@ class OptimizerInBackward(torch.optim.Optimizer):
         self.buckets = [_Bucket(key, parts, make) for key, parts in sorted(by_key.items())]
         self.rest = next((b for b in self.buckets if b.key == ""), None)
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
-        self._counted: set[int] = set()
-        self._stepped: set[_Bucket] = set()
+        self._counted: set[int] = set()  # parameters whose gradient arrived since the last step()
         device = self.param_groups[0]["params"][0].device
         self._norm_sq = torch.zeros((), device=device, dtype=torch.float32)
         # The hooks hold the optimizer weakly: a strong reference from its own parameters would be a
@@ -112,18 +111,17 @@ class OptimizerInBackward(torch.optim.Optimizer):
 
     def _arrived(self, p: torch.Tensor) -> None:
         # Autograd sums every use of a parameter before this hook runs, so it runs once per
-        # backward; a second time means a second backward before step(), i.e. accumulation.
-        bucket = self._bucket_of[id(p)]
-        if id(p) in self._counted or bucket in self._stepped:
+        # backward; a second time before step() means a second backward, i.e. accumulation.
+        if id(p) in self._counted:
             raise RuntimeError(
                 "optimizer_in_backward: a parameter received a second gradient before step() (two backward passes "
                 "per step, i.e. gradient accumulation); it needs one backward per optimizer step"
             )
         self._counted.add(id(p))
+        bucket = self._bucket_of[id(p)]
         bucket.waiting -= 1
         if bucket.waiting == 0:
             bucket.step(self._norm_sq)
-            self._stepped.add(bucket)
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
@@ -132,7 +130,6 @@ class OptimizerInBackward(torch.optim.Optimizer):
             if bucket is self.rest or bucket.waiting != len(bucket.params):
                 bucket.step(self._norm_sq)
         self._counted.clear()
-        self._stepped.clear()
 
     def take_grad_norm(self) -> torch.Tensor:
         """The norm of the last backward's whole gradient (a GPU scalar: reading it is the caller's sync)."""

@@ -191,7 +191,7 @@ class Shape:
         """Trainable parameters peft creates: r*(in+out) per adapted linear, r*(num+dim) per
         adapted embedding (no LoRA bias, no DoRA)."""
         chosen = set(self.lora_targets(targets))
-        n = sum(r * (m.in_features + m.out_features) for m in self.linears if m.name in chosen)
+        n = sum(_lora_linear_params(r, m) for m in self.linears if m.name in chosen)
         n += sum(r * (num + dim) for name, num, dim in self.embeddings if name in chosen)
         return n
 
@@ -404,8 +404,13 @@ class _Lora:
     quantized: bool = False
 
 
-def _lora_params(shape: Shape, lora: _Lora) -> int:
-    n = sum(lora.r * (m.in_features + m.out_features) for m in shape.linears if m.name in lora.modules)
+def _lora_linear_params(r: int, m: Linear, use_dora: bool = False) -> int:
+    """peft's A and B of one adapted linear, and DoRA's magnitude vector beside them."""
+    return r * (m.in_features + m.out_features) + (m.out_features if use_dora else 0)
+
+
+def _lora_params(shape: Shape, lora: _Lora, use_dora: bool = False) -> int:
+    n = sum(_lora_linear_params(lora.r, m, use_dora) for m in shape.linears if m.name in lora.modules)
     n += sum(lora.r * (num + dim) for name, num, dim in shape.embeddings if name in lora.modules)
     return n
 
@@ -481,9 +486,7 @@ def _layer_trainable(shape: Shape, method: str, *, lora: _Lora | None, use_dora:
     if lora is not None:
         for m in shape.linears:
             if m.layer is not None and m.name in lora.modules:
-                # DoRA's magnitude vector sits in the layer beside A and B.
-                per[m.layer] = per.get(m.layer, 0) + lora.r * (m.in_features + m.out_features) + (
-                    m.out_features if use_dora else 0)
+                per[m.layer] = per.get(m.layer, 0) + _lora_linear_params(lora.r, m, use_dora)
     elif method == "ia3":
         for m, n in _ia3_vectors(shape, ia3_targets, ia3_feedforward):
             per[m.layer] = per.get(m.layer, 0) + n
@@ -814,9 +817,7 @@ def estimate_memory(
         else:
             weight_parts = {"base_weights": shape.total_params * a}
         if lora is not None:
-            trainable = _lora_params(shape, lora)
-            if use_dora:
-                trainable += sum(m.out_features for m in shape.linears if m.name in lora.modules)
+            trainable = _lora_params(shape, lora, use_dora)
         elif method == "ia3":
             trainable = ia3_params(shape, ia3_targets, ia3_feedforward)
         else:
