@@ -4,6 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist). worksteal hands a process that ran out of tests the second half
+# of another's, so the long training tests do not all end up in one queue.
+TEST_PROCS ?= 3
+# Every run prints its 25 slowest tests, so a test that grows slow is seen where it is run.
+PYTEST := $(BIN)/python -m pytest --durations=25
 
 .PHONY: up test venv unit integration e2e gpu clean
 
@@ -23,16 +28,16 @@ up: $(STAMP)
 
 # GPU tests are deselected here (CI has no GPU); they run on a lent GPU with `make gpu`.
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(PYTEST) -m "not gpu" -n $(TEST_PROCS) --dist worksteal $(PYTEST_ARGS)
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+	$(PYTEST) tests/unit -n $(TEST_PROCS) --dist worksteal $(PYTEST_ARGS)
 
 integration: $(STAMP)
-	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+	$(PYTEST) tests/integration -n $(TEST_PROCS) --dist worksteal $(PYTEST_ARGS)
 
 e2e: $(STAMP)
-	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
+	$(PYTEST) tests/e2e -n $(TEST_PROCS) --dist worksteal $(PYTEST_ARGS)
 
 gpu:
 	python3 -m pytest -m gpu tests/gpu $(PYTEST_ARGS)

@@ -42,6 +42,8 @@ def create(c: TestClient, file_id: str, **extra):  # noqa: ANN201
     return c.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id, **extra})
 
 
+# The quota check locks the user's row (FOR UPDATE) and counts with FILTER: both databases.
+@pytest.mark.dialects
 def test_unfinished_jobs_per_user(limits, member: TestClient, admin_headers: dict[str, str]) -> None:  # noqa: ANN001
     limits(max_active_jobs_per_user=2)
     f = upload(member)
@@ -58,6 +60,8 @@ def test_unfinished_jobs_per_user(limits, member: TestClient, admin_headers: dic
     assert second["status"] == "queued"
 
 
+# As above: the GPU sum is a FILTERed aggregate under the row lock.
+@pytest.mark.dialects
 def test_gpus_per_user(limits, member: TestClient) -> None:  # noqa: ANN001
     limits(max_gpus_per_user=3)
     f = upload(member)

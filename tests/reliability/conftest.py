@@ -35,12 +35,10 @@ FAST = {
 
 
 @pytest.fixture
-def rel_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pg_url: str, redis_url: str,
+def rel_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pg_migrated_url: str, redis_url: str,
             tiny_model_dir: Path) -> Iterator[dict[str, str]]:
-    """TUNEQ_* for this test (PostgreSQL, its Redis db, fast leases), set in this process too."""
-    from core.migrate import upgrade_head
-
-    upgrade_head(pg_url)
+    """TUNEQ_* for this test (PostgreSQL at head, its Redis db, fast leases), set in this process too."""
+    pg_url = pg_migrated_url
     env = {
         "TUNEQ_HOME": str(tmp_path / "home"),
         "TUNEQ_DATABASE_URL": pg_url,
