@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +30,14 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ALL_DIALECTS = os.environ.get("TUNEQ_TEST_DIALECTS", "").lower() == "all"
 # Redis databases each test process uses: its tests' own (flushed per test) and the shared stack's.
 REDIS_DBS_PER_PROCESS = 2
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One compute thread per test process, inherited by the trainers and workers it starts: the
+    # run's processes already fill the cores, and torch's OpenMP threads spin while they wait for
+    # a core, which on a busy machine costs several times the CPU of the work itself.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 def xdist_index() -> int:

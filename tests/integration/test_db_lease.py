@@ -6,6 +6,7 @@ import multiprocessing
 import threading
 import time
 
+import pytest
 from sqlalchemy.orm import Session
 
 from core import states

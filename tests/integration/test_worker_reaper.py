@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 import redis
 from sqlalchemy import update
 from sqlalchemy.orm import Session

@@ -34,6 +34,11 @@ FAST = {
 }
 
 
+# For tests about anything but lease expiry: a 4 s lease made a worker whose process stalled under
+# load (2 cores, several trainers starting) look dead, so its running job was re-queued mid-test.
+STEADY_LEASE = {"TUNEQ_LEASE_TTL_S": "30"}
+
+
 @pytest.fixture
 def rel_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pg_migrated_url: str, redis_url: str,
             tiny_model_dir: Path) -> Iterator[dict[str, str]]:

@@ -12,7 +12,7 @@ from core.models import Job
 from core.queue import enqueue_job, producer
 from tests.conftest import reset_caches
 from tests.reliability.conftest import (
-    assert_never_twice_at_once, events_of, job_status, make_job, resumed_steps, trainer_starts, wait_for,
+    STEADY_LEASE, assert_never_twice_at_once, events_of, job_status, make_job, resumed_steps, trainer_starts, wait_for,
 )
 
 # Long enough to kill mid-run on an idle machine too (a tiny step is ~30 ms there, and the kill
@@ -52,7 +52,7 @@ def test_sigkill_of_the_worker_resumes_on_a_restarted_worker(db: Session, rel_en
 
 def test_sigkill_of_the_trainer_alone_is_retried_and_resumes(db: Session, rel_env, workers) -> None:
     job = training_job(db, rel_env)
-    w = workers()
+    w = workers(**STEADY_LEASE)  # the worker itself sees its trainer die: no lease expiry involved
     enqueue_job(job.id)
     wait_checkpoint(job.id, w)
     os.kill(trainer_starts(job.id)[0].data["pid"], signal.SIGKILL)
@@ -76,7 +76,7 @@ def test_user_error_fails_at_once_without_retry(db: Session, rel_env, workers) -
 
 def test_same_message_twice_runs_once(db: Session, rel_env, workers) -> None:
     job = training_job(db, rel_env, steps=6)
-    w1, w2 = workers(), workers()
+    w1, w2 = workers(**STEADY_LEASE), workers(**STEADY_LEASE)
     enqueue_job(job.id)
     enqueue_job(job.id)
     assert wait_end(job.id, w1) == states.SUCCEEDED, w1.log() + w2.log()
@@ -87,7 +87,7 @@ def test_same_message_twice_runs_once(db: Session, rel_env, workers) -> None:
 def test_job_longer_than_the_visibility_timeout_runs_once(db: Session, rel_env, workers, monkeypatch) -> None:
     # DESIGN.md: Redis re-delivers an unacked message after the visibility timeout to a worker that
     # starts later, while the first run still goes on. The lease makes the second delivery drop out.
-    short = {"TUNEQ_VISIBILITY_TIMEOUT_S": "2"}
+    short = {"TUNEQ_VISIBILITY_TIMEOUT_S": "2", **STEADY_LEASE}
     monkeypatch.setenv("TUNEQ_VISIBILITY_TIMEOUT_S", "2")
     reset_caches()
     # Still running after the second worker has started (seconds) and the message is restored.
