@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ class Lock:
     names_only: bool = False  # the .in file names packages; their versions come from pyproject.toml
     no_deps: bool = False  # the .in file is already the whole closure
     skip: tuple[str, ...] = ()  # left out: the target already has them (built against its own libs)
-    extra_args: tuple[str, ...] = field(default=())
+    extra_args: tuple[str, ...] = ()  # more uv arguments
 
 
 LOCKS = (
