@@ -6,7 +6,7 @@ without loading weights lives here and names the field and its allowed range.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -22,6 +22,13 @@ from trainer.method_settings import (
 
 # freeze: full fine-tuning of the top layers only; ia3 and prefix: the adapter family besides LoRA.
 Method = Literal["full", "lora", "qlora", "ia3", "prefix", "freeze"]
+METHODS: tuple[str, ...] = get_args(Method)
+# The spec fields that hold each method's settings, its own first (lora and qlora share LoRA's;
+# qlora adds the quantization of its base). Requests name them under method.<name>.
+METHOD_SETTINGS: dict[str, tuple[str, ...]] = {
+    "full": (), "lora": ("lora",), "qlora": ("lora", "quantization"), "ia3": ("ia3",), "prefix": ("prefix",),
+    "freeze": ("freeze",),
+}
 DataFormat = Literal["auto", "chat", "alpaca", "prompt_completion", "text"]
 Precision = Literal["auto", "bf16", "fp32"]
 # lean: gradient checkpointing, least memory; fast: keep activations, about a third less compute;
@@ -111,13 +118,13 @@ class JobSpec(_Strict):
     """What to train, on what, and how."""
 
     model: str = Field(..., min_length=1, max_length=512, description="Hub id or local directory of the base model.")
-    method: Method = Field("lora", description="full | lora | qlora | ia3 | prefix | freeze.")
+    method: Method = Field("lora", description=" | ".join(METHODS) + ".")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="Used by lora and qlora.")
     quantization: QuantizationSettings | None = Field(None, description="qlora's base: 4-bit (default) or 8-bit.")
     ia3: IA3Settings | None = Field(None, description="Used by ia3.")
     prefix: PrefixSettings | None = Field(None, description="Used by prefix.")
     freeze: FreezeSettings | None = Field(None, description="Used by freeze (required there).")
-    optimizer: Optimizer = Field("adamw", description="adamw | adamw_fused | adamw_8bit | paged_adamw | paged_adamw_8bit.")
+    optimizer: Optimizer = Field("adamw", description=" | ".join(get_args(Optimizer)) + ".")
     init_from: str | None = Field(
         None, min_length=1, description="Adapter, model or checkpoint directory whose weights this job starts from."
     )
