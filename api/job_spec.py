@@ -20,13 +20,12 @@ from api.errors import APIError, bad_request, first_validation_error
 from api.schemas import SPEC_FIELDS, CreateJobRequest
 from trainer.errors import ConfigError
 from trainer.modules import check_spec_model
-from trainer.spec import METHOD_SETTINGS, METHODS, JobSpec
+from trainer.spec import DEFAULT_METHOD, METHOD_SETTINGS, METHODS, JobSpec
 
 # learning_rate_multiplier scales these; full fine-tuning needs a much smaller step than adapters.
 # IA3's scaling vectors and prefix tuning's virtual tokens are few and start neutral: they need
 # far larger steps than LoRA; freeze trains whole layers like full fine-tuning.
 BASE_LEARNING_RATE = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5, "freeze": 2e-5, "ia3": 3e-3, "prefix": 3e-3}
-DEFAULT_METHOD: str = JobSpec.model_fields["method"].default
 _METHOD_LIST = ", ".join(repr(m) for m in METHODS)
 # A method body's settings: its own settings field's (`lora` for lora and qlora), or, for a
 # key naming another of its settings fields (qlora's `quantization`), that field.
