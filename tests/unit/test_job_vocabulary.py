@@ -56,3 +56,13 @@ def test_a_method_body_goes_into_the_spec_and_comes_back_out(method: str, body: 
     assert shown.pop("hyperparameters") == {"n_epochs": 1}
     for key, value in body.items():
         assert shown[key] == value or (isinstance(value, dict) and value.items() <= shown[key].items()), key
+
+
+def test_the_cli_offers_every_method_of_the_spec() -> None:
+    from typer.testing import CliRunner
+
+    from tuneq import cli
+
+    result = CliRunner().invoke(cli.app, ["submit", "--help"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert " | ".join(METHODS) in result.output
