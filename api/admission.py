@@ -119,11 +119,12 @@ class OnePlan:
         if p["method"] is None:
             return (draft["method"] if draft["method"] != "auto" else "qlora"), None
         examples = self.req.examples
-        if batch is not None and examples and batch > examples:
+        if batch is not None and examples and draft["hyperparameters"].get("batch_size") == "auto":
             # A micro-batch larger than the data set only pads: cap it at the examples there are.
-            capped = 1 << (examples.bit_length() - 1)
-            p["notes"].append(f"batch_size {batch} fits; the job takes {capped}, as the file has {examples} examples "
-                              f"(the memory estimate is for {batch})")
+            capped = min(batch, 1 << (examples.bit_length() - 1))
+            if capped < batch:
+                p["notes"].append(f"batch_size {batch} fits; the job takes {capped}, as its file has {examples} "
+                                  f"examples (the memory estimate is for {batch})")
             batch = capped
         return p["method"], batch
 
