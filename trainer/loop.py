@@ -28,7 +28,8 @@ import torch
 
 from trainer import checkpoint as ckpt
 from trainer import profiling
-from trainer.data import collate, load_tokenized, mix_in, pack
+from trainer.data.batch import collate
+from trainer.data.dataset import load_tokenized, mix_in, pack
 from trainer.distributed import gather_model_state, gather_training_state, is_sharded
 from trainer.errors import ConfigError, Paused
 from trainer.evaluate import eval_sample, evaluate, forgetting_change
