@@ -175,6 +175,7 @@ class Run:
 
     def _emit_start(self) -> None:
         spec, device, examples = self.spec, self.device, len(self.train_data.examples)
+        micro_batches = self.total_micro or self.total_steps * self.hp.gradient_accumulation_steps
         self.events.emit(
             "start",
             f"{spec.method} on {examples} examples"
@@ -184,7 +185,7 @@ class Run:
             + (f", resumed from step {self.resumed_from}" if self.resumed_from is not None else ""),
             total_steps=self.total_steps,
             examples=examples,
-            epochs=round(self.order.epoch_of(self.total_micro or self.total_steps * self.hp.gradient_accumulation_steps), 3),
+            epochs=round(self.order.epoch_of(micro_batches), 3),
             method=spec.method,
             device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
             precision=self.precision,

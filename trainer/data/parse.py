@@ -214,7 +214,9 @@ def iter_lines(path: str | Path, counter: list[int] | None = None) -> Iterator[t
             yield number, LineError("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}")
 
 
-def iter_records(path: str | Path, data_format: str = "auto", counter: list[int] | None = None) -> Iterator[tuple[int, str, Record | LineError]]:
+def iter_records(
+    path: str | Path, data_format: str = "auto", counter: list[int] | None = None
+) -> Iterator[tuple[int, str, Record | LineError]]:
     """(line number, the file's format, parsed example or LineError) for every non-blank line.
 
     With data_format auto, the first line that looks like a format fixes it for the file.

@@ -245,8 +245,9 @@ def activation_memory(step: Step, notes: list[str]) -> ActivationMemory:
         stored = resident * layer_input + (layers - checkpointed) * layer_tok * tokens
         recompute = layer_tok * tokens
         if checkpointed > resident:
-            notes.append(f"checkpoint_offload: {gib((checkpointed - resident) * layer_input)} of checkpointed "
-                         f"layers' inputs wait in pinned host memory ({gib(checkpointed * layer_input)} of host memory)")
+            offloaded, host = gib((checkpointed - resident) * layer_input), gib(checkpointed * layer_input)
+            notes.append(f"checkpoint_offload: {offloaded} of checkpointed layers' inputs wait in pinned host "
+                         f"memory ({host} of host memory)")
     else:
         stored = saving_layers * layer_tok * tokens
         recompute = 0

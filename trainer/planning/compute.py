@@ -39,7 +39,7 @@ def estimate_compute(
     method: Method,
     tokens: int,
     gpus: int = 1,
-    seq_len: int = 1024,
+    seq_len: int,
     gradient_checkpointing: bool = False,
     lora: LoraSettings | None = None,
     freeze_layers: int | None = None,

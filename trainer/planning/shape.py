@@ -119,7 +119,6 @@ class Shape:
         return d
 
 
-
 _LAYER_RE = re.compile(r"^(.*?\.)?(layers|h|blocks|block|decoder_layers)\.(\d+)\.(.+)$")
 
 
@@ -258,7 +257,6 @@ def _model_shape_cached(config_json: str, cfg_module: str, cfg_qualname: str) ->
         output_embedding=output_name,
         groups=groups,
     )
-
 
 
 def shape_of(config: Any) -> Shape:
