@@ -9,9 +9,8 @@ from fastapi.responses import FileResponse, Response
 from sqlalchemy import or_, select
 
 from api.content import stored_content
-from api.deps import CurrentUser, SessionDep, StorageDep
+from api.deps import ReadableJob, SessionDep, StorageDep
 from api.errors import APIError, not_found
-from api.routes.jobs import load_job
 from api.schemas import ArtifactOut, Page
 from core.models import Artifact
 
@@ -26,8 +25,7 @@ def artifact_out(a: Artifact) -> ArtifactOut:
 
 
 @router.get("/{job_id}/artifacts")
-def list_fine_tuning_artifacts(job_id: str, user: CurrentUser, db: SessionDep) -> Page[ArtifactOut]:
-    job = load_job(db, job_id, user)
+def list_fine_tuning_artifacts(job: ReadableJob, db: SessionDep) -> Page[ArtifactOut]:
     rows = db.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name, Artifact.id)).all()
     items = [artifact_out(a) for a in rows]
     return Page[ArtifactOut](
@@ -37,10 +35,7 @@ def list_fine_tuning_artifacts(job_id: str, user: CurrentUser, db: SessionDep) -
 
 # `:path` so that names with folders (final/adapter_config.json) work as well as ids.
 @router.get("/{job_id}/artifacts/{artifact:path}/content", response_class=FileResponse)
-def get_fine_tuning_artifact_content(
-    job_id: str, artifact: str, user: CurrentUser, db: SessionDep, storage: StorageDep
-) -> Response:
-    job = load_job(db, job_id, user)
+def get_fine_tuning_artifact_content(job: ReadableJob, artifact: str, db: SessionDep, storage: StorageDep) -> Response:
     row = db.scalar(
         select(Artifact)
         .where(Artifact.job_id == job.id, or_(Artifact.id == artifact, Artifact.name == artifact))
