@@ -2,22 +2,22 @@
 
 The API host normally has no GPU, so what the plan is checked against (memory and speed per GPU)
 comes from settings describing the worker hosts. The planner models the trainer as it runs
-(trainer.planner.estimate_for_spec): bf16 mixed precision, the spec's full_precision, optimizer,
+(trainer.planning.estimate_for_spec): bf16 mixed precision, the spec's full_precision, optimizer,
 speed and strategy, the fast path's chunked loss and fused LoRA.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from api.errors import APIError
 from core.settings import Settings
-from trainer import planner
+from trainer import planning
+from trainer.spec import METHODS
 
-GiB = planner.GiB
+GiB = planning.GiB
 # Decoder families whose layers the planner's activation model was derived from; for others the
 # numbers are shown but a job is not refused on them.
 CONFIDENT_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -36,7 +36,7 @@ def model_config(model_path: str) -> Any | None:
 
 def _unmodelled(spec_like: dict[str, Any]) -> str | None:
     method = spec_like.get("method")
-    if method not in (*planner.ALL_METHODS, "auto"):
+    if method not in (*METHODS, "auto"):
         return f"method {method!r} is not modelled by the planner; its fit is not checked"
     return None
 
@@ -55,7 +55,7 @@ def make_plan(spec_like: dict[str, Any], model_path: str, gpus: int, settings: S
     if note is not None:
         # Still show what the modelled methods would need: that is the useful comparison.
         planned["method"] = "auto"
-    p = planner.plan(
+    p = planning.plan(
         planned, config, int(settings.plan_gpu_memory_gib * GiB), gpus=max(1, gpus), dataset_tokens=dataset_tokens,
         peak_tflops=settings.plan_gpu_tflops,
     ).to_dict()
@@ -70,7 +70,7 @@ def make_plan(spec_like: dict[str, Any], model_path: str, gpus: int, settings: S
             k: round(mp["estimate"][k] / GiB, 3)
             for k in ("weights", "gradients", "optimizer_states", "activations", "logits", "overhead", "allocated", "total")
         }
-    chosen = p["method"] or (spec_like.get("method") if spec_like.get("method") in planner.ALL_METHODS else None)
+    chosen = p["method"] or (spec_like.get("method") if spec_like.get("method") in METHODS else None)
     p["predicted_peak_gib"] = p["methods"][chosen]["estimate"]["total_gib"] if chosen in p["methods"] else None
     if p["compute"] is not None:
         p["compute"]["peak_tflops_per_gpu"] = settings.plan_gpu_tflops
@@ -88,39 +88,6 @@ def refuse_if_too_big(p: dict[str, Any] | None) -> None:
         extra={"predicted_gib": round(need / GiB, 3), "available_gib": p["available_gib"],
                "usable_gib": round(p["usable_bytes"] / GiB, 3), "gpus": p["gpus"], "suggestions": p["suggestions"]},
     )
-
-
-def chooser(model_path: str, gpus: int, settings: Settings, examples: int | None, *, refuse: bool = True,
-            seen: list[dict[str, Any]] | None = None) -> Callable[[dict[str, Any]], tuple[str, int | None]]:
-    """Resolves method "auto" and batch_size "auto" for api.job_spec.build_spec.
-
-    refuse=False (the plan route) picks something valid even when nothing fits, so the plan can
-    still be shown; `seen` receives the draft as requested, "auto" values included.
-    """
-
-    def choose(draft: dict[str, Any]) -> tuple[str, int | None]:
-        if seen is not None:
-            seen.append(draft)
-        p = make_plan(draft, model_path, gpus, settings)
-        fallback = draft["method"] if draft["method"] != "auto" else "lora"
-        if p is None:
-            if draft["method"] == "auto":
-                raise APIError(400, "method: 'auto' needs a model whose config.json the planner can read (a local model)",
-                               param="method", code="invalid_value")
-            return draft["method"], None
-        if not p["checked"]:
-            return fallback, None  # the spec's default batch size: the planner cannot vouch for another
-        if refuse:
-            refuse_if_too_big(p)
-        batch = p["batch_size"]
-        if p["method"] is None:
-            return (draft["method"] if draft["method"] != "auto" else "qlora"), None
-        if batch is not None and examples:
-            # A micro-batch larger than the data set only pads: cap it at the examples there are.
-            batch = min(batch, 1 << (examples.bit_length() - 1))
-        return p["method"], batch
-
-    return choose
 
 
 def job_view(plan: dict[str, Any] | None, progress: dict[str, Any] | None, metrics: dict[str, Any] | None) -> dict[str, Any] | None:
