@@ -34,6 +34,12 @@ class FileObject(BaseModel):
     validation: dict[str, Any] = Field(description="The per-line validation report of trainer.data.validate_file.")
 
 
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: Literal[True] = True
+
+
 class JobErrorOut(BaseModel):
     model_config = ConfigDict(extra="allow")
     code: str | None = None

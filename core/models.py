@@ -64,7 +64,7 @@ class File(Base):
     purpose: Mapped[str] = mapped_column(String(40), default="fine-tune")
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     storage_key: Mapped[str] = mapped_column(String(255))
-    status: Mapped[str] = mapped_column(String(20), default="processed")  # processed | error
+    status: Mapped[str] = mapped_column(String(20), default="processed")  # processed | error | deleted
     sha256: Mapped[str] = mapped_column(String(64), default="")
     report: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[float] = mapped_column(Float, default=now)

@@ -67,6 +67,7 @@ class Settings(BaseSettings):
     max_attempts: int = Field(5, ge=1, le=100, description="Runs of a job after infrastructure failures before it fails.")
     retry_backoff_s: float = Field(5.0, ge=0, description="Wait before the first retry; doubles with each further one.")
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest accepted upload.")
+    api_docs: bool = Field(False, description="Serve /docs (Swagger UI from a CDN, under a CSP); off by default.")
     page_limit_max: int = Field(100, ge=1, le=10_000, description="Largest page size of list routes.")
     # Limits per user on a shared service. Admins are held to them too: a script with an admin
     # key can fill a cluster as easily as anyone's.
@@ -74,6 +75,10 @@ class Settings(BaseSettings):
     max_gpus_per_user: int = Field(8, ge=1, description="GPUs that one user's unfinished jobs may ask for in total.")
     job_create_rate: int = Field(30, ge=1, description="Jobs one user may create per job_create_window_s.")
     job_create_window_s: int = Field(60, ge=1, le=86_400, description="Window of the job creation rate limit.")
+    max_files_per_user: int = Field(1000, ge=1, description="Files one user may keep (delete some to upload more).")
+    max_file_bytes_per_user: int = Field(
+        20 * 1024**3, ge=1, description="Bytes that one user's files may hold in total (20 GiB)."
+    )
     max_examples_per_file: int = Field(1_000_000, ge=1, description="Examples (valid lines) an uploaded file may hold.")
     max_tokens_per_file: int = Field(
         200_000_000, ge=1, description="Tokens a training or validation file may hold, counted with the job's tokenizer."
