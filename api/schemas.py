@@ -123,7 +123,8 @@ class CreateJobRequest(BaseModel):
     of a job, so the limits live in one place.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: `"gpus": true` is not one GPU, nor `"priority": "5"` a number.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(..., min_length=1, max_length=512, description="A name from GET /v1/models.")
     training_file: str = Field(..., min_length=1, description="A file id from POST /v1/files.")
@@ -194,7 +195,24 @@ class UserOut(BaseModel):
     name: str
     role: Literal["admin", "member"]
     team: str | None = Field(None, description="The team's name.")
+    max_priority: int | None = Field(None, description="The user's own priority cap; null: the team's.")
+    priority_cap: int = Field(description="The highest priority this user's jobs may ask for now.")
     created_at: int
+
+
+class PriorityCap(BaseModel):
+    """An admin's grant: the highest job priority a team or user may ask for; null removes it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_priority: int | None = Field(..., ge=-100, le=100)
+
+
+class TeamOut(BaseModel):
+    id: str
+    object: Literal["team"] = "team"
+    name: str
+    max_priority: int | None = Field(None, description="The members' priority cap; null: the service's default band.")
 
 
 class CreateUserRequest(BaseModel):

@@ -11,8 +11,6 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import lru_cache
 
 import redis
@@ -55,18 +53,32 @@ def lock_user(db: Session, user_id: str) -> None:
     db.execute(update(User).where(User.id == user_id).values(name=User.name))
 
 
-def check_job_quota(db: Session, user: User, gpus: int, settings: Settings | None = None) -> None:
+def check_gpus_allowed(gpus: int, settings: Settings | None = None) -> None:
+    """A job asking for more GPUs than a user may ever hold: refused before any other work."""
     settings = settings or get_settings()
     if gpus > settings.max_gpus_per_user:
         raise LimitExceeded(
             f"gpus: {gpus} is more than the {settings.max_gpus_per_user} GPUs a user may use (TUNEQ_MAX_GPUS_PER_USER)",
             "gpu_limit", "gpus",
         )
+
+
+def planned_gpu_hours(plan: dict | None) -> float | None:
+    """The planner's GPU-hour estimate of a job's plan; None when it had no token count to go on."""
+    compute = (plan or {}).get("compute")
+    hours = compute.get("gpu_hours") if isinstance(compute, dict) else None
+    return float(hours) if isinstance(hours, int | float) else None
+
+
+def check_job_quota(db: Session, user: User, gpus: int, settings: Settings | None = None,
+                    gpu_hours: float | None = None) -> None:
+    """Unfinished jobs, GPUs and planned GPU-hours of the user, counted under the user's lock."""
+    settings = settings or get_settings()
+    check_gpus_allowed(gpus, settings)
     lock_user(db, user.id)
-    active, used = db.execute(
-        select(func.count(Job.id), func.coalesce(func.sum(Job.gpus).filter(Job.status.in_(HOLDING_GPUS)), 0))
-        .where(Job.owner_id == user.id, Job.status.in_(ACTIVE))
-    ).one()
+    rows = db.execute(select(Job.status, Job.gpus, Job.plan).where(Job.owner_id == user.id, Job.status.in_(ACTIVE))).all()
+    active = len(rows)
+    used = sum(g for status, g, _ in rows if status in HOLDING_GPUS)
     if active >= settings.max_active_jobs_per_user:
         raise LimitExceeded(
             f"you have {active} unfinished jobs, the most a user may have (TUNEQ_MAX_ACTIVE_JOBS_PER_USER="
@@ -79,6 +91,15 @@ def check_job_quota(db: Session, user: User, gpus: int, settings: Settings | Non
             f"{settings.max_gpus_per_user} a user may use (TUNEQ_MAX_GPUS_PER_USER)",
             "gpu_limit", "gpus",
         )
+    if gpu_hours is not None:
+        booked = sum(planned_gpu_hours(plan) or 0.0 for _, _, plan in rows)
+        if booked + gpu_hours > settings.max_gpu_hours_per_user:
+            raise LimitExceeded(
+                f"hyperparameters: the planner estimates this job at {gpu_hours:.3g} GPU-hours and your unfinished "
+                f"jobs at {booked:.3g}; together more than the {settings.max_gpu_hours_per_user:g} a user may book "
+                "(TUNEQ_MAX_GPU_HOURS_PER_USER); lower max_steps or n_epochs, or wait for a job to finish",
+                "gpu_hour_budget", "hyperparameters",
+            )
 
 
 @lru_cache
@@ -128,17 +149,6 @@ def take_job_slot(user_id: str, settings: Settings | None = None, now: float | N
 def release_job_slot(user_id: str, slot: str, settings: Settings | None = None) -> None:
     settings = settings or get_settings()
     _redis(settings.redis_url).zrem(_rate_key(user_id), slot)
-
-
-@contextmanager
-def job_slot(user_id: str, settings: Settings | None = None) -> Iterator[None]:
-    """A rate slot held by the creation inside; given back if that creation fails."""
-    slot = take_job_slot(user_id, settings)
-    try:
-        yield
-    except BaseException:
-        release_job_slot(user_id, slot, settings)
-        raise
 
 
 def check_file_quota(db: Session, user: User, size: int, settings: Settings | None = None, *, lock: bool = True) -> None:

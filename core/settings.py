@@ -73,6 +73,16 @@ class Settings(BaseSettings):
     # key can fill a cluster as easily as anyone's.
     max_active_jobs_per_user: int = Field(10, ge=1, description="Jobs not yet finished (queued, running, paused) per user.")
     max_gpus_per_user: int = Field(8, ge=1, description="GPUs that one user's unfinished jobs may ask for in total.")
+    max_gpu_hours_per_user: float = Field(
+        2000.0, gt=0, description="GPU-hours, as the planner estimates them, that one user's unfinished jobs may book.",
+    )
+    min_checkpoint_every_minutes: float = Field(
+        1.0, ge=0, description="Shortest schedule.checkpoint_every_minutes a job may ask for.",
+    )
+    member_max_priority: int = Field(
+        0, ge=-100, le=100,
+        description="Highest job priority a user without a grant may ask for; jobs at or below it preempt only their own team's.",
+    )
     job_create_rate: int = Field(30, ge=1, description="Jobs one user may create per job_create_window_s.")
     job_create_window_s: int = Field(60, ge=1, le=86_400, description="Window of the job creation rate limit.")
     max_files_per_user: int = Field(1000, ge=1, description="Files one user may keep (delete some to upload more).")
