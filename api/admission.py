@@ -28,7 +28,8 @@ from api.limits import check_file_tokens
 from api.schemas import CreateJobRequest
 from core import states
 from core.jobs import create_job
-from core.limits import check_gpus_allowed, check_job_quota, planned_gpu_hours, release_job_slot, take_job_slot
+from core.limits import (check_gpus_allowed, check_job_quota, deleted_files, job_file_ids, planned_gpu_hours,
+                         release_job_slot, take_job_slot)
 from core.model_roots import resolve_model
 from core.models import File, Job, User
 from core.policy import check_priority
@@ -209,8 +210,14 @@ def admit(db: Session, user: User, body: CreateJobRequest, settings: Settings) -
     check_schedule(spec, settings)
     with rate_slot(user, settings):  # taken only now: a refused body uses no slot
         check_job_quota(db, user, body.gpus, settings, planned_gpu_hours(job_plan))
+        spec_json = spec.model_dump(mode="json")
+        gone = deleted_files(db, job_file_ids(req.training.id, req.validation.id if req.validation else None, spec_json))
+        if gone:  # deleted while this request was checking the job
+            param = {req.training.id: "training_file", **({req.validation.id: "validation_file"} if req.validation else {})}
+            raise APIError(400, f"{param.get(gone[0], 'file')}: file {gone[0]} was deleted; upload it again",
+                           param=param.get(gone[0]), code="file_not_found")
         job = create_job(
-            db, spec=spec.model_dump(mode="json"), model=body.model, method=spec.method, training_file=req.training,
+            db, spec=spec_json, model=body.model, method=spec.method, training_file=req.training,
             validation_file=req.validation, suffix=spec.suffix, owner_id=user.id, priority=body.priority, gpus=body.gpus,
         )
         job.plan = job_plan

@@ -177,13 +177,19 @@ def check_file_quota(db: Session, user: User, size: int, settings: Settings | No
         )
 
 
+def job_file_ids(training: str | None, validation: str | None, spec: dict | None) -> set[str]:
+    """Every file a job reads: training and validation data, mix and forgetting files."""
+    spec = spec or {}
+    named = {training, validation, spec.get("forgetting_file")} | {m.get("file") for m in spec.get("mix") or []}
+    return {f for f in named if isinstance(f, str)}
+
+
 def jobs_using_file(db: Session, file_id: str) -> list[str]:
-    """Ids of unfinished jobs that read the file: as training or validation data, mix or forgetting file."""
+    """Ids of unfinished jobs that read the file."""
     rows = db.execute(select(Job.id, Job.training_file, Job.validation_file, Job.spec).where(Job.status.in_(ACTIVE))).all()
-    using = []
-    for job_id, training, validation, spec in rows:
-        spec = spec or {}
-        named = {training, validation, spec.get("forgetting_file")} | {m.get("file") for m in spec.get("mix") or []}
-        if file_id in named:
-            using.append(job_id)
-    return using
+    return [job_id for job_id, training, validation, spec in rows if file_id in job_file_ids(training, validation, spec)]
+
+
+def deleted_files(db: Session, file_ids: set[str]) -> list[str]:
+    """Those of `file_ids` deleted meanwhile; asked under the owner's lock, which DELETE takes too."""
+    return list(db.scalars(select(File.id).where(File.id.in_(file_ids), File.status == DELETED)))

@@ -113,6 +113,7 @@ class Stack:
         self.children: list[tuple[str, subprocess.Popen[bytes], Path]] = []
         self.redis = None
         self._stop = threading.Event()
+        self._copiers: dict[str, threading.Thread] = {}
 
     @property
     def url(self) -> str:
@@ -198,9 +199,18 @@ class Stack:
         proc = subprocess.Popen(argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         assert proc.stdout is not None
-        threading.Thread(target=copy_rotated, args=(proc.stdout, log_path), name=f"{name}-log", daemon=True).start()
+        copier = threading.Thread(target=copy_rotated, args=(proc.stdout, log_path), name=f"{name}-log", daemon=True)
+        copier.start()
+        self._copiers[name] = copier
         self.children.append((name, proc, log_path))
         self.log(f"{name}: pid {proc.pid}, log {log_path}")
+
+    def _tail_of(self, name: str, log_path: Path) -> str:
+        """The last lines of a child that exited, once its copier has written what it printed."""
+        copier = self._copiers.get(name)
+        if copier is not None:
+            copier.join(5)
+        return _tail(log_path)
 
     def start(self) -> None:
         self._spawn("api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", self.host, "--port", str(self.port)])
@@ -237,7 +247,7 @@ class Stack:
         while time.monotonic() < deadline and not self._stop.is_set():
             for name, proc, log_path in self.children:
                 if proc.poll() is not None:
-                    raise TuneqError(f"{name} exited with code {proc.returncode} while starting; see {log_path}:\n{_tail(log_path)}")
+                    raise TuneqError(f"{name} exited with code {proc.returncode} while starting; see {log_path}:\n{self._tail_of(name, log_path)}")
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
                     return
@@ -257,7 +267,7 @@ class Stack:
         while not self._stop.wait(0.5):
             for name, proc, log_path in self.children:
                 if proc.poll() is not None:
-                    self.log(f"{name} exited with code {proc.returncode}; stopping. Last lines of {log_path}:\n{_tail(log_path)}")
+                    self.log(f"{name} exited with code {proc.returncode}; stopping. Last lines of {log_path}:\n{self._tail_of(name, log_path)}")
                     return 1
         return 0
 

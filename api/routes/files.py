@@ -20,7 +20,7 @@ from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, m
 from api.schemas import FileDeleted, FileObject, Page
 from api.uploads import too_large_message
 from core.identity import DELETED, can_read_file, readable_files
-from core.limits import check_file_quota, jobs_using_file
+from core.limits import check_file_quota, jobs_using_file, lock_user
 from core.models import File, User, new_id
 from core.settings import Settings
 from core.storage import Storage
@@ -96,6 +96,8 @@ def _checked_row(db: Session, user: User, settings: Settings, storage: Storage, 
 def delete_file(file_id: str, user: CurrentUser, db: SessionDep, storage: StorageDep) -> FileDeleted:
     """Delete a file and its stored bytes; refused (409) while an unfinished job uses it."""
     f = load_file(db, file_id, user)
+    if f.owner_id is not None:
+        lock_user(db, f.owner_id)  # a job creation that names the file checks it under this lock
     users = jobs_using_file(db, f.id)
     if users:
         raise APIError(409, f"file {file_id} is used by unfinished job(s) {', '.join(users)}; cancel them or wait "
