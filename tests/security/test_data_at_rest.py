@@ -87,3 +87,27 @@ def test_home_is_private_and_redis_needs_its_password(tmp_path: Path, tiny_model
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_stored_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    """An API run without `tuneq up` (systemd, a container) still stores uploads 0600."""
+    import io
+
+    from core.storage import LocalStorage
+
+    store = LocalStorage(tmp_path / "store")
+    previous = os.umask(0o022)
+    try:
+        store.put_stream("files/a.jsonl", io.BytesIO(b"{}\n"))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(store.path("files/a.jsonl").stat().st_mode) == 0o600
+    assert stat.S_IMODE(store.path("files/a.jsonl").parent.stat().st_mode) == 0o700
+
+    class Broken(io.BytesIO):
+        def read(self, n: int = -1) -> bytes:
+            raise ConnectionResetError("client went away")
+
+    with pytest.raises(ConnectionResetError):
+        store.put_stream("files/b.jsonl", Broken())
+    assert sorted(p.name for p in (tmp_path / "store" / "files").iterdir()) == ["a.jsonl"]

@@ -76,6 +76,7 @@ def bodies(files: dict[str, str]) -> st.SearchStrategy[dict[str, Any]]:
     })
 
 
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)  # it refuses more than SQLite does
 def test_model_dependent_values_never_cause_a_server_error(member, limits) -> None:  # noqa: ANN001
     limits(job_create_rate=100_000, max_active_jobs_per_user=100_000, max_gpus_per_user=100_000,
            max_gpu_hours_per_user=1e9, min_checkpoint_every_minutes=0)
