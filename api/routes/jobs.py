@@ -17,7 +17,7 @@ from api import admission, planning
 from api.crud import load_job
 from api.deps import CurrentUser, SessionDep, SettingsDep
 from api.errors import bad_request
-from api.job_spec import base_learning_rate
+from api.job_spec import base_learning_rate, method_body
 from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
 from api.schemas import CreateJobRequest, JobErrorOut, JobOut, Page
 from core import states
@@ -45,13 +45,6 @@ def job_out(job: Job) -> JobOut:
     hp = dict(spec.get("hyperparameters") or {})
     if "learning_rate" in hp:
         hp["learning_rate_multiplier"] = hp["learning_rate"] / base_learning_rate(method)
-    method_body: dict[str, Any] = {"hyperparameters": hp}
-    if method in ("lora", "qlora") and spec.get("lora"):
-        method_body = {**spec["lora"], **method_body}
-    if method == "qlora" and spec.get("quantization"):
-        method_body = {**method_body, "quantization": spec["quantization"]}
-    if method in ("ia3", "prefix", "freeze") and spec.get(method):
-        method_body = {**spec[method], **method_body}
     error = None
     if job.error:
         error = JobErrorOut(**{"message": "the job failed", **job.error})
@@ -62,7 +55,7 @@ def job_out(job: Job) -> JobOut:
         training_file=job.training_file, validation_file=job.validation_file, hyperparameters=hp,
         seed=int(hp.get("seed", 0)), trained_tokens=job.trained_tokens, error=error, result_files=[],
         estimated_finish=_int(progress.get("estimated_finish")),
-        method={"type": method, method: method_body},
+        method={"type": method, method: method_body({**spec, "method": method}, hp)},
         user_provided_suffix=job.suffix, priority=job.priority, gpus=job.gpus,
         progress=progress, metrics=job.metrics or {}, started_at=_int(job.started_at),
         plan=planning.job_view(job.plan, job.progress, job.metrics),
