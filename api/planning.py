@@ -80,15 +80,19 @@ def make_plan(spec_like: dict[str, Any], model_path: str, gpus: int, settings: S
     return p
 
 
-# The planner's names of fields whose request name differs.
-_PLANNER_FIELDS = {"freeze_layers": "method.freeze.trainable_layers", "lora_targets": "method.lora.target_modules",
-                   "quant_bits": "method.qlora.quantization.bits"}
+# Where the planner's field names (its own, or the spec's) sit in a request body.
+_PLANNER_FIELDS = {
+    "freeze_layers": "method.freeze.trainable_layers", "freeze.trainable_layers": "method.freeze.trainable_layers",
+    "lora_targets": "method.lora.target_modules", "lora.target_modules": "method.lora.target_modules",
+    "quant_bits": "method.qlora.quantization.bits", "quantization.bits": "method.qlora.quantization.bits",
+}
 
 
 def model_mismatch(message: str, model: str) -> APIError:
     """400 naming the field of a value this model cannot take; the planner's message names it first."""
     head = message.split(":", 1)[0]
-    param = _PLANNER_FIELDS.get(head, head) if head.replace("_", "").isalnum() else None
+    named = head.replace("_", "").replace(".", "").isalnum()
+    param = _PLANNER_FIELDS.get(head, head) if named else None
     if param and param != head:
         message = message.replace(head, param, 1)
     return APIError(400, f"{message} (model {model})", param=param, code="invalid_value")
