@@ -1,7 +1,7 @@
 """Fine-tuning jobs: create (api.admission), read, list, cancel, pause, resume.
 
-Every job route loads its job through api.crud.load_job, which answers 404 for a job the caller
-may not see, so another user's job ids cannot even be confirmed to exist.
+Every job route gets its job through api.deps (ReadableJob, ChangeableJob), which answers 404 for
+a job the caller may not see, so another user's job ids cannot even be confirmed to exist.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import object_session
 
 from api import admission, planning
-from api.crud import load_job
-from api.deps import CurrentUser, SessionDep, SettingsDep
+from api.deps import ChangeableJob, CurrentUser, ReadableJob, SessionDep, SettingsDep
 from api.errors import bad_request
 from api.job_spec import base_learning_rate, method_body
 from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
@@ -90,29 +89,29 @@ def list_fine_tuning_jobs(
 
 
 @router.get("/{job_id}")
-def get_fine_tuning_job(job_id: str, user: CurrentUser, db: SessionDep) -> JobOut:
-    return job_out(load_job(db, job_id, user))
+def get_fine_tuning_job(job: ReadableJob) -> JobOut:
+    return job_out(job)
 
 
 @router.post("/{job_id}/cancel")
-def cancel_fine_tuning_job(job_id: str, user: CurrentUser, db: SessionDep) -> JobOut:
-    job = request_cancel(db, load_job(db, job_id, user, change=True))
+def cancel_fine_tuning_job(job: ChangeableJob, db: SessionDep) -> JobOut:
+    job = request_cancel(db, job)
     db.commit()
     return job_out(job)
 
 
 @router.post("/{job_id}/pause")
-def pause_fine_tuning_job(job_id: str, user: CurrentUser, db: SessionDep) -> JobOut:
+def pause_fine_tuning_job(job: ChangeableJob, db: SessionDep) -> JobOut:
     """A running job saves a checkpoint, frees its GPUs and stays `paused` until resumed."""
-    job = request_pause(db, load_job(db, job_id, user, change=True))
+    job = request_pause(db, job)
     db.commit()
     return job_out(job)
 
 
 @router.post("/{job_id}/resume")
-def resume_fine_tuning_job(job_id: str, user: CurrentUser, db: SessionDep) -> JobOut:
+def resume_fine_tuning_job(job: ChangeableJob, db: SessionDep) -> JobOut:
     """A paused job goes back to the queue and continues from its latest checkpoint."""
-    job = request_resume(db, load_job(db, job_id, user, change=True))
+    job = request_resume(db, job)
     db.commit()
     if job.status == states.QUEUED:
         try:
