@@ -49,7 +49,7 @@ def test_unfinished_jobs_per_user(limits, member: TestClient, admin_headers: dic
     f = upload(member)
     first, second = create(member, f).json(), create(member, f).json()
     r = create(member, f)
-    assert r.status_code == 429, r.text
+    assert r.status_code == 403, r.text
     err = r.json()["error"]
     assert err["code"] == "active_job_limit" and "2 unfinished jobs" in err["message"] and "TUNEQ_MAX_ACTIVE_JOBS_PER_USER" in err["message"]
     assert "retry-after" not in r.headers  # waiting alone does not help; a job must end
@@ -66,11 +66,11 @@ def test_gpus_per_user(limits, member: TestClient) -> None:  # noqa: ANN001
     limits(max_gpus_per_user=3)
     f = upload(member)
     too_many = create(member, f, gpus=4)
-    assert too_many.status_code == 429 and too_many.json()["error"]["param"] == "gpus"
+    assert too_many.status_code == 403 and too_many.json()["error"]["param"] == "gpus"
     assert "3 GPUs" in too_many.json()["error"]["message"]
     job = create(member, f, gpus=2).json()
     over = create(member, f, gpus=2)
-    assert over.status_code == 429 and over.json()["error"]["code"] == "gpu_limit"
+    assert over.status_code == 403 and over.json()["error"]["code"] == "gpu_limit"
     assert "ask for 2 GPUs" in over.json()["error"]["message"]
     assert create(member, f, gpus=1).status_code == 200
     member.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
