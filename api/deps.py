@@ -43,6 +43,10 @@ def get_current_user(db: SessionDep, credentials: Annotated[HTTPAuthorizationCre
     if credentials is None:
         raise APIError(401, "missing API key; send `Authorization: Bearer <key>`", code="missing_api_key")
     user = authenticate(db, credentials.credentials)
+    # End the read: FastAPI runs the route on another thread hop, and a connection held while
+    # the request waits for a thread is how a burst of requests drained the pool (each holding
+    # one, none able to run). The user stays loaded (expire_on_commit=False).
+    db.commit()
     if user is None:
         raise APIError(401, "invalid or revoked API key", code="invalid_api_key")
     return user

@@ -5,12 +5,13 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from api import errors
-from api.auth_gate import UploadAuthMiddleware
+from api.auth_gate import BodyAuthMiddleware
+from api.body_limits import BodyLimitMiddleware
 from api.db_retry import RetryReadsMiddleware
 from api.routes import admin, artifacts, checkpoints, events, files, health, jobs, models, plan
 from api.routes import ui
 from api.routes import metrics
-from api.uploads import UploadLimitMiddleware
+from api.load_shed import LoadShedMiddleware
 
 
 def create_app() -> FastAPI:
@@ -20,10 +21,12 @@ def create_app() -> FastAPI:
         summary="Self-hosted LLM fine-tuning with OpenAI's fine-tuning API.",
     )
     errors.install(app)
+    # Middleware runs in the reverse order of adding: shed load first (no work for a refused
+    # request), then check the key of a request with a body, then cap the body as it is read.
     app.add_middleware(RetryReadsMiddleware)
-    app.add_middleware(UploadLimitMiddleware)
-    # Added last, so it runs first: no upload byte is read for a caller without a valid key.
-    app.add_middleware(UploadAuthMiddleware)
+    app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(BodyAuthMiddleware)
+    app.add_middleware(LoadShedMiddleware)
     for module in (files, jobs, plan, events, checkpoints, artifacts, models, admin, health):
         app.include_router(module.router)
     ui.install(app)  # the browser dashboard at /ui

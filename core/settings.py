@@ -67,6 +67,20 @@ class Settings(BaseSettings):
     max_attempts: int = Field(5, ge=1, le=100, description="Runs of a job after infrastructure failures before it fails.")
     retry_backoff_s: float = Field(5.0, ge=0, description="Wait before the first retry; doubles with each further one.")
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest accepted upload.")
+    # Serving under load: what one API process accepts before it answers 503 at once rather than
+    # queue work it cannot do in time, and how long a client may take to send a request.
+    max_json_body_bytes: int = Field(1024 * 1024, ge=1024, description="Largest JSON request body (job specs, admin calls).")
+    api_max_inflight: int = Field(
+        64, ge=1, le=100_000, description="Requests one API process works on at once (event streams apart); more get 503."
+    )
+    api_max_streams: int = Field(1000, ge=1, le=100_000, description="Open event streams per API process; more get 503.")
+    api_header_timeout_s: float = Field(10.0, gt=0, le=600, description="A request's headers must arrive within this.")
+    api_body_timeout_s: float = Field(30.0, gt=0, le=3600, description="A request body may pause this long between bytes.")
+    api_keep_alive_s: int = Field(5, ge=1, le=600, description="Idle keep-alive connections close after this.")
+    data_check_inline_bytes: int = Field(
+        256 * 1024, ge=0, description="A job whose files are this small in all is checked while it is created; "
+        "larger ones wait in validating_files while a child process tokenizes them.",
+    )
     page_limit_max: int = Field(100, ge=1, le=10_000, description="Largest page size of list routes.")
     # Limits per user on a shared service. Admins are held to them too: a script with an admin
     # key can fill a cluster as easily as anyone's.
