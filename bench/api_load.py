@@ -288,7 +288,7 @@ class Bench:
 
     def make_jobs(self, n: int) -> list[str]:
         path = training_file(self.work / "small.jsonl", 0)
-        with self.client(False) as http:
+        with self.client(False, timeout=120) as http:  # the first creation loads the tokenizer
             with open(path, "rb") as f:
                 file_id = http.post("/v1/files", files={"file": ("small.jsonl", f)}, data={"purpose": "fine-tune"}).json()["id"]
             ids = []

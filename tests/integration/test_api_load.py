@@ -146,14 +146,16 @@ def test_thirty_streams_with_a_pool_of_five_still_serve_gets(serve, db: Session)
 
 
 def read_response(s: socket.socket) -> tuple[int, bytes]:
+    """(status, head and body) of one response read off a raw socket."""
     data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
+    while b"\r\n\r\n" not in data and (chunk := s.recv(65536)):
         data += chunk
-    head = data.split(b"\r\n", 1)[0]
-    return int(head.split()[1]), data
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length and (chunk := s.recv(65536)):
+        body += chunk
+    return int(head.split(b"\r\n", 1)[0].split()[1]), head + b"\r\n\r\n" + body
 
 
 def test_bodies_are_authenticated_and_capped_before_they_are_read(serve) -> None:  # noqa: ANN001
