@@ -124,6 +124,31 @@ def _method_fields(method: _Method) -> dict[str, Any]:
     return {method.name: body}
 
 
+def _draft_method_fields(method: _Method) -> dict[str, Any]:
+    """The method body of a draft: under `lora` while the method is still "auto"."""
+    if method.name == AUTO_METHOD:
+        return {"lora": method.lora} if method.lora else {}
+    return _method_fields(method)
+
+
+def _request_fields(req: CreateJobRequest, inherited: dict[str, Any] | None, init_from: str | None) -> dict[str, Any]:
+    """Spec fields besides the method and hyperparameters: inherited ones, then the request's own."""
+    fields = {k: v for k, v in (inherited or {}).items() if k != "method"}
+    if init_from is not None:
+        fields["init_from"] = init_from
+    optional = {
+        "validation_file": req.validation_file, "suffix": req.suffix, "schedule": req.schedule,
+        "gradient_checkpointing": req.gradient_checkpointing, "precision": req.precision,
+        "data_format": req.data_format, "train_on_inputs": req.train_on_inputs, "packing": req.packing,
+        "mix": req.mix, "forgetting_file": req.forgetting_file, "optimizer": req.optimizer, "export": req.export,
+        "speed": req.speed, "full_precision": req.full_precision, "strategy": req.strategy,
+        "checkpoint_layers": req.checkpoint_layers, "checkpoint_offload": req.checkpoint_offload,
+        "optimizer_in_backward": req.optimizer_in_backward,
+    }
+    fields.update({k: v for k, v in optional.items() if v is not None})
+    return fields
+
+
 def _asked_auto_batch(req: CreateJobRequest, method: _Method) -> bool:
     return "auto" in ((req.hyperparameters or {}).get("batch_size"), method.hyperparameters.get("batch_size"))
 
@@ -148,13 +173,14 @@ def build_spec(
     hp_from_method = set(method.hyperparameters)
     if req.method is None and inherited:
         method = _Method(name=inherited["method"], type_key=inherited["method"], hyperparameters=method.hyperparameters)
+    rest = _request_fields(req, inherited if req.method is None else None, init_from)
     if choose is not None and (method.name == AUTO_METHOD or _asked_auto_batch(req, method)):
         auto_batch = _asked_auto_batch(req, method)
+        # The whole job as asked, "auto" included, so the plan that chooses is the job's plan.
         draft: dict[str, Any] = {
-            "method": method.name or DEFAULT_METHOD, "lora": method.lora,
-            "hyperparameters": {**hp, "batch_size": "auto"} if auto_batch else hp,
-            "gradient_checkpointing": req.gradient_checkpointing, "precision": req.precision or "auto",
-            "optimizer": req.optimizer,
+            "model": model_path, "training_file": req.training_file, "method": method.name or DEFAULT_METHOD,
+            "hyperparameters": {**hp, "batch_size": "auto"} if auto_batch else dict(hp),
+            **_draft_method_fields(method), **rest,
         }
         chosen, batch = choose(draft)
         method.name = chosen
@@ -172,20 +198,7 @@ def build_spec(
 
     data: dict[str, Any] = {"model": model_path, "method": name, "training_file": req.training_file, "hyperparameters": hp}
     data.update(_method_fields(method))
-    if req.method is None and inherited:
-        data.update({k: v for k, v in inherited.items() if k != "method"})
-    if init_from is not None:
-        data["init_from"] = init_from
-    optional = {
-        "validation_file": req.validation_file, "suffix": req.suffix, "schedule": req.schedule,
-        "gradient_checkpointing": req.gradient_checkpointing, "precision": req.precision,
-        "data_format": req.data_format, "train_on_inputs": req.train_on_inputs, "packing": req.packing,
-        "mix": req.mix, "forgetting_file": req.forgetting_file, "optimizer": req.optimizer, "export": req.export,
-        "speed": req.speed, "full_precision": req.full_precision, "strategy": req.strategy,
-        "checkpoint_layers": req.checkpoint_layers, "checkpoint_offload": req.checkpoint_offload,
-        "optimizer_in_backward": req.optimizer_in_backward,
-    }
-    data.update({k: v for k, v in optional.items() if v is not None})
+    data.update(rest)
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:

@@ -9,9 +9,9 @@ from fastapi.responses import FileResponse, Response
 from sqlalchemy import or_, select
 
 from api.content import stored_content
+from api.crud import load_job
 from api.deps import CurrentUser, SessionDep, StorageDep
 from api.errors import APIError, not_found
-from api.routes.jobs import load_job
 from api.schemas import ArtifactOut, Page
 from core.models import Artifact
 
