@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
-from api import errors
+from api import errors, validation
 from api.auth_gate import BodyAuthMiddleware
 from api.body_limits import BodyLimitMiddleware
 from api.db_retry import RetryReadsMiddleware
@@ -14,8 +17,17 @@ from api.routes import metrics
 from api.load_shed import LoadShedMiddleware
 
 
+@asynccontextmanager
+async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    # Data checks of jobs in validating_files that no live API process holds (one died).
+    validation.CHECKER.run_in_background()
+    yield
+    validation.CHECKER.stop()
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
+        lifespan=lifespan,
         title="tuneq",
         version="0.1.0",
         summary="Self-hosted LLM fine-tuning with OpenAI's fine-tuning API.",
