@@ -4,7 +4,7 @@ One row per process, because Unsloth must be imported before transformers, trl a
 patches them for the rest of the process: a benchmark that has already run TRL or tuneq calls
 `run_unsloth_subprocess`, which starts this file as a fresh interpreter and reads its JSON.
 
-The workload matches the other peers (issue 6): the shape from trainer.tiny (Llama-3.2-1B by
+The workload matches the other peers of bench/train_throughput.py: the shape from trainer.tiny (Llama-3.2-1B by
 default) with random bf16 weights, rows of `seq` random token ids, per-device batch `batch`,
 LoRA r16 alpha 32 on every linear projection, QLoRA = Unsloth's NF4 load. Training goes through
 Unsloth's patched TRL SFTTrainer, with Unsloth's own defaults except where the workload fixes
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
         help='Unsloth\'s checkpointing (use_gradient_checkpointing="unsloth"); --no-... turns it off',
     )
-    # Defaults: the issue-6 workload on the GPU, a few tiny steps for --dry-run.
+    # Defaults: the shared throughput workload on the GPU, a few tiny steps for --dry-run.
     parser.add_argument("--batch", type=int, help="rows per step (8; dry run 2)")
     parser.add_argument("--seq", type=int, help="tokens per row (2048; dry run 64)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (3; dry run 1)")

@@ -1,4 +1,4 @@
-"""Priority preemption on a real GPU, through the whole stack (issue 3).
+"""Priority preemption on a real GPU, through the whole stack.
 
 Starts `tuneq up` (SQLite, embedded Redis, the API and one worker that detects the host's GPUs),
 submits a long low-priority LoRA job, waits until it trains, submits a high-priority job that needs

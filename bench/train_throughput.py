@@ -1,4 +1,4 @@
-"""Training throughput of tuneq against TRL, Unsloth and a plain loop, side by side (issue 6).
+"""Training throughput of tuneq against TRL, Unsloth and a plain loop, side by side.
 
 Workload: the Llama-3.2-1B shape (trainer.tiny.build_config) with random bf16 weights, sdpa,
 rows of `--seq` random token ids, per-device batch `--batch`, LoRA r16 alpha 32 on all linear

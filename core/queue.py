@@ -1,7 +1,7 @@
 """The Celery app's configuration and the producer side of the queue.
 
 Both the API (producer) and the worker (consumer) build their app here, so the reliability
-settings of DESIGN.md are written once. Tasks are sent by name: the API never imports worker/.
+settings (docs/architecture.md) are written once. Tasks are sent by name: the API never imports worker/.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One delivery of `tuneq.run_job`: lease, launch the trainer, supervise it, record the outcome.
 
-The database decides who runs a job (DESIGN.md, reliability): everything here happens under the
+The database decides who runs a job (docs/architecture.md, reliability): everything here happens under the
 lease taken at the start, and the final status is written only while that lease still holds.
 """
 

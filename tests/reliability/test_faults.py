@@ -85,7 +85,7 @@ def test_same_message_twice_runs_once(db: Session, rel_env, workers) -> None:
 
 
 def test_job_longer_than_the_visibility_timeout_runs_once(db: Session, rel_env, workers, monkeypatch) -> None:
-    # DESIGN.md: Redis re-delivers an unacked message after the visibility timeout to a worker that
+    # Redis re-delivers an unacked message after the visibility timeout to a worker that
     # starts later, while the first run still goes on. The lease makes the second delivery drop out.
     short = {"TUNEQ_VISIBILITY_TIMEOUT_S": "2"}
     monkeypatch.setenv("TUNEQ_VISIBILITY_TIMEOUT_S", "2")

@@ -50,7 +50,7 @@ def test_redis_restart_mid_job_loses_nothing(db: Session, rel_env, workers, tmp_
 
 
 def _auth_headers() -> dict[str, str]:
-    # Issue 4 adds API keys; before it lands the API needs none.
+    # An admin key for the API; without the key helper (a tree without auth) requests go keyless.
     try:
         from tests.conftest import create_user_with_key
     except ImportError:
