@@ -23,6 +23,7 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     validation.CHECKER.run_in_background()
     yield
     validation.CHECKER.stop()
+    validation.stop_child()  # its checks are re-run by whichever API process adopts the jobs
 
 
 def create_app() -> FastAPI:

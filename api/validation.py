@@ -113,6 +113,18 @@ def _process_pool_locked() -> concurrent.futures.ProcessPoolExecutor:
     return _pool
 
 
+def stop_child() -> None:
+    """End the checking child with its process: a tokenization it runs has no one to report to."""
+    global _pool
+    with _pool_lock:
+        pool, _pool = _pool, None
+    if pool is not None:
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            proc.terminate()
+
+
 def run_in_child(fn: Any, *args: Any) -> Any:
     """fn(*args) in the API's checking child process; fn must be importable (a module function)."""
     with _pool_lock:

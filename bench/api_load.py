@@ -243,6 +243,7 @@ class Bench:
         self.db, self.seconds, self.work, self.log = db, seconds, work, log
         self.rows: list[dict[str, Any]] = []
         self.extra: list[str] = []
+        self.check_wait_s = 600.0
 
     # -- the stack
 
@@ -402,10 +403,15 @@ class Bench:
                 times, statuses, ready = [], [], ""
                 for rep in range(reps):
                     path = training_file(self.work / f"train{mib}-{rep}.jsonl", mib, salt=f"{time.time_ns()}")
-                    with open(path, "rb") as f:
-                        file_id = http.post("/v1/files", files={"file": (path.name, f)},
-                                            data={"purpose": "fine-tune"}).json()["id"]
-                    path.unlink()
+                    try:
+                        with open(path, "rb") as f:
+                            file_id = http.post("/v1/files", files={"file": (path.name, f)}, timeout=900,
+                                                data={"purpose": "fine-tune"}).json()["id"]
+                    except Exception as exc:  # noqa: BLE001 - the row says so
+                        statuses.append(f"upload {type(exc).__name__}")
+                        continue
+                    finally:
+                        path.unlink()
                     t0 = time.monotonic()
                     r = http.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id,
                                                                  "hyperparameters": {"n_epochs": 1}})
@@ -414,12 +420,13 @@ class Bench:
                     if r.status_code == 200 and rep == 0:
                         job = r.json()
                         first = job["status"]
-                        while job["status"] == "validating_files" and time.monotonic() - t0 < 600:
+                        while job["status"] == "validating_files" and time.monotonic() - t0 < self.check_wait_s:
                             time.sleep(0.5)
                             job = http.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
                         ready = f"first answered `{first}`, then `{job['status']}` after {time.monotonic() - t0:.1f} s"
                 line = (f"[{self.db}] create job, {mib} MiB training file: p50 {fmt_ms(pct(times, 50))}, "
-                        f"max {fmt_ms(max(times))} over {reps} creations; HTTP {sorted(set(statuses))}; {ready}")
+                        f"max {fmt_ms(max(times) if times else None)} over {len(times)} creations; "
+                        f"answers {sorted(set(map(str, statuses)))}; {ready}")
                 self.extra.append(line)
                 print(line, flush=True)
 
@@ -528,6 +535,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="job creations per training file size")
     ap.add_argument("--sizes", default="1,10,50", help="training file sizes in MiB for the creation latency")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "api_load.md")
+    ap.add_argument("--check-wait", type=float, default=600, help="seconds to follow the first job of a size to queued")
     ap.add_argument("--levels", default="1,2,3,4,5", help="which load levels to run (1-5)")
     ap.add_argument("--extras", default="create,unauth,stalled", help="which one-off checks to run")
     ap.add_argument("--source", type=Path, default=ROOT, help="the checkout whose API is measured")
@@ -540,6 +548,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tuneq-api-load-") as tmp:
         for db in (("sqlite", "postgres") if args.db == "both" else (args.db,)):
             b = Bench(db, args.seconds, Path(tmp), log)
+            b.check_wait_s = args.check_wait
+            benches.append(b)
             b.start()
             try:
                 asyncio.run(b.run_levels({int(x) for x in args.levels.split(",") if x}))
@@ -552,8 +562,7 @@ def main() -> None:
                     b.stalled_headers()
             finally:
                 b.stop()
-            benches.append(b)
-            write_report(args.out, benches, args, log)
+                write_report(args.out, benches, args, log)
     print(f"wrote {args.out}")
 
 
