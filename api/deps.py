@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends
@@ -17,20 +17,20 @@ from core.settings import Settings, get_settings
 from core.storage import Storage, get_storage
 
 
-def get_db() -> Iterator[Session]:
+async def get_db() -> AsyncIterator[Session]:
     # Routes commit explicitly (a job is committed before it is enqueued); what they leave
-    # uncommitted on an error is rolled back here.
+    # uncommitted is rolled back when the session closes. It closes as soon as the route
+    # function returns (scope="function"), on the event loop: a connection returned to the pool
+    # must not wait for the response to be sent, nor for a free thread, or a burst of requests
+    # holds every pooled connection while the threads that would free them wait for one.
     session = get_sessionmaker()()
     try:
         yield session
-    except BaseException:
-        session.rollback()
-        raise
     finally:
         session.close()
 
 
-SessionDep = Annotated[Session, Depends(get_db)]
+SessionDep = Annotated[Session, Depends(get_db, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 
