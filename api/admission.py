@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from api import data_check, planning, validation
@@ -32,7 +32,7 @@ from core.models import File, Job, User
 from core.queue import enqueue_job
 from core.db import session_scope
 from core.settings import Settings, get_settings
-from trainer.spec import DataFormat, Hyperparameters, JobSpec
+from trainer.spec import Hyperparameters, JobSpec
 
 log = logging.getLogger("tuneq.api")
 
@@ -81,14 +81,13 @@ def training_tokens(req: Request, max_seq_len: int, data_format: str, train_on_i
 
 
 def _draft_tokens(req: Request, draft: dict[str, Any]) -> int | None:
-    # The draft is not validated yet: its data fields are counted only when the spec would take them.
+    # The draft's hyperparameters are not validated yet: counted only with a max_seq_len the spec takes.
     hp = draft.get("hyperparameters") or {}
     try:
         seq = Hyperparameters.model_validate({"max_seq_len": hp["max_seq_len"]} if "max_seq_len" in hp else {})
-        fmt = TypeAdapter(DataFormat).validate_python(draft.get("data_format", "auto"))
     except ValidationError:
         return None
-    return training_tokens(req, seq.max_seq_len, fmt, draft.get("train_on_inputs"))
+    return training_tokens(req, seq.max_seq_len, draft.get("data_format", "auto"), draft.get("train_on_inputs"))
 
 
 class OnePlan:
@@ -126,11 +125,12 @@ class OnePlan:
         if p["method"] is None:
             return (draft["method"] if draft["method"] != "auto" else "qlora"), None
         examples = self.req.examples
-        if batch is not None and examples and batch > examples:
+        if batch is not None and examples and draft["hyperparameters"].get("batch_size") == "auto":
             # A micro-batch larger than the data set only pads: cap it at the examples there are.
-            capped = 1 << (examples.bit_length() - 1)
-            p["notes"].append(f"batch_size {batch} fits; the job takes {capped}, as the file has {examples} examples "
-                              f"(the memory estimate is for {batch})")
+            capped = min(batch, 1 << (examples.bit_length() - 1))
+            if capped < batch:
+                p["notes"].append(f"batch_size {batch} fits; the job takes {capped}, as its file has {examples} "
+                                  f"examples (the memory estimate is for {batch})")
             batch = capped
         return p["method"], batch
 

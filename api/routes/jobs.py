@@ -1,7 +1,7 @@
 """Fine-tuning jobs: create (api.admission), read, list, cancel, pause, resume.
 
-Every job route loads its job through api.crud.load_job, which answers 404 for a job the caller
-may not see, so another user's job ids cannot even be confirmed to exist.
+Every job route gets its job through api.deps (ReadableJob, ChangeableJob), which answers 404 for
+a job the caller may not see, so another user's job ids cannot even be confirmed to exist.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import object_session
 
 from api import admission, planning
-from api.crud import load_job
-from api.deps import CurrentUser, SessionDep, SettingsDep
+from api.deps import ChangeableJob, CurrentUser, ReadableJob, SessionDep, SettingsDep
 from api.errors import bad_request
-from api.job_spec import base_learning_rate
+from api.job_spec import base_learning_rate, method_body
 from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
 from api.schemas import CreateJobRequest, JobErrorOut, JobOut, Page
 from core import states
@@ -45,13 +44,6 @@ def job_out(job: Job) -> JobOut:
     hp = dict(spec.get("hyperparameters") or {})
     if "learning_rate" in hp:
         hp["learning_rate_multiplier"] = hp["learning_rate"] / base_learning_rate(method)
-    method_body: dict[str, Any] = {"hyperparameters": hp}
-    if method in ("lora", "qlora") and spec.get("lora"):
-        method_body = {**spec["lora"], **method_body}
-    if method == "qlora" and spec.get("quantization"):
-        method_body = {**method_body, "quantization": spec["quantization"]}
-    if method in ("ia3", "prefix", "freeze") and spec.get(method):
-        method_body = {**spec[method], **method_body}
     error = None
     if job.error:
         error = JobErrorOut(**{"message": "the job failed", **job.error})
@@ -62,7 +54,7 @@ def job_out(job: Job) -> JobOut:
         training_file=job.training_file, validation_file=job.validation_file, hyperparameters=hp,
         seed=int(hp.get("seed", 0)), trained_tokens=job.trained_tokens, error=error, result_files=[],
         estimated_finish=_int(progress.get("estimated_finish")),
-        method={"type": method, method: method_body},
+        method={"type": method, method: method_body({**spec, "method": method}, hp)},
         user_provided_suffix=job.suffix, priority=job.priority, gpus=job.gpus,
         progress=progress, metrics=job.metrics or {}, started_at=_int(job.started_at),
         plan=planning.job_view(job.plan, job.progress, job.metrics),
@@ -97,29 +89,29 @@ def list_fine_tuning_jobs(
 
 
 @router.get("/{job_id}")
-def get_fine_tuning_job(job_id: str, user: CurrentUser, db: SessionDep) -> JobOut:
-    return job_out(load_job(db, job_id, user))
+def get_fine_tuning_job(job: ReadableJob) -> JobOut:
+    return job_out(job)
 
 
 @router.post("/{job_id}/cancel")
-def cancel_fine_tuning_job(job_id: str, user: CurrentUser, db: SessionDep) -> JobOut:
-    job = request_cancel(db, load_job(db, job_id, user, change=True))
+def cancel_fine_tuning_job(job: ChangeableJob, db: SessionDep) -> JobOut:
+    job = request_cancel(db, job)
     db.commit()
     return job_out(job)
 
 
 @router.post("/{job_id}/pause")
-def pause_fine_tuning_job(job_id: str, user: CurrentUser, db: SessionDep) -> JobOut:
+def pause_fine_tuning_job(job: ChangeableJob, db: SessionDep) -> JobOut:
     """A running job saves a checkpoint, frees its GPUs and stays `paused` until resumed."""
-    job = request_pause(db, load_job(db, job_id, user, change=True))
+    job = request_pause(db, job)
     db.commit()
     return job_out(job)
 
 
 @router.post("/{job_id}/resume")
-def resume_fine_tuning_job(job_id: str, user: CurrentUser, db: SessionDep) -> JobOut:
+def resume_fine_tuning_job(job: ChangeableJob, db: SessionDep) -> JobOut:
     """A paused job goes back to the queue and continues from its latest checkpoint."""
-    job = request_resume(db, load_job(db, job_id, user, change=True))
+    job = request_resume(db, job)
     db.commit()
     if job.status == states.QUEUED:
         try:
