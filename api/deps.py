@@ -67,11 +67,15 @@ AdminUser = Annotated[User, Depends(get_admin_user)]
 
 
 def get_readable_job(job_id: str, user: CurrentUser, db: SessionDep) -> Job:
-    return load_job(db, job_id, user)
+    job = load_job(db, job_id, user)
+    db.commit()  # as in get_current_user: no connection held across the hop to the route
+    return job
 
 
 def get_changeable_job(job_id: str, user: CurrentUser, db: SessionDep) -> Job:
-    return load_job(db, job_id, user, change=True)
+    job = load_job(db, job_id, user, change=True)
+    db.commit()  # as in get_current_user: no connection held across the hop to the route
+    return job
 
 
 # The job of a `/{job_id}` route: 404 if the caller may not see it; ChangeableJob also 403 if
