@@ -19,7 +19,7 @@ import redis
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from api import data_check, planning
+from api import data_check, planning, validation
 from api.continuation import Source, resolve_source
 from api.crud import usable_file
 from api.errors import APIError
@@ -34,7 +34,8 @@ from core.model_roots import resolve_model
 from core.models import File, Job, User
 from core.policy import check_priority
 from core.queue import enqueue_job
-from core.settings import Settings
+from core.db import session_scope
+from core.settings import Settings, get_settings
 from trainer.spec import Hyperparameters, JobSpec
 
 log = logging.getLogger("tuneq.api")
@@ -69,7 +70,12 @@ def training_tokens(req: Request, max_seq_len: int, data_format: str, train_on_i
 
     A file the job cannot use is not refused here: the data check refuses it, with its reason,
     after the spec's own checks. The count is cached, so the data check does not tokenize again.
+    A file too large to tokenize within a request is counted only if it was counted before.
     """
+    shape = {"model": req.model_path, "hyperparameters": {"max_seq_len": max_seq_len}, "data_format": data_format,
+             "train_on_inputs": train_on_inputs}
+    if not validation.check_inline([req.training], shape, get_settings()):
+        return planning.tokens_of(req.training.report)
     try:
         stats = data_check.check_file(req.training, "training_file", req.model_path, max_seq_len, data_format,
                                       train_on_inputs)
@@ -145,12 +151,12 @@ def build(req: Request, one: OnePlan) -> JobSpec:
     return build_spec(req.body, model_path=req.model_path, init_from=init_from, inherited=inherited, choose=one.choose)
 
 
-def check_data(db: Session, user: User, spec: JobSpec, req: Request) -> dict[str, dict[str, Any]]:
-    """Every file of the job usable by this user and trainable with this model and max_seq_len.
+def job_files(db: Session, user: User, spec: JobSpec, req: Request) -> list[tuple[File, str, str]]:
+    """(file, param, format) of every file the job reads, each usable by this user.
 
     Mix and forgetting files may be in any format: replay data is often raw text.
     """
-    max_len, fmt, inputs = spec.hyperparameters.max_seq_len, spec.data_format, spec.train_on_inputs
+    fmt = spec.data_format
     files: list[tuple[File, str, str]] = [(req.training, "training_file", fmt)]
     if req.validation is not None:
         files.append((req.validation, "validation_file", fmt))
@@ -158,9 +164,23 @@ def check_data(db: Session, user: User, spec: JobSpec, req: Request) -> dict[str
         files.append((usable_file(db, source.file, f"mix[{k}].file", user), f"mix[{k}].file", "auto"))
     if spec.forgetting_file:
         files.append((usable_file(db, spec.forgetting_file, "forgetting_file", user), "forgetting_file", "auto"))
+    return files
+
+
+def check_data(files: list[tuple[File, str, str]], spec: JobSpec, model_path: str, settings: Settings, *,
+               in_child: bool = False) -> dict[str, dict[str, Any]]:
+    """Every file trainable with this model and max_seq_len, and within the token limit; the
+    token statistics of each. APIError names the file and, for a bad line, its number.
+
+    in_child: tokenize in the API's checking child process (a job in validating_files), not here.
+    """
+    max_len, inputs = spec.hyperparameters.max_seq_len, spec.train_on_inputs
+    for f, param, file_format in files:
+        if param in ("training_file", "validation_file"):
+            check_file_tokens(f, param, model_path, max_len, settings, file_format, inputs, in_child=in_child)
     stats = {}
     for f, param, file_format in files:
-        got = data_check.check_file(f, param, req.model_path, max_len, file_format, inputs)
+        got = data_check.check_file(f, param, model_path, max_len, file_format, inputs, in_child=in_child)
         if got is not None:
             stats[param] = {"file": f.id, **got}
     return stats
@@ -199,11 +219,10 @@ def admit(db: Session, user: User, body: CreateJobRequest, settings: Settings) -
     req = resolve(db, user, body, settings)
     one = OnePlan(req, settings, refuse=True)
     spec = build(req, one)
-    max_len = spec.hyperparameters.max_seq_len
-    for f, param in ((req.training, "training_file"), (req.validation, "validation_file")):
-        if f is not None:
-            check_file_tokens(f, param, req.model_path, max_len, settings, spec.data_format, spec.train_on_inputs)
-    data_stats = check_data(db, user, spec, req)
+    files = job_files(db, user, spec, req)
+    # Files too large to tokenize within the request are checked after it (api.validation).
+    now_ = validation.check_inline([f for f, _, _ in files], spec.model_dump(mode="json"), settings)
+    data_stats = check_data(files, spec, req.model_path, settings) if now_ else {}
     tokens = planning.tokens_of(req.training.report) or planning.tokens_of(data_stats.get("training_file"))
     job_plan = one.of_spec(spec, tokens)
     planning.refuse_if_too_big(job_plan)  # before OOM on a GPU an hour from now
@@ -219,12 +238,37 @@ def admit(db: Session, user: User, body: CreateJobRequest, settings: Settings) -
         job = create_job(
             db, spec=spec_json, model=body.model, method=spec.method, training_file=req.training,
             validation_file=req.validation, suffix=spec.suffix, owner_id=user.id, priority=body.priority, gpus=body.gpus,
+            validated=now_,
         )
         job.plan = job_plan
-        if data_stats:
-            states.add_event(db, job, data_check.summary(data_stats, max_len), type="data_check", data=data_stats)
-        # Commit before enqueueing: a worker may take the message before this request returns.
-        db.commit()
+        if not now_:
+            # Stored under this process's lease before the answer: if the process dies before the
+            # check ends, another API process finds the lapsed lease and checks the job.
+            validation.hold(job)
+            db.commit()
+        else:
+            record_check(db, job, data_stats, spec.hyperparameters.max_seq_len)
+    if not now_:
+        validation.CHECKER.start(job.id)
+        return job
+    return enqueue_checked(db, job)
+
+
+def record_check(db: Session, job: Job, data_stats: dict[str, dict[str, Any]], max_len: int) -> None:
+    """The data check's event, committed: a worker may take the job's message before a request returns."""
+    if data_stats:
+        states.add_event(db, job, data_check.summary(data_stats, max_len), type="data_check", data=data_stats)
+    db.commit()
+
+
+def queue_checked(db: Session, job: Job, data_stats: dict[str, dict[str, Any]], max_len: int) -> Job:
+    """Record the data check, commit, and hand the job (now `queued`) to the workers."""
+    record_check(db, job, data_stats, max_len)
+    return enqueue_checked(db, job)
+
+
+def enqueue_checked(db: Session, job: Job) -> Job:
+    """Hand a committed, checked job to the workers; a broker failure fails it and says why."""
     try:
         enqueue_job(job.id)
     except Exception as exc:  # noqa: BLE001 - any broker failure leaves a job nobody will run
@@ -234,6 +278,45 @@ def admit(db: Session, user: User, body: CreateJobRequest, settings: Settings) -
         db.commit()
         raise APIError(503, message, code="queue_unavailable") from None
     return job
+
+
+def finish_validation(job_id: str, owner: str) -> None:
+    """The data check of a job left in validating_files: then `queued`, or `failed` with the
+    report a quick check would have answered with. Runs only while `owner` holds the job's lease."""
+    settings = get_settings()
+    failure: APIError | None = None
+    stats: dict[str, dict[str, Any]] = {}
+    with session_scope() as db:
+        job = validation.locked(db, job_id, owner)
+        if job is None:
+            return  # cancelled meanwhile, or another process took it over
+        spec = JobSpec.model_validate(job.spec)
+        try:
+            files = validation.files_of(db, spec)
+        except APIError as exc:
+            failure = exc
+    if failure is None:  # no transaction (or row lock) is held while the child tokenizes
+        try:
+            stats = check_data(files, spec, spec.model, settings, in_child=True)
+        except APIError as exc:
+            failure = exc
+    with session_scope() as db:
+        job = validation.locked(db, job_id, owner)
+        if job is None:
+            return
+        if failure is not None:
+            error = {"code": failure.code, "message": failure.message, "param": failure.param}
+            states.transition(db, job, states.FAILED, failure.message, error=error)
+            return
+        tokens = planning.tokens_of(stats.get("training_file"))
+        if tokens and job.plan is not None:
+            p = planning.make_plan(job.spec, spec.model, job.gpus, settings, dataset_tokens=tokens)
+            job.plan = planning.to_json(p) if p is not None else job.plan
+        states.transition(db, job, states.QUEUED, "Job queued.")
+        try:
+            queue_checked(db, job, stats, spec.hyperparameters.max_seq_len)
+        except APIError:
+            pass  # the job is failed and says why; nobody waits on this answer
 
 
 def plan_only(db: Session, user: User, body: CreateJobRequest, settings: Settings) -> tuple[dict[str, Any], int | None]:

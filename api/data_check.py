@@ -13,7 +13,6 @@ from typing import Any
 
 from api.errors import APIError
 from core.models import File
-from core.storage import get_storage
 
 STAT_KEYS = ("format", "examples", "tokens", "trained_tokens", "longest", "truncated", "dropped")
 
@@ -40,18 +39,20 @@ def token_report(
 
 
 def check_file(f: File, param: str, model_path: str, max_seq_len: int, data_format: str = "auto",
-               train_on_inputs: bool | None = None) -> dict[str, Any] | None:
+               train_on_inputs: bool | None = None, *, in_child: bool = False) -> dict[str, Any] | None:
     """The file's token statistics for this job; APIError if the job could not train on it.
 
-    None for a hub model the API does not load (TUNEQ_ALLOW_HUB_MODELS).
+    None for a hub model the API does not load (TUNEQ_ALLOW_HUB_MODELS). The report comes from
+    the token report cache (api.validation), else from tokenizing the file: here, or with
+    in_child=True in the API's checking child process.
     """
     if not Path(model_path).is_dir():
         return None
+    from api.validation import token_report as cached_token_report
     from trainer.errors import ModelError
 
-    path = str(get_storage().local_path(f.storage_key))
     try:
-        report = token_report(path, f.sha256, model_path, max_seq_len, data_format, train_on_inputs)
+        report = cached_token_report(f, model_path, max_seq_len, data_format, train_on_inputs, in_child=in_child)
     except ModelError as exc:
         raise APIError(400, str(exc), param="model", code="model_unusable") from None
     if not report["valid"]:

@@ -3,7 +3,7 @@ caller, and the job a route's path names (api.crud holds the lookups themselves)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends
@@ -19,20 +19,20 @@ from core.settings import Settings, get_settings
 from core.storage import Storage, get_storage
 
 
-def get_db() -> Iterator[Session]:
+async def get_db() -> AsyncIterator[Session]:
     # Routes commit explicitly (a job is committed before it is enqueued); what they leave
-    # uncommitted on an error is rolled back here.
+    # uncommitted is rolled back when the session closes. It closes as soon as the route
+    # function returns (scope="function"), on the event loop: a connection returned to the pool
+    # must not wait for the response to be sent, nor for a free thread, or a burst of requests
+    # holds every pooled connection while the threads that would free them wait for one.
     session = get_sessionmaker()()
     try:
         yield session
-    except BaseException:
-        session.rollback()
-        raise
     finally:
         session.close()
 
 
-SessionDep = Annotated[Session, Depends(get_db)]
+SessionDep = Annotated[Session, Depends(get_db, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 
@@ -45,6 +45,10 @@ def get_current_user(db: SessionDep, credentials: Annotated[HTTPAuthorizationCre
     if credentials is None:
         raise APIError(401, "missing API key; send `Authorization: Bearer <key>`", code="missing_api_key")
     user = authenticate(db, credentials.credentials)
+    # End the read: FastAPI runs the route on another thread hop, and a connection held while
+    # the request waits for a thread is how a burst of requests drained the pool (each holding
+    # one, none able to run). The user stays loaded (expire_on_commit=False).
+    db.commit()
     if user is None:
         raise APIError(401, "invalid or revoked API key", code="invalid_api_key")
     return user
@@ -63,11 +67,15 @@ AdminUser = Annotated[User, Depends(get_admin_user)]
 
 
 def get_readable_job(job_id: str, user: CurrentUser, db: SessionDep) -> Job:
-    return load_job(db, job_id, user)
+    job = load_job(db, job_id, user)
+    db.commit()  # as in get_current_user: no connection held across the hop to the route
+    return job
 
 
 def get_changeable_job(job_id: str, user: CurrentUser, db: SessionDep) -> Job:
-    return load_job(db, job_id, user, change=True)
+    job = load_job(db, job_id, user, change=True)
+    db.commit()  # as in get_current_user: no connection held across the hop to the route
+    return job
 
 
 # The job of a `/{job_id}` route: 404 if the caller may not see it; ChangeableJob also 403 if

@@ -54,6 +54,18 @@ class APIError(Exception):
         self.headers = headers
 
 
+class BodyTooLarge(StarletteHTTPException):
+    """A request body past its route's cap, raised while it is read (api.body_limits).
+
+    An HTTPException, because FastAPI turns any other error raised while it reads a body into
+    a 400 about parsing."""
+
+    def __init__(self, message: str, param: str | None, code: str):
+        super().__init__(413, message)
+        self.param = param
+        self.code = code
+
+
 def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
     return APIError(400, message, param=param, code=code)
 
@@ -172,8 +184,8 @@ def install(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404 and message == "Not Found":
             message = "No such route"
-        if exc.status_code == 413:
-            return envelope(413, message, "file", "file_too_large")
+        if isinstance(exc, BodyTooLarge):
+            return envelope(413, message, exc.param, exc.code)
         return envelope(exc.status_code, message, None, None, exc.headers)
 
     @app.exception_handler(DBAPIError)

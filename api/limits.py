@@ -12,7 +12,6 @@ from typing import Any
 from api.errors import APIError
 from core.models import File
 from core.settings import Settings
-from core.storage import get_storage
 
 
 def check_examples(report: dict[str, Any], settings: Settings) -> None:
@@ -24,17 +23,8 @@ def check_examples(report: dict[str, Any], settings: Settings) -> None:
         )
 
 
-def _count_tokens(storage_path: str, sha256: str, model_dir: str, max_seq_len: int, data_format: str,
-                  train_on_inputs: bool | None) -> int:
-    # The job's data check asks token_report with the same arguments, so its cached report is
-    # this one: a file is tokenized once per job, not once per check.
-    from api.data_check import token_report
-
-    return int(token_report(storage_path, sha256, model_dir, max_seq_len, data_format, train_on_inputs).get("tokens") or 0)
-
-
 def check_file_tokens(f: File, param: str, model_path: str, max_seq_len: int, settings: Settings,
-                      data_format: str = "auto", train_on_inputs: bool | None = None) -> None:
+                      data_format: str = "auto", train_on_inputs: bool | None = None, *, in_child: bool = False) -> None:
     """Refuse a file with more tokens than allowed, counted as training would see them.
 
     Hub models (TUNEQ_ALLOW_HUB_MODELS) are not downloaded by the API, so for them the count is
@@ -44,9 +34,12 @@ def check_file_tokens(f: File, param: str, model_path: str, max_seq_len: int, se
         return
     from trainer.errors import ModelError
 
+    from api.validation import token_report
+
+    # The job's data check asks for the same report, so a file is tokenized once (then cached).
     try:
-        tokens = _count_tokens(str(get_storage().local_path(f.storage_key)), f.sha256, model_path, max_seq_len,
-                               data_format, train_on_inputs)
+        tokens = int(token_report(f, model_path, max_seq_len, data_format, train_on_inputs,
+                                  in_child=in_child).get("tokens") or 0)
     except ModelError as exc:
         raise APIError(400, str(exc), param="model", code="model_unusable") from None
     if tokens > settings.max_tokens_per_file:

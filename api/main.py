@@ -2,31 +2,47 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
-from api import docs_page, errors
-from api.auth_gate import UploadAuthMiddleware
+from api import docs_page, errors, validation
+from api.auth_gate import BodyAuthMiddleware
+from api.body_limits import BodyLimitMiddleware
 from api.db_retry import RetryReadsMiddleware
 from api.request_log import RequestIdMiddleware
 from api.routes import admin, artifacts, checkpoints, events, files, health, jobs, models, plan
 from api.routes import ui
 from api.routes import metrics
-from api.uploads import UploadLimitMiddleware
 from core.settings import get_settings
+from api.load_shed import LoadShedMiddleware
+
+
+@asynccontextmanager
+async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    # Data checks of jobs in validating_files that no live API process holds (one died).
+    validation.CHECKER.run_in_background()
+    yield
+    validation.CHECKER.stop()
+    validation.stop_child()  # its checks are re-run by whichever API process adopts the jobs
 
 
 def create_app() -> FastAPI:
     app = FastAPI(
+        lifespan=lifespan,
         title="tuneq",
         version="0.1.0",
         summary="Self-hosted LLM fine-tuning with OpenAI's fine-tuning API.",
         docs_url=None, redoc_url=None,  # api.docs_page: off by default, with a CSP when on
     )
     errors.install(app)
+    # Middleware runs in the reverse order of adding: shed load first (no work for a refused
+    # request), then check the key of a request with a body, then cap the body as it is read.
     app.add_middleware(RetryReadsMiddleware)
-    app.add_middleware(UploadLimitMiddleware)
-    # Added after the others, so it runs before them: no upload byte is read for a caller without a valid key.
-    app.add_middleware(UploadAuthMiddleware)
+    app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(BodyAuthMiddleware)
+    app.add_middleware(LoadShedMiddleware)
     # Outermost: errors anywhere inside get a request id and one log line.
     app.add_middleware(RequestIdMiddleware)
     for module in (files, jobs, plan, events, checkpoints, artifacts, models, admin, health):

@@ -17,8 +17,13 @@ log = logging.getLogger(__name__)
 
 
 def make_engine(url: str, settings: Settings | None = None) -> Engine:
+    settings = settings or get_settings()
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # The pool's size and wait apply here too: SQLite connections are cheap, but a pool that
+        # runs dry shows the same way on both databases (requests wait, then fail).
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
+                               pool_timeout=settings.db_pool_timeout_s)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(conn, _record):  # noqa: ANN001
@@ -30,7 +35,6 @@ def make_engine(url: str, settings: Settings | None = None) -> Engine:
             cur.close()
 
         return engine
-    settings = settings or get_settings()
     engine = create_engine(
         url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_s, pool_recycle=settings.db_pool_recycle_s,

@@ -1,7 +1,8 @@
 """A job's events in the order they were written, read by repeated polls: what an SSE stream sends.
 
 Polling the database (not a Redis channel) keeps one source of truth and works across API
-processes and hosts; one poll is one indexed query, cheap at a few per second per watcher.
+processes and hosts. An API process keeps one feed per watched job, however many streams watch
+it (api/event_hub.py), so a poll is two indexed queries per job, not per watcher.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core import states
-from core.db import session_scope
 from core.models import Job, JobEvent
 
 BATCH = 200
@@ -43,19 +43,18 @@ class EventFeed:
         self.sent: dict[int, float] = {}  # seq -> when it was sent, for seqs above the floor
         self.marks: deque[tuple[float, int]] = deque()  # (when, highest seq sent by then)
 
-    def poll(self) -> tuple[list[JobEvent], str | None]:
+    def poll(self, db: Session) -> tuple[list[JobEvent], str | None]:
         """Events not sent yet, oldest first, and the job's status (None: the job is gone).
 
         The status is read before the events: once it is terminal, the events read after it
-        include the final transition's, which is committed with it.
+        include the final transition's, which is committed with it. The caller's session is
+        ended between polls (a fresh snapshot each time) and the rows it returns are detached.
         """
-        with session_scope() as db:
-            status = db.scalar(select(Job.status).where(Job.id == self.job_id))
-            rows = db.scalars(
-                select(JobEvent).where(JobEvent.job_id == self.job_id, JobEvent.seq > self.floor)
-                .order_by(JobEvent.seq).limit(BATCH + len(self.sent))
-            ).all()
-            db.expunge_all()
+        status = db.scalar(select(Job.status).where(Job.id == self.job_id))
+        rows = db.scalars(
+            select(JobEvent).where(JobEvent.job_id == self.job_id, JobEvent.seq > self.floor)
+            .order_by(JobEvent.seq).limit(BATCH + len(self.sent))
+        ).all()
         fresh = [ev for ev in rows if ev.seq not in self.sent][:BATCH]
         t = self.clock()
         for ev in fresh:
@@ -64,6 +63,17 @@ class EventFeed:
             self.marks.append((t, max(self.sent)))
         self._raise_floor(t)
         return fresh, status
+
+    def sent_since(self, db: Session, after_seq: int) -> list[JobEvent]:
+        """Events above after_seq that this feed has already handed out, oldest first, at most
+        BATCH: what a watcher that joins late must be shown before the feed's next events."""
+        emitted = JobEvent.seq <= self.floor
+        if self.sent:
+            emitted = emitted | JobEvent.seq.in_(list(self.sent))
+        return list(db.scalars(
+            select(JobEvent).where(JobEvent.job_id == self.job_id, JobEvent.seq > after_seq, emitted)
+            .order_by(JobEvent.seq).limit(BATCH)
+        ).all())
 
     def _raise_floor(self, t: float) -> None:
         while self.marks and t - self.marks[0][0] >= LATE_COMMIT_S:

@@ -40,9 +40,11 @@ def create_job(
     priority: int = 0,
     gpus: int = 1,
     plan: dict[str, Any] | None = None,
+    validated: bool = True,
 ) -> Job:
     """Insert a job and move it to `queued` (or `failed` if its files are not usable).
 
+    validated=False leaves it in `validating_files`, for a data check that ends after the call.
     The caller commits, then calls core.queue.enqueue_job(job.id).
     """
     check_gpus_fit(gpus)
@@ -57,7 +59,8 @@ def create_job(
     for f, field in ((training_file, "training_file"), (validation_file, "validation_file")):
         if f is not None and f.status != "processed":
             raise JobError(f"{field}: file {f.id} failed validation; fix the file and upload it again", field)
-    states.transition(db, job, states.QUEUED, "Job queued.")
+    if validated:
+        states.transition(db, job, states.QUEUED, "Job queued.")
     return job
 
 

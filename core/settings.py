@@ -69,6 +69,22 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest upload in bytes; a larger one is refused with 413 while it streams in.")
     api_docs: bool = Field(False, description="Serve /docs, Swagger UI loaded from a CDN under a Content-Security-Policy. Off by default: it shares its origin with /ui, which keeps the API key.")
     page_limit_max: int = Field(100, ge=1, le=10_000, description="Largest `limit` a list route accepts.")
+    # Serving under load: what one API process takes on before it answers 503 at once rather than
+    # queue work it cannot finish in time, and how long a client may take to send a request.
+    max_json_body_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Largest JSON request body in bytes (job specs, admin calls); a larger one is refused with 413 before it is read."
+    )
+    api_max_inflight: int = Field(
+        64, ge=1, le=100_000, description="Requests one API process works on at once, event streams apart; more answer 503 with Retry-After at once."
+    )
+    api_max_streams: int = Field(1000, ge=1, le=100_000, description="Open event streams per API process; more answer 503 with Retry-After.")
+    api_header_timeout_s: float = Field(10.0, gt=0, le=600, description="Seconds within which a request's headers must arrive, else the connection is closed.")
+    api_body_timeout_s: float = Field(30.0, gt=0, le=3600, description="Seconds a request body may pause between bytes, else the connection is closed.")
+    api_keep_alive_s: int = Field(5, ge=1, le=600, description="Seconds after which an idle keep-alive connection is closed.")
+    data_check_inline_bytes: int = Field(
+        256 * 1024, ge=0, description="Bytes of a job's files up to which the creation request tokenizes them itself; larger ones leave the job in validating_files while a child process of the API checks them.",
+    )
+
     # Limits per user on a shared service. Admins are held to them too: a script with an admin
     # key can fill a cluster as easily as anyone's.
     max_active_jobs_per_user: int = Field(10, ge=1, description="Unfinished jobs (queued, running, paused, ...) one user may have; more answers 403.")

@@ -7,7 +7,8 @@ case "${1:-api}" in
     shift || true
     # Every API replica may run this: Alembic takes a lock and a second run finds head.
     python -m core.migrate
-    exec uvicorn api.main:app --host 0.0.0.0 --port "${PORT:-8000}" --proxy-headers \
+    # --http: uvicorn's protocol with header and body read deadlines (api/server.py).
+    exec uvicorn api.main:app --host 0.0.0.0 --port "${PORT:-8000}" --http api.server:GuardedHttpToolsProtocol --proxy-headers \
       --forwarded-allow-ips "${FORWARDED_ALLOW_IPS:-127.0.0.1}" --workers "${TUNEQ_API_WORKERS:-2}" "$@"
     ;;
   worker)

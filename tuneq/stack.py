@@ -213,7 +213,10 @@ class Stack:
         return _tail(log_path)
 
     def start(self) -> None:
-        self._spawn("api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", self.host, "--port", str(self.port)])
+        from api.server import PROTOCOL
+
+        self._spawn("api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", self.host, "--port", str(self.port),
+                            "--http", PROTOCOL])
         if self.with_worker:
             self._spawn("worker", [sys.executable, "-m", "worker"])
         self._wait_healthy()

@@ -10,12 +10,10 @@ final `event: end` with `{"id": job id, "status": ...}` tells the client not to 
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-import anyio
 from fastapi import Header, Query
 from fastapi import APIRouter
 from sqlalchemy import select
@@ -26,12 +24,12 @@ from api.deps import CurrentUser, SessionDep, SettingsDep
 from api.errors import bad_request
 from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
 from api.schemas import EventOut, Page
-from core.event_feed import EventFeed, start_seq
+from api.event_hub import EventHub
+from core.event_feed import start_seq
 from core.models import JobEvent
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
-POLL_S = 0.5
 PING_S = 15.0
 
 STREAM_DOC = {200: {"description": "A page of events, or with stream=true a text/event-stream of them.",
@@ -58,8 +56,12 @@ def list_fine_tuning_events(
         seq = start_seq(db, job.id, after_event_id=cursor, backlog=limit)
         if seq is None:
             raise bad_request(f"{param}: no event with id {cursor!r} in job {job.id}", param)
-        db.rollback()  # the stream polls with sessions of its own; hold no transaction open here
-        return EventSourceResponse(_follow(EventFeed(job.id, seq)), ping=PING_S,  # type: ignore[return-value]
+        job_id = job.id
+        # The hub reads for the stream: end the transaction so no pooled connection stays with it
+        # while it is open (and touch no ORM object after this: a rollback expires them, and
+        # reading one would quietly begin a new transaction).
+        db.rollback()
+        return EventSourceResponse(_follow(job_id, seq), ping=PING_S,  # type: ignore[return-value]
                                    headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
     # seq, not created_at: events written in one transaction share a timestamp but never a seq.
     stmt = select(JobEvent).where(JobEvent.job_id == job.id)
@@ -72,14 +74,18 @@ def list_fine_tuning_events(
     return make_page(rows, limit, event_out)
 
 
-async def _follow(feed: EventFeed) -> AsyncIterator[dict[str, Any]]:
-    while True:
-        # The database driver blocks; a thread keeps the event loop free for other requests.
-        batch, status = await anyio.to_thread.run_sync(feed.poll)
-        for ev in batch:
-            yield {"id": ev.id, "data": event_out(ev).model_dump_json()}
-        if feed.finished(status, batch):
-            yield {"event": "end", "data": json.dumps({"id": feed.job_id, "status": status})}
-            return
-        if not batch:
-            await asyncio.sleep(POLL_S)
+def _render(ev: JobEvent) -> str:
+    return event_out(ev).model_dump_json()
+
+
+HUB = EventHub(_render)
+
+
+async def _follow(job_id: str, after_seq: int) -> AsyncIterator[dict[str, Any]]:
+    async for kind, item in HUB.watch(job_id, after_seq):
+        if kind == "event":
+            ev_id, data = item
+            yield {"id": ev_id, "data": data}
+        elif kind == "end":
+            yield {"event": "end", "data": json.dumps({"id": job_id, "status": item})}
+        # "dropped": the client stopped reading; closing the stream lets it reconnect and resume.

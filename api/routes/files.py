@@ -45,10 +45,18 @@ def _display_name(filename: str | None) -> str:
     return name[:255] or "upload.jsonl"
 
 
-def _validate(path: str) -> dict[str, Any]:
+def validate_upload(path: str) -> dict[str, Any]:
     from trainer.data.validate import validate_file  # no torch: a file is checked without it
 
     return validate_file(path, tokenizer=None, max_seq_len=None)
+
+
+def _validate(path: str) -> dict[str, Any]:
+    # Parsing every line is seconds of pure-Python CPU for a large file; in the API's child
+    # process it does not hold the interpreter lock that other requests need meanwhile.
+    from api.validation import run_in_child
+
+    return run_in_child(validate_upload, path)
 
 
 @router.post("")

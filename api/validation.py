@@ -1,0 +1,327 @@
+"""A job's data check off the request: `validating_files` until the files are tokenized, then
+`queued`, or `failed` with the same line-numbered report a quick check answers with.
+
+Tokenizing a training file with the model's tokenizer costs about a second of CPU per megabyte,
+far too long to hold a request. Files small enough to check within the request's budget
+(TUNEQ_DATA_CHECK_INLINE_BYTES in all, or already counted) are checked in it, as before; larger
+ones are stored as a job in `validating_files` and checked in a child process of the API, so the
+tokenizer's CPU never holds the interpreter lock the API's requests need.
+
+Nothing accepted is lost: a job is committed before the answer, under a lease (lease_owner,
+lease_heartbeat_at) that the checking API process renews; every API process looks for
+validating jobs whose lease went stale (the process died) and checks them itself.
+
+Token reports are kept in the artifact store by file content (sha256), tokenizer (a hash of its
+files) and format, so no file is tokenized twice for one tokenizer, by any API process.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import concurrent.futures.process
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import threading
+from functools import lru_cache
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+
+from api.errors import APIError
+from core import states
+from core.db import session_scope
+from core.models import File, Job, now
+from core.settings import Settings, get_settings
+from core.storage import get_storage
+
+log = logging.getLogger("tuneq.api")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
+RECOVER_EVERY_S = 5.0
+
+
+def owner_id() -> str:
+    return f"api:{os.uname().nodename}:{os.getpid()}"
+
+
+# ------------------------------------------------------------------ token reports, cached
+
+
+@lru_cache(maxsize=64)
+def _tokenizer_hash(model_dir: str, stamp: tuple[tuple[str, float, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for name, _, _ in stamp:
+        digest.update(name.encode() + b"\0" + (Path(model_dir) / name).read_bytes() + b"\0")
+    return digest.hexdigest()[:24]
+
+
+def tokenizer_id(model_dir: str) -> str:
+    """A hash of the tokenizer's own files: a retrained or swapped tokenizer gets a new id."""
+    stamp = []
+    for name in TOKENIZER_FILES:
+        p = Path(model_dir) / name
+        if p.is_file():
+            st = p.stat()
+            stamp.append((name, st.st_mtime, st.st_size))
+    return _tokenizer_hash(model_dir, tuple(stamp))
+
+
+def report_key(sha256: str, model_dir: str, max_seq_len: int, data_format: str, train_on_inputs: bool | None) -> str:
+    return f"token-reports/{sha256}/{tokenizer_id(model_dir)}-{data_format}-{max_seq_len}-{train_on_inputs}.json"
+
+
+def cached_report(key: str) -> dict[str, Any] | None:
+    storage = get_storage()
+    if not storage.exists(key):
+        return None
+    with storage.open(key) as f:
+        return json.load(f)
+
+
+def _store_report(key: str, report: dict[str, Any]) -> None:
+    get_storage().put_stream(key, BytesIO(json.dumps(report).encode()))
+
+
+def _child_report(env: dict[str, str], *args: Any) -> dict[str, Any]:
+    """In the checking child: the API's TUNEQ_* settings, then the report (tokenizers stay loaded)."""
+    if any(os.environ.get(k) != v for k, v in env.items()):
+        os.environ.update(env)
+        get_settings.cache_clear()
+    from api.data_check import token_report
+
+    return token_report(*args)
+
+
+_pool_lock = threading.Lock()
+_pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+
+_counting: dict[str, concurrent.futures.Future[dict[str, Any]]] = {}
+
+
+def _process_pool_locked() -> concurrent.futures.ProcessPoolExecutor:
+    global _pool
+    if _pool is None:
+        # spawn: a fork of a process running threads (uvicorn, SQLAlchemy pools) is unsafe.
+        _pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    return _pool
+
+
+def stop_child() -> None:
+    """End the checking child with its process: a tokenization it runs has no one to report to."""
+    global _pool
+    with _pool_lock:
+        pool, _pool = _pool, None
+    if pool is not None:
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            proc.terminate()
+
+
+def run_in_child(fn: Any, *args: Any) -> Any:
+    """fn(*args) in the API's checking child process; fn must be importable (a module function)."""
+    with _pool_lock:
+        fut = _process_pool_locked().submit(fn, *args)
+    try:
+        return fut.result()
+    except concurrent.futures.process.BrokenProcessPool:
+        global _pool
+        with _pool_lock:
+            _pool = None
+        raise
+
+
+def token_report(f: File, model_dir: str, max_seq_len: int, data_format: str, train_on_inputs: bool | None,
+                 *, in_child: bool) -> dict[str, Any]:
+    """trainer.data.validate_file's report of a stored file with the model's tokenizer, from the
+    cache when this file was counted before with this tokenizer and format."""
+    key = report_key(f.sha256, model_dir, max_seq_len, data_format, train_on_inputs)
+    report = cached_report(key)
+    if report is not None:
+        return report
+    args = (str(get_storage().local_path(f.storage_key)), f.sha256, model_dir, max_seq_len, data_format, train_on_inputs)
+    if not in_child:
+        from api.data_check import token_report as in_process
+
+        report = in_process(*args)
+        _store_report(key, report)
+        return report
+    # Jobs of one file created back to back share one tokenization, not one each.
+    with _pool_lock:
+        running = _counting.get(key)
+        mine = running is None
+        if mine:
+            env = {k: v for k, v in os.environ.items() if k.startswith("TUNEQ_")}
+            running = _counting[key] = _process_pool_locked().submit(_child_report, env, *args)
+    if mine:
+        # Outside the lock: a future already done runs its callback here, and it takes the lock.
+        running.add_done_callback(lambda fut: _stored(key, fut))
+    return running.result()
+
+
+def _stored(key: str, fut: concurrent.futures.Future[dict[str, Any]]) -> None:
+    global _pool
+    try:
+        if isinstance(fut.exception(), concurrent.futures.process.BrokenProcessPool):
+            with _pool_lock:
+                _pool = None  # the child died (out of memory, killed): the next check starts another
+        elif fut.exception() is None:
+            _store_report(key, fut.result())
+    except Exception:  # noqa: BLE001 - not cached: the next check counts again
+        log.warning("storing the token report %s failed", key, exc_info=True)
+    finally:
+        with _pool_lock:
+            _counting.pop(key, None)
+
+
+def counted(files: list[File], spec: dict[str, Any]) -> bool:
+    """True when every file of the job already has its token report for this job's shape."""
+    hp = spec.get("hyperparameters") or {}
+    for f in files:
+        key = report_key(f.sha256, spec["model"], hp.get("max_seq_len", 0), spec.get("data_format", "auto"),
+                         spec.get("train_on_inputs"))
+        if not get_storage().exists(key):
+            return False
+    return True
+
+
+def check_inline(files: list[File], spec: dict[str, Any], settings: Settings) -> bool:
+    """Whether the request itself may check these files: small in all, or counted already."""
+    if not Path(spec["model"]).is_dir():
+        return True  # a hub model the API does not load: nothing to tokenize
+    return sum(f.bytes or 0 for f in files) <= settings.data_check_inline_bytes or counted(files, spec)
+
+
+# ------------------------------------------------------------------ jobs waiting for their check
+
+
+def hold(job: Job) -> None:
+    """Put a new validating job under this process's lease (the caller commits)."""
+    job.lease_owner, job.lease_heartbeat_at = owner_id(), now()
+
+
+def locked(db: Any, job_id: str, owner: str) -> Job | None:
+    """The job, still validating under `owner`'s lease, with its row locked until the caller
+    commits; None when it was cancelled or taken over meanwhile."""
+    res = db.execute(
+        update(Job).where(Job.id == job_id, Job.status == states.VALIDATING, Job.lease_owner == owner)
+        .values(lease_heartbeat_at=now()).execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:
+        db.rollback()
+        return None
+    return db.get(Job, job_id, populate_existing=True)
+
+
+def files_of(db: Any, spec: Any) -> list[tuple[File, str, str]]:
+    """(file, param, format) of every file a stored job spec reads, as admission listed them."""
+    refs = [(spec.training_file, "training_file", spec.data_format)]
+    if spec.validation_file:
+        refs.append((spec.validation_file, "validation_file", spec.data_format))
+    refs += [(m.file, f"mix[{k}].file", "auto") for k, m in enumerate(spec.mix)]
+    if spec.forgetting_file:
+        refs.append((spec.forgetting_file, "forgetting_file", "auto"))
+    files = []
+    for file_id, param, fmt in refs:
+        f = db.get(File, file_id)
+        if f is None:
+            raise APIError(400, f"{param}: file {file_id} was deleted before the job's data check", param=param,
+                           code="file_not_found")
+        files.append((f, param, fmt))
+    return files
+
+
+def claim(db: Any, job_id: str, ttl_s: float) -> bool:
+    """Take the validating job's lease if nobody holds a live one."""
+    t = now()
+    res = db.execute(
+        update(Job).where(Job.id == job_id, Job.status == states.VALIDATING)
+        .where(Job.lease_owner.is_(None) | Job.lease_heartbeat_at.is_(None) | (Job.lease_heartbeat_at < t - ttl_s)
+               | (Job.lease_owner == owner_id()))
+        .values(lease_owner=owner_id(), lease_heartbeat_at=t).execution_options(synchronize_session=False)
+    )
+    db.commit()
+    return res.rowcount == 1
+
+
+class Checker:
+    """The API process's background checks: one thread per job being checked, a lease renewer and
+    a finder of orphaned validating jobs."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.checking: set[str] = set()
+        self.thread: threading.Thread | None = None
+        self.stopped = threading.Event()
+
+    def start(self, job_id: str) -> None:
+        """Check a committed validating job (whose lease this process holds) in the background."""
+        with self.lock:
+            if job_id in self.checking:
+                return
+            self.checking.add(job_id)
+            self._ensure_thread()
+        threading.Thread(target=self._check, args=(job_id,), name=f"tuneq-check-{job_id}", daemon=True).start()
+
+    def _ensure_thread(self) -> None:
+        if self.thread is None or not self.thread.is_alive():
+            self.stopped.clear()
+            self.thread = threading.Thread(target=self._tend, name="tuneq-checks", daemon=True)
+            self.thread.start()
+
+    def run_in_background(self) -> None:
+        with self.lock:
+            self._ensure_thread()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def _check(self, job_id: str) -> None:
+        from api.admission import finish_validation  # the creation rules, shared with the request
+
+        try:
+            finish_validation(job_id, owner_id())
+        except Exception:  # noqa: BLE001 - the lease lapses and the next pass (or process) retries
+            log.exception("data check of job %s failed; it will be retried", job_id)
+        finally:
+            with self.lock:
+                self.checking.discard(job_id)
+
+    def _tend(self) -> None:
+        while not self.stopped.wait(min(get_settings().heartbeat_s, RECOVER_EVERY_S)):
+            try:
+                self._renew()
+                self._adopt_orphans()
+            except Exception:  # noqa: BLE001 - a database outage: the next pass retries
+                log.warning("tending validating jobs failed; retrying", exc_info=True)
+
+    def _renew(self) -> None:
+        with self.lock:
+            ids = list(self.checking)
+        if ids:
+            with session_scope() as db:
+                db.execute(update(Job).where(Job.id.in_(ids), Job.lease_owner == owner_id(), Job.status == states.VALIDATING)
+                           .values(lease_heartbeat_at=now()).execution_options(synchronize_session=False))
+
+    def _adopt_orphans(self) -> None:
+        ttl = get_settings().lease_ttl_s
+        with session_scope() as db:
+            ids = db.scalars(select(Job.id).where(
+                Job.status == states.VALIDATING,
+                Job.lease_owner.is_(None) | Job.lease_heartbeat_at.is_(None) | (Job.lease_heartbeat_at < now() - ttl),
+            ).order_by(Job.created_at).limit(8)).all()
+            for job_id in ids:
+                if claim(db, job_id, ttl):
+                    log.info("job %s was left validating (its API process stopped); checking it here", job_id)
+                    self.start(job_id)
+
+
+CHECKER = Checker()
+

@@ -1,0 +1,570 @@
+"""Load on the API as a team puts it: pollers, live event streams, list calls and uploads at once.
+
+    .venv/bin/python bench/api_load.py [--db sqlite|postgres|both] [--seconds 60] [--out FILE]
+                                       [--source DIR]  # measure another checkout (e.g. before a change)
+
+Starts the stack it measures on a free loopback port (`tuneq up`'s Stack, API only, SQLite file
+or a fresh PostgreSQL database, the machine's Redis db 6), drives it from this process, stops it
+and writes bench/results/api_load.md. Everything is bounded: each level runs a fixed time, every
+request has a timeout, and the run ends by itself.
+
+No worker runs: a writer thread here plays the worker's event pump, appending events to the jobs
+at a fixed rate as a trainer's metrics would, so every stream has events to receive while the
+CPU goes to the API and this load generator (both on the same machine), not to a trainer.
+
+A poller asks for its job once a second (jittered), as a script or a dashboard does; a list
+client lists jobs every 2 s; a stream follows one job's events until the job ends and is then
+checked against the job's full event list (every event, in order, once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import secrets
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_ADMIN = os.environ.get("TUNEQ_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS = os.environ.get("TUNEQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0] + "/6"
+TIMEOUT_S = 10.0
+LINE = json.dumps({"messages": [{"role": "user", "content": "Reverse the word: lantern"},
+                                {"role": "assistant", "content": "nretnal"}]})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def fmt_ms(v: float | None) -> str:
+    return "—" if v is None else f"{v:.0f} ms" if v >= 10 else f"{v:.1f} ms"
+
+
+def tree_rss_kib(pid: int) -> int:
+    """Resident memory of pid and its descendants (uvicorn --workers forks them)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return total
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by pid and its descendants: a measure of the API's
+    work that the other load on a shared machine does not change much."""
+    total, todo = 0.0, [pid]
+    tick = os.sysconf("SC_CLK_TCK")
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return total
+
+
+def training_file(path: Path, mib: int, salt: str = "") -> Path:
+    line = (LINE + "\n").encode()
+    with open(path, "wb") as f:
+        if salt:  # a file of its own content, so no earlier token count applies
+            f.write((json.dumps({"messages": [{"role": "user", "content": salt},
+                                              {"role": "assistant", "content": salt}]}) + "\n").encode())
+        for _ in range(mib * 1024 * 1024 // len(line) + 1):
+            f.write(line)
+    return path
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.samples: list[tuple[str, float, float, int | str]] = []  # (kind, t, ms, status or error)
+
+    def add(self, kind: str, t0: float, status: int | str) -> None:
+        self.samples.append((kind, t0, (time.monotonic() - t0) * 1000, status))
+
+    def summary(self, kinds: tuple[str, ...], since: float = 0.0, until: float = float("inf")) -> dict[str, Any]:
+        rows = [s for s in self.samples if s[0] in kinds and since <= s[1] < until]
+        ok = [ms for _, _, ms, st in rows if st == 200]
+        shed = [ms for _, _, ms, st in rows if st in (429, 503)]
+        errors = [st for _, _, _, st in rows if st not in (200, 429, 503)]
+        return {"answered": len(ok), "p50": pct(ok, 50), "p99": pct(ok, 99), "max": max(ok) if ok else None,
+                "shed": len(shed), "shed_p99": pct(shed, 99), "errors": len(errors),
+                "error_kinds": sorted({str(e) for e in errors})[:4]}
+
+
+class EventWriter(threading.Thread):
+    """Plays the worker's event pump: appends an event to each job every `every_s`."""
+
+    def __init__(self, job_ids: list[str], every_s: float):
+        super().__init__(daemon=True)
+        self.job_ids, self.every_s, self.stop_flag, self.written, self.failures = job_ids, every_s, threading.Event(), 0, 0
+
+    def run(self) -> None:
+        from core import states
+        from core.db import session_scope
+        from core.models import Job
+
+        step = 0
+        while not self.stop_flag.wait(self.every_s):
+            step += 1
+            try:
+                with session_scope() as db:
+                    for job_id in self.job_ids:
+                        states.add_event(db, db.get(Job, job_id), f"step {step}", type="metrics", data={"step": step})
+                self.written += len(self.job_ids)
+            except Exception:  # noqa: BLE001 - a busy SQLite: the next step writes again
+                self.failures += 1
+
+
+async def pause(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass
+
+
+async def poller(http: Any, rec: Recorder, job_id: str, stop: asyncio.Event, every_s: float = 1.0) -> None:
+    await pause(stop, random.random() * every_s)
+    while not stop.is_set():
+        t0 = time.monotonic()
+        try:
+            r = await http.get(f"/v1/fine_tuning/jobs/{job_id}")
+            rec.add("poll", t0, r.status_code)
+        except Exception as exc:  # noqa: BLE001 - recorded as an error
+            rec.add("poll", t0, type(exc).__name__)
+        await pause(stop, max(0.0, every_s - (time.monotonic() - t0)) * random.uniform(0.8, 1.2))
+
+
+async def lister(http: Any, rec: Recorder, stop: asyncio.Event, every_s: float = 2.0) -> None:
+    await pause(stop, random.random() * every_s)
+    while not stop.is_set():
+        t0 = time.monotonic()
+        try:
+            r = await http.get("/v1/fine_tuning/jobs", params={"limit": 20})
+            rec.add("list", t0, r.status_code)
+        except Exception as exc:  # noqa: BLE001
+            rec.add("list", t0, type(exc).__name__)
+        await pause(stop, every_s)
+
+
+async def hammer(http: Any, rec: Recorder, job_id: str, stop: asyncio.Event) -> None:
+    """A client with no pause between requests: the overload level."""
+    while not stop.is_set():
+        t0 = time.monotonic()
+        try:
+            r = await http.get(f"/v1/fine_tuning/jobs/{job_id}")
+            rec.add("hammer", t0, r.status_code)
+            if r.status_code in (429, 503):
+                await pause(stop, float(r.headers.get("retry-after", "1")))
+        except Exception as exc:  # noqa: BLE001
+            rec.add("hammer", t0, type(exc).__name__)
+
+
+async def streamer(http: Any, job_id: str, out: dict[str, Any]) -> None:
+    """Follow a job's events until `end`; out gets the ids received, or the error."""
+    ids: list[str] = []
+    out.update(ids=ids, ended=False, error=None)
+    try:
+        async with http.stream("GET", f"/v1/fine_tuning/jobs/{job_id}/events",
+                               params={"stream": "true", "limit": 100}, timeout=None) as r:
+            if r.status_code != 200:
+                out["error"] = f"HTTP {r.status_code}"
+                return
+            async for line in r.aiter_lines():
+                if line.startswith("id:"):
+                    ids.append(line[3:].strip())
+                elif line.startswith("event: end"):
+                    out["ended"] = True
+                    return
+    except Exception as exc:  # noqa: BLE001
+        out["error"] = type(exc).__name__
+
+
+async def recovery_s(http: Any, job_id: str, since: float, limit_s: float = 30.0) -> float | None:
+    """Seconds from `since` until three GETs in a row answer 200 within 100 ms."""
+    good = 0
+    while time.monotonic() - since < limit_s:
+        t0 = time.monotonic()
+        try:
+            r = await http.get(f"/v1/fine_tuning/jobs/{job_id}", timeout=5)
+            fine = r.status_code == 200 and time.monotonic() - t0 < 0.1
+        except Exception:  # noqa: BLE001
+            fine = False
+        good = good + 1 if fine else 0
+        if good == 3:
+            return time.monotonic() - since
+        await asyncio.sleep(0.05)
+    return None
+
+
+def all_event_ids(http_sync: Any, job_id: str) -> list[str]:
+    ids: list[str] = []
+    after = None
+    while True:
+        params: dict[str, Any] = {"limit": 100, **({"after": after} if after else {})}
+        page = http_sync.get(f"/v1/fine_tuning/jobs/{job_id}/events", params=params).json()
+        ids += [e["id"] for e in page["data"]]
+        if not page["has_more"]:
+            return list(reversed(ids))
+        after = page["data"][-1]["id"]
+
+
+class Bench:
+    def __init__(self, db: str, seconds: float, work: Path, log: list[str]):
+        self.db, self.seconds, self.work, self.log = db, seconds, work, log
+        self.rows: list[dict[str, Any]] = []
+        self.extra: list[str] = []
+        self.check_wait_s = 600.0
+
+    # -- the stack
+
+    def start(self) -> None:
+        from tuneq.stack import Stack
+
+        home = self.work / f"home-{self.db}"
+        os.environ.update({
+            "TUNEQ_HOME": str(home), "TUNEQ_REDIS_URL": REDIS, "TUNEQ_MAX_ACTIVE_JOBS_PER_USER": "10000",
+            "TUNEQ_JOB_CREATE_RATE": "10000", "TUNEQ_MAX_GPUS_PER_USER": "64",
+        })
+        self.pg_name = None
+        if self.db == "postgres":
+            from sqlalchemy import create_engine, text
+
+            self.pg_name = f"tuneq_bench_{secrets.token_hex(4)}"
+            admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+            with admin.connect() as c:
+                c.execute(text(f'CREATE DATABASE "{self.pg_name}"'))
+            admin.dispose()
+            os.environ["TUNEQ_DATABASE_URL"] = PG_ADMIN.rsplit("/", 1)[0] + f"/{self.pg_name}"
+        else:
+            os.environ["TUNEQ_DATABASE_URL"] = f"sqlite:///{home / 'tuneq.db'}"
+        import redis
+
+        redis.Redis.from_url(REDIS).flushdb()
+        self.stack = Stack(home, port=free_port(), worker=False, log=lambda m: None)
+        # The tiny model is built once per machine (a minute of CPU on a busy one), then copied.
+        tiny, cache = home / "models" / "tiny-llama", Path(tempfile.gettempdir()) / "tuneq-bench-tiny-llama"
+        if (cache / "config.json").is_file() and not tiny.exists():
+            shutil.copytree(cache, tiny)
+        self.stack.prepare()
+        if not (cache / "config.json").is_file():
+            shutil.copytree(tiny, cache, dirs_exist_ok=True)
+        self.stack.start()
+        self.api_pid = self.stack.children[0][1].pid
+        self.url = self.stack.url
+        self.key = self.stack.admin_key_path.read_text().strip()
+        from tests.conftest import reset_caches
+
+        reset_caches()  # this process writes events into the stack's database
+
+    def stop(self) -> None:
+        self.stack.stop()
+        if self.pg_name:
+            from sqlalchemy import create_engine, text
+
+            from tests.conftest import reset_caches
+
+            reset_caches()
+            admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+            with admin.connect() as c:
+                c.execute(text(f'DROP DATABASE IF EXISTS "{self.pg_name}" WITH (FORCE)'))
+            admin.dispose()
+
+    def client(self, asynchronous: bool = True, **kw: Any) -> Any:
+        import httpx
+
+        cls = httpx.AsyncClient if asynchronous else httpx.Client
+        kw.setdefault("timeout", TIMEOUT_S)
+        return cls(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"},
+                   limits=httpx.Limits(max_connections=1000, max_keepalive_connections=1000), **kw)
+
+    def make_jobs(self, n: int) -> list[str]:
+        path = training_file(self.work / "small.jsonl", 0)
+        with self.client(False, timeout=120) as http:  # the first creation loads the tokenizer
+            with open(path, "rb") as f:
+                file_id = http.post("/v1/files", files={"file": ("small.jsonl", f)}, data={"purpose": "fine-tune"}).json()["id"]
+            ids = []
+            for _ in range(n):
+                r = http.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id,
+                                                            "hyperparameters": {"n_epochs": 1}})
+                assert r.status_code == 200, r.text
+                ids.append(r.json()["id"])
+        return ids
+
+    # -- the levels
+
+    async def level(self, name: str, job_ids: list[str], pollers: int, streams: int = 0, listers: int = 0,
+                    seconds: float = 20, upload_mib: int = 0, hammers: int = 0) -> None:
+        rec = Recorder()
+        stop = asyncio.Event()
+        writer = EventWriter(job_ids, 0.25) if streams else None
+        outs: list[dict[str, Any]] = [{} for _ in range(streams)]
+        async with self.client() as http, self.client() as shed_http:
+            tasks = [asyncio.create_task(poller(http, rec, job_ids[i % len(job_ids)], stop)) for i in range(pollers)]
+            tasks += [asyncio.create_task(lister(http, rec, stop)) for _ in range(listers)]
+            tasks += [asyncio.create_task(hammer(shed_http, rec, job_ids[i % len(job_ids)], stop)) for i in range(hammers)]
+            stream_tasks = [asyncio.create_task(streamer(http, job_ids[i % len(job_ids)], outs[i])) for i in range(streams)]
+            if writer:
+                writer.start()
+            t_start, cpu_start = time.monotonic(), tree_cpu_s(self.api_pid)
+            upload_ms = None
+            if upload_mib:
+                await asyncio.sleep(2)
+                path = training_file(self.work / f"up{upload_mib}.jsonl", upload_mib)
+                t0 = time.monotonic()
+
+                def send() -> int:
+                    with self.client(False, timeout=120) as h, open(path, "rb") as f:
+                        return h.post("/v1/files", files={"file": (path.name, f)}, data={"purpose": "fine-tune"}).status_code
+
+                status = await asyncio.to_thread(send)
+                upload_ms = (time.monotonic() - t0) * 1000
+                up_window = (t0, time.monotonic())
+            await asyncio.sleep(max(0.0, seconds - (time.monotonic() - t_start)))
+            stop.set()
+            t_end, cpu_used = time.monotonic(), tree_cpu_s(self.api_pid) - cpu_start
+            async with self.client() as probe_http:  # a fresh connection, as a new client would
+                recovery = asyncio.create_task(recovery_s(probe_http, job_ids[0], t_end))
+                await asyncio.gather(*tasks)
+                rec_s = await recovery
+            if writer:
+                writer.stop_flag.set()
+                writer.join()
+                with self.client(False, timeout=60) as h:  # ends the jobs: every stream must then get `end`
+                    for job_id in job_ids:
+                        try:
+                            h.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+                        except Exception as exc:  # noqa: BLE001 - an API that fell over; the row says so
+                            self.log.append(f"[{self.db}] cancel of {job_id} failed: {type(exc).__name__}")
+                done, _ = await asyncio.wait(stream_tasks, timeout=30)
+                for t in stream_tasks:
+                    t.cancel()
+        row: dict[str, Any] = {"level": name, **rec.summary(("poll", "list", "hammer")), "recovery_s": rec_s,
+                               "api_cpu": cpu_used / (t_end - t_start)}
+        if streams:
+            with self.client(False, timeout=60) as h:
+                truth = {}
+                for j in job_ids:
+                    try:
+                        truth[j] = all_event_ids(h, j)
+                    except Exception:  # noqa: BLE001 - no truth to compare with: those streams count as failed
+                        truth[j] = None
+            bad = []
+            for i, o in enumerate(outs):
+                want = truth[job_ids[i % len(job_ids)]]
+                if not (o.get("ended") and want is not None and o["ids"] == want):
+                    bad.append(o.get("error") or ("no end" if not o.get("ended") else "mismatch"))
+            row["streams"] = f"{streams - len(bad)}/{streams} complete and in order"
+            if bad:
+                row["streams"] += f" ({', '.join(sorted(set(map(str, bad))))})"
+            row["events"] = f"{writer.written} written" + (f", {writer.failures} write failures" if writer.failures else "")
+        if upload_mib:
+            during = rec.summary(("poll", "list"), *up_window)
+            row["upload"] = (f"{upload_mib} MiB upload: HTTP {status} in {upload_ms / 1000:.1f} s; others meanwhile: "
+                             f"{during['answered']} answered, p99 {fmt_ms(during['p99'])}, {during['errors']} errors")
+        self.rows.append(row)
+        self.log.append(f"[{self.db}] {name}: {json.dumps(row, default=str)}")
+        print(self.log[-1], flush=True)
+
+    def creation_latency(self, sizes: tuple[int, ...], reps: int) -> None:
+        """POST /v1/fine_tuning/jobs timed, each with a training file of its own (never counted
+        before: the worst case); the first job of each size is followed until its check ends."""
+        with self.client(False, timeout=300) as http:
+            for mib in sizes:
+                times, statuses, ready = [], [], ""
+                for rep in range(reps):
+                    path = training_file(self.work / f"train{mib}-{rep}.jsonl", mib, salt=f"{time.time_ns()}")
+                    try:
+                        with open(path, "rb") as f:
+                            file_id = http.post("/v1/files", files={"file": (path.name, f)}, timeout=900,
+                                                data={"purpose": "fine-tune"}).json()["id"]
+                    except Exception as exc:  # noqa: BLE001 - the row says so
+                        statuses.append(f"upload {type(exc).__name__}")
+                        continue
+                    finally:
+                        path.unlink()
+                    t0 = time.monotonic()
+                    r = http.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id,
+                                                                 "hyperparameters": {"n_epochs": 1}})
+                    times.append((time.monotonic() - t0) * 1000)
+                    statuses.append(r.status_code)
+                    if r.status_code == 200 and rep == 0:
+                        job = r.json()
+                        first = job["status"]
+                        while job["status"] == "validating_files" and time.monotonic() - t0 < self.check_wait_s:
+                            time.sleep(0.5)
+                            job = http.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+                        ready = f"first answered `{first}`, then `{job['status']}` after {time.monotonic() - t0:.1f} s"
+                line = (f"[{self.db}] create job, {mib} MiB training file: p50 {fmt_ms(pct(times, 50))}, "
+                        f"max {fmt_ms(max(times) if times else None)} over {len(times)} creations; "
+                        f"answers {sorted(set(map(str, statuses)))}; {ready}")
+                self.extra.append(line)
+                print(line, flush=True)
+
+    def unauthenticated_body(self, mib: int = 50) -> None:
+        import httpx
+
+        body = b"[" + b"{},"* (mib * 1024 * 1024 // 3) + b"{}]"
+        before = tree_rss_kib(self.api_pid)
+        peak = [before]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(0.01):
+                peak[0] = max(peak[0], tree_rss_kib(self.api_pid))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        t0 = time.monotonic()
+        try:
+            r = httpx.post(f"{self.url}/v1/fine_tuning/jobs", content=body,
+                           headers={"Content-Type": "application/json"}, timeout=60)
+            status: int | str = r.status_code
+        except httpx.HTTPError as exc:
+            status = type(exc).__name__
+        ms = (time.monotonic() - t0) * 1000
+        time.sleep(0.5)
+        done.set()
+        sampler.join()
+        line = (f"[{self.db}] unauthenticated {mib} MiB JSON body to POST /v1/fine_tuning/jobs: {status} in {fmt_ms(ms)}; "
+                f"API memory {before / 1024:.0f} MiB before, peak +{(peak[0] - before) / 1024:.1f} MiB")
+        self.extra.append(line)
+        print(line, flush=True)
+
+    def stalled_headers(self, n: int = 90, wait_s: float = 15.0) -> None:
+        socks = []
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", int(self.url.rsplit(":", 1)[1])))
+            s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            socks.append(s)
+        time.sleep(wait_s)
+        closed = 0
+        for s in socks:
+            s.settimeout(0.01)
+            try:
+                closed += s.recv(1) == b""
+            except ConnectionResetError:
+                closed += 1
+            except (TimeoutError, BlockingIOError):
+                pass
+            s.close()
+        line = f"[{self.db}] {n} connections stalled mid-header: {closed} closed by the server within {wait_s:.0f} s"
+        self.extra.append(line)
+        print(line, flush=True)
+
+    async def run_levels(self, which: set[int]) -> None:
+        jobs = self.make_jobs(10)
+        s = self.seconds
+        if 1 in which:
+            await self.level("10 pollers", jobs, 10, seconds=min(s, 20))
+        if 2 in which:
+            await self.level("100 pollers", jobs, 100, seconds=min(s, 30))
+        if 3 in which:
+            await self.level("100 pollers + 50 streams + 10 list clients", jobs[:5], 100, streams=50, listers=10, seconds=s)
+        if 4 in which:
+            await self.level("same + one 50 MiB upload", self.make_jobs(5), 100, streams=50, listers=10,
+                             seconds=min(s, 30), upload_mib=50)
+        if 5 in which:
+            await self.level("overload: 300 clients without pause", jobs, 0, hammers=300, seconds=min(s, 15))
+
+
+def write_report(path: Path, benches: list[Bench], args: argparse.Namespace, log: list[str]) -> None:
+    host = f"{os.cpu_count()} CPUs; load average at the end {os.getloadavg()[0]:.1f}"
+    out = [
+        "# API under load (bench/api_load.py)", "",
+        f"`{' '.join(sys.argv)}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {host}.",
+        "The machine is shared with other busy sessions: numbers vary from run to run; the load",
+        "generator runs on the same cores as the API.", "",
+        "Pollers: GET a job once a second each. List clients: GET /v1/fine_tuning/jobs every 2 s.",
+        "Streams: SSE until the job ends, checked against the job's full event list. Shed: 429/503",
+        "answers (with Retry-After). Recovery: from the end of the load until three GETs in a row",
+        "answer within 100 ms. API CPU: cores the API process used on average during the level (the",
+        "work it did, which other load on the machine changes less than it changes latency).", "",
+    ]
+    for b in benches:
+        out += [f"## {b.db}", "", "| load | answered | p50 | p99 | max | shed | errors | recovery | API CPU | streams |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in b.rows:
+            errs = f"{r['errors']}" + (f" ({', '.join(r['error_kinds'])})" if r["errors"] else "")
+            rec = "—" if r["recovery_s"] is None else f"{r['recovery_s']:.2f} s"
+            out.append(f"| {r['level']} | {r['answered']} | {fmt_ms(r['p50'])} | {fmt_ms(r['p99'])} | "
+                       f"{fmt_ms(r['max'])} | {r['shed']} | {errs} | {rec} | {r['api_cpu']:.2f} cores | "
+                       f"{r.get('streams', '')} |")
+        out.append("")
+        out += [f"- {r['upload']}" for r in b.rows if "upload" in r]
+        out += [f"- {line.split('] ', 1)[1]}" for line in b.extra]
+        out += [f"- events written by the stand-in pump: {r['events']} ({r['level']})" for r in b.rows if "events" in r]
+        out.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(out) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--db", choices=("sqlite", "postgres", "both"), default="both")
+    ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--reps", type=int, default=3, help="job creations per training file size")
+    ap.add_argument("--sizes", default="1,10,50", help="training file sizes in MiB for the creation latency")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "api_load.md")
+    ap.add_argument("--check-wait", type=float, default=600, help="seconds to follow the first job of a size to queued")
+    ap.add_argument("--levels", default="1,2,3,4,5", help="which load levels to run (1-5)")
+    ap.add_argument("--extras", default="create,unauth,stalled", help="which one-off checks to run")
+    ap.add_argument("--source", type=Path, default=ROOT, help="the checkout whose API is measured")
+    args = ap.parse_args()
+    sys.path.insert(0, str(args.source.resolve()))
+    if args.source.resolve() != ROOT:
+        sys.path.insert(1, str(ROOT))
+    log: list[str] = []
+    benches = []
+    with tempfile.TemporaryDirectory(prefix="tuneq-api-load-") as tmp:
+        for db in (("sqlite", "postgres") if args.db == "both" else (args.db,)):
+            b = Bench(db, args.seconds, Path(tmp), log)
+            b.check_wait_s = args.check_wait
+            benches.append(b)
+            b.start()
+            try:
+                asyncio.run(b.run_levels({int(x) for x in args.levels.split(",") if x}))
+                extras = set(args.extras.split(","))
+                if "create" in extras:
+                    b.creation_latency(tuple(int(x) for x in args.sizes.split(",")), args.reps)
+                if "unauth" in extras:
+                    b.unauthenticated_body()
+                if "stalled" in extras:
+                    b.stalled_headers()
+            finally:
+                b.stop()
+                write_report(args.out, benches, args, log)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
