@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -61,8 +62,9 @@ def final_manifest(storage: Storage, job_id: str, final_dir: Path) -> bytes | No
     return None
 
 
-def publish_final(storage: Storage, job: Job, final_dir: Path) -> list[Stored]:
-    """Store every file of final/ under jobs/{id}/final/, then the archives' recipes.
+def publish_final(storage: Storage, job: Job, final_dir: Path, checkpoints: Sequence[str] = ()) -> list[Stored]:
+    """Store every file of final/ under jobs/{id}/final/, then the archives' recipes (also one
+    per kept checkpoint: `checkpoints` are their folders in the store).
 
     Idempotent: an attempt cut short (a killed worker) left some files moved into the store and
     the rest here, and the next attempt completes it. Sizes and sha256 come from the trainer's
@@ -98,28 +100,22 @@ def publish_final(storage: Storage, job: Job, final_dir: Path) -> list[Stored]:
     merged = {rel.removeprefix(f"{MERGED}/"): s for rel, s in weights.items() if rel.startswith(f"{MERGED}/")}
     if merged:
         stored.append(archive(storage, f"{prefix}/merged.tar.gz", "merged.tar.gz", "archive", MERGED, merged, mtime))
-    stored += publish_checkpoints(storage, job, final_dir.parent / "checkpoints", mtime)
+    stored += publish_checkpoints(storage, job, checkpoints, mtime)
     return stored
 
 
-def publish_checkpoints(storage: Storage, job: Job, checkpoints: Path, mtime: int) -> list[Stored]:
-    """One checkpoints/step-N.tar.gz (weights, state.json, manifest.json) per kept checkpoint.
-
-    The work directory keeps its checkpoints (a continuation starts from them): a local store
-    on the same disk links the files, so they still take the disk once.
-    """
-    if not checkpoints.is_dir():
-        return []
+def publish_checkpoints(storage: Storage, job: Job, prefixes: Sequence[str], mtime: int) -> list[Stored]:
+    """One checkpoints/step-N.tar.gz (weights, state.json, manifest.json) per kept checkpoint,
+    over the files already uploaded while the job trained (worker.checkpoint_store)."""
     stored = []
-    for ck in sorted(p for p in checkpoints.iterdir() if p.is_dir() and (p / "state.json").is_file()):
-        files = {}
-        for path in sorted(p for p in ck.rglob("*") if p.is_file() and p.name not in CHECKPOINT_RESUME_ONLY):
-            rel = path.relative_to(ck).as_posix()
-            key = f"jobs/{job.id}/checkpoints/{ck.name}/{rel}"
-            size, _ = storage.adopt(key, path, keep=True)
-            files[rel] = Stored(rel, "file", key, size, "")
-        name = f"checkpoints/{ck.name}.tar.gz"
-        stored.append(archive(storage, f"jobs/{job.id}/{name}", name, "checkpoint", ck.name, files, mtime))
+    for prefix in sorted(prefixes):
+        raw = b"".join(storage.iter_bytes(f"{prefix}/{MANIFEST}"))
+        files = {rel: Stored(rel, "file", f"{prefix}/{rel}", want["bytes"], want["sha256"])
+                 for rel, want in json.loads(raw)["files"].items() if rel not in CHECKPOINT_RESUME_ONLY}
+        files[MANIFEST] = Stored(MANIFEST, "file", f"{prefix}/{MANIFEST}", len(raw), hashlib.sha256(raw).hexdigest())
+        ck = prefix.rsplit("/", 1)[-1]
+        name = f"checkpoints/{ck}.tar.gz"
+        stored.append(archive(storage, f"jobs/{job.id}/{name}", name, "checkpoint", ck, files, mtime))
     return stored
 
 

@@ -20,6 +20,7 @@ from core.models import Job, now
 from core.queue import RUN_JOB, claim_dispatch, producer
 from core.scheduling import waiting
 from core.settings import get_settings
+from worker.disk import disk_state
 from worker.gpus import GpuPool
 from worker.process import kill_orphans
 
@@ -64,7 +65,7 @@ class HostThread(threading.Thread):
     def register(self) -> None:
         s = get_settings()
         workers.register(self.worker_id, self.pool.host, self.pool.count, self.pool.kind, s.registry_ttl_s,
-                         slots=self.slots, free=self.pool.free(), seen=time.time())
+                         slots=self.slots, free=self.pool.free(), seen=time.time(), **disk_state(s))
 
     def run(self) -> None:
         s = get_settings()
