@@ -242,3 +242,26 @@ def test_a_job_still_fetching_its_files_keeps_its_lease(db: Session, worker_env:
     assert seen["reaped"] == []
     db.expire_all()
     assert [e for e in events_of(job.id) if e.type == "retry"] == []
+
+
+@SQLITE_ONLY
+def test_a_worker_whose_disk_is_nearly_full_takes_no_job_and_says_so(db: Session, worker_env: dict[str, str],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from core import workers
+    from tests.conftest import reset_caches
+    from worker.gpus import get_pool
+    from worker.host import HostThread
+
+    job = make_job(db, worker_env["model"], steps=2)
+    monkeypatch.setenv("TUNEQ_MIN_FREE_DISK_GIB", "1000000")  # more than any disk here has free
+    reset_caches()
+    assert run_job(job.id, worker_id="w1") == "deferred"
+    db.expire_all()
+    assert db.get(Job, job.id).status == states.QUEUED
+    HostThread(get_pool(get_settings()), "w1", slots=1).register()
+    [entry] = workers.registered()
+    assert entry["disk_full"] is True and entry["disk_free_gib"] > 0
+
+    monkeypatch.setenv("TUNEQ_MIN_FREE_DISK_GIB", "0")
+    reset_caches()
+    assert run_job(job.id, worker_id="w1") == states.SUCCEEDED
