@@ -2,12 +2,12 @@
 # The CUDA runtime base lets the worker use the host's GPUs through the NVIDIA container
 # toolkit; the API and Flower ignore them. Built and run with docker-compose.yml.
 
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# The CUDA line of the locked torch (PyPI's Linux build, CUDA 13.0; its CUDA libraries come as
+# wheels in the lock): the host's driver must be 580 or newer.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04
 
-# ---- build: a virtual environment with the pinned stack ----------------------------------------
+# ---- build: a virtual environment with the locked stack ------------------------------------------
 FROM ${CUDA_IMAGE} AS build
-# The CUDA build of the pinned torch line (pyproject pins the version, CI uses the CPU build).
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
@@ -15,15 +15,11 @@ RUN apt-get update \
  && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
-# Dependencies before the code: a code change then rebuilds only the last layers.
-COPY pyproject.toml ./
-RUN python -c "import re, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-torch = [d for d in p['dependencies'] if re.match(r'torch\b', d)]; \
-open('/tmp/torch.txt', 'w').write('\n'.join(torch)); \
-open('/tmp/deps.txt', 'w').write('\n'.join(p['dependencies'] + p['optional-dependencies']['deploy']))" \
- && pip install --index-url "${TORCH_INDEX}" -r /tmp/torch.txt \
- && pip install -r /tmp/deps.txt
-COPY README.md alembic.ini ./
+# Dependencies before the code: a code change then rebuilds only the last layers. The lock holds
+# every package (torch's CUDA build included) with hashes, made by `make lock` from pyproject.toml.
+COPY requirements/cuda.txt /tmp/requirements/
+RUN pip install --require-hashes --no-deps -r /tmp/requirements/cuda.txt && pip check
+COPY pyproject.toml README.md alembic.ini ./
 COPY api ./api
 COPY core ./core
 COPY worker ./worker
@@ -31,7 +27,7 @@ COPY trainer ./trainer
 COPY tuneq ./tuneq
 COPY migrations ./migrations
 # Editable: core.migrate finds alembic.ini and migrations/ next to the code in /app.
-RUN pip install --no-deps -e .
+RUN pip install --no-deps --no-build-isolation -e .
 
 # ---- runtime -------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE}

@@ -2,21 +2,36 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+# Every package, transitive ones included, pinned with hashes (docs/dependencies.md). This is the
+# CPU test machines' lock; the Dockerfile and bench/device_*.sh install their own from requirements/.
+LOCK := requirements/cpu.txt
+TOOLS := requirements/tools.txt
+# A changed pyproject.toml or lock names a new stamp, so the venv is brought to it.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) $(TOOLS) | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
+# e.g. LOCK_ARGS="--upgrade-package httpx2" (or --upgrade) to move pins `make lock` would keep.
+LOCK_ARGS ?=
 
-.PHONY: up test venv unit integration e2e gpu clean
+.PHONY: up test venv lock unit integration e2e gpu clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK) $(TOOLS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first and by exact version: an unpinned torch pulls a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(TOOLS)
+	# Exactly the lock, each file checked against its hash; --no-deps, since the lock is the whole
+	# closure. Its torch is the CPU build this machine carries as a file (pip's find-links).
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	rm -f $(VENV)/.installed-*
 	touch $@
 
 venv: $(STAMP)
+
+# Re-resolves every lock in requirements/ from pyproject.toml (run on purpose, then `make test`).
+lock:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(TOOLS)
+	$(BIN)/python requirements/lock.py compile $(BIN)/uv $(LOCK_ARGS)
 
 up: $(STAMP)
 	$(BIN)/tuneq up

@@ -2,11 +2,11 @@
 # Builds .devsite/site.tar.gz: the Python packages the lent H200 lacks, for Python 3.12 x86_64,
 # as one archive that travels with the working tree (`carry: [".devsite"]`).
 #
-# The device cannot fetch anything, and its image already holds torch 2.11 (CUDA 13), triton,
-# transformers 5.17, peft 0.21, accelerate 1.15, pyarrow, pandas, xxhash, fsspec, requests,
-# huggingface-hub and tqdm (see /work/.library/device/KINDS.md). Everything here is installed with
-# --no-deps, so this list is the whole closure: each name was chosen by reading the wheels'
-# Requires-Dist against that image. Re-run after changing a pin; the archive is rebuilt whole.
+# The device cannot fetch anything, and its image already holds torch and the rest of the trainer's
+# stack; requirements/device-site.in says what this archive adds and why, and
+# requirements/device-site.txt pins exactly that (hashes included; `make lock` refreshes it).
+# Everything is installed with --no-deps, so that list is the whole closure. Re-run after
+# `make lock`; the archive is rebuilt whole.
 #
 # On the device, before any Python:
 #   mkdir -p /tmp/site && tar xzf .devsite/site.tar.gz -C /tmp/site \
@@ -20,32 +20,7 @@ ARCHIVE=$OUT_DIR/site.tar.gz
 # The 64 MiB carry limit holds the repository too.
 MAX_MIB=${MAX_MIB:-55}
 
-PACKAGES=(
-    # What the pure trainer imports and the image lacks (pydantic 2, pinned as in pyproject.toml).
-    pydantic==2.14.4
-    pydantic-core==2.50.5
-    annotated-types==0.8.0
-    typing-inspection==0.4.5
-    # pydantic-core needs >=4.16; the image's copy is older or unknown, and newer is compatible.
-    typing-extensions==4.16.0
-    # QLoRA, as pyproject.toml pins it.
-    bitsandbytes==0.50.2
-    # TRL peer. unsloth 2026.10.9 declares trl<=1.15.0 and datasets<5, so one set serves both
-    # peers; datasets 5.x would also want pyarrow>=24, newer than the image is known to hold.
-    trl==1.15.0
-    datasets==4.8.5
-    dill==0.4.1
-    multiprocess==0.70.19
-    # Fused kernels (RMSNorm, RoPE, SwiGLU, linear cross-entropy); needs only torch and triton.
-    liger-kernel==0.8.5
-    # Unsloth peer. Its other Requires-Dist are left out on purpose: xformers, torchao (CUDA
-    # builds, imported only inside try/find_spec guards), diffusers, tyro, hf_transfer, json5,
-    # structlog, nest-asyncio (only the studio web app, the CLI, downloads or OpenEnv use them).
-    unsloth==2026.10.9
-    unsloth_zoo==2026.10.9
-    cut-cross-entropy==25.1.1
-    msgspec==0.23.0
-)
+LOCK=requirements/device-site.txt
 
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
@@ -59,9 +34,9 @@ for tag in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 \
 done
 
 PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install --quiet --disable-pip-version-check --no-warn-conflicts \
-    --target "$site" --no-deps --only-binary=:all: --no-compile \
+    --target "$site" --no-deps --require-hashes --only-binary=:all: --no-compile \
     --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none \
-    "${platforms[@]}" "${PACKAGES[@]}"
+    "${platforms[@]}" -r "$LOCK"
 
 # Size: the device loads one bitsandbytes library for its CUDA 13 torch, and bitsandbytes falls
 # back within a major version (a 13.x runtime takes cuda130); the other builds are 100+ MB.

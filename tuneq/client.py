@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,10 @@ from tuneq import config
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 KEY_HINT = "set TUNEQ_API_KEY, or run `tuneq config --api-key KEY`"
-# A stream is silent between events except for the server's ping every 15 s.
-STREAM_TIMEOUT = httpx.Timeout(10.0, read=60.0)
+# A stream is silent between events except for the server's ping every 15 s. A plain
+# (connect, read, write, pool) tuple, not httpx.Timeout: the client handed in may be httpx2's
+# (Starlette's TestClient, huggingface_hub's stack), which refuses the other package's Timeout.
+STREAM_TIMEOUT = (10.0, 60.0, 10.0, 10.0)
 
 
 def key_files() -> list[Path]:
@@ -41,6 +44,13 @@ def find_api_key() -> str | None:
     return None
 
 
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """The network errors of every HTTP client that can be in play: httpx's, and httpx2's once
+    anything has loaded it (a client object of it can only exist then)."""
+    fork = sys.modules.get("httpx2")
+    return (httpx.TransportError, fork.TransportError) if fork else (httpx.TransportError,)
+
+
 class TuneqError(Exception):
     """Anything a user should read as one line: an API error, an unreachable server, a bad file."""
 
@@ -54,6 +64,9 @@ class APIError(TuneqError):
 
 
 class Client:
+    """`http`, when given, is any client of httpx's API: an httpx.Client, an httpx2.Client, or
+    Starlette's TestClient (built on whichever of the two is installed)."""
+
     def __init__(self, base_url: str | None = None, *, http: httpx.Client | None = None, timeout: float = 60,
                  api_key: str | None = None):
         self.base_url = (base_url or config.setting("url")[0] or DEFAULT_URL).rstrip("/")
@@ -76,7 +89,7 @@ class Client:
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
             r = self.http.request(method, path, **kw)
-        except httpx.TransportError as exc:
+        except _transport_errors() as exc:
             raise TuneqError(f"cannot reach tuneq at {self.base_url} ({type(exc).__name__}); is `tuneq up` running? set TUNEQ_URL") from None
         _raise_for_error(r)
         return r
@@ -156,7 +169,7 @@ class Client:
                         return
                     if name == "message" and data:
                         yield json.loads(data)
-        except httpx.TransportError as exc:
+        except _transport_errors() as exc:
             raise TuneqError(f"the event stream from {self.base_url} broke off ({type(exc).__name__})") from None
         raise TuneqError(f"the event stream from {self.base_url} ended before the job did")
 
@@ -185,7 +198,7 @@ class Client:
                     for chunk in r.iter_bytes():
                         digest.update(chunk)
                         out.write(chunk)
-        except httpx.TransportError as exc:
+        except _transport_errors() as exc:
             raise TuneqError(f"download of {artifact['name']} from {self.base_url} failed ({type(exc).__name__})") from None
         if artifact.get("sha256") and digest.hexdigest() != artifact["sha256"]:
             raise TuneqError(f"{artifact['name']}: sha256 mismatch after download; try again")

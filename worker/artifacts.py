@@ -1,7 +1,7 @@
 """Publishing a finished job's final/ directory (and its kept checkpoints) into artifact storage.
 
-Each file is stored once, as it is: moved into a local store on the same disk (no bytes
-written), else streamed to it. The archives a user downloads (`adapter.tar.gz`, `model.tar.gz`,
+Each file is stored once, as it is: linked into a local store on the same disk (no bytes
+written) and then removed from the work directory, else streamed or uploaded to the store. The archives a user downloads (`adapter.tar.gz`, `model.tar.gz`,
 `merged.tar.gz`, `checkpoints/step-N.tar.gz`) are recipes over those files that the API streams
 (core.archive): nothing is compressed, and no second or third copy of the weights is written.
 """
@@ -12,14 +12,14 @@ import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from core.archive import INDEX_SUFFIX, Index, Member, digest
 from core.models import Artifact, Job
-from core.storage import Storage
+from core.storage import CHUNK, Storage, sha256_file
 
 
 @dataclass
@@ -66,10 +66,10 @@ def publish_final(storage: Storage, job: Job, final_dir: Path, checkpoints: Sequ
     """Store every file of final/ under jobs/{id}/final/, then the archives' recipes (also one
     per kept checkpoint: `checkpoints` are their folders in the store).
 
-    Idempotent: an attempt cut short (a killed worker) left some files moved into the store and
-    the rest here, and the next attempt completes it. Sizes and sha256 come from the trainer's
-    manifest and are checked wherever bytes are copied. Runs outside any DB transaction (SQLite
-    would hold its write lock all along); the caller adds the rows with the final transition.
+    Idempotent: an attempt cut short (a killed worker) left some files in the store and the rest
+    here, and the next attempt completes it. Sizes and sha256 come from the trainer's manifest
+    and are checked wherever bytes are copied. Runs outside any DB transaction (SQLite would hold
+    its write lock all along); the caller adds the rows with the final transition.
     """
     prefix = f"jobs/{job.id}"
     raw = final_manifest(storage, job.id, final_dir)
@@ -78,12 +78,12 @@ def publish_final(storage: Storage, job: Job, final_dir: Path, checkpoints: Sequ
     manifest = json.loads(raw)
     files: dict[str, dict[str, Any]] = {PurePosixPath(k).as_posix(): v for k, v in manifest["files"].items()}
     files[MANIFEST] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    up = Uploads(storage)
     stored = []
     for rel in [*sorted(k for k in files if k != MANIFEST), MANIFEST]:  # the manifest last, as written
         key, want = f"{prefix}/final/{rel}", files[rel]
-        local = final_dir / rel
-        if local.is_file():
-            size, sha = storage.adopt(key, local, keep=False)
+        if (final_dir / rel).is_file():
+            size, sha = up.put(key, final_dir / rel)
             if size != want["bytes"] or sha not in (None, want["sha256"]):
                 raise OSError(f"final/{rel}: {size} bytes stored, sha256 {sha}; the manifest says {want}")
         elif not storage.exists(key):
@@ -96,43 +96,74 @@ def publish_final(storage: Storage, job: Job, final_dir: Path, checkpoints: Sequ
     weights = {s.name.removeprefix("final/"): s for s in stored}
     # The merged model has an archive of its own: an adapter download stays adapter-sized.
     main = {rel: s for rel, s in weights.items() if not rel.startswith(f"{MERGED}/")}
-    stored.append(archive(storage, f"{prefix}/{name}", name, "archive", root, main, mtime))
+    stored.append(up.archive(f"{prefix}/{name}", name, "archive", root, main, mtime))
     merged = {rel.removeprefix(f"{MERGED}/"): s for rel, s in weights.items() if rel.startswith(f"{MERGED}/")}
     if merged:
-        stored.append(archive(storage, f"{prefix}/merged.tar.gz", "merged.tar.gz", "archive", MERGED, merged, mtime))
-    stored += publish_checkpoints(storage, job, checkpoints, mtime)
+        stored.append(up.archive(f"{prefix}/merged.tar.gz", "merged.tar.gz", "archive", MERGED, merged, mtime))
+    stored += publish_checkpoints(up, job, final_dir.parent / "checkpoints", checkpoints, mtime)
+    # Only now: the archives were hashed from these local files, not read back from the store.
+    # The store holds the model; the work directory keeps no second copy.
+    for key in up.local:
+        if key.startswith(f"{prefix}/final/"):
+            up.local[key].unlink()
     return stored
 
 
-def publish_checkpoints(storage: Storage, job: Job, prefixes: Sequence[str], mtime: int) -> list[Stored]:
+def publish_checkpoints(up: Uploads, job: Job, local: Path, prefixes: Sequence[str], mtime: int) -> list[Stored]:
     """One checkpoints/step-N.tar.gz (weights, state.json, manifest.json) per kept checkpoint,
-    over the files already uploaded while the job trained (worker.checkpoint_store)."""
+    over the files uploaded while the job trained (worker.checkpoint_store); hashed from this
+    host's copies in `local` where they are the same bytes."""
     stored = []
     for prefix in sorted(prefixes):
-        raw = b"".join(storage.iter_bytes(f"{prefix}/{MANIFEST}"))
+        raw = b"".join(up.storage.iter_bytes(f"{prefix}/{MANIFEST}"))
+        ck = prefix.rsplit("/", 1)[-1]
         files = {rel: Stored(rel, "file", f"{prefix}/{rel}", want["bytes"], want["sha256"])
                  for rel, want in json.loads(raw)["files"].items() if rel not in CHECKPOINT_RESUME_ONLY}
         files[MANIFEST] = Stored(MANIFEST, "file", f"{prefix}/{MANIFEST}", len(raw), hashlib.sha256(raw).hexdigest())
-        ck = prefix.rsplit("/", 1)[-1]
+        for rel, s in files.items():
+            # A re-save of the same step (a pause just after a resume) may differ in its bytes.
+            if (local / ck / rel).is_file() and sha256_file(local / ck / rel) == s.sha256:
+                up.local[s.key] = local / ck / rel
         name = f"checkpoints/{ck}.tar.gz"
-        stored.append(archive(storage, f"jobs/{job.id}/{name}", name, "checkpoint", ck, files, mtime))
+        stored.append(up.archive(f"jobs/{job.id}/{name}", name, "checkpoint", ck, files, mtime))
     return stored
 
 
-def archive(storage: Storage, key: str, name: str, kind: str, root: str, files: dict[str, Stored],
-            mtime: int) -> Stored:
-    """Store the recipe of a .tar.gz of `files` (relative path -> stored file) under root/.
+class Uploads:
+    """Files put into the store by one publishing, and the archives' recipes over them."""
 
-    Its length and sha256 are those of the bytes the API will stream: one read of the files.
-    """
-    dirs = {f"{root}/"} | {f"{root}/{parent}/" for rel in files for parent in _parents(rel)}
-    members = [Member(d, mtime=mtime) for d in sorted(dirs)]
-    members += [Member(f"{root}/{rel}", s.key, s.bytes, mtime) for rel, s in sorted(files.items())]
-    index = Index(members, gzip=True)
-    sha = digest(index, storage.iter_bytes)
-    index_key = key + INDEX_SUFFIX
-    storage.put_stream(index_key, io.BytesIO(index.to_json()))
-    return Stored(name, kind, index_key, index.size(), sha)
+    def __init__(self, storage: Storage):
+        self.storage = storage
+        self.local: dict[str, Path] = {}  # key -> the local file it came from, still in place
+
+    def put(self, key: str, path: Path) -> tuple[int, str | None]:
+        # Kept in place (linked, not moved) until the archives are hashed: read from this disk,
+        # not back from a remote store.
+        out = self.storage.adopt(key, path, keep=True)
+        self.local[key] = path
+        return out
+
+    def read(self, key: str) -> Iterator[bytes]:
+        if key not in self.local:  # stored by an earlier attempt
+            yield from self.storage.iter_bytes(key)
+            return
+        with open(self.local[key], "rb") as f:
+            while chunk := f.read(CHUNK):
+                yield chunk
+
+    def archive(self, key: str, name: str, kind: str, root: str, files: dict[str, Stored], mtime: int) -> Stored:
+        """Store the recipe of a .tar.gz of `files` (relative path -> stored file) under root/.
+
+        Its length and sha256 are those of the bytes the API will stream: one read of the files.
+        """
+        dirs = {f"{root}/"} | {f"{root}/{parent}/" for rel in files for parent in _parents(rel)}
+        members = [Member(d, mtime=mtime) for d in sorted(dirs)]
+        members += [Member(f"{root}/{rel}", s.key, s.bytes, mtime) for rel, s in sorted(files.items())]
+        index = Index(members, gzip=True)
+        sha = digest(index, self.read)
+        index_key = key + INDEX_SUFFIX
+        self.storage.put_stream(index_key, io.BytesIO(index.to_json()))
+        return Stored(name, kind, index_key, index.size(), sha)
 
 
 def _parents(rel: str) -> list[str]:
