@@ -102,6 +102,8 @@ class Job(Base):
     # When the trainer finished writing the final weights: an attempt that finds it set publishes
     # them instead of training again (the worker that trained may be lost while publishing).
     trained_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The host whose worker runs the job now, or ran it last (TUNEQ_HOST_ID): shown with its status.
+    host: Mapped[str | None] = mapped_column(String(200), nullable=True)
     # The lease: the database, not the broker, decides who runs a job.
     lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
     lease_attempt: Mapped[int] = mapped_column(Integer, default=0)

@@ -195,6 +195,7 @@ class JobRun:
         log.info("job %s: trainer pid %s started on %s %s (attempt %s%s)", self.job_id, proc.pid, kind, devices,
                  self.attempt, ", resuming" if resume else "")
         host = self.pool.host if self.pool else None
+        self.job.host = host
         states.add_event(self.db, self.job, "Resuming from the latest checkpoint." if resume else "Trainer started.",
                          type="message", data={"pid": proc.pid, "worker": self.worker_id, "resume": resume,
                                                "attempt": self.attempt, "host": host, "devices": devices,

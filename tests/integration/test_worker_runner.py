@@ -24,6 +24,7 @@ from core.storage import get_storage
 from tests.integration.conftest import (
     events_of, make_job, process_alive, trainer_pid, trainer_processes, wait_for,
 )
+from worker.gpus import get_pool
 from worker.runner import run_job
 
 LONG = 100_000  # steps: far more than a test waits for; these jobs end by cancel, pause or loss
@@ -86,6 +87,10 @@ def test_job_runs_to_succeeded_with_events_checkpoints_and_artifacts(db: Session
     db.expire_all()
     job = db.get(Job, job.id)
     assert job.status == states.SUCCEEDED and job.error is None and job.lease_owner is None
+    assert job.host == get_pool(get_settings()).host  # the host it ran on, in its status body too
+    from api.routes.jobs import job_out
+
+    assert job_out(job).host == job.host
     assert job.fine_tuned_model == f"ft:tiny-llama:rev:{job.id}"
     assert job.trained_tokens and job.trained_tokens > 0
     assert job.progress["step"] == job.progress["total_steps"] == 4
