@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from api import errors
 from api.auth_gate import UploadAuthMiddleware
 from api.db_retry import RetryReadsMiddleware
-from api.routes import admin, artifacts, checkpoints, events, files, health, jobs, models, plan
+from api.routes import admin, artifacts, checkpoints, events, files, health, hosts, jobs, models, plan
 from api.routes import ui
 from api.routes import metrics
 from api.uploads import UploadLimitMiddleware
@@ -24,7 +24,7 @@ def create_app() -> FastAPI:
     app.add_middleware(UploadLimitMiddleware)
     # Added last, so it runs first: no upload byte is read for a caller without a valid key.
     app.add_middleware(UploadAuthMiddleware)
-    for module in (files, jobs, plan, events, checkpoints, artifacts, models, admin, health):
+    for module in (files, jobs, plan, events, checkpoints, artifacts, models, hosts, admin, health):
         app.include_router(module.router)
     ui.install(app)  # the browser dashboard at /ui
     app.include_router(metrics.router)  # Prometheus /metrics, admins only

@@ -730,6 +730,20 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print the model
         print(m["id"])
 
 
+@app.command()
+def hosts(as_json: Annotated[bool, typer.Option("--json", help="Print the host objects as JSON.")] = False) -> None:
+    """List the worker hosts with their GPUs, free GPUs and disk."""
+    with make_client() as c:
+        items = c.hosts()
+    if as_json:
+        print_json(items)
+        return
+    for h in items:
+        kinds = ", ".join(sorted({f"{g['name']} {g['memory_gib']} GiB" for g in h["gpu_info"]})) or h["kind"]
+        disk = "disk full" if h["disk_full"] else f"{h['disk_free_gib']} GiB free"
+        print(f"{h['host']}  {h['free']}/{h['gpus']} free  {kinds}  {disk}  workers: {len(h['workers'])}")
+
+
 # ------------------------------------------------------------------------------------------ files
 
 files_app = typer.Typer(cls=_OneLineErrors, no_args_is_help=True, help="Training data: upload, list, show the validation report.")
