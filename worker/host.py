@@ -20,13 +20,14 @@ from core.models import Job, now
 from core.queue import RUN_JOB, claim_dispatch, producer
 from core.scheduling import waiting
 from core.settings import get_settings
-from worker.disk import disk_state
+from worker.disk import disk_state, sweep_work_dirs
 from worker.gpus import GpuPool, describe_gpus
 from worker.process import kill_orphans
 
 log = logging.getLogger(__name__)
 
 ORPHAN_SCAN_S = 5.0
+SWEEP_S = 60.0
 
 
 def dispatch_once() -> list[str]:
@@ -72,7 +73,7 @@ class HostThread(threading.Thread):
 
     def run(self) -> None:
         s = get_settings()
-        next_orphan_scan = 0.0
+        next_orphan_scan = next_sweep = 0.0
         while not self.stopped.is_set():
             for duty in (self.register, dispatch_once):
                 try:
@@ -83,6 +84,13 @@ class HostThread(threading.Thread):
                 if killed := kill_orphans():
                     log.warning("killed orphaned trainer process groups %s", killed)
                 next_orphan_scan = time.monotonic() + ORPHAN_SCAN_S
+            if time.monotonic() >= next_sweep:
+                try:
+                    with session_scope() as db:
+                        sweep_work_dirs(db, s, self.pool.host, set(self.pool.holders().values()))
+                except Exception:  # noqa: BLE001 - a later pass sweeps again
+                    log.warning("sweeping work directories failed", exc_info=True)
+                next_sweep = time.monotonic() + SWEEP_S
             self.wake.wait(s.dispatch_interval_s)
             self.wake.clear()
 

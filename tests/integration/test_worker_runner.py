@@ -270,3 +270,27 @@ def test_a_worker_whose_disk_is_nearly_full_takes_no_job_and_says_so(db: Session
     monkeypatch.setenv("TUNEQ_MIN_FREE_DISK_GIB", "0")
     reset_caches()
     assert run_job(job.id, worker_id="w1") == states.SUCCEEDED
+
+
+@SQLITE_ONLY
+def test_the_sweep_removes_work_dirs_of_ended_jobs_and_of_jobs_gone_to_another_host(
+        db: Session, worker_env: dict[str, str]) -> None:
+    from worker.disk import sweep_work_dirs
+
+    def job_with_dir(status: str, host: str | None) -> str:
+        job = make_job(db, worker_env["model"], steps=2)
+        db.execute(update(Job).where(Job.id == job.id).values(status=status, host=host))
+        db.commit()
+        (work_dir(job.id) / "checkpoints").mkdir(parents=True)
+        return job.id
+
+    ended = job_with_dir(states.SUCCEEDED, "here")
+    moved = job_with_dir(states.RUNNING, "there")  # a paused job resumed on another host
+    paused_here = job_with_dir(states.PAUSED, "here")
+    in_use = job_with_dir(states.CANCELLED, "here")  # its GPUs are still held here: being set up
+    unknown = "ftjob-deleted"
+    (work_dir(unknown)).mkdir(parents=True)
+    removed = sweep_work_dirs(db, get_settings(), "here", busy={in_use})
+    assert sorted(removed) == sorted([ended, moved, unknown])
+    assert work_dir(paused_here).is_dir() and work_dir(in_use).is_dir()
+    assert not work_dir(ended).exists() and not work_dir(moved).exists()
