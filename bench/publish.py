@@ -7,7 +7,8 @@ trainer's manifest) and publishes it into a local store on the same disk:
 
 - `gzip archive (before)`: the earlier publisher, kept here as the reference: every file of
   final/ copied into the store, then a tar.gz of final/ written beside it and copied in.
-- `stored once (now)`: worker.artifacts.publish_final (files moved into the store, the archive
+- `stored once (now)`: worker.artifacts.publish_final (files linked into the store and removed from
+  the work directory, the archive
   a recipe whose length and sha256 come from one read).
 
 Peak extra disk: the most bytes on disk (work dir + store, hard links counted once) above what

@@ -11,14 +11,11 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from trainer.vocabulary import OPTIMIZERS, Optimizer  # noqa: F401 - re-exported
+
 if TYPE_CHECKING:
     from trainer.spec import JobSpec
 
-# adamw: torch's AdamW (its fused kernel on a GPU, as before this option existed);
-# adamw_fused: the fused kernel on any device; the bitsandbytes ones keep m and v in 8 bits
-# (adamw_8bit) and/or in paged memory that the driver may move to the CPU under pressure.
-Optimizer = Literal["adamw", "adamw_fused", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"]
-OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw_fused", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
 
 # Methods that train a peft adapter on a frozen base, and those of them that can be merged.
 ADAPTER_METHODS = ("lora", "qlora", "ia3", "prefix")

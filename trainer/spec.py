@@ -1,7 +1,8 @@
 """JobSpec: the one definition of a fine-tuning job.
 
 Everything that reaches a GPU passes through this model first, so every check that can fail
-without loading weights lives here and names the field and its allowed range.
+without loading weights lives here and names the field and its allowed range. The closed sets of
+values its fields take (Method, Speed, ...) are in trainer.vocabulary, importable from here too.
 """
 
 from __future__ import annotations
@@ -14,21 +15,24 @@ from trainer.method_settings import (
     ExportSettings,
     FreezeSettings,
     IA3Settings,
-    Optimizer,
     PrefixSettings,
     QuantizationSettings,
     check_method_settings,
 )
-
-# freeze: full fine-tuning of the top layers only; ia3 and prefix: the adapter family besides LoRA.
-Method = Literal["full", "lora", "qlora", "ia3", "prefix", "freeze"]
-DataFormat = Literal["auto", "chat", "alpaca", "prompt_completion", "text"]
-Precision = Literal["auto", "bf16", "fp32"]
-# lean: gradient checkpointing, least memory; fast: keep activations, about a third less compute;
-# balanced: checkpoint only the bottom checkpoint_layers decoder layers (as many as memory needs).
-Speed = Literal["auto", "lean", "fast", "balanced"]
-FullPrecision = Literal["fp32_master", "bf16"]
-Strategy = Literal["auto", "ddp", "fsdp"]
+# The field types, importable from here: one definition, in trainer/vocabulary.py.
+from trainer.vocabulary import (  # noqa: F401 - re-exported
+    DEFAULT_METHOD,
+    METHOD_SETTINGS,
+    METHODS,
+    OPTIMIZERS,
+    DataFormat,
+    FullPrecision,
+    Method,
+    Optimizer,
+    Precision,
+    Speed,
+    Strategy,
+)
 
 # Linear projections of Llama-shaped decoders; "all-linear" lets peft find them on any model.
 ALL_LINEAR = "all-linear"
@@ -111,13 +115,13 @@ class JobSpec(_Strict):
     """What to train, on what, and how."""
 
     model: str = Field(..., min_length=1, max_length=512, description="Hub id or local directory of the base model.")
-    method: Method = Field("lora", description="full | lora | qlora | ia3 | prefix | freeze.")
+    method: Method = Field(DEFAULT_METHOD, description=" | ".join(METHODS) + ".")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="Used by lora and qlora.")
     quantization: QuantizationSettings | None = Field(None, description="qlora's base: 4-bit (default) or 8-bit.")
     ia3: IA3Settings | None = Field(None, description="Used by ia3.")
     prefix: PrefixSettings | None = Field(None, description="Used by prefix.")
     freeze: FreezeSettings | None = Field(None, description="Used by freeze (required there).")
-    optimizer: Optimizer = Field("adamw", description="adamw | adamw_fused | adamw_8bit | paged_adamw | paged_adamw_8bit.")
+    optimizer: Optimizer = Field("adamw", description=" | ".join(OPTIMIZERS) + ".")
     init_from: str | None = Field(
         None, min_length=1, description="Adapter, model or checkpoint directory whose weights this job starts from."
     )

@@ -10,9 +10,8 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from api.content import attachment, stored_content
-from api.deps import CurrentUser, SessionDep, StorageDep
+from api.deps import ReadableJob, SessionDep, StorageDep
 from api.errors import APIError, not_found
-from api.routes.jobs import load_job
 from api.schemas import ArtifactOut, Page
 from core.archive import INDEX_SUFFIX, Index
 from core.models import Artifact
@@ -32,8 +31,7 @@ def artifact_out(a: Artifact) -> ArtifactOut:
 
 
 @router.get("/{job_id}/artifacts")
-def list_fine_tuning_artifacts(job_id: str, user: CurrentUser, db: SessionDep) -> Page[ArtifactOut]:
-    job = load_job(db, job_id, user)
+def list_fine_tuning_artifacts(job: ReadableJob, db: SessionDep) -> Page[ArtifactOut]:
     rows = db.scalars(select(Artifact).where(Artifact.job_id == job.id).order_by(Artifact.name, Artifact.id)).all()
     items = [artifact_out(a) for a in rows]
     return Page[ArtifactOut](
@@ -52,11 +50,8 @@ def find_artifact(db: Session, job_id: str, ref: str) -> Artifact | None:
 
 # `:path` so that names with folders (final/adapter_config.json) work as well as ids.
 @router.get("/{job_id}/artifacts/{artifact:path}/content", response_class=FileResponse)
-def get_fine_tuning_artifact_content(
-    job_id: str, artifact: str, user: CurrentUser, db: SessionDep, storage: StorageDep
-) -> Response:
+def get_fine_tuning_artifact_content(job: ReadableJob, artifact: str, db: SessionDep, storage: StorageDep) -> Response:
     """An artifact's bytes. `NAME.tar` of an archive `NAME.tar.gz` is the same files, not gzipped."""
-    job = load_job(db, job_id, user)
     row = find_artifact(db, job.id, artifact)
     plain = False
     if row is None and artifact.endswith(PLAIN_TAR):
