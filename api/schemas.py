@@ -33,7 +33,7 @@ class FileObject(BaseModel):
     status_details: str | None = None
     expires_at: int | None = None
     sha256: str
-    validation: dict[str, Any] = Field(description="The per-line validation report of trainer.data.validate_file.")
+    validation: dict[str, Any] = Field(description="The per-line validation report of trainer.data.validate.validate_file.")
 
 
 class JobErrorOut(BaseModel):

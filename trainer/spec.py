@@ -21,10 +21,17 @@ from trainer.method_settings import (
 )
 # The field types, importable from here: one definition, in trainer/vocabulary.py.
 from trainer.vocabulary import (  # noqa: F401 - re-exported
+    DATA_FORMATS,
     DEFAULT_METHOD,
+    FULL_PRECISIONS,
     METHOD_SETTINGS,
     METHODS,
     OPTIMIZERS,
+    PRECISIONS,
+    SPEEDS,
+    STRATEGIES,
+    TORCH_OPTIMIZERS,
+    WHOLE_WEIGHT_METHODS,
     DataFormat,
     FullPrecision,
     Method,
@@ -267,7 +274,7 @@ class JobSpec(_Strict):
         if hp.gradient_accumulation_steps != 1:
             raise ValueError(f"optimizer_in_backward: updates after every backward, so it cannot accumulate "
                              f"{hp.gradient_accumulation_steps} micro-batches; give gradient_accumulation_steps 1")
-        if self.optimizer not in ("adamw", "adamw_fused"):
+        if self.optimizer not in TORCH_OPTIMIZERS:
             raise ValueError(f"optimizer_in_backward: works with optimizer 'adamw' or 'adamw_fused', not "
                              f"{self.optimizer!r}")
         if self.strategy == "fsdp":

@@ -30,3 +30,19 @@ Strategy = Literal["auto", "ddp", "fsdp"]
 # (adamw_8bit) and/or in paged memory that the driver may move to the CPU under pressure.
 Optimizer = Literal["adamw", "adamw_fused", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"]
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+# Those torch implements; the others are bitsandbytes' (trainer.optim), which keep their own state
+# layout and cannot step a layer inside backward.
+TORCH_OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw_fused")
+# bitsandbytes' class of each of the others, by its name in bitsandbytes.optim.
+BITSANDBYTES_OPTIMIZERS: dict[str, str] = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW",
+                                           "paged_adamw_8bit": "PagedAdamW8bit"}
+
+# The allowed values of each choice, for whoever offers them (the API's schema, the CLI's options,
+# the planner): read from the types so they cannot drift.
+DATA_FORMATS: tuple[str, ...] = get_args(DataFormat)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+SPEEDS: tuple[str, ...] = get_args(Speed)
+FULL_PRECISIONS: tuple[str, ...] = get_args(FullPrecision)
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+# Methods that train whole weights (and so can shard them with FSDP); the others train adapters.
+WHOLE_WEIGHT_METHODS: tuple[str, ...] = ("full", "freeze")

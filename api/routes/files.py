@@ -42,7 +42,7 @@ def _display_name(filename: str | None) -> str:
 
 
 def _validate(path: str) -> dict[str, Any]:
-    from trainer.data import validate_file  # heavy import, only when a file arrives
+    from trainer.data.validate import validate_file  # no torch: a file is checked without it
 
     return validate_file(path, tokenizer=None, max_seq_len=None)
 
