@@ -39,6 +39,8 @@ def resolve_source(db: Session, user: User, ref: str, model: str) -> Source:
         job = db.get(Job, ck.job_id) if ck is not None else None
         if job is None or not can_read_job(db, user, job):
             raise bad_request(f"{PARAM}: no checkpoint with id {ref!r}", PARAM, "checkpoint_not_found")
+        if ck is not None and ck.uploaded_at is None:
+            raise bad_request(f"{PARAM}: checkpoint {ref} is still being stored; try again in a moment", PARAM)
     elif ref.startswith("ftjob-"):
         job = db.get(Job, ref)
         if job is None or not can_read_job(db, user, job):

@@ -76,6 +76,7 @@ class JobOut(BaseModel):
     progress: dict[str, Any]
     metrics: dict[str, Any]
     started_at: int | None
+    host: str | None = None  # the host that runs the job, or ran it last
     # Predicted peak GPU memory (the planner's, at creation) next to the measured one.
     plan: dict[str, Any] | None = None
 

@@ -106,6 +106,8 @@ class Job(Base):
     # When the trainer finished writing the final weights: an attempt that finds it set publishes
     # them instead of training again (the worker that trained may be lost while publishing).
     trained_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The host whose worker runs the job now, or ran it last (TUNEQ_HOST_ID): shown with its status.
+    host: Mapped[str | None] = mapped_column(String(200), nullable=True)
     # The lease: the database, not the broker, decides who runs a job.
     lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
     lease_attempt: Mapped[int] = mapped_column(Integer, default=0)
@@ -134,9 +136,14 @@ class Checkpoint(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ftckpt"))
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     step: Mapped[int] = mapped_column(Integer)
-    path: Mapped[str] = mapped_column(String(1024))
+    path: Mapped[str] = mapped_column(String(1024))  # where the host that wrote it keeps it
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[float] = mapped_column(Float, default=now)
+    # The folder of its files (and manifest.json) in the shared store. Only an uploaded
+    # checkpoint is resumed, continued from or listed: any host can fetch it.
+    storage_key: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    uploaded_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    host: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
 class Artifact(Base):

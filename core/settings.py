@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     gpu_lock_dir: Path | None = Field(None, description="Folder of the per-GPU lock files that the workers of one host share. Empty: home/gpu-locks.")
     registry_ttl_s: float = Field(15.0, gt=0, description="Seconds after which a worker that stopped refreshing its registry entry drops out of it.")
     dispatch_interval_s: float = Field(1.0, gt=0, description="Seconds between a worker's passes that refresh its registry entry and re-send queued jobs whose message may be lost.")
+    min_free_disk_gib: float = Field(
+        10.0, ge=0, description="Free GiB the work folder's disk must keep: below it a worker takes no new job (running ones go on) and its registry entry says disk_full. 0: never refuse."
+    )
     max_attempts: int = Field(5, ge=1, le=100, description="Runs a job gets when infrastructure fails under it (killed trainer, lost worker) before it is marked failed.")
     retry_backoff_s: float = Field(5.0, ge=0, description="Seconds before the first retry of such a job; doubles with each further retry, at most 300.")
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest upload in bytes; a larger one is refused with 413 while it streams in.")

@@ -41,6 +41,21 @@ def registered() -> list[dict[str, Any]]:
     return out
 
 
+def hosts() -> list[dict[str, Any]]:
+    """One entry per registered host: its devices and GPUs, free ones, its workers, its disk."""
+    by_host: dict[str, dict[str, Any]] = {}
+    for w in sorted(registered(), key=lambda w: str(w.get("worker_id"))):
+        h = by_host.setdefault(w["host"], {"host": w["host"], "kind": w.get("kind"), "gpus": 0, "free": 0,
+                                           "gpu_info": [], "workers": [], "disk_full": False, "disk_free_gib": None})
+        h["gpus"] = max(h["gpus"], int(w["gpus"]))
+        h["free"] = max(h["free"], int(w.get("free") or 0))  # the workers of a host share its GPUs
+        h["gpu_info"] = h["gpu_info"] or w.get("gpu_info") or []
+        h["workers"].append(w.get("worker_id"))
+        h["disk_full"] = h["disk_full"] or bool(w.get("disk_full"))
+        h["disk_free_gib"] = w.get("disk_free_gib", h["disk_free_gib"])
+    return [by_host[k] for k in sorted(by_host)]
+
+
 def largest_host() -> int | None:
     """GPUs of the biggest registered host, or None when no worker is registered (yet)."""
     hosts: dict[str, int] = {}

@@ -185,6 +185,9 @@ class Client:
     def models(self) -> list[dict[str, Any]]:
         return self._json("GET", "/v1/models")["data"]
 
+    def hosts(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/v1/hosts")["data"]
+
     def download_artifact(self, job_id: str, artifact: dict[str, Any], dest: Path) -> Path:
         """Stream an artifact to `dest` and check its sha256 against the listing."""
         digest = hashlib.sha256()

@@ -12,14 +12,14 @@ import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from core.archive import INDEX_SUFFIX, Index, Member, digest
 from core.models import Artifact, Job
-from core.storage import CHUNK, Storage
+from core.storage import CHUNK, Storage, sha256_file
 
 
 @dataclass
@@ -62,8 +62,9 @@ def final_manifest(storage: Storage, job_id: str, final_dir: Path) -> bytes | No
     return None
 
 
-def publish_final(storage: Storage, job: Job, final_dir: Path) -> list[Stored]:
-    """Store every file of final/ under jobs/{id}/final/, then the archives' recipes.
+def publish_final(storage: Storage, job: Job, final_dir: Path, checkpoints: Sequence[str] = ()) -> list[Stored]:
+    """Store every file of final/ under jobs/{id}/final/, then the archives' recipes (also one
+    per kept checkpoint: `checkpoints` are their folders in the store).
 
     Idempotent: an attempt cut short (a killed worker) left some files in the store and the rest
     here, and the next attempt completes it. Sizes and sha256 come from the trainer's manifest
@@ -99,7 +100,7 @@ def publish_final(storage: Storage, job: Job, final_dir: Path) -> list[Stored]:
     merged = {rel.removeprefix(f"{MERGED}/"): s for rel, s in weights.items() if rel.startswith(f"{MERGED}/")}
     if merged:
         stored.append(up.archive(f"{prefix}/merged.tar.gz", "merged.tar.gz", "archive", MERGED, merged, mtime))
-    stored += publish_checkpoints(up, job, final_dir.parent / "checkpoints", mtime)
+    stored += publish_checkpoints(up, job, final_dir.parent / "checkpoints", checkpoints, mtime)
     # Only now: the archives were hashed from these local files, not read back from the store.
     # The store holds the model; the work directory keeps no second copy.
     for key in up.local:
@@ -108,24 +109,23 @@ def publish_final(storage: Storage, job: Job, final_dir: Path) -> list[Stored]:
     return stored
 
 
-def publish_checkpoints(up: Uploads, job: Job, checkpoints: Path, mtime: int) -> list[Stored]:
-    """One checkpoints/step-N.tar.gz (weights, state.json, manifest.json) per kept checkpoint.
-
-    The work directory keeps its checkpoints (a continuation starts from them): a local store
-    on the same disk links the files, so they still take the disk once.
-    """
-    if not checkpoints.is_dir():
-        return []
+def publish_checkpoints(up: Uploads, job: Job, local: Path, prefixes: Sequence[str], mtime: int) -> list[Stored]:
+    """One checkpoints/step-N.tar.gz (weights, state.json, manifest.json) per kept checkpoint,
+    over the files uploaded while the job trained (worker.checkpoint_store); hashed from this
+    host's copies in `local` where they are the same bytes."""
     stored = []
-    for ck in sorted(p for p in checkpoints.iterdir() if p.is_dir() and (p / "state.json").is_file()):
-        files = {}
-        for path in sorted(p for p in ck.rglob("*") if p.is_file() and p.name not in CHECKPOINT_RESUME_ONLY):
-            rel = path.relative_to(ck).as_posix()
-            key = f"jobs/{job.id}/checkpoints/{ck.name}/{rel}"
-            size, _ = up.put(key, path)
-            files[rel] = Stored(rel, "file", key, size, "")
-        name = f"checkpoints/{ck.name}.tar.gz"
-        stored.append(up.archive(f"jobs/{job.id}/{name}", name, "checkpoint", ck.name, files, mtime))
+    for prefix in sorted(prefixes):
+        raw = b"".join(up.storage.iter_bytes(f"{prefix}/{MANIFEST}"))
+        ck = prefix.rsplit("/", 1)[-1]
+        files = {rel: Stored(rel, "file", f"{prefix}/{rel}", want["bytes"], want["sha256"])
+                 for rel, want in json.loads(raw)["files"].items() if rel not in CHECKPOINT_RESUME_ONLY}
+        files[MANIFEST] = Stored(MANIFEST, "file", f"{prefix}/{MANIFEST}", len(raw), hashlib.sha256(raw).hexdigest())
+        for rel, s in files.items():
+            # A re-save of the same step (a pause just after a resume) may differ in its bytes.
+            if (local / ck / rel).is_file() and sha256_file(local / ck / rel) == s.sha256:
+                up.local[s.key] = local / ck / rel
+        name = f"checkpoints/{ck}.tar.gz"
+        stored.append(up.archive(f"jobs/{job.id}/{name}", name, "checkpoint", ck, files, mtime))
     return stored
 
 

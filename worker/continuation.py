@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from core.models import Artifact, Checkpoint
 from core.storage import get_storage
+from worker.checkpoint_store import weights_dir
 
 
 def resolve_init_from(db: Session, ref: str) -> str:
@@ -17,13 +18,11 @@ def resolve_init_from(db: Session, ref: str) -> str:
         ck = db.get(Checkpoint, ref)
         if ck is None:
             raise ValueError(f"from_checkpoint: checkpoint {ref} does not exist")
-        if not Path(ck.path).is_dir():
-            # The trainer keeps only the newest keep_checkpoints; older ones are gone.
-            raise ValueError(
-                f"from_checkpoint: the files of checkpoint {ref} (step {ck.step}) were removed; continue from a "
-                "newer checkpoint or from the job itself"
-            )
-        return ck.path
+        if ck.uploaded_at is None or not ck.storage_key:
+            if Path(ck.path).is_dir():  # a checkpoint from before the store kept them, on its host
+                return ck.path
+            raise ValueError(f"from_checkpoint: checkpoint {ref} (step {ck.step}) is not in the store yet")
+        return str(weights_dir(get_storage(), ck.storage_key))
     if ref.startswith("ftjob-"):
         storage = get_storage()
         rows = db.scalars(select(Artifact).where(Artifact.job_id == ref, Artifact.name.like("final/%"))).all()

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from core import states
 from core.models import Checkpoint, Job
+from worker.checkpoint_store import UPLOADS, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,12 @@ class EventTail:
 class ProgressTracker:
     """Folds events into job.progress / job.metrics; remembers what the end of the run needs."""
 
-    def __init__(self, work_dir: Path):
+    def __init__(self, work_dir: Path, host: str | None = None):
         self.work_dir = work_dir
+        self.host = host
+        # (step, snapshot) of checkpoints announced since the last take_new_checkpoints(): they are
+        # uploaded once their rows are committed.
+        self.new_checkpoints: list[tuple[int, Path]] = []
         self.last_error: dict[str, Any] | None = None
         self.finished: dict[str, Any] | None = None
         self._rate_origin: tuple[float, int] | None = None  # (time, step) of this run's first metrics
@@ -124,9 +129,21 @@ class ProgressTracker:
         if not isinstance(step, int) or not rel:
             return
         # A resumed run may announce a step again; one row per step.
-        known = db.scalar(select(Checkpoint.id).where(Checkpoint.job_id == job.id, Checkpoint.step == step))
+        known = db.scalar(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == step))
+        if known is not None and known.uploaded_at is not None:
+            return
+        snap = snapshot(self.work_dir / rel, self.work_dir / UPLOADS)
+        if snap is None:  # already rotated away by the trainer: a newer one follows
+            log.warning("job %s: checkpoint %s was gone before it could be stored", job.id, rel)
+            return
         if known is None:
-            db.add(Checkpoint(job_id=job.id, step=step, path=str(self.work_dir / rel), metrics=data.get("metrics") or {}))
+            db.add(Checkpoint(job_id=job.id, step=step, path=str(self.work_dir / rel), metrics=data.get("metrics") or {},
+                              host=self.host))
+        self.new_checkpoints.append((step, snap))
+
+    def take_new_checkpoints(self) -> list[tuple[int, Path]]:
+        taken, self.new_checkpoints = self.new_checkpoints, []
+        return taken
 
 
 def _pick(data: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:

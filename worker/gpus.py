@@ -58,6 +58,39 @@ def detect_gpus() -> int:
         return 0
 
 
+GPU_QUERY = ["nvidia-smi", "--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader,nounits"]
+
+
+def parse_gpu_query(text: str, device_ids: list[str] | None = None) -> list[dict[str, object]]:
+    """Name and memory (GiB) of each GPU in nvidia-smi's CSV answer, in device_ids order when given
+    (a worker confined with CUDA_VISIBLE_DEVICES, by index or UUID)."""
+    found: dict[str, dict[str, object]] = {}
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 4:
+            continue
+        index, uuid, mib = parts[0], parts[1], parts[-1]
+        try:
+            gpu = {"name": ",".join(parts[2:-1]), "memory_gib": round(float(mib) / 1024, 1)}
+        except ValueError:
+            continue
+        found[index] = found[uuid] = gpu
+    if device_ids is None:
+        return [g for k, g in found.items() if not k.startswith("GPU-")]
+    return [found[d] for d in device_ids if d in found]
+
+
+def describe_gpus(device_ids: list[str] | None = None) -> list[dict[str, object]]:
+    """This worker's GPUs for the registry; [] where nvidia-smi is missing or fails."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(GPU_QUERY, capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return parse_gpu_query(out, device_ids)
+
+
 @dataclass
 class Reservation:
     indices: list[int]

@@ -20,12 +20,14 @@ from core.models import Job, now
 from core.queue import RUN_JOB, claim_dispatch, producer
 from core.scheduling import waiting
 from core.settings import get_settings
-from worker.gpus import GpuPool
+from worker.disk import disk_state, sweep_work_dirs
+from worker.gpus import GpuPool, describe_gpus
 from worker.process import kill_orphans
 
 log = logging.getLogger(__name__)
 
 ORPHAN_SCAN_S = 5.0
+SWEEP_S = 60.0
 
 
 def dispatch_once() -> list[str]:
@@ -58,17 +60,20 @@ class HostThread(threading.Thread):
     def __init__(self, pool: GpuPool, worker_id: str, slots: int):
         super().__init__(name="tuneq-host", daemon=True)
         self.pool, self.worker_id, self.slots = pool, worker_id, slots
+        # Name and memory of each GPU, asked once: what a job's plan is checked against.
+        self.gpu_info = describe_gpus(pool.device_ids)[: pool.count] if pool.kind == "gpu" else []
         self.stopped = threading.Event()
         self.wake = threading.Event()
 
     def register(self) -> None:
         s = get_settings()
         workers.register(self.worker_id, self.pool.host, self.pool.count, self.pool.kind, s.registry_ttl_s,
-                         slots=self.slots, free=self.pool.free(), seen=time.time())
+                         slots=self.slots, free=self.pool.free(), seen=time.time(), gpu_info=self.gpu_info,
+                         **disk_state(s))
 
     def run(self) -> None:
         s = get_settings()
-        next_orphan_scan = 0.0
+        next_orphan_scan = next_sweep = 0.0
         while not self.stopped.is_set():
             for duty in (self.register, dispatch_once):
                 try:
@@ -79,6 +84,13 @@ class HostThread(threading.Thread):
                 if killed := kill_orphans():
                     log.warning("killed orphaned trainer process groups %s", killed)
                 next_orphan_scan = time.monotonic() + ORPHAN_SCAN_S
+            if time.monotonic() >= next_sweep:
+                try:
+                    with session_scope() as db:
+                        sweep_work_dirs(db, s, self.pool.host, set(self.pool.holders().values()))
+                except Exception:  # noqa: BLE001 - a later pass sweeps again
+                    log.warning("sweeping work directories failed", exc_info=True)
+                next_sweep = time.monotonic() + SWEEP_S
             self.wake.wait(s.dispatch_interval_s)
             self.wake.clear()
 

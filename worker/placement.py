@@ -16,6 +16,7 @@ from core.jobs import acquire_lease
 from core.models import Job, now
 from core.scheduling import Waiting, blocked_head, pick, waiting
 from core.settings import Settings
+from worker.disk import disk_state
 from worker.gpus import GpuPool, Reservation
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,10 @@ def _runnable(job: Job | None, ttl_s: float) -> bool:
 
 def take(db: Session, pool: GpuPool, job_id: str, worker_id: str, settings: Settings) -> tuple[Job, Reservation] | str:
     """A leased job with its GPUs reserved, or why not: `skipped` or `deferred`."""
+    if disk_state(settings)["disk_full"]:
+        # Another host takes it: the dispatcher re-sends a deferred job's message to all.
+        log.warning("job %s deferred: less than %s GiB free for work on this host", job_id, settings.min_free_disk_gib)
+        return "deferred"
     with pool.mutex:
         # Read under the mutex: a sibling slot of this worker may have just leased the job.
         job = db.get(Job, job_id, populate_existing=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -25,18 +26,19 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 from core import control, states
 from core.db import get_sessionmaker
 from core.jobs import heartbeat, lock_leased_job, release_lease
-from core.models import Job
+from core.models import Checkpoint, Job
 from core.queue import clear_pending, enqueue_job
 from core.retries import USER_ERRORS, retry_or_fail
 from core.settings import Settings, get_settings
 from core.storage import get_storage
 from worker import placement
 from worker.artifacts import final_manifest, publish_final
+from worker.checkpoint_store import Uploader, keep_checkpoints, prepare_resume, uploaded
 from worker.events import EventTail, ProgressTracker
 from worker.gpus import GpuPool, Reservation, get_pool
 from worker.process import SUPERVISOR_ENV, TrainerProcess, kill_strays
 from worker.tensorboard_log import TensorBoardLog
-from worker.workdir import SpecError, has_checkpoint, job_dir, runnable_spec, trainer_argv, trainer_env, write_spec
+from worker.workdir import SpecError, job_dir, runnable_spec, trainer_argv, trainer_env, write_spec
 
 log = logging.getLogger(__name__)
 
@@ -154,13 +156,19 @@ class JobRun:
         self.attempt = job.lease_attempt
         self.settings = settings
         self.dir = job_dir(settings, job.id)
-        self.tracker = ProgressTracker(self.dir)
+        self.tracker = ProgressTracker(self.dir, pool.host if pool else None)
         self.tail = EventTail(self.dir / "events.jsonl", self.dir / "events.offset")
         self.tensorboard = TensorBoardLog(self.dir / "tensorboard")
+        self.ended_here = False  # this run wrote the job's final status (or found it ended)
 
     def execute(self) -> str:
-        with LeaseKeeper(self.job_id, self.worker_id, self.attempt, self.settings.heartbeat_s) as self.keeper:
-            return self.attempt_run()
+        with (LeaseKeeper(self.job_id, self.worker_id, self.attempt, self.settings.heartbeat_s) as self.keeper,
+              Uploader(get_storage(), self.job_id, keep_checkpoints(self.job.spec),
+                       may_write=lambda: not self.keeper.lost.is_set()) as self.uploader):
+            outcome = self.attempt_run()
+        if outcome in states.TERMINAL and self.ended_here:
+            self.clean_up()
+        return outcome
 
     def attempt_run(self) -> str:
         # Events a killed attempt left unread: its trainer may have finished just before.
@@ -175,7 +183,7 @@ class JobRun:
         self.dir.mkdir(parents=True, exist_ok=True)
         if strays := kill_strays(self.dir):
             log.warning("job %s: killed trainer processes %s left by an earlier attempt", self.job_id, strays)
-        resume = has_checkpoint(self.dir)
+        resume = self.with_db(self.prepare_resume) is not None
         devices = self.reservation.indices if self.reservation else []
         kind = self.pool.kind if self.pool else "cpu"
         procs = len(devices) if kind == "gpu" and devices else 1
@@ -187,6 +195,7 @@ class JobRun:
         log.info("job %s: trainer pid %s started on %s %s (attempt %s%s)", self.job_id, proc.pid, kind, devices,
                  self.attempt, ", resuming" if resume else "")
         host = self.pool.host if self.pool else None
+        self.job.host = host
         states.add_event(self.db, self.job, "Resuming from the latest checkpoint." if resume else "Trainer started.",
                          type="message", data={"pid": proc.pid, "worker": self.worker_id, "resume": resume,
                                                "attempt": self.attempt, "host": host, "devices": devices,
@@ -200,7 +209,19 @@ class JobRun:
         # A database restart just as the trainer ends must not lose its last events or turn a
         # finished training into a retried one.
         self.with_db(self.pump)
+        # Paused, preempted, crashed or done: whichever host runs the job next starts from the
+        # newest checkpoint in the store, so every one written must be there first.
+        if stopped_by != "lost" and not self.uploader.drain(give_up=self.keeper.lost.is_set):
+            return "lost"
         return self.with_db(self.conclude, proc, stopped_by)
+
+    def prepare_resume(self) -> Checkpoint | None:
+        # Checkpoints an earlier attempt on this host announced but did not store go up first.
+        self.uploader.drain(give_up=self.keeper.lost.is_set)
+        ck = prepare_resume(self.db, get_storage(), self.job_id, self.dir)
+        if ck is not None:
+            log.info("job %s: resuming from step %s (written on %s)", self.job_id, ck.step, ck.host)
+        return ck
 
     # -- while the trainer runs -------------------------------------------------------------
 
@@ -279,6 +300,8 @@ class JobRun:
         self.tensorboard.flush()
         self.db.commit()
         self.tail.save_offset()
+        for step, snap in self.tracker.take_new_checkpoints():
+            self.uploader.submit(step, snap)
 
     # -- the end ----------------------------------------------------------------------------
 
@@ -347,7 +370,9 @@ class JobRun:
         # An attempt that did not see the trainer finish reads what it reported from the manifest.
         metrics = json.loads(raw).get("metrics") or {}
         finished = self.tracker.finished or {"metrics": metrics, "trained_tokens": metrics.get("trained_tokens")}
-        stored = publish_final(storage, self.job, final)
+        kept = [ck.storage_key for ck in uploaded(self.db, self.job_id) if ck.storage_key]
+        self.db.rollback()  # no transaction held open while gigabytes move
+        stored = publish_final(storage, self.job, final, kept)
 
         def record(job: Job) -> None:
             self.db.add_all(s.row(job.id) for s in stored)
@@ -378,6 +403,7 @@ class JobRun:
         if job.status in states.TERMINAL:
             # Ended meanwhile by someone else (a cancel of a stale view of the job); keep that.
             self.db.commit()
+            self.ended_here = True
             log.warning("job %s: already %s; not overwriting it with %s", self.job_id, job.status, target)
             return job.status
         if job.status == states.CANCELLING and target in (states.FAILED, states.PAUSED):
@@ -392,8 +418,21 @@ class JobRun:
         if target == states.PAUSED:
             control.after_pause(self.db, job)
         self.db.commit()
+        self.ended_here = job.status in states.TERMINAL
         log.info("job %s: %s", self.job_id, job.status)
         return job.status
+
+    def clean_up(self) -> None:
+        """An ended job leaves nothing on this host that the store does not hold: its model,
+        checkpoints and curves are stored by now; the trainer's log goes there too."""
+        log_file = self.dir / "trainer.log"
+        try:
+            if log_file.is_file():
+                get_storage().put_file(f"jobs/{self.job_id}/logs/trainer-attempt-{self.attempt}.log", log_file)
+        except Exception:  # noqa: BLE001 - a lost log must not keep gigabytes on the disk
+            log.warning("job %s: could not store trainer.log", self.job_id, exc_info=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        log.info("job %s: work directory %s removed", self.job_id, self.dir)
 
 
 def fine_tuned_model_name(job: Job) -> str:

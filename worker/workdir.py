@@ -84,11 +84,6 @@ def write_spec(work_dir: Path, spec: dict[str, Any]) -> Path:
     return path
 
 
-def has_checkpoint(work_dir: Path) -> bool:
-    ckpts = work_dir / "checkpoints"
-    return ckpts.is_dir() and any(p.is_dir() and any(p.iterdir()) for p in ckpts.iterdir())
-
-
 def free_port() -> int:
     """A TCP port nobody listens on now, for the rendezvous of one job's processes.
 

@@ -30,7 +30,8 @@ def list_fine_tuning_checkpoints(
 ) -> Page[CheckpointOut]:
     check_limit(limit, settings)
     job = load_job(db, job_id, user)
-    stmt = select(Checkpoint).where(Checkpoint.job_id == job.id)
+    # Only checkpoints whole in the store: any host can resume or continue from those.
+    stmt = select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.uploaded_at.is_not(None))
     if after is not None:
         cursor = db.scalar(select(Checkpoint).where(Checkpoint.id == after, Checkpoint.job_id == job.id))
         if cursor is None:

@@ -126,7 +126,8 @@ def world(service_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Itera
         job_id = fresh_job()
         size, digest = get_storage().put_stream(f"jobs/{job_id}/adapter.tar.gz", io.BytesIO(b"adapter"))
         with session_scope() as db:
-            db.add(Checkpoint(job_id=job_id, step=1, path="checkpoints/step-00000001", metrics={}))
+            db.add(Checkpoint(job_id=job_id, step=1, path="checkpoints/step-00000001", metrics={},
+                              storage_key=f"jobs/{job_id}/checkpoints/step-00000001", uploaded_at=1.0))
             db.add(Artifact(id=f"art-{job_id}", job_id=job_id, name="adapter.tar.gz", kind="archive",
                             storage_key=f"jobs/{job_id}/adapter.tar.gz", bytes=size, sha256=digest))
         ids["job_id"] = job_id

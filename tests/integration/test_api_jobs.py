@@ -246,8 +246,12 @@ def test_checkpoints_and_artifact_download(client: TestClient, file_id: str) -> 
     size, digest = get_storage().put_stream(f"jobs/{job['id']}/adapter.tar.gz", io.BytesIO(payload))
     with session_scope() as db:
         db.add_all([
-            Checkpoint(job_id=job["id"], step=10, path="checkpoints/step-00000010", metrics={"train_loss": 2.0}),
-            Checkpoint(job_id=job["id"], step=20, path="checkpoints/step-00000020", metrics={"train_loss": 1.0}),
+            Checkpoint(job_id=job["id"], step=10, path="checkpoints/step-00000010", metrics={"train_loss": 2.0},
+                       storage_key=f"jobs/{job['id']}/checkpoints/step-00000010", uploaded_at=1.0),
+            Checkpoint(job_id=job["id"], step=20, path="checkpoints/step-00000020", metrics={"train_loss": 1.0},
+                       storage_key=f"jobs/{job['id']}/checkpoints/step-00000020", uploaded_at=2.0),
+            # Announced by the trainer, not yet in the store: neither resumable nor listed.
+            Checkpoint(job_id=job["id"], step=30, path="checkpoints/step-00000030", metrics={"train_loss": 0.5}),
             Artifact(id="art-1", job_id=job["id"], name="adapter.tar.gz", kind="archive",
                      storage_key=f"jobs/{job['id']}/adapter.tar.gz", bytes=size, sha256=digest),
             Artifact(id="art-2", job_id=job["id"], name="final/lost.json", kind="file",

@@ -269,3 +269,23 @@ suffix: from-spec
     assert missing.exit_code == 1 and "training_file:" in missing.stderr and "missing.jsonl: no such file" in missing.stderr
     spec.write_text("[not, a, mapping]\n")
     assert "must be a mapping" in CliRunner().invoke(cli.app, ["submit", "-f", str(spec)]).stderr
+
+
+def test_hosts_lists_each_host_once_with_its_gpus_and_disk(runner: CliRunner) -> None:
+    from core import workers
+
+    h100 = [{"name": "NVIDIA H100 80GB HBM3", "memory_gib": 79.6}] * 2
+    # Two workers share host a (its GPUs counted once); host b's disk is nearly full.
+    workers.register("a:1", "host-a", 2, "gpu", 30, free=1, gpu_info=h100, disk_free_gib=500.0, disk_full=False)
+    workers.register("a:2", "host-a", 2, "gpu", 30, free=1, gpu_info=h100, disk_free_gib=500.0, disk_full=False)
+    workers.register("b:1", "host-b", 1, "gpu", 30, free=1, gpu_info=[{"name": "NVIDIA L4", "memory_gib": 22.5}],
+                     disk_free_gib=2.0, disk_full=True)
+    result = runner.invoke(cli.app, ["hosts", "--json"])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.output)
+    assert [(h["host"], h["gpus"], h["free"], len(h["workers"]), h["disk_full"]) for h in got] == [
+        ("host-a", 2, 1, 2, False), ("host-b", 1, 1, 1, True)]
+    assert got[0]["gpu_info"] == h100
+    text = runner.invoke(cli.app, ["hosts"]).output
+    assert "host-a  1/2 free  NVIDIA H100 80GB HBM3 79.6 GiB  500.0 GiB free  workers: 2" in text
+    assert "host-b  1/1 free  NVIDIA L4 22.5 GiB  disk full" in text

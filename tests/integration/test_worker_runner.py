@@ -24,6 +24,7 @@ from core.storage import get_storage
 from tests.integration.conftest import (
     events_of, make_job, process_alive, trainer_pid, trainer_processes, wait_for,
 )
+from worker.gpus import get_pool
 from worker.runner import run_job
 
 LONG = 100_000  # steps: far more than a test waits for; these jobs end by cancel, pause or loss
@@ -86,6 +87,10 @@ def test_job_runs_to_succeeded_with_events_checkpoints_and_artifacts(db: Session
     db.expire_all()
     job = db.get(Job, job.id)
     assert job.status == states.SUCCEEDED and job.error is None and job.lease_owner is None
+    assert job.host == get_pool(get_settings()).host  # the host it ran on, in its status body too
+    from api.routes.jobs import job_out
+
+    assert job_out(job).host == job.host
     assert job.fine_tuned_model == f"ft:tiny-llama:rev:{job.id}"
     assert job.trained_tokens and job.trained_tokens > 0
     assert job.progress["step"] == job.progress["total_steps"] == 4
@@ -97,21 +102,25 @@ def test_job_runs_to_succeeded_with_events_checkpoints_and_artifacts(db: Session
     assert [(e.data["from"], e.data["to"]) for e in events_of(job.id, "status") if "from" in e.data][-2:] == [
         (states.QUEUED, states.RUNNING), (states.RUNNING, states.SUCCEEDED)]
 
+    # Every checkpoint is whole in the store (the trainer's manifest with it), whatever host resumes.
+    storage = get_storage()
     ckpts = db.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id).order_by(Checkpoint.step)).all()
-    assert [c.step for c in ckpts] == [2, 4] and Path(ckpts[0].path).is_dir()
+    assert [c.step for c in ckpts] == [2, 4] and all(c.uploaded_at for c in ckpts)
+    for c in ckpts:
+        stored = json.loads(storage.path(f"{c.storage_key}/manifest.json").read_bytes())["files"]
+        assert {"optimizer.pt", "scheduler.pt", "rng.pt", "state.json", "adapter_model.safetensors"} <= set(stored)
+        for name, want in stored.items():
+            assert hashlib.sha256(storage.path(f"{c.storage_key}/{name}").read_bytes()).hexdigest() == want["sha256"]
 
-    # spec.json holds local paths, not the file ids the API stored.
-    spec = json.loads((work_dir(job.id) / "spec.json").read_text())
-    assert Path(spec["training_file"]).is_file() and spec["model"] == worker_env["model"]
+    # The ended job left nothing on the worker's disk; its trainer log is in the store.
+    assert not work_dir(job.id).exists()
+    assert storage.exists(f"jobs/{job.id}/logs/trainer-attempt-1.log")
 
     arts = {a.name: a for a in db.scalars(select(Artifact).where(Artifact.job_id == job.id))}
-    storage = get_storage()
     manifest = json.loads(storage.path(arts["final/manifest.json"].storage_key).read_bytes())
     assert {f"final/{rel}" for rel in manifest["files"]} | {
         "final/manifest.json", "adapter.tar.gz", "checkpoints/step-00000002.tar.gz",
         "checkpoints/step-00000004.tar.gz", "tensorboard.tar.gz"} == set(arts)
-    # Stored once: the files were moved out of the work directory, not copied.
-    assert not [p for p in (work_dir(job.id) / "final").rglob("*") if p.is_file()]
     assert arts["tensorboard.tar.gz"].kind == "logs"
     assert arts["checkpoints/step-00000002.tar.gz"].kind == "checkpoint"
     assert arts["final/manifest.json"].kind == "manifest"
@@ -238,3 +247,50 @@ def test_a_job_still_fetching_its_files_keeps_its_lease(db: Session, worker_env:
     assert seen["reaped"] == []
     db.expire_all()
     assert [e for e in events_of(job.id) if e.type == "retry"] == []
+
+
+@SQLITE_ONLY
+def test_a_worker_whose_disk_is_nearly_full_takes_no_job_and_says_so(db: Session, worker_env: dict[str, str],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from core import workers
+    from tests.conftest import reset_caches
+    from worker.gpus import get_pool
+    from worker.host import HostThread
+
+    job = make_job(db, worker_env["model"], steps=2)
+    monkeypatch.setenv("TUNEQ_MIN_FREE_DISK_GIB", "1000000")  # more than any disk here has free
+    reset_caches()
+    assert run_job(job.id, worker_id="w1") == "deferred"
+    db.expire_all()
+    assert db.get(Job, job.id).status == states.QUEUED
+    HostThread(get_pool(get_settings()), "w1", slots=1).register()
+    [entry] = [w for w in workers.registered() if w["worker_id"] == "w1"]
+    assert entry["disk_full"] is True and entry["disk_free_gib"] > 0
+
+    monkeypatch.setenv("TUNEQ_MIN_FREE_DISK_GIB", "0")
+    reset_caches()
+    assert run_job(job.id, worker_id="w1") == states.SUCCEEDED
+
+
+@SQLITE_ONLY
+def test_the_sweep_removes_work_dirs_of_ended_jobs_and_of_jobs_gone_to_another_host(
+        db: Session, worker_env: dict[str, str]) -> None:
+    from worker.disk import sweep_work_dirs
+
+    def job_with_dir(status: str, host: str | None) -> str:
+        job = make_job(db, worker_env["model"], steps=2)
+        db.execute(update(Job).where(Job.id == job.id).values(status=status, host=host))
+        db.commit()
+        (work_dir(job.id) / "checkpoints").mkdir(parents=True)
+        return job.id
+
+    ended = job_with_dir(states.SUCCEEDED, "here")
+    moved = job_with_dir(states.RUNNING, "there")  # a paused job resumed on another host
+    paused_here = job_with_dir(states.PAUSED, "here")
+    in_use = job_with_dir(states.CANCELLED, "here")  # its GPUs are still held here: being set up
+    unknown = "ftjob-deleted"
+    (work_dir(unknown)).mkdir(parents=True)
+    removed = sweep_work_dirs(db, get_settings(), "here", busy={in_use})
+    assert sorted(removed) == sorted([ended, moved, unknown])
+    assert work_dir(paused_here).is_dir() and work_dir(in_use).is_dir()
+    assert not work_dir(ended).exists() and not work_dir(moved).exists()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import typer
 
-from tuneq.cli import admin, download, files, jobs, local, plan, submit, watch
+from tuneq.cli import admin, download, files, hosts, jobs, local, plan, submit, watch
 from tuneq.cli.common import OneLineErrors
 from tuneq.client import Client
 
@@ -38,6 +38,7 @@ for command in (submit.submit, plan.plan, jobs.status, watch.watch, watch.events
 app.command("list")(jobs.list_jobs)
 app.command("jobs", hidden=True)(jobs.list_jobs)
 app.command()(jobs.models)
+app.command()(hosts.hosts)
 app.add_typer(files.app, name="files")
 app.command("config")(local.config_cmd)
 app.command()(local.up)

@@ -1,0 +1,109 @@
+"""worker.checkpoint_store against real stores (a local folder and an S3 server) and both databases:
+what is uploaded is checked, what is resumed is the newest stored checkpoint, what rotation
+removes is gone from the store and the listing alike."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.models import Checkpoint
+from core.storage import Storage
+from tests.integration.conftest import make_job
+from tests.integration.test_storage import make_storage
+from worker import checkpoint_store as cs
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    endpoint = request.getfixturevalue("s3_endpoint") if request.param == "s3" else None
+    return make_storage(request.param, tmp_path, endpoint)
+
+
+def fake_checkpoint(root: Path, step: int) -> Path:
+    """A checkpoint folder as the trainer writes it: files, then manifest.json with their sha256."""
+    d = root / "checkpoints" / f"step-{step:08d}"
+    d.mkdir(parents=True)
+    for name, size in (("adapter_model.safetensors", 3000), ("optimizer.pt", 7000), ("rng.pt", 50)):
+        (d / name).write_bytes(bytes([step % 251]) * size)
+    (d / "state.json").write_text(json.dumps({"step": step}))
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+             for p in sorted(d.iterdir())}
+    (d / "manifest.json").write_text(json.dumps({"files": files}))
+    return d
+
+
+def store_one(db: Session, store: Storage, job_id: str, work: Path, step: int) -> Checkpoint:
+    src = fake_checkpoint(work, step)
+    prefix = cs.store_prefix(job_id, src.name)
+    cs.upload(store, src, prefix)
+    ck = Checkpoint(job_id=job_id, step=step, path=str(src), storage_key=prefix, uploaded_at=time.time(), host="a")
+    db.add(ck)
+    db.commit()
+    return ck
+
+
+def test_upload_refuses_a_file_that_does_not_match_its_manifest(db: Session, store: Storage, tmp_path: Path) -> None:
+    src = fake_checkpoint(tmp_path / "a", 5)
+    (src / "optimizer.pt").write_bytes(b"torn write")
+    with pytest.raises(cs.CheckpointCorrupt):
+        cs.upload(store, src, "jobs/j/checkpoints/step-00000005")
+    assert not store.exists("jobs/j/checkpoints/step-00000005/manifest.json")  # never looks whole
+
+
+def test_another_host_resumes_from_the_newest_stored_checkpoint(db: Session, store: Storage, tmp_path: Path) -> None:
+    job = make_job(db)
+    host_a, host_b = tmp_path / "a", tmp_path / "b"
+    for step in (5, 10):
+        store_one(db, store, job.id, host_a, step)
+    fake_checkpoint(host_a, 15)  # written on A, never stored: not resumable
+    db.add(Checkpoint(job_id=job.id, step=15, path=str(host_a / "checkpoints/step-00000015"), host="a"))
+    db.commit()
+
+    # B has nothing: the newest stored checkpoint is fetched, every file checked.
+    ck = cs.prepare_resume(db, store, job.id, host_b)
+    assert ck is not None and ck.step == 10
+    got = host_b / "checkpoints" / "step-00000010"
+    assert sorted(p.name for p in (host_b / "checkpoints").iterdir()) == ["step-00000010"]
+    for p in (host_a / "checkpoints" / "step-00000010").iterdir():
+        assert (got / p.name).read_bytes() == p.read_bytes()
+    assert [c.step for c in db.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id))] == [5, 10]
+
+    # A still has its copy: it is used (after checking), the unstored step 15 is removed.
+    marker = (host_a / "checkpoints" / "step-00000010" / "optimizer.pt").stat().st_ino
+    assert cs.prepare_resume(db, store, job.id, host_a).step == 10
+    assert sorted(p.name for p in (host_a / "checkpoints").iterdir()) == ["step-00000010"]
+    assert (host_a / "checkpoints" / "step-00000010" / "optimizer.pt").stat().st_ino == marker
+
+    # A local copy that differs from the store is not trusted: fetched again.
+    (got / "optimizer.pt").write_bytes(b"\x00" * 7000)
+    cs.prepare_resume(db, store, job.id, host_b)
+    assert (got / "optimizer.pt").read_bytes() == (host_a / "checkpoints/step-00000010/optimizer.pt").read_bytes()
+
+
+def test_no_stored_checkpoint_means_a_fresh_start(db: Session, store: Storage, tmp_path: Path) -> None:
+    job = make_job(db)
+    fake_checkpoint(tmp_path / "a", 5)
+    assert cs.prepare_resume(db, store, job.id, tmp_path / "a") is None
+    assert not list((tmp_path / "a" / "checkpoints").iterdir())
+
+
+def test_rotation_removes_rows_and_files_and_continuation_fetches_weights(db: Session, store: Storage,
+                                                                          tmp_path: Path) -> None:
+    job = make_job(db)
+    cks = [store_one(db, store, job.id, tmp_path / "a", s) for s in (5, 10, 15)]
+    assert cs.rotate(db, store, job.id, keep=2) == [5]
+    assert [c.step for c in cs.uploaded(db, job.id)] == [15, 10]
+    assert not store.exists(f"{cks[0].storage_key}/manifest.json")
+    assert not store.exists(f"{cks[0].storage_key}/adapter_model.safetensors")
+    assert store.exists(f"{cks[1].storage_key}/optimizer.pt")
+
+    weights = cs.weights_dir(store, cks[2].storage_key)
+    assert (weights / "adapter_model.safetensors").read_bytes() == bytes([15]) * 3000
+    assert (weights / "state.json").is_file()
