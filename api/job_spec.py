@@ -32,7 +32,7 @@ _METHOD_LIST = ", ".join(repr(m) for m in TUNEQ_METHODS)
 _OWN_FIELDS = {"qlora": ("quantization",)}
 # OpenAI lets these three be "auto": tuneq's defaults then apply.
 AUTO_FIELDS = ("n_epochs", "batch_size", "learning_rate_multiplier")
-# method "auto": the planner picks full, lora or qlora by what fits (trainer.planner.choose_method).
+# method "auto": the planner picks full, lora or qlora by what fits (trainer.planning.choose_method).
 AUTO_METHOD = "auto"
 # (JobSpec-shaped draft whose method and/or batch_size may be "auto") -> (method, batch_size).
 Chooser = Callable[[dict[str, Any]], tuple[str, int | None]]

@@ -2,7 +2,7 @@
 
 The API host normally has no GPU, so what the plan is checked against (memory and speed per GPU)
 comes from settings describing the worker hosts. The planner models the trainer as it runs
-(trainer.planner.estimate_for_spec): bf16 mixed precision, the spec's full_precision, optimizer,
+(trainer.planning.estimate_for_spec): bf16 mixed precision, the spec's full_precision, optimizer,
 speed and strategy, the fast path's chunked loss and fused LoRA.
 """
 
@@ -15,9 +15,10 @@ from typing import Any
 
 from api.errors import APIError
 from core.settings import Settings
-from trainer import planner
+from trainer import planning
+from trainer.spec import METHODS
 
-GiB = planner.GiB
+GiB = planning.GiB
 # Decoder families whose layers the planner's activation model was derived from; for others the
 # numbers are shown but a job is not refused on them.
 CONFIDENT_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -36,7 +37,7 @@ def model_config(model_path: str) -> Any | None:
 
 def _unmodelled(spec_like: dict[str, Any]) -> str | None:
     method = spec_like.get("method")
-    if method not in (*planner.ALL_METHODS, "auto"):
+    if method not in (*METHODS, "auto"):
         return f"method {method!r} is not modelled by the planner; its fit is not checked"
     return None
 
@@ -55,7 +56,7 @@ def make_plan(spec_like: dict[str, Any], model_path: str, gpus: int, settings: S
     if note is not None:
         # Still show what the modelled methods would need: that is the useful comparison.
         planned["method"] = "auto"
-    p = planner.plan(
+    p = planning.plan(
         planned, config, int(settings.plan_gpu_memory_gib * GiB), gpus=max(1, gpus), dataset_tokens=dataset_tokens,
         peak_tflops=settings.plan_gpu_tflops,
     ).to_dict()
@@ -70,7 +71,7 @@ def make_plan(spec_like: dict[str, Any], model_path: str, gpus: int, settings: S
             k: round(mp["estimate"][k] / GiB, 3)
             for k in ("weights", "gradients", "optimizer_states", "activations", "logits", "overhead", "allocated", "total")
         }
-    chosen = p["method"] or (spec_like.get("method") if spec_like.get("method") in planner.ALL_METHODS else None)
+    chosen = p["method"] or (spec_like.get("method") if spec_like.get("method") in METHODS else None)
     p["predicted_peak_gib"] = p["methods"][chosen]["estimate"]["total_gib"] if chosen in p["methods"] else None
     if p["compute"] is not None:
         p["compute"]["peak_tflops_per_gpu"] = settings.plan_gpu_tflops

@@ -154,13 +154,13 @@ def run_trainer(name: str, spec: dict[str, Any], processes: int, work: Path, war
 
 def one_gpu_estimate(shape: str, batch: int, seq: int) -> dict:
     """The planner's peak memory of full fine-tuning with plain AdamW on one GPU."""
-    from trainer import planner
+    from trainer import planning
     from trainer.tiny import build_config
 
-    est = planner.estimate_memory(build_config(shape), method="full", batch_size=batch, seq_len=seq,
+    est = planning.estimate_memory(build_config(shape), method="full", batch_size=batch, seq_len=seq,
                                   gradient_checkpointing=True, optimizer="adamw", gpus=1,
                                   full_precision="fp32_master", autocast=True)
-    two = planner.estimate_memory(build_config(shape), method="full", batch_size=batch, seq_len=seq,
+    two = planning.estimate_memory(build_config(shape), method="full", batch_size=batch, seq_len=seq,
                                   gradient_checkpointing=True, optimizer="adamw", gpus=2, strategy="fsdp",
                                   full_precision="fp32_master", autocast=True)
     return {"one_gpu_total_gib": round(est.total / GiB, 1), "one_gpu_weights_grads_optimizer_gib":

@@ -15,7 +15,7 @@ of 4 is padded to exactly max_seq_len, as the planner assumes. Three optimizer s
 the `peak_memory_bytes` of the step-3 metrics event (torch.cuda.max_memory_allocated since the
 process started), after which the bench stops the trainer rather than wait for its export.
 
-Predicted: trainer.planner.estimate_for_spec for the very spec the cell ran (its `allocated`,
+Predicted: trainer.planning.estimate_for_spec for the very spec the cell ran (its `allocated`,
 which is what max_memory_allocated counts), told whether liger's kernels were on (the start
 event says). Writes DIR/plan_accuracy_real_trainer.md and .json (dry run: ..._dryrun.*); on CPU
 the peak cannot be measured and is recorded as n/a.
@@ -95,7 +95,7 @@ def spec_of(c: dict, model_dir: str, data: str, dry: bool) -> dict:
 
 
 def predict(c: dict, spec: dict, liger: bool = False) -> dict:
-    from trainer.planner import estimate_compute, estimate_for_spec
+    from trainer.planning import estimate_compute, estimate_for_spec
 
     cfg = config_of(c["shape"])
     est = estimate_for_spec(spec, cfg, liger=liger)
@@ -105,7 +105,7 @@ def predict(c: dict, spec: dict, liger: bool = False) -> dict:
 
 
 def expected_seconds(cells: list[dict]) -> float:
-    from trainer.planner import model_shape
+    from trainer.planning import model_shape
 
     total = 0.0
     for c in cells:

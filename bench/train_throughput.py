@@ -12,7 +12,7 @@ Rows (`--rows`, comma separated names or families: trl, plain, tuneq, unsloth, a
   plain-*    model(input_ids, labels=input_ids), backward, fused AdamW (QLoRA through peft's
              prepare_model_for_kbit_training with checkpointing);
   tuneq-*    the trainer's own step: trainer.fastpath.setup_model, trainer.optim.build_optimizer,
-             accelerate's bf16 mixed precision and trainer.loop.forward_backward, as train() runs
+             accelerate's bf16 mixed precision and trainer.step.forward_backward, as the loop runs
              them, in speed lean and fast; full also with fp32 master weights, and full bf16
              in speed balanced with 8, 12 or 13 of the 16 decoder layers checkpointed (ckptK;
              a dry run scales K to the tiny model's layers);
@@ -266,7 +266,7 @@ def run_tuneq(name: str, method: str, settings: dict, args) -> dict[str, Any]:
     from accelerate import Accelerator
 
     from trainer.fastpath import setup_model
-    from trainer.loop import forward_backward, optimizer_step
+    from trainer.step import forward_backward, optimizer_step
     from trainer.model import quiet_libraries, resolve_precision
     from trainer.optim import build_optimizer
     from trainer.spec import JobSpec

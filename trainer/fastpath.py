@@ -84,17 +84,9 @@ def loss_kernel(loss: PlainLoss | ChunkedLoss) -> str | None:
 def _fits_without_checkpointing(spec: JobSpec, config: Any, device: torch.device) -> bool:
     """The planner's estimate without checkpointing against this GPU; any doubt picks lean."""
     try:
-        from trainer import planner
+        from trainer.planning import estimate_for_spec
 
-        if hasattr(planner, "estimate_for_spec"):
-            estimate = planner.estimate_for_spec(spec, config, speed="fast")
-        else:
-            hp = spec.hyperparameters
-            kwargs: dict[str, Any] = {"method": spec.method, "batch_size": hp.batch_size, "seq_len": hp.max_seq_len,
-                                      "gradient_checkpointing": False}
-            if spec.method in ("lora", "qlora"):
-                kwargs.update(lora_r=spec.lora.r, lora_targets=spec.lora.target_modules)
-            estimate = planner.estimate_memory(config, **kwargs)
+        estimate = estimate_for_spec(spec, config, speed="fast")
         total = torch.cuda.get_device_properties(device).total_memory
         return estimate.total <= AUTO_FAST_SHARE * total
     except Exception:  # noqa: BLE001 - an estimate that fails must not fail the job
@@ -104,10 +96,10 @@ def _fits_without_checkpointing(spec: JobSpec, config: Any, device: torch.device
 def _fewest_fitting_layers(spec: JobSpec, config: Any, device: torch.device) -> int | None:
     """speed balanced's k by the planner's estimate against this GPU; None: none fits, or doubt."""
     try:
-        from trainer import planner
+        from trainer.planning import fewest_checkpoint_layers
 
         total = torch.cuda.get_device_properties(device).total_memory
-        return planner.fewest_checkpoint_layers(spec, config, AUTO_FAST_SHARE * total)
+        return fewest_checkpoint_layers(spec, config, AUTO_FAST_SHARE * total)
     except Exception:  # noqa: BLE001 - an estimate that fails must not fail the job
         return None
 

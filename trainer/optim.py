@@ -16,7 +16,8 @@ import torch
 
 from trainer.errors import ConfigError
 from trainer.optim_in_backward import OptimizerInBackward
-from trainer.spec import JobSpec
+from trainer.method_settings import BITSANDBYTES_OPTIMIZERS
+from trainer.spec import TORCH_OPTIMIZERS, JobSpec
 
 BETAS = (0.9, 0.999)
 
@@ -51,7 +52,7 @@ def build_optimizer(model: Any, spec: JobSpec, device: torch.device) -> torch.op
     if not groups:
         raise ConfigError("method: nothing to train; the method left no parameter trainable")
     kind = spec.optimizer
-    if kind in ("adamw", "adamw_fused"):
+    if kind in TORCH_OPTIMIZERS:
         fused = kind == "adamw_fused" or device.type == "cuda"
 
         def adamw(some: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -66,6 +67,5 @@ def build_optimizer(model: Any, spec: JobSpec, device: torch.device) -> torch.op
         import bitsandbytes as bnb
     except ImportError as exc:
         raise ConfigError(f"optimizer: {kind} needs the bitsandbytes package; use adamw or install it") from exc
-    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
-           "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[kind]
+    cls = getattr(bnb.optim, BITSANDBYTES_OPTIMIZERS[kind])
     return cls(groups, lr=hp.learning_rate, betas=BETAS)

@@ -6,11 +6,15 @@ without loading weights lives here and names the field and its allowed range.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from trainer.method_settings import (
+# ADAPTER_METHODS, OPTIMIZERS and TORCH_OPTIMIZERS are re-exported: this module is where the job's vocabulary is read.
+from trainer.method_settings import (  # noqa: F401
+    ADAPTER_METHODS,
+    OPTIMIZERS,
+    TORCH_OPTIMIZERS,
     ExportSettings,
     FreezeSettings,
     IA3Settings,
@@ -29,6 +33,17 @@ Precision = Literal["auto", "bf16", "fp32"]
 Speed = Literal["auto", "lean", "fast", "balanced"]
 FullPrecision = Literal["fp32_master", "bf16"]
 Strategy = Literal["auto", "ddp", "fsdp"]
+
+# The allowed values of each choice, in the order above, for whoever offers them (the API's schema,
+# the CLI's options, the planner): one list each, read from the types so they cannot drift.
+METHODS: tuple[str, ...] = get_args(Method)
+DATA_FORMATS: tuple[str, ...] = get_args(DataFormat)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+SPEEDS: tuple[str, ...] = get_args(Speed)
+FULL_PRECISIONS: tuple[str, ...] = get_args(FullPrecision)
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+# Methods that train whole weights (and so can shard them with FSDP); the others train adapters.
+WHOLE_WEIGHT_METHODS: tuple[str, ...] = ("full", "freeze")
 
 # Linear projections of Llama-shaped decoders; "all-linear" lets peft find them on any model.
 ALL_LINEAR = "all-linear"
@@ -111,13 +126,13 @@ class JobSpec(_Strict):
     """What to train, on what, and how."""
 
     model: str = Field(..., min_length=1, max_length=512, description="Hub id or local directory of the base model.")
-    method: Method = Field("lora", description="full | lora | qlora | ia3 | prefix | freeze.")
+    method: Method = Field("lora", description=" | ".join(METHODS) + ".")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="Used by lora and qlora.")
     quantization: QuantizationSettings | None = Field(None, description="qlora's base: 4-bit (default) or 8-bit.")
     ia3: IA3Settings | None = Field(None, description="Used by ia3.")
     prefix: PrefixSettings | None = Field(None, description="Used by prefix.")
     freeze: FreezeSettings | None = Field(None, description="Used by freeze (required there).")
-    optimizer: Optimizer = Field("adamw", description="adamw | adamw_fused | adamw_8bit | paged_adamw | paged_adamw_8bit.")
+    optimizer: Optimizer = Field("adamw", description=" | ".join(OPTIMIZERS) + ".")
     init_from: str | None = Field(
         None, min_length=1, description="Adapter, model or checkpoint directory whose weights this job starts from."
     )
@@ -263,7 +278,7 @@ class JobSpec(_Strict):
         if hp.gradient_accumulation_steps != 1:
             raise ValueError(f"optimizer_in_backward: updates after every backward, so it cannot accumulate "
                              f"{hp.gradient_accumulation_steps} micro-batches; give gradient_accumulation_steps 1")
-        if self.optimizer not in ("adamw", "adamw_fused"):
+        if self.optimizer not in TORCH_OPTIMIZERS:
             raise ValueError(f"optimizer_in_backward: works with optimizer 'adamw' or 'adamw_fused', not "
                              f"{self.optimizer!r}")
         if self.strategy == "fsdp":

@@ -1,6 +1,6 @@
 """Model FLOPs per trained token and MFU (model FLOPs utilisation) of a running job.
 
-Counted from the live model, with the formulas of trainer.planner.estimate_compute:
+Counted from the live model, with the formulas of trainer.planning.estimate_compute:
   matmul FLOPs per token = 2N (forward) + 2N (input gradients) + 2T (weight gradients)
     N: weights of every linear layer including the LM head (a tied head counts here, it is a
        matmul) and the adapters' A/B; a 4-bit weight counts as its unpacked size;
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-DEFAULT_PEAK_TFLOPS = 790.0  # H200-class dense bf16, as trainer.planner.H200_BF16_PEAK_FLOPS
+DEFAULT_PEAK_TFLOPS = 790.0  # H200-class dense bf16, as trainer.planning.compute.H200_BF16_PEAK_FLOPS
 
 
 @dataclass(frozen=True)

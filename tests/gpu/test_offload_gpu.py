@@ -35,7 +35,7 @@ def _run(model_dir: Path, method: str, offload: bool) -> tuple[list[float], int,
     from accelerate.state import AcceleratorState
 
     from trainer.fastpath import setup_model
-    from trainer.loop import forward_backward
+    from trainer.step import forward_backward
     from trainer.optim import build_optimizer
     from trainer.spec import JobSpec
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 from transformers import LlamaConfig
 
-from trainer import planner as P
+from trainer import planning as P
 
 GiB = 1024**3
 MiB = 1024**2
@@ -116,7 +116,7 @@ def test_default_is_byte_identical_to_omitting_it():
         false = P.plan({**s, "optimizer_in_backward": False}, LLAMA_1B, 80 * GiB, dataset_tokens=10**6).to_dict()
         assert json.dumps(false, sort_keys=True) == json.dumps(omitted, sort_keys=True)
     shape = P.model_shape(LLAMA_1B)
-    kw = dict(method="full", batch_size=8, seq_len=2048, gradient_checkpointing=True, optimizer="adamw_torch")
+    kw = dict(method="full", batch_size=8, seq_len=2048, gradient_checkpointing=True, optimizer="adamw")
     default = P.estimate_memory(shape, **kw)
     assert P.estimate_memory(shape, optimizer_in_backward=False, **kw) == default
     assert "gradients_freed_in_backward" not in default.parts
@@ -127,7 +127,7 @@ def test_what_the_trainer_refuses_is_not_planned():
     kw = dict(method="full", batch_size=1, seq_len=256, optimizer_in_backward=True)
     for bad in ({"gpus": 2}, {"gradient_accumulation_steps": 2}, {"optimizer": "adamw_8bit"}):
         with pytest.raises(ValueError, match="optimizer_in_backward: runs on one GPU"):
-            P.estimate_memory(shape, **{"optimizer": "adamw_torch", **kw, **bad})
+            P.estimate_memory(shape, **{"optimizer": "adamw", **kw, **bad})
     # On several GPUs (the trainer refuses it there) a plan is made without it, and says so.
     s = {**spec(), "optimizer_in_backward": True}
     two = P.estimate_for_spec(s, LLAMA_1B, gpus=2, strategy="fsdp")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.planner import SPEC_OPTIMIZERS, estimate_memory, model_shape
+from trainer.planning import estimate_memory, model_shape
+from trainer.spec import OPTIMIZERS, LoraSettings
 
 
 def _config():
@@ -23,7 +24,7 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("spec_name", list(SPEC_OPTIMIZERS))
+@pytest.mark.parametrize("spec_name", OPTIMIZERS)
 def test_planned_optimizer_states_match_the_allocated_ones(spec_name):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -38,8 +39,8 @@ def test_planned_optimizer_states_match_the_allocated_ones(spec_name):
     opt = build_optimizer(model, spec, torch.device("cpu"))
     model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits.float().pow(2).mean().backward()
     opt.step()
-    est = estimate_memory(model_shape(config), method="lora", batch_size=1, seq_len=4, lora_r=16,
-                          optimizer=SPEC_OPTIMIZERS[spec_name], precision="fp32")
+    est = estimate_memory(model_shape(config), method="lora", batch_size=1, seq_len=4, lora=LoraSettings(r=16),
+                          optimizer=spec_name, precision="fp32")
     got = _state_bytes(opt)
     assert est.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
     # 8-bit states add one fp32 scale per 256 values (1.6 %).
@@ -48,8 +49,8 @@ def test_planned_optimizer_states_match_the_allocated_ones(spec_name):
 
 def test_eight_bit_and_paged_notes():
     shape = model_shape(_config())
-    by = {o: estimate_memory(shape, method="full", batch_size=1, seq_len=8, optimizer=o) for o in SPEC_OPTIMIZERS.values()}
-    assert by["adamw_8bit"].optimizer_states * 2 == by["adamw_torch"].optimizer_states  # bf16 m, v: 4 B vs 2 B
+    by = {o: estimate_memory(shape, method="full", batch_size=1, seq_len=8, optimizer=o) for o in OPTIMIZERS}
+    assert by["adamw_8bit"].optimizer_states * 2 == by["adamw"].optimizer_states  # bf16 m, v: 4 B vs 2 B
     assert by["paged_adamw"].optimizer_states == 4 * by["paged_adamw_8bit"].optimizer_states
     assert any("paged" in n for n in by["paged_adamw"].notes)
     with pytest.raises(ValueError, match="optimizer: 'sgd' is not one of"):

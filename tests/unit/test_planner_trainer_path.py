@@ -8,7 +8,7 @@ import json
 import pytest
 from transformers import LlamaConfig
 
-from trainer import planner as P
+from trainer import planning as P
 
 GiB = 1024**3
 

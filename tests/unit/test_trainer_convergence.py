@@ -64,7 +64,7 @@ def base_accuracy(model_dir: Path, valid: str) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.data import load_tokenized
-    from trainer.loop import evaluate
+    from trainer.evaluate import evaluate
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

@@ -458,7 +458,8 @@ def test_full_precision_sets_the_weights_dtype(make_spec, full_precision: str, d
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_model_flops_agree_with_the_planner(tiny, method: str):
-    from trainer.planner import estimate_compute
+    from trainer.planning import estimate_compute
+    from trainer.spec import LoraSettings
     from trainer.throughput import model_flops
 
     model = tiny if method == "full" else _lora(tiny)
@@ -466,7 +467,7 @@ def test_model_flops_agree_with_the_planner(tiny, method: str):
         for p in model.parameters():
             p.requires_grad_(True)
     ours = model_flops(model).per_token(seq_len=512)
-    planned = estimate_compute(tiny.config, method=method, tokens=1, seq_len=512, lora_r=8).flops_per_token
+    planned = estimate_compute(tiny.config, method=method, tokens=1, seq_len=512, lora=LoraSettings(r=8)).flops_per_token
     assert ours == pytest.approx(planned, rel=1e-9)
 
 

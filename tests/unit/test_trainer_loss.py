@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from trainer.data import collate, parse_example, tokenize_messages
-from trainer.loop import forward_backward, token_loss_sum
+from trainer.loss_heads import token_loss_sum
+from trainer.step import forward_backward
 
 ANSWERS = ["Yes.", "Two plus two is four, and four plus four is eight.", "Paris.", "The moon takes about twenty seven days to go around the earth."]
 

@@ -1,0 +1,111 @@
+"""Training FLOPs and wall time of a job's tokens."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from trainer.planning.shape import shape_of
+from trainer.spec import METHODS, LoraSettings, Method
+
+# Measured bf16 dense matmul throughput of the lent H200 (FLOP/s), and the share of it a
+# fine-tuning step reaches end to end (attention, norms, optimizer, data and Python overhead).
+H200_BF16_PEAK_FLOPS = 790e12
+DEFAULT_EFFICIENCY = 0.35
+
+@dataclass(frozen=True)
+class ComputeEstimate:
+    method: str
+    tokens: int
+    seq_len: int
+    gpus: int
+    flops_per_token: float
+    matmul_flops_per_token: float
+    attention_flops_per_token: float
+    total_flops: float
+    peak_flops_per_gpu: float
+    efficiency: float
+    seconds: float
+    gpu_hours: float
+    notes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def estimate_compute(
+    config: Any,
+    *,
+    method: Method,
+    tokens: int,
+    gpus: int = 1,
+    seq_len: int = 1024,
+    gradient_checkpointing: bool = False,
+    lora: LoraSettings | None = None,
+    freeze_layers: int | None = None,
+    peak_tflops: float | None = None,
+    efficiency: float | None = None,
+) -> ComputeEstimate:
+    """Training FLOPs and wall time for `tokens` tokens (padding included).
+
+    Matmul FLOPs per token, N = decoder linear weights + LM head (tied or not):
+      full:        6N  (forward 2N, input grads 2N, weight grads 2N)
+      lora/qlora:  4N + 6·trainable  (frozen base: forward and input grads only)
+      ia3/prefix:  4N                (their few parameters cost next to nothing)
+      freeze:      2N + 4·N_top      (backward stops below the top layers' weights)
+    Attention scores and values, per token: 4·L·(n·d)·S forward, three times that with backward,
+    halved by the causal mask: 6·L·(n·d)·S. Checkpointing recomputes the forward once more.
+    peak_tflops: per GPU, default the measured H200 bf16 matmul peak; efficiency: the fraction of
+    it a real step reaches.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}")
+    shape = shape_of(config)
+    N = shape.matmul_params
+    notes: list[str] = []
+    if method == "full":
+        mm = 6.0 * N
+        fwd = 2.0 * N
+    elif method == "freeze":
+        layer_mm = sum(m.in_features * m.out_features for m in shape.linears if m.layer == 0)
+        top = (freeze_layers or shape.layers) * layer_mm + shape.vocab * shape.hidden
+        mm = 2.0 * N + 4.0 * top
+        fwd = 2.0 * N
+    elif method in ("ia3", "prefix"):
+        mm = 4.0 * N
+        fwd = 2.0 * N
+    else:
+        lora = lora or LoraSettings()
+        trainable = shape.lora_params(lora.r, lora.target_modules)
+        mm = 4.0 * N + 6.0 * trainable
+        fwd = 2.0 * N + 2.0 * trainable
+    attn_fwd = 4.0 * shape.layers * shape.heads * shape.head_dim * seq_len * 0.5
+    attn = 3.0 * attn_fwd
+    if gradient_checkpointing:
+        mm += fwd
+        attn += attn_fwd
+        notes.append("gradient checkpointing recomputes the forward: about a third more FLOPs")
+    if method == "qlora":
+        notes.append("QLoRA also dequantises every weight twice per step; that time is not in the FLOPs")
+    per_token = mm + attn
+    total = per_token * tokens
+    peak = peak_tflops * 1e12 if peak_tflops is not None else H200_BF16_PEAK_FLOPS
+    eff = efficiency if efficiency is not None else DEFAULT_EFFICIENCY
+    if not 0 < eff <= 1:
+        raise ValueError(f"efficiency: {eff} is outside (0, 1]")
+    seconds = total / (gpus * peak * eff)
+    return ComputeEstimate(
+        method=method,
+        tokens=int(tokens),
+        seq_len=seq_len,
+        gpus=gpus,
+        flops_per_token=per_token,
+        matmul_flops_per_token=mm,
+        attention_flops_per_token=attn,
+        total_flops=total,
+        peak_flops_per_gpu=peak,
+        efficiency=eff,
+        seconds=seconds,
+        gpu_hours=seconds * gpus / 3600.0,
+        notes=notes,
+    )
