@@ -89,18 +89,18 @@ def run_job(name: str, args, model_dir: Path, data: Path, valid: Path | None, en
     if proc.returncode != 0 or not metrics:
         errors = [e["message"] for e in events if e["type"] == "error"]
         return {"name": name, "ok": False, "error": (errors[-1] if errors else proc.stderr[-800:])}
-    special = {e["data"]["step"] + 1 for e in events if e["type"] in ("validation", "checkpoint")}
-    profiled = set(range(*map(int, env_extra["TUNEQ_PROFILE_STEPS"].split(":")))) if "TUNEQ_PROFILE_STEPS" in env_extra else set()
-    steady = [m["tokens_per_second"] for m in metrics
-              if m["step"] >= 6 and m["step"] not in special and m["step"] not in profiled]
+    # The step after an evaluation or a checkpoint; with a profile, its steps and the one after
+    # them (whose time holds the profiler's writing of its tables).
+    left_out = sorted({e["data"]["step"] + 1 for e in events if e["type"] in ("validation", "checkpoint")})
+    if "TUNEQ_PROFILE_STEPS" in env_extra:
+        a, b = map(int, env_extra["TUNEQ_PROFILE_STEPS"].split(":"))
+        left_out = sorted({*left_out, *range(a, b + 1)})
     startup = next((e for e in events if e["type"] == "startup"), None)
     first_metrics = next(e for e in events if e["type"] == "metrics")
-    median = statistics.median(steady) if steady else None
     return {
         "name": name, "ok": True, "env": env_extra, "settings": settings,
-        "median_tps": median, "worst_tps": min(steady) if steady else None,
-        "worst_share": min(steady) / median if steady else None,
-        "below_85": sum(1 for x in steady if x < 0.85 * median) if steady else None,
+        **steady_stats([m["tokens_per_second"] for m in metrics], left_out),
+        "left_out_steps": left_out,
         "step_tps": [round(m["tokens_per_second"]) for m in metrics],
         "last_step_tps": metrics[-1]["tokens_per_second"], "max_mfu": max((m.get("mfu") or 0) for m in metrics),
         "peak_gib": (metrics[-1].get("peak_memory_bytes") or 0) / 2**30,
@@ -112,6 +112,16 @@ def run_job(name: str, args, model_dir: Path, data: Path, valid: Path | None, en
         "fast_path": next(e["data"]["fast_path"] for e in events if e["type"] == "start"),
         "packed_rows": next(e["data"]["packed_rows"] for e in events if e["type"] == "start"),
     }
+
+
+def steady_stats(step_tps: list[float], left_out: list[int], first: int = 6) -> dict:
+    """Median and worst tokens/s of steps first.. (1-based) less `left_out`."""
+    steady = [x for n, x in enumerate(step_tps, 1) if n >= first and n not in left_out]
+    if not steady:
+        return {"median_tps": None, "worst_tps": None, "worst_share": None, "below_85": None}
+    median = statistics.median(steady)
+    return {"median_tps": median, "worst_tps": min(steady), "worst_share": min(steady) / median,
+            "below_85": sum(1 for x in steady if x < 0.85 * median)}
 
 
 def bench_row(args, setting: str) -> dict:
@@ -132,8 +142,10 @@ def report(args, bench: dict, jobs: list[dict], device: str) -> str:
     lines = [f"# What a job delivers: `python -m trainer run` on packed text vs the step bench ({device})", "",
              f"Llama-3.2-1B shape{' (tiny, dry run)' if args.dry_run else ''}, random weights, LoRA r16 alpha 32 all "
              f"linear, batch {args.batch} x {args.seq}, {args.steps} steps; bench/service_throughput.py, "
-             f"{time.strftime('%Y-%m-%d')}. Steady = steps 6..{args.steps}, less evaluation/checkpoint and profiled "
-             "steps. tokens/s counts input tokens (padding excluded); the bench row's rows are all tokens.", "",
+             f"{time.strftime('%Y-%m-%d')}. Steady = steps 6..{args.steps}, less the step after an evaluation or "
+             "checkpoint (whose own seconds are in their columns), and with a profile its steps and the one after "
+             "(the profiler writing its tables). tokens/s counts input tokens (padding excluded); the bench row's "
+             "rows are all tokens.", "",
              f"bench row {bench['name']}: {ref and round(ref):,} tokens/s, peak {bench.get('peak_gib') or 0:.2f} GiB "
              f"({bench.get('error', 'ok')})", "",
              "| job | median tok/s | / bench | worst step | worst / median | steps < 85 % | last step tok/s | max MFU | peak GiB | eval s | ckpt s | spawn to first step s | startup phases s |",
@@ -149,7 +161,7 @@ def report(args, bench: dict, jobs: list[dict], device: str) -> str:
             f"{j['worst_share']:.2f} | {j['below_85']} | {j['last_step_tps']:,.0f} | {j['max_mfu']:.3f} | "
             f"{j['peak_gib']:.2f} | {j['evaluations_s']} | {j['checkpoints_s']} | {j['spawn_to_first_step_s']} | {phases} |")
     lines += ["", "Per-step tokens/s:", ""]
-    lines += [f"- {j['name']}: {j.get('step_tps')}" for j in jobs if j["ok"]]
+    lines += [f"- {j['name']} (left out: {j.get('left_out_steps')}): {j.get('step_tps')}" for j in jobs if j["ok"]]
     return "\n".join(lines) + "\n"
 
 
@@ -164,11 +176,20 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/tuneq-service-throughput"))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "service_throughput_h100")
     p.add_argument("--job-timeout", type=float, default=300)
+    p.add_argument("--report", type=Path, default=None, help="rewrite the table of an earlier run's .json")
     args = p.parse_args()
     args.seq, args.batch = (64, 2) if args.dry_run else (2048, 8)
     if args.dry_run:
         args.steps, args.bench_steps = min(args.steps, 8), 2
         args.out = args.out.with_name("service_throughput_cpu_dryrun")
+    if args.report:  # the table again, from the steps an earlier run recorded
+        saved = json.loads(args.report.read_text())
+        for j in saved["jobs"]:
+            if j["ok"]:
+                j.update(steady_stats(j["step_tps"], j.get("left_out_steps") or []))
+        args.report.with_suffix(".md").write_text(report(args, saved["bench"], saved["jobs"], saved.get("device", "?")))
+        args.report.write_text(json.dumps(saved, indent=1))
+        return 0
     args.work.mkdir(parents=True, exist_ok=True)
     import torch
 
@@ -191,7 +212,7 @@ def main() -> int:
                             valid if schedule else None, env, SETTINGS[args.setting], schedule))
         text = report(args, bench, jobs, device)
         args.out.with_suffix(".md").write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps({"bench": bench, "jobs": jobs}, indent=1, default=str))
+        args.out.with_suffix(".json").write_text(json.dumps({"device": device, "bench": bench, "jobs": jobs}, indent=1, default=str))
         if name in args.profile.split(","):
             prof = args.work / f"profile-{name}" / "profile-rank0.txt"
             if prof.exists():
