@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from trainer import token_cache
 from trainer.errors import DataError
 from trainer.packed_attention import BOUNDS, LONGEST
 
@@ -295,6 +296,8 @@ def validate_file(
             errors.append({"line": line, "code": err.code, "message": err.message})
 
     p = Path(path)
+    # Kept for the trainer (trainer.token_cache), when every line tokenizes.
+    tokenized: list[dict] = []
     if not p.is_file():
         fail(0, LineError("file_not_found", f"{path} is not a readable file"))
     else:
@@ -309,6 +312,7 @@ def validate_file(
                 except LineError as err:
                     fail(number, err)
                     continue
+                tokenized.append({"input_ids": ex["input_ids"], "labels": ex["labels"]})
                 n = len(ex["input_ids"])
                 longest = max(longest, n)
                 for piece in fit_to_length(ex, fmt, max_seq_len):
@@ -321,6 +325,8 @@ def validate_file(
         if examples == 0 and not counts:
             fail(0, LineError("empty_file", "the file has no examples"))
     counted = tokenizer is not None
+    if counted and not counts:
+        token_cache.save(token_cache.key(p, tokenizer, seen_format or "chat", train_on_inputs), tokenized)
     return {
         "valid": not counts,
         "format": seen_format or "chat",
@@ -494,6 +500,25 @@ class TokenizedFile:
     format: str = "chat"
 
 
+def _tokenized(path: str | Path, tokenizer: Any, fmt: str, train_on_inputs: bool | None, what: str) -> list[dict]:
+    """Every example of the file before any cut: from the data check's cache, else tokenized now
+    (and kept for the next run)."""
+    key = token_cache.key(path, tokenizer, fmt, train_on_inputs)
+    cached = token_cache.load(key)
+    if cached is not None:
+        return cached
+    done = []
+    for number, _, rec in iter_records(path, fmt):
+        try:
+            if isinstance(rec, LineError):
+                raise rec
+            done.append(tokenize_record(tokenizer, rec, None, trains_inputs(fmt, train_on_inputs)))
+        except LineError as err:
+            raise DataError(f"{what}: line {number}: {err.message}") from err
+    token_cache.save(key, done)
+    return done
+
+
 def load_tokenized(
     path: str | Path,
     tokenizer: Any,
@@ -513,13 +538,7 @@ def load_tokenized(
         )
     fmt = report["format"]
     examples, truncated, dropped = [], 0, 0
-    for number, _, rec in iter_records(path, fmt):
-        try:
-            if isinstance(rec, LineError):
-                raise rec
-            ex = tokenize_record(tokenizer, rec, None, trains_inputs(fmt, train_on_inputs))
-        except LineError as err:
-            raise DataError(f"{what}: line {number}: {err.message}") from err
+    for ex in _tokenized(path, tokenizer, fmt, train_on_inputs, what):
         pieces = fit_to_length(ex, fmt, max_seq_len)
         truncated += fmt != "text" and len(ex["input_ids"]) > max_seq_len
         for piece in pieces:
