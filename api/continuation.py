@@ -16,10 +16,11 @@ from api.errors import bad_request
 from core import states
 from core.identity import can_read_job
 from core.models import Checkpoint, Job, User
+from trainer.spec import METHOD_SETTINGS
 
 PARAM = "from_checkpoint"
 # Spec fields that define the adapter's shape; a continued job without a method takes them over.
-METHOD_FIELDS = ("method", "lora", "quantization", "ia3", "prefix", "freeze")
+METHOD_FIELDS = ("method", *dict.fromkeys(name for names in METHOD_SETTINGS.values() for name in names))
 
 
 @dataclass

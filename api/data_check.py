@@ -30,11 +30,11 @@ def token_report(
     storage_path: str, sha256: str, model_dir: str, max_seq_len: int,
     data_format: str = "auto", train_on_inputs: bool | None = None,
 ) -> dict[str, Any]:
-    """trainer.data.validate_file with the model's tokenizer; cached, the file is read once per job shape.
+    """trainer.data.validate.validate_file with the model's tokenizer; cached, the file is read once per job shape.
 
     sha256 is part of the key so a rewritten file is never served a stale report.
     """
-    from trainer.data import validate_file
+    from trainer.data.validate import validate_file
 
     return validate_file(storage_path, _tokenizer(model_dir), max_seq_len, data_format, train_on_inputs)
 

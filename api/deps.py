@@ -1,4 +1,5 @@
-"""Request dependencies: a database session per request, the settings, the artifact store, the caller."""
+"""Request dependencies: a database session per request, the settings, the artifact store, the
+caller, and the job a route's path names (api.crud holds the lookups themselves)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from api.crud import load_job
 from api.errors import APIError
 from core.db import get_sessionmaker
 from core.identity import authenticate, is_admin
-from core.models import User
+from core.models import Job, User
 from core.settings import Settings, get_settings
 from core.storage import Storage, get_storage
 
@@ -58,3 +60,17 @@ def get_admin_user(user: CurrentUser) -> User:
 
 
 AdminUser = Annotated[User, Depends(get_admin_user)]
+
+
+def get_readable_job(job_id: str, user: CurrentUser, db: SessionDep) -> Job:
+    return load_job(db, job_id, user)
+
+
+def get_changeable_job(job_id: str, user: CurrentUser, db: SessionDep) -> Job:
+    return load_job(db, job_id, user, change=True)
+
+
+# The job of a `/{job_id}` route: 404 if the caller may not see it; ChangeableJob also 403 if
+# the caller may see but not change it (a teammate's).
+ReadableJob = Annotated[Job, Depends(get_readable_job)]
+ChangeableJob = Annotated[Job, Depends(get_changeable_job)]

@@ -2,9 +2,10 @@
 
 OpenAI clients send `hyperparameters` at the top level (older SDKs) or inside
 `method.supervised.hyperparameters`, with `learning_rate_multiplier` instead of a learning rate
-and "auto" for defaults. tuneq adds the method (full, lora, qlora) and its LoRA settings in the
-same `{type, <type>: {...}}` pattern. All of it ends in one JobSpec, whose checks are the only
-range checks; their errors are reported under the path the user wrote.
+and "auto" for defaults. tuneq adds the method (any of the spec's) and its settings in the same
+`{type, <type>: {...}}` pattern, and the spec's other fields at the top level. All of it ends in
+one JobSpec, whose checks are the only range checks; their errors are reported under the path
+the user wrote.
 """
 
 from __future__ import annotations
@@ -16,20 +17,20 @@ from typing import Any
 from pydantic import ValidationError
 
 from api.errors import APIError, bad_request, first_validation_error
-from api.schemas import CreateJobRequest
+from api.schemas import SPEC_FIELDS, CreateJobRequest
 from trainer.errors import ConfigError
 from trainer.modules import check_spec_model
-from trainer.spec import JobSpec
+from trainer.spec import DEFAULT_METHOD, METHOD_SETTINGS, METHODS, JobSpec
 
 # learning_rate_multiplier scales these; full fine-tuning needs a much smaller step than adapters.
 # IA3's scaling vectors and prefix tuning's virtual tokens are few and start neutral: they need
 # far larger steps than LoRA; freeze trains whole layers like full fine-tuning.
 BASE_LEARNING_RATE = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5, "freeze": 2e-5, "ia3": 3e-3, "prefix": 3e-3}
-DEFAULT_METHOD = "lora"
-TUNEQ_METHODS = ("full", "lora", "qlora", "ia3", "prefix", "freeze")
-_METHOD_LIST = ", ".join(repr(m) for m in TUNEQ_METHODS)
-# Keys of a method body that are spec fields of their own rather than LoRA settings.
-_OWN_FIELDS = {"qlora": ("quantization",)}
+_METHOD_LIST = ", ".join(repr(m) for m in METHODS)
+# A method body's settings: its own settings field's (`lora` for lora and qlora), or, for a
+# key naming another of its settings fields (qlora's `quantization`), that field.
+_OWN = {name for names in METHOD_SETTINGS.values() for name in names[:1]}
+_NESTED = {name for names in METHOD_SETTINGS.values() for name in names[1:]}
 # OpenAI lets these three be "auto": tuneq's defaults then apply.
 AUTO_FIELDS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 # method "auto": the planner picks full, lora or qlora by what fits (trainer.planning.choose_method).
@@ -54,7 +55,7 @@ def _parse_method(raw: str | dict[str, Any] | None) -> _Method:
     if raw is None:
         return _Method()
     if isinstance(raw, str):
-        if raw not in TUNEQ_METHODS and raw != AUTO_METHOD:
+        if raw not in METHODS and raw != AUTO_METHOD:
             raise bad_request(f"method: must be one of {_METHOD_LIST} or 'auto', got {raw!r}", "method")
         return _Method(name=raw, type_key=raw)
     kind = raw.get("type")
@@ -62,7 +63,7 @@ def _parse_method(raw: str | dict[str, Any] | None) -> _Method:
         raise bad_request(f"method.type: required ('supervised' or one of {_METHOD_LIST})", "method.type")
     if kind in ("dpo", "reinforcement"):
         raise bad_request(f"method.type: {kind!r} is not supported by tuneq; use 'supervised' or one of {_METHOD_LIST}", "method.type")
-    if kind != "supervised" and kind not in TUNEQ_METHODS and kind != AUTO_METHOD:
+    if kind != "supervised" and kind not in METHODS and kind != AUTO_METHOD:
         raise bad_request(f"method.type: must be 'supervised' or one of {_METHOD_LIST}, got {kind!r}", "method.type")
     for key in raw:
         if key not in ("type", kind):
@@ -114,14 +115,43 @@ def _apply_multiplier(hp: dict[str, Any], method: str, param: str) -> None:
 
 
 def _method_fields(method: _Method) -> dict[str, Any]:
-    """Spec fields of the method body: LoRA settings under `lora`, the others under their name."""
+    """Spec fields of the method body: its own settings under their field, nested ones under theirs."""
     body = dict(method.lora)
     if not body or method.name is None:
         return {}
-    if method.name in ("lora", "qlora", "full"):
-        own = {k: body.pop(k) for k in _OWN_FIELDS.get(method.name, ()) if k in body}
-        return {**own, **({"lora": body} if body else {})}
-    return {method.name: body}
+    own, *nested = METHOD_SETTINGS[method.name] or (None,)
+    fields = {k: body.pop(k) for k in nested if k in body}
+    if body and own is None:
+        where = f"method.{method.type_key}"
+        raise bad_request(f"{where}: method {method.name!r} takes no settings besides hyperparameters, got "
+                          f"{', '.join(sorted(body))}", where)
+    return {**fields, **({own: body} if body else {})}
+
+
+def method_body(spec: dict[str, Any], hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """The `method.<name>` object of a stored spec: the inverse of _method_fields, as jobs show it."""
+    own, *nested = METHOD_SETTINGS.get(spec["method"]) or (None,)
+    body = dict(spec.get(own) or {}) if own else {}
+    body["hyperparameters"] = hyperparameters
+    body.update({k: spec[k] for k in nested if spec.get(k)})
+    return body
+
+
+def _draft_method_fields(method: _Method) -> dict[str, Any]:
+    """The method body of a draft: under `lora` while the method is still "auto"."""
+    if method.name == AUTO_METHOD:
+        return {"lora": method.lora} if method.lora else {}
+    return _method_fields(method)
+
+
+def _request_fields(req: CreateJobRequest, inherited: dict[str, Any] | None, init_from: str | None) -> dict[str, Any]:
+    """Spec fields besides the method and hyperparameters: inherited ones, then the request's own."""
+    fields = {k: v for k, v in (inherited or {}).items() if k != "method"}
+    if init_from is not None:
+        fields["init_from"] = init_from
+    given = {name: getattr(req, name) for name in ("validation_file", *SPEC_FIELDS)}
+    fields.update({k: v for k, v in given.items() if v is not None})
+    return fields
 
 
 def _asked_auto_batch(req: CreateJobRequest, method: _Method) -> bool:
@@ -148,13 +178,14 @@ def build_spec(
     hp_from_method = set(method.hyperparameters)
     if req.method is None and inherited:
         method = _Method(name=inherited["method"], type_key=inherited["method"], hyperparameters=method.hyperparameters)
+    rest = _request_fields(req, inherited if req.method is None else None, init_from)
     if choose is not None and (method.name == AUTO_METHOD or _asked_auto_batch(req, method)):
         auto_batch = _asked_auto_batch(req, method)
+        # The whole job as asked, "auto" included, so the plan that chooses is the job's plan.
         draft: dict[str, Any] = {
-            "method": method.name or DEFAULT_METHOD, "lora": method.lora,
-            "hyperparameters": {**hp, "batch_size": "auto"} if auto_batch else hp,
-            "gradient_checkpointing": req.gradient_checkpointing, "precision": req.precision or "auto",
-            "optimizer": req.optimizer,
+            "model": model_path, "training_file": req.training_file, "method": method.name or DEFAULT_METHOD,
+            "hyperparameters": {**hp, "batch_size": "auto"} if auto_batch else dict(hp),
+            **_draft_method_fields(method), **rest,
         }
         chosen, batch = choose(draft)
         method.name = chosen
@@ -172,20 +203,7 @@ def build_spec(
 
     data: dict[str, Any] = {"model": model_path, "method": name, "training_file": req.training_file, "hyperparameters": hp}
     data.update(_method_fields(method))
-    if req.method is None and inherited:
-        data.update({k: v for k, v in inherited.items() if k != "method"})
-    if init_from is not None:
-        data["init_from"] = init_from
-    optional = {
-        "validation_file": req.validation_file, "suffix": req.suffix, "schedule": req.schedule,
-        "gradient_checkpointing": req.gradient_checkpointing, "precision": req.precision,
-        "data_format": req.data_format, "train_on_inputs": req.train_on_inputs, "packing": req.packing,
-        "mix": req.mix, "forgetting_file": req.forgetting_file, "optimizer": req.optimizer, "export": req.export,
-        "speed": req.speed, "full_precision": req.full_precision, "strategy": req.strategy,
-        "checkpoint_layers": req.checkpoint_layers, "checkpoint_offload": req.checkpoint_offload,
-        "optimizer_in_backward": req.optimizer_in_backward,
-    }
-    data.update({k: v for k, v in optional.items() if v is not None})
+    data.update(rest)
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
@@ -216,10 +234,8 @@ def _user_path(param: str | None, method: _Method, hp_from_method: set[str]) -> 
     if not param:
         return param
     head, _, rest = param.partition(".")
-    if head == "lora" and method.type_key:
-        return f"method.{method.type_key}" + (f".{rest}" if rest else "")
-    if head in ("quantization", "ia3", "prefix", "freeze") and method.type_key:
-        inner = param if head == "quantization" else rest
+    if head in _OWN | _NESTED and method.type_key:
+        inner = param if head in _NESTED else rest
         return f"method.{method.type_key}" + (f".{inner}" if inner else "")
     if head == "hyperparameters" and rest.split(".")[0] in hp_from_method:
         return f"method.{method.type_key}.{param}"

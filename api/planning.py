@@ -9,7 +9,6 @@ speed and strategy, the fast path's chunked loss and fused LoRA.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,39 +88,6 @@ def refuse_if_too_big(p: dict[str, Any] | None) -> None:
         extra={"predicted_gib": round(need / GiB, 3), "available_gib": p["available_gib"],
                "usable_gib": round(p["usable_bytes"] / GiB, 3), "gpus": p["gpus"], "suggestions": p["suggestions"]},
     )
-
-
-def chooser(model_path: str, gpus: int, settings: Settings, examples: int | None, *, refuse: bool = True,
-            seen: list[dict[str, Any]] | None = None) -> Callable[[dict[str, Any]], tuple[str, int | None]]:
-    """Resolves method "auto" and batch_size "auto" for api.job_spec.build_spec.
-
-    refuse=False (the plan route) picks something valid even when nothing fits, so the plan can
-    still be shown; `seen` receives the draft as requested, "auto" values included.
-    """
-
-    def choose(draft: dict[str, Any]) -> tuple[str, int | None]:
-        if seen is not None:
-            seen.append(draft)
-        p = make_plan(draft, model_path, gpus, settings)
-        fallback = draft["method"] if draft["method"] != "auto" else "lora"
-        if p is None:
-            if draft["method"] == "auto":
-                raise APIError(400, "method: 'auto' needs a model whose config.json the planner can read (a local model)",
-                               param="method", code="invalid_value")
-            return draft["method"], None
-        if not p["checked"]:
-            return fallback, None  # the spec's default batch size: the planner cannot vouch for another
-        if refuse:
-            refuse_if_too_big(p)
-        batch = p["batch_size"]
-        if p["method"] is None:
-            return (draft["method"] if draft["method"] != "auto" else "qlora"), None
-        if batch is not None and examples:
-            # A micro-batch larger than the data set only pads: cap it at the examples there are.
-            batch = min(batch, 1 << (examples.bit_length() - 1))
-        return p["method"], batch
-
-    return choose
 
 
 def job_view(plan: dict[str, Any] | None, progress: dict[str, Any] | None, metrics: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -3,9 +3,11 @@ are plain extra fields, so OpenAI clients ignore them and the SDK reaches them a
 
 from __future__ import annotations
 
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from trainer.spec import METHOD_SETTINGS, METHODS, Hyperparameters, JobSpec
 
 T = TypeVar("T")
 
@@ -31,7 +33,7 @@ class FileObject(BaseModel):
     status_details: str | None = None
     expires_at: int | None = None
     sha256: str
-    validation: dict[str, Any] = Field(description="The per-line validation report of trainer.data.validate_file.")
+    validation: dict[str, Any] = Field(description="The per-line validation report of trainer.data.validate.validate_file.")
 
 
 class JobErrorOut(BaseModel):
@@ -110,61 +112,41 @@ class ModelOut(BaseModel):
     owned_by: str = "tuneq"
 
 
-class CreateJobRequest(BaseModel):
-    """OpenAI's job body plus tuneq's fields (send those with the SDK's `extra_body`).
+def _settings_fields(name: str) -> str:
+    """The field names of a settings field of the spec (`lora`: r, alpha, ...)."""
+    ann = JobSpec.model_fields[name].annotation
+    model = next(t for t in (ann, *get_args(ann)) if isinstance(t, type) and issubclass(t, BaseModel))
+    return ", ".join(model.model_fields)
 
-    hyperparameters, method and schedule are checked by trainer.spec.JobSpec, the one definition
-    of a job, so the limits live in one place.
-    """
+
+def _method_help() -> str:
+    settings = []
+    for method, names in METHOD_SETTINGS.items():
+        if names:
+            own = _settings_fields(names[0])
+            extra = "".join(f"; {n}: {{{_settings_fields(n)}}}" for n in names[1:])
+            settings.append(f"{method}: {own}{extra}")
+    return (" | ".join(repr(m) for m in METHODS) + " | 'auto', OpenAI's {'type': 'supervised', 'supervised': "
+            "{'hyperparameters': {...}}}, or {'type': <method>, <method>: {settings, 'hyperparameters'}}. Settings: "
+            + "; ".join(settings) + ".")
+
+
+class _JobRequest(BaseModel):
+    """The fields of a job body that OpenAI defines or that name things by id."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(..., min_length=1, max_length=512, description="A name from GET /v1/models.")
     training_file: str = Field(..., min_length=1, description="A file id from POST /v1/files.")
     validation_file: str | None = Field(None, description="A file id from POST /v1/files.")
-    suffix: str | None = Field(None, max_length=64)
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    seed: Annotated[int | None, *Hyperparameters.model_fields["seed"].metadata] = Field(
+        None, description="The same as hyperparameters.seed.")
     hyperparameters: dict[str, Any] | None = Field(
         None,
         description="n_epochs, batch_size, learning_rate_multiplier ('auto' allowed) and every field of "
-        "trainer.spec.Hyperparameters (learning_rate, max_steps, gradient_accumulation_steps, ...).",
+        "hyperparameters of the job spec: " + ", ".join(Hyperparameters.model_fields) + ".",
     )
-    method: str | dict[str, Any] | None = Field(
-        None,
-        description="'full' | 'lora' | 'qlora' | 'ia3' | 'prefix' | 'freeze', OpenAI's "
-        "{'type': 'supervised', 'supervised': {...}}, or {'type': <method>, <method>: {settings, 'hyperparameters'}}: "
-        "lora/qlora take r, alpha, dropout, target_modules, use_dora, use_rslora, loraplus_lr_ratio (qlora also "
-        "quantization: {bits: 4|8}); ia3 target_modules, feedforward_modules; prefix num_virtual_tokens; "
-        "freeze trainable_layers (from the top).",
-    )
-    schedule: dict[str, Any] | None = Field(None, description="trainer.spec.Schedule.")
-    gradient_checkpointing: bool | None = None
-    precision: str | None = None
-    data_format: str | None = Field(None, description="auto | chat | alpaca | prompt_completion | text.")
-    train_on_inputs: bool | None = Field(None, description="Also train on prompts (default: false; true for text).")
-    packing: bool | None = Field(None, description="Pack short examples into full rows of max_seq_len.")
-    mix: list[dict[str, Any]] | None = Field(
-        None, description="Replay/general data mixed into training: [{'file': file id, 'weight': examples per training example}]."
-    )
-    forgetting_file: str | None = Field(
-        None, description="A file id of general held-out text; its loss before and after training measures forgetting."
-    )
-    optimizer: str | None = Field(None, description="adamw | adamw_fused | adamw_8bit | paged_adamw | paged_adamw_8bit.")
-    speed: str | None = Field(
-        None, description="lean (gradient checkpointing, least memory) | balanced (only the bottom checkpoint_layers "
-        "layers) | fast | auto (the planner picks).")
-    checkpoint_layers: int | None = Field(None, ge=0, le=1024, description="speed balanced: decoder layers checkpointed, from the bottom.")
-    checkpoint_offload: bool | None = Field(
-        None, description="Checkpointed layers' inputs wait in pinned CPU memory between forward and backward "
-        "(less GPU memory, PCIe copies that overlap compute); needs speed lean or balanced.")
-    optimizer_in_backward: bool | None = Field(
-        None, description="Update each layer as soon as its gradients exist and free them (less peak memory); "
-        "needs max_grad_norm 0, gradient_accumulation_steps 1, optimizer adamw, one GPU.")
-    full_precision: str | None = Field(None, description="Full fine-tuning's weights: fp32_master (default) | bf16.")
-    strategy: str | None = Field(None, description="Several GPUs: auto | ddp | fsdp (full and freeze only).")
-    export: dict[str, Any] | None = Field(
-        None, description="{'merged': true} also exports the adapter merged into the base (merged.tar.gz)."
-    )
+    method: str | dict[str, Any] | None = Field(None, description=_method_help())
     from_checkpoint: str | None = Field(
         None, min_length=1, max_length=64,
         description="Continue from a previous job (ftjob-…: its final weights) or checkpoint (ftckpt-…); "
@@ -174,6 +156,33 @@ class CreateJobRequest(BaseModel):
     gpus: int = Field(1, ge=1, le=64, description="GPUs of one host the job needs.")
     integrations: list[Any] | None = None
     metadata: dict[str, str] | None = None
+
+
+# JobSpec fields the request shapes OpenAI's way (above) or under `method`; every other field of
+# the spec is a request field of its own, with the spec's type, limits and description, so a new
+# spec field reaches the API without an edit here.
+SHAPED = {"model", "method", "hyperparameters", "init_from", "training_file", "validation_file",
+          *(name for names in METHOD_SETTINGS.values() for name in names)}
+SPEC_FIELDS = tuple(name for name in JobSpec.model_fields if name not in SHAPED)
+# Files are named by id in a request; the worker turns ids into the paths the spec holds.
+_BY_ID = {
+    "forgetting_file": "A file id of general held-out text; its loss before and after training measures forgetting.",
+    "mix": "Replay/general data mixed into training: [{'file': file id, 'weight': examples per training example}].",
+}
+
+
+def _optional(name: str) -> tuple[Any, None]:
+    """A spec field as an optional request field (left out: the spec's default)."""
+    f = JobSpec.model_fields[name]
+    return Annotated[f.annotation | None, *f.metadata, Field(description=_BY_ID.get(name, f.description))], None
+
+
+CreateJobRequest = create_model(
+    "CreateJobRequest", __base__=_JobRequest, __module__=__name__,
+    __doc__="OpenAI's job body plus tuneq's fields (send those with the SDK's `extra_body`).\n\n"
+    "Every tuneq field is a field of trainer.spec.JobSpec, the one definition of a job, checked there.",
+    **{name: _optional(name) for name in SPEC_FIELDS},
+)
 
 
 class Health(BaseModel):

@@ -70,7 +70,7 @@ def short_chat_file(path: Path, n: int, max_words: int, seed: int) -> Path:
 def mean_tokens(path: Path, model_dir: Path, seq: int) -> float:
     from transformers import AutoTokenizer
 
-    from trainer.data import validate_file
+    from trainer.data.validate import validate_file
 
     report = validate_file(path, AutoTokenizer.from_pretrained(model_dir), seq)
     return report["tokens"] / report["examples"]

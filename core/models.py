@@ -99,6 +99,9 @@ class Job(Base):
     # its own: kept in `progress`, the worker's event pump rewrote that JSON from a copy read just
     # before the preemption committed, the marker was lost and the job stayed paused (lent H200).
     preempted_by: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    # When the trainer finished writing the final weights: an attempt that finds it set publishes
+    # them instead of training again (the worker that trained may be lost while publishing).
+    trained_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     # The lease: the database, not the broker, decides who runs a job.
     lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
     lease_attempt: Mapped[int] = mapped_column(Integer, default=0)

@@ -103,6 +103,14 @@ class S3Storage:
         self._upload(src, key)
         return src.stat().st_size, digest
 
+    def adopt(self, key: str, src: Path, *, keep: bool) -> tuple[int, str | None]:
+        """Upload a local file (multipart, from the disk); the local copy removed unless keep."""
+        size = src.stat().st_size
+        self._upload(src, key)
+        if not keep:
+            src.unlink()
+        return size, None
+
     def _upload(self, src: Path, key: str) -> None:
         self.client.upload_file(str(src), self.bucket, self.name(key), Config=self.transfer)
 

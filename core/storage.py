@@ -7,7 +7,9 @@ job ids are unique), which is what lets the S3 backend cache local copies withou
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,9 @@ from urllib.parse import unquote, urlsplit
 from core.settings import Settings, get_settings
 
 CHUNK = 1024 * 1024
+# Why a link or a rename into the store falls back to a copy: another disk, or a file system
+# without hard links.
+NOT_LINKABLE = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP}
 
 
 class StorageKeyError(ValueError):
@@ -26,6 +31,7 @@ class StorageKeyError(ValueError):
 class Storage(Protocol):
     def put_stream(self, key: str, stream: BinaryIO) -> tuple[int, str]: ...
     def put_file(self, key: str, src: Path) -> tuple[int, str]: ...
+    def adopt(self, key: str, src: Path, *, keep: bool) -> tuple[int, str | None]: ...
     def open(self, key: str) -> BinaryIO: ...
     def iter_bytes(self, key: str) -> Iterator[bytes]: ...
     def exists(self, key: str) -> bool: ...
@@ -69,6 +75,35 @@ class LocalStorage:
     def put_file(self, key: str, src: Path) -> tuple[int, str]:
         with open(src, "rb") as f:
             return self.put_stream(key, f)
+
+    def adopt(self, key: str, src: Path, *, keep: bool) -> tuple[int, str | None]:
+        """Store a local file without writing its bytes again where the store shares its disk: a
+        hard link when the source stays (keep), else a rename. Elsewhere a streamed copy, the
+        source removed unless keep. Returns (bytes, sha256 of a copy, or None: nothing was read).
+
+        A link is safe because nothing rewrites a published file in place: the trainer writes a
+        checkpoint in a temporary folder and renames it.
+        """
+        dest = self.path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        size = src.stat().st_size
+        try:
+            if keep:
+                tmp = dest.with_name(dest.name + ".link")
+                tmp.unlink(missing_ok=True)
+                os.link(src, tmp)
+                tmp.replace(dest)
+            else:
+                os.replace(src, dest)
+            return size, None
+        except OSError as exc:
+            if exc.errno not in NOT_LINKABLE:
+                raise
+        with open(src, "rb") as f:
+            size, digest = write_hashed(f, dest)
+        if not keep:
+            src.unlink()
+        return size, digest
 
     def open(self, key: str) -> BinaryIO:
         return open(self.path(key), "rb")

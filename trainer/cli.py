@@ -104,7 +104,7 @@ def _tiny(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from trainer.data import validate_file
+    from trainer.data.validate import validate_file
 
     if not args.file.is_file():
         raise UsageError(f"{args.file} is not a readable file")

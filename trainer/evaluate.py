@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from trainer.data import collate, model_inputs
+from trainer.data.batch import collate, model_inputs
 from trainer.eval_mode import evaluation
 from trainer.loss_heads import LossHead, PlainLoss
 

@@ -29,7 +29,8 @@ import torch
 
 from trainer import checkpoint as ckpt
 from trainer import packed_attention, profiling
-from trainer.data import collate, load_tokenized, mix_in, pack
+from trainer.data.batch import collate
+from trainer.data.dataset import load_tokenized, mix_in, pack
 from trainer.distributed import gather_model_state, gather_training_state, is_sharded
 from trainer.errors import ConfigError, Paused
 from trainer.evaluate import eval_sample, evaluate, forgetting_change
@@ -184,6 +185,7 @@ class Run:
 
     def _emit_start(self) -> None:
         spec, device, examples = self.spec, self.device, len(self.train_data.examples)
+        micro_batches = self.total_micro or self.total_steps * self.hp.gradient_accumulation_steps
         self.events.emit(
             "start",
             f"{spec.method} on {examples} examples"
@@ -193,7 +195,7 @@ class Run:
             + (f", resumed from step {self.resumed_from}" if self.resumed_from is not None else ""),
             total_steps=self.total_steps,
             examples=examples,
-            epochs=round(self.order.epoch_of(self.total_micro or self.total_steps * self.hp.gradient_accumulation_steps), 3),
+            epochs=round(self.order.epoch_of(micro_batches), 3),
             method=spec.method,
             device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
             precision=self.precision,

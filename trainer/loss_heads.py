@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from trainer.eval_mode import evaluation
-from trainer.data import IGNORE_INDEX, model_inputs
+from trainer.data.batch import model_inputs
+from trainer.data.tokenize import IGNORE_INDEX
 from trainer.linear_ce import chunk_tokens, linear_cross_entropy
 
 

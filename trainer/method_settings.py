@@ -7,24 +7,15 @@ Every check that needs only the spec is here; the one that needs the model's mod
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from trainer.vocabulary import OPTIMIZERS, Optimizer  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     from trainer.spec import JobSpec
 
-# adamw: torch's AdamW (its fused kernel on a GPU, as before this option existed);
-# adamw_fused: the fused kernel on any device; the bitsandbytes ones keep m and v in 8 bits
-# (adamw_8bit) and/or in paged memory that the driver may move to the CPU under pressure.
-Optimizer = Literal["adamw", "adamw_fused", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"]
-OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
-# Those torch implements; the others are bitsandbytes' (trainer.optim), which keep their own state
-# layout and cannot step a layer inside backward.
-TORCH_OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw_fused")
-# bitsandbytes' class of each of the others, by its name in bitsandbytes.optim.
-BITSANDBYTES_OPTIMIZERS: dict[str, str] = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW",
-                                           "paged_adamw_8bit": "PagedAdamW8bit"}
 
 # Methods that train a peft adapter on a frozen base, and those of them that can be merged.
 ADAPTER_METHODS = ("lora", "qlora", "ia3", "prefix")

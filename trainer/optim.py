@@ -16,8 +16,8 @@ import torch
 
 from trainer.errors import ConfigError
 from trainer.optim_in_backward import OptimizerInBackward
-from trainer.method_settings import BITSANDBYTES_OPTIMIZERS
 from trainer.spec import TORCH_OPTIMIZERS, JobSpec
+from trainer.vocabulary import BITSANDBYTES_OPTIMIZERS
 
 BETAS = (0.9, 0.999)
 

@@ -1,49 +1,45 @@
 """JobSpec: the one definition of a fine-tuning job.
 
 Everything that reaches a GPU passes through this model first, so every check that can fail
-without loading weights lives here and names the field and its allowed range.
+without loading weights lives here and names the field and its allowed range. The closed sets of
+values its fields take (Method, Speed, ...) are in trainer.vocabulary, importable from here too.
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# ADAPTER_METHODS, OPTIMIZERS and TORCH_OPTIMIZERS are re-exported: this module is where the job's vocabulary is read.
-from trainer.method_settings import (  # noqa: F401
-    ADAPTER_METHODS,
-    OPTIMIZERS,
-    TORCH_OPTIMIZERS,
+from trainer.method_settings import (
     ExportSettings,
     FreezeSettings,
     IA3Settings,
-    Optimizer,
     PrefixSettings,
     QuantizationSettings,
     check_method_settings,
 )
-
-# freeze: full fine-tuning of the top layers only; ia3 and prefix: the adapter family besides LoRA.
-Method = Literal["full", "lora", "qlora", "ia3", "prefix", "freeze"]
-DataFormat = Literal["auto", "chat", "alpaca", "prompt_completion", "text"]
-Precision = Literal["auto", "bf16", "fp32"]
-# lean: gradient checkpointing, least memory; fast: keep activations, about a third less compute;
-# balanced: checkpoint only the bottom checkpoint_layers decoder layers (as many as memory needs).
-Speed = Literal["auto", "lean", "fast", "balanced"]
-FullPrecision = Literal["fp32_master", "bf16"]
-Strategy = Literal["auto", "ddp", "fsdp"]
-
-# The allowed values of each choice, in the order above, for whoever offers them (the API's schema,
-# the CLI's options, the planner): one list each, read from the types so they cannot drift.
-METHODS: tuple[str, ...] = get_args(Method)
-DATA_FORMATS: tuple[str, ...] = get_args(DataFormat)
-PRECISIONS: tuple[str, ...] = get_args(Precision)
-SPEEDS: tuple[str, ...] = get_args(Speed)
-FULL_PRECISIONS: tuple[str, ...] = get_args(FullPrecision)
-STRATEGIES: tuple[str, ...] = get_args(Strategy)
-# Methods that train whole weights (and so can shard them with FSDP); the others train adapters.
-WHOLE_WEIGHT_METHODS: tuple[str, ...] = ("full", "freeze")
+# The field types, importable from here: one definition, in trainer/vocabulary.py.
+from trainer.vocabulary import (  # noqa: F401 - re-exported
+    DATA_FORMATS,
+    DEFAULT_METHOD,
+    FULL_PRECISIONS,
+    METHOD_SETTINGS,
+    METHODS,
+    OPTIMIZERS,
+    PRECISIONS,
+    SPEEDS,
+    STRATEGIES,
+    TORCH_OPTIMIZERS,
+    WHOLE_WEIGHT_METHODS,
+    DataFormat,
+    FullPrecision,
+    Method,
+    Optimizer,
+    Precision,
+    Speed,
+    Strategy,
+)
 
 # Linear projections of Llama-shaped decoders; "all-linear" lets peft find them on any model.
 ALL_LINEAR = "all-linear"
@@ -126,7 +122,7 @@ class JobSpec(_Strict):
     """What to train, on what, and how."""
 
     model: str = Field(..., min_length=1, max_length=512, description="Hub id or local directory of the base model.")
-    method: Method = Field("lora", description=" | ".join(METHODS) + ".")
+    method: Method = Field(DEFAULT_METHOD, description=" | ".join(METHODS) + ".")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="Used by lora and qlora.")
     quantization: QuantizationSettings | None = Field(None, description="qlora's base: 4-bit (default) or 8-bit.")
     ia3: IA3Settings | None = Field(None, description="Used by ia3.")

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from trainer.data import IGNORE_INDEX
+from trainer.data.tokenize import IGNORE_INDEX
 from trainer.distributed import scale_gradients, sum_over_ranks
 from trainer.loss_heads import LossHead, PlainLoss
 from trainer.optim_in_backward import OptimizerInBackward

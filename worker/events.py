@@ -104,7 +104,10 @@ class ProgressTracker:
         elif kind == "error":
             self.last_error = data | {"message": data.get("message") or ev.get("message") or "training failed"}
         elif kind == "finished":
+            # The trainer emits it once final/ is whole: from now on the job is never trained
+            # again, whatever happens to this worker while it publishes.
             self.finished = data
+            job.trained_at = job.trained_at or time.time()
 
     def _on_metrics(self, job: Job, data: dict[str, Any], t: float) -> None:
         progress = {**job.progress, **_pick(data, PROGRESS_KEYS)}

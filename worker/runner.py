@@ -6,6 +6,7 @@ lease taken at the start, and the final status is written only while that lease 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -23,14 +24,14 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from core import control, states
 from core.db import get_sessionmaker
-from core.jobs import acquire_lease, heartbeat, lock_leased_job, release_lease
+from core.jobs import heartbeat, lock_leased_job, release_lease
 from core.models import Job
 from core.queue import clear_pending, enqueue_job
 from core.retries import USER_ERRORS, retry_or_fail
 from core.settings import Settings, get_settings
 from core.storage import get_storage
 from worker import placement
-from worker.artifacts import publish_final
+from worker.artifacts import final_manifest, publish_final
 from worker.events import EventTail, ProgressTracker
 from worker.gpus import GpuPool, Reservation, get_pool
 from worker.process import SUPERVISOR_ENV, TrainerProcess, kill_strays
@@ -50,6 +51,7 @@ CANCEL_GRACE_S = 10.0
 # A pause or a shutdown lets the trainer write a checkpoint first; that can take a while.
 CHECKPOINT_GRACE_S = 120.0
 LOG_TAIL_CHARS = 2000
+FINAL = "final"  # the trainer's export folder in the work directory
 
 
 def default_worker_id(settings: Settings) -> str:
@@ -102,13 +104,19 @@ def _log_skip(db: Session, job_id: str) -> None:
 
 
 class LeaseKeeper:
-    """Heartbeats a lease from a thread of its own (own database session) while the run does
-    something long without its supervise loop. A lost lease is only logged here: supervise()
-    sees it at its first heartbeat and stops the run."""
+    """Renews a run's lease from a thread of its own (own database session) for the whole
+    attempt: fetching files, the trainer, publishing gigabytes, database retries. None of those
+    can starve it, so the reaper takes a job only from a worker that is really gone.
+
+    `lost` is set once the lease is gone (reaped or taken over); the run checks it and stops. A
+    database outage is only logged here: the run's own database calls give up after half the
+    TTL (JobRun.with_db), and the final transition happens only under the lease.
+    """
 
     def __init__(self, job_id: str, worker_id: str, attempt: int, every_s: float):
         self.job_id, self.worker_id, self.attempt, self.every_s = job_id, worker_id, attempt, every_s
         self.stop = threading.Event()
+        self.lost = threading.Event()
         self.thread = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
         self.beats = 0
 
@@ -117,11 +125,13 @@ class LeaseKeeper:
             try:
                 with get_sessionmaker()() as db:
                     if heartbeat(db, self.job_id, self.worker_id, self.attempt) is None:
-                        log.warning("job %s: lease lost while preparing (attempt %s)", self.job_id, self.attempt)
+                        if not self.stop.is_set():  # else the run just ended and released it
+                            log.warning("job %s: lease lost (attempt %s)", self.job_id, self.attempt)
+                            self.lost.set()
                         return
                 self.beats += 1
-            except DBAPIError as exc:  # a database outage: supervise() rides it out or stops
-                log.warning("job %s: heartbeat while preparing failed: %s", self.job_id, exc)
+            except DBAPIError as exc:
+                log.warning("job %s: heartbeat failed: %s", self.job_id, exc)
 
     def __enter__(self) -> LeaseKeeper:
         self.thread.start()
@@ -149,12 +159,16 @@ class JobRun:
         self.tensorboard = TensorBoardLog(self.dir / "tensorboard")
 
     def execute(self) -> str:
+        with LeaseKeeper(self.job_id, self.worker_id, self.attempt, self.settings.heartbeat_s) as self.keeper:
+            return self.attempt_run()
+
+    def attempt_run(self) -> str:
+        # Events a killed attempt left unread: its trainer may have finished just before.
+        self.with_db(self.pump)
+        if self.job.trained_at is not None and (outcome := self.publish_trained()) is not None:
+            return outcome
         try:
-            # Fetching the job's files (and a continuation's checkpoint) from the artifact store
-            # can outlast the lease before supervise() heartbeats; the reaper must not re-queue
-            # a job that is only downloading.
-            with LeaseKeeper(self.job_id, self.worker_id, self.attempt, self.settings.heartbeat_s):
-                spec = runnable_spec(self.db, self.job)
+            spec = runnable_spec(self.db, self.job)
         except SpecError as exc:
             error = {"code": "invalid_spec", "message": str(exc), "param": exc.param}
             return self.finish(states.FAILED, f"Job failed: {exc}", error=error)
@@ -195,18 +209,15 @@ class JobRun:
 
         Returns why it was stopped (cancel, pause, shutdown, lost) or None if it ended by itself.
         """
-        next_beat = time.monotonic() + self.settings.heartbeat_s
         stopped_by: str | None = None
         kill_at = float("inf")
         while not proc.finished():
             self.with_db(self.pump)
             now = time.monotonic()
-            if now >= next_beat:
-                if self.with_db(heartbeat, self.db, self.job_id, self.worker_id, self.attempt) is None:
-                    log.warning("job %s: lease lost (attempt %s); stopping the trainer", self.job_id, self.attempt)
-                    proc.kill()
-                    return "lost"
-                next_beat = now + self.settings.heartbeat_s
+            if self.keeper.lost.is_set():
+                log.warning("job %s: lease lost (attempt %s); stopping the trainer", self.job_id, self.attempt)
+                proc.kill()
+                return "lost"
             if stopped_by is None and (stopped_by := self.stop_reason()):
                 if stopped_by == "cancel":
                     log.info("job %s: cancel; sending SIGTERM to the trainer", self.job_id)
@@ -304,13 +315,39 @@ class JobRun:
         log.warning("job %s: %s; %s", self.job_id, reason, "re-queued" if requeued else job.status)
         return states.QUEUED if requeued else job.status
 
+    def publish_trained(self) -> str | None:
+        """An earlier attempt's trainer finished: publish its model instead of training again.
+
+        None when its files are on no disk this worker can reach (another host's work
+        directory, before any was stored): then the job trains again.
+        """
+        if strays := kill_strays(self.dir):
+            log.warning("job %s: killed trainer processes %s left by an earlier attempt", self.job_id, strays)
+        if final_manifest(get_storage(), self.job_id, self.dir / FINAL) is None:
+            log.warning("job %s: trained in an earlier attempt, but its model is not on this host; training again",
+                        self.job_id)
+            self.job.trained_at = None
+            states.add_event(self.db, self.job, "The model of an earlier attempt is not reachable from this worker; "
+                             "training again.", type="message", level="warning")
+            self.db.commit()
+            return None
+        log.info("job %s: trained in an earlier attempt; publishing its model (attempt %s)", self.job_id, self.attempt)
+        states.add_event(self.db, self.job, "Training finished in an earlier attempt; publishing its model.",
+                         type="message", data={"worker": self.worker_id, "attempt": self.attempt})
+        self.db.commit()
+        return self.with_db(self.succeed)
+
     def succeed(self) -> str:
-        final = self.dir / "final"
-        if not final.is_dir():
-            error = {"code": "internal", "message": "the trainer exited 0 but wrote no final/ directory", "param": None}
+        final = self.dir / FINAL
+        storage = get_storage()
+        raw = final_manifest(storage, self.job_id, final)
+        if raw is None:
+            error = {"code": "internal", "message": "the trainer exited 0 but wrote no final/manifest.json", "param": None}
             return self.finish(states.FAILED, "Job failed.", error=error)
-        stored = publish_final(get_storage(), self.job, final)
-        finished = self.tracker.finished or {}
+        # An attempt that did not see the trainer finish reads what it reported from the manifest.
+        metrics = json.loads(raw).get("metrics") or {}
+        finished = self.tracker.finished or {"metrics": metrics, "trained_tokens": metrics.get("trained_tokens")}
+        stored = publish_final(storage, self.job, final)
 
         def record(job: Job) -> None:
             self.db.add_all(s.row(job.id) for s in stored)

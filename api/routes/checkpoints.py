@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 from sqlalchemy import and_, or_, select
 
+from api.crud import load_job
 from api.deps import CurrentUser, SessionDep, SettingsDep
 from api.errors import bad_request
 from api.pagination import AfterQuery, LimitQuery, check_limit, make_page
-from api.routes.jobs import load_job
 from api.schemas import CheckpointOut, Page
 from core.models import Checkpoint, Job
 

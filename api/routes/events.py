@@ -21,10 +21,10 @@ from fastapi import APIRouter
 from sqlalchemy import select
 from sse_starlette import EventSourceResponse
 
+from api.crud import load_job
 from api.deps import CurrentUser, SessionDep, SettingsDep
 from api.errors import bad_request
 from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
-from api.routes.jobs import load_job
 from api.schemas import EventOut, Page
 from core.event_feed import EventFeed, start_seq
 from core.models import JobEvent

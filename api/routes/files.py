@@ -9,23 +9,21 @@ from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi import File as FormFile
 from fastapi.responses import FileResponse, Response
 from sqlalchemy import and_, or_, select
-from sqlalchemy.orm import Session
 
 from api.content import stored_content
+from api.crud import bad_lines_summary, load_file
 from api.deps import CurrentUser, SessionDep, SettingsDep, StorageDep
-from api.errors import APIError, bad_request, not_found
+from api.errors import APIError, bad_request
 from api.limits import check_examples
 from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
 from api.schemas import FileObject, Page
 from api.uploads import too_large_message
 from core.identity import can_read_file, readable_files
-from core.models import File, User, new_id
+from core.models import File, new_id
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 PURPOSES = ("fine-tune",)
-# How many bad lines the file object's status_details names; the full list is in `validation`.
-DETAILS_LINES = 5
 
 
 def file_out(f: File) -> FileObject:
@@ -37,24 +35,6 @@ def file_out(f: File) -> FileObject:
     )
 
 
-def bad_lines_summary(report: dict[str, Any]) -> str:
-    errors = report.get("errors") or []
-    if not errors:
-        return "the file is not a valid fine-tuning file"
-    total = sum((report.get("error_counts") or {}).values()) or len(errors)
-    shown = "; ".join(f"line {e.get('line')}: {e.get('message') or e.get('code')}" for e in errors[:DETAILS_LINES])
-    more = f"; and {total - DETAILS_LINES} more" if total > DETAILS_LINES else ""
-    return f"{total} bad line{'s' if total != 1 else ''}: {shown}{more}"
-
-
-def load_file(db: Session, file_id: str, user: User, param: str | None = None) -> File:
-    """The file if `user` may read it; another user's file answers like a missing one."""
-    f = db.get(File, file_id)
-    if f is None or not can_read_file(user, f):
-        raise not_found("file", file_id, param)
-    return f
-
-
 def _display_name(filename: str | None) -> str:
     # Shown back to the user only; the stored key never contains it.
     name = PurePath((filename or "").replace("\\", "/")).name
@@ -62,7 +42,7 @@ def _display_name(filename: str | None) -> str:
 
 
 def _validate(path: str) -> dict[str, Any]:
-    from trainer.data import validate_file  # heavy import, only when a file arrives
+    from trainer.data.validate import validate_file  # no torch: a file is checked without it
 
     return validate_file(path, tokenizer=None, max_seq_len=None)
 

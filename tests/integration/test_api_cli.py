@@ -60,6 +60,19 @@ def test_submit_prints_the_job_id_and_queues_it(runner: CliRunner, tmp_path: Pat
     assert again.exit_code == 1 and "cannot go from 'cancelled'" in again.stderr
 
 
+@pytest.mark.parametrize("method", ["ia3", "prefix", "freeze"])
+def test_submit_takes_every_method_of_the_spec(runner: CliRunner, tmp_path: Path, method: str) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_text((GOOD_LINE + "\n") * 4)
+    spec = tmp_path / "job.yaml"
+    spec.write_text("method: {type: freeze, freeze: {trainable_layers: 1}}\n")  # freeze needs its layer count
+    args = ["submit", str(data), "--model", "tiny-llama", "--method", method]
+    result = runner.invoke(cli.app, args + (["--spec", str(spec)] if method == "freeze" else []))
+    assert result.exit_code == 0, result.output
+    job = job_row(result.stdout.strip())
+    assert job.status == "queued" and job.method == method == job.spec["method"]
+
+
 def test_submit_shows_the_bad_lines(runner: CliRunner, tmp_path: Path, service_env: dict[str, str]) -> None:
     data = tmp_path / "bad.jsonl"
     data.write_text(f"{GOOD_LINE}\n{{oops\n{GOOD_LINE}\n\"just a string\"\n")

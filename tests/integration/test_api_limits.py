@@ -118,12 +118,12 @@ def test_page_size_is_bounded(limits, member: TestClient) -> None:  # noqa: ANN0
 def test_a_job_tokenizes_its_file_once(limits, member: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
     """The token limit and the job's data check read one cached report, also when the job names a
     data format (they used to ask with different arguments, so a big file was tokenized twice)."""
-    import trainer.data
+    import trainer.data.validate
     from api import data_check
 
     data_check.token_report.cache_clear()
     calls = []
-    real = trainer.data.validate_file
+    real = trainer.data.validate.validate_file
 
     def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         calls.append(args[0])
@@ -131,6 +131,6 @@ def test_a_job_tokenizes_its_file_once(limits, member: TestClient, monkeypatch: 
 
     f = upload(member, 4)  # the upload's own check (no model yet) is not counted
     limits(max_tokens_per_file=100_000)
-    monkeypatch.setattr(trainer.data, "validate_file", counted)
+    monkeypatch.setattr(trainer.data.validate, "validate_file", counted)
     assert create(member, f, data_format="chat").status_code == 200
     assert len(calls) == 1, calls

@@ -58,6 +58,7 @@ def test_auto_method_and_batch_pick_full_and_store_the_plan(client: TestClient, 
     job = r.json()
     assert job["method"]["type"] == "full"
     assert job["hyperparameters"]["batch_size"] == 4  # the largest that fits, capped at the file's 4 examples
+    assert any("the job takes 4, as its file has 4 examples" in note for note in job["plan"]["notes"])
     assert job["plan"]["predicted_peak_gib"] > 0 and job["plan"]["measured_peak_gib"] is None
     assert job["plan"]["method"] == "full"
     from core.db import session_scope
@@ -68,6 +69,37 @@ def test_auto_method_and_batch_pick_full_and_store_the_plan(client: TestClient, 
     assert stored["fits"] and set(stored["methods"]) == {"full", "lora", "qlora"}
     assert stored["compute"]["gpu_hours"] > 0
     assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["plan"] == job["plan"]
+
+
+@pytest.mark.parametrize("asked", [{"method": "lora"}, {"method": "auto"},
+                                   {"method": "auto", "hyperparameters": {"batch_size": "auto", "max_seq_len": 64}}])
+def test_one_plan_per_creation_is_the_plan_stored(client: TestClient, file_id: str, monkeypatch: pytest.MonkeyPatch,
+                                                  asked: dict) -> None:
+    from api import planning
+
+    made: list[dict] = []
+    real = planning.make_plan
+
+    def counted(spec_like: dict, *args, **kwargs) -> dict | None:
+        made.append(dict(spec_like, dataset_tokens=kwargs.get("dataset_tokens")))
+        return real(spec_like, *args, **kwargs)
+
+    monkeypatch.setattr(planning, "make_plan", counted)
+    r = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id, **asked})
+    assert r.status_code == 200, r.text
+    assert len(made) == 1, made  # the plan that chose "auto" is the job's plan, not made again
+    assert made[0]["method"] == asked["method"] and made[0]["dataset_tokens"] > 0
+    assert made[0]["hyperparameters"].get("max_seq_len", 1024) == asked.get("hyperparameters", {}).get("max_seq_len", 1024)
+    from core.db import session_scope
+    from core.models import Job
+
+    with session_scope() as db:
+        stored = db.get(Job, r.json()["id"]).plan
+    assert stored["requested_method"] == asked["method"] and stored["compute"]["gpu_hours"] > 0
+    made.clear()
+    r = client.post("/v1/fine_tuning/plan", json={"model": "tiny-llama", "training_file": file_id, **asked})
+    assert r.status_code == 200, r.text
+    assert len(made) == 1 and r.json()["plan"]["requested_method"] == asked["method"]
 
 
 def test_a_job_that_cannot_fit_is_refused_with_numbers(client: TestClient, file_id: str,

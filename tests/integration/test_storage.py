@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from core.settings import Settings
-from core.storage import Storage, StorageKeyError, storage_for
+from core.storage import LocalStorage, Storage, StorageKeyError, storage_for
 from tests.conftest import create_user_with_key, reset_caches
 from tests.s3server import bucket_keys, s3_env
 
@@ -61,6 +61,46 @@ def test_put_read_exists_delete(storage: Storage, tmp_path: Path) -> None:
     assert not storage.exists("files/file-a.jsonl")
     with pytest.raises(FileNotFoundError):
         storage.local_path("files/file-a.jsonl")
+
+
+def test_adopt_stores_a_local_file_once(storage: Storage, tmp_path: Path) -> None:
+    """Publishing a model: moved (keep=False) or linked (keep=True) into a local store on the same
+    disk, no second copy of its bytes; uploaded to S3, the local copy removed unless kept."""
+    data = bytes(range(256)) * 4096
+    moved, kept = tmp_path / "final.bin", tmp_path / "ckpt.bin"
+    moved.write_bytes(data)
+    kept.write_bytes(data)
+    inode = moved.stat().st_ino
+    assert storage.adopt("jobs/j/final/model.bin", moved, keep=False)[0] == len(data)
+    assert storage.adopt("jobs/j/checkpoints/step-1/model.bin", kept, keep=True)[0] == len(data)
+    assert storage.adopt("jobs/j/checkpoints/step-1/model.bin", kept, keep=True)[0] == len(data)  # a re-run
+    assert not moved.exists() and kept.read_bytes() == data
+    for key in ("jobs/j/final/model.bin", "jobs/j/checkpoints/step-1/model.bin"):
+        assert b"".join(storage.iter_bytes(key)) == data
+    if isinstance(storage, LocalStorage):
+        assert storage.path("jobs/j/final/model.bin").stat().st_ino == inode
+        assert storage.path("jobs/j/checkpoints/step-1/model.bin").stat().st_ino == kept.stat().st_ino
+
+
+def test_adopt_copies_across_disks(tmp_path: Path) -> None:
+    """A store on another file system (here tmpfs; rename and link fail with EXDEV) gets a
+    streamed, hashed copy, and the source goes unless kept."""
+    import shutil
+    import tempfile
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second file system (/dev/shm) to store on")
+    root = Path(tempfile.mkdtemp(dir=shm, prefix="tuneq-store-"))
+    try:
+        storage = LocalStorage(root)
+        src = tmp_path / "final.bin"
+        src.write_bytes(b"weights" * 1000)
+        digest = hashlib.sha256(src.read_bytes()).hexdigest()
+        assert storage.adopt("jobs/j/final/model.bin", src, keep=False) == (7000, digest)
+        assert not src.exists() and storage.path("jobs/j/final/model.bin").read_bytes() == b"weights" * 1000
+    finally:
+        shutil.rmtree(root)
 
 
 @pytest.mark.parametrize("key", ["../escape", "files/../../x", "/abs", "a//b", ""])

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -13,10 +16,11 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from core import states
+from core.archive import INDEX_SUFFIX, Index
 from core.jobs import acquire_lease, request_cancel
 from core.models import Artifact, Checkpoint, Job
 from core.settings import get_settings
-from core.storage import get_storage, sha256_file
+from core.storage import get_storage
 from tests.integration.conftest import (
     events_of, make_job, process_alive, trainer_pid, trainer_processes, wait_for,
 )
@@ -101,19 +105,31 @@ def test_job_runs_to_succeeded_with_events_checkpoints_and_artifacts(db: Session
     assert Path(spec["training_file"]).is_file() and spec["model"] == worker_env["model"]
 
     arts = {a.name: a for a in db.scalars(select(Artifact).where(Artifact.job_id == job.id))}
-    final = work_dir(job.id) / "final"
-    assert {f"final/{p.relative_to(final).as_posix()}" for p in final.rglob("*") if p.is_file()} | {
-        "adapter.tar.gz", "checkpoints/step-00000002.tar.gz", "checkpoints/step-00000004.tar.gz",
-        "tensorboard.tar.gz"} == set(arts)
+    storage = get_storage()
+    manifest = json.loads(storage.path(arts["final/manifest.json"].storage_key).read_bytes())
+    assert {f"final/{rel}" for rel in manifest["files"]} | {
+        "final/manifest.json", "adapter.tar.gz", "checkpoints/step-00000002.tar.gz",
+        "checkpoints/step-00000004.tar.gz", "tensorboard.tar.gz"} == set(arts)
+    # Stored once: the files were moved out of the work directory, not copied.
+    assert not [p for p in (work_dir(job.id) / "final").rglob("*") if p.is_file()]
     assert arts["tensorboard.tar.gz"].kind == "logs"
     assert arts["checkpoints/step-00000002.tar.gz"].kind == "checkpoint"
     assert arts["final/manifest.json"].kind == "manifest"
     assert arts["final/adapter_model.safetensors"].kind == "file"
     assert arts["adapter.tar.gz"].kind == "archive"
-    storage = get_storage()
     for a in arts.values():
         assert a.storage_key.startswith(f"jobs/{job.id}/")
-        assert sha256_file(storage.path(a.storage_key)) == a.sha256 and a.bytes > 0
+        content = archive_bytes(storage, a.storage_key) if a.storage_key.endswith(INDEX_SUFFIX) \
+            else storage.path(a.storage_key).read_bytes()
+        assert hashlib.sha256(content).hexdigest() == a.sha256 and len(content) == a.bytes > 0
+    with tarfile.open(fileobj=io.BytesIO(archive_bytes(storage, arts["adapter.tar.gz"].storage_key)), mode="r:gz") as tar:
+        weights = tar.extractfile("adapter/adapter_model.safetensors").read()
+    assert hashlib.sha256(weights).hexdigest() == manifest["files"]["adapter_model.safetensors"]["sha256"]
+
+
+def archive_bytes(storage, index_key: str) -> bytes:  # noqa: ANN001
+    """What the API streams for an archive artifact."""
+    return b"".join(Index.from_json(storage.path(index_key).read_bytes()).stream(storage.iter_bytes))
 
 
 @SQLITE_ONLY

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from trainer.vocabulary import METHODS
 from tuneq import cli
+from tuneq.cli.download import _unpack
 from tuneq.client import Client, TuneqError
 from tuneq.embedded import free_port
 
@@ -57,8 +59,10 @@ def test_missing_training_file(runner: CliRunner, nowhere: str, tmp_path: Path) 
 @pytest.mark.parametrize(
     ("args", "code", "expected"),
     [
-        (["submit", "x.jsonl", "--model", "m", "--method", "dora"], 1, "--method: must be one of lora, qlora, full"),
+        # DoRA is LoRA with use_dora, not a method of the spec.
+        (["submit", "x.jsonl", "--model", "m", "--method", "dora"], 1, f"--method: must be one of {', '.join(METHODS)}"),
         (["submit", "x.jsonl", "--model", "m", "--method", "full", "--lora-r", "8"], 1, "--lora-r/--lora-alpha apply"),
+        (["submit", "x.jsonl", "--model", "m", "--method", "ia3", "--lora-alpha", "8"], 1, "--lora-r/--lora-alpha apply"),
         (["submit", "x.jsonl", "--model", "m", "--epochs", "three"], 2, "Invalid value for '--epochs'"),
         (["submit", "x.jsonl"], 2, "Missing option '--model'"),
         (["status"], 2, "Missing argument 'JOB'"),
@@ -115,7 +119,7 @@ def test_unpack_refuses_paths_that_leave_the_directory(tmp_path: Path) -> None:
     dest = tmp_path / "sub" / "out"
     dest.parent.mkdir()
     with pytest.raises(TuneqError, match="not a valid archive"):
-        cli._unpack(archive, dest)
+        _unpack(archive, dest)
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "sub" / "escaped.txt").exists()
     assert [p.name for p in dest.parent.iterdir()] == []  # no staging left behind
 
@@ -127,5 +131,5 @@ def test_unpack_flattens_the_single_top_folder(tmp_path: Path) -> None:
     archive = tmp_path / "adapter.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(src, arcname="adapter")
-    cli._unpack(archive, tmp_path / "out")
+    _unpack(archive, tmp_path / "out")
     assert (tmp_path / "out" / "adapter_config.json").read_text() == "{}"

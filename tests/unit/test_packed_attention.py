@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from trainer import packed_attention
-from trainer.data import collate, model_inputs, pack
+from trainer.data.batch import collate, model_inputs
+from trainer.data.dataset import pack
 
 
 def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False, scale=None):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from core.models import Job
 from trainer.startup import Phases, process_started
-from tuneq.cli import _startup
+from tuneq.cli.render import _startup
 from worker.events import ProgressTracker
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import trainer.data as data
-from trainer.data import load_tokenized, validate_file
+import trainer.data.dataset as data
+from trainer.data.dataset import load_tokenized
+from trainer.data.validate import validate_file
 from trainer.tiny import build_tokenizer
 
 

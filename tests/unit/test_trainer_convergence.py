@@ -63,7 +63,7 @@ def base_accuracy(model_dir: Path, valid: str) -> float:
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.data import load_tokenized
+    from trainer.data.dataset import load_tokenized
     from trainer.evaluate import evaluate
 
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -8,14 +8,10 @@ from pathlib import Path
 import pytest
 
 from tests.unit.conftest import write_jsonl
-from trainer.data import (
-    IGNORE_INDEX,
-    LineError,
-    collate,
-    parse_example,
-    tokenize_messages,
-    validate_file,
-)
+from trainer.data.batch import collate
+from trainer.data.parse import LineError, parse_example
+from trainer.data.tokenize import IGNORE_INDEX, tokenize_messages
+from trainer.data.validate import validate_file
 
 CONVERSATION = {
     "messages": [
@@ -179,5 +175,5 @@ def test_tokenizers_without_offsets_get_the_same_masks(tokenizer, monkeypatch):
     def no_offsets(*args, **kwargs):
         raise NotImplementedError("return_offsets_mapping is not available for python tokenizers")
 
-    monkeypatch.setattr("trainer.data._labels_by_offsets", no_offsets)
+    monkeypatch.setattr("trainer.data.tokenize._labels_by_offsets", no_offsets)
     assert tokenize_messages(tokenizer, parse_example(CONVERSATION)) == expected

@@ -11,15 +11,10 @@ import pytest
 
 from tests.unit.conftest import write_jsonl
 from tests.unit.test_trainer_data import trained_text
-from trainer.data import (
-    IGNORE_INDEX,
-    LineError,
-    fit_to_length,
-    load_tokenized,
-    parse_record,
-    tokenize_record,
-    validate_file,
-)
+from trainer.data.dataset import load_tokenized
+from trainer.data.parse import LineError, parse_record
+from trainer.data.tokenize import IGNORE_INDEX, fit_to_length, tokenize_record
+from trainer.data.validate import validate_file
 from trainer.errors import DataError
 
 ALPACA = {"instruction": "Reverse the word.", "input": "stone", "output": "enots"}
@@ -137,7 +132,7 @@ def test_token_statistics_count_truncated_and_dropped_examples(tmp_path: Path, t
 
 
 def test_an_oversized_line_is_refused_without_reading_it_whole(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr("trainer.data.MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr("trainer.data.parse.MAX_LINE_BYTES", 1000)
     path = write_jsonl(tmp_path / "big_line.jsonl", [TEXT, {"text": "x" * 5000}, TEXT])
     report = validate_file(path)
     assert [(e["line"], e["code"]) for e in report["errors"]] == [(2, "line_too_long")]

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.data import collate, parse_example, tokenize_messages
+from trainer.data.batch import collate
+from trainer.data.parse import parse_example
+from trainer.data.tokenize import tokenize_messages
 from trainer.loss_heads import token_loss_sum
 from trainer.step import forward_backward
 

@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.data import IGNORE_INDEX, collate, model_inputs, pack, parse_record, tokenize_record
+from trainer.data.batch import collate, model_inputs
+from trainer.data.dataset import pack
+from trainer.data.parse import parse_record
+from trainer.data.tokenize import IGNORE_INDEX, tokenize_record
 from trainer.loss_heads import token_loss_sum
 from trainer.step import forward_backward
 

@@ -245,8 +245,9 @@ def activation_memory(step: Step, notes: list[str]) -> ActivationMemory:
         stored = resident * layer_input + (layers - checkpointed) * layer_tok * tokens
         recompute = layer_tok * tokens
         if checkpointed > resident:
-            notes.append(f"checkpoint_offload: {gib((checkpointed - resident) * layer_input)} of checkpointed "
-                         f"layers' inputs wait in pinned host memory ({gib(checkpointed * layer_input)} of host memory)")
+            offloaded, host = gib((checkpointed - resident) * layer_input), gib(checkpointed * layer_input)
+            notes.append(f"checkpoint_offload: {offloaded} of checkpointed layers' inputs wait in pinned host "
+                         f"memory ({host} of host memory)")
     else:
         stored = saving_layers * layer_tok * tokens
         recompute = 0
@@ -283,7 +284,7 @@ def autocast_cache(step: Step, trainable: int) -> AutocastCache:
     shape, x = step.shape, step.inputs
     layers, checkpointed = shape.layers, step.checkpointed_layers
     if step.casts:
-        layer_matmul = sum(m.in_features * m.out_features for m in shape.linears if m.layer == 0)
+        layer_matmul = shape.layer_matmul_params
         trained_layers = layers if x.method == "full" else x.freeze_layers
         head_cast = 0 if step.chunk is not None else 2 * shape.vocab * shape.hidden
         # The layers that are not checkpointed save their casts (the top ones, which train in freeze too).

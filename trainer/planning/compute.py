@@ -39,7 +39,7 @@ def estimate_compute(
     method: Method,
     tokens: int,
     gpus: int = 1,
-    seq_len: int = 1024,
+    seq_len: int,
     gradient_checkpointing: bool = False,
     lora: LoraSettings | None = None,
     freeze_layers: int | None = None,
@@ -67,7 +67,7 @@ def estimate_compute(
         mm = 6.0 * N
         fwd = 2.0 * N
     elif method == "freeze":
-        layer_mm = sum(m.in_features * m.out_features for m in shape.linears if m.layer == 0)
+        layer_mm = shape.layer_matmul_params
         top = (freeze_layers or shape.layers) * layer_mm + shape.vocab * shape.hidden
         mm = 2.0 * N + 4.0 * top
         fwd = 2.0 * N

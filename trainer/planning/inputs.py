@@ -92,7 +92,7 @@ class MemoryInputs:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer: {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.quantization.bits not in (4, 8):
-            raise ValueError(f"quant_bits: {self.quantization.bits} is not 4 or 8")
+            raise ValueError(f"quantization.bits: {self.quantization.bits} is not 4 or 8")
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 1:
             raise ValueError("loss_chunk_tokens must be at least 1")
         if self.optimizer_in_backward and (self.gpus > 1 or self.gradient_accumulation_steps > 1
@@ -103,7 +103,7 @@ class MemoryInputs:
                 f"{self.gradient_accumulation_steps}")
         layers = self.freeze_layers
         if self.method == "freeze" and not (layers and 1 <= layers <= shape.layers):
-            raise ValueError(f"freeze_layers: {layers} is outside 1..{shape.layers}")
+            raise ValueError(f"freeze.trainable_layers: {layers} is outside 1..{shape.layers}")
         if self.sharded and self.method not in WHOLE_WEIGHT_METHODS:
             raise ValueError(f"strategy: fsdp is planned for full and freeze; {self.method} runs DDP over several GPUs")
         k = self.checkpoint_layers

@@ -92,9 +92,7 @@ def small_buffers(step: Step) -> int:
     if step.padded:
         small += x.batch_size * x.seq_len * (x.seq_len + step.prefix_tokens)  # bool 4D mask
     small += LIBRARY_WORKSPACE_BYTES
-    decoder = [m for m in shape.linears if m.layer is not None]
-    largest = max((m.in_features * m.out_features for m in decoder), default=0)
-    widest_in = max((m.in_features for m in decoder), default=shape.hidden)
+    largest, widest_in = shape.largest_decoder_matmul, shape.widest_decoder_input
     if x.method == "qlora" and x.quantization.bits == 4:
         # bitsandbytes dequantises one weight to bf16 per matmul, forward and backward.
         small += 2 * act_bytes * largest

@@ -61,7 +61,8 @@ def decoder_linears_named(shape: Shape, names: Sequence[str]) -> list[Linear]:
             and any(m.name == w or m.name.endswith("." + w) for w in names)]
 
 
-def ia3_feedforward(targets: Sequence[str] | None, feedforward: Sequence[str] | None) -> tuple[tuple[str, ...], set[str]]:
+def ia3_feedforward(targets: Sequence[str] | None,
+                    feedforward: Sequence[str] | None) -> tuple[tuple[str, ...], set[str]]:
     """peft's IA3 defaults: its targets, and down_proj as the feed-forward one only with them."""
     chosen = tuple(targets or IA3_DEFAULT_TARGETS)
     if feedforward is not None:

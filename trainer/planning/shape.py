@@ -65,6 +65,20 @@ class Shape:
     # suffix within a layer (e.g. "self_attn.q_proj") -> input group (ATTN_IN, ...)
     groups: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
+    # Sizes the estimates ask for on every call, counted once per shape.
+    @functools.cached_property
+    def layer_matmul_params(self) -> int:
+        """Matmul weights of one decoder layer (the first; they are alike)."""
+        return sum(m.in_features * m.out_features for m in self.linears if m.layer == 0)
+
+    @functools.cached_property
+    def largest_decoder_matmul(self) -> int:
+        return max((m.in_features * m.out_features for m in self.linears if m.layer is not None), default=0)
+
+    @functools.cached_property
+    def widest_decoder_input(self) -> int:
+        return max((m.in_features for m in self.linears if m.layer is not None), default=self.hidden)
+
     @property
     def decoder_linear_params(self) -> int:
         return sum(m.params for m in self.linears if m.layer is not None)
@@ -117,7 +131,6 @@ class Shape:
         d["linear_modules"] = per_suffix
         d["decoder_linear_params"] = self.decoder_linear_params
         return d
-
 
 
 _LAYER_RE = re.compile(r"^(.*?\.)?(layers|h|blocks|block|decoder_layers)\.(\d+)\.(.+)$")
@@ -258,7 +271,6 @@ def _model_shape_cached(config_json: str, cfg_module: str, cfg_qualname: str) ->
         output_embedding=output_name,
         groups=groups,
     )
-
 
 
 def shape_of(config: Any) -> Shape:

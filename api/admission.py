@@ -1,0 +1,216 @@
+"""Job admission: a creation body in, a stored and queued job out.
+
+Every check that can refuse a job runs before anything is stored: a queue slot, the model and
+the files, the spec, the token limits and the data check, whether the plan fits, the quota. The
+job's plan is made once. When the body asks for method or batch_size "auto", the plan of the job
+as asked ("auto" included) makes that choice and is the job's plan; otherwise it is the plan of
+the finished spec. The plan route shows the same plan without storing anything.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from api import data_check, planning
+from api.continuation import Source, resolve_source
+from api.crud import usable_file
+from api.errors import APIError
+from api.job_spec import build_spec
+from api.limits import check_file_tokens
+from api.schemas import CreateJobRequest
+from core import states
+from core.jobs import create_job
+from core.limits import check_job_quota, take_job_slot
+from core.model_roots import resolve_model
+from core.models import File, Job, User
+from core.queue import enqueue_job
+from core.settings import Settings
+from trainer.spec import Hyperparameters, JobSpec
+
+log = logging.getLogger("tuneq.api")
+
+
+@dataclass
+class Request:
+    """A creation body resolved against the database: the model's directory, the files, the source."""
+
+    body: CreateJobRequest
+    model_path: str
+    training: File
+    validation: File | None
+    source: Source | None
+
+    @property
+    def examples(self) -> int | None:
+        n = (self.training.report or {}).get("examples")
+        return n if isinstance(n, int) else None
+
+
+def resolve(db: Session, user: User, body: CreateJobRequest, settings: Settings, *, validation: bool = True) -> Request:
+    model_path = resolve_model(body.model, settings)
+    training = usable_file(db, body.training_file, "training_file", user)
+    val = usable_file(db, body.validation_file, "validation_file", user) if validation and body.validation_file else None
+    source = resolve_source(db, user, body.from_checkpoint, body.model) if body.from_checkpoint else None
+    return Request(body, model_path, training, val, source)
+
+
+def training_tokens(req: Request, max_seq_len: int, data_format: str, train_on_inputs: bool | None) -> int | None:
+    """Tokens of the training file as the job would train on them; None when they cannot be counted.
+
+    A file the job cannot use is not refused here: the data check refuses it, with its reason,
+    after the spec's own checks. The count is cached, so the data check does not tokenize again.
+    """
+    try:
+        stats = data_check.check_file(req.training, "training_file", req.model_path, max_seq_len, data_format,
+                                      train_on_inputs)
+    except APIError:
+        stats = None
+    return planning.tokens_of(req.training.report) or planning.tokens_of(stats)
+
+
+def _draft_tokens(req: Request, draft: dict[str, Any]) -> int | None:
+    # The draft's hyperparameters are not validated yet: counted only with a max_seq_len the spec takes.
+    hp = draft.get("hyperparameters") or {}
+    try:
+        seq = Hyperparameters.model_validate({"max_seq_len": hp["max_seq_len"]} if "max_seq_len" in hp else {})
+    except ValidationError:
+        return None
+    return training_tokens(req, seq.max_seq_len, draft.get("data_format", "auto"), draft.get("train_on_inputs"))
+
+
+class OnePlan:
+    """The job's one plan: made while building the spec when "auto" is asked, else of the spec."""
+
+    def __init__(self, req: Request, settings: Settings, *, refuse: bool) -> None:
+        # refuse=False (the plan route) picks something valid even when nothing fits, so the plan
+        # can still be shown.
+        self.req, self.settings, self.refuse = req, settings, refuse
+        self.plan: dict[str, Any] | None = None
+        self.tokens: int | None = None  # the training tokens the plan was made with
+        self.made = False
+
+    def _make(self, spec_like: dict[str, Any], tokens: int | None) -> dict[str, Any] | None:
+        p = planning.make_plan(spec_like, self.req.model_path, self.req.body.gpus, self.settings, dataset_tokens=tokens)
+        self.plan, self.tokens, self.made = (planning.to_json(p) if p is not None else None), tokens, True
+        return self.plan
+
+    def choose(self, draft: dict[str, Any]) -> tuple[str, int | None]:
+        """Method "auto" and batch_size "auto" of a draft (api.job_spec.Chooser), from its plan."""
+        p = self._make(draft, _draft_tokens(self.req, draft))
+        fallback = draft["method"] if draft["method"] != "auto" else "lora"
+        if p is None:
+            if draft["method"] == "auto":
+                raise APIError(400, "method: 'auto' needs a model whose config.json the planner can read (a local model)",
+                               param="method", code="invalid_value")
+            return draft["method"], None
+        if not p["checked"]:
+            if draft["method"] == "auto":
+                p["notes"].append(f"method 'auto' is {fallback}: the planner cannot vouch for its pick on this model")
+            return fallback, None  # the spec's default batch size: the planner cannot vouch for another
+        if self.refuse:
+            planning.refuse_if_too_big(p)
+        batch = p["batch_size"]
+        if p["method"] is None:
+            return (draft["method"] if draft["method"] != "auto" else "qlora"), None
+        examples = self.req.examples
+        if batch is not None and examples and draft["hyperparameters"].get("batch_size") == "auto":
+            # A micro-batch larger than the data set only pads: cap it at the examples there are.
+            capped = min(batch, 1 << (examples.bit_length() - 1))
+            if capped < batch:
+                p["notes"].append(f"batch_size {batch} fits; the job takes {capped}, as its file has {examples} "
+                                  f"examples (the memory estimate is for {batch})")
+            batch = capped
+        return p["method"], batch
+
+    def of_spec(self, spec: JobSpec, tokens: int | None) -> dict[str, Any] | None:
+        """The plan made by choose(), else the plan of the finished spec."""
+        if not self.made:
+            self._make(spec.model_dump(mode="json"), tokens)
+        return self.plan
+
+
+def build(req: Request, one: OnePlan) -> JobSpec:
+    init_from = req.source.ref if req.source else None
+    inherited = req.source.method_fields() if req.source else None
+    return build_spec(req.body, model_path=req.model_path, init_from=init_from, inherited=inherited, choose=one.choose)
+
+
+def check_data(db: Session, user: User, spec: JobSpec, req: Request) -> dict[str, dict[str, Any]]:
+    """Every file of the job usable by this user and trainable with this model and max_seq_len.
+
+    Mix and forgetting files may be in any format: replay data is often raw text.
+    """
+    max_len, fmt, inputs = spec.hyperparameters.max_seq_len, spec.data_format, spec.train_on_inputs
+    files: list[tuple[File, str, str]] = [(req.training, "training_file", fmt)]
+    if req.validation is not None:
+        files.append((req.validation, "validation_file", fmt))
+    for k, source in enumerate(spec.mix):
+        files.append((usable_file(db, source.file, f"mix[{k}].file", user), f"mix[{k}].file", "auto"))
+    if spec.forgetting_file:
+        files.append((usable_file(db, spec.forgetting_file, "forgetting_file", user), "forgetting_file", "auto"))
+    stats = {}
+    for f, param, file_format in files:
+        got = data_check.check_file(f, param, req.model_path, max_len, file_format, inputs)
+        if got is not None:
+            stats[param] = {"file": f.id, **got}
+    return stats
+
+
+def admit(db: Session, user: User, body: CreateJobRequest, settings: Settings) -> Job:
+    """Check a creation body, store the job with its plan and data check, and enqueue it."""
+    try:
+        take_job_slot(user.id, settings)
+    except redis.RedisError as exc:
+        raise APIError(503, f"the job queue is unreachable ({type(exc).__name__}); no job was created",
+                       code="queue_unavailable") from None
+    req = resolve(db, user, body, settings)
+    one = OnePlan(req, settings, refuse=True)
+    spec = build(req, one)
+    max_len = spec.hyperparameters.max_seq_len
+    for f, param in ((req.training, "training_file"), (req.validation, "validation_file")):
+        if f is not None:
+            check_file_tokens(f, param, req.model_path, max_len, settings, spec.data_format, spec.train_on_inputs)
+    data_stats = check_data(db, user, spec, req)
+    tokens = planning.tokens_of(req.training.report) or planning.tokens_of(data_stats.get("training_file"))
+    job_plan = one.of_spec(spec, tokens)
+    planning.refuse_if_too_big(job_plan)  # before OOM on a GPU an hour from now
+    check_job_quota(db, user, body.gpus, settings)
+    job = create_job(
+        db, spec=spec.model_dump(mode="json"), model=body.model, method=spec.method, training_file=req.training,
+        validation_file=req.validation, suffix=spec.suffix, owner_id=user.id, priority=body.priority, gpus=body.gpus,
+    )
+    job.plan = job_plan
+    if data_stats:
+        states.add_event(db, job, data_check.summary(data_stats, max_len), type="data_check", data=data_stats)
+    # Commit before enqueueing: a worker may take the message before this request returns.
+    db.commit()
+    try:
+        enqueue_job(job.id)
+    except Exception as exc:  # noqa: BLE001 - any broker failure leaves a job nobody will run
+        log.exception("enqueue of %s failed", job.id)
+        message = f"the job queue is unreachable ({type(exc).__name__}); job {job.id} was not started"
+        states.transition(db, job, states.FAILED, message, error={"code": "queue_unavailable", "message": message})
+        db.commit()
+        raise APIError(503, message, code="queue_unavailable") from None
+    return job
+
+
+def plan_only(db: Session, user: User, body: CreateJobRequest, settings: Settings) -> tuple[dict[str, Any], int | None]:
+    """The plan of a creation body and the training tokens it counted; nothing is stored."""
+    req = resolve(db, user, body, settings, validation=False)
+    one = OnePlan(req, settings, refuse=False)
+    spec = build(req, one)
+    tokens = None
+    if not one.made:
+        tokens = training_tokens(req, spec.hyperparameters.max_seq_len, spec.data_format, spec.train_on_inputs)
+    p = one.of_spec(spec, tokens)
+    if p is None:
+        raise APIError(400, f"model: {body.model!r} has no local config.json to plan from (hub models are not fetched "
+                       "by the API)", param="model", code="model_unplannable")
+    return p, one.tokens

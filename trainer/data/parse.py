@@ -1,0 +1,246 @@
+"""Training files: JSONL lines, their formats, and the checks each line must pass.
+
+One JSONL line is one example, in one of four formats (one format per file):
+
+- chat: {"messages": [{"role": "system"|"user"|"assistant", "content": "...", "weight": 0|1}]};
+  the model learns what the assistant says (weight 0 turns are context).
+- alpaca: {"instruction": "...", "input": "..." (optional), "output": "..."}; rendered as a
+  user turn and an assistant turn through the chat template, so the model is trained in the
+  format it will be prompted with.
+- prompt_completion: {"prompt": "...", "completion": "..."}; the plain concatenation, as in
+  OpenAI's legacy format; the completion is learned.
+- text: {"text": "..."}; continued pretraining, every token is learned, and a document longer
+  than max_seq_len is split into windows rather than cut.
+
+Every trained span ends with EOS so a trained model stops. `train_on_inputs` also trains the
+prompt side (default: false, except raw text where everything is the target).
+
+Nothing here needs torch or a tokenizer: the API validates an upload with this module alone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROLES = ("system", "user", "assistant")
+FORMATS = ("chat", "alpaca", "prompt_completion", "text")
+# A line longer than this is refused without being held in memory whole: no single example
+# a model could train on comes near it, and an upload must not be a way to exhaust the API.
+MAX_LINE_BYTES = 32 * 1024 * 1024
+
+
+@dataclass
+class Message:
+    role: str
+    content: str
+    weight: int = 1  # only meaningful for assistant turns
+
+
+class LineError(ValueError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _content_text(content: Any, where: str) -> str:
+    # OpenAI also allows a list of typed parts; text parts are all a text model can use.
+    if isinstance(content, str):
+        text = content
+    elif isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise LineError("unsupported_content", f"{where}.content: only text parts are supported")
+            parts.append(part["text"])
+        text = "".join(parts)
+    elif content is None:
+        raise LineError("empty_content", f"{where}.content is missing")
+    else:
+        raise LineError("empty_content", f"{where}.content must be a string, not {type(content).__name__}")
+    if not text.strip():
+        raise LineError("empty_content", f"{where}.content is empty")
+    return text
+
+
+def parse_example(obj: Any) -> list[Message]:
+    """The messages of one decoded JSON line, or LineError naming the first problem."""
+    if not isinstance(obj, dict):
+        raise LineError("not_object", f"line must be a JSON object, not {type(obj).__name__}")
+    if "messages" not in obj:
+        keys = ", ".join(sorted(obj)[:5]) or "none"
+        raise LineError("missing_messages", f"'messages' is missing (keys: {keys}); the chat format is required")
+    raw = obj["messages"]
+    if not isinstance(raw, list) or not raw:
+        raise LineError("missing_messages", "'messages' must be a non-empty list")
+    messages = []
+    for i, m in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise LineError("invalid_message", f"{where} must be an object")
+        role = m.get("role")
+        if role not in ROLES:
+            raise LineError("invalid_role", f"{where}.role is {role!r}; allowed: system, user, assistant")
+        text = _content_text(m.get("content"), where)
+        weight = m.get("weight", 1)
+        if "weight" in m:
+            if role != "assistant":
+                raise LineError("invalid_weight", f"{where}.weight: only assistant messages take a weight")
+            if isinstance(weight, bool) or weight not in (0, 1):
+                raise LineError("invalid_weight", f"{where}.weight is {weight!r}; allowed: 0 or 1")
+        messages.append(Message(role, text, int(weight)))
+    assistants = [m for m in messages if m.role == "assistant"]
+    if not assistants:
+        raise LineError("no_assistant", "no assistant message: there is nothing to learn from this example")
+    if not any(m.weight for m in assistants):
+        raise LineError("no_assistant", "every assistant message has weight 0: nothing to learn")
+    return messages
+
+
+@dataclass
+class RawText:
+    """A non-chat example: text pieces in order, each trained or context."""
+
+    pieces: list[tuple[str, bool]]
+
+
+Record = list[Message] | RawText
+
+
+def detect_format(obj: Any) -> str | None:
+    """The format a decoded line looks like, by its keys; None when it looks like none."""
+    if not isinstance(obj, dict):
+        return None
+    if "messages" in obj:
+        return "chat"
+    if "instruction" in obj or "output" in obj:
+        return "alpaca"
+    if "prompt" in obj or "completion" in obj:
+        return "prompt_completion"
+    if "text" in obj:
+        return "text"
+    return None
+
+
+FORMAT_KEYS = {
+    "chat": "'messages'", "alpaca": "'instruction' and 'output'",
+    "prompt_completion": "'prompt' and 'completion'", "text": "'text'",
+}
+
+
+def _string(obj: dict, key: str, required: bool = True, may_be_empty: bool = False) -> str:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise LineError("missing_field", f"'{key}' is missing")
+        return ""
+    if not isinstance(value, str):
+        raise LineError("invalid_type", f"'{key}' must be a string, not {type(value).__name__}")
+    if not may_be_empty and not value.strip():
+        raise LineError("empty_content", f"'{key}' is empty")
+    return value
+
+
+def parse_record(obj: Any, fmt: str) -> Record:
+    """One decoded line of a file in format `fmt`, or LineError naming the first problem."""
+    if not isinstance(obj, dict):
+        raise LineError("not_object", f"line must be a JSON object, not {type(obj).__name__}")
+    seen = detect_format(obj)
+    if seen is None:
+        keys = ", ".join(sorted(obj)[:5]) or "none"
+        if fmt == "chat":
+            raise LineError("missing_messages", f"'messages' is missing (keys: {keys}); the chat format is required")
+        raise LineError("unknown_format", f"no {FORMAT_KEYS[fmt]} (keys: {keys}); this is a {fmt} file")
+    if seen != fmt:
+        if fmt == "chat":
+            raise LineError("missing_messages", f"'messages' is missing; this line is {seen} but the file is chat")
+        raise LineError("wrong_format", f"this line is {seen} ({FORMAT_KEYS[seen]}) but the file is {fmt}")
+    if fmt == "chat":
+        return parse_example(obj)
+    if fmt == "alpaca":
+        instruction = _string(obj, "instruction")
+        extra = _string(obj, "input", required=False, may_be_empty=True)
+        output = _string(obj, "output")
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        return [Message("user", prompt), Message("assistant", output)]
+    if fmt == "prompt_completion":
+        # An empty prompt is legal: unconditional generation of the completion.
+        return RawText([(_string(obj, "prompt", may_be_empty=True), False), (_string(obj, "completion"), True)])
+    return RawText([(_string(obj, "text"), True)])
+
+
+def _read_lines(path: str | Path) -> Iterator[tuple[int, bytes | LineError]]:
+    # readline with a limit keeps one oversized line from being read into memory whole.
+    with open(path, "rb") as f:
+        number = 0
+        while True:
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            number += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while raw and not raw.endswith(b"\n"):
+                    raw = f.readline(MAX_LINE_BYTES)
+                yield number, LineError("line_too_long", f"line is longer than {MAX_LINE_BYTES} bytes")
+                continue
+            yield number, raw
+
+
+def iter_lines(path: str | Path, counter: list[int] | None = None) -> Iterator[tuple[int, Any]]:
+    """(line number, decoded JSON or LineError) for every non-blank line, one line in memory.
+
+    `counter[0]` is left at the number of lines read, blank ones included.
+    """
+    for number, raw in _read_lines(path):
+        if counter is not None:
+            counter[0] = number
+        if isinstance(raw, LineError):
+            yield number, raw
+            continue
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield number, LineError("invalid_utf8", f"not UTF-8 at byte {exc.start}")
+            continue
+        try:
+            yield number, json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield number, LineError("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}")
+
+
+def iter_records(
+    path: str | Path, data_format: str = "auto", counter: list[int] | None = None
+) -> Iterator[tuple[int, str, Record | LineError]]:
+    """(line number, the file's format, parsed example or LineError) for every non-blank line.
+
+    With data_format auto, the first line that looks like a format fixes it for the file.
+    """
+    fmt = None if data_format == "auto" else data_format
+    for number, obj in iter_lines(path, counter):
+        if isinstance(obj, LineError):
+            yield number, fmt or "chat", obj
+            continue
+        if fmt is None:
+            fmt = detect_format(obj)
+            if fmt is None:
+                keys = ", ".join(sorted(obj)[:5]) if isinstance(obj, dict) else type(obj).__name__
+                yield number, "chat", LineError(
+                    "unknown_format" if isinstance(obj, dict) else "not_object",
+                    f"not an example of any format (keys: {keys}); "
+                    "expected 'messages', 'instruction'/'output', 'prompt'/'completion' or 'text'",
+                )
+                continue
+        try:
+            yield number, fmt, parse_record(obj, fmt)
+        except LineError as err:
+            yield number, fmt, err
+
+
+def trains_inputs(fmt: str, train_on_inputs: bool | None) -> bool:
+    return fmt == "text" if train_on_inputs is None else train_on_inputs

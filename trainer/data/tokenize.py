@@ -1,0 +1,175 @@
+"""Tokenisation with loss masks: input_ids and labels (IGNORE_INDEX where the loss is not taken).
+
+Masks come from the tokenizer's own chat template, not from guessing its markers: each
+assistant turn's text span is found by rendering the conversation up to the turn (with the
+generation prompt) and up to its end, and every token overlapping that span is trained. This
+works for any template and tokenizer, including BPE merges across turn boundaries.
+
+Every trained span ends with EOS so a trained model stops. The tokenizer is passed in: nothing
+here imports transformers or torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainer.data.parse import LineError, Message, RawText, Record
+
+IGNORE_INDEX = -100
+
+# For tokenizers without a chat template (base models). Plain-text role markers; EOS after each
+# assistant turn so the model learns to stop.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '### ' + message['role'] | capitalize + ':\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' and eos_token %}{{ eos_token }}{% endif %}"
+    "{{ '\n\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
+)
+
+
+def _render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> str:
+    template = None if getattr(tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def assistant_spans(tokenizer: Any, messages: list[Message]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its trained assistant turns.
+
+    A span starts where the generation prompt ends and stops at the end of the turn (EOS
+    included), without the template's trailing whitespace, which the model never has to emit.
+    Common prefixes rather than exact prefix checks keep this right for templates that rewrite
+    earlier turns (e.g. drop reasoning from past assistant messages).
+    """
+    plain = [{"role": m.role, "content": m.content} for m in messages]
+    try:
+        full = _render(tokenizer, plain, add_generation_prompt=False)
+        spans = []
+        for i, m in enumerate(messages):
+            if m.role != "assistant" or not m.weight:
+                continue
+            try:
+                head = _render(tokenizer, plain[:i], add_generation_prompt=True) if i else ""
+            except Exception:  # noqa: BLE001 - some templates refuse a conversation without a user turn
+                head = ""
+            start = _common_prefix(head, full)
+            end = _common_prefix(_render(tokenizer, plain[: i + 1], add_generation_prompt=False), full)
+            while end > start and full[end - 1].isspace():
+                end -= 1
+            if end > start:
+                spans.append((start, end))
+    except Exception as exc:  # noqa: BLE001 - jinja raise_exception and template bugs alike
+        raise LineError("template_error", f"the chat template rejected this conversation: {exc}") from exc
+    return full, spans
+
+
+def _labels_by_offsets(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = []
+    k = 0
+    for tid, (s, e) in zip(ids, enc["offset_mapping"], strict=True):
+        while k < len(spans) and spans[k][1] <= s:
+            k += 1
+        trained = k < len(spans) and s < spans[k][1] and e > spans[k][0]
+        labels.append(tid if trained else IGNORE_INDEX)
+    return ids, labels
+
+
+def _labels_by_prefix_ids(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    # Tokenizers without offsets: a span's tokens are those that differ between the token ids
+    # of the text up to the span's start and up to its end.
+    def ids_of(s: str) -> list[int]:
+        return list(tokenizer(s, add_special_tokens=False)["input_ids"])
+
+    ids = ids_of(text)
+    labels = [IGNORE_INDEX] * len(ids)
+    for start, end in spans:
+        a = ids_of(text[:start])
+        b = ids_of(text[:end])
+        lo = next((i for i, (x, y) in enumerate(zip(a, ids, strict=False)) if x != y), min(len(a), len(ids)))
+        hi = next((i for i, (x, y) in enumerate(zip(b, ids, strict=False)) if x != y), min(len(b), len(ids)))
+        for j in range(lo, hi):
+            labels[j] = ids[j]
+    return ids, labels
+
+
+def _spans_to_labels(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> dict:
+    try:
+        ids, labels = _labels_by_offsets(tokenizer, text, spans)
+    except (NotImplementedError, KeyError, TypeError, ValueError):
+        ids, labels = _labels_by_prefix_ids(tokenizer, text, spans)
+    if labels:
+        # The first token has no context to be predicted from; marking it keeps label counts
+        # equal whether an example starts a row or sits inside a packed one.
+        labels[0] = IGNORE_INDEX
+    return {"input_ids": ids, "labels": labels}
+
+
+def _cut(ex: dict, max_seq_len: int | None) -> dict:
+    ids, labels = ex["input_ids"], ex["labels"]
+    cut = max_seq_len is not None and len(ids) > max_seq_len
+    if cut:
+        ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+    return {"input_ids": ids, "labels": labels, "truncated": int(cut)}
+
+
+def tokenize_messages(
+    tokenizer: Any, messages: list[Message], max_seq_len: int | None = None, train_on_inputs: bool = False
+) -> dict:
+    """input_ids and labels (IGNORE_INDEX where masked), cut to max_seq_len from the end."""
+    text, spans = assistant_spans(tokenizer, messages)
+    if train_on_inputs:
+        end = len(text.rstrip())
+        spans = [(0, end)] if end else []
+    return _cut(_spans_to_labels(tokenizer, text, spans), max_seq_len)
+
+
+def tokenize_raw(tokenizer: Any, raw: RawText, max_seq_len: int | None = None, train_on_inputs: bool = False) -> dict:
+    """Plain concatenation: BOS, the pieces, EOS closing the last trained piece."""
+    text = tokenizer.bos_token or ""
+    spans = []
+    for piece, trained in raw.pieces:
+        if trained or train_on_inputs:
+            spans.append((len(text), len(text) + len(piece)))
+        text += piece
+    text += tokenizer.eos_token
+    if spans:
+        spans[-1] = (spans[-1][0], len(text))
+    return _cut(_spans_to_labels(tokenizer, text, spans), max_seq_len)
+
+
+def tokenize_record(tokenizer: Any, rec: Record, max_seq_len: int | None = None, train_on_inputs: bool = False) -> dict:
+    if isinstance(rec, RawText):
+        return tokenize_raw(tokenizer, rec, max_seq_len, train_on_inputs)
+    return tokenize_messages(tokenizer, rec, max_seq_len, train_on_inputs)
+
+
+def fit_to_length(ex: dict, fmt: str, max_seq_len: int | None) -> list[dict]:
+    """The pieces of one tokenized example that training uses.
+
+    Raw text is split into windows, since a corpus document has no end that matters more than
+    its middle; any other example keeps its head, where the prompt is.
+    """
+    ids, labels = ex["input_ids"], ex["labels"]
+    if max_seq_len is None or len(ids) <= max_seq_len:
+        return [{"input_ids": ids, "labels": labels}]
+    if fmt != "text":
+        return [{"input_ids": ids[:max_seq_len], "labels": labels[:max_seq_len]}]
+    pieces = []
+    for i in range(0, len(ids), max_seq_len):
+        window = labels[i : i + max_seq_len]
+        pieces.append({"input_ids": ids[i : i + max_seq_len], "labels": [IGNORE_INDEX, *window[1:]]})
+    return pieces

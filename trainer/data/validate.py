@@ -1,0 +1,88 @@
+"""The validation report of a training file: per-line errors, and token counts with a tokenizer.
+
+Imports neither torch nor transformers (a test checks it), so that the API can validate an
+upload without loading them; a tokenizer, when given, is the caller's.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from trainer.data import cache
+from trainer.data.parse import LineError, iter_records, trains_inputs
+from trainer.data.tokenize import IGNORE_INDEX, fit_to_length, tokenize_record
+
+MAX_REPORTED_ERRORS = 100
+
+
+def validate_file(
+    path: str | Path,
+    tokenizer: Any = None,
+    max_seq_len: int | None = None,
+    data_format: str = "auto",
+    train_on_inputs: bool | None = None,
+) -> dict:
+    """The validation report of docs/internals.md; streams the file, so any size fits in memory.
+
+    With a tokenizer it also counts tokens as training would see them: `truncated` examples lose
+    their end to max_seq_len, `dropped` ones would have no trained token left and be skipped.
+    """
+    errors: list[dict] = []
+    counts: Counter[str] = Counter()
+    examples = tokens = trained = truncated = dropped = longest = 0
+    seen_format = None if data_format == "auto" else data_format
+    counter = [0]
+
+    def fail(line: int, err: LineError) -> None:
+        counts[err.code] += 1
+        if len(errors) < MAX_REPORTED_ERRORS:
+            errors.append({"line": line, "code": err.code, "message": err.message})
+
+    p = Path(path)
+    # Kept for the trainer (trainer.data.cache), when every line tokenizes.
+    tokenized: list[dict] = []
+    if not p.is_file():
+        fail(0, LineError("file_not_found", f"{path} is not a readable file"))
+    else:
+        for number, fmt, rec in iter_records(p, data_format, counter):
+            if isinstance(rec, LineError):
+                fail(number, rec)
+                continue
+            seen_format = fmt
+            if tokenizer is not None:
+                try:
+                    ex = tokenize_record(tokenizer, rec, None, trains_inputs(fmt, train_on_inputs))
+                except LineError as err:
+                    fail(number, err)
+                    continue
+                tokenized.append({"input_ids": ex["input_ids"], "labels": ex["labels"]})
+                n = len(ex["input_ids"])
+                longest = max(longest, n)
+                for piece in fit_to_length(ex, fmt, max_seq_len):
+                    tokens += len(piece["input_ids"])
+                    trained += sum(1 for x in piece["labels"] if x != IGNORE_INDEX)
+                if max_seq_len is not None and n > max_seq_len and fmt != "text":
+                    truncated += 1
+                    dropped += all(x == IGNORE_INDEX for x in ex["labels"][:max_seq_len])
+            examples += 1
+        if examples == 0 and not counts:
+            fail(0, LineError("empty_file", "the file has no examples"))
+    counted = tokenizer is not None
+    if counted and not counts:
+        cache.save(cache.key(p, tokenizer, seen_format or "chat", train_on_inputs), tokenized)
+    return {
+        "valid": not counts,
+        "format": seen_format or "chat",
+        "lines": counter[0],
+        "examples": examples,
+        "errors": errors,
+        "error_counts": dict(counts),
+        "tokens": tokens if counted else None,
+        "trained_tokens": trained if counted else None,
+        "longest": longest if counted else None,
+        "max_seq_len": max_seq_len if counted else None,
+        "truncated": truncated if counted else None,
+        "dropped": dropped if counted else None,
+    }

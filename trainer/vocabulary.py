@@ -1,0 +1,48 @@
+"""The closed sets of values of a job's fields: methods, formats, precisions, speeds, strategies.
+
+trainer.spec.JobSpec types its fields with these. They live apart from it, in plain typing, so
+that the CLI can offer them (`tuneq submit --method`) without importing pydantic and the spec.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+# freeze: full fine-tuning of the top layers only; ia3 and prefix: the adapter family besides LoRA.
+Method = Literal["full", "lora", "qlora", "ia3", "prefix", "freeze"]
+METHODS: tuple[str, ...] = get_args(Method)
+DEFAULT_METHOD: Method = "lora"
+# The spec fields that hold each method's settings, its own first (lora and qlora share LoRA's;
+# qlora adds the quantization of its base). Requests name them under method.<name>.
+METHOD_SETTINGS: dict[str, tuple[str, ...]] = {
+    "full": (), "lora": ("lora",), "qlora": ("lora", "quantization"), "ia3": ("ia3",), "prefix": ("prefix",),
+    "freeze": ("freeze",),
+}
+DataFormat = Literal["auto", "chat", "alpaca", "prompt_completion", "text"]
+Precision = Literal["auto", "bf16", "fp32"]
+# lean: gradient checkpointing, least memory; fast: keep activations, about a third less compute;
+# balanced: checkpoint only the bottom checkpoint_layers decoder layers (as many as memory needs).
+Speed = Literal["auto", "lean", "fast", "balanced"]
+FullPrecision = Literal["fp32_master", "bf16"]
+Strategy = Literal["auto", "ddp", "fsdp"]
+# adamw: torch's AdamW (its fused kernel on a GPU, as before this option existed);
+# adamw_fused: the fused kernel on any device; the bitsandbytes ones keep m and v in 8 bits
+# (adamw_8bit) and/or in paged memory that the driver may move to the CPU under pressure.
+Optimizer = Literal["adamw", "adamw_fused", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"]
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+# Those torch implements; the others are bitsandbytes' (trainer.optim), which keep their own state
+# layout and cannot step a layer inside backward.
+TORCH_OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw_fused")
+# bitsandbytes' class of each of the others, by its name in bitsandbytes.optim.
+BITSANDBYTES_OPTIMIZERS: dict[str, str] = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW",
+                                           "paged_adamw_8bit": "PagedAdamW8bit"}
+
+# The allowed values of each choice, for whoever offers them (the API's schema, the CLI's options,
+# the planner): read from the types so they cannot drift.
+DATA_FORMATS: tuple[str, ...] = get_args(DataFormat)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+SPEEDS: tuple[str, ...] = get_args(Speed)
+FULL_PRECISIONS: tuple[str, ...] = get_args(FullPrecision)
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+# Methods that train whole weights (and so can shard them with FSDP); the others train adapters.
+WHOLE_WEIGHT_METHODS: tuple[str, ...] = ("full", "freeze")

@@ -1,0 +1,133 @@
+"""`tuneq submit`: a job from flags and/or a spec file, its local files uploaded first."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from trainer.vocabulary import DEFAULT_METHOD, METHOD_SETTINGS, METHODS
+from tuneq.cli.common import client, err, fail, friendly
+from tuneq.cli.render import show_bad_lines
+from tuneq.cli.watch import watch
+from tuneq.client import Client
+
+# --lora-r and --lora-alpha: the methods whose settings are LoRA's.
+LORA_METHODS = tuple(m for m, fields in METHOD_SETTINGS.items() if fields[:1] == ("lora",))
+
+
+def upload(c: Client, path: Path, what: str) -> str:
+    if not path.is_file():
+        raise fail(f"{what} {path}: no such file")
+    f = c.upload_file(path)
+    if f.get("status") != "processed":
+        show_bad_lines(path, f)
+        raise fail(f"{path} was refused: {f.get('status_details') or 'validation failed'}")
+    err.print(f"uploaded {path} as {f['id']} ({f.get('validation', {}).get('examples', '?')} examples)")
+    return f["id"]
+
+
+def _load_spec(path: Path) -> dict[str, Any]:
+    """A job body (as POST /v1/fine_tuning/jobs takes it) from a YAML or JSON file."""
+    import yaml
+
+    if not path.is_file():
+        raise fail(f"--spec {path}: no such file")
+    text = path.read_text()
+    try:
+        spec = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise fail(f"--spec {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
+    if not isinstance(spec, dict):
+        raise fail(f"--spec {path}: must be a mapping of job fields (model, training_file, method, ...)")
+    return spec
+
+
+def _file_ref(c: Client, value: Any, field: str, base: Path) -> str:
+    """A spec's file field: a local path (uploaded now, relative to the spec file) or a file id."""
+    if not isinstance(value, str) or not value:
+        raise fail(f"{field}: a path to a JSONL file or a file id (file-...), got {value!r}")
+    path = Path(value) if Path(value).is_absolute() else base / value
+    if path.is_file():
+        return upload(c, path, field)
+    if value.startswith("file-"):
+        return value
+    raise fail(f"{field}: {path}: no such file (nor a file id)")
+
+
+def _upload_spec_files(c: Client, body: dict[str, Any], base: Path) -> None:
+    for field in ("training_file", "validation_file", "forgetting_file"):
+        if body.get(field) is not None:
+            body[field] = _file_ref(c, body[field], field, base)
+    for k, source in enumerate(body.get("mix") or []):
+        if isinstance(source, dict) and "file" in source:
+            source["file"] = _file_ref(c, source["file"], f"mix[{k}].file", base)
+
+
+def _method_name(method: Any) -> str | None:
+    return method if isinstance(method, str) else method.get("type") if isinstance(method, dict) else None
+
+
+@friendly
+def submit(
+    file: Annotated[Path | None, typer.Argument(help="Training data: a JSONL file (uploaded first) or the id of an "
+                    "uploaded one (or training_file in --spec).")] = None,
+    spec: Annotated[Path | None, typer.Option("--spec", "-f", help="A job body as YAML or JSON (the fields of POST "
+                    "/v1/fine_tuning/jobs); file fields may be local paths, uploaded first. Flags override it.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Base model (see `tuneq models`).")] = None,
+    method: Annotated[str | None, typer.Option(help=" | ".join(METHODS) + f" (default {DEFAULT_METHOD}).")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the data.")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps (overrides --epochs).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Examples per micro-batch.")] = None,
+    max_seq_len: Annotated[int | None, typer.Option("--max-seq-len", help="Tokens per example.")] = None,
+    lora_r: Annotated[int | None, typer.Option("--lora-r", help="LoRA rank.")] = None,
+    lora_alpha: Annotated[float | None, typer.Option("--lora-alpha", help="LoRA alpha.")] = None,
+    validation_file: Annotated[Path | None, typer.Option("--validation-file", help="Validation JSONL (or file id).")] = None,
+    suffix: Annotated[str | None, typer.Option(help="Added to the fine-tuned model's name.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of data order and init.")] = None,
+    priority: Annotated[int | None, typer.Option(help="Higher runs first (default 0).")] = None,
+    gpus: Annotated[int | None, typer.Option(help="GPUs the job needs (default 1).")] = None,
+    watch_it: Annotated[bool, typer.Option("--watch", help="Then follow it like `tuneq watch`.")] = False,
+) -> None:
+    """Upload the data, create a fine-tuning job and print its id."""
+    if method is not None and method not in METHODS:
+        raise fail(f"--method: must be one of {', '.join(METHODS)}, got {method!r}")
+    body: dict[str, Any] = _load_spec(spec) if spec is not None else {}
+    base = spec.resolve().parent if spec is not None else Path.cwd()
+    name = method or _method_name(body.get("method")) or DEFAULT_METHOD
+    if (lora_r is not None or lora_alpha is not None) and name not in LORA_METHODS:
+        raise fail(f"--lora-r/--lora-alpha apply to --method {' or '.join(LORA_METHODS)}")
+    if model is not None:
+        body["model"] = model
+    if not body.get("model"):
+        raise fail("Missing option '--model' (or `model` in --spec)", 2)
+    if file is None and body.get("training_file") is None:
+        raise fail("Missing argument 'FILE': the training data (or `training_file` in --spec)", 2)
+    hp = {k: v for k, v in {"n_epochs": epochs, "max_steps": max_steps, "learning_rate": lr, "batch_size": batch_size,
+                            "max_seq_len": max_seq_len}.items() if v is not None}
+    body["hyperparameters"] = {**(body.get("hyperparameters") or {}), **hp}
+    lora = {k: v for k, v in {"r": lora_r, "alpha": lora_alpha}.items() if v is not None}
+    current = body.get("method")
+    if lora:
+        settings = current.get(name, {}) if isinstance(current, dict) and current.get("type") == name else {}
+        body["method"] = {"type": name, name: {**settings, **lora}}
+    elif current is None or (method is not None and _method_name(current) != method):
+        body["method"] = name  # a --spec's settings of the same method are kept
+    for key, value in (("suffix", suffix), ("seed", seed), ("priority", priority), ("gpus", gpus)):
+        if value is not None:
+            body[key] = value
+    with client() as c:
+        _upload_spec_files(c, body, base)
+        if file is not None:
+            body["training_file"] = _file_ref(c, str(file), "training file", Path.cwd())
+        if validation_file is not None:
+            body["validation_file"] = _file_ref(c, str(validation_file), "validation file", Path.cwd())
+        job = c.create_job(body)
+    err.print(f"created {job['id']} ({job['status']}); follow it with `tuneq watch {job['id']}`")
+    # Only the id on stdout, so that JOB=$(tuneq submit ...) works.
+    print(job["id"], flush=True)
+    if watch_it:
+        watch(job["id"])
