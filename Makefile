@@ -9,6 +9,11 @@ TOOLS := requirements/tools.txt
 # A changed pyproject.toml or lock names a new stamp, so the venv is brought to it.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) $(TOOLS) | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist). worksteal hands a process that ran out of tests the second half
+# of another's, so the long training tests do not all end up in one queue.
+TEST_PROCS ?= 3
+# Every run prints its 25 slowest tests, so a test that grows slow is seen where it is run.
+PYTEST := $(BIN)/python -m pytest --durations=25
 # e.g. LOCK_ARGS="--upgrade-package httpx2" (or --upgrade) to move pins `make lock` would keep.
 LOCK_ARGS ?=
 
@@ -38,16 +43,16 @@ up: $(STAMP)
 
 # GPU tests are deselected here (CI has no GPU); they run on a lent GPU with `make gpu`.
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(PYTEST) -m "not gpu" -n $(TEST_PROCS) --dist worksteal $(PYTEST_ARGS)
 
 unit: $(STAMP)
-	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+	$(PYTEST) tests/unit -n $(TEST_PROCS) --dist worksteal $(PYTEST_ARGS)
 
 integration: $(STAMP)
-	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+	$(PYTEST) tests/integration -n $(TEST_PROCS) --dist worksteal $(PYTEST_ARGS)
 
 e2e: $(STAMP)
-	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
+	$(PYTEST) tests/e2e -n $(TEST_PROCS) --dist worksteal $(PYTEST_ARGS)
 
 gpu:
 	python3 -m pytest -m gpu tests/gpu $(PYTEST_ARGS)

@@ -10,6 +10,8 @@ the finished spec. The plan route shows the same plan without storing anything.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +28,11 @@ from api.limits import check_file_tokens
 from api.schemas import CreateJobRequest
 from core import states
 from core.jobs import create_job
-from core.limits import check_job_quota, take_job_slot
+from core.limits import (check_gpus_allowed, check_job_quota, deleted_files, job_file_ids, planned_gpu_hours,
+                         release_job_slot, take_job_slot)
 from core.model_roots import resolve_model
 from core.models import File, Job, User
+from core.policy import check_priority
 from core.queue import enqueue_job
 from core.settings import Settings
 from trainer.spec import Hyperparameters, JobSpec
@@ -162,13 +166,36 @@ def check_data(db: Session, user: User, spec: JobSpec, req: Request) -> dict[str
     return stats
 
 
-def admit(db: Session, user: User, body: CreateJobRequest, settings: Settings) -> Job:
-    """Check a creation body, store the job with its plan and data check, and enqueue it."""
+def check_schedule(spec: JobSpec, settings: Settings) -> None:
+    """The service's floor under clock checkpoints: each one stops the job to write to disk."""
+    minutes = spec.schedule.checkpoint_every_minutes
+    if minutes is not None and minutes < settings.min_checkpoint_every_minutes:
+        raise APIError(400, f"schedule.checkpoint_every_minutes: {minutes:g} is below the "
+                       f"{settings.min_checkpoint_every_minutes:g} minutes this service allows "
+                       "(TUNEQ_MIN_CHECKPOINT_EVERY_MINUTES)", param="schedule.checkpoint_every_minutes",
+                       code="invalid_value")
+
+
+@contextmanager
+def rate_slot(user: User, settings: Settings) -> Iterator[None]:
+    """One of the user's job creation slots, given back when the creation inside fails."""
     try:
-        take_job_slot(user.id, settings)
+        slot = take_job_slot(user.id, settings)
     except redis.RedisError as exc:
         raise APIError(503, f"the job queue is unreachable ({type(exc).__name__}); no job was created",
                        code="queue_unavailable") from None
+    try:
+        yield
+    except BaseException:
+        with suppress(redis.RedisError):  # the refusal, not a lost slot, is what the caller must hear
+            release_job_slot(user.id, slot, settings)
+        raise
+
+
+def admit(db: Session, user: User, body: CreateJobRequest, settings: Settings) -> Job:
+    """Check a creation body, store the job with its plan and data check, and enqueue it."""
+    check_priority(db, user, body.priority, settings)
+    check_gpus_allowed(body.gpus, settings)
     req = resolve(db, user, body, settings)
     one = OnePlan(req, settings, refuse=True)
     spec = build(req, one)
@@ -180,16 +207,24 @@ def admit(db: Session, user: User, body: CreateJobRequest, settings: Settings) -
     tokens = planning.tokens_of(req.training.report) or planning.tokens_of(data_stats.get("training_file"))
     job_plan = one.of_spec(spec, tokens)
     planning.refuse_if_too_big(job_plan)  # before OOM on a GPU an hour from now
-    check_job_quota(db, user, body.gpus, settings)
-    job = create_job(
-        db, spec=spec.model_dump(mode="json"), model=body.model, method=spec.method, training_file=req.training,
-        validation_file=req.validation, suffix=spec.suffix, owner_id=user.id, priority=body.priority, gpus=body.gpus,
-    )
-    job.plan = job_plan
-    if data_stats:
-        states.add_event(db, job, data_check.summary(data_stats, max_len), type="data_check", data=data_stats)
-    # Commit before enqueueing: a worker may take the message before this request returns.
-    db.commit()
+    check_schedule(spec, settings)
+    with rate_slot(user, settings):  # taken only now: a refused body uses no slot
+        check_job_quota(db, user, body.gpus, settings, planned_gpu_hours(job_plan))
+        spec_json = spec.model_dump(mode="json")
+        gone = deleted_files(db, job_file_ids(req.training.id, req.validation.id if req.validation else None, spec_json))
+        if gone:  # deleted while this request was checking the job
+            param = {req.training.id: "training_file", **({req.validation.id: "validation_file"} if req.validation else {})}
+            raise APIError(400, f"{param.get(gone[0], 'file')}: file {gone[0]} was deleted; upload it again",
+                           param=param.get(gone[0]), code="file_not_found")
+        job = create_job(
+            db, spec=spec_json, model=body.model, method=spec.method, training_file=req.training,
+            validation_file=req.validation, suffix=spec.suffix, owner_id=user.id, priority=body.priority, gpus=body.gpus,
+        )
+        job.plan = job_plan
+        if data_stats:
+            states.add_event(db, job, data_check.summary(data_stats, max_len), type="data_check", data=data_stats)
+        # Commit before enqueueing: a worker may take the message before this request returns.
+        db.commit()
     try:
         enqueue_job(job.id)
     except Exception as exc:  # noqa: BLE001 - any broker failure leaves a job nobody will run

@@ -149,7 +149,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(LimitExceeded)
     async def _limit(_: Request, exc: LimitExceeded) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-        return envelope(429, str(exc), exc.param, exc.code, headers)
+        return envelope(exc.status, str(exc), exc.param, exc.code, headers)
 
     @app.exception_handler(ModelNotFound)
     async def _model_not_found(_: Request, exc: ModelNotFound) -> JSONResponse:
@@ -179,14 +179,23 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(DBAPIError)
     async def _database(request: Request, exc: DBAPIError) -> JSONResponse:
         if not database_unavailable(exc):
-            return await _unexpected(request, exc)
+            return unexpected(request, exc)
         # Read by api.db_retry: a read cut off by the outage may be run once more.
         request.state.database_unavailable = True
         return unavailable(exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        if database_unavailable(exc):  # raised in a middleware, outside the handler above
-            return unavailable(exc)
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return envelope(500, "internal error; see the API server's log", None, "internal_error")
+        return unexpected(request, exc)
+
+
+def unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """A 500 naming the request id; the log gets one line, the traceback only at debug level."""
+    if database_unavailable(exc):  # raised in a middleware, outside the handler above
+        return unavailable(exc)
+    from api.request_log import one_line
+
+    request_id = getattr(request.state, "request_id", None) or "-"
+    log.error("500 on %s %s [%s]: %s", request.method, request.url.path, request_id, one_line(exc))
+    log.debug("traceback of request %s", request_id, exc_info=exc)
+    return envelope(500, f"internal error (request {request_id}); see the API server's log", None, "internal_error")

@@ -55,10 +55,14 @@ def make_plan(spec_like: dict[str, Any], model_path: str, gpus: int, settings: S
     if note is not None:
         # Still show what the modelled methods would need: that is the useful comparison.
         planned["method"] = "auto"
-    p = planning.plan(
-        planned, config, int(settings.plan_gpu_memory_gib * GiB), gpus=max(1, gpus), dataset_tokens=dataset_tokens,
-        peak_tflops=settings.plan_gpu_tflops,
-    ).to_dict()
+    try:
+        p = planning.plan(
+            planned, config, int(settings.plan_gpu_memory_gib * GiB), gpus=max(1, gpus), dataset_tokens=dataset_tokens,
+            peak_tflops=settings.plan_gpu_tflops,
+        ).to_dict()
+    except ValueError as exc:
+        # Values the spec allows but this model does not (more checkpointed layers than it has).
+        raise model_mismatch(str(exc), Path(model_path).name) from None
     confident = p["model"]["model_type"] in CONFIDENT_MODEL_TYPES
     if note is None and not confident:
         note = f"model type {p['model']['model_type']!r} is not a Llama-like decoder; the estimate is rough and not enforced"
@@ -75,6 +79,24 @@ def make_plan(spec_like: dict[str, Any], model_path: str, gpus: int, settings: S
     if p["compute"] is not None:
         p["compute"]["peak_tflops_per_gpu"] = settings.plan_gpu_tflops
     return p
+
+
+# Where the planner's field names (its own, or the spec's) sit in a request body.
+_PLANNER_FIELDS = {
+    "freeze_layers": "method.freeze.trainable_layers", "freeze.trainable_layers": "method.freeze.trainable_layers",
+    "lora_targets": "method.lora.target_modules", "lora.target_modules": "method.lora.target_modules",
+    "quant_bits": "method.qlora.quantization.bits", "quantization.bits": "method.qlora.quantization.bits",
+}
+
+
+def model_mismatch(message: str, model: str) -> APIError:
+    """400 naming the field of a value this model cannot take; the planner's message names it first."""
+    head = message.split(":", 1)[0]
+    named = head.replace("_", "").replace(".", "").isalnum()
+    param = _PLANNER_FIELDS.get(head, head) if named else None
+    if param and param != head:
+        message = message.replace(head, param, 1)
+    return APIError(400, f"{message} (model {model})", param=param, code="invalid_value")
 
 
 def refuse_if_too_big(p: dict[str, Any] | None) -> None:

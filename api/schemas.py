@@ -36,6 +36,12 @@ class FileObject(BaseModel):
     validation: dict[str, Any] = Field(description="The per-line validation report of trainer.data.validate.validate_file.")
 
 
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: Literal[True] = True
+
+
 class JobErrorOut(BaseModel):
     model_config = ConfigDict(extra="allow")
     code: str | None = None
@@ -134,7 +140,8 @@ def _method_help() -> str:
 class _JobRequest(BaseModel):
     """The fields of a job body that OpenAI defines or that name things by id."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: `"gpus": true` is not one GPU, nor `"priority": "5"` a number.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(..., min_length=1, max_length=512, description="A name from GET /v1/models.")
     training_file: str = Field(..., min_length=1, description="A file id from POST /v1/files.")
@@ -197,7 +204,24 @@ class UserOut(BaseModel):
     name: str
     role: Literal["admin", "member"]
     team: str | None = Field(None, description="The team's name.")
+    max_priority: int | None = Field(None, description="The user's own priority cap; null: the team's.")
+    priority_cap: int = Field(description="The highest priority this user's jobs may ask for now.")
     created_at: int
+
+
+class PriorityCap(BaseModel):
+    """An admin's grant: the highest job priority a team or user may ask for; null removes it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_priority: int | None = Field(..., ge=-100, le=100)
+
+
+class TeamOut(BaseModel):
+    id: str
+    object: Literal["team"] = "team"
+    name: str
+    max_priority: int | None = Field(None, description="The members' priority cap; null: the service's default band.")
 
 
 class CreateUserRequest(BaseModel):

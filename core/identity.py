@@ -150,10 +150,15 @@ def readable_jobs(user: User):  # noqa: ANN201 - a SQL condition
     return Job.owner_id.in_(team_member_ids(user))
 
 
+# A deleted file keeps its row (finished jobs still name it) but not its bytes; nobody sees it.
+DELETED = "deleted"
+
+
 def can_read_file(user: User, f: File) -> bool:
     """Files hold training data: only their owner (and admins) may read or train on them."""
-    return is_admin(user) or (f.owner_id is not None and f.owner_id == user.id)
+    return f.status != DELETED and (is_admin(user) or (f.owner_id is not None and f.owner_id == user.id))
 
 
 def readable_files(user: User):  # noqa: ANN201 - a SQL condition
-    return File.id.is_not(None) if is_admin(user) else File.owner_id == user.id
+    mine = File.id.is_not(None) if is_admin(user) else File.owner_id == user.id
+    return mine & (File.status != DELETED)

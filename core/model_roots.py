@@ -83,6 +83,9 @@ def _check_name(name: str) -> None:
         raise ModelNotFound(f"model: {name!r} is a path; give the name of a model under a model root", [])
     if ".." in pure.parts:
         raise ModelNotFound(f"model: {name!r} may not contain '..'", [])
+    if pure.as_posix() != name:
+        # One model, one name: "./tiny-llama" or "tiny-llama/" would be stored and shown as written.
+        raise ModelNotFound(f"model: write {pure.as_posix()!r}, not {name!r}", [])
 
 
 def resolve_model(name: str, settings: Settings | None = None) -> str:

@@ -28,6 +28,8 @@ class Team(Base):
     __tablename__ = "teams"
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("team"))
     name: Mapped[str] = mapped_column(String(200), unique=True)
+    # The highest job priority its members may ask for (core.policy); None: the service's default.
+    max_priority: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=now)
 
 
@@ -39,6 +41,8 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     role: Mapped[str] = mapped_column(String(20), default="member")  # admin | member
     team_id: Mapped[str | None] = mapped_column(ForeignKey("teams.id"), nullable=True, index=True)
+    # A cap of the user's own (a team lead's, say), over the team's; None: the team's.
+    max_priority: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=now)
 
 
@@ -64,7 +68,7 @@ class File(Base):
     purpose: Mapped[str] = mapped_column(String(40), default="fine-tune")
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     storage_key: Mapped[str] = mapped_column(String(255))
-    status: Mapped[str] = mapped_column(String(20), default="processed")  # processed | error
+    status: Mapped[str] = mapped_column(String(20), default="processed")  # processed | error | deleted
     sha256: Mapped[str] = mapped_column(String(64), default="")
     report: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[float] = mapped_column(Float, default=now)

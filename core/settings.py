@@ -67,12 +67,18 @@ class Settings(BaseSettings):
     max_attempts: int = Field(5, ge=1, le=100, description="Runs a job gets when infrastructure fails under it (killed trainer, lost worker) before it is marked failed.")
     retry_backoff_s: float = Field(5.0, ge=0, description="Seconds before the first retry of such a job; doubles with each further retry, at most 300.")
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest upload in bytes; a larger one is refused with 413 while it streams in.")
+    api_docs: bool = Field(False, description="Serve /docs, Swagger UI loaded from a CDN under a Content-Security-Policy. Off by default: it shares its origin with /ui, which keeps the API key.")
     page_limit_max: int = Field(100, ge=1, le=10_000, description="Largest `limit` a list route accepts.")
     # Limits per user on a shared service. Admins are held to them too: a script with an admin
     # key can fill a cluster as easily as anyone's.
-    max_active_jobs_per_user: int = Field(10, ge=1, description="Unfinished jobs (queued, running, paused, ...) one user may have; more answers 429.")
-    max_gpus_per_user: int = Field(8, ge=1, description="GPUs that one user's unfinished jobs may ask for in total; more answers 429.")
-    job_create_rate: int = Field(30, ge=1, description="Jobs one user may create per window (TUNEQ_JOB_CREATE_WINDOW_S); more answers 429 with Retry-After.")
+    max_active_jobs_per_user: int = Field(10, ge=1, description="Unfinished jobs (queued, running, paused, ...) one user may have; more answers 403.")
+    max_gpus_per_user: int = Field(8, ge=1, description="GPUs that one user's unfinished jobs may ask for in total; more answers 403.")
+    max_gpu_hours_per_user: float = Field(2000.0, gt=0, description="GPU-hours, as the planner estimates them, that one user's unfinished jobs may book together; more answers 403.")
+    min_checkpoint_every_minutes: float = Field(1.0, ge=0, description="Shortest schedule.checkpoint_every_minutes a job may ask for (each checkpoint stops the job to write to disk).")
+    member_max_priority: int = Field(0, ge=-100, le=100, description="Highest job priority a user without an admin's grant may ask for; jobs at or below it preempt only their own team's.")
+    max_files_per_user: int = Field(1000, ge=1, description="Files one user may keep; more answers 403 (DELETE /v1/files/{id} makes room).")
+    max_file_bytes_per_user: int = Field(20 * 1024**3, ge=1, description="Bytes that one user's files may hold together (20 GiB); more answers 403.")
+    job_create_rate: int = Field(30, ge=1, description="Jobs one user may create per sliding window (TUNEQ_JOB_CREATE_WINDOW_S); only accepted jobs count; more answers 429 with Retry-After.")
     job_create_window_s: int = Field(60, ge=1, le=86_400, description="Seconds of the job-creation rate window, counted in Redis across all API processes.")
     max_examples_per_file: int = Field(1_000_000, ge=1, description="Examples (valid lines) one uploaded file may hold; more answers 413.")
     max_tokens_per_file: int = Field(

@@ -68,7 +68,7 @@ class LocalStorage:
     def put_stream(self, key: str, stream: BinaryIO) -> tuple[int, str]:
         """Copy a stream into the store; return (bytes, sha256)."""
         dest = self.path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         size, digest = write_hashed(stream, dest)
         return size, digest
 
@@ -128,11 +128,16 @@ def write_hashed(stream: BinaryIO, dest: Path) -> tuple[int, str]:
     tmp = dest.with_name(dest.name + ".part")
     digest = hashlib.sha256()
     size = 0
-    with open(tmp, "wb") as out:
-        while chunk := stream.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-            out.write(chunk)
+    try:
+        # 0600 whatever the process umask: stored files are tenants' data.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+            while chunk := stream.read(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a broken upload leaves no half file behind
+        raise
     tmp.replace(dest)
     return size, digest.hexdigest()
 

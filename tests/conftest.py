@@ -2,14 +2,24 @@
 
 Nothing installed here is faked. PostgreSQL tests skip with a visible reason when no server is
 reachable, except under CI=true, where a missing service fails the run.
+
+The suite runs on several processes (pytest-xdist, `make test`). Each process has Redis
+databases of its own (redis_db), its own temporary directories, ports from free_port and
+uniquely named PostgreSQL databases, so no two tests share state. A database test runs on SQLite
+unless it is marked `dialects` (locking, concurrency, migrations, SQL that differs between the
+two), which runs it on PostgreSQL too; TUNEQ_TEST_DIALECTS=all runs every one on both.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
+import shutil
 import socket
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,6 +27,45 @@ import pytest
 PG_ADMIN_URL = os.environ.get("TUNEQ_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("TUNEQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+ALL_DIALECTS = os.environ.get("TUNEQ_TEST_DIALECTS", "").lower() == "all"
+# Redis databases each test process uses: its tests' own (flushed per test) and the shared stack's.
+REDIS_DBS_PER_PROCESS = 2
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One compute thread per test process, inherited by the trainers and workers it starts: the
+    # run's processes already fill the cores, and torch's OpenMP threads spin while they wait for
+    # a core, which on a busy machine costs several times the CPU of the work itself.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def xdist_index() -> int:
+    """0 without xdist; N in xdist's worker gwN."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return int(name[2:]) if name.startswith("gw") and name[2:].isdigit() else 0
+
+
+def redis_db(slot: int = 0) -> int:
+    """The Redis database number of this test process's `slot`: TUNEQ_TEST_REDIS_DB is the first of
+    a run, and each xdist worker takes the next REDIS_DBS_PER_PROCESS (a server has 16)."""
+    base = int(os.environ.get("TUNEQ_TEST_REDIS_DB", "9"))
+    return (base + xdist_index() * REDIS_DBS_PER_PROCESS + slot) % 16
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test using `database_url` runs on SQLite, and on PostgreSQL too when marked `dialects`
+    (or under TUNEQ_TEST_DIALECTS=all); an explicit parametrize of database_url wins."""
+    if "database_url" not in metafunc.fixturenames:
+        return
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0] if mark.args else mark.kwargs.get("argnames", "")
+        if isinstance(names, str):
+            names = [n.strip() for n in names.split(",")]
+        if "database_url" in names:
+            return
+    both = ALL_DIALECTS or metafunc.definition.get_closest_marker("dialects") is not None
+    metafunc.parametrize("database_url", ["sqlite", "postgres"] if both else ["sqlite"], indirect=True)
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -56,8 +105,7 @@ def redis_url(redis_server_url: str) -> Iterator[str]:
     """A Redis database of the test's own, emptied before and after."""
     import redis
 
-    base = redis_server_url.rsplit("/", 1)[0]
-    url = f"{base}/{int(os.environ.get('TUNEQ_TEST_REDIS_DB', '9'))}"
+    url = f"{redis_server_url.rsplit('/', 1)[0]}/{redis_db(0)}"
     client = redis.Redis.from_url(url)
     client.flushdb()
     yield url
@@ -87,32 +135,80 @@ def pg_admin_url() -> str:
     return PG_ADMIN_URL
 
 
-@pytest.fixture
-def pg_url(pg_admin_url: str) -> Iterator[str]:
-    """A fresh, empty PostgreSQL database, dropped after the test."""
+@contextmanager
+def _pg_database(admin_url: str, template: str | None = None) -> Iterator[str]:
+    """A PostgreSQL database of a unique name (empty, or a copy of `template`), dropped on exit."""
     from sqlalchemy import create_engine, text
 
     name = f"tuneq_t_{secrets.token_hex(6)}"
-    admin = create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    yield pg_admin_url.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as c:
-        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            c.execute(text(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else "")))
+        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """An empty database of each kind, migrated to head by Alembic."""
+@pytest.fixture
+def pg_url(pg_admin_url: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database, dropped after the test."""
+    with _pg_database(pg_admin_url) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_admin_url: str) -> Iterator[str]:
+    """Name of a PostgreSQL database migrated to head once per test process; tests get copies
+    (CREATE DATABASE ... TEMPLATE), which is much faster than running every migration again."""
+    from sqlalchemy import create_engine, text
+
     from core.migrate import upgrade_head
 
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'tuneq.db'}"
-    else:
-        url = request.getfixturevalue("pg_url")
-    upgrade_head(url)
-    return url
+    with _pg_database(pg_admin_url) as url:
+        upgrade_head(url)
+        # A template may have no open connections while it is copied: end any the migration left.
+        name = url.rsplit("/", 1)[1]
+        admin = create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as c:
+            c.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name})
+        admin.dispose()
+        yield name
+
+
+@pytest.fixture
+def pg_migrated_url(pg_admin_url: str, pg_template: str) -> Iterator[str]:
+    """A fresh PostgreSQL database at the schema's head (a copy of the template), dropped after."""
+    with _pg_database(pg_admin_url, template=pg_template) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file migrated to head once per test process; tests get copies of it."""
+    from core.migrate import upgrade_head
+
+    path = tmp_path_factory.mktemp("sqlite-template") / "tuneq.db"
+    upgrade_head(f"sqlite:///{path}")
+    return path
+
+
+def sqlite_copy(template: Path, path: Path) -> str:
+    """A SQLite database at head in `path` (a copy of the template file); its URL."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database migrated to head by Alembic (a copy of this process's migrated template): SQLite,
+    or PostgreSQL for tests marked `dialects` (see pytest_generate_tests)."""
+    if getattr(request, "param", "sqlite") == "sqlite":
+        return sqlite_copy(request.getfixturevalue("sqlite_template"), tmp_path / "tuneq.db")
+    return request.getfixturevalue("pg_migrated_url")
 
 
 def reset_caches() -> None:
@@ -130,12 +226,23 @@ def reset_caches() -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Llama-shaped model with its tokenizer and chat template, built locally."""
+    """A tiny Llama-shaped model with its tokenizer and chat template, built locally.
+
+    Building it pretrains the model, which takes a while: under xdist it is built once per run,
+    in the directory that the run's processes share, by whichever process comes first while the
+    others wait on a file lock."""
     from trainer.tiny import build_tiny
 
-    root = tmp_path_factory.mktemp("models")
-    out = root / "tiny-llama"
-    build_tiny(out, seed=0)
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = root / "models" / "tiny-llama"
+    built = root / "tiny-llama.built"  # beside the model: its directory holds the model's files only
+    with open(root / "tiny-llama.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not built.exists():
+            shutil.rmtree(out, ignore_errors=True)
+            build_tiny(out, seed=0)
+            built.touch()
     return out
 
 

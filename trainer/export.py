@@ -53,6 +53,7 @@ def export_final(
         # A PeftModel saves only the adapter: adapter_config.json + adapter_model.safetensors.
         model.save_pretrained(final)
     tokenizer.save_pretrained(final)
+    _public_adapter_config(final, spec.model)
     if spec.export.merged:
         from trainer.merge import export_merged
 
@@ -63,14 +64,14 @@ def export_final(
         files[str(path.relative_to(final))] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
     manifest = {
         "format": "full-model" if spec.method in ("full", "freeze") else "peft-adapter",
-        "base_model": spec.model,
+        "base_model": public_name(spec.model),
         "method": spec.method,
         # What the trained model really was, read from it, not from the spec.
         "method_detail": detail,
         "merged": {"dir": "merged", "dtype": spec.export.merged_dtype, "into": "unquantized base"}
         if spec.export.merged else None,
         "created": time.time(),
-        "spec": spec.model_dump(mode="json"),
+        "spec": public_spec(spec),
         "metrics": json_safe(metrics),
         "files": files,
     }
@@ -79,6 +80,37 @@ def export_final(
     for name, info in files.items():
         events.emit("artifact", f"saved {FINAL}/{name}", path=f"{FINAL}/{name}", **info)
     return final
+
+
+def public_name(value: str) -> str:
+    """A path on the server becomes its last component; a hub id ("org/name") stays as it is.
+
+    What a job exports is downloaded by users: it must not tell where the server keeps models,
+    uploads or other jobs.
+    """
+    return Path(value).name if Path(value).is_absolute() else value
+
+
+def public_spec(spec: JobSpec) -> dict[str, Any]:
+    """The spec as manifest.json shows it: every path on the server reduced to a name."""
+    out = spec.model_dump(mode="json")
+    for key in ("model", "training_file", "validation_file", "forgetting_file", "init_from"):
+        if isinstance(out.get(key), str):
+            out[key] = public_name(out[key])
+    for source in out.get("mix") or []:
+        source["file"] = public_name(source["file"])
+    return out
+
+
+def _public_adapter_config(final: Path, model: str) -> None:
+    # peft writes the base's path as loaded (a directory on the server) into adapter_config.json.
+    path = final / "adapter_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    if isinstance(config.get("base_model_name_or_path"), str):
+        config["base_model_name_or_path"] = public_name(config["base_model_name_or_path"])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def method_detail(model: Any) -> dict[str, Any]:

@@ -22,17 +22,18 @@ ADAPTER_METHODS = ("lora", "qlora", "ia3", "prefix")
 MERGEABLE_METHODS = ("lora", "qlora", "ia3")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class StrictModel(BaseModel):
+    # strict: JSON true is not the number 1, nor "3" the number 3; a typo must not train.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class QuantizationSettings(_Strict):
+class QuantizationSettings(StrictModel):
     bits: Literal[4, 8] = Field(4, description="4: NF4/FP4 base (QLoRA); 8: LLM.int8() base.")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; NF4 suits normally distributed weights.")
     double_quant: bool = Field(True, description="Also quantize the 4-bit scales (~0.4 bit per weight saved).")
 
 
-class IA3Settings(_Strict):
+class IA3Settings(StrictModel):
     target_modules: list[str] | None = Field(
         None, description="Modules whose activations are rescaled (default: peft's k_proj, v_proj, down_proj)."
     )
@@ -41,19 +42,19 @@ class IA3Settings(_Strict):
     )
 
 
-class PrefixSettings(_Strict):
+class PrefixSettings(StrictModel):
     num_virtual_tokens: int = Field(16, ge=1, le=512, description="Trained key/value positions per layer.")
     prefix_projection: bool = Field(False, description="Reparametrise the prefix through a small MLP.")
 
 
-class FreezeSettings(_Strict):
+class FreezeSettings(StrictModel):
     trainable_layers: int = Field(
         ..., ge=1, le=1024, description="Decoder layers that train, counted from the top; all below stay frozen."
     )
     train_embeddings: bool = Field(False, description="Also train the input embedding (and a tied LM head).")
 
 
-class ExportSettings(_Strict):
+class ExportSettings(StrictModel):
     merged: bool = Field(False, description="Also write the adapter merged into the base model (final/merged/).")
     merged_dtype: Literal["bf16", "fp32"] = Field("bf16", description="Dtype of the merged model's weights.")
 

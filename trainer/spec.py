@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from trainer.method_settings import (
     ExportSettings,
@@ -17,6 +17,7 @@ from trainer.method_settings import (
     IA3Settings,
     PrefixSettings,
     QuantizationSettings,
+    StrictModel,
     check_method_settings,
 )
 # The field types, importable from here: one definition, in trainer/vocabulary.py.
@@ -45,11 +46,7 @@ from trainer.vocabulary import (  # noqa: F401 - re-exported
 ALL_LINEAR = "all-linear"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class LoraSettings(_Strict):
+class LoraSettings(StrictModel):
     r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     alpha: float = Field(32.0, gt=0, le=4096, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
@@ -76,12 +73,12 @@ class LoraSettings(_Strict):
         return self
 
 
-class Hyperparameters(_Strict):
+class Hyperparameters(StrictModel):
     n_epochs: int = Field(1, ge=1, le=100, description="Passes over the training file.")
     max_steps: int | None = Field(
-        None, ge=1, le=10_000_000, description="Optimizer steps; overrides n_epochs when set."
+        None, ge=1, le=1_000_000, description="Optimizer steps; overrides n_epochs when set."
     )
-    learning_rate: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate of AdamW.")
+    learning_rate: float = Field(2e-4, ge=1e-9, le=1.0, description="Peak learning rate of AdamW.")
     batch_size: int = Field(4, ge=1, le=4096, description="Examples per micro-batch (per GPU).")
     gradient_accumulation_steps: int = Field(1, ge=1, le=4096, description="Micro-batches per optimizer step.")
     max_seq_len: int = Field(1024, ge=8, le=262_144, description="Tokens per example; longer ones are truncated.")
@@ -92,7 +89,7 @@ class Hyperparameters(_Strict):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of data order, init and dropout.")
 
 
-class Schedule(_Strict):
+class Schedule(StrictModel):
     log_every_steps: int = Field(1, ge=1, le=1_000_000, description="Steps between metric events.")
     eval_every_steps: int | None = Field(
         None, ge=1, le=1_000_000, description="Steps between validation passes (default: at the end only)."
@@ -103,14 +100,14 @@ class Schedule(_Strict):
     checkpoint_every_minutes: float | None = Field(
         None, gt=0, le=10_080, description="Also checkpoint when this many minutes passed since the last one."
     )
-    keep_checkpoints: int = Field(2, ge=1, le=1000, description="Newest checkpoints kept on disk.")
+    keep_checkpoints: int = Field(2, ge=1, le=100, description="Newest checkpoints kept on disk.")
     eval_examples: int = Field(
         256, ge=1, le=1_000_000,
         description="Validation examples of the periodic pass (valid_*); the pass at the end (full_valid_*) uses all.",
     )
 
 
-class MixSource(_Strict):
+class MixSource(StrictModel):
     file: str = Field(..., min_length=1, description="Path of a JSONL file of replay or general data (any format).")
     weight: float = Field(
         ..., gt=0, le=100,
@@ -118,7 +115,7 @@ class MixSource(_Strict):
     )
 
 
-class JobSpec(_Strict):
+class JobSpec(StrictModel):
     """What to train, on what, and how."""
 
     model: str = Field(..., min_length=1, max_length=512, description="Hub id or local directory of the base model.")
@@ -215,8 +212,9 @@ class JobSpec(_Strict):
                 f"hyperparameters.warmup_steps: {hp.warmup_steps} exceeds max_steps {hp.max_steps}; "
                 f"allowed 0..{hp.max_steps}"
             )
-        if self.suffix is not None and not all(c.isalnum() or c in "-_" for c in self.suffix):
-            raise ValueError("suffix: letters, digits, '-' and '_' only")
+        # ASCII only: a Cyrillic 'а' posing as a Latin 'a' would make a model name that reads like another's.
+        if self.suffix is not None and not all((c.isascii() and c.isalnum()) or c in "-_" for c in self.suffix):
+            raise ValueError("suffix: ASCII letters, digits, '-' and '_' only")
         return self
 
     def _speed_from_checkpointing(self) -> None:

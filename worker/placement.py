@@ -11,7 +11,7 @@ import logging
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core import control, states
+from core import control, policy, states
 from core.jobs import acquire_lease
 from core.models import Job, now
 from core.scheduling import Waiting, blocked_head, pick, waiting
@@ -99,7 +99,10 @@ def preempt_for(db: Session, pool: GpuPool, queue: list[Waiting], free: int) -> 
         return []
     # GPUs already being given back count as free: preempting another job for them would pause two.
     need = head.gpus - free - _being_freed(held, running)
-    victims = sorted((j for j in running if not j.pause_requested and j.priority < head.priority),
+    for_job = db.get(Job, head.id)
+    owner = for_job.owner_id if for_job is not None else None
+    victims = sorted((j for j in running if not j.pause_requested and j.priority < head.priority
+                      and policy.may_preempt(db, head.priority, owner, j.owner_id)),
                      key=lambda j: (j.priority, -(j.started_at or 0)))
     chosen = []
     for v in victims:
@@ -110,7 +113,6 @@ def preempt_for(db: Session, pool: GpuPool, queue: list[Waiting], free: int) -> 
     if need > 0 or not chosen:
         db.rollback()
         return []
-    for_job = db.get(Job, head.id)
     asked = [v.id for v in chosen if for_job is not None and control.preempt(db, v, for_job)]
     if asked:
         log.warning("preempting %s for job %s (priority %s)", asked, head.id, head.priority)

@@ -10,8 +10,10 @@ from sqlalchemy import and_, or_, select
 from api.deps import AdminUser, SessionDep, SettingsDep
 from api.errors import bad_request, not_found
 from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
-from api.schemas import CreatedKeyOut, CreateKeyRequest, CreateUserRequest, KeyOut, Page, UserOut
-from core.identity import create_key, create_user, revoke_key
+from api.schemas import (CreatedKeyOut, CreateKeyRequest, CreateUserRequest, KeyOut, Page, PriorityCap, TeamOut,
+                         UserOut)
+from core.identity import create_key, create_user, get_or_create_team, revoke_key
+from core.policy import priority_cap
 from core.models import ApiKey, Team, User
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
@@ -19,7 +21,8 @@ router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
 def user_out(db: SessionDep, u: User) -> UserOut:
     team = db.get(Team, u.team_id) if u.team_id else None
-    return UserOut(id=u.id, name=u.name, role=u.role, team=team.name if team else None, created_at=int(u.created_at))
+    return UserOut(id=u.id, name=u.name, role=u.role, team=team.name if team else None, max_priority=u.max_priority,
+                   priority_cap=priority_cap(db, u), created_at=int(u.created_at))
 
 
 def key_out(k: ApiKey) -> KeyOut:
@@ -59,6 +62,24 @@ def create_admin_user(body: CreateUserRequest, admin: AdminUser, db: SessionDep)
 @router.get("/users/{user_id}")
 def get_user(user_id: str, admin: AdminUser, db: SessionDep) -> UserOut:
     return user_out(db, load_user(db, user_id))
+
+
+@router.patch("/users/{user_id}")
+def set_user_priority_cap(user_id: str, body: PriorityCap, admin: AdminUser, db: SessionDep) -> UserOut:
+    """Grant one user (a team lead, say) a priority cap of their own, over the team's."""
+    user = load_user(db, user_id)
+    user.max_priority = body.max_priority
+    db.commit()
+    return user_out(db, user)
+
+
+@router.patch("/teams/{team}")
+def set_team_priority_cap(team: str, body: PriorityCap, admin: AdminUser, db: SessionDep) -> TeamOut:
+    """The highest priority the team's members may ask for (created on first use, like users' teams)."""
+    row = get_or_create_team(db, team)
+    row.max_priority = body.max_priority
+    db.commit()
+    return TeamOut(id=row.id, name=row.name, max_priority=row.max_priority)
 
 
 @router.get("/users/{user_id}/keys")

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi import File as FormFile
 from fastapi.responses import FileResponse, Response
 from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
 
 from api.content import stored_content
 from api.crud import bad_lines_summary, load_file
@@ -16,10 +17,13 @@ from api.deps import CurrentUser, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, bad_request
 from api.limits import check_examples
 from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
-from api.schemas import FileObject, Page
+from api.schemas import FileDeleted, FileObject, Page
 from api.uploads import too_large_message
-from core.identity import can_read_file, readable_files
-from core.models import File, new_id
+from core.identity import DELETED, can_read_file, readable_files
+from core.limits import check_file_quota, jobs_using_file, lock_user
+from core.models import File, User, new_id
+from core.settings import Settings
+from core.storage import Storage
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -60,23 +64,48 @@ def create_file(
         raise bad_request(f"purpose: must be 'fine-tune', got {purpose!r}", "purpose")
     if file.size is not None and file.size > settings.max_upload_bytes:
         raise APIError(413, too_large_message(settings.max_upload_bytes), param="file", code="file_too_large")
+    check_file_quota(db, user, file.size or 0, settings, lock=False)  # before a byte is stored
     file_id = new_id("file")
     key = f"files/{file_id}.jsonl"
     file.file.seek(0)
-    size, sha256 = storage.put_stream(key, file.file)
-    report = _validate(str(storage.local_path(key)))
     try:
-        check_examples(report, settings)
-    except APIError:
+        size, sha256 = storage.put_stream(key, file.file)
+        row = _checked_row(db, user, settings, storage, key, file_id=file_id, owner_id=user.id,
+                           filename=_display_name(file.filename), purpose=purpose, bytes=size, sha256=sha256)
+        db.commit()
+    except BaseException:
+        # A refused or failed upload leaves no stored object without a row behind.
+        db.rollback()
         storage.delete(key)
         raise
-    row = File(
-        id=file_id, owner_id=user.id, filename=_display_name(file.filename), purpose=purpose, bytes=size, storage_key=key,
-        status="processed" if report.get("valid") else "error", sha256=sha256, report=report,
-    )
-    db.add(row)
-    db.commit()
     return file_out(row)
+
+
+def _checked_row(db: Session, user: User, settings: Settings, storage: Storage, key: str, **fields: Any) -> File:
+    """The row of a stored upload, validated and within the user's quota (checked under the lock)."""
+    report = _validate(str(storage.local_path(key)))
+    check_examples(report, settings)
+    check_file_quota(db, user, fields["bytes"], settings)
+    row = File(id=fields.pop("file_id"), storage_key=key, status="processed" if report.get("valid") else "error",
+               report=report, **fields)
+    db.add(row)
+    return row
+
+
+@router.delete("/{file_id}")
+def delete_file(file_id: str, user: CurrentUser, db: SessionDep, storage: StorageDep) -> FileDeleted:
+    """Delete a file and its stored bytes; refused (409) while an unfinished job uses it."""
+    f = load_file(db, file_id, user)
+    if f.owner_id is not None:
+        lock_user(db, f.owner_id)  # a job creation that names the file checks it under this lock
+    users = jobs_using_file(db, f.id)
+    if users:
+        raise APIError(409, f"file {file_id} is used by unfinished job(s) {', '.join(users)}; cancel them or wait "
+                       "until they finish", param="file_id", code="file_in_use")
+    storage.delete(f.storage_key)
+    f.status = DELETED
+    db.commit()
+    return FileDeleted(id=f.id)
 
 
 @router.get("")

@@ -1,9 +1,15 @@
-"""The whole stack as real processes: uvicorn serving the API and a Celery worker."""
+"""The whole stack as real processes: uvicorn serving the API and a Celery worker.
+
+Tests that only submit jobs and read them back share one stack per test process (`stack`, a user
+of the test's own on `shared_stack`): starting uvicorn and a worker costs more than a short job.
+Tests that stop, restart or reconfigure a part start their own (start_stack).
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -14,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import redis_db, sqlite_copy
 from tests.datasets import reverse_dataset  # noqa: F401 - re-exported for the e2e tests
 from tuneq.embedded import free_port
 
@@ -30,7 +37,9 @@ class Stack:
     key: str
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30, headers={"Authorization": f"Bearer {self.key}"})
+        # A fresh API loads the tokenizer at its first upload: on a busy machine that alone has taken
+        # more than 30 s. The tests check answers, not latency.
+        return httpx.Client(base_url=self.url, timeout=120, headers={"Authorization": f"Bearer {self.key}"})
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
@@ -57,7 +66,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(5)
 
 
-def _member_key(database_url: str) -> str:
+def _member_key(database_url: str, name: str = "e2e-user", team: str = "e2e") -> str:
     """A member's key (not an admin's): the whole path must work without admin rights."""
     from sqlalchemy.orm import Session
 
@@ -67,7 +76,7 @@ def _member_key(database_url: str) -> str:
     engine = make_engine(database_url)
     try:
         with Session(engine) as db:
-            _, token = create_key(db, create_user(db, "e2e-user", "member", "e2e"), "e2e")
+            _, token = create_key(db, create_user(db, name, "member", team), "e2e")
             db.commit()
     finally:
         engine.dispose()
@@ -115,17 +124,40 @@ def start_stack(tmp_path: Path, database_url: str, redis_url: str, models_root: 
     return Stack(url=url, env=env, home=home, api=api, worker=worker, key=key)
 
 
-@pytest.fixture
-def stack(tmp_path: Path, redis_url: str, tiny_model_dir: Path) -> Iterator[Stack]:
-    s = start_stack(tmp_path, f"sqlite:///{tmp_path / 'tuneq.db'}", redis_url, tiny_model_dir.parent)
+@pytest.fixture(scope="session")
+def shared_stack(tmp_path_factory: pytest.TempPathFactory, redis_server_url: str, sqlite_template: Path,
+                 tiny_model_dir: Path) -> Iterator[Stack]:
+    """One API and worker for this test process, on SQLite and a Redis database of their own (the
+    per-test flush of redis_url would empty their queue). The trainer runs without `accelerate
+    launch`: the tests about that launch path start it themselves."""
+    import redis
+
+    url = f"{redis_server_url.rsplit('/', 1)[0]}/{redis_db(1)}"
+    redis.Redis.from_url(url).flushdb()
+    tmp = tmp_path_factory.mktemp("stack")
+    s = start_stack(tmp, sqlite_copy(sqlite_template, tmp / "tuneq.db"), url, tiny_model_dir.parent,
+                    extra_env={"TUNEQ_ACCELERATE_LAUNCH": "false"})
     yield s
     _stop(s.worker)
     _stop(s.api)
+    redis.Redis.from_url(url).flushdb()
 
 
 @pytest.fixture
-def pg_stack(tmp_path: Path, redis_url: str, pg_url: str, tiny_model_dir: Path) -> Iterator[Stack]:
-    s = start_stack(tmp_path, pg_url, redis_url, tiny_model_dir.parent)
+def stack(shared_stack: Stack) -> Stack:
+    """The shared stack as seen by a member of a team of the test's own: its lists start empty."""
+    import dataclasses
+
+    tag = secrets.token_hex(4)
+    key = _member_key(shared_stack.env["TUNEQ_DATABASE_URL"], f"e2e-{tag}", f"e2e-{tag}")
+    return dataclasses.replace(shared_stack, key=key)
+
+
+@pytest.fixture
+def pg_stack(tmp_path: Path, redis_url: str, pg_migrated_url: str, tiny_model_dir: Path) -> Iterator[Stack]:
+    """A stack of the test's own on PostgreSQL, running the trainer under `accelerate launch` (the
+    production default) so that a cancel must stop the launcher and the trainer under it."""
+    s = start_stack(tmp_path, pg_migrated_url, redis_url, tiny_model_dir.parent, extra_env={"TUNEQ_ACCELERATE_LAUNCH": "true"})
     yield s
     _stop(s.worker)
     _stop(s.api)

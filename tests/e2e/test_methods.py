@@ -1,7 +1,7 @@
 """Each method of the family trains through the API on the tiny model; a job continues from a
 previous job's weights and checkpoints; merged and checkpoint artifacts download with their hashes.
 
-One stack serves the module: starting uvicorn and a Celery worker costs more than a short job.
+They run on the test process's shared stack: starting uvicorn and a worker costs more than a short job.
 """
 
 from __future__ import annotations
@@ -9,16 +9,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.datasets import reverse_dataset
-from tests.e2e.conftest import Stack, _stop, dump_logs, start_stack
+from tests.e2e.conftest import Stack, dump_logs
 from tests.e2e.test_whole_path import TERMINAL, all_events, train_losses, upload, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -26,19 +24,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 SHORT = {"max_steps": 8, "batch_size": 8, "max_seq_len": 64, "warmup_steps": 1}
 
 
-@pytest.fixture(scope="module")
-def mstack(tmp_path_factory: pytest.TempPathFactory, redis_server_url: str, tiny_model_dir: Path) -> Iterator[Stack]:
-    import redis
-
-    # A Redis database of this module's own, so a parallel suite's flush does not empty its queue.
-    url = f"{redis_server_url.rsplit('/', 1)[0]}/{int(os.environ.get('TUNEQ_TEST_REDIS_DB', '9')) + 2}"
-    redis.Redis.from_url(url).flushdb()
-    tmp = tmp_path_factory.mktemp("methods")
-    s = start_stack(tmp, f"sqlite:///{tmp / 'tuneq.db'}", url, tiny_model_dir.parent)
-    yield s
-    _stop(s.worker)
-    _stop(s.api)
-    redis.Redis.from_url(url).flushdb()
+@pytest.fixture
+def mstack(stack: Stack) -> Stack:
+    return stack
 
 
 def create(c, body: dict) -> dict:

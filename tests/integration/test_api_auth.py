@@ -29,6 +29,7 @@ KINDS: dict[str, dict[str, Any]] = {
     "job_read": {"owner": OK, "teammate": OK, "stranger": 404, "admin": OK, "none": 401},
     "job_change": {"owner": OK, "teammate": 403, "stranger": 404, "admin": OK, "none": 401},
     "file_read": {"owner": OK, "teammate": 404, "stranger": 404, "admin": OK, "none": 401},
+    "file_change": {"owner": OK, "teammate": 404, "stranger": 404, "admin": OK, "none": 401},
     "admin": {"owner": 403, "teammate": 403, "stranger": 403, "admin": OK, "none": 401},
 }
 
@@ -43,6 +44,7 @@ RULES: dict[tuple[str, str], str] = {
     ("GET", "/v1/files"): "any_user",
     ("GET", "/v1/files/{file_id}"): "file_read",
     ("GET", "/v1/files/{file_id}/content"): "file_read",
+    ("DELETE", "/v1/files/{file_id}"): "file_change",
     ("POST", "/v1/fine_tuning/jobs"): "any_user",
     ("GET", "/v1/fine_tuning/jobs"): "any_user",
     ("POST", "/v1/fine_tuning/plan"): "any_user",
@@ -61,6 +63,8 @@ RULES: dict[tuple[str, str], str] = {
     ("GET", "/v1/admin/users"): "admin",
     ("POST", "/v1/admin/users"): "admin",
     ("GET", "/v1/admin/users/{user_id}"): "admin",
+    ("PATCH", "/v1/admin/users/{user_id}"): "admin",
+    ("PATCH", "/v1/admin/teams/{team}"): "admin",
     ("GET", "/v1/admin/users/{user_id}/keys"): "admin",
     ("POST", "/v1/admin/users/{user_id}/keys"): "admin",
     ("POST", "/v1/admin/keys/{key_id}/revoke"): "admin",
@@ -135,7 +139,11 @@ def build_request(world: World, method: str, path: str, who: str, kind: str) -> 
     world.counter[0] += 1
     n = world.counter[0]
     values = {"file_id": world.ids["file_id"], "artifact": world.ids["artifact"], "model": "tiny-llama",
-              "user_id": world.ids["stranger"]}
+              "user_id": world.ids["stranger"], "team": "blue"}
+    if kind == "file_change":  # deleting the shared file would change what later calls see
+        r = world.client.post("/v1/files", headers=world.headers("owner"), files={"file": ("t.jsonl", GOOD_LINE + "\n")},
+                              data={"purpose": "fine-tune"})
+        values["file_id"] = r.json()["id"]
     values["job_id"] = world.fresh_job() if kind == "job_change" else world.ids["job_id"]
     if "{key_id}" in path:
         from core.db import session_scope
@@ -162,6 +170,8 @@ def build_request(world: World, method: str, path: str, who: str, kind: str) -> 
         req["json"] = {"model": "tiny-llama", "training_file": own}
     elif (method, path) == ("POST", "/v1/admin/users"):
         req["json"] = {"name": f"new-user-{n}", "team": "green"}
+    elif method == "PATCH":
+        req["json"] = {"max_priority": 0}
     elif method == "POST" and kind != "job_change":
         req["json"] = {}
     return req

@@ -34,6 +34,8 @@ def scrape(client: TestClient) -> dict[str, dict[tuple, float]]:
     return out
 
 
+# Durations, CASE buckets and a JSON field summed in SQL: both databases.
+@pytest.mark.dialects
 def test_metrics_count_jobs_workers_durations_and_tokens(client: TestClient, db: Session) -> None:
     from core import states, workers
     from core.models import Job

@@ -64,7 +64,7 @@ def test_up_runs_a_job_and_stops_on_ctrl_c(tmp_path: Path, tiny_model_dir: Path)
             time.sleep(0.3)
         text = log.read_text()
         pids = [int(p) for p in re.findall(r"(?:api|worker): pid (\d+)", text)]
-        redis_port = int(re.search(r"redis: embedded at redis://127.0.0.1:(\d+)/0", text).group(1))
+        redis_port = int(re.search(r"redis: embedded at redis://:\*\*\*@127.0.0.1:(\d+)/0", text).group(1))
         assert len(pids) == 2 and _listening(redis_port)
         assert (home / "tuneq.db").is_file()
         # The first admin key: printed once, and kept in admin.key for its owner only.

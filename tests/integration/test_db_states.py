@@ -11,6 +11,9 @@ from core.jobs import request_cancel
 from core.models import Job, JobEvent
 from tests.integration.conftest import make_job
 
+# Status changes are conditional UPDATEs: checked on both databases.
+pytestmark = pytest.mark.dialects
+
 
 def status_events(db: Session, job_id: str) -> list[tuple[str, str]]:
     rows = db.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "status")

@@ -28,6 +28,9 @@ from tests.integration.conftest import make_job
 from worker import placement
 from worker.gpus import GpuPool
 
+# Preemption decisions read rows other processes write: checked on both databases.
+pytestmark = pytest.mark.dialects
+
 
 class GpuHolder:
     """Another process holding one GPU's lock file, its text naming the job, until stopped."""

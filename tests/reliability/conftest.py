@@ -34,13 +34,16 @@ FAST = {
 }
 
 
-@pytest.fixture
-def rel_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pg_url: str, redis_url: str,
-            tiny_model_dir: Path) -> Iterator[dict[str, str]]:
-    """TUNEQ_* for this test (PostgreSQL, its Redis db, fast leases), set in this process too."""
-    from core.migrate import upgrade_head
+# For tests about anything but lease expiry: a 4 s lease made a worker whose process stalled under
+# load (2 cores, several trainers starting) look dead, so its running job was re-queued mid-test.
+STEADY_LEASE = {"TUNEQ_LEASE_TTL_S": "30"}
 
-    upgrade_head(pg_url)
+
+@pytest.fixture
+def rel_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pg_migrated_url: str, redis_url: str,
+            tiny_model_dir: Path) -> Iterator[dict[str, str]]:
+    """TUNEQ_* for this test (PostgreSQL at head, its Redis db, fast leases), set in this process too."""
+    pg_url = pg_migrated_url
     env = {
         "TUNEQ_HOME": str(tmp_path / "home"),
         "TUNEQ_DATABASE_URL": pg_url,

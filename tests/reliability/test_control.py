@@ -15,15 +15,13 @@ from core.models import Job
 from core.queue import enqueue_job
 from core.scheduling import queue_position
 from tests.reliability.conftest import (
-    assert_never_twice_at_once, events_of, job_status, make_job, resumed_steps, trainer_starts, wait_for,
+    STEADY_LEASE, assert_never_twice_at_once, events_of, job_status, make_job, resumed_steps, trainer_starts, wait_for,
 )
 
 LONG = 100_000
-# These tests are about control, not lease expiry: the reliability suite's 4 s lease made a worker
-# whose process stalled under CI load (2 cores, several trainers starting) look dead, so its running
-# jobs were re-queued mid-test (seen: both jobs retried, the high-priority job then found a free GPU).
-# test_faults.py keeps the short lease for the reaper's own tests.
-CONTROL = {"TUNEQ_LEASE_TTL_S": "30"}
+# These tests are about control, not lease expiry (seen with the 4 s lease: both jobs retried, the
+# high-priority job then found a free GPU). The worker-kill tests keep the short lease.
+CONTROL = STEADY_LEASE
 
 
 def environ_of(pid: int) -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 from sqlalchemy.orm import Session
 
@@ -12,7 +13,7 @@ from core.models import Job
 from core.queue import enqueue_job, producer
 from tests.conftest import reset_caches
 from tests.reliability.conftest import (
-    assert_never_twice_at_once, events_of, job_status, make_job, resumed_steps, trainer_starts, wait_for,
+    STEADY_LEASE, assert_never_twice_at_once, events_of, job_status, make_job, resumed_steps, trainer_starts, wait_for,
 )
 
 # Long enough to kill mid-run on an idle machine too (a tiny step is ~30 ms there, and the kill
@@ -27,6 +28,16 @@ def training_job(db: Session, env: dict[str, str], steps: int = STEPS, **kw) -> 
 def wait_checkpoint(job_id: str, w, step: int = 5) -> None:
     wait_for(lambda: any(e.data.get("step", 0) >= step for e in events_of(job_id, "checkpoint")), 120,
              f"a checkpoint at step {step}\n{w.log()}")
+
+
+def wait_trainer_checkpoint(job_id: str, env: dict[str, str], w, step: int = 5) -> None:
+    """The step's checkpoint in the trainer's own event file: the database sees it only after the
+    worker's pump has copied it, which on a busy machine can be near the end of the run."""
+    from trainer.events import read_events
+
+    path = Path(env["TUNEQ_HOME"]) / "work" / job_id / "events.jsonl"
+    wait_for(lambda: path.exists() and any(e["type"] == "checkpoint" and e["data"].get("step", 0) >= step
+                                           for e in read_events(path)), 120, f"a checkpoint at step {step}\n{w.log()}")
 
 
 def wait_end(job_id: str, w, timeout: float = 180) -> str:
@@ -52,10 +63,10 @@ def test_sigkill_of_the_worker_resumes_on_a_restarted_worker(db: Session, rel_en
 
 def test_sigkill_of_the_trainer_alone_is_retried_and_resumes(db: Session, rel_env, workers) -> None:
     job = training_job(db, rel_env)
-    w = workers()
+    w = workers(**STEADY_LEASE)  # the worker itself sees its trainer die: no lease expiry involved
     enqueue_job(job.id)
-    wait_checkpoint(job.id, w)
-    os.kill(trainer_starts(job.id)[0].data["pid"], signal.SIGKILL)
+    wait_trainer_checkpoint(job.id, rel_env, w)
+    os.kill(wait_for(lambda: trainer_starts(job.id), 60, "the trainer's start event")[0].data["pid"], signal.SIGKILL)
     assert wait_end(job.id, w) == states.SUCCEEDED, w.log()
     retry = [e for e in events_of(job.id, "retry")]
     assert len(retry) == 1 and "SIGKILL" in retry[0].message and retry[0].data["retry"] == 1
@@ -76,7 +87,7 @@ def test_user_error_fails_at_once_without_retry(db: Session, rel_env, workers) -
 
 def test_same_message_twice_runs_once(db: Session, rel_env, workers) -> None:
     job = training_job(db, rel_env, steps=6)
-    w1, w2 = workers(), workers()
+    w1, w2 = workers(**STEADY_LEASE), workers(**STEADY_LEASE)
     enqueue_job(job.id)
     enqueue_job(job.id)
     assert wait_end(job.id, w1) == states.SUCCEEDED, w1.log() + w2.log()
@@ -87,15 +98,16 @@ def test_same_message_twice_runs_once(db: Session, rel_env, workers) -> None:
 def test_job_longer_than_the_visibility_timeout_runs_once(db: Session, rel_env, workers, monkeypatch) -> None:
     # Redis re-delivers an unacked message after the visibility timeout to a worker that
     # starts later, while the first run still goes on. The lease makes the second delivery drop out.
-    short = {"TUNEQ_VISIBILITY_TIMEOUT_S": "2"}
+    short = {"TUNEQ_VISIBILITY_TIMEOUT_S": "2", **STEADY_LEASE}
     monkeypatch.setenv("TUNEQ_VISIBILITY_TIMEOUT_S", "2")
     reset_caches()
     # Still running after the second worker has started (seconds) and the message is restored.
     job = training_job(db, rel_env, steps=300)
-    w1 = workers(**short)
+    # Both workers up before the job starts: on a busy machine a worker takes about a minute to
+    # start, and the job must still run when its message comes back.
+    w1, w2 = workers(**short), workers(**short)
     enqueue_job(job.id)
     wait_checkpoint(job.id, w1)
-    w2 = workers(**short)
     # What a consumer does when it (re)connects: messages unacked for longer than the
     # visibility timeout go back to the queue, though w1 still runs the job.
     with producer().connection_for_write() as conn:

@@ -16,7 +16,7 @@ from core.queue import enqueue_job
 from tests.conftest import reset_caches
 from tests.integration.conftest import chat_lines
 from tests.reliability.conftest import (
-    Proc, assert_never_twice_at_once, events_of, job_status, make_job, trainer_starts, wait_for,
+    STEADY_LEASE, Proc, assert_never_twice_at_once, events_of, job_status, make_job, trainer_starts, wait_for,
 )
 from tuneq.embedded import EmbeddedRedis, free_port
 
@@ -30,7 +30,7 @@ def test_redis_restart_mid_job_loses_nothing(db: Session, rel_env, workers, tmp_
         reset_caches()
         running = make_job(db, rel_env["model"], steps=150, examples=64, checkpoint_every=5, log_every=5)
         waiting = make_job(db, rel_env["model"], steps=4)
-        w = workers(TUNEQ_REDIS_URL=url)
+        w = workers(TUNEQ_REDIS_URL=url, **STEADY_LEASE)
         enqueue_job(running.id)
         wait_for(lambda: events_of(running.id, "metrics"), 120, f"training\n{w.log()}")
         enqueue_job(waiting.id)  # only one GPU: this message is deferred and re-sent, then lost below
@@ -71,9 +71,9 @@ def test_api_restart_mid_job_loses_nothing(db: Session, rel_env, workers, tmp_pa
 
     a = api()
     try:
-        w = workers()
+        w = workers(**STEADY_LEASE)
         headers = _auth_headers()
-        with httpx.Client(base_url=base, timeout=30, headers=headers) as c:
+        with httpx.Client(base_url=base, timeout=120, headers=headers) as c:
             f = c.post("/v1/files", files={"file": ("t.jsonl", chat_lines(64).encode())}, data={"purpose": "fine-tune"})
             assert f.status_code == 200, f.text
             body = {"model": "tiny-llama", "training_file": f.json()["id"], "method": {"type": "lora"},
@@ -88,7 +88,7 @@ def test_api_restart_mid_job_loses_nothing(db: Session, rel_env, workers, tmp_pa
         a.kill()
         time.sleep(1)
         a = api()
-        with httpx.Client(base_url=base, timeout=30, headers=headers) as c:
+        with httpx.Client(base_url=base, timeout=120, headers=headers) as c:
             wait_for(lambda: c.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] in states.TERMINAL, 180,
                      f"the job to end\n{w.log()}")
             job = c.get(f"/v1/fine_tuning/jobs/{job_id}").json()

@@ -212,6 +212,9 @@ def iter_lines(path: str | Path, counter: list[int] | None = None) -> Iterator[t
             yield number, json.loads(text)
         except json.JSONDecodeError as exc:
             yield number, LineError("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}")
+        except RecursionError:
+            # The decoder recurses once per level: a hostile line must not take the process down.
+            yield number, LineError("invalid_json", "invalid JSON: nested too deeply")
 
 
 def iter_records(
