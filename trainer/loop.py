@@ -17,6 +17,7 @@ or from whole logits) is trainer.fastpath's choice; the numbers are the same eit
 
 from __future__ import annotations
 
+import gc
 import math
 import sys
 import time
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 
 from trainer import checkpoint as ckpt
-from trainer import profiling
+from trainer import packed_attention, profiling
 from trainer.data.batch import collate
 from trainer.data.dataset import load_tokenized, mix_in, pack
 from trainer.distributed import gather_model_state, gather_training_state, is_sharded
@@ -43,6 +44,7 @@ from trainer.profiling import region
 from trainer.sampler import DataOrder
 from trainer.signals import StopFlags
 from trainer.spec import JobSpec
+from trainer.startup import Phases
 from trainer.step import QueuedStep, Window, as_values, optimizer_step, queue_forward_backward, step_result
 from trainer.step_values import LateRead, pinned
 from trainer.throughput import mfu, model_flops, peak_flops
@@ -95,6 +97,8 @@ class Run:
         self.resumed_from: int | None = None
         self.last_metrics: dict[str, Any] = {}
         self.valid_metrics: dict[str, Any] = {}
+        self.phases = Phases()
+        self.phases.mark("import")
 
     # ---- setup --------------------------------------------------------------------------------
 
@@ -105,11 +109,13 @@ class Run:
         self.precision = resolve_precision(self.spec.precision, self.device)
         self.tokenizer = load_tokenizer(self.spec.model)
         self._setup_data()
+        self.phases.mark("data")
         self._setup_training()
         self._resume()
         if self.forgetting_data is not None and self.state.forgetting_before is None:
             # Measured on the model as training starts: LoRA's B is zero, so this is the base model.
             self.state.forgetting_before = self.forgetting_pass()
+        self.phases.mark("prepare")
         self._emit_start()
 
     def _load(self, path: str, what: str, data_format: str = "auto") -> Any:
@@ -134,6 +140,10 @@ class Run:
 
         spec, hp, accelerator, device = self.spec, self.hp, self.accelerator, self.device
         model, self.fast = setup_model(spec, self.precision, device)
+        self.phases.mark("load")
+        # Packed rows' example bounds go to a flash kernel instead of a mask transformers builds.
+        self.packed_attention = bool(spec.packing and packed_attention.available(device)
+                                     and packed_attention.install(model))
         self.trainable_params, self.total_params = count_parameters(model)
         optimizer = build_optimizer(model, spec, device)
         self.in_backward = isinstance(optimizer, OptimizerInBackward)
@@ -189,7 +199,8 @@ class Run:
             method=spec.method,
             device=str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
             precision=self.precision,
-            fast_path={**self.fast.describe(), "loss": self.loss_head.name, "optimizer_in_backward": self.in_backward},
+            fast_path={**self.fast.describe(), "loss": self.loss_head.name, "optimizer_in_backward": self.in_backward,
+                       "packed_attention": self.packed_attention},
             trainable_params=self.trainable_params,
             total_params=self.total_params,
             resumed_from_step=self.resumed_from,
@@ -212,6 +223,11 @@ class Run:
         follows it."""
         state = self.state
         self.window = Window(started=time.time())
+        self.window_end: LateRead | None = None  # the last logged step's values: the window starts at its end
+        # What setup made lives to the end: keep it out of the collector's full passes, whose
+        # traversal of every live object would otherwise stall a step now and then.
+        gc.collect()
+        gc.freeze()
         self.last_saved_step = state.step if self.resumed_from is not None else -1
         self.last_saved_time = time.time()
         pending: QueuedStep | None = None  # queued, not read yet
@@ -244,6 +260,8 @@ class Run:
                     self.checkpoint()
                 if pause_voted:
                     self._pause()
+                if not self.window.input_tokens and state.step < self.total_steps:
+                    self._restart_window()
         finally:
             profiling.stop()  # writes what a profiled range recorded, even a range cut short
 
@@ -255,11 +273,7 @@ class Run:
             n_micro = min(n_micro, self.total_micro - state.micro_step)
         pad_id = self.tokenizer.pad_token_id
         with region("collate"):
-            micro_batches = [
-                pinned(collate([self.train_examples[i] for i in self.order.indices(state.micro_step + k)], pad_id),
-                       self.device)
-                for k in range(n_micro)
-            ]
+            micro_batches = [self._batch(state.micro_step + k, pad_id) for k in range(n_micro)]
         lr = self.scheduler.get_last_lr()[0]  # the rate this step is taken with
         with region("forward_backward"):
             packed = queue_forward_backward(self.model, micro_batches, self.accelerator, self.loss_head, self._votes)
@@ -268,6 +282,12 @@ class Run:
         state.micro_step += n_micro
         values = LateRead(torch.cat([packed, as_values(grad_norm, packed.device)]))
         return QueuedStep(state.step, state.micro_step, lr, values)
+
+    def _batch(self, micro_step: int, pad_id: int) -> dict[str, torch.Tensor]:
+        batch = collate([self.train_examples[i] for i in self.order.indices(micro_step)], pad_id)
+        if self.packed_attention:
+            batch = packed_attention.with_bounds(batch)
+        return pinned(batch, self.device)
 
     def _votes(self) -> list[bool]:
         # A signal reaches the ranks at slightly different times, and their clocks differ; pausing
@@ -280,6 +300,8 @@ class Run:
         """Read a queued step's values: count its tokens, log it when due; returns its votes."""
         *values, grad_norm = queued.values.read()
         result = step_result(values)
+        if queued.step == (self.resumed_from or 0) + 1:
+            self._emit_startup()
         self.state.trained_tokens += result["label_tokens"]
         self.state.seen_tokens += result["input_tokens"]
         self.window.add(result)
@@ -287,12 +309,19 @@ class Run:
             self._log(queued, grad_norm)
         return result["votes"]
 
+    def _emit_startup(self) -> None:
+        self.phases.mark("first_step")
+        took = self.phases.seconds()
+        self.events.emit("startup", f"first step {self.phases.total():.1f} s after the process started: "
+                         + ", ".join(f"{k} {v:.1f} s" for k, v in took.items()),
+                         phases=took, seconds=self.phases.total(), process_started=self.phases.started)
+
     def _log(self, queued: QueuedStep, grad_norm: float) -> None:
         # Not the time of this read: on a CPU the next step has already run by now, and the last
         # step would be read at once after the one before it.
         now = queued.values.ready_at
         window = self.window
-        tokens_per_second = window.tokens_per_second(now)
+        tokens_per_second = window.tokens_per_second(now, queued.values.seconds_since(self.window_end))
         self.last_metrics = {
             "step": queued.step,
             "total_steps": self.total_steps,
@@ -307,7 +336,13 @@ class Run:
         }
         self.events.emit("metrics", f"step {queued.step}/{self.total_steps} loss {self.last_metrics['train_loss']:.4f}",
                          **self.last_metrics)
-        self.window = Window(started=now)
+        self.window, self.window_end = Window(started=now), queued.values
+
+    def _restart_window(self) -> None:
+        """The next step's rate counts from now: an evaluation or a checkpoint just before it is
+        reported in its own event, not as a slow step."""
+        self.window = Window(started=time.time())
+        self.window_end = LateRead(torch.zeros(1, device=self.device))
 
     def _mfu(self, tokens_per_second: float, mean_row: float) -> float | None:
         return mfu(self.flops, tokens_per_second, mean_row, self.peak, self.accelerator.num_processes)
@@ -330,7 +365,7 @@ class Run:
     def evaluate(self) -> None:
         """The validation sample every eval_every_steps; at the end also the whole file."""
         assert self.valid_data is not None and self.valid_sample is not None
-        pad_id, batch = self.tokenizer.pad_token_id, self.hp.batch_size
+        pad_id, batch, started = self.tokenizer.pad_token_id, self.hp.batch_size, time.time()
         metrics = evaluate(self.model, self.valid_sample, batch, pad_id, self.accelerator, loss_head=self.loss_head)
         if self.state.step == self.total_steps:
             if self.valid_sample is self.valid_data.examples:
@@ -341,7 +376,7 @@ class Run:
             metrics = {**metrics, **full}
         self.valid_metrics = metrics
         self.events.emit("validation", f"step {self.state.step} valid loss {metrics['valid_loss']:.4f}",
-                         step=self.state.step, **metrics)
+                         step=self.state.step, seconds=round(time.time() - started, 3), **metrics)
 
     def forgetting_pass(self) -> dict[str, float]:
         assert self.forgetting_data is not None
@@ -355,7 +390,7 @@ class Run:
     def checkpoint(self) -> None:
         from accelerate.utils import gather_object
 
-        state, metrics = self.state, {**self.last_metrics, **self.valid_metrics}
+        state, metrics, started = self.state, {**self.last_metrics, **self.valid_metrics}, time.time()
         rngs = gather_object([ckpt.rng_state()])
         full_state = gather_training_state(self.raw_model, self.optimizer)  # FSDP: every rank gathers, rank 0 keeps
         if self.is_main:
@@ -364,7 +399,8 @@ class Run:
             path = ckpt.save_checkpoint(self.out_dir, state.step, self.raw_model, self.optimizer, self.scheduler,
                                         extra, rngs, self.schedule.keep_checkpoints, full_state=full_state)
             self.events.emit("checkpoint", f"checkpoint at step {state.step}", step=state.step,
-                             path=str(path.relative_to(self.out_dir)), metrics=metrics)
+                             path=str(path.relative_to(self.out_dir)), metrics=metrics,
+                             seconds=round(time.time() - started, 3))
         self.accelerator.wait_for_everyone()
         self.last_saved_step, self.last_saved_time = state.step, time.time()
 
@@ -384,6 +420,7 @@ class Run:
             **forgetting,
         }
         accelerator.wait_for_everyone()
+        packed_attention.uninstall(self.raw_model)  # export may generate, with a cache it does not handle
         whole = gather_model_state(self.raw_model) if is_sharded(self.raw_model) else None  # FSDP: a collective
         if self.is_main:
             export_final(self.out_dir, self.raw_model, self.tokenizer, self.spec, final_metrics, self.events,

@@ -162,8 +162,9 @@ class Window:
         return {"train_loss": self.loss_sum / label_tokens,
                 "train_mean_token_accuracy": self.correct_tokens / label_tokens}
 
-    def tokens_per_second(self, now: float) -> float:
-        return self.input_tokens / max(now - self.started, 1e-9)
+    def tokens_per_second(self, now: float, seconds: float | None = None) -> float:
+        """Over `seconds` where the device measured them, else the host's time since `started`."""
+        return self.input_tokens / max(seconds if seconds is not None else now - self.started, 1e-9)
 
     def mean_row(self) -> float:
         return self.input_tokens / max(self.rows, 1)

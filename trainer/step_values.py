@@ -31,7 +31,8 @@ class LateRead:
         if values.device.type == "cuda":
             self._host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             self._host.copy_(values, non_blocking=True)
-            self._done = torch.cuda.Event()
+            # Timed: the GPU's own clock says when a step's work ended (see seconds_since).
+            self._done = torch.cuda.Event(enable_timing=True)
             self._done.record()
         else:
             self._host = values
@@ -42,6 +43,15 @@ class LateRead:
             self._done.synchronize()
             self.ready_at = time.time()
         return self._host.tolist()
+
+    def seconds_since(self, earlier: LateRead | None) -> float | None:
+        """Seconds between the ends of two read steps' work by the GPU's clock; None on a CPU or
+        without an earlier step. The host's read times are no measure: it reads a step only once
+        it has queued the next, which may block until the GPU is done with both, so a last step
+        read at once would seem to have taken no time at all."""
+        if earlier is None or self._done is None or earlier._done is None:
+            return None
+        return earlier._done.elapsed_time(self._done) / 1000.0
 
 
 def pinned(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -100,6 +100,8 @@ class ProgressTracker:
                             "total_steps": data.get("total_steps")}
         elif kind == "metrics":
             self._on_metrics(job, data, _float(ev.get("time")) or time.time())
+        elif kind == "startup":
+            self._on_startup(job, data, _float(ev.get("time")) or time.time())
         elif kind == "validation":
             job.metrics = {**job.metrics, **_pick(data, VALID_METRIC_KEYS)}
         elif kind == "checkpoint":
@@ -123,6 +125,21 @@ class ProgressTracker:
                 progress["eta_seconds"] = round((total - step) * (t - t0) / (step - s0), 1)
         job.progress = progress
         job.metrics = {**job.metrics, **_pick(data, TRAIN_METRIC_KEYS)}
+
+    def _on_startup(self, job: Job, data: dict[str, Any], t: float) -> None:
+        """progress.startup: the seconds of each phase from submission to the first step. The
+        queue and the launch are the service's (job created -> running -> trainer process), the
+        rest the trainer's own. A resumed run's start-up replaces the first one's."""
+        phases = data.get("phases") if isinstance(data.get("phases"), dict) else {}
+        began = _float(data.get("process_started"))
+        service: dict[str, float] = {}
+        if job.started_at is not None and job.created_at is not None and not job.progress.get("startup"):
+            service["queue"] = round(max(job.started_at - job.created_at, 0.0), 3)
+        if began is not None and job.started_at is not None:
+            service["launch"] = round(max(began - job.started_at, 0.0), 3)
+        origin = job.created_at if "queue" in service else began
+        total = round(t - origin, 3) if origin is not None else _float(data.get("seconds"))
+        job.progress = {**job.progress, "startup": {**service, **phases, "total": total}}
 
     def _on_checkpoint(self, db: Session, job: Job, data: dict[str, Any]) -> None:
         step, rel = data.get("step"), data.get("path")

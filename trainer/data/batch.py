@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from trainer.data.tokenize import IGNORE_INDEX
+from trainer.packed_attention import BOUNDS, LONGEST
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -43,7 +44,11 @@ def model_inputs(batch: dict[str, torch.Tensor], device: Any) -> dict[str, torch
     The copies do not block: from a pinned batch (the training loop pins them) they run behind
     the queued kernels instead of making the host wait for them."""
     if "position_ids" in batch:
-        return {"input_ids": batch["input_ids"].to(device, non_blocking=True),
-                "position_ids": batch["position_ids"].to(device, non_blocking=True), "use_cache": False}
+        inputs = {"input_ids": batch["input_ids"].to(device, non_blocking=True),
+                  "position_ids": batch["position_ids"].to(device, non_blocking=True), "use_cache": False}
+        if BOUNDS in batch:  # trainer.packed_attention's, found on the host
+            inputs[BOUNDS] = batch[BOUNDS].to(device, non_blocking=True)
+            inputs[LONGEST] = int(batch[LONGEST])
+        return inputs
     return {"input_ids": batch["input_ids"].to(device, non_blocking=True),
             "attention_mask": batch["attention_mask"].to(device, non_blocking=True)}

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainer.data import cache
 from trainer.data.parse import LineError, iter_records, trains_inputs
 from trainer.data.tokenize import IGNORE_INDEX, fit_to_length, tokenize_record
 from trainer.data.validate import validate_file
@@ -18,6 +19,25 @@ class TokenizedFile:
     truncated: int
     dropped: int  # examples with no trained token left after truncation
     format: str = "chat"
+
+
+def _tokenized(path: str | Path, tokenizer: Any, fmt: str, train_on_inputs: bool | None, what: str) -> list[dict]:
+    """Every example of the file before any cut: from the data check's cache, else tokenized now
+    (and kept for the next run)."""
+    key = cache.key(path, tokenizer, fmt, train_on_inputs)
+    cached = cache.load(key)
+    if cached is not None:
+        return cached
+    done = []
+    for number, _, rec in iter_records(path, fmt):
+        try:
+            if isinstance(rec, LineError):
+                raise rec
+            done.append(tokenize_record(tokenizer, rec, None, trains_inputs(fmt, train_on_inputs)))
+        except LineError as err:
+            raise DataError(f"{what}: line {number}: {err.message}") from err
+    cache.save(key, done)
+    return done
 
 
 def load_tokenized(
@@ -39,13 +59,7 @@ def load_tokenized(
         )
     fmt = report["format"]
     examples, truncated, dropped = [], 0, 0
-    for number, _, rec in iter_records(path, fmt):
-        try:
-            if isinstance(rec, LineError):
-                raise rec
-            ex = tokenize_record(tokenizer, rec, None, trains_inputs(fmt, train_on_inputs))
-        except LineError as err:
-            raise DataError(f"{what}: line {number}: {err.message}") from err
+    for ex in _tokenized(path, tokenizer, fmt, train_on_inputs, what):
         pieces = fit_to_length(ex, fmt, max_seq_len)
         truncated += fmt != "text" and len(ex["input_ids"]) > max_seq_len
         for piece in pieces:

@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from trainer.data import cache
 from trainer.data.parse import LineError, iter_records, trains_inputs
 from trainer.data.tokenize import IGNORE_INDEX, fit_to_length, tokenize_record
 
@@ -40,6 +41,8 @@ def validate_file(
             errors.append({"line": line, "code": err.code, "message": err.message})
 
     p = Path(path)
+    # Kept for the trainer (trainer.data.cache), when every line tokenizes.
+    tokenized: list[dict] = []
     if not p.is_file():
         fail(0, LineError("file_not_found", f"{path} is not a readable file"))
     else:
@@ -54,6 +57,7 @@ def validate_file(
                 except LineError as err:
                     fail(number, err)
                     continue
+                tokenized.append({"input_ids": ex["input_ids"], "labels": ex["labels"]})
                 n = len(ex["input_ids"])
                 longest = max(longest, n)
                 for piece in fit_to_length(ex, fmt, max_seq_len):
@@ -66,6 +70,8 @@ def validate_file(
         if examples == 0 and not counts:
             fail(0, LineError("empty_file", "the file has no examples"))
     counted = tokenizer is not None
+    if counted and not counts:
+        cache.save(cache.key(p, tokenizer, seen_format or "chat", train_on_inputs), tokenized)
     return {
         "valid": not counts,
         "format": seen_format or "chat",

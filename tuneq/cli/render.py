@@ -67,6 +67,13 @@ def _speed(p: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _startup(phases: dict[str, Any]) -> str:
+    """'queue 0.1 s, launch 1.9 s, ..., first step 2.2 s; 30.4 s to the first step'."""
+    parts = [f"{k.replace('_', ' ')} {v:.1f} s" for k, v in phases.items() if k != "total" and isinstance(v, (int, float))]
+    total = phases.get("total")
+    return ", ".join(parts) + (f"; {total:.1f} s to the first step" if isinstance(total, (int, float)) else "")
+
+
 def _job_rows(job: dict[str, Any]) -> list[tuple[str, str]]:
     p = job.get("progress") or {}
     rows = [
@@ -79,6 +86,8 @@ def _job_rows(job: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("eta", duration(p["eta_seconds"])))
     if speed := _speed(p):
         rows.append(("speed", speed))
+    if isinstance(p.get("startup"), dict):
+        rows.append(("start-up", _startup(p["startup"])))
     metrics = job.get("metrics") or {}
     for key in LOSS_KEYS:
         if metrics.get(key) is not None:
