@@ -121,6 +121,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="llama-0.5b")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/tuneq-bench-publish"))
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where the table is written")
     args = ap.parse_args()
     model = args.dir / "model"
     if not (model / "config.json").is_file():
@@ -141,8 +142,8 @@ def main() -> None:
         lines.append(f"| {r['way']} | {r['seconds']:.1f} | {r['peak_extra_mb']:.0f} | {r['after_mb']:.0f} | {dl} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(text)
 
 
 if __name__ == "__main__":

@@ -134,8 +134,9 @@ def take_job_slot(user_id: str, settings: Settings | None = None, now: float | N
     window_ms = settings.job_create_window_s * 1000
     now_ms = int((time.time() if now is None else now) * 1000)
     slot = f"{now_ms}:{secrets.token_hex(6)}"
-    taken, oldest = _redis(settings.redis_url).eval(
-        _TAKE, 1, _rate_key(user_id), now_ms, window_ms, settings.job_create_rate, slot)
+    # A registered script runs by its sha (EVALSHA), loaded again by redis-py after a restart.
+    take = _redis(settings.redis_url).register_script(_TAKE)
+    taken, oldest = take(keys=[_rate_key(user_id)], args=[now_ms, window_ms, settings.job_create_rate, slot])
     if not taken:
         retry_after = max(1, math.ceil((int(float(oldest)) + window_ms - now_ms) / 1000))
         raise LimitExceeded(

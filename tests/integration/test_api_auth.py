@@ -60,6 +60,9 @@ RULES: dict[tuple[str, str], str] = {
     ("GET", J + "/artifacts/{artifact}/content"): "job_read",
     ("GET", "/v1/models"): "any_user",
     ("GET", "/v1/models/{model}"): "any_user",
+    # The cluster's capacity (hosts, GPU kinds, free GPUs, disk): what members plan jobs against.
+    # It names no job, team or user.
+    ("GET", "/v1/hosts"): "any_user",
     ("GET", "/v1/admin/users"): "admin",
     ("POST", "/v1/admin/users"): "admin",
     ("GET", "/v1/admin/users/{user_id}"): "admin",
