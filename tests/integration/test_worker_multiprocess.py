@@ -22,13 +22,15 @@ from sqlalchemy.orm import Session
 
 from core import states
 from core.control import request_resume
-from core.models import Artifact, Job
+from core.models import Artifact, Checkpoint, Job
 from core.settings import get_settings
+from core.storage import get_storage
 from tests.conftest import reset_caches
 from tests.integration.conftest import events_of, make_job, trainer_processes, wait_for
 from tests.integration.test_worker_runner import Background, with_session_cancel
 from trainer.events import read_events
 from worker.runner import run_job
+from worker.workdir import runnable_spec
 
 LONG = 100_000
 # The database's part (leases) is covered on both in test_db_lease; here one is enough.
@@ -73,18 +75,21 @@ def test_two_process_job_runs_once_with_one_set_of_events_and_artifacts(db: Sess
 
     started = [e for e in events_of(job.id, "message") if e.data and "pid" in e.data]
     assert len(started) == 1 and started[0].data["devices"] == [0, 1]
-    out = work_dir(job.id)
+    # The job ended, so its work directory is gone: its checkpoints are in the store now.
+    assert not work_dir(job.id).exists()
+    stored = {c.step: c for c in db.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id))}
+    assert stored[8].uploaded_at is not None, stored
     # Both ranks ran: the checkpoint holds the RNG state of each.
     import torch
 
-    assert len(torch.load(out / "checkpoints" / "step-00000008" / "rng.pt", weights_only=True)) == 2
+    rng = get_storage().local_path(f"{stored[8].storage_key}/rng.pt")
+    assert len(torch.load(rng, weights_only=True)) == 2
 
     # Events written once, by rank 0 only.
-    lines = read_events(out / "events.jsonl")
+    lines = [{"type": e.type, "data": e.data} for e in events_of(job.id) if e.type in ("start", "finished", "metrics")]
     kinds = [e["type"] for e in lines]
     assert kinds.count("start") == 1 and kinds.count("finished") == 1 and kinds.count("metrics") == 8
     assert [e["data"]["step"] for e in lines if e["type"] == "metrics"] == list(range(1, 9))
-    assert len(events_of(job.id, "metrics")) == 8 and len(events_of(job.id, "start")) == 1
 
     # One set of artifacts.
     names = [a.name for a in db.scalars(select(Artifact).where(Artifact.job_id == job.id))]
@@ -92,10 +97,11 @@ def test_two_process_job_runs_once_with_one_set_of_events_and_artifacts(db: Sess
     assert "final/adapter_model.safetensors" in names
 
     # Two ranks at batch 2 take the same steps as one process at batch 4.
-    spec = json.loads((out / "spec.json").read_text())
+    db.expire_all()
+    spec = runnable_spec(db, db.get(Job, job.id))
     spec["hyperparameters"]["batch_size"] = 4
-    single = out.parent / "single"
-    single.mkdir()
+    single = work_dir(job.id).parent / "single"
+    single.mkdir(parents=True)
     (single / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     res = subprocess.run([sys.executable, "-m", "trainer", "run", str(single / "spec.json"), "--out", str(single)],
