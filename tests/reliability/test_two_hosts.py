@@ -23,6 +23,7 @@ from core.storage import get_storage
 from tests.conftest import reset_caches
 from tests.reliability.conftest import events_of, job_status, make_job, trainer_starts, wait_for
 from tests.s3server import bucket_keys, s3_env
+from trainer.signals import PAUSE_FILE
 
 STEPS = 60
 PERIOD = 10  # checkpoint_every_steps
@@ -76,6 +77,30 @@ def adapter(db: Session, job_id: str) -> dict[str, Any]:
     return load_file(str(get_storage().local_path(key)))
 
 
+def last_step(events: Path) -> int:
+    """The newest metrics step in a trainer's events.jsonl (0 before the first)."""
+    try:
+        text = events.read_text()
+    except FileNotFoundError:
+        return 0
+    whole = text.split("\n")[:-1]  # a line without its newline is still being written
+    return max((json.loads(line)["data"]["step"] for line in whole if '"metrics"' in line), default=0)
+
+
+def freeze_past(job_id: str, events: Path, step: int) -> int:
+    """SIGSTOP the job's trainer as soon as its own events file shows a step past `step`; its pid.
+
+    The trainer on a tiny model runs far ahead of the worker's view in the database, so the test
+    watches the file the trainer writes, and freezes it long before its last step: whatever the
+    machine's speed, the trainer is stopped mid-run, not already gone.
+    """
+    pid = wait_for(lambda: trainer_starts(job_id), 180, "the trainer's start")[0].data["pid"]
+    wait_for(lambda: last_step(events) > step, 180, f"step {step + 1} in {events}", interval=0.01)
+    os.kill(pid, signal.SIGSTOP)
+    assert last_step(events) < STEPS, "the trainer ran to its end before it could be stopped"
+    return pid
+
+
 def wait_end(job_id: str, w, timeout: float = 300) -> str:  # noqa: ANN001
     wait_for(lambda: job_status(job_id) in states.TERMINAL, timeout, f"{job_id} to end\n{w.log()}")
     return job_status(job_id)
@@ -86,20 +111,20 @@ def test_host_a_killed_mid_run_host_b_resumes_from_the_store_and_matches_an_unin
     job = training_job(db, rel_env, keep=50)  # keep all: A's checkpoints stay to be continued from
     a = host(workers, tmp_path, s3, "host-a")
     enqueue_job(job.id)
-    wait_for(lambda: [c for c in stored_checkpoints(db, job.id) if c.uploaded_at and c.step >= 2 * PERIOD], 180,
+    a_events = tmp_path / "host-a" / "work" / job.id / "events.jsonl"
+    # Freeze the trainer past its second checkpoint, let the worker store what it wrote, then kill
+    # both at once: the kill lands mid-run, between checkpoints, with nothing announced that is
+    # not in the store.
+    trainer = freeze_past(job.id, a_events, 2 * PERIOD + 2)
+    a_last = last_step(a_events)
+    # The worker's event pump has read the trainer's last lines, its checkpoints among them.
+    wait_for(lambda: max((e.data["step"] for e in events_of(job.id, "metrics")), default=0) == a_last, 120,
+             f"step {a_last} in the database\n{a.log()}")
+    wait_for(lambda: [c for c in stored_checkpoints(db, job.id) if c.uploaded_at and c.step >= 2 * PERIOD], 120,
              f"a stored checkpoint at step {2 * PERIOD}\n{a.log()}")
-    wait_for(lambda: [e for e in events_of(job.id, "metrics") if e.data["step"] > 2 * PERIOD + 2], 120, "more steps")
-    trainer = trainer_starts(job.id)[0].data["pid"]
-    # Freeze the trainer, let the worker store what it wrote, then kill both at once: the kill
-    # lands mid-run, between checkpoints, with nothing announced that is not in the store.
-    os.kill(trainer, signal.SIGSTOP)
     wait_for(lambda: all(c.uploaded_at for c in stored_checkpoints(db, job.id)), 60, "the uploads to finish")
-    time.sleep(1.0)  # the worker's event pump reads the trainer's last lines
     a.kill()
     os.kill(trainer, signal.SIGKILL)
-    a_events = tmp_path / "host-a" / "work" / job.id / "events.jsonl"
-    a_last = max(json.loads(line)["data"]["step"] for line in a_events.read_text().splitlines()
-                 if '"metrics"' in line)
     newest = max(c.step for c in stored_checkpoints(db, job.id) if c.uploaded_at)
     assert newest < a_last < STEPS, (newest, a_last)  # killed mid-run, past its newest checkpoint
     assert {c.host for c in stored_checkpoints(db, job.id)} == {"host-a"}
@@ -139,9 +164,14 @@ def test_a_job_paused_on_host_a_finishes_on_host_b(db: Session, rel_env, workers
     job = training_job(db, rel_env)
     a = host(workers, tmp_path, s3, "host-a")
     enqueue_job(job.id)
-    wait_for(lambda: [e for e in events_of(job.id, "metrics") if e.data["step"] >= 5], 180, f"training\n{a.log()}")
+    work = tmp_path / "host-a" / "work" / job.id
+    # The trainer is held mid-run until the worker has asked it to pause: the pause is what ends
+    # it, not its last step.
+    trainer = freeze_past(job.id, work / "events.jsonl", 4)
     control.request_pause(db, db.get(Job, job.id))
     db.commit()
+    wait_for(lambda: (work / PAUSE_FILE).exists(), 60, f"the worker to ask for the pause\n{a.log()}")
+    os.kill(trainer, signal.SIGCONT)
     wait_for(lambda: job_status(job.id) == states.PAUSED, 120, f"the pause\n{a.log()}")
     paused_at = max(c.step for c in stored_checkpoints(db, job.id))
     assert all(c.uploaded_at for c in stored_checkpoints(db, job.id)), "paused before its checkpoint was stored"
