@@ -100,13 +100,15 @@ def make_job(db: Session, model: str = "tiny-llama", *, steps: int = 4, examples
     return job
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str | Callable[[], str],
+             interval: float = 0.2) -> Any:
+    """what: a callable is called at the timeout, so a log in it shows the end of the wait, not its start."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if value := predicate():
             return value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout}s waiting for {what() if callable(what) else what}")
 
 
 def job_status(job_id: str) -> str:

@@ -102,7 +102,7 @@ def freeze_past(job_id: str, events: Path, step: int) -> int:
 
 
 def wait_end(job_id: str, w, timeout: float = 300) -> str:  # noqa: ANN001
-    wait_for(lambda: job_status(job_id) in states.TERMINAL, timeout, f"{job_id} to end\n{w.log()}")
+    wait_for(lambda: job_status(job_id) in states.TERMINAL, timeout, lambda: f"{job_id} to end\n{w.log()}")
     return job_status(job_id)
 
 
@@ -119,9 +119,9 @@ def test_host_a_killed_mid_run_host_b_resumes_from_the_store_and_matches_an_unin
     a_last = last_step(a_events)
     # The worker's event pump has read the trainer's last lines, its checkpoints among them.
     wait_for(lambda: max((e.data["step"] for e in events_of(job.id, "metrics")), default=0) == a_last, 120,
-             f"step {a_last} in the database\n{a.log()}")
+             lambda: f"step {a_last} in the database\n{a.log()}")
     wait_for(lambda: [c for c in stored_checkpoints(db, job.id) if c.uploaded_at and c.step >= 2 * PERIOD], 120,
-             f"a stored checkpoint at step {2 * PERIOD}\n{a.log()}")
+             lambda: f"a stored checkpoint at step {2 * PERIOD}\n{a.log()}")
     wait_for(lambda: all(c.uploaded_at for c in stored_checkpoints(db, job.id)), 60, "the uploads to finish")
     a.kill()
     os.kill(trainer, signal.SIGKILL)
@@ -170,9 +170,10 @@ def test_a_job_paused_on_host_a_finishes_on_host_b(db: Session, rel_env, workers
     trainer = freeze_past(job.id, work / "events.jsonl", 4)
     control.request_pause(db, db.get(Job, job.id))
     db.commit()
-    wait_for(lambda: (work / PAUSE_FILE).exists(), 60, f"the worker to ask for the pause\n{a.log()}")
+    wait_for(lambda: (work / PAUSE_FILE).exists(), 60, lambda: f"the worker to ask for the pause\n{a.log()}")
     os.kill(trainer, signal.SIGCONT)
-    wait_for(lambda: job_status(job.id) == states.PAUSED, 120, f"the pause\n{a.log()}")
+    wait_for(lambda: job_status(job.id) == states.PAUSED, 120,
+             lambda: f"the pause (the job is {job_status(job.id)})\n{a.log()}")
     paused_at = max(c.step for c in stored_checkpoints(db, job.id))
     assert all(c.uploaded_at for c in stored_checkpoints(db, job.id)), "paused before its checkpoint was stored"
     a.kill()  # host A is gone (its local copy with it)
