@@ -69,6 +69,10 @@ def load_spec(path: Path):
 
 
 def _run(args: argparse.Namespace) -> int:
+    from trainer.watchdog import watch_supervisor
+
+    # Before anything slow (loading a model): an orphan must not take a GPU no one tracks.
+    watch_supervisor()
     try:
         spec = load_spec(args.spec)
         files = [("training_file", spec.training_file), ("validation_file", spec.validation_file),

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from trainer.signals import PAUSE_FILE
+from trainer.watchdog import SUPERVISOR_ENV, alive
 
 
 def group_members(pgid: int) -> list[int]:
@@ -122,7 +123,7 @@ def trainer_pids(work_dir: Path) -> list[int]:
         except OSError:
             continue
         argv = [a.decode(errors="replace") for a in args]
-        if "trainer" in argv and "--out" in argv and target in argv and _alive(int(entry.name)):
+        if "trainer" in argv and "--out" in argv and target in argv and alive(int(entry.name)):
             found.append(int(entry.name))
     return found
 
@@ -143,23 +144,13 @@ def kill_strays(work_dir: Path) -> list[int]:
     return killed
 
 
-SUPERVISOR_ENV = "TUNEQ_SUPERVISOR_PID"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
-
-
 def kill_orphans() -> list[int]:
     """SIGKILL the process groups of trainers whose supervising worker is dead; return the pgids.
 
     A SIGKILLed worker leaves its trainer running in its own session, and the kernel has already
     freed that worker's GPU locks: left alone, the orphan would share a GPU with the next job.
-    Each trainer carries its worker's pid in its environment, which tells orphans apart from
+    The trainer's own watchdog (trainer.watchdog) stops it within a second; this catches what
+    that misses (a stalled process, a launcher without the watchdog). Each trainer carries its worker's pid in its environment, which tells orphans apart from
     trainers of live workers of the same host.
     """
     killed = []
@@ -175,7 +166,7 @@ def kill_orphans() -> list[int]:
             continue
         prefix = SUPERVISOR_ENV.encode() + b"="
         sup = next((e[len(prefix):] for e in environ if e.startswith(prefix)), None)
-        if sup is None or not sup.isdigit() or _alive(int(sup)):
+        if sup is None or not sup.isdigit() or alive(int(sup)):
             continue
         try:
             pgid = os.getpgid(int(entry.name))

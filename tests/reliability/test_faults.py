@@ -15,6 +15,7 @@ from tests.conftest import reset_caches
 from tests.reliability.conftest import (
     STEADY_LEASE, assert_never_twice_at_once, events_of, job_status, make_job, resumed_steps, trainer_starts, wait_for,
 )
+from trainer.watchdog import alive
 
 # Long enough to kill mid-run on an idle machine too (a tiny step is ~30 ms there, and the kill
 # comes ~1 s after the step-5 checkpoint reaches the database), short enough to run twice.
@@ -49,12 +50,15 @@ def test_sigkill_of_the_worker_resumes_on_a_restarted_worker(db: Session, rel_en
     job = training_job(db, rel_env)
     w1 = workers()
     enqueue_job(job.id)
-    wait_checkpoint(job.id, w1)
-    trainer = trainer_starts(job.id)[0].data["pid"]
+    # The trainer's own event file, not the database: the pump's copy can lag to the end of a run.
+    wait_trainer_checkpoint(job.id, rel_env, w1)
+    trainer = wait_for(lambda: trainer_starts(job.id), 60, "the trainer's start event")[0].data["pid"]
     w1.kill()
-    w2 = workers()  # kills the orphaned trainer, reaps the stale lease, resumes
+    # The orphan stops by itself (its watchdog sees the worker gone), with no other worker on the
+    # host to kill it: it must not go on holding the GPU, nor finish the job no one supervises.
+    wait_for(lambda: not alive(trainer), 30, f"the orphaned trainer {trainer} to stop\n{w1.log()}")
+    w2 = workers()  # reaps the stale lease, stores what w1 announced but did not store, resumes
     assert wait_end(job.id, w2) == states.SUCCEEDED, w2.log()
-    assert not os.path.exists(f"/proc/{trainer}/cmdline") or job_status(job.id) == states.SUCCEEDED
     resumed = resumed_steps(job.id)
     assert resumed[0] is None and resumed[-1] is not None and resumed[-1] >= 5, resumed
     assert any(e.type == "retry" and "stopped heartbeating" in e.message for e in events_of(job.id))
