@@ -240,7 +240,7 @@ def admit(db: Session, user: User, body: CreateJobRequest, settings: Settings) -
             validation_file=req.validation, suffix=spec.suffix, owner_id=user.id, priority=body.priority, gpus=body.gpus,
             validated=now_,
         )
-        job.plan = job_plan
+        set_plan(job, job_plan)
         if not now_:
             # Stored under this process's lease before the answer: if the process dies before the
             # check ends, another API process finds the lapsed lease and checks the job.
@@ -252,6 +252,13 @@ def admit(db: Session, user: User, body: CreateJobRequest, settings: Settings) -
         validation.CHECKER.start(job.id)
         return job
     return enqueue_checked(db, job)
+
+
+def set_plan(job: Job, plan: dict[str, Any] | None) -> None:
+    """Store the job's plan and the least GPU memory it needs, which the workers check cheaply:
+    only a checked plan (a model the planner vouches for) keeps a job off smaller GPUs."""
+    job.plan = plan
+    job.min_gpu_memory_gib = plan.get("min_gpu_memory_gib") if plan is not None and plan.get("checked") else None
 
 
 def record_check(db: Session, job: Job, data_stats: dict[str, dict[str, Any]], max_len: int) -> None:
@@ -310,8 +317,12 @@ def finish_validation(job_id: str, owner: str) -> None:
             return
         tokens = planning.tokens_of(stats.get("training_file"))
         if tokens and job.plan is not None:
-            p = planning.make_plan(job.spec, spec.model, job.gpus, settings, dataset_tokens=tokens)
-            job.plan = planning.to_json(p) if p is not None else job.plan
+            spec_like = job.spec
+            if job.plan.get("requested_batch_size") == "auto":  # still each host's to pick
+                spec_like = {**spec_like, "hyperparameters": {**spec_like["hyperparameters"], "batch_size": "auto"}}
+            p = planning.make_plan(spec_like, spec.model, job.gpus, settings, dataset_tokens=tokens)
+            if p is not None:
+                set_plan(job, planning.to_json(p))
         states.transition(db, job, states.QUEUED, "Job queued.")
         try:
             queue_checked(db, job, stats, spec.hyperparameters.max_seq_len)

@@ -56,7 +56,7 @@ def job_out(job: Job) -> JobOut:
         estimated_finish=_int(progress.get("estimated_finish")),
         method={"type": method, method: method_body({**spec, "method": method}, hp)},
         user_provided_suffix=job.suffix, priority=job.priority, gpus=job.gpus,
-        progress=progress, metrics=job.metrics or {}, started_at=_int(job.started_at), host=job.host,
+        progress=progress, metrics=job.metrics or {}, started_at=_int(job.started_at), host=job.host, gpu=job.gpu,
         plan=planning.job_view(job.plan, job.progress, job.metrics),
     )
 

@@ -169,6 +169,26 @@ class Search:
         return last
 
 
+def min_gpu_memory_bytes(spec_like: PlanRequest | JobSpec | Mapping[str, Any], config: Any, gpus: int = 1, *,
+                         margin: float = DEFAULT_MARGIN, strategy: Literal["auto", "ddp", "fsdp"] | None = None) -> int:
+    """The least memory per GPU the job's method fits in, headroom included: at batch 1 when its
+    batch_size is "auto" (each host picks its own), at speed lean when its speed is "auto" (the
+    trainer picks it on the GPU). A GPU with less cannot run the job; one with this much can."""
+    request = request_of(spec_like)
+    method = request.method
+    if method == AUTO:
+        raise ValueError("method: give the chosen method; 'auto' is resolved by plan()")
+    speed = request.spec.speed
+    if method == "prefix":
+        speed = "fast"  # its past key/values bypass checkpointing (see Search.best)
+    elif speed == AUTO:
+        speed = "lean"
+    batch = 1 if request.batch_size == AUTO else int(request.batch_size)
+    e = estimate_for_spec(request, config, method=method, batch_size=batch, speed=speed, gpus=gpus,
+                          strategy=resolve_strategy(method, gpus, strategy or request.spec.strategy))
+    return int(e.total / (1 - margin)) + 1
+
+
 def plan(
     spec_like: PlanRequest | JobSpec | Mapping[str, Any],
     config: Any,

@@ -82,6 +82,10 @@ def _job_rows(job: dict[str, Any]) -> list[tuple[str, str]]:
         ("created", when(job.get("created_at"))), ("finished", when(job.get("finished_at"))),
         ("progress", progress_text(job) + (f", epoch {p['epoch']:.2f}" if isinstance(p.get("epoch"), float) else "")),
     ]
+    if job.get("host"):
+        gpu = job.get("gpu") or {}
+        on = f" ({gpu.get('count', 1)} x {gpu['name']}, {gpu['memory_gib']:g} GiB)" if gpu.get("name") else ""
+        rows.append(("host", job["host"] + on))
     if job["status"] == "running" and p.get("eta_seconds") is not None:
         rows.append(("eta", duration(p["eta_seconds"])))
     if speed := _speed(p):
