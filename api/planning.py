@@ -129,8 +129,10 @@ def refuse_if_too_big(p: dict[str, Any] | None) -> None:
     )
 
 
-def job_view(plan: dict[str, Any] | None, progress: dict[str, Any] | None, metrics: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The plan as the job object shows it: predicted beside measured peak memory."""
+def job_view(plan: dict[str, Any] | None, progress: dict[str, Any] | None, metrics: dict[str, Any] | None,
+             min_gpu_memory_gib: float | None = None) -> dict[str, Any] | None:
+    """The plan as the job object shows it: predicted beside measured peak memory, and the least
+    GPU memory the workers place it by (raised above a GPU it ran out of memory on)."""
     measured = (progress or {}).get("peak_memory_bytes") or (metrics or {}).get("peak_memory_bytes")
     if plan is None and not measured:
         return None
@@ -138,7 +140,7 @@ def job_view(plan: dict[str, Any] | None, progress: dict[str, Any] | None, metri
     return {
         "method": plan.get("method"), "batch_size": plan.get("batch_size"), "fits": plan.get("fits"),
         "checked": plan.get("checked"), "notes": plan.get("notes", []),
-        "gpu_memory_gib": plan.get("available_gib"), "min_gpu_memory_gib": plan.get("min_gpu_memory_gib"),
+        "gpu_memory_gib": plan.get("available_gib"), "min_gpu_memory_gib": min_gpu_memory_gib,
         "predicted_peak_gib": plan.get("predicted_peak_gib"),
         "measured_peak_gib": round(measured / GiB, 3) if measured else None,
     }

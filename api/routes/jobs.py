@@ -57,7 +57,7 @@ def job_out(job: Job) -> JobOut:
         method={"type": method, method: method_body({**spec, "method": method}, hp)},
         user_provided_suffix=job.suffix, priority=job.priority, gpus=job.gpus,
         progress=progress, metrics=job.metrics or {}, started_at=_int(job.started_at), host=job.host, gpu=job.gpu,
-        plan=planning.job_view(job.plan, job.progress, job.metrics),
+        plan=planning.job_view(job.plan, job.progress, job.metrics, job.min_gpu_memory_gib),
     )
 
 
