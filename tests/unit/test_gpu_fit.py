@@ -62,3 +62,13 @@ def test_a_worker_reports_the_gpu_memory_it_is_told(tmp_path: Path) -> None:
     assert pool.memory_gib == 80
     assert pool.gpu_info[0]["name"] == "simulated"
     assert GpuPool(1, tmp_path / "b", "cpu").memory_gib is None
+
+
+def test_tuneq_status_names_the_host_and_its_gpus() -> None:
+    from tuneq.cli.render import _job_rows
+
+    job = {"id": "ftjob-1", "status": "running", "model": "m", "method": {"type": "lora"}, "host": "gpu-7",
+           "gpu": {"name": "NVIDIA H100 80GB HBM3", "memory_gib": 79.6, "count": 2}}
+    assert ("host", "gpu-7 (2 x NVIDIA H100 80GB HBM3, 79.6 GiB)") in _job_rows(job)
+    assert ("host", "gpu-7") in _job_rows({**job, "gpu": None})
+    assert not any(k == "host" for k, _ in _job_rows({**job, "host": None}))
