@@ -53,7 +53,7 @@ def test_jobs_run_only_on_gpus_they_fit_and_move_up_after_running_out_of_memory(
     # Fits both; only the small host is free, so it starts there, runs out of memory, and waits
     # for GPUs larger than 16 GiB instead of failing.
     moved = queued(db, rel_env, steps=4)
-    wait_for(lambda: any("ran out of memory" in e.message for e in events_of(moved.id)), 90, logs)
+    wait_for(lambda: any("re-queued for GPUs of 80 GiB" in e.message for e in events_of(moved.id)), 90, logs)
     wait_for(lambda: job_status(moved.id) == states.QUEUED, 30, logs)
     db.expire_all()
     assert db.get(Job, moved.id).min_gpu_memory_gib == 80.0
