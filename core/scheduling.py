@@ -37,8 +37,8 @@ def waiting(db: Session) -> list[Waiting]:
         .where(Job.status == states.QUEUED)
         .order_by(Job.priority.desc(), Job.created_at, Job.id)
     ).all()
-    return [Waiting(r.id, r.gpus, r.priority, float((r.progress or {}).get(RETRY_AT) or 0), r.min_gpu_memory_gib)
-            for r in rows]
+    return [Waiting(r.id, r.gpus, r.priority, float((r.progress or {}).get(RETRY_AT) or 0),
+                    min_gpu_memory_gib=r.min_gpu_memory_gib) for r in rows]
 
 
 def queue_position(db: Session, job: Job) -> int | None:

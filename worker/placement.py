@@ -48,7 +48,7 @@ def take(db: Session, pool: GpuPool, job_id: str, worker_id: str, settings: Sett
             return "skipped"
         assert job is not None
         if job.status == states.RUNNING:  # a dead worker's job, taken over before the reaper got to it
-            if not Waiting(job.id, job.gpus, job.priority, 0.0, job.min_gpu_memory_gib).fits(
+            if not Waiting(job.id, job.gpus, job.priority, 0.0, min_gpu_memory_gib=job.min_gpu_memory_gib).fits(
                     pool.count, pool.count, pool.memory_gib):
                 return "skipped"  # its plan needs larger GPUs: the reaper re-queues it for a host that has them
             target_id, gpus = job.id, job.gpus

@@ -38,7 +38,7 @@ def test_batch_size_auto_is_picked_for_each_gpu_size() -> None:
 
 
 def w(id: str, gpus: int = 1, need: float | None = None) -> Waiting:
-    return Waiting(id, gpus, 0, 0.0, need)
+    return Waiting(id, gpus, 0, 0.0, min_gpu_memory_gib=need)
 
 
 def test_a_job_is_never_picked_for_gpus_smaller_than_its_plan() -> None:
