@@ -10,6 +10,8 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.integration.test_api_cli import job_row, runner  # noqa: F401 - runner is a fixture
+
 pytestmark = pytest.mark.timeout(900)  # building the tiny model on a busy machine is most of it
 
 
@@ -101,3 +103,25 @@ def test_preference_files_are_checked_line_by_line(sdk: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as exc:
         sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=upload(sdk, PAIRS).id)
     assert exc.value.param == "training_file" and "'dpo'" in exc.value.message
+
+
+def test_the_cli_submits_a_preference_job_and_shows_its_metrics(runner, tmp_path) -> None:
+    from core.db import session_scope
+    from core.models import Job
+    from tuneq import cli
+
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    result = runner.invoke(cli.app, ["submit", str(data), "--model", "tiny-llama", "--method", "qlora", "--lora-r", "4",
+                                     "--objective", "dpo", "--beta", "0.25"])
+    assert result.exit_code == 0, result.output
+    job_id = result.stdout.strip()
+    job = job_row(job_id)
+    assert job.method == "qlora" and job.spec["objective"] == "dpo" and job.spec["lora"]["r"] == 4
+    assert job.spec["preference"]["beta"] == 0.25
+    bad = runner.invoke(cli.app, ["submit", str(data), "--model", "tiny-llama", "--beta", "0.1"])
+    assert bad.exit_code != 0 and "--beta: applies to --objective" in bad.output
+    with session_scope() as db:
+        db.get(Job, job_id).metrics = {"train_loss": 0.3, "train_reward_margin": 1.5, "train_preference_accuracy": 0.9}
+    status = runner.invoke(cli.app, ["status", job_id])
+    assert status.exit_code == 0 and "train_reward_margin" in status.stdout and "train_preference_accuracy" in status.stdout
