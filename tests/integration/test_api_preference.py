@@ -125,3 +125,19 @@ def test_the_cli_submits_a_preference_job_and_shows_its_metrics(runner, tmp_path
         db.get(Job, job_id).metrics = {"train_loss": 0.3, "train_reward_margin": 1.5, "train_preference_accuracy": 0.9}
     status = runner.invoke(cli.app, ["status", job_id])
     assert status.exit_code == 0 and "train_reward_margin" in status.stdout and "train_preference_accuracy" in status.stdout
+
+
+def test_the_planner_and_method_auto_understand_preference_jobs(sdk: openai.OpenAI) -> None:
+    f = upload(sdk, PAIRS)
+
+    def plan(method: dict) -> dict:
+        return sdk.post("/fine_tuning/plan", cast_to=object, body={"model": "tiny-llama", "training_file": f.id,
+                                                                    "method": method})
+
+    full_dpo = plan({"type": "dpo", "dpo": {"method": "full"}})["plan"]
+    full_simpo = plan({"type": "simpo", "simpo": {"method": "full"}})["plan"]
+    dpo_parts = full_dpo["methods"]["full"]["estimate"]["parts"]
+    assert dpo_parts["reference_weights"] > 0 and "reference_weights" not in full_simpo["methods"]["full"]["estimate"]["parts"]
+    auto = sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id,
+                                       method={"type": "dpo", "dpo": {"method": "auto"}})
+    assert auto.method.type == "dpo" and auto.method.dpo.method in ("full", "lora", "qlora")
