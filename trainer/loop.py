@@ -170,6 +170,9 @@ class Run:
         self.token_loss_head = self.fast.loss.for_prepared(self.model)
         self.loss_head = self.token_loss_head
         if spec.is_preference:
+            if spec.objective == "dpo" and is_sharded(self.raw_model):
+                raise ConfigError("strategy: DPO's frozen reference is a whole copy of the model, which sharded "
+                                  "(fsdp) training does not keep; give strategy 'ddp', or objective simpo or orpo")
             compute_dtype = torch.bfloat16 if self.precision == "bf16" else None
             reference = reference_for(spec, self.raw_model, self.token_loss_head, compute_dtype)
             self.loss_head = PreferenceLoss(spec, self.token_loss_head, reference)
