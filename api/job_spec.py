@@ -20,7 +20,15 @@ from api.errors import APIError, bad_request, first_validation_error
 from api.schemas import SPEC_FIELDS, CreateJobRequest
 from trainer.errors import ConfigError
 from trainer.modules import check_spec_model
-from trainer.spec import DEFAULT_METHOD, METHOD_SETTINGS, METHODS, PREFERENCE_OBJECTIVES, JobSpec, PreferenceSettings
+from trainer.spec import (
+    DEFAULT_METHOD,
+    METHOD_SETTINGS,
+    METHODS,
+    PREFERENCE_OBJECTIVES,
+    WHOLE_WEIGHT_METHODS,
+    JobSpec,
+    PreferenceSettings,
+)
 
 # learning_rate_multiplier scales these; full fine-tuning needs a much smaller step than adapters.
 # IA3's scaling vectors and prefix tuning's virtual tokens are few and start neutral: they need
@@ -272,6 +280,10 @@ def build_spec(
         # The spec cannot see the GPU count; the trainer would refuse it only once the job runs.
         raise bad_request(f"optimizer_in_backward: runs on one GPU, this job asks for {req.gpus}; give gpus 1 "
                           "or optimizer_in_backward false", "optimizer_in_backward")
+    if spec.objective == "dpo" and spec.method in WHOLE_WEIGHT_METHODS and req.gpus > 1 and spec.strategy == "auto":
+        # auto would shard full fine-tuning over several GPUs, which DPO's frozen reference cannot be.
+        raise bad_request(f"strategy: DPO of method {spec.method!r} on {req.gpus} GPUs needs strategy 'ddp' (auto "
+                          "would shard it with fsdp, which keeps no whole reference copy)", "strategy")
     try:
         check_spec_model(spec)  # module names of a meta-device model: no weights are read
     except ConfigError as exc:

@@ -327,6 +327,9 @@ class JobSpec(StrictModel):
                                  "outputs of preference pairs; leave it out")
         if self.optimizer_in_backward:
             raise ValueError(f"optimizer_in_backward: not used with objective {self.objective!r}")
+        if self.objective == "dpo" and self.strategy == "fsdp":
+            raise ValueError("strategy: DPO keeps a whole frozen copy of the model as its reference, which sharded "
+                             "training (fsdp) does not; give strategy 'ddp', or objective simpo or orpo")
 
     @property
     def is_preference(self) -> bool:

@@ -81,11 +81,15 @@ def test_a_dpo_job_in_openais_shape(sdk: openai.OpenAI) -> None:
     ({"type": "dpo", "dpo": {"lora": {"r": 0}}}, "method.dpo.lora.r"),
     ({"type": "supervised", "supervised": {"hyperparameters": {"beta": 0.1}}}, "method.supervised.hyperparameters.beta"),
     ({"type": "reinforcement"}, "method.type"),
+    ({"type": "dpo", "dpo": {"method": "full"}, "gpus": 2}, "strategy"),
 ])
 def test_bad_preference_input_names_the_field(sdk: openai.OpenAI, method: dict, param: str) -> None:
     f = upload(sdk, PAIRS)
+    method = dict(method)
+    gpus = method.pop("gpus", None)
     with pytest.raises(openai.BadRequestError) as exc:
-        sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id, method=method)
+        sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id, method=method,
+                                    **({"extra_body": {"gpus": gpus}} if gpus else {}))
     assert exc.value.param == param, exc.value.message
     assert param in exc.value.message
 

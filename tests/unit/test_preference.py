@@ -54,6 +54,7 @@ def test_beta_auto_resolves_per_objective_and_survives_a_dump():
     ({"objective": "orpo", "data_format": "chat"}, "data_format: objective 'orpo' trains on 'preference' lines"),
     ({"data_format": "preference"}, "data_format: 'preference' data trains a preference objective"),
     ({"objective": "ppo"}, "objective"),
+    ({"objective": "dpo", "method": "full", "strategy": "fsdp"}, "strategy: DPO keeps a whole frozen copy"),
 ])
 def test_bad_preference_settings_name_the_field(top, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
