@@ -145,3 +145,16 @@ def test_the_planner_and_method_auto_understand_preference_jobs(sdk: openai.Open
     auto = sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id,
                                        method={"type": "dpo", "dpo": {"method": "auto"}})
     assert auto.method.type == "dpo" and auto.method.dpo.method in ("full", "lora", "qlora")
+
+
+def test_tuneq_plan_takes_the_objective(runner, tmp_path) -> None:
+    from tuneq import cli
+
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    got = runner.invoke(cli.app, ["plan", str(data), "--model", "tiny-llama", "--method", "full", "--objective", "dpo",
+                                  "--json"])
+    assert got.exit_code == 0, got.output
+    assert json.loads(got.stdout)["plan"]["methods"]["full"]["estimate"]["parts"]["reference_weights"] > 0
+    bad = runner.invoke(cli.app, ["plan", str(data), "--model", "tiny-llama", "--objective", "ppo"])
+    assert bad.exit_code != 0 and "--objective: must be one of" in bad.output
