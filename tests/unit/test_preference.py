@@ -267,3 +267,35 @@ def test_the_token_cache_keeps_both_rows_of_a_pair(tiny_model_dir: Path, tmp_pat
     assert list((tmp_path / "cache").iterdir())
     cached = load_tokenized(path, tok, 64, data_format="preference").examples
     assert cached == fresh and REJECTED_IDS in cached[0]
+
+
+@pytest.mark.slow
+def test_a_resumed_full_dpo_run_keeps_the_starting_model_as_its_reference(preference_files, tiny_model_dir: Path,
+                                                                          tmp_path: Path):
+    """The frozen copy is made before the checkpoint's weights are loaded: a run resumed at step 3
+    compares with the model as the job started, so its steps equal those of the straight run."""
+    import shutil
+
+    from trainer.events import read_events
+    from trainer.job import run_job
+
+    spec = JobSpec.model_validate({
+        "model": str(tiny_model_dir), "method": "full", "objective": "dpo", "training_file": preference_files["train"],
+        "hyperparameters": {"max_steps": 5, "batch_size": 4, "learning_rate": 1e-4, "max_seq_len": 64,
+                            "warmup_steps": 1},
+        "schedule": {"checkpoint_every_steps": 3, "keep_checkpoints": 5},
+    })
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_job(spec, straight) == 0
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(straight / "checkpoints" / "step-00000003", resumed / "checkpoints" / "step-00000003")
+    assert run_job(spec, resumed, resume=True) == 0
+
+    def margins(out: Path) -> dict[int, float]:
+        return {e["data"]["step"]: e["data"]["train_reward_margin"] for e in read_events(out / "events.jsonl")
+                if e["type"] == "metrics"}
+
+    a, b = margins(straight), margins(resumed)
+    assert sorted(b) == [4, 5] and a[5] != 0
+    for step in (4, 5):
+        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-6), (step, a, b)
