@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(5.0, gt=0, description="Seconds between the renewals of a running job's lease by its worker.")
     lease_ttl_s: float = Field(60.0, gt=0, description="Seconds without a renewal after which a lease counts as dead and the reaper re-queues its job.")
     worker_id: str = Field("", description="Name of this worker in leases and the registry. Empty: hostname:pid.")
-    accelerate_launch: bool = Field(True, description="Start trainers under `accelerate launch`; false starts multi-GPU jobs with torch.distributed.run instead.")
+    accelerate_launch: bool = Field(True, description="Start multi-GPU trainers under `accelerate launch`; false starts them with torch.distributed.run instead. A one-GPU trainer is always started directly.")
     dist_timeout_s: float = Field(
         600.0, gt=0, le=86_400,
         description="Seconds a process of a multi-GPU job waits for its peers in a collective before the job fails and is retried.",
