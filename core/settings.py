@@ -106,7 +106,9 @@ class Settings(BaseSettings):
     # Planner: what a job is planned against before any GPU is touched. The API host
     # usually has no GPU, so the worker hosts' memory and speed are declared here.
     plan_gpu_memory_gib: float = Field(80.0, gt=0, description="GiB of memory per worker GPU that a job's plan must fit; the API host usually has no GPU to ask.")
-    plan_gpu_tflops: float = Field(790.0, gt=0, description="Dense bf16 peak per worker GPU in TFLOP/s, for the planner's time estimates (the default was measured on an H200).")
+    plan_gpu_tflops: float = Field(790.0, gt=0, description="Dense bf16 peak per worker GPU in TFLOP/s, for the planner's time estimates of a GPU model that trainer/planning/speeds.json does not know (the default was measured on an H200).")
+    plan_gpu_model: str = Field("NVIDIA H100 80GB HBM3", description="The worker GPUs' model name (as torch reports it), whose measured speeds and start-up (trainer/planning/speeds.json) time a plan; one the file does not know is timed by plan_gpu_tflops at a default efficiency, without start-up.")
+    plan_gpu_liger: bool = Field(False, description="The worker hosts have liger-kernel installed, so the trainer runs its fused RMSNorm, RoPE and SwiGLU there; plans count the memory they save (off: planned without, which errs high).")
     trust_remote_code_models: list[str] = Field(
         default_factory=list,
         description="Hub ids or absolute model directories whose own Python code may run (trust_remote_code). "
