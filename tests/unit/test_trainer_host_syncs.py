@@ -10,8 +10,8 @@ on such a tensor is a host sync; the one allowed read of a step's values is trai
 LateRead (a copy read a step late, which is no op here). A check with a planted sync shows the
 tracker sees one.
 
-Counted are the ops the trainer's own code asks for (the innermost frame outside torch is in
-trainer/). Libraries' are outside its reach here: on a CPU transformers' packed-sequence mask
+Counted are the ops tuneq's own code asks for (the innermost frame outside torch is not an
+installed library's). Libraries' are outside its reach here: on a CPU transformers' packed-sequence mask
 reads the position ids back on every forward, which on a GPU trainer.packed_attention replaces.
 """
 
