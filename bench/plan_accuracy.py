@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -312,6 +313,104 @@ def write_report(rows: list[dict], out: Path, device: str, dry: bool, stem: str 
     return text
 
 
+# ---------------------------------------------------------------------------------------------
+# The planner against every peak recorded in bench/results (no GPU needed)
+# ---------------------------------------------------------------------------------------------
+
+
+def _recorded_spec(method: str, batch: int, seq: int, fast: dict, name: str, packing: bool = False) -> dict:
+    spec = {"model": "m", "method": method, "training_file": "t", "precision": "bf16", "packing": packing,
+            "hyperparameters": {"batch_size": batch, "max_seq_len": seq,
+                                **({"max_grad_norm": 0} if fast.get("optimizer_in_backward") else {})},
+            "speed": fast.get("speed", "fast"), "checkpoint_offload": bool(fast.get("checkpoint_offload")),
+            "optimizer_in_backward": bool(fast.get("optimizer_in_backward"))}
+    if method in ("lora", "qlora"):
+        spec["lora"] = {"r": 16, "alpha": 32}
+    if method == "full":
+        spec["full_precision"] = "fp32" if "fp32" in name else "bf16"
+    if "adam8" in name:
+        spec["optimizer"] = "adamw_8bit"
+    if spec["speed"] == "balanced":
+        spec["checkpoint_layers"] = fast.get("checkpointed_layers")
+    return spec
+
+
+def recorded_measurements(results: Path) -> list[dict]:
+    """(source, row, spec, shape, padded, measured GiB, fast path) of every recorded peak: this
+    bench's cells, the service bench's jobs and the step bench's tuneq rows."""
+    out = []
+    for f in sorted(results.glob("plan_accuracy_real_trainer*.json")):
+        if "dryrun" in f.name:
+            continue
+        d = json.loads(f.read_text())
+        runs = d["rows"] if "rows" in d else [r for run in d.values() for r in run["rows"]]
+        for r in runs:
+            m = r.get("measured") or {}
+            if m.get("measured_allocated"):
+                out.append({"source": f.name, "row": r["cell"], "spec": m["spec"], "shape": r["config"]["shape"],
+                            "padded": True, "measured": m["measured_allocated"] / GiB, "fast_path": m["fast_path"]})
+    for f in sorted(results.glob("service_throughput_*.json")):
+        if f.name.endswith("_step.json") or "dryrun" in f.name:
+            continue
+        d = json.loads(f.read_text())
+        for j in d.get("jobs", []):
+            if j.get("ok") and j.get("peak_gib"):
+                spec = _recorded_spec("lora", 8, 2048, j["fast_path"], j["name"], packing=True)
+                out.append({"source": f.name, "row": j["name"], "spec": spec, "shape": "llama-3.2-1b", "padded": False,
+                            "measured": j["peak_gib"], "fast_path": j["fast_path"]})
+    for f in sorted(results.glob("train_throughput_*.json")):
+        d = json.loads(f.read_text())
+        a = d.get("args") if isinstance(d.get("args"), dict) else {}
+        for name, row in (d.get("rows") or {}).items():
+            if not (name.startswith("tuneq-") and isinstance(row, dict) and row.get("peak_gib") and row.get("fast_path")):
+                continue
+            if (row.get("allocated_before_gib") or 0) > 0.5:
+                continue  # void: an earlier row's memory was still held when it started (its table says)
+            spec = _recorded_spec(name.split("-")[1], a.get("batch", 8), a.get("seq", 2048), row["fast_path"], name)
+            out.append({"source": f.name, "row": name, "spec": spec, "shape": a.get("model", "llama-3.2-1b"),
+                        "padded": False, "measured": row["peak_gib"], "fast_path": row["fast_path"]})
+    return out
+
+
+def recorded_errors(results: Path) -> list[tuple[dict, Any, float, bool]]:
+    """(measurement, estimate, error %, whether its LoRA trainer predates the fused MLP) of each."""
+    from trainer.planning import estimate_for_spec
+
+    out = []
+    for r in recorded_measurements(results):
+        fast = r["fast_path"] or {}
+        e = estimate_for_spec(r["spec"], config_of(r["shape"]), liger=bool(fast.get("liger_kernels")), padded=r["padded"])
+        err = 100 * (e.allocated / GiB - r["measured"]) / r["measured"]
+        out.append((r, e, err, r["spec"]["method"] in ("lora", "qlora") and "fused_lora_mlps" not in fast))
+    return out
+
+
+def recorded_report(results: Path) -> str:
+    lines = ["# The planner against every peak recorded in bench/results", "",
+             "`python bench/plan_accuracy.py --recorded`: each recorded run's spec (this bench's cells, the service "
+             "bench's jobs, the step bench's tuneq rows: batch 8 x 2048, no padding) planned again by "
+             "`estimate_for_spec(...).allocated`, told whether liger ran, against its measured peak "
+             "(torch.cuda.max_memory_allocated). Rows whose LoRA trainer predates the fused LoRA MLP "
+             "(no `fused_lora_mlps` in its fast path) are shown apart: the planner models the trainer as it is now. "
+             "Step-bench rows that started with an earlier row's memory still allocated are left out (void).", "",
+             "| source | row | setting | predicted GiB | measured GiB | error % | peak at |", "|---|---|---|---:|---:|---:|---|"]
+    now, old = [], []
+    for r, e, err, stale in recorded_errors(results):
+        s = r["spec"]
+        setting = " ".join(x for x in (s["method"], s["speed"], s.get("full_precision", ""),
+                                      "offload" if s.get("checkpoint_offload") else "", "inbwd" if s.get("optimizer_in_backward") else "",
+                                      f"B{s['hyperparameters']['batch_size']} S{s['hyperparameters']['max_seq_len']}") if x)
+        (old if stale else now).append(abs(err))
+        lines.append(f"| {r['source']} | {r['row']}{' (before the fused MLP)' if stale else ''} | {setting} | "
+                     f"{e.allocated / GiB:.2f} | {r['measured']:.2f} | {err:+.1f} | {e.peak_at} |")
+    if now:
+        lines += ["", f"Trainer as it is now: {len(now)} rows, mean |error| {sum(now) / len(now):.1f} %, worst "
+                  f"{max(now):.1f} %, {sum(1 for e in now if e <= 10)} within ±10 %."]
+    if old:
+        lines += [f"Before the fused LoRA MLP: {len(old)} rows, worst {max(old):.1f} % (not the trainer planned)."]
+    return "\n".join(lines) + "\n"
+
+
 def select(args) -> list[dict]:
     if args.dry_run:
         tiny = {"shape": "tiny", "seq": 64, "batch": BATCH}
@@ -344,7 +443,14 @@ def main() -> int:
     ap.add_argument("--cell-timeout-s", type=float, default=120.0)
     ap.add_argument("--budget-s", type=float, default=300.0, help="start no cell after this long")
     ap.add_argument("--estimate-only", action="store_true", help="print the cells and expected seconds, run nothing")
+    ap.add_argument("--recorded", action="store_true",
+                    help="no run: plan every peak recorded in bench/results again (plan_accuracy_recorded.md)")
     args = ap.parse_args()
+    if args.recorded:
+        text = recorded_report(ROOT / "bench" / "results")
+        (Path(args.out) / "plan_accuracy_recorded.md").write_text(text)
+        print(text)
+        return 0
 
     cells = select(args)
     print(f"{len(cells)} cells, expected about {expected_seconds(cells) if not args.dry_run else 10 * len(cells):.0f} s",
