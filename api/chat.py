@@ -60,10 +60,10 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
     max_tokens: int | None = Field(None, ge=1, strict=True, description="Most tokens to generate (default: TUNEQ_CHAT_MAX_TOKENS, cut to the context).")
     max_completion_tokens: int | None = Field(None, ge=1, strict=True, description="OpenAI's newer name of max_tokens.")
-    temperature: float = Field(1.0, ge=0, le=2, description="0: greedy decoding (the same answer every time).")
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, ge=0, le=2, strict=True, description="0: greedy decoding (the same answer every time).")
+    top_p: float = Field(1.0, gt=0, le=1, strict=True)
     n: Literal[1] = Field(1, description="Only one choice per request.")
-    stream: bool = False
+    stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description="Up to 4 sequences that end the answer (not included).")
     seed: int | None = Field(None, strict=True)
