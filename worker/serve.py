@@ -87,8 +87,12 @@ class Server:
                 log.warning("redis: %s; retrying", exc)
                 time.sleep(1)
                 continue
-            if item is not None:
+            if item is None:
+                continue
+            try:
                 self.handle(item[1])
+            except redis.RedisError as exc:  # lost while answering: the API times the request out
+                log.warning("redis: %s while answering; the request is lost", exc)
 
     def handle(self, raw: bytes) -> None:
         try:
