@@ -55,7 +55,6 @@ class Target:
     model: str  # the name the caller asked for, echoed in the answer
     base: str  # the base model's directory (or a hub id), as a worker loads it
     weights: str | None = None  # None: the base itself; else a job id or a checkpoint id
-    method: str | None = None  # the job's method: adapter methods share a loaded base
     context: int | None = None  # the base's context length in tokens, when known here
 
 
@@ -84,20 +83,18 @@ def resolve_target(db: Session, user: User, name: str, settings: Settings) -> Ta
 
 
 def _job_target(db: Session, job: Job, name: str, step: int | None) -> Target:
-    spec = job.spec or {}
-    method = spec.get("method", job.method)
     # The base the job trained on, as its workers loaded it (admission resolved the name).
-    base = spec.get("model") or job.model
+    base = (job.spec or {}).get("model") or job.model
     context = context_length(base)
     if step is None:
         if job.status != "succeeded" or job.fine_tuned_model != name:
             raise UnknownModel(name)
-        return Target(model=name, base=base, weights=job.id, method=method, context=context)
+        return Target(model=name, base=base, weights=job.id, context=context)
     ck = db.scalar(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == step,
                                             Checkpoint.uploaded_at.is_not(None)).order_by(Checkpoint.created_at.desc()).limit(1))
     if ck is None or checkpoint_model_name(job, step) != name:
         raise UnknownModel(name)
-    return Target(model=name, base=base, weights=ck.id, method=method, context=context)
+    return Target(model=name, base=base, weights=ck.id, context=context)
 
 
 def context_length(model_path: str) -> int | None:
