@@ -85,12 +85,6 @@ class ChatCompletionRequest(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
-def _tokenizer(base: str) -> Any:
-    from api.data_check import _tokenizer as cached
-
-    return cached(base)
-
-
 def prepare(body: ChatCompletionRequest, user: User, settings: Settings) -> inference.ChatRequest:
     """The queued request, or APIError: an unknown model (404), a prompt or max_tokens the
     model's context cannot hold (400), no inference server running (503). Runs on a thread."""
@@ -108,11 +102,12 @@ def prepare(body: ChatCompletionRequest, user: User, settings: Settings) -> infe
                        "TUNEQ_CHAT_MAX_TOKENS)", param=param, code="invalid_value")
     max_tokens = asked or settings.chat_max_tokens
     if target.context is not None and Path(target.base).is_dir():
+        from api.data_check import model_tokenizer
         from trainer.data.tokenize import chat_prompt_ids
         from trainer.errors import ModelError
 
         try:
-            prompt = len(chat_prompt_ids(_tokenizer(target.base), messages))
+            prompt = len(chat_prompt_ids(model_tokenizer(target.base), messages))
         except ModelError as exc:
             raise APIError(400, str(exc), param="model", code="model_unusable") from None
         except Exception as exc:  # noqa: BLE001 - a chat template refusing the conversation
