@@ -51,6 +51,10 @@ class Pipe:
             raise item
         return item
 
+    def abort(self, exc: BaseException | None = None) -> None:
+        """From the loop: the body will not come; the thread's next `get` raises."""
+        self.items.put(exc or ConnectionAbortedError("the upload's request ended"))
+
     def close(self) -> None:
         """From the thread: the loop stops waiting for room."""
 
@@ -167,6 +171,5 @@ async def feed(pipe: Pipe, body: AsyncIterator[bytes], done: asyncio.Future[Any]
                 await pipe.put(chunk)
         await pipe.put(_END)
     except BaseException as exc:
-        pipe.closed = False  # the thread must hear of it even if it asked for no more
-        pipe.items.put(exc)
+        pipe.abort(exc)
         raise

@@ -6,10 +6,10 @@ import asyncio
 from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
+import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, Response
 from python_multipart.multipart import parse_options_header
-from starlette.concurrency import run_in_threadpool
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
@@ -31,6 +31,9 @@ from core.storage import Storage
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 PURPOSES = ("fine-tune",)
+# An upload holds its thread while its body arrives (seconds to minutes): uploads count against a
+# limit of their own, not against the threads that short reads need.
+UPLOAD_THREADS = anyio.CapacityLimiter(16)
 
 
 def file_out(f: File) -> FileObject:
@@ -80,14 +83,18 @@ async def create_file(request: Request, user: CurrentUser, db: SessionDep, setti
     pipe = Pipe(asyncio.get_running_loop())
     form = MultipartFile(pipe, options[b"boundary"], settings.max_upload_bytes,
                          lambda: APIError(413, too_large_message(settings.max_upload_bytes), param="file", code="file_too_large"))
-    declared = int(request.headers.get("content-length", "0") or 0) if request.headers.get("content-length", "").isdigit() else 0
-    work = asyncio.ensure_future(run_in_threadpool(_store_upload, form, db, user, settings, storage, declared))
+    length = request.headers.get("content-length", "")
+    declared = int(length) if length.isdigit() else 0
+    work = asyncio.ensure_future(anyio.to_thread.run_sync(_store_upload, form, db, user, settings, storage, declared,
+                                                          limiter=UPLOAD_THREADS))
     feeder = asyncio.ensure_future(feed(pipe, request.stream(), work))
     feeder.add_done_callback(lambda f: f.cancelled() or f.exception())  # its error reaches `work`
     try:
         return await work
     finally:
         feeder.cancel()
+        if not work.done():  # this request was cancelled: the thread must not wait for chunks forever
+            pipe.abort()
 
 
 def _store_upload(form: MultipartFile, db: Session, user: User, settings: Settings, storage: Storage,
