@@ -36,8 +36,15 @@ async def get_db() -> AsyncIterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_db, scope="function")]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-StorageDep = Annotated[Storage, Depends(get_storage)]
+
+
+async def _settings() -> Settings:
+    # async: FastAPI runs a sync dependency on a worker thread, a hop per request for a cached value.
+    return get_settings()
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+StorageDep = Annotated[Storage, Depends(get_storage)]  # sync: building an S3 client may block
 
 
 # auto_error=False: a missing key must answer in tuneq's error envelope, not FastAPI's default.
