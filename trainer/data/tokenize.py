@@ -13,7 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.data.parse import LineError, Message, RawText, Record
+from trainer.data.parse import LineError, Message, Preference, RawText, Record
+
+# A tokenized preference pair holds the preferred output's row as input_ids/labels and the other's
+# under these keys; labels mark only the output's tokens.
+REJECTED_IDS, REJECTED_LABELS = "rejected_input_ids", "rejected_labels"
 
 IGNORE_INDEX = -100
 
@@ -30,11 +34,18 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
-def _render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> str:
+def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> str:
+    """A conversation as the model sees it in training (and, with a generation prompt, when it answers)."""
     template = None if getattr(tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
     return tokenizer.apply_chat_template(
         messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
     )
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
+    """The token ids a model answers after: the conversation and the generation prompt, rendered
+    and tokenized as training renders and tokenizes its examples."""
+    return list(tokenizer(render_chat(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"])
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -55,17 +66,17 @@ def assistant_spans(tokenizer: Any, messages: list[Message]) -> tuple[str, list[
     """
     plain = [{"role": m.role, "content": m.content} for m in messages]
     try:
-        full = _render(tokenizer, plain, add_generation_prompt=False)
+        full = render_chat(tokenizer, plain, add_generation_prompt=False)
         spans = []
         for i, m in enumerate(messages):
             if m.role != "assistant" or not m.weight:
                 continue
             try:
-                head = _render(tokenizer, plain[:i], add_generation_prompt=True) if i else ""
+                head = render_chat(tokenizer, plain[:i], add_generation_prompt=True) if i else ""
             except Exception:  # noqa: BLE001 - some templates refuse a conversation without a user turn
                 head = ""
             start = _common_prefix(head, full)
-            end = _common_prefix(_render(tokenizer, plain[: i + 1], add_generation_prompt=False), full)
+            end = _common_prefix(render_chat(tokenizer, plain[: i + 1], add_generation_prompt=False), full)
             while end > start and full[end - 1].isspace():
                 end -= 1
             if end > start:
@@ -151,7 +162,32 @@ def tokenize_raw(tokenizer: Any, raw: RawText, max_seq_len: int | None = None, t
     return _cut(_spans_to_labels(tokenizer, text, spans), max_seq_len)
 
 
+def tokenize_preference(tokenizer: Any, pair: Preference, max_seq_len: int | None = None) -> dict:
+    """Both rows of a pair through the chat template: the input, then each output; only the
+    output's tokens are labelled (the two rows share the input's tokens)."""
+    chosen = tokenize_messages(tokenizer, [*pair.prompt, *pair.preferred], max_seq_len)
+    rejected = tokenize_messages(tokenizer, [*pair.prompt, *pair.non_preferred], max_seq_len)
+    return {"input_ids": chosen["input_ids"], "labels": chosen["labels"], REJECTED_IDS: rejected["input_ids"],
+            REJECTED_LABELS: rejected["labels"], "truncated": max(chosen["truncated"], rejected["truncated"])}
+
+
+def trained_in(piece: dict) -> bool:
+    """Whether a piece has a labelled token (both rows of a pair must)."""
+    rows = [piece["labels"]] + ([piece[REJECTED_LABELS]] if REJECTED_LABELS in piece else [])
+    return all(any(x != IGNORE_INDEX for x in row) for row in rows)
+
+
+def piece_tokens(piece: dict) -> tuple[int, int]:
+    """(tokens, labelled tokens) of a piece, both rows of a pair together."""
+    rows = [(piece["input_ids"], piece["labels"])]
+    if REJECTED_IDS in piece:
+        rows.append((piece[REJECTED_IDS], piece[REJECTED_LABELS]))
+    return sum(len(i) for i, _ in rows), sum(sum(1 for x in lab if x != IGNORE_INDEX) for _, lab in rows)
+
+
 def tokenize_record(tokenizer: Any, rec: Record, max_seq_len: int | None = None, train_on_inputs: bool = False) -> dict:
+    if isinstance(rec, Preference):
+        return tokenize_preference(tokenizer, rec, max_seq_len)
     if isinstance(rec, RawText):
         return tokenize_raw(tokenizer, rec, max_seq_len, train_on_inputs)
     return tokenize_messages(tokenizer, rec, max_seq_len, train_on_inputs)
@@ -164,6 +200,10 @@ def fit_to_length(ex: dict, fmt: str, max_seq_len: int | None) -> list[dict]:
     its middle; any other example keeps its head, where the prompt is.
     """
     ids, labels = ex["input_ids"], ex["labels"]
+    if REJECTED_IDS in ex:  # a pair: each row keeps its head
+        n = max_seq_len
+        return [{"input_ids": ids[:n], "labels": labels[:n], REJECTED_IDS: ex[REJECTED_IDS][:n],
+                 REJECTED_LABELS: ex[REJECTED_LABELS][:n]}]
     if max_seq_len is None or len(ids) <= max_seq_len:
         return [{"input_ids": ids, "labels": labels}]
     if fmt != "text":
