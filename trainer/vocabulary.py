@@ -46,3 +46,12 @@ FULL_PRECISIONS: tuple[str, ...] = get_args(FullPrecision)
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 # Methods that train whole weights (and so can shard them with FSDP); the others train adapters.
 WHOLE_WEIGHT_METHODS: tuple[str, ...] = ("full", "freeze")
+
+# How an eval block scores a generated answer against a line's expected one (trainer.graders):
+# exact_match and contains compare text, regex searches the answer for the grader's pattern,
+# similarity is the normalised Levenshtein similarity (1 - edit distance / longer length).
+GraderType = Literal["exact_match", "contains", "regex", "similarity"]
+GRADER_TYPES: tuple[str, ...] = get_args(GraderType)
+# Which weights final/ holds: the last step's, or the checkpoint's with the best eval score.
+ExportSelect = Literal["last", "best"]
+EXPORT_SELECTS: tuple[str, ...] = get_args(ExportSelect)

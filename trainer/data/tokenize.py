@@ -151,6 +151,16 @@ def tokenize_raw(tokenizer: Any, raw: RawText, max_seq_len: int | None = None, t
     return _cut(_spans_to_labels(tokenizer, text, spans), max_seq_len)
 
 
+def prompt_ids(tokenizer: Any, messages: list[Message]) -> list[int]:
+    """The token ids of a conversation rendered for the model to answer (the generation prompt
+    of the chat template, or the fallback template's, at its end)."""
+    try:
+        text = _render(tokenizer, [{"role": m.role, "content": m.content} for m in messages], add_generation_prompt=True)
+    except Exception as exc:  # noqa: BLE001 - jinja raise_exception and template bugs alike
+        raise LineError("template_error", f"the chat template rejected this conversation: {exc}") from exc
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def tokenize_record(tokenizer: Any, rec: Record, max_seq_len: int | None = None, train_on_inputs: bool = False) -> dict:
     if isinstance(rec, RawText):
         return tokenize_raw(tokenizer, rec, max_seq_len, train_on_inputs)
