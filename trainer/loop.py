@@ -432,7 +432,9 @@ class Run:
         if answer_eval and self.spec.eval is not None and self.evaluated_step != self.state.step:
             self.answer_eval()
         state, started = self.state, time.time()
-        metrics = {**self.last_metrics, **self.valid_metrics, **self.eval_metrics}
+        # Eval scores only of a pass on these weights (a pause saves without one).
+        metrics = {**self.last_metrics, **self.valid_metrics,
+                   **(self.eval_metrics if self.evaluated_step == state.step else {})}
         rngs = gather_object([ckpt.rng_state()])
         full_state = gather_training_state(self.raw_model, self.optimizer)  # FSDP: every rank gathers, rank 0 keeps
         if self.is_main:

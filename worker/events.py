@@ -104,6 +104,10 @@ class ProgressTracker:
             self._on_startup(job, data, _float(ev.get("time")) or time.time())
         elif kind == "validation":
             job.metrics = {**job.metrics, **_pick(data, VALID_METRIC_KEYS)}
+        elif kind == "eval":
+            # The newest eval pass's scores; eval_seconds (its generation) is shown beside the step time.
+            job.metrics = {**job.metrics, **eval_scores(data)}
+            job.progress = {**job.progress, "eval_seconds": data.get("eval_seconds"), "eval_step": data.get("step")}
         elif kind == "checkpoint":
             self._on_checkpoint(db, job, data)
         elif kind == "error":
@@ -123,6 +127,8 @@ class ProgressTracker:
             t0, s0 = self._rate_origin
             if step > s0 and t > t0:
                 progress["eta_seconds"] = round((total - step) * (t - t0) / (step - s0), 1)
+                # This run's mean wall time per step, its eval passes and checkpoints included.
+                progress["step_seconds"] = round((t - t0) / (step - s0), 3)
         job.progress = progress
         job.metrics = {**job.metrics, **_pick(data, TRAIN_METRIC_KEYS)}
 
@@ -161,6 +167,12 @@ class ProgressTracker:
     def take_new_checkpoints(self) -> list[tuple[int, Path]]:
         taken, self.new_checkpoints = self.new_checkpoints, []
         return taken
+
+
+def eval_scores(data: dict[str, Any]) -> dict[str, float]:
+    """The eval_<grader> scores of an eval event (numbers only; not its seconds or example count)."""
+    return {k: v for k, v in data.items() if k.startswith("eval_") and k not in ("eval_seconds", "eval_examples")
+            and isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def _pick(data: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from trainer.vocabulary import DEFAULT_METHOD, METHOD_SETTINGS, METHODS
+from trainer.vocabulary import DEFAULT_METHOD, METHOD_SETTINGS, METHODS, extra_files, with_files
 from tuneq.cli.common import client, err, fail, friendly
 from tuneq.cli.render import show_bad_lines
 from tuneq.cli.watch import watch
@@ -58,12 +58,10 @@ def _file_ref(c: Client, value: Any, field: str, base: Path) -> str:
 
 
 def _upload_spec_files(c: Client, body: dict[str, Any], base: Path) -> None:
-    for field in ("training_file", "validation_file", "forgetting_file"):
+    for field in ("training_file", "validation_file"):
         if body.get(field) is not None:
             body[field] = _file_ref(c, body[field], field, base)
-    for k, source in enumerate(body.get("mix") or []):
-        if isinstance(source, dict) and "file" in source:
-            source["file"] = _file_ref(c, source["file"], f"mix[{k}].file", base)
+    body.update(with_files(body, {param: _file_ref(c, value, param, base) for param, value, _ in extra_files(body)}))
 
 
 def _method_name(method: Any) -> str | None:

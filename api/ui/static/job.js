@@ -39,6 +39,7 @@ export function jobView(root, jobId) {
     live: h("span", { class: "live", id: "live-mode" }),
     lossChart: h("div", { class: "chart-box", id: "loss-chart" }),
     lrChart: h("div", { class: "chart-box", id: "lr-chart" }),
+    evalChart: h("div", { class: "chart-box", id: "eval-chart", hidden: true }),
     events: h("tbody"),
     checkpoints: h("tbody"),
     artifacts: h("ul", { class: "artifacts", id: "artifacts" }),
@@ -50,12 +51,12 @@ export function jobView(root, jobId) {
     h("div", { class: "cols" },
       h("div", { class: "panel" }, h("h2", {}, "Progress"), el.summary),
       h("div", { class: "panel" }, h("h2", {}, "Memory: plan and measured"), el.memory)),
-    h("div", { class: "panel" }, h("h2", {}, "Curves ", el.live), h("div", { class: "charts" }, el.lossChart, el.lrChart)),
+    h("div", { class: "panel" }, h("h2", {}, "Curves ", el.live), h("div", { class: "charts" }, el.lossChart, el.lrChart, el.evalChart)),
     h("div", { class: "cols" },
       h("div", { class: "panel" }, h("h2", {}, "Artifacts"), el.artifacts),
       h("div", { class: "panel" }, h("h2", {}, "Checkpoints"),
         h("table", { class: "grid-table", id: "checkpoints" },
-          h("thead", {}, h("tr", {}, ["Step", "Saved", "Train loss", "Valid loss", "Name"].map((t) => h("th", {}, t)))),
+          h("thead", {}, h("tr", {}, ["Step", "Saved", "Train loss", "Valid loss", "Eval", "Name"].map((t) => h("th", {}, t)))),
           el.checkpoints))),
     h("div", { class: "panel" }, h("h2", {}, "Events"),
       h("table", { class: "grid-table events", id: "events" },
@@ -93,6 +94,7 @@ export function jobView(root, jobId) {
     const train = new Map();
     const lr = new Map();
     const valid = new Map();
+    const scores = new Map(); // eval_<grader> -> Map(step -> score in [0, 1])
     // A resumed run may report a step again: the later report wins.
     for (const ev of state.events) {
       const d = ev.data || {};
@@ -102,10 +104,22 @@ export function jobView(root, jobId) {
         if (Number.isFinite(d.learning_rate)) lr.set(d.step, d.learning_rate);
       } else if (ev.type === "validation" && Number.isFinite(d.valid_loss)) {
         valid.set(d.step, d.valid_loss);
+      } else if (ev.type === "eval") {
+        for (const [k, v] of Object.entries(evalScores(d))) {
+          if (!scores.has(k)) scores.set(k, new Map());
+          scores.get(k).set(d.step, v);
+        }
       }
     }
     const sorted = (m) => [...m.entries()].sort((a, b) => a[0] - b[0]);
-    return { train: sorted(train), valid: sorted(valid), lr: sorted(lr) };
+    return { train: sorted(train), valid: sorted(valid), lr: sorted(lr),
+             scores: [...scores.entries()].map(([k, m]) => [k, sorted(m)]) };
+  }
+
+  // The eval block's scores of an event or a checkpoint's metrics (not its seconds or count).
+  function evalScores(d) {
+    return Object.fromEntries(Object.entries(d || {}).filter(([k, v]) =>
+      k.startsWith("eval_") && k !== "eval_seconds" && k !== "eval_examples" && Number.isFinite(v)));
   }
 
   function draw() {
@@ -117,6 +131,11 @@ export function jobView(root, jobId) {
     replace(el.lrChart, lineChart({ title: "learning rate", series: [
       { name: "learning_rate", label: "lr", cls: "s-lr", points: c.lr },
     ] }));
+    el.evalChart.hidden = !c.scores.length;
+    if (c.scores.length) {
+      replace(el.evalChart, lineChart({ title: "eval scores", series: c.scores.map(([k, points], i) => (
+        { name: k, label: k.slice(5), cls: `s-eval${i % 4}`, points })) }));
+    }
     const shown = state.events.slice(-SHOWN_EVENTS).reverse();
     replace(el.events, shown.map((ev) => h("tr", { class: `lvl-${ev.level === "error" ? "error" : ev.level === "warning" ? "warning" : "info"}` },
       h("td", {}, fmtTime(ev.created_at)), h("td", {}, ev.level), h("td", {}, ev.type), h("td", {}, ev.message))));
@@ -204,6 +223,7 @@ export function jobView(root, jobId) {
     replace(el.checkpoints, state.checkpoints.map((ck) => h("tr", {},
       h("td", {}, ck.step_number), h("td", {}, fmtTime(ck.created_at)),
       h("td", {}, fmtNum(ck.metrics?.train_loss)), h("td", {}, fmtNum(ck.metrics?.valid_loss)),
+      h("td", {}, Object.entries(evalScores(ck.metrics)).map(([k, v]) => `${k.slice(5)} ${fmtNum(v)}`).join(", ")),
       h("td", {}, h("code", {}, ck.fine_tuned_model_checkpoint)))));
     if (!state.artifacts.length) {
       replace(el.artifacts, h("li", { class: "muted" }, TERMINAL.has(state.job?.status) ? "none" : "when the job succeeds"));
