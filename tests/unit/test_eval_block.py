@@ -181,6 +181,7 @@ def test_exact_match_rises_across_checkpoints_and_the_best_is_exported(tiny_mode
     manifest = json.loads((out / "final" / "manifest.json").read_text())
     assert manifest["metrics"]["exported_step"] == best
     assert manifest["metrics"]["eval_exact_match"] == dict(scores)[best]
+    assert manifest["spec"]["eval"]["file"] == "eval.jsonl"  # a name, not where the server keeps it
 
 
 def test_the_best_checkpoint_not_the_last_is_exported(make_spec, tmp_path: Path, monkeypatch):
