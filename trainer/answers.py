@@ -62,7 +62,8 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], settings: Eva
     """The model's answer to each prompt, in order: batched, left-padded, stopped at EOS."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampling = settings.temperature > 0
-    options: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "do_sample": sampling,
+    # use_cache: training may have turned the model's KV cache off (gradient checkpointing).
+    options: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "do_sample": sampling, "use_cache": True,
                                "pad_token_id": pad, "eos_token_id": tokenizer.eos_token_id}
     if sampling:
         options.update(temperature=settings.temperature, top_p=1.0, top_k=0)
