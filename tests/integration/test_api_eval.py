@@ -1,6 +1,6 @@
 """The eval block over HTTP (real app, database and Redis): eval files at upload, bad blocks
 refused with the field named, a good one stored and shown; its scores in the worker's job state,
-the checkpoint list and `tuneq status`; the best checkpoint kept from rotation."""
+the checkpoint list and `tuneq status`."""
 
 from __future__ import annotations
 
@@ -109,24 +109,3 @@ def test_a_job_with_an_eval_block_shows_its_scores(client: TestClient, monkeypat
     assert out.exit_code == 0, out.output
     assert "exact_match 0.500, sim 0.750" in out.stdout and "eval 1.5 s per pass (step 2)" in out.stdout
     assert "step 2 (best eval_sim 0.7500)" in out.stdout
-
-
-def test_rotation_keeps_the_best_checkpoint(db, tmp_path: Path) -> None:
-    from core.models import Checkpoint
-    from core.storage import LocalStorage
-    from tests.integration.conftest import make_job
-    from worker import checkpoint_store as cs
-
-    job = make_job(db)
-    store = LocalStorage(tmp_path / "store")
-    for step, score in [(2, 0.5), (4, 0.75), (6, 0.25), (8, 0.5)]:
-        prefix = cs.store_prefix(job.id, f"step-{step:08d}")
-        store.put_stream(f"{prefix}/manifest.json", __import__("io").BytesIO(b'{"files": {}}'))
-        db.add(Checkpoint(job_id=job.id, step=step, path="x", metrics={"eval_em": score}, storage_key=prefix,
-                          uploaded_at=float(step)))
-    db.commit()
-    assert cs.rotate(db, store, job.id, keep=2, metric="eval_em") == [2]  # 4 is the best: kept
-    assert [c.step for c in cs.uploaded(db, job.id)] == [8, 6, 4]
-    assert cs.rotate(db, store, job.id, keep=1) == [6, 4]  # without select best: the newest only
-    spec = {"model": "m", "training_file": "t", "eval": {"file": "e"}, "export": {"select": "best"}}
-    assert cs.selection_metric(spec) == "eval_exact_match" and cs.selection_metric({"model": "m"}) is None
