@@ -223,3 +223,28 @@ def test_the_planner_counts_eval_generation():
                      dataset_tokens=10**6).compute
     assert without.eval_passes == 0 and with_eval.eval_passes == 4  # steps 30, 60, 90 and the end
     assert with_eval.seconds == pytest.approx(without.seconds + with_eval.eval_seconds) and with_eval.eval_seconds > 0
+
+
+def test_a_resumed_run_remembers_the_best_step(make_spec, tmp_path: Path, monkeypatch):
+    """The best pass so far is part of the checkpoint's state: a run resumed after it still exports it."""
+    import trainer.loop
+    from trainer.job import run_job
+
+    evals = write_jsonl(tmp_path / "eval.jsonl", eval_rows(EIGHT[:2]))
+    sequence = iter([0.75, 0.25, 0.5, 0.5])
+
+    def fixed(*_args, **_kw):
+        return {"eval_exact_match": next(sequence), "eval_seconds": 0.01, "eval_examples": 2, "samples": []}
+
+    monkeypatch.setattr(trainer.loop, "eval_pass", fixed)
+    out = tmp_path / "run"
+    first = make_spec("lora", {"max_steps": 4}, {"checkpoint_every_steps": 2, "keep_checkpoints": 1},
+                      eval={"file": str(evals)}, export={"select": "best"})
+    assert run_job(first, out) == 0  # passes at 2 (best) and 4
+    state = json.loads((out / "checkpoints" / "step-00000004" / "state.json").read_text())
+    assert state["train_state"]["best"]["step"] == 2
+    longer = first.model_copy(update={"hyperparameters": first.hyperparameters.model_copy(update={"max_steps": 6})})
+    assert run_job(longer, out, resume=True) == 0  # resumed at step 4: one more pass, at 6 (0.5)
+    assert [e["data"]["step"] for e in _events(out, "eval")][-1] == 6
+    assert _events(out, "finished")[-1]["data"]["exported_step"] == 2
+    assert _same(_weights(out / "final"), _weights(out / "checkpoints" / "step-00000002"))
