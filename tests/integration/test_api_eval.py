@@ -109,3 +109,27 @@ def test_a_job_with_an_eval_block_shows_its_scores(client: TestClient, monkeypat
     assert out.exit_code == 0, out.output
     assert "exact_match 0.500, sim 0.750" in out.stdout and "eval 1.5 s per pass (step 2)" in out.stdout
     assert "step 2 (best eval_sim 0.7500)" in out.stdout
+
+
+def test_tuneq_submit_uploads_the_eval_file(client: TestClient, monkeypatch: pytest.MonkeyPatch, admin_key: str,
+                                            tmp_path: Path) -> None:
+    from core.db import session_scope
+    from core.models import Job
+
+    monkeypatch.setenv("TUNEQ_API_KEY", admin_key)
+    # A new HTTP client per command: each closes its own.
+    monkeypatch.setattr(cli, "make_client", lambda: Client("http://testserver", http=TestClient(client.app)))
+    (tmp_path / "train.jsonl").write_text(json.dumps(CHAT) + "\n")
+    (tmp_path / "eval.jsonl").write_text(json.dumps(EVAL) + "\n")
+    spec = tmp_path / "job.yaml"
+    spec.write_text("model: tiny-llama\ntraining_file: train.jsonl\n"
+                    "eval: {file: eval.jsonl, graders: [{type: contains}], max_new_tokens: 8}\n")
+    by_spec = CliRunner().invoke(cli.app, ["submit", "--spec", str(spec), "--select-best"])
+    monkeypatch.chdir(tmp_path)
+    by_flag = CliRunner().invoke(cli.app, ["submit", "train.jsonl", "--model", "tiny-llama", "--eval-file", "eval.jsonl"])
+    assert by_spec.exit_code == 0 and by_flag.exit_code == 0, by_spec.output + by_flag.output
+    with session_scope() as db:
+        first, second = db.get(Job, by_spec.stdout.strip()).spec, db.get(Job, by_flag.stdout.strip()).spec
+    assert first["eval"]["file"].startswith("file-") and first["eval"]["graders"][0]["type"] == "contains"
+    assert first["export"]["select"] == "best" and second["export"]["select"] == "last"
+    assert second["eval"]["file"].startswith("file-") and second["eval"]["graders"][0]["type"] == "exact_match"

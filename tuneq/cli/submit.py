@@ -84,6 +84,10 @@ def submit(
     lora_r: Annotated[int | None, typer.Option("--lora-r", help="LoRA rank.")] = None,
     lora_alpha: Annotated[float | None, typer.Option("--lora-alpha", help="LoRA alpha.")] = None,
     validation_file: Annotated[Path | None, typer.Option("--validation-file", help="Validation JSONL (or file id).")] = None,
+    eval_file: Annotated[Path | None, typer.Option("--eval-file", help="Eval JSONL (or file id) of prompts with "
+                         "expected answers, scored at every checkpoint (eval.file; graders default to exact_match).")] = None,
+    select_best: Annotated[bool, typer.Option("--select-best", help="Export the checkpoint with the best eval score "
+                           "(export.select best).")] = False,
     suffix: Annotated[str | None, typer.Option(help="Added to the fine-tuned model's name.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of data order and init.")] = None,
     priority: Annotated[int | None, typer.Option(help="Higher runs first (default 0).")] = None,
@@ -117,6 +121,11 @@ def submit(
     for key, value in (("suffix", suffix), ("seed", seed), ("priority", priority), ("gpus", gpus)):
         if value is not None:
             body[key] = value
+    if eval_file is not None:
+        body["eval"] = {**(body.get("eval") or {}), "file": str(eval_file if eval_file.is_absolute()
+                                                                 else Path.cwd() / eval_file)}
+    if select_best:
+        body["export"] = {**(body.get("export") or {}), "select": "best"}
     with client() as c:
         _upload_spec_files(c, body, base)
         if file is not None:
