@@ -36,8 +36,8 @@ from core.policy import check_priority
 from core.queue import enqueue_job
 from core.db import session_scope
 from core.settings import Settings, get_settings
-from trainer.spec import Hyperparameters, JobSpec
 from trainer.data.parse import EVAL_FORMAT
+from trainer.spec import Hyperparameters, JobSpec
 from trainer.vocabulary import extra_files
 
 log = logging.getLogger("tuneq.api")

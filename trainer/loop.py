@@ -52,6 +52,7 @@ from trainer.spec import JobSpec
 from trainer.startup import Phases
 from trainer.step import QueuedStep, Window, as_values, optimizer_step, queue_forward_backward, step_result
 from trainer.step_values import LateRead, pinned
+from trainer.vocabulary import eval_scores
 from trainer.throughput import mfu, model_flops, peak_flops
 
 
@@ -413,8 +414,7 @@ class Run:
                 packed_attention.install(self.raw_model)
         samples = got.pop("samples")
         self.eval_metrics, self.evaluated_step = got, step
-        scores = ", ".join(f"{k.removeprefix('eval_')} {v:.3f}" for k, v in got.items()
-                           if k not in ("eval_seconds", "eval_examples"))
+        scores = ", ".join(f"{k.removeprefix('eval_')} {v:.3f}" for k, v in eval_scores(got).items())
         self.events.emit("eval", f"step {step} eval: {scores} ({got['eval_examples']} answers in "
                          f"{got['eval_seconds']:.1f} s)", step=step, samples=samples, **got)
         if self.select_by is not None:

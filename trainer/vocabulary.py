@@ -52,7 +52,17 @@ WHOLE_WEIGHT_METHODS: tuple[str, ...] = ("full", "freeze")
 # similarity is the normalised Levenshtein similarity (1 - edit distance / longer length).
 GraderType = Literal["exact_match", "contains", "regex", "similarity"]
 GRADER_TYPES: tuple[str, ...] = get_args(GraderType)
-# Which weights final/ holds: the last step's, or the checkpoint's with the best eval score.
+# An eval pass's figures besides the graders' scores (eval_<grader name>).
+EVAL_FIGURES: tuple[str, ...] = ("eval_seconds", "eval_examples")
+
+
+def eval_scores(metrics: dict[str, Any]) -> dict[str, float]:
+    """The eval_<grader> scores among metrics (an eval event's, a checkpoint's, a job's)."""
+    return {k: v for k, v in metrics.items() if k.startswith("eval_") and k not in EVAL_FIGURES
+            and isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+# Which weights final/: the last step's, or the checkpoint's with the best eval score.
 ExportSelect = Literal["last", "best"]
 EXPORT_SELECTS: tuple[str, ...] = get_args(ExportSelect)
 

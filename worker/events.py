@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from core import states
 from core.models import Checkpoint, Job
+from trainer.vocabulary import eval_scores
 from worker.checkpoint_store import UPLOADS, snapshot
 
 log = logging.getLogger(__name__)
@@ -167,12 +168,6 @@ class ProgressTracker:
     def take_new_checkpoints(self) -> list[tuple[int, Path]]:
         taken, self.new_checkpoints = self.new_checkpoints, []
         return taken
-
-
-def eval_scores(data: dict[str, Any]) -> dict[str, float]:
-    """The eval_<grader> scores of an eval event (numbers only; not its seconds or example count)."""
-    return {k: v for k, v in data.items() if k.startswith("eval_") and k not in ("eval_seconds", "eval_examples")
-            and isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def _pick(data: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:

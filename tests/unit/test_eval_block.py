@@ -143,7 +143,7 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.slow  # sixty steps and six eval passes: about 35 s on an idle CPU
+@pytest.mark.slow  # sixty steps and six eval passes: about 10 s on a quiet CPU
 def test_exact_match_rises_across_checkpoints_and_the_best_is_exported(tiny_model_dir: Path, tmp_path: Path):
     """Reverse-words on the tiny model: the eval pass at each checkpoint answers eight held-out
     prompts; exact match climbs from near 0 to >= 0.8, and final/ holds the best step's adapter."""

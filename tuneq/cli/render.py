@@ -8,6 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
+from trainer.vocabulary import eval_scores
 from tuneq.cli.common import err, out
 
 BAD_LINES_SHOWN = 20
@@ -102,8 +103,7 @@ def _job_rows(job: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("forgetting", f"loss {metrics['forgetting_loss_before']:.4f} -> {metrics['forgetting_loss_after']:.4f}, "
                      f"perplexity {metrics.get('forgetting_perplexity_before', 0):.2f} -> "
                      f"{metrics.get('forgetting_perplexity_after', 0):.2f}"))
-    scores = {k.removeprefix("eval_"): v for k, v in metrics.items()
-              if k.startswith("eval_") and k not in ("eval_seconds", "eval_examples") and isinstance(v, int | float)}
+    scores = {k.removeprefix("eval_"): v for k, v in eval_scores(metrics).items()}
     if scores:
         rows.append(("eval", ", ".join(f"{k} {v:.3f}" for k, v in scores.items())))
     if metrics.get("export_metric") and metrics.get("exported_step") is not None:
