@@ -276,8 +276,9 @@ class Uploader:
                 self.cond.wait()
             if not self.pending:
                 return None
-            # Behind by more than keep_checkpoints: the oldest would be rotated away at once.
-            while len(self.pending) > self.keep:
+            # Behind by more than keep_checkpoints: the oldest would be rotated away at once. Not
+            # with export.select best: any of them may be the best, which rotation keeps.
+            while len(self.pending) > self.keep and self.metric is None:
                 step, snap = self.pending.pop(0)
                 self._drop(step, snap, "superseded before its upload began")
             self.busy = True
