@@ -163,13 +163,11 @@ def tokenize_raw(tokenizer: Any, raw: RawText, max_seq_len: int | None = None, t
 
 
 def prompt_ids(tokenizer: Any, messages: list[Message]) -> list[int]:
-    """The token ids of a conversation rendered for the model to answer (the generation prompt
-    of the chat template, or the fallback template's, at its end)."""
+    """chat_prompt_ids of a parsed line's messages (an eval line's); LineError when the template refuses them."""
     try:
-        text = _render(tokenizer, [{"role": m.role, "content": m.content} for m in messages], add_generation_prompt=True)
+        return chat_prompt_ids(tokenizer, [{"role": m.role, "content": m.content} for m in messages])
     except Exception as exc:  # noqa: BLE001 - jinja raise_exception and template bugs alike
         raise LineError("template_error", f"the chat template rejected this conversation: {exc}") from exc
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def tokenize_preference(tokenizer: Any, pair: Preference, max_seq_len: int | None = None) -> dict:
