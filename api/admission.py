@@ -36,7 +36,9 @@ from core.policy import check_priority
 from core.queue import enqueue_job
 from core.db import session_scope
 from core.settings import Settings, get_settings
+from trainer.data.parse import EVAL_FORMAT
 from trainer.spec import Hyperparameters, JobSpec
+from trainer.vocabulary import extra_files
 
 log = logging.getLogger("tuneq.api")
 
@@ -154,16 +156,21 @@ def build(req: Request, one: OnePlan) -> JobSpec:
 def job_files(db: Session, user: User, spec: JobSpec, req: Request) -> list[tuple[File, str, str]]:
     """(file, param, format) of every file the job reads, each usable by this user.
 
-    Mix and forgetting files may be in any format: replay data is often raw text.
+    Mix and forgetting files may be in any format (replay data is often raw text); the eval file
+    is in the eval format.
     """
     fmt = "preference" if spec.is_preference else spec.data_format  # as the trainer reads them
     files: list[tuple[File, str, str]] = [(req.training, "training_file", fmt)]
     if req.validation is not None:
         files.append((req.validation, "validation_file", fmt))
-    for k, source in enumerate(spec.mix):
-        files.append((usable_file(db, source.file, f"mix[{k}].file", user), f"mix[{k}].file", "auto"))
-    if spec.forgetting_file:
-        files.append((usable_file(db, spec.forgetting_file, "forgetting_file", user), "forgetting_file", "auto"))
+    for param, file_id, file_format in extra_files(spec.model_dump(mode="json")):
+        f = usable_file(db, file_id, param, user)
+        uploaded_as = (f.report or {}).get("format")
+        if file_format == EVAL_FORMAT and uploaded_as != EVAL_FORMAT:
+            raise APIError(400, f"{param}: file {f.id} is a {uploaded_as} file; an eval file has lines "
+                           "{\"messages\": [... ending with a user turn], \"expected\": \"the answer\"}",
+                           param=param, code="invalid_file")
+        files.append((f, param, file_format))
     return files
 
 

@@ -34,7 +34,7 @@ from core.settings import Settings, get_settings
 from core.storage import get_storage
 from worker import placement
 from worker.artifacts import final_manifest, publish_final
-from worker.checkpoint_store import Uploader, keep_checkpoints, prepare_resume, uploaded
+from worker.checkpoint_store import Uploader, keep_checkpoints, prepare_resume, selection_metric, uploaded
 from worker.events import EventTail, ProgressTracker
 from worker.gpus import GpuPool, Reservation, get_pool
 from worker.process import SUPERVISOR_ENV, TrainerProcess, kill_strays
@@ -167,7 +167,8 @@ class JobRun:
     def execute(self) -> str:
         with (LeaseKeeper(self.job_id, self.worker_id, self.attempt, self.settings.heartbeat_s) as self.keeper,
               Uploader(get_storage(), self.job_id, keep_checkpoints(self.job.spec),
-                       may_write=lambda: not self.keeper.lost.is_set()) as self.uploader):
+                       may_write=lambda: not self.keeper.lost.is_set(),
+                       metric=selection_metric(self.job.spec)) as self.uploader):
             outcome = self.attempt_run()
         if outcome in states.TERMINAL and self.ended_here:
             self.clean_up()
@@ -224,7 +225,7 @@ class JobRun:
     def prepare_resume(self) -> Checkpoint | None:
         # Checkpoints an earlier attempt on this host announced but did not store go up first.
         self.uploader.drain(give_up=self.keeper.lost.is_set)
-        ck = prepare_resume(self.db, get_storage(), self.job_id, self.dir)
+        ck = prepare_resume(self.db, get_storage(), self.job_id, self.dir, selection_metric(self.job.spec))
         if ck is not None:
             log.info("job %s: resuming from step %s (written on %s)", self.job_id, ck.step, ck.host)
         return ck
