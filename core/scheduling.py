@@ -1,4 +1,5 @@
-"""Which queued job runs next: highest priority first, then oldest; a job in retry back-off waits.
+"""Which queued job runs next: highest priority first, then fair share (core/fairshare.py: the
+least-used team, then user; FIFO within a user); a job in retry back-off waits.
 
 One ordering serves the queue position a user sees, the worker's choice of what to run on free
 GPUs, and the dispatcher's re-sending of queued jobs, so all three agree.
@@ -11,8 +12,9 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core import states
-from core.models import Job, now
+from core import fairshare, states
+from core.models import Job, User, now
+from core.settings import get_settings
 
 RETRY_AT = "retry_not_before"  # job.progress key: the back-off of an infrastructure retry
 
@@ -23,15 +25,25 @@ class Waiting:
     gpus: int
     priority: int
     retry_at: float
+    owner: str = ""
+    team: str = ""
+    created_at: float = 0.0
 
 
-def waiting(db: Session) -> list[Waiting]:
+def waiting(db: Session, t: float | None = None) -> list[Waiting]:
+    """Queued jobs in the order they run: three queries whatever the queue's length."""
+    s = get_settings()
     rows = db.execute(
-        select(Job.id, Job.gpus, Job.priority, Job.progress)
+        select(Job.id, Job.gpus, Job.priority, Job.progress, Job.owner_id, Job.created_at, User.team_id)
+        .outerjoin(User, User.id == Job.owner_id)
         .where(Job.status == states.QUEUED)
         .order_by(Job.priority.desc(), Job.created_at, Job.id)
     ).all()
-    return [Waiting(r.id, r.gpus, r.priority, float((r.progress or {}).get(RETRY_AT) or 0)) for r in rows]
+    queue = [Waiting(r.id, r.gpus, r.priority, float((r.progress or {}).get(RETRY_AT) or 0),
+                     r.owner_id or "", fairshare.team_key(r.team_id, r.owner_id), r.created_at) for r in rows]
+    if not s.fair_share or not queue:
+        return queue
+    return fairshare.order(queue, fairshare.usage_now(db, now() if t is None else t), s.fair_share_job_gpu_hours)
 
 
 def queue_position(db: Session, job: Job) -> int | None:
