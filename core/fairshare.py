@@ -127,6 +127,14 @@ def usage_now(db: Session, t: float) -> dict[str, float]:
 def order(jobs: Iterable[Queued], use: dict[str, float], job_gpu_hours: float) -> list[Queued]:
     """Queued jobs in fair-share order: priority desc; within it team, then user, by least use;
     FIFO within a user. `jobs` may come in any order. Cost O(n log n)."""
+    return order_prefix(jobs, use, job_gpu_hours)[0]
+
+
+def order_prefix(jobs: Iterable[Queued], use: dict[str, float], job_gpu_hours: float,
+                 more: frozenset[tuple[int, str]] = frozenset()) -> tuple[list[Queued], bool]:
+    """`order` of a queue read in part: `more` names the (priority, owner) whose oldest jobs only
+    were read. The order is exact up to the first of those running out, where it stops; the
+    flag says whether it reached the end."""
     by_prio: dict[int, dict[str, dict[str, list[Queued]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for j in jobs:
         by_prio[j.priority][j.team][j.owner].append(j)
@@ -138,12 +146,16 @@ def order(jobs: Iterable[Queued], use: dict[str, float], job_gpu_hours: float) -
             for q in users.values():
                 q.sort(key=lambda j: (j.created_at, j.id))
                 q.reverse()  # pop() from the end takes the oldest
-        out.extend(_merge(teams, use, job_gpu_hours))
-    return out
+        cut = {owner for p, owner in more if p == prio}
+        if not _merge(teams, use, job_gpu_hours, cut, out):
+            return out, False
+    return out, True
 
 
-def _merge(teams: dict[str, dict[str, list[Queued]]], use: dict[str, float], per_gpu: float) -> list[Queued]:
-    """Serve the least-used team, within it the least-used user; ties go to the older head job."""
+def _merge(teams: dict[str, dict[str, list[Queued]]], use: dict[str, float], per_gpu: float,
+           cut: set[str], out: list[Queued]) -> bool:
+    """Serve the least-used team, within it the least-used user; ties go to the older head job.
+    Appends to `out`; False when it stopped at a user in `cut` whose read jobs ran out."""
     def entry(key: str, q: list[Queued]) -> tuple[float, float, str, str]:
         return use[key], q[-1].created_at, q[-1].id, key
 
@@ -152,14 +164,16 @@ def _merge(teams: dict[str, dict[str, list[Queued]]], use: dict[str, float], per
         heapq.heapify(h)
     team_heap = [(use[team], h[0][1], h[0][2], team) for team, h in user_heaps.items()]
     heapq.heapify(team_heap)
-    out: list[Queued] = []
     while team_heap:
         team = heapq.heappop(team_heap)[3]
         h = user_heaps[team]
         ukey = heapq.heappop(h)[3]
-        q = teams[team][ukey[len("user:"):]]
+        owner = ukey[len("user:"):]
+        q = teams[team][owner]
         job = q.pop()
         out.append(job)
+        if not q and owner in cut:
+            return False
         use[ukey] += job.gpus * per_gpu
         use[team] += job.gpus * per_gpu
         if q:
@@ -167,4 +181,4 @@ def _merge(teams: dict[str, dict[str, list[Queued]]], use: dict[str, float], per
         if h:
             oldest = min(h, key=lambda e: e[1:3])  # a team's turn among equals: its oldest waiting job
             heapq.heappush(team_heap, (use[team], oldest[1], oldest[2], team))
-    return out
+    return True

@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from core import states
+from core import scheduling, states
 from core.jobs import acquire_lease, heartbeat
 from core.models import GpuUsage, Job, Team, User, now
 from core.scheduling import pick, queue_position, waiting
@@ -47,6 +47,7 @@ def usage(db: Session) -> dict[str, float]:
 def test_a_colleagues_job_runs_before_a_flood_and_the_queue_position_agrees(
         db: Session, fair: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TUNEQ_FAIR_SHARE", str(fair).lower())
+    monkeypatch.setattr(scheduling, "PREFETCH", 3)  # workers read each user's 3 oldest jobs, then the rest
     reset_caches()
     u = people(db)
     flood = queued(db, u["alice"], 12)
@@ -68,7 +69,8 @@ def test_a_colleagues_job_runs_before_a_flood_and_the_queue_position_agrees(
         assert usage(db)[f"user:{u['alice'].id}"] == pytest.approx(2.0, rel=0.01)
         assert usage(db)[f"team:{u['alice'].team_id}"] == pytest.approx(2.0, rel=0.01)
         assert nxt.id == bob and queue_position(db, bob_job) == 1
-        assert order[1:] == flood[1:]  # FIFO within alice's jobs
+        assert order[1:] == flood[1:]  # FIFO within alice's jobs, past the part read first
+        assert len(waiting(db)) == 12 and queue_position(db, db.get(Job, flood[-1])) == 12
     else:
         assert nxt.id == flood[1] and queue_position(db, bob_job) == 12
 

@@ -78,3 +78,28 @@ def test_ordering_10000_jobs_is_one_pass() -> None:
     assert len(queue) == 10_000 and len({w.id for w in queue}) == 10_000
     # Generous: seconds of CPU on a shared machine; a per-job scan of the queue would take minutes.
     assert time.process_time() - t0 < 10
+
+
+def test_an_order_of_each_users_oldest_jobs_is_a_prefix_of_the_full_order() -> None:
+    """Workers order only the oldest jobs of each user (core.scheduling.FairQueue): that part of
+    the order must be exactly the start of the order of the whole queue."""
+    import random
+
+    from core.fairshare import order_prefix
+
+    rng = random.Random(7)
+    for _ in range(50):
+        owners = [rng.randrange(6) for _ in range(rng.randrange(1, 120))]
+        jobs = [job(f"j{i}", f"u{u}", f"t{u % 3}", created=rng.random() * 100,  # a user is in one team
+                    gpus=rng.choice((1, 2, 8)), priority=rng.choice((0, 0, 5))) for i, u in enumerate(owners)]
+        use = {user_key(f"u{i}"): rng.random() * 5 for i in range(6)}
+        full = ids(order(jobs, use, PER_GPU))
+        k = rng.randrange(1, 6)
+        groups: dict[tuple[int, str], list[Waiting]] = {}
+        for w in jobs:
+            groups.setdefault((w.priority, w.owner), []).append(w)
+        kept = [w for g in groups.values() for w in sorted(g, key=lambda w: (w.created_at, w.id))[:k]]
+        more = frozenset(key for key, g in groups.items() if len(g) > k)
+        part, complete = order_prefix(kept, use, PER_GPU, more)
+        assert ids(part) == full[: len(part)] and part
+        assert complete == (not more) or len(part) < len(full)
