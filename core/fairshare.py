@@ -154,7 +154,7 @@ def order_prefix(jobs: Iterable[Queued], use: dict[str, float], job_gpu_hours: f
 
 def _merge(teams: dict[str, dict[str, list[Queued]]], use: dict[str, float], per_gpu: float,
            cut: set[str], out: list[Queued]) -> bool:
-    """Serve the least-used team, within it the least-used user; ties go to the older head job.
+    """Serve the least-used team, within it the least-used user; ties go to the older next job.
     Appends to `out`; False when it stopped at a user in `cut` whose read jobs ran out."""
     def entry(key: str, q: list[Queued]) -> tuple[float, float, str, str]:
         return use[key], q[-1].created_at, q[-1].id, key
@@ -178,7 +178,6 @@ def _merge(teams: dict[str, dict[str, list[Queued]]], use: dict[str, float], per
         use[team] += job.gpus * per_gpu
         if q:
             heapq.heappush(h, entry(ukey, q))
-        if h:
-            oldest = min(h, key=lambda e: e[1:3])  # a team's turn among equals: its oldest waiting job
-            heapq.heappush(team_heap, (use[team], oldest[1], oldest[2], team))
+        if h:  # among teams of equal use, the one whose next job is older goes first
+            heapq.heappush(team_heap, (use[team], h[0][1], h[0][2], team))
     return True
