@@ -77,7 +77,9 @@ class FairQueue(Sequence[Waiting]):
 
     def _full(self) -> list[Waiting]:
         if self._all is None:
-            self._all = fairshare.order(_read(self._db, None), dict(self._use), self._per_gpu)
+            # A session of its own: the caller's may be closed by now, or about to write.
+            with Session(self._db.get_bind()) as s:
+                self._all = fairshare.order(_read(s, None), dict(self._use), self._per_gpu)
         return self._all
 
     def __iter__(self) -> Iterator[Waiting]:
