@@ -329,8 +329,8 @@ def main() -> None:
     point_now_at_virtual_clock()
     load0 = os.getloadavg()[0]
     runs = {}
-    for label, n, fair in ((f"{args.small:,} jobs, FIFO", args.small, False), (f"{args.small:,} jobs, fair share", args.small, True),
-                           (f"{args.jobs:,} jobs, fair share", args.jobs, True)):
+    for label, n, fair in ((f"{args.jobs:,} jobs, fair share", args.jobs, True), (f"{args.small:,} jobs, FIFO", args.small, False),
+                           (f"{args.small:,} jobs, fair share", args.small, True)):
         runs[label] = simulate(n, args.hosts, args.seed, fair)
         print(f"{label}: {runs[label].wall_s:.0f} s wall, load {os.getloadavg()[0]:.1f}", flush=True)
     sizes = sorted({1000, 2500, 5000, args.jobs})
@@ -339,7 +339,7 @@ def main() -> None:
 
 
 def report(args, runs: dict[str, Run], cost: dict[bool, dict[int, float]], load0: float, load1: float) -> None:  # noqa: ANN001
-    big = list(runs.values())[-1]
+    big = list(runs.values())[0]
     h = big.hosts
     gpus = sum(x.gpus for x in h)
     fair_user = 1 / (TEAMS * USERS_PER_TEAM)
@@ -383,15 +383,15 @@ def report(args, runs: dict[str, Run], cost: dict[bool, dict[int, float]], load0
     lines += ["", "Each user's share of GPU-hours while all were backlogged (fair: 5.0 % each):", "",
               "| user | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
     sh = [shares(r)[1] for r in runs.values()]
-    lines += [f"| {u} | " + " | ".join(f"{x[u]:.1%}" for x in sh) + " |" for u in sorted(sh[-1])]
-    lines += ["", f"Waits by job size ({list(runs)[-1]}): a job waits for the backlog ahead of it; "
+    lines += [f"| {u} | " + " | ".join(f"{x[u]:.1%}" for x in sh) + " |" for u in sorted(sh[0])]
+    lines += ["", f"Waits by job size ({list(runs)[0]}): a job waits for the backlog ahead of it; "
               "it starves if it still waits once smaller jobs stop coming.", "",
               "| GPUs | jobs | longest wait | last start |", "|---|---|---|---|"]
     for g in sorted({j.gpus for j in big.jobs.values()}):
         js = [j for j in big.jobs.values() if j.gpus == g]
         lines.append(f"| {g} | {len(js)} | {max(j.start - j.created for j in js) / 3600:.1f} h "
                      f"| {(max(j.start for j in js) - EPOCH) / 3600:.1f} h |")
-    lines += ["", f"Dispatch latency by queue depth at the decision ({list(runs)[-1]}):", "",
+    lines += ["", f"Dispatch latency by queue depth at the decision ({list(runs)[0]}):", "",
               "| jobs queued | takes | p50 | p99 |", "|---|---|---|---|"]
     for lo, hi in ((0, 1000), (1000, 2500), (2500, 5000), (5000, 10_001)):
         xs = [dt for n, dt in big.latency_at_depth if lo <= n < hi]

@@ -133,6 +133,8 @@ def pick(queue: list[Waiting], free: int, total: int, t: float | None = None) ->
 
 def blocked_head(queue: list[Waiting], free: int, total: int, t: float | None = None) -> Waiting | None:
     """The first job that could run on this host but not with its free GPUs now."""
+    if free >= total:  # none: and the queue need not be read to its end to know it
+        return None
     t = now() if t is None else t
     for w in queue:
         if w.retry_at <= t and free < w.gpus <= total:
