@@ -34,11 +34,18 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
-def _render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> str:
+def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> str:
+    """A conversation as the model sees it in training (and, with a generation prompt, when it answers)."""
     template = None if getattr(tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
     return tokenizer.apply_chat_template(
         messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
     )
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
+    """The token ids a model answers after: the conversation and the generation prompt, rendered
+    and tokenized as training renders and tokenizes its examples."""
+    return list(tokenizer(render_chat(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"])
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -59,17 +66,17 @@ def assistant_spans(tokenizer: Any, messages: list[Message]) -> tuple[str, list[
     """
     plain = [{"role": m.role, "content": m.content} for m in messages]
     try:
-        full = _render(tokenizer, plain, add_generation_prompt=False)
+        full = render_chat(tokenizer, plain, add_generation_prompt=False)
         spans = []
         for i, m in enumerate(messages):
             if m.role != "assistant" or not m.weight:
                 continue
             try:
-                head = _render(tokenizer, plain[:i], add_generation_prompt=True) if i else ""
+                head = render_chat(tokenizer, plain[:i], add_generation_prompt=True) if i else ""
             except Exception:  # noqa: BLE001 - some templates refuse a conversation without a user turn
                 head = ""
             start = _common_prefix(head, full)
-            end = _common_prefix(_render(tokenizer, plain[: i + 1], add_generation_prompt=False), full)
+            end = _common_prefix(render_chat(tokenizer, plain[: i + 1], add_generation_prompt=False), full)
             while end > start and full[end - 1].isspace():
                 end -= 1
             if end > start:

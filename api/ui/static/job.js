@@ -1,5 +1,5 @@
-// One job: its curves (live), plan beside measured memory, events, checkpoints, artifacts and
-// the cancel/pause/resume buttons.
+// One job: its curves (live), plan beside measured memory, events, checkpoints, artifacts, the
+// cancel/pause/resume buttons, and once it succeeded "Try it" (base and fine-tuned answers).
 //
 // Live updates: the page reads GET …/events?stream=true (server-sent events) through fetch(),
 // which can send the Authorization header that EventSource cannot. A server that answers that
@@ -10,6 +10,7 @@ import { NotAStream, allPages, api, download, readEventStream } from "./api.js";
 import { lineChart } from "./chart.js";
 import { fmtBytes, fmtDuration, fmtNum, fmtTime, h, replace, statusBadge } from "./dom.js";
 import { TERMINAL, methodOf, ownerOf, progressCell, progressOf } from "./jobinfo.js";
+import { tryItPanel } from "./tryit.js";
 
 const POLL_MS = 1500;
 const JOB_REFRESH_MS = 2000;
@@ -44,6 +45,7 @@ export function jobView(root, jobId) {
     checkpoints: h("tbody"),
     artifacts: h("ul", { class: "artifacts", id: "artifacts" }),
   };
+  const tryIt = tryItPanel(ctl.signal);
   replace(root, h("section", { class: "job" },
     h("p", {}, h("a", { href: "#/jobs" }, "← all jobs")),
     h("div", { class: "bar" }, el.title, el.status, el.actions),
@@ -52,6 +54,7 @@ export function jobView(root, jobId) {
       h("div", { class: "panel" }, h("h2", {}, "Progress"), el.summary),
       h("div", { class: "panel" }, h("h2", {}, "Memory: plan and measured"), el.memory)),
     h("div", { class: "panel" }, h("h2", {}, "Curves ", el.live), h("div", { class: "charts" }, el.lossChart, el.lrChart, el.rewardChart)),
+    tryIt.panel,
     h("div", { class: "cols" },
       h("div", { class: "panel" }, h("h2", {}, "Artifacts"), el.artifacts),
       h("div", { class: "panel" }, h("h2", {}, "Checkpoints"),
@@ -140,6 +143,14 @@ export function jobView(root, jobId) {
       h("td", {}, fmtTime(ev.created_at)), h("td", {}, ev.level), h("td", {}, ev.type), h("td", {}, ev.message))));
   }
 
+  // progress.startup: each phase's seconds (queue, launch, import, data, load, ...) and the total.
+  function startupText(phases) {
+    if (!phases || typeof phases !== "object") return "";
+    const parts = Object.entries(phases).filter(([k, v]) => k !== "total" && Number.isFinite(v))
+      .map(([k, v]) => `${k.replace(/_/g, " ")} ${v.toFixed(1)} s`);
+    return parts.join(", ") + (Number.isFinite(phases.total) ? `; ${phases.total.toFixed(1)} s to the first step` : "");
+  }
+
   // A row whose value is unknown (no MFU on a CPU, no ETA once finished) is left out.
   function row(label, value, id) {
     if (!id && (value === null || value === undefined || value === "")) return [];
@@ -148,6 +159,7 @@ export function jobView(root, jobId) {
 
   function drawJob() {
     const job = state.job;
+    tryIt.update(job);
     if (!job) return;
     const p = progressOf(job);
     replace(el.status, statusBadge(job.status));
@@ -159,6 +171,7 @@ export function jobView(root, jobId) {
       row("Tokens/s", p.tokens_per_second ? fmtNum(p.tokens_per_second, 4) : ""),
       row("MFU", Number.isFinite(p.mfu) ? `${(p.mfu * 100).toFixed(1)}%` : ""),
       row("ETA", job.status === "running" && p.eta_seconds ? fmtDuration(p.eta_seconds) : ""),
+      row("Start-up", startupText(p.startup)),
       row("Created", fmtTime(job.created_at)), row("Started", fmtTime(job.started_at)),
       row("Finished", fmtTime(job.finished_at)),
       row("Trained tokens", job.trained_tokens ?? ""),
