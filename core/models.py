@@ -118,8 +118,20 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
     lease_attempt: Mapped[int] = mapped_column(Integer, default=0)
     lease_heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Fair share: the time up to which this job's GPUs were charged to its owner and team
+    # (core/fairshare.py); set while it holds GPUs, None otherwise.
+    usage_charged_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     events: Mapped[list[JobEvent]] = relationship(back_populates="job", cascade="all, delete-orphan")
+
+
+class GpuUsage(Base):
+    """Fair share (core/fairshare.py): decayed GPU-hours of one user ("user:<id>") or team ("team:<id>"), as of `at`."""
+
+    __tablename__ = "gpu_usage"
+    principal: Mapped[str] = mapped_column(String(60), primary_key=True)
+    gpu_hours: Mapped[float] = mapped_column(Float, default=0.0)
+    at: Mapped[float] = mapped_column(Float, default=now)
 
 
 class JobEvent(Base):
