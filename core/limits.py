@@ -53,12 +53,14 @@ def lock_user(db: Session, user_id: str) -> None:
     db.execute(update(User).where(User.id == user_id).values(name=User.name))
 
 
-def check_gpus_allowed(gpus: int, settings: Settings | None = None) -> None:
-    """A job asking for more GPUs than a user may ever hold: refused before any other work."""
+def check_gpus_allowed(gpus: int, settings: Settings | None = None, nodes: int = 1) -> None:
+    """A job asking for more GPUs (gpus on each of its nodes) than a user may ever hold: refused
+    before any other work."""
     settings = settings or get_settings()
-    if gpus > settings.max_gpus_per_user:
+    if gpus * nodes > settings.max_gpus_per_user:
+        asked = f"{gpus} GPUs on each of {nodes} nodes" if nodes > 1 else str(gpus)
         raise LimitExceeded(
-            f"gpus: {gpus} is more than the {settings.max_gpus_per_user} GPUs a user may use (TUNEQ_MAX_GPUS_PER_USER)",
+            f"gpus: {asked} is more than the {settings.max_gpus_per_user} GPUs a user may use (TUNEQ_MAX_GPUS_PER_USER)",
             "gpu_limit", "gpus",
         )
 

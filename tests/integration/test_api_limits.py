@@ -68,6 +68,8 @@ def test_gpus_per_user(limits, member: TestClient) -> None:  # noqa: ANN001
     too_many = create(member, f, gpus=4)
     assert too_many.status_code == 403 and too_many.json()["error"]["param"] == "gpus"
     assert "3 GPUs" in too_many.json()["error"]["message"]
+    across = create(member, f, gpus=2, nodes=2)  # the GPUs of every host count
+    assert across.status_code == 403 and "2 GPUs on each of 2 nodes" in across.json()["error"]["message"], across.text
     job = create(member, f, gpus=2).json()
     over = create(member, f, gpus=2)
     assert over.status_code == 403 and over.json()["error"]["code"] == "gpu_limit"
