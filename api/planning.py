@@ -58,7 +58,8 @@ def make_plan(spec_like: dict[str, Any], model_path: str, gpus: int, settings: S
     try:
         p = planning.plan(
             planned, config, int(settings.plan_gpu_memory_gib * GiB), gpus=max(1, gpus), dataset_tokens=dataset_tokens,
-            peak_tflops=settings.plan_gpu_tflops,
+            peak_tflops=settings.plan_gpu_tflops, gpu_model=settings.plan_gpu_model or None,
+            liger=settings.plan_gpu_liger or None,
         ).to_dict()
     except ValueError as exc:
         # Values the spec allows but this model does not (more checkpointed layers than it has).
@@ -77,7 +78,8 @@ def make_plan(spec_like: dict[str, Any], model_path: str, gpus: int, settings: S
     chosen = p["method"] or (spec_like.get("method") if spec_like.get("method") in METHODS else None)
     p["predicted_peak_gib"] = p["methods"][chosen]["estimate"]["total_gib"] if chosen in p["methods"] else None
     if p["compute"] is not None:
-        p["compute"]["peak_tflops_per_gpu"] = settings.plan_gpu_tflops
+        p["compute"]["peak_tflops_per_gpu"] = p["compute"]["peak_flops_per_gpu"] / 1e12
+        p["compute"]["gpu_model"] = settings.plan_gpu_model
     return p
 
 

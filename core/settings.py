@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(5.0, gt=0, description="Seconds between the renewals of a running job's lease by its worker.")
     lease_ttl_s: float = Field(60.0, gt=0, description="Seconds without a renewal after which a lease counts as dead and the reaper re-queues its job.")
     worker_id: str = Field("", description="Name of this worker in leases and the registry. Empty: hostname:pid.")
-    accelerate_launch: bool = Field(True, description="Start trainers under `accelerate launch`; false starts multi-GPU jobs with torch.distributed.run instead.")
+    accelerate_launch: bool = Field(True, description="Start multi-GPU trainers under `accelerate launch`; false starts them with torch.distributed.run instead. A one-GPU trainer is always started directly.")
     dist_timeout_s: float = Field(
         600.0, gt=0, le=86_400,
         description="Seconds a process of a multi-GPU job waits for its peers in a collective before the job fails and is retried.",
@@ -106,7 +106,9 @@ class Settings(BaseSettings):
     # Planner: what a job is planned against before any GPU is touched. The API host
     # usually has no GPU, so the worker hosts' memory and speed are declared here.
     plan_gpu_memory_gib: float = Field(80.0, gt=0, description="GiB of memory per worker GPU that a job's plan must fit; the API host usually has no GPU to ask.")
-    plan_gpu_tflops: float = Field(790.0, gt=0, description="Dense bf16 peak per worker GPU in TFLOP/s, for the planner's time estimates (the default was measured on an H200).")
+    plan_gpu_tflops: float = Field(790.0, gt=0, description="Dense bf16 peak per worker GPU in TFLOP/s, for the planner's time estimates of a GPU model that trainer/planning/speeds.json does not know (the default was measured on an H200).")
+    plan_gpu_model: str = Field("NVIDIA H100 80GB HBM3", description="The worker GPUs' model name (as torch reports it), whose measured speeds and start-up (trainer/planning/speeds.json) time a plan; one the file does not know is timed by plan_gpu_tflops at a default efficiency, without start-up.")
+    plan_gpu_liger: bool = Field(False, description="The worker hosts have liger-kernel installed, so the trainer runs its fused RMSNorm, RoPE and SwiGLU there; plans count the memory they save (off: planned without, which errs high).")
     # Chat completions (core/inference.py): served by `python -m worker.serve` on the hosts that run it.
     chat_max_tokens: int = Field(2048, ge=1, le=1_000_000, description="Most tokens one chat completion may generate (`max_tokens`); also its default, cut to what the model's context leaves.")
     chat_queue_timeout_s: float = Field(60.0, gt=0, le=3600, description="Seconds a chat completion waits for an inference server to start it before it answers 503.")

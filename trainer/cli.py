@@ -90,6 +90,12 @@ def _run(args: argparse.Namespace) -> int:
             with EventWriter(args.out / "events.jsonl") as events:
                 events.emit("error", str(exc), level="error", code="config", hint="fix the job spec")
         raise
+    # torch first, here, so that the warm-up thread never imports it alongside the main thread.
+    import torch  # noqa: F401
+
+    from trainer.startup import warm_device
+
+    warm_device()
     from trainer.job import run_job
 
     return run_job(spec, args.out, resume=args.resume)

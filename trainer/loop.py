@@ -45,7 +45,7 @@ from trainer.profiling import region
 from trainer.sampler import DataOrder
 from trainer.signals import StopFlags
 from trainer.spec import JobSpec
-from trainer.startup import Phases
+from trainer.startup import Phases, warmup_seconds
 from trainer.step import QueuedStep, Window, as_values, optimizer_step, queue_forward_backward, step_result
 from trainer.step_values import LateRead, pinned
 from trainer.throughput import mfu, model_flops, peak_flops
@@ -108,8 +108,11 @@ class Run:
 
         set_seed(self.hp.seed)
         self.precision = resolve_precision(self.spec.precision, self.device)
+        self.phases.note("device")
         self.tokenizer = load_tokenizer(self.spec.model)
+        self.phases.note("tokenizer")
         self._setup_data()
+        self.phases.note("pack")
         self.phases.mark("data")
         self._setup_training()
         self._resume()
@@ -136,6 +139,8 @@ class Run:
         # Replay and general files may be in any format, whatever the task data is.
         mix_sources = [(self._load(m.file, f"mix[{k}].file").examples, m.weight) for k, m in enumerate(spec.mix)]
         self.forgetting_data = self._load(spec.forgetting_file, "forgetting_file") if spec.forgetting_file else None
+        self.phases.note("files")
+        self.tokens_cached = self.train_data.cached
         self.train_examples, self.mixed_counts = mix_in(self.train_data.examples, mix_sources, hp.seed)
         if spec.packing:
             self.train_examples = pack(self.train_examples, hp.max_seq_len)
@@ -147,6 +152,7 @@ class Run:
 
         spec, hp, accelerator, device = self.spec, self.hp, self.accelerator, self.device
         model, self.fast = setup_model(spec, self.precision, device)
+        self.phases.note("model")
         self.phases.mark("load")
         # Packed rows' example bounds go to a flash kernel instead of a mask transformers builds.
         self.packed_attention = bool(spec.packing and packed_attention.available(device)
@@ -330,7 +336,9 @@ class Run:
         took = self.phases.seconds()
         self.events.emit("startup", f"first step {self.phases.total():.1f} s after the process started: "
                          + ", ".join(f"{k} {v:.1f} s" for k, v in took.items()),
-                         phases=took, seconds=self.phases.total(), process_started=self.phases.started)
+                         phases=took, seconds=self.phases.total(), process_started=self.phases.started,
+                         detail={**self.phases.detail, "device_ready": warmup_seconds(),
+                                 "tokens_cached": self.tokens_cached})
 
     def _log(self, queued: QueuedStep, grad_norm: float) -> None:
         # Not the time of this read: on a CPU the next step has already run by now, and the last

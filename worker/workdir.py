@@ -111,7 +111,9 @@ def trainer_argv(settings: Settings, spec_path: Path, work_dir: Path, resume: bo
     """The command that runs the trainer as `num_processes` processes (one per leased GPU) on this
     host, joined with the other hosts' processes at `rendezvous` when the job spans several.
 
-    One process runs under `accelerate launch` as a plain child. Several need `--multi_gpu`:
+    One process is started directly: `accelerate launch` would only add a second interpreter that
+    imports torch before the trainer does (seconds before the first step), since the trainer
+    builds its Accelerator from the spec itself. Several need `--multi_gpu`:
     without it accelerate starts one process whatever --num_processes says. That path is torchrun
     underneath, which also works on a CPU host (gloo), and which stops every rank when one dies
     (--max_restarts 0: a restart is the worker's business, from the newest checkpoint). Across
@@ -140,12 +142,6 @@ def trainer_argv(settings: Settings, spec_path: Path, work_dir: Path, resume: bo
                 *node_rank, "--master_addr", addr, "--master_port", port, "--max_restarts", "0", "--monitor_interval", "0.5",
             ]
         return [sys.executable, *launch, *cmd]
-    if settings.accelerate_launch:
-        launch = [
-            "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no",
-        ]
-        return [sys.executable, *launch, *cmd]
     return [sys.executable, *cmd]
 
 
@@ -158,6 +154,8 @@ def trainer_env(settings: Settings | None = None) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CODE_ROOT), env.get("PYTHONPATH", "")) if p)
     # Events and logs must reach their files as they happen, not when a buffer fills.
     env["PYTHONUNBUFFERED"] = "1"
+    # Triton kernels' autotuning results kept in its on-disk cache: a later job skips the search.
+    env.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     for name in BENCH_ONLY_ENV:
         env.pop(name, None)
     if settings is not None:

@@ -49,6 +49,10 @@ def test_plan_route_returns_every_method_with_its_breakdown(client: TestClient, 
     t = body["time"]
     assert t["dataset_tokens"] and t["dataset_tokens"] > 0  # counted by the data check
     assert t["flops"] > 0 and t["seconds"] > 0 and t["gpu_hours"] > 0
+    # The worker GPUs' model (setting plan_gpu_model, an H100 by default) times the plan: its
+    # measured efficiency for the setting, and its start-up on top of the steps.
+    assert t["startup_seconds"] > 0 and t["wall_seconds"] == pytest.approx(t["seconds"] + t["startup_seconds"])
+    assert t["efficiency_source"].startswith("H100 ") and "full lean" in t["efficiency_source"]
 
 
 def test_auto_method_and_batch_pick_full_and_store_the_plan(client: TestClient, file_id: str) -> None:

@@ -28,6 +28,9 @@ class ComputeEstimate:
     seconds: float
     gpu_hours: float
     notes: list[str]
+    startup_seconds: float = 0.0  # from the trainer's start to its first step
+    wall_seconds: float = 0.0  # start-up plus the steps
+    efficiency_source: str = ""  # where the efficiency was measured (trainer.planning.speeds)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,6 +48,8 @@ def estimate_compute(
     freeze_layers: int | None = None,
     peak_tflops: float | None = None,
     efficiency: float | None = None,
+    startup_seconds: float = 0.0,
+    efficiency_source: str = "",
 ) -> ComputeEstimate:
     """Training FLOPs and wall time for `tokens` tokens (padding included).
 
@@ -56,7 +61,8 @@ def estimate_compute(
     Attention scores and values, per token: 4·L·(n·d)·S forward, three times that with backward,
     halved by the causal mask: 6·L·(n·d)·S. Checkpointing recomputes the forward once more.
     peak_tflops: per GPU, default the measured H200 bf16 matmul peak; efficiency: the fraction of
-    it a real step reaches.
+    it a real step reaches (measured per GPU model and setting: trainer.planning.speeds).
+    wall_seconds adds startup_seconds to the steps' time.
     """
     if method not in METHODS:
         raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}")
@@ -108,4 +114,7 @@ def estimate_compute(
         seconds=seconds,
         gpu_hours=seconds * gpus / 3600.0,
         notes=notes,
+        startup_seconds=startup_seconds,
+        wall_seconds=seconds + startup_seconds,
+        efficiency_source=efficiency_source or ("given" if efficiency is not None else "default"),
     )

@@ -143,6 +143,14 @@ export function jobView(root, jobId) {
       h("td", {}, fmtTime(ev.created_at)), h("td", {}, ev.level), h("td", {}, ev.type), h("td", {}, ev.message))));
   }
 
+  // progress.startup: each phase's seconds (queue, launch, import, data, load, ...) and the total.
+  function startupText(phases) {
+    if (!phases || typeof phases !== "object") return "";
+    const parts = Object.entries(phases).filter(([k, v]) => k !== "total" && Number.isFinite(v))
+      .map(([k, v]) => `${k.replace(/_/g, " ")} ${v.toFixed(1)} s`);
+    return parts.join(", ") + (Number.isFinite(phases.total) ? `; ${phases.total.toFixed(1)} s to the first step` : "");
+  }
+
   // A row whose value is unknown (no MFU on a CPU, no ETA once finished) is left out.
   function row(label, value, id) {
     if (!id && (value === null || value === undefined || value === "")) return [];
@@ -163,6 +171,7 @@ export function jobView(root, jobId) {
       row("Tokens/s", p.tokens_per_second ? fmtNum(p.tokens_per_second, 4) : ""),
       row("MFU", Number.isFinite(p.mfu) ? `${(p.mfu * 100).toFixed(1)}%` : ""),
       row("ETA", job.status === "running" && p.eta_seconds ? fmtDuration(p.eta_seconds) : ""),
+      row("Start-up", startupText(p.startup)),
       row("Created", fmtTime(job.created_at)), row("Started", fmtTime(job.started_at)),
       row("Finished", fmtTime(job.finished_at)),
       row("Trained tokens", job.trained_tokens ?? ""),
