@@ -78,9 +78,11 @@ def check_job_quota(db: Session, user: User, gpus: int, settings: Settings | Non
     settings = settings or get_settings()
     check_gpus_allowed(gpus, settings)
     lock_user(db, user.id)
-    rows = db.execute(select(Job.status, Job.gpus, Job.plan).where(Job.owner_id == user.id, Job.status.in_(ACTIVE))).all()
+    rows = db.execute(select(Job.status, Job.gpus, Job.plan, Job.spec)
+                      .where(Job.owner_id == user.id, Job.status.in_(ACTIVE))).all()
     active = len(rows)
-    used = sum(g for status, g, _ in rows if status in HOLDING_GPUS)
+    # A job across hosts holds its gpus on each of its nodes.
+    used = sum(g * int((spec or {}).get("nodes") or 1) for status, g, _, spec in rows if status in HOLDING_GPUS)
     if active >= settings.max_active_jobs_per_user:
         raise LimitExceeded(
             f"you have {active} unfinished jobs, the most a user may have (TUNEQ_MAX_ACTIVE_JOBS_PER_USER="
@@ -94,7 +96,7 @@ def check_job_quota(db: Session, user: User, gpus: int, settings: Settings | Non
             "gpu_limit", "gpus",
         )
     if gpu_hours is not None:
-        booked = sum(planned_gpu_hours(plan) or 0.0 for _, _, plan in rows)
+        booked = sum(planned_gpu_hours(plan) or 0.0 for _, _, plan, _ in rows)
         if booked + gpu_hours > settings.max_gpu_hours_per_user:
             raise LimitExceeded(
                 f"hyperparameters: the planner estimates this job at {gpu_hours:.3g} GPU-hours and your unfinished "

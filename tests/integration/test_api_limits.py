@@ -79,6 +79,21 @@ def test_gpus_per_user(limits, member: TestClient) -> None:  # noqa: ANN001
     assert create(member, f, gpus=2).status_code == 200
 
 
+def test_a_job_across_hosts_counts_the_gpus_of_every_host(limits, member: TestClient) -> None:  # noqa: ANN001
+    from core.db import session_scope
+    from core.models import Job
+
+    limits(max_gpus_per_user=3)
+    f = upload(member)
+    job = create(member, f, gpus=1).json()
+    with session_scope() as db:  # as a job across two hosts is stored (creating one is refused for now)
+        row = db.get(Job, job["id"])
+        row.spec = {**row.spec, "nodes": 2}
+    over = create(member, f, gpus=2)
+    assert over.status_code == 403 and "ask for 2 GPUs" in over.json()["error"]["message"], over.text
+    assert create(member, f, gpus=1).status_code == 200
+
+
 def test_job_creation_rate_answers_429_with_retry_after(limits, member: TestClient) -> None:  # noqa: ANN001
     # A fixed window: an hour, so that four creations on a busy machine never straddle two windows.
     limits(job_create_rate=3, job_create_window_s=3600)
