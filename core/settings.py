@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     gpus: int | None = Field(None, ge=0, le=64, description="GPUs of this host (on a CPU host: job slots). Empty: counted with nvidia-smi, else torch.")
     host_id: str = Field("", description="Name of this host in the worker registry; must differ between hosts. Empty: the hostname.")
     gpu_lock_dir: Path | None = Field(None, description="Folder of the per-GPU lock files that the workers of one host share. Empty: home/gpu-locks.")
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, description="GiB of memory this worker reports for each of its GPUs, in place of what nvidia-smi says. On a CPU worker it makes each job slot a GPU of this size, to try placement on one machine. Empty: as detected."
+    )
+    gpu_name: str = Field("", description="Name this worker reports for its GPUs with gpu_memory_gib. Empty: as detected (nvidia-smi), or 'simulated' on a CPU worker.")
     registry_ttl_s: float = Field(15.0, gt=0, description="Seconds after which a worker that stopped refreshing its registry entry drops out of it.")
     dispatch_interval_s: float = Field(1.0, gt=0, description="Seconds between a worker's passes that refresh its registry entry and re-send queued jobs whose message may be lost.")
     min_free_disk_gib: float = Field(
@@ -105,7 +109,7 @@ class Settings(BaseSettings):
     )
     # Planner: what a job is planned against before any GPU is touched. The API host
     # usually has no GPU, so the worker hosts' memory and speed are declared here.
-    plan_gpu_memory_gib: float = Field(80.0, gt=0, description="GiB of memory per worker GPU that a job's plan must fit; the API host usually has no GPU to ask.")
+    plan_gpu_memory_gib: float = Field(80.0, gt=0, description="GiB of memory per worker GPU that a job's plan must fit while no worker has registered its GPUs' memory; once some have, a job is planned against the largest registered GPU of a host with enough GPUs.")
     plan_gpu_tflops: float = Field(790.0, gt=0, description="Dense bf16 peak per worker GPU in TFLOP/s, for the planner's time estimates of a GPU model that trainer/planning/speeds.json does not know (the default was measured on an H200).")
     plan_gpu_model: str = Field("NVIDIA H100 80GB HBM3", description="The worker GPUs' model name (as torch reports it), whose measured speeds and start-up (trainer/planning/speeds.json) time a plan; one the file does not know is timed by plan_gpu_tflops at a default efficiency, without start-up.")
     plan_gpu_liger: bool = Field(False, description="The worker hosts have liger-kernel installed, so the trainer runs its fused RMSNorm, RoPE and SwiGLU there; plans count the memory they save (off: planned without, which errs high).")

@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("file", type=Path)
     val.add_argument("--model", help="model directory whose tokenizer counts tokens")
     val.add_argument("--max-seq-len", type=int, default=None)
-    val.add_argument("--format", default="auto", choices=["auto", "chat", "alpaca", "prompt_completion", "text"])
+    val.add_argument("--format", default="auto", choices=["auto", "chat", "alpaca", "prompt_completion", "text", "eval"])
     return p
 
 

@@ -17,6 +17,7 @@ from core.models import File, Job
 from core.settings import Settings
 from core.storage import get_storage
 from trainer.spec import JobSpec
+from trainer.vocabulary import extra_files, with_files
 from worker.continuation import resolve_init_from
 
 # The worker may run from anywhere; the trainer package is importable from where trainer.spec is.
@@ -48,21 +49,14 @@ def runnable_spec(db: Session, job: Job) -> dict[str, Any]:
             raise SpecError(f"{field}: file {file_id} does not exist", field)
         # A local copy: the trainer reads files, and S3 storage keeps them in a bucket.
         spec[field] = str(storage.local_path(f.storage_key))
-    # Replay and forgetting files are stored files named by id, like training_file.
-    named = [("forgetting_file", spec.get("forgetting_file"))]
-    named += [(f"mix[{k}].file", m.get("file")) for k, m in enumerate(spec.get("mix") or []) if isinstance(m, dict)]
+    # Replay, forgetting and eval files are stored files named by id, like training_file.
     paths = {}
-    for field, file_id in named:
-        if not file_id:
-            continue
+    for field, file_id, _ in extra_files(spec):
         f = db.get(File, file_id)
         if f is None:
             raise SpecError(f"{field}: file {file_id} does not exist", field)
         paths[field] = str(storage.local_path(f.storage_key))
-    if "forgetting_file" in paths:
-        spec["forgetting_file"] = paths["forgetting_file"]
-    if spec.get("mix"):
-        spec["mix"] = [{**m, "file": paths[f"mix[{k}].file"]} for k, m in enumerate(spec["mix"])]
+    spec = with_files(spec, paths)
     if spec.get("init_from"):
         try:
             spec["init_from"] = resolve_init_from(db, spec["init_from"])

@@ -174,6 +174,37 @@ def test_cli_plan_prints_the_table_and_json(service_env: dict[str, str], admin_k
     assert got["recommendation"]["method"] == "lora" and set(got["plan"]["methods"]) == {"full", "lora", "qlora"}
 
 
+def test_jobs_are_planned_against_the_gpus_of_the_registered_hosts(client: TestClient, file_id: str) -> None:
+    from core import workers
+
+    body = {"model": "tiny-llama", "training_file": file_id, "method": "lora", "hyperparameters": {"batch_size": "auto"}}
+    # No worker has registered its GPUs: TUNEQ_PLAN_GPU_MEMORY_GIB, as before.
+    plan = client.post("/v1/fine_tuning/plan", json=body).json()["plan"]
+    assert plan["available_gib"] == 80 and plan["gpu_memory_source"] == "setting"
+    # A host too small for the tiny model (0.01 GiB) and one it fits on (0.5 GiB).
+    workers.register("s:1", "small", 1, "cpu", 30, gpu_info=[{"name": "simulated", "memory_gib": 0.01}])
+    workers.register("l:1", "large", 1, "cpu", 30, gpu_info=[{"name": "simulated", "memory_gib": 0.5}])
+    plan = client.post("/v1/fine_tuning/plan", json=body).json()["plan"]
+    assert plan["available_gib"] == 0.5 and plan["gpu_memory_source"] == "registered_hosts"
+    r = client.post("/v1/fine_tuning/jobs", json=body)
+    assert r.status_code == 200, r.text
+    job = r.json()
+    need = job["plan"]["min_gpu_memory_gib"]
+    assert 0.01 < need <= 0.5 and job["plan"]["gpu_memory_gib"] == 0.5  # it can never land on "small"
+    from core.db import get_sessionmaker
+    from core.models import Job
+
+    with get_sessionmaker()() as db:
+        assert db.get(Job, job["id"]).min_gpu_memory_gib == need
+    # Only the small host left: refused as the job's own, naming the field and the largest GPU.
+    workers.unregister("l:1")
+    r = client.post("/v1/fine_tuning/jobs", json=body)
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["code"] == "does_not_fit" and err["param"] == "method"
+    assert "any registered host (the largest has 0.01 GiB)" in err["message"]
+
+
 @pytest.fixture
 def two_one_gpu_hosts(client: TestClient) -> Iterator[None]:
     """Two registered hosts of one GPU each, as two workers with their own TUNEQ_HOST_ID announce them."""

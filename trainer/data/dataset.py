@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.data import cache
-from trainer.data.parse import LineError, iter_records, trains_inputs
+from trainer.data.parse import EVAL_FORMAT, LineError, iter_records, trains_inputs
 from trainer.data.tokenize import REJECTED_IDS, fit_to_length, tokenize_record, trained_in
 from trainer.data.validate import validate_file
 from trainer.errors import DataError
@@ -60,6 +60,9 @@ def load_tokenized(
             hint="run `python -m trainer validate FILE` for the full report",
         )
     fmt = report["format"]
+    if fmt == EVAL_FORMAT:
+        raise DataError(f"{what}: this is an eval file (lines with 'expected' answers), nothing to train on",
+                        hint="name it in eval.file")
     examples, truncated, dropped = [], 0, 0
     tokenized, cached = _tokenized(path, tokenizer, fmt, train_on_inputs, what)
     for ex in tokenized:

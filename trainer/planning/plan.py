@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-from trainer.planning.compute import ComputeEstimate, estimate_compute
+from trainer.planning.compute import ComputeEstimate, estimate_compute, eval_pass_seconds
 from trainer.planning.speeds import setting_key, speed_for, startup_seconds
 from trainer.planning.memory import MemoryEstimate
 from trainer.planning.request import AUTO, PlanRequest, estimate_for_spec, request_of
@@ -170,6 +170,26 @@ class Search:
         return last
 
 
+def min_gpu_memory_bytes(spec_like: PlanRequest | JobSpec | Mapping[str, Any], config: Any, gpus: int = 1, *,
+                         margin: float = DEFAULT_MARGIN, strategy: Literal["auto", "ddp", "fsdp"] | None = None) -> int:
+    """The least memory per GPU the job's method fits in, headroom included: at batch 1 when its
+    batch_size is "auto" (each host picks its own), at speed lean when its speed is "auto" (the
+    trainer picks it on the GPU). A GPU with less cannot run the job; one with this much can."""
+    request = request_of(spec_like)
+    method = request.method
+    if method == AUTO:
+        raise ValueError("method: give the chosen method; 'auto' is resolved by plan()")
+    speed = request.spec.speed
+    if method == "prefix":
+        speed = "fast"  # its past key/values bypass checkpointing (see Search.best)
+    elif speed == AUTO:
+        speed = "lean"
+    batch = 1 if request.batch_size == AUTO else int(request.batch_size)
+    e = estimate_for_spec(request, config, method=method, batch_size=batch, speed=speed, gpus=gpus,
+                          strategy=resolve_strategy(method, gpus, strategy or request.spec.strategy))
+    return int(e.total / (1 - margin)) + 1
+
+
 def plan(
     spec_like: PlanRequest | JobSpec | Mapping[str, Any],
     config: Any,
@@ -286,6 +306,7 @@ def _compute(request: PlanRequest, shape: Shape, chosen: MethodPlan, gpus: int, 
     if hp.max_steps is not None:
         tokens = hp.max_steps * hp.gradient_accumulation_steps * gpus * (chosen.batch_size or 1) * hp.max_seq_len
     freeze = request.spec.freeze
+    passes, per_pass = _eval_passes(request, shape, chosen, gpus, tokens)
     return estimate_compute(
         shape, method=chosen.method, tokens=tokens, gpus=gpus, seq_len=hp.max_seq_len,
         gradient_checkpointing=chosen.speed == "lean", lora=request.spec.lora,
@@ -293,4 +314,21 @@ def _compute(request: PlanRequest, shape: Shape, chosen: MethodPlan, gpus: int, 
         peak_tflops=measured.peak_tflops if measured else peak_tflops,
         efficiency=measured.efficiency if measured else efficiency,
         startup_seconds=round(startup, 1), efficiency_source=measured.source if measured else "",
+        eval_passes=passes, eval_seconds_per_pass=per_pass,
     )
+
+
+def _eval_passes(request: PlanRequest, shape: Shape, chosen: MethodPlan, gpus: int, tokens: int) -> tuple[int, float]:
+    """(eval passes, seconds of each) of the spec's eval block: one per scheduled checkpoint and
+    one at the end. Without max_steps the steps are counted as if every row were max_seq_len
+    tokens long (fewer than a file of shorter examples takes); eval.max_examples prompts each."""
+    block, hp = request.spec.eval, request.hp
+    if block is None:
+        return 0, 0.0
+    every = request.spec.schedule.checkpoint_every_steps
+    steps = hp.max_steps or max(1, tokens // max(1, (chosen.batch_size or 1) * hp.gradient_accumulation_steps
+                                                  * gpus * hp.max_seq_len))
+    passes = (steps // every + (steps % every != 0)) if every else 1
+    per_pass = eval_pass_seconds(shape, method=chosen.method, prompts=block.max_examples,
+                                 batch_size=block.batch_size, max_new_tokens=block.max_new_tokens, gpus=gpus)
+    return passes, per_pass
