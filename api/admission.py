@@ -27,7 +27,7 @@ from api.job_spec import build_spec
 from api.limits import check_file_tokens
 from api.schemas import CreateJobRequest
 from core import states
-from core.jobs import create_job
+from core.jobs import check_gpus_fit, create_job
 from core.limits import (check_gpus_allowed, check_job_quota, deleted_files, job_file_ids, planned_gpu_hours,
                          release_job_slot, take_job_slot)
 from core.model_roots import resolve_model
@@ -226,7 +226,7 @@ def rate_slot(user: User, settings: Settings) -> Iterator[None]:
 def admit(db: Session, user: User, body: CreateJobRequest, settings: Settings) -> Job:
     """Check a creation body, store the job with its plan and data check, and enqueue it."""
     check_priority(db, user, body.priority, settings)
-    check_gpus_allowed(body.gpus, settings)
+    check_gpus_allowed(body.gpus, settings, body.nodes or 1)
     req = resolve(db, user, body, settings)
     one = OnePlan(req, settings, refuse=True)
     spec = build(req, one)
@@ -239,7 +239,7 @@ def admit(db: Session, user: User, body: CreateJobRequest, settings: Settings) -
     planning.refuse_if_too_big(job_plan)  # before OOM on a GPU an hour from now
     check_schedule(spec, settings)
     with rate_slot(user, settings):  # taken only now: a refused body uses no slot
-        check_job_quota(db, user, body.gpus, settings, planned_gpu_hours(job_plan))
+        check_job_quota(db, user, spec.ranks(body.gpus), settings, planned_gpu_hours(job_plan))
         spec_json = spec.model_dump(mode="json")
         gone = deleted_files(db, job_file_ids(req.training.id, req.validation.id if req.validation else None, spec_json))
         if gone:  # deleted while this request was checking the job
@@ -346,6 +346,7 @@ def plan_only(db: Session, user: User, body: CreateJobRequest, settings: Setting
     req = resolve(db, user, body, settings, validation=False)
     one = OnePlan(req, settings, refuse=False)
     spec = build(req, one)
+    check_gpus_fit(body.gpus, spec.nodes)
     tokens = None
     if not one.made:
         tokens = training_tokens(req, spec.hyperparameters.max_seq_len, spec.data_format, spec.train_on_inputs)

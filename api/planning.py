@@ -55,11 +55,15 @@ def make_plan(spec_like: dict[str, Any], model_path: str, gpus: int, settings: S
     None when the model has no local config. `checked` says whether the plan may refuse the job.
     `min_gpu_memory_gib` is the least GPU memory the chosen method runs in (batch 1 when
     batch_size is "auto"): the workers run the job only on a host whose GPUs have that much.
+    `gpus` counts the GPUs of each host; the spec's `nodes` hosts together run gpus x nodes ranks,
+    planned as on one host (DDP for adapters, FSDP for full).
     """
     config = planning.local_config(model_path)
     if config is None:
         return None
     memory_gib, memory_source = plan_memory_gib(gpus, settings)
+    nodes = int(spec_like.get("nodes") or 1)
+    ranks = max(1, gpus) * nodes
     note = _unmodelled(spec_like)
     planned = dict(spec_like)
     if note is not None:
@@ -67,7 +71,7 @@ def make_plan(spec_like: dict[str, Any], model_path: str, gpus: int, settings: S
         planned["method"] = "auto"
     try:
         p = planning.plan(
-            planned, config, int(memory_gib * GiB), gpus=max(1, gpus), dataset_tokens=dataset_tokens,
+            planned, config, int(memory_gib * GiB), gpus=ranks, dataset_tokens=dataset_tokens,
             peak_tflops=settings.plan_gpu_tflops, gpu_model=settings.plan_gpu_model or None,
             liger=settings.plan_gpu_liger or None,
         ).to_dict()
@@ -78,12 +82,13 @@ def make_plan(spec_like: dict[str, Any], model_path: str, gpus: int, settings: S
     if note is None and not confident:
         note = f"model type {p['model']['model_type']!r} is not a Llama-like decoder; the estimate is rough and not enforced"
     p["checked"] = note is None
+    p["nodes"] = nodes
     p["notes"] = [note] if note else []
     p["available_gib"] = round(memory_gib, 3)
     p["gpu_memory_source"] = memory_source
     p["min_gpu_memory_gib"] = None
     if p["method"] is not None:
-        need = planning.min_gpu_memory_bytes({**planned, "method": p["method"]}, config, max(1, gpus))
+        need = planning.min_gpu_memory_bytes({**planned, "method": p["method"]}, config, ranks)
         p["min_gpu_memory_gib"] = math.ceil(need / GiB * 1000) / 1000
     for mp in p["methods"].values():
         mp["estimate"]["breakdown_gib"] = {

@@ -164,7 +164,7 @@ class _JobRequest(BaseModel):
         "without a method, that job's method and settings are used.",
     )
     priority: int = Field(0, ge=-100, le=100, description="Higher runs first.")
-    gpus: int = Field(1, ge=1, le=64, description="GPUs of one host the job needs.")
+    gpus: int = Field(1, ge=1, le=64, description="GPUs the job needs on each of its hosts (see nodes).")
     integrations: list[Any] | None = None
     metadata: dict[str, str] | None = None
 

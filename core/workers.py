@@ -56,19 +56,22 @@ def hosts() -> list[dict[str, Any]]:
     return [by_host[k] for k in sorted(by_host)]
 
 
+def host_sizes() -> dict[str, int]:
+    """GPUs of each registered host, by host id (the largest count its workers report)."""
+    sizes: dict[str, int] = {}
+    for w in registered():
+        sizes[w["host"]] = max(sizes.get(w["host"], 0), int(w["gpus"]))
+    return sizes
+
+
 def largest_host() -> int | None:
     """GPUs of the biggest registered host, or None when no worker is registered (yet)."""
-    hosts: dict[str, int] = {}
-    for w in registered():
-        hosts[w["host"]] = max(hosts.get(w["host"], 0), int(w["gpus"]))
-    return max(hosts.values()) if hosts else None
+    sizes = host_sizes()
+    return max(sizes.values()) if sizes else None
 
 
 def total_devices() -> int:
-    hosts: dict[str, int] = {}
-    for w in registered():
-        hosts[w["host"]] = max(hosts.get(w["host"], 0), int(w["gpus"]))
-    return sum(hosts.values())
+    return sum(host_sizes().values())
 
 
 def gpu_memory_gib(gpu_info: list[dict[str, Any]]) -> float | None:

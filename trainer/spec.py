@@ -26,6 +26,7 @@ from trainer.vocabulary import (  # noqa: F401 - re-exported
     DATA_FORMATS,
     DEFAULT_METHOD,
     FULL_PRECISIONS,
+    MAX_NODES,
     METHOD_SETTINGS,
     METHODS,
     OPTIMIZERS,
@@ -219,6 +220,11 @@ class JobSpec(StrictModel):
         description="How several GPUs share the job: ddp (each holds the model) or fsdp (weights, gradients and "
         "optimizer state sharded; full and freeze only); auto: fsdp for full fine-tuning on several GPUs, else ddp.",
     )
+    nodes: int = Field(
+        1, ge=1, le=MAX_NODES,
+        description="Hosts the job spans; gpus counts the GPUs of each host, so it runs nodes x gpus ranks with one "
+        "global batch. Above 1: DDP for adapter methods, FSDP for full and freeze (strategy auto), across the hosts.",
+    )
     suffix: str | None = Field(None, max_length=64, description="Added to the fine-tuned model's name.")
 
     @model_validator(mode="after")
@@ -356,3 +362,7 @@ class JobSpec(StrictModel):
 
     def effective_batch(self) -> int:
         return self.hyperparameters.batch_size * self.hyperparameters.gradient_accumulation_steps
+
+    def ranks(self, gpus: int) -> int:
+        """Training processes of the job when it asks for `gpus` GPUs on each of its nodes."""
+        return self.nodes * gpus

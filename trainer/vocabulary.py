@@ -45,6 +45,9 @@ Precision = Literal["auto", "bf16", "fp32"]
 Speed = Literal["auto", "lean", "fast", "balanced"]
 FullPrecision = Literal["fp32_master", "bf16"]
 Strategy = Literal["auto", "ddp", "fsdp"]
+# Hosts one job may span. A job asks for `gpus` GPUs on each of `nodes` hosts: nodes x gpus ranks
+# in all, one global batch of nodes x gpus x batch_size x gradient_accumulation_steps examples.
+MAX_NODES = 64
 # adamw: torch's AdamW (its fused kernel on a GPU, as before this option existed);
 # adamw_fused: the fused kernel on any device; the bitsandbytes ones keep m and v in 8 bits
 # (adamw_8bit) and/or in paged memory that the driver may move to the CPU under pressure.

@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,31 +89,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def trainer_argv(settings: Settings, spec_path: Path, work_dir: Path, resume: bool, num_processes: int = 1) -> list[str]:
-    """The command that runs the trainer as `num_processes` processes (one per leased GPU).
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the ranks of a job across several hosts meet: the leader host's address and a port it
+    chose (rank 0 runs there), how many hosts take part, and which of them this one is."""
+
+    addr: str
+    port: int
+    nodes: int
+    node_rank: int
+
+
+def trainer_argv(settings: Settings, spec_path: Path, work_dir: Path, resume: bool, num_processes: int = 1,
+                 rendezvous: Rendezvous | None = None) -> list[str]:
+    """The command that runs the trainer as `num_processes` processes (one per leased GPU) on this
+    host, joined with the other hosts' processes at `rendezvous` when the job spans several.
 
     One process is started directly: `accelerate launch` would only add a second interpreter that
     imports torch before the trainer does (seconds before the first step), since the trainer
     builds its Accelerator from the spec itself. Several need `--multi_gpu`:
     without it accelerate starts one process whatever --num_processes says. That path is torchrun
     underneath, which also works on a CPU host (gloo), and which stops every rank when one dies
-    (--max_restarts 0: a restart is the worker's business, from the newest checkpoint).
+    (--max_restarts 0: a restart is the worker's business, from the newest checkpoint). Across
+    hosts, accelerate's --num_processes counts the processes of all of them.
     """
     cmd = ["-m", "trainer", "run", str(spec_path), "--out", str(work_dir)]
     if resume:
         cmd.append("--resume")
-    if num_processes > 1:
-        port = str(free_port())
+    if num_processes > 1 or rendezvous is not None:
+        port = str(rendezvous.port if rendezvous else free_port())
+        addr = rendezvous.addr if rendezvous else "127.0.0.1"
+        nodes = rendezvous.nodes if rendezvous else 1
         if settings.accelerate_launch:
+            machines = ["--num_machines", str(nodes)]
+            if rendezvous is not None:
+                machines += ["--machine_rank", str(rendezvous.node_rank), "--main_process_ip", addr]
             launch = [
-                "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-                "--num_machines", "1", "--main_process_port", port, "--max_restarts", "0",
+                "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes * nodes),
+                *machines, "--main_process_port", port, "--max_restarts", "0",
                 "--monitor_interval", "0.5", "--mixed_precision", "no", "--dynamo_backend", "no",
             ]
         else:
+            node_rank = ["--node_rank", str(rendezvous.node_rank)] if rendezvous is not None else []
             launch = [
-                "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes), "--nnodes", "1",
-                "--master_addr", "127.0.0.1", "--master_port", port, "--max_restarts", "0", "--monitor_interval", "0.5",
+                "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes), "--nnodes", str(nodes),
+                *node_rank, "--master_addr", addr, "--master_port", port, "--max_restarts", "0", "--monitor_interval", "0.5",
             ]
         return [sys.executable, *launch, *cmd]
     return [sys.executable, *cmd]

@@ -203,3 +203,53 @@ def test_jobs_are_planned_against_the_gpus_of_the_registered_hosts(client: TestC
     err = r.json()["error"]
     assert err["code"] == "does_not_fit" and err["param"] == "method"
     assert "any registered host (the largest has 0.01 GiB)" in err["message"]
+
+
+@pytest.fixture
+def two_one_gpu_hosts(client: TestClient) -> Iterator[None]:
+    """Two registered hosts of one GPU each, as two workers with their own TUNEQ_HOST_ID announce them."""
+    from core import workers
+
+    for host in ("host-a", "host-b"):
+        workers.register(f"w-{host}", host, 1, "gpu", 60, free=1)
+    yield
+    for host in ("host-a", "host-b"):
+        workers.unregister(f"w-{host}")
+
+
+@pytest.mark.parametrize(("method", "strategy"), [("lora", "ddp"), ("full", "fsdp")])
+def test_a_job_across_hosts_is_planned_over_all_its_ranks(client: TestClient, file_id: str, two_one_gpu_hosts: None,
+                                                         method: str, strategy: str) -> None:
+    body = {"model": "tiny-llama", "training_file": file_id, "method": method, "gpus": 1, "nodes": 2}
+    r = client.post("/v1/fine_tuning/plan", json=body)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["recommendation"]["strategy"] == strategy  # across the hosts as within one: adapters DDP, full FSDP
+    assert got["plan"]["gpus"] == 2 and got["plan"]["nodes"] == 2
+    one = client.post("/v1/fine_tuning/plan", json={**body, "nodes": 1}).json()
+    assert one["recommendation"]["strategy"] == "single"
+    if method == "full":  # sharded over both hosts' ranks: less memory per GPU than on one
+        assert got["plan"]["predicted_peak_gib"] < one["plan"]["predicted_peak_gib"]
+
+
+def test_more_nodes_than_hosts_that_hold_them_is_refused_naming_nodes(client: TestClient, file_id: str,
+                                                                      two_one_gpu_hosts: None) -> None:
+    body = {"model": "tiny-llama", "training_file": file_id, "method": "lora"}
+    for route in ("/v1/fine_tuning/plan", "/v1/fine_tuning/jobs"):
+        r = client.post(route, json={**body, "gpus": 1, "nodes": 3})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "nodes" and err["code"] == "gpus_unavailable", err
+        assert "2 of the 2 registered hosts" in err["message"]
+        r = client.post(route, json={**body, "gpus": 2, "nodes": 2})  # no host has 2
+        assert r.status_code == 400 and r.json()["error"]["param"] == "gpus", r.text
+
+
+def test_a_job_across_hosts_that_fit_is_refused_until_workers_place_it(client: TestClient, file_id: str,
+                                                                        two_one_gpu_hosts: None) -> None:
+    r = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id, "method": "lora",
+                                                   "gpus": 1, "nodes": 2})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "nodes" and err["code"] == "multi_host_unavailable", err
+    assert client.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing left queued that no worker could start

@@ -209,7 +209,8 @@ def report_rows(f: dict[str, Any]) -> list[tuple[str, str]]:
 def print_plan(got: dict[str, Any], model: str) -> None:
     """The plan route's answer: memory per method and its parts, notes, the recommendation, the time."""
     p = got["plan"]
-    table = Table(title=f"{model}: {p['model']['params'] / 1e9:.3g}B params, {p['gpus']} x {p['available_gib']:g} GiB "
+    hosts = f" on {p['nodes']} hosts" if p.get("nodes", 1) > 1 else ""
+    table = Table(title=f"{model}: {p['model']['params'] / 1e9:.3g}B params, {p['gpus']} x {p['available_gib']:g} GiB{hosts} "
                         f"(usable {p['usable_bytes'] / 2**30:.1f} GiB), max_seq_len {p['seq_len']}")
     table.add_column("method")
     table.add_column("batch", justify="right")

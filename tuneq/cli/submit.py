@@ -115,7 +115,8 @@ def submit(
     suffix: Annotated[str | None, typer.Option(help="Added to the fine-tuned model's name.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of data order and init.")] = None,
     priority: Annotated[int | None, typer.Option(help="Higher runs first (default 0).")] = None,
-    gpus: Annotated[int | None, typer.Option(help="GPUs the job needs (default 1).")] = None,
+    gpus: Annotated[int | None, typer.Option(help="GPUs the job needs on each host (default 1).")] = None,
+    nodes: Annotated[int | None, typer.Option(help="Hosts the job spans, --gpus on each (default 1).")] = None,
     watch_it: Annotated[bool, typer.Option("--watch", help="Then follow it like `tuneq watch`.")] = False,
 ) -> None:
     """Upload the data, create a fine-tuning job and print its id."""
@@ -148,7 +149,8 @@ def submit(
         body["method"] = _preference_method(body.get("method"), objective, beta)
     elif beta is not None:
         raise fail(f"--beta: applies to --objective {', '.join(PREFERENCE_OBJECTIVES)}")
-    for key, value in (("suffix", suffix), ("seed", seed), ("priority", priority), ("gpus", gpus)):
+    for key, value in (("suffix", suffix), ("seed", seed), ("priority", priority), ("gpus", gpus),
+                       ("nodes", nodes)):
         if value is not None:
             body[key] = value
     if eval_file is not None:
