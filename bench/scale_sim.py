@@ -15,8 +15,10 @@ host's worker runs `take` at once, as when its slot picks the next message) and 
 that is the dispatch latency reported, and the GPUs stay idle for that long in virtual time too.
 No preemption: all jobs have priority 0.
 
-GPU memory: `take` on main knows GPU counts only; the simulation filters, per host, the queue that
-`take` sees down to the jobs whose per-GPU memory fits that host's GPUs (see FIT below).
+GPU memory: each job's `min_gpu_memory_gib` is its drawn per-GPU need (what admission records from
+its plan), and each host's GpuPool is built by `GpuPool.for_host` from the settings a real worker
+of that host would have (TUNEQ_GPUS, TUNEQ_GPU_MEMORY_GIB, TUNEQ_HOST_ID), so `take` checks the fit
+itself (core/scheduling.py `Waiting.fits`).
 
 Users: 4 teams of 5; in each team one heavy user queues 1,000 jobs (of 10,000) before anyone
 else, the four others 375 each, queued after them, interleaved.
@@ -49,7 +51,8 @@ TEAMS, USERS_PER_TEAM = 4, 5
 # The database and the lock files live in memory where the machine has /dev/shm: on a shared
 # disk, fsyncs and lock-file writes, not the scheduler, would set the pace.
 SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") else None
-FIT = "a per-host memory filter in the simulation (worker/placement.py on main had no memory check)"
+FIT = ("tuneq's own (`take` with each host's GpuPool memory from TUNEQ_GPU_MEMORY_GIB, each job's "
+       "`min_gpu_memory_gib`)")
 
 
 @dataclass
@@ -164,7 +167,7 @@ def setup_db(tmp: Path, fair: bool, jobs: dict[str, SimJob]) -> None:
         s.execute(insert(Job), [{
             "id": j.id, "owner_id": j.user, "status": "queued", "model": "sim", "method": "lora", "spec": {},
             "training_file": "file-sim", "priority": 0, "gpus": j.gpus, "progress": {}, "metrics": {},
-            "created_at": j.created,
+            "created_at": j.created, "min_gpu_memory_gib": float(j.mem),
         } for j in jobs.values()])
 
 
@@ -183,29 +186,11 @@ def simulate(n_jobs: int, n_hosts: int, seed: int, fair: bool) -> Run:
     Clock.t = EPOCH + n_jobs * 0.01
     setup_db(tmp, fair, jobs)
     settings = get_settings()
-    for h in hosts:
-        h.pool = GpuPool(h.gpus, tmp / "locks" / h.name, kind="gpu", host=h.name)
+    for h in hosts:  # as a worker started with this host's settings builds its pool
+        h.pool = GpuPool.for_host(settings.model_copy(update={
+            "gpus": h.gpus, "gpu_memory_gib": float(h.mem), "host_id": h.name, "gpu_lock_dir": tmp / "locks" / h.name}))
+        assert h.pool.memory_gib == h.mem and h.pool.kind == "gpu"
 
-    real_waiting = placement.waiting
-    current = {"mem": 0}
-
-    class Fitting:
-        """FIT: the queue `take` sees, less the jobs too big for this host's GPU memory. Lazy like
-        the queue itself, which reads each user's oldest jobs first and the rest only if needed."""
-
-        def __init__(self, queue, mem: int):  # noqa: ANN001
-            self.queue, self.mem = queue, mem
-
-        def __iter__(self):  # noqa: ANN204
-            return (w for w in self.queue if jobs[w.id].mem <= self.mem)
-
-        def __bool__(self) -> bool:
-            return any(True for _ in self)
-
-    def fitting_waiting(db):  # noqa: ANN001, ANN202
-        return Fitting(real_waiting(db), current["mem"])
-
-    placement.waiting = fitting_waiting
     db = get_sessionmaker()()
     run = Run(jobs, hosts)
     queued = set(jobs)
@@ -214,7 +199,6 @@ def simulate(n_jobs: int, n_hosts: int, seed: int, fair: bool) -> Run:
 
     def fill(hi: int) -> None:
         h = hosts[hi]
-        current["mem"] = h.mem
         while queued and h.pool.free() > 0:
             wake = next(iter(queued))  # the message that woke the worker; it runs what fits first
             t0 = time.perf_counter()
@@ -256,7 +240,6 @@ def simulate(n_jobs: int, n_hosts: int, seed: int, fair: bool) -> Run:
     run.wall_s = time.perf_counter() - wall0
     assert not queued, f"{len(queued)} jobs never ran"
     db.close()
-    placement.waiting = real_waiting
     run.makespan_h = (max(j.end for j in jobs.values()) - EPOCH) / 3600
     return run
 
@@ -307,7 +290,7 @@ def decision_cost(sizes: list[int], fair: bool, reps: int = 5) -> dict[int, floa
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
-            pick(waiting(db), free=4, total=8, t=Clock.t)
+            pick(waiting(db), free=4, total=8, t=Clock.t, memory_gib=80.0)
             times.append(time.perf_counter() - t0)
             db.rollback()
         db.close()
