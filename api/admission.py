@@ -27,7 +27,7 @@ from api.job_spec import build_spec
 from api.limits import check_file_tokens
 from api.schemas import CreateJobRequest
 from core import states
-from core.jobs import create_job
+from core.jobs import check_gpus_fit, create_job
 from core.limits import (check_gpus_allowed, check_job_quota, deleted_files, job_file_ids, planned_gpu_hours,
                          release_job_slot, take_job_slot)
 from core.model_roots import resolve_model
@@ -36,7 +36,9 @@ from core.policy import check_priority
 from core.queue import enqueue_job
 from core.db import session_scope
 from core.settings import Settings, get_settings
+from trainer.data.parse import EVAL_FORMAT
 from trainer.spec import Hyperparameters, JobSpec
+from trainer.vocabulary import extra_files
 
 log = logging.getLogger("tuneq.api")
 
@@ -154,16 +156,21 @@ def build(req: Request, one: OnePlan) -> JobSpec:
 def job_files(db: Session, user: User, spec: JobSpec, req: Request) -> list[tuple[File, str, str]]:
     """(file, param, format) of every file the job reads, each usable by this user.
 
-    Mix and forgetting files may be in any format: replay data is often raw text.
+    Mix and forgetting files may be in any format (replay data is often raw text); the eval file
+    is in the eval format.
     """
     fmt = "preference" if spec.is_preference else spec.data_format  # as the trainer reads them
     files: list[tuple[File, str, str]] = [(req.training, "training_file", fmt)]
     if req.validation is not None:
         files.append((req.validation, "validation_file", fmt))
-    for k, source in enumerate(spec.mix):
-        files.append((usable_file(db, source.file, f"mix[{k}].file", user), f"mix[{k}].file", "auto"))
-    if spec.forgetting_file:
-        files.append((usable_file(db, spec.forgetting_file, "forgetting_file", user), "forgetting_file", "auto"))
+    for param, file_id, file_format in extra_files(spec.model_dump(mode="json")):
+        f = usable_file(db, file_id, param, user)
+        uploaded_as = (f.report or {}).get("format")
+        if file_format == EVAL_FORMAT and uploaded_as != EVAL_FORMAT:
+            raise APIError(400, f"{param}: file {f.id} is a {uploaded_as} file; an eval file has lines "
+                           "{\"messages\": [... ending with a user turn], \"expected\": \"the answer\"}",
+                           param=param, code="invalid_file")
+        files.append((f, param, file_format))
     return files
 
 
@@ -219,7 +226,7 @@ def rate_slot(user: User, settings: Settings) -> Iterator[None]:
 def admit(db: Session, user: User, body: CreateJobRequest, settings: Settings) -> Job:
     """Check a creation body, store the job with its plan and data check, and enqueue it."""
     check_priority(db, user, body.priority, settings)
-    check_gpus_allowed(body.gpus, settings)
+    check_gpus_allowed(body.gpus, settings, body.nodes or 1)
     req = resolve(db, user, body, settings)
     one = OnePlan(req, settings, refuse=True)
     spec = build(req, one)
@@ -232,7 +239,7 @@ def admit(db: Session, user: User, body: CreateJobRequest, settings: Settings) -
     planning.refuse_if_too_big(job_plan)  # before OOM on a GPU an hour from now
     check_schedule(spec, settings)
     with rate_slot(user, settings):  # taken only now: a refused body uses no slot
-        check_job_quota(db, user, body.gpus, settings, planned_gpu_hours(job_plan))
+        check_job_quota(db, user, spec.ranks(body.gpus), settings, planned_gpu_hours(job_plan))
         spec_json = spec.model_dump(mode="json")
         gone = deleted_files(db, job_file_ids(req.training.id, req.validation.id if req.validation else None, spec_json))
         if gone:  # deleted while this request was checking the job
@@ -244,7 +251,7 @@ def admit(db: Session, user: User, body: CreateJobRequest, settings: Settings) -
             validation_file=req.validation, suffix=spec.suffix, owner_id=user.id, priority=body.priority, gpus=body.gpus,
             validated=now_,
         )
-        job.plan = job_plan
+        set_plan(job, job_plan)
         if not now_:
             # Stored under this process's lease before the answer: if the process dies before the
             # check ends, another API process finds the lapsed lease and checks the job.
@@ -256,6 +263,13 @@ def admit(db: Session, user: User, body: CreateJobRequest, settings: Settings) -
         validation.CHECKER.start(job.id)
         return job
     return enqueue_checked(db, job)
+
+
+def set_plan(job: Job, plan: dict[str, Any] | None) -> None:
+    """Store the job's plan and the least GPU memory it needs, which the workers check cheaply:
+    only a checked plan (a model the planner vouches for) keeps a job off smaller GPUs."""
+    job.plan = plan
+    job.min_gpu_memory_gib = plan.get("min_gpu_memory_gib") if plan is not None and plan.get("checked") else None
 
 
 def record_check(db: Session, job: Job, data_stats: dict[str, dict[str, Any]], max_len: int) -> None:
@@ -314,8 +328,12 @@ def finish_validation(job_id: str, owner: str) -> None:
             return
         tokens = planning.tokens_of(stats.get("training_file"))
         if tokens and job.plan is not None:
-            p = planning.make_plan(job.spec, spec.model, job.gpus, settings, dataset_tokens=tokens)
-            job.plan = planning.to_json(p) if p is not None else job.plan
+            spec_like = job.spec
+            if job.plan.get("requested_batch_size") == "auto":  # still each host's to pick
+                spec_like = {**spec_like, "hyperparameters": {**spec_like["hyperparameters"], "batch_size": "auto"}}
+            p = planning.make_plan(spec_like, spec.model, job.gpus, settings, dataset_tokens=tokens)
+            if p is not None:
+                set_plan(job, planning.to_json(p))
         states.transition(db, job, states.QUEUED, "Job queued.")
         try:
             queue_checked(db, job, stats, spec.hyperparameters.max_seq_len)
@@ -328,6 +346,7 @@ def plan_only(db: Session, user: User, body: CreateJobRequest, settings: Setting
     req = resolve(db, user, body, settings, validation=False)
     one = OnePlan(req, settings, refuse=False)
     spec = build(req, one)
+    check_gpus_fit(body.gpus, spec.nodes)
     tokens = None
     if not one.made:
         tokens = training_tokens(req, spec.hyperparameters.max_seq_len, spec.data_format, spec.train_on_inputs)

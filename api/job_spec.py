@@ -276,13 +276,14 @@ def build_spec(
         if param and user_param != param:
             message = message.replace(param, user_param, 1)
         raise APIError(400, message, param=user_param, code="invalid_value") from None
-    if spec.optimizer_in_backward and req.gpus > 1:
+    ranks = spec.ranks(req.gpus)
+    if spec.optimizer_in_backward and ranks > 1:
         # The spec cannot see the GPU count; the trainer would refuse it only once the job runs.
-        raise bad_request(f"optimizer_in_backward: runs on one GPU, this job asks for {req.gpus}; give gpus 1 "
+        raise bad_request(f"optimizer_in_backward: runs on one GPU, this job asks for {ranks}; give gpus 1 and nodes 1 "
                           "or optimizer_in_backward false", "optimizer_in_backward")
-    if spec.objective == "dpo" and spec.method in WHOLE_WEIGHT_METHODS and req.gpus > 1 and spec.strategy == "auto":
+    if spec.objective == "dpo" and spec.method in WHOLE_WEIGHT_METHODS and ranks > 1 and spec.strategy == "auto":
         # auto would shard full fine-tuning over several GPUs, which DPO's frozen reference cannot be.
-        raise bad_request(f"strategy: DPO of method {spec.method!r} on {req.gpus} GPUs needs strategy 'ddp' (auto "
+        raise bad_request(f"strategy: DPO of method {spec.method!r} on {ranks} GPUs needs strategy 'ddp' (auto "
                           "would shard it with fsdp, which keeps no whole reference copy)", "strategy")
     try:
         check_spec_model(spec)  # module names of a meta-device model: no weights are read

@@ -77,6 +77,7 @@ class JobOut(BaseModel):
     metrics: dict[str, Any]
     started_at: int | None
     host: str | None = None  # the host that runs the job, or ran it last
+    gpu: dict[str, Any] | None = None  # that host's GPUs: name, memory_gib, count
     # Predicted peak GPU memory (the planner's, at creation) next to the measured one.
     plan: dict[str, Any] | None = None
 
@@ -163,7 +164,7 @@ class _JobRequest(BaseModel):
         "without a method, that job's method and settings are used.",
     )
     priority: int = Field(0, ge=-100, le=100, description="Higher runs first.")
-    gpus: int = Field(1, ge=1, le=64, description="GPUs of one host the job needs.")
+    gpus: int = Field(1, ge=1, le=64, description="GPUs the job needs on each of its hosts (see nodes).")
     integrations: list[Any] | None = None
     metadata: dict[str, str] | None = None
 

@@ -13,7 +13,7 @@ import redis
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from core import states
+from core import fairshare, states
 from core.models import File, Job, now
 from core.retries import retry_or_fail
 
@@ -47,7 +47,9 @@ def create_job(
     validated=False leaves it in `validating_files`, for a data check that ends after the call.
     The caller commits, then calls core.queue.enqueue_job(job.id).
     """
-    check_gpus_fit(gpus)
+    nodes = int(spec.get("nodes") or 1)
+    check_gpus_fit(gpus, nodes)
+    check_runnable(nodes)
     job = Job(
         spec=spec, model=model, method=method, training_file=training_file.id,
         validation_file=validation_file.id if validation_file else None, suffix=suffix,
@@ -64,20 +66,41 @@ def create_job(
     return job
 
 
-def check_gpus_fit(gpus: int) -> None:
-    """Refuse a job no registered host has enough GPUs for; with no worker registered, accept
-    (hosts may join later). The registry lives in Redis; if it is unreachable, so is the queue,
-    and enqueueing reports that."""
+def check_gpus_fit(gpus: int, nodes: int = 1) -> None:
+    """Refuse a job that no set of registered hosts could hold: `nodes` distinct hosts of at least
+    `gpus` GPUs each. With no worker registered, accept (hosts may join later). The registry lives
+    in Redis; if it is unreachable, so is the queue, and enqueueing reports that."""
     from core import workers
 
     try:
-        largest = workers.largest_host()
+        sizes = workers.host_sizes()
     except redis.RedisError:
         return
-    if largest is not None and gpus > largest:
+    if not sizes:
+        return
+    largest = max(sizes.values())
+    if gpus > largest:
         raise JobError(
             f"gpus: {gpus} GPUs requested, but the largest registered host has {largest}; allowed 1..{largest}",
             "gpus", "gpus_unavailable",
+        )
+    enough = sum(1 for n in sizes.values() if n >= gpus)
+    if nodes > enough:
+        raise JobError(
+            f"nodes: {nodes} hosts of {gpus} GPUs each requested, but {enough} of the {len(sizes)} registered hosts "
+            f"have {gpus} or more; allowed 1..{enough}",
+            "nodes", "gpus_unavailable",
+        )
+
+
+def check_runnable(nodes: int) -> None:
+    """Workers place a job on one host only, so far: a job across several hosts is planned and its
+    hosts are checked, then refused here rather than left queued with nobody able to start it."""
+    if nodes > 1:
+        raise JobError(
+            f"nodes: {nodes} hosts requested; the workers cannot yet start one job on several hosts (see the plan "
+            "with POST /v1/fine_tuning/plan); give nodes 1",
+            "nodes", "multi_host_unavailable",
         )
 
 
@@ -149,10 +172,14 @@ def heartbeat(db: Session, job_id: str, worker_id: str, attempt: int) -> Job | N
         .values(lease_heartbeat_at=now())
         .execution_options(synchronize_session=False)
     )
-    db.commit()
     if res.rowcount != 1:
+        db.commit()
         return None
-    return db.get(Job, job_id, populate_existing=True)
+    job = db.get(Job, job_id, populate_existing=True)
+    if job is not None:  # the UPDATE holds the row's lock: charging its GPU use cannot race
+        fairshare.accrue(db, job, now())
+    db.commit()
+    return job
 
 
 def holds_lease(job: Job, worker_id: str, attempt: int) -> bool:

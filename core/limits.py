@@ -21,6 +21,7 @@ from core import states
 from core.identity import DELETED
 from core.models import File, Job, User
 from core.settings import Settings, get_settings
+from trainer.vocabulary import extra_files
 
 # Paused jobs hold no GPU but still count as the user's jobs: they come back.
 ACTIVE = (states.VALIDATING, states.QUEUED, states.RUNNING, states.CANCELLING, states.PAUSED)
@@ -53,12 +54,14 @@ def lock_user(db: Session, user_id: str) -> None:
     db.execute(update(User).where(User.id == user_id).values(name=User.name))
 
 
-def check_gpus_allowed(gpus: int, settings: Settings | None = None) -> None:
-    """A job asking for more GPUs than a user may ever hold: refused before any other work."""
+def check_gpus_allowed(gpus: int, settings: Settings | None = None, nodes: int = 1) -> None:
+    """A job asking for more GPUs (gpus on each of its nodes) than a user may ever hold: refused
+    before any other work."""
     settings = settings or get_settings()
-    if gpus > settings.max_gpus_per_user:
+    if gpus * nodes > settings.max_gpus_per_user:
+        asked = f"{gpus} GPUs on each of {nodes} nodes" if nodes > 1 else str(gpus)
         raise LimitExceeded(
-            f"gpus: {gpus} is more than the {settings.max_gpus_per_user} GPUs a user may use (TUNEQ_MAX_GPUS_PER_USER)",
+            f"gpus: {asked} is more than the {settings.max_gpus_per_user} GPUs a user may use (TUNEQ_MAX_GPUS_PER_USER)",
             "gpu_limit", "gpus",
         )
 
@@ -76,9 +79,11 @@ def check_job_quota(db: Session, user: User, gpus: int, settings: Settings | Non
     settings = settings or get_settings()
     check_gpus_allowed(gpus, settings)
     lock_user(db, user.id)
-    rows = db.execute(select(Job.status, Job.gpus, Job.plan).where(Job.owner_id == user.id, Job.status.in_(ACTIVE))).all()
+    rows = db.execute(select(Job.status, Job.gpus, Job.plan, Job.spec)
+                      .where(Job.owner_id == user.id, Job.status.in_(ACTIVE))).all()
     active = len(rows)
-    used = sum(g for status, g, _ in rows if status in HOLDING_GPUS)
+    # A job across hosts holds its gpus on each of its nodes.
+    used = sum(g * int((spec or {}).get("nodes") or 1) for status, g, _, spec in rows if status in HOLDING_GPUS)
     if active >= settings.max_active_jobs_per_user:
         raise LimitExceeded(
             f"you have {active} unfinished jobs, the most a user may have (TUNEQ_MAX_ACTIVE_JOBS_PER_USER="
@@ -92,7 +97,7 @@ def check_job_quota(db: Session, user: User, gpus: int, settings: Settings | Non
             "gpu_limit", "gpus",
         )
     if gpu_hours is not None:
-        booked = sum(planned_gpu_hours(plan) or 0.0 for _, _, plan in rows)
+        booked = sum(planned_gpu_hours(plan) or 0.0 for _, _, plan, _ in rows)
         if booked + gpu_hours > settings.max_gpu_hours_per_user:
             raise LimitExceeded(
                 f"hyperparameters: the planner estimates this job at {gpu_hours:.3g} GPU-hours and your unfinished "
@@ -179,9 +184,8 @@ def check_file_quota(db: Session, user: User, size: int, settings: Settings | No
 
 
 def job_file_ids(training: str | None, validation: str | None, spec: dict | None) -> set[str]:
-    """Every file a job reads: training and validation data, mix and forgetting files."""
-    spec = spec or {}
-    named = {training, validation, spec.get("forgetting_file")} | {m.get("file") for m in spec.get("mix") or []}
+    """Every file a job reads: training and validation data, mix, forgetting and eval files."""
+    named = {training, validation} | {file_id for _, file_id, _ in extra_files(spec or {})}
     return {f for f in named if isinstance(f, str)}
 
 

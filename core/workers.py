@@ -56,16 +56,32 @@ def hosts() -> list[dict[str, Any]]:
     return [by_host[k] for k in sorted(by_host)]
 
 
+def host_sizes() -> dict[str, int]:
+    """GPUs of each registered host, by host id (the largest count its workers report)."""
+    sizes: dict[str, int] = {}
+    for w in registered():
+        sizes[w["host"]] = max(sizes.get(w["host"], 0), int(w["gpus"]))
+    return sizes
+
+
 def largest_host() -> int | None:
     """GPUs of the biggest registered host, or None when no worker is registered (yet)."""
-    hosts: dict[str, int] = {}
-    for w in registered():
-        hosts[w["host"]] = max(hosts.get(w["host"], 0), int(w["gpus"]))
-    return max(hosts.values()) if hosts else None
+    sizes = host_sizes()
+    return max(sizes.values()) if sizes else None
 
 
 def total_devices() -> int:
-    hosts: dict[str, int] = {}
-    for w in registered():
-        hosts[w["host"]] = max(hosts.get(w["host"], 0), int(w["gpus"]))
-    return sum(hosts.values())
+    return sum(host_sizes().values())
+
+
+def gpu_memory_gib(gpu_info: list[dict[str, Any]]) -> float | None:
+    """Memory of a host's smallest GPU (a job may get any of them); None when not reported."""
+    sizes = [float(g["memory_gib"]) for g in gpu_info if isinstance(g.get("memory_gib"), int | float)]
+    return min(sizes) if sizes else None
+
+
+def largest_gpu_memory(gpus: int = 1) -> float | None:
+    """GiB of the largest GPU on a registered host with at least `gpus` GPUs; None when no such
+    host reports its GPUs' memory (then a plan falls back to TUNEQ_PLAN_GPU_MEMORY_GIB)."""
+    sizes = [m for h in hosts() if h["gpus"] >= gpus and (m := gpu_memory_gib(h["gpu_info"])) is not None]
+    return max(sizes) if sizes else None

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from trainer.eval_settings import EvalSettings, check_eval_settings
 from trainer.method_settings import (
     ExportSettings,
     FreezeSettings,
@@ -25,6 +26,7 @@ from trainer.vocabulary import (  # noqa: F401 - re-exported
     DATA_FORMATS,
     DEFAULT_METHOD,
     FULL_PRECISIONS,
+    MAX_NODES,
     METHOD_SETTINGS,
     METHODS,
     OPTIMIZERS,
@@ -165,6 +167,10 @@ class JobSpec(StrictModel):
     forgetting_file: str | None = Field(
         None, description="General held-out JSONL; its loss and perplexity before and after training measure forgetting."
     )
+    eval: EvalSettings | None = Field(
+        None, description="Held-out prompts with expected answers: the model answers them at every checkpoint and at "
+        "the end, and graders score the answers (eval_<grader> metrics).",
+    )
     objective: Objective = Field(
         "sft",
         description=" | ".join(OBJECTIVES) + ". sft: learn the assistant's tokens; dpo, simpo, orpo: learn to prefer "
@@ -214,6 +220,11 @@ class JobSpec(StrictModel):
         description="How several GPUs share the job: ddp (each holds the model) or fsdp (weights, gradients and "
         "optimizer state sharded; full and freeze only); auto: fsdp for full fine-tuning on several GPUs, else ddp.",
     )
+    nodes: int = Field(
+        1, ge=1, le=MAX_NODES,
+        description="Hosts the job spans; gpus counts the GPUs of each host, so it runs nodes x gpus ranks with one "
+        "global batch. Above 1: DDP for adapter methods, FSDP for full and freeze (strategy auto), across the hosts.",
+    )
     suffix: str | None = Field(None, max_length=64, description="Added to the fine-tuned model's name.")
 
     @model_validator(mode="after")
@@ -227,6 +238,10 @@ class JobSpec(StrictModel):
         self._in_backward_rules()
         self._preference_rules()
         check_method_settings(self)
+        check_eval_settings(self)
+        if self.strategy == "fsdp" and self.eval is not None:
+            raise ValueError("eval: answers are generated on each GPU's whole model, which strategy 'fsdp' shards; "
+                             "give strategy 'ddp' (or 'auto' with one GPU) or leave eval out")
         if self.strategy == "fsdp" and self.method not in ("full", "freeze"):
             raise ValueError(
                 f"strategy: fsdp shards full fine-tuning (method 'full' or 'freeze'), not {self.method!r}; "
@@ -347,3 +362,7 @@ class JobSpec(StrictModel):
 
     def effective_batch(self) -> int:
         return self.hyperparameters.batch_size * self.hyperparameters.gradient_accumulation_steps
+
+    def ranks(self, gpus: int) -> int:
+        """Training processes of the job when it asks for `gpus` GPUs on each of its nodes."""
+        return self.nodes * gpus

@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from core.models import File, Job
 from core.settings import Settings
 from core.storage import get_storage
 from trainer.spec import JobSpec
+from trainer.vocabulary import extra_files, with_files
 from worker.continuation import resolve_init_from
 
 # The worker may run from anywhere; the trainer package is importable from where trainer.spec is.
@@ -47,21 +49,14 @@ def runnable_spec(db: Session, job: Job) -> dict[str, Any]:
             raise SpecError(f"{field}: file {file_id} does not exist", field)
         # A local copy: the trainer reads files, and S3 storage keeps them in a bucket.
         spec[field] = str(storage.local_path(f.storage_key))
-    # Replay and forgetting files are stored files named by id, like training_file.
-    named = [("forgetting_file", spec.get("forgetting_file"))]
-    named += [(f"mix[{k}].file", m.get("file")) for k, m in enumerate(spec.get("mix") or []) if isinstance(m, dict)]
+    # Replay, forgetting and eval files are stored files named by id, like training_file.
     paths = {}
-    for field, file_id in named:
-        if not file_id:
-            continue
+    for field, file_id, _ in extra_files(spec):
         f = db.get(File, file_id)
         if f is None:
             raise SpecError(f"{field}: file {file_id} does not exist", field)
         paths[field] = str(storage.local_path(f.storage_key))
-    if "forgetting_file" in paths:
-        spec["forgetting_file"] = paths["forgetting_file"]
-    if spec.get("mix"):
-        spec["mix"] = [{**m, "file": paths[f"mix[{k}].file"]} for k, m in enumerate(spec["mix"])]
+    spec = with_files(spec, paths)
     if spec.get("init_from"):
         try:
             spec["init_from"] = resolve_init_from(db, spec["init_from"])
@@ -94,36 +89,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def trainer_argv(settings: Settings, spec_path: Path, work_dir: Path, resume: bool, num_processes: int = 1) -> list[str]:
-    """The command that runs the trainer as `num_processes` processes (one per leased GPU).
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the ranks of a job across several hosts meet: the leader host's address and a port it
+    chose (rank 0 runs there), how many hosts take part, and which of them this one is."""
 
-    One process runs under `accelerate launch` as a plain child. Several need `--multi_gpu`:
+    addr: str
+    port: int
+    nodes: int
+    node_rank: int
+
+
+def trainer_argv(settings: Settings, spec_path: Path, work_dir: Path, resume: bool, num_processes: int = 1,
+                 rendezvous: Rendezvous | None = None) -> list[str]:
+    """The command that runs the trainer as `num_processes` processes (one per leased GPU) on this
+    host, joined with the other hosts' processes at `rendezvous` when the job spans several.
+
+    One process is started directly: `accelerate launch` would only add a second interpreter that
+    imports torch before the trainer does (seconds before the first step), since the trainer
+    builds its Accelerator from the spec itself. Several need `--multi_gpu`:
     without it accelerate starts one process whatever --num_processes says. That path is torchrun
     underneath, which also works on a CPU host (gloo), and which stops every rank when one dies
-    (--max_restarts 0: a restart is the worker's business, from the newest checkpoint).
+    (--max_restarts 0: a restart is the worker's business, from the newest checkpoint). Across
+    hosts, accelerate's --num_processes counts the processes of all of them.
     """
     cmd = ["-m", "trainer", "run", str(spec_path), "--out", str(work_dir)]
     if resume:
         cmd.append("--resume")
-    if num_processes > 1:
-        port = str(free_port())
+    if num_processes > 1 or rendezvous is not None:
+        port = str(rendezvous.port if rendezvous else free_port())
+        addr = rendezvous.addr if rendezvous else "127.0.0.1"
+        nodes = rendezvous.nodes if rendezvous else 1
         if settings.accelerate_launch:
+            machines = ["--num_machines", str(nodes)]
+            if rendezvous is not None:
+                machines += ["--machine_rank", str(rendezvous.node_rank), "--main_process_ip", addr]
             launch = [
-                "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-                "--num_machines", "1", "--main_process_port", port, "--max_restarts", "0",
+                "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes * nodes),
+                *machines, "--main_process_port", port, "--max_restarts", "0",
                 "--monitor_interval", "0.5", "--mixed_precision", "no", "--dynamo_backend", "no",
             ]
         else:
+            node_rank = ["--node_rank", str(rendezvous.node_rank)] if rendezvous is not None else []
             launch = [
-                "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes), "--nnodes", "1",
-                "--master_addr", "127.0.0.1", "--master_port", port, "--max_restarts", "0", "--monitor_interval", "0.5",
+                "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes), "--nnodes", str(nodes),
+                *node_rank, "--master_addr", addr, "--master_port", port, "--max_restarts", "0", "--monitor_interval", "0.5",
             ]
-        return [sys.executable, *launch, *cmd]
-    if settings.accelerate_launch:
-        launch = [
-            "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no",
-        ]
         return [sys.executable, *launch, *cmd]
     return [sys.executable, *cmd]
 
@@ -137,6 +148,8 @@ def trainer_env(settings: Settings | None = None) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CODE_ROOT), env.get("PYTHONPATH", "")) if p)
     # Events and logs must reach their files as they happen, not when a buffer fills.
     env["PYTHONUNBUFFERED"] = "1"
+    # Triton kernels' autotuning results kept in its on-disk cache: a later job skips the search.
+    env.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     for name in BENCH_ONLY_ENV:
         env.pop(name, None)
     if settings is not None:

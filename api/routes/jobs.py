@@ -11,10 +11,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from sqlalchemy import and_, or_, select
-from sqlalchemy.orm import object_session
+from fastapi.responses import Response
+from sqlalchemy.orm import Session, object_session
 
 from api import admission, planning
-from api.deps import ChangeableJob, CurrentUser, ReadableJob, SessionDep, SettingsDep
+from api.crud import load_job
+from api.deps import BearerToken, ChangeableJob, CurrentUser, SessionDep, SettingsDep, read_in_one_hop
 from api.errors import bad_request
 from api.job_spec import base_learning_rate, method_view
 from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
@@ -23,7 +25,8 @@ from core import states
 from core.control import request_pause, request_resume
 from core.identity import can_read_job, readable_jobs
 from core.jobs import request_cancel
-from core.models import Job
+from core.models import Job, User
+from core.settings import Settings
 from core.progress import job_progress
 from core.queue import enqueue_job
 
@@ -56,8 +59,8 @@ def job_out(job: Job) -> JobOut:
         estimated_finish=_int(progress.get("estimated_finish")),
         method=method_view({**spec, "method": method}, hp),
         user_provided_suffix=job.suffix, priority=job.priority, gpus=job.gpus,
-        progress=progress, metrics=job.metrics or {}, started_at=_int(job.started_at), host=job.host,
-        plan=planning.job_view(job.plan, job.progress, job.metrics),
+        progress=progress, metrics=job.metrics or {}, started_at=_int(job.started_at), host=job.host, gpu=job.gpu,
+        plan=planning.job_view(job.plan, job.progress, job.metrics, job.min_gpu_memory_gib),
     )
 
 
@@ -66,15 +69,18 @@ def create_fine_tuning_job(body: CreateJobRequest, user: CurrentUser, db: Sessio
     return job_out(admission.admit(db, user, body, settings))
 
 
-@router.get("")
-def list_fine_tuning_jobs(
-    user: CurrentUser,
-    db: SessionDep,
+@router.get("", response_model=Page[JobOut])
+async def list_fine_tuning_jobs(
+    token: BearerToken,
     settings: SettingsDep,
     after: AfterQuery = None,
     limit: LimitQuery = DEFAULT_LIMIT,
     status: Annotated[str | None, Query(description="Only jobs in this status (tuneq extension).")] = None,
-) -> Page[JobOut]:
+) -> Response:
+    return await read_in_one_hop(_list_jobs, token, settings, after, limit, status)
+
+
+def _list_jobs(db: Session, user: User, settings: Settings, after: str | None, limit: int, status: str | None) -> Page[JobOut]:
     check_limit(limit, settings)
     stmt = select(Job).where(readable_jobs(user))
     if status is not None:
@@ -88,9 +94,13 @@ def list_fine_tuning_jobs(
     return make_page(rows, limit, job_out)
 
 
-@router.get("/{job_id}")
-def get_fine_tuning_job(job: ReadableJob) -> JobOut:
-    return job_out(job)
+@router.get("/{job_id}", response_model=JobOut)
+async def get_fine_tuning_job(job_id: str, token: BearerToken) -> Response:
+    return await read_in_one_hop(_read_job, token, job_id)
+
+
+def _read_job(db: Session, user: User, job_id: str) -> JobOut:
+    return job_out(load_job(db, job_id, user))
 
 
 @router.post("/{job_id}/cancel")

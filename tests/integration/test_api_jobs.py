@@ -146,6 +146,10 @@ BAD_VALUES = [
     ({"schedule": {"log_every_steps": 0}}, "schedule.log_every_steps"),
     ({"priority": 1000}, "priority"),
     ({"gpus": 0}, "gpus"),
+    ({"nodes": 0}, "nodes"),
+    ({"nodes": 65}, "nodes"),
+    ({"method": "full", "optimizer_in_backward": True, "hyperparameters": {"max_grad_norm": 0},
+      "nodes": 2}, "optimizer_in_backward"),  # two ranks, on two hosts
     ({"typo_field": 1}, "typo_field"),
     ({"model": "no-such-model"}, "model"),
     ({"training_file": "file-nope"}, "training_file"),

@@ -68,6 +68,8 @@ def test_gpus_per_user(limits, member: TestClient) -> None:  # noqa: ANN001
     too_many = create(member, f, gpus=4)
     assert too_many.status_code == 403 and too_many.json()["error"]["param"] == "gpus"
     assert "3 GPUs" in too_many.json()["error"]["message"]
+    across = create(member, f, gpus=2, nodes=2)  # the GPUs of every host count
+    assert across.status_code == 403 and "2 GPUs on each of 2 nodes" in across.json()["error"]["message"], across.text
     job = create(member, f, gpus=2).json()
     over = create(member, f, gpus=2)
     assert over.status_code == 403 and over.json()["error"]["code"] == "gpu_limit"
@@ -75,6 +77,21 @@ def test_gpus_per_user(limits, member: TestClient) -> None:  # noqa: ANN001
     assert create(member, f, gpus=1).status_code == 200
     member.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
     assert create(member, f, gpus=2).status_code == 200
+
+
+def test_a_job_across_hosts_counts_the_gpus_of_every_host(limits, member: TestClient) -> None:  # noqa: ANN001
+    from core.db import session_scope
+    from core.models import Job
+
+    limits(max_gpus_per_user=3)
+    f = upload(member)
+    job = create(member, f, gpus=1).json()
+    with session_scope() as db:  # as a job across two hosts is stored (creating one is refused for now)
+        row = db.get(Job, job["id"])
+        row.spec = {**row.spec, "nodes": 2}
+    over = create(member, f, gpus=2)
+    assert over.status_code == 403 and "ask for 2 GPUs" in over.json()["error"]["message"], over.text
+    assert create(member, f, gpus=1).status_code == 200
 
 
 def test_job_creation_rate_answers_429_with_retry_after(limits, member: TestClient) -> None:  # noqa: ANN001

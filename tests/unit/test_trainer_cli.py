@@ -228,3 +228,35 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(make_spec, tmp_path
 
     rng = torch.load(tmp_path / "two" / "checkpoints" / "step-00000004" / "rng.pt", weights_only=True)
     assert len(rng) == 2, "the RNG state of every rank is saved"
+
+
+def test_two_hosts_of_one_rank_each_match_one_rank_with_the_same_global_batch(make_spec, tmp_path: Path):
+    # The launch a job across two hosts gets: each host runs the worker's command for its own node
+    # (its own work dir and spec copy) against the leader's rendezvous; gloo carries the gradients.
+    from core.settings import Settings
+    from worker.workdir import Rendezvous, free_port, trainer_argv
+
+    hp = {"max_steps": 3, "learning_rate": 3e-3}
+    one = write_spec(tmp_path / "one.json", make_spec("lora", hyperparameters={**hp, "batch_size": 4}))
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    hosts = []
+    for node in (0, 1):
+        out = tmp_path / f"node{node}"
+        out.mkdir()
+        spec = write_spec(out / "spec.json", make_spec("lora", hyperparameters={**hp, "batch_size": 2}, nodes=2))
+        argv = trainer_argv(Settings(accelerate_launch=True), spec, out, resume=False,
+                            rendezvous=Rendezvous("127.0.0.1", port, nodes=2, node_rank=node))
+        hosts.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    assert trainer("run", str(one), "--out", str(tmp_path / "one"), env=env).returncode == 0
+    for h in hosts:
+        _, err = h.communicate(timeout=240)
+        assert h.returncode == 0, err[-2000:]
+
+    def losses(out: Path) -> list[float]:
+        return [e["data"]["train_loss"] for e in read_events(out / "events.jsonl") if e["type"] == "metrics"]
+
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "node0")
+    assert len(a) == len(b) == 3 and b == pytest.approx(a, rel=1e-5)
+    assert not (tmp_path / "node1" / "events.jsonl").exists(), "events come from rank 0 only"
+    assert (tmp_path / "node0" / "final" / "adapter_model.safetensors").is_file()

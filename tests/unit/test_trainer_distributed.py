@@ -116,12 +116,34 @@ def test_k_processes_launch_with_multi_gpu_and_a_port_of_their_own(tmp_path: Pat
     assert port != 29500 and 1024 <= port < 65536
     assert two[-6:] == ["trainer", "run", str(tmp_path / "spec.json"), "--out", str(tmp_path), "--resume"]
 
+    # One process needs no launcher: a second interpreter importing torch first costs seconds.
     one = trainer_argv(on, tmp_path / "spec.json", tmp_path, resume=False, num_processes=1)
-    assert "--multi_gpu" not in one and one[one.index("--num_processes") + 1] == "1"
+    assert one[1:4] == ["-m", "trainer", "run"]
 
     off = trainer_argv(Settings(accelerate_launch=False), tmp_path / "spec.json", tmp_path, False, num_processes=3)
     assert off[1:3] == ["-m", "torch.distributed.run"] and off[off.index("--nproc_per_node") + 1] == "3"
     assert trainer_argv(Settings(accelerate_launch=False), tmp_path / "s", tmp_path, False)[1:3] == ["-m", "trainer"]
+
+
+def test_a_host_of_a_job_across_hosts_joins_the_leaders_rendezvous(tmp_path: Path) -> None:
+    from core.settings import Settings
+    from worker.workdir import Rendezvous, trainer_argv
+
+    meet = Rendezvous("10.0.0.5", 29611, nodes=3, node_rank=2)
+    acc = trainer_argv(Settings(accelerate_launch=True), tmp_path / "spec.json", tmp_path, False, num_processes=2,
+                       rendezvous=meet)
+    flags = {k: acc[acc.index(k) + 1] for k in ("--num_processes", "--num_machines", "--machine_rank",
+                                                  "--main_process_ip", "--main_process_port")}
+    # accelerate counts the processes of every host; this host runs its 2 of the 6.
+    assert flags == {"--num_processes": "6", "--num_machines": "3", "--machine_rank": "2",
+                     "--main_process_ip": "10.0.0.5", "--main_process_port": "29611"}
+    assert "--multi_gpu" in acc
+    one = trainer_argv(Settings(accelerate_launch=True), tmp_path / "s", tmp_path, False, rendezvous=meet)
+    assert "--multi_gpu" in one and one[one.index("--num_processes") + 1] == "3"  # one rank a host still meets
+    tr = trainer_argv(Settings(accelerate_launch=False), tmp_path / "s", tmp_path, False, num_processes=2, rendezvous=meet)
+    flags = {k: tr[tr.index(k) + 1] for k in ("--nproc_per_node", "--nnodes", "--node_rank", "--master_addr", "--master_port")}
+    assert flags == {"--nproc_per_node": "2", "--nnodes": "3", "--node_rank": "2", "--master_addr": "10.0.0.5",
+                     "--master_port": "29611"}
 
 
 def test_trainer_env_sets_the_timeout_and_drops_bench_switches(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,7 +23,8 @@ def plan(
     max_seq_len: Annotated[int | None, typer.Option("--max-seq-len", help="Tokens per example.")] = None,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the data.")] = None,
     gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")] = None,
-    gpus: Annotated[int, typer.Option(help="GPUs the job would get.")] = 1,
+    gpus: Annotated[int, typer.Option(help="GPUs the job would get on each host.")] = 1,
+    nodes: Annotated[int, typer.Option(help="Hosts the job would span, --gpus on each.")] = 1,
     objective: Annotated[str, typer.Option(help=" | ".join(OBJECTIVES) + " (dpo, simpo, orpo: a preference file; "
                          "two rows a pair, and dpo of full weights a frozen reference).")] = "sft",
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole plan as JSON.")] = False,
@@ -40,7 +41,7 @@ def plan(
         hp["batch_size"] = batch_size if batch_size == "auto" else int(batch_size)
     with client() as c:
         body: dict[str, Any] = {"model": model, "training_file": upload(c, file, "training file"), "method": method,
-                                "hyperparameters": hp, "gpus": gpus}
+                                "hyperparameters": hp, "gpus": gpus, "nodes": nodes}
         if objective in PREFERENCE_OBJECTIVES:
             body["method"] = {"type": objective, objective: {"method": method}}
         if gradient_checkpointing is not None:
