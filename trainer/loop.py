@@ -113,7 +113,8 @@ class Run:
         self._setup_training()
         self._resume()
         if self.forgetting_data is not None and self.state.forgetting_before is None:
-            # Measured on the model as training starts: LoRA's B is zero, so this is the base model.
+            # Measured on the model as training starts (after the method, init_from and any resume), not on
+            # the base: prefix tuning starts with random virtual tokens, a continued job from its parent's weights.
             self.state.forgetting_before = self.forgetting_pass()
         self.phases.mark("prepare")
         self._emit_start()

@@ -168,3 +168,13 @@ def test_cli_plan_prints_the_table_and_json(service_env: dict[str, str], admin_k
     assert r.exit_code == 0, r.output
     got = json.loads(r.stdout[r.stdout.index("{"):])
     assert got["recommendation"]["method"] == "lora" and set(got["plan"]["methods"]) == {"full", "lora", "qlora"}
+
+
+@pytest.mark.parametrize("route", ["/v1/fine_tuning/jobs", "/v1/fine_tuning/plan"])
+def test_prefix_tuning_with_packing_is_refused_naming_packing(client: TestClient, file_id: str, route: str) -> None:
+    # Packed examples would attend to each other: the prefix's key/value cache turns off their mask.
+    r = client.post(route, json={"model": "tiny-llama", "training_file": file_id, "method": "prefix", "packing": True})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "packing" and "prefix" in r.json()["error"]["message"]
+    ok = client.post(route, json={"model": "tiny-llama", "training_file": file_id, "method": "prefix"})
+    assert ok.status_code == 200, ok.text
