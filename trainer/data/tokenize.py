@@ -13,16 +13,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.data.parse import LineError, Message, RawText, Record
+from trainer.data.parse import Chat, LineError, Message, RawText, Record
 
 IGNORE_INDEX = -100
 
+# An assistant turn's tool calls, after its content: one <tool_call>{"name", "arguments"}</tool_call> a line.
+TOOL_CALLS_JINJA = (
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% if message['content'] or not loop.first %}{{ '\n' }}{% endif %}"
+    "{{ '<tool_call>' + {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson"
+    " + '</tool_call>' }}"
+    "{% endfor %}"
+)
+
 # For tokenizers without a chat template (base models). Plain-text role markers; EOS after each
-# assistant turn so the model learns to stop.
+# assistant turn so the model learns to stop. Tools, tool calls and tool turns as in trainer.tiny.
 FALLBACK_CHAT_TEMPLATE = (
     "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% if tools %}{{ '### Tools:' }}"
+    "{% for tool in tools %}{{ '\n' + tool['function'] | tojson }}{% endfor %}{{ '\n\n' }}{% endif %}"
     "{% for message in messages %}"
-    "{{ '### ' + message['role'] | capitalize + ':\n' + message['content'] }}"
+    "{{ '### ' + ('system' if message['role'] == 'developer' else message['role']) | capitalize + ':\n' }}"
+    "{% if message['content'] %}{{ message['content'] }}{% endif %}"
+    + TOOL_CALLS_JINJA +
     "{% if message['role'] == 'assistant' and eos_token %}{{ eos_token }}{% endif %}"
     "{{ '\n\n' }}"
     "{% endfor %}"
@@ -30,11 +43,38 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
-def _render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> str:
+def _render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
     template = None if getattr(tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
     return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt,
+        **({"tools": tools} if tools else {}),
     )
+
+
+def _as_template_message(m: Message, knows_developer: bool) -> dict:
+    # OpenAI's developer role is the system role of newer models; templates that predate it get "system".
+    role = "system" if m.role == "developer" and not knows_developer else m.role
+    out: dict[str, Any] = {"role": role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = m.tool_calls
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _check_tools_rendered(full: str, messages: list[Message], tools: list[dict] | None) -> None:
+    """A template that knows no tools drops them silently; training would then teach empty turns."""
+    for tool in tools or ():
+        if tool["function"]["name"] not in full:
+            raise LineError("template_error", "the model's chat template does not render the line's tools "
+                                              f"(no {tool['function']['name']!r} in its output)")
+    for m in messages:
+        for call in m.tool_calls or ():
+            if call["function"]["name"] not in full:
+                raise LineError("template_error", "the model's chat template does not render tool calls "
+                                                  f"(no {call['function']['name']!r} in its output)")
+        if m.role == "tool" and m.content.strip() not in full:
+            raise LineError("template_error", "the model's chat template does not render tool messages")
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -45,7 +85,7 @@ def _common_prefix(a: str, b: str) -> int:
     return i
 
 
-def assistant_spans(tokenizer: Any, messages: list[Message]) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(tokenizer: Any, messages: Chat | list[Message]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its trained assistant turns.
 
     A span starts where the generation prompt ends and stops at the end of the turn (EOS
@@ -53,25 +93,28 @@ def assistant_spans(tokenizer: Any, messages: list[Message]) -> tuple[str, list[
     Common prefixes rather than exact prefix checks keep this right for templates that rewrite
     earlier turns (e.g. drop reasoning from past assistant messages).
     """
-    plain = [{"role": m.role, "content": m.content} for m in messages]
+    tools = getattr(messages, "tools", None)
+    knows_developer = "developer" in (getattr(tokenizer, "chat_template", None) or "")
+    plain = [_as_template_message(m, knows_developer) for m in messages]
     try:
-        full = _render(tokenizer, plain, add_generation_prompt=False)
+        full = _render(tokenizer, plain, add_generation_prompt=False, tools=tools)
         spans = []
         for i, m in enumerate(messages):
             if m.role != "assistant" or not m.weight:
                 continue
             try:
-                head = _render(tokenizer, plain[:i], add_generation_prompt=True) if i else ""
+                head = _render(tokenizer, plain[:i], add_generation_prompt=True, tools=tools) if i else ""
             except Exception:  # noqa: BLE001 - some templates refuse a conversation without a user turn
                 head = ""
             start = _common_prefix(head, full)
-            end = _common_prefix(_render(tokenizer, plain[: i + 1], add_generation_prompt=False), full)
+            end = _common_prefix(_render(tokenizer, plain[: i + 1], add_generation_prompt=False, tools=tools), full)
             while end > start and full[end - 1].isspace():
                 end -= 1
             if end > start:
                 spans.append((start, end))
     except Exception as exc:  # noqa: BLE001 - jinja raise_exception and template bugs alike
         raise LineError("template_error", f"the chat template rejected this conversation: {exc}") from exc
+    _check_tools_rendered(full, messages, tools)
     return full, spans
 
 
@@ -127,7 +170,7 @@ def _cut(ex: dict, max_seq_len: int | None) -> dict:
 
 
 def tokenize_messages(
-    tokenizer: Any, messages: list[Message], max_seq_len: int | None = None, train_on_inputs: bool = False
+    tokenizer: Any, messages: Chat | list[Message], max_seq_len: int | None = None, train_on_inputs: bool = False
 ) -> dict:
     """input_ids and labels (IGNORE_INDEX where masked), cut to max_seq_len from the end."""
     text, spans = assistant_spans(tokenizer, messages)
