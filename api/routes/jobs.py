@@ -9,14 +9,14 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import object_session
 
 from api import admission, planning
 from api.deps import ChangeableJob, CurrentUser, ReadableJob, SessionDep, SettingsDep
 from api.errors import bad_request
-from api.job_spec import base_learning_rate, method_body
+from api.job_spec import METADATA_KEY_CHARS, base_learning_rate, method_body
 from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
 from api.schemas import CreateJobRequest, JobErrorOut, JobOut, Page
 from core import states
@@ -57,8 +57,25 @@ def job_out(job: Job) -> JobOut:
         method={"type": method, method: method_body({**spec, "method": method}, hp)},
         user_provided_suffix=job.suffix, priority=job.priority, gpus=job.gpus,
         progress=progress, metrics=job.metrics or {}, started_at=_int(job.started_at), host=job.host,
-        plan=planning.job_view(job.plan, job.progress, job.metrics),
+        plan=planning.job_view(job.plan, job.progress, job.metrics), metadata=job.job_metadata or None,
     )
+
+
+def _metadata_filter(request: Request) -> list[Any]:
+    """OpenAI's list filter: query parameters `metadata[key]=value`, or `metadata=null`."""
+    conditions: list[Any] = []
+    for name, value in request.query_params.multi_items():
+        if name == "metadata":
+            if value != "null":
+                raise bad_request("metadata: filter with metadata[key]=value, or metadata=null for jobs without any",
+                                  "metadata")
+            conditions.append(Job.job_metadata.is_(None))
+        elif name.startswith("metadata[") and name.endswith("]"):
+            key = name[len("metadata["):-1]
+            if not key or len(key) > METADATA_KEY_CHARS or '"' in key or "\\" in key:
+                raise bad_request(f"metadata[{key}]: not a metadata key", f"metadata[{key}]")
+            conditions.append(Job.job_metadata[key].as_string() == value)
+    return conditions
 
 
 @router.post("")
@@ -68,6 +85,7 @@ def create_fine_tuning_job(body: CreateJobRequest, user: CurrentUser, db: Sessio
 
 @router.get("")
 def list_fine_tuning_jobs(
+    request: Request,
     user: CurrentUser,
     db: SessionDep,
     settings: SettingsDep,
@@ -75,8 +93,9 @@ def list_fine_tuning_jobs(
     limit: LimitQuery = DEFAULT_LIMIT,
     status: Annotated[str | None, Query(description="Only jobs in this status (tuneq extension).")] = None,
 ) -> Page[JobOut]:
+    """Newest first. `metadata[key]=value` (repeatable) keeps jobs tagged so, `metadata=null` those without any."""
     check_limit(limit, settings)
-    stmt = select(Job).where(readable_jobs(user))
+    stmt = select(Job).where(readable_jobs(user), *_metadata_filter(request))
     if status is not None:
         stmt = stmt.where(Job.status == status)
     if after is not None:
