@@ -11,6 +11,7 @@ here imports transformers or torch.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from trainer.data.parse import Chat, LineError, Message, RawText, Record
@@ -73,7 +74,9 @@ def _check_tools_rendered(full: str, messages: list[Message], tools: list[dict] 
             if call["function"]["name"] not in full:
                 raise LineError("template_error", "the model's chat template does not render tool calls "
                                                   f"(no {call['function']['name']!r} in its output)")
-        if m.role == "tool" and m.content.strip() not in full:
+        # Some templates (Llama 3.1's) write a tool's answer through tojson: escaped, not verbatim.
+        answer = m.content.strip()
+        if m.role == "tool" and answer not in full and json.dumps(answer, ensure_ascii=False)[1:-1] not in full:
             raise LineError("template_error", "the model's chat template does not render tool messages")
 
 
