@@ -156,7 +156,7 @@ def job_files(db: Session, user: User, spec: JobSpec, req: Request) -> list[tupl
 
     Mix and forgetting files may be in any format: replay data is often raw text.
     """
-    fmt = spec.data_format
+    fmt = "preference" if spec.is_preference else spec.data_format  # as the trainer reads them
     files: list[tuple[File, str, str]] = [(req.training, "training_file", fmt)]
     if req.validation is not None:
         files.append((req.validation, "validation_file", fmt))
@@ -181,6 +181,10 @@ def check_data(files: list[tuple[File, str, str]], spec: JobSpec, model_path: st
     stats = {}
     for f, param, file_format in files:
         got = data_check.check_file(f, param, model_path, max_len, file_format, inputs, in_child=in_child)
+        if got is not None and got["format"] == "preference" and file_format == "auto":
+            raise APIError(400, f"{param}: file {f.id} holds preference pairs (preferred_output, "
+                           "non_preferred_output); train them with method type 'dpo', 'simpo' or 'orpo'",
+                           param=param, code="invalid_file")
         if got is not None:
             stats[param] = {"file": f.id, **got}
     return stats

@@ -108,7 +108,7 @@ def first_validation_error(errors: list[dict[str, Any]], drop: tuple[str, ...] =
     err = errors[0]
     loc = [p for p in err.get("loc", ()) if p not in drop]
     # Union branches add their type name to the path ("method.str"); users never typed those.
-    loc = [p for p in loc if not (isinstance(p, str) and (p in {"str", "int", "float", "bool"} or p.startswith(("dict[", "list[", "literal[", "function-"))))]
+    loc = [p for p in loc if not (isinstance(p, str) and (p in {"str", "int", "float", "bool"} or p.startswith(("dict[", "list[", "literal[", "function-", "constrained-"))))]
     param = dotted(loc)
     reason = _strip_prefix(str(err.get("msg", "invalid value")))
     if ":" in reason:

@@ -20,7 +20,15 @@ from api.errors import APIError, bad_request, first_validation_error
 from api.schemas import SPEC_FIELDS, CreateJobRequest
 from trainer.errors import ConfigError
 from trainer.modules import check_spec_model
-from trainer.spec import DEFAULT_METHOD, METHOD_SETTINGS, METHODS, JobSpec
+from trainer.spec import (
+    DEFAULT_METHOD,
+    METHOD_SETTINGS,
+    METHODS,
+    PREFERENCE_OBJECTIVES,
+    WHOLE_WEIGHT_METHODS,
+    JobSpec,
+    PreferenceSettings,
+)
 
 # learning_rate_multiplier scales these; full fine-tuning needs a much smaller step than adapters.
 # IA3's scaling vectors and prefix tuning's virtual tokens are few and start neutral: they need
@@ -35,6 +43,14 @@ _NESTED = {name for names in METHOD_SETTINGS.values() for name in names[1:]}
 AUTO_FIELDS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 # method "auto": the planner picks full, lora or qlora by what fits (trainer.planning.choose_method).
 AUTO_METHOD = "auto"
+# The method.type values that name an objective rather than a method: OpenAI's supervised (sft)
+# and dpo, and tuneq's simpo and orpo. Their body may name the method ("method") and its settings
+# under the spec's field names; the preference settings ride in their hyperparameters.
+OBJECTIVE_TYPES = {"supervised": "sft", **{name: name for name in PREFERENCE_OBJECTIVES}}
+PREFERENCE_HYPERPARAMETERS = tuple(PreferenceSettings.model_fields)
+# A preference objective moves a model that already answers the task: its learning rates start at
+# this share of the method's (learning_rate_multiplier scales those).
+PREFERENCE_LR_SHARE = 0.1
 # (JobSpec-shaped draft whose method and/or batch_size may be "auto") -> (method, batch_size).
 Chooser = Callable[[dict[str, Any]], tuple[str, int | None]]
 
@@ -45,10 +61,36 @@ class _Method:
     type_key: str | None = None  # the key the user wrote, e.g. "supervised" or "qlora"
     lora: dict[str, Any] = field(default_factory=dict)
     hyperparameters: dict[str, Any] = field(default_factory=dict)
+    objective: str | None = None  # None: not an objective type; the spec's default (sft)
+    preference: dict[str, Any] = field(default_factory=dict)
 
 
-def base_learning_rate(method: str) -> float:
-    return BASE_LEARNING_RATE.get(method, BASE_LEARNING_RATE[DEFAULT_METHOD])
+def base_learning_rate(method: str, objective: str = "sft") -> float:
+    rate = BASE_LEARNING_RATE.get(method, BASE_LEARNING_RATE[DEFAULT_METHOD])
+    return rate * PREFERENCE_LR_SHARE if objective in PREFERENCE_OBJECTIVES else rate
+
+
+def _objective_method(kind: str, body: dict[str, Any], hyper: dict[str, Any]) -> _Method:
+    """An objective type's body: {'method': name, <settings field>: {...}} beside its hyperparameters."""
+    name = body.pop("method", None)
+    if name is not None and (not isinstance(name, str) or (name not in METHODS and name != AUTO_METHOD)):
+        raise bad_request(f"method.{kind}.method: must be one of {_METHOD_LIST} or 'auto', got {name!r}",
+                          f"method.{kind}.method")
+    allowed = METHOD_SETTINGS.get(name or DEFAULT_METHOD, ("lora",) if name == AUTO_METHOD else ())
+    for key, value in body.items():
+        if key not in allowed:
+            hint = f"allowed: method{''.join(', ' + a for a in allowed)}"
+            raise bad_request(f"method.{kind}.{key}: unknown field ({hint})", f"method.{kind}.{key}")
+        if not isinstance(value, dict):
+            raise bad_request(f"method.{kind}.{key}: must be an object", f"method.{kind}.{key}")
+    own = allowed[0] if allowed else None
+    settings = {**body.get(own, {}), **{k: v for k, v in body.items() if k != own}} if own else {}
+    if name is None and settings:
+        name = DEFAULT_METHOD  # settings name no method: they are the default method's
+    objective = OBJECTIVE_TYPES[kind]
+    preference = {k: hyper.pop(k) for k in PREFERENCE_HYPERPARAMETERS if k in hyper} if objective != "sft" else {}
+    return _Method(name=name, type_key=kind, lora=settings, hyperparameters=hyper, objective=objective,
+                   preference=preference)
 
 
 def _parse_method(raw: str | dict[str, Any] | None) -> _Method:
@@ -59,12 +101,14 @@ def _parse_method(raw: str | dict[str, Any] | None) -> _Method:
             raise bad_request(f"method: must be one of {_METHOD_LIST} or 'auto', got {raw!r}", "method")
         return _Method(name=raw, type_key=raw)
     kind = raw.get("type")
+    types = ", ".join(repr(t) for t in OBJECTIVE_TYPES)
     if kind is None:
-        raise bad_request(f"method.type: required ('supervised' or one of {_METHOD_LIST})", "method.type")
-    if kind in ("dpo", "reinforcement"):
-        raise bad_request(f"method.type: {kind!r} is not supported by tuneq; use 'supervised' or one of {_METHOD_LIST}", "method.type")
-    if kind != "supervised" and kind not in METHODS and kind != AUTO_METHOD:
-        raise bad_request(f"method.type: must be 'supervised' or one of {_METHOD_LIST}, got {kind!r}", "method.type")
+        raise bad_request(f"method.type: required ({types} or one of {_METHOD_LIST})", "method.type")
+    if kind == "reinforcement":
+        raise bad_request(f"method.type: {kind!r} is not supported by tuneq; use {types} or one of {_METHOD_LIST}",
+                          "method.type")
+    if kind not in OBJECTIVE_TYPES and kind not in METHODS and kind != AUTO_METHOD:
+        raise bad_request(f"method.type: must be {types} or one of {_METHOD_LIST}, got {kind!r}", "method.type")
     for key in raw:
         if key not in ("type", kind):
             raise bad_request(f"method.{key}: not allowed with method.type {kind!r}", f"method.{key}")
@@ -75,10 +119,8 @@ def _parse_method(raw: str | dict[str, Any] | None) -> _Method:
     hyper = body.pop("hyperparameters", None) or {}
     if not isinstance(hyper, dict):
         raise bad_request(f"method.{kind}.hyperparameters: must be an object", f"method.{kind}.hyperparameters")
-    if kind == "supervised":
-        for key in body:
-            raise bad_request(f"method.supervised.{key}: unknown field", f"method.supervised.{key}")
-        return _Method(name=None, type_key=kind, hyperparameters=hyper)
+    if kind in OBJECTIVE_TYPES:
+        return _objective_method(kind, body, dict(hyper))
     return _Method(name=kind, type_key=kind, lora=body, hyperparameters=hyper)
 
 
@@ -102,16 +144,16 @@ def _merge_hyperparameters(req: CreateJobRequest, method: _Method) -> dict[str, 
     return merged
 
 
-def _apply_multiplier(hp: dict[str, Any], method: str, param: str) -> None:
+def _apply_multiplier(hp: dict[str, Any], method: str, param: str, objective: str = "sft") -> None:
     if "learning_rate_multiplier" not in hp:
-        hp.setdefault("learning_rate", base_learning_rate(method))
+        hp.setdefault("learning_rate", base_learning_rate(method, objective))
         return
     mult = hp.pop("learning_rate_multiplier")
     if "learning_rate" in hp:
         raise bad_request(f"{param}: give learning_rate or learning_rate_multiplier, not both", param)
     if isinstance(mult, bool) or not isinstance(mult, int | float) or not mult > 0:
         raise bad_request(f"{param}: must be a number greater than 0, got {mult!r}", param)
-    hp["learning_rate"] = mult * base_learning_rate(method)
+    hp["learning_rate"] = mult * base_learning_rate(method, objective)
 
 
 def _method_fields(method: _Method) -> dict[str, Any]:
@@ -135,6 +177,19 @@ def method_body(spec: dict[str, Any], hyperparameters: dict[str, Any]) -> dict[s
     body["hyperparameters"] = hyperparameters
     body.update({k: spec[k] for k in nested if spec.get(k)})
     return body
+
+
+def method_view(spec: dict[str, Any], hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    """A stored spec's `method` as jobs show it: {type: <method>, ...}, or for a preference objective
+    {type: 'dpo', dpo: {method, <settings fields>, hyperparameters (beta included)}}."""
+    name, objective = spec["method"], spec.get("objective") or "sft"
+    if objective not in PREFERENCE_OBJECTIVES:
+        return {"type": name, name: method_body(spec, hyperparameters)}
+    body: dict[str, Any] = {"method": name}
+    body.update({k: spec[k] for k in METHOD_SETTINGS.get(name, ()) if spec.get(k)})
+    preference = {k: v for k, v in (spec.get("preference") or {}).items() if v is not None}
+    body["hyperparameters"] = {**hyperparameters, **preference}
+    return {"type": objective, objective: body}
 
 
 def _draft_method_fields(method: _Method) -> dict[str, Any]:
@@ -196,6 +251,11 @@ def build_spec(
     hp_from_method = set(method.hyperparameters)
     if req.method is None and inherited:
         method = _Method(name=inherited["method"], type_key=inherited["method"], hyperparameters=method.hyperparameters)
+    elif method.name is None and method.objective and inherited:
+        method.name = inherited["method"]  # preference tuning of a supervised job: its method
+    objective = {"objective": method.objective} if method.objective else {}
+    if method.preference:
+        objective["preference"] = method.preference
     rest = _request_fields(req, inherited if req.method is None else None, init_from)
     if choose is not None and (method.name == AUTO_METHOD or _asked_auto_batch(req, method)):
         auto_batch = _asked_auto_batch(req, method)
@@ -203,7 +263,7 @@ def build_spec(
         draft: dict[str, Any] = {
             "model": model_path, "training_file": req.training_file, "method": method.name or DEFAULT_METHOD,
             "hyperparameters": {**hp, "batch_size": "auto"} if auto_batch else dict(hp),
-            **_draft_method_fields(method), **rest,
+            **_draft_method_fields(method), **objective, **rest,
         }
         chosen, batch = choose(draft)
         method.name = chosen
@@ -217,10 +277,11 @@ def build_spec(
         if "learning_rate_multiplier" in hp_from_method
         else "hyperparameters.learning_rate_multiplier"
     )
-    _apply_multiplier(hp, name, lr_param)
+    _apply_multiplier(hp, name, lr_param, method.objective or "sft")
 
     data: dict[str, Any] = {"model": model_path, "method": name, "training_file": req.training_file, "hyperparameters": hp}
     data.update(_method_fields(method))
+    data.update(objective)
     data.update(rest)
     try:
         spec = JobSpec.model_validate(data)
@@ -237,6 +298,10 @@ def build_spec(
         # The spec cannot see the GPU count; the trainer would refuse it only once the job runs.
         raise bad_request(f"optimizer_in_backward: runs on one GPU, this job asks for {req.gpus}; give gpus 1 "
                           "or optimizer_in_backward false", "optimizer_in_backward")
+    if spec.objective == "dpo" and spec.method in WHOLE_WEIGHT_METHODS and req.gpus > 1 and spec.strategy == "auto":
+        # auto would shard full fine-tuning over several GPUs, which DPO's frozen reference cannot be.
+        raise bad_request(f"strategy: DPO of method {spec.method!r} on {req.gpus} GPUs needs strategy 'ddp' (auto "
+                          "would shard it with fsdp, which keeps no whole reference copy)", "strategy")
     try:
         check_spec_model(spec)  # module names of a meta-device model: no weights are read
     except ConfigError as exc:
@@ -252,6 +317,13 @@ def _user_path(param: str | None, method: _Method, hp_from_method: set[str]) -> 
     if not param:
         return param
     head, _, rest = param.partition(".")
+    if method.objective and method.type_key:  # the objective shape names the spec's own fields
+        if head == "preference":
+            return f"method.{method.type_key}.hyperparameters.{rest}" if rest else f"method.{method.type_key}"
+        if head in _OWN | _NESTED:
+            return f"method.{method.type_key}.{param}"
+        if head == "method":
+            return f"method.{method.type_key}.method"
     if head in _OWN | _NESTED and method.type_key:
         inner = param if head in _NESTED else rest
         return f"method.{method.type_key}" + (f".{inner}" if inner else "")

@@ -135,7 +135,9 @@ def _method_help() -> str:
             settings.append(f"{method}: {own}{extra}")
     return (" | ".join(repr(m) for m in METHODS) + " | 'auto', OpenAI's {'type': 'supervised', 'supervised': "
             "{'hyperparameters': {...}}}, or {'type': <method>, <method>: {settings, 'hyperparameters'}}. Settings: "
-            + "; ".join(settings) + ".")
+            + "; ".join(settings) + ". Preference tuning: {'type': 'dpo' | 'simpo' | 'orpo', <type>: {'hyperparameters': "
+            "{'beta': number | 'auto', 'gamma' (simpo), ...}, 'method': <method> | 'auto', <settings field>: {...}}} "
+            "on preference files; 'supervised' takes 'method' and settings the same way.")
 
 
 class _JobRequest(BaseModel):
@@ -170,7 +172,7 @@ class _JobRequest(BaseModel):
 # the spec is a request field of its own, with the spec's type, limits and description, so a new
 # spec field reaches the API without an edit here.
 SHAPED = {"model", "method", "hyperparameters", "init_from", "training_file", "validation_file",
-          *(name for names in METHOD_SETTINGS.values() for name in names)}
+          "objective", "preference", *(name for names in METHOD_SETTINGS.values() for name in names)}
 SPEC_FIELDS = tuple(name for name in JobSpec.model_fields if name not in SHAPED)
 # Files are named by id in a request; the worker turns ids into the paths the spec holds.
 _BY_ID = {

@@ -338,18 +338,10 @@ def _profile(step: Callable[[int], Any], args, device, name: str) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def run_trl(name: str, method: str, settings: dict, args) -> dict[str, Any]:
-    import torch
-    from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
-    device = _device(args)
-    model = _load_hf(args, method, device)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    n = args.batch * (args.warmup + args.steps)
-    dataset = Dataset.from_dict({"input_ids": _rows_of_ids(args, model.config.vocab_size, n).tolist()})
-    clock: dict[str, Any] = {"times": [], "peak": None}
+def step_clock(args, device, clock: dict[str, Any]) -> Any:
+    """A Trainer callback that resets the peak after the warm-up steps and appends each timed
+    step's seconds to clock["times"] (synchronized around each step)."""
+    from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
         def on_step_begin(self, _args, state, control, **kwargs):
@@ -363,6 +355,22 @@ def run_trl(name: str, method: str, settings: dict, args) -> dict[str, Any]:
             _sync(device)
             if state.global_step > args.warmup:
                 clock["times"].append(time.perf_counter() - clock["start"])
+
+    return StepClock()
+
+
+def run_trl(name: str, method: str, settings: dict, args) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    device = _device(args)
+    model = _load_hf(args, method, device)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    n = args.batch * (args.warmup + args.steps)
+    dataset = Dataset.from_dict({"input_ids": _rows_of_ids(args, model.config.vocab_size, n).tolist()})
+    clock: dict[str, Any] = {"times": [], "peak": None}
 
     config = SFTConfig(
         output_dir=str(args.work / f"trl-{name}"),
@@ -379,7 +387,7 @@ def run_trl(name: str, method: str, settings: dict, args) -> dict[str, Any]:
     )
     trainer = SFTTrainer(
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-        peft_config=_lora_config() if method in ("lora", "qlora") else None, callbacks=[StepClock()],
+        peft_config=_lora_config() if method in ("lora", "qlora") else None, callbacks=[step_clock(args, device, clock)],
     )
     output = trainer.train()
     times = clock["times"]

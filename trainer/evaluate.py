@@ -33,6 +33,9 @@ def evaluate(
         totals = _evaluation_totals(model, examples, batch_size, pad_id, accelerator, loss_head)
     n = max(float(totals[2]), 1.0)
     loss = float(totals[0]) / n
+    accuracy = getattr(loss_head, "accuracy_name", "mean_token_accuracy")
+    if accuracy != "mean_token_accuracy":  # preference pairs: the mean pair loss, pairs ranked right
+        return {f"{prefix}_loss": loss, f"{prefix}_{accuracy}": float(totals[1]) / n}
     return {f"{prefix}_loss": loss, f"{prefix}_mean_token_accuracy": float(totals[1]) / n,
             f"{prefix}_perplexity": perplexity(loss)}
 
@@ -50,7 +53,7 @@ def _evaluation_totals(model: Any, examples: list[dict], batch_size: int, pad_id
             model(**model_inputs(collate(examples[:1], pad_id), device))
             continue
         batch = collate(mine[i : i + batch_size], pad_id)
-        loss, n, correct = (loss_head or PlainLoss())(model, batch, device)
+        loss, n, correct, *_ = (loss_head or PlainLoss())(model, batch, device)
         totals += torch.stack([loss.double(), correct.double(), n.double()])
     return accelerator.reduce(totals, "sum")
 

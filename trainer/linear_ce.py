@@ -89,8 +89,12 @@ def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Non
 def _chunk_loop(
     h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk: int,
     grad_h: torch.Tensor | None, grad_w: torch.Tensor | None,
+    row_losses: torch.Tensor | None = None, row_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss sum and correct count; fills grad_h / grad_w (d loss_sum / d input) when given."""
+    """Loss sum and correct count; fills grad_h / grad_w (d loss_sum / d input) when given.
+
+    row_losses: filled with each row's loss when given. row_scale: each row's loss weighs this
+    much in the gradients (d sum(row_scale * row_loss) / d input)."""
     # fp32 at least: the loss and softmax of bf16 logits are taken in fp32, as F.cross_entropy on
     # logits.float() would; fp64 inputs stay fp64.
     acc_dtype = torch.promote_types(h.dtype, torch.float32)
@@ -108,7 +112,11 @@ def _chunk_loop(
             row_loss, argmax = ce_kernel.cross_entropy_rows(logits, tc, write_grad=want_grad)
             loss += row_loss.sum()
             correct += (argmax == tc).sum()
+            if row_losses is not None:
+                row_losses[start : start + hc.shape[0]] = row_loss
             if want_grad:
+                if row_scale is not None:
+                    logits.mul_(row_scale[start : start + hc.shape[0], None].to(logits.dtype))
                 _head_gradients(logits, hc, w, start, grad_h, grad_w)
             continue
         correct += (logits.argmax(-1) == tc).sum()
@@ -116,12 +124,17 @@ def _chunk_loop(
         if z is not logits:
             del logits  # the fp32 copy is all that is needed from here on
         lse = torch.logsumexp(z, dim=-1)
-        loss += (lse - z.gather(1, tc[:, None]).squeeze(1)).sum()
+        row_loss = lse - z.gather(1, tc[:, None]).squeeze(1)
+        loss += row_loss.sum()
+        if row_losses is not None:
+            row_losses[start : start + hc.shape[0]] = row_loss
         if grad_h is None and grad_w is None:
             continue
         # d(lse - z_t)/dz = softmax(z) - onehot(t), built in place in the fp32 copy.
         z.sub_(lse[:, None]).exp_()
         z[torch.arange(z.shape[0], device=z.device), tc] -= 1.0
+        if row_scale is not None:
+            z.mul_(row_scale[start : start + hc.shape[0], None])
         g = z.to(h.dtype)
         del z
         _head_gradients(g, hc, w, start, grad_h, grad_w)
@@ -179,11 +192,62 @@ def linear_cross_entropy(
     is the LM head's. compute_dtype: the head matmul's dtype (default: the autocast dtype when
     autocast is on, else the hidden states' dtype).
     """
+    return _LinearCrossEntropy.apply(hidden, weight, targets, *_call_arguments(hidden, weight, chunk, compute_dtype))
+
+
+def _call_arguments(hidden: torch.Tensor, weight: torch.Tensor, chunk: int | None,
+                    compute_dtype: torch.dtype | None) -> tuple[int, torch.dtype, bool, bool]:
+    """(chunk, compute dtype, hidden needs a gradient, weight needs one), defaults resolved."""
     if compute_dtype is None:
         kind = hidden.device.type
         compute_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
-    chunk = chunk or chunk_tokens(weight.shape[0])
     grad_on = torch.is_grad_enabled()
-    need_h = grad_on and hidden.requires_grad
-    need_w = grad_on and weight.requires_grad
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, compute_dtype, need_h, need_w)
+    return (chunk or chunk_tokens(weight.shape[0]), compute_dtype, grad_on and hidden.requires_grad,
+            grad_on and weight.requires_grad)
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    """Per-row log-probabilities of the targets; the preference objectives weigh each sequence's
+    tokens differently, so the gradients depend on the rows' incoming gradients. The hidden
+    states' are computed in forward (as for the loss) and scaled per row in backward; the head's,
+    when it trains, are computed in backward, a chunk at a time again."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, compute_dtype, need_h, need_w):  # type: ignore[override]
+        with torch.autocast(hidden.device.type, enabled=False):
+            h = hidden.to(compute_dtype)
+            w = weight.to(compute_dtype)
+            rows = torch.empty(h.shape[0], device=h.device, dtype=torch.promote_types(h.dtype, torch.float32))
+            grad_h = torch.empty_like(h) if need_h else None
+            _chunk_loop(h, w, targets, chunk, grad_h, None, row_losses=rows)
+        ctx.save_for_backward(*(t for t in (grad_h,) if t is not None), *((h, targets) if need_w else ()))
+        ctx.has = (need_h, need_w)
+        ctx.chunk, ctx.hidden_dtype, ctx.weight = chunk, hidden.dtype, weight
+        ctx.compute_dtype = compute_dtype
+        return rows.neg_()
+
+    @staticmethod
+    def backward(ctx, grad_logp):  # type: ignore[override]
+        saved = list(ctx.saved_tensors)
+        grad_h = saved.pop(0) if ctx.has[0] else None
+        # log p = -row loss: each row's loss gradient scaled by minus the row's incoming gradient.
+        scale = -grad_logp.to(torch.promote_types(grad_logp.dtype, torch.float32))
+        if grad_h is not None:
+            grad_h = grad_h.mul_(scale[:, None].to(grad_h.dtype)).to(ctx.hidden_dtype)
+        grad_w = None
+        if ctx.has[1]:
+            h, targets = saved
+            weight = ctx.weight
+            with torch.autocast(h.device.type, enabled=False):
+                grad_w = torch.zeros_like(weight, dtype=weight.dtype if weight.is_floating_point() else ctx.compute_dtype)
+                _chunk_loop(h, weight.to(ctx.compute_dtype), targets, ctx.chunk, None, grad_w, row_scale=scale)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+    chunk: int | None = None, compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """log softmax(hidden @ weight.T)[target] of each row, [N] in fp32, without full-vocabulary
+    logits beyond one chunk (as linear_cross_entropy; the same arguments)."""
+    return _LinearTokenLogprobs.apply(hidden, weight, targets, *_call_arguments(hidden, weight, chunk, compute_dtype))

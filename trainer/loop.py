@@ -40,6 +40,7 @@ from trainer.fastpath import setup_model
 from trainer.model import count_parameters, load_tokenizer, resolve_precision
 from trainer.optim import build_optimizer
 from trainer.optim_in_backward import OptimizerInBackward
+from trainer.preference import PreferenceLoss, reference_for
 from trainer.profiling import region
 from trainer.sampler import DataOrder
 from trainer.signals import StopFlags
@@ -124,9 +125,15 @@ class Run:
 
     def _setup_data(self) -> None:
         spec, hp = self.spec, self.hp
-        self.train_data = self._load(spec.training_file, "training_file", spec.data_format)
-        self.valid_data = (self._load(spec.validation_file, "validation_file", spec.data_format)
+        # A preference objective reads its files as preference lines, whatever they look like.
+        data_format = "preference" if spec.is_preference else spec.data_format
+        self.train_data = self._load(spec.training_file, "training_file", data_format)
+        self.valid_data = (self._load(spec.validation_file, "validation_file", data_format)
                            if spec.validation_file else None)
+        for what, data in (("training_file", self.train_data), ("validation_file", self.valid_data)):
+            if data is not None and data.format == "preference" and not spec.is_preference:
+                raise ConfigError(f"{what}: holds preference pairs (preferred_output, non_preferred_output); "
+                                  "train them with objective dpo, simpo or orpo")
         # Replay and general files may be in any format, whatever the task data is.
         mix_sources = [(self._load(m.file, f"mix[{k}].file").examples, m.weight) for k, m in enumerate(spec.mix)]
         self.forgetting_data = self._load(spec.forgetting_file, "forgetting_file") if spec.forgetting_file else None
@@ -160,7 +167,16 @@ class Run:
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.model.train()
         self.raw_model = accelerator.unwrap_model(self.model)
-        self.loss_head = self.fast.loss.for_prepared(self.model)
+        # The forgetting file is plain text or chat: its loss is the token loss whatever the objective.
+        self.token_loss_head = self.fast.loss.for_prepared(self.model)
+        self.loss_head = self.token_loss_head
+        if spec.is_preference:
+            if spec.objective == "dpo" and is_sharded(self.raw_model):
+                raise ConfigError("strategy: DPO's frozen reference is a whole copy of the model, which sharded "
+                                  "(fsdp) training does not keep; give strategy 'ddp', or objective simpo or orpo")
+            compute_dtype = torch.bfloat16 if self.precision == "bf16" else None
+            reference = reference_for(spec, self.raw_model, self.token_loss_head, compute_dtype)
+            self.loss_head = PreferenceLoss(spec, self.token_loss_head, reference)
         self.flops, self.peak = model_flops(self.raw_model), peak_flops(device)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.clip_to = hp.max_grad_norm if hp.max_grad_norm > 0 else float("inf")  # inf: measure, never clip
@@ -336,7 +352,7 @@ class Run:
             "step": queued.step,
             "total_steps": self.total_steps,
             "epoch": round(self.order.epoch_of(queued.micro_step), 4),
-            **window.train_metrics(),
+            **window.train_metrics(self.spec.is_preference),
             "learning_rate": queued.lr,
             "grad_norm": grad_norm,
             "tokens": self.state.seen_tokens,
@@ -391,7 +407,7 @@ class Run:
     def forgetting_pass(self) -> dict[str, float]:
         assert self.forgetting_data is not None
         got = evaluate(self.model, self.forgetting_data.examples, self.hp.batch_size, self.tokenizer.pad_token_id,
-                       self.accelerator, "forgetting", self.loss_head)
+                       self.accelerator, "forgetting", self.token_loss_head)
         return {"loss": got["forgetting_loss"], "perplexity": got["forgetting_perplexity"],
                 "mean_token_accuracy": got["forgetting_mean_token_accuracy"]}
 

@@ -7,7 +7,7 @@ values its fields take (Method, Speed, ...) are in trainer.vocabulary, importabl
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -30,12 +30,17 @@ from trainer.vocabulary import (  # noqa: F401 - re-exported
     OPTIMIZERS,
     PRECISIONS,
     SPEEDS,
+    AUTO_BETA,
+    OBJECTIVES,
+    PREFERENCE_OBJECTIVES,
+    SIMPO_GAMMA_BETA_RATIO,
     STRATEGIES,
     TORCH_OPTIMIZERS,
     WHOLE_WEIGHT_METHODS,
     DataFormat,
     FullPrecision,
     Method,
+    Objective,
     Optimizer,
     Precision,
     Speed,
@@ -71,6 +76,19 @@ class LoraSettings(StrictModel):
                         "(letters, digits, '_' and '.')"
                     )
         return self
+
+
+class PreferenceSettings(StrictModel):
+    """The preference objectives' settings; requests give them in method.<objective>.hyperparameters."""
+
+    beta: Annotated[float, Field(gt=0, le=1000)] | Literal["auto"] = Field(
+        "auto",
+        description="dpo: how far from the reference the policy may move (smaller: further); simpo: the reward "
+        "scale; orpo: the weight of the odds-ratio term. auto: " + ", ".join(f"{k} {v:g}" for k, v in AUTO_BETA.items()) + ".",
+    )
+    gamma: Annotated[float, Field(ge=0, le=1000)] | None = Field(
+        None, description=f"simpo only: the target reward margin (default: {SIMPO_GAMMA_BETA_RATIO:g} x beta).",
+    )
 
 
 class Hyperparameters(StrictModel):
@@ -152,6 +170,12 @@ class JobSpec(StrictModel):
     forgetting_file: str | None = Field(
         None, description="General held-out JSONL; its loss and perplexity before and after training measure forgetting."
     )
+    objective: Objective = Field(
+        "sft",
+        description=" | ".join(OBJECTIVES) + ". sft: learn the assistant's tokens; dpo, simpo, orpo: learn to prefer "
+        "each line's preferred_output over its non_preferred_output (preference data).",
+    )
+    preference: PreferenceSettings | None = Field(None, description="Used by dpo, simpo and orpo.")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     schedule: Schedule = Field(default_factory=Schedule)
     precision: Precision = Field("auto", description="auto: bf16 on a GPU that supports it, else fp32.")
@@ -206,6 +230,7 @@ class JobSpec(StrictModel):
         self._speed_from_checkpointing()
         self._offload_needs_checkpointing()
         self._in_backward_rules()
+        self._preference_rules()
         check_method_settings(self)
         if self.strategy == "fsdp" and self.method not in ("full", "freeze"):
             raise ValueError(
@@ -282,6 +307,48 @@ class JobSpec(StrictModel):
                              f"{self.optimizer!r}")
         if self.strategy == "fsdp":
             raise ValueError("optimizer_in_backward: runs on one GPU; strategy 'fsdp' shards over several")
+
+    def _preference_rules(self) -> None:
+        if self.objective not in PREFERENCE_OBJECTIVES:
+            if self.preference is not None:
+                raise ValueError(f"preference: these settings apply to objective {', '.join(PREFERENCE_OBJECTIVES)}, "
+                                 f"not {self.objective!r}")
+            if self.data_format == "preference":
+                raise ValueError("data_format: 'preference' data trains a preference objective (dpo, simpo or orpo), "
+                                 f"not {self.objective!r}")
+            return
+        if self.preference is None:
+            self.preference = PreferenceSettings()
+        if self.preference.gamma is not None and self.objective != "simpo":
+            raise ValueError(f"preference.gamma: applies to objective 'simpo', not {self.objective!r}")
+        if self.data_format not in ("auto", "preference"):
+            raise ValueError(f"data_format: objective {self.objective!r} trains on 'preference' lines, not "
+                             f"{self.data_format!r}")
+        # Each pair is scored whole: packing would mix the two outputs' rows with other pairs.
+        for name, given in (("packing", self.packing), ("train_on_inputs", bool(self.train_on_inputs)),
+                            ("mix", bool(self.mix))):
+            if given:
+                raise ValueError(f"{name}: not used with objective {self.objective!r}, which compares whole "
+                                 "outputs of preference pairs; leave it out")
+        if self.optimizer_in_backward:
+            raise ValueError(f"optimizer_in_backward: not used with objective {self.objective!r}")
+        if self.objective == "dpo" and self.strategy == "fsdp":
+            raise ValueError("strategy: DPO keeps a whole frozen copy of the model as its reference, which sharded "
+                             "training (fsdp) does not; give strategy 'ddp', or objective simpo or orpo")
+
+    @property
+    def is_preference(self) -> bool:
+        return self.objective in PREFERENCE_OBJECTIVES
+
+    def beta(self) -> float:
+        """The preference objective's beta, "auto" resolved (trainer.vocabulary.AUTO_BETA)."""
+        given = self.preference.beta if self.preference is not None else "auto"
+        return AUTO_BETA[self.objective] if given == "auto" else float(given)
+
+    def gamma(self) -> float:
+        """SimPO's target margin, its default resolved."""
+        given = self.preference.gamma if self.preference is not None else None
+        return SIMPO_GAMMA_BETA_RATIO * self.beta() if given is None else float(given)
 
     def effective_batch(self) -> int:
         return self.hyperparameters.batch_size * self.hyperparameters.gradient_accumulation_steps

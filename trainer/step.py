@@ -24,12 +24,14 @@ from typing import Any, Callable
 
 import torch
 
+from trainer.data.batch import PAIRS
 from trainer.data.tokenize import IGNORE_INDEX
 from trainer.distributed import scale_gradients, sum_over_ranks
 from trainer.loss_heads import LossHead, PlainLoss
 from trainer.optim_in_backward import OptimizerInBackward
 from trainer.profiling import region
 from trainer.step_values import LateRead
+from trainer.vocabulary import PREFERENCE_TRAIN_METRICS
 
 
 @dataclass
@@ -58,14 +60,19 @@ def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+def loss_units(batch: dict[str, torch.Tensor]) -> int:
+    """What a step's loss is the mean over: label tokens, or the pairs of a preference batch."""
+    return int(batch[PAIRS]) if PAIRS in batch else count_label_tokens(batch)
+
+
 def queue_forward_backward(
     model: Any, micro_batches: list[dict[str, torch.Tensor]], accelerator: Any, loss_head: LossHead | None = None,
     votes: Callable[[], list[bool]] | None = None,
 ) -> torch.Tensor:
     """Accumulate the gradients of one optimizer step, without waiting for the GPU.
 
-    Returns the step's values summed over ranks, still on the device: [loss sum, correct tokens,
-    label tokens, input tokens, rows, *votes] (see STEP_VALUES; read them with step_result).
+    Returns the step's values summed over ranks, still on the device: STEP_VALUES then the votes
+    (read them with step_result).
     Gradients equal those of one big batch holding all micro-batches of all ranks. loss_head:
     how a micro-batch becomes its loss (trainer.loss_heads; default the plain full-logits loss).
     votes: flags asked for after the backward pass; vote i is non-zero when any rank's flag i is
@@ -82,23 +89,27 @@ def queue_forward_backward(
     loss_head = loss_head or PlainLoss()
     world = accelerator.num_processes
     # The counts come from the host's copy of the batch: no device value is read for them.
-    local = [float(sum(count_label_tokens(mb) for mb in micro_batches)),
+    local = [float(sum(loss_units(mb) for mb in micro_batches)),
+             float(sum(count_label_tokens(mb) for mb in micro_batches)),
              float(sum(int(mb["attention_mask"].sum()) for mb in micro_batches)),
              float(sum(int(mb["input_ids"].shape[0]) for mb in micro_batches))]
     scale = 1.0 / max(local[0], 1.0) if world == 1 else 1.0
-    totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, correct tokens
+    # loss sum, correct tokens (or pairs), and a preference head's two reward sums
+    totals = torch.zeros(4, device=device, dtype=torch.float64)
     for i, mb in enumerate(micro_batches):
         # Gradients are all-reduced only after the last micro-batch of the window.
         sync = nullcontext() if i == len(micro_batches) - 1 else accelerator.no_sync(model)
         with sync:
-            summed, _, correct = loss_head(model, mb, device)
+            summed, _, correct, *rewards = loss_head(model, mb, device)
             accelerator.backward(summed * scale if world == 1 else summed)
-        totals += torch.stack([summed.detach().double(), correct.double()])
+        totals[:2] += torch.stack([summed.detach().double(), correct.double()])
+        if rewards:
+            totals[2:] += rewards[0].double()
     wanted = [float(bool(v)) for v in votes()] if votes is not None else []
     with region("all_reduce"):
         packed = sum_over_ranks(totals, local + wanted, accelerator)
     if world > 1:
-        scale_gradients(model, world / packed[2].clamp(min=1.0))
+        scale_gradients(model, world / packed[STEP_VALUES.index("loss_units")].clamp(min=1.0))
     return packed
 
 
@@ -121,16 +132,19 @@ def optimizer_step(accelerator: Any, optimizer: Any, trainable: list[torch.Tenso
     return inner.take_grad_norm() if in_backward else grad_norm
 
 
-# The order of queue_forward_backward's values.
-STEP_VALUES = ("loss_sum", "correct_tokens", "label_tokens", "input_tokens", "rows")
+# The order of queue_forward_backward's values. The loss is a mean over loss_units: label tokens,
+# or pairs for a preference objective (then correct_tokens counts the pairs ranked right, and the
+# reward sums are those of the preferred and the non-preferred outputs).
+STEP_VALUES = ("loss_sum", "correct_tokens", "chosen_reward_sum", "rejected_reward_sum",
+               "loss_units", "label_tokens", "input_tokens", "rows")
+_COUNTS = ("correct_tokens", "loss_units", "label_tokens", "input_tokens", "rows")
 
 
 def step_result(values: list[float]) -> dict[str, Any]:
     """The host's view of a step's values: counts as ints, votes as bools (after the named ones)."""
-    named = dict(zip(STEP_VALUES, values))
-    return {"loss_sum": named["loss_sum"], "label_tokens": int(named["label_tokens"]),
-            "input_tokens": int(named["input_tokens"]), "correct_tokens": int(named["correct_tokens"]),
-            "rows": int(named["rows"]), "votes": [v > 0 for v in values[len(STEP_VALUES):]]}
+    named: dict[str, Any] = dict(zip(STEP_VALUES, values))
+    named.update({k: int(named[k]) for k in _COUNTS})
+    return {**named, "votes": [v > 0 for v in values[len(STEP_VALUES):]]}
 
 
 def forward_backward(
@@ -152,15 +166,25 @@ class Window:
     input_tokens: int = 0
     correct_tokens: int = 0
     rows: int = 0
+    loss_units: int = 0
+    chosen_reward_sum: float = 0.0
+    rejected_reward_sum: float = 0.0
 
     def add(self, result: dict[str, Any]) -> None:
         for f in fields(self)[1:]:
             setattr(self, f.name, getattr(self, f.name) + result[f.name])
 
-    def train_metrics(self) -> dict[str, float]:
-        label_tokens = max(self.label_tokens, 1)
-        return {"train_loss": self.loss_sum / label_tokens,
-                "train_mean_token_accuracy": self.correct_tokens / label_tokens}
+    def train_metrics(self, preference: bool = False) -> dict[str, float]:
+        """The interval's loss and accuracy; a preference job's rewards (mean per pair), their
+        margin and the share of pairs ranked right instead of token accuracy."""
+        if not preference:
+            label_tokens = max(self.label_tokens, 1)
+            return {"train_loss": self.loss_sum / label_tokens,
+                    "train_mean_token_accuracy": self.correct_tokens / label_tokens}
+        pairs = max(self.loss_units, 1)
+        chosen, rejected = self.chosen_reward_sum / pairs, self.rejected_reward_sum / pairs
+        values = (self.correct_tokens / pairs, chosen, rejected, chosen - rejected)
+        return {"train_loss": self.loss_sum / pairs, **dict(zip(PREFERENCE_TRAIN_METRICS, values, strict=True))}
 
     def tokens_per_second(self, now: float, seconds: float | None = None) -> float:
         """Over `seconds` where the device measured them, else the host's time since `started`."""

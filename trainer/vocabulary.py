@@ -18,7 +18,27 @@ METHOD_SETTINGS: dict[str, tuple[str, ...]] = {
     "full": (), "lora": ("lora",), "qlora": ("lora", "quantization"), "ia3": ("ia3",), "prefix": ("prefix",),
     "freeze": ("freeze",),
 }
-DataFormat = Literal["auto", "chat", "alpaca", "prompt_completion", "text"]
+# preference: OpenAI's DPO lines ({"input": {"messages"}, "preferred_output", "non_preferred_output"}).
+DataFormat = Literal["auto", "chat", "alpaca", "prompt_completion", "text", "preference"]
+# What the loss trains toward. sft: the examples' assistant tokens (cross-entropy). The preference
+# objectives train on pairs, a preferred output over a non-preferred one for the same input:
+# dpo against a frozen reference (the base with the adapter off, or a frozen copy for whole-weight
+# methods); simpo (length-normalised log-probabilities with a target margin) and orpo (the
+# preferred output's loss plus an odds-ratio term) need no reference.
+Objective = Literal["sft", "dpo", "simpo", "orpo"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+PREFERENCE_OBJECTIVES: tuple[str, ...] = ("dpo", "simpo", "orpo")
+# What beta "auto" means for each: DPO's customary 0.1 (the DPO paper's and TRL's default), SimPO's
+# 2.0 (its paper's usual setting) and ORPO's odds-ratio weight lambda 0.1 (its paper's).
+AUTO_BETA: dict[str, float] = {"dpo": 0.1, "simpo": 2.0, "orpo": 0.1}
+# SimPO's target reward margin gamma, as a share of beta when not given (its paper's 0.5 ratio).
+SIMPO_GAMMA_BETA_RATIO = 0.5
+# What a preference job reports besides train_loss, per metrics event (means per pair over the
+# interval) and per validation pass: the rewards of the preferred ("chosen") and non-preferred
+# ("rejected") outputs, their margin, and the share of pairs whose preferred output has the higher reward.
+PREFERENCE_TRAIN_METRICS: tuple[str, ...] = ("train_preference_accuracy", "train_chosen_reward",
+                                             "train_rejected_reward", "train_reward_margin")
+PREFERENCE_VALID_METRICS: tuple[str, ...] = ("valid_preference_accuracy", "full_valid_preference_accuracy")
 Precision = Literal["auto", "bf16", "fp32"]
 # lean: gradient checkpointing, least memory; fast: keep activations, about a third less compute;
 # balanced: checkpoint only the bottom checkpoint_layers decoder layers (as many as memory needs).

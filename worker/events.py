@@ -18,13 +18,14 @@ from sqlalchemy.orm import Session
 
 from core import states
 from core.models import Checkpoint, Job
+from trainer.vocabulary import PREFERENCE_TRAIN_METRICS, PREFERENCE_VALID_METRICS
 from worker.checkpoint_store import UPLOADS, snapshot
 
 log = logging.getLogger(__name__)
 
 PROGRESS_KEYS = ("step", "total_steps", "epoch", "tokens_per_second", "peak_memory_bytes", "train_loss")
-TRAIN_METRIC_KEYS = ("step", "train_loss", "learning_rate", "grad_norm", "tokens")
-VALID_METRIC_KEYS = ("valid_loss", "valid_mean_token_accuracy")
+TRAIN_METRIC_KEYS = ("step", "train_loss", "learning_rate", "grad_norm", "tokens", *PREFERENCE_TRAIN_METRICS)
+VALID_METRIC_KEYS = ("valid_loss", "valid_mean_token_accuracy", PREFERENCE_VALID_METRICS[0])
 
 
 class EventTail:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from core.storage import Storage
+from trainer.vocabulary import PREFERENCE_TRAIN_METRICS
 from worker.artifacts import Stored, _archive
 
 log = logging.getLogger(__name__)
@@ -31,11 +32,15 @@ SCALARS: dict[str, list[tuple[str, str, float]]] = {
         ("tokens_per_second", "train/tokens_per_second", 1.0), ("mfu", "train/mfu", 1.0),
         ("peak_memory_bytes", "train/peak_memory_gib", 1 / GiB),
         ("train_mean_token_accuracy", "train/mean_token_accuracy", 1.0),
+        # A preference job's: train/preference_accuracy, train/chosen_reward, ...
+        *((key, "train/" + key.removeprefix("train_"), 1.0) for key in PREFERENCE_TRAIN_METRICS),
     ],
     "validation": [
         ("valid_loss", "valid/loss", 1.0), ("valid_mean_token_accuracy", "valid/mean_token_accuracy", 1.0),
         ("valid_perplexity", "valid/perplexity", 1.0), ("full_valid_loss", "valid/full_loss", 1.0),
         ("full_valid_mean_token_accuracy", "valid/full_mean_token_accuracy", 1.0),
+        ("valid_preference_accuracy", "valid/preference_accuracy", 1.0),
+        ("full_valid_preference_accuracy", "valid/full_preference_accuracy", 1.0),
     ],
     "forgetting": [
         ("forgetting_loss_before", "forgetting/loss_before", 1.0), ("forgetting_loss_after", "forgetting/loss_after", 1.0),

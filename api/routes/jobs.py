@@ -16,7 +16,7 @@ from sqlalchemy.orm import object_session
 from api import admission, planning
 from api.deps import ChangeableJob, CurrentUser, ReadableJob, SessionDep, SettingsDep
 from api.errors import bad_request
-from api.job_spec import METADATA_KEY_CHARS, base_learning_rate, method_body
+from api.job_spec import METADATA_KEY_CHARS, base_learning_rate, method_view
 from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
 from api.schemas import CreateJobRequest, JobErrorOut, JobOut, Page
 from core import states
@@ -43,7 +43,7 @@ def job_out(job: Job) -> JobOut:
     method = spec.get("method", job.method)
     hp = dict(spec.get("hyperparameters") or {})
     if "learning_rate" in hp:
-        hp["learning_rate_multiplier"] = hp["learning_rate"] / base_learning_rate(method)
+        hp["learning_rate_multiplier"] = hp["learning_rate"] / base_learning_rate(method, spec.get("objective") or "sft")
     error = None
     if job.error:
         error = JobErrorOut(**{"message": "the job failed", **job.error})
@@ -54,7 +54,7 @@ def job_out(job: Job) -> JobOut:
         training_file=job.training_file, validation_file=job.validation_file, hyperparameters=hp,
         seed=int(hp.get("seed", 0)), trained_tokens=job.trained_tokens, error=error, result_files=[],
         estimated_finish=_int(progress.get("estimated_finish")),
-        method={"type": method, method: method_body({**spec, "method": method}, hp)},
+        method=method_view({**spec, "method": method}, hp),
         user_provided_suffix=job.suffix, priority=job.priority, gpus=job.gpus,
         progress=progress, metrics=job.metrics or {}, started_at=_int(job.started_at), host=job.host,
         plan=planning.job_view(job.plan, job.progress, job.metrics), metadata=job.job_metadata or None,

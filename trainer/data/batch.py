@@ -6,16 +6,25 @@ from typing import Any
 
 import torch
 
-from trainer.data.tokenize import IGNORE_INDEX
+from trainer.data.tokenize import IGNORE_INDEX, REJECTED_IDS, REJECTED_LABELS
 from trainer.packed_attention import BOUNDS, LONGEST
+
+# A preference batch of n pairs has 2n rows, the n preferred outputs then the n others (one forward
+# runs both); this key holds n.
+PAIRS = "pairs"
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example: pad ids, attention 0, labels ignored.
 
     Packed rows also get position_ids; their padding counts up from 0 like one more example,
-    so it stays a block of its own that no real token attends to.
+    so it stays a block of its own that no real token attends to. Preference pairs become two
+    rows each (see PAIRS).
     """
+    if REJECTED_IDS in examples[0]:
+        rows = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+        rows += [{"input_ids": e[REJECTED_IDS], "labels": e[REJECTED_LABELS]} for e in examples]
+        return {**collate(rows, pad_id), PAIRS: torch.tensor(len(examples))}
     longest = max(len(e["input_ids"]) for e in examples)
     n = len(examples)
     input_ids = torch.full((n, longest), pad_id, dtype=torch.long)

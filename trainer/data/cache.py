@@ -21,7 +21,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from trainer.data.tokenize import REJECTED_IDS, REJECTED_LABELS
+
 ENV = "TUNEQ_TOKEN_CACHE_DIR"
+# The key of a preference file's entry ends with this: its rows are pairs (see load).
+PAIRED = "-pairs"
 
 
 def folder() -> Path | None:
@@ -45,7 +49,8 @@ def key(path: str | Path, tokenizer: Any, data_format: str, train_on_inputs: boo
         "bos": getattr(tokenizer, "bos_token", None), "eos": getattr(tokenizer, "eos_token", None),
         "format": data_format, "train_on_inputs": train_on_inputs,
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+    return digest + (PAIRED if data_format == "preference" else "")
 
 
 def load(k: str | None) -> list[dict] | None:
@@ -66,7 +71,18 @@ def load(k: str | None) -> list[dict] | None:
     for end in ends:
         out.append({"input_ids": ids_l[start:end], "labels": labels_l[start:end]})
         start = end
+    if k.endswith(PAIRED):  # preference pairs: each example's two rows, one after the other
+        return [{**out[i], REJECTED_IDS: out[i + 1]["input_ids"], REJECTED_LABELS: out[i + 1]["labels"]}
+                for i in range(0, len(out), 2)]
     return out
+
+
+def _rows(examples: list[dict]) -> list[dict]:
+    """One row per example, or a pair's two rows in turn."""
+    if REJECTED_IDS not in examples[0]:
+        return examples
+    return [row for e in examples
+            for row in (e, {"input_ids": e[REJECTED_IDS], "labels": e[REJECTED_LABELS]})]
 
 
 def save(k: str | None, examples: list[dict]) -> None:
@@ -75,12 +91,13 @@ def save(k: str | None, examples: list[dict]) -> None:
         return
     import numpy as np
 
+    rows = _rows(examples)
     try:
         where.mkdir(parents=True, exist_ok=True)
         tmp = where / f".{k}.{os.getpid()}.npz"
-        np.savez(tmp, ids=np.fromiter((t for e in examples for t in e["input_ids"]), dtype=np.int64),
-                 labels=np.fromiter((t for e in examples for t in e["labels"]), dtype=np.int64),
-                 lengths=np.array([len(e["input_ids"]) for e in examples], dtype=np.int64))
+        np.savez(tmp, ids=np.fromiter((t for e in rows for t in e["input_ids"]), dtype=np.int64),
+                 labels=np.fromiter((t for e in rows for t in e["labels"]), dtype=np.int64),
+                 lengths=np.array([len(e["input_ids"]) for e in rows], dtype=np.int64))
         os.replace(tmp, where / f"{k}.npz")
     except OSError:
         pass

@@ -8,7 +8,7 @@ from typing import Any
 
 from trainer.data import cache
 from trainer.data.parse import LineError, iter_records, trains_inputs
-from trainer.data.tokenize import IGNORE_INDEX, fit_to_length, tokenize_record
+from trainer.data.tokenize import REJECTED_IDS, fit_to_length, tokenize_record, trained_in
 from trainer.data.validate import validate_file
 from trainer.errors import DataError
 
@@ -61,9 +61,9 @@ def load_tokenized(
     examples, truncated, dropped = [], 0, 0
     for ex in _tokenized(path, tokenizer, fmt, train_on_inputs, what):
         pieces = fit_to_length(ex, fmt, max_seq_len)
-        truncated += fmt != "text" and len(ex["input_ids"]) > max_seq_len
+        truncated += fmt != "text" and max(len(ex["input_ids"]), len(ex.get(REJECTED_IDS, ()))) > max_seq_len
         for piece in pieces:
-            if all(label == IGNORE_INDEX for label in piece["labels"]):
+            if not trained_in(piece):
                 dropped += fmt != "text"
                 continue
             examples.append(piece)

@@ -14,6 +14,9 @@ One JSONL line is one example, in one of four formats (one format per file):
   OpenAI's legacy format; the completion is learned.
 - text: {"text": "..."}; continued pretraining, every token is learned, and a document longer
   than max_seq_len is split into windows rather than cut.
+- preference: OpenAI's DPO lines, {"input": {"messages": [...]}, "preferred_output": [assistant
+  message], "non_preferred_output": [assistant message]}; the preference objectives (dpo, simpo,
+  orpo) score both outputs after the same input.
 
 Every trained span ends with EOS so a trained model stops. `train_on_inputs` also trains the
 prompt side (default: false, except raw text where everything is the target).
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-FORMATS = ("chat", "alpaca", "prompt_completion", "text")
+FORMATS = ("chat", "alpaca", "prompt_completion", "text", "preference")
 # A line longer than this is refused without being held in memory whole: no single example
 # a model could train on comes near it, and an upload must not be a way to exhaust the API.
 MAX_LINE_BYTES = 32 * 1024 * 1024
@@ -213,13 +216,69 @@ class RawText:
     pieces: list[tuple[str, bool]]
 
 
-Record = Chat | RawText
+@dataclass
+class Preference:
+    """A preference pair: the input conversation, and the output preferred after it over the other."""
+
+    prompt: Chat  # its messages, and the input's tools
+    preferred: list[Message]
+    non_preferred: list[Message]
+
+
+Record = Chat | RawText | Preference
+PREFERENCE_KEYS = ("input", "preferred_output", "non_preferred_output")
+
+
+def _preference_output(obj: dict, key: str) -> list[Message]:
+    raw = obj.get(key)
+    if raw is None:
+        raise LineError("missing_field", f"'{key}' is missing; a preference line needs 'input', "
+                        "'preferred_output' and 'non_preferred_output'")
+    if not isinstance(raw, list) or not raw:
+        raise LineError("invalid_type", f"'{key}' must be a non-empty list of assistant messages")
+    out = []
+    for i, m in enumerate(raw):
+        where = f"{key}[{i}]"
+        if not isinstance(m, dict):
+            raise LineError("invalid_message", f"{where} must be an object")
+        if m.get("role") != "assistant":
+            raise LineError("invalid_role", f"{where}.role is {m.get('role')!r}; an output is an assistant message")
+        out.append(Message("assistant", _content_text(m.get("content"), where)))
+    return out
+
+
+def parse_preference(obj: dict) -> Preference:
+    """One preference line, or LineError naming the first problem."""
+    for key in obj:
+        if key not in PREFERENCE_KEYS:
+            raise LineError("unknown_field", f"'{key}': not a field of a preference line (allowed: "
+                            f"{', '.join(PREFERENCE_KEYS)})")
+    given = obj.get("input")
+    if not isinstance(given, dict) or "messages" not in given:
+        raise LineError("missing_messages", "'input' must be an object with 'messages' (the conversation so far)")
+    if not isinstance(given["messages"], list) or not given["messages"]:
+        raise LineError("missing_messages", "'input.messages' must be a non-empty list")
+    # The input is checked as a chat conversation that the output would end; its assistant turns
+    # are context (weight 0): only the outputs are scored.
+    try:
+        chat = parse_example({"messages": [*given["messages"], {"role": "assistant", "content": "-"}],
+                              **({"tools": given["tools"]} if "tools" in given else {})})
+        prompt = Chat(chat[:-1], chat.tools)
+    except LineError as err:
+        raise LineError(err.code, f"input.{err.message}") from None
+    for m in prompt:
+        m.weight = 0
+    preferred = _preference_output(obj, "preferred_output")
+    non_preferred = _preference_output(obj, "non_preferred_output")
+    return Preference(prompt, preferred, non_preferred)
 
 
 def detect_format(obj: Any) -> str | None:
     """The format a decoded line looks like, by its keys; None when it looks like none."""
     if not isinstance(obj, dict):
         return None
+    if any(k in obj for k in PREFERENCE_KEYS[1:]) or ("input" in obj and isinstance(obj["input"], dict)):
+        return "preference"
     if "messages" in obj:
         return "chat"
     if "instruction" in obj or "output" in obj:
@@ -234,6 +293,7 @@ def detect_format(obj: Any) -> str | None:
 FORMAT_KEYS = {
     "chat": "'messages'", "alpaca": "'instruction' and 'output'",
     "prompt_completion": "'prompt' and 'completion'", "text": "'text'",
+    "preference": "'input', 'preferred_output' and 'non_preferred_output'",
 }
 
 
@@ -266,6 +326,8 @@ def parse_record(obj: Any, fmt: str) -> Record:
         raise LineError("wrong_format", f"this line is {seen} ({FORMAT_KEYS[seen]}) but the file is {fmt}")
     if fmt == "chat":
         return parse_example(obj)
+    if fmt == "preference":
+        return parse_preference(obj)
     if fmt == "alpaca":
         instruction = _string(obj, "instruction")
         extra = _string(obj, "input", required=False, may_be_empty=True)
@@ -341,7 +403,8 @@ def iter_records(
                 yield number, "chat", LineError(
                     "unknown_format" if isinstance(obj, dict) else "not_object",
                     f"not an example of any format (keys: {keys}); "
-                    "expected 'messages', 'instruction'/'output', 'prompt'/'completion' or 'text'",
+                    "expected 'messages', 'instruction'/'output', 'prompt'/'completion', 'text' or "
+                    "'input'/'preferred_output'/'non_preferred_output'",
                 )
                 continue
         try:

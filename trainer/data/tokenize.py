@@ -14,7 +14,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from trainer.data.parse import Chat, LineError, Message, RawText, Record
+from trainer.data.parse import Chat, LineError, Message, Preference, RawText, Record
+
+# A tokenized preference pair holds the preferred output's row as input_ids/labels and the other's
+# under these keys; labels mark only the output's tokens.
+REJECTED_IDS, REJECTED_LABELS = "rejected_input_ids", "rejected_labels"
 
 IGNORE_INDEX = -100
 
@@ -197,7 +201,33 @@ def tokenize_raw(tokenizer: Any, raw: RawText, max_seq_len: int | None = None, t
     return _cut(_spans_to_labels(tokenizer, text, spans), max_seq_len)
 
 
+def tokenize_preference(tokenizer: Any, pair: Preference, max_seq_len: int | None = None) -> dict:
+    """Both rows of a pair through the chat template: the input, then each output; only the
+    output's tokens are labelled (the two rows share the input's tokens)."""
+    tools = getattr(pair.prompt, "tools", None)  # the input's tools, rendered before both rows
+    chosen = tokenize_messages(tokenizer, Chat([*pair.prompt, *pair.preferred], tools), max_seq_len)
+    rejected = tokenize_messages(tokenizer, Chat([*pair.prompt, *pair.non_preferred], tools), max_seq_len)
+    return {"input_ids": chosen["input_ids"], "labels": chosen["labels"], REJECTED_IDS: rejected["input_ids"],
+            REJECTED_LABELS: rejected["labels"], "truncated": max(chosen["truncated"], rejected["truncated"])}
+
+
+def trained_in(piece: dict) -> bool:
+    """Whether a piece has a labelled token (both rows of a pair must)."""
+    rows = [piece["labels"]] + ([piece[REJECTED_LABELS]] if REJECTED_LABELS in piece else [])
+    return all(any(x != IGNORE_INDEX for x in row) for row in rows)
+
+
+def piece_tokens(piece: dict) -> tuple[int, int]:
+    """(tokens, labelled tokens) of a piece, both rows of a pair together."""
+    rows = [(piece["input_ids"], piece["labels"])]
+    if REJECTED_IDS in piece:
+        rows.append((piece[REJECTED_IDS], piece[REJECTED_LABELS]))
+    return sum(len(i) for i, _ in rows), sum(sum(1 for x in lab if x != IGNORE_INDEX) for _, lab in rows)
+
+
 def tokenize_record(tokenizer: Any, rec: Record, max_seq_len: int | None = None, train_on_inputs: bool = False) -> dict:
+    if isinstance(rec, Preference):
+        return tokenize_preference(tokenizer, rec, max_seq_len)
     if isinstance(rec, RawText):
         return tokenize_raw(tokenizer, rec, max_seq_len, train_on_inputs)
     return tokenize_messages(tokenizer, rec, max_seq_len, train_on_inputs)
@@ -210,6 +240,10 @@ def fit_to_length(ex: dict, fmt: str, max_seq_len: int | None) -> list[dict]:
     its middle; any other example keeps its head, where the prompt is.
     """
     ids, labels = ex["input_ids"], ex["labels"]
+    if REJECTED_IDS in ex:  # a pair: each row keeps its head
+        n = max_seq_len
+        return [{"input_ids": ids[:n], "labels": labels[:n], REJECTED_IDS: ex[REJECTED_IDS][:n],
+                 REJECTED_LABELS: ex[REJECTED_LABELS][:n]}]
     if max_seq_len is None or len(ids) <= max_seq_len:
         return [{"input_ids": ids, "labels": labels}]
     if fmt != "text":

@@ -12,7 +12,7 @@ from typing import Any
 
 from trainer.data import cache
 from trainer.data.parse import LineError, iter_records, trains_inputs
-from trainer.data.tokenize import IGNORE_INDEX, fit_to_length, tokenize_record
+from trainer.data.tokenize import REJECTED_IDS, fit_to_length, piece_tokens, tokenize_record, trained_in
 
 MAX_REPORTED_ERRORS = 100
 
@@ -57,15 +57,16 @@ def validate_file(
                 except LineError as err:
                     fail(number, err)
                     continue
-                tokenized.append({"input_ids": ex["input_ids"], "labels": ex["labels"]})
-                n = len(ex["input_ids"])
+                tokenized.append({k: v for k, v in ex.items() if k != "truncated"})
+                n = max(len(ex["input_ids"]), len(ex.get(REJECTED_IDS, ())))
                 longest = max(longest, n)
                 for piece in fit_to_length(ex, fmt, max_seq_len):
-                    tokens += len(piece["input_ids"])
-                    trained += sum(1 for x in piece["labels"] if x != IGNORE_INDEX)
+                    got = piece_tokens(piece)
+                    tokens += got[0]
+                    trained += got[1]
                 if max_seq_len is not None and n > max_seq_len and fmt != "text":
                     truncated += 1
-                    dropped += all(x == IGNORE_INDEX for x in ex["labels"][:max_seq_len])
+                    dropped += not trained_in(fit_to_length(ex, fmt, max_seq_len)[0])
             examples += 1
         if examples == 0 and not counts:
             fail(0, LineError("empty_file", "the file has no examples"))

@@ -72,6 +72,9 @@ class MemoryInputs:
     fused_lora: bool = False
     liger: bool = False
     fragmentation: float | None = None
+    # DPO with a whole-weight method holds a frozen copy of the model as its reference (trainer.preference),
+    # in the activations' dtype; batch_size then counts rows, two per preference pair.
+    reference_model: bool = False
 
     @property
     def sharded(self) -> bool:

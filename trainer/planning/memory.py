@@ -185,12 +185,17 @@ def estimate(shape: Shape, x: MemoryInputs) -> MemoryEstimate:
 
     live_grads = top.gradients + params.ddp_buckets
     resident_states = 0 if params.paged else params.optimizer_states
-    allocated = params.weights + live_grads + resident_states + top.activations + top.logits + small
+    reference = shape.total_params * step.act_bytes if x.reference_model else 0
+    if reference:
+        notes.append(f"dpo: the frozen reference model holds {gib(reference)}")
+    weights = params.weights + reference
+    allocated = weights + live_grads + resident_states + top.activations + top.logits + small
     frag = _fragmentation(step, allocated, params)
     total = allocated + frag + (params.optimizer_states if params.paged else 0)
     cache = autocast_cache(step, params.trainable)
     parts = {
         **params.weight_parts,
+        **({"reference_weights": reference} if reference else {}),
         "gradients_all": params.gradients,
         "optimizer_states": params.optimizer_states,
         "ddp_buckets": params.ddp_buckets,
@@ -228,7 +233,7 @@ def estimate(shape: Shape, x: MemoryInputs) -> MemoryEstimate:
         strategy=x.strategy if x.gpus > 1 else "single",
         full_precision=x.full_precision if step.whole else "n/a",
         trainable_params=params.trainable,
-        weights=int(params.weights),
+        weights=int(weights),
         gradients=int(live_grads),
         optimizer_states=int(params.optimizer_states),
         activations=int(top.activations),

@@ -18,7 +18,9 @@ from trainer.planning.inputs import MemoryInputs
 from trainer.planning.memory import MemoryEstimate, estimate
 from trainer.planning.shape import shape_of
 from trainer.spec import (
+    PREFERENCE_OBJECTIVES,
     SPEEDS,
+    WHOLE_WEIGHT_METHODS,
     FreezeSettings,
     FullPrecision,
     Hyperparameters,
@@ -156,9 +158,12 @@ def memory_inputs(
         k = checkpoint_layers if checkpoint_layers is not None else spec.checkpoint_layers
         k = None if k is None else int(k)
     in_backward = spec.optimizer_in_backward if optimizer_in_backward is None else optimizer_in_backward
+    # A preference pair is two rows in one forward; DPO on whole weights keeps a frozen reference.
+    pairs = spec.objective in PREFERENCE_OBJECTIVES
     return MemoryInputs(
         method=method,
-        batch_size=int(batch_size),
+        batch_size=int(batch_size) * (2 if pairs else 1),
+        reference_model=spec.objective == "dpo" and method in WHOLE_WEIGHT_METHODS,
         seq_len=seq_len or spec.hyperparameters.max_seq_len,
         gradient_checkpointing=speed == "lean" or (speed == "balanced" and k != 0),
         checkpoint_layers=k,

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from trainer.vocabulary import METHODS
+from trainer.vocabulary import METHODS, OBJECTIVES, PREFERENCE_OBJECTIVES
 from tuneq.cli.common import client, fail, friendly
 from tuneq.cli.render import print_plan
 from tuneq.cli.submit import upload
@@ -16,7 +16,7 @@ from tuneq.cli.submit import upload
 
 @friendly
 def plan(
-    file: Annotated[Path, typer.Argument(help="Training data: chat JSONL, one example per line.")],
+    file: Annotated[Path, typer.Argument(help="Training data: JSONL, one example (or preference pair) per line.")],
     model: Annotated[str, typer.Option("--model", "-m", help="Base model (see `tuneq models`).")],
     method: Annotated[str, typer.Option(help="auto | " + " | ".join(METHODS) + ".")] = "auto",
     batch_size: Annotated[str | None, typer.Option("--batch-size", help="Examples per micro-batch, or auto.")] = None,
@@ -24,11 +24,15 @@ def plan(
     epochs: Annotated[int | None, typer.Option("--epochs", help="Passes over the data.")] = None,
     gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")] = None,
     gpus: Annotated[int, typer.Option(help="GPUs the job would get.")] = 1,
+    objective: Annotated[str, typer.Option(help=" | ".join(OBJECTIVES) + " (dpo, simpo, orpo: a preference file; "
+                         "two rows a pair, and dpo of full weights a frozen reference).")] = "sft",
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole plan as JSON.")] = False,
 ) -> None:
     """Upload FILE and show how much GPU memory each method needs, what fits, and how long it takes."""
     if method not in (*METHODS, "auto"):
         raise fail(f"--method: must be auto or one of {', '.join(METHODS)}, got {method!r}")
+    if objective not in OBJECTIVES:
+        raise fail(f"--objective: must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     hp: dict[str, Any] = {k: v for k, v in {"n_epochs": epochs, "max_seq_len": max_seq_len}.items() if v is not None}
     if batch_size is not None:
         if batch_size != "auto" and not batch_size.isdigit():
@@ -37,6 +41,8 @@ def plan(
     with client() as c:
         body: dict[str, Any] = {"model": model, "training_file": upload(c, file, "training file"), "method": method,
                                 "hyperparameters": hp, "gpus": gpus}
+        if objective in PREFERENCE_OBJECTIVES:
+            body["method"] = {"type": objective, objective: {"method": method}}
         if gradient_checkpointing is not None:
             body["gradient_checkpointing"] = gradient_checkpointing
         got = c.plan_job(body)

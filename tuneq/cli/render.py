@@ -8,10 +8,12 @@ from typing import Any
 
 from rich.table import Table
 
+from trainer.vocabulary import PREFERENCE_TRAIN_METRICS, PREFERENCE_VALID_METRICS
 from tuneq.cli.common import err, out
 
 BAD_LINES_SHOWN = 20
-LOSS_KEYS = ("train_loss", "valid_loss", "valid_mean_token_accuracy", "full_valid_loss", "full_valid_mean_token_accuracy")
+LOSS_KEYS = ("train_loss", "valid_loss", "valid_mean_token_accuracy", "full_valid_loss", "full_valid_mean_token_accuracy",
+             *PREFERENCE_TRAIN_METRICS, *PREFERENCE_VALID_METRICS)
 PLAN_PARTS = ("weights", "gradients", "optimizer_states", "activations", "logits", "overhead", "total")
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from trainer.vocabulary import DEFAULT_METHOD, METHOD_SETTINGS, METHODS
+from trainer.vocabulary import DEFAULT_METHOD, METHOD_SETTINGS, METHODS, OBJECTIVES, PREFERENCE_OBJECTIVES
 from tuneq.cli.common import client, err, fail, friendly
 from tuneq.cli.render import show_bad_lines
 from tuneq.cli.watch import watch
@@ -70,6 +70,26 @@ def _method_name(method: Any) -> str | None:
     return method if isinstance(method, str) else method.get("type") if isinstance(method, dict) else None
 
 
+def _preference_method(method: Any, objective: str, beta: str | None) -> dict[str, Any]:
+    """The request's method as a preference objective's body: {type: objective, objective: {method,
+    <settings fields>, hyperparameters: {beta}}}, from a method name or {type: name, name: settings}."""
+    name = _method_name(method)
+    body: dict[str, Any] = {}
+    if name in METHODS:
+        body["method"] = name
+        settings = dict(method.get(name) or {}) if isinstance(method, dict) else {}
+        own, *nested = METHOD_SETTINGS[name] or (None,)
+        body.update({k: settings.pop(k) for k in nested if k in settings})
+        if settings and own:
+            body[own] = settings
+    if beta is not None:
+        try:
+            body["hyperparameters"] = {"beta": beta if beta == "auto" else float(beta)}
+        except ValueError:
+            raise fail(f"--beta: a number or auto, got {beta!r}") from None
+    return {"type": objective, objective: body}
+
+
 @friendly
 def submit(
     file: Annotated[Path | None, typer.Argument(help="Training data: a JSONL file (uploaded first) or the id of an "
@@ -85,6 +105,9 @@ def submit(
     max_seq_len: Annotated[int | None, typer.Option("--max-seq-len", help="Tokens per example.")] = None,
     lora_r: Annotated[int | None, typer.Option("--lora-r", help="LoRA rank.")] = None,
     lora_alpha: Annotated[float | None, typer.Option("--lora-alpha", help="LoRA alpha.")] = None,
+    objective: Annotated[str | None, typer.Option(help=" | ".join(OBJECTIVES) + ": sft learns the assistant's "
+                         "answers; dpo, simpo and orpo learn preference lines (default sft).")] = None,
+    beta: Annotated[str | None, typer.Option(help="dpo, simpo, orpo: beta, a number or auto (default auto).")] = None,
     validation_file: Annotated[Path | None, typer.Option("--validation-file", help="Validation JSONL (or file id).")] = None,
     suffix: Annotated[str | None, typer.Option(help="Added to the fine-tuned model's name.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of data order and init.")] = None,
@@ -116,6 +139,12 @@ def submit(
         body["method"] = {"type": name, name: {**settings, **lora}}
     elif current is None or (method is not None and _method_name(current) != method):
         body["method"] = name  # a --spec's settings of the same method are kept
+    if objective is not None and objective not in OBJECTIVES:
+        raise fail(f"--objective: must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if objective in PREFERENCE_OBJECTIVES:
+        body["method"] = _preference_method(body.get("method"), objective, beta)
+    elif beta is not None:
+        raise fail(f"--beta: applies to --objective {', '.join(PREFERENCE_OBJECTIVES)}")
     for key, value in (("suffix", suffix), ("seed", seed), ("priority", priority), ("gpus", gpus)):
         if value is not None:
             body[key] = value

@@ -39,6 +39,7 @@ export function jobView(root, jobId) {
     live: h("span", { class: "live", id: "live-mode" }),
     lossChart: h("div", { class: "chart-box", id: "loss-chart" }),
     lrChart: h("div", { class: "chart-box", id: "lr-chart" }),
+    rewardChart: h("div", { class: "chart-box", id: "reward-chart" }),
     events: h("tbody"),
     checkpoints: h("tbody"),
     artifacts: h("ul", { class: "artifacts", id: "artifacts" }),
@@ -50,7 +51,7 @@ export function jobView(root, jobId) {
     h("div", { class: "cols" },
       h("div", { class: "panel" }, h("h2", {}, "Progress"), el.summary),
       h("div", { class: "panel" }, h("h2", {}, "Memory: plan and measured"), el.memory)),
-    h("div", { class: "panel" }, h("h2", {}, "Curves ", el.live), h("div", { class: "charts" }, el.lossChart, el.lrChart)),
+    h("div", { class: "panel" }, h("h2", {}, "Curves ", el.live), h("div", { class: "charts" }, el.lossChart, el.lrChart, el.rewardChart)),
     h("div", { class: "cols" },
       h("div", { class: "panel" }, h("h2", {}, "Artifacts"), el.artifacts),
       h("div", { class: "panel" }, h("h2", {}, "Checkpoints"),
@@ -93,6 +94,11 @@ export function jobView(root, jobId) {
     const train = new Map();
     const lr = new Map();
     const valid = new Map();
+    // A preference job's rewards (mean per pair) and the share of pairs ranked right.
+    const chosen = new Map();
+    const rejected = new Map();
+    const margin = new Map();
+    const accuracy = new Map();
     // A resumed run may report a step again: the later report wins.
     for (const ev of state.events) {
       const d = ev.data || {};
@@ -100,12 +106,17 @@ export function jobView(root, jobId) {
       if (ev.type === "metrics") {
         if (Number.isFinite(d.train_loss)) train.set(d.step, d.train_loss);
         if (Number.isFinite(d.learning_rate)) lr.set(d.step, d.learning_rate);
+        if (Number.isFinite(d.train_chosen_reward)) chosen.set(d.step, d.train_chosen_reward);
+        if (Number.isFinite(d.train_rejected_reward)) rejected.set(d.step, d.train_rejected_reward);
+        if (Number.isFinite(d.train_reward_margin)) margin.set(d.step, d.train_reward_margin);
+        if (Number.isFinite(d.train_preference_accuracy)) accuracy.set(d.step, d.train_preference_accuracy);
       } else if (ev.type === "validation" && Number.isFinite(d.valid_loss)) {
         valid.set(d.step, d.valid_loss);
       }
     }
     const sorted = (m) => [...m.entries()].sort((a, b) => a[0] - b[0]);
-    return { train: sorted(train), valid: sorted(valid), lr: sorted(lr) };
+    return { train: sorted(train), valid: sorted(valid), lr: sorted(lr), chosen: sorted(chosen),
+      rejected: sorted(rejected), margin: sorted(margin), accuracy: sorted(accuracy) };
   }
 
   function draw() {
@@ -117,6 +128,13 @@ export function jobView(root, jobId) {
     replace(el.lrChart, lineChart({ title: "learning rate", series: [
       { name: "learning_rate", label: "lr", cls: "s-lr", points: c.lr },
     ] }));
+    // Only a preference job has rewards: other jobs show no empty chart.
+    replace(el.rewardChart, c.margin.length ? lineChart({ title: "rewards (preference)", series: [
+      { name: "train_chosen_reward", label: "chosen", cls: "s-train", points: c.chosen },
+      { name: "train_rejected_reward", label: "rejected", cls: "s-valid", points: c.rejected },
+      { name: "train_reward_margin", label: "margin", cls: "s-lr", points: c.margin },
+      { name: "train_preference_accuracy", label: "accuracy", cls: "s-acc", points: c.accuracy },
+    ] }) : []);
     const shown = state.events.slice(-SHOWN_EVENTS).reverse();
     replace(el.events, shown.map((ev) => h("tr", { class: `lvl-${ev.level === "error" ? "error" : ev.level === "warning" ? "warning" : "info"}` },
       h("td", {}, fmtTime(ev.created_at)), h("td", {}, ev.level), h("td", {}, ev.type), h("td", {}, ev.message))));

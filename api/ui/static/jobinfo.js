@@ -9,6 +9,8 @@ export function methodOf(job) {
   if (!m) return "";
   if (typeof m === "string") return m;
   const settings = m[m.type] || {};
+  // A preference job: {type: "dpo", dpo: {method: "lora", lora: {...}}}
+  if (typeof settings.method === "string") return `${m.type} (${settings.method})`;
   return settings.use_dora ? `${m.type} (dora)` : m.type || "";
 }
 
