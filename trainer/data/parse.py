@@ -39,7 +39,7 @@ FORMATS = ("chat", "alpaca", "prompt_completion", "text", "preference")
 MAX_LINE_BYTES = 32 * 1024 * 1024
 
 
-@dataclass
+@dataclass(slots=True)
 class Message:
     role: str
     content: str
@@ -95,7 +95,8 @@ def parse_example(obj: Any) -> Chat:
     raw = obj["messages"]
     if not isinstance(raw, list) or not raw:
         raise LineError("missing_messages", "'messages' must be a non-empty list")
-    tools = _tools(obj.get("tools"))
+    # The common line has no tool fields: checked by key first, it pays for no calls.
+    tools = _tools(obj["tools"]) if "tools" in obj else None
     known = {t["function"]["name"] for t in tools} if tools else None
     messages: list[Message] = []
     call_ids: set[str] = set()
@@ -106,9 +107,11 @@ def parse_example(obj: Any) -> Chat:
         role = m.get("role")
         if role not in ROLES:
             raise LineError("invalid_role", f"{where}.role is {role!r}; allowed: {', '.join(ROLES)}")
-        calls = _tool_calls(m, where, known) if role == "assistant" else None
-        if role != "assistant" and m.get("tool_calls") is not None:
-            raise LineError("invalid_tool_call", f"{where}.tool_calls: only assistant messages make tool calls")
+        calls = None
+        if "tool_calls" in m:
+            if role != "assistant" and m["tool_calls"] is not None:
+                raise LineError("invalid_tool_call", f"{where}.tool_calls: only assistant messages make tool calls")
+            calls = _tool_calls(m, where, known)
         # An assistant turn that only calls tools says nothing else.
         text = "" if calls and not m.get("content") else _content_text(m.get("content"), where)
         weight = m.get("weight", 1)
@@ -118,7 +121,8 @@ def parse_example(obj: Any) -> Chat:
             if isinstance(weight, bool) or weight not in (0, 1):
                 raise LineError("invalid_weight", f"{where}.weight is {weight!r}; allowed: 0 or 1")
         call_id = _answered_call(m, where, messages, call_ids) if role == "tool" else None
-        call_ids.update(c["id"] for c in calls or () if c.get("id"))
+        if calls:
+            call_ids.update(c["id"] for c in calls if "id" in c)
         messages.append(Message(role, text, int(weight), calls, call_id))
     assistants = [m for m in messages if m.role == "assistant"]
     if not assistants:
