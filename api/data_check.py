@@ -18,7 +18,8 @@ STAT_KEYS = ("format", "examples", "tokens", "trained_tokens", "longest", "trunc
 
 
 @lru_cache(maxsize=4)
-def _tokenizer(model_dir: str) -> Any:
+def model_tokenizer(model_dir: str) -> Any:
+    """The tokenizer of a local base model, loaded once per API process (data checks, chat prompts)."""
     from trainer.model import load_tokenizer  # heavy import, only when a job is created
 
     return load_tokenizer(model_dir)
@@ -35,7 +36,7 @@ def token_report(
     """
     from trainer.data.validate import validate_file
 
-    return validate_file(storage_path, _tokenizer(model_dir), max_seq_len, data_format, train_on_inputs)
+    return validate_file(storage_path, model_tokenizer(model_dir), max_seq_len, data_format, train_on_inputs)
 
 
 def check_file(f: File, param: str, model_path: str, max_seq_len: int, data_format: str = "auto",

@@ -3,12 +3,15 @@ caller, and the job a route's path names (api.crud holds the lookups themselves)
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
 
 from fastapi import Depends
+from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from api.crud import load_job
 from api.errors import APIError
@@ -33,25 +36,46 @@ async def get_db() -> AsyncIterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_db, scope="function")]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-StorageDep = Annotated[Storage, Depends(get_storage)]
+
+
+async def _settings() -> Settings:
+    # async: FastAPI runs a sync dependency on a worker thread, a hop per request for a cached value.
+    return get_settings()
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+StorageDep = Annotated[Storage, Depends(get_storage)]  # sync: building an S3 client may block
 
 
 # auto_error=False: a missing key must answer in tuneq's error envelope, not FastAPI's default.
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer tq_...`.")
 
 
-def get_current_user(db: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> User:
+async def bearer_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+    """The presented key, unchecked: on the event loop, no database."""
     if credentials is None:
         raise APIError(401, "missing API key; send `Authorization: Bearer <key>`", code="missing_api_key")
-    user = authenticate(db, credentials.credentials)
-    # End the read: FastAPI runs the route on another thread hop, and a connection held while
-    # the request waits for a thread is how a burst of requests drained the pool (each holding
-    # one, none able to run). The user stays loaded (expire_on_commit=False).
-    db.commit()
+    return credentials.credentials
+
+
+BearerToken = Annotated[str, Depends(bearer_token)]
+
+
+def authenticated(db: Session, token: str) -> User:
+    user = authenticate(db, token)
     if user is None:
         raise APIError(401, "invalid or revoked API key", code="invalid_api_key")
     return user
+
+
+def get_current_user(db: SessionDep, token: BearerToken) -> User:
+    try:
+        return authenticated(db, token)
+    finally:
+        # End the read: FastAPI runs the route on another thread hop, and a connection held while
+        # the request waits for a thread is how a burst of requests drained the pool (each holding
+        # one, none able to run). The user stays loaded (expire_on_commit=False).
+        db.commit()
 
 
 CurrentUser = Annotated[User, Depends(get_current_user)]
@@ -82,3 +106,20 @@ def get_changeable_job(job_id: str, user: CurrentUser, db: SessionDep) -> Job:
 # the caller may see but not change it (a teammate's).
 ReadableJob = Annotated[Job, Depends(get_readable_job)]
 ChangeableJob = Annotated[Job, Depends(get_changeable_job)]
+
+
+async def read_in_one_hop(work: Callable[..., BaseModel], token: str, *args: Any) -> Response:
+    """A read route's whole work on one worker thread: key check, queries, rendering.
+
+    The routes clients poll (a job, the job list, an event page) run here instead of as a sync
+    dependency chain, which FastAPI runs as one thread hop per dependency (the key, the job, the
+    route: three waits for a thread and for the interpreter lock, each a wait for a CPU on a
+    busy machine). The session is this hop's alone and closes before the answer is sent; the
+    answer is the model's JSON, rendered once on the thread (`work(db, user, *args)` returns it).
+    """
+
+    def run() -> bytes:
+        with get_sessionmaker()() as db:
+            return work(db, authenticated(db, token), *args).model_dump_json().encode()
+
+    return Response(await run_in_threadpool(run), media_type="application/json")

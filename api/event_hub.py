@@ -52,8 +52,8 @@ class Channel:
 
 
 class EventHub:
-    def __init__(self, render: Callable[[JobEvent], str], poll_s: float = POLL_S):
-        self.render = render  # an event as the SSE message's data, made on the reader's thread
+    def __init__(self, render: Callable[[JobEvent], bytes], poll_s: float = POLL_S):
+        self.render = render  # an event as the stream sends it, made once on the reader's thread
         self.poll_s = poll_s
         self.channels: dict[str, Channel] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -119,11 +119,11 @@ class EventHub:
                 out.append((ch, self._rendered(fresh), status, {w: self._rendered(evs) for w, evs in catchups.items()}))
         return out
 
-    def _rendered(self, events: list[JobEvent]) -> list[tuple[int, str, str]]:
+    def _rendered(self, events: list[JobEvent]) -> list[tuple[int, str, bytes]]:
         return [(ev.seq, ev.id, self.render(ev)) for ev in events]
 
-    def _deliver(self, ch: Channel, fresh: list[tuple[int, str, str]], status: str | None,
-                 catchups: dict[Watcher, list[tuple[int, str, str]]]) -> None:
+    def _deliver(self, ch: Channel, fresh: list[tuple[int, str, bytes]], status: str | None,
+                 catchups: dict[Watcher, list[tuple[int, str, bytes]]]) -> None:
         ch.status = status
         if not ch.finished and EventFeed.finished(status, fresh):
             ch.finished = True
@@ -144,7 +144,7 @@ class EventHub:
         if any(not w.caught_up for w in ch.watchers):
             self.wake.set()  # more catch-up to send: no need to wait a whole poll
 
-    def _put(self, ch: Channel, w: Watcher, events: list[tuple[int, str, str]]) -> None:
+    def _put(self, ch: Channel, w: Watcher, events: list[tuple[int, str, bytes]]) -> None:
         for _, ev_id, data in events:
             w.queue.put_nowait(("event", (ev_id, data)))
         if w.queue.qsize() > MAX_BEHIND:

@@ -4,7 +4,8 @@ A process that takes more requests than it can finish makes every one of them sl
 queue it builds outlives the burst (clients time out and retry into it). Past
 TUNEQ_API_MAX_INFLIGHT requests in progress, a request is refused before any work is done for
 it, so those admitted keep their latency and the service is normal as soon as the burst ends.
-Event streams cost no thread or connection while open (api/event_hub.py) and are counted apart,
+Event streams cost no thread or connection while open (api/event_hub.py), nor do chat
+completions while an inference server answers them (api/chat.py); both are counted apart,
 against TUNEQ_API_MAX_STREAMS. Health checks are never refused: a busy process is not a dead one.
 """
 
@@ -19,7 +20,13 @@ RETRY_AFTER_S = 1
 NEVER_SHED = ("/healthz", "/readyz")
 
 
+CHAT_PATH = "/v1/chat/completions"
+
+
 def is_event_stream(scope: Scope) -> bool:
+    """Event streams, and chat completions: both wait on Redis or the hub holding no thread."""
+    if scope["path"].rstrip("/") == CHAT_PATH:
+        return True
     return scope["path"].endswith("/events") and b"stream=true" in scope.get("query_string", b"").lower()
 
 

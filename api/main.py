@@ -12,7 +12,7 @@ from api.auth_gate import BodyAuthMiddleware
 from api.body_limits import BodyLimitMiddleware
 from api.db_retry import RetryReadsMiddleware
 from api.request_log import RequestIdMiddleware
-from api.routes import admin, artifacts, checkpoints, events, files, health, hosts, jobs, models, plan
+from api.routes import admin, artifacts, chat, checkpoints, events, files, health, hosts, jobs, models, plan
 from api.routes import ui
 from api.routes import metrics
 from core.settings import get_settings
@@ -45,7 +45,7 @@ def create_app() -> FastAPI:
     app.add_middleware(LoadShedMiddleware)
     # Outermost: errors anywhere inside get a request id and one log line.
     app.add_middleware(RequestIdMiddleware)
-    for module in (files, jobs, plan, events, checkpoints, artifacts, models, hosts, admin, health):
+    for module in (files, jobs, plan, events, checkpoints, artifacts, models, chat, hosts, admin, health):
         app.include_router(module.router)
     ui.install(app)  # the browser dashboard at /ui
     docs_page.install(app, get_settings().api_docs)

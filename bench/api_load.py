@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,94 @@ def training_file(path: Path, mib: int, salt: str = "") -> Path:
     return path
 
 
+class Conn:
+    """One keep-alive HTTP/1.1 connection, as little client code as a request needs.
+
+    httpx's pool costs the load generator more CPU per request than the API spends answering
+    (its connection pool scans every connection per request), and on a 2-core machine the
+    generator's CPU is taken from the API it measures. This sends a request and reads the
+    status, the headers and a Content-Length or chunked body; nothing else."""
+
+    def __init__(self, host: str, port: int, auth: bytes, timeout_s: float = TIMEOUT_S):
+        self.host, self.port, self.auth, self.timeout_s = host, port, auth, timeout_s
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+    async def _head(self, method: str, path: str) -> tuple[int, dict[bytes, bytes]]:
+        reused = self.writer is not None
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n".encode() + self.auth + b"\r\n")
+        assert self.reader is not None
+        status_line = await self.reader.readline()
+        if not status_line and reused:  # the server closed an idle keep-alive connection: as any client, reconnect
+            self.close()
+            return await self._head(method, path)
+        if not status_line:
+            raise ConnectionError("closed by the server")
+        status = int(status_line.split(b" ", 2)[1])
+        headers: dict[bytes, bytes] = {}
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            k, _, v = line.partition(b":")
+            headers[k.strip().lower()] = v.strip()
+        return status, headers
+
+    async def get(self, path: str, timeout_s: float | None = None) -> tuple[int, dict[bytes, bytes], bytes]:
+        """(status, headers, body); on any error the connection is dropped (the next call reconnects)."""
+        try:
+            async with asyncio.timeout(timeout_s or self.timeout_s):
+                status, headers = await self._head("GET", path)
+                assert self.reader is not None
+                if b"content-length" in headers:
+                    body = await self.reader.readexactly(int(headers[b"content-length"]))
+                else:
+                    body = b"".join([chunk async for chunk in self._chunks()])
+            if headers.get(b"connection", b"").lower() == b"close":
+                self.close()
+            return status, headers, body
+        except BaseException:
+            self.close()
+            raise
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        assert self.reader is not None
+        while True:
+            size = int((await self.reader.readline()).split(b";")[0], 16)
+            if size == 0:
+                await self.reader.readline()
+                return
+            chunk = await self.reader.readexactly(size + 2)
+            yield chunk[:-2]
+
+
+def upload_raw(host: str, port: int, auth: bytes, path: Path, timeout_s: float = 300) -> int:
+    """POST /v1/files with `path` as a multipart form, the file's bytes sent by the kernel
+    (sendfile): the upload costs this process no CPU that the API's other clients would miss."""
+    boundary = secrets.token_hex(16)
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{path.name}\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    length = len(head) + path.stat().st_size + len(tail)
+    with socket.create_connection((host, port), timeout=timeout_s) as s, open(path, "rb") as f:
+        s.sendall(f"POST /v1/files HTTP/1.1\r\nHost: {host}\r\nContent-Length: {length}\r\n"
+                  f"Content-Type: multipart/form-data; boundary={boundary}\r\n".encode() + auth + b"\r\n" + head)
+        s.sendfile(f)
+        s.sendall(tail)
+        answer = b""
+        while b"\r\n" not in answer:
+            got = s.recv(65536)
+            if not got:
+                raise ConnectionError("closed by the server")
+            answer += got
+        return int(answer.split(b" ", 2)[1])
+
+
 class Recorder:
     def __init__(self) -> None:
         self.samples: list[tuple[str, float, float, int | str]] = []  # (kind, t, ms, status or error)
@@ -152,78 +241,93 @@ async def pause(stop: asyncio.Event, seconds: float) -> None:
         pass
 
 
-async def poller(http: Any, rec: Recorder, job_id: str, stop: asyncio.Event, every_s: float = 1.0) -> None:
+async def poller(conn: Conn, rec: Recorder, job_id: str, stop: asyncio.Event, every_s: float = 1.0) -> None:
     await pause(stop, random.random() * every_s)
     while not stop.is_set():
         t0 = time.monotonic()
         try:
-            r = await http.get(f"/v1/fine_tuning/jobs/{job_id}")
-            rec.add("poll", t0, r.status_code)
+            status, _, _ = await conn.get(f"/v1/fine_tuning/jobs/{job_id}")
+            rec.add("poll", t0, status)
         except Exception as exc:  # noqa: BLE001 - recorded as an error
             rec.add("poll", t0, type(exc).__name__)
         await pause(stop, max(0.0, every_s - (time.monotonic() - t0)) * random.uniform(0.8, 1.2))
+    conn.close()
 
 
-async def lister(http: Any, rec: Recorder, stop: asyncio.Event, every_s: float = 2.0) -> None:
+async def lister(conn: Conn, rec: Recorder, stop: asyncio.Event, every_s: float = 2.0) -> None:
     await pause(stop, random.random() * every_s)
     while not stop.is_set():
         t0 = time.monotonic()
         try:
-            r = await http.get("/v1/fine_tuning/jobs", params={"limit": 20})
-            rec.add("list", t0, r.status_code)
+            status, _, _ = await conn.get("/v1/fine_tuning/jobs?limit=20")
+            rec.add("list", t0, status)
         except Exception as exc:  # noqa: BLE001
             rec.add("list", t0, type(exc).__name__)
         await pause(stop, every_s)
+    conn.close()
 
 
-async def hammer(http: Any, rec: Recorder, job_id: str, stop: asyncio.Event) -> None:
+async def hammer(conn: Conn, rec: Recorder, job_id: str, stop: asyncio.Event) -> None:
     """A client with no pause between requests: the overload level."""
     while not stop.is_set():
         t0 = time.monotonic()
         try:
-            r = await http.get(f"/v1/fine_tuning/jobs/{job_id}")
-            rec.add("hammer", t0, r.status_code)
-            if r.status_code in (429, 503):
-                await pause(stop, float(r.headers.get("retry-after", "1")))
+            status, headers, _ = await conn.get(f"/v1/fine_tuning/jobs/{job_id}")
+            rec.add("hammer", t0, status)
+            if status in (429, 503):
+                await pause(stop, float(headers.get(b"retry-after", b"1")))
         except Exception as exc:  # noqa: BLE001
             rec.add("hammer", t0, type(exc).__name__)
+    conn.close()
 
 
-async def streamer(http: Any, job_id: str, out: dict[str, Any]) -> None:
+async def streamer(conn: Conn, job_id: str, out: dict[str, Any]) -> None:
     """Follow a job's events until `end`; out gets the ids received, or the error."""
     ids: list[str] = []
     out.update(ids=ids, ended=False, error=None)
     try:
-        async with http.stream("GET", f"/v1/fine_tuning/jobs/{job_id}/events",
-                               params={"stream": "true", "limit": 100}, timeout=None) as r:
-            if r.status_code != 200:
-                out["error"] = f"HTTP {r.status_code}"
-                return
-            async for line in r.aiter_lines():
-                if line.startswith("id:"):
-                    ids.append(line[3:].strip())
-                elif line.startswith("event: end"):
+        status, _ = await conn._head("GET", f"/v1/fine_tuning/jobs/{job_id}/events?stream=true&limit=100")
+        if status != 200:
+            out["error"] = f"HTTP {status}"
+            return
+        rest = b""
+        async for chunk in conn._chunks():
+            *lines, rest = (rest + chunk).split(b"\n")
+            for line in lines:
+                if line.startswith(b"id:"):
+                    ids.append(line[3:].strip().decode())
+                elif line.startswith(b"event: end"):
                     out["ended"] = True
                     return
     except Exception as exc:  # noqa: BLE001
         out["error"] = type(exc).__name__
+    finally:
+        conn.close()
 
 
-async def recovery_s(http: Any, job_id: str, since: float, limit_s: float = 30.0) -> float | None:
+async def recovery_s(conn: Conn, job_id: str, since: float, limit_s: float = 30.0) -> float | None:
     """Seconds from `since` until three GETs in a row answer 200 within 100 ms."""
     good = 0
     while time.monotonic() - since < limit_s:
         t0 = time.monotonic()
         try:
-            r = await http.get(f"/v1/fine_tuning/jobs/{job_id}", timeout=5)
-            fine = r.status_code == 200 and time.monotonic() - t0 < 0.1
+            status, _, _ = await conn.get(f"/v1/fine_tuning/jobs/{job_id}", timeout_s=5)
+            fine = status == 200 and time.monotonic() - t0 < 0.1
         except Exception:  # noqa: BLE001
             fine = False
         good = good + 1 if fine else 0
         if good == 3:
+            conn.close()
             return time.monotonic() - since
         await asyncio.sleep(0.05)
+    conn.close()
     return None
+
+
+async def load_average(samples: list[float], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        samples.append(os.getloadavg()[0])
+        await pause(stop, 2.0)
 
 
 def all_event_ids(http_sync: Any, job_id: str) -> list[str]:
@@ -282,6 +386,7 @@ class Bench:
         self.api_pid = self.stack.children[0][1].pid
         self.url = self.stack.url
         self.key = self.stack.admin_key_path.read_text().strip()
+        self.auth = f"Authorization: Bearer {self.key}\r\n".encode()
         from tests.conftest import reset_caches
 
         reset_caches()  # this process writes events into the stack's database
@@ -307,6 +412,10 @@ class Bench:
         return cls(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"},
                    limits=httpx.Limits(max_connections=1000, max_keepalive_connections=1000), **kw)
 
+    def conn(self) -> Conn:
+        host, port = self.url.split("//", 1)[1].rsplit(":", 1)
+        return Conn(host, int(port), self.auth)
+
     def make_jobs(self, n: int) -> list[str]:
         path = training_file(self.work / "small.jsonl", 0)
         with self.client(False, timeout=120) as http:  # the first creation loads the tokenizer
@@ -328,48 +437,50 @@ class Bench:
         stop = asyncio.Event()
         writer = EventWriter(job_ids, 0.25) if streams else None
         outs: list[dict[str, Any]] = [{} for _ in range(streams)]
-        async with self.client() as http, self.client() as shed_http:
-            tasks = [asyncio.create_task(poller(http, rec, job_ids[i % len(job_ids)], stop)) for i in range(pollers)]
-            tasks += [asyncio.create_task(lister(http, rec, stop)) for _ in range(listers)]
-            tasks += [asyncio.create_task(hammer(shed_http, rec, job_ids[i % len(job_ids)], stop)) for i in range(hammers)]
-            stream_tasks = [asyncio.create_task(streamer(http, job_ids[i % len(job_ids)], outs[i])) for i in range(streams)]
-            if writer:
-                writer.start()
-            t_start, cpu_start = time.monotonic(), tree_cpu_s(self.api_pid)
-            upload_ms = None
-            if upload_mib:
-                await asyncio.sleep(2)
-                path = training_file(self.work / f"up{upload_mib}.jsonl", upload_mib)
-                t0 = time.monotonic()
-
-                def send() -> int:
-                    with self.client(False, timeout=120) as h, open(path, "rb") as f:
-                        return h.post("/v1/files", files={"file": (path.name, f)}, data={"purpose": "fine-tune"}).status_code
-
-                status = await asyncio.to_thread(send)
-                upload_ms = (time.monotonic() - t0) * 1000
-                up_window = (t0, time.monotonic())
-            await asyncio.sleep(max(0.0, seconds - (time.monotonic() - t_start)))
-            stop.set()
-            t_end, cpu_used = time.monotonic(), tree_cpu_s(self.api_pid) - cpu_start
-            async with self.client() as probe_http:  # a fresh connection, as a new client would
-                recovery = asyncio.create_task(recovery_s(probe_http, job_ids[0], t_end))
-                await asyncio.gather(*tasks)
-                rec_s = await recovery
-            if writer:
-                writer.stop_flag.set()
-                writer.join()
-                with self.client(False, timeout=60) as h:  # ends the jobs: every stream must then get `end`
-                    for job_id in job_ids:
-                        try:
-                            h.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
-                        except Exception as exc:  # noqa: BLE001 - an API that fell over; the row says so
-                            self.log.append(f"[{self.db}] cancel of {job_id} failed: {type(exc).__name__}")
-                done, _ = await asyncio.wait(stream_tasks, timeout=30)
-                for t in stream_tasks:
-                    t.cancel()
+        conn = self.conn
+        tasks = [asyncio.create_task(poller(conn(), rec, job_ids[i % len(job_ids)], stop)) for i in range(pollers)]
+        tasks += [asyncio.create_task(lister(conn(), rec, stop)) for _ in range(listers)]
+        tasks += [asyncio.create_task(hammer(conn(), rec, job_ids[i % len(job_ids)], stop)) for i in range(hammers)]
+        stream_tasks = [asyncio.create_task(streamer(conn(), job_ids[i % len(job_ids)], outs[i])) for i in range(streams)]
+        loads: list[float] = []
+        tasks.append(asyncio.create_task(load_average(loads, stop)))
+        if writer:
+            writer.start()
+        t_start, cpu_start, gen_start = time.monotonic(), tree_cpu_s(self.api_pid), time.process_time()
+        upload_ms = None
+        if upload_mib:
+            await asyncio.sleep(2)
+            path = training_file(self.work / f"up{upload_mib}.jsonl", upload_mib)
+            t0 = time.monotonic()
+            host, port = self.url.split("//", 1)[1].rsplit(":", 1)
+            try:
+                status: int | str = await asyncio.to_thread(upload_raw, host, int(port), self.auth, path)
+            except Exception as exc:  # noqa: BLE001 - the row says so
+                status = type(exc).__name__
+            upload_ms = (time.monotonic() - t0) * 1000
+            up_window = (t0, time.monotonic())
+        await asyncio.sleep(max(0.0, seconds - (time.monotonic() - t_start)))
+        stop.set()
+        t_end, cpu_used, gen_used = time.monotonic(), tree_cpu_s(self.api_pid) - cpu_start, time.process_time() - gen_start
+        # A fresh connection, as a new client would open, while the load's last requests finish.
+        recovery = asyncio.create_task(recovery_s(conn(), job_ids[0], t_end))
+        await asyncio.gather(*tasks)
+        rec_s = await recovery
+        if writer:
+            writer.stop_flag.set()
+            writer.join()
+            with self.client(False, timeout=60) as h:  # ends the jobs: every stream must then get `end`
+                for job_id in job_ids:
+                    try:
+                        h.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+                    except Exception as exc:  # noqa: BLE001 - an API that fell over; the row says so
+                        self.log.append(f"[{self.db}] cancel of {job_id} failed: {type(exc).__name__}")
+            done, _ = await asyncio.wait(stream_tasks, timeout=30)
+            for t in stream_tasks:
+                t.cancel()
         row: dict[str, Any] = {"level": name, **rec.summary(("poll", "list", "hammer")), "recovery_s": rec_s,
-                               "api_cpu": cpu_used / (t_end - t_start)}
+                               "api_cpu": cpu_used / (t_end - t_start), "gen_cpu": gen_used / (t_end - t_start),
+                               "load": (min(loads), max(loads))}
         if streams:
             with self.client(False, timeout=60) as h:
                 truth = {}
@@ -502,23 +613,26 @@ def write_report(path: Path, benches: list[Bench], args: argparse.Namespace, log
     out = [
         "# API under load (bench/api_load.py)", "",
         f"`{' '.join(sys.argv)}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {host}.",
-        "The machine is shared with other busy sessions: numbers vary from run to run; the load",
-        "generator runs on the same cores as the API.", "",
+        "The machine is shared with other busy sessions: numbers vary from run to run (the load",
+        "average during each level is in its row); the load generator runs on the same cores as the",
+        "API, one asyncio process with a keep-alive connection per client and no HTTP library.", "",
         "Pollers: GET a job once a second each. List clients: GET /v1/fine_tuning/jobs every 2 s.",
         "Streams: SSE until the job ends, checked against the job's full event list. Shed: 429/503",
         "answers (with Retry-After). Recovery: from the end of the load until three GETs in a row",
         "answer within 100 ms. API CPU: cores the API process used on average during the level (the",
-        "work it did, which other load on the machine changes less than it changes latency).", "",
+        "work it did, which other load on the machine changes less than it changes latency); bench",
+        "CPU: the same for the load generator. Load: the machine's 1-minute load average during the",
+        "level (2 cores: above 2, processes wait for a CPU).", "",
     ]
     for b in benches:
-        out += [f"## {b.db}", "", "| load | answered | p50 | p99 | max | shed | errors | recovery | API CPU | streams |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+        out += [f"## {b.db}", "", "| load | answered | p50 | p99 | max | shed | errors | recovery | API CPU | bench CPU | load | streams |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in b.rows:
             errs = f"{r['errors']}" + (f" ({', '.join(r['error_kinds'])})" if r["errors"] else "")
             rec = "—" if r["recovery_s"] is None else f"{r['recovery_s']:.2f} s"
             out.append(f"| {r['level']} | {r['answered']} | {fmt_ms(r['p50'])} | {fmt_ms(r['p99'])} | "
                        f"{fmt_ms(r['max'])} | {r['shed']} | {errs} | {rec} | {r['api_cpu']:.2f} cores | "
-                       f"{r.get('streams', '')} |")
+                       f"{r['gen_cpu']:.2f} cores | {r['load'][0]:.1f}–{r['load'][1]:.1f} | {r.get('streams', '')} |")
         out.append("")
         out += [f"- {r['upload']}" for r in b.rows if "upload" in r]
         out += [f"- {line.split('] ', 1)[1]}" for line in b.extra]
@@ -526,6 +640,14 @@ def write_report(path: Path, benches: list[Bench], args: argparse.Namespace, log
         out.append("")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(out) + "\n")
+
+
+def run(coro: Any) -> Any:
+    try:
+        import uvloop  # the API's own loop (uvicorn picks it): the generator's per-request cost halves
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def main() -> None:
@@ -552,7 +674,7 @@ def main() -> None:
             benches.append(b)
             b.start()
             try:
-                asyncio.run(b.run_levels({int(x) for x in args.levels.split(",") if x}))
+                run(b.run_levels({int(x) for x in args.levels.split(",") if x}))
                 extras = set(args.extras.split(","))
                 if "create" in extras:
                     b.creation_latency(tuple(int(x) for x in args.sizes.split(",")), args.reps)

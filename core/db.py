@@ -20,9 +20,11 @@ def make_engine(url: str, settings: Settings | None = None) -> Engine:
     settings = settings or get_settings()
     if url.startswith("sqlite"):
         # The pool's size and wait apply here too: SQLite connections are cheap, but a pool that
-        # runs dry shows the same way on both databases (requests wait, then fail).
+        # runs dry shows the same way on both databases (requests wait, then fail). The overflow
+        # is kept open rather than closed after each use: under load a SQLite file's connection
+        # was opened (and its pragmas set) again for nearly every request.
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
-                               pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
+                               pool_size=settings.db_pool_size + settings.db_max_overflow, max_overflow=0,
                                pool_timeout=settings.db_pool_timeout_s)
 
         @event.listens_for(engine, "connect")

@@ -107,6 +107,12 @@ class Settings(BaseSettings):
     # usually has no GPU, so the worker hosts' memory and speed are declared here.
     plan_gpu_memory_gib: float = Field(80.0, gt=0, description="GiB of memory per worker GPU that a job's plan must fit; the API host usually has no GPU to ask.")
     plan_gpu_tflops: float = Field(790.0, gt=0, description="Dense bf16 peak per worker GPU in TFLOP/s, for the planner's time estimates (the default was measured on an H200).")
+    # Chat completions (core/inference.py): served by `python -m worker.serve` on the hosts that run it.
+    chat_max_tokens: int = Field(2048, ge=1, le=1_000_000, description="Most tokens one chat completion may generate (`max_tokens`); also its default, cut to what the model's context leaves.")
+    chat_queue_timeout_s: float = Field(60.0, gt=0, le=3600, description="Seconds a chat completion waits for an inference server to start it before it answers 503.")
+    chat_idle_timeout_s: float = Field(120.0, gt=0, le=3600, description="Seconds a started chat completion may go without a new token before it fails (a lost inference server).")
+    serve_max_adapters: int = Field(8, ge=1, le=1000, description="Adapters an inference server keeps attached to each loaded base model; the least recently used goes first.")
+    serve_max_models: int = Field(2, ge=1, le=100, description="Models of their own (full fine-tunes, adapters that cannot share a base) an inference server keeps loaded.")
     trust_remote_code_models: list[str] = Field(
         default_factory=list,
         description="Hub ids or absolute model directories whose own Python code may run (trust_remote_code). "

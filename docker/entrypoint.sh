@@ -1,5 +1,5 @@
 #!/bin/sh
-# One image, several roles: `api` (migrates first), `worker`, `migrate`, `flower`; anything else runs as given.
+# One image, several roles: `api` (migrates first), `worker`, `serve`, `migrate`, `flower`; anything else runs as given.
 set -eu
 
 case "${1:-api}" in
@@ -14,6 +14,11 @@ case "${1:-api}" in
   worker)
     shift
     exec python -m worker "$@"
+    ;;
+  serve)
+    shift
+    # Chat completions; on a GPU host it holds one GPU (the workers' lock files) while it runs.
+    exec python -m worker.serve "$@"
     ;;
   migrate)
     exec python -m core.migrate

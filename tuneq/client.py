@@ -20,6 +20,9 @@ KEY_HINT = "set TUNEQ_API_KEY, or run `tuneq config --api-key KEY`"
 # (connect, read, write, pool) tuple, not httpx.Timeout: the client handed in may be httpx2's
 # (Starlette's TestClient, huggingface_hub's stack), which refuses the other package's Timeout.
 STREAM_TIMEOUT = (10.0, 60.0, 10.0, 10.0)
+# A chat answer starts once an inference server takes it (the server waits up to its queue
+# timeout, then loads the model): allow longer for it than for an event.
+CHAT_TIMEOUT = (10.0, 300.0, 10.0, 10.0)
 
 
 def key_files() -> list[Path]:
@@ -172,6 +175,28 @@ class Client:
         except _transport_errors() as exc:
             raise TuneqError(f"the event stream from {self.base_url} broke off ({type(exc).__name__})") from None
         raise TuneqError(f"the event stream from {self.base_url} ended before the job did")
+
+    def chat(self, body: dict[str, Any]) -> Iterator[str]:
+        """The answer's text as the server streams it (`stream` is set here)."""
+        try:
+            with self.http.stream("POST", "/v1/chat/completions", json={**body, "stream": True},
+                                  headers={"Accept": "text/event-stream"}, timeout=CHAT_TIMEOUT) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    _raise_for_error(r)
+                for _, data in _sse_messages(r.iter_lines()):
+                    if data == "[DONE]":
+                        return
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        err = chunk["error"] or {}
+                        raise APIError(500, err.get("message") or "the answer broke off", err.get("param"), err.get("code"))
+                    for choice in chunk.get("choices") or []:
+                        if (choice.get("delta") or {}).get("content"):
+                            yield choice["delta"]["content"]
+        except _transport_errors() as exc:
+            raise TuneqError(f"the answer from {self.base_url} broke off ({type(exc).__name__})") from None
+        raise TuneqError(f"the answer from {self.base_url} ended without [DONE]")
 
     def list_files(self, limit: int = 20) -> list[dict[str, Any]]:
         return self._json("GET", "/v1/files", params={"limit": limit})["data"]

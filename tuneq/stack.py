@@ -1,7 +1,7 @@
 """`tuneq up`: the whole service on one machine, as child processes of one foreground command.
 
-The API and the worker run as separate processes, exactly as on a server, so what works here
-works there. Each child gets its own session: Ctrl-C reaches only this supervisor, which then
+The API, the worker and the inference server run as separate processes, exactly as on a server,
+so what works here works there. Each child gets its own session: Ctrl-C reaches only this supervisor, which then
 stops the worker first (it checkpoints or stops its trainers on SIGTERM) and the API after it.
 """
 
@@ -219,6 +219,8 @@ class Stack:
                             "--http", PROTOCOL])
         if self.with_worker:
             self._spawn("worker", [sys.executable, "-m", "worker"])
+            # Chat completions (`tuneq chat`, the dashboard's Try it): on the CPU, beside the worker.
+            self._spawn("serve", [sys.executable, "-m", "worker.serve"])
         self._wait_healthy()
         if self.redis is not None and not self._stop.is_set():
             self._resend_queued()

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from core import control, policy, states
 from core.jobs import acquire_lease
+from core.inference import SERVER_OWNER
 from core.models import Job, now
 from core.scheduling import Waiting, blocked_head, pick, waiting
 from core.settings import Settings
@@ -80,6 +81,8 @@ def _holdings(db: Session, pool: GpuPool) -> tuple[dict[str, int], list[Job]]:
     """GPUs locked per job on this host, and which of those jobs are running."""
     held: dict[str, int] = {}
     for owner in pool.holders().values():
+        if owner.startswith(SERVER_OWNER):
+            continue  # an inference server's GPU: held for good, neither a job's nor coming free
         held[owner] = held.get(owner, 0) + 1
     running = list(db.scalars(select(Job).where(Job.id.in_(held), Job.status == states.RUNNING))) if held else []
     return held, running

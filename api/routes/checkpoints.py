@@ -10,15 +10,15 @@ from api.deps import CurrentUser, SessionDep, SettingsDep
 from api.errors import bad_request
 from api.pagination import AfterQuery, LimitQuery, check_limit, make_page
 from api.schemas import CheckpointOut, Page
+from core.inference import checkpoint_model_name
 from core.models import Checkpoint, Job
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
 
 def checkpoint_out(job: Job, ck: Checkpoint) -> CheckpointOut:
-    name = job.fine_tuned_model or f"ft:{job.model}:{job.suffix or ''}:{job.id}"
     return CheckpointOut(
-        id=ck.id, created_at=int(ck.created_at), fine_tuned_model_checkpoint=f"{name}:ckpt-step-{ck.step}",
+        id=ck.id, created_at=int(ck.created_at), fine_tuned_model_checkpoint=checkpoint_model_name(job, ck.step),
         fine_tuning_job_id=job.id, metrics=ck.metrics or {}, step_number=ck.step,
     )
 

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 from fastapi import Header, Query
 from fastapi import APIRouter
 from sqlalchemy import select
-from sse_starlette import EventSourceResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.crud import load_job
 from api.deps import CurrentUser, SessionDep, SettingsDep
@@ -61,7 +61,7 @@ def list_fine_tuning_events(
         # while it is open (and touch no ORM object after this: a rollback expires them, and
         # reading one would quietly begin a new transaction).
         db.rollback()
-        return EventSourceResponse(_follow(job_id, seq), ping=PING_S,  # type: ignore[return-value]
+        return EventSourceResponse(_follow(job_id, seq), ping=PING_S, sep=SEP,  # type: ignore[return-value]
                                    headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
     # seq, not created_at: events written in one transaction share a timestamp but never a seq.
     stmt = select(JobEvent).where(JobEvent.job_id == job.id)
@@ -74,18 +74,22 @@ def list_fine_tuning_events(
     return make_page(rows, limit, event_out)
 
 
-def _render(ev: JobEvent) -> str:
-    return event_out(ev).model_dump_json()
+SEP = "\r\n"  # the stream's line separator: the messages below are made with it
+
+
+def _render(ev: JobEvent) -> bytes:
+    # The whole SSE message, encoded once per event on the hub's thread: every stream of the job
+    # sends these same bytes.
+    return ServerSentEvent(id=ev.id, data=event_out(ev).model_dump_json(), sep=SEP).encode()
 
 
 HUB = EventHub(_render)
 
 
-async def _follow(job_id: str, after_seq: int) -> AsyncIterator[dict[str, Any]]:
+async def _follow(job_id: str, after_seq: int) -> AsyncIterator[bytes | dict[str, Any]]:
     async for kind, item in HUB.watch(job_id, after_seq):
         if kind == "event":
-            ev_id, data = item
-            yield {"id": ev_id, "data": data}
+            yield item[1]  # the encoded message
         elif kind == "end":
             yield {"event": "end", "data": json.dumps({"id": job_id, "status": item})}
         # "dropped": the client stopped reading; closing the stream lets it reconnect and resume.

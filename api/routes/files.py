@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Form, Query, UploadFile
-from fastapi import File as FormFile
+import anyio
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, Response
+from python_multipart.multipart import parse_options_header
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
@@ -18,7 +20,8 @@ from api.errors import APIError, bad_request
 from api.limits import check_examples
 from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
 from api.schemas import FileDeleted, FileObject, Page
-from api.uploads import too_large_message
+from api.upload_stream import MultipartFile, Pipe, feed
+from api.uploads import FORM_OVERHEAD, too_large_message
 from core.identity import DELETED, can_read_file, readable_files
 from core.limits import check_file_quota, jobs_using_file, lock_user
 from core.models import File, User, new_id
@@ -28,6 +31,9 @@ from core.storage import Storage
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 PURPOSES = ("fine-tune",)
+# An upload holds its thread while its body arrives (seconds to minutes): uploads count against a
+# limit of their own, not against the threads that short reads need.
+UPLOAD_THREADS = anyio.CapacityLimiter(16)
 
 
 def file_out(f: File) -> FileObject:
@@ -59,34 +65,75 @@ def _validate(path: str) -> dict[str, Any]:
     return run_in_child(validate_upload, path)
 
 
-@router.post("")
-def create_file(
-    file: Annotated[UploadFile, FormFile(description="A JSONL file, one example per line.")],
-    purpose: Annotated[str, Form(description="'fine-tune'.")],
-    user: CurrentUser,
-    db: SessionDep,
-    settings: SettingsDep,
-    storage: StorageDep,
-) -> FileObject:
-    if purpose not in PURPOSES:
-        raise bad_request(f"purpose: must be 'fine-tune', got {purpose!r}", "purpose")
-    if file.size is not None and file.size > settings.max_upload_bytes:
-        raise APIError(413, too_large_message(settings.max_upload_bytes), param="file", code="file_too_large")
-    check_file_quota(db, user, file.size or 0, settings, lock=False)  # before a byte is stored
-    file_id = new_id("file")
-    key = f"files/{file_id}.jsonl"
-    file.file.seek(0)
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"], "properties": {
+        "file": {"type": "string", "contentMediaType": "application/octet-stream",
+                 "description": "A JSONL file, one example per line."},
+        "purpose": {"type": "string", "description": "'fine-tune'."}}}}}}}
+
+
+@router.post("", response_model=FileObject, openapi_extra=UPLOAD_BODY)
+async def create_file(request: Request, user: CurrentUser, db: SessionDep, settings: SettingsDep,
+                      storage: StorageDep) -> FileObject:
+    """Upload a file (multipart/form-data: `file`, `purpose`), streamed into storage as it arrives
+    (api/upload_stream.py): the event loop only passes the body's chunks on."""
+    ctype, options = parse_options_header(request.headers.get("content-type", ""))
+    if ctype != b"multipart/form-data" or not options.get(b"boundary"):
+        raise bad_request("file: required; send the file as multipart/form-data with a part named 'file'", "file")
+    pipe = Pipe(asyncio.get_running_loop())
+    form = MultipartFile(pipe, options[b"boundary"], settings.max_upload_bytes,
+                         lambda: APIError(413, too_large_message(settings.max_upload_bytes), param="file", code="file_too_large"))
+    length = request.headers.get("content-length", "")
+    declared = int(length) if length.isdigit() else 0
+    work = asyncio.ensure_future(anyio.to_thread.run_sync(_store_upload, form, db, user, settings, storage, declared,
+                                                          limiter=UPLOAD_THREADS))
+    feeder = asyncio.ensure_future(feed(pipe, request.stream(), work))
+    feeder.add_done_callback(lambda f: f.cancelled() or f.exception())  # its error reaches `work`
     try:
-        size, sha256 = storage.put_stream(key, file.file)
-        row = _checked_row(db, user, settings, storage, key, file_id=file_id, owner_id=user.id,
-                           filename=_display_name(file.filename), purpose=purpose, bytes=size, sha256=sha256)
-        db.commit()
-    except BaseException:
-        # A refused or failed upload leaves no stored object without a row behind.
-        db.rollback()
-        storage.delete(key)
-        raise
-    return file_out(row)
+        return await work
+    finally:
+        feeder.cancel()
+        if not work.done():  # this request was cancelled: the thread must not wait for chunks forever
+            pipe.abort()
+
+
+def _store_upload(form: MultipartFile, db: Session, user: User, settings: Settings, storage: Storage,
+                  declared: int) -> FileObject:
+    """On a worker thread: the file part into storage, then the checks and the row."""
+    try:
+        # Before a byte is stored: a user at the quota hears so at once (checked again, exactly, below).
+        check_file_quota(db, user, max(0, declared - FORM_OVERHEAD), settings, lock=False)
+        db.rollback()  # no pooled connection held while the body arrives
+        if not form.wait_for_file():
+            _check_purpose(form.fields)
+            raise bad_request("file: required; send the file as a multipart part named 'file'", "file")
+        if "purpose" in form.fields:  # sent before the file, as most clients do: refused before storing
+            _check_purpose(form.fields)
+        file_id = new_id("file")
+        key = f"files/{file_id}.jsonl"
+        try:
+            size, sha256 = storage.put_stream(key, form)  # type: ignore[arg-type]
+            form.finish()
+            _check_purpose(form.fields)
+            row = _checked_row(db, user, settings, storage, key, file_id=file_id, owner_id=user.id,
+                               filename=_display_name(form.filename), purpose=form.fields["purpose"], bytes=size,
+                               sha256=sha256)
+            db.commit()
+        except BaseException:
+            # A refused or failed upload leaves no stored object without a row behind.
+            db.rollback()
+            storage.delete(key)
+            raise
+        return file_out(row)
+    finally:
+        form.pipe.close()
+
+
+def _check_purpose(fields: dict[str, str]) -> None:
+    if "purpose" not in fields:
+        raise bad_request("purpose: required; send it as a form field", "purpose")
+    if fields["purpose"] not in PURPOSES:
+        raise bad_request(f"purpose: must be 'fine-tune', got {fields['purpose']!r}", "purpose")
 
 
 def _checked_row(db: Session, user: User, settings: Settings, storage: Storage, key: str, **fields: Any) -> File:

@@ -11,10 +11,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from sqlalchemy import and_, or_, select
-from sqlalchemy.orm import object_session
+from fastapi.responses import Response
+from sqlalchemy.orm import Session, object_session
 
 from api import admission, planning
-from api.deps import ChangeableJob, CurrentUser, ReadableJob, SessionDep, SettingsDep
+from api.crud import load_job
+from api.deps import BearerToken, ChangeableJob, CurrentUser, SessionDep, SettingsDep, read_in_one_hop
 from api.errors import bad_request
 from api.job_spec import METADATA_KEY_CHARS, base_learning_rate, method_view
 from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
@@ -23,7 +25,8 @@ from core import states
 from core.control import request_pause, request_resume
 from core.identity import can_read_job, readable_jobs
 from core.jobs import request_cancel
-from core.models import Job
+from core.models import Job, User
+from core.settings import Settings
 from core.progress import job_progress
 from core.queue import enqueue_job
 
@@ -83,19 +86,24 @@ def create_fine_tuning_job(body: CreateJobRequest, user: CurrentUser, db: Sessio
     return job_out(admission.admit(db, user, body, settings))
 
 
-@router.get("")
-def list_fine_tuning_jobs(
+@router.get("", response_model=Page[JobOut])
+async def list_fine_tuning_jobs(
     request: Request,
-    user: CurrentUser,
-    db: SessionDep,
+    token: BearerToken,
     settings: SettingsDep,
     after: AfterQuery = None,
     limit: LimitQuery = DEFAULT_LIMIT,
     status: Annotated[str | None, Query(description="Only jobs in this status (tuneq extension).")] = None,
-) -> Page[JobOut]:
+) -> Response:
     """Newest first. `metadata[key]=value` (repeatable) keeps jobs tagged so, `metadata=null` those without any."""
+    conditions = _metadata_filter(request)  # parsed here: a bad filter is a 400 before any query
+    return await read_in_one_hop(_list_jobs, token, settings, after, limit, status, conditions)
+
+
+def _list_jobs(db: Session, user: User, settings: Settings, after: str | None, limit: int, status: str | None,
+               conditions: list[Any]) -> Page[JobOut]:
     check_limit(limit, settings)
-    stmt = select(Job).where(readable_jobs(user), *_metadata_filter(request))
+    stmt = select(Job).where(readable_jobs(user), *conditions)
     if status is not None:
         stmt = stmt.where(Job.status == status)
     if after is not None:
@@ -107,9 +115,13 @@ def list_fine_tuning_jobs(
     return make_page(rows, limit, job_out)
 
 
-@router.get("/{job_id}")
-def get_fine_tuning_job(job: ReadableJob) -> JobOut:
-    return job_out(job)
+@router.get("/{job_id}", response_model=JobOut)
+async def get_fine_tuning_job(job_id: str, token: BearerToken) -> Response:
+    return await read_in_one_hop(_read_job, token, job_id)
+
+
+def _read_job(db: Session, user: User, job_id: str) -> JobOut:
+    return job_out(load_job(db, job_id, user))
 
 
 @router.post("/{job_id}/cancel")

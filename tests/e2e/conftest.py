@@ -143,6 +143,28 @@ def shared_stack(tmp_path_factory: pytest.TempPathFactory, redis_server_url: str
     redis.Redis.from_url(url).flushdb()
 
 
+@pytest.fixture(scope="session")
+def chat_server(shared_stack: Stack) -> Iterator[subprocess.Popen[bytes]]:
+    """An inference server (`python -m worker.serve`) beside the shared stack's worker, started
+    only for the tests that chat; it answers once it has registered."""
+    import redis
+
+    from core import inference
+
+    log = shared_stack.home / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "worker.serve"], cwd=ROOT, env=shared_stack.env,
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    client = redis.Redis.from_url(shared_stack.env["TUNEQ_REDIS_URL"])
+    deadline = time.monotonic() + 120
+    while not inference.server_entries(client):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop(proc)
+            raise RuntimeError(f"the inference server did not register:\n{log.read_text()[-3000:]}")
+        time.sleep(0.3)
+    yield proc
+    _stop(proc)
+
+
 @pytest.fixture
 def stack(shared_stack: Stack) -> Stack:
     """The shared stack as seen by a member of a team of the test's own: its lists start empty."""
@@ -165,7 +187,7 @@ def pg_stack(tmp_path: Path, redis_url: str, pg_migrated_url: str, tiny_model_di
 
 def dump_logs(stack: Stack) -> str:
     parts = []
-    for name in ("api.log", "worker.log"):
+    for name in ("api.log", "worker.log", "serve.log"):
         p = stack.home / name
         if p.exists():
             parts.append(f"--- {name}\n{p.read_text()[-4000:]}")

@@ -90,7 +90,7 @@ def test_ui_scripts_never_parse_html() -> None:
 @pytest.mark.e2e
 @pytest.mark.slow
 # `page` first: without a browser the test skips before the stack starts.
-def test_dashboard_submits_watches_and_downloads(page, stack: Stack, tmp_path: Path) -> None:
+def test_dashboard_submits_watches_and_downloads(page, stack: Stack, chat_server, tmp_path: Path) -> None:
     started = time.monotonic()
     train, valid, bad = tmp_path / "train.jsonl", tmp_path / "valid.jsonl", tmp_path / "bad.jsonl"
     train.write_text(reverse_dataset(96, seed=1))
@@ -171,6 +171,15 @@ def test_dashboard_submits_watches_and_downloads(page, stack: Stack, tmp_path: P
     with tarfile.open(saved, mode="r:gz") as tar:
         names = tar.getnames()
     assert any(n.endswith("adapter_config.json") for n in names), names
+
+    # Try it: the base model and the fine-tuned one answer the same prompt side by side, streamed.
+    page.wait_for_selector("#try-ask:not([disabled])")
+    page.fill("#try-prompt", "Reverse: apple")
+    page.click("#try-ask")
+    page.wait_for_function("() => ['#try-base', '#try-tuned'].every((s) => document.querySelector(s).textContent.length > 0)"
+                           " && !document.querySelector('#try-ask').disabled", timeout=180_000)
+    assert not page.query_selector_all("#try-it pre.error"), page.inner_text("#try-it")
+    assert "tiny-llama" in page.inner_text("#try-it") and job_id in page.inner_text("#try-it")
 
     shot = tmp_path / "dashboard.png"
     page.evaluate("window.scrollTo(0, 0)")

@@ -207,3 +207,46 @@ def trainer_processes(work_dir: Path) -> list[int]:
             if "trainer" in argv and str(work_dir) in argv:
                 pids.append(int(entry.name))
     return pids
+
+
+def upload_scope(boundary: str, key: str, *headers: tuple[bytes, bytes]) -> dict[str, Any]:
+    """The ASGI scope of a multipart POST /v1/files, for tests that feed its body chunk by chunk."""
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/files", "raw_path": b"/v1/files", "root_path": "", "query_string": b"",
+        "headers": [(b"host", b"testserver"), (b"content-type", f"multipart/form-data; boundary={boundary}".encode()),
+                    (b"authorization", f"Bearer {key}".encode()), *headers],
+        "client": ("127.0.0.1", 1), "server": ("testserver", 80),
+    }
+
+
+class ChunkedBody:
+    """A client sending `chunks` as an ASGI request body, pausing before chunk `pause_at` until
+    `gate` is set; `consumed` counts the chunks the app took, `answer` collects what it sent."""
+
+    def __init__(self, chunks: list[bytes], pause_at: int | None = None):
+        import asyncio
+
+        self.chunks, self.pause_at, self.consumed = chunks, pause_at, 0
+        self.gate = asyncio.Event()
+        self.answer: list[dict[str, Any]] = []
+
+    async def receive(self) -> dict[str, Any]:
+        import asyncio
+
+        if self.consumed == self.pause_at:
+            await self.gate.wait()
+        if self.consumed < len(self.chunks):
+            self.consumed += 1
+            return {"type": "http.request", "body": self.chunks[self.consumed - 1], "more_body": self.consumed < len(self.chunks)}
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.answer.append(message)
+
+    def status(self) -> int:
+        return self.answer[0]["status"]
+
+    def json(self) -> Any:
+        return json.loads(b"".join(m.get("body", b"") for m in self.answer[1:]))

@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import reset_caches
+from tests.integration.conftest import ChunkedBody, upload_scope
 
 GOOD_LINE = json.dumps({"messages": [{"role": "user", "content": "Reverse: abc"}, {"role": "assistant", "content": "cba"}]})
 
@@ -95,31 +96,11 @@ def test_streamed_upload_is_cut_off_at_the_limit(
         f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\r\n"
     ).encode()
     chunks = [head] + [b"x" * 8192] * 100 + [f"\r\n--{boundary}--\r\n".encode()]
-    consumed = 0
-    sent: list[dict] = []
-
-    async def receive() -> dict:
-        nonlocal consumed
-        if consumed < len(chunks):
-            consumed += 1
-            return {"type": "http.request", "body": chunks[consumed - 1], "more_body": consumed < len(chunks)}
-        await asyncio.sleep(3600)
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": "/v1/files", "raw_path": b"/v1/files", "root_path": "", "query_string": b"",
-        "headers": [(b"host", b"testserver"), (b"content-type", f"multipart/form-data; boundary={boundary}".encode()),
-                    (b"authorization", f"Bearer {admin_key}".encode())],
-        "client": ("127.0.0.1", 1), "server": ("testserver", 80),
-    }
-    asyncio.run(asyncio.wait_for(create_app()(scope, receive, send), 30))
-    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 413
-    assert json.loads(b"".join(m.get("body", b"") for m in sent[1:]))["error"]["code"] == "file_too_large"
-    assert consumed < 20, f"read {consumed} of {len(chunks)} chunks before refusing"
+    body = ChunkedBody(chunks)
+    scope = upload_scope(boundary, admin_key)
+    asyncio.run(asyncio.wait_for(create_app()(scope, body.receive, body.send), 30))
+    assert body.status() == 413 and body.json()["error"]["code"] == "file_too_large"
+    assert body.consumed < 20, f"read {body.consumed} of {len(chunks)} chunks before refusing"
 
 
 # Cursors compare timestamps in SQL, stored with other precision by each database.

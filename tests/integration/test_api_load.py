@@ -218,3 +218,32 @@ def test_overload_is_refused_at_once_with_retry_after(serve, db: Session) -> Non
     with api.client() as c:  # the burst is over: back to normal at once
         assert c.get(f"/v1/fine_tuning/jobs/{job_id}").status_code == 200
         assert c.get("/healthz").status_code == 200
+
+
+def test_a_polled_read_is_one_thread_hop(db: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET a job and the job list: the key check, the queries and the JSON run on one worker
+    thread, not one thread hop per sync dependency (each a wait for a thread and for the
+    interpreter lock on a busy machine)."""
+    import anyio.to_thread
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    job_id = make_job(db).id
+    _, key = create_user_with_key("poller", "admin")
+    hops: list[str] = []
+    real = anyio.to_thread.run_sync
+
+    async def counting(func: Any, *args: Any, **kw: Any) -> Any:
+        hops.append(getattr(func, "__name__", repr(func)))
+        return await real(func, *args, **kw)
+
+    with TestClient(create_app(), headers={"Authorization": f"Bearer {key}"}) as c:
+        monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+        for path in (f"/v1/fine_tuning/jobs/{job_id}", "/v1/fine_tuning/jobs"):
+            hops.clear()
+            r = c.get(path)
+            assert r.status_code == 200, r.text
+            assert len(hops) == 1, f"{path}: {hops}"
+        hops.clear()
+        assert c.get(f"/v1/fine_tuning/jobs/{job_id}", headers={"Authorization": "Bearer tq_nope"}).status_code == 401

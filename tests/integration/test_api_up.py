@@ -1,4 +1,4 @@
-"""`tuneq up` as a user runs it: the stack comes up on an empty home, trains, and Ctrl-C stops all of it."""
+"""`tuneq up` as a user runs it: the stack comes up on an empty home, trains, chats, and Ctrl-C stops all of it."""
 
 from __future__ import annotations
 
@@ -63,9 +63,9 @@ def test_up_runs_a_job_and_stops_on_ctrl_c(tmp_path: Path, tiny_model_dir: Path)
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.3)
         text = log.read_text()
-        pids = [int(p) for p in re.findall(r"(?:api|worker): pid (\d+)", text)]
+        pids = [int(p) for p in re.findall(r"(?:api|worker|serve): pid (\d+)", text)]
         redis_port = int(re.search(r"redis: embedded at redis://:\*\*\*@127.0.0.1:(\d+)/0", text).group(1))
-        assert len(pids) == 2 and _listening(redis_port)
+        assert len(pids) == 3 and _listening(redis_port)
         assert (home / "tuneq.db").is_file()
         # The first admin key: printed once, and kept in admin.key for its owner only.
         key_file = home / "admin.key"
@@ -89,12 +89,20 @@ def test_up_runs_a_job_and_stops_on_ctrl_c(tmp_path: Path, tiny_model_dir: Path)
                 time.sleep(0.5)
             assert status == "succeeded", (home / "logs" / "worker.log").read_text()[-3000:]
             assert any(a["name"] == "adapter.tar.gz" for a in c.get(f"/v1/fine_tuning/jobs/{job['id']}/artifacts").json()["data"])
+            # The inference server beside the worker answers as the fine-tuned model (once registered).
+            model = c.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["fine_tuned_model"]
+            ask = {"model": model, "messages": [{"role": "user", "content": "Reverse: abc"}], "max_tokens": 4, "temperature": 0}
+            deadline = time.monotonic() + 120
+            while (r := c.post("/v1/chat/completions", json=ask)).status_code == 503:
+                assert time.monotonic() < deadline, (r.text, (home / "logs" / "serve.log").read_text()[-3000:])
+                time.sleep(1)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(90) == 0, log.read_text()
         assert not [p for p in pids if _alive(p)], log.read_text()
         assert not _listening(redis_port) and not _listening(port)
-        assert "worker: stopped" in log.read_text() and "redis: stopped" in log.read_text()
+        assert all(f"{name}: stopped" in log.read_text() for name in ("serve", "worker", "redis"))
     finally:
         if proc.poll() is None:
             proc.kill()

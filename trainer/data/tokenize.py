@@ -48,7 +48,8 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
-def _render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
+def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
+    """A conversation as the model sees it in training (and, with a generation prompt, when it answers)."""
     template = None if getattr(tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
     return tokenizer.apply_chat_template(
         messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt,
@@ -84,6 +85,12 @@ def _check_tools_rendered(full: str, messages: list[Message], tools: list[dict] 
             raise LineError("template_error", "the model's chat template does not render tool messages")
 
 
+def chat_prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
+    """The token ids a model answers after: the conversation and the generation prompt, rendered
+    and tokenized as training renders and tokenizes its examples."""
+    return list(tokenizer(render_chat(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"])
+
+
 def _common_prefix(a: str, b: str) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -104,17 +111,17 @@ def assistant_spans(tokenizer: Any, messages: Chat | list[Message]) -> tuple[str
     knows_developer = "developer" in (getattr(tokenizer, "chat_template", None) or "")
     plain = [_as_template_message(m, knows_developer) for m in messages]
     try:
-        full = _render(tokenizer, plain, add_generation_prompt=False, tools=tools)
+        full = render_chat(tokenizer, plain, add_generation_prompt=False, tools=tools)
         spans = []
         for i, m in enumerate(messages):
             if m.role != "assistant" or not m.weight:
                 continue
             try:
-                head = _render(tokenizer, plain[:i], add_generation_prompt=True, tools=tools) if i else ""
+                head = render_chat(tokenizer, plain[:i], add_generation_prompt=True, tools=tools) if i else ""
             except Exception:  # noqa: BLE001 - some templates refuse a conversation without a user turn
                 head = ""
             start = _common_prefix(head, full)
-            end = _common_prefix(_render(tokenizer, plain[: i + 1], add_generation_prompt=False, tools=tools), full)
+            end = _common_prefix(render_chat(tokenizer, plain[: i + 1], add_generation_prompt=False, tools=tools), full)
             while end > start and full[end - 1].isspace():
                 end -= 1
             if end > start:

@@ -4,7 +4,7 @@ Every failure a user can cause or meet (a bad file, an unreachable server, a ref
 one line on stderr and a non-zero exit; a traceback would only hide the message.
 
 The commands live in small modules: those that talk to the API (submit, plan, jobs, watch,
-download, files), the database admin (admin), this machine (local), and how things are shown
+download, files, chat), the database admin (admin), this machine (local), and how things are shown
 (render). This module only assembles them.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import typer
 
-from tuneq.cli import admin, download, files, hosts, jobs, local, plan, submit, watch
+from tuneq.cli import admin, chat, download, files, hosts, jobs, local, plan, submit, watch
 from tuneq.cli.common import OneLineErrors
 from tuneq.client import Client
 
@@ -38,6 +38,7 @@ for command in (submit.submit, plan.plan, jobs.status, watch.watch, watch.events
 app.command("list")(jobs.list_jobs)
 app.command("jobs", hidden=True)(jobs.list_jobs)
 app.command()(jobs.models)
+app.command()(chat.chat)
 app.command()(hosts.hosts)
 app.add_typer(files.app, name="files")
 app.command("config")(local.config_cmd)

@@ -89,8 +89,15 @@ export class NotAStream extends Error {}
 // the query string would end up in access logs, so the stream is read and parsed here.
 // Calls onMessage({event, id, data}) per message; resolves when the server ends the stream.
 // Throws NotAStream when the server answers with something else (a server without SSE).
-export async function readEventStream(path, onMessage, signal) {
-  const resp = await fetch(path, { headers: headers({ Accept: "text/event-stream" }), signal });
+// json: POST it as the body (a chat completion with stream: true).
+export async function readEventStream(path, onMessage, signal, { json } = {}) {
+  const init = { headers: headers({ Accept: "text/event-stream" }), signal };
+  if (json !== undefined) {
+    init.method = "POST";
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(json);
+  }
+  const resp = await fetch(path, init);
   if (!resp.ok) throw await failure(resp);
   const type = resp.headers.get("content-type") || "";
   if (!type.startsWith("text/event-stream") || !resp.body) {

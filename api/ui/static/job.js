@@ -1,5 +1,5 @@
-// One job: its curves (live), plan beside measured memory, events, checkpoints, artifacts and
-// the cancel/pause/resume buttons.
+// One job: its curves (live), plan beside measured memory, events, checkpoints, artifacts, the
+// cancel/pause/resume buttons, and once it succeeded "Try it" (base and fine-tuned answers).
 //
 // Live updates: the page reads GET …/events?stream=true (server-sent events) through fetch(),
 // which can send the Authorization header that EventSource cannot. A server that answers that
@@ -10,6 +10,7 @@ import { NotAStream, allPages, api, download, readEventStream } from "./api.js";
 import { lineChart } from "./chart.js";
 import { fmtBytes, fmtDuration, fmtNum, fmtTime, h, replace, statusBadge } from "./dom.js";
 import { TERMINAL, methodOf, ownerOf, progressCell, progressOf } from "./jobinfo.js";
+import { tryItPanel } from "./tryit.js";
 
 const POLL_MS = 1500;
 const JOB_REFRESH_MS = 2000;
@@ -44,6 +45,7 @@ export function jobView(root, jobId) {
     checkpoints: h("tbody"),
     artifacts: h("ul", { class: "artifacts", id: "artifacts" }),
   };
+  const tryIt = tryItPanel(ctl.signal);
   replace(root, h("section", { class: "job" },
     h("p", {}, h("a", { href: "#/jobs" }, "← all jobs")),
     h("div", { class: "bar" }, el.title, el.status, el.actions),
@@ -52,6 +54,7 @@ export function jobView(root, jobId) {
       h("div", { class: "panel" }, h("h2", {}, "Progress"), el.summary),
       h("div", { class: "panel" }, h("h2", {}, "Memory: plan and measured"), el.memory)),
     h("div", { class: "panel" }, h("h2", {}, "Curves ", el.live), h("div", { class: "charts" }, el.lossChart, el.lrChart, el.rewardChart)),
+    tryIt.panel,
     h("div", { class: "cols" },
       h("div", { class: "panel" }, h("h2", {}, "Artifacts"), el.artifacts),
       h("div", { class: "panel" }, h("h2", {}, "Checkpoints"),
@@ -148,6 +151,7 @@ export function jobView(root, jobId) {
 
   function drawJob() {
     const job = state.job;
+    tryIt.update(job);
     if (!job) return;
     const p = progressOf(job);
     replace(el.status, statusBadge(job.status));

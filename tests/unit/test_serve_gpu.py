@@ -1,0 +1,35 @@
+"""An inference server on a GPU host holds one GPU through the workers' lock files: jobs see one
+fewer, and preemption never counts it as a job's or as coming free."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core.inference import SERVER_OWNER
+from core.settings import Settings
+from worker.gpus import GpuPool
+from worker.placement import _being_freed, _holdings
+from worker.serve import take_gpu
+
+
+def test_the_server_takes_one_gpu_that_placement_leaves_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    settings = Settings(gpus=2, gpu_lock_dir=tmp_path / "locks", home=tmp_path)
+    reservation = take_gpu(settings, f"{SERVER_OWNER}host:1")
+    assert reservation is not None and reservation.indices == [0]
+    import os
+
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"  # torch, imported after, sees only its GPU
+    pool = GpuPool.for_host(settings)
+    assert pool.free() == 1
+    assert pool.holders() == {0: f"{SERVER_OWNER}host:1"}
+    held, running = _holdings(None, pool)  # no job holds a GPU, so no database read
+    assert held == {} and running == [] and _being_freed(held, running) == 0
+    job = pool.reserve(1, "ftjob-x")
+    assert job is not None and job.indices == [1] and pool.reserve(1, "ftjob-y") is None
+
+
+def test_on_a_cpu_host_the_server_takes_no_slot(tmp_path: Path):
+    assert take_gpu(Settings(gpus=0, gpu_lock_dir=tmp_path / "locks", home=tmp_path), f"{SERVER_OWNER}h:1") is None
