@@ -36,7 +36,9 @@ from core.policy import check_priority
 from core.queue import enqueue_job
 from core.db import session_scope
 from core.settings import Settings, get_settings
+from trainer.data.parse import EVAL_FORMAT
 from trainer.spec import Hyperparameters, JobSpec
+from trainer.vocabulary import extra_files
 
 log = logging.getLogger("tuneq.api")
 
@@ -154,16 +156,21 @@ def build(req: Request, one: OnePlan) -> JobSpec:
 def job_files(db: Session, user: User, spec: JobSpec, req: Request) -> list[tuple[File, str, str]]:
     """(file, param, format) of every file the job reads, each usable by this user.
 
-    Mix and forgetting files may be in any format: replay data is often raw text.
+    Mix and forgetting files may be in any format (replay data is often raw text); the eval file
+    is in the eval format.
     """
     fmt = "preference" if spec.is_preference else spec.data_format  # as the trainer reads them
     files: list[tuple[File, str, str]] = [(req.training, "training_file", fmt)]
     if req.validation is not None:
         files.append((req.validation, "validation_file", fmt))
-    for k, source in enumerate(spec.mix):
-        files.append((usable_file(db, source.file, f"mix[{k}].file", user), f"mix[{k}].file", "auto"))
-    if spec.forgetting_file:
-        files.append((usable_file(db, spec.forgetting_file, "forgetting_file", user), "forgetting_file", "auto"))
+    for param, file_id, file_format in extra_files(spec.model_dump(mode="json")):
+        f = usable_file(db, file_id, param, user)
+        uploaded_as = (f.report or {}).get("format")
+        if file_format == EVAL_FORMAT and uploaded_as != EVAL_FORMAT:
+            raise APIError(400, f"{param}: file {f.id} is a {uploaded_as} file; an eval file has lines "
+                           "{\"messages\": [... ending with a user turn], \"expected\": \"the answer\"}",
+                           param=param, code="invalid_file")
+        files.append((f, param, file_format))
     return files
 
 
@@ -244,7 +251,7 @@ def admit(db: Session, user: User, body: CreateJobRequest, settings: Settings) -
             validation_file=req.validation, suffix=spec.suffix, owner_id=user.id, priority=body.priority, gpus=body.gpus,
             validated=now_, metadata=body.metadata,
         )
-        job.plan = job_plan
+        set_plan(job, job_plan)
         if not now_:
             # Stored under this process's lease before the answer: if the process dies before the
             # check ends, another API process finds the lapsed lease and checks the job.
@@ -256,6 +263,13 @@ def admit(db: Session, user: User, body: CreateJobRequest, settings: Settings) -
         validation.CHECKER.start(job.id)
         return job
     return enqueue_checked(db, job)
+
+
+def set_plan(job: Job, plan: dict[str, Any] | None) -> None:
+    """Store the job's plan and the least GPU memory it needs, which the workers check cheaply:
+    only a checked plan (a model the planner vouches for) keeps a job off smaller GPUs."""
+    job.plan = plan
+    job.min_gpu_memory_gib = plan.get("min_gpu_memory_gib") if plan is not None and plan.get("checked") else None
 
 
 def record_check(db: Session, job: Job, data_stats: dict[str, dict[str, Any]], max_len: int) -> None:
@@ -314,8 +328,12 @@ def finish_validation(job_id: str, owner: str) -> None:
             return
         tokens = planning.tokens_of(stats.get("training_file"))
         if tokens and job.plan is not None:
-            p = planning.make_plan(job.spec, spec.model, job.gpus, settings, dataset_tokens=tokens)
-            job.plan = planning.to_json(p) if p is not None else job.plan
+            spec_like = job.spec
+            if job.plan.get("requested_batch_size") == "auto":  # still each host's to pick
+                spec_like = {**spec_like, "hyperparameters": {**spec_like["hyperparameters"], "batch_size": "auto"}}
+            p = planning.make_plan(spec_like, spec.model, job.gpus, settings, dataset_tokens=tokens)
+            if p is not None:
+                set_plan(job, planning.to_json(p))
         states.transition(db, job, states.QUEUED, "Job queued.")
         try:
             queue_checked(db, job, stats, spec.hyperparameters.max_seq_len)

@@ -13,6 +13,7 @@ from typing import Any
 
 from api.errors import APIError
 from core.models import File
+from trainer.data.parse import EVAL_FORMAT
 
 STAT_KEYS = ("format", "examples", "tokens", "trained_tokens", "longest", "truncated", "dropped")
 
@@ -62,6 +63,9 @@ def check_file(f: File, param: str, model_path: str, max_seq_len: int, data_form
         shown = "; ".join(f"line {e['line']}: {e['message']}" for e in report["errors"][:5])
         raise APIError(400, f"{param}: file {f.id} has {total} line(s) this job cannot use: {shown}",
                        param=param, code="invalid_file")
+    if report["format"] == EVAL_FORMAT and data_format != EVAL_FORMAT:
+        raise APIError(400, f"{param}: file {f.id} is an eval file (lines with 'expected' answers), which holds nothing "
+                       "to train on; name it in eval.file", param=param, code="invalid_file")
     if report["examples"] and report["dropped"] == report["examples"]:
         raise APIError(
             400, f"{param}: every example of file {f.id} loses all its trained tokens to max_seq_len {max_seq_len} "

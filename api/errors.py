@@ -115,7 +115,7 @@ def first_validation_error(errors: list[dict[str, Any]], drop: tuple[str, ...] =
         # Model-level checks name their field first ("hyperparameters.warmup_steps: ..."), more
         # precisely than their location (the model, or nothing).
         head = reason.split(":", 1)[0]
-        if head and all(c.isalnum() or c in "._" for c in head) and (param is None or head.startswith(param + ".")):
+        if head and all(c.isalnum() or c in "._[]" for c in head) and (param is None or head.startswith(param + ".")):
             param = head
     message = f"{param}: {reason}" if param and not reason.startswith(param) else reason
     if len(errors) > 1:

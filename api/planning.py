@@ -1,7 +1,8 @@
 """The planner as the API uses it: one plan per job body, from the model's config.json alone.
 
-The API host normally has no GPU, so what the plan is checked against (memory and speed per GPU)
-comes from settings describing the worker hosts. The planner models the trainer as it runs
+The API host normally has no GPU, so what the plan is checked against comes from the worker
+registry (the memory of the largest GPU a registered host has, in hosts with enough GPUs) or,
+while no worker has registered its GPUs, from settings describing the worker hosts. The planner models the trainer as it runs
 (trainer.planning.estimate_for_spec): bf16 mixed precision, the spec's full_precision, optimizer,
 speed and strategy, the fast path's chunked loss and fused LoRA.
 """
@@ -9,10 +10,14 @@ speed and strategy, the fast path's chunked loss and fused LoRA.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from api.errors import APIError
+from core import workers
 from core.settings import Settings
 from trainer import planning
 from trainer.spec import METHODS
@@ -23,17 +28,6 @@ GiB = planning.GiB
 CONFIDENT_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 
 
-def model_config(model_path: str) -> Any | None:
-    """The transformers config of a local model directory; None for a hub id (not fetched here)."""
-    path = Path(model_path)
-    if not (path / "config.json").is_file():
-        return None
-    from transformers import AutoConfig
-
-    # config.json only: no weights and no remote code are touched.
-    return AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-
-
 def _unmodelled(spec_like: dict[str, Any]) -> str | None:
     method = spec_like.get("method")
     if method not in (*METHODS, "auto"):
@@ -41,15 +35,31 @@ def _unmodelled(spec_like: dict[str, Any]) -> str | None:
     return None
 
 
+def plan_memory_gib(gpus: int, settings: Settings) -> tuple[float, str]:
+    """GiB per GPU a job's plan must fit, and where that number comes from: the largest GPU of a
+    registered host with enough GPUs, else (no worker registered its GPUs' memory, or the registry
+    is unreachable) TUNEQ_PLAN_GPU_MEMORY_GIB."""
+    try:
+        largest = workers.largest_gpu_memory(max(1, gpus))
+    except redis.RedisError:
+        largest = None
+    if largest is not None:
+        return largest, "registered_hosts"
+    return settings.plan_gpu_memory_gib, "setting"
+
+
 def make_plan(spec_like: dict[str, Any], model_path: str, gpus: int, settings: Settings,
               dataset_tokens: int | None = None) -> dict[str, Any] | None:
     """The plan of a JobSpec-shaped dict, as stored on the job and returned by the plan route.
 
     None when the model has no local config. `checked` says whether the plan may refuse the job.
+    `min_gpu_memory_gib` is the least GPU memory the chosen method runs in (batch 1 when
+    batch_size is "auto"): the workers run the job only on a host whose GPUs have that much.
     """
-    config = model_config(model_path)
+    config = planning.local_config(model_path)
     if config is None:
         return None
+    memory_gib, memory_source = plan_memory_gib(gpus, settings)
     note = _unmodelled(spec_like)
     planned = dict(spec_like)
     if note is not None:
@@ -57,8 +67,9 @@ def make_plan(spec_like: dict[str, Any], model_path: str, gpus: int, settings: S
         planned["method"] = "auto"
     try:
         p = planning.plan(
-            planned, config, int(settings.plan_gpu_memory_gib * GiB), gpus=max(1, gpus), dataset_tokens=dataset_tokens,
-            peak_tflops=settings.plan_gpu_tflops,
+            planned, config, int(memory_gib * GiB), gpus=max(1, gpus), dataset_tokens=dataset_tokens,
+            peak_tflops=settings.plan_gpu_tflops, gpu_model=settings.plan_gpu_model or None,
+            liger=settings.plan_gpu_liger or None,
         ).to_dict()
     except ValueError as exc:
         # Values the spec allows but this model does not (more checkpointed layers than it has).
@@ -68,7 +79,12 @@ def make_plan(spec_like: dict[str, Any], model_path: str, gpus: int, settings: S
         note = f"model type {p['model']['model_type']!r} is not a Llama-like decoder; the estimate is rough and not enforced"
     p["checked"] = note is None
     p["notes"] = [note] if note else []
-    p["available_gib"] = round(settings.plan_gpu_memory_gib, 3)
+    p["available_gib"] = round(memory_gib, 3)
+    p["gpu_memory_source"] = memory_source
+    p["min_gpu_memory_gib"] = None
+    if p["method"] is not None:
+        need = planning.min_gpu_memory_bytes({**planned, "method": p["method"]}, config, max(1, gpus))
+        p["min_gpu_memory_gib"] = math.ceil(need / GiB * 1000) / 1000
     for mp in p["methods"].values():
         mp["estimate"]["breakdown_gib"] = {
             k: round(mp["estimate"][k] / GiB, 3)
@@ -77,7 +93,8 @@ def make_plan(spec_like: dict[str, Any], model_path: str, gpus: int, settings: S
     chosen = p["method"] or (spec_like.get("method") if spec_like.get("method") in METHODS else None)
     p["predicted_peak_gib"] = p["methods"][chosen]["estimate"]["total_gib"] if chosen in p["methods"] else None
     if p["compute"] is not None:
-        p["compute"]["peak_tflops_per_gpu"] = settings.plan_gpu_tflops
+        p["compute"]["peak_tflops_per_gpu"] = p["compute"]["peak_flops_per_gpu"] / 1e12
+        p["compute"]["gpu_model"] = settings.plan_gpu_model
     return p
 
 
@@ -105,15 +122,19 @@ def refuse_if_too_big(p: dict[str, Any] | None) -> None:
         return
     focus = p["requested_method"] if p["requested_method"] in p["methods"] else "qlora"
     need = p["methods"][focus]["estimate"]["total"]
+    where = ("on the GPUs of any registered host (the largest has "
+             f"{p['available_gib']:g} GiB)" if p.get("gpu_memory_source") == "registered_hosts" else "on its GPUs")
     raise APIError(
-        422, f"the job does not fit on its GPUs: {p['message']}", param="method", code="does_not_fit",
+        422, f"the job does not fit {where}: {p['message']}", param="method", code="does_not_fit",
         extra={"predicted_gib": round(need / GiB, 3), "available_gib": p["available_gib"],
                "usable_gib": round(p["usable_bytes"] / GiB, 3), "gpus": p["gpus"], "suggestions": p["suggestions"]},
     )
 
 
-def job_view(plan: dict[str, Any] | None, progress: dict[str, Any] | None, metrics: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The plan as the job object shows it: predicted beside measured peak memory."""
+def job_view(plan: dict[str, Any] | None, progress: dict[str, Any] | None, metrics: dict[str, Any] | None,
+             min_gpu_memory_gib: float | None = None) -> dict[str, Any] | None:
+    """The plan as the job object shows it: predicted beside measured peak memory, and the least
+    GPU memory the workers place it by (raised above a GPU it ran out of memory on)."""
     measured = (progress or {}).get("peak_memory_bytes") or (metrics or {}).get("peak_memory_bytes")
     if plan is None and not measured:
         return None
@@ -121,7 +142,7 @@ def job_view(plan: dict[str, Any] | None, progress: dict[str, Any] | None, metri
     return {
         "method": plan.get("method"), "batch_size": plan.get("batch_size"), "fits": plan.get("fits"),
         "checked": plan.get("checked"), "notes": plan.get("notes", []),
-        "gpu_memory_gib": plan.get("available_gib"),
+        "gpu_memory_gib": plan.get("available_gib"), "min_gpu_memory_gib": min_gpu_memory_gib,
         "predicted_peak_gib": plan.get("predicted_peak_gib"),
         "measured_peak_gib": round(measured / GiB, 3) if measured else None,
     }

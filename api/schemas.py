@@ -77,6 +77,7 @@ class JobOut(BaseModel):
     metrics: dict[str, Any]
     started_at: int | None
     host: str | None = None  # the host that runs the job, or ran it last
+    gpu: dict[str, Any] | None = None  # that host's GPUs: name, memory_gib, count
     # Predicted peak GPU memory (the planner's, at creation) next to the measured one.
     plan: dict[str, Any] | None = None
 

@@ -38,6 +38,7 @@ from core.db import session_scope
 from core.models import File, Job, now
 from core.settings import Settings, get_settings
 from core.storage import get_storage
+from trainer.vocabulary import extra_files
 
 log = logging.getLogger("tuneq.api")
 
@@ -225,9 +226,7 @@ def files_of(db: Any, spec: Any) -> list[tuple[File, str, str]]:
     refs = [(spec.training_file, "training_file", spec.data_format)]
     if spec.validation_file:
         refs.append((spec.validation_file, "validation_file", spec.data_format))
-    refs += [(m.file, f"mix[{k}].file", "auto") for k, m in enumerate(spec.mix)]
-    if spec.forgetting_file:
-        refs.append((spec.forgetting_file, "forgetting_file", "auto"))
+    refs += [(file_id, param, fmt) for param, file_id, fmt in extra_files(spec.model_dump(mode="json"))]
     files = []
     for file_id, param, fmt in refs:
         f = db.get(File, file_id)

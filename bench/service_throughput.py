@@ -97,6 +97,7 @@ def run_job(name: str, args, model_dir: Path, data: Path, valid: Path | None, en
         left_out = sorted({*left_out, *range(a, b + 1)})
     startup = next((e for e in events if e["type"] == "startup"), None)
     first_metrics = next(e for e in events if e["type"] == "metrics")
+    last_metrics = [e for e in events if e["type"] == "metrics"][-1]
     return {
         "name": name, "ok": True, "env": env_extra, "settings": settings,
         **steady_stats([m["tokens_per_second"] for m in metrics], left_out),
@@ -108,10 +109,59 @@ def run_job(name: str, args, model_dir: Path, data: Path, valid: Path | None, en
         "checkpoints_s": [e["data"].get("seconds") for e in events if e["type"] == "checkpoint"],
         "startup": startup["data"] if startup else None,
         "spawn_to_first_step_s": round(first_metrics["time"] - spawned, 2),
+        "spawn_to_last_step_s": round(last_metrics["time"] - spawned, 2),
+        "estimate": wall_estimate(spec, model_dir, args),
         "wall_s": round(wall, 1),
         "fast_path": next(e["data"]["fast_path"] for e in events if e["type"] == "start"),
         "packed_rows": next(e["data"]["packed_rows"] for e in events if e["type"] == "start"),
     }
+
+
+def wall_estimate(spec: dict, model_dir: Path, args) -> dict:
+    """What POST /v1/fine_tuning/plan would say for this spec on this GPU: start-up plus steps, at
+    the efficiency trainer/planning/speeds.json holds for the GPU model and setting."""
+    from transformers import AutoConfig
+
+    from trainer.planning import plan
+
+    gpu = args.device_name
+    p = plan(spec, AutoConfig.from_pretrained(str(model_dir)), 80 * 2**30, dataset_tokens=1, gpu_model=gpu,
+             liger=True).to_dict()
+    c = p.get("compute") or {}
+    return {"gpu_model": gpu, "speed": p.get("speed"), "startup_s": c.get("startup_seconds"),
+            "steps_s": c.get("seconds"), "wall_s": c.get("wall_seconds"), "efficiency": c.get("efficiency"),
+            "source": c.get("efficiency_source")}
+
+
+def record_speeds(args, jobs: list[dict]) -> None:
+    """Write the measured tokens/s and start-up of the default job into trainer/planning/speeds.json,
+    under the GPU model that ran it (a new entry for a GPU model it does not know)."""
+    from trainer.planning import speeds
+
+    # The last default job: a worker host has usually run one before (warm caches).
+    job = next((j for j in reversed(jobs) if j["ok"] and "-default" in j["name"]), None)
+    if job is None or not job.get("startup"):
+        return
+    data = json.loads(speeds.SPEEDS_FILE.read_text())
+    found = speeds.gpu_entry(args.device_name, data)
+    name, entry = found if found else (args.device_name, {"match": [args.device_name], "peak_tflops": 989.0, "runs": []})
+    settings = SETTINGS[args.setting]
+    key = speeds.setting_key("lora", settings["speed"])
+    source = f"bench/results/{args.out.name}.md {job['name']} ({time.strftime('%Y-%m-%d')})"
+    entry["runs"] = [r for r in entry.get("runs", []) if r["setting"] != key] + [
+        {"setting": key, "model": "llama-3.2-1b", "lora_r": LORA["r"], "batch_size": args.batch, "seq_len": args.seq,
+         "tokens_per_second": round(job["median_tps"]), "source": source}]
+    phases = job["startup"]["phases"]
+    from trainer.planning import model_shape
+    from trainer.tiny import build_config
+
+    weights_gib = 2 * model_shape(build_config("llama-3.2-1b")).total_params / 2**30  # bf16
+    load = phases.get("load", 0.0)
+    entry["startup"] = {"fixed_s": round(sum(phases.values()) - load, 2), "load_s_per_gib": round(load / weights_gib, 2),
+                        "weights_gib": round(weights_gib, 3), "source": source + ": " + ", ".join(
+                            f"{k} {v:.1f}" for k, v in phases.items())}
+    data["gpus"][name] = entry
+    speeds.SPEEDS_FILE.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def steady_stats(step_tps: list[float], left_out: list[int], first: int = 6) -> dict:
@@ -160,6 +210,21 @@ def report(args, bench: dict, jobs: list[dict], device: str) -> str:
             f"| {j['name']} | {j['median_tps']:,.0f} | {ratio and f'{ratio:.3f}'} | {j['worst_tps']:,.0f} | "
             f"{j['worst_share']:.2f} | {j['below_85']} | {j['last_step_tps']:,.0f} | {j['max_mfu']:.3f} | "
             f"{j['peak_gib']:.2f} | {j['evaluations_s']} | {j['checkpoints_s']} | {j['spawn_to_first_step_s']} | {phases} |")
+    lines += ["", "The plan's time estimate (POST /v1/fine_tuning/plan: start-up plus steps, at the efficiency "
+              "trainer/planning/speeds.json holds for this GPU model and setting) against the job's spawn to its "
+              "last step (target ±15 %):", "",
+              "| job | estimated start-up s | estimated steps s | estimated wall s | measured wall s | error % | efficiency from |",
+              "|---|---|---|---|---|---|---|"]
+    for j in jobs:
+        est = j.get("estimate") or {}
+        if not j["ok"] or not est.get("wall_s"):
+            continue
+        err = 100 * (est["wall_s"] - j["spawn_to_last_step_s"]) / j["spawn_to_last_step_s"]
+        lines.append(f"| {j['name']} | {est['startup_s']:.1f} | {est['steps_s']:.1f} | {est['wall_s']:.1f} | "
+                     f"{j['spawn_to_last_step_s']:.1f} | {err:+.1f} | {est['source']} |")
+    lines += ["", "Start-up detail (s; device_ready: when the warm-up thread had the GPU's context, from "
+              "the process's start; tokens_cached: the data check's tokens reused):", ""]
+    lines += [f"- {j['name']}: {(j['startup'] or {}).get('detail')}" for j in jobs if j["ok"]]
     lines += ["", "Per-step tokens/s:", ""]
     lines += [f"- {j['name']} (left out: {j.get('left_out_steps')}): {j.get('step_tps')}" for j in jobs if j["ok"]]
     return "\n".join(lines) + "\n"
@@ -177,6 +242,8 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "service_throughput_h100")
     p.add_argument("--job-timeout", type=float, default=300)
     p.add_argument("--report", type=Path, default=None, help="rewrite the table of an earlier run's .json")
+    p.add_argument("--record-speeds", action="store_true",
+                   help="write the default job's tokens/s and start-up into trainer/planning/speeds.json")
     args = p.parse_args()
     args.seq, args.batch = (64, 2) if args.dry_run else (2048, 8)
     if args.dry_run:
@@ -194,10 +261,20 @@ def main() -> int:
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    args.device_name = device if device != "cpu" else "NVIDIA H100 80GB HBM3"  # a dry run estimates an H100
     bench = bench_row(args, args.setting)
     model_dir = args.work / "tt" / ("tiny" if args.dry_run else "llama-3.2-1b")
     data = write_text_data(model_dir, args.work / "train.jsonl", int(args.steps * args.batch * args.seq * 1.1))
     valid = write_text_data(model_dir, args.work / "valid.jsonl", 16 * args.seq, seed=1)
+    # What the API's data check does at upload: the trainer then reads these tokens from the cache.
+    from trainer.data.validate import validate_file
+    from trainer.model import load_tokenizer
+
+    checked = time.time()
+    tokenizer = load_tokenizer(str(model_dir))
+    for path in (data, valid):
+        validate_file(path, tokenizer, args.seq, data_format="text")
+    print(f"data check (tokenized into the cache): {time.time() - checked:.1f} s")
     variants = {"old-attention": {"TUNEQ_PACKED_ATTENTION": "0"}, "default": {}}
     jobs = []
     for name in args.jobs.split(","):
@@ -208,7 +285,9 @@ def main() -> int:
                         "eval_examples": 16}
         if name in args.profile.split(","):
             env.update(TUNEQ_PROFILE_STEPS="30:33", TUNEQ_PROFILE_DIR=str(args.work / f"profile-{name}"))
-        jobs.append(run_job(f"job-{args.setting}-{name}", args, model_dir, data,
+        # The same job again runs warm (page cache, kernel caches), as on a worker that ran one before.
+        label = f"job-{args.setting}-{name}" + ("-again" if any(j["name"] == f"job-{args.setting}-{name}" for j in jobs) else "")
+        jobs.append(run_job(label, args, model_dir, data,
                             valid if schedule else None, env, SETTINGS[args.setting], schedule))
         text = report(args, bench, jobs, device)
         args.out.with_suffix(".md").write_text(text)
@@ -217,6 +296,8 @@ def main() -> int:
             prof = args.work / f"profile-{name}" / "profile-rank0.txt"
             if prof.exists():
                 shutil.copy(prof, args.out.with_name(args.out.name + f"_profile_{name}.txt"))
+    if args.record_speeds and not args.dry_run:
+        record_speeds(args, jobs)
     print(report(args, bench, jobs, device))
     return 0
 

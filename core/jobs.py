@@ -13,7 +13,7 @@ import redis
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from core import states
+from core import fairshare, states
 from core.models import File, Job, now
 from core.retries import retry_or_fail
 
@@ -150,10 +150,14 @@ def heartbeat(db: Session, job_id: str, worker_id: str, attempt: int) -> Job | N
         .values(lease_heartbeat_at=now())
         .execution_options(synchronize_session=False)
     )
-    db.commit()
     if res.rowcount != 1:
+        db.commit()
         return None
-    return db.get(Job, job_id, populate_existing=True)
+    job = db.get(Job, job_id, populate_existing=True)
+    if job is not None:  # the UPDATE holds the row's lock: charging its GPU use cannot race
+        fairshare.accrue(db, job, now())
+    db.commit()
+    return job
 
 
 def holds_lease(job: Job, worker_id: str, attempt: int) -> bool:

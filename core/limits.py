@@ -21,6 +21,7 @@ from core import states
 from core.identity import DELETED
 from core.models import File, Job, User
 from core.settings import Settings, get_settings
+from trainer.vocabulary import extra_files
 
 # Paused jobs hold no GPU but still count as the user's jobs: they come back.
 ACTIVE = (states.VALIDATING, states.QUEUED, states.RUNNING, states.CANCELLING, states.PAUSED)
@@ -179,9 +180,8 @@ def check_file_quota(db: Session, user: User, size: int, settings: Settings | No
 
 
 def job_file_ids(training: str | None, validation: str | None, spec: dict | None) -> set[str]:
-    """Every file a job reads: training and validation data, mix and forgetting files."""
-    spec = spec or {}
-    named = {training, validation, spec.get("forgetting_file")} | {m.get("file") for m in spec.get("mix") or []}
+    """Every file a job reads: training and validation data, mix, forgetting and eval files."""
+    named = {training, validation} | {file_id for _, file_id, _ in extra_files(spec or {})}
     return {f for f in named if isinstance(f, str)}
 
 

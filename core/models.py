@@ -111,12 +111,30 @@ class Job(Base):
     trained_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     # The host whose worker runs the job now, or ran it last (TUNEQ_HOST_ID): shown with its status.
     host: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # The least memory per GPU the job's plan fits in (None: not planned, or not checked): a worker
+    # takes the job only if its GPUs have this much. An out-of-memory on a host raises it above
+    # that host's, so the job moves to a larger GPU.
+    min_gpu_memory_gib: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The GPUs of the host it runs (or last ran) on: {"name", "memory_gib", "count"}.
+    gpu: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     # The lease: the database, not the broker, decides who runs a job.
     lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
     lease_attempt: Mapped[int] = mapped_column(Integer, default=0)
     lease_heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Fair share: the time up to which this job's GPUs were charged to its owner and team
+    # (core/fairshare.py); set while it holds GPUs, None otherwise.
+    usage_charged_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     events: Mapped[list[JobEvent]] = relationship(back_populates="job", cascade="all, delete-orphan")
+
+
+class GpuUsage(Base):
+    """Fair share (core/fairshare.py): decayed GPU-hours of one user ("user:<id>") or team ("team:<id>"), as of `at`."""
+
+    __tablename__ = "gpu_usage"
+    principal: Mapped[str] = mapped_column(String(60), primary_key=True)
+    gpu_hours: Mapped[float] = mapped_column(Float, default=0.0)
+    at: Mapped[float] = mapped_column(Float, default=now)
 
 
 class JobEvent(Base):

@@ -1,4 +1,5 @@
-"""Which queued job runs next: highest priority first, then oldest; a job in retry back-off waits.
+"""Which queued job runs next: highest priority first, then fair share (core/fairshare.py: the
+least-used team, then user; FIFO within a user); a job in retry back-off waits.
 
 One ordering serves the queue position a user sees, the worker's choice of what to run on free
 GPUs, and the dispatcher's re-sending of queued jobs, so all three agree.
@@ -6,59 +7,146 @@ GPUs, and the dispatcher's re-sending of queued jobs, so all three agree.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from core import states
-from core.models import Job, now
+from core import fairshare, states
+from core.models import Job, User, now
+from core.settings import get_settings
 
 RETRY_AT = "retry_not_before"  # job.progress key: the back-off of an infrastructure retry
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Waiting:
     id: str
     gpus: int
     priority: int
     retry_at: float
+    owner: str = ""
+    team: str = ""
+    created_at: float = 0.0
+    min_gpu_memory_gib: float | None = None  # the least GPU memory its plan fits in (Job.min_gpu_memory_gib)
+
+    def fits(self, free: int, total: int, memory_gib: float | None) -> bool:
+        """Fits `free` GPUs of a host with `total`, each of `memory_gib` (None: not known, not checked)."""
+        big_enough = memory_gib is None or self.min_gpu_memory_gib is None or self.min_gpu_memory_gib <= memory_gib
+        return self.gpus <= min(free, total) and big_enough
 
 
-def waiting(db: Session) -> list[Waiting]:
-    rows = db.execute(
-        select(Job.id, Job.gpus, Job.priority, Job.progress)
-        .where(Job.status == states.QUEUED)
-        .order_by(Job.priority.desc(), Job.created_at, Job.id)
-    ).all()
-    return [Waiting(r.id, r.gpus, r.priority, float((r.progress or {}).get(RETRY_AT) or 0)) for r in rows]
+def waiting(db: Session, t: float | None = None) -> Sequence[Waiting]:
+    """Queued jobs in the order they run, read with a few queries whatever the queue's length.
+
+    With fair share, a worker's choice usually needs only the queue's head: the oldest
+    PREFETCH jobs of each user are read and ordered, and the rest only if a caller reads past
+    the part of the order that those decide (queue positions do, to the end)."""
+    s = get_settings()
+    if not s.fair_share:
+        return _read(db, None)
+    return FairQueue(db, fairshare.usage_now(db, now() if t is None else t), s.fair_share_job_gpu_hours)
+
+
+PREFETCH = 32
+
+
+def _read(db: Session, per_owner: int | None) -> list[Waiting]:
+    cols = (Job.id, Job.gpus, Job.priority, Job.progress[RETRY_AT].as_float().label("retry_at"),
+            Job.owner_id, Job.created_at, User.team_id, Job.min_gpu_memory_gib)
+    q = select(*cols).outerjoin(User, User.id == Job.owner_id).where(Job.status == states.QUEUED)
+    if per_owner is None:
+        rows = db.execute(q.order_by(Job.priority.desc(), Job.created_at, Job.id)).all()
+    else:
+        rn = func.row_number().over(partition_by=(Job.priority, Job.owner_id), order_by=(Job.created_at, Job.id))
+        sub = q.add_columns(rn.label("rn")).subquery()
+        rows = db.execute(select(sub).where(sub.c.rn <= per_owner)).all()
+    return [Waiting(r.id, r.gpus, r.priority, r.retry_at or 0.0, r.owner_id or "",
+                    fairshare.team_key(r.team_id, r.owner_id), r.created_at,
+                    min_gpu_memory_gib=r.min_gpu_memory_gib) for r in rows]
+
+
+class FairQueue(Sequence[Waiting]):
+    """The fair-share order, read in part first (see `waiting`); iterating goes on into the rest."""
+
+    def __init__(self, db: Session, use: dict[str, float], per_gpu: float):
+        self._db, self._use, self._per_gpu = db, use, per_gpu
+        head = _read(db, PREFETCH + 1)
+        seen: dict[tuple[int, str], int] = {}
+        for w in head:
+            seen[(w.priority, w.owner)] = seen.get((w.priority, w.owner), 0) + 1
+        more = frozenset(k for k, n in seen.items() if n > PREFETCH)
+        # Of a user with more, PREFETCH are kept: the one beyond tells only that there are more.
+        kept = [w for w in head if (w.priority, w.owner) not in more] + _oldest(head, more)
+        self._head, complete = fairshare.order_prefix(kept, dict(use), per_gpu, more)
+        self._all: list[Waiting] | None = self._head if complete else None
+
+    def _full(self) -> list[Waiting]:
+        if self._all is None:
+            # A session of its own: the caller's may be closed by now, or about to write.
+            with Session(self._db.get_bind()) as s:
+                self._all = fairshare.order(_read(s, None), dict(self._use), self._per_gpu)
+        return self._all
+
+    def __iter__(self) -> Iterator[Waiting]:
+        yield from self._head
+        if self._all is self._head:
+            return
+        given = {w.id for w in self._head}
+        # Read again: a job of the head may have been leased meanwhile; none is given twice.
+        yield from (w for w in self._full() if w.id not in given)
+
+    def __bool__(self) -> bool:
+        return bool(self._head)
+
+    def __len__(self) -> int:
+        return len(self._full())
+
+    def __getitem__(self, i):  # noqa: ANN001, ANN204 - Sequence's int and slice forms
+        return self._full()[i]
+
+
+def _oldest(head: list[Waiting], more: frozenset[tuple[int, str]]) -> list[Waiting]:
+    by: dict[tuple[int, str], list[Waiting]] = {}
+    for w in head:
+        if (w.priority, w.owner) in more:
+            by.setdefault((w.priority, w.owner), []).append(w)
+    return [w for ws in by.values() for w in sorted(ws, key=lambda w: (w.created_at, w.id))[:PREFETCH]]
 
 
 def queue_position(db: Session, job: Job) -> int | None:
     """1 for the next job to run; None when the job is not queued."""
     if job.status != states.QUEUED:
         return None
-    ids = [w.id for w in waiting(db)]
-    return ids.index(job.id) + 1 if job.id in ids else None
+    for i, w in enumerate(waiting(db), 1):
+        if w.id == job.id:
+            return i
+    return None
 
 
-def pick(queue: list[Waiting], free: int, total: int, t: float | None = None) -> Waiting | None:
-    """The first job in queue order that fits `free` GPUs of a host with `total`.
+def pick(queue: list[Waiting], free: int, total: int, t: float | None = None,
+         memory_gib: float | None = None) -> Waiting | None:
+    """The first job in queue order that fits `free` GPUs of a host with `total`, of `memory_gib` each.
 
     Skipping a head job that does not fit now (backfill) keeps GPUs busy; the head job gets its
-    GPUs through preemption when it outranks what runs (core.control.preempt).
+    GPUs through preemption when it outranks what runs (core.control.preempt). A job whose plan
+    needs more memory than this host's GPUs have is left to a larger host.
     """
     t = now() if t is None else t
     for w in queue:
-        if w.retry_at <= t and w.gpus <= min(free, total):
+        if w.retry_at <= t and w.fits(free, total, memory_gib):
             return w
     return None
 
 
-def blocked_head(queue: list[Waiting], free: int, total: int, t: float | None = None) -> Waiting | None:
+def blocked_head(queue: list[Waiting], free: int, total: int, t: float | None = None,
+                 memory_gib: float | None = None) -> Waiting | None:
     """The first job that could run on this host but not with its free GPUs now."""
+    if free >= total:  # none: and the queue need not be read to its end to know it
+        return None
     t = now() if t is None else t
     for w in queue:
-        if w.retry_at <= t and free < w.gpus <= total:
+        if w.retry_at <= t and free < w.gpus and w.fits(total, total, memory_gib):
             return w
     return None

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(5.0, gt=0, description="Seconds between the renewals of a running job's lease by its worker.")
     lease_ttl_s: float = Field(60.0, gt=0, description="Seconds without a renewal after which a lease counts as dead and the reaper re-queues its job.")
     worker_id: str = Field("", description="Name of this worker in leases and the registry. Empty: hostname:pid.")
-    accelerate_launch: bool = Field(True, description="Start trainers under `accelerate launch`; false starts multi-GPU jobs with torch.distributed.run instead.")
+    accelerate_launch: bool = Field(True, description="Start multi-GPU trainers under `accelerate launch`; false starts them with torch.distributed.run instead. A one-GPU trainer is always started directly.")
     dist_timeout_s: float = Field(
         600.0, gt=0, le=86_400,
         description="Seconds a process of a multi-GPU job waits for its peers in a collective before the job fails and is retried.",
@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     gpus: int | None = Field(None, ge=0, le=64, description="GPUs of this host (on a CPU host: job slots). Empty: counted with nvidia-smi, else torch.")
     host_id: str = Field("", description="Name of this host in the worker registry; must differ between hosts. Empty: the hostname.")
     gpu_lock_dir: Path | None = Field(None, description="Folder of the per-GPU lock files that the workers of one host share. Empty: home/gpu-locks.")
+    gpu_memory_gib: float | None = Field(
+        None, gt=0, description="GiB of memory this worker reports for each of its GPUs, in place of what nvidia-smi says. On a CPU worker it makes each job slot a GPU of this size, to try placement on one machine. Empty: as detected."
+    )
+    gpu_name: str = Field("", description="Name this worker reports for its GPUs with gpu_memory_gib. Empty: as detected (nvidia-smi), or 'simulated' on a CPU worker.")
     registry_ttl_s: float = Field(15.0, gt=0, description="Seconds after which a worker that stopped refreshing its registry entry drops out of it.")
     dispatch_interval_s: float = Field(1.0, gt=0, description="Seconds between a worker's passes that refresh its registry entry and re-send queued jobs whose message may be lost.")
     min_free_disk_gib: float = Field(
@@ -95,6 +99,9 @@ class Settings(BaseSettings):
     max_gpu_hours_per_user: float = Field(2000.0, gt=0, description="GPU-hours, as the planner estimates them, that one user's unfinished jobs may book together; more answers 403.")
     min_checkpoint_every_minutes: float = Field(1.0, ge=0, description="Shortest schedule.checkpoint_every_minutes a job may ask for (each checkpoint stops the job to write to disk).")
     member_max_priority: int = Field(0, ge=-100, le=100, description="Highest job priority a user without an admin's grant may ask for; jobs at or below it preempt only their own team's.")
+    fair_share: bool = Field(True, description="Among queued jobs of equal priority, serve first the team, and within it the user, with the fewest recent GPU-hours (FIFO within a user). Off: oldest first.")
+    fair_share_half_life_h: float = Field(24.0, gt=0, description="Hours after which a GPU-hour counts half in fair share's sum of recent use.")
+    fair_share_job_gpu_hours: float = Field(1.0, ge=0, description="GPU-hours per GPU that fair share counts for a running job, and for each job ordered ahead, before its use shows in the sum: GPUs that come free together go round the users.")
     max_files_per_user: int = Field(1000, ge=1, description="Files one user may keep; more answers 403 (DELETE /v1/files/{id} makes room).")
     max_file_bytes_per_user: int = Field(20 * 1024**3, ge=1, description="Bytes that one user's files may hold together (20 GiB); more answers 403.")
     job_create_rate: int = Field(30, ge=1, description="Jobs one user may create per sliding window (TUNEQ_JOB_CREATE_WINDOW_S); only accepted jobs count; more answers 429 with Retry-After.")
@@ -105,8 +112,10 @@ class Settings(BaseSettings):
     )
     # Planner: what a job is planned against before any GPU is touched. The API host
     # usually has no GPU, so the worker hosts' memory and speed are declared here.
-    plan_gpu_memory_gib: float = Field(80.0, gt=0, description="GiB of memory per worker GPU that a job's plan must fit; the API host usually has no GPU to ask.")
-    plan_gpu_tflops: float = Field(790.0, gt=0, description="Dense bf16 peak per worker GPU in TFLOP/s, for the planner's time estimates (the default was measured on an H200).")
+    plan_gpu_memory_gib: float = Field(80.0, gt=0, description="GiB of memory per worker GPU that a job's plan must fit while no worker has registered its GPUs' memory; once some have, a job is planned against the largest registered GPU of a host with enough GPUs.")
+    plan_gpu_tflops: float = Field(790.0, gt=0, description="Dense bf16 peak per worker GPU in TFLOP/s, for the planner's time estimates of a GPU model that trainer/planning/speeds.json does not know (the default was measured on an H200).")
+    plan_gpu_model: str = Field("NVIDIA H100 80GB HBM3", description="The worker GPUs' model name (as torch reports it), whose measured speeds and start-up (trainer/planning/speeds.json) time a plan; one the file does not know is timed by plan_gpu_tflops at a default efficiency, without start-up.")
+    plan_gpu_liger: bool = Field(False, description="The worker hosts have liger-kernel installed, so the trainer runs its fused RMSNorm, RoPE and SwiGLU there; plans count the memory they save (off: planned without, which errs high).")
     # Chat completions (core/inference.py): served by `python -m worker.serve` on the hosts that run it.
     chat_max_tokens: int = Field(2048, ge=1, le=1_000_000, description="Most tokens one chat completion may generate (`max_tokens`); also its default, cut to what the model's context leaves.")
     chat_queue_timeout_s: float = Field(60.0, gt=0, le=3600, description="Seconds a chat completion waits for an inference server to start it before it answers 503.")

@@ -72,6 +72,9 @@ def transition(
         raise IllegalTransition(job.id, current, target)
     job.status = target
     t = now()
+    from core import fairshare  # it orders by these states: imported here, not at the top
+
+    fairshare.on_transition(db, job, current, target, t)
     if target == RUNNING and job.started_at is None:
         job.started_at = t
     if target in TERMINAL:

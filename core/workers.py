@@ -69,3 +69,16 @@ def total_devices() -> int:
     for w in registered():
         hosts[w["host"]] = max(hosts.get(w["host"], 0), int(w["gpus"]))
     return sum(hosts.values())
+
+
+def gpu_memory_gib(gpu_info: list[dict[str, Any]]) -> float | None:
+    """Memory of a host's smallest GPU (a job may get any of them); None when not reported."""
+    sizes = [float(g["memory_gib"]) for g in gpu_info if isinstance(g.get("memory_gib"), int | float)]
+    return min(sizes) if sizes else None
+
+
+def largest_gpu_memory(gpus: int = 1) -> float | None:
+    """GiB of the largest GPU on a registered host with at least `gpus` GPUs; None when no such
+    host reports its GPUs' memory (then a plan falls back to TUNEQ_PLAN_GPU_MEMORY_GIB)."""
+    sizes = [m for h in hosts() if h["gpus"] >= gpus and (m := gpu_memory_gib(h["gpu_info"])) is not None]
+    return max(sizes) if sizes else None

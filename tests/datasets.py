@@ -9,12 +9,12 @@ WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "ocean",
          "candle", "forest", "silver", "garden", "pencil", "rocket", "window", "bridge", "yellow", "castle"]
 
 
-def reverse_dataset(n: int, seed: int = 0) -> str:
+def reverse_dataset(n: int, seed: int = 0, words: list[str] = WORDS) -> str:
     """A task with a checkable answer: spell a word backwards."""
     rng = random.Random(seed)
     lines = []
     for _ in range(n):
-        w = rng.choice(WORDS)
+        w = rng.choice(words)
         lines.append(json.dumps({"messages": [
             {"role": "system", "content": "You reverse words."},
             {"role": "user", "content": f"Reverse: {w}"},

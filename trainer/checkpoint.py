@@ -107,8 +107,10 @@ def save_checkpoint(
     rng_states: list[dict[str, Any]],
     keep: int,
     full_state: tuple[dict, dict] | None = None,
+    protect: int | None = None,
 ) -> Path:
-    """Write one checkpoint (rank 0 only) and delete all but the newest `keep`.
+    """Write one checkpoint (rank 0 only) and delete all but the newest `keep` and the one of
+    step `protect` (the best by export.metric, whose weights final/ may take).
 
     full_state: (model, optimizer) state dicts that every rank gathered for an FSDP-sharded
     model (trainer.distributed.gather_training_state); they are written in the one-GPU format.
@@ -135,8 +137,10 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)  # a rerun without --resume reached the same step again
     tmp.rename(final)
+    kept = checkpoint_path(out_dir, protect).name if protect is not None else None
     for old in list_checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != kept:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

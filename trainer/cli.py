@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("file", type=Path)
     val.add_argument("--model", help="model directory whose tokenizer counts tokens")
     val.add_argument("--max-seq-len", type=int, default=None)
-    val.add_argument("--format", default="auto", choices=["auto", "chat", "alpaca", "prompt_completion", "text"])
+    val.add_argument("--format", default="auto", choices=["auto", "chat", "alpaca", "prompt_completion", "text", "eval"])
     return p
 
 
@@ -90,6 +90,12 @@ def _run(args: argparse.Namespace) -> int:
             with EventWriter(args.out / "events.jsonl") as events:
                 events.emit("error", str(exc), level="error", code="config", hint="fix the job spec")
         raise
+    # torch first, here, so that the warm-up thread never imports it alongside the main thread.
+    import torch  # noqa: F401
+
+    from trainer.startup import warm_device
+
+    warm_device()
     from trainer.job import run_job
 
     return run_job(spec, args.out, resume=args.resume)

@@ -12,6 +12,7 @@ import torch
 
 from trainer.events import EventWriter, json_safe
 from trainer.spec import JobSpec
+from trainer.vocabulary import extra_files, with_files
 
 FINAL = "final"
 MANIFEST = "manifest.json"
@@ -94,12 +95,10 @@ def public_name(value: str) -> str:
 def public_spec(spec: JobSpec) -> dict[str, Any]:
     """The spec as manifest.json shows it: every path on the server reduced to a name."""
     out = spec.model_dump(mode="json")
-    for key in ("model", "training_file", "validation_file", "forgetting_file", "init_from"):
+    for key in ("model", "training_file", "validation_file", "init_from"):
         if isinstance(out.get(key), str):
             out[key] = public_name(out[key])
-    for source in out.get("mix") or []:
-        source["file"] = public_name(source["file"])
-    return out
+    return with_files(out, {param: public_name(path) for param, path, _ in extra_files(out)})
 
 
 def _public_adapter_config(final: Path, model: str) -> None:

@@ -27,6 +27,10 @@ DISTRIBUTED_HINT = (
     "newest checkpoint (see trainer.log of every rank)"
 )
 
+# Tests only: the trainer runs out of GPU memory at once, as on a host whose GPUs are too small
+# (the placement tests have no GPU to fill).
+TEST_OOM_ENV = "TUNEQ_TEST_OOM"
+
 
 def run_job(spec: JobSpec, out_dir: str | Path, resume: bool = False, flags: StopFlags | None = None) -> int:
     from trainer.distributed import build_accelerator, is_distributed_failure
@@ -52,6 +56,8 @@ def run_job(spec: JobSpec, out_dir: str | Path, resume: bool = False, flags: Sto
     try:
         with handle_signals(flags):
             try:
+                if os.environ.get(TEST_OOM_ENV) == "1":
+                    raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (simulated: {TEST_OOM_ENV}=1)")
                 train(spec, out, accelerator, events, resume=resume, flags=flags)
             except torch.cuda.OutOfMemoryError as exc:
                 raise OutOfMemory(f"the GPU ran out of memory: {str(exc).splitlines()[0]}", hint=OOM_HINT) from exc

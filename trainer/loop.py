@@ -5,7 +5,9 @@
     run.train()          # the loop: queue a step, read the one before, evaluate/checkpoint/pause when due
     metrics = run.export()
 
-One step (accumulate, clip, step) is trainer.step; evaluation is trainer.evaluate.
+One step (accumulate, clip, step) is trainer.step; evaluation is trainer.evaluate; the eval block's
+answers and scores (at every scheduled checkpoint and at the end) are trainer.answers, and with
+export.select "best" final/ holds the weights of the step with the best score.
 
 Metrics: `tokens` counts input tokens (padding excluded) over all ranks since the start,
 `tokens_per_second` is that rate over the last logging interval; `trained_tokens` counts label
@@ -29,14 +31,17 @@ import torch
 
 from trainer import checkpoint as ckpt
 from trainer import packed_attention, profiling
+from trainer.answers import eval_pass, load_eval_set
 from trainer.data.batch import collate
 from trainer.data.dataset import load_tokenized, mix_in, pack
 from trainer.distributed import gather_model_state, gather_training_state, is_sharded
-from trainer.errors import ConfigError, Paused
+from trainer.errors import ConfigError, Paused, TrainerError
+from trainer.eval_settings import selection_metric
 from trainer.evaluate import eval_sample, evaluate, forgetting_change
 from trainer.events import EventWriter
 from trainer.export import export_final
 from trainer.fastpath import setup_model
+from trainer.graders import best_step
 from trainer.model import count_parameters, load_tokenizer, resolve_precision
 from trainer.optim import build_optimizer
 from trainer.optim_in_backward import OptimizerInBackward
@@ -45,9 +50,10 @@ from trainer.profiling import region
 from trainer.sampler import DataOrder
 from trainer.signals import StopFlags
 from trainer.spec import JobSpec
-from trainer.startup import Phases
+from trainer.startup import Phases, warmup_seconds
 from trainer.step import QueuedStep, Window, as_values, optimizer_step, queue_forward_backward, step_result
 from trainer.step_values import LateRead, pinned
+from trainer.vocabulary import eval_scores
 from trainer.throughput import mfu, model_flops, peak_flops
 
 
@@ -61,6 +67,9 @@ class TrainState:
     seen_tokens: int = 0
     # The forgetting file's metrics before any training; a resumed run cannot measure them again.
     forgetting_before: dict[str, float] | None = None
+    # The eval pass with the best export.metric so far: {"step", "score", "metrics"}; with
+    # export.select best its checkpoint is kept from rotation, and its weights are exported.
+    best: dict[str, Any] | None = None
 
 
 def plan_steps(spec: JobSpec, order: DataOrder) -> tuple[int, int]:
@@ -98,6 +107,9 @@ class Run:
         self.resumed_from: int | None = None
         self.last_metrics: dict[str, Any] = {}
         self.valid_metrics: dict[str, Any] = {}
+        self.eval_metrics: dict[str, Any] = {}
+        self.evaluated_step: int | None = None  # the step of the last eval pass
+        self.select_by = selection_metric(spec)  # eval_<name>, or None: final/ holds the last weights
         self.phases = Phases()
         self.phases.mark("import")
 
@@ -108,8 +120,11 @@ class Run:
 
         set_seed(self.hp.seed)
         self.precision = resolve_precision(self.spec.precision, self.device)
+        self.phases.note("device")
         self.tokenizer = load_tokenizer(self.spec.model)
+        self.phases.note("tokenizer")
         self._setup_data()
+        self.phases.note("pack")
         self.phases.mark("data")
         self._setup_training()
         self._resume()
@@ -137,17 +152,21 @@ class Run:
         # Replay and general files may be in any format, whatever the task data is.
         mix_sources = [(self._load(m.file, f"mix[{k}].file").examples, m.weight) for k, m in enumerate(spec.mix)]
         self.forgetting_data = self._load(spec.forgetting_file, "forgetting_file") if spec.forgetting_file else None
+        self.phases.note("files")
+        self.tokens_cached = self.train_data.cached
         self.train_examples, self.mixed_counts = mix_in(self.train_data.examples, mix_sources, hp.seed)
         if spec.packing:
             self.train_examples = pack(self.train_examples, hp.max_seq_len)
         self.valid_sample = (eval_sample(self.valid_data.examples, self.schedule.eval_examples, hp.seed)
                              if self.valid_data else None)
+        self.eval_set = load_eval_set(spec.eval.file, self.tokenizer, spec.eval) if spec.eval else None
 
     def _setup_training(self) -> None:
         from transformers import get_cosine_schedule_with_warmup
 
         spec, hp, accelerator, device = self.spec, self.hp, self.accelerator, self.device
         model, self.fast = setup_model(spec, self.precision, device)
+        self.phases.note("model")
         self.phases.mark("load")
         # Packed rows' example bounds go to a flash kernel instead of a mask transformers builds.
         self.packed_attention = bool(spec.packing and packed_attention.available(device)
@@ -340,7 +359,9 @@ class Run:
         took = self.phases.seconds()
         self.events.emit("startup", f"first step {self.phases.total():.1f} s after the process started: "
                          + ", ".join(f"{k} {v:.1f} s" for k, v in took.items()),
-                         phases=took, seconds=self.phases.total(), process_started=self.phases.started)
+                         phases=took, seconds=self.phases.total(), process_started=self.phases.started,
+                         detail={**self.phases.detail, "device_ready": warmup_seconds(),
+                                 "tokens_cached": self.tokens_cached})
 
     def _log(self, queued: QueuedStep, grad_norm: float) -> None:
         # Not the time of this read: on a CPU the next step has already run by now, and the last
@@ -378,7 +399,7 @@ class Run:
         print(f"trainer: pausing after step {self.state.step} (asked by {self.flags.source() or 'another rank'})",
               file=sys.stderr, flush=True)
         if self.last_saved_step != self.state.step:
-            self.checkpoint()
+            self.checkpoint(answer_eval=False)  # a pause is prompt: no eval pass
         raise Paused()
 
     # ---- evaluate -----------------------------------------------------------------------------
@@ -411,19 +432,51 @@ class Run:
         return {"loss": got["forgetting_loss"], "perplexity": got["forgetting_perplexity"],
                 "mean_token_accuracy": got["forgetting_mean_token_accuracy"]}
 
+    def answer_eval(self) -> None:
+        """The eval block's pass on the model as it is now: scores in an `eval` event, in the
+        metrics of what follows (the checkpoint, final/), and the best step so far updated."""
+        assert self.spec.eval is not None and self.eval_set is not None
+        step = self.state.step
+        installed = self.packed_attention
+        if installed:
+            packed_attention.uninstall(self.raw_model)  # generation uses a KV cache it does not handle
+        try:
+            got = eval_pass(self.raw_model, self.tokenizer, self.eval_set, self.spec.eval, self.accelerator,
+                            self.hp.seed + step)
+        finally:
+            if installed:
+                packed_attention.install(self.raw_model)
+        samples = got.pop("samples")
+        self.eval_metrics, self.evaluated_step = got, step
+        scores = ", ".join(f"{k.removeprefix('eval_')} {v:.3f}" for k, v in eval_scores(got).items())
+        self.events.emit("eval", f"step {step} eval: {scores} ({got['eval_examples']} answers in "
+                         f"{got['eval_seconds']:.1f} s)", step=step, samples=samples, **got)
+        if self.select_by is not None:
+            best = self.state.best
+            candidates = ([(best["step"], best["metrics"])] if best else []) + [(step, got)]
+            chosen = best_step(candidates, self.select_by)
+            if chosen is not None and (best is None or chosen[0] != best["step"]):
+                self.state.best = {"step": chosen[0], "score": chosen[1], "metrics": got}
+
     # ---- checkpoint ---------------------------------------------------------------------------
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, answer_eval: bool = True) -> None:
         from accelerate.utils import gather_object
 
-        state, metrics, started = self.state, {**self.last_metrics, **self.valid_metrics}, time.time()
+        if answer_eval and self.spec.eval is not None and self.evaluated_step != self.state.step:
+            self.answer_eval()
+        state, started = self.state, time.time()
+        # Eval scores only of a pass on these weights (a pause saves without one).
+        metrics = {**self.last_metrics, **self.valid_metrics,
+                   **(self.eval_metrics if self.evaluated_step == state.step else {})}
         rngs = gather_object([ckpt.rng_state()])
         full_state = gather_training_state(self.raw_model, self.optimizer)  # FSDP: every rank gathers, rank 0 keeps
         if self.is_main:
             extra = {"train_state": asdict(state), "layout": self.layout,
                      "epoch": self.order.epoch_of(state.micro_step), "metrics": metrics}
             path = ckpt.save_checkpoint(self.out_dir, state.step, self.raw_model, self.optimizer, self.scheduler,
-                                        extra, rngs, self.schedule.keep_checkpoints, full_state=full_state)
+                                        extra, rngs, self.schedule.keep_checkpoints, full_state=full_state,
+                                        protect=state.best["step"] if state.best else None)
             self.events.emit("checkpoint", f"checkpoint at step {state.step}", step=state.step,
                              epoch=round(extra["epoch"], 3),
                              path=str(path.relative_to(self.out_dir)), metrics=metrics,
@@ -437,6 +490,9 @@ class Run:
         """The forgetting pass after training, final/ (adapter, merged model, metrics), "finished"."""
         state, accelerator = self.state, self.accelerator
         forgetting = self._forgetting_after()
+        if self.spec.eval is not None and self.evaluated_step != state.step:
+            self.answer_eval()
+        exported = self._select_weights()
         final_metrics = {
             "steps": state.step,
             "train_loss": self.last_metrics.get("train_loss"),
@@ -445,6 +501,7 @@ class Run:
             "runtime_s": round(time.time() - self.started, 3),
             **self.valid_metrics,
             **forgetting,
+            **exported,
         }
         accelerator.wait_for_everyone()
         packed_attention.uninstall(self.raw_model)  # export may generate, with a cache it does not handle
@@ -453,10 +510,30 @@ class Run:
             export_final(self.out_dir, self.raw_model, self.tokenizer, self.spec, final_metrics, self.events,
                          self.precision, state_dict=whole)
         accelerator.wait_for_everyone()
-        self.events.emit("finished", f"finished after {state.step} steps", step=state.step,
+        self.events.emit("finished", f"finished after {state.step} steps"
+                         + (f", exported the weights of step {exported['exported_step']}" if self.select_by else ""),
+                         step=state.step, exported_step=exported["exported_step"],
                          train_loss=final_metrics["train_loss"], trained_tokens=state.trained_tokens,
                          final_dir="final", metrics=final_metrics)
         return final_metrics
+
+    def _select_weights(self) -> dict[str, Any]:
+        """With export.select best, load the best step's weights from its checkpoint (unless that
+        is the last step); the step exported and, with an eval block, the exported weights' scores."""
+        best, step = self.state.best, self.state.step
+        if self.select_by is None or best is None or best["step"] == step:
+            metrics = self.eval_metrics if self.select_by is None or best is None else best["metrics"]
+            return {"exported_step": step, **metrics,
+                    **({"export_metric": self.select_by, "export_score": best["score"]} if best else {})}
+        directory = ckpt.checkpoint_path(self.out_dir, best["step"])
+        if not (directory / ckpt.STATE_FILE).is_file():
+            raise TrainerError(f"export.select: the checkpoint of step {best['step']}, the best by {self.select_by}, "
+                               "is missing from this host; final/ cannot hold its weights")
+        ckpt.load_weights(self.raw_model, directory, self.device)
+        print(f"trainer: exporting the weights of step {best['step']} ({self.select_by} {best['score']:.4f})",
+              file=sys.stderr, flush=True)
+        return {"exported_step": best["step"], **best["metrics"], "export_metric": self.select_by,
+                "export_score": best["score"]}
 
     def _forgetting_after(self) -> dict[str, Any]:
         before = self.state.forgetting_before

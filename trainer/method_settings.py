@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from trainer.vocabulary import OPTIMIZERS, Optimizer  # noqa: F401 - re-exported
+from trainer.vocabulary import OPTIMIZERS, ExportSelect, Optimizer  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     from trainer.spec import JobSpec
@@ -57,6 +57,14 @@ class FreezeSettings(StrictModel):
 class ExportSettings(StrictModel):
     merged: bool = Field(False, description="Also write the adapter merged into the base model (final/merged/).")
     merged_dtype: Literal["bf16", "fp32"] = Field("bf16", description="Dtype of the merged model's weights.")
+    select: ExportSelect = Field(
+        "last", description="last: final/ holds the last step's weights; best: those of the checkpoint (or the end) "
+        "with the highest eval score `metric` (the earliest of equal ones). Needs an eval block.",
+    )
+    metric: str | None = Field(
+        None, min_length=1, max_length=32,
+        description="select best: the name of the eval grader whose score picks the weights (default: the first).",
+    )
 
 
 def _name_list_ok(field: str, names: list[str] | None) -> None:

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from trainer.eval_settings import EvalSettings, check_eval_settings
 from trainer.method_settings import (
     ExportSettings,
     FreezeSettings,
@@ -170,6 +171,10 @@ class JobSpec(StrictModel):
     forgetting_file: str | None = Field(
         None, description="General held-out JSONL; its loss and perplexity before and after training measure forgetting."
     )
+    eval: EvalSettings | None = Field(
+        None, description="Held-out prompts with expected answers: the model answers them at every checkpoint and at "
+        "the end, and graders score the answers (eval_<grader> metrics).",
+    )
     objective: Objective = Field(
         "sft",
         description=" | ".join(OBJECTIVES) + ". sft: learn the assistant's tokens; dpo, simpo, orpo: learn to prefer "
@@ -232,6 +237,10 @@ class JobSpec(StrictModel):
         self._in_backward_rules()
         self._preference_rules()
         check_method_settings(self)
+        check_eval_settings(self)
+        if self.strategy == "fsdp" and self.eval is not None:
+            raise ValueError("eval: answers are generated on each GPU's whole model, which strategy 'fsdp' shards; "
+                             "give strategy 'ddp' (or 'auto' with one GPU) or leave eval out")
         if self.strategy == "fsdp" and self.method not in ("full", "freeze"):
             raise ValueError(
                 f"strategy: fsdp shards full fine-tuning (method 'full' or 'freeze'), not {self.method!r}; "

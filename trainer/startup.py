@@ -6,11 +6,16 @@ packing), load (the model's weights onto the device, the method and fast path ap
 (optimizer, schedule, resume, forgetting baseline) and first_step (until the first optimizer step's
 values are read: kernels' first compilation and the allocator's warm-up included). The worker adds
 what happens before the process exists (queue, launch).
+
+The GPU's context (and its BLAS library) is made by a background thread while the libraries
+import and the data loads (warm_device): the main thread's first use of the GPU then finds it
+ready instead of paying for it inside the data or load phase.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 
@@ -35,14 +40,73 @@ class Phases:
         self.started = process_started() if started is None else started
         self._last = self.started
         self._took: dict[str, float] = {}
+        self._noted = self.started
+        self.detail: dict[str, float] = {}
 
     def mark(self, name: str) -> None:
         now = time.time()
         self._took[name] = round(max(now - self._last, 0.0), 3)
-        self._last = now
+        self._last = self._noted = now
+
+    def note(self, name: str) -> None:
+        """A part of the phase under way (the seconds since the last mark or note), for `detail`."""
+        now = time.time()
+        self.detail[name] = round(max(now - self._noted, 0.0), 3)
+        self._noted = now
 
     def seconds(self) -> dict[str, float]:
         return dict(self._took)
 
     def total(self) -> float:
         return round(self._last - self.started, 3)
+
+
+class DeviceWarmup:
+    """Creates this rank's CUDA context and BLAS handle on a daemon thread (the tensor ops release
+    the GIL, so imports and data loading go on meanwhile). Failures are left for the main thread to
+    meet and report the usual way; `seconds` is when it was done, from the process's start."""
+
+    def __init__(self) -> None:
+        self.seconds: float | None = None
+        self.error: str | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> DeviceWarmup:
+        self._thread = threading.Thread(target=self._run, name="tuneq-device-warmup", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                return
+            index = int(os.environ.get("LOCAL_RANK", "0") or 0)
+            if index >= torch.cuda.device_count():
+                return
+            device = torch.device("cuda", index)
+            a = torch.ones(64, 64, device=device, dtype=torch.bfloat16)
+            (a @ a).sum().item()
+            self.seconds = round(time.time() - process_started(), 3)
+        except Exception as exc:  # noqa: BLE001 - the main thread meets the same fault and reports it
+            self.error = f"{type(exc).__name__}: {exc}"[:200]
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+_WARMUP: DeviceWarmup | None = None
+
+
+def warm_device() -> DeviceWarmup:
+    """Start the warm-up once per process; later calls return the same one."""
+    global _WARMUP
+    if _WARMUP is None:
+        _WARMUP = DeviceWarmup().start()
+    return _WARMUP
+
+
+def warmup_seconds() -> float | None:
+    return _WARMUP.seconds if _WARMUP is not None else None

@@ -6,7 +6,7 @@ that the CLI can offer them (`tuneq submit --method`) without importing pydantic
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 # freeze: full fine-tuning of the top layers only; ia3 and prefix: the adapter family besides LoRA.
 Method = Literal["full", "lora", "qlora", "ia3", "prefix", "freeze"]
@@ -66,3 +66,49 @@ FULL_PRECISIONS: tuple[str, ...] = get_args(FullPrecision)
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 # Methods that train whole weights (and so can shard them with FSDP); the others train adapters.
 WHOLE_WEIGHT_METHODS: tuple[str, ...] = ("full", "freeze")
+
+# How an eval block scores a generated answer against a line's expected one (trainer.graders):
+# exact_match and contains compare text, regex searches the answer for the grader's pattern,
+# similarity is the normalised Levenshtein similarity (1 - edit distance / longer length).
+GraderType = Literal["exact_match", "contains", "regex", "similarity"]
+GRADER_TYPES: tuple[str, ...] = get_args(GraderType)
+# An eval pass's figures besides the graders' scores (eval_<grader name>).
+EVAL_FIGURES: tuple[str, ...] = ("eval_seconds", "eval_examples")
+
+
+def eval_scores(metrics: dict[str, Any]) -> dict[str, float]:
+    """The eval_<grader> scores among metrics (an eval event's, a checkpoint's, a job's)."""
+    return {k: v for k, v in metrics.items() if k.startswith("eval_") and k not in EVAL_FIGURES
+            and isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+# Which weights final/: the last step's, or the checkpoint's with the best eval score.
+ExportSelect = Literal["last", "best"]
+EXPORT_SELECTS: tuple[str, ...] = get_args(ExportSelect)
+
+
+def extra_files(spec: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(field path, file, format it must have) of every file a job spec names besides its
+    training_file and validation_file: mix and forgetting files (any training format, "auto")
+    and the eval block's file ("eval"). The spec is a dict, as sent, stored or run: the API,
+    the CLI and the worker name and resolve these files from this one list."""
+    found = [(f"mix[{k}].file", m.get("file"), "auto") for k, m in enumerate(spec.get("mix") or [])
+             if isinstance(m, dict)]
+    found.append(("forgetting_file", spec.get("forgetting_file"), "auto"))
+    block = spec.get("eval")
+    if isinstance(block, dict):
+        found.append(("eval.file", block.get("file"), "eval"))
+    return [(param, value, fmt) for param, value, fmt in found if isinstance(value, str) and value]
+
+
+def with_files(spec: dict[str, Any], files: dict[str, str]) -> dict[str, Any]:
+    """A copy of the spec with the files of extra_files replaced, by field path (ids by paths)."""
+    out = dict(spec)
+    if out.get("mix"):
+        out["mix"] = [{**m, "file": files.get(f"mix[{k}].file", m.get("file"))} if isinstance(m, dict) else m
+                      for k, m in enumerate(out["mix"])]
+    if "forgetting_file" in files:
+        out["forgetting_file"] = files["forgetting_file"]
+    if "eval.file" in files and isinstance(out.get("eval"), dict):
+        out["eval"] = {**out["eval"], "file": files["eval.file"]}
+    return out

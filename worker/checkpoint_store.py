@@ -5,7 +5,9 @@ Each checkpoint the trainer writes is uploaded by a thread of the worker while t
 jobs/{job}/checkpoints/{step-N}/, every file checked against the trainer's manifest.json, the
 manifest uploaded last. Its row is marked uploaded only then: from that moment any host may
 resume or continue from it. Rotation (keep_checkpoints) removes the row first, then the files,
-so a listed checkpoint is always whole in the store.
+so a listed checkpoint is always whole in the store. With export.select best, the checkpoint
+with the best eval score is kept besides the newest ones, and a resumed run gets it too: its
+weights may become final/.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from sqlalchemy.orm import Session
 from core.db import get_sessionmaker
 from core.models import Checkpoint
 from core.storage import NOT_LINKABLE, Storage, sha256_file, write_hashed
+from trainer.graders import best_step
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +139,23 @@ def keep_checkpoints(spec: dict[str, Any]) -> int:
         return Schedule().keep_checkpoints
 
 
+def selection_metric(spec: dict[str, Any]) -> str | None:
+    """eval_<name> when the job exports its best-scoring checkpoint (export.select best), else None."""
+    from trainer.eval_settings import selection_metric as of_spec
+    from trainer.spec import JobSpec
+
+    try:
+        return of_spec(JobSpec.model_validate(spec))
+    except ValueError:
+        return None
+
+
+def best_of(rows: list[Checkpoint], metric: str | None) -> Checkpoint | None:
+    """The checkpoint with the best `metric` among rows, by the trainer's rule (trainer.graders.best_step)."""
+    chosen = best_step([(c.step, c.metrics or {}) for c in rows], metric) if metric else None
+    return next((c for c in rows if chosen is not None and c.step == chosen[0]), None)
+
+
 def weights_dir(storage: Storage, prefix: str) -> Path:
     """A local folder with a stored checkpoint's weights (not its optimizer state), fetched
     through the store's local copies: they land side by side, as in the checkpoint."""
@@ -157,40 +177,47 @@ def uploaded(db: Session, job_id: str) -> list[Checkpoint]:
                            .order_by(Checkpoint.step.desc())))
 
 
-def prepare_resume(db: Session, storage: Storage, job_id: str, work_dir: Path) -> Checkpoint | None:
+def prepare_resume(db: Session, storage: Storage, job_id: str, work_dir: Path,
+                   metric: str | None = None) -> Checkpoint | None:
     """Leave in work_dir/checkpoints exactly the newest uploaded checkpoint (the local copy when
     it matches the stored manifest, else a download) and return it; None: start from step 0.
+    With `metric` (export.select best) the best checkpoint by it is left there too.
 
     Checkpoints that never reached the store are dropped, rows and files: they are not
     resumable, and the trainer must not pick one of them as its newest.
     """
     db.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.uploaded_at.is_(None)))
-    newest = newest_uploaded(db, job_id)
+    rows = uploaded(db, job_id)
     db.commit()
+    newest = rows[0] if rows else None
+    best = best_of(rows, metric)
     shutil.rmtree(work_dir / UPLOADS, ignore_errors=True)
     root = work_dir / CHECKPOINTS
-    name = name_of(newest) if newest is not None else None
-    raw = stored_manifest(storage, newest.storage_key) if newest is not None and newest.storage_key else None
-    local = False
+    wanted = {name_of(c): (c, stored_manifest(storage, c.storage_key)) for c in (newest, best)
+              if c is not None and c.storage_key}
+    local = set()
     for d in sorted(root.iterdir()) if root.is_dir() else []:
-        if d.name == name and raw is not None and verify_local(d, raw):
-            local = True
+        if d.name in wanted and verify_local(d, wanted[d.name][1]):
+            local.add(d.name)
         else:
             shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
-    if newest is None or raw is None or name is None:
+    if newest is None or name_of(newest) not in wanted:
         return None
-    if local:
-        log.info("job %s: resuming from the local copy of %s (verified against the store)", job_id, name)
-    else:
-        log.info("job %s: fetching %s from the store to resume", job_id, name)
-        fetch(storage, newest.storage_key, raw, root / name)  # type: ignore[arg-type]
+    for name, (ck, raw) in wanted.items():
+        if name in local:
+            log.info("job %s: the local copy of %s matches the store", job_id, name)
+        else:
+            log.info("job %s: fetching %s from the store", job_id, name)
+            fetch(storage, ck.storage_key, raw, root / name)  # type: ignore[arg-type]
     return newest
 
 
-def rotate(db: Session, storage: Storage, job_id: str, keep: int) -> list[int]:
-    """Delete all but the newest `keep` uploaded checkpoints: rows first (a listed checkpoint is
-    always whole), then their files. Returns the steps removed."""
-    old = uploaded(db, job_id)[keep:]
+def rotate(db: Session, storage: Storage, job_id: str, keep: int, metric: str | None = None) -> list[int]:
+    """Delete all but the newest `keep` uploaded checkpoints (and the best by `metric`): rows
+    first (a listed checkpoint is always whole), then their files. Returns the steps removed."""
+    rows = uploaded(db, job_id)
+    best = best_of(rows, metric)
+    old = [c for c in rows[keep:] if c is not best]
     if not old:
         return []
     db.execute(delete(Checkpoint).where(Checkpoint.id.in_([c.id for c in old])))
@@ -208,8 +235,10 @@ class Uploader:
     or rotate checkpoints that another worker now owns.
     """
 
-    def __init__(self, storage: Storage, job_id: str, keep: int, may_write: Callable[[], bool]):
+    def __init__(self, storage: Storage, job_id: str, keep: int, may_write: Callable[[], bool],
+                 metric: str | None = None):
         self.storage, self.job_id, self.keep, self.may_write = storage, job_id, keep, may_write
+        self.metric = metric  # export.select best: the checkpoint best by it is kept from rotation
         self.pending: list[tuple[int, Path]] = []
         self.busy = False
         self.cond = threading.Condition()
@@ -247,8 +276,9 @@ class Uploader:
                 self.cond.wait()
             if not self.pending:
                 return None
-            # Behind by more than keep_checkpoints: the oldest would be rotated away at once.
-            while len(self.pending) > self.keep:
+            # Behind by more than keep_checkpoints: the oldest would be rotated away at once. Not
+            # with export.select best: any of them may be the best, which rotation keeps.
+            while len(self.pending) > self.keep and self.metric is None:
                 step, snap = self.pending.pop(0)
                 self._drop(step, snap, "superseded before its upload began")
             self.busy = True
@@ -278,7 +308,7 @@ class Uploader:
             db.execute(update(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.step == step)
                        .values(storage_key=prefix, uploaded_at=time.time()))
             db.commit()
-            removed = rotate(db, self.storage, self.job_id, self.keep)
+            removed = rotate(db, self.storage, self.job_id, self.keep, self.metric)
         self.uploaded.append(step)
         log.info("job %s: checkpoint %s uploaded (%.1f MB in %.2f s)%s", self.job_id, snap.name, size / 1e6,
                  time.monotonic() - t0, f"; removed steps {removed} from the store" if removed else "")

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from core import states
 from core.models import Checkpoint, Job
-from trainer.vocabulary import PREFERENCE_TRAIN_METRICS, PREFERENCE_VALID_METRICS
+from trainer.vocabulary import PREFERENCE_TRAIN_METRICS, PREFERENCE_VALID_METRICS, eval_scores
 from worker.checkpoint_store import UPLOADS, snapshot
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,10 @@ class ProgressTracker:
             self._on_startup(job, data, _float(ev.get("time")) or time.time())
         elif kind == "validation":
             job.metrics = {**job.metrics, **_pick(data, VALID_METRIC_KEYS)}
+        elif kind == "eval":
+            # The newest eval pass's scores; eval_seconds (its generation) is shown beside the step time.
+            job.metrics = {**job.metrics, **eval_scores(data)}
+            job.progress = {**job.progress, "eval_seconds": data.get("eval_seconds"), "eval_step": data.get("step")}
         elif kind == "checkpoint":
             self._on_checkpoint(db, job, data)
         elif kind == "error":
@@ -124,6 +128,8 @@ class ProgressTracker:
             t0, s0 = self._rate_origin
             if step > s0 and t > t0:
                 progress["eta_seconds"] = round((total - step) * (t - t0) / (step - s0), 1)
+                # This run's mean wall time per step, its eval passes and checkpoints included.
+                progress["step_seconds"] = round((t - t0) / (step - s0), 3)
         job.progress = progress
         job.metrics = {**job.metrics, **_pick(data, TRAIN_METRIC_KEYS)}
 

@@ -104,11 +104,26 @@ class Reservation:
         return {"CUDA_VISIBLE_DEVICES": ",".join(ids)} if kind == "gpu" else {}
 
 
+def host_gpu_info(settings: Settings, count: int, kind: str, device_ids: list[str] | None) -> list[dict[str, object]]:
+    """Name and memory of each of the worker's `count` devices, as its registry entry reports them.
+
+    TUNEQ_GPU_MEMORY_GIB replaces the detected memory; on a CPU worker it makes each job slot a
+    GPU of that size, so that hosts of different sizes can be tried on one machine.
+    """
+    detected = describe_gpus(device_ids)[:count] if kind == "gpu" else []
+    if settings.gpu_memory_gib is None:
+        return detected
+    name = settings.gpu_name or (str(detected[0]["name"]) if detected else "simulated")
+    return [{"name": name, "memory_gib": settings.gpu_memory_gib} for _ in range(count)]
+
+
 class GpuPool:
     def __init__(self, count: int, lock_dir: Path, kind: str = "gpu", host: str | None = None,
-                 device_ids: list[str] | None = None):
+                 device_ids: list[str] | None = None, gpu_info: list[dict[str, object]] | None = None):
         self.count = count
         self.kind = kind
+        # Name and memory of each GPU, asked once: what a job's plan is checked against.
+        self.gpu_info = gpu_info or []
         # Index i of this pool is the host's GPU device_ids[i]; lock files are named by that id,
         # so workers confined to different GPUs of one host never lock each other's.
         self.device_ids = device_ids[:count] if device_ids is not None else None
@@ -128,7 +143,14 @@ class GpuPool:
         lock_dir = settings.gpu_lock_dir or settings.home / "gpu-locks"
         if visible is not None and len(visible) < count:
             visible = None  # a configured count beyond the visible list: plain indices, as before
-        return cls(count, lock_dir.resolve(), kind, settings.host_id or None, device_ids=visible)
+        return cls(count, lock_dir.resolve(), kind, settings.host_id or None, device_ids=visible,
+                   gpu_info=host_gpu_info(settings, count, kind, visible))
+
+    @property
+    def memory_gib(self) -> float | None:
+        """Memory of this host's smallest GPU (a job may get any of them); None when unknown."""
+        sizes = [float(g["memory_gib"]) for g in self.gpu_info if isinstance(g.get("memory_gib"), int | float)]
+        return min(sizes) if sizes else None
 
     def _path(self, i: int) -> Path:
         return self.lock_dir / f"{self.kind}{self.device_ids[i] if self.device_ids else i}.lock"

@@ -21,7 +21,7 @@ from core.queue import RUN_JOB, claim_dispatch, producer
 from core.scheduling import waiting
 from core.settings import get_settings
 from worker.disk import disk_state, sweep_work_dirs
-from worker.gpus import GpuPool, describe_gpus
+from worker.gpus import GpuPool
 from worker.process import kill_orphans
 
 log = logging.getLogger(__name__)
@@ -60,15 +60,13 @@ class HostThread(threading.Thread):
     def __init__(self, pool: GpuPool, worker_id: str, slots: int):
         super().__init__(name="tuneq-host", daemon=True)
         self.pool, self.worker_id, self.slots = pool, worker_id, slots
-        # Name and memory of each GPU, asked once: what a job's plan is checked against.
-        self.gpu_info = describe_gpus(pool.device_ids)[: pool.count] if pool.kind == "gpu" else []
         self.stopped = threading.Event()
         self.wake = threading.Event()
 
     def register(self) -> None:
         s = get_settings()
         workers.register(self.worker_id, self.pool.host, self.pool.count, self.pool.kind, s.registry_ttl_s,
-                         slots=self.slots, free=self.pool.free(), seen=time.time(), gpu_info=self.gpu_info,
+                         slots=self.slots, free=self.pool.free(), seen=time.time(), gpu_info=self.pool.gpu_info,
                          **disk_state(s))
 
     def run(self) -> None:

@@ -1,4 +1,5 @@
-"""Choosing what a delivery runs on this host's free GPUs, and preempting for a higher priority.
+"""Choosing what a delivery runs on this host's free GPUs, and preempting for a higher priority;
+fitting a job to this host's GPUs, and moving it to larger ones when it runs out of memory here.
 
 GPUs are reserved (lock files) before the job's lease is taken (DB), so a job is only ever
 `running` while it holds its GPUs; a reservation whose lease is refused is given back at once.
@@ -11,12 +12,13 @@ import logging
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core import control, policy, states
+from core import control, policy, states, workers
 from core.jobs import acquire_lease
 from core.inference import SERVER_OWNER
-from core.models import Job, now
+from core.models import Checkpoint, Job, now
 from core.scheduling import Waiting, blocked_head, pick, waiting
 from core.settings import Settings
+from trainer import planning
 from worker.disk import disk_state
 from worker.gpus import GpuPool, Reservation
 
@@ -47,16 +49,19 @@ def take(db: Session, pool: GpuPool, job_id: str, worker_id: str, settings: Sett
             return "skipped"
         assert job is not None
         if job.status == states.RUNNING:  # a dead worker's job, taken over before the reaper got to it
+            if not Waiting(job.id, job.gpus, job.priority, 0.0, min_gpu_memory_gib=job.min_gpu_memory_gib).fits(
+                    pool.count, pool.count, pool.memory_gib):
+                return "skipped"  # its plan needs larger GPUs: the reaper re-queues it for a host that has them
             target_id, gpus = job.id, job.gpus
         else:
             queue = waiting(db)
             db.rollback()
             free = pool.free()
-            chosen = pick(queue, free, pool.count)
+            chosen = pick(queue, free, pool.count, memory_gib=pool.memory_gib)
             if chosen is None:
                 preempt_for(db, pool, queue, free)
                 return "deferred"
-            head = blocked_head(queue, free, pool.count)
+            head = blocked_head(queue, free, pool.count, memory_gib=pool.memory_gib)
             if (head is not None and chosen.id != head.id and chosen.priority < head.priority
                     and _being_freed(*_holdings(db, pool)) > 0):
                 # GPUs are being given back for a higher-priority job that needs more than are free:
@@ -99,7 +104,7 @@ def _being_freed(held: dict[str, int], running: list[Job]) -> int:
 def preempt_for(db: Session, pool: GpuPool, queue: list[Waiting], free: int) -> list[str]:
     """Pause the lowest-priority jobs on this host when that frees enough GPUs for a
     higher-priority waiting job; return the ids asked to pause."""
-    head = blocked_head(queue, free, pool.count)
+    head = blocked_head(queue, free, pool.count, memory_gib=pool.memory_gib)
     if head is None:
         return []
     held, running = _holdings(db, pool)
@@ -125,3 +130,49 @@ def preempt_for(db: Session, pool: GpuPool, queue: list[Waiting], free: int) -> 
     if asked:
         log.warning("preempting %s for job %s (priority %s)", asked, head.id, head.priority)
     return asked
+
+
+def fit_to_host(db: Session, job: Job, pool: GpuPool) -> str | None:
+    """Record the GPUs the job runs on; the caller commits. On a start from scratch, a batch_size
+    "auto" becomes the largest that fits this host's GPUs (the API picked it for the largest
+    registered GPU), never more than the API's pick. A job that resumes keeps the batch its
+    checkpoints were written with. Returns what changed, for the job's events, or None.
+    """
+    memory = pool.memory_gib
+    if not pool.gpu_info or memory is None:
+        return None
+    job.gpu = {"name": pool.gpu_info[0].get("name"), "memory_gib": memory, "count": job.gpus}
+    plan = job.plan or {}
+    if plan.get("requested_batch_size") != "auto" or not plan.get("checked"):
+        return None
+    if db.scalar(select(Checkpoint.id).where(Checkpoint.job_id == job.id).limit(1)) is not None:
+        return None
+    config = planning.local_config(job.spec["model"])
+    if config is None:
+        return None
+    hp = job.spec["hyperparameters"]
+    admitted = int(plan.get("admitted_batch_size") or hp["batch_size"])
+    try:
+        here = planning.plan({**job.spec, "hyperparameters": {**hp, "batch_size": "auto"}}, config,
+                             int(memory * planning.GiB), gpus=max(1, job.gpus)).methods.get(job.spec["method"])
+    except ValueError:
+        return None
+    if here is None or here.batch_size is None:
+        return None  # not even batch 1 fits by the plan: it runs as admitted, and an OOM moves it up
+    batch = min(here.batch_size, admitted)
+    job.plan = {**plan, "admitted_batch_size": admitted}
+    if batch == hp["batch_size"]:
+        return None
+    job.spec = {**job.spec, "hyperparameters": {**hp, "batch_size": batch}}
+    return f"batch_size {batch} on this host's {memory:g} GiB GPUs (batch_size 'auto'; {admitted} on the largest)"
+
+
+def larger_gpus(job: Job, pool: GpuPool) -> float | None:
+    """GiB of the next larger GPU than this host's on a registered host with enough GPUs for the
+    job; None when there is none (or this host's memory is unknown)."""
+    memory = pool.memory_gib
+    if memory is None:
+        return None
+    sizes = [m for h in workers.hosts() if h["gpus"] >= job.gpus
+             and (m := workers.gpu_memory_gib(h["gpu_info"])) is not None and m > memory]
+    return min(sizes) if sizes else None

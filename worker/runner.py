@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import redis
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -33,7 +34,7 @@ from core.settings import Settings, get_settings
 from core.storage import get_storage
 from worker import placement
 from worker.artifacts import final_manifest, publish_final
-from worker.checkpoint_store import Uploader, keep_checkpoints, prepare_resume, uploaded
+from worker.checkpoint_store import Uploader, keep_checkpoints, prepare_resume, selection_metric, uploaded
 from worker.events import EventTail, ProgressTracker
 from worker.gpus import GpuPool, Reservation, get_pool
 from worker.process import SUPERVISOR_ENV, TrainerProcess, kill_strays
@@ -47,6 +48,8 @@ SHUTDOWN = threading.Event()
 
 # The trainer's error code for a failed collective (a peer rank died): an infrastructure failure.
 DISTRIBUTED_ERROR = "distributed"
+# Out of GPU memory: the job moves to larger GPUs when the cluster has some, else the user's error.
+OOM_ERROR = "oom"
 EXIT_PAUSED = 75  # the trainer saved a checkpoint on SIGUSR1 and stopped (EX_TEMPFAIL)
 POLL_S = 0.25
 CANCEL_GRACE_S = 10.0
@@ -164,7 +167,8 @@ class JobRun:
     def execute(self) -> str:
         with (LeaseKeeper(self.job_id, self.worker_id, self.attempt, self.settings.heartbeat_s) as self.keeper,
               Uploader(get_storage(), self.job_id, keep_checkpoints(self.job.spec),
-                       may_write=lambda: not self.keeper.lost.is_set()) as self.uploader):
+                       may_write=lambda: not self.keeper.lost.is_set(),
+                       metric=selection_metric(self.job.spec)) as self.uploader):
             outcome = self.attempt_run()
         if outcome in states.TERMINAL and self.ended_here:
             self.clean_up()
@@ -175,6 +179,9 @@ class JobRun:
         self.with_db(self.pump)
         if self.job.trained_at is not None and (outcome := self.publish_trained()) is not None:
             return outcome
+        if self.pool is not None and (fitted := placement.fit_to_host(self.db, self.job, self.pool)):
+            states.add_event(self.db, self.job, f"Planned for this host: {fitted}.", type="message")
+        self.db.commit()
         try:
             spec = runnable_spec(self.db, self.job)
         except SpecError as exc:
@@ -218,7 +225,7 @@ class JobRun:
     def prepare_resume(self) -> Checkpoint | None:
         # Checkpoints an earlier attempt on this host announced but did not store go up first.
         self.uploader.drain(give_up=self.keeper.lost.is_set)
-        ck = prepare_resume(self.db, get_storage(), self.job_id, self.dir)
+        ck = prepare_resume(self.db, get_storage(), self.job_id, self.dir, selection_metric(self.job.spec))
         if ck is not None:
             log.info("job %s: resuming from step %s (written on %s)", self.job_id, ck.step, ck.host)
         return ck
@@ -320,6 +327,8 @@ class JobRun:
         if stopped_by == "pause" or proc.returncode == EXIT_PAUSED:
             return self.finish(states.PAUSED, "Job paused; resuming continues from the latest checkpoint.")
         err = self.tracker.last_error
+        if err is not None and err.get("code") == OOM_ERROR and (larger := self.larger_gpus()) is not None:
+            return self.move_to_larger_gpus(larger)
         if err is not None and err.get("code") == DISTRIBUTED_ERROR:
             # One rank of a multi-GPU job died and took the others down: the job is not at fault.
             return self.retry(f"a process of the trainer failed: {err.get('message')}")
@@ -328,6 +337,38 @@ class JobRun:
             # device) or crashed; a re-run resumes from the checkpoint, within max_attempts.
             return self.retry(_death(proc.returncode))
         return self.finish(states.FAILED, "Job failed.", error=self.failure(proc.returncode))
+
+    def larger_gpus(self) -> float | None:
+        if self.pool is None:
+            return None
+        try:
+            return placement.larger_gpus(self.job, self.pool)
+        except redis.RedisError:
+            log.warning("job %s: the worker registry is unreachable; no larger GPU to move to", self.job_id)
+            return None
+
+    def move_to_larger_gpus(self, larger: float) -> str:
+        """Out of memory here, with larger GPUs in the cluster: back to the queue for those, not the
+        user's error. The job's least memory rises above this host's, so it cannot land here again
+        and each move goes up a size: no retry count is needed to end it."""
+        job = lock_leased_job(self.db, self.job_id, self.worker_id, self.attempt)
+        if job is None:
+            return "lost"
+        assert self.pool is not None
+        here = self.pool.memory_gib
+        if job.status == states.CANCELLING:
+            states.transition(self.db, job, states.CANCELLED, "Job cancelled.")
+            self.db.commit()
+            return job.status
+        job.min_gpu_memory_gib = max(job.min_gpu_memory_gib or 0.0, larger)
+        message = (f"the trainer ran out of memory on {self.pool.host}'s {here:g} GiB GPUs; re-queued for GPUs "
+                   f"of {larger:g} GiB or more")
+        states.add_event(self.db, job, message[0].upper() + message[1:] + ".", type="message", level="warning",
+                         data={"host": self.pool.host, "gpu_memory_gib": here, "min_gpu_memory_gib": larger})
+        states.transition(self.db, job, states.QUEUED, f"Job re-queued: {message}.")
+        self.db.commit()
+        log.warning("job %s: %s", self.job_id, message)
+        return states.QUEUED
 
     def retry(self, reason: str) -> str:
         job = lock_leased_job(self.db, self.job_id, self.worker_id, self.attempt)
@@ -387,6 +428,10 @@ class JobRun:
         err = self.tracker.last_error
         if err is not None:
             message = str(err["message"]) + (f" Hint: {err['hint']}" if err.get("hint") else "")
+            if err.get("code") == OOM_ERROR and self.pool is not None and self.pool.memory_gib is not None:
+                many = f" for a {self.job.gpus}-GPU job" if self.job.gpus > 1 else ""
+                message += (f" It ran on {self.pool.host}'s {self.pool.memory_gib:g} GiB GPUs; no registered host "
+                            f"has larger GPUs{many}.")
             return {"code": err.get("code") or "internal", "message": message, "param": err.get("param")}
         tail = _tail(self.dir / "trainer.log", LOG_TAIL_CHARS)
         return {"code": "internal", "message": f"The trainer exited with code {returncode}.\n{tail}", "param": None}

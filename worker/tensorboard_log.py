@@ -57,6 +57,9 @@ class TensorBoardLog:
         """Write the scalars of one trainer event; events without a step or figures are skipped."""
         data = ev.get("data")
         scalars = SCALARS.get(ev.get("type", ""))
+        if ev.get("type") == "eval" and isinstance(data, dict):
+            # Graders are named by the job: eval/<name> for each score, and the pass's seconds.
+            scalars = [(k, "eval/" + k.removeprefix("eval_"), 1.0) for k in data if k.startswith("eval_")]
         if not scalars or not isinstance(data, dict) or not isinstance(data.get("step"), int):
             return
         t = ev.get("time") if isinstance(ev.get("time"), int | float) else None

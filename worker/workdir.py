@@ -16,6 +16,7 @@ from core.models import File, Job
 from core.settings import Settings
 from core.storage import get_storage
 from trainer.spec import JobSpec
+from trainer.vocabulary import extra_files, with_files
 from worker.continuation import resolve_init_from
 
 # The worker may run from anywhere; the trainer package is importable from where trainer.spec is.
@@ -47,21 +48,14 @@ def runnable_spec(db: Session, job: Job) -> dict[str, Any]:
             raise SpecError(f"{field}: file {file_id} does not exist", field)
         # A local copy: the trainer reads files, and S3 storage keeps them in a bucket.
         spec[field] = str(storage.local_path(f.storage_key))
-    # Replay and forgetting files are stored files named by id, like training_file.
-    named = [("forgetting_file", spec.get("forgetting_file"))]
-    named += [(f"mix[{k}].file", m.get("file")) for k, m in enumerate(spec.get("mix") or []) if isinstance(m, dict)]
+    # Replay, forgetting and eval files are stored files named by id, like training_file.
     paths = {}
-    for field, file_id in named:
-        if not file_id:
-            continue
+    for field, file_id, _ in extra_files(spec):
         f = db.get(File, file_id)
         if f is None:
             raise SpecError(f"{field}: file {file_id} does not exist", field)
         paths[field] = str(storage.local_path(f.storage_key))
-    if "forgetting_file" in paths:
-        spec["forgetting_file"] = paths["forgetting_file"]
-    if spec.get("mix"):
-        spec["mix"] = [{**m, "file": paths[f"mix[{k}].file"]} for k, m in enumerate(spec["mix"])]
+    spec = with_files(spec, paths)
     if spec.get("init_from"):
         try:
             spec["init_from"] = resolve_init_from(db, spec["init_from"])
@@ -97,7 +91,9 @@ def free_port() -> int:
 def trainer_argv(settings: Settings, spec_path: Path, work_dir: Path, resume: bool, num_processes: int = 1) -> list[str]:
     """The command that runs the trainer as `num_processes` processes (one per leased GPU).
 
-    One process runs under `accelerate launch` as a plain child. Several need `--multi_gpu`:
+    One process is started directly: `accelerate launch` would only add a second interpreter that
+    imports torch before the trainer does (seconds before the first step), since the trainer
+    builds its Accelerator from the spec itself. Several need `--multi_gpu`:
     without it accelerate starts one process whatever --num_processes says. That path is torchrun
     underneath, which also works on a CPU host (gloo), and which stops every rank when one dies
     (--max_restarts 0: a restart is the worker's business, from the newest checkpoint).
@@ -119,12 +115,6 @@ def trainer_argv(settings: Settings, spec_path: Path, work_dir: Path, resume: bo
                 "--master_addr", "127.0.0.1", "--master_port", port, "--max_restarts", "0", "--monitor_interval", "0.5",
             ]
         return [sys.executable, *launch, *cmd]
-    if settings.accelerate_launch:
-        launch = [
-            "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no",
-        ]
-        return [sys.executable, *launch, *cmd]
     return [sys.executable, *cmd]
 
 
@@ -137,6 +127,8 @@ def trainer_env(settings: Settings | None = None) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CODE_ROOT), env.get("PYTHONPATH", "")) if p)
     # Events and logs must reach their files as they happen, not when a buffer fills.
     env["PYTHONUNBUFFERED"] = "1"
+    # Triton kernels' autotuning results kept in its on-disk cache: a later job skips the search.
+    env.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     for name in BENCH_ONLY_ENV:
         env.pop(name, None)
     if settings is not None:

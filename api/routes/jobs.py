@@ -59,8 +59,9 @@ def job_out(job: Job) -> JobOut:
         estimated_finish=_int(progress.get("estimated_finish")),
         method=method_view({**spec, "method": method}, hp),
         user_provided_suffix=job.suffix, priority=job.priority, gpus=job.gpus,
-        progress=progress, metrics=job.metrics or {}, started_at=_int(job.started_at), host=job.host,
-        plan=planning.job_view(job.plan, job.progress, job.metrics), metadata=job.job_metadata or None,
+        progress=progress, metrics=job.metrics or {}, started_at=_int(job.started_at), host=job.host, gpu=job.gpu,
+        plan=planning.job_view(job.plan, job.progress, job.metrics, job.min_gpu_memory_gib),
+        metadata=job.job_metadata or None,
     )
 
 

@@ -49,6 +49,10 @@ def test_plan_route_returns_every_method_with_its_breakdown(client: TestClient, 
     t = body["time"]
     assert t["dataset_tokens"] and t["dataset_tokens"] > 0  # counted by the data check
     assert t["flops"] > 0 and t["seconds"] > 0 and t["gpu_hours"] > 0
+    # The worker GPUs' model (setting plan_gpu_model, an H100 by default) times the plan: its
+    # measured efficiency for the setting, and its start-up on top of the steps.
+    assert t["startup_seconds"] > 0 and t["wall_seconds"] == pytest.approx(t["seconds"] + t["startup_seconds"])
+    assert t["efficiency_source"].startswith("H100 ") and "full lean" in t["efficiency_source"]
 
 
 def test_auto_method_and_batch_pick_full_and_store_the_plan(client: TestClient, file_id: str) -> None:
@@ -168,6 +172,37 @@ def test_cli_plan_prints_the_table_and_json(service_env: dict[str, str], admin_k
     assert r.exit_code == 0, r.output
     got = json.loads(r.stdout[r.stdout.index("{"):])
     assert got["recommendation"]["method"] == "lora" and set(got["plan"]["methods"]) == {"full", "lora", "qlora"}
+
+
+def test_jobs_are_planned_against_the_gpus_of_the_registered_hosts(client: TestClient, file_id: str) -> None:
+    from core import workers
+
+    body = {"model": "tiny-llama", "training_file": file_id, "method": "lora", "hyperparameters": {"batch_size": "auto"}}
+    # No worker has registered its GPUs: TUNEQ_PLAN_GPU_MEMORY_GIB, as before.
+    plan = client.post("/v1/fine_tuning/plan", json=body).json()["plan"]
+    assert plan["available_gib"] == 80 and plan["gpu_memory_source"] == "setting"
+    # A host too small for the tiny model (0.01 GiB) and one it fits on (0.5 GiB).
+    workers.register("s:1", "small", 1, "cpu", 30, gpu_info=[{"name": "simulated", "memory_gib": 0.01}])
+    workers.register("l:1", "large", 1, "cpu", 30, gpu_info=[{"name": "simulated", "memory_gib": 0.5}])
+    plan = client.post("/v1/fine_tuning/plan", json=body).json()["plan"]
+    assert plan["available_gib"] == 0.5 and plan["gpu_memory_source"] == "registered_hosts"
+    r = client.post("/v1/fine_tuning/jobs", json=body)
+    assert r.status_code == 200, r.text
+    job = r.json()
+    need = job["plan"]["min_gpu_memory_gib"]
+    assert 0.01 < need <= 0.5 and job["plan"]["gpu_memory_gib"] == 0.5  # it can never land on "small"
+    from core.db import get_sessionmaker
+    from core.models import Job
+
+    with get_sessionmaker()() as db:
+        assert db.get(Job, job["id"]).min_gpu_memory_gib == need
+    # Only the small host left: refused as the job's own, naming the field and the largest GPU.
+    workers.unregister("l:1")
+    r = client.post("/v1/fine_tuning/jobs", json=body)
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["code"] == "does_not_fit" and err["param"] == "method"
+    assert "any registered host (the largest has 0.01 GiB)" in err["message"]
 
 
 @pytest.mark.parametrize("route", ["/v1/fine_tuning/jobs", "/v1/fine_tuning/plan"])

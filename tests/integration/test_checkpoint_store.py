@@ -87,6 +87,23 @@ def test_another_host_resumes_from_the_newest_stored_checkpoint(db: Session, sto
     assert (got / "optimizer.pt").read_bytes() == (host_a / "checkpoints/step-00000010/optimizer.pt").read_bytes()
 
 
+def test_select_best_keeps_the_best_checkpoint_and_resumes_with_it(db: Session, store: Storage,
+                                                                   tmp_path: Path) -> None:
+    job = make_job(db)
+    for step, score in ((5, 0.5), (10, 0.75), (15, 0.25), (20, 0.5)):
+        store_one(db, store, job.id, tmp_path / "a", step).metrics = {"eval_em": score}
+    db.commit()
+    assert cs.rotate(db, store, job.id, keep=2, metric="eval_em") == [5]  # 10 is the best: kept
+    assert [c.step for c in cs.uploaded(db, job.id)] == [20, 15, 10]
+    # Another host resumes from the newest, and gets the best too: final/ may take its weights.
+    host_b = tmp_path / "b"
+    assert cs.prepare_resume(db, store, job.id, host_b, "eval_em").step == 20
+    assert sorted(p.name for p in (host_b / "checkpoints").iterdir()) == ["step-00000010", "step-00000020"]
+    assert cs.rotate(db, store, job.id, keep=1) == [15, 10]  # without select best: the newest only
+    spec = {"model": "m", "training_file": "t", "eval": {"file": "e"}, "export": {"select": "best"}}
+    assert cs.selection_metric(spec) == "eval_exact_match" and cs.selection_metric({"model": "m"}) is None
+
+
 def test_no_stored_checkpoint_means_a_fresh_start(db: Session, store: Storage, tmp_path: Path) -> None:
     job = make_job(db)
     fake_checkpoint(tmp_path / "a", 5)

@@ -48,16 +48,18 @@ def test_full_bf16_lean_holds_one_layers_gradients_instead_of_all():
     one_layer = shape.layer_params * 2
     non_layer = (shape.total_params - shape.layers * shape.layer_params) * 2  # tied embedding, final norm
     assert layer_grads > 1.75 * GiB
-    assert off.allocated - on.allocated >= 1.5 * GiB
-    assert on.peak_at == "backward_end"
-    _unchanged_but_gradients(off, on)
+    # Without the gradients piling up, the end of backward is no longer the peak: the top layer's
+    # backward is (every checkpointed input, that layer recomputed), with the head's gradient
+    # (made by the chunked loss) and the top layer's own.
+    assert off.peak_at == "backward_end" and on.peak_at == "layer_backward"
+    assert off.allocated - on.allocated >= 1.0 * GiB
     assert on.parts["gradients_freed_in_backward"] == layer_grads - one_layer
     # Tied: the head's gradient (from the loss) and the embedding's (backward's last op) are two
     # non-layer buffers until they are summed, which happens after layer 0's step freed its grads.
     tie = on.parts["tied_grad_transient"]
     assert tie == shape.vocab * shape.hidden * 2
     assert on.gradients <= non_layer + tie + one_layer
-    assert on.gradients == non_layer + max(tie, one_layer)
+    assert on.gradients == tie + one_layer
     assert f"{on.parts['gradients_freed_in_backward'] / GiB:.1f} GiB of gradients never held" in on.notes[-1]
 
 
@@ -76,7 +78,7 @@ def test_plan_reads_the_spec_field():
     on = P.plan({**s, "optimizer_in_backward": True}, LLAMA_1B, 140 * GiB).methods["full"].estimate
     off = P.plan(s, LLAMA_1B, 140 * GiB).methods["full"].estimate
     assert on == P.estimate_for_spec({**s, "optimizer_in_backward": True}, LLAMA_1B)
-    assert off.allocated - on.allocated >= 1.5 * GiB
+    assert off.allocated - on.allocated >= 1.0 * GiB
 
 
 def test_a_jobspec_is_read_as_a_mapping_is():

@@ -251,9 +251,9 @@ def test_fewest_checkpoint_layers_is_the_smallest_k_that_fits():
                           ("full", 12, {"full_precision": "bf16"}, 2), ("full", 3, {}, 4)])
 def test_checkpoint_offload_keeps_two_checkpointed_inputs_on_the_gpu(method, k, extra, residual_bytes):
     """The checkpointed layers' inputs (tokens x hidden x residual bytes each) leave the GPU but for
-    the one in use and the one prefetched: where the peak holds them (the loss's forward, for speed
-    balanced), the allocated estimate drops by (k - 2) inputs and the total by that plus its
-    fragmentation share; nothing else moves."""
+    the one in use and the one prefetched: where the peak holds them (the loss's forward or the top
+    layer's backward, for speed balanced), the allocated estimate drops by (k - 2) inputs and the
+    total by that plus its fragmentation share; nothing else moves."""
     batch, seq = 8, 2048
     s = spec(method, batch, seq, "balanced", checkpoint_layers=k, **extra)
     plain = P.estimate_for_spec(s, LLAMA_1B)
@@ -261,7 +261,7 @@ def test_checkpoint_offload_keeps_two_checkpointed_inputs_on_the_gpu(method, k, 
     one_input = batch * seq * LLAMA_1B.hidden_size * residual_bytes
     moved = max(0, k - 2) * one_input
     assert plain.parts["activations_stored"] - offload.parts["activations_stored"] == moved
-    assert plain.peak_at == offload.peak_at == "loss_forward"
+    assert plain.peak_at == offload.peak_at and plain.peak_at in ("loss_forward", "layer_backward")
     assert plain.allocated - offload.allocated == moved
     share = plain.parts["fragmentation"] / plain.allocated
     assert plain.total - offload.total == pytest.approx(moved * (1 + share), rel=1e-6, abs=16)
@@ -274,15 +274,15 @@ def test_checkpoint_offload_keeps_two_checkpointed_inputs_on_the_gpu(method, k, 
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_checkpoint_offload_on_lean_moves_14_of_16_inputs_but_the_planned_peak_is_the_backward_end(method):
+def test_checkpoint_offload_on_lean_moves_14_of_16_inputs_off_the_peak(method):
     """Llama-3.2-1B, batch 8 x 2048, lean: 14 of 16 layers' 64 MiB inputs (0.875 GiB) leave the GPU.
-    The planner puts lean's peak at the end of backward (the bottom layer's recompute and gradient
-    transients), when no checkpointed input is left, so its total does not change (H200 runs measured
-    Unsloth's offloading 0.9 GiB below tuneq's lean peak: that moment is not modelled)."""
+    Lean's peak is the top layer's backward (every checkpointed input still held, that layer
+    recomputed, its gradient buffers), so the allocated peak drops by exactly those inputs, as a
+    LoRA job's measured peak did (bench/results)."""
     s = spec(method, 8, 2048, "lean")
     plain = P.estimate_for_spec(s, LLAMA_1B)
     offload = P.estimate_for_spec({**s, "checkpoint_offload": True}, LLAMA_1B)
     moved = plain.parts["activations_stored"] - offload.parts["activations_stored"]
     assert moved / GiB == pytest.approx(0.875)
-    assert plain.peak_at == offload.peak_at == "backward_end"
-    assert offload.total == plain.total
+    assert plain.peak_at == offload.peak_at == "layer_backward"
+    assert plain.allocated - offload.allocated == moved

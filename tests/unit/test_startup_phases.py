@@ -36,3 +36,34 @@ def test_the_job_body_gets_queue_launch_and_the_trainers_phases(tmp_path: Path) 
                                        "prepare": 0.5, "first_step": 2.0, "total": 12.5}
     row = _startup(job.progress["startup"])
     assert row.startswith("queue 1.5 s, launch 0.5 s, import 4.0 s") and row.endswith("; 12.5 s to the first step")
+
+
+def test_a_real_run_reports_each_phase_and_reuses_the_data_checks_tokens(make_spec, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    """The trainer as the worker starts it (trainer.cli), on the tiny model, after the data check
+    tokenized its file: one startup event whose phases add up to its total, the data phase's parts,
+    and the tokens read from the cache rather than tokenized again."""
+    from trainer.cli import main
+    from trainer.data.validate import validate_file
+    from trainer.events import read_events
+    from trainer.model import load_tokenizer
+
+    monkeypatch.setenv("TUNEQ_TOKEN_CACHE_DIR", str(tmp_path / "cache"))
+    spec = make_spec("lora", hyperparameters={"max_steps": 2, "batch_size": 2, "max_seq_len": 32})
+    # What the API's data check does when the file is uploaded.
+    assert validate_file(spec.training_file, load_tokenizer(spec.model), 32)["valid"]
+    (tmp_path / "spec.json").write_text(spec.model_dump_json())
+    assert main(["run", str(tmp_path / "spec.json"), "--out", str(tmp_path / "out")]) == 0
+
+    startups = [e for e in read_events(tmp_path / "out" / "events.jsonl") if e["type"] == "startup"]
+    assert len(startups) == 1
+    data = startups[0]["data"]
+    assert list(data["phases"]) == ["import", "data", "load", "prepare", "first_step"]
+    assert all(v >= 0 for v in data["phases"].values())
+    assert abs(sum(data["phases"].values()) - data["seconds"]) < 0.05
+    detail = data["detail"]
+    assert {"device", "tokenizer", "files", "pack", "model"} <= set(detail)
+    # The data phase is made of its parts; the model's load is the load phase's.
+    parts = detail["device"] + detail["tokenizer"] + detail["files"] + detail["pack"]
+    assert abs(parts - data["phases"]["data"]) < 0.05 and detail["model"] <= data["phases"]["load"] + 0.01
+    assert detail["tokens_cached"] is True

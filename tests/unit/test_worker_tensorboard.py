@@ -62,3 +62,14 @@ def test_publish_archives_every_run_for_tensorboard_logdir(tmp_path: Path) -> No
     got = scalars(tmp_path / "download" / "tensorboard")
     # Files are read in name (start time) order; these two started within one second.
     assert sorted((s, round(v, 4)) for s, v in got["train/loss"]) == list(enumerate(LOSSES, start=1))
+
+
+def test_eval_scores_become_eval_curves(tmp_path: Path) -> None:
+    tb = TensorBoardLog(tmp_path / "tensorboard")
+    for step, score in [(10, 0.25), (20, 0.875)]:
+        tb.add({"type": "eval", "time": 1000.0 + step, "data": {
+            "step": step, "eval_exact_match": score, "eval_sim": score / 2, "eval_seconds": 1.5, "samples": []}})
+    tb.close()
+    got = scalars(tmp_path / "tensorboard")
+    assert got["eval/exact_match"] == [(10, 0.25), (20, 0.875)] and got["eval/sim"][1] == (20, 0.4375)
+    assert got["eval/seconds"] == [(10, 1.5), (20, 1.5)]

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.data import cache
-from trainer.data.parse import LineError, iter_records, trains_inputs
+from trainer.data.parse import EVAL_FORMAT, LineError, iter_records, trains_inputs
 from trainer.data.tokenize import REJECTED_IDS, fit_to_length, tokenize_record, trained_in
 from trainer.data.validate import validate_file
 from trainer.errors import DataError
@@ -19,15 +19,17 @@ class TokenizedFile:
     truncated: int
     dropped: int  # examples with no trained token left after truncation
     format: str = "chat"
+    cached: bool = False  # read from the token cache (tokenized by the data check or an earlier run)
 
 
-def _tokenized(path: str | Path, tokenizer: Any, fmt: str, train_on_inputs: bool | None, what: str) -> list[dict]:
-    """Every example of the file before any cut: from the data check's cache, else tokenized now
-    (and kept for the next run)."""
+def _tokenized(path: str | Path, tokenizer: Any, fmt: str, train_on_inputs: bool | None,
+               what: str) -> tuple[list[dict], bool]:
+    """Every example of the file before any cut, and whether it came from the data check's cache
+    (else it is tokenized now, and kept for the next run)."""
     key = cache.key(path, tokenizer, fmt, train_on_inputs)
     cached = cache.load(key)
     if cached is not None:
-        return cached
+        return cached, True
     done = []
     for number, _, rec in iter_records(path, fmt):
         try:
@@ -37,7 +39,7 @@ def _tokenized(path: str | Path, tokenizer: Any, fmt: str, train_on_inputs: bool
         except LineError as err:
             raise DataError(f"{what}: line {number}: {err.message}") from err
     cache.save(key, done)
-    return done
+    return done, False
 
 
 def load_tokenized(
@@ -58,8 +60,12 @@ def load_tokenized(
             hint="run `python -m trainer validate FILE` for the full report",
         )
     fmt = report["format"]
+    if fmt == EVAL_FORMAT:
+        raise DataError(f"{what}: this is an eval file (lines with 'expected' answers), nothing to train on",
+                        hint="name it in eval.file")
     examples, truncated, dropped = [], 0, 0
-    for ex in _tokenized(path, tokenizer, fmt, train_on_inputs, what):
+    tokenized, cached = _tokenized(path, tokenizer, fmt, train_on_inputs, what)
+    for ex in tokenized:
         pieces = fit_to_length(ex, fmt, max_seq_len)
         truncated += fmt != "text" and max(len(ex["input_ids"]), len(ex.get(REJECTED_IDS, ()))) > max_seq_len
         for piece in pieces:
@@ -72,7 +78,7 @@ def load_tokenized(
             f"{what}: no example has a trained token within max_seq_len {max_seq_len}",
             hint="raise hyperparameters.max_seq_len",
         )
-    return TokenizedFile(examples, truncated, dropped, fmt)
+    return TokenizedFile(examples, truncated, dropped, fmt, cached)
 
 
 def mix_in(examples: list[dict], sources: list[tuple[list[dict], float]], seed: int) -> tuple[list[dict], list[int]]:

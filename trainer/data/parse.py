@@ -18,6 +18,11 @@ One JSONL line is one example, in one of four formats (one format per file):
   message], "non_preferred_output": [assistant message]}; the preference objectives (dpo, simpo,
   orpo) score both outputs after the same input.
 
+One more format is not trained on but asked: eval files (a job's `eval.file`) hold
+{"messages": [... ending with a user turn], "expected": "the answer"}; the model answers the
+messages and graders compare its answer with `expected` (trainer.graders). A line with
+`expected` is an eval line; a training file of them is refused.
+
 Every trained span ends with EOS so a trained model stops. `train_on_inputs` also trains the
 prompt side (default: false, except raw text where everything is the target).
 
@@ -34,6 +39,7 @@ from typing import Any
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 FORMATS = ("chat", "alpaca", "prompt_completion", "text", "preference")
+EVAL_FORMAT = "eval"
 # A line longer than this is refused without being held in memory whole: no single example
 # a model could train on comes near it, and an upload must not be a way to exhaust the API.
 MAX_LINE_BYTES = 32 * 1024 * 1024
@@ -87,6 +93,16 @@ def _content_text(content: Any, where: str) -> str:
 
 def parse_example(obj: Any) -> Chat:
     """The messages of one decoded JSON line, or LineError naming the first problem."""
+    messages = _messages(obj)
+    assistants = [m for m in messages if m.role == "assistant"]
+    if not assistants:
+        raise LineError("no_assistant", "no assistant message: there is nothing to learn from this example")
+    if not any(m.weight for m in assistants):
+        raise LineError("no_assistant", "every assistant message has weight 0: nothing to learn")
+    return messages
+
+
+def _messages(obj: Any) -> Chat:
     if not isinstance(obj, dict):
         raise LineError("not_object", f"line must be a JSON object, not {type(obj).__name__}")
     if "messages" not in obj:
@@ -124,11 +140,6 @@ def parse_example(obj: Any) -> Chat:
         if calls:
             call_ids.update(c["id"] for c in calls if "id" in c)
         messages.append(Message(role, text, int(weight), calls, call_id))
-    assistants = [m for m in messages if m.role == "assistant"]
-    if not assistants:
-        raise LineError("no_assistant", "no assistant message: there is nothing to learn from this example")
-    if not any(m.weight for m in assistants):
-        raise LineError("no_assistant", "every assistant message has weight 0: nothing to learn")
     return Chat(messages, tools)
 
 
@@ -214,6 +225,28 @@ def _answered_call(m: dict, where: str, before: list[Message], call_ids: set[str
 
 
 @dataclass
+class EvalItem:
+    """One line of an eval file: the conversation the model answers, and the answer expected."""
+
+    messages: list[Message]
+    expected: str
+
+
+def parse_eval(obj: Any) -> EvalItem:
+    """One decoded line of an eval file, or LineError naming the first problem."""
+    messages = _messages(obj)
+    if messages[-1].role != "user":
+        raise LineError("invalid_message", f"messages[{len(messages) - 1}].role is {messages[-1].role!r}; an eval "
+                        "line ends with the user turn the model answers")
+    expected = obj.get("expected")
+    if not isinstance(expected, str):
+        raise LineError("invalid_type", f"'expected' must be a string, not {type(expected).__name__}")
+    if not expected.strip():
+        raise LineError("empty_content", "'expected' is empty")
+    return EvalItem(messages, expected)
+
+
+@dataclass
 class RawText:
     """A non-chat example: text pieces in order, each trained or context."""
 
@@ -229,7 +262,7 @@ class Preference:
     non_preferred: list[Message]
 
 
-Record = Chat | RawText | Preference
+Record = Chat | RawText | Preference | EvalItem
 PREFERENCE_KEYS = ("input", "preferred_output", "non_preferred_output")
 
 
@@ -281,6 +314,8 @@ def detect_format(obj: Any) -> str | None:
     """The format a decoded line looks like, by its keys; None when it looks like none."""
     if not isinstance(obj, dict):
         return None
+    if "expected" in obj:
+        return EVAL_FORMAT
     if any(k in obj for k in PREFERENCE_KEYS[1:]) or ("input" in obj and isinstance(obj["input"], dict)):
         return "preference"
     if "messages" in obj:
@@ -297,7 +332,7 @@ def detect_format(obj: Any) -> str | None:
 FORMAT_KEYS = {
     "chat": "'messages'", "alpaca": "'instruction' and 'output'",
     "prompt_completion": "'prompt' and 'completion'", "text": "'text'",
-    "preference": "'input', 'preferred_output' and 'non_preferred_output'",
+    "preference": "'input', 'preferred_output' and 'non_preferred_output'", EVAL_FORMAT: "'messages' and 'expected'",
 }
 
 
@@ -330,6 +365,8 @@ def parse_record(obj: Any, fmt: str) -> Record:
         raise LineError("wrong_format", f"this line is {seen} ({FORMAT_KEYS[seen]}) but the file is {fmt}")
     if fmt == "chat":
         return parse_example(obj)
+    if fmt == EVAL_FORMAT:
+        return parse_eval(obj)
     if fmt == "preference":
         return parse_preference(obj)
     if fmt == "alpaca":

@@ -208,6 +208,14 @@ def tokenize_raw(tokenizer: Any, raw: RawText, max_seq_len: int | None = None, t
     return _cut(_spans_to_labels(tokenizer, text, spans), max_seq_len)
 
 
+def prompt_ids(tokenizer: Any, messages: list[Message]) -> list[int]:
+    """chat_prompt_ids of a parsed line's messages (an eval line's); LineError when the template refuses them."""
+    try:
+        return chat_prompt_ids(tokenizer, [{"role": m.role, "content": m.content} for m in messages])
+    except Exception as exc:  # noqa: BLE001 - jinja raise_exception and template bugs alike
+        raise LineError("template_error", f"the chat template rejected this conversation: {exc}") from exc
+
+
 def tokenize_preference(tokenizer: Any, pair: Preference, max_seq_len: int | None = None) -> dict:
     """Both rows of a pair through the chat template: the input, then each output; only the
     output's tokens are labelled (the two rows share the input's tokens)."""

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from trainer.data import cache
-from trainer.data.parse import LineError, iter_records, trains_inputs
-from trainer.data.tokenize import REJECTED_IDS, fit_to_length, piece_tokens, tokenize_record, trained_in
+from trainer.data.parse import EVAL_FORMAT, EvalItem, LineError, iter_records, trains_inputs
+from trainer.data.tokenize import REJECTED_IDS, fit_to_length, piece_tokens, prompt_ids, tokenize_record, trained_in
 
 MAX_REPORTED_ERRORS = 100
 
@@ -51,6 +51,17 @@ def validate_file(
                 fail(number, rec)
                 continue
             seen_format = fmt
+            if isinstance(rec, EvalItem):
+                # Asked, not trained: its tokens are the prompt's, none of them trained.
+                if tokenizer is not None:
+                    try:
+                        n = len(prompt_ids(tokenizer, rec.messages))
+                    except LineError as err:
+                        fail(number, err)
+                        continue
+                    tokens, longest = tokens + n, max(longest, n)
+                examples += 1
+                continue
             if tokenizer is not None:
                 try:
                     ex = tokenize_record(tokenizer, rec, None, trains_inputs(fmt, train_on_inputs))
@@ -71,7 +82,7 @@ def validate_file(
         if examples == 0 and not counts:
             fail(0, LineError("empty_file", "the file has no examples"))
     counted = tokenizer is not None
-    if counted and not counts:
+    if counted and not counts and seen_format != EVAL_FORMAT:
         cache.save(cache.key(p, tokenizer, seen_format or "chat", train_on_inputs), tokenized)
     return {
         "valid": not counts,

@@ -11,13 +11,15 @@ from trainer.planning.compute import ComputeEstimate, estimate_compute
 from trainer.planning.inputs import LoraLayers, MemoryInputs
 from trainer.planning.memory import MemoryEstimate, estimate, estimate_memory
 from trainer.planning.parameters import freeze_trainable_params, ia3_params, prefix_params
-from trainer.planning.plan import AUTO_FAST_MIN_BATCH, AUTO_METHODS, MethodPlan, Plan, choose_method, plan
+from trainer.planning.plan import (AUTO_FAST_MIN_BATCH, AUTO_METHODS, MethodPlan, Plan, choose_method,
+                                   min_gpu_memory_bytes, plan)
 from trainer.planning.request import PlanRequest, estimate_for_spec, fewest_checkpoint_layers, request_of
-from trainer.planning.shape import GiB, Shape, model_shape
+from trainer.planning.shape import GiB, Shape, local_config, model_shape
 
 __all__ = [
     "AUTO_FAST_MIN_BATCH", "AUTO_METHODS", "ComputeEstimate", "GiB", "LoraLayers", "MemoryEstimate", "MemoryInputs",
     "MethodPlan", "Plan", "PlanRequest", "Shape", "choose_method", "estimate", "estimate_compute",
     "estimate_for_spec", "estimate_memory", "fewest_checkpoint_layers", "freeze_trainable_params", "ia3_params",
-    "layer_activation_bytes_per_token", "logits_bytes", "model_shape", "plan", "prefix_params", "request_of",
+    "layer_activation_bytes_per_token", "local_config", "logits_bytes", "min_gpu_memory_bytes", "model_shape", "plan",
+    "prefix_params", "request_of",
 ]

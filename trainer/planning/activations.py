@@ -22,6 +22,24 @@ CHUNK_BYTES_PER_LOGIT = 2 + 4 + 4 + 2
 OFFLOAD_RESIDENT_LAYERS = 2
 
 
+def adapted_groups(shape: Shape, lora: LoraLayers | None) -> dict[str, list[str]]:
+    """Which layer-0 suffixes are adapted, by input group; every layer is assumed adapted alike."""
+    adapted: dict[str, list[str]] = {}
+    if lora is not None:
+        layer0 = {layer_suffix(m.name) for m in shape.linears if m.layer == 0 and m.name in lora.modules}
+        for suffix, grp in shape.groups:
+            if suffix in layer0:
+                adapted.setdefault(grp, []).append(suffix)
+    return adapted
+
+
+def mlp_is_fused(shape: Shape, lora: LoraLayers | None, fused_mlp: bool) -> bool:
+    """The trainer's LoRA SwiGLU MLP runs (trainer/lora_mlp.py): gate, up and down all adapted."""
+    adapted = adapted_groups(shape, lora)
+    return (fused_mlp and lora is not None and shape.gated_mlp and len(adapted.get(MLP_IN, [])) == 2
+            and bool(adapted.get(MLP_MID)))
+
+
 def layer_activation_bytes_per_token(
     shape: Shape,
     *,
@@ -91,20 +109,13 @@ def layer_activation_bytes_per_token(
         norm_out = rb * h if base_trainable else 0
         out["norms"] = 2 * (norm_fp32 + norm_out)
 
-    # Which layer-0 suffixes are adapted; every layer is assumed to be adapted alike.
-    adapted: dict[str, list[str]] = {}
-    if lora is not None:
-        layer0 = {layer_suffix(m.name) for m in shape.linears if m.layer == 0 and m.name in lora.modules}
-        for suffix, grp in shape.groups:
-            if suffix in layer0:
-                adapted.setdefault(grp, []).append(suffix)
+    adapted = adapted_groups(shape, lora)
 
     group_members: dict[str, int] = {}
     for _, grp in shape.groups:
         group_members[grp] = group_members.get(grp, 0) + 1
 
-    mlp_fused = (fused_mlp and lora is not None and shape.gated_mlp and len(adapted.get(MLP_IN, [])) == 2
-                 and bool(adapted.get(MLP_MID)))
+    mlp_fused = mlp_is_fused(shape, lora, fused_mlp)
     linear_inputs = 0.0
     lora_saved = 0.0
     for grp, w in widths.items():
@@ -144,11 +155,18 @@ def layer_activation_bytes_per_token(
     return out
 
 
-def backward_transient_per_token(shape: Shape, a: int, lora: LoraLayers | None) -> float:
-    """Gradient buffers alive while one layer runs backward (MLP side, the widest): the incoming
-    and outgoing hidden-state grads and up to three ffn-wide grads at once; LoRA's fp32 branch
-    adds an fp32 grad of its input."""
+def backward_transient_per_token(shape: Shape, a: int, lora: LoraLayers | None, in_place_mlp: bool = False) -> float:
+    """Gradient buffers alive while one layer runs backward (MLP side, the widest), on top of that
+    layer's saved activations: the incoming and outgoing hidden-state grads and up to three
+    ffn-wide grads at once; LoRA's fp32 branch adds an fp32 grad of its input.
+
+    in_place_mlp: the fused LoRA MLP (trainer/lora_mlp.py) and liger's SwiGLU both write the
+    gradients of gate's and up's outputs over those saved outputs themselves, so besides them only
+    the gradient reaching the SiLU-mul (one ffn-wide buffer), the incoming gradient and the input's
+    gradient exist: a·(f + 2h)."""
     h, f = shape.hidden, shape.ffn
+    if in_place_mlp and shape.gated_mlp:
+        return a * (f + 2 * h)
     t = a * (3 * f + 3 * h)
     if lora is not None:
         t += lora.adapter_bytes * (f + h)
@@ -264,7 +282,8 @@ def activation_memory(step: Step, notes: list[str]) -> ActivationMemory:
         head_tok += (2 if step.autocast else residual) * hidden
     return ActivationMemory(
         layer_bytes_per_token=layer_tok, stored=stored, recompute=recompute, head=head_tok * tokens,
-        transient=backward_transient_per_token(shape, step.act_bytes, step.lora) * tokens,
+        transient=backward_transient_per_token(
+            shape, step.act_bytes, step.lora, x.liger or mlp_is_fused(shape, step.lora, step.fused_lora)) * tokens,
         saving_layers=saving_layers,
     )
 

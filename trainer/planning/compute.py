@@ -12,6 +12,10 @@ from trainer.spec import METHODS, LoraSettings, Method
 # fine-tuning step reaches end to end (attention, norms, optimizer, data and Python overhead).
 H200_BF16_PEAK_FLOPS = 790e12
 DEFAULT_EFFICIENCY = 0.35
+# Generating a token reads every weight once: an eval pass's decoding is bound by memory
+# bandwidth, not FLOPs (the H200's HBM3e, and the share a batched decode step reaches).
+H200_HBM_BYTES_PER_S = 4.8e12
+DECODE_EFFICIENCY = 0.5
 
 @dataclass(frozen=True)
 class ComputeEstimate:
@@ -28,9 +32,27 @@ class ComputeEstimate:
     seconds: float
     gpu_hours: float
     notes: list[str]
+    # The eval block's generation, included in seconds: passes (scheduled checkpoints and the end)
+    # and their time in all.
+    eval_passes: int = 0
+    eval_seconds: float = 0.0
+    startup_seconds: float = 0.0  # from the trainer's start to its first step
+    wall_seconds: float = 0.0  # start-up plus the steps
+    efficiency_source: str = ""  # where the efficiency was measured (trainer.planning.speeds)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def eval_pass_seconds(config: Any, *, method: Method, prompts: int, batch_size: int, max_new_tokens: int,
+                      gpus: int = 1, bytes_per_second: float | None = None) -> float:
+    """Wall time of one eval pass, at most: every batch decodes max_new_tokens tokens, and each
+    decode step reads every weight once (bf16; a 4-bit base for qlora); the ranks share the
+    prompts. The prompts' prefill is a few forward passes and left out."""
+    shape = shape_of(config)
+    weight_bytes = shape.total_params * (0.56 if method == "qlora" else 2.0)
+    batches = -(-prompts // (batch_size * gpus))
+    return batches * max_new_tokens * weight_bytes / ((bytes_per_second or H200_HBM_BYTES_PER_S) * DECODE_EFFICIENCY)
 
 
 def estimate_compute(
@@ -45,6 +67,10 @@ def estimate_compute(
     freeze_layers: int | None = None,
     peak_tflops: float | None = None,
     efficiency: float | None = None,
+    eval_passes: int = 0,
+    eval_seconds_per_pass: float = 0.0,
+    startup_seconds: float = 0.0,
+    efficiency_source: str = "",
 ) -> ComputeEstimate:
     """Training FLOPs and wall time for `tokens` tokens (padding included).
 
@@ -56,7 +82,8 @@ def estimate_compute(
     Attention scores and values, per token: 4·L·(n·d)·S forward, three times that with backward,
     halved by the causal mask: 6·L·(n·d)·S. Checkpointing recomputes the forward once more.
     peak_tflops: per GPU, default the measured H200 bf16 matmul peak; efficiency: the fraction of
-    it a real step reaches.
+    it a real step reaches (measured per GPU model and setting: trainer.planning.speeds).
+    wall_seconds adds startup_seconds to the steps' time.
     """
     if method not in METHODS:
         raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}")
@@ -94,6 +121,11 @@ def estimate_compute(
     if not 0 < eff <= 1:
         raise ValueError(f"efficiency: {eff} is outside (0, 1]")
     seconds = total / (gpus * peak * eff)
+    eval_total = eval_passes * eval_seconds_per_pass
+    if eval_passes:
+        notes.append(f"{eval_passes} eval pass(es) of generation, about {eval_seconds_per_pass:.1f} s each at most, "
+                     "are included")
+    seconds += eval_total
     return ComputeEstimate(
         method=method,
         tokens=int(tokens),
@@ -108,4 +140,9 @@ def estimate_compute(
         seconds=seconds,
         gpu_hours=seconds * gpus / 3600.0,
         notes=notes,
+        eval_passes=eval_passes,
+        eval_seconds=eval_total,
+        startup_seconds=startup_seconds,
+        wall_seconds=seconds + startup_seconds,
+        efficiency_source=efficiency_source or ("given" if efficiency is not None else "default"),
     )

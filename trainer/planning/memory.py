@@ -10,11 +10,14 @@ logits and autocast's weight cache (trainer.planning.activations); small buffers
 rotary tables, masks, cuBLAS workspace, NF4/int8 dequantisation scratch, DoRA's weight-norm
 scratch) and allocator fragmentation (here).
 
-Peak memory is the largest of four moments of a micro-step: the end of the forward (all saved
+Peak memory is the largest of five moments of a micro-step: the end of the forward (all saved
 activations plus autocast's cache of bf16 weight copies), the loss's forward, the start of
 backward (all saved activations plus the loss's backward buffers, few gradients yet, because
-zero_grad(set_to_none) freed them) and the end of backward (all gradients, one layer's
-activations). Between them memory moves roughly linearly layer by layer, so the peak is at one of
+zero_grad(set_to_none) freed them), the top decoder layer's backward (every stored activation
+or checkpointed input still held, that layer recomputed when checkpointed, and its gradient
+buffers; the loss's buffers freed) and the end of backward (all gradients, one layer's
+activations). With checkpoint_offload only the resident checkpointed inputs count at the top
+layer's backward: the others wait in host memory. Between them memory moves roughly linearly layer by layer, so the peak is at one of
 them. With optimizer_in_backward each decoder layer's gradients are freed by its AdamW step as
 soon as they are complete, so the end of backward holds only the gradients outside the layers and
 one layer's.
@@ -70,7 +73,7 @@ class MemoryEstimate:
     overhead: int
     allocated: int  # what torch.cuda.max_memory_allocated should report
     total: int  # allocated plus fragmentation and paged optimizer states: what has to fit
-    peak_at: str  # "forward_end", "loss_forward", "backward_start" or "backward_end"
+    peak_at: str  # "forward_end", "loss_forward", "backward_start", "layer_backward" or "backward_end"
     parts: dict[str, int]
     notes: list[str]
     speed: str = "fast"  # fast, lean or balanced (0 < checkpoint_layers < layers)
@@ -132,6 +135,10 @@ def peak(step: Step, params: ParameterMemory, acts: ActivationMemory, loss: dict
     last_layer = 0 if step.checkpointing else acts.layer_bytes_per_token * tokens
     end_acts = acts.recompute + acts.transient + cache.recompute + last_layer
     end_grads = grads + tie_transient + params.fsdp_unit_gradient
+    # At the top layer's backward: the head's gradient (made by the loss) and that layer's.
+    top_layer = max(trainable_per_layer(step).values(), default=0) * params.grad_bytes
+    head_grad = shape.vocab * shape.hidden * params.grad_bytes if step.head_trains else 0
+    layer_grads = grads_always or min(grads, head_grad + top_layer)
     freed = 0
     if x.optimizer_in_backward:
         per_layer = trainable_per_layer(step)
@@ -149,6 +156,9 @@ def peak(step: Step, params: ParameterMemory, acts: ActivationMemory, loss: dict
         # the loss's own forward (the chunk loop, or the fp32 copies of the whole logits)
         ("loss_forward", grads_always, start_acts, loss["forward"]),
         ("backward_start", grads_always, start_acts, loss["peak"]),
+        # the top decoder layer's backward: everything stored, that layer whole again, its gradients
+        ("layer_backward", layer_grads, acts.stored + acts.recompute + acts.transient + cache.recompute,
+         loss["kept"]),
         ("backward_end", end_grads, end_acts, loss["kept"]),
     ]
     at, live_grads, live_acts, live_logits = max(moments, key=lambda m: m[1] + m[2] + m[3])

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-from trainer.planning.compute import ComputeEstimate, estimate_compute
+from trainer.planning.compute import ComputeEstimate, estimate_compute, eval_pass_seconds
+from trainer.planning.speeds import setting_key, speed_for, startup_seconds
 from trainer.planning.memory import MemoryEstimate
 from trainer.planning.request import AUTO, PlanRequest, estimate_for_spec, request_of
 from trainer.planning.shape import Shape, gib, shape_of
@@ -169,6 +170,26 @@ class Search:
         return last
 
 
+def min_gpu_memory_bytes(spec_like: PlanRequest | JobSpec | Mapping[str, Any], config: Any, gpus: int = 1, *,
+                         margin: float = DEFAULT_MARGIN, strategy: Literal["auto", "ddp", "fsdp"] | None = None) -> int:
+    """The least memory per GPU the job's method fits in, headroom included: at batch 1 when its
+    batch_size is "auto" (each host picks its own), at speed lean when its speed is "auto" (the
+    trainer picks it on the GPU). A GPU with less cannot run the job; one with this much can."""
+    request = request_of(spec_like)
+    method = request.method
+    if method == AUTO:
+        raise ValueError("method: give the chosen method; 'auto' is resolved by plan()")
+    speed = request.spec.speed
+    if method == "prefix":
+        speed = "fast"  # its past key/values bypass checkpointing (see Search.best)
+    elif speed == AUTO:
+        speed = "lean"
+    batch = 1 if request.batch_size == AUTO else int(request.batch_size)
+    e = estimate_for_spec(request, config, method=method, batch_size=batch, speed=speed, gpus=gpus,
+                          strategy=resolve_strategy(method, gpus, strategy or request.spec.strategy))
+    return int(e.total / (1 - margin)) + 1
+
+
 def plan(
     spec_like: PlanRequest | JobSpec | Mapping[str, Any],
     config: Any,
@@ -185,11 +206,15 @@ def plan(
     loss_chunk_tokens: int | None | Literal["trainer"] = "trainer",
     peak_tflops: float | None = None,
     efficiency: float | None = None,
+    liger: bool | None = None,
+    gpu_model: str | None = None,
 ) -> Plan:
     """Estimate every method for this job on `gpus` GPUs of `gpu_memory_bytes` each, pick one.
 
     A setting fits when its total stays under (1 - margin) of the GPU's memory. Unset keywords
-    (None, "trainer") mean: as the spec says, else as the trainer runs.
+    (None, "trainer") mean: as the spec says, else as the trainer runs. liger: whether the GPU
+    hosts run liger's kernels (the API cannot see it; unset plans without them, which errs high).
+    gpu_model: the GPU's name, for the time estimate's measured efficiencies (trainer.planning.speeds).
     """
     if gpu_memory_bytes <= 0:
         raise ValueError("gpu_memory_bytes must be positive")
@@ -202,7 +227,7 @@ def plan(
     shape = shape_of(config)
     usable = int(gpu_memory_bytes * (1 - margin))
     options = {"optimizer": optimizer, "full_precision": full_precision, "autocast": autocast,
-               "loss_chunk_tokens": loss_chunk_tokens, "padded": padded}
+               "loss_chunk_tokens": loss_chunk_tokens, "padded": padded, "liger": liger}
     search = Search(request, shape, usable, gpus, options)
 
     candidates = list(AUTO_METHODS)
@@ -243,7 +268,7 @@ def plan(
 
     compute = None
     if dataset_tokens is not None and chosen is not None:
-        compute = _compute(request, shape, shown, gpus, dataset_tokens, peak_tflops, efficiency)
+        compute = _compute(request, shape, shown, gpus, dataset_tokens, peak_tflops, efficiency, gpu_model)
     return Plan(
         model={"model_type": shape.model_type, "params": shape.total_params, "layers": shape.layers,
                "hidden": shape.hidden, "vocab": shape.vocab, "tied": shape.tied},
@@ -269,15 +294,41 @@ def plan(
 
 
 def _compute(request: PlanRequest, shape: Shape, chosen: MethodPlan, gpus: int, dataset_tokens: int,
-             peak_tflops: float | None, efficiency: float | None) -> ComputeEstimate:
+             peak_tflops: float | None, efficiency: float | None, gpu_model: str | None = None) -> ComputeEstimate:
+    """The chosen setting's FLOPs and time: at the efficiency measured for this GPU model and setting
+    (trainer.planning.speeds) where known, plus the start-up measured there."""
     hp = request.hp
+    measured = None
+    if efficiency is None and gpu_model:
+        measured = speed_for(gpu_model, setting_key(chosen.method, chosen.speed, request.spec.full_precision))
+    startup, _ = startup_seconds(gpu_model, chosen.estimate.weights) if gpu_model else (0.0, "")
     tokens = dataset_tokens * hp.n_epochs
     if hp.max_steps is not None:
         tokens = hp.max_steps * hp.gradient_accumulation_steps * gpus * (chosen.batch_size or 1) * hp.max_seq_len
     freeze = request.spec.freeze
+    passes, per_pass = _eval_passes(request, shape, chosen, gpus, tokens)
     return estimate_compute(
         shape, method=chosen.method, tokens=tokens, gpus=gpus, seq_len=hp.max_seq_len,
         gradient_checkpointing=chosen.speed == "lean", lora=request.spec.lora,
         freeze_layers=freeze.trainable_layers if freeze is not None else None,
-        peak_tflops=peak_tflops, efficiency=efficiency,
+        peak_tflops=measured.peak_tflops if measured else peak_tflops,
+        efficiency=measured.efficiency if measured else efficiency,
+        startup_seconds=round(startup, 1), efficiency_source=measured.source if measured else "",
+        eval_passes=passes, eval_seconds_per_pass=per_pass,
     )
+
+
+def _eval_passes(request: PlanRequest, shape: Shape, chosen: MethodPlan, gpus: int, tokens: int) -> tuple[int, float]:
+    """(eval passes, seconds of each) of the spec's eval block: one per scheduled checkpoint and
+    one at the end. Without max_steps the steps are counted as if every row were max_seq_len
+    tokens long (fewer than a file of shorter examples takes); eval.max_examples prompts each."""
+    block, hp = request.spec.eval, request.hp
+    if block is None:
+        return 0, 0.0
+    every = request.spec.schedule.checkpoint_every_steps
+    steps = hp.max_steps or max(1, tokens // max(1, (chosen.batch_size or 1) * hp.gradient_accumulation_steps
+                                                  * gpus * hp.max_seq_len))
+    passes = (steps // every + (steps % every != 0)) if every else 1
+    per_pass = eval_pass_seconds(shape, method=chosen.method, prompts=block.max_examples,
+                                 batch_size=block.batch_size, max_new_tokens=block.max_new_tokens, gpus=gpus)
+    return passes, per_pass

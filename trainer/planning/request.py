@@ -31,8 +31,10 @@ from trainer.spec import (
     Optimizer,
     PrefixSettings,
     QuantizationSettings,
+    Schedule,
     Strategy,
 )
+from trainer.eval_settings import EvalSettings
 
 AUTO = "auto"
 
@@ -124,6 +126,9 @@ def _request_of_mapping(d: Mapping[str, Any]) -> PlanRequest:
         quantization=_settings(QuantizationSettings, d.get("quantization")),
         ia3=_settings(IA3Settings, d.get("ia3")),
         prefix=_settings(PrefixSettings, d.get("prefix")),
+        # The eval block's generation and when it runs (scheduled checkpoints) count in the time.
+        schedule=_settings(Schedule, d.get("schedule")),
+        eval=_settings(EvalSettings, d["eval"]) if isinstance(d.get("eval"), Mapping) else None,
         # trainable_layers has no default: an absent one stays None, for the estimate to refuse.
         freeze=_settings(FreezeSettings, freeze, trainable_layers=freeze.get("trainable_layers"))
         if isinstance(freeze, Mapping) else None,

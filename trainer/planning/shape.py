@@ -17,6 +17,17 @@ from typing import Any
 GiB = 1024**3
 
 
+def local_config(model_path: str) -> Any | None:
+    """The transformers config of a local model directory; None for a hub id (not fetched here)."""
+    path = Path(model_path)
+    if not (path / "config.json").is_file():
+        return None
+    from transformers import AutoConfig
+
+    # config.json only: no weights and no remote code are touched.
+    return AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+
+
 def gib(n: float) -> str:
     """Bytes as the planner's messages show them."""
     return f"{n / GiB:.1f} GiB"

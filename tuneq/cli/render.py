@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from trainer.vocabulary import PREFERENCE_TRAIN_METRICS, PREFERENCE_VALID_METRICS
+from trainer.vocabulary import PREFERENCE_TRAIN_METRICS, PREFERENCE_VALID_METRICS, eval_scores
 from tuneq.cli.common import err, out
 
 BAD_LINES_SHOWN = 20
@@ -60,6 +60,11 @@ def _figure(value: Any) -> str:
 
 def _speed(p: dict[str, Any]) -> str:
     parts = []
+    if isinstance(p.get("step_seconds"), int | float):
+        parts.append(f"{p['step_seconds']:.2f} s/step")
+    if isinstance(p.get("eval_seconds"), int | float):
+        # The eval block's generation, once per checkpoint: its cost beside the step time.
+        parts.append(f"eval {p['eval_seconds']:.1f} s per pass (step {p.get('eval_step')})")
     if p.get("tokens_per_second") is not None:
         parts.append(f"{p['tokens_per_second']:,.0f} tokens/s")
     if p.get("mfu") is not None:
@@ -84,6 +89,10 @@ def _job_rows(job: dict[str, Any]) -> list[tuple[str, str]]:
         ("created", when(job.get("created_at"))), ("finished", when(job.get("finished_at"))),
         ("progress", progress_text(job) + (f", epoch {p['epoch']:.2f}" if isinstance(p.get("epoch"), float) else "")),
     ]
+    if job.get("host"):
+        gpu = job.get("gpu") or {}
+        on = f" ({gpu.get('count', 1)} x {gpu['name']}, {gpu['memory_gib']:g} GiB)" if gpu.get("name") else ""
+        rows.append(("host", job["host"] + on))
     if job["status"] == "running" and p.get("eta_seconds") is not None:
         rows.append(("eta", duration(p["eta_seconds"])))
     if speed := _speed(p):
@@ -99,6 +108,12 @@ def _job_rows(job: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append(("forgetting", f"loss {metrics['forgetting_loss_before']:.4f} -> {metrics['forgetting_loss_after']:.4f}, "
                      f"perplexity {metrics.get('forgetting_perplexity_before', 0):.2f} -> "
                      f"{metrics.get('forgetting_perplexity_after', 0):.2f}"))
+    scores = {k.removeprefix("eval_"): v for k, v in eval_scores(metrics).items()}
+    if scores:
+        rows.append(("eval", ", ".join(f"{k} {v:.3f}" for k, v in scores.items())))
+    if metrics.get("export_metric") and metrics.get("exported_step") is not None:
+        rows.append(("exported", f"step {metrics['exported_step']} (best {metrics['export_metric']} "
+                     f"{_figure(metrics.get('export_score'))})"))
     if job.get("trained_tokens"):
         rows.append(("trained tokens", str(job["trained_tokens"])))
     if job.get("fine_tuned_model"):

@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from trainer.vocabulary import DEFAULT_METHOD, METHOD_SETTINGS, METHODS, OBJECTIVES, PREFERENCE_OBJECTIVES
+from trainer.vocabulary import (DEFAULT_METHOD, METHOD_SETTINGS, METHODS, OBJECTIVES, PREFERENCE_OBJECTIVES,
+                               extra_files, with_files)
 from tuneq.cli.common import client, err, fail, friendly
 from tuneq.cli.render import show_bad_lines
 from tuneq.cli.watch import watch
@@ -58,12 +59,10 @@ def _file_ref(c: Client, value: Any, field: str, base: Path) -> str:
 
 
 def _upload_spec_files(c: Client, body: dict[str, Any], base: Path) -> None:
-    for field in ("training_file", "validation_file", "forgetting_file"):
+    for field in ("training_file", "validation_file"):
         if body.get(field) is not None:
             body[field] = _file_ref(c, body[field], field, base)
-    for k, source in enumerate(body.get("mix") or []):
-        if isinstance(source, dict) and "file" in source:
-            source["file"] = _file_ref(c, source["file"], f"mix[{k}].file", base)
+    body.update(with_files(body, {param: _file_ref(c, value, param, base) for param, value, _ in extra_files(body)}))
 
 
 def _method_name(method: Any) -> str | None:
@@ -109,6 +108,10 @@ def submit(
                          "answers; dpo, simpo and orpo learn preference lines (default sft).")] = None,
     beta: Annotated[str | None, typer.Option(help="dpo, simpo, orpo: beta, a number or auto (default auto).")] = None,
     validation_file: Annotated[Path | None, typer.Option("--validation-file", help="Validation JSONL (or file id).")] = None,
+    eval_file: Annotated[Path | None, typer.Option("--eval-file", help="Eval JSONL (or file id) of prompts with "
+                         "expected answers, scored at every checkpoint (eval.file; graders default to exact_match).")] = None,
+    select_best: Annotated[bool, typer.Option("--select-best", help="Export the checkpoint with the best eval score "
+                           "(export.select best).")] = False,
     suffix: Annotated[str | None, typer.Option(help="Added to the fine-tuned model's name.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of data order and init.")] = None,
     priority: Annotated[int | None, typer.Option(help="Higher runs first (default 0).")] = None,
@@ -148,6 +151,11 @@ def submit(
     for key, value in (("suffix", suffix), ("seed", seed), ("priority", priority), ("gpus", gpus)):
         if value is not None:
             body[key] = value
+    if eval_file is not None:
+        body["eval"] = {**(body.get("eval") or {}), "file": str(eval_file if eval_file.is_absolute()
+                                                                 else Path.cwd() / eval_file)}
+    if select_best:
+        body["export"] = {**(body.get("export") or {}), "select": "best"}
     with client() as c:
         _upload_spec_files(c, body, base)
         if file is not None:

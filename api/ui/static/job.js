@@ -41,6 +41,7 @@ export function jobView(root, jobId) {
     lossChart: h("div", { class: "chart-box", id: "loss-chart" }),
     lrChart: h("div", { class: "chart-box", id: "lr-chart" }),
     rewardChart: h("div", { class: "chart-box", id: "reward-chart" }),
+    evalChart: h("div", { class: "chart-box", id: "eval-chart", hidden: true }),
     events: h("tbody"),
     checkpoints: h("tbody"),
     artifacts: h("ul", { class: "artifacts", id: "artifacts" }),
@@ -53,13 +54,13 @@ export function jobView(root, jobId) {
     h("div", { class: "cols" },
       h("div", { class: "panel" }, h("h2", {}, "Progress"), el.summary),
       h("div", { class: "panel" }, h("h2", {}, "Memory: plan and measured"), el.memory)),
-    h("div", { class: "panel" }, h("h2", {}, "Curves ", el.live), h("div", { class: "charts" }, el.lossChart, el.lrChart, el.rewardChart)),
+    h("div", { class: "panel" }, h("h2", {}, "Curves ", el.live), h("div", { class: "charts" }, el.lossChart, el.lrChart, el.rewardChart, el.evalChart)),
     tryIt.panel,
     h("div", { class: "cols" },
       h("div", { class: "panel" }, h("h2", {}, "Artifacts"), el.artifacts),
       h("div", { class: "panel" }, h("h2", {}, "Checkpoints"),
         h("table", { class: "grid-table", id: "checkpoints" },
-          h("thead", {}, h("tr", {}, ["Step", "Saved", "Train loss", "Valid loss", "Name"].map((t) => h("th", {}, t)))),
+          h("thead", {}, h("tr", {}, ["Step", "Saved", "Train loss", "Valid loss", "Eval", "Name"].map((t) => h("th", {}, t)))),
           el.checkpoints))),
     h("div", { class: "panel" }, h("h2", {}, "Events"),
       h("table", { class: "grid-table events", id: "events" },
@@ -97,6 +98,7 @@ export function jobView(root, jobId) {
     const train = new Map();
     const lr = new Map();
     const valid = new Map();
+    const scores = new Map(); // eval_<grader> -> Map(step -> score in [0, 1])
     // A preference job's rewards (mean per pair) and the share of pairs ranked right.
     const chosen = new Map();
     const rejected = new Map();
@@ -115,11 +117,23 @@ export function jobView(root, jobId) {
         if (Number.isFinite(d.train_preference_accuracy)) accuracy.set(d.step, d.train_preference_accuracy);
       } else if (ev.type === "validation" && Number.isFinite(d.valid_loss)) {
         valid.set(d.step, d.valid_loss);
+      } else if (ev.type === "eval") {
+        for (const [k, v] of Object.entries(evalScores(d))) {
+          if (!scores.has(k)) scores.set(k, new Map());
+          scores.get(k).set(d.step, v);
+        }
       }
     }
     const sorted = (m) => [...m.entries()].sort((a, b) => a[0] - b[0]);
     return { train: sorted(train), valid: sorted(valid), lr: sorted(lr), chosen: sorted(chosen),
-      rejected: sorted(rejected), margin: sorted(margin), accuracy: sorted(accuracy) };
+      rejected: sorted(rejected), margin: sorted(margin), accuracy: sorted(accuracy),
+      scores: [...scores.entries()].map(([k, m]) => [k, sorted(m)]) };
+  }
+
+  // The eval block's scores of an event or a checkpoint's metrics (not its seconds or count).
+  function evalScores(d) {
+    return Object.fromEntries(Object.entries(d || {}).filter(([k, v]) =>
+      k.startsWith("eval_") && k !== "eval_seconds" && k !== "eval_examples" && Number.isFinite(v)));
   }
 
   function draw() {
@@ -138,9 +152,22 @@ export function jobView(root, jobId) {
       { name: "train_reward_margin", label: "margin", cls: "s-lr", points: c.margin },
       { name: "train_preference_accuracy", label: "accuracy", cls: "s-acc", points: c.accuracy },
     ] }) : []);
+    el.evalChart.hidden = !c.scores.length;
+    if (c.scores.length) {
+      replace(el.evalChart, lineChart({ title: "eval scores", series: c.scores.map(([k, points], i) => (
+        { name: k, label: k.slice(5), cls: `s-eval${i % 4}`, points })) }));
+    }
     const shown = state.events.slice(-SHOWN_EVENTS).reverse();
     replace(el.events, shown.map((ev) => h("tr", { class: `lvl-${ev.level === "error" ? "error" : ev.level === "warning" ? "warning" : "info"}` },
       h("td", {}, fmtTime(ev.created_at)), h("td", {}, ev.level), h("td", {}, ev.type), h("td", {}, ev.message))));
+  }
+
+  // progress.startup: each phase's seconds (queue, launch, import, data, load, ...) and the total.
+  function startupText(phases) {
+    if (!phases || typeof phases !== "object") return "";
+    const parts = Object.entries(phases).filter(([k, v]) => k !== "total" && Number.isFinite(v))
+      .map(([k, v]) => `${k.replace(/_/g, " ")} ${v.toFixed(1)} s`);
+    return parts.join(", ") + (Number.isFinite(phases.total) ? `; ${phases.total.toFixed(1)} s to the first step` : "");
   }
 
   // A row whose value is unknown (no MFU on a CPU, no ETA once finished) is left out.
@@ -163,6 +190,7 @@ export function jobView(root, jobId) {
       row("Tokens/s", p.tokens_per_second ? fmtNum(p.tokens_per_second, 4) : ""),
       row("MFU", Number.isFinite(p.mfu) ? `${(p.mfu * 100).toFixed(1)}%` : ""),
       row("ETA", job.status === "running" && p.eta_seconds ? fmtDuration(p.eta_seconds) : ""),
+      row("Start-up", startupText(p.startup)),
       row("Created", fmtTime(job.created_at)), row("Started", fmtTime(job.started_at)),
       row("Finished", fmtTime(job.finished_at)),
       row("Trained tokens", job.trained_tokens ?? ""),
@@ -226,6 +254,7 @@ export function jobView(root, jobId) {
     replace(el.checkpoints, state.checkpoints.map((ck) => h("tr", {},
       h("td", {}, ck.step_number), h("td", {}, fmtTime(ck.created_at)),
       h("td", {}, fmtNum(ck.metrics?.train_loss)), h("td", {}, fmtNum(ck.metrics?.valid_loss)),
+      h("td", {}, Object.entries(evalScores(ck.metrics)).map(([k, v]) => `${k.slice(5)} ${fmtNum(v)}`).join(", ")),
       h("td", {}, h("code", {}, ck.fine_tuned_model_checkpoint)))));
     if (!state.artifacts.length) {
       replace(el.artifacts, h("li", { class: "muted" }, TERMINAL.has(state.job?.status) ? "none" : "when the job succeeds"));

@@ -1,4 +1,7 @@
-"""Job.metadata: OpenAI's key-value tags on a job, returned with it and filtered on in the job list.
+"""A job's least GPU memory (what its plan fits in) and the GPUs it runs on.
+
+Workers take a queued job only on a host whose GPUs have min_gpu_memory_gib; `gpu` names the
+GPUs of the host that runs (or last ran) it.
 
 Revision ID: 0007
 Revises: 0006
@@ -20,9 +23,11 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
-        batch.add_column(sa.Column("metadata", sa.JSON(none_as_null=True), nullable=True))
+        batch.add_column(sa.Column("min_gpu_memory_gib", sa.Float(), nullable=True))
+        batch.add_column(sa.Column("gpu", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
-        batch.drop_column("metadata")
+        batch.drop_column("gpu")
+        batch.drop_column("min_gpu_memory_gib")

@@ -1,0 +1,138 @@
+"""How fast a job runs on a given GPU model, from speeds measured there (speeds.json, beside this).
+
+A measured run gives tokens/s for a setting ("lora lean", "full fast bf16", ...) on one model
+shape. Its efficiency is the share of the GPU's peak it reached by the planner's own FLOP count
+(trainer.planning.compute): FLOPs per token x tokens/s / peak. The same share applied to another
+job's FLOPs gives its compute time, so that the estimate carries what the measured step cost
+beyond its matmuls (attention kernels, norms, optimizer, host work) to other shapes and lengths.
+
+Start-up (from process start to the first step; the service adds its queue) is a fixed part
+(imports, data, preparation, the first step's compilation) plus loading the weights, per GiB.
+
+A setting this GPU model has not measured is looked up, in order, as itself, without its
+qualifier (bf16), and at the method's other speed; each on this GPU, else carried over from
+another GPU model as a ratio (speed_for). An unknown GPU model or method gets the planner's
+DEFAULT_EFFICIENCY. The estimate names where its efficiency came from.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+SPEEDS_FILE = Path(__file__).with_name("speeds.json")
+
+
+@dataclass(frozen=True)
+class Speed:
+    efficiency: float
+    peak_tflops: float
+    source: str
+
+
+def setting_key(method: str, speed: str, full_precision: str | None = None) -> str:
+    """'lora lean', 'full fast bf16': balanced counts as lean (its recompute, at worst)."""
+    key = f"{method} {'lean' if speed == 'balanced' else speed}"
+    if method in ("full", "freeze") and full_precision == "bf16":
+        key += " bf16"
+    return key
+
+
+@lru_cache(maxsize=4)
+def _table(path: str) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {"gpus": {}}
+
+
+def table(path: Path | None = None) -> dict[str, Any]:
+    return _table(str(path or SPEEDS_FILE))
+
+
+def gpu_entry(gpu_model: str | None, data: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]] | None:
+    """(name, entry) of the GPU model whose `match` strings occur in gpu_model (any case)."""
+    if not gpu_model:
+        return None
+    data = data or table()
+    wanted = gpu_model.lower()
+    for name, entry in data.get("gpus", {}).items():
+        if any(m.lower() in wanted for m in entry.get("match", [name])):
+            return name, entry
+    return None
+
+
+@lru_cache(maxsize=64)
+def _flops_per_token(model: str, method: str, speed: str, seq_len: int, lora_r: int) -> float:
+    from trainer.planning.compute import estimate_compute
+    from trainer.spec import LoraSettings
+    from trainer.tiny import build_config
+
+    c = estimate_compute(build_config(model), method=method, tokens=1, seq_len=seq_len,
+                         gradient_checkpointing=speed == "lean", lora=LoraSettings(r=lora_r))
+    return c.flops_per_token
+
+
+def run_efficiency(run: dict[str, Any], peak_tflops: float) -> float:
+    method, speed = run["setting"].split()[:2]
+    per_token = _flops_per_token(run["model"], method, speed, int(run["seq_len"]), int(run.get("lora_r", 16)))
+    return per_token * float(run["tokens_per_second"]) / (peak_tflops * 1e12)
+
+
+def _candidates(key: str) -> list[str]:
+    method, speed, *rest = key.split()
+    other = "fast" if speed == "lean" else "lean"
+    out = [key]
+    if rest:
+        out.append(f"{method} {speed}")
+    return out + [f"{method} {other}" + (f" {' '.join(rest)}" if rest else ""), f"{method} {other}"]
+
+
+def _runs(entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["setting"]: r for r in entry.get("runs", [])}
+
+
+def speed_for(gpu_model: str | None, key: str, data: dict[str, Any] | None = None) -> Speed | None:
+    """The measured efficiency for this GPU model and setting (see the module docstring); None
+    for a GPU model the table does not know, or a method measured nowhere.
+
+    A setting measured only on another GPU model is carried over as a ratio: its efficiency there
+    over that of a setting both GPUs measured (of the same speed where possible), times this GPU's
+    efficiency of that one. Peaks are per GPU model (a data sheet's or a measured matmul rate), so
+    efficiencies are comparable between settings of one GPU, not between GPUs."""
+    data = data or table()
+    found = gpu_entry(gpu_model, data)
+    if found is None:
+        return None
+    name, entry = found
+    peak = float(entry["peak_tflops"])
+    here = _runs(entry)
+    for wanted in _candidates(key):
+        if wanted in here:
+            return Speed(run_efficiency(here[wanted], peak), peak, f"{name} {wanted} ({here[wanted].get('source', '')})")
+        for other, o_entry in data.get("gpus", {}).items():
+            there = _runs(o_entry)
+            if other == name or wanted not in there:
+                continue
+            shared = sorted(set(here) & set(there), key=lambda k: k.split()[1] != wanted.split()[1])
+            if not shared:
+                continue
+            anchor, o_peak = shared[0], float(o_entry["peak_tflops"])
+            ratio = run_efficiency(there[wanted], o_peak) / run_efficiency(there[anchor], o_peak)
+            eff = min(1.0, run_efficiency(here[anchor], peak) * ratio)
+            return Speed(eff, peak, f"{name} {anchor} x ({wanted} / {anchor} on {other})")
+    return None
+
+
+def startup_seconds(gpu_model: str | None, weight_bytes: float, data: dict[str, Any] | None = None) -> tuple[float, str]:
+    """Seconds from the trainer's start to its first step, for weights of `weight_bytes`."""
+    data = data or table()
+    found = gpu_entry(gpu_model, data) or next(iter(data.get("gpus", {}).items()), None)
+    if found is None:
+        return 0.0, "no start-up measured"
+    s = found[1].get("startup", {})
+    seconds = float(s.get("fixed_s", 0.0)) + float(s.get("load_s_per_gib", 0.0)) * weight_bytes / 1024**3
+    return seconds, f"{found[0]}: {s.get('source', '')}"
