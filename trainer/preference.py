@@ -8,7 +8,9 @@ full-vocabulary logits exist beyond one chunk; otherwise from the model's logits
 
 - dpo: -log sigmoid(beta * ((log pi_w - log ref_w) - (log pi_l - log ref_l))), the reference
   being the model as training started: for adapter methods the same model with its adapter
-  switched off (peft's disable_adapter), for whole-weight methods a frozen copy (`frozen_copy`).
+  switched off (peft's disable_adapter), or, for a job continued from an earlier adapter
+  (spec.init_from), with its adapter's starting weights swapped in; for whole-weight methods a
+  frozen copy (`frozen_copy`).
   The rewards are beta * (log pi - log ref).
 - simpo: -log sigmoid(beta * (mean log pi_w - mean log pi_l) - gamma), per-token means; rewards
   beta * mean log pi. No reference.
@@ -21,7 +23,8 @@ A pair is ranked right when its preferred output's reward is the higher.
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -69,30 +72,56 @@ def frozen_copy(model: Any, dtype: torch.dtype | None) -> Any:
     return ref
 
 
+@contextmanager
+def swapped_in(start: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> Iterator[None]:
+    """The parameters hold the given starting values inside the block and their own after it,
+    in place (same storage, so the optimizer, DDP and fused kernels see the same tensors)."""
+    now = [p.detach().clone() for p, _ in start]
+    with torch.no_grad():
+        for p, value in start:
+            p.copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for (p, _), value in zip(start, now):
+                p.copy_(value)
+
+
 class Reference:
     """Where DPO's reference log-probabilities come from: the trained model with its adapter off
-    (`model` is the unwrapped peft model), or a frozen copy."""
+    (`model` is the unwrapped peft model), the trained model with its trainable weights as they
+    started (`start`: a continued adapter job, whose starting adapter is not the bare base), or a
+    frozen copy."""
 
     def __init__(self, model: Any, adapter_off: bool, head: torch.nn.Linear | None, chunk: int | None,
-                 compute_dtype: torch.dtype | None):
-        self.model, self.adapter_off = model, adapter_off
+                 compute_dtype: torch.dtype | None, start: list[tuple[torch.nn.Parameter, torch.Tensor]] | None = None):
+        self.model, self.adapter_off, self.start = model, adapter_off, start
         self.head, self.chunk, self.compute_dtype = head, chunk, compute_dtype
 
     @torch.no_grad()
     def logps(self, batch: dict[str, torch.Tensor], device: Any) -> torch.Tensor:
-        off = self.model.disable_adapter() if self.adapter_off else nullcontext()
-        with off:
+        if self.start is not None:
+            switch = swapped_in(self.start)
+        else:
+            switch = self.model.disable_adapter() if self.adapter_off else nullcontext()
+        with switch:
             return sequence_logps(self.model, batch, device, self.head, self.chunk, self.compute_dtype)[0]
 
 
 def reference_for(spec: JobSpec, raw_model: Any, token_head: LossHead, compute_dtype: torch.dtype | None) -> Reference | None:
-    """DPO's reference (None for the reference-free objectives): adapter off for adapter methods,
-    else a frozen copy of the model as it starts (its weights in the compute dtype)."""
+    """DPO's reference (None for the reference-free objectives): for adapter methods the adapter
+    off, or its starting weights where the job continues an earlier adapter (spec.init_from);
+    else a frozen copy of the model as it starts (its weights in the compute dtype). Made before
+    a resumed run loads its checkpoint, so it is always the model as the job started."""
     if spec.objective != "dpo":
         return None
     chunked = isinstance(token_head, ChunkedLoss)
     if hasattr(raw_model, "disable_adapter") and spec.method not in ("full", "freeze"):
-        return Reference(raw_model, True, token_head.head if chunked else None, token_head.chunk, compute_dtype)
+        start = None
+        if spec.init_from is not None:  # the reference is the continued adapter, not the bare base
+            start = [(p, p.detach().clone()) for p in raw_model.parameters() if p.requires_grad]
+        return Reference(raw_model, True, token_head.head if chunked else None, token_head.chunk, compute_dtype, start)
     ref = frozen_copy(raw_model, compute_dtype)
     return Reference(ref, False, _plain_head(ref) if chunked else None, token_head.chunk, compute_dtype)
 
@@ -118,10 +147,13 @@ class PreferenceLoss:
     def __call__(self, model: Any, batch: dict[str, torch.Tensor], device: Any
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         n = int(batch[PAIRS])
+        # The reference runs first: swapping starting weights in place after the policy's forward
+        # would change tensors its backward has saved.
+        ref_logps = self.reference.logps(batch, device) if self.reference is not None else None
         logps, counts = self._policy_logps(model, batch, device)
         if self.objective == "dpo":
-            assert self.reference is not None
-            rewards = self.beta * (logps - self.reference.logps(batch, device).to(logps.dtype))
+            assert ref_logps is not None
+            rewards = self.beta * (logps - ref_logps.to(logps.dtype))
             losses = -F.logsigmoid(rewards[:n] - rewards[n:])
         else:
             mean = logps / counts.clamp(min=1)

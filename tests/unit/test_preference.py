@@ -198,6 +198,84 @@ def test_dpo_learns_to_prefer_the_reversed_word(preference_files, tiny_model_dir
     assert before < 0.5 and after > 0.9
 
 
+# A preference the tiny model can act on: after a short SFT warm-up it answers "The moon." to three
+# quarters of its prompts and "The sun." to the rest, so greedy decoding says the moon; DPO, continued
+# from that adapter, prefers the sun. Held-out prompts name things no training prompt names.
+SUN, MOON = "The sun.", "The moon."
+SEEN, UNSEEN = WORDS[:14], WORDS[14:] + ["harbor", "meadow", "tower", "valley"]
+
+
+def _shines(word: str) -> list[dict]:
+    return [{"role": "user", "content": f"What shines on the {word}?"}]
+
+
+def _warm_up_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"messages": _shines(rng.choice(SEEN)) + [{"role": "assistant", "content": MOON if i % 4 else SUN}]}
+            for i in range(n)]
+
+
+def _sun_over_moon(words: list[str]) -> list[dict]:
+    return [{"input": {"messages": _shines(w)}, "preferred_output": [{"role": "assistant", "content": SUN}],
+             "non_preferred_output": [{"role": "assistant", "content": MOON}]} for w in words]
+
+
+def _greedy_answers(model, tok, words: list[str]) -> list[str]:
+    """Each prompt's greedy answer, the prompt rendered as serving renders it (chat_prompt_ids)."""
+    from trainer.data.tokenize import chat_prompt_ids
+
+    answers = []
+    for w in words:
+        ids = chat_prompt_ids(tok, _shines(w))
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id)
+        answers.append(tok.decode(out[0, len(ids):], skip_special_tokens=True).strip())
+    return answers
+
+
+@pytest.mark.slow
+def test_dpo_continued_from_sft_changes_what_greedy_decoding_answers(tiny_model_dir: Path, tmp_path: Path):
+    """The trained model says the preferred answer on held-out prompts where the model it started
+    from said the other one. Its reference is the warmed-up adapter it continues from, so the
+    rewards start at zero."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.events import read_events
+    from trainer.job import run_job
+
+    def spec(**top) -> JobSpec:
+        return JobSpec.model_validate({"model": str(tiny_model_dir), "method": "lora", "lora": {"r": 8, "alpha": 16},
+                                       **top})
+
+    rng = random.Random(4)
+    warm_up, dpo = tmp_path / "sft", tmp_path / "dpo"
+    assert run_job(spec(training_file=str(write_jsonl(tmp_path / "sft.jsonl", _warm_up_rows(64, 1))),
+                        hyperparameters={"max_steps": 24, "batch_size": 8, "learning_rate": 8e-3, "max_seq_len": 32,
+                                         "warmup_steps": 2, "seed": 3}), warm_up) == 0
+    assert run_job(spec(objective="dpo", init_from=str(warm_up / "final"),
+                        training_file=str(write_jsonl(tmp_path / "train.jsonl",
+                                                      _sun_over_moon([rng.choice(SEEN) for _ in range(64)]))),
+                        validation_file=str(write_jsonl(tmp_path / "valid.jsonl", _sun_over_moon(UNSEEN))),
+                        hyperparameters={"max_steps": 8, "batch_size": 8, "learning_rate": 3e-3, "max_seq_len": 32,
+                                         "warmup_steps": 1, "seed": 3}), dpo) == 0
+    events = list(read_events(dpo / "events.jsonl"))
+    metrics = [e["data"] for e in events if e["type"] == "metrics"]
+    assert metrics[0]["train_reward_margin"] == pytest.approx(0, abs=1e-4)  # compared with the warmed-up model
+    assert [e["data"] for e in events if e["type"] == "validation"][-1]["full_valid_preference_accuracy"] > 0.9
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    answers = {}
+    for name, out in (("warmed up", warm_up), ("dpo", dpo)):
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        answers[name] = _greedy_answers(PeftModel.from_pretrained(base, out / "final").eval(), tok, UNSEEN)
+    print(answers)
+    assert SUN not in answers["warmed up"] and answers["warmed up"].count(MOON) >= 0.9 * len(UNSEEN)
+    assert answers["dpo"].count(SUN) >= 0.9 * len(UNSEEN)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["simpo", "orpo"])
 def test_reference_free_objectives_learn_the_preference(objective, preference_files, tiny_model_dir: Path,
