@@ -249,7 +249,7 @@ def admit(db: Session, user: User, body: CreateJobRequest, settings: Settings) -
         job = create_job(
             db, spec=spec_json, model=body.model, method=spec.method, training_file=req.training,
             validation_file=req.validation, suffix=spec.suffix, owner_id=user.id, priority=body.priority, gpus=body.gpus,
-            validated=now_,
+            validated=now_, metadata=body.metadata,
         )
         set_plan(job, job_plan)
         if not now_:

@@ -213,6 +213,25 @@ def _asked_auto_batch(req: CreateJobRequest, method: _Method) -> bool:
     return "auto" in ((req.hyperparameters or {}).get("batch_size"), method.hyperparameters.get("batch_size"))
 
 
+# OpenAI's limits on a job's metadata.
+METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
+
+
+def check_metadata(metadata: dict[str, str] | None) -> None:
+    """400 naming `metadata` (or the key at fault) beyond OpenAI's limits; the types pydantic checked."""
+    if not metadata:
+        return
+    if len(metadata) > METADATA_PAIRS:
+        raise bad_request(f"metadata: at most {METADATA_PAIRS} key-value pairs, got {len(metadata)}", "metadata")
+    for key, value in metadata.items():
+        if not key or len(key) > METADATA_KEY_CHARS:
+            raise bad_request(f"metadata: keys are 1 to {METADATA_KEY_CHARS} characters, got {len(key)} "
+                              f"({key[:20]!r}{'…' if len(key) > 20 else ''})", "metadata")
+        if len(value) > METADATA_VALUE_CHARS:
+            raise bad_request(f"metadata.{key}: values are at most {METADATA_VALUE_CHARS} characters, got "
+                              f"{len(value)}", f"metadata.{key}")
+
+
 def build_spec(
     req: CreateJobRequest, *, model_path: str, init_from: str | None = None, inherited: dict[str, Any] | None = None,
     choose: Chooser | None = None,
@@ -226,8 +245,7 @@ def build_spec(
     """
     if req.integrations:
         raise bad_request("integrations: not supported by tuneq", "integrations")
-    if req.metadata:
-        raise bad_request("metadata: not stored by tuneq", "metadata")
+    check_metadata(req.metadata)
     method = _parse_method(req.method)
     hp = _merge_hyperparameters(req, method)
     hp_from_method = set(method.hyperparameters)

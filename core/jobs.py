@@ -41,6 +41,7 @@ def create_job(
     gpus: int = 1,
     plan: dict[str, Any] | None = None,
     validated: bool = True,
+    metadata: dict[str, str] | None = None,
 ) -> Job:
     """Insert a job and move it to `queued` (or `failed` if its files are not usable).
 
@@ -53,7 +54,7 @@ def create_job(
     job = Job(
         spec=spec, model=model, method=method, training_file=training_file.id,
         validation_file=validation_file.id if validation_file else None, suffix=suffix,
-        owner_id=owner_id, priority=priority, gpus=gpus, plan=plan,
+        owner_id=owner_id, priority=priority, gpus=gpus, plan=plan, job_metadata=metadata or None,
     )
     db.add(job)
     db.flush()

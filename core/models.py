@@ -88,6 +88,9 @@ class Job(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)
     gpus: Mapped[int] = mapped_column(Integer, default=1)
     plan: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # OpenAI's job metadata: up to 16 string pairs the caller tags a job with and filters lists by.
+    # (The attribute cannot be `metadata`: SQLAlchemy's declarative base owns that name.)
+    job_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON(none_as_null=True), nullable=True)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)

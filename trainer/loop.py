@@ -129,7 +129,8 @@ class Run:
         self._setup_training()
         self._resume()
         if self.forgetting_data is not None and self.state.forgetting_before is None:
-            # Measured on the model as training starts: LoRA's B is zero, so this is the base model.
+            # Measured on the model as training starts (after the method, init_from and any resume), not on
+            # the base: prefix tuning starts with random virtual tokens, a continued job from its parent's weights.
             self.state.forgetting_before = self.forgetting_pass()
         self.phases.mark("prepare")
         self._emit_start()
@@ -200,6 +201,8 @@ class Run:
         self.clip_to = hp.max_grad_norm if hp.max_grad_norm > 0 else float("inf")  # inf: measure, never clip
         # A checkpoint's data position counts global micro-batches, so it only means the same
         # examples under the same batch layout.
+        every_epoch = self.schedule.checkpoint_every_epoch
+        self.epoch_checkpoints = hp.max_steps is None if every_epoch is None else every_epoch
         self.layout = {"batch_size": hp.batch_size, "gradient_accumulation_steps": hp.gradient_accumulation_steps,
                        "world_size": accelerator.num_processes}
 
@@ -271,6 +274,7 @@ class Run:
             while state.step < self.total_steps:
                 if profiler is not None:
                     profiler.before_step(state.step + 1)
+                micro_before = state.micro_step
                 queued = self._queue_step()
                 # Read the step before this one, which the GPU has finished meanwhile.
                 with region("log"):
@@ -281,6 +285,7 @@ class Run:
                 evaluating = self._evaluation_due()
                 checkpoint_due = bool(self.schedule.checkpoint_every_steps
                                       and state.step % self.schedule.checkpoint_every_steps == 0)
+                checkpoint_due |= self.epoch_checkpoints and self._epoch_ended(micro_before, state.micro_step)
                 if not (evaluating or checkpoint_due or any(votes) or state.step == self.total_steps):
                     continue
                 # Something follows this step: read it first, so its metrics come before it (and a
@@ -299,6 +304,11 @@ class Run:
                     self._restart_window()
         finally:
             profiling.stop()  # writes what a profiled range recorded, even a range cut short
+
+    def _epoch_ended(self, before: int, after: int) -> bool:
+        """Whether the micro-batches of a step crossed the end of an epoch."""
+        per_epoch = self.order.micro_batches_per_epoch
+        return after // per_epoch > before // per_epoch
 
     def _queue_step(self) -> QueuedStep:
         """Collate, accumulate, clip and step: all queued on the device, nothing read."""
@@ -468,6 +478,7 @@ class Run:
                                         extra, rngs, self.schedule.keep_checkpoints, full_state=full_state,
                                         protect=state.best["step"] if state.best else None)
             self.events.emit("checkpoint", f"checkpoint at step {state.step}", step=state.step,
+                             epoch=round(extra["epoch"], 3),
                              path=str(path.relative_to(self.out_dir)), metrics=metrics,
                              seconds=round(time.time() - started, 3))
         self.accelerator.wait_for_everyone()

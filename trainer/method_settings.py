@@ -108,5 +108,10 @@ def check_method_settings(spec: JobSpec) -> None:
         why = ("prefix tuning adds key/value positions, there are no weights to merge into"
                if spec.method == "prefix" else f"method {spec.method!r} already produces a whole model")
         raise ValueError(f"export.merged: only for {', '.join(MERGEABLE_METHODS)}; {why}")
+    if spec.method == "prefix" and spec.packing:
+        # peft hands the prefix to the model as a key/value cache, and transformers builds the
+        # block-diagonal mask of packed rows only without one: packed examples would see each other.
+        raise ValueError("packing: not supported with method 'prefix' (its virtual tokens arrive as a key/value "
+                         "cache, which turns off the mask that keeps packed examples apart); give packing false")
     if spec.method == "prefix" and spec.gradient_checkpointing:
         raise ValueError("gradient_checkpointing: not supported with method 'prefix' (its past key/values bypass it)")

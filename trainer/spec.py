@@ -120,6 +120,11 @@ class Schedule(StrictModel):
     checkpoint_every_minutes: float | None = Field(
         None, gt=0, le=10_080, description="Also checkpoint when this many minutes passed since the last one."
     )
+    checkpoint_every_epoch: bool | None = Field(
+        None,
+        description="Also checkpoint at the end of each epoch, as OpenAI's jobs do (null: when the run is counted "
+        "in epochs, that is without hyperparameters.max_steps).",
+    )
     keep_checkpoints: int = Field(2, ge=1, le=100, description="Newest checkpoints kept on disk.")
     eval_examples: int = Field(
         256, ge=1, le=1_000_000,

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from transformers import LlamaConfig
 
+from trainer.data.tokenize import TOOL_CALLS_JINJA
+
 ASSETS = Path(__file__).parent / "assets"
 CORPUS = ASSETS / "tiny_corpus.txt"
 
@@ -21,13 +23,20 @@ TINY_VOCAB = 768
 
 # One header token per role; EOS closes every assistant turn so the model learns to stop.
 # The newline after EOS is layout only; data.py leaves trailing whitespace out of the loss.
+# Tools as OpenAI sends them: the line's function definitions in a system block first, an
+# assistant's calls as <tool_call>{"name", "arguments"}</tool_call> inside its turn, a tool's
+# answer as a turn of its own; developer is the system role.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}{{ '<|system|>\nTools:' }}"
+    "{% for tool in tools %}{{ '\n' + tool['function'] | tojson }}{% endfor %}{{ '\n' }}{% endif %}"
     "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('role must be system, user or assistant, not ' + message['role']) }}"
+    "{% if message['role'] not in ['system', 'developer', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('role must be system, developer, user, assistant or tool, not ' + message['role']) }}"
     "{% endif %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] }}"
+    "{{ '<|' + ('system' if message['role'] == 'developer' else message['role']) + '|>\n' }}"
+    "{% if message['content'] %}{{ message['content'] }}{% endif %}"
+    + TOOL_CALLS_JINJA +
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
     "{{ '\n' }}"
     "{% endfor %}"

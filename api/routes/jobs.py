@@ -10,7 +10,7 @@ import logging
 from collections.abc import Mapping
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from sqlalchemy import and_, or_, select
 from fastapi.responses import Response
 from sqlalchemy.orm import Session, object_session
@@ -19,7 +19,7 @@ from api import admission, planning
 from api.crud import load_job
 from api.deps import BearerToken, ChangeableJob, CurrentUser, SessionDep, SettingsDep, read_in_one_hop
 from api.errors import bad_request
-from api.job_spec import base_learning_rate, method_view
+from api.job_spec import METADATA_KEY_CHARS, base_learning_rate, method_view
 from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
 from api.schemas import CreateJobRequest, JobErrorOut, JobOut, Page
 from core import states
@@ -64,7 +64,25 @@ def job_out(job: Job, positions: Mapping[str, int] | None = None) -> JobOut:
         user_provided_suffix=job.suffix, priority=job.priority, gpus=job.gpus,
         progress=progress, metrics=job.metrics or {}, started_at=_int(job.started_at), host=job.host, gpu=job.gpu,
         plan=planning.job_view(job.plan, job.progress, job.metrics, job.min_gpu_memory_gib),
+        metadata=job.job_metadata or None,
     )
+
+
+def _metadata_filter(request: Request) -> list[Any]:
+    """OpenAI's list filter: query parameters `metadata[key]=value`, or `metadata=null`."""
+    conditions: list[Any] = []
+    for name, value in request.query_params.multi_items():
+        if name == "metadata":
+            if value != "null":
+                raise bad_request("metadata: filter with metadata[key]=value, or metadata=null for jobs without any",
+                                  "metadata")
+            conditions.append(Job.job_metadata.is_(None))
+        elif name.startswith("metadata[") and name.endswith("]"):
+            key = name[len("metadata["):-1]
+            if not key or len(key) > METADATA_KEY_CHARS or '"' in key or "\\" in key:
+                raise bad_request(f"metadata[{key}]: not a metadata key", f"metadata[{key}]")
+            conditions.append(Job.job_metadata[key].as_string() == value)
+    return conditions
 
 
 @router.post("")
@@ -74,18 +92,22 @@ def create_fine_tuning_job(body: CreateJobRequest, user: CurrentUser, db: Sessio
 
 @router.get("", response_model=Page[JobOut])
 async def list_fine_tuning_jobs(
+    request: Request,
     token: BearerToken,
     settings: SettingsDep,
     after: AfterQuery = None,
     limit: LimitQuery = DEFAULT_LIMIT,
     status: Annotated[str | None, Query(description="Only jobs in this status (tuneq extension).")] = None,
 ) -> Response:
-    return await read_in_one_hop(_list_jobs, token, settings, after, limit, status)
+    """Newest first. `metadata[key]=value` (repeatable) keeps jobs tagged so, `metadata=null` those without any."""
+    conditions = _metadata_filter(request)  # parsed here: a bad filter is a 400 before any query
+    return await read_in_one_hop(_list_jobs, token, settings, after, limit, status, conditions)
 
 
-def _list_jobs(db: Session, user: User, settings: Settings, after: str | None, limit: int, status: str | None) -> Page[JobOut]:
+def _list_jobs(db: Session, user: User, settings: Settings, after: str | None, limit: int, status: str | None,
+               conditions: list[Any]) -> Page[JobOut]:
     check_limit(limit, settings)
-    stmt = select(Job).where(readable_jobs(user))
+    stmt = select(Job).where(readable_jobs(user), *conditions)
     if status is not None:
         stmt = stmt.where(Job.status == status)
     if after is not None:

@@ -160,3 +160,20 @@ def test_cancel_running_job_on_postgres(pg_stack: Stack) -> None:
     assert job["status"] == "cancelled"
     alive = subprocess.run(["pgrep", "-f", f"work/{job_id}"], capture_output=True, text=True)
     assert alive.stdout.strip() == "", f"trainer still running: {alive.stdout}"
+
+
+def test_sdk_lists_a_checkpoint_per_epoch_of_a_finished_job(stack: Stack) -> None:
+    import openai
+
+    sdk = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=stack.key, max_retries=0, timeout=120)
+    f = sdk.files.create(file=("train.jsonl", reverse_dataset(8, seed=3).encode()), purpose="fine-tune")
+    job = sdk.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=f.id,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}}},
+    )
+    done = wait_for(stack, job.id, TERMINAL)
+    assert done["status"] == "succeeded", f"{done}\n{dump_logs(stack)}"
+    checkpoints = sdk.fine_tuning.jobs.checkpoints.list(job.id).data
+    # 8 examples in batches of 4: epochs end at steps 2 and 4; newest first, as OpenAI lists them.
+    assert [c.step_number for c in checkpoints] == [4, 2]
+    assert all(c.fine_tuned_model_checkpoint.endswith(f":ckpt-step-{c.step_number}") for c in checkpoints)

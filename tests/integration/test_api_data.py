@@ -86,3 +86,20 @@ def test_cli_status_shows_forgetting(client: TestClient, monkeypatch: pytest.Mon
     out = CliRunner().invoke(cli.app, ["status", job_id])
     assert out.exit_code == 0, out.output
     assert "loss 0.8657 -> 1.3541, perplexity 2.38 -> 3.87" in out.stdout and "full_valid_loss" in out.stdout
+
+
+def test_openai_tool_lines_are_accepted_and_bad_ones_reported_by_line(client: TestClient) -> None:
+    from tests.unit.test_trainer_tool_data import TOOL_LINE
+
+    train = upload(client, [TOOL_LINE] * 4)
+    r = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": train})
+    assert r.status_code == 200, r.text
+    events = client.get(f"/v1/fine_tuning/jobs/{r.json()['id']}/events").json()["data"]
+    assert next(e for e in events if e["type"] == "data_check")["data"]["training_file"]["trained_tokens"] > 0
+
+    bad = {**TOOL_LINE, "messages": [*TOOL_LINE["messages"][:3], {**TOOL_LINE["messages"][3], "tool_call_id": "nope"},
+                                     TOOL_LINE["messages"][4]]}
+    body = "".join(json.dumps(r) + "\n" for r in [TOOL_LINE, bad]).encode()
+    f = client.post("/v1/files", files={"file": ("f.jsonl", body)}, data={"purpose": "fine-tune"}).json()
+    assert f["status"] == "error"
+    assert [(e["line"], e["code"]) for e in f["validation"]["errors"]] == [(2, "invalid_tool_message")]

@@ -71,3 +71,38 @@ def test_sdk_raises_typed_errors_with_param(sdk: openai.OpenAI) -> None:
     sdk.fine_tuning.jobs.cancel(job.id)
     with pytest.raises(openai.ConflictError):
         sdk.fine_tuning.jobs.cancel(job.id)
+
+
+def test_sdk_metadata_is_stored_returned_and_filters_the_list(sdk: openai.OpenAI, service_env: dict[str, str]) -> None:
+    f = sdk.files.create(file=("t.jsonl", (LINES[0] + "\n").encode()), purpose="fine-tune")
+    a = sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id, metadata={"team": "search", "run": "a b/1"})
+    b = sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id, metadata={"team": "ads"})
+    plain = sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id)
+    assert a.metadata == {"team": "search", "run": "a b/1"} and plain.metadata is None
+    assert sdk.fine_tuning.jobs.retrieve(b.id).metadata == {"team": "ads"}
+    assert [j.id for j in sdk.fine_tuning.jobs.list(metadata={"team": "search"})] == [a.id]
+    assert [j.id for j in sdk.fine_tuning.jobs.list(metadata={"team": "search", "run": "a b/1"})] == [a.id]
+    assert [j.id for j in sdk.fine_tuning.jobs.list(metadata={"team": "search", "run": "x"})] == []
+    assert [j.id for j in sdk.fine_tuning.jobs.list()] == [plain.id, b.id, a.id]
+    # Beyond OpenAI's limits: 400 naming the field.
+    for bad, param in (({f"k{i}": "v" for i in range(17)}, "metadata"), ({"k" * 65: "v"}, "metadata"),
+                       ({"k": "v" * 513}, "metadata.k")):
+        with pytest.raises(openai.BadRequestError) as exc:
+            sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id, metadata=bad)
+        assert exc.value.param == param, exc.value
+    with pytest.raises(openai.BadRequestError) as exc:
+        sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id, metadata={"k": 1})  # type: ignore[dict-item]
+    assert exc.value.param == "metadata.k"
+
+
+def test_metadata_null_lists_jobs_without_metadata(service_env: dict[str, str], admin_headers: dict[str, str]) -> None:
+    from api.main import create_app
+
+    with TestClient(create_app(), headers=admin_headers) as c:
+        f = c.post("/v1/files", files={"file": ("t.jsonl", LINES[0] + "\n")}, data={"purpose": "fine-tune"}).json()["id"]
+        tagged = c.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": f, "metadata": {"x": "1"}})
+        plain = c.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": f}).json()["id"]
+        assert tagged.status_code == 200
+        assert [j["id"] for j in c.get("/v1/fine_tuning/jobs?metadata=null").json()["data"]] == [plain]
+        r = c.get("/v1/fine_tuning/jobs?metadata=yes")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "metadata"

@@ -253,3 +253,13 @@ def test_a_job_across_hosts_that_fit_is_refused_until_workers_place_it(client: T
     err = r.json()["error"]
     assert err["param"] == "nodes" and err["code"] == "multi_host_unavailable", err
     assert client.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing left queued that no worker could start
+
+
+@pytest.mark.parametrize("route", ["/v1/fine_tuning/jobs", "/v1/fine_tuning/plan"])
+def test_prefix_tuning_with_packing_is_refused_naming_packing(client: TestClient, file_id: str, route: str) -> None:
+    # Packed examples would attend to each other: the prefix's key/value cache turns off their mask.
+    r = client.post(route, json={"model": "tiny-llama", "training_file": file_id, "method": "prefix", "packing": True})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "packing" and "prefix" in r.json()["error"]["message"]
+    ok = client.post(route, json={"model": "tiny-llama", "training_file": file_id, "method": "prefix"})
+    assert ok.status_code == 200, ok.text

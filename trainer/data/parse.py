@@ -2,8 +2,11 @@
 
 One JSONL line is one example, in one of four formats (one format per file):
 
-- chat: {"messages": [{"role": "system"|"user"|"assistant", "content": "...", "weight": 0|1}]};
-  the model learns what the assistant says (weight 0 turns are context).
+- chat: {"messages": [{"role": "system"|"developer"|"user"|"assistant"|"tool", "content": "...",
+  "weight": 0|1}], "tools": [...]}, as OpenAI's chat fine-tuning takes it: assistant turns may
+  carry `tool_calls` (then content may be empty), `tool` turns answer them (`tool_call_id`), and
+  the line's `tools` are the function definitions the model was shown. The model learns what the
+  assistant says, its tool calls included (weight 0 turns are context).
 - alpaca: {"instruction": "...", "input": "..." (optional), "output": "..."}; rendered as a
   user turn and an assistant turn through the chat template, so the model is trained in the
   format it will be prompted with.
@@ -34,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
 FORMATS = ("chat", "alpaca", "prompt_completion", "text", "preference")
 EVAL_FORMAT = "eval"
 # A line longer than this is refused without being held in memory whole: no single example
@@ -42,11 +45,23 @@ EVAL_FORMAT = "eval"
 MAX_LINE_BYTES = 32 * 1024 * 1024
 
 
-@dataclass
+@dataclass(slots=True)
 class Message:
     role: str
     content: str
     weight: int = 1  # only meaningful for assistant turns
+    # An assistant turn's calls, as chat templates take them: {"id", "type": "function",
+    # "function": {"name", "arguments": {...}}} (OpenAI's JSON string of arguments decoded).
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+
+
+class Chat(list):
+    """A chat example: its messages (a list of Message) and the line's tool definitions, if any."""
+
+    def __init__(self, messages: list[Message], tools: list[dict] | None = None) -> None:
+        super().__init__(messages)
+        self.tools = tools
 
 
 class LineError(ValueError):
@@ -76,7 +91,7 @@ def _content_text(content: Any, where: str) -> str:
     return text
 
 
-def parse_example(obj: Any) -> list[Message]:
+def parse_example(obj: Any) -> Chat:
     """The messages of one decoded JSON line, or LineError naming the first problem."""
     messages = _messages(obj)
     assistants = [m for m in messages if m.role == "assistant"]
@@ -87,7 +102,7 @@ def parse_example(obj: Any) -> list[Message]:
     return messages
 
 
-def _messages(obj: Any) -> list[Message]:
+def _messages(obj: Any) -> Chat:
     if not isinstance(obj, dict):
         raise LineError("not_object", f"line must be a JSON object, not {type(obj).__name__}")
     if "messages" not in obj:
@@ -96,23 +111,117 @@ def _messages(obj: Any) -> list[Message]:
     raw = obj["messages"]
     if not isinstance(raw, list) or not raw:
         raise LineError("missing_messages", "'messages' must be a non-empty list")
-    messages = []
+    # The common line has no tool fields: checked by key first, it pays for no calls.
+    tools = _tools(obj["tools"]) if "tools" in obj else None
+    known = {t["function"]["name"] for t in tools} if tools else None
+    messages: list[Message] = []
+    call_ids: set[str] = set()
     for i, m in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise LineError("invalid_message", f"{where} must be an object")
         role = m.get("role")
         if role not in ROLES:
-            raise LineError("invalid_role", f"{where}.role is {role!r}; allowed: system, user, assistant")
-        text = _content_text(m.get("content"), where)
+            raise LineError("invalid_role", f"{where}.role is {role!r}; allowed: {', '.join(ROLES)}")
+        calls = None
+        if "tool_calls" in m:
+            if role != "assistant" and m["tool_calls"] is not None:
+                raise LineError("invalid_tool_call", f"{where}.tool_calls: only assistant messages make tool calls")
+            calls = _tool_calls(m, where, known)
+        # An assistant turn that only calls tools says nothing else.
+        text = "" if calls and not m.get("content") else _content_text(m.get("content"), where)
         weight = m.get("weight", 1)
         if "weight" in m:
             if role != "assistant":
                 raise LineError("invalid_weight", f"{where}.weight: only assistant messages take a weight")
             if isinstance(weight, bool) or weight not in (0, 1):
                 raise LineError("invalid_weight", f"{where}.weight is {weight!r}; allowed: 0 or 1")
-        messages.append(Message(role, text, int(weight)))
-    return messages
+        call_id = _answered_call(m, where, messages, call_ids) if role == "tool" else None
+        if calls:
+            call_ids.update(c["id"] for c in calls if "id" in c)
+        messages.append(Message(role, text, int(weight), calls, call_id))
+    return Chat(messages, tools)
+
+
+def _is_name(value: Any) -> bool:
+    # OpenAI's rule for function names.
+    return (isinstance(value, str) and 0 < len(value) <= 64
+            and all(c.isascii() and (c.isalnum() or c in "_-") for c in value))
+
+
+def _tools(raw: Any) -> list[dict] | None:
+    """The line's `tools`: function definitions, as OpenAI's API takes them."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise LineError("invalid_tools", f"'tools' must be a list, not {type(raw).__name__}")
+    tools, names = [], set()
+    for k, tool in enumerate(raw):
+        where = f"tools[{k}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            raise LineError("invalid_tools", f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}")
+        fn = tool["function"]
+        if not _is_name(fn.get("name")):
+            raise LineError("invalid_tools", f"{where}.function.name must be 1 to 64 letters, digits, '_' or '-', "
+                                             f"got {fn.get('name')!r}")
+        if fn["name"] in names:
+            raise LineError("invalid_tools", f"{where}.function.name {fn['name']!r} is defined twice")
+        names.add(fn["name"])
+        if "parameters" in fn and not isinstance(fn["parameters"], dict):
+            raise LineError("invalid_tools", f"{where}.function.parameters must be a JSON schema object")
+        if "description" in fn and not isinstance(fn["description"], str):
+            raise LineError("invalid_tools", f"{where}.function.description must be a string")
+        tools.append({"type": "function", "function": fn})
+    return tools or None
+
+
+def _tool_calls(m: dict, where: str, known: set[str] | None) -> list[dict] | None:
+    """An assistant message's tool_calls, their arguments decoded for the chat template."""
+    raw = m.get("tool_calls")
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not raw:
+        raise LineError("invalid_tool_call", f"{where}.tool_calls must be a non-empty list")
+    calls = []
+    for k, call in enumerate(raw):
+        at = f"{where}.tool_calls[{k}]"
+        if not isinstance(call, dict) or call.get("type", "function") != "function" \
+                or not isinstance(call.get("function"), dict):
+            raise LineError("invalid_tool_call", f"{at} must be {{\"type\": \"function\", \"function\": {{...}}}}")
+        fn = call["function"]
+        name = fn.get("name")
+        if not _is_name(name):
+            raise LineError("invalid_tool_call", f"{at}.function.name must be 1 to 64 letters, digits, '_' or '-', "
+                                                 f"got {name!r}")
+        if known is not None and name not in known:
+            raise LineError("invalid_tool_call", f"{at}.function.name {name!r} is not among the line's tools")
+        args = fn.get("arguments", "{}")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except (json.JSONDecodeError, RecursionError):
+                raise LineError("invalid_tool_call", f"{at}.function.arguments is not valid JSON") from None
+        if not isinstance(args, dict):
+            raise LineError("invalid_tool_call", f"{at}.function.arguments must be a JSON object")
+        if "id" in call and not (isinstance(call["id"], str) and call["id"]):
+            raise LineError("invalid_tool_call", f"{at}.id must be a non-empty string")
+        out = {"type": "function", "function": {"name": name, "arguments": args}}
+        if call.get("id"):
+            out["id"] = call["id"]
+        calls.append(out)
+    return calls
+
+
+def _answered_call(m: dict, where: str, before: list[Message], call_ids: set[str]) -> str | None:
+    """A tool message answers a call of an earlier assistant turn, named by tool_call_id when given."""
+    if not any(p.tool_calls for p in before if p.role == "assistant"):
+        raise LineError("invalid_tool_message", f"{where}: a tool message must follow an assistant turn with tool_calls")
+    call_id = m.get("tool_call_id")
+    if call_id is None:
+        return None
+    if not isinstance(call_id, str) or call_id not in call_ids:
+        raise LineError("invalid_tool_message", f"{where}.tool_call_id {call_id!r} names no earlier tool call")
+    return call_id
 
 
 @dataclass
@@ -148,12 +257,12 @@ class RawText:
 class Preference:
     """A preference pair: the input conversation, and the output preferred after it over the other."""
 
-    prompt: list[Message]
+    prompt: Chat  # its messages, and the input's tools
     preferred: list[Message]
     non_preferred: list[Message]
 
 
-Record = list[Message] | RawText | Preference | EvalItem
+Record = Chat | RawText | Preference | EvalItem
 PREFERENCE_KEYS = ("input", "preferred_output", "non_preferred_output")
 
 
@@ -189,7 +298,9 @@ def parse_preference(obj: dict) -> Preference:
     # The input is checked as a chat conversation that the output would end; its assistant turns
     # are context (weight 0): only the outputs are scored.
     try:
-        prompt = parse_example({"messages": [*given["messages"], {"role": "assistant", "content": "-"}]})[:-1]
+        chat = parse_example({"messages": [*given["messages"], {"role": "assistant", "content": "-"}],
+                              **({"tools": given["tools"]} if "tools" in given else {})})
+        prompt = Chat(chat[:-1], chat.tools)
     except LineError as err:
         raise LineError(err.code, f"input.{err.message}") from None
     for m in prompt:
@@ -263,7 +374,7 @@ def parse_record(obj: Any, fmt: str) -> Record:
         extra = _string(obj, "input", required=False, may_be_empty=True)
         output = _string(obj, "output")
         prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        return [Message("user", prompt), Message("assistant", output)]
+        return Chat([Message("user", prompt), Message("assistant", output)])
     if fmt == "prompt_completion":
         # An empty prompt is legal: unconditional generation of the completion.
         return RawText([(_string(obj, "prompt", may_be_empty=True), False), (_string(obj, "completion"), True)])

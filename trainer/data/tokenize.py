@@ -11,9 +11,10 @@ here imports transformers or torch.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from trainer.data.parse import LineError, Message, Preference, RawText, Record
+from trainer.data.parse import Chat, LineError, Message, Preference, RawText, Record
 
 # A tokenized preference pair holds the preferred output's row as input_ids/labels and the other's
 # under these keys; labels mark only the output's tokens.
@@ -21,12 +22,25 @@ REJECTED_IDS, REJECTED_LABELS = "rejected_input_ids", "rejected_labels"
 
 IGNORE_INDEX = -100
 
+# An assistant turn's tool calls, after its content: one <tool_call>{"name", "arguments"}</tool_call> a line.
+TOOL_CALLS_JINJA = (
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% if message['content'] or not loop.first %}{{ '\n' }}{% endif %}"
+    "{{ '<tool_call>' + {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson"
+    " + '</tool_call>' }}"
+    "{% endfor %}"
+)
+
 # For tokenizers without a chat template (base models). Plain-text role markers; EOS after each
-# assistant turn so the model learns to stop.
+# assistant turn so the model learns to stop. Tools, tool calls and tool turns as in trainer.tiny.
 FALLBACK_CHAT_TEMPLATE = (
     "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% if tools %}{{ '### Tools:' }}"
+    "{% for tool in tools %}{{ '\n' + tool['function'] | tojson }}{% endfor %}{{ '\n\n' }}{% endif %}"
     "{% for message in messages %}"
-    "{{ '### ' + message['role'] | capitalize + ':\n' + message['content'] }}"
+    "{{ '### ' + ('system' if message['role'] == 'developer' else message['role']) | capitalize + ':\n' }}"
+    "{% if message['content'] %}{{ message['content'] }}{% endif %}"
+    + TOOL_CALLS_JINJA +
     "{% if message['role'] == 'assistant' and eos_token %}{{ eos_token }}{% endif %}"
     "{{ '\n\n' }}"
     "{% endfor %}"
@@ -34,12 +48,41 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 
-def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: bool) -> str:
+def render_chat(tokenizer: Any, messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
     """A conversation as the model sees it in training (and, with a generation prompt, when it answers)."""
     template = None if getattr(tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
     return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt,
+        **({"tools": tools} if tools else {}),
     )
+
+
+def _as_template_message(m: Message, knows_developer: bool) -> dict:
+    # OpenAI's developer role is the system role of newer models; templates that predate it get "system".
+    role = "system" if m.role == "developer" and not knows_developer else m.role
+    out: dict[str, Any] = {"role": role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = m.tool_calls
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _check_tools_rendered(full: str, messages: list[Message], tools: list[dict] | None) -> None:
+    """A template that knows no tools drops them silently; training would then teach empty turns."""
+    for tool in tools or ():
+        if tool["function"]["name"] not in full:
+            raise LineError("template_error", "the model's chat template does not render the line's tools "
+                                              f"(no {tool['function']['name']!r} in its output)")
+    for m in messages:
+        for call in m.tool_calls or ():
+            if call["function"]["name"] not in full:
+                raise LineError("template_error", "the model's chat template does not render tool calls "
+                                                  f"(no {call['function']['name']!r} in its output)")
+        # Some templates (Llama 3.1's) write a tool's answer through tojson: escaped, not verbatim.
+        answer = m.content.strip()
+        if m.role == "tool" and answer not in full and json.dumps(answer, ensure_ascii=False)[1:-1] not in full:
+            raise LineError("template_error", "the model's chat template does not render tool messages")
 
 
 def chat_prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
@@ -56,7 +99,7 @@ def _common_prefix(a: str, b: str) -> int:
     return i
 
 
-def assistant_spans(tokenizer: Any, messages: list[Message]) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(tokenizer: Any, messages: Chat | list[Message]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its trained assistant turns.
 
     A span starts where the generation prompt ends and stops at the end of the turn (EOS
@@ -64,25 +107,28 @@ def assistant_spans(tokenizer: Any, messages: list[Message]) -> tuple[str, list[
     Common prefixes rather than exact prefix checks keep this right for templates that rewrite
     earlier turns (e.g. drop reasoning from past assistant messages).
     """
-    plain = [{"role": m.role, "content": m.content} for m in messages]
+    tools = getattr(messages, "tools", None)
+    knows_developer = "developer" in (getattr(tokenizer, "chat_template", None) or "")
+    plain = [_as_template_message(m, knows_developer) for m in messages]
     try:
-        full = render_chat(tokenizer, plain, add_generation_prompt=False)
+        full = render_chat(tokenizer, plain, add_generation_prompt=False, tools=tools)
         spans = []
         for i, m in enumerate(messages):
             if m.role != "assistant" or not m.weight:
                 continue
             try:
-                head = render_chat(tokenizer, plain[:i], add_generation_prompt=True) if i else ""
+                head = render_chat(tokenizer, plain[:i], add_generation_prompt=True, tools=tools) if i else ""
             except Exception:  # noqa: BLE001 - some templates refuse a conversation without a user turn
                 head = ""
             start = _common_prefix(head, full)
-            end = _common_prefix(render_chat(tokenizer, plain[: i + 1], add_generation_prompt=False), full)
+            end = _common_prefix(render_chat(tokenizer, plain[: i + 1], add_generation_prompt=False, tools=tools), full)
             while end > start and full[end - 1].isspace():
                 end -= 1
             if end > start:
                 spans.append((start, end))
     except Exception as exc:  # noqa: BLE001 - jinja raise_exception and template bugs alike
         raise LineError("template_error", f"the chat template rejected this conversation: {exc}") from exc
+    _check_tools_rendered(full, messages, tools)
     return full, spans
 
 
@@ -138,7 +184,7 @@ def _cut(ex: dict, max_seq_len: int | None) -> dict:
 
 
 def tokenize_messages(
-    tokenizer: Any, messages: list[Message], max_seq_len: int | None = None, train_on_inputs: bool = False
+    tokenizer: Any, messages: Chat | list[Message], max_seq_len: int | None = None, train_on_inputs: bool = False
 ) -> dict:
     """input_ids and labels (IGNORE_INDEX where masked), cut to max_seq_len from the end."""
     text, spans = assistant_spans(tokenizer, messages)
@@ -173,8 +219,9 @@ def prompt_ids(tokenizer: Any, messages: list[Message]) -> list[int]:
 def tokenize_preference(tokenizer: Any, pair: Preference, max_seq_len: int | None = None) -> dict:
     """Both rows of a pair through the chat template: the input, then each output; only the
     output's tokens are labelled (the two rows share the input's tokens)."""
-    chosen = tokenize_messages(tokenizer, [*pair.prompt, *pair.preferred], max_seq_len)
-    rejected = tokenize_messages(tokenizer, [*pair.prompt, *pair.non_preferred], max_seq_len)
+    tools = getattr(pair.prompt, "tools", None)  # the input's tools, rendered before both rows
+    chosen = tokenize_messages(tokenizer, Chat([*pair.prompt, *pair.preferred], tools), max_seq_len)
+    rejected = tokenize_messages(tokenizer, Chat([*pair.prompt, *pair.non_preferred], tools), max_seq_len)
     return {"input_ids": chosen["input_ids"], "labels": chosen["labels"], REJECTED_IDS: rejected["input_ids"],
             REJECTED_LABELS: rejected["labels"], "truncated": max(chosen["truncated"], rejected["truncated"])}
 
