@@ -47,6 +47,11 @@ class ChatMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+# A bound on the request's own numbers; what the service generates per request is a setting
+# (TUNEQ_CHAT_MAX_TOKENS), checked after parsing so its refusal can say the current cap.
+MAX_TOKENS_BOUND = 1_048_576
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
@@ -58,17 +63,17 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(min_length=1, max_length=512, description="A base model, a job's `fine_tuned_model` or a checkpoint's `fine_tuned_model_checkpoint`.")
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
-    max_tokens: int | None = Field(None, ge=1, strict=True, description="Most tokens to generate (default: TUNEQ_CHAT_MAX_TOKENS, cut to the context).")
-    max_completion_tokens: int | None = Field(None, ge=1, strict=True, description="OpenAI's newer name of max_tokens.")
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_BOUND, strict=True, description="Most tokens to generate (default: TUNEQ_CHAT_MAX_TOKENS, cut to the context).")
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_BOUND, strict=True, description="OpenAI's newer name of max_tokens.")
     temperature: float = Field(1.0, ge=0, le=2, strict=True, description="0: greedy decoding (the same answer every time).")
     top_p: float = Field(1.0, gt=0, le=1, strict=True)
-    n: Literal[1] = Field(1, description="Only one choice per request.")
+    n: int = Field(1, ge=1, le=1, strict=True, description="Only one choice per request.")
     stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description="Up to 4 sequences that end the answer (not included).")
-    seed: int | None = Field(None, strict=True)
-    presence_penalty: Literal[0] | None = Field(None, description="Only 0 (no penalty) is supported.")
-    frequency_penalty: Literal[0] | None = Field(None, description="Only 0 (no penalty) is supported.")
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, strict=True)
+    presence_penalty: float | None = Field(None, ge=0, le=0, description="Only 0 (no penalty) is supported.")
+    frequency_penalty: float | None = Field(None, ge=0, le=0, description="Only 0 (no penalty) is supported.")
     user: str | None = Field(None, max_length=256, description="Accepted and not used.")
 
     @field_validator("stop")

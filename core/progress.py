@@ -8,6 +8,7 @@ request instead of frozen at the time of the event.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import select
@@ -34,10 +35,12 @@ def latest_metrics(db: Session, job_id: str) -> JobEvent | None:
     )
 
 
-def job_progress(db: Session | None, job: Job, at: float | None = None) -> dict[str, Any]:
+def job_progress(db: Session | None, job: Job, at: float | None = None,
+                 positions: Mapping[str, int] | None = None) -> dict[str, Any]:
     """The job's progress with every key of FIELDS, plus what the worker keeps there
     (`retry_not_before`, ...) and `preempted_by` from its column. Without a session, only what
-    the row holds."""
+    the row holds. `positions` (core.scheduling.queue_positions, read once for a page of jobs)
+    gives the queue position instead of a reading of the queue per job."""
     stored = dict(job.progress or {})
     progress: dict[str, Any] = {k: stored.get(k) for k in FIELDS} | stored
     if job.preempted_by:
@@ -51,8 +54,16 @@ def job_progress(db: Session | None, job: Job, at: float | None = None) -> dict[
     progress["eta_seconds"] = eta = _eta(job, stored.get("eta_seconds"), progress.get("updated_at"), t)
     # OpenAI's `estimated_finish` of the job object, as a unix time.
     progress["estimated_finish"] = t + eta if eta is not None and job.status == states.RUNNING else None
-    progress["queue_position"] = queue_position(db, job) if db is not None and job.status == states.QUEUED else None
+    progress["queue_position"] = _position(db, job, positions)
     return progress
+
+
+def _position(db: Session | None, job: Job, positions: Mapping[str, int] | None) -> int | None:
+    if job.status != states.QUEUED:
+        return None
+    if positions is not None:
+        return positions.get(job.id)
+    return queue_position(db, job) if db is not None else None
 
 
 def _eta(job: Job, eta: Any, measured_at: Any, at: float) -> float | None:

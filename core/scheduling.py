@@ -7,7 +7,7 @@ GPUs, and the dispatcher's re-sending of queued jobs, so all three agree.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
@@ -119,10 +119,22 @@ def queue_position(db: Session, job: Job) -> int | None:
     """1 for the next job to run; None when the job is not queued."""
     if job.status != states.QUEUED:
         return None
+    return queue_positions(db, (job.id,)).get(job.id)
+
+
+def queue_positions(db: Session, ids: Iterable[str]) -> dict[str, int]:
+    """The queue positions of `ids` (1 runs next) from one reading of the queue, read only as far
+    as the last of them: a page of jobs costs the queries of one job. Ids not queued are left out."""
+    want = set(ids)
+    found: dict[str, int] = {}
+    if not want:
+        return found
     for i, w in enumerate(waiting(db), 1):
-        if w.id == job.id:
-            return i
-    return None
+        if w.id in want:
+            found[w.id] = i
+            if len(found) == len(want):
+                break
+    return found
 
 
 def pick(queue: list[Waiting], free: int, total: int, t: float | None = None,

@@ -7,6 +7,7 @@ a job the caller may not see, so another user's job ids cannot even be confirmed
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -29,6 +30,7 @@ from core.models import Job, User
 from core.settings import Settings
 from core.progress import job_progress
 from core.queue import enqueue_job
+from core.scheduling import queue_positions
 
 log = logging.getLogger("tuneq.api")
 
@@ -41,7 +43,8 @@ def _int(t: float | None) -> int | None:
     return None if t is None else int(t)
 
 
-def job_out(job: Job) -> JobOut:
+def job_out(job: Job, positions: Mapping[str, int] | None = None) -> JobOut:
+    """`positions`: the queue positions of a page of jobs, read once (core.scheduling.queue_positions)."""
     spec: dict[str, Any] = job.spec or {}
     method = spec.get("method", job.method)
     hp = dict(spec.get("hyperparameters") or {})
@@ -50,7 +53,7 @@ def job_out(job: Job) -> JobOut:
     error = None
     if job.error:
         error = JobErrorOut(**{"message": "the job failed", **job.error})
-    progress = job_progress(object_session(job), job)  # core/progress.py: FIELDS, queue_position 1 runs next
+    progress = job_progress(object_session(job), job, positions=positions)  # core/progress.py: FIELDS, queue_position 1 runs next
     return JobOut(
         id=job.id, created_at=int(job.created_at), finished_at=_int(job.finished_at), model=job.model,
         fine_tuned_model=job.fine_tuned_model, organization_id=job.owner_id or ORGANIZATION, status=job.status,
@@ -113,7 +116,9 @@ def _list_jobs(db: Session, user: User, settings: Settings, after: str | None, l
             raise bad_request(f"after: no fine-tuning job with id {after!r}", "after")
         stmt = stmt.where(or_(Job.created_at < cursor.created_at, and_(Job.created_at == cursor.created_at, Job.id < cursor.id)))
     rows = db.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all()
-    return make_page(rows, limit, job_out)
+    # One reading of the queue for the whole page, in the order the single GET and workers use.
+    positions = queue_positions(db, (j.id for j in rows[:limit] if j.status == states.QUEUED))
+    return make_page(rows, limit, lambda j: job_out(j, positions))
 
 
 @router.get("/{job_id}", response_model=JobOut)

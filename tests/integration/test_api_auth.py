@@ -60,6 +60,9 @@ RULES: dict[tuple[str, str], str] = {
     ("GET", J + "/artifacts/{artifact}/content"): "job_read",
     ("GET", "/v1/models"): "any_user",
     ("GET", "/v1/models/{model}"): "any_user",
+    # Any user may ask; whose models answer is checked per model (tests/e2e/test_chat.py: another
+    # user's fine-tuned model is a 404 naming `model`, like an unknown one).
+    ("POST", "/v1/chat/completions"): "any_user",
     # The cluster's capacity (hosts, GPU kinds, free GPUs, disk): what members plan jobs against.
     # It names no job, team or user.
     ("GET", "/v1/hosts"): "any_user",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
@@ -58,3 +59,46 @@ def test_progress_of_queued_running_and_finished_jobs(client: TestClient, db: Se
     db.commit()
     p = client.get(f"/v1/fine_tuning/jobs/{job.id}").json()["progress"]
     assert p["eta_seconds"] == 0 and p["step"] == 4 and p["estimated_finish"] is None
+
+
+@pytest.mark.parametrize("fair", [True, False], ids=["fair_share", "fifo"])
+def test_a_page_of_queued_jobs_reads_the_queue_once_and_agrees_with_each_job(
+        client: TestClient, db: Session, fair: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy import event
+
+    from core import scheduling
+    from core.db import get_engine
+    from core.models import User
+
+    monkeypatch.setenv("TUNEQ_FAIR_SHARE", str(fair).lower())
+    monkeypatch.setattr(scheduling, "PREFETCH", 2)  # so fair share reads the queue past its head
+    users = [User(name=n) for n in ("ann", "ben")]
+    db.add_all(users)
+    db.commit()
+    statements: list[str] = []
+
+    def count(_conn, _cursor, statement, *_args) -> None:  # noqa: ANN001
+        if not threading.current_thread().name.startswith("tuneq-"):  # not the API's own data checker
+            statements.append(statement)
+
+    def listed_after(n: int) -> tuple[int, dict[str, int]]:
+        while len(ids) < n:  # alternate owners, so fair share interleaves them
+            job = make_job(db, examples=2)
+            job.owner_id = users[len(ids) % 2].id
+            db.commit()
+            ids.append(job.id)
+        statements.clear()
+        event.listen(get_engine(), "before_cursor_execute", count)
+        try:
+            page = client.get("/v1/fine_tuning/jobs", params={"limit": 50}).json()["data"]
+        finally:
+            event.remove(get_engine(), "before_cursor_execute", count)
+        return len(statements), {j["id"]: j["progress"]["queue_position"] for j in page}
+
+    ids: list[str] = []
+    few, _ = listed_after(6)
+    many, positions = listed_after(12)
+    assert many == few, f"listing 12 queued jobs ran {many} queries, 6 ran {few}: the queue is read per job"
+    assert sorted(positions.values()) == list(range(1, 13))
+    for job_id, position in positions.items():
+        assert client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["progress"]["queue_position"] == position
