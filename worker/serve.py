@@ -138,11 +138,15 @@ class Server:
 
 
 def take_gpu(settings: Settings, owner: str) -> Any:
-    """On a GPU host: one GPU, locked for this process's life (waits while all of them train)."""
+    """On a host of several GPUs: one GPU, locked for this process's life (waits while all of them
+    train). A host of one GPU shares it with its jobs: locking the only GPU would leave none to train on."""
     from worker.gpus import GpuPool
 
     pool = GpuPool.for_host(settings)
     if pool.kind != "gpu":
+        return None
+    if pool.count < 2:
+        log.info("this host has one GPU: serving on it beside the jobs, without taking it from them")
         return None
     while (reservation := pool.reserve(1, owner)) is None:
         log.info("every GPU of this host is busy; waiting for one to serve on")
@@ -168,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     from worker.model_cache import ModelCache
 
     quiet_libraries()
-    device = torch.device("cuda:0" if reservation is not None and torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")  # the reserved GPU, or a lone shared one
     cache = ModelCache(device, max_adapters=settings.serve_max_adapters, max_models=settings.serve_max_models)
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10)
     server = Server(settings, client, cache, server_id)
