@@ -56,19 +56,25 @@ def load_eval_set(path: str | Path, tokenizer: Any, settings: EvalSettings) -> E
     return out
 
 
+def decoding_options(tokenizer: Any, temperature: float, top_p: float = 1.0) -> dict[str, Any]:
+    """model.generate's options for greedy decoding (temperature 0) or sampling: what eval passes
+    and chat completions (worker/generation.py) both decode with."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # use_cache: training may have turned the model's KV cache off (gradient checkpointing).
+    options: dict[str, Any] = {"use_cache": True, "pad_token_id": pad, "eos_token_id": tokenizer.eos_token_id}
+    if temperature > 0:
+        options.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    else:  # the model's generation_config may ask for sampling settings that greedy decoding ignores
+        options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return options
+
+
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompts: list[list[int]], settings: EvalSettings, device: torch.device,
              seed: int) -> list[str]:
     """The model's answer to each prompt, in order: batched, left-padded, stopped at EOS."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sampling = settings.temperature > 0
-    # use_cache: training may have turned the model's KV cache off (gradient checkpointing).
-    options: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "do_sample": sampling, "use_cache": True,
-                               "pad_token_id": pad, "eos_token_id": tokenizer.eos_token_id}
-    if sampling:
-        options.update(temperature=settings.temperature, top_p=1.0, top_k=0)
-    else:  # the model's generation_config may ask for sampling settings that greedy decoding ignores
-        options.update(temperature=None, top_p=None, top_k=None)
+    options = decoding_options(tokenizer, settings.temperature)
+    pad = options["pad_token_id"]
     answers: list[str] = []
     devices = [device] if device.type == "cuda" else []
     with evaluation(model), torch.random.fork_rng(devices=devices):  # training's RNG stream stays as it was
@@ -78,7 +84,7 @@ def generate(model: Any, tokenizer: Any, prompts: list[list[int]], settings: Eva
             width = max(len(p) for p in batch)
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-            out = model.generate(input_ids=ids, attention_mask=mask, **options)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens, **options)
             answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return [a.strip() for a in answers]
 

@@ -10,6 +10,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from core.inference import ChatRequest
+from trainer.answers import decoding_options
 from trainer.data.tokenize import chat_prompt_ids
 
 
@@ -87,15 +88,12 @@ def generate(model: Any, tokenizer: Any, req: ChatRequest, sink: Sink) -> None:
     sink.send("start", prompt_tokens=len(ids))
     device = next(model.parameters()).device
     deltas = _Deltas(tokenizer, req.stop, sink)
-    sampling: dict[str, Any] = {"do_sample": False}
-    if req.temperature > 0:
-        sampling = {"do_sample": True, "temperature": req.temperature, "top_p": req.top_p, "top_k": 0}
-        if req.seed is not None:
-            torch.manual_seed(req.seed)
+    if req.temperature > 0 and req.seed is not None:
+        torch.manual_seed(req.seed)
     out = model.generate(
         input_ids=torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
         max_new_tokens=max_new, streamer=deltas, stopping_criteria=StoppingCriteriaList([deltas]),
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling,
+        **decoding_options(tokenizer, req.temperature, req.top_p),
     )
     new = out[0, len(ids):].tolist()
     if deltas.stopped_at is not None or (new and new[-1] == tokenizer.eos_token_id):
