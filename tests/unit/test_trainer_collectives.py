@@ -103,7 +103,12 @@ def _fsdp_rank_main(out: str) -> None:
     # Without it, one rank can tear gloo down while the other is still in its last full_tensor()
     # gather, and the process aborts ("terminate called without an active exception").
     dist.barrier()
-    dist.destroy_process_group()
+    # Leave without running gloo's and FSDP's C++ destructors: on a loaded machine they still
+    # aborted a rank now and then after the barrier, a teardown failure that says nothing about
+    # the scaling this test checks (its result is written above, before the barrier).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _rank_main(spec_path: str, out: str) -> None:
