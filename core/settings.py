@@ -88,6 +88,9 @@ class Settings(BaseSettings):
     api_header_timeout_s: float = Field(10.0, gt=0, le=600, description="Seconds within which a request's headers must arrive, else the connection is closed.")
     api_body_timeout_s: float = Field(30.0, gt=0, le=3600, description="Seconds a request body may pause between bytes, else the connection is closed.")
     api_keep_alive_s: int = Field(5, ge=1, le=600, description="Seconds after which an idle keep-alive connection is closed.")
+    api_queue_position_max_age_s: float = Field(
+        1.0, ge=0, le=60, description="Seconds one reading of the queue's order serves the queue positions an API process shows, so pollers of queued jobs do not each read the queue; changes made through the same process show at once. 0 reads it per request.",
+    )
     data_check_inline_bytes: int = Field(
         256 * 1024, ge=0, description="Bytes of a job's files up to which the creation request tokenizes them itself; larger ones leave the job in validating_files while a child process of the API checks them.",
     )

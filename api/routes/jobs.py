@@ -26,11 +26,11 @@ from core import states
 from core.control import request_pause, request_resume
 from core.identity import can_read_job, readable_jobs
 from core.jobs import request_cancel
-from core.models import Job, User
+from core.models import Job, JobEvent, User
 from core.settings import Settings
-from core.progress import job_progress
+from core.progress import TRAINED, job_progress, latest_metrics_of
 from core.queue import enqueue_job
-from core.scheduling import queue_positions
+from core.scheduling import shown_positions
 
 log = logging.getLogger("tuneq.api")
 
@@ -43,8 +43,10 @@ def _int(t: float | None) -> int | None:
     return None if t is None else int(t)
 
 
-def job_out(job: Job, positions: Mapping[str, int] | None = None) -> JobOut:
-    """`positions`: the queue positions of a page of jobs, read once (core.scheduling.queue_positions)."""
+def job_out(job: Job, positions: Mapping[str, int] | None = None,
+            metrics: Mapping[str, JobEvent | None] | None = None) -> JobOut:
+    """`positions`: the queue positions of a page of jobs, read once (core.scheduling.shown_positions);
+    `metrics`: their latest metrics events, read at once (core.progress.latest_metrics_of)."""
     spec: dict[str, Any] = job.spec or {}
     method = spec.get("method", job.method)
     hp = dict(spec.get("hyperparameters") or {})
@@ -53,7 +55,7 @@ def job_out(job: Job, positions: Mapping[str, int] | None = None) -> JobOut:
     error = None
     if job.error:
         error = JobErrorOut(**{"message": "the job failed", **job.error})
-    progress = job_progress(object_session(job), job, positions=positions)  # core/progress.py: FIELDS, queue_position 1 runs next
+    progress = job_progress(object_session(job), job, positions=positions, metrics=metrics)  # core/progress.py: FIELDS, queue_position 1 runs next
     return JobOut(
         id=job.id, created_at=int(job.created_at), finished_at=_int(job.finished_at), model=job.model,
         fine_tuned_model=job.fine_tuned_model, organization_id=job.owner_id or ORGANIZATION, status=job.status,
@@ -116,18 +118,23 @@ def _list_jobs(db: Session, user: User, settings: Settings, after: str | None, l
             raise bad_request(f"after: no fine-tuning job with id {after!r}", "after")
         stmt = stmt.where(or_(Job.created_at < cursor.created_at, and_(Job.created_at == cursor.created_at, Job.id < cursor.id)))
     rows = db.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all()
-    # One reading of the queue for the whole page, in the order the single GET and workers use.
-    positions = queue_positions(db, (j.id for j in rows[:limit] if j.status == states.QUEUED))
-    return make_page(rows, limit, lambda j: job_out(j, positions))
+    page = rows[:limit]
+    # One reading of the queue for the whole page (shared with other requests for a moment), in
+    # the order the single GET and workers use; one query for the latest metrics of the page.
+    positions = shown_positions(db, (j.id for j in page if j.status == states.QUEUED), settings.api_queue_position_max_age_s)
+    metrics = latest_metrics_of(db, [j.id for j in page if j.status in TRAINED])
+    return make_page(rows, limit, lambda j: job_out(j, positions, metrics))
 
 
 @router.get("/{job_id}", response_model=JobOut)
-async def get_fine_tuning_job(job_id: str, token: BearerToken) -> Response:
-    return await read_in_one_hop(_read_job, token, job_id)
+async def get_fine_tuning_job(job_id: str, token: BearerToken, settings: SettingsDep) -> Response:
+    return await read_in_one_hop(_read_job, token, job_id, settings)
 
 
-def _read_job(db: Session, user: User, job_id: str) -> JobOut:
-    return job_out(load_job(db, job_id, user))
+def _read_job(db: Session, user: User, job_id: str, settings: Settings) -> JobOut:
+    job = load_job(db, job_id, user)
+    queued = [job.id] if job.status == states.QUEUED else []
+    return job_out(job, shown_positions(db, queued, settings.api_queue_position_max_age_s))
 
 
 @router.post("/{job_id}/cancel")
