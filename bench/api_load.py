@@ -669,6 +669,9 @@ def main() -> None:
     sys.path.insert(0, str(args.source.resolve()))
     if args.source.resolve() != ROOT:
         sys.path.insert(1, str(ROOT))
+    # The stack's children run `python -m ...`, which puts the current directory first on their
+    # path: run from another checkout, they would import its api/ instead of the one measured.
+    os.chdir(args.source.resolve())
     log: list[str] = []
     benches = []
     with tempfile.TemporaryDirectory(prefix="tuneq-api-load-") as tmp:
