@@ -77,13 +77,13 @@ class WandbRun:
             try:
                 run.log(points, step=step)
             except Exception as exc:  # noqa: BLE001 - W&B's failure must not fail the job
-                self._warn(f"the W&B run stopped logging: {type(exc).__name__}: {exc}")
+                self._warn(f"the W&B run stopped logging: {_reason(exc)}")
                 run = None
         if run is not None:
             try:
                 run.finish(exit_code=self.exit_code)
             except Exception as exc:  # noqa: BLE001
-                self._warn(f"the W&B run did not close cleanly: {type(exc).__name__}: {exc}")
+                self._warn(f"the W&B run did not close cleanly: {_reason(exc)}")
 
     def _init(self) -> Any:
         s = self.settings
@@ -102,17 +102,22 @@ class WandbRun:
                 settings=wandb.Settings(console="off", silent=True, disable_git=True, save_code=False),
             )
         except Exception as exc:  # noqa: BLE001 - W&B's failure must not fail the job
-            self._warn(f"the W&B run could not start: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+            self._warn(f"the W&B run could not start: {_reason(exc)}")
             return None
         self.events.emit(EVENT, f"W&B offline run {run.id} in {WANDB_DIR}/ (published as wandb.tar.gz; upload with "
                          "`wandb sync`)", integration="wandb", run_id=run.id, project=s.project,
-                         path=str(Path(run.dir).parent.relative_to(self.out)))
+                         path=os.path.relpath(Path(run.dir).parent, self.out))
         return run
 
     def _warn(self, message: str) -> None:
         self.failed = True
         self.events.emit(EVENT, f"{message}; training goes on without it", level="warning", integration="wandb",
                          code="integration_unavailable")
+
+
+def _reason(exc: BaseException) -> str:
+    first = next(iter(str(exc).splitlines()), "")
+    return f"{type(exc).__name__}: {first[:300]}" if first else type(exc).__name__
 
 
 def start_tracking(spec: JobSpec, out: Path, events: EventWriter) -> list[WandbRun]:
