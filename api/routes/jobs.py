@@ -119,10 +119,11 @@ def _list_jobs(db: Session, user: User, settings: Settings, after: str | None, l
         stmt = stmt.where(or_(Job.created_at < cursor.created_at, and_(Job.created_at == cursor.created_at, Job.id < cursor.id)))
     rows = db.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all()
     page = rows[:limit]
-    # One reading of the queue for the whole page (shared with other requests for a moment), in
-    # the order the single GET and workers use; one query for the latest metrics of the page.
-    positions = shown_positions(db, (j.id for j in page if j.status == states.QUEUED), settings.api_queue_position_max_age_s)
+    # One query for the latest metrics of the page; one reading of the queue for the whole page
+    # (shared with other requests for a moment), in the order the single GET and workers use.
     metrics = latest_metrics_of(db, [j.id for j in page if j.status in TRAINED])
+    db.commit()  # see _read_job: no connection held while waiting for the reading
+    positions = shown_positions(db, (j.id for j in page if j.status == states.QUEUED), settings.api_queue_position_max_age_s)
     return make_page(rows, limit, lambda j: job_out(j, positions, metrics))
 
 
@@ -133,8 +134,12 @@ async def get_fine_tuning_job(job_id: str, token: BearerToken, settings: Setting
 
 def _read_job(db: Session, user: User, job_id: str, settings: Settings) -> JobOut:
     job = load_job(db, job_id, user)
-    queued = [job.id] if job.status == states.QUEUED else []
-    return job_out(job, shown_positions(db, queued, settings.api_queue_position_max_age_s))
+    if job.status != states.QUEUED:
+        return job_out(job)
+    # End the read first: requests wait for one another's reading of the queue, and one that
+    # waits holding a pooled connection could leave the reader none for the rest of the queue.
+    db.commit()
+    return job_out(job, shown_positions(db, [job.id], settings.api_queue_position_max_age_s))
 
 
 @router.post("/{job_id}/cancel")
