@@ -87,6 +87,7 @@ class ProgressTracker:
         self.new_checkpoints: list[tuple[int, Path]] = []
         self.last_error: dict[str, Any] | None = None
         self.finished: dict[str, Any] | None = None
+        self.started_up = False  # the trainer reported its first step (its startup event)
         self._rate_origin: tuple[float, int] | None = None  # (time, step) of this run's first metrics
 
     def apply(self, db: Session, job: Job, ev: dict[str, Any]) -> None:
@@ -134,6 +135,7 @@ class ProgressTracker:
         job.metrics = {**job.metrics, **_pick(data, TRAIN_METRIC_KEYS)}
 
     def _on_startup(self, job: Job, data: dict[str, Any], t: float) -> None:
+        self.started_up = True
         """progress.startup: the seconds of each phase from submission to the first step. The
         queue and the launch are the service's (job created -> running -> trainer process), the
         rest the trainer's own. A resumed run's start-up replaces the first one's."""
