@@ -7,15 +7,17 @@ blocks on one JSON line on stdin:
 
     {"argv": ["run", SPEC, "--out", DIR, ...], "env": {...}, "cwd": DIR, "log": DIR/trainer.log}
 
-On receipt it takes the job's environment as its own (CUDA_VISIBLE_DEVICES, the supervisor's pid,
-TUNEQ_* switches: all read at run time, not at import), moves into the job's directory, sends its
-output into the job's log and runs exactly what `python -m trainer run ...` runs; its exit code is
+On receipt it takes the job's environment as its own (TUNEQ_* switches and the like, read at run
+time, not at import), moves into the job's directory, sends its output into the job's log and runs exactly what `python -m trainer run ...` runs; its exit code is
 the trainer's. The worker then supervises it like any trainer (same process group, signals and
 pause file), and finds it by its working directory (worker.process.trainer_pids).
 
-CUDA is not touched before a job: torch makes its context lazily, and CUDA_VISIBLE_DEVICES is
-read only then. A standby that finds CUDA initialised after its imports (a library that touched it)
-says TAINTED instead of READY and exits: the worker starts the job in a fresh process.
+The standby is started with its job's CUDA_VISIBLE_DEVICES already set: the worker keeps one per
+GPU it expects the next job to get, and hands a job only to a standby of the job's own devices.
+The variable cannot be changed on receipt, because the imports already talk to the driver: peft
+imports bitsandbytes, which asks torch for the devices' compute capability at import, and with
+that CUDA has read CUDA_VISIBLE_DEVICES for the life of the process. Reading device properties
+needs no CUDA context; the trainer's warm-up makes one once the job arrived.
 
 An end of input without a job (the worker let it go) ends it with code 0; the supervisor's death
 ends it like any trainer (trainer.watchdog).
@@ -30,7 +32,6 @@ import time
 from typing import Any
 
 READY = "ready"
-TAINTED = "tainted"
 
 
 def preload() -> None:
@@ -52,20 +53,6 @@ def preload() -> None:
     from trainer.model import quiet_libraries
 
     quiet_libraries()
-
-
-def cuda_touched() -> bool:
-    """Whether anything made torch talk to the CUDA driver (a device count cached counts too: it
-    was read under the standby's CUDA_VISIBLE_DEVICES, not the job's)."""
-    import torch
-
-    if torch.cuda.is_initialized():
-        return True
-    for name in ("_device_count_nvml", "_device_count_amdsmi", "device_count", "_cached_device_count"):
-        info = getattr(getattr(torch.cuda, name, None), "cache_info", None)
-        if info is not None and info().currsize:
-            return True
-    return False
 
 
 def take_job(job: dict[str, Any]) -> list[str]:
@@ -94,9 +81,6 @@ def main() -> int:
     watch_supervisor()  # an idle standby ends with its worker too
     began = startup.process_started()
     preload()
-    if cuda_touched():
-        print(TAINTED, flush=True)
-        return 3
     ready = time.time()
     print(READY, flush=True)
     line = sys.stdin.readline()

@@ -53,7 +53,7 @@ def _start_reaper(**_: Any) -> None:
         pool = gpus.get_pool(settings)
         _host = host.HostThread(pool, runner.default_worker_id(settings), slots=pool.count)
         _host.start()
-        standby.POOL.start(settings)
+        standby.POOL.start(settings, pool)
 
 
 @signals.worker_shutting_down.connect

@@ -6,10 +6,13 @@ saves the imports (seconds) on the way to the first step. The worker supervises 
 trainer: it runs in a session of its own (its pid is its process group), carries the worker's pid
 for its watchdog and for the orphan scan, and sits in the job's directory once it took the job.
 
-A standby is used only when the job's environment differs from the one it was started with in
-variables the trainer reads at run time (ENV_READ_AT_RUN); anything else (a library's setting,
-read at import) gets a fresh process. Pools refill after a job reached its first step or ended,
-so that a standby's imports do not compete with a starting job for the CPU.
+Each standby is started for one GPU, with CUDA_VISIBLE_DEVICES set (its imports fix it, see
+trainer.standby): for the free GPUs that a reservation takes first (the lowest indices), so a
+one-GPU job normally finds one of its own GPU. A standby is used only when the job's environment
+differs from the one it was started with in variables the trainer reads at run time
+(ENV_READ_AT_RUN); anything else (its devices, a library's setting read at import) gets a fresh
+process. The pool refills after a job reached its first step or ended, so that a standby's imports
+do not compete with a starting job for the CPU, and replaces standbys whose GPU got taken.
 """
 
 from __future__ import annotations
@@ -26,16 +29,17 @@ import time
 from pathlib import Path
 
 from core.settings import Settings
-from trainer.standby import READY, TAINTED
+from trainer.standby import READY
 from trainer.watchdog import SUPERVISOR_ENV
+from worker.gpus import GpuPool
 from worker.workdir import trainer_env
 
 log = logging.getLogger(__name__)
 
-# Variables a job may set differently from its standby's: CUDA reads these at its first use, the
-# trainer reads its own at run time.
-ENV_READ_AT_RUN = ("CUDA_VISIBLE_DEVICES", "TUNEQ_", "RANK", "LOCAL_RANK", "WORLD_SIZE")
-READY_WAIT_S = 60.0  # how long a job waits for a standby still importing before starting fresh
+# Variables a job may set differently from its standby's: the trainer reads these at run time.
+ENV_READ_AT_RUN = ("TUNEQ_", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+DEVICES_ENV = "CUDA_VISIBLE_DEVICES"
+READY_WAIT_S = 300.0  # a standby still importing is further along than a fresh process would be
 
 
 def standby_argv() -> list[str]:
@@ -54,7 +58,7 @@ class Standby:
         self.popen = subprocess.Popen(standby_argv(), cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=subprocess.DEVNULL, start_new_session=True)
         self.spawned = time.time()
-        self.ready = self.tainted = False
+        self.ready = False
 
     def wait_ready(self, timeout: float) -> bool:
         """True once the standby said READY; False if it died, said anything else, or is still
@@ -67,7 +71,6 @@ class Standby:
             return False
         line = self.popen.stdout.readline().decode(errors="replace").strip()
         self.ready = line == READY and self.popen.poll() is None
-        self.tainted = line == TAINTED
         if not self.ready:
             log.warning("standby trainer %s did not start (%r, exit %s)", self.popen.pid, line, self.popen.poll())
         return self.ready
@@ -112,41 +115,60 @@ class StandbyPool:
         self.idle: list[Standby] = []
         self.target = 0
         self.root: Path | None = None
+        self.gpus: GpuPool | None = None
 
-    def start(self, settings: Settings) -> None:
+    def start(self, settings: Settings, gpus: GpuPool | None = None) -> None:
         with self.lock:
             self.target = settings.standby_trainers
             self.root = settings.resolved_work_dir()
+            self.gpus = gpus if gpus is not None and gpus.kind == "gpu" else None
         self.refill(settings)
 
-    def env(self, settings: Settings) -> dict[str, str]:
-        return {**trainer_env(settings), SUPERVISOR_ENV: str(os.getpid())}
+    def env(self, settings: Settings, devices: str | None = None) -> dict[str, str]:
+        env = {**trainer_env(settings), SUPERVISOR_ENV: str(os.getpid())}
+        if devices is not None:
+            env[DEVICES_ENV] = devices
+        return env
+
+    def wanted(self) -> list[str | None]:
+        """The devices the next jobs will get, one entry per standby to keep."""
+        if self.gpus is None:
+            return [None] * self.target
+        return self.gpus.free_device_ids()[: self.target]
 
     def refill(self, settings: Settings) -> None:
         with self.lock:
-            self.idle = [s for s in self.idle if s.popen.poll() is None]
             if self.root is None:
                 return
+            wanted = self.wanted()
+            keep, stale = [], []
+            for s in self.idle:
+                if s.popen.poll() is not None:
+                    continue
+                devices = s.env.get(DEVICES_ENV) if self.gpus is not None else None
+                if devices in wanted:
+                    wanted.remove(devices)
+                    keep.append(s)
+                else:
+                    stale.append(s)  # its GPU is taken now, or fewer are wanted
             self.root.mkdir(parents=True, exist_ok=True)
-            while len(self.idle) < self.target:
-                self.idle.append(Standby(self.env(settings), self.root))
+            self.idle = keep + [Standby(self.env(settings, d), self.root) for d in wanted]
+        for s in stale:
+            s.close()
 
     def take(self, env: dict[str, str], argv: list[str], cwd: Path, log_path: Path) -> subprocess.Popen | None:
         """A standby running the job (argv after `-m trainer`), or None: start it fresh."""
         with self.lock:
-            standby = self.idle.pop(0) if self.idle else None
+            fits = [s for s in self.idle if runtime_only(s.env, env)]
+            standby = fits[0] if fits else None
+            if standby is not None:
+                self.idle.remove(standby)
         if standby is None:
-            return None
-        if not runtime_only(standby.env, env):
-            log.info("job environment differs from the standby's beyond run-time settings; starting a fresh trainer")
-            standby.close()
+            if self.idle:
+                log.info("no standby trainer for this job's devices or environment; starting a fresh trainer")
             return None
         if not standby.wait_ready(READY_WAIT_S) or not standby.hand(argv, env, cwd, log_path):
             standby.close()
-            if standby.tainted:
-                log.warning("a standby trainer found CUDA initialised by its imports; standby trainers are off")
-                with self.lock:
-                    self.target = 0
             return None
         return standby.popen
 
