@@ -242,11 +242,13 @@ class JobRun:
         """
         stopped_by: str | None = None
         kill_at = float("inf")
+        refilled = False
         while not proc.finished():
             self.with_db(self.pump)
-            if self.tracker.started_up:
+            if self.tracker.started_up and not refilled:
                 # Past its first step, the job no longer competes with a new standby's imports.
                 STANDBYS.refill(self.settings)
+                refilled = True
             now = time.monotonic()
             if self.keeper.lost.is_set():
                 log.warning("job %s: lease lost (attempt %s); stopping the trainer", self.job_id, self.attempt)
