@@ -7,8 +7,8 @@ trainer: it runs in a session of its own (its pid is its process group), carries
 for its watchdog and for the orphan scan, and sits in the job's directory once it took the job.
 
 Each standby is started for one GPU, with CUDA_VISIBLE_DEVICES set (its imports fix it, see
-trainer.standby): for the free GPUs that a reservation takes first (the lowest indices), so a
-one-GPU job normally finds one of its own GPU. A standby is used only when the job's environment
+trainer.standby): for the free GPUs that a reservation takes first (the lowest indices), then
+the busy ones, so a one-GPU job normally finds one of its own GPU. A standby is used only when the job's environment
 differs from the one it was started with in variables the trainer reads at run time
 (ENV_READ_AT_RUN); anything else (its devices, a library's setting read at import) gets a fresh
 process. The pool refills after a job reached its first step or ended, so that a standby's imports
@@ -131,10 +131,13 @@ class StandbyPool:
         return env
 
     def wanted(self) -> list[str | None]:
-        """The devices the next jobs will get, one entry per standby to keep."""
+        """The devices the next jobs will get, one entry per standby to keep: the free GPUs in the
+        order reserve takes them, then the busy ones (on a host of one GPU, the next job's GPU is
+        the one a job holds now)."""
         if self.gpus is None:
             return [None] * self.target
-        return self.gpus.free_device_ids()[: self.target]
+        free = self.gpus.free_device_ids()
+        return (free + [d for d in self.gpus.all_device_ids() if d not in free])[: self.target]
 
     def refill(self, settings: Settings) -> None:
         with self.lock:
