@@ -166,6 +166,10 @@ def test_cancel_running_job_on_postgres(pg_stack: Stack) -> None:
     assert job["status"] == "cancelled"
     alive = subprocess.run(["pgrep", "-f", f"work/{job_id}"], capture_output=True, text=True)
     assert alive.stdout.strip() == "", f"trainer still running: {alive.stdout}"
+    # A standby trainer that took the job is known by its working directory, not its command line.
+    from worker.process import trainer_pids
+
+    assert trainer_pids((pg_stack.home / "work" / job_id).resolve()) == []
 
 
 def test_sdk_lists_a_checkpoint_per_epoch_of_a_finished_job(stack: Stack) -> None:
