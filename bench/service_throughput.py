@@ -476,6 +476,9 @@ def main() -> int:
         if "lora-fast" not in settings:
             result["settings"]["lora-fast"] = {"bench": benches["lora-fast"], "jobs": []}
         save()
+    if args.trl:
+        result["trl"] = trl_rows(args, data, model_dir)
+        save()
     # What the API's data check does at upload: the trainer then reads these tokens from the cache.
     from trainer.data.validate import validate_file
     from trainer.model import load_tokenizer
@@ -503,9 +506,6 @@ def main() -> int:
                 prof = args.work / f"profile-{setting}-{name}" / "profile-rank0.txt"
                 if prof.exists():
                     shutil.copy(prof, args.out.with_name(args.out.name + f"_profile_{setting}_{name}.txt"))
-    if args.trl:
-        result["trl"] = trl_rows(args, data, model_dir)
-        save()
     if args.record_speeds and not args.dry_run:
         record_speeds(args, [j for part in result["settings"].values() for j in part["jobs"]] + result["service"])
     save()
