@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from trainer.signals import PAUSE_FILE
@@ -43,14 +44,14 @@ def group_members(pgid: int) -> list[int]:
 
 class TrainerProcess:
     def __init__(self, argv: list[str], *, cwd: Path, log_path: Path, env: dict[str, str],
-                 standbys: StandbyPool | None = None):
+                 standbys: StandbyPool | None = None, give_up: Callable[[], bool] = lambda: False):
         """Start the trainer; a one-process `python -m trainer ...` goes to a standby trainer of
         `standbys` when one can take it (worker.standby), else to a fresh process."""
         # The previous run's pause request is not this run's.
         (Path(cwd) / PAUSE_FILE).unlink(missing_ok=True)
         popen = None
         if standbys is not None and argv[:3] == [sys.executable, "-m", "trainer"]:
-            popen = standbys.take(env, argv[3:], Path(cwd), Path(log_path))
+            popen = standbys.take(env, argv[3:], Path(cwd), Path(log_path), give_up)
         self.standby = popen is not None
         if popen is None:
             with open(log_path, "ab") as log:

@@ -199,7 +199,8 @@ class JobRun:
         env = {**trainer_env(self.settings), SUPERVISOR_ENV: str(os.getpid())}
         if self.reservation:
             env.update(self.reservation.env(kind))
-        proc = TrainerProcess(argv, cwd=self.dir, log_path=self.dir / "trainer.log", env=env, standbys=STANDBYS)
+        proc = TrainerProcess(argv, cwd=self.dir, log_path=self.dir / "trainer.log", env=env, standbys=STANDBYS,
+                              give_up=lambda: self.keeper.lost.is_set() or SHUTDOWN.is_set())
         log.info("job %s: trainer pid %s %s on %s %s (attempt %s%s)", self.job_id, proc.pid,
                  "took the job as a standby" if proc.standby else "started", kind, devices,
                  self.attempt, ", resuming" if resume else "")

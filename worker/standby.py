@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from core.settings import Settings
@@ -36,8 +37,9 @@ from worker.workdir import trainer_env
 
 log = logging.getLogger(__name__)
 
-# Variables a job may set differently from its standby's: the trainer reads these at run time.
-ENV_READ_AT_RUN = ("TUNEQ_", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+# Variables a job may set differently from its standby's: the trainer reads these at run time (the
+# tokenizers library reads its parallelism switch when it tokenizes, and the trainer sets it).
+ENV_READ_AT_RUN = ("TUNEQ_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "TOKENIZERS_PARALLELISM")
 DEVICES_ENV = "CUDA_VISIBLE_DEVICES"
 READY_WAIT_S = 300.0  # a standby still importing is further along than a fresh process would be
 
@@ -46,10 +48,14 @@ def standby_argv() -> list[str]:
     return [sys.executable, "-m", "trainer", "standby"]
 
 
-def runtime_only(before: dict[str, str], after: dict[str, str]) -> bool:
-    """Whether `after` differs from `before` only in variables read at run time."""
+def import_time_changes(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    """The variables in which `after` differs from `before`, other than those read at run time."""
     changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
-    return all(k.startswith(ENV_READ_AT_RUN) for k in changed)
+    return sorted(k for k in changed if not k.startswith(ENV_READ_AT_RUN))
+
+
+def runtime_only(before: dict[str, str], after: dict[str, str]) -> bool:
+    return not import_time_changes(before, after)
 
 
 class Standby:
@@ -60,15 +66,14 @@ class Standby:
         self.spawned = time.time()
         self.ready = False
 
-    def wait_ready(self, timeout: float) -> bool:
-        """True once the standby said READY; False if it died, said anything else, or is still
-        importing after `timeout`."""
+    def wait_ready(self, timeout: float) -> bool | None:
+        """True once the standby said READY; False if it died or said anything else; None while it
+        is still importing after `timeout`."""
         if self.ready:
             return self.popen.poll() is None
         assert self.popen.stdout is not None
-        fd = self.popen.stdout.fileno()
-        if not select.select([fd], [], [], timeout)[0]:
-            return False
+        if not select.select([self.popen.stdout.fileno()], [], [], timeout)[0]:
+            return None if self.popen.poll() is None else False
         line = self.popen.stdout.readline().decode(errors="replace").strip()
         self.ready = line == READY and self.popen.poll() is None
         if not self.ready:
@@ -159,8 +164,11 @@ class StandbyPool:
         for s in stale:
             s.close()
 
-    def take(self, env: dict[str, str], argv: list[str], cwd: Path, log_path: Path) -> subprocess.Popen | None:
-        """A standby running the job (argv after `-m trainer`), or None: start it fresh."""
+    def take(self, env: dict[str, str], argv: list[str], cwd: Path, log_path: Path,
+             give_up: Callable[[], bool] = lambda: False) -> subprocess.Popen | None:
+        """A standby running the job (argv after `-m trainer`), or None: start it fresh. A standby
+        still importing is waited for (it is further along than a fresh process would be) unless
+        `give_up` says the run must stop."""
         with self.lock:
             fits = [s for s in self.idle if runtime_only(s.env, env)]
             standby = fits[0] if fits else None
@@ -168,9 +176,18 @@ class StandbyPool:
                 self.idle.remove(standby)
         if standby is None:
             if self.idle:
-                log.info("no standby trainer for this job's devices or environment; starting a fresh trainer")
+                log.info("no standby trainer for this job's devices and environment (differs in %s); starting a "
+                         "fresh trainer", ", ".join(import_time_changes(self.idle[0].env, env)))
             return None
-        if not standby.wait_ready(READY_WAIT_S) or not standby.hand(argv, env, cwd, log_path):
+        deadline = time.monotonic() + READY_WAIT_S
+        while (ready := standby.wait_ready(0.5)) is None:
+            if time.monotonic() >= deadline or give_up():
+                # Still importing: it may serve the next job; this one must not wait on (the lease
+                # lost, a shutdown: the run has to stop now, not once the imports are done).
+                with self.lock:
+                    self.idle.append(standby)
+                return None
+        if not ready or not standby.hand(argv, env, cwd, log_path):
             standby.close()
             return None
         return standby.popen
