@@ -38,8 +38,9 @@ from worker.workdir import trainer_env
 log = logging.getLogger(__name__)
 
 # Variables a job may set differently from its standby's: the trainer reads these at run time (the
-# tokenizers library reads its parallelism switch when it tokenizes, and the trainer sets it).
-ENV_READ_AT_RUN = ("TUNEQ_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "TOKENIZERS_PARALLELISM")
+# tokenizers library reads its parallelism switch when it tokenizes, and the trainer sets it), or
+# never (tensorboardX sets CRC32C_SW_MODE in the worker once the worker first writes curves).
+ENV_READ_AT_RUN = ("TUNEQ_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "TOKENIZERS_PARALLELISM", "CRC32C_SW_MODE")
 DEVICES_ENV = "CUDA_VISIBLE_DEVICES"
 READY_WAIT_S = 300.0  # a standby still importing is further along than a fresh process would be
 
