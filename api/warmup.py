@@ -10,6 +10,7 @@ API already answers requests.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 
@@ -30,6 +31,9 @@ def warm_tokenizers(settings: Settings) -> list[str]:
             loaded.append(model.name)
         except Exception as exc:  # noqa: BLE001 - a model that cannot load is the data check's to report
             log.info("warm-up: no tokenizer for %s (%s)", model.name, exc)
+    # What was just imported and loaded lives as long as the process: out of the collector's
+    # sight, the full collections that requests trigger no longer walk it (pauses of the loop).
+    gc.freeze()
     return loaded
 
 
