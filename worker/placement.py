@@ -57,7 +57,8 @@ def take(db: Session, pool: GpuPool, job_id: str, worker_id: str, settings: Sett
             queue = waiting(db)
             db.rollback()
             free = pool.free()
-            held_for = reserved_here(db, pool.host, pool.count, pool.memory_gib)
+            held_for = (reserved_here(db, pool.host, pool.count, pool.memory_gib)
+                        if settings.reserve_after_h > 0 else None)
             first = next(iter(queue), None)  # the order's head: read without reading the whole queue
             if held_for is not None and not (first is not None and first.priority > held_for.priority):
                 # This host is reserved for a job that was passed over too long: it starts that
