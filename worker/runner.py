@@ -39,6 +39,7 @@ from worker.checkpoint_store import Uploader, keep_checkpoints, prepare_resume, 
 from worker.events import EventTail, ProgressTracker
 from worker.gpus import GpuPool, Reservation, get_pool
 from worker.process import SUPERVISOR_ENV, TrainerProcess, kill_strays
+from worker.standby import POOL as STANDBYS
 from worker.tensorboard_log import TensorBoardLog
 from worker.workdir import SpecError, job_dir, runnable_spec, trainer_argv, trainer_env, write_spec
 
@@ -201,21 +202,24 @@ class JobRun:
         env = {**trainer_env(self.settings), SUPERVISOR_ENV: str(os.getpid()), JOB_ID_ENV: self.job_id}
         if self.reservation:
             env.update(self.reservation.env(kind))
-        proc = TrainerProcess(argv, cwd=self.dir, log_path=self.dir / "trainer.log", env=env)
-        log.info("job %s: trainer pid %s started on %s %s (attempt %s%s)", self.job_id, proc.pid, kind, devices,
+        proc = TrainerProcess(argv, cwd=self.dir, log_path=self.dir / "trainer.log", env=env, standbys=STANDBYS,
+                              give_up=lambda: self.keeper.lost.is_set() or SHUTDOWN.is_set())
+        log.info("job %s: trainer pid %s %s on %s %s (attempt %s%s)", self.job_id, proc.pid,
+                 "took the job as a standby" if proc.standby else "started", kind, devices,
                  self.attempt, ", resuming" if resume else "")
         host = self.pool.host if self.pool else None
         self.job.host = host
         states.add_event(self.db, self.job, "Resuming from the latest checkpoint." if resume else "Trainer started.",
                          type="message", data={"pid": proc.pid, "worker": self.worker_id, "resume": resume,
                                                "attempt": self.attempt, "host": host, "devices": devices,
-                                               "device_kind": kind})
+                                               "device_kind": kind, "standby": proc.standby})
         self.db.commit()
         try:
             stopped_by = self.supervise(proc)
         finally:
             if not proc.finished():
                 proc.kill()
+            STANDBYS.refill(self.settings)
         # A database restart just as the trainer ends must not lose its last events or turn a
         # finished training into a retried one.
         self.with_db(self.pump)
@@ -242,8 +246,13 @@ class JobRun:
         """
         stopped_by: str | None = None
         kill_at = float("inf")
+        refilled = False
         while not proc.finished():
             self.with_db(self.pump)
+            if self.tracker.started_up and not refilled:
+                # Past its first step, the job no longer competes with a new standby's imports.
+                STANDBYS.refill(self.settings)
+                refilled = True
             now = time.monotonic()
             if self.keeper.lost.is_set():
                 log.warning("job %s: lease lost (attempt %s); stopping the trainer", self.job_id, self.attempt)
