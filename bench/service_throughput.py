@@ -53,6 +53,7 @@ SETTINGS = {
     "full-lean": ("full", {"speed": "lean", "full_precision": "bf16"}, "tuneq-full-bf16-lean"),
 }
 LEARNING_RATE = {"lora": 2e-4, "qlora": 2e-4, "full": 1e-5}
+DRY_RUN_GPU = "NVIDIA H100 80GB HBM3"  # the GPU model a dry run's estimates are planned for
 
 
 def write_text_data(model_dir: Path, path: Path, tokens: int, seed: int = 0, lo: int = 64, hi: int = 1024) -> Path:
@@ -541,7 +542,8 @@ def report_again(args) -> int:
     steps and every job's time estimate planned again from speeds.json as it is now (first refreshed
     from that run with --record-speeds); the estimate the job got when it ran is kept beside it."""
     saved = json.loads(args.report.read_text())
-    args.out, args.device_name = args.report.with_suffix(""), saved["device"]
+    args.out = args.report.with_suffix("")
+    args.device_name = saved["device"] if saved["device"] != "cpu" else DRY_RUN_GPU
     for key, value in (saved.get("args") or {}).items():
         setattr(args, key, value)
     jobs = [j for part in saved["settings"].values() for j in part["jobs"]]
@@ -597,7 +599,7 @@ def main() -> int:
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    args.device_name = device if device != "cpu" else "NVIDIA H100 80GB HBM3"  # a dry run estimates an H100
+    args.device_name = device if device != "cpu" else DRY_RUN_GPU
     settings = [x for x in args.settings.split(",") if x]
     result: dict = {"device": device, "date": time.strftime("%Y-%m-%d"),
                     "args": {"steps": args.steps, "batch": args.batch, "seq": args.seq}, "settings": {}, "service": [],
