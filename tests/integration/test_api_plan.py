@@ -51,7 +51,8 @@ def test_plan_route_returns_every_method_with_its_breakdown(client: TestClient, 
     assert t["flops"] > 0 and t["seconds"] > 0 and t["gpu_hours"] > 0
     # The worker GPUs' model (setting plan_gpu_model, an H100 by default) times the plan: its
     # measured efficiency for the setting, and its start-up on top of the steps.
-    assert t["startup_seconds"] > 0 and t["wall_seconds"] == pytest.approx(t["seconds"] + t["startup_seconds"])
+    assert t["startup_seconds"] > 0 and t["checkpoints"] == 0  # one epoch: its only save is the end
+    assert t["wall_seconds"] == pytest.approx(t["seconds"] + t["startup_seconds"] + t["checkpoint_seconds"])
     assert t["efficiency_source"].startswith("H100 ") and "full lean" in t["efficiency_source"]
 
 
@@ -168,6 +169,7 @@ def test_cli_plan_prints_the_table_and_json(service_env: dict[str, str], admin_k
     r = runner.invoke(cli.app, ["plan", str(data), "--model", "tiny-llama"])
     assert r.exit_code == 0, r.output
     assert "qlora" in r.output and "recommended: full fits" in r.output and "GPU-hours" in r.output
+    assert "wall to the last step:" in r.output and "checkpoint(s) before the last step" in r.output
     r = runner.invoke(cli.app, ["plan", str(data), "--model", "tiny-llama", "--method", "lora", "--json"])
     assert r.exit_code == 0, r.output
     got = json.loads(r.stdout[r.stdout.index("{"):])
