@@ -70,7 +70,7 @@ def charge(db: Session, job: Job, t: float, *, stop: bool = False) -> float:
     job.usage_charged_at = None if stop else t
     if since is None or t <= since:
         return 0.0
-    hours = job.gpus * (t - since) / 3600.0
+    hours = job.total_gpus * (t - since) / 3600.0  # a job across hosts holds gpus on each
     s = get_settings()
     team = db.scalar(select(User.team_id).where(User.id == job.owner_id)) if job.owner_id else None
     # Always in this order (team, then user): two jobs charging at once cannot deadlock.
@@ -99,6 +99,7 @@ def accrue(db: Session, job: Job, t: float) -> None:
 class Queued(Protocol):
     id: str
     gpus: int
+    nodes: int
     priority: int
     owner: str
     team: str
@@ -112,7 +113,7 @@ def usage_now(db: Session, t: float) -> dict[str, float]:
     for r in db.execute(select(GpuUsage.principal, GpuUsage.gpu_hours, GpuUsage.at)):
         use[r.principal] = decayed(r.gpu_hours, r.at, t, s.fair_share_half_life_h)
     running = db.execute(
-        select(Job.owner_id, User.team_id, func.sum(Job.gpus))
+        select(Job.owner_id, User.team_id, func.sum(Job.gpus * func.coalesce(Job.spec["nodes"].as_integer(), 1)))
         .outerjoin(User, User.id == Job.owner_id)
         .where(Job.status.in_([states.RUNNING, states.CANCELLING]))
         .group_by(Job.owner_id, User.team_id)
@@ -174,8 +175,9 @@ def _merge(teams: dict[str, dict[str, list[Queued]]], use: dict[str, float], per
         out.append(job)
         if not q and owner in cut:
             return False
-        use[ukey] += job.gpus * per_gpu
-        use[team] += job.gpus * per_gpu
+        held = job.gpus * job.nodes
+        use[ukey] += held * per_gpu
+        use[team] += held * per_gpu
         if q:
             heapq.heappush(h, entry(ukey, q))
         if h:  # among teams of equal use, the one whose next job is older goes first

@@ -30,6 +30,7 @@ class Waiting:
     team: str = ""
     created_at: float = 0.0
     min_gpu_memory_gib: float | None = None  # the least GPU memory its plan fits in (Job.min_gpu_memory_gib)
+    nodes: int = 1  # hosts it spans (spec `nodes`); `gpus` counts each host's
 
     def fits(self, free: int, total: int, memory_gib: float | None) -> bool:
         """Fits `free` GPUs of a host with `total`, each of `memory_gib` (None: not known, not checked)."""
@@ -54,7 +55,8 @@ PREFETCH = 32
 
 def _read(db: Session, per_owner: int | None) -> list[Waiting]:
     cols = (Job.id, Job.gpus, Job.priority, Job.progress[RETRY_AT].as_float().label("retry_at"),
-            Job.owner_id, Job.created_at, User.team_id, Job.min_gpu_memory_gib)
+            Job.owner_id, Job.created_at, User.team_id, Job.min_gpu_memory_gib,
+            Job.spec["nodes"].as_integer().label("nodes"))
     q = select(*cols).outerjoin(User, User.id == Job.owner_id).where(Job.status == states.QUEUED)
     if per_owner is None:
         rows = db.execute(q.order_by(Job.priority.desc(), Job.created_at, Job.id)).all()
@@ -64,7 +66,7 @@ def _read(db: Session, per_owner: int | None) -> list[Waiting]:
         rows = db.execute(select(sub).where(sub.c.rn <= per_owner)).all()
     return [Waiting(r.id, r.gpus, r.priority, r.retry_at or 0.0, r.owner_id or "",
                     fairshare.team_key(r.team_id, r.owner_id), r.created_at,
-                    min_gpu_memory_gib=r.min_gpu_memory_gib) for r in rows]
+                    min_gpu_memory_gib=r.min_gpu_memory_gib, nodes=r.nodes or 1) for r in rows]
 
 
 class FairQueue(Sequence[Waiting]):
