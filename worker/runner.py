@@ -165,6 +165,7 @@ class JobRun:
         self.tail = EventTail(self.dir / "events.jsonl", self.dir / "events.offset")
         self.tensorboard = TensorBoardLog(self.dir / "tensorboard")
         self.ended_here = False  # this run wrote the job's final status (or found it ended)
+        self.nodes = job.nodes  # hosts the job spans: above 1, this worker leads it (core/gang.py)
         self.gang_join_by = float("inf")  # a job across hosts: when every other host must have joined
         self.gang_problem = ""
 
@@ -200,9 +201,9 @@ class JobRun:
         kind = self.pool.kind if self.pool else "cpu"
         procs = len(devices) if kind == "gpu" and devices else 1
         meet = None
-        if self.job.nodes > 1:
+        if self.nodes > 1:
             # The other hosts start their ranks once told where to meet and what to resume from.
-            meet = Rendezvous(rendezvous_addr(self.settings), rendezvous_port(self.settings), self.job.nodes, 0)
+            meet = Rendezvous(rendezvous_addr(self.settings), rendezvous_port(self.settings), self.nodes, 0)
             self.with_db(gang.mark_ready, self.db, self.job_id, self.attempt, f"{meet.addr}:{meet.port}",
                          checkpoint.id if checkpoint is not None else None)
             self.gang_join_by = time.time() + self.settings.gang_join_timeout_s
@@ -260,7 +261,7 @@ class JobRun:
                 log.warning("job %s: lease lost (attempt %s); stopping the trainer", self.job_id, self.attempt)
                 proc.kill()
                 return "lost"
-            if self.job.nodes > 1 and stopped_by is None and now >= next_gang_check:
+            if self.nodes > 1 and stopped_by is None and now >= next_gang_check:
                 next_gang_check = now + self.settings.heartbeat_s
                 if (problem := self.with_db(gang.problem, self.db, self.job_id, self.attempt, self.settings.lease_ttl_s,
                                             self.gang_join_by, gang.MEMBER_EXIT_GRACE_S)) is not None:
@@ -453,11 +454,11 @@ class JobRun:
     def peaks_by_host(self, peaks: list[int | None] | None) -> dict[str, Any]:
         """A job across hosts: `peak_memory_bytes_by_host`, the largest peak of each host's ranks
         (rank r runs on the gang's host r // gpus); {} for a job of one host."""
-        if self.job.nodes <= 1 or not peaks:
+        if self.nodes <= 1 or not peaks:
             return {}
         hosts = {m.node_rank: m.host for m in gang.members(self.db, self.job_id)}
         self.db.rollback()
-        per = max(1, len(peaks) // self.job.nodes)
+        per = max(1, len(peaks) // self.nodes)
         out: dict[str, int | None] = {}
         for rank, peak in enumerate(peaks):
             host = hosts.get(rank // per, f"node-{rank // per}")

@@ -13,7 +13,8 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core import states
+from core import control, states
+from core.jobs import request_cancel
 from core.models import GangMember, Job
 from core.queue import enqueue_job
 from tests.reliability.conftest import STEADY_LEASE, events_of, job_status, make_job, trainer_starts, wait_for
@@ -52,7 +53,7 @@ def no_gang_left(db: Session) -> bool:
     return not rows
 
 
-def test_two_hosts_train_one_job_as_two_ranks_like_one_process_and_two_such_jobs_both_finish(
+def test_two_hosts_train_one_job_as_two_ranks_like_one_process_two_such_jobs_both_finish_and_pause_cancel_reach_both(
         db: Session, rel_env, workers, s3, tmp_path: Path) -> None:
     a = host(workers, tmp_path, s3, "host-a", **STEADY_LEASE, **GANG)
     b = host(workers, tmp_path, s3, "host-b", **STEADY_LEASE, **GANG)
@@ -80,6 +81,34 @@ def test_two_hosts_train_one_job_as_two_ranks_like_one_process_and_two_such_jobs
     ended = next(e.created_at for e in events_of(first.id, "status") if e.data and e.data.get("to") == states.SUCCEEDED)
     assert trainer_starts(second.id)[0].created_at >= ended - 60  # started once the first's hosts were free
     assert wait_for(lambda: no_gang_left(db), 30, "the gangs' rows to go")
+    db.expire_all()
+    assert set(db.get(Job, g1.id).metrics["peak_memory_bytes_by_host"]) == {"host-a", "host-b"}
+
+    # Pause and cancel reach the ranks on both hosts.
+    long = job(db, rel_env, nodes=2, steps=2000)
+    enqueue_job(long.id)
+    started = wait_for(lambda: [r for r in gang_hosts(long.id) if len(r) == 2], 180,
+                       lambda: f"both hosts to start\n{a.log()}\n{b.log()}")[0]
+    dirs = [tmp_path / h / "work" / long.id for h in started]
+    wait_for(lambda: last_step(dirs[0] / "events.jsonl") > 0, 120, "the first step")
+    control.request_pause(db, db.get(Job, long.id))
+    db.commit()
+    wait_for(lambda: job_status(long.id) == states.PAUSED, 120, lambda: f"the pause\n{a.log()}\n{b.log()}")
+    wait_for(lambda: not any(trainer_pids(d) for d in dirs), 30, "every host's ranks to stop")
+    assert events_of(long.id, "checkpoint"), "paused without a checkpoint"
+    assert no_gang_left(db)
+    control.request_resume(db, db.get(Job, long.id))
+    db.commit()
+    enqueue_job(long.id)
+    wait_for(lambda: len([r for r in gang_hosts(long.id) if len(r) == 2]) == 2, 180,
+             lambda: f"both hosts to start again\n{a.log()}\n{b.log()}")
+    wait_for(lambda: all(trainer_pids(d) for d in dirs), 60, "the ranks on both hosts")
+    request_cancel(db, db.get(Job, long.id))
+    db.commit()
+    wait_for(lambda: job_status(long.id) == states.CANCELLED, 120, lambda: f"the cancel\n{a.log()}\n{b.log()}")
+    wait_for(lambda: not any(trainer_pids(d) for d in dirs), 30, "every host's ranks to stop")
+    assert [e.data.get("resumed_from_step") for e in events_of(long.id, "start")][-1], "the resume did not resume"
+    assert wait_for(lambda: no_gang_left(db), 30, "the gang's rows to go")
 
 
 def test_a_killed_follower_host_stops_every_rank_and_the_job_resumes_from_the_store(
