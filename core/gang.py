@@ -27,6 +27,9 @@ from core.models import GangMember, Job, now
 # A follower trainer that ended while the leader's goes on: the leader waits this long for its own
 # ranks to notice (a failed collective) before it stops them itself.
 MEMBER_EXIT_GRACE_S = 10.0
+# A follower's exit code when its GPUs did not come free (a job of its host took them as the gang
+# formed): the attempt ends, but not as a failure of the job (no retry counted).
+GPUS_BUSY = -2
 
 
 def busy_hosts(db: Session) -> set[str]:
@@ -143,7 +146,14 @@ def member_exited(db: Session, job_id: str, node_rank: int, attempt: int, code: 
     db.commit()
 
 
-def problem(db: Session, job_id: str, attempt: int, ttl_s: float, join_by: float, exit_grace_s: float) -> str | None:
+@dataclass(frozen=True)
+class Problem:
+    message: str
+    counts: bool = True  # a failure of the attempt (a retry); False: the hosts were only not free together
+
+
+def problem(db: Session, job_id: str, attempt: int, ttl_s: float, join_by: float,
+            exit_grace_s: float) -> Problem | None:
     """Why the leader must stop the job's ranks now, or None while every host plays its part.
 
     A host that never joined by `join_by`, one whose heartbeat is older than the lease TTL, and
@@ -157,14 +167,16 @@ def problem(db: Session, job_id: str, attempt: int, ttl_s: float, join_by: float
     for m in rows:
         if m.worker_id is None:
             if t > join_by:
-                return f"host {m.host} did not start its part of the job within the join timeout"
+                return Problem(f"host {m.host} did not start its part of the job within the join timeout")
             continue
+        if m.exit_code == GPUS_BUSY:
+            return Problem(f"the GPUs of host {m.host} were taken by another job", counts=False)
         if m.exit_code is not None:
             if m.exit_code != 0 and (m.heartbeat_at or 0) < t - exit_grace_s:
-                return f"the trainer on host {m.host} exited with code {m.exit_code}"
+                return Problem(f"the trainer on host {m.host} exited with code {m.exit_code}")
             continue
         if (m.heartbeat_at or 0) < t - ttl_s:
-            return f"host {m.host} stopped heartbeating"
+            return Problem(f"host {m.host} stopped heartbeating")
     return None
 
 

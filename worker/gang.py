@@ -64,16 +64,18 @@ class Member(threading.Thread):
 
     def run(self) -> None:
         db = get_sessionmaker()()
+        beat = Beat(self)
         try:
             if not gang.join(db, self.job_id, self.node_rank, self.attempt, self.worker_id):
                 return  # another worker of this host took the place, or the gang is gone
             log.info("job %s: joined as host %s of its gang (attempt %s)", self.job_id, self.node_rank, self.attempt)
-            reservation = self.reserve(db)
+            beat.start()
+            reservation = self.reserve(beat)
             if reservation is None:
-                gang.member_exited(db, self.job_id, self.node_rank, self.attempt, -1)
+                gang.member_exited(db, self.job_id, self.node_rank, self.attempt, gang.GPUS_BUSY)
                 return
             try:
-                code = self.play(db, reservation)
+                code = self.play(db, beat, reservation)
             finally:
                 self.pool.release(reservation)
             gang.member_exited(db, self.job_id, self.node_rank, self.attempt, code)
@@ -81,36 +83,26 @@ class Member(threading.Thread):
         except Exception:  # noqa: BLE001 - the leader sees the member fall silent and stops the job
             log.exception("job %s: this host's part failed", self.job_id)
         finally:
+            beat.stop.set()
             db.close()
 
-    def beat(self, db) -> gang.Standing | None:  # noqa: ANN001
-        try:
-            return gang.beat(db, self.job_id, self.node_rank, self.attempt, self.worker_id)
-        except DBAPIError as exc:
-            db.rollback()
-            log.warning("job %s: gang heartbeat failed: %s", self.job_id, exc)
-            return gang.Standing(None, None, False, 0)  # unknown: go on; the leader judges the silence
-
-    def reserve(self, db) -> Reservation | None:  # noqa: ANN001
+    def reserve(self, beat: Beat) -> Reservation | None:
         """This host's GPUs for the job: the registry said they were free, but a job of this host may
         still be giving them back; wait for them as long as the leader waits for this host."""
         deadline = time.monotonic() + self.settings.gang_join_timeout_s
-        while time.monotonic() < deadline and not self.shutdown.is_set():
+        while time.monotonic() < deadline and not self.shutdown.is_set() and not beat.gone.is_set():
             if (r := self.pool.reserve(self.gpus, owner=self.job_id)) is not None:
                 return r
-            if self.beat(db) is None:
-                return None
             time.sleep(POLL_S)
         log.warning("job %s: this host's GPUs did not come free for it", self.job_id)
         return None
 
-    def play(self, db, reservation: Reservation) -> int:  # noqa: ANN001
+    def play(self, db, beat: Beat, reservation: Reservation) -> int:  # noqa: ANN001
         """Run this host's ranks to their end; their exit code (-1: never started)."""
-        standing = self.beat(db)
-        while standing is not None and standing.endpoint is None and not self.shutdown.is_set():
+        while beat.standing.endpoint is None and not beat.gone.is_set() and not self.shutdown.is_set():
             time.sleep(POLL_S)
-            standing = self.beat(db)
-        if standing is None or standing.endpoint is None:
+        standing = beat.standing
+        if beat.gone.is_set() or standing.endpoint is None:
             return -1
         job = db.get(Job, self.job_id, populate_existing=True)
         try:
@@ -136,28 +128,23 @@ class Member(threading.Thread):
                                                "attempt": self.attempt, "worker": self.worker_id, "resume": resume})
         db.commit()
         try:
-            return self.supervise(db, proc)
+            return self.supervise(beat, proc)
         finally:
             if not proc.finished():
                 proc.kill()
 
-    def supervise(self, db, proc: TrainerProcess) -> int:  # noqa: ANN001
+    def supervise(self, beat: Beat, proc: TrainerProcess) -> int:
         cancelled = False
-        next_beat = 0.0
         while not proc.finished():
-            now = time.monotonic()
-            if now >= next_beat:
-                next_beat = now + self.settings.heartbeat_s
-                standing = self.beat(db)
-                if standing is None or self.shutdown.is_set():
-                    # The attempt ended (the leader stopped it, or it was reaped) or this worker stops.
-                    log.warning("job %s: the gang's attempt %s is over; stopping this host's ranks", self.job_id,
-                                self.attempt)
-                    proc.kill()
-                    break
-                if standing.cancel and not cancelled:
-                    proc.send(signal.SIGTERM)
-                    cancelled = True
+            if beat.gone.is_set() or self.shutdown.is_set():
+                # The attempt ended (the leader stopped it, or it was reaped) or this worker stops.
+                log.warning("job %s: the gang's attempt %s is over; stopping this host's ranks", self.job_id,
+                            self.attempt)
+                proc.kill()
+                break
+            if beat.standing.cancel and not cancelled:
+                proc.send(signal.SIGTERM)
+                cancelled = True
             time.sleep(POLL_S)
         code = proc.returncode
         return code if code is not None else -1
@@ -186,3 +173,33 @@ class Member(threading.Thread):
         db.rollback()
         if job is None or job.status in states.TERMINAL:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Beat(threading.Thread):
+    """Renews a member's gang row from a thread of its own for as long as the member runs (fetching
+    files and checkpoints too), and keeps what it learns: the leader's standing, or that the
+    attempt is gone."""
+
+    def __init__(self, member: Member):
+        super().__init__(name=f"gang-beat-{member.job_id}", daemon=True)
+        self.m = member
+        self.stop = threading.Event()
+        self.gone = threading.Event()
+        self.standing = gang.Standing(None, None, False, 0)  # nothing known yet
+        self.every_s = min(member.settings.heartbeat_s, 1.0)  # also how soon the leader's ready is seen
+
+    def run(self) -> None:
+        m = self.m
+        with get_sessionmaker()() as db:
+            while not self.stop.is_set():
+                try:
+                    standing = gang.beat(db, m.job_id, m.node_rank, m.attempt, m.worker_id)
+                except DBAPIError as exc:
+                    db.rollback()  # unknown: go on; the leader judges the silence
+                    log.warning("job %s: gang heartbeat failed: %s", m.job_id, exc)
+                else:
+                    if standing is None:
+                        self.gone.set()
+                        return
+                    self.standing = standing
+                self.stop.wait(self.every_s)

@@ -87,6 +87,11 @@ def take(db: Session, pool: GpuPool, job_id: str, worker_id: str, settings: Sett
         reservation = pool.reserve(gpus, owner=target_id)
         if reservation is None:  # another worker process of this host was faster
             return "deferred"
+        if gang.awaited_here(db, pool.host):
+            # A job across hosts reserved this host while it chose: its GPUs go to that job.
+            db.rollback()
+            pool.release(reservation)
+            return "deferred"
         leased = acquire_lease(db, target_id, worker_id, settings.lease_ttl_s)
         if leased is None:
             pool.release(reservation)

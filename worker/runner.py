@@ -30,6 +30,7 @@ from core.jobs import heartbeat, lock_leased_job, release_lease
 from core.models import Checkpoint, Job
 from core.queue import clear_pending, enqueue_job
 from core.retries import USER_ERRORS, retry_or_fail
+from core.scheduling import RETRY_AT
 from core.settings import Settings, get_settings
 from core.storage import get_storage
 from worker import placement
@@ -167,7 +168,7 @@ class JobRun:
         self.ended_here = False  # this run wrote the job's final status (or found it ended)
         self.nodes = job.nodes  # hosts the job spans: above 1, this worker leads it (core/gang.py)
         self.gang_join_by = float("inf")  # a job across hosts: when every other host must have joined
-        self.gang_problem = ""
+        self.gang_problem: gang.Problem | None = None
 
     def execute(self) -> str:
         with (LeaseKeeper(self.job_id, self.worker_id, self.attempt, self.settings.heartbeat_s) as self.keeper,
@@ -266,7 +267,7 @@ class JobRun:
                 if (problem := self.with_db(gang.problem, self.db, self.job_id, self.attempt, self.settings.lease_ttl_s,
                                             self.gang_join_by, gang.MEMBER_EXIT_GRACE_S)) is not None:
                     # One host is gone or failed: every rank stops, the job resumes from its newest stored checkpoint.
-                    log.warning("job %s: %s; stopping every rank", self.job_id, problem)
+                    log.warning("job %s: %s; stopping every rank", self.job_id, problem.message)
                     self.gang_problem = problem
                     proc.kill()
                     return "gang"
@@ -340,7 +341,10 @@ class JobRun:
         if stopped_by == "lost":
             return "lost"
         if stopped_by == "gang":
-            return self.retry(self.gang_problem)
+            assert self.gang_problem is not None
+            if not self.gang_problem.counts:
+                return self.wait_for_hosts(self.gang_problem.message)
+            return self.retry(self.gang_problem.message)
         if stopped_by == "shutdown":
             if release_lease(self.db, self.job_id, self.worker_id, self.attempt, "Worker shut down; job re-queued."):
                 enqueue_job(self.job_id)
@@ -395,6 +399,21 @@ class JobRun:
         self.db.commit()
         log.warning("job %s: %s", self.job_id, message)
         return states.QUEUED
+
+    def wait_for_hosts(self, reason: str) -> str:
+        """A job across hosts whose hosts were not all free after all (a job of one took its GPUs as the
+        gang formed): back to the queue after a short wait, every host freed, no retry counted."""
+        job = lock_leased_job(self.db, self.job_id, self.worker_id, self.attempt)
+        if job is None:
+            return "lost"
+        if job.status == states.CANCELLING:
+            states.transition(self.db, job, states.CANCELLED, "Job cancelled.")
+        else:
+            job.progress = {**(job.progress or {}), RETRY_AT: time.time() + max(1.0, self.settings.dispatch_interval_s)}
+            states.transition(self.db, job, states.QUEUED, f"Job re-queued: {reason}; it waits for all its hosts.")
+        self.db.commit()
+        log.info("job %s: %s; %s", self.job_id, reason, job.status)
+        return job.status
 
     def retry(self, reason: str) -> str:
         job = lock_leased_job(self.db, self.job_id, self.worker_id, self.attempt)

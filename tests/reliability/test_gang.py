@@ -68,7 +68,9 @@ def test_two_hosts_train_one_job_as_two_ranks_like_one_process_two_such_jobs_bot
         assert wait_end(j.id, a, 300) == states.SUCCEEDED, f"{j.id}\n{a.log()}\n{b.log()}"
     for j in (g1, g2):
         runs = gang_hosts(j.id)
-        assert len(runs) == 1 and sorted(runs[0]) == ["host-a", "host-b"], runs
+        # A host whose worker took its GPU for another job just as the gang formed ends that attempt
+        # without a retry counted; the job then runs once both hosts are free.
+        assert sorted(runs[-1]) == ["host-a", "host-b"] and all(len(r) == 1 for r in runs[:-1]), runs
         assert not any(e.type == "retry" for e in events_of(j.id)), [e.message for e in events_of(j.id)]
         # Events come from rank 0 alone: one start, one metrics event per step.
         assert len(events_of(j.id, "start")) == 1
@@ -76,10 +78,10 @@ def test_two_hosts_train_one_job_as_two_ranks_like_one_process_two_such_jobs_bot
         assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
         for step in want:
             assert got[step] == pytest.approx(want[step], rel=LOSS_RTOL), f"{j.id} step {step}: {got[step]} != {want[step]}"
-    # The two gangs never overlapped: the second started after the first had ended.
-    first, second = sorted((g1, g2), key=lambda j: trainer_starts(j.id)[0].created_at)
+    # The two gangs never overlapped: the second ran once the first had ended and freed its hosts.
+    first, second = sorted((g1, g2), key=lambda j: trainer_starts(j.id)[-1].created_at)
     ended = next(e.created_at for e in events_of(first.id, "status") if e.data and e.data.get("to") == states.SUCCEEDED)
-    assert trainer_starts(second.id)[0].created_at >= ended - 60  # started once the first's hosts were free
+    assert trainer_starts(second.id)[-1].created_at >= ended
     assert wait_for(lambda: no_gang_left(db), 30, "the gangs' rows to go")
     db.expire_all()
     assert set(db.get(Job, g1.id).metrics["peak_memory_bytes_by_host"]) == {"host-a", "host-b"}
@@ -114,8 +116,10 @@ def test_two_hosts_train_one_job_as_two_ranks_like_one_process_two_such_jobs_bot
 def test_a_killed_follower_host_stops_every_rank_and_the_job_resumes_from_the_store(
         db: Session, rel_env, workers, s3, tmp_path: Path) -> None:
     steps, period = 40, 10
-    a = host(workers, tmp_path, s3, "host-a", **GANG)
-    b = host(workers, tmp_path, s3, "host-b", **GANG)
+    # A lease of 15 s: the lost host is found by the failed collective (or its silence), and a
+    # worker stalled on this loaded machine is not taken for a dead one.
+    a = host(workers, tmp_path, s3, "host-a", TUNEQ_LEASE_TTL_S="15", **GANG)
+    b = host(workers, tmp_path, s3, "host-b", TUNEQ_LEASE_TTL_S="15", **GANG)
     g = job(db, rel_env, nodes=2, steps=steps,
             schedule={"log_every_steps": 1, "checkpoint_every_steps": period, "keep_checkpoints": 10})
     enqueue_job(g.id)
@@ -125,7 +129,7 @@ def test_a_killed_follower_host_stops_every_rank_and_the_job_resumes_from_the_st
     procs = {"host-a": a, "host-b": b}
     leader_dir, follower_dir = (tmp_path / h / "work" / g.id for h in (leader, follower))
     # Hold rank 0 past its second checkpoint, so the kill lands mid-run with checkpoints stored.
-    wait_for(lambda: last_step(leader_dir / "events.jsonl") > period + 2, 180,
+    wait_for(lambda: last_step(leader_dir / "events.jsonl") > period + 2, 300,
              lambda: f"step {period + 3}\n{procs[leader].log()}", interval=0.01)
     frozen = trainer_pids(leader_dir)
     for pid in frozen:
@@ -150,7 +154,7 @@ def test_a_killed_follower_host_stops_every_rank_and_the_job_resumes_from_the_st
     wait_for(lambda: any(e.type == "retry" for e in events_of(g.id)), 120,
              lambda: f"the job to be retried\n{procs[leader].log()}")
     wait_for(lambda: not trainer_pids(leader_dir), 60, "the leader's ranks to stop")
-    c = host(workers, tmp_path, s3, "host-c", **GANG)  # a host to take the lost one's place
+    c = host(workers, tmp_path, s3, "host-c", TUNEQ_LEASE_TTL_S="15", **GANG)  # a host to take the lost one's place
     assert wait_end(g.id, c, 300) == states.SUCCEEDED, f"{procs[leader].log()}\n{c.log()}"
     runs = gang_hosts(g.id)
     assert sorted(runs[-1]) == sorted([leader, "host-c"]), runs
