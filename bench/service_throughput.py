@@ -210,7 +210,8 @@ def trl_rows(args, data: Path, model_dir: Path) -> list[dict]:
         out.unlink(missing_ok=True)
         cmd = [sys.executable, str(ROOT / "bench" / "trl_packed.py"), "--model-dir", str(model_dir), "--data", str(data),
                "--out", str(out), "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
-               *(["--no-checkpointing"] if variant == "nockpt" else []), *(["--dry-run"] if args.dry_run else [])]
+               *(["--no-checkpointing"] if "nockpt" in variant else []),
+               *(["--strategy", "wrapped"] if "wrapped" in variant else []), *(["--dry-run"] if args.dry_run else [])]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.job_timeout)
         if not out.exists():
             rows.append({"name": f"trl-lora-{variant}", "ok": False, "error": proc.stderr[-800:]})
@@ -432,7 +433,8 @@ def main() -> int:
     p.add_argument("--bench-steps", type=int, default=20)
     p.add_argument("--jobs", default="default", help="per setting: default (the job as the worker runs it, with one "
                    "evaluation and one checkpoint), old-attention (transformers' packed mask)")
-    p.add_argument("--trl", default="", help="TRL rows on the same file: ckpt, nockpt (comma separated)")
+    p.add_argument("--trl", default="", help="TRL rows on the same file (comma separated): ckpt, nockpt, wrapped, "
+                   "wrapped-nockpt (wrapped: TRL's packing that cuts the file into rows, without masks between examples)")
     p.add_argument("--service", type=int, default=0, help="default jobs through the whole stack (tuneq up)")
     p.add_argument("--profile", default="", help="a job to profile (steps 30..32)")
     p.add_argument("--work", type=Path, default=Path("/tmp/tuneq-service-throughput"))

@@ -33,6 +33,9 @@ def main() -> int:
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument("--strategy", default="bfd", choices=("bfd", "wrapped"),
+                   help="TRL's packing: bfd (its default: whole examples, padding-free, masked apart) or wrapped "
+                   "(the file cut into rows of max_length: no mask between examples, plain causal attention)")
     p.add_argument("--dry-run", action="store_true", help="CPU, fp32")
     args = p.parse_args()
 
@@ -73,6 +76,7 @@ def main() -> int:
     config = SFTConfig(
         output_dir=str(args.out.with_suffix(".trl")), per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=1, max_steps=args.steps, max_length=args.seq, packing=True,
+        packing_strategy=args.strategy,
         learning_rate=2e-4, warmup_steps=2, lr_scheduler_type="cosine", logging_steps=10_000, save_strategy="no",
         report_to="none", dataloader_num_workers=0, seed=0, dataset_text_field="text",
         **({"gradient_checkpointing": False} if args.no_checkpointing else {}),
@@ -101,7 +105,7 @@ def main() -> int:
     ended = time.time()
     step_tokens = batches[: len(step_s)]
     result = {
-        "name": "trl-lora" + ("-nockpt" if args.no_checkpointing else ""),
+        "name": "trl-lora" + ("-wrapped" if args.strategy == "wrapped" else "") + ("-nockpt" if args.no_checkpointing else ""),
         "ok": len(step_s) == args.steps,
         "gradient_checkpointing": not args.no_checkpointing,
         "packing_strategy": config.packing_strategy, "padding_free": bool(getattr(trainer, "padding_free", False)),

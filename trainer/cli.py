@@ -1,4 +1,4 @@
-"""`python -m trainer run|tiny|validate`: the process the worker launches (docs/internals.md).
+"""`python -m trainer run|tiny|validate|standby`: the process the worker launches (docs/internals.md).
 
 Bad input gets one line on stderr and exit code 2, never a traceback: the worker shows that line
 to the user as the job's error.
@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny", help="build a tiny Llama-shaped model with tokenizer and chat template")
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
+    sub.add_parser("standby", help="import the trainer, then run the job that arrives on stdin (trainer.standby)")
     val = sub.add_parser("validate", help="print the validation report of a JSONL file")
     val.add_argument("file", type=Path)
     val.add_argument("--model", help="model directory whose tokenizer counts tokens")
@@ -135,10 +136,16 @@ def _validate(args: argparse.Namespace) -> int:
     return 0 if report["valid"] else 1
 
 
+def _standby(args: argparse.Namespace) -> int:
+    from trainer.standby import main as standby_main
+
+    return standby_main()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        return {"run": _run, "tiny": _tiny, "validate": _validate}[args.command](args)
+        return {"run": _run, "tiny": _tiny, "validate": _validate, "standby": _standby}[args.command](args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -23,6 +23,7 @@ from core.db import get_sessionmaker, session_scope
 from core.models import Checkpoint, Job
 from core.settings import Settings
 from core.storage import get_storage
+from trainer.tracking import JOB_ID_ENV
 from worker.checkpoint_store import prepare_resume
 from worker.gpus import GpuPool, Reservation
 from worker.process import SUPERVISOR_ENV, TrainerProcess, kill_strays
@@ -119,7 +120,8 @@ class Member(threading.Thread):
         meet = Rendezvous(addr, int(port), standing.nodes, self.node_rank)
         argv = trainer_argv(self.settings, write_spec(self.dir, spec), self.dir, resume, num_processes=procs,
                             rendezvous=meet)
-        env = {**trainer_env(self.settings), SUPERVISOR_ENV: str(os.getpid()), **reservation.env(kind)}
+        env = {**trainer_env(self.settings), SUPERVISOR_ENV: str(os.getpid()), JOB_ID_ENV: self.job_id,
+               **reservation.env(kind)}
         proc = TrainerProcess(argv, cwd=self.dir, log_path=self.dir / "trainer.log", env=env)
         log.info("job %s: host rank %s trainer pid %s started, meeting at %s%s", self.job_id, self.node_rank, proc.pid,
                  standing.endpoint, " (resuming)" if resume else "")
