@@ -104,7 +104,7 @@ def test_two_hosts_train_one_job_as_two_ranks_like_one_process_two_such_jobs_bot
     enqueue_job(long.id)
     wait_for(lambda: len([r for r in gang_hosts(long.id) if len(r) == 2]) == 2, 180,
              lambda: f"both hosts to start again\n{a.log()}\n{b.log()}")
-    starts = wait_for(lambda: (s := events_of(long.id, "start")) if len(s) == 2 else None, 180,
+    starts = wait_for(lambda: s if len(s := events_of(long.id, "start")) == 2 else None, 180,
                       lambda: f"the resumed run's start\n{a.log()}\n{b.log()}")
     assert starts[-1].data["resumed_from_step"] == paused_at
     wait_for(lambda: all(trainer_pids(d) for d in dirs), 60, "the ranks on both hosts")
