@@ -22,6 +22,7 @@ from spawning the process to it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -221,29 +222,29 @@ def trl_rows(args, data: Path, model_dir: Path) -> list[dict]:
     return rows
 
 
-def service_jobs(args, model_dir: Path, data: Path) -> list[dict]:
-    """A job with no speed field (the default a user gets) through the whole stack: `tuneq up`
-    (SQLite, embedded Redis, the API and one worker with this host's GPU), the file uploaded and the
-    job created over HTTP, its events read back through the API as they come. Submit to first step
-    is from just before the POST to the first metrics event seen through the API."""
+@contextlib.contextmanager
+def service_stack(work: Path, model_dir: Path, name: str = "svc", env: dict | None = None, tiny: Path | None = None):
+    """`tuneq up` (SQLite, embedded Redis, the API and one worker with this host's GPU) in a fresh
+    home under work/name with model_dir among its models, `env` added to its environment; yields
+    a Client with the admin key once /healthz answers. Its log: work/name.log. `tiny`: a tiny-llama
+    built before, linked in so that `tuneq up` does not build (pretrain) its own."""
     import httpx
 
     from tuneq.client import Client
 
-    home = args.work / "svc"
+    home = work / name
     shutil.rmtree(home, ignore_errors=True)
     (home / "models").mkdir(parents=True)
-    name = model_dir.name
-    subprocess.run(["cp", "-al", str(model_dir), str(home / "models" / name)], check=True)
+    for model in dict.fromkeys(filter(None, [model_dir, tiny])):
+        subprocess.run(["cp", "-al", str(model), str(home / "models" / model.name)], check=True)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    log = open(args.work / "svc.log", "w")  # noqa: SIM115 - lives as long as the stack
+    log = open(work / f"{name}.log", "w")  # noqa: SIM115 - lives as long as the stack
     stack = subprocess.Popen([sys.executable, "-m", "tuneq", "up", "--home", str(home), "--port", str(port)], cwd=ROOT,
-                             env={**os.environ, "TUNEQ_HOME": str(home), "PYTHONUNBUFFERED": "1"}, stdout=log,
-                             stderr=subprocess.STDOUT, start_new_session=True)
+                             env={**os.environ, **(env or {}), "TUNEQ_HOME": str(home), "PYTHONUNBUFFERED": "1"},
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    jobs: list[dict] = []
     try:
         deadline = time.time() + 300
         while True:
@@ -253,24 +254,9 @@ def service_jobs(args, model_dir: Path, data: Path) -> list[dict]:
             except httpx.HTTPError:
                 pass
             if time.time() > deadline or stack.poll() is not None:
-                raise RuntimeError("the stack did not come up: see " + str(args.work / "svc.log"))
+                raise RuntimeError("the stack did not come up: see " + str(work / f"{name}.log"))
             time.sleep(0.5)
-        c = Client(base, api_key=(home / "admin.key").read_text().strip(), timeout=60)
-        uploaded = time.time()
-        file_id = c.upload_file(data)["id"]
-        upload_s = time.time() - uploaded
-        body = {"model": name, "training_file": file_id, "method": {"type": "lora", "lora": LORA}, "packing": True,
-                "data_format": "text", "hyperparameters": {"batch_size": args.batch, "max_seq_len": args.seq,
-                                                           "max_steps": args.steps, "learning_rate": 2e-4,
-                                                           "warmup_steps": 2, "seed": 0},
-                "schedule": {"log_every_steps": 1}}
-        for i in range(args.service):
-            label = "service-default" + ("-again" * (i > 0)) + (f"-{i + 1}" if i > 1 else "")
-            jobs.append(_service_job(c, body, label, args, upload_s))
-            text = json.dumps(jobs[-1], default=str)
-            print(text[:400], flush=True)
-    except Exception as exc:  # noqa: BLE001 - a broken stack is a row, not a lost run
-        jobs.append({"name": "service-default", "ok": False, "error": f"{type(exc).__name__}: {exc}"[:800]})
+        yield Client(base, api_key=(home / "admin.key").read_text().strip(), timeout=60)
     finally:
         os.killpg(stack.pid, signal.SIGTERM)
         try:
@@ -278,10 +264,35 @@ def service_jobs(args, model_dir: Path, data: Path) -> list[dict]:
         except subprocess.TimeoutExpired:
             os.killpg(stack.pid, signal.SIGKILL)
         log.close()
+
+
+def service_jobs(args, model_dir: Path, data: Path) -> list[dict]:
+    """A job with no speed field (the default a user gets) through the whole stack: `tuneq up`
+    (SQLite, embedded Redis, the API and one worker with this host's GPU), the file uploaded and the
+    job created over HTTP, its events read back through the API as they come. Submit to first step
+    is from just before the POST to the first metrics event seen through the API."""
+    jobs: list[dict] = []
+    try:
+        with service_stack(args.work, model_dir) as c:
+            uploaded = time.time()
+            file_id = c.upload_file(data)["id"]
+            upload_s = time.time() - uploaded
+            body = {"model": model_dir.name, "training_file": file_id, "method": {"type": "lora", "lora": LORA},
+                    "packing": True, "data_format": "text",
+                    "hyperparameters": {"batch_size": args.batch, "max_seq_len": args.seq, "max_steps": args.steps,
+                                        "learning_rate": 2e-4, "warmup_steps": 2, "seed": 0},
+                    "schedule": {"log_every_steps": 1}}
+            for i in range(args.service):
+                label = "service-default" + ("-again" * (i > 0)) + (f"-{i + 1}" if i > 1 else "")
+                jobs.append(_service_job(c, body, label, args, upload_s))
+                text = json.dumps(jobs[-1], default=str)
+                print(text[:400], flush=True)
+    except Exception as exc:  # noqa: BLE001 - a broken stack is a row, not a lost run
+        jobs.append({"name": "service-default", "ok": False, "error": f"{type(exc).__name__}: {exc}"[:800]})
     return jobs
 
 
-def _service_job(c, body: dict, label: str, args, upload_s: float) -> dict:
+def _service_job(c, body: dict, label: str, args, upload_s: float, keep_events: bool = False) -> dict:
     submitted = time.time()
     job = c.create_job(body)
     post_s = time.time() - submitted
@@ -322,6 +333,7 @@ def _service_job(c, body: dict, label: str, args, upload_s: float) -> dict:
         "submit_to_first_step_s": round(first_step_seen - submitted, 2) if first_step_seen else None,
         "post_s": round(post_s, 3), "upload_s": round(upload_s, 2),
         "spawn_to_first_step_s": None, "spawn_to_last_step_s": None,
+        **({"events": seen} if keep_events else {}),
     }
 
 

@@ -46,7 +46,7 @@ def awaited_here(db: Session, host: str) -> bool:
 def form(db: Session, job_id: str, worker_id: str, leader_host: str, followers: list[str], gpus: int) -> Job | None:
     """Lease a queued job and reserve its hosts in one transaction; None when the job was taken or
     a host joined another gang meanwhile (nothing is kept then)."""
-    job = claim_lease(db, job_id, worker_id, None)
+    job = claim_lease(db, job_id, worker_id, None, host=leader_host)
     if job is None:
         return None
     t = job.lease_heartbeat_at or now()

@@ -142,13 +142,14 @@ def request_cancel(db: Session, job: Job) -> Job:
     raise states.IllegalTransition(job.id, job.status, states.CANCELLED)
 
 
-def acquire_lease(db: Session, job_id: str, worker_id: str, ttl_s: float) -> Job | None:
+def acquire_lease(db: Session, job_id: str, worker_id: str, ttl_s: float, host: str | None = None) -> Job | None:
     """Take the job's lease if it is queued, or running under a lease older than ttl_s.
 
     One conditional UPDATE does it, so two deliveries racing on two workers cannot both win.
     Returns the job (now `running`, with a new attempt number) or None when another holds it.
+    `host`, when given, is recorded as the job's host with the lease.
     """
-    job = claim_lease(db, job_id, worker_id, ttl_s)
+    job = claim_lease(db, job_id, worker_id, ttl_s, host)
     if job is None:
         return None
     if job.status == states.QUEUED:
@@ -159,9 +160,10 @@ def acquire_lease(db: Session, job_id: str, worker_id: str, ttl_s: float) -> Job
     return job
 
 
-def claim_lease(db: Session, job_id: str, worker_id: str, ttl_s: float | None) -> Job | None:
+def claim_lease(db: Session, job_id: str, worker_id: str, ttl_s: float | None, host: str | None = None) -> Job | None:
     """The conditional UPDATE of acquire_lease, uncommitted: a queued job, or (with ttl_s) one
-    running under a lease older than ttl_s, gets this worker and a new attempt. None: not won."""
+    running under a lease older than ttl_s, gets this worker and a new attempt (and `host`, when
+    given). None: not won."""
     t = now()
     takeable = Job.status == states.QUEUED
     if ttl_s is not None:
@@ -169,7 +171,8 @@ def claim_lease(db: Session, job_id: str, worker_id: str, ttl_s: float | None) -
         takeable = takeable | ((Job.status == states.RUNNING) & stale)
     res = db.execute(
         update(Job).where(Job.id == job_id).where(takeable)
-        .values(lease_owner=worker_id, lease_heartbeat_at=t, lease_attempt=Job.lease_attempt + 1)
+        .values(lease_owner=worker_id, lease_heartbeat_at=t, lease_attempt=Job.lease_attempt + 1,
+                **({"host": host} if host is not None else {}))
         .execution_options(synchronize_session=False)
     )
     if res.rowcount != 1:
