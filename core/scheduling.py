@@ -36,6 +36,7 @@ class Waiting:
     min_gpu_memory_gib: float | None = None  # the least GPU memory its plan fits in (Job.min_gpu_memory_gib)
     passed_over_at: float | None = None  # Job.passed_over_at: see `reserve_for_passed_over`
     reserved_host: str | None = None
+    nodes: int = 1  # hosts it spans (spec `nodes`); `gpus` counts each host's
 
     def fits(self, free: int, total: int, memory_gib: float | None) -> bool:
         """Fits `free` GPUs of a host with `total`, each of `memory_gib` (None: not known, not checked)."""
@@ -61,7 +62,7 @@ PREFETCH = 32
 def _read(db: Session, per_owner: int | None, *where: ColumnElement[bool]) -> list[Waiting]:
     cols = (Job.id, Job.gpus, Job.priority, Job.progress[RETRY_AT].as_float().label("retry_at"),
             Job.owner_id, Job.created_at, User.team_id, Job.min_gpu_memory_gib, Job.passed_over_at,
-            Job.reserved_host)
+            Job.reserved_host, Job.spec["nodes"].as_integer().label("nodes"))
     q = select(*cols).outerjoin(User, User.id == Job.owner_id).where(Job.status == states.QUEUED, *where)
     if per_owner is None:
         rows = db.execute(q.order_by(Job.priority.desc(), Job.created_at, Job.id)).all()
@@ -74,7 +75,7 @@ def _read(db: Session, per_owner: int | None, *where: ColumnElement[bool]) -> li
     return [Waiting(r.id, r.gpus, r.priority, r.retry_at or 0.0, r.owner_id or "",
                     fairshare.team_key(r.team_id, r.owner_id), r.created_at,
                     min_gpu_memory_gib=r.min_gpu_memory_gib, passed_over_at=r.passed_over_at,
-                    reserved_host=r.reserved_host) for r in rows]
+                    reserved_host=r.reserved_host, nodes=r.nodes or 1) for r in rows]
 
 
 class FairQueue(Sequence[Waiting]):

@@ -62,6 +62,15 @@ class Settings(BaseSettings):
         600.0, gt=0, le=86_400,
         description="Seconds a process of a multi-GPU job waits for its peers in a collective before the job fails and is retried.",
     )
+    # Jobs across hosts (spec `nodes`): the leader host's rank 0 listens for the other hosts' ranks.
+    rendezvous_addr: str = Field("", description="Address at which the other hosts reach this one when it leads a job across hosts (its rank 0 listens there). Empty: the hostname.")
+    rendezvous_ports: str = Field(
+        "29400-29499", pattern=r"^\d{1,5}-\d{1,5}$",
+        description="TCP ports (first-last) that a leader host picks a free one from for a job across hosts; the other hosts must reach them.",
+    )
+    gang_join_timeout_s: float = Field(
+        120.0, gt=0, description="Seconds the hosts reserved for a job across hosts have to start their part before the job gives back every host's GPUs and waits in the queue again.",
+    )
     # Reliability. A host's devices are GPUs, or on a CPU host the worker's job slots.
     gpus: int | None = Field(None, ge=0, le=64, description="GPUs of this host (on a CPU host: job slots). Empty: counted with nvidia-smi, else torch.")
     host_id: str = Field("", description="Name of this host in the worker registry; must differ between hosts. Empty: the hostname.")

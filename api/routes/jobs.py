@@ -22,7 +22,7 @@ from api.errors import bad_request
 from api.job_spec import METADATA_KEY_CHARS, base_learning_rate, method_view
 from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
 from api.schemas import CreateJobRequest, JobErrorOut, JobOut, Page
-from core import states
+from core import gang, states
 from core.control import request_pause, request_resume
 from core.identity import can_read_job, readable_jobs
 from core.jobs import request_cancel
@@ -65,9 +65,17 @@ def job_out(job: Job, positions: Mapping[str, int] | None = None,
         method=method_view({**spec, "method": method}, hp),
         user_provided_suffix=job.suffix, priority=job.priority, gpus=job.gpus,
         progress=progress, metrics=job.metrics or {}, started_at=_int(job.started_at), host=job.host, gpu=job.gpu,
+        nodes=job.nodes, hosts=_hosts(job),
         plan=planning.job_view(job.plan, job.progress, job.metrics, job.min_gpu_memory_gib),
         metadata=job.job_metadata or None, integrations=spec.get("integrations") or [],
     )
+
+
+def _hosts(job: Job) -> list[str] | None:
+    if job.nodes <= 1 or job.status not in (states.RUNNING, states.CANCELLING):
+        return None
+    db = object_session(job)
+    return [m.host for m in gang.members(db, job.id)] if db is not None else None
 
 
 def _metadata_filter(request: Request) -> list[Any]:
