@@ -365,6 +365,10 @@ def service_jobs(args, model_dir: Path, data: Path) -> list[dict]:
                     "schedule": {"log_every_steps": 1}}
             for i in range(args.service):
                 label = "service-default" + ("-again" * (i > 0)) + (f"-{i + 1}" if i > 1 else "")
+                if i and args.service_gap:
+                    # A host that ran a job a while ago (its standby refilled), not one that just ended one.
+                    time.sleep(args.service_gap)
+                    label += f"-after-{args.service_gap:g}s"
                 jobs.append(_service_job(c, body, label, args, upload_s))
                 text = json.dumps(jobs[-1], default=str)
                 print(text[:400], flush=True)
@@ -589,6 +593,10 @@ def main() -> int:
     p.add_argument("--trl", default="", help="TRL rows on the same file (comma separated): ckpt, nockpt, wrapped, "
                    "wrapped-nockpt (wrapped: TRL's packing that cuts the file into rows, without masks between examples)")
     p.add_argument("--service", type=int, default=0, help="default jobs through the whole stack (tuneq up)")
+    p.add_argument("--service-gap", type=float, default=0.0,
+                   help="seconds the host stays idle between the service's jobs (0: each right after the last)")
+    p.add_argument("--no-step-bench", action="store_true",
+                   help="build the model only, no step-bench rows (the service's ratio column stays empty)")
     p.add_argument("--profile", default="", help="a job to profile (steps 30..32)")
     p.add_argument("--work", type=Path, default=Path("/tmp/tuneq-service-throughput"))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "service_throughput_h100")
@@ -622,8 +630,16 @@ def main() -> int:
         args.out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
 
     # The service's default job is measured against the fast LoRA row; the bench also builds the model.
-    benches = bench_rows(args, list(dict.fromkeys(settings + (["lora-fast"] if args.service else []))))
     model_dir = args.work / "tt" / ("tiny" if args.dry_run else "llama-3.2-1b")
+    if args.no_step_bench:
+        from argparse import Namespace
+
+        from train_throughput import build_model
+
+        build_model(Namespace(model_dir=model_dir, dry_run=args.dry_run, shape="llama-3.2-1b"))
+        benches = {x: {"name": SETTINGS[x][2], "error": "not run (--no-step-bench)"} for x in settings + ["lora-fast"]}
+    else:
+        benches = bench_rows(args, list(dict.fromkeys(settings + (["lora-fast"] if args.service else []))))
     data = write_text_data(model_dir, args.work / "train.jsonl", int(args.steps * args.batch * args.seq * 1.1))
     valid = write_text_data(model_dir, args.work / "valid.jsonl", 16 * args.seq, seed=1)
     if args.service:  # first: a fresh host's first job, as a user meets it
