@@ -10,6 +10,7 @@ the finished spec. The plan route shows the same plan without storing anything.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -225,6 +226,7 @@ def rate_slot(user: User, settings: Settings) -> Iterator[None]:
 
 def admit(db: Session, user: User, body: CreateJobRequest, settings: Settings) -> Job:
     """Check a creation body, store the job with its plan and data check, and enqueue it."""
+    submitted = time.time()
     check_priority(db, user, body.priority, settings)
     check_gpus_allowed(body.gpus, settings, body.nodes or 1)
     req = resolve(db, user, body, settings)
@@ -252,6 +254,8 @@ def admit(db: Session, user: User, body: CreateJobRequest, settings: Settings) -
             validated=now_, metadata=body.metadata,
         )
         set_plan(job, job_plan)
+        # The start-up's first phase (validation) counts from the request, the data check inside it.
+        job.progress = {**(job.progress or {}), "submitted_at": submitted}
         if not now_:
             # Stored under this process's lease before the answer: if the process dies before the
             # check ends, another API process finds the lapsed lease and checks the job.
@@ -273,7 +277,9 @@ def set_plan(job: Job, plan: dict[str, Any] | None) -> None:
 
 
 def record_check(db: Session, job: Job, data_stats: dict[str, dict[str, Any]], max_len: int) -> None:
-    """The data check's event, committed: a worker may take the job's message before a request returns."""
+    """The data check's event, committed: a worker may take the job's message before a request returns.
+    progress.queued_at ends the start-up's validation phase and begins its queue phase."""
+    job.progress = {**(job.progress or {}), "queued_at": time.time()}
     if data_stats:
         states.add_event(db, job, data_check.summary(data_stats, max_len), type="data_check", data=data_stats)
     db.commit()

@@ -243,8 +243,6 @@ def build_spec(
     choose: resolves method "auto" and batch_size "auto" (the planner); without it batch_size
     "auto" is the spec's default and method "auto" is refused.
     """
-    if req.integrations:
-        raise bad_request("integrations: not supported by tuneq", "integrations")
     check_metadata(req.metadata)
     method = _parse_method(req.method)
     hp = _merge_hyperparameters(req, method)

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from trainer.integration_settings import Integration
 from trainer.spec import METHOD_SETTINGS, METHODS, Hyperparameters, JobSpec
 
 T = TypeVar("T")
@@ -66,7 +67,7 @@ class JobOut(BaseModel):
     error: JobErrorOut | None
     result_files: list[str]
     estimated_finish: int | None
-    integrations: list[Any] = []
+    integrations: list[Integration] = Field(default_factory=list, description="As the job was created with.")
     metadata: dict[str, str] | None = None
     method: dict[str, Any]
     # tuneq's extensions
@@ -165,7 +166,6 @@ class _JobRequest(BaseModel):
     )
     priority: int = Field(0, ge=-100, le=100, description="Higher runs first.")
     gpus: int = Field(1, ge=1, le=64, description="GPUs the job needs on each of its hosts (see nodes).")
-    integrations: list[Any] | None = None
     metadata: dict[str, str] | None = None
 
 

@@ -28,6 +28,17 @@ PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install --quiet --disable-pip-version-c
     --abi cp312 --abi abi3 --abi none --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform any --target "$stage/site" "$stage"/wheels/*.whl
 rm -rf "$stage/site/bin"
+# moto (bench/upload_cost.py's S3 server) and botocore carry every AWS service: only S3 and what
+# moto's S3 server loads beside it stay (the wheels were checked against their hashes above).
+prune() {  # prune DIR KEEP...: remove DIR's subfolders not named in KEEP
+    local dir=$1 d
+    shift
+    for d in "$dir"/*/; do
+        [[ " $* " == *" $(basename "$d") "* ]] || rm -rf "$d"
+    done
+}
+prune "$stage/site/moto" core s3 s3bucket_path s3control iam sts cloudwatch events moto_api moto_server utilities
+prune "$stage/site/botocore/data" s3 s3control sts iam cloudwatch events
 find "$stage/site" -name __pycache__ -type d -prune -exec rm -rf {} +
 mkdir -p "$OUT_DIR"
 tar --sort=name --owner=0 --group=0 --numeric-owner --mtime='2026-01-01 00:00Z' \

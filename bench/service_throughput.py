@@ -22,10 +22,13 @@ from spawning the process to it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -36,8 +39,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 LORA = {"r": 16, "alpha": 32}
-SETTINGS = {"lean-offload": {"speed": "lean", "checkpoint_offload": True}, "lean": {"speed": "lean"},
-            "fast": {"speed": "fast"}}
+# setting: (method, the job's speed fields, the step bench's row of the same settings)
+SETTINGS = {
+    "lora-lean-offload": ("lora", {"speed": "lean", "checkpoint_offload": True}, "tuneq-lora-lean-offload"),
+    "lora-lean": ("lora", {"speed": "lean"}, "tuneq-lora-lean"),
+    "lora-fast": ("lora", {"speed": "fast"}, "tuneq-lora-fast"),
+    "qlora-lean": ("qlora", {"speed": "lean"}, "tuneq-qlora-lean"),
+    "full-lean": ("full", {"speed": "lean", "full_precision": "bf16"}, "tuneq-full-bf16-lean"),
+}
+LEARNING_RATE = {"lora": 2e-4, "qlora": 2e-4, "full": 1e-5}
 
 
 def write_text_data(model_dir: Path, path: Path, tokens: int, seed: int = 0, lo: int = 64, hi: int = 1024) -> Path:
@@ -61,17 +71,18 @@ def write_text_data(model_dir: Path, path: Path, tokens: int, seed: int = 0, lo:
     return path
 
 
-def run_job(name: str, args, model_dir: Path, data: Path, valid: Path | None, env_extra: dict, settings: dict,
+def run_job(name: str, args, model_dir: Path, data: Path, valid: Path | None, env_extra: dict, setting: str,
             schedule: dict) -> dict:
+    method, settings, _ = SETTINGS[setting]
     out = args.work / name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     spec = {
-        "model": str(model_dir), "method": "lora", "lora": LORA, "training_file": str(data), "packing": True,
-        "data_format": "text",
+        "model": str(model_dir), "method": method, **({"lora": LORA} if method != "full" else {}),
+        "training_file": str(data), "packing": True, "data_format": "text",
         **({"validation_file": str(valid)} if valid else {}),
         "hyperparameters": {"batch_size": args.batch, "max_seq_len": args.seq, "max_steps": args.steps,
-                            "learning_rate": 2e-4, "warmup_steps": 2, "seed": 0},
+                            "learning_rate": LEARNING_RATE[method], "warmup_steps": 2, "seed": 0},
         "schedule": {"log_every_steps": 1, **schedule},
         "precision": "fp32" if args.dry_run else "bf16",
         **settings,
@@ -99,7 +110,7 @@ def run_job(name: str, args, model_dir: Path, data: Path, valid: Path | None, en
     first_metrics = next(e for e in events if e["type"] == "metrics")
     last_metrics = [e for e in events if e["type"] == "metrics"][-1]
     return {
-        "name": name, "ok": True, "env": env_extra, "settings": settings,
+        "name": name, "ok": True, "env": env_extra, "setting": setting, "settings": settings,
         **steady_stats([m["tokens_per_second"] for m in metrics], left_out),
         "left_out_steps": left_out,
         "step_tps": [round(m["tokens_per_second"]) for m in metrics],
@@ -134,32 +145,36 @@ def wall_estimate(spec: dict, model_dir: Path, args) -> dict:
 
 
 def record_speeds(args, jobs: list[dict]) -> None:
-    """Write the measured tokens/s and start-up of the default job into trainer/planning/speeds.json,
-    under the GPU model that ran it (a new entry for a GPU model it does not know)."""
-    from trainer.planning import speeds
+    """Write each setting's measured tokens/s, and the start-up of the last default LoRA job, into
+    trainer/planning/speeds.json under the GPU model that ran them (a new entry for a GPU model it
+    does not know)."""
+    from trainer.planning import model_shape, speeds
+    from trainer.tiny import build_config
 
-    # The last default job: a worker host has usually run one before (warm caches).
-    job = next((j for j in reversed(jobs) if j["ok"] and "-default" in j["name"]), None)
-    if job is None or not job.get("startup"):
-        return
     data = json.loads(speeds.SPEEDS_FILE.read_text())
     found = speeds.gpu_entry(args.device_name, data)
     name, entry = found if found else (args.device_name, {"match": [args.device_name], "peak_tflops": 989.0, "runs": []})
-    settings = SETTINGS[args.setting]
-    key = speeds.setting_key("lora", settings["speed"])
-    source = f"bench/results/{args.out.name}.md {job['name']} ({time.strftime('%Y-%m-%d')})"
-    entry["runs"] = [r for r in entry.get("runs", []) if r["setting"] != key] + [
-        {"setting": key, "model": "llama-3.2-1b", "lora_r": LORA["r"], "batch_size": args.batch, "seq_len": args.seq,
-         "tokens_per_second": round(job["median_tps"]), "source": source}]
-    phases = job["startup"]["phases"]
-    from trainer.planning import model_shape
-    from trainer.tiny import build_config
-
-    weights_gib = 2 * model_shape(build_config("llama-3.2-1b")).total_params / 2**30  # bf16
-    load = phases.get("load", 0.0)
-    entry["startup"] = {"fixed_s": round(sum(phases.values()) - load, 2), "load_s_per_gib": round(load / weights_gib, 2),
-                        "weights_gib": round(weights_gib, 3), "source": source + ": " + ", ".join(
-                            f"{k} {v:.1f}" for k, v in phases.items())}
+    day = time.strftime('%Y-%m-%d')
+    for job in jobs:
+        if not job["ok"] or not job["name"].endswith("-default") or job.get("setting") not in SETTINGS:
+            continue
+        method, settings, _ = SETTINGS[job["setting"]]
+        key = speeds.setting_key(method, settings["speed"], settings.get("full_precision"))
+        run = {"setting": key, "model": "llama-3.2-1b", **({"lora_r": LORA["r"]} if method != "full" else {}),
+               "batch_size": args.batch, "seq_len": args.seq, "tokens_per_second": round(job["median_tps"]),
+               "source": f"bench/results/{args.out.name}.md {job['name']} ({day})"}
+        entry["runs"] = [r for r in entry.get("runs", []) if r["setting"] != key] + [run]
+    # Start-up: the last LoRA job through the service if one ran (what a user waits), else the trainer's.
+    timed = [j for j in jobs if j["ok"] and j.get("startup") and j.get("setting", "").startswith("lora")]
+    if timed:
+        job = timed[-1]
+        phases = {k: v for k, v in job["startup"]["phases"].items() if k not in ("queue", "validate")}
+        weights_gib = 2 * model_shape(build_config("llama-3.2-1b")).total_params / 2**30  # bf16
+        load = phases.get("load", 0.0)
+        entry["startup"] = {"fixed_s": round(sum(phases.values()) - load, 2), "load_s_per_gib": round(load / weights_gib, 2),
+                            "weights_gib": round(weights_gib, 3),
+                            "source": f"bench/results/{args.out.name}.md {job['name']} ({day}): " + ", ".join(
+                                f"{k} {v:.1f}" for k, v in phases.items())}
     data["gpus"][name] = entry
     speeds.SPEEDS_FILE.write_text(json.dumps(data, indent=1) + "\n")
 
@@ -174,45 +189,237 @@ def steady_stats(step_tps: list[float], left_out: list[int], first: int = 6) -> 
             "below_85": sum(1 for x in steady if x < 0.85 * median)}
 
 
-def bench_row(args, setting: str) -> dict:
-    """bench/train_throughput.py's tuneq row of this setting, in its own process; its table beside ours."""
-    name = f"tuneq-lora-{setting}"
+def bench_rows(args, settings: list[str]) -> dict[str, dict]:
+    """bench/train_throughput.py's tuneq rows of these settings, in its own process (its own table
+    beside ours); setting -> row."""
+    names = [SETTINGS[x][2] for x in settings]
     out = args.out.with_name(args.out.name + "_step")
-    cmd = [sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--rows", name, "--steps", str(args.bench_steps),
-           "--work", str(args.work / "tt"), "--out", str(out)] + (["--dry-run"] if args.dry_run else [])
-    subprocess.run(cmd, cwd=ROOT, check=False, timeout=600)
-    if not out.with_suffix(".json").exists():
-        return {"name": name, "error": "the step bench wrote no table"}
-    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
-    return {"name": name, **rows.get(name, {"error": "no row"})}
+    cmd = [sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--rows", ",".join(names), "--steps",
+           str(args.bench_steps), "--work", str(args.work / "tt"), "--out", str(out)] + (["--dry-run"] if args.dry_run else [])
+    subprocess.run(cmd, cwd=ROOT, check=False, timeout=900)
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"] if out.with_suffix(".json").exists() else {}
+    return {x: {"name": SETTINGS[x][2], **rows.get(SETTINGS[x][2], {"error": "the step bench wrote no row"})}
+            for x in settings}
 
 
-def report(args, bench: dict, jobs: list[dict], device: str) -> str:
-    ref = bench.get("tokens_per_second")
-    lines = [f"# What a job delivers: `python -m trainer run` on packed text vs the step bench ({device})", "",
-             f"Llama-3.2-1B shape{' (tiny, dry run)' if args.dry_run else ''}, random weights, LoRA r16 alpha 32 all "
-             f"linear, batch {args.batch} x {args.seq}, {args.steps} steps; bench/service_throughput.py, "
-             f"{time.strftime('%Y-%m-%d')}. Steady = steps 6..{args.steps}, less the step after an evaluation or "
-             "checkpoint (whose own seconds are in their columns), and with a profile its steps and the one after "
-             "(the profiler writing its tables). tokens/s counts input tokens (padding excluded); the bench row's "
-             "rows are all tokens.", "",
-             f"bench row {bench['name']}: {ref and round(ref):,} tokens/s, peak {bench.get('peak_gib') or 0:.2f} GiB "
-             f"({bench.get('error', 'ok')})", "",
-             "| job | median tok/s | / bench | worst step | worst / median | steps < 85 % | last step tok/s | max MFU | peak GiB | eval s | ckpt s | spawn to first step s | startup phases s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for j in jobs:
-        if not j["ok"]:
-            lines.append(f"| {j['name']} | not run: {j['error'][:200]!r} |" + " |" * 11)
+def trl_rows(args, data: Path, model_dir: Path) -> list[dict]:
+    """TRL's SFTTrainer on the same file with its own packing (bench/trl_packed.py), checkpointing
+    on (TRL's default) and off."""
+    rows = []
+    for variant in args.trl.split(","):
+        out = args.work / f"trl-{variant}.json"
+        out.unlink(missing_ok=True)
+        cmd = [sys.executable, str(ROOT / "bench" / "trl_packed.py"), "--model-dir", str(model_dir), "--data", str(data),
+               "--out", str(out), "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
+               *(["--no-checkpointing"] if "nockpt" in variant else []),
+               *(["--strategy", "wrapped"] if "wrapped" in variant else []), *(["--dry-run"] if args.dry_run else [])]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.job_timeout)
+        if not out.exists():
+            rows.append({"name": f"trl-lora-{variant}", "ok": False, "error": proc.stderr[-800:]})
             continue
-        ratio = j["median_tps"] / ref if ref and j["median_tps"] else None
-        phases = ", ".join(f"{k} {v}" for k, v in (j["startup"] or {}).get("phases", {}).items())
-        lines.append(
-            f"| {j['name']} | {j['median_tps']:,.0f} | {ratio and f'{ratio:.3f}'} | {j['worst_tps']:,.0f} | "
+        row = json.loads(out.read_text())
+        rows.append({**row, **steady_stats(row["step_tps"], [])})
+    return rows
+
+
+@contextlib.contextmanager
+def service_stack(work: Path, model_dir: Path, name: str = "svc", env: dict | None = None, tiny: Path | None = None):
+    """`tuneq up` (SQLite, embedded Redis, the API and one worker with this host's GPU) in a fresh
+    home under work/name with model_dir among its models, `env` added to its environment; yields
+    a Client with the admin key once /healthz answers. Its log: work/name.log. `tiny`: a tiny-llama
+    built before, linked in so that `tuneq up` does not build (pretrain) its own."""
+    import httpx
+
+    from tuneq.client import Client
+
+    home = work / name
+    shutil.rmtree(home, ignore_errors=True)
+    (home / "models").mkdir(parents=True)
+    for model in dict.fromkeys(filter(None, [model_dir, tiny])):
+        subprocess.run(["cp", "-al", str(model), str(home / "models" / model.name)], check=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = open(work / f"{name}.log", "w")  # noqa: SIM115 - lives as long as the stack
+    stack = subprocess.Popen([sys.executable, "-m", "tuneq", "up", "--home", str(home), "--port", str(port)], cwd=ROOT,
+                             env={**os.environ, **(env or {}), "TUNEQ_HOME": str(home), "PYTHONUNBUFFERED": "1"},
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                if (home / "admin.key").is_file() and httpx.get(base + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline or stack.poll() is not None:
+                raise RuntimeError("the stack did not come up: see " + str(work / f"{name}.log"))
+            time.sleep(0.5)
+        yield Client(base, api_key=(home / "admin.key").read_text().strip(), timeout=60)
+    finally:
+        os.killpg(stack.pid, signal.SIGTERM)
+        try:
+            stack.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(stack.pid, signal.SIGKILL)
+        log.close()
+
+
+def service_jobs(args, model_dir: Path, data: Path) -> list[dict]:
+    """A job with no speed field (the default a user gets) through the whole stack: `tuneq up`
+    (SQLite, embedded Redis, the API and one worker with this host's GPU), the file uploaded and the
+    job created over HTTP, its events read back through the API as they come. Submit to first step
+    is from just before the POST to the first metrics event seen through the API."""
+    jobs: list[dict] = []
+    try:
+        with service_stack(args.work, model_dir) as c:
+            uploaded = time.time()
+            file_id = c.upload_file(data)["id"]
+            upload_s = time.time() - uploaded
+            body = {"model": model_dir.name, "training_file": file_id, "method": {"type": "lora", "lora": LORA},
+                    "packing": True, "data_format": "text",
+                    "hyperparameters": {"batch_size": args.batch, "max_seq_len": args.seq, "max_steps": args.steps,
+                                        "learning_rate": 2e-4, "warmup_steps": 2, "seed": 0},
+                    "schedule": {"log_every_steps": 1}}
+            for i in range(args.service):
+                label = "service-default" + ("-again" * (i > 0)) + (f"-{i + 1}" if i > 1 else "")
+                jobs.append(_service_job(c, body, label, args, upload_s))
+                text = json.dumps(jobs[-1], default=str)
+                print(text[:400], flush=True)
+    except Exception as exc:  # noqa: BLE001 - a broken stack is a row, not a lost run
+        jobs.append({"name": "service-default", "ok": False, "error": f"{type(exc).__name__}: {exc}"[:800]})
+    return jobs
+
+
+def _service_job(c, body: dict, label: str, args, upload_s: float, keep_events: bool = False) -> dict:
+    submitted = time.time()
+    job = c.create_job(body)
+    post_s = time.time() - submitted
+    seen: list[dict] = []
+    first_step_seen = None
+    last_id = None
+    deadline = submitted + args.job_timeout
+    while time.time() < deadline:
+        new = c.events_since(job["id"], last_id, limit=100)
+        if new:
+            last_id = new[-1]["id"]
+            seen += new
+        if first_step_seen is None and any(e["type"] == "metrics" for e in new):
+            first_step_seen = time.time()
+        if c.get_job(job["id"])["status"] in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(0.1)
+    final = c.get_job(job["id"])
+    seen += c.events_since(job["id"], last_id, limit=100)
+    metrics = [e["data"] for e in seen if e["type"] == "metrics"]
+    if final["status"] != "succeeded" or not metrics:
+        errors = [e["message"] for e in seen if e["level"] == "error"]
+        return {"name": label, "ok": False, "error": f"{final['status']}: {errors[-1:] or final.get('error')}"}
+    left_out = sorted({e["data"]["step"] + 1 for e in seen if e["type"] in ("validation", "checkpoint")})
+    startup = next((e["data"] for e in seen if e["type"] == "startup"), None)
+    progress = final.get("progress") or {}
+    return {
+        "name": label, "ok": True, "setting": "service", "id": job["id"],
+        **steady_stats([m["tokens_per_second"] for m in metrics], left_out),
+        "left_out_steps": left_out, "step_tps": [round(m["tokens_per_second"]) for m in metrics],
+        "last_step_tps": metrics[-1]["tokens_per_second"], "max_mfu": max((m.get("mfu") or 0) for m in metrics),
+        "peak_gib": (metrics[-1].get("peak_memory_bytes") or 0) / 2**30,
+        "evaluations_s": [], "checkpoints_s": [e["data"].get("seconds") for e in seen if e["type"] == "checkpoint"],
+        "startup": startup, "progress_startup": progress.get("startup"),
+        "speed": next((e["data"].get("fast_path", {}).get("speed") or e["data"].get("speed")
+                       for e in seen if e["type"] == "start"), None),
+        "start": next((e["data"] for e in seen if e["type"] == "start"), None),
+        "submit_to_first_step_s": round(first_step_seen - submitted, 2) if first_step_seen else None,
+        "post_s": round(post_s, 3), "upload_s": round(upload_s, 2),
+        "spawn_to_first_step_s": None, "spawn_to_last_step_s": None,
+        **({"events": seen} if keep_events else {}),
+    }
+
+
+JOB_COLUMNS = ("| job | median tok/s | / bench | worst step | worst / median | steps < 85 % | last step tok/s | max MFU | "
+               "peak GiB | eval s | ckpt s | spawn to first step s | startup phases s |")
+
+
+def _job_line(j: dict, ref: float | None) -> str:
+    if not j["ok"]:
+        return f"| {j['name']} | not run: {j['error'][:300]!r} |" + " |" * 11
+    ratio = j["median_tps"] / ref if ref and j["median_tps"] else None
+    phases = ", ".join(f"{k} {v}" for k, v in (j["startup"] or {}).get("phases", {}).items())
+    return (f"| {j['name']} | {j['median_tps']:,.0f} | {ratio and f'{ratio:.3f}'} | {j['worst_tps']:,.0f} | "
             f"{j['worst_share']:.2f} | {j['below_85']} | {j['last_step_tps']:,.0f} | {j['max_mfu']:.3f} | "
-            f"{j['peak_gib']:.2f} | {j['evaluations_s']} | {j['checkpoints_s']} | {j['spawn_to_first_step_s']} | {phases} |")
-    lines += ["", "The plan's time estimate (POST /v1/fine_tuning/plan: start-up plus steps, at the efficiency "
-              "trainer/planning/speeds.json holds for this GPU model and setting) against the job's spawn to its "
-              "last step (target ±15 %):", "",
+            f"{j['peak_gib']:.2f} | {j['evaluations_s']} | {j['checkpoints_s']} | {j.get('spawn_to_first_step_s')} | {phases} |")
+
+
+def report(args, result: dict) -> str:
+    device = result["device"]
+    lines = [f"# What a job delivers: `python -m trainer run` and the service on packed text vs the step bench ({device})", "",
+             f"Llama-3.2-1B shape{' (tiny, dry run)' if args.dry_run else ''}, random weights, LoRA r16 alpha 32 all "
+             f"linear (QLoRA: 4-bit NF4 base; full: bf16 weights), batch {args.batch} x {args.seq}, {args.steps} steps, "
+             f"text examples of 64..1024 tokens packed into rows; bench/service_throughput.py, {time.strftime('%Y-%m-%d')}. "
+             f"Steady = steps 6..{args.steps}, less the step after an evaluation or checkpoint (whose own seconds are "
+             "in their columns), and with a profile its steps and the one after. tokens/s counts input tokens "
+             "(padding excluded); the step bench's rows are all tokens.", ""]
+    for setting, part in result["settings"].items():
+        bench = part["bench"]
+        ref = bench.get("tokens_per_second")
+        lines += [f"## {setting}", "", f"step bench row {bench['name']}: {f'{ref:,.0f}' if ref else None} tokens/s, peak "
+                  f"{bench.get('peak_gib') or 0:.2f} GiB ({bench.get('error', 'ok')})", "", JOB_COLUMNS,
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [_job_line(j, ref) for j in part["jobs"]]
+        lines.append("")
+    service = result.get("service") or []
+    if service:
+        lora = result["settings"].get("lora-fast") or result["settings"].get("lora-lean") or {}
+        ref = (lora.get("bench") or {}).get("tokens_per_second")
+        lines += ["## Through the service: a job with no speed field", "",
+                  "`tuneq up` on this host (SQLite, embedded Redis, API, one worker), the file uploaded and the job "
+                  "created over HTTP with no `speed` (the default: the fastest setting the planner says fits this "
+                  "GPU), its events read back through the API every 0.1 s. Submit to first step: from just before "
+                  "the POST to the first metrics event seen through the API (target: no more than the load phase + "
+                  f"5 s). / bench: against {(lora.get('bench') or {}).get('name')}.", "",
+                  "| job | speed chosen | median tok/s | / bench | worst / median | steps < 85 % | peak GiB | POST s | "
+                  "submit to first step s | load s | target s | met | phases s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for j in service:
+            if not j["ok"]:
+                lines.append(f"| {j['name']} | not run: {j['error'][:300]!r} |" + " |" * 11)
+                continue
+            phases = (j.get("progress_startup") or {}).get("phases") or (j.get("startup") or {}).get("phases") or {}
+            load = phases.get("load")
+            target = load + 5 if load is not None else None
+            first = j["submit_to_first_step_s"]
+            met = "yes" if first is not None and target is not None and first <= target else "no"
+            ratio = j["median_tps"] / ref if ref else None
+            lines.append(f"| {j['name']} | {j.get('speed')} | {j['median_tps']:,.0f} | {ratio and f'{ratio:.3f}'} | "
+                         f"{j['worst_share']:.2f} | {j['below_85']} | {j['peak_gib']:.2f} | {j['post_s']} | {first} | "
+                         f"{load} | {target and round(target, 2)} | {met} | "
+                         + ", ".join(f"{k} {v}" for k, v in phases.items()) + " |")
+        lines.append("")
+    trl = result.get("trl") or []
+    if trl:
+        default = next((j for j in reversed(service) if j["ok"]), None)
+        lines += ["## TRL's SFTTrainer on the same file, with its own packing", "",
+                  "bench/trl_packed.py: TRL's defaults (best-fit-decreasing packing, padding-free batches, bf16, "
+                  "gradient checkpointing on unless the row says nockpt), the same LoRA, batch, rows and learning rate. "
+                  "Ratio: the default job through the service (above) against the row (target >= 1.5x at no more "
+                  "peak memory).", "",
+                  "| row | median tok/s | worst / median | peak GiB | default job / row (tok/s) | default job peak - row peak GiB | packed rows |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in trl:
+            if not r["ok"]:
+                lines.append(f"| {r['name']} | not run: {r['error'][-300:]!r} |" + " |" * 5)
+                continue
+            ratio = default["median_tps"] / r["median_tps"] if default and r["median_tps"] else None
+            dpeak = default["peak_gib"] - r["peak_gib"] if default and r.get("peak_gib") is not None else None
+            lines.append(f"| {r['name']} | {r['median_tps']:,.0f} | {r['worst_share']:.2f} | "
+                         f"{r['peak_gib'] if r['peak_gib'] is None else round(r['peak_gib'], 2)} | "
+                         f"{ratio and f'{ratio:.2f}'} | {dpeak if dpeak is None else f'{dpeak:+.2f}'} | {r.get('packed_rows')} |")
+        lines.append("")
+    jobs = [j for part in result["settings"].values() for j in part["jobs"]]
+    lines += ["## Time estimates", "", "The plan's time estimate (POST /v1/fine_tuning/plan: start-up plus steps, at the "
+              "efficiency trainer/planning/speeds.json holds for this GPU model and setting) against the job's spawn to "
+              "its last step (target ±15 %):", "",
               "| job | estimated start-up s | estimated steps s | estimated wall s | measured wall s | error % | efficiency from |",
               "|---|---|---|---|---|---|---|"]
     for j in jobs:
@@ -224,37 +431,41 @@ def report(args, bench: dict, jobs: list[dict], device: str) -> str:
                      f"{j['spawn_to_last_step_s']:.1f} | {err:+.1f} | {est['source']} |")
     lines += ["", "Start-up detail (s; device_ready: when the warm-up thread had the GPU's context, from "
               "the process's start; tokens_cached: the data check's tokens reused):", ""]
-    lines += [f"- {j['name']}: {(j['startup'] or {}).get('detail')}" for j in jobs if j["ok"]]
+    lines += [f"- {j['name']}: {(j['startup'] or {}).get('detail')}" for j in jobs + service if j["ok"]]
     lines += ["", "Per-step tokens/s:", ""]
-    lines += [f"- {j['name']} (left out: {j.get('left_out_steps')}): {j.get('step_tps')}" for j in jobs if j["ok"]]
+    lines += [f"- {j['name']} (left out: {j.get('left_out_steps')}): {j.get('step_tps')}" for j in jobs + service + trl if j["ok"]]
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--setting", default="lean-offload", choices=sorted(SETTINGS))
+    p.add_argument("--settings", default="lora-lean-offload", help="comma separated: " + ", ".join(SETTINGS))
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--bench-steps", type=int, default=20)
-    p.add_argument("--jobs", default="old-attention,default")
+    p.add_argument("--jobs", default="default", help="per setting: default (the job as the worker runs it, with one "
+                   "evaluation and one checkpoint), old-attention (transformers' packed mask)")
+    p.add_argument("--trl", default="", help="TRL rows on the same file (comma separated): ckpt, nockpt, wrapped, "
+                   "wrapped-nockpt (wrapped: TRL's packing that cuts the file into rows, without masks between examples)")
+    p.add_argument("--service", type=int, default=0, help="default jobs through the whole stack (tuneq up)")
     p.add_argument("--profile", default="", help="a job to profile (steps 30..32)")
     p.add_argument("--work", type=Path, default=Path("/tmp/tuneq-service-throughput"))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "service_throughput_h100")
     p.add_argument("--job-timeout", type=float, default=300)
     p.add_argument("--report", type=Path, default=None, help="rewrite the table of an earlier run's .json")
     p.add_argument("--record-speeds", action="store_true",
-                   help="write the default job's tokens/s and start-up into trainer/planning/speeds.json")
+                   help="write each setting's default job's tokens/s and the start-up into trainer/planning/speeds.json")
     args = p.parse_args()
     args.seq, args.batch = (64, 2) if args.dry_run else (2048, 8)
     if args.dry_run:
         args.steps, args.bench_steps = min(args.steps, 8), 2
         args.out = args.out.with_name("service_throughput_cpu_dryrun")
-    if args.report:  # the table again, from the steps an earlier run recorded
+    if args.report:  # the tables again, from the steps an earlier run recorded
         saved = json.loads(args.report.read_text())
-        for j in saved["jobs"]:
+        for j in [j for part in saved["settings"].values() for j in part["jobs"]] + saved.get("service", []):
             if j["ok"]:
                 j.update(steady_stats(j["step_tps"], j.get("left_out_steps") or []))
-        args.report.with_suffix(".md").write_text(report(args, saved["bench"], saved["jobs"], saved.get("device", "?")))
+        args.report.with_suffix(".md").write_text(report(args, saved))
         args.report.write_text(json.dumps(saved, indent=1))
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
@@ -262,10 +473,26 @@ def main() -> int:
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     args.device_name = device if device != "cpu" else "NVIDIA H100 80GB HBM3"  # a dry run estimates an H100
-    bench = bench_row(args, args.setting)
+    settings = [x for x in args.settings.split(",") if x]
+    result: dict = {"device": device, "settings": {}, "service": [], "trl": []}
+
+    def save() -> None:
+        args.out.with_suffix(".md").write_text(report(args, result))
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+
+    # The service's default job is measured against the fast LoRA row; the bench also builds the model.
+    benches = bench_rows(args, list(dict.fromkeys(settings + (["lora-fast"] if args.service else []))))
     model_dir = args.work / "tt" / ("tiny" if args.dry_run else "llama-3.2-1b")
     data = write_text_data(model_dir, args.work / "train.jsonl", int(args.steps * args.batch * args.seq * 1.1))
     valid = write_text_data(model_dir, args.work / "valid.jsonl", 16 * args.seq, seed=1)
+    if args.service:  # first: a fresh host's first job, as a user meets it
+        result["service"] = service_jobs(args, model_dir, data)
+        if "lora-fast" not in settings:
+            result["settings"]["lora-fast"] = {"bench": benches["lora-fast"], "jobs": []}
+        save()
+    if args.trl:
+        result["trl"] = trl_rows(args, data, model_dir)
+        save()
     # What the API's data check does at upload: the trainer then reads these tokens from the cache.
     from trainer.data.validate import validate_file
     from trainer.model import load_tokenizer
@@ -276,29 +503,27 @@ def main() -> int:
         validate_file(path, tokenizer, args.seq, data_format="text")
     print(f"data check (tokenized into the cache): {time.time() - checked:.1f} s")
     variants = {"old-attention": {"TUNEQ_PACKED_ATTENTION": "0"}, "default": {}}
-    jobs = []
-    for name in args.jobs.split(","):
-        env = dict(variants[name])
-        schedule = {}
-        if name == "default":  # also one evaluation and one checkpoint, reported apart
-            schedule = {"eval_every_steps": args.steps // 2, "checkpoint_every_steps": args.steps // 2,
-                        "eval_examples": 16}
-        if name in args.profile.split(","):
-            env.update(TUNEQ_PROFILE_STEPS="30:33", TUNEQ_PROFILE_DIR=str(args.work / f"profile-{name}"))
-        # The same job again runs warm (page cache, kernel caches), as on a worker that ran one before.
-        label = f"job-{args.setting}-{name}" + ("-again" if any(j["name"] == f"job-{args.setting}-{name}" for j in jobs) else "")
-        jobs.append(run_job(label, args, model_dir, data,
-                            valid if schedule else None, env, SETTINGS[args.setting], schedule))
-        text = report(args, bench, jobs, device)
-        args.out.with_suffix(".md").write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps({"device": device, "bench": bench, "jobs": jobs}, indent=1, default=str))
-        if name in args.profile.split(","):
-            prof = args.work / f"profile-{name}" / "profile-rank0.txt"
-            if prof.exists():
-                shutil.copy(prof, args.out.with_name(args.out.name + f"_profile_{name}.txt"))
+    for setting in settings:
+        part = result["settings"].setdefault(setting, {"bench": benches[setting], "jobs": []})
+        for name in args.jobs.split(","):
+            env = dict(variants[name])
+            schedule = {}
+            if name == "default":  # also one evaluation and one checkpoint, reported apart
+                schedule = {"eval_every_steps": args.steps // 2, "checkpoint_every_steps": args.steps // 2,
+                            "eval_examples": 16}
+            if name in args.profile.split(","):
+                env.update(TUNEQ_PROFILE_STEPS="30:33", TUNEQ_PROFILE_DIR=str(args.work / f"profile-{setting}-{name}"))
+            label = f"job-{setting}-{name}"
+            part["jobs"].append(run_job(label, args, model_dir, data, valid if schedule else None, env, setting, schedule))
+            save()
+            if name in args.profile.split(","):
+                prof = args.work / f"profile-{setting}-{name}" / "profile-rank0.txt"
+                if prof.exists():
+                    shutil.copy(prof, args.out.with_name(args.out.name + f"_profile_{setting}_{name}.txt"))
     if args.record_speeds and not args.dry_run:
-        record_speeds(args, jobs)
-    print(report(args, bench, jobs, device))
+        record_speeds(args, [j for part in result["settings"].values() for j in part["jobs"]] + result["service"])
+    save()
+    print(report(args, result))
     return 0
 
 

@@ -466,7 +466,8 @@ def child(args) -> int:
     for name in args.child_rows.split(","):
         if name == "setup":
             build_model(args)
-            results.append({"name": "setup", "matmul_peak": measure_matmul_peak(args)})
+            results.append({"name": "setup", "matmul_peak": measure_matmul_peak(args),
+                            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"})
             save()
             continue
         family, method, settings = ROWS[name]
@@ -606,7 +607,7 @@ def _dominance(rows: dict[str, dict]) -> list[str]:
 
 def report(args, setup: dict, rows: dict[str, dict]) -> str:
     peak = setup.get("matmul_peak", {}).get("flops")
-    title = "CPU dry run (tiny model; proves the script, measures nothing)" if args.dry_run else "H200"
+    title = "CPU dry run (tiny model; proves the script, measures nothing)" if args.dry_run else setup.get("device", "GPU")
     out = [
         f"# Training throughput: tuneq vs TRL, Unsloth and a plain loop ({title})",
         "",

@@ -6,7 +6,8 @@ database holds it (table `gpu_usage`, one row per user and per team), so every A
 worker and host orders the queue alike. A running job is charged as it runs: when its lease is
 renewed (at most every ACCRUE_S) and when it stops holding its GPUs. `jobs.usage_charged_at`
 says up to when it was charged; it moves forward only under the job's lease lock, so no
-interval is charged twice.
+interval is charged twice. The order reads the table plus what each running job used since its
+`usage_charged_at`, so it sees use up to the moment it is made, however rare the renewals.
 
 The order itself is a merge. Among jobs of one priority, the team with the least use is served
 first, then within it the user with the least use, whose oldest job goes next (FIFO within a
@@ -106,21 +107,26 @@ class Queued(Protocol):
 
 
 def usage_now(db: Session, t: float) -> dict[str, float]:
-    """Decayed GPU-hours per principal, plus the expected use of the GPUs running now."""
+    """Decayed GPU-hours per principal, plus what the GPUs running now used since they were last
+    charged and the use expected of them still (`fair_share_job_gpu_hours` each)."""
     s = get_settings()
     use: dict[str, float] = defaultdict(float)
     for r in db.execute(select(GpuUsage.principal, GpuUsage.gpu_hours, GpuUsage.at)):
         use[r.principal] = decayed(r.gpu_hours, r.at, t, s.fair_share_half_life_h)
+    # What running jobs used since they were last charged counts now, not at their next renewal.
+    since = func.coalesce(Job.usage_charged_at, t)
+    uncharged = func.sum(Job.gpus * func.max(0.0, t - since) if db.get_bind().dialect.name == "sqlite"
+                         else Job.gpus * func.greatest(0.0, t - since))
     running = db.execute(
-        select(Job.owner_id, User.team_id, func.sum(Job.gpus))
+        select(Job.owner_id, User.team_id, func.sum(Job.gpus), uncharged)
         .outerjoin(User, User.id == Job.owner_id)
         .where(Job.status.in_([states.RUNNING, states.CANCELLING]))
         .group_by(Job.owner_id, User.team_id)
     ).all()
-    for owner, team, gpus in running:
-        ahead = float(gpus or 0) * s.fair_share_job_gpu_hours
-        use[user_key(owner)] += ahead
-        use[team_key(team, owner)] += ahead
+    for owner, team, gpus, gpu_s in running:
+        extra = float(gpus or 0) * s.fair_share_job_gpu_hours + float(gpu_s or 0) / 3600.0
+        use[user_key(owner)] += extra
+        use[team_key(team, owner)] += extra
     return use
 
 

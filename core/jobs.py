@@ -134,11 +134,12 @@ def request_cancel(db: Session, job: Job) -> Job:
     raise states.IllegalTransition(job.id, job.status, states.CANCELLED)
 
 
-def acquire_lease(db: Session, job_id: str, worker_id: str, ttl_s: float) -> Job | None:
+def acquire_lease(db: Session, job_id: str, worker_id: str, ttl_s: float, host: str | None = None) -> Job | None:
     """Take the job's lease if it is queued, or running under a lease older than ttl_s.
 
     One conditional UPDATE does it, so two deliveries racing on two workers cannot both win.
     Returns the job (now `running`, with a new attempt number) or None when another holds it.
+    `host`, when given, is recorded as the job's host with the lease.
     """
     t = now()
     stale_before = t - ttl_s
@@ -149,7 +150,8 @@ def acquire_lease(db: Session, job_id: str, worker_id: str, ttl_s: float) -> Job
             (Job.status == states.QUEUED)
             | ((Job.status == states.RUNNING) & ((Job.lease_heartbeat_at.is_(None)) | (Job.lease_heartbeat_at < stale_before)))
         )
-        .values(lease_owner=worker_id, lease_heartbeat_at=t, lease_attempt=Job.lease_attempt + 1)
+        .values(lease_owner=worker_id, lease_heartbeat_at=t, lease_attempt=Job.lease_attempt + 1,
+                **({"host": host} if host is not None else {}))
         .execution_options(synchronize_session=False)
     )
     if res.rowcount != 1:

@@ -76,6 +76,8 @@ class File(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
+    # The scheduler reads each user's oldest queued jobs in this order (core/scheduling.py `_read`).
+    __table_args__ = (Index("ix_jobs_queue_order", "status", "priority", "owner_id", "created_at", "id"),)
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ftjob"))
     owner_id: Mapped[str | None] = mapped_column(ForeignKey("users.id"), nullable=True, index=True)
     status: Mapped[str] = mapped_column(String(20), default="validating_files", index=True)
@@ -124,6 +126,11 @@ class Job(Base):
     # Fair share: the time up to which this job's GPUs were charged to its owner and team
     # (core/fairshare.py); set while it holds GPUs, None otherwise.
     usage_charged_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Against starvation (core/scheduling.py): since when jobs behind this queued one in the queue
+    # order have started on hosts it fits but whose free GPUs were too few for it, and the host held
+    # for it once that lasted `reserve_after_h`. Both are cleared when it starts.
+    passed_over_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reserved_host: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
 
     events: Mapped[list[JobEvent]] = relationship(back_populates="job", cascade="all, delete-orphan")
 

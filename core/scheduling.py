@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
 from core import fairshare, states
@@ -30,6 +30,8 @@ class Waiting:
     team: str = ""
     created_at: float = 0.0
     min_gpu_memory_gib: float | None = None  # the least GPU memory its plan fits in (Job.min_gpu_memory_gib)
+    passed_over_at: float | None = None  # Job.passed_over_at: see `reserve_for_passed_over`
+    reserved_host: str | None = None
 
     def fits(self, free: int, total: int, memory_gib: float | None) -> bool:
         """Fits `free` GPUs of a host with `total`, each of `memory_gib` (None: not known, not checked)."""
@@ -52,19 +54,23 @@ def waiting(db: Session, t: float | None = None) -> Sequence[Waiting]:
 PREFETCH = 32
 
 
-def _read(db: Session, per_owner: int | None) -> list[Waiting]:
+def _read(db: Session, per_owner: int | None, *where: ColumnElement[bool]) -> list[Waiting]:
     cols = (Job.id, Job.gpus, Job.priority, Job.progress[RETRY_AT].as_float().label("retry_at"),
-            Job.owner_id, Job.created_at, User.team_id, Job.min_gpu_memory_gib)
-    q = select(*cols).outerjoin(User, User.id == Job.owner_id).where(Job.status == states.QUEUED)
+            Job.owner_id, Job.created_at, User.team_id, Job.min_gpu_memory_gib, Job.passed_over_at,
+            Job.reserved_host)
+    q = select(*cols).outerjoin(User, User.id == Job.owner_id).where(Job.status == states.QUEUED, *where)
     if per_owner is None:
         rows = db.execute(q.order_by(Job.priority.desc(), Job.created_at, Job.id)).all()
     else:
+        # Numbered from the index on (status, priority, owner_id, created_at, id) alone; the
+        # columns are read only for the rows kept.
         rn = func.row_number().over(partition_by=(Job.priority, Job.owner_id), order_by=(Job.created_at, Job.id))
-        sub = q.add_columns(rn.label("rn")).subquery()
-        rows = db.execute(select(sub).where(sub.c.rn <= per_owner)).all()
+        sub = select(Job.id, rn.label("rn")).where(Job.status == states.QUEUED, *where).subquery()
+        rows = db.execute(q.join(sub, sub.c.id == Job.id).where(sub.c.rn <= per_owner)).all()
     return [Waiting(r.id, r.gpus, r.priority, r.retry_at or 0.0, r.owner_id or "",
                     fairshare.team_key(r.team_id, r.owner_id), r.created_at,
-                    min_gpu_memory_gib=r.min_gpu_memory_gib) for r in rows]
+                    min_gpu_memory_gib=r.min_gpu_memory_gib, passed_over_at=r.passed_over_at,
+                    reserved_host=r.reserved_host) for r in rows]
 
 
 class FairQueue(Sequence[Waiting]):
@@ -162,3 +168,75 @@ def blocked_head(queue: list[Waiting], free: int, total: int, t: float | None = 
         if w.retry_at <= t and free < w.gpus and w.fits(total, total, memory_gib):
             return w
     return None
+
+
+# -- reservations against starvation -----------------------------------------------------------
+#
+# Backfill (`pick` skipping a job that does not fit the free GPUs) keeps GPUs busy, but a job of
+# many GPUs may then never find enough free at once: smaller jobs behind it keep taking the GPUs
+# it waits for. So a worker notes each job it passes over that way (`passed_over_at`, the first
+# time). Once a job has been passed over for `reserve_after_h`, the next host that fits it and
+# would pass it over again is reserved for it instead (`reserved_host`): that host starts no new
+# job until the reserved one runs there (or elsewhere), so its GPUs drain to it. One job holds at
+# most one host and a host at most one job; a job of higher priority than the reserved one still
+# goes first. A reservation lasts while its host is alive (one of its jobs holds a live lease);
+# one whose host died is taken over by the next host that would pass the job over.
+
+
+def reserved_here(db: Session, host: str, total: int, memory_gib: float | None) -> Waiting | None:
+    """The queued job this host is reserved for, if any. A reservation whose job no longer fits the
+    host (its memory need grew after an out-of-memory) is given up."""
+    held = _read(db, None, Job.reserved_host == host)
+    for w in held:
+        if not w.fits(total, total, memory_gib):
+            db.execute(update(Job).where(Job.id == w.id, Job.reserved_host == host).values(reserved_host=None)
+                       .execution_options(synchronize_session=False))
+            db.commit()
+    fitting = [w for w in held if w.fits(total, total, memory_gib)]
+    return min(fitting, key=lambda w: (-w.priority, w.created_at, w.id)) if fitting else None
+
+
+def host_alive(db: Session, host: str, t: float, ttl_s: float) -> bool:
+    """Whether a job on `host` holds a live lease: a host that drains for a reservation runs some."""
+    return db.scalar(select(Job.id).where(Job.host == host, Job.status.in_([states.RUNNING, states.CANCELLING]),
+                                          Job.lease_heartbeat_at >= t - ttl_s).limit(1)) is not None
+
+
+def reserve_for_passed_over(db: Session, queue: Iterable[Waiting], chosen: Waiting, free: int, total: int,
+                            memory_gib: float | None, host: str, t: float, after_h: float,
+                            ttl_s: float) -> Waiting | None:
+    """`chosen` is about to start on this host's free GPUs: note the jobs ahead of it in the queue
+    order that fit this host but not its free GPUs as passed over, and reserve the host for the
+    first of them passed over for `after_h` or longer (unless a live host already holds it).
+    Returns the job reserved for (the caller then starts nothing), or None. Commits."""
+    passed = []
+    for w in queue:
+        if w.id == chosen.id:
+            break
+        if w.retry_at <= t and w.priority >= chosen.priority and w.fits(total, total, memory_gib):
+            passed.append(w)
+    if not passed:
+        return None
+    new = [w.id for w in passed if w.passed_over_at is None]
+    if new:
+        db.execute(update(Job).where(Job.id.in_(new), Job.status == states.QUEUED, Job.passed_over_at.is_(None))
+                   .values(passed_over_at=t).execution_options(synchronize_session=False))
+    reserved = None
+    if after_h > 0:
+        for w in passed:
+            waited = t - w.passed_over_at if w.passed_over_at is not None else 0.0
+            # A host with half the job's GPUs free already drains sooner than one with fewer:
+            # taken first; after twice the time, any host that fits it is.
+            if waited < after_h * 3600.0 or (2 * free < w.gpus and waited < 2 * after_h * 3600.0):
+                continue
+            if w.reserved_host is not None and (w.reserved_host == host or host_alive(db, w.reserved_host, t, ttl_s)):
+                continue
+            # Conditional on the holder read: of two hosts claiming at once, one wins.
+            holder = Job.reserved_host.is_(None) if w.reserved_host is None else Job.reserved_host == w.reserved_host
+            res = db.execute(update(Job).where(Job.id == w.id, Job.status == states.QUEUED, holder)
+                             .values(reserved_host=host).execution_options(synchronize_session=False))
+            if res.rowcount == 1:
+                reserved = w
+                break
+    db.commit()
+    return reserved

@@ -75,6 +75,9 @@ def transition(
     from core import fairshare  # it orders by these states: imported here, not at the top
 
     fairshare.on_transition(db, job, current, target, t)
+    if current == QUEUED and target != QUEUED:  # it leaves the queue: a reservation held for it ends
+        job.passed_over_at = None
+        job.reserved_host = None
     if target == RUNNING and job.started_at is None:
         job.started_at = t
     if target in TERMINAL:

@@ -150,13 +150,15 @@ def compile_all(uv: str, args: list[str]) -> None:
             if lock.source is None:
                 cmd += ["pyproject.toml", *(f"--extra={e}" for e in lock.extras)]
             elif lock.names_only:
-                names = [canonical(line.strip()) for line in (root / "requirements" / lock.source).read_text().splitlines()
+                # A name may carry extras (moto[s3]): the pin is the name's, the extras go along.
+                names = [re.fullmatch(r"([A-Za-z0-9._-]+)(\[[^\]]*\])?", line.strip()).groups("")  # type: ignore[union-attr]
+                         for line in (root / "requirements" / lock.source).read_text().splitlines()
                          if line.strip() and not line.startswith("#")]
-                missing = [n for n in names if n not in every]
+                missing = [n for n, _ in names if canonical(n) not in every]
                 if missing:
                     raise SystemExit(f"requirements/{lock.source}: no pin in pyproject.toml for {', '.join(missing)}")
                 spec = Path(tmp) / lock.source
-                spec.write_text("".join(f"{n}=={every[n]}\n" for n in names))
+                spec.write_text("".join(f"{canonical(n)}{x}=={every[canonical(n)]}\n" for n, x in names))
                 cmd.append(str(spec))
             else:
                 cmd.append(f"requirements/{lock.source}")

@@ -1,4 +1,4 @@
-"""`python -m trainer run|tiny|validate`: the process the worker launches (docs/internals.md).
+"""`python -m trainer run|tiny|validate|standby`: the process the worker launches (docs/internals.md).
 
 Bad input gets one line on stderr and exit code 2, never a traceback: the worker shows that line
 to the user as the job's error.
@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny", help="build a tiny Llama-shaped model with tokenizer and chat template")
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
+    sub.add_parser("standby", help="import the trainer, then run the job that arrives on stdin (trainer.standby)")
     val = sub.add_parser("validate", help="print the validation report of a JSONL file")
     val.add_argument("file", type=Path)
     val.add_argument("--model", help="model directory whose tokenizer counts tokens")
@@ -97,7 +98,6 @@ def _run(args: argparse.Namespace, own_process: bool = False) -> int:
     # torch first, here, so that the warm-up thread never imports it alongside the main thread.
     import torch  # noqa: F401
 
-
     warm_device()
     from trainer.job import run_job
 
@@ -138,15 +138,22 @@ def _validate(args: argparse.Namespace) -> int:
     return 0 if report["valid"] else 1
 
 
+def _standby(args: argparse.Namespace) -> int:
+    from trainer.standby import main as standby_main
+
+    return standby_main()
+
+
 def main(argv: list[str] | None = None, own_process: bool = False) -> int:
     """`own_process`: this process is the trainer's alone (`python -m trainer`), so `run` may hide
     the libraries the job does not use (trainer.startup.skip_unused_libraries) from the whole
-    process; a caller that runs a job in its own process keeps every module it has."""
+    process; a caller that runs a job in its own process (a test, or a standby trainer, which
+    imported them before its job arrived) keeps every module it has."""
     try:
         args = _parser().parse_args(argv)
         if args.command == "run":
             return _run(args, own_process)
-        return {"tiny": _tiny, "validate": _validate}[args.command](args)
+        return {"tiny": _tiny, "validate": _validate, "standby": _standby}[args.command](args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,27 +30,39 @@ def json_safe(value: Any) -> Any:
 
 
 class EventWriter:
-    """Appends events to DIR/events.jsonl; a no-op on every rank but 0."""
+    """Appends events to DIR/events.jsonl; a no-op on every rank but 0.
+
+    `listeners` are called with each event's type and data after it is written (trainer.tracking
+    feeds experiment trackers so). Threads may emit: one line is written at a time.
+    """
 
     def __init__(self, path: str | Path, enabled: bool = True) -> None:
         self.path = Path(path)
         self.enabled = enabled
         self._file = None
+        self._lock = threading.Lock()
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the writer
 
     def emit(self, type: str, message: str = "", level: Level = "info", **data: Any) -> None:
-        if not self.enabled or self._file is None:
+        if not self.enabled:
             return
         line = {"type": type, "time": time.time(), "level": level, "message": message, "data": json_safe(data)}
-        self._file.write(json.dumps(line, allow_nan=False) + "\n")
-        self._file.flush()
+        with self._lock:
+            if self._file is None:  # closed, while a tracker's thread still reports
+                return
+            self._file.write(json.dumps(line, allow_nan=False) + "\n")
+            self._file.flush()
+        for listener in self.listeners:
+            listener(type, line["data"])
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
     def __enter__(self) -> EventWriter:
         return self

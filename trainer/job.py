@@ -13,6 +13,7 @@ from trainer.errors import OutOfMemory, Stopped, TrainerError
 from trainer.events import EventWriter
 from trainer.signals import PAUSE_FILE, StopFlags, handle_signals
 from trainer.spec import JobSpec
+from trainer.tracking import start_tracking, stop_tracking
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -53,6 +54,9 @@ def run_job(spec: JobSpec, out_dir: str | Path, resume: bool = False, flags: Sto
         out.mkdir(parents=True, exist_ok=True)
     events = EventWriter(out / "events.jsonl", enabled=accelerator.is_main_process)
     flags = flags or StopFlags(pause_file=out / PAUSE_FILE)
+    # The spec's integrations (a W&B run) see the events from here on; rank 0 only.
+    tracking = start_tracking(spec, out, events) if spec.integrations else []
+    code = EXIT_FAILED
     try:
         with handle_signals(flags):
             try:
@@ -61,9 +65,11 @@ def run_job(spec: JobSpec, out_dir: str | Path, resume: bool = False, flags: Sto
                 train(spec, out, accelerator, events, resume=resume, flags=flags)
             except torch.cuda.OutOfMemoryError as exc:
                 raise OutOfMemory(f"the GPU ran out of memory: {str(exc).splitlines()[0]}", hint=OOM_HINT) from exc
-        return EXIT_OK
+        code = EXIT_OK
+        return code
     except Stopped as stop:
-        return stop.exit_code
+        code = stop.exit_code
+        return code
     except TrainerError as err:
         events.emit("error", err.message, level="error", code=err.code, hint=err.hint)
         return EXIT_FAILED
@@ -79,4 +85,5 @@ def run_job(spec: JobSpec, out_dir: str | Path, resume: bool = False, flags: Sto
                     hint="see trainer.log; this is a bug in tuneq, please report it")
         return EXIT_FAILED
     finally:
+        stop_tracking(tracking, code)
         events.close()

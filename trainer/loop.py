@@ -51,7 +51,7 @@ from trainer.profiling import region
 from trainer.sampler import DataOrder
 from trainer.signals import StopFlags
 from trainer.spec import JobSpec
-from trainer.startup import Phases, skipped_libraries, warmup_seconds
+from trainer.startup import Phases, skipped_libraries, standby_detail, warmup_seconds
 from trainer.step import QueuedStep, Window, as_values, optimizer_step, queue_forward_backward, step_result
 from trainer.step_values import LateRead, pinned
 from trainer.vocabulary import eval_scores
@@ -369,7 +369,7 @@ class Run:
         self.events.emit("startup", f"first step {self.phases.total():.1f} s after the process started: "
                          + ", ".join(f"{k} {v:.1f} s" for k, v in took.items()),
                          phases=took, seconds=self.phases.total(), process_started=self.phases.started,
-                         detail={**self.phases.detail, "device_ready": warmup_seconds(),
+                         detail={**self.phases.detail, "device_ready": warmup_seconds(), **standby_detail(),
                                  "tokens_cached": self.tokens_cached, "skipped_libraries": skipped_libraries()})
 
     def _log(self, queued: QueuedStep, grad_norm: float) -> None:

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from trainer.eval_settings import EvalSettings, check_eval_settings
+from trainer.integration_settings import MAX_INTEGRATIONS, Integration, check_integrations
 from trainer.method_settings import (
     ExportSettings,
     FreezeSettings,
@@ -231,6 +232,12 @@ class JobSpec(StrictModel):
         "global batch. Above 1: DDP for adapter methods, FSDP for full and freeze (strategy auto), across the hosts.",
     )
     suffix: str | None = Field(None, max_length=64, description="Added to the fine-tuned model's name.")
+    integrations: list[Integration] = Field(
+        default_factory=list, max_length=MAX_INTEGRATIONS,
+        description="OpenAI's integrations: {'type': 'wandb', 'wandb': {'project', 'name', 'entity', 'tags'}} "
+        "writes the job's curves as an offline Weights & Biases run, published as the artifact wandb.tar.gz "
+        "(upload it with `wandb sync`).",
+    )
 
     @model_validator(mode="after")
     def _cross_field(self) -> JobSpec:
@@ -244,6 +251,7 @@ class JobSpec(StrictModel):
         self._preference_rules()
         check_method_settings(self)
         check_eval_settings(self)
+        check_integrations(self.integrations)
         if self.strategy == "fsdp" and self.eval is not None:
             raise ValueError("eval: answers are generated on each GPU's whole model, which strategy 'fsdp' shards; "
                              "give strategy 'ddp' (or 'auto' with one GPU) or leave eval out")

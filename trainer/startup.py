@@ -1,7 +1,8 @@
 """How long a run took to reach its first step, phase by phase, for the "startup" event.
 
-Phases, each the seconds since the one before: import (from the process's start to the recipe's
-setup: the interpreter, torch, transformers, accelerate), data (tokenizer, reading, tokenizing,
+Phases, each the seconds since the one before: import (from the process's start, or the job's
+arrival at a standby process, to the recipe's setup: the interpreter, torch, transformers,
+accelerate), data (tokenizer, reading, tokenizing,
 packing), load (the model's weights onto the device, the method and fast path applied), prepare
 (optimizer, schedule, resume, forgetting baseline) and first_step (until the first optimizer step's
 values are read: kernels' first compilation and the allocator's warm-up included). The worker adds
@@ -36,12 +37,34 @@ def process_started() -> float:
 
 _IMPORTED = time.time()
 
+# Set when a standby process (trainer.standby) took the job: the run's start is when the job
+# arrived, not when the process began; the standby's own import is kept for the detail.
+_STANDBY: dict[str, float] | None = None
+
+
+def from_standby(received: float, imported_s: float, idle_s: float) -> None:
+    global _STANDBY
+    _STANDBY = {"received": received, "standby_import": round(imported_s, 3), "standby_idle": round(idle_s, 3)}
+
+
+def run_started() -> float:
+    """When this run began: the process's start, or the job's arrival at a standby."""
+    return _STANDBY["received"] if _STANDBY is not None else process_started()
+
+
+def standby_detail() -> dict[str, object]:
+    """For the startup event's detail: whether a standby ran the job, how long it had imported
+    for and how long it waited for the job."""
+    if _STANDBY is None:
+        return {"standby": False}
+    return {"standby": True, "standby_import": _STANDBY["standby_import"], "standby_idle": _STANDBY["standby_idle"]}
+
 
 class Phases:
     """Marks the end of each phase; `seconds()` is the time each took, in order."""
 
     def __init__(self, started: float | None = None) -> None:
-        self.started = process_started() if started is None else started
+        self.started = run_started() if started is None else started
         self._last = self.started
         self._took: dict[str, float] = {}
         self._noted = self.started
@@ -92,7 +115,7 @@ class DeviceWarmup:
             device = torch.device("cuda", index)
             a = torch.ones(64, 64, device=device, dtype=torch.bfloat16)
             (a @ a).sum().item()
-            self.seconds = round(time.time() - process_started(), 3)
+            self.seconds = round(time.time() - run_started(), 3)
         except Exception as exc:  # noqa: BLE001 - the main thread meets the same fault and reports it
             self.error = f"{type(exc).__name__}: {exc}"[:200]
 

@@ -133,8 +133,9 @@ def pretrain_on_corpus(model, tokenizer, steps: int, seq_len: int = 64, batch_si
     return float(loss.detach())
 
 
-def build_tiny(out_dir: str | Path, seed: int = 0) -> Path:
-    """Save a tiny Llama-shaped model, its tokenizer and chat template into out_dir."""
+def build_tiny(out_dir: str | Path, seed: int = 0, pretrain_steps: int = PRETRAIN_STEPS) -> Path:
+    """Save a tiny Llama-shaped model, its tokenizer and chat template into out_dir (pretrain_steps
+    0: random weights, at once, for benches that only need the model to be there)."""
     import torch
     from transformers import GenerationConfig, LlamaForCausalLM
 
@@ -159,7 +160,8 @@ def build_tiny(out_dir: str | Path, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-        pretrain_on_corpus(model, tokenizer, PRETRAIN_STEPS)
+        if pretrain_steps:
+            pretrain_on_corpus(model, tokenizer, pretrain_steps)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

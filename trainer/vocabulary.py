@@ -85,6 +85,11 @@ def eval_scores(metrics: dict[str, Any]) -> dict[str, float]:
             and isinstance(v, int | float) and not isinstance(v, bool)}
 
 
+# The services a job's curves go to besides tuneq's own (OpenAI's `integrations`): wandb is an
+# offline Weights & Biases run in the job's artifacts (trainer.tracking).
+IntegrationType = Literal["wandb"]
+INTEGRATION_TYPES: tuple[str, ...] = get_args(IntegrationType)
+
 # Which weights final/: the last step's, or the checkpoint's with the best eval score.
 ExportSelect = Literal["last", "best"]
 EXPORT_SELECTS: tuple[str, ...] = get_args(ExportSelect)

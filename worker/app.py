@@ -13,7 +13,7 @@ from sqlalchemy.exc import DBAPIError
 
 from core.queue import REAP, RUN_JOB, make_celery
 from core.settings import get_settings
-from worker import gpus, host, kombu_fixes, reaper, runner
+from worker import gpus, host, kombu_fixes, reaper, runner, standby
 
 app = make_celery()
 kombu_fixes.install()  # a Redis restart must not stop the worker (see the module)
@@ -53,12 +53,14 @@ def _start_reaper(**_: Any) -> None:
         pool = gpus.get_pool(settings)
         _host = host.HostThread(pool, runner.default_worker_id(settings), slots=pool.count)
         _host.start()
+        standby.POOL.start(settings, pool)
 
 
 @signals.worker_shutting_down.connect
 def _stop_running_jobs(**_: Any) -> None:
     # Celery then waits for the tasks: each stops its trainer and hands its job back to the queue.
     runner.SHUTDOWN.set()
+    standby.POOL.close()
     if _reaper is not None:
         _reaper.stop()
     if _host is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from typing import Any
 from core.archive import INDEX_SUFFIX, Index, Member, digest
 from core.models import Artifact, Job
 from core.storage import CHUNK, Storage, sha256_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -172,10 +175,34 @@ def _parents(rel: str) -> list[str]:
 
 
 def _archive(storage: Storage, src: Path, key: str, name: str, kind: str, arcname: str) -> Stored:
-    """A real, compressed tar.gz stored whole: for small folders of text (TensorBoard logs)."""
+    """A real, compressed tar.gz stored whole: for small folders of text (TensorBoard logs, W&B runs)."""
     tar_path = src.parent / f".{Path(name).name}.tmp"
     with tarfile.open(tar_path, "w:gz") as tar:
-        tar.add(src, arcname=arcname)
+        # Links are left out: a W&B run links its debug logs to files outside the folder, which
+        # safe extraction (tarfile's "data" filter, `tuneq download`) refuses.
+        tar.add(src, arcname=arcname, filter=lambda member: None if member.issym() or member.islnk() else member)
     size, sha = storage.put_file(key, tar_path)
     tar_path.unlink()
     return Stored(name, kind, key, size, sha)
+
+
+# The kind of the artifacts that hold a job's curves (TensorBoard files, an offline W&B run).
+LOGS_KIND = "logs"
+
+
+def publish_logs(storage: Storage, folder: Path, job_id: str, attempt: int, name: str) -> Stored | None:
+    """Archive a folder of a job's curves as the artifact `name` (e.g. tensorboard.tar.gz); None
+    when the folder is missing or empty, or when storing it failed.
+
+    The key carries the attempt: stored keys are never rewritten, and a later run of the same job
+    (after a lost lease) publishes its own.
+    """
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return None
+    key = f"jobs/{job_id}/{name.removesuffix('.tar.gz')}-{attempt}.tar.gz"
+    try:
+        return _archive(storage, folder, key, name, LOGS_KIND, folder.name)
+    except Exception:  # noqa: BLE001 - any storage error
+        # Curves are a convenience: their loss must not fail a trained job.
+        log.warning("job %s: could not publish %s", job_id, name, exc_info=True)
+        return None

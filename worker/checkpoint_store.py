@@ -28,7 +28,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from core.db import get_sessionmaker
-from core.models import Checkpoint
+from core.models import Checkpoint, JobEvent
 from core.storage import NOT_LINKABLE, Storage, sha256_file, write_hashed
 from trainer.graders import best_step
 
@@ -300,18 +300,23 @@ class Uploader:
 
     def _upload(self, step: int, snap: Path) -> None:
         prefix = store_prefix(self.job_id, snap.name)
-        t0 = time.monotonic()
+        started, t0 = time.time(), time.monotonic()
         size = upload(self.storage, snap, prefix)
+        seconds = time.monotonic() - t0
         if not self.may_write():
             return
         with get_sessionmaker()() as db:
             db.execute(update(Checkpoint).where(Checkpoint.job_id == self.job_id, Checkpoint.step == step)
                        .values(storage_key=prefix, uploaded_at=time.time()))
+            # In the job's events: when it became resumable anywhere, and what the upload cost.
+            db.add(JobEvent(job_id=self.job_id, type="checkpoint_stored",
+                            message=f"Checkpoint {snap.name} stored ({size / 1e6:.1f} MB in {seconds:.1f} s).",
+                            data={"step": step, "bytes": size, "seconds": round(seconds, 3), "started_at": started}))
             db.commit()
             removed = rotate(db, self.storage, self.job_id, self.keep, self.metric)
         self.uploaded.append(step)
-        log.info("job %s: checkpoint %s uploaded (%.1f MB in %.2f s)%s", self.job_id, snap.name, size / 1e6,
-                 time.monotonic() - t0, f"; removed steps {removed} from the store" if removed else "")
+        log.info("job %s: checkpoint %s uploaded (%.1f MB in %.2f s)%s", self.job_id, snap.name, size / 1e6, seconds,
+                 f"; removed steps {removed} from the store" if removed else "")
 
     def _drop(self, step: int, snap: Path, why: str) -> None:
         log.warning("job %s: checkpoint %s not stored: %s", self.job_id, snap.name, why)

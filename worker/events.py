@@ -87,6 +87,7 @@ class ProgressTracker:
         self.new_checkpoints: list[tuple[int, Path]] = []
         self.last_error: dict[str, Any] | None = None
         self.finished: dict[str, Any] | None = None
+        self.started_up = False  # the trainer reported its first step (its startup event)
         self._rate_origin: tuple[float, int] | None = None  # (time, step) of this run's first metrics
 
     def apply(self, db: Session, job: Job, ev: dict[str, Any]) -> None:
@@ -134,17 +135,23 @@ class ProgressTracker:
         job.metrics = {**job.metrics, **_pick(data, TRAIN_METRIC_KEYS)}
 
     def _on_startup(self, job: Job, data: dict[str, Any], t: float) -> None:
+        self.started_up = True
         """progress.startup: the seconds of each phase from submission to the first step. The
-        queue and the launch are the service's (job created -> running -> trainer process), the
-        rest the trainer's own. A resumed run's start-up replaces the first one's."""
+        validation, queue and launch are the service's (request -> data checked and queued ->
+        running -> trainer process, or the job's arrival at a standby trainer), the rest the
+        trainer's own. A resumed run's start-up replaces the first one's."""
         phases = data.get("phases") if isinstance(data.get("phases"), dict) else {}
         began = _float(data.get("process_started"))
         service: dict[str, float] = {}
-        if job.started_at is not None and job.created_at is not None and not job.progress.get("startup"):
-            service["queue"] = round(max(job.started_at - job.created_at, 0.0), 3)
+        submitted = _float(job.progress.get("submitted_at")) or job.created_at
+        queued = _float(job.progress.get("queued_at")) or job.created_at
+        if job.started_at is not None and queued is not None and not job.progress.get("startup"):
+            if submitted is not None and queued > submitted:
+                service["validation"] = round(queued - submitted, 3)
+            service["queue"] = round(max(job.started_at - queued, 0.0), 3)
         if began is not None and job.started_at is not None:
             service["launch"] = round(max(began - job.started_at, 0.0), 3)
-        origin = job.created_at if "queue" in service else began
+        origin = submitted if "queue" in service else began
         total = round(t - origin, 3) if origin is not None else _float(data.get("seconds"))
         job.progress = {**job.progress, "startup": {**service, **phases, "total": total}}
 

@@ -197,13 +197,21 @@ class GpuPool:
             r.files.clear()
 
     def free(self) -> int:
+        return len(self.free_device_ids())
+
+    def all_device_ids(self) -> list[str]:
+        """The CUDA_VISIBLE_DEVICES entry of each GPU of the pool, by index."""
+        return [self.device_ids[i] if self.device_ids else str(i) for i in range(self.count)]
+
+    def free_device_ids(self) -> list[str]:
+        """The CUDA_VISIBLE_DEVICES entry of each free GPU, lowest index first (the order reserve takes them)."""
         with self.mutex:
-            n = 0
+            free = []
             for i in range(self.count):
                 if (f := self._try(i)) is not None:
                     f.close()
-                    n += 1
-            return n
+                    free.append(self.all_device_ids()[i])
+            return free
 
     def holders(self) -> dict[int, str]:
         """GPU index -> the job holding it, for GPUs held now (by any process of this host)."""

@@ -16,7 +16,7 @@ from core import control, policy, states, workers
 from core.jobs import acquire_lease
 from core.inference import SERVER_OWNER
 from core.models import Checkpoint, Job, now
-from core.scheduling import Waiting, blocked_head, pick, waiting
+from core.scheduling import Waiting, blocked_head, pick, reserve_for_passed_over, reserved_here, waiting
 from core.settings import Settings
 from trainer import planning
 from worker.disk import disk_state
@@ -57,11 +57,25 @@ def take(db: Session, pool: GpuPool, job_id: str, worker_id: str, settings: Sett
             queue = waiting(db)
             db.rollback()
             free = pool.free()
-            chosen = pick(queue, free, pool.count, memory_gib=pool.memory_gib)
+            held_for = (reserved_here(db, pool.host, pool.count, pool.memory_gib)
+                        if settings.reserve_after_h > 0 else None)
+            first = next(iter(queue), None)  # the order's head: read without reading the whole queue
+            if held_for is not None and not (first is not None and first.priority > held_for.priority):
+                # This host is reserved for a job that was passed over too long: it starts that
+                # job once enough GPUs are free, and no other meanwhile.
+                db.rollback()
+                if held_for.retry_at > now() or not held_for.fits(free, pool.count, pool.memory_gib):
+                    return "deferred"
+                chosen = held_for
+            else:
+                chosen = pick(queue, free, pool.count, memory_gib=pool.memory_gib)
             if chosen is None:
                 preempt_for(db, pool, queue, free)
                 return "deferred"
-            head = blocked_head(queue, free, pool.count, memory_gib=pool.memory_gib)
+            # Only a job that outranks `chosen` matters here; the order's head has the highest
+            # priority, so when it does not outrank, the queue need not be read further.
+            outranked = first is not None and first.priority > chosen.priority
+            head = blocked_head(queue, free, pool.count, memory_gib=pool.memory_gib) if outranked else None
             if (head is not None and chosen.id != head.id and chosen.priority < head.priority
                     and _being_freed(*_holdings(db, pool)) > 0):
                 # GPUs are being given back for a higher-priority job that needs more than are free:
@@ -69,13 +83,17 @@ def take(db: Session, pool: GpuPool, job_id: str, worker_id: str, settings: Sett
                 # its preemption, and a multi-GPU head would never find all its GPUs free at once.
                 db.rollback()
                 return "deferred"
+            if held_for is None and reserve_for_passed_over(
+                    db, queue, chosen, free, pool.count, pool.memory_gib, pool.host, now(),
+                    settings.reserve_after_h, settings.lease_ttl_s) is not None:
+                return "deferred"  # this host is now reserved for a job ahead of `chosen`: it drains
             target_id, gpus = chosen.id, chosen.gpus
             if target_id != job_id:
                 log.info("job %s waits behind job %s, which fits the free GPUs and runs first", job_id, target_id)
         reservation = pool.reserve(gpus, owner=target_id)
         if reservation is None:  # another worker process of this host was faster
             return "deferred"
-        leased = acquire_lease(db, target_id, worker_id, settings.lease_ttl_s)
+        leased = acquire_lease(db, target_id, worker_id, settings.lease_ttl_s, host=pool.host)
         if leased is None:
             pool.release(reservation)
             return "skipped" if target_id == job_id else "deferred"

@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from trainer.signals import PAUSE_FILE
 from trainer.watchdog import SUPERVISOR_ENV, alive
+from worker.standby import StandbyPool
 
 
 def group_members(pgid: int) -> list[int]:
@@ -40,14 +43,23 @@ def group_members(pgid: int) -> list[int]:
 
 
 class TrainerProcess:
-    def __init__(self, argv: list[str], *, cwd: Path, log_path: Path, env: dict[str, str]):
+    def __init__(self, argv: list[str], *, cwd: Path, log_path: Path, env: dict[str, str],
+                 standbys: StandbyPool | None = None, give_up: Callable[[], bool] = lambda: False):
+        """Start the trainer; a one-process `python -m trainer ...` goes to a standby trainer of
+        `standbys` when one can take it (worker.standby), else to a fresh process."""
         # The previous run's pause request is not this run's.
         (Path(cwd) / PAUSE_FILE).unlink(missing_ok=True)
-        with open(log_path, "ab") as log:
-            self.popen = subprocess.Popen(
-                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        popen = None
+        if standbys is not None and argv[:3] == [sys.executable, "-m", "trainer"]:
+            popen = standbys.take(env, argv[3:], Path(cwd), Path(log_path), give_up)
+        self.standby = popen is not None
+        if popen is None:
+            with open(log_path, "ab") as log:
+                popen = subprocess.Popen(
+                    argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+        self.popen = popen
         self.pgid = self.popen.pid
         self.work_dir = Path(cwd)
 
@@ -112,7 +124,8 @@ class TrainerProcess:
 
 
 def trainer_pids(work_dir: Path) -> list[int]:
-    """Live processes running the trainer (`… trainer run … --out work_dir`) on work_dir."""
+    """Live processes running the trainer on work_dir: `… trainer run … --out work_dir`, or a
+    standby trainer (`… trainer standby`) that took a job and moved into work_dir."""
     target = str(work_dir)
     found = []
     for entry in Path("/proc").iterdir():
@@ -123,9 +136,18 @@ def trainer_pids(work_dir: Path) -> list[int]:
         except OSError:
             continue
         argv = [a.decode(errors="replace") for a in args]
-        if "trainer" in argv and "--out" in argv and target in argv and alive(int(entry.name)):
+        if "trainer" not in argv or not alive(int(entry.name)):
+            continue
+        if ("--out" in argv and target in argv) or ("standby" in argv and _cwd(entry) == target):
             found.append(int(entry.name))
     return found
+
+
+def _cwd(entry: Path) -> str | None:
+    try:
+        return os.readlink(entry / "cwd")
+    except OSError:
+        return None
 
 
 def kill_strays(work_dir: Path) -> list[int]:

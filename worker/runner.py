@@ -32,12 +32,14 @@ from core.queue import clear_pending, enqueue_job
 from core.retries import USER_ERRORS, retry_or_fail
 from core.settings import Settings, get_settings
 from core.storage import get_storage
+from trainer.tracking import JOB_ID_ENV, WANDB_DIR
 from worker import placement
-from worker.artifacts import final_manifest, publish_final
+from worker.artifacts import Stored, final_manifest, publish_final, publish_logs
 from worker.checkpoint_store import Uploader, keep_checkpoints, prepare_resume, selection_metric, uploaded
 from worker.events import EventTail, ProgressTracker
 from worker.gpus import GpuPool, Reservation, get_pool
 from worker.process import SUPERVISOR_ENV, TrainerProcess, kill_strays
+from worker.standby import POOL as STANDBYS
 from worker.tensorboard_log import TensorBoardLog
 from worker.workdir import SpecError, job_dir, runnable_spec, trainer_argv, trainer_env, write_spec
 
@@ -57,6 +59,7 @@ CANCEL_GRACE_S = 10.0
 CHECKPOINT_GRACE_S = 120.0
 LOG_TAIL_CHARS = 2000
 FINAL = "final"  # the trainer's export folder in the work directory
+WANDB_ARTIFACT = "wandb.tar.gz"  # DIR/wandb/: the offline W&B runs of the job's attempts on this host
 
 
 def default_worker_id(settings: Settings) -> str:
@@ -195,24 +198,28 @@ class JobRun:
         kind = self.pool.kind if self.pool else "cpu"
         procs = len(devices) if kind == "gpu" and devices else 1
         argv = trainer_argv(self.settings, write_spec(self.dir, spec), self.dir, resume, num_processes=procs)
-        env = {**trainer_env(self.settings), SUPERVISOR_ENV: str(os.getpid())}
+        # The job id names the trainer's W&B run (trainer.tracking).
+        env = {**trainer_env(self.settings), SUPERVISOR_ENV: str(os.getpid()), JOB_ID_ENV: self.job_id}
         if self.reservation:
             env.update(self.reservation.env(kind))
-        proc = TrainerProcess(argv, cwd=self.dir, log_path=self.dir / "trainer.log", env=env)
-        log.info("job %s: trainer pid %s started on %s %s (attempt %s%s)", self.job_id, proc.pid, kind, devices,
+        proc = TrainerProcess(argv, cwd=self.dir, log_path=self.dir / "trainer.log", env=env, standbys=STANDBYS,
+                              give_up=lambda: self.keeper.lost.is_set() or SHUTDOWN.is_set())
+        log.info("job %s: trainer pid %s %s on %s %s (attempt %s%s)", self.job_id, proc.pid,
+                 "took the job as a standby" if proc.standby else "started", kind, devices,
                  self.attempt, ", resuming" if resume else "")
         host = self.pool.host if self.pool else None
         self.job.host = host
         states.add_event(self.db, self.job, "Resuming from the latest checkpoint." if resume else "Trainer started.",
                          type="message", data={"pid": proc.pid, "worker": self.worker_id, "resume": resume,
                                                "attempt": self.attempt, "host": host, "devices": devices,
-                                               "device_kind": kind})
+                                               "device_kind": kind, "standby": proc.standby})
         self.db.commit()
         try:
             stopped_by = self.supervise(proc)
         finally:
             if not proc.finished():
                 proc.kill()
+            STANDBYS.refill(self.settings)
         # A database restart just as the trainer ends must not lose its last events or turn a
         # finished training into a retried one.
         self.with_db(self.pump)
@@ -239,8 +246,13 @@ class JobRun:
         """
         stopped_by: str | None = None
         kill_at = float("inf")
+        refilled = False
         while not proc.finished():
             self.with_db(self.pump)
+            if self.tracker.started_up and not refilled:
+                # Past its first step, the job no longer competes with a new standby's imports.
+                STANDBYS.refill(self.settings)
+                refilled = True
             now = time.monotonic()
             if self.keeper.lost.is_set():
                 log.warning("job %s: lease lost (attempt %s); stopping the trainer", self.job_id, self.attempt)
@@ -440,7 +452,7 @@ class JobRun:
                before: Callable[[Job], None] | None = None) -> str:
         """Write the final status, but only while this run still holds the lease."""
         # Outside the transaction, like publish_final: the curves of an ended job, downloadable.
-        curves = self.tensorboard.publish(get_storage(), self.job_id, self.attempt) if target in states.TERMINAL else None
+        curves = self.publish_curves() if target in states.TERMINAL else []
         job = lock_leased_job(self.db, self.job_id, self.worker_id, self.attempt)
         if job is None:
             log.warning("job %s: lease lost before the end (attempt %s); leaving the job alone", self.job_id, self.attempt)
@@ -457,8 +469,8 @@ class JobRun:
             before(job)
         if target == states.PAUSED:
             job.pause_requested = False  # honoured; a resume must not pause again at once
-        if curves is not None and target in states.TERMINAL:
-            self.db.add(curves.row(job.id))
+        if target in states.TERMINAL:
+            self.db.add_all(stored.row(job.id) for stored in curves)
         states.transition(self.db, job, target, message, error=error)
         if target == states.PAUSED:
             control.after_pause(self.db, job)
@@ -466,6 +478,13 @@ class JobRun:
         self.ended_here = job.status in states.TERMINAL
         log.info("job %s: %s", self.job_id, job.status)
         return job.status
+
+    def publish_curves(self) -> list[Stored]:
+        """The TensorBoard files, and the offline W&B run of a job with a wandb integration."""
+        storage = get_storage()
+        found = [self.tensorboard.publish(storage, self.job_id, self.attempt),
+                 publish_logs(storage, self.dir / WANDB_DIR, self.job_id, self.attempt, WANDB_ARTIFACT)]
+        return [stored for stored in found if stored is not None]
 
     def clean_up(self) -> None:
         """An ended job leaves nothing on this host that the store does not hold: its model,

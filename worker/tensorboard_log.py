@@ -8,44 +8,16 @@ them: the same file format as TensorBoard's own writer without TensorFlow or Ten
 
 from __future__ import annotations
 
-import logging
-import math
 import secrets
 from pathlib import Path
 from typing import Any
 
 from core.storage import Storage
-from trainer.vocabulary import PREFERENCE_TRAIN_METRICS
-from worker.artifacts import Stored, _archive
-
-log = logging.getLogger(__name__)
+from trainer.curves import curve_points
+from worker.artifacts import LOGS_KIND, Stored, publish_logs
 
 ARTIFACT = "tensorboard.tar.gz"
-KIND = "logs"
-GiB = 2**30
-
-# event type -> [(data key, tag, scale)]
-SCALARS: dict[str, list[tuple[str, str, float]]] = {
-    "metrics": [
-        ("train_loss", "train/loss", 1.0), ("learning_rate", "train/learning_rate", 1.0),
-        ("grad_norm", "train/grad_norm", 1.0), ("epoch", "train/epoch", 1.0), ("tokens", "train/tokens", 1.0),
-        ("tokens_per_second", "train/tokens_per_second", 1.0), ("mfu", "train/mfu", 1.0),
-        ("peak_memory_bytes", "train/peak_memory_gib", 1 / GiB),
-        ("train_mean_token_accuracy", "train/mean_token_accuracy", 1.0),
-        # A preference job's: train/preference_accuracy, train/chosen_reward, ...
-        *((key, "train/" + key.removeprefix("train_"), 1.0) for key in PREFERENCE_TRAIN_METRICS),
-    ],
-    "validation": [
-        ("valid_loss", "valid/loss", 1.0), ("valid_mean_token_accuracy", "valid/mean_token_accuracy", 1.0),
-        ("valid_perplexity", "valid/perplexity", 1.0), ("full_valid_loss", "valid/full_loss", 1.0),
-        ("full_valid_mean_token_accuracy", "valid/full_mean_token_accuracy", 1.0),
-        ("valid_preference_accuracy", "valid/preference_accuracy", 1.0),
-        ("full_valid_preference_accuracy", "valid/full_preference_accuracy", 1.0),
-    ],
-    "forgetting": [
-        ("forgetting_loss_before", "forgetting/loss_before", 1.0), ("forgetting_loss_after", "forgetting/loss_after", 1.0),
-    ],
-}
+KIND = LOGS_KIND
 
 
 class TensorBoardLog:
@@ -55,18 +27,13 @@ class TensorBoardLog:
 
     def add(self, ev: dict[str, Any]) -> None:
         """Write the scalars of one trainer event; events without a step or figures are skipped."""
-        data = ev.get("data")
-        scalars = SCALARS.get(ev.get("type", ""))
-        if ev.get("type") == "eval" and isinstance(data, dict):
-            # Graders are named by the job: eval/<name> for each score, and the pass's seconds.
-            scalars = [(k, "eval/" + k.removeprefix("eval_"), 1.0) for k in data if k.startswith("eval_")]
-        if not scalars or not isinstance(data, dict) or not isinstance(data.get("step"), int):
+        found = curve_points(ev.get("type", ""), ev.get("data"))
+        if found is None:
             return
+        step, points = found
         t = ev.get("time") if isinstance(ev.get("time"), int | float) else None
-        for key, tag, scale in scalars:
-            value = data.get(key)
-            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-                self.writer().add_scalar(tag, value * scale, data["step"], walltime=t)
+        for tag, value in points.items():
+            self.writer().add_scalar(tag, value, step, walltime=t)
 
     def writer(self) -> Any:
         if self._writer is None:
@@ -88,18 +55,6 @@ class TensorBoardLog:
             self._writer = None
 
     def publish(self, storage: Storage, job_id: str, attempt: int) -> Stored | None:
-        """Archive every run's event files into storage; None when nothing was logged.
-
-        The key carries the attempt: stored keys are never rewritten, and a later run of the
-        same job (after a lost lease) publishes its own.
-        """
+        """Archive every run's event files into storage; None when nothing was logged."""
         self.close()
-        if not self.log_dir.is_dir() or not any(self.log_dir.iterdir()):
-            return None
-        try:
-            return _archive(storage, self.log_dir, f"jobs/{job_id}/tensorboard-{attempt}.tar.gz", ARTIFACT, KIND,
-                            self.log_dir.name)
-        except Exception:  # noqa: BLE001 - any storage error
-            # Curves are a convenience: their loss must not fail a trained job.
-            log.warning("job %s: could not publish the TensorBoard logs", job_id, exc_info=True)
-            return None
+        return publish_logs(storage, self.log_dir, job_id, attempt, ARTIFACT)

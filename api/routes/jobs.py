@@ -64,7 +64,7 @@ def job_out(job: Job, positions: Mapping[str, int] | None = None) -> JobOut:
         user_provided_suffix=job.suffix, priority=job.priority, gpus=job.gpus,
         progress=progress, metrics=job.metrics or {}, started_at=_int(job.started_at), host=job.host, gpu=job.gpu,
         plan=planning.job_view(job.plan, job.progress, job.metrics, job.min_gpu_memory_gib),
-        metadata=job.job_metadata or None,
+        metadata=job.job_metadata or None, integrations=spec.get("integrations") or [],
     )
 
 

@@ -106,6 +106,12 @@ def test_lora_through_http(stack: Stack, tiny_model_dir: Path, tmp_path: Path) -
     )
     assert_learned(losses)
     assert job["fine_tuned_model"] and job["trained_tokens"] > 0
+    # The worker's standby trainer ran it: its import counts from the job's arrival, and the job's
+    # body has every phase from the queue to the first step.
+    with stack.client() as c:
+        [startup] = [e["data"] for e in all_events(c, job["id"]) if e["type"] == "startup"]
+    assert startup["detail"]["standby"] is True and startup["phases"]["import"] < 1.0, startup
+    assert {"queue", "launch", "import", "data", "load", "first_step", "total"} <= set(job["progress"]["startup"])
     check_manifest(out)
     adapter_dir = next(out.rglob("adapter_config.json")).parent
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir)
@@ -160,6 +166,10 @@ def test_cancel_running_job_on_postgres(pg_stack: Stack) -> None:
     assert job["status"] == "cancelled"
     alive = subprocess.run(["pgrep", "-f", f"work/{job_id}"], capture_output=True, text=True)
     assert alive.stdout.strip() == "", f"trainer still running: {alive.stdout}"
+    # A standby trainer that took the job is known by its working directory, not its command line.
+    from worker.process import trainer_pids
+
+    assert trainer_pids((pg_stack.home / "work" / job_id).resolve()) == []
 
 
 def test_sdk_lists_a_checkpoint_per_epoch_of_a_finished_job(stack: Stack) -> None:

@@ -199,15 +199,17 @@ def trainer_pid(job_id: str) -> int:
 
 
 def trainer_processes(work_dir: Path) -> list[int]:
-    """Live processes whose command line runs the trainer on work_dir."""
+    """Live processes whose command line runs the trainer on work_dir, and standby trainers
+    (`trainer standby`, worker.standby) that took its job and work in it."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and process_alive(int(entry.name)):
             try:
                 argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+                cwd = os.readlink(entry / "cwd") if "standby" in argv else None
             except OSError:
                 continue
-            if "trainer" in argv and str(work_dir) in argv:
+            if "trainer" in argv and (str(work_dir) in argv or cwd == str(work_dir)):
                 pids.append(int(entry.name))
     return pids
 

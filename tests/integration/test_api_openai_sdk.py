@@ -106,3 +106,36 @@ def test_metadata_null_lists_jobs_without_metadata(service_env: dict[str, str], 
         assert [j["id"] for j in c.get("/v1/fine_tuning/jobs?metadata=null").json()["data"]] == [plain]
         r = c.get("/v1/fine_tuning/jobs?metadata=yes")
         assert r.status_code == 400 and r.json()["error"]["param"] == "metadata"
+
+
+def test_sdk_integrations_are_stored_returned_and_checked(sdk: openai.OpenAI) -> None:
+    f = sdk.files.create(file=("t.jsonl", (LINES[0] + "\n").encode()), purpose="fine-tune")
+    job = sdk.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=f.id,
+        integrations=[{"type": "wandb", "wandb": {"project": "reverse", "entity": "team-a", "tags": ["v1"]}}],
+    )
+    for seen in (job, sdk.fine_tuning.jobs.retrieve(job.id)):
+        (integration,) = seen.integrations
+        assert integration.type == "wandb"
+        assert (integration.wandb.project, integration.wandb.entity, integration.wandb.name,
+                integration.wandb.tags) == ("reverse", "team-a", None, ["v1"])
+    assert sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id).integrations == []
+
+    bad = {
+        "integrations[0].type": [{"type": "mlflow", "mlflow": {"project": "p"}}],
+        "integrations[0].wandb": [{"type": "wandb"}],
+        "integrations[0].wandb.project": [{"type": "wandb", "wandb": {"name": "run"}}],
+        "integrations[0].wandb.tags": [{"type": "wandb", "wandb": {"project": "p", "tags": ["x" * 65]}}],
+        "integrations[0].wandb.colour": [{"type": "wandb", "wandb": {"project": "p", "colour": "red"}}],
+        "integrations[1].type": [{"type": "wandb", "wandb": {"project": "p"}}] * 2,
+        "integrations": {"type": "wandb"},
+    }
+    for param, integrations in bad.items():
+        with pytest.raises(openai.BadRequestError) as exc:
+            sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id, integrations=integrations)
+        assert exc.value.param == param, (param, exc.value.message)
+        assert exc.value.body["message"].startswith(param + ":"), exc.value.body
+    with pytest.raises(openai.BadRequestError) as exc:
+        sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id,
+                                    integrations=[{"type": "wandb", "wandb": {"project": "a/b"}}])
+    assert exc.value.param == "integrations[0].wandb.project" and "'/'" in exc.value.message

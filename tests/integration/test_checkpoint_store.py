@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.models import Checkpoint
+from core.models import Checkpoint, JobEvent
 from core.storage import Storage
 from tests.integration.conftest import make_job
 from tests.integration.test_storage import make_storage
@@ -124,3 +124,27 @@ def test_rotation_removes_rows_and_files_and_continuation_fetches_weights(db: Se
     weights = cs.weights_dir(store, cks[2].storage_key)
     assert (weights / "adapter_model.safetensors").read_bytes() == bytes([15]) * 3000
     assert (weights / "state.json").is_file()
+
+
+def test_the_uploader_marks_a_stored_checkpoint_and_says_what_its_upload_took(db: Session, store: Storage,
+                                                                              tmp_path: Path) -> None:
+    job = make_job(db)
+    src = fake_checkpoint(tmp_path / "a", 7)
+    db.add(Checkpoint(job_id=job.id, step=7, path=str(src), host="a"))
+    db.commit()
+    snap = cs.snapshot(src, tmp_path / "a" / cs.UPLOADS)
+    before = time.time()
+    with cs.Uploader(store, job.id, keep=2, may_write=lambda: True) as up:
+        up.submit(7, snap)
+        assert up.drain()
+    db.expire_all()
+    ck = db.scalar(select(Checkpoint).where(Checkpoint.job_id == job.id))
+    assert ck.uploaded_at is not None and ck.storage_key == cs.store_prefix(job.id, src.name)
+    events = db.scalars(select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.type == "checkpoint_stored")).all()
+    assert len(events) == 1
+    data = events[0].data
+    manifest = json.loads((src / "manifest.json").read_text())["files"]
+    assert data["step"] == 7 and data["bytes"] == sum(f["bytes"] for f in manifest.values())
+    assert before <= data["started_at"] <= data["started_at"] + data["seconds"] <= events[0].created_at
+    assert src.name in events[0].message
+    assert not snap.exists()  # the hard-linked snapshot is gone once stored

@@ -249,8 +249,10 @@ validation_file: data/train.jsonl
 method: {type: lora, lora: {r: 4, dropout: 0.1}}
 hyperparameters: {n_epochs: 2, learning_rate: 0.002}
 suffix: from-spec
+integrations: [{type: wandb, wandb: {project: from-spec, tags: [nightly]}}]
 """)
-    result = CliRunner().invoke(cli.app, ["submit", "--spec", str(spec), "--lora-alpha", "32", "--max-steps", "3"])
+    result = CliRunner().invoke(cli.app, ["submit", "--spec", str(spec), "--lora-alpha", "32", "--max-steps", "3",
+                                          "--wandb-project", "from-flag"])
     assert result.exit_code == 0, result.output
     with session_scope() as db:
         job = db.get(Job, result.stdout.strip())
@@ -258,6 +260,8 @@ suffix: from-spec
         assert (job.spec["lora"]["r"], job.spec["lora"]["alpha"], job.spec["lora"]["dropout"]) == (4, 32, 0.1)
         hp = job.spec["hyperparameters"]
         assert (hp["n_epochs"], hp["learning_rate"], hp["max_steps"]) == (2, 0.002, 3)
+        assert job.spec["integrations"] == [{"type": "wandb", "wandb": {"project": "from-flag", "name": None,
+                                                                         "entity": None, "tags": ["nightly"]}}]
     # An uploaded file's id works where a path does.
     file_id = CliRunner().invoke(cli.app, ["files", "upload", str(tmp_path / "data" / "train.jsonl")]).stdout.strip()
     by_id = CliRunner().invoke(cli.app, ["submit", file_id, "--model", "tiny-llama", "--max-steps", "2"])

@@ -95,3 +95,23 @@ def test_the_least_used_team_goes_first_and_running_jobs_accrue(db: Session) -> 
     # A renewal right after charges nothing twice.
     heartbeat(db, a[0], "w1", attempt=1)
     assert usage(db) == used
+
+
+def test_a_running_jobs_use_counts_in_the_order_before_its_next_renewal(db: Session) -> None:
+    from core.fairshare import usage_now
+
+    u = people(db)
+    a = queued(db, u["alice"], 2)
+    b = queued(db, u["bob"], 1)
+    # Alice's 2-GPU job has run for 3 hours since it was last charged (no renewal since).
+    assert acquire_lease(db, a[0], "w1", ttl_s=30) is not None
+    t = now()
+    db.execute(update(Job).where(Job.id == a[0]).values(usage_charged_at=t - 3 * 3600, gpus=2))
+    db.commit()
+    use = usage_now(db, t)
+    # 6 GPU-hours used, plus the use still expected of its 2 GPUs (fair_share_job_gpu_hours each).
+    assert use[f"user:{u['alice'].id}"] == pytest.approx(6.0 + 2.0, rel=0.01)
+    assert use[f"team:{u['alice'].team_id}"] == pytest.approx(8.0, rel=0.01)
+    # Bob (same team, nothing used) goes before alice's next job; carol's team has used nothing.
+    assert [w.id for w in waiting(db)] == [b[0], a[1]]
+    assert use.get(f"user:{u['bob'].id}", 0.0) == 0.0

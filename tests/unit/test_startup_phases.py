@@ -38,6 +38,16 @@ def test_the_job_body_gets_queue_launch_and_the_trainers_phases(tmp_path: Path) 
     assert row.startswith("queue 1.5 s, launch 0.5 s, import 4.0 s") and row.endswith("; 12.5 s to the first step")
 
 
+def test_the_apis_validation_comes_first_and_the_queue_counts_from_when_the_job_was_queued(tmp_path: Path) -> None:
+    """The API's data check (from the request to `queued`, a deferred check included) is a phase of
+    its own, and the total counts from the request."""
+    job = Job(created_at=100.0, started_at=104.0, progress={"submitted_at": 99.0, "queued_at": 102.5})
+    data = {"phases": {"import": 0.1, "first_step": 1.0}, "seconds": 1.1, "process_started": 104.5}
+    ProgressTracker(tmp_path)._on_startup(job, data, t=105.6)
+    assert job.progress["startup"] == {"validation": 3.5, "queue": 1.5, "launch": 0.5, "import": 0.1,
+                                       "first_step": 1.0, "total": 6.6}
+
+
 def test_a_real_run_reports_each_phase_and_reuses_the_data_checks_tokens(make_spec, tmp_path: Path,
                                                                          monkeypatch) -> None:
     """The trainer as the worker starts it (trainer.cli), on the tiny model, after the data check

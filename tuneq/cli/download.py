@@ -1,4 +1,4 @@
-"""`tuneq download`: a job's adapter, model, merged model or TensorBoard logs, unpacked into a folder."""
+"""`tuneq download`: a job's adapter, model, merged model, TensorBoard logs or offline W&B runs, unpacked into a folder."""
 
 from __future__ import annotations
 
@@ -15,9 +15,13 @@ from tuneq.client import TuneqError
 
 # Archive names of worker/artifacts.py: one tar.gz of the job's final/ directory.
 ARCHIVES = ("adapter.tar.gz", "model.tar.gz")
-# What `tuneq download` fetches: the adapter (or model), the merged model, or the TensorBoard logs.
+# What `tuneq download` fetches: the adapter (or model), the merged model, the TensorBoard logs, or
+# the offline W&B runs of a job with a wandb integration.
 MERGED_ARCHIVE = "merged.tar.gz"
 TENSORBOARD_ARCHIVE = "tensorboard.tar.gz"
+WANDB_ARCHIVE = "wandb.tar.gz"
+# Published whatever the job's outcome, when it ends.
+LOG_ARCHIVES = (TENSORBOARD_ARCHIVE, WANDB_ARCHIVE)
 
 
 def _pick_archive(arts: list[dict[str, Any]], name: str | None = None) -> dict[str, Any] | None:
@@ -50,12 +54,15 @@ def _unpack(archive: Path, dest: Path) -> None:
 
 
 def _missing_archive(job: dict[str, Any], wanted: str | None) -> str:
-    if job["status"] != "succeeded" and wanted != TENSORBOARD_ARCHIVE:
+    if job["status"] != "succeeded" and wanted not in LOG_ARCHIVES:
         return f"job {job['id']} has no archive to download (status: {job['status']}; results appear when it succeeds)"
     if wanted == MERGED_ARCHIVE:
         return f"job {job['id']} exported no merged model; create the job with \"export\": {{\"merged\": true}}"
     if wanted == TENSORBOARD_ARCHIVE:
         return f"job {job['id']} has no TensorBoard logs (yet: they are published when the job ends; status: {job['status']})"
+    if wanted == WANDB_ARCHIVE:
+        return (f"job {job['id']} has no W&B run (yet: it is published when the job ends, for jobs created with "
+                f"integrations [{{\"type\": \"wandb\", ...}}]; status: {job['status']})")
     return f"job {job['id']} has no archive to download"
 
 
@@ -65,12 +72,15 @@ def download(
     dest: Annotated[Path, typer.Argument(metavar="DIR", help="Where the adapter (or model) files go.")],
     merged: Annotated[bool, typer.Option("--merged", help="The adapter merged into the base model (jobs with export.merged).")] = False,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="The TensorBoard logs: `tensorboard --logdir DIR`.")] = False,
+    wandb: Annotated[bool, typer.Option("--wandb", help="The offline W&B runs: `wandb sync DIR/offline-run-*`.")] = False,
     keep_archive: Annotated[bool, typer.Option(help="Also keep the .tar.gz next to DIR.")] = False,
 ) -> None:
-    """Download a job's adapter (or full model, merged model, TensorBoard logs) and unpack it into DIR."""
-    if merged and tensorboard:
-        raise fail("--merged and --tensorboard: choose one")
-    wanted = MERGED_ARCHIVE if merged else TENSORBOARD_ARCHIVE if tensorboard else None
+    """Download a job's adapter (or full model, merged model, TensorBoard logs, W&B runs) and unpack it into DIR."""
+    chosen = [name for name, given in ((MERGED_ARCHIVE, merged), (TENSORBOARD_ARCHIVE, tensorboard),
+                                       (WANDB_ARCHIVE, wandb)) if given]
+    if len(chosen) > 1:
+        raise fail("--merged, --tensorboard and --wandb: choose one")
+    wanted = chosen[0] if chosen else None
     dest = dest.resolve()
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise fail(f"{dest} exists and is not an empty directory")

@@ -89,6 +89,16 @@ def _preference_method(method: Any, objective: str, beta: str | None) -> dict[st
     return {"type": objective, objective: body}
 
 
+def _with_wandb_project(integrations: Any, project: str) -> list[Any]:
+    """A --spec's integrations with the wandb one's project set (the integration added if missing)."""
+    given = list(integrations) if isinstance(integrations, list) else []
+    for k, item in enumerate(given):
+        if isinstance(item, dict) and item.get("type") == "wandb":
+            given[k] = {**item, "wandb": {**(item.get("wandb") or {}), "project": project}}
+            return given
+    return [*given, {"type": "wandb", "wandb": {"project": project}}]
+
+
 @friendly
 def submit(
     file: Annotated[Path | None, typer.Argument(help="Training data: a JSONL file (uploaded first) or the id of an "
@@ -112,6 +122,9 @@ def submit(
                          "expected answers, scored at every checkpoint (eval.file; graders default to exact_match).")] = None,
     select_best: Annotated[bool, typer.Option("--select-best", help="Export the checkpoint with the best eval score "
                            "(export.select best).")] = False,
+    wandb_project: Annotated[str | None, typer.Option("--wandb-project", help="Also write the curves as an offline "
+                             "W&B run of this project (integrations: wandb), downloadable with `tuneq download JOB DIR "
+                             "--wandb` for `wandb sync`.")] = None,
     suffix: Annotated[str | None, typer.Option(help="Added to the fine-tuned model's name.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of data order and init.")] = None,
     priority: Annotated[int | None, typer.Option(help="Higher runs first (default 0).")] = None,
@@ -158,6 +171,8 @@ def submit(
                                                                  else Path.cwd() / eval_file)}
     if select_best:
         body["export"] = {**(body.get("export") or {}), "select": "best"}
+    if wandb_project is not None:
+        body["integrations"] = _with_wandb_project(body.get("integrations"), wandb_project)
     with client() as c:
         _upload_spec_files(c, body, base)
         if file is not None:
