@@ -28,7 +28,7 @@ from api.job_spec import build_spec
 from api.limits import check_file_tokens
 from api.schemas import CreateJobRequest
 from core import states
-from core.jobs import check_gpus_fit, create_job
+from core.jobs import check_gpus_fit, create_job, spread_over_hosts
 from core.limits import (check_gpus_allowed, check_job_quota, deleted_files, job_file_ids, planned_gpu_hours,
                          release_job_slot, take_job_slot)
 from core.model_roots import resolve_model
@@ -224,9 +224,19 @@ def rate_slot(user: User, settings: Settings) -> Iterator[None]:
         raise
 
 
+def across_hosts(body: CreateJobRequest) -> CreateJobRequest:
+    """More GPUs than the largest registered host has, without `nodes`: the job is spread over the
+    fewest hosts that hold them in equal parts (core.jobs.spread_over_hosts)."""
+    gpus, nodes = spread_over_hosts(body.gpus, body.nodes)
+    if (gpus, nodes) == (body.gpus, body.nodes or 1):
+        return body
+    return body.model_copy(update={"gpus": gpus, "nodes": nodes})
+
+
 def admit(db: Session, user: User, body: CreateJobRequest, settings: Settings) -> Job:
     """Check a creation body, store the job with its plan and data check, and enqueue it."""
     submitted = time.time()
+    body = across_hosts(body)
     check_priority(db, user, body.priority, settings)
     check_gpus_allowed(body.gpus, settings, body.nodes or 1)
     req = resolve(db, user, body, settings)
@@ -349,6 +359,7 @@ def finish_validation(job_id: str, owner: str) -> None:
 
 def plan_only(db: Session, user: User, body: CreateJobRequest, settings: Settings) -> tuple[dict[str, Any], int | None]:
     """The plan of a creation body and the training tokens it counted; nothing is stored."""
+    body = across_hosts(body)
     req = resolve(db, user, body, settings, validation=False)
     one = OnePlan(req, settings, refuse=False)
     spec = build(req, one)

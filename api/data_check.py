@@ -21,9 +21,12 @@ STAT_KEYS = ("format", "examples", "tokens", "trained_tokens", "longest", "trunc
 @lru_cache(maxsize=4)
 def model_tokenizer(model_dir: str) -> Any:
     """The tokenizer of a local base model, loaded once per API process (data checks, chat prompts)."""
+    from api import heap
     from trainer.model import load_tokenizer  # heavy import, only when a job is created
 
-    return load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    heap.settle()  # the tokenizer and its libraries stay: no full collection walks them again
+    return tokenizer
 
 
 @lru_cache(maxsize=256)

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import docs_page, errors, validation, warmup
+from api import docs_page, errors, heap, validation, warmup
 from api.auth_gate import BodyAuthMiddleware
 from api.body_limits import BodyLimitMiddleware
 from api.db_retry import RetryReadsMiddleware
@@ -21,12 +21,14 @@ from api.load_shed import LoadShedMiddleware
 
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    heap.configure()  # what lives as long as the process, out of the garbage collector's walks
     # Data checks of jobs in validating_files that no live API process holds (one died).
     validation.CHECKER.run_in_background()
     warmup.start(get_settings())
     yield
     validation.CHECKER.stop()
     validation.stop_child()  # its checks are re-run by whichever API process adopts the jobs
+    heap.release()
 
 
 def create_app() -> FastAPI:

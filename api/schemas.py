@@ -77,7 +77,9 @@ class JobOut(BaseModel):
     progress: dict[str, Any]
     metrics: dict[str, Any]
     started_at: int | None
-    host: str | None = None  # the host that runs the job, or ran it last
+    nodes: int = 1  # hosts the job spans; gpus counts each host's
+    host: str | None = None  # the host that runs the job, or ran it last (across hosts: the leader)
+    hosts: list[str] | None = None  # a job across hosts while it runs: every host, the leader first
     gpu: dict[str, Any] | None = None  # that host's GPUs: name, memory_gib, count
     # Predicted peak GPU memory (the planner's, at creation) next to the measured one.
     plan: dict[str, Any] | None = None

@@ -10,11 +10,10 @@ API already answers requests.
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 
-from api import data_check
+from api import data_check, heap
 from core.model_roots import list_models
 from core.settings import Settings
 
@@ -33,7 +32,7 @@ def warm_tokenizers(settings: Settings) -> list[str]:
             log.info("warm-up: no tokenizer for %s (%s)", model.name, exc)
     # What was just imported and loaded lives as long as the process: out of the collector's
     # sight, the full collections that requests trigger no longer walk it (pauses of the loop).
-    gc.freeze()
+    heap.settle()
     return loaded
 
 

@@ -480,6 +480,7 @@ class Bench:
                 t.cancel()
         row: dict[str, Any] = {"level": name, **rec.summary(("poll", "list", "hammer")), "recovery_s": rec_s,
                                "api_cpu": cpu_used / (t_end - t_start), "gen_cpu": gen_used / (t_end - t_start),
+                               "api_cpu_s": cpu_used,
                                "load": (min(loads), max(loads))}
         if streams:
             with self.client(False, timeout=60) as h:
@@ -621,17 +622,20 @@ def write_report(path: Path, benches: list[Bench], args: argparse.Namespace, log
         "answers (with Retry-After). Recovery: from the end of the load until three GETs in a row",
         "answer within 100 ms. API CPU: cores the API process used on average during the level (the",
         "work it did, which other load on the machine changes less than it changes latency); bench",
-        "CPU: the same for the load generator. Load: the machine's 1-minute load average during the",
-        "level (2 cores: above 2, processes wait for a CPU).", "",
+        "CPU: the same for the load generator. API CPU per request: the API's CPU seconds during the",
+        "level over the requests answered or shed (streams' events are work it does besides). Load:",
+        "the machine's 1-minute load average during the level (2 cores: above 2, processes wait for a CPU).", "",
     ]
     for b in benches:
-        out += [f"## {b.db}", "", "| load | answered | p50 | p99 | max | shed | errors | recovery | API CPU | bench CPU | load | streams |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        out += [f"## {b.db}", "", "| load | answered | p50 | p99 | max | shed | errors | recovery | API CPU | API CPU per request | bench CPU | load | streams |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in b.rows:
             errs = f"{r['errors']}" + (f" ({', '.join(r['error_kinds'])})" if r["errors"] else "")
             rec = "—" if r["recovery_s"] is None else f"{r['recovery_s']:.2f} s"
+            requests = r["answered"] + r["shed"] + r["errors"]
+            per_request = f"{1000 * r['api_cpu_s'] / requests:.2f} ms" if requests else "—"
             out.append(f"| {r['level']} | {r['answered']} | {fmt_ms(r['p50'])} | {fmt_ms(r['p99'])} | "
-                       f"{fmt_ms(r['max'])} | {r['shed']} | {errs} | {rec} | {r['api_cpu']:.2f} cores | "
+                       f"{fmt_ms(r['max'])} | {r['shed']} | {errs} | {rec} | {r['api_cpu']:.2f} cores | {per_request} | "
                        f"{r['gen_cpu']:.2f} cores | {r['load'][0]:.1f}–{r['load'][1]:.1f} | {r.get('streams', '')} |")
         out.append("")
         out += [f"- {r['upload']}" for r in b.rows if "upload" in r]
@@ -665,6 +669,9 @@ def main() -> None:
     sys.path.insert(0, str(args.source.resolve()))
     if args.source.resolve() != ROOT:
         sys.path.insert(1, str(ROOT))
+    # The stack's children run `python -m ...`, which puts the current directory first on their
+    # path: run from another checkout, they would import its api/ instead of the one measured.
+    os.chdir(args.source.resolve())
     log: list[str] = []
     benches = []
     with tempfile.TemporaryDirectory(prefix="tuneq-api-load-") as tmp:

@@ -15,8 +15,14 @@ checkpoint, and the profiled ones), the worst of them, the ratio to the bench ro
 evaluation and checkpoint, and the start-up phases (the trainer's "startup" event, plus the time
 from spawning the process to it).
 
+Each job's wall time (spawn to last step) is set against the plan's estimate (start-up, steps,
+checkpoints before the last step); --record-speeds writes the measured speeds and the checkpoint
+rate into trainer/planning/speeds.json.
+
     python bench/service_throughput.py                      # on the GPU (about 5 minutes)
     python bench/service_throughput.py --dry-run            # CPU, tiny model: the wiring
+    python bench/service_throughput.py --report bench/results/service_throughput_h100.json --record-speeds
+                                                            # no GPU: refresh speeds.json from a run, replan
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ SETTINGS = {
     "full-lean": ("full", {"speed": "lean", "full_precision": "bf16"}, "tuneq-full-bf16-lean"),
 }
 LEARNING_RATE = {"lora": 2e-4, "qlora": 2e-4, "full": 1e-5}
+DRY_RUN_GPU = "NVIDIA H100 80GB HBM3"  # the GPU model a dry run's estimates are planned for
 
 
 def write_text_data(model_dir: Path, path: Path, tokens: int, seed: int = 0, lo: int = 64, hi: int = 1024) -> Path:
@@ -71,13 +78,10 @@ def write_text_data(model_dir: Path, path: Path, tokens: int, seed: int = 0, lo:
     return path
 
 
-def run_job(name: str, args, model_dir: Path, data: Path, valid: Path | None, env_extra: dict, setting: str,
-            schedule: dict) -> dict:
+def job_spec(setting: str, args, model_dir: Path, data: Path, valid: Path | None, schedule: dict) -> dict:
+    """The spec a job of this setting runs (and the planner times)."""
     method, settings, _ = SETTINGS[setting]
-    out = args.work / name
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    spec = {
+    return {
         "model": str(model_dir), "method": method, **({"lora": LORA} if method != "full" else {}),
         "training_file": str(data), "packing": True, "data_format": "text",
         **({"validation_file": str(valid)} if valid else {}),
@@ -87,6 +91,31 @@ def run_job(name: str, args, model_dir: Path, data: Path, valid: Path | None, en
         "precision": "fp32" if args.dry_run else "bf16",
         **settings,
     }
+
+
+def default_schedule(args) -> dict:
+    """A default job's schedule: one evaluation and one checkpoint halfway, reported apart."""
+    return {"eval_every_steps": args.steps // 2, "checkpoint_every_steps": args.steps // 2, "eval_examples": 16}
+
+
+def model_config(args, model_dir: Path | None = None):
+    """The benched model's config: the Llama-3.2-1B shape (the tiny model's own in a dry run)."""
+    from transformers import AutoConfig
+
+    from trainer.tiny import build_config
+
+    if args.dry_run:
+        return AutoConfig.from_pretrained(str(model_dir or args.work / "tt" / "tiny"))
+    return build_config("llama-3.2-1b")
+
+
+def run_job(name: str, args, model_dir: Path, data: Path, valid: Path | None, env_extra: dict, setting: str,
+            schedule: dict) -> dict:
+    out = args.work / name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    settings = SETTINGS[setting][1]
+    spec = job_spec(setting, args, model_dir, data, valid, schedule)
     (out / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, **env_extra,
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -121,40 +150,67 @@ def run_job(name: str, args, model_dir: Path, data: Path, valid: Path | None, en
         "startup": startup["data"] if startup else None,
         "spawn_to_first_step_s": round(first_metrics["time"] - spawned, 2),
         "spawn_to_last_step_s": round(last_metrics["time"] - spawned, 2),
-        "estimate": wall_estimate(spec, model_dir, args),
+        "schedule": schedule,
+        "estimate": wall_estimate(spec, model_config(args, model_dir), args.device_name),
         "wall_s": round(wall, 1),
         "fast_path": next(e["data"]["fast_path"] for e in events if e["type"] == "start"),
         "packed_rows": next(e["data"]["packed_rows"] for e in events if e["type"] == "start"),
     }
 
 
-def wall_estimate(spec: dict, model_dir: Path, args) -> dict:
-    """What POST /v1/fine_tuning/plan would say for this spec on this GPU: start-up plus steps, at
-    the efficiency trainer/planning/speeds.json holds for the GPU model and setting."""
-    from transformers import AutoConfig
-
+def wall_estimate(spec: dict, config, gpu: str) -> dict:
+    """What POST /v1/fine_tuning/plan would say for this spec on this GPU: start-up, steps and the
+    checkpoints before the last step, at what trainer/planning/speeds.json holds for the GPU model."""
     from trainer.planning import plan
 
-    gpu = args.device_name
-    p = plan(spec, AutoConfig.from_pretrained(str(model_dir)), 80 * 2**30, dataset_tokens=1, gpu_model=gpu,
-             liger=True).to_dict()
+    p = plan(spec, config, 80 * 2**30, dataset_tokens=1, gpu_model=gpu, liger=True).to_dict()
     c = p.get("compute") or {}
     return {"gpu_model": gpu, "speed": p.get("speed"), "startup_s": c.get("startup_seconds"),
-            "steps_s": c.get("seconds"), "wall_s": c.get("wall_seconds"), "efficiency": c.get("efficiency"),
-            "source": c.get("efficiency_source")}
+            "steps_s": c.get("seconds"), "checkpoints": c.get("checkpoints"),
+            "checkpoint_gib": (c.get("checkpoint_bytes") or 0) / 2**30, "checkpoint_s": c.get("checkpoint_seconds"),
+            "wall_s": c.get("wall_seconds"), "efficiency": c.get("efficiency"), "source": c.get("efficiency_source"),
+            "checkpoint_source": c.get("checkpoint_source")}
 
 
-def record_speeds(args, jobs: list[dict]) -> None:
-    """Write each setting's measured tokens/s, and the start-up of the last default LoRA job, into
-    trainer/planning/speeds.json under the GPU model that ran them (a new entry for a GPU model it
-    does not know)."""
+def checkpoint_gib(job: dict, args, config) -> float:
+    """GiB one checkpoint of this job's spec writes, as the planner counts them."""
+    from trainer.planning import plan
+    from trainer.planning.compute import checkpoint_bytes
+
+    method = SETTINGS[job["setting"]][0]
+    spec = job_spec(job["setting"], args, Path("m"), Path("t"), None, job.get("schedule") or {})
+    p = plan(spec, config, 80 * 2**30, liger=True)
+    return checkpoint_bytes(p.methods[method].estimate) / 2**30
+
+
+def fit_checkpoint_rate(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """(fixed seconds, GiB/s) of seconds = fixed + GiB / rate, least squares over (GiB, seconds)
+    points; through the origin when the fixed part comes out negative or the sizes are all alike."""
+    if not points:
+        return None
+    n = len(points)
+    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx if sxx > 0 else 0.0
+    fixed = my - slope * mx
+    if sxx <= 0 or fixed < 0 or slope <= 0:
+        fixed, slope = 0.0, sum(x * y for x, y in points) / sum(x * x for x, _ in points)
+    return fixed, 1.0 / slope
+
+
+def record_speeds(args, jobs: list[dict], day: str) -> None:
+    """Write each setting's measured tokens/s, the checkpoint rate fit to the jobs' checkpoint
+    seconds and the planner's checkpoint bytes for their specs, and (unless --keep-startup) the
+    start-up of the last default LoRA job into trainer/planning/speeds.json under the GPU model that
+    ran them (a new entry for a GPU model it does not know)."""
     from trainer.planning import model_shape, speeds
     from trainer.tiny import build_config
 
     data = json.loads(speeds.SPEEDS_FILE.read_text())
     found = speeds.gpu_entry(args.device_name, data)
     name, entry = found if found else (args.device_name, {"match": [args.device_name], "peak_tflops": 989.0, "runs": []})
-    day = time.strftime('%Y-%m-%d')
+    config = model_config(args)
+    points: list[tuple[float, float]] = []
     for job in jobs:
         if not job["ok"] or not job["name"].endswith("-default") or job.get("setting") not in SETTINGS:
             continue
@@ -164,9 +220,17 @@ def record_speeds(args, jobs: list[dict]) -> None:
                "batch_size": args.batch, "seq_len": args.seq, "tokens_per_second": round(job["median_tps"]),
                "source": f"bench/results/{args.out.name}.md {job['name']} ({day})"}
         entry["runs"] = [r for r in entry.get("runs", []) if r["setting"] != key] + [run]
+        size = checkpoint_gib(job, args, config)
+        points += [(size, s) for s in job.get("checkpoints_s") or [] if s is not None]
+    fit = fit_checkpoint_rate(points)
+    if fit:
+        sizes = sorted({round(x, 2) for x, _ in points})
+        entry["checkpoint"] = {"fixed_s": round(fit[0], 3), "gib_per_s": round(fit[1], 3),
+                               "source": f"bench/results/{args.out.name}.md ({day}): least squares over {len(points)} "
+                                         f"checkpoints of the default jobs, {sizes} GiB each"}
     # Start-up: the last LoRA job through the service if one ran (what a user waits), else the trainer's.
     timed = [j for j in jobs if j["ok"] and j.get("startup") and j.get("setting", "").startswith("lora")]
-    if timed:
+    if timed and not args.keep_startup:
         job = timed[-1]
         phases = {k: v for k, v in job["startup"]["phases"].items() if k not in ("queue", "validate")}
         weights_gib = 2 * model_shape(build_config("llama-3.2-1b")).total_params / 2**30  # bf16
@@ -176,7 +240,24 @@ def record_speeds(args, jobs: list[dict]) -> None:
                             "source": f"bench/results/{args.out.name}.md {job['name']} ({day}): " + ", ".join(
                                 f"{k} {v:.1f}" for k, v in phases.items())}
     data["gpus"][name] = entry
-    speeds.SPEEDS_FILE.write_text(json.dumps(data, indent=1) + "\n")
+    speeds.SPEEDS_FILE.write_text(speeds_text(data))
+    speeds._table.cache_clear()
+
+
+def speeds_text(data: dict) -> str:
+    """speeds.json as people read it: one line per GPU model's field, and per measured run."""
+    out = ["{", f' "about": {json.dumps(data["about"])},', ' "gpus": {']
+    gpus = list(data["gpus"].items())
+    for i, (name, entry) in enumerate(gpus):
+        fields = []
+        for key, value in entry.items():
+            if key == "runs":
+                runs = ",\n".join(f"    {json.dumps(r)}" for r in value)
+                fields.append(f'   "runs": [\n{runs}\n   ]')
+            else:
+                fields.append(f"   {json.dumps(key)}: {json.dumps(value)}")
+        out += [f"  {json.dumps(name)}: {{", ",\n".join(fields), "  }" + ("," if i < len(gpus) - 1 else "")]
+    return "\n".join([*out, " }", "}"]) + "\n"
 
 
 def steady_stats(step_tps: list[float], left_out: list[int], first: int = 6) -> dict:
@@ -284,6 +365,10 @@ def service_jobs(args, model_dir: Path, data: Path) -> list[dict]:
                     "schedule": {"log_every_steps": 1}}
             for i in range(args.service):
                 label = "service-default" + ("-again" * (i > 0)) + (f"-{i + 1}" if i > 1 else "")
+                if i and args.service_gap:
+                    # A host that ran a job a while ago (its standby refilled), not one that just ended one.
+                    time.sleep(args.service_gap)
+                    label += f"-after-{args.service_gap:g}s"
                 jobs.append(_service_job(c, body, label, args, upload_s))
                 text = json.dumps(jobs[-1], default=str)
                 print(text[:400], flush=True)
@@ -351,12 +436,54 @@ def _job_line(j: dict, ref: float | None) -> str:
             f"{j['peak_gib']:.2f} | {j['evaluations_s']} | {j['checkpoints_s']} | {j.get('spawn_to_first_step_s')} | {phases} |")
 
 
+def time_estimates(args, jobs: list[dict], replanned: dict | None) -> list[str]:
+    """The plan's wall time against each job's spawn to last step; after --report, both the estimate
+    the job got when it ran and the one planned again from today's speeds.json."""
+    own = f"{args.out.name}.md"
+    lines = ["## Time estimates", "", "The plan's time estimate (POST /v1/fine_tuning/plan: start-up, steps at the "
+             "efficiency trainer/planning/speeds.json holds for this GPU model and setting, and the checkpoints "
+             "written before the last step at the rate measured on that host) against the job's spawn to its last "
+             "step (target ±15 %).", ""]
+    if replanned:
+        lines += [f"Planned after the run ({replanned['date']}, `--report`) from trainer/planning/speeds.json as it "
+                  "stands then. Where a row says \"fit to this run\", that file's efficiency or checkpoint rate was "
+                  "refreshed from these very jobs (`--record-speeds`), so the row checks the planner's sum of start-up, "
+                  "steps and checkpoints, not a prediction: the refreshed figures are validated only by a later, "
+                  "independent run. \"At run time\" is what the planner said when the job ran, from the speeds.json "
+                  "of then.", ""]
+    lines += ["| job | estimated start-up s | estimated steps s | checkpoints before the last step | estimated "
+              "checkpoint s | estimated wall s | measured wall s | error % | " + ("at run time: wall s, error % | " if replanned else "")
+              + "efficiency from | checkpoint rate from |",
+              "|---|---|---|---|---|---|---|---|---|" + ("---|" if replanned else "") + "---|"]
+    for j in jobs:
+        est = j.get("estimate") or {}
+        if not j["ok"] or not est.get("wall_s"):
+            continue
+        measured = j["spawn_to_last_step_s"]
+        err = 100 * (est["wall_s"] - measured) / measured
+        saves = f"{est.get('checkpoints')} x {est.get('checkpoint_gib', 0):.2f} GiB" if "checkpoints" in est else "not counted"
+        line = (f"| {j['name']} | {est['startup_s']:.1f} | {est['steps_s']:.1f} | {saves} | "
+                f"{est.get('checkpoint_s') or 0:.1f} | {est['wall_s']:.1f} | {measured:.1f} | {err:+.1f} | ")
+        if replanned:
+            then = j.get("estimate_at_run") or {}
+            line += (f"{then['wall_s']:.1f}, {100 * (then['wall_s'] - measured) / measured:+.1f} | "
+                     if then.get("wall_s") else "- | ")
+        fit = [what for what, src in (("efficiency", est.get("source")), ("checkpoint rate", est.get("checkpoint_source")))
+               if own in (src or "")]
+        line += f"{est['source']} | {est.get('checkpoint_source') or 'not counted'} |"
+        if replanned and fit:
+            line = line[:-1] + f"(fit to this run: {', '.join(fit)}) |"
+        lines.append(line)
+    return lines + [""]
+
+
 def report(args, result: dict) -> str:
     device = result["device"]
     lines = [f"# What a job delivers: `python -m trainer run` and the service on packed text vs the step bench ({device})", "",
              f"Llama-3.2-1B shape{' (tiny, dry run)' if args.dry_run else ''}, random weights, LoRA r16 alpha 32 all "
              f"linear (QLoRA: 4-bit NF4 base; full: bf16 weights), batch {args.batch} x {args.seq}, {args.steps} steps, "
-             f"text examples of 64..1024 tokens packed into rows; bench/service_throughput.py, {time.strftime('%Y-%m-%d')}. "
+             f"text examples of 64..1024 tokens packed into rows; bench/service_throughput.py, "
+             f"{result.get('date') or time.strftime('%Y-%m-%d')}. "
              f"Steady = steps 6..{args.steps}, less the step after an evaluation or checkpoint (whose own seconds are "
              "in their columns), and with a profile its steps and the one after. tokens/s counts input tokens "
              "(padding excluded); the step bench's rows are all tokens.", ""]
@@ -417,24 +544,42 @@ def report(args, result: dict) -> str:
                          f"{ratio and f'{ratio:.2f}'} | {dpeak if dpeak is None else f'{dpeak:+.2f}'} | {r.get('packed_rows')} |")
         lines.append("")
     jobs = [j for part in result["settings"].values() for j in part["jobs"]]
-    lines += ["## Time estimates", "", "The plan's time estimate (POST /v1/fine_tuning/plan: start-up plus steps, at the "
-              "efficiency trainer/planning/speeds.json holds for this GPU model and setting) against the job's spawn to "
-              "its last step (target ±15 %):", "",
-              "| job | estimated start-up s | estimated steps s | estimated wall s | measured wall s | error % | efficiency from |",
-              "|---|---|---|---|---|---|---|"]
-    for j in jobs:
-        est = j.get("estimate") or {}
-        if not j["ok"] or not est.get("wall_s"):
-            continue
-        err = 100 * (est["wall_s"] - j["spawn_to_last_step_s"]) / j["spawn_to_last_step_s"]
-        lines.append(f"| {j['name']} | {est['startup_s']:.1f} | {est['steps_s']:.1f} | {est['wall_s']:.1f} | "
-                     f"{j['spawn_to_last_step_s']:.1f} | {err:+.1f} | {est['source']} |")
+    lines += time_estimates(args, jobs, result.get("replanned"))
     lines += ["", "Start-up detail (s; device_ready: when the warm-up thread had the GPU's context, from "
               "the process's start; tokens_cached: the data check's tokens reused):", ""]
     lines += [f"- {j['name']}: {(j['startup'] or {}).get('detail')}" for j in jobs + service if j["ok"]]
     lines += ["", "Per-step tokens/s:", ""]
     lines += [f"- {j['name']} (left out: {j.get('left_out_steps')}): {j.get('step_tps')}" for j in jobs + service + trl if j["ok"]]
     return "\n".join(lines) + "\n"
+
+
+def report_again(args) -> int:
+    """--report: the tables of an earlier run's .json again, steady statistics recomputed from its
+    steps and every job's time estimate planned again from speeds.json as it is now (first refreshed
+    from that run with --record-speeds); the estimate the job got when it ran is kept beside it."""
+    saved = json.loads(args.report.read_text())
+    args.out = args.report.with_suffix("")
+    args.device_name = saved["device"] if saved["device"] != "cpu" else DRY_RUN_GPU
+    for key, value in (saved.get("args") or {}).items():
+        setattr(args, key, value)
+    jobs = [j for part in saved["settings"].values() for j in part["jobs"]]
+    for j in jobs + saved.get("service", []):
+        if j["ok"]:
+            j.update(steady_stats(j["step_tps"], j.get("left_out_steps") or []))
+            if j.get("setting") in SETTINGS and "schedule" not in j:  # a run from before rows kept their schedule
+                j["schedule"] = default_schedule(args) if j["name"].endswith("-default") else {}
+    if args.record_speeds and not args.dry_run:
+        record_speeds(args, jobs + saved.get("service", []), saved.get("date") or time.strftime("%Y-%m-%d"))
+    config = model_config(args)
+    for j in jobs:
+        if j["ok"] and j.get("setting") in SETTINGS:
+            j.setdefault("estimate_at_run", j.get("estimate"))
+            spec = job_spec(j["setting"], args, Path("m"), Path("t"), None, j["schedule"])
+            j["estimate"] = wall_estimate(spec, config, args.device_name)
+    saved["replanned"] = {"date": time.strftime("%Y-%m-%d")}
+    args.report.with_suffix(".md").write_text(report(args, saved))
+    args.report.write_text(json.dumps(saved, indent=1))
+    return 0
 
 
 def main() -> int:
@@ -448,41 +593,53 @@ def main() -> int:
     p.add_argument("--trl", default="", help="TRL rows on the same file (comma separated): ckpt, nockpt, wrapped, "
                    "wrapped-nockpt (wrapped: TRL's packing that cuts the file into rows, without masks between examples)")
     p.add_argument("--service", type=int, default=0, help="default jobs through the whole stack (tuneq up)")
+    p.add_argument("--service-gap", type=float, default=0.0,
+                   help="seconds the host stays idle between the service's jobs (0: each right after the last)")
+    p.add_argument("--no-step-bench", action="store_true",
+                   help="build the model only, no step-bench rows (the service's ratio column stays empty)")
     p.add_argument("--profile", default="", help="a job to profile (steps 30..32)")
     p.add_argument("--work", type=Path, default=Path("/tmp/tuneq-service-throughput"))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "service_throughput_h100")
     p.add_argument("--job-timeout", type=float, default=300)
-    p.add_argument("--report", type=Path, default=None, help="rewrite the table of an earlier run's .json")
+    p.add_argument("--report", type=Path, default=None,
+                   help="rewrite the tables of an earlier run's .json, its time estimates planned again from "
+                   "trainer/planning/speeds.json as it is now (after --record-speeds: refreshed from that run)")
     p.add_argument("--record-speeds", action="store_true",
-                   help="write each setting's default job's tokens/s and the start-up into trainer/planning/speeds.json")
+                   help="write each setting's default job's tokens/s, the checkpoint rate and the start-up into "
+                   "trainer/planning/speeds.json (with --report: from that run's .json, no GPU needed)")
+    p.add_argument("--keep-startup", action="store_true", help="with --record-speeds: leave the start-up entry as it is")
     args = p.parse_args()
     args.seq, args.batch = (64, 2) if args.dry_run else (2048, 8)
     if args.dry_run:
         args.steps, args.bench_steps = min(args.steps, 8), 2
         args.out = args.out.with_name("service_throughput_cpu_dryrun")
-    if args.report:  # the tables again, from the steps an earlier run recorded
-        saved = json.loads(args.report.read_text())
-        for j in [j for part in saved["settings"].values() for j in part["jobs"]] + saved.get("service", []):
-            if j["ok"]:
-                j.update(steady_stats(j["step_tps"], j.get("left_out_steps") or []))
-        args.report.with_suffix(".md").write_text(report(args, saved))
-        args.report.write_text(json.dumps(saved, indent=1))
-        return 0
+    if args.report:
+        return report_again(args)
     args.work.mkdir(parents=True, exist_ok=True)
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    args.device_name = device if device != "cpu" else "NVIDIA H100 80GB HBM3"  # a dry run estimates an H100
+    args.device_name = device if device != "cpu" else DRY_RUN_GPU
     settings = [x for x in args.settings.split(",") if x]
-    result: dict = {"device": device, "settings": {}, "service": [], "trl": []}
+    result: dict = {"device": device, "date": time.strftime("%Y-%m-%d"),
+                    "args": {"steps": args.steps, "batch": args.batch, "seq": args.seq}, "settings": {}, "service": [],
+                    "trl": []}
 
     def save() -> None:
         args.out.with_suffix(".md").write_text(report(args, result))
         args.out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
 
     # The service's default job is measured against the fast LoRA row; the bench also builds the model.
-    benches = bench_rows(args, list(dict.fromkeys(settings + (["lora-fast"] if args.service else []))))
     model_dir = args.work / "tt" / ("tiny" if args.dry_run else "llama-3.2-1b")
+    if args.no_step_bench:
+        from argparse import Namespace
+
+        from train_throughput import build_model
+
+        build_model(Namespace(model_dir=model_dir, dry_run=args.dry_run, shape="llama-3.2-1b"))
+        benches = {x: {"name": SETTINGS[x][2], "error": "not run (--no-step-bench)"} for x in settings + ["lora-fast"]}
+    else:
+        benches = bench_rows(args, list(dict.fromkeys(settings + (["lora-fast"] if args.service else []))))
     data = write_text_data(model_dir, args.work / "train.jsonl", int(args.steps * args.batch * args.seq * 1.1))
     valid = write_text_data(model_dir, args.work / "valid.jsonl", 16 * args.seq, seed=1)
     if args.service:  # first: a fresh host's first job, as a user meets it
@@ -507,10 +664,7 @@ def main() -> int:
         part = result["settings"].setdefault(setting, {"bench": benches[setting], "jobs": []})
         for name in args.jobs.split(","):
             env = dict(variants[name])
-            schedule = {}
-            if name == "default":  # also one evaluation and one checkpoint, reported apart
-                schedule = {"eval_every_steps": args.steps // 2, "checkpoint_every_steps": args.steps // 2,
-                            "eval_examples": 16}
+            schedule = default_schedule(args) if name == "default" else {}
             if name in args.profile.split(","):
                 env.update(TUNEQ_PROFILE_STEPS="30:33", TUNEQ_PROFILE_DIR=str(args.work / f"profile-{setting}-{name}"))
             label = f"job-{setting}-{name}"
@@ -521,7 +675,8 @@ def main() -> int:
                 if prof.exists():
                     shutil.copy(prof, args.out.with_name(args.out.name + f"_profile_{setting}_{name}.txt"))
     if args.record_speeds and not args.dry_run:
-        record_speeds(args, [j for part in result["settings"].values() for j in part["jobs"]] + result["service"])
+        record_speeds(args, [j for part in result["settings"].values() for j in part["jobs"]] + result["service"],
+                      result["date"])
     save()
     print(report(args, result))
     return 0

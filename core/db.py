@@ -15,6 +15,42 @@ from core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
+# Committed writes per table by this process (any engine): a cache of what a table held (the API's
+# reading of the queue) is stale once its table's count moved. Writes by other processes do not
+# count here; such a cache bounds those by its age.
+_writes: dict[str, int] = {}
+
+
+def writes_to(*tables: str) -> int:
+    """How many transactions of this process that wrote to any of `tables` have committed."""
+    return sum(_writes.get(t, 0) for t in tables)
+
+
+def _count_writes(engine: Engine) -> None:
+    """Note the tables a transaction writes to, and count them when it commits (also just before:
+    a reader that runs between the write and the commit must not keep what it read)."""
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def _written(conn, _cursor, _statement, _params, context, _many):  # noqa: ANN001
+        if context is not None and (context.isinsert or context.isupdate or context.isdelete):
+            table = getattr(getattr(context.compiled, "statement", None), "table", None)
+            if table is not None:
+                conn.info.setdefault("tables_written", set()).add(table.name)
+                _bump(conn.info["tables_written"])
+
+    @event.listens_for(engine, "commit")
+    def _committed(conn):  # noqa: ANN001
+        _bump(conn.info.pop("tables_written", ()))
+
+    @event.listens_for(engine, "rollback")
+    def _rolled_back(conn):  # noqa: ANN001
+        conn.info.pop("tables_written", None)
+
+
+def _bump(tables) -> None:  # noqa: ANN001
+    for t in tables:
+        _writes[t] = _writes.get(t, 0) + 1
+
 
 def make_engine(url: str, settings: Settings | None = None) -> Engine:
     settings = settings or get_settings()
@@ -36,6 +72,7 @@ def make_engine(url: str, settings: Settings | None = None) -> Engine:
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
 
+        _count_writes(engine)
         return engine
     engine = create_engine(
         url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
@@ -43,6 +80,7 @@ def make_engine(url: str, settings: Settings | None = None) -> Engine:
         pool_pre_ping=settings.db_pool_pre_ping, connect_args={"connect_timeout": settings.db_connect_timeout_s},
     )
     retry_connect(engine, settings.db_connect_retry_s)
+    _count_writes(engine)
     return engine
 
 

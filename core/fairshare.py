@@ -71,7 +71,7 @@ def charge(db: Session, job: Job, t: float, *, stop: bool = False) -> float:
     job.usage_charged_at = None if stop else t
     if since is None or t <= since:
         return 0.0
-    hours = job.gpus * (t - since) / 3600.0
+    hours = job.total_gpus * (t - since) / 3600.0  # a job across hosts holds gpus on each
     s = get_settings()
     team = db.scalar(select(User.team_id).where(User.id == job.owner_id)) if job.owner_id else None
     # Always in this order (team, then user): two jobs charging at once cannot deadlock.
@@ -100,6 +100,7 @@ def accrue(db: Session, job: Job, t: float) -> None:
 class Queued(Protocol):
     id: str
     gpus: int
+    nodes: int
     priority: int
     owner: str
     team: str
@@ -115,10 +116,11 @@ def usage_now(db: Session, t: float) -> dict[str, float]:
         use[r.principal] = decayed(r.gpu_hours, r.at, t, s.fair_share_half_life_h)
     # What running jobs used since they were last charged counts now, not at their next renewal.
     since = func.coalesce(Job.usage_charged_at, t)
-    uncharged = func.sum(Job.gpus * func.max(0.0, t - since) if db.get_bind().dialect.name == "sqlite"
-                         else Job.gpus * func.greatest(0.0, t - since))
+    held = Job.gpus * func.coalesce(Job.spec["nodes"].as_integer(), 1)  # a job across hosts holds gpus on each
+    uncharged = func.sum(held * func.max(0.0, t - since) if db.get_bind().dialect.name == "sqlite"
+                         else held * func.greatest(0.0, t - since))
     running = db.execute(
-        select(Job.owner_id, User.team_id, func.sum(Job.gpus), uncharged)
+        select(Job.owner_id, User.team_id, func.sum(held), uncharged)
         .outerjoin(User, User.id == Job.owner_id)
         .where(Job.status.in_([states.RUNNING, states.CANCELLING]))
         .group_by(Job.owner_id, User.team_id)
@@ -180,8 +182,9 @@ def _merge(teams: dict[str, dict[str, list[Queued]]], use: dict[str, float], per
         out.append(job)
         if not q and owner in cut:
             return False
-        use[ukey] += job.gpus * per_gpu
-        use[team] += job.gpus * per_gpu
+        held = job.gpus * job.nodes
+        use[ukey] += held * per_gpu
+        use[team] += held * per_gpu
         if q:
             heapq.heappush(h, entry(ukey, q))
         if h:  # among teams of equal use, the one whose next job is older goes first

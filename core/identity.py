@@ -12,7 +12,7 @@ import hmac
 import re
 import secrets
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from core.models import ApiKey, File, Job, Team, User, now
@@ -95,15 +95,20 @@ def revoke_key(db: Session, key_id: str) -> ApiKey:
     return key
 
 
+# A key and its user in one query: every request runs it.
+_KEY_AND_USER = (select(User, ApiKey.token_sha256, ApiKey.revoked_at).join(ApiKey, ApiKey.user_id == User.id)
+                 .where(ApiKey.id == bindparam("key_id")))
+
+
 def authenticate(db: Session, token: str) -> User | None:
     """The user a bearer token belongs to, or None for an unknown, malformed or revoked key."""
     m = _TOKEN.match(token or "")
-    key = db.get(ApiKey, f"key-{m.group(1)}") if m else None
+    row = db.execute(_KEY_AND_USER, {"key_id": f"key-{m.group(1)}"}).one_or_none() if m else None
     # Compare even when there is no such key, so a miss costs what a hit costs.
-    expected = key.token_sha256 if key is not None else "0" * 64
-    if not hmac.compare_digest(expected, _sha256(token or "")) or key is None or key.revoked_at is not None:
+    expected = row.token_sha256 if row is not None else "0" * 64
+    if not hmac.compare_digest(expected, _sha256(token or "")) or row is None or row.revoked_at is not None:
         return None
-    return db.get(User, key.user_id)
+    return row.User
 
 
 def bootstrap_admin(db: Session, name: str = "admin") -> str | None:

@@ -50,7 +50,6 @@ def create_job(
     """
     nodes = int(spec.get("nodes") or 1)
     check_gpus_fit(gpus, nodes)
-    check_runnable(nodes)
     job = Job(
         spec=spec, model=model, method=method, training_file=training_file.id,
         validation_file=validation_file.id if validation_file else None, suffix=suffix,
@@ -65,6 +64,26 @@ def create_job(
     if validated:
         states.transition(db, job, states.QUEUED, "Job queued.")
     return job
+
+
+def spread_over_hosts(gpus: int, nodes: int | None) -> tuple[int, int]:
+    """(gpus per host, nodes) for a job that asks for more GPUs than one registered host has and
+    names no `nodes`: the fewest hosts that hold them in equal parts, when some do. Otherwise the
+    request as it is (check_gpus_fit then says what does not fit)."""
+    from core import workers
+
+    if nodes not in (None, 1) or gpus <= 1:
+        return gpus, nodes or 1
+    try:
+        sizes = sorted(workers.host_sizes().values(), reverse=True)
+    except redis.RedisError:
+        return gpus, 1
+    if not sizes or gpus <= sizes[0]:
+        return gpus, 1
+    for n in range(2, len(sizes) + 1):
+        if gpus % n == 0 and sizes[n - 1] >= gpus // n:
+            return gpus // n, n
+    return gpus, 1
 
 
 def check_gpus_fit(gpus: int, nodes: int = 1) -> None:
@@ -91,17 +110,6 @@ def check_gpus_fit(gpus: int, nodes: int = 1) -> None:
             f"nodes: {nodes} hosts of {gpus} GPUs each requested, but {enough} of the {len(sizes)} registered hosts "
             f"have {gpus} or more; allowed 1..{enough}",
             "nodes", "gpus_unavailable",
-        )
-
-
-def check_runnable(nodes: int) -> None:
-    """Workers place a job on one host only, so far: a job across several hosts is planned and its
-    hosts are checked, then refused here rather than left queued with nobody able to start it."""
-    if nodes > 1:
-        raise JobError(
-            f"nodes: {nodes} hosts requested; the workers cannot yet start one job on several hosts (see the plan "
-            "with POST /v1/fine_tuning/plan); give nodes 1",
-            "nodes", "multi_host_unavailable",
         )
 
 
@@ -141,15 +149,28 @@ def acquire_lease(db: Session, job_id: str, worker_id: str, ttl_s: float, host: 
     Returns the job (now `running`, with a new attempt number) or None when another holds it.
     `host`, when given, is recorded as the job's host with the lease.
     """
+    job = claim_lease(db, job_id, worker_id, ttl_s, host)
+    if job is None:
+        return None
+    if job.status == states.QUEUED:
+        states.transition(db, job, states.RUNNING, f"Job started on {worker_id} (attempt {job.lease_attempt}).")
+    else:
+        states.add_event(db, job, f"Lease taken over by {worker_id} (attempt {job.lease_attempt}).", type="status")
+    db.commit()
+    return job
+
+
+def claim_lease(db: Session, job_id: str, worker_id: str, ttl_s: float | None, host: str | None = None) -> Job | None:
+    """The conditional UPDATE of acquire_lease, uncommitted: a queued job, or (with ttl_s) one
+    running under a lease older than ttl_s, gets this worker and a new attempt (and `host`, when
+    given). None: not won."""
     t = now()
-    stale_before = t - ttl_s
+    takeable = Job.status == states.QUEUED
+    if ttl_s is not None:
+        stale = (Job.lease_heartbeat_at.is_(None)) | (Job.lease_heartbeat_at < t - ttl_s)
+        takeable = takeable | ((Job.status == states.RUNNING) & stale)
     res = db.execute(
-        update(Job)
-        .where(Job.id == job_id)
-        .where(
-            (Job.status == states.QUEUED)
-            | ((Job.status == states.RUNNING) & ((Job.lease_heartbeat_at.is_(None)) | (Job.lease_heartbeat_at < stale_before)))
-        )
+        update(Job).where(Job.id == job_id).where(takeable)
         .values(lease_owner=worker_id, lease_heartbeat_at=t, lease_attempt=Job.lease_attempt + 1,
                 **({"host": host} if host is not None else {}))
         .execution_options(synchronize_session=False)
@@ -159,11 +180,6 @@ def acquire_lease(db: Session, job_id: str, worker_id: str, ttl_s: float, host: 
         return None
     job = db.get(Job, job_id, populate_existing=True)
     assert job is not None
-    if job.status == states.QUEUED:
-        states.transition(db, job, states.RUNNING, f"Job started on {worker_id} (attempt {job.lease_attempt}).")
-    else:
-        states.add_event(db, job, f"Lease taken over by {worker_id} (attempt {job.lease_attempt}).", type="status")
-    db.commit()
     return job
 
 

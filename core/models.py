@@ -132,6 +132,15 @@ class Job(Base):
     passed_over_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     reserved_host: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
 
+    @property
+    def nodes(self) -> int:
+        """Hosts the job spans (spec `nodes`); `gpus` counts the GPUs of each."""
+        return int((self.spec or {}).get("nodes") or 1)
+
+    @property
+    def total_gpus(self) -> int:
+        return self.gpus * self.nodes
+
     events: Mapped[list[JobEvent]] = relationship(back_populates="job", cascade="all, delete-orphan")
 
 
@@ -184,3 +193,28 @@ class Artifact(Base):
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     sha256: Mapped[str] = mapped_column(String(64), default="")
     created_at: Mapped[float] = mapped_column(Float, default=now)
+
+
+class GangMember(Base):
+    """One host's part in a job across hosts (spec `nodes` above 1), for one lease attempt.
+
+    The leader inserts every row of a gang in the transaction that leases the job, so a host is
+    in at most one gang (unique `host`) and no host waits holding GPUs for others that are busy.
+    Rows go when the job leaves `running` (core.states.transition), which frees the hosts.
+    """
+
+    __tablename__ = "gang_members"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    node_rank: Mapped[int] = mapped_column(Integer, primary_key=True)  # 0: the leader, whose rank 0 writes events
+    host: Mapped[str] = mapped_column(String(200), unique=True)
+    attempt: Mapped[int] = mapped_column(Integer)  # the job's lease attempt this gang serves
+    gpus: Mapped[int] = mapped_column(Integer, default=1)
+    worker_id: Mapped[str | None] = mapped_column(String(200), nullable=True)  # set when a worker of host joins
+    # Set on the leader's row once it has chosen the checkpoint to resume: the others start only then.
+    endpoint: Mapped[str | None] = mapped_column(String(300), nullable=True)  # host:port of the rendezvous
+    ready: Mapped[bool] = mapped_column(Boolean, default=False)
+    resume_checkpoint: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float, default=now)
+    joined_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)  # its trainer's, once it ended

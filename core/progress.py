@@ -35,17 +35,38 @@ def latest_metrics(db: Session, job_id: str) -> JobEvent | None:
     )
 
 
+def latest_metrics_of(db: Session, job_ids: list[str]) -> dict[str, JobEvent | None]:
+    """latest_metrics of several jobs in one query (a page of jobs); each job's latest is found
+    as latest_metrics finds it, from its newest event down the (job_id, seq) index."""
+    found: dict[str, JobEvent | None] = dict.fromkeys(job_ids)
+    if not job_ids:
+        return found
+    newest = (select(JobEvent.seq).where(JobEvent.job_id == Job.id, JobEvent.type == "metrics")
+              .order_by(JobEvent.seq.desc()).limit(1).correlate(Job).scalar_subquery())
+    seqs = select(newest).select_from(Job).where(Job.id.in_(job_ids))
+    for event in db.scalars(select(JobEvent).where(JobEvent.seq.in_(seqs))):
+        found[event.job_id] = event
+    return found
+
+
 def job_progress(db: Session | None, job: Job, at: float | None = None,
-                 positions: Mapping[str, int] | None = None) -> dict[str, Any]:
+                 positions: Mapping[str, int] | None = None,
+                 metrics: Mapping[str, JobEvent | None] | None = None) -> dict[str, Any]:
     """The job's progress with every key of FIELDS, plus what the worker keeps there
     (`retry_not_before`, ...) and `preempted_by` from its column. Without a session, only what
-    the row holds. `positions` (core.scheduling.queue_positions, read once for a page of jobs)
-    gives the queue position instead of a reading of the queue per job."""
+    the row holds. `positions` (core.scheduling.shown_positions, read once for a page of jobs)
+    gives the queue position instead of a reading of the queue per job, and `metrics`
+    (latest_metrics_of) the latest metrics event instead of a query per job."""
     stored = dict(job.progress or {})
     progress: dict[str, Any] = {k: stored.get(k) for k in FIELDS} | stored
     if job.preempted_by:
         progress["preempted_by"] = job.preempted_by
-    event = latest_metrics(db, job.id) if db is not None and job.status in TRAINED else None
+    event = None
+    if job.status in TRAINED:
+        if metrics is not None and job.id in metrics:
+            event = metrics[job.id]
+        elif db is not None:
+            event = latest_metrics(db, job.id)
     if event is not None:
         data = event.data or {}
         progress.update({k: data[k] for k in FROM_METRICS if data.get(k) is not None})

@@ -7,13 +7,17 @@ GPUs, and the dispatcher's re-sending of queued jobs, so all three agree.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
 from core import fairshare, states
+from core.db import writes_to
 from core.models import Job, User, now
 from core.settings import get_settings
 
@@ -32,6 +36,7 @@ class Waiting:
     min_gpu_memory_gib: float | None = None  # the least GPU memory its plan fits in (Job.min_gpu_memory_gib)
     passed_over_at: float | None = None  # Job.passed_over_at: see `reserve_for_passed_over`
     reserved_host: str | None = None
+    nodes: int = 1  # hosts it spans (spec `nodes`); `gpus` counts each host's
 
     def fits(self, free: int, total: int, memory_gib: float | None) -> bool:
         """Fits `free` GPUs of a host with `total`, each of `memory_gib` (None: not known, not checked)."""
@@ -57,7 +62,7 @@ PREFETCH = 32
 def _read(db: Session, per_owner: int | None, *where: ColumnElement[bool]) -> list[Waiting]:
     cols = (Job.id, Job.gpus, Job.priority, Job.progress[RETRY_AT].as_float().label("retry_at"),
             Job.owner_id, Job.created_at, User.team_id, Job.min_gpu_memory_gib, Job.passed_over_at,
-            Job.reserved_host)
+            Job.reserved_host, Job.spec["nodes"].as_integer().label("nodes"))
     q = select(*cols).outerjoin(User, User.id == Job.owner_id).where(Job.status == states.QUEUED, *where)
     if per_owner is None:
         rows = db.execute(q.order_by(Job.priority.desc(), Job.created_at, Job.id)).all()
@@ -70,7 +75,7 @@ def _read(db: Session, per_owner: int | None, *where: ColumnElement[bool]) -> li
     return [Waiting(r.id, r.gpus, r.priority, r.retry_at or 0.0, r.owner_id or "",
                     fairshare.team_key(r.team_id, r.owner_id), r.created_at,
                     min_gpu_memory_gib=r.min_gpu_memory_gib, passed_over_at=r.passed_over_at,
-                    reserved_host=r.reserved_host) for r in rows]
+                    reserved_host=r.reserved_host, nodes=r.nodes or 1) for r in rows]
 
 
 class FairQueue(Sequence[Waiting]):
@@ -141,6 +146,67 @@ def queue_positions(db: Session, ids: Iterable[str]) -> dict[str, int]:
             if len(found) == len(want):
                 break
     return found
+
+
+# The tables the queue's order is read from: a write to one may change it.
+QUEUE_TABLES = ("jobs", "users", "gpu_usage")
+_clock = time.monotonic  # the age of a reading (tests move it)
+
+
+class _Reading:
+    """One reading of the queue's order, and the positions found in it so far (it is walked only
+    as far as a request needs, like queue_positions)."""
+
+    def __init__(self, key: tuple[Any, ...], queue: Sequence[Waiting]):
+        self.key, self.read_at = key, _clock()
+        self.positions: dict[str, int] = {}
+        self._rest: Iterator[tuple[int, Waiting]] | None = enumerate(queue, 1)
+        self._lock = threading.Lock()
+
+    def find(self, want: set[str]) -> dict[str, int]:
+        with self._lock:
+            missing = want - self.positions.keys()
+            while missing and self._rest is not None:
+                step = next(self._rest, None)
+                if step is None:
+                    self._rest = None
+                    break
+                self.positions[step[1].id] = step[0]
+                missing.discard(step[1].id)
+        return {i: self.positions[i] for i in want if i in self.positions}
+
+
+_reading: _Reading | None = None
+_reading_lock = threading.Lock()
+
+
+def shown_positions(db: Session, ids: Iterable[str], max_age_s: float) -> dict[str, int]:
+    """queue_positions as the API shows them: one reading of the queue serves every request of
+    this process for up to `max_age_s` (0: read per call), so clients polling queued jobs do not
+    each read the queue. A write to the queue's tables by this process ends a reading at once;
+    changes made by other processes (workers, other API processes) show within `max_age_s`. A
+    job queued since the reading (not in it) gets a new one."""
+    want = set(ids)
+    if not want or max_age_s <= 0:
+        return queue_positions(db, want)
+    global _reading
+    s = get_settings()
+    # Taken before the read: a write committed while it runs makes the reading stale at once.
+    key = (db.get_bind(), writes_to(*QUEUE_TABLES), s.fair_share, s.fair_share_half_life_h, s.fair_share_job_gpu_hours)
+
+    def current() -> _Reading | None:
+        r = _reading
+        return r if r is not None and r.key == key and _clock() - r.read_at <= max_age_s else None
+
+    seen = current()
+    if seen is not None and len(found := seen.find(want)) == len(want):
+        return found
+    with _reading_lock:  # one thread reads the queue; the others wait for its reading
+        other = current()
+        if other is not None and other is not seen and len(found := other.find(want)) == len(want):
+            return found
+        reading = _reading = _Reading(key, waiting(db))
+    return reading.find(want)
 
 
 def pick(queue: list[Waiting], free: int, total: int, t: float | None = None,

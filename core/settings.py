@@ -62,6 +62,15 @@ class Settings(BaseSettings):
         600.0, gt=0, le=86_400,
         description="Seconds a process of a multi-GPU job waits for its peers in a collective before the job fails and is retried.",
     )
+    # Jobs across hosts (spec `nodes`): the leader host's rank 0 listens for the other hosts' ranks.
+    rendezvous_addr: str = Field("", description="Address at which the other hosts reach this one when it leads a job across hosts (its rank 0 listens there). Empty: the hostname.")
+    rendezvous_ports: str = Field(
+        "29400-29499", pattern=r"^\d{1,5}-\d{1,5}$",
+        description="TCP ports (first-last) that a leader host picks a free one from for a job across hosts; the other hosts must reach them.",
+    )
+    gang_join_timeout_s: float = Field(
+        120.0, gt=0, description="Seconds the hosts reserved for a job across hosts have to start their part before the job gives back every host's GPUs and waits in the queue again.",
+    )
     # Reliability. A host's devices are GPUs, or on a CPU host the worker's job slots.
     gpus: int | None = Field(None, ge=0, le=64, description="GPUs of this host (on a CPU host: job slots). Empty: counted with nvidia-smi, else torch.")
     host_id: str = Field("", description="Name of this host in the worker registry; must differ between hosts. Empty: the hostname.")
@@ -92,6 +101,9 @@ class Settings(BaseSettings):
     api_header_timeout_s: float = Field(10.0, gt=0, le=600, description="Seconds within which a request's headers must arrive, else the connection is closed.")
     api_body_timeout_s: float = Field(30.0, gt=0, le=3600, description="Seconds a request body may pause between bytes, else the connection is closed.")
     api_keep_alive_s: int = Field(5, ge=1, le=600, description="Seconds after which an idle keep-alive connection is closed.")
+    api_queue_position_max_age_s: float = Field(
+        1.0, ge=0, le=60, description="Seconds one reading of the queue's order serves the queue positions an API process shows, so pollers of queued jobs do not each read the queue; changes made through the same process show at once. 0 reads it per request.",
+    )
     data_check_inline_bytes: int = Field(
         256 * 1024, ge=0, description="Bytes of a job's files up to which the creation request tokenizes them itself; larger ones leave the job in validating_files while a child process of the API checks them.",
     )

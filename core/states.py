@@ -87,6 +87,10 @@ def transition(
     if target in (QUEUED, PAUSED):
         job.lease_owner = None
         job.lease_heartbeat_at = None
+    if current in (RUNNING, CANCELLING) and target not in (RUNNING, CANCELLING) and job.nodes > 1:
+        from core import gang
+
+        gang.dissolve(db, job.id)  # the attempt is over: its hosts are free for the next gang
     if error is not None:
         job.error = error
     level = "error" if target == FAILED else "info"

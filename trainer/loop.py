@@ -497,6 +497,8 @@ class Run:
 
     def export(self) -> dict[str, Any]:
         """The forgetting pass after training, final/ (adapter, merged model, metrics), "finished"."""
+        from accelerate.utils import gather_object
+
         state, accelerator = self.state, self.accelerator
         forgetting = self._forgetting_after()
         if self.spec.eval is not None and self.evaluated_step != state.step:
@@ -512,6 +514,9 @@ class Run:
             **forgetting,
             **exported,
         }
+        # Each rank's peak GPU memory (null on a CPU): a job across hosts reports it per host.
+        peak = peak_memory_bytes(self.device)
+        peaks = gather_object([peak]) if accelerator.num_processes > 1 else [peak]
         accelerator.wait_for_everyone()
         packed_attention.uninstall(self.raw_model)  # export may generate, with a cache it does not handle
         whole = gather_model_state(self.raw_model) if is_sharded(self.raw_model) else None  # FSDP: a collective
@@ -523,7 +528,7 @@ class Run:
                          + (f", exported the weights of step {exported['exported_step']}" if self.select_by else ""),
                          step=state.step, exported_step=exported["exported_step"],
                          train_loss=final_metrics["train_loss"], trained_tokens=state.trained_tokens,
-                         final_dir="final", metrics=final_metrics)
+                         final_dir="final", metrics=final_metrics, peak_memory_bytes_by_rank=peaks)
         return final_metrics
 
     def _select_weights(self) -> dict[str, Any]:

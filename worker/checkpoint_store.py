@@ -178,19 +178,22 @@ def uploaded(db: Session, job_id: str) -> list[Checkpoint]:
 
 
 def prepare_resume(db: Session, storage: Storage, job_id: str, work_dir: Path,
-                   metric: str | None = None) -> Checkpoint | None:
+                   metric: str | None = None, only: Checkpoint | None = None) -> Checkpoint | None:
     """Leave in work_dir/checkpoints exactly the newest uploaded checkpoint (the local copy when
     it matches the stored manifest, else a download) and return it; None: start from step 0.
     With `metric` (export.select best) the best checkpoint by it is left there too.
 
     Checkpoints that never reached the store are dropped, rows and files: they are not
-    resumable, and the trainer must not pick one of them as its newest.
+    resumable, and the trainer must not pick one of them as its newest. `only`: that checkpoint
+    and no other, the rows left alone (another host of a job across hosts, told by the leader).
     """
-    db.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.uploaded_at.is_(None)))
-    rows = uploaded(db, job_id)
+    if only is None:
+        db.execute(delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.uploaded_at.is_(None)))
+        rows = uploaded(db, job_id)
+        newest, best = (rows[0] if rows else None), best_of(rows, metric)
+    else:
+        newest = best = only
     db.commit()
-    newest = rows[0] if rows else None
-    best = best_of(rows, metric)
     shutil.rmtree(work_dir / UPLOADS, ignore_errors=True)
     root = work_dir / CHECKPOINTS
     wanted = {name_of(c): (c, stored_manifest(storage, c.storage_key)) for c in (newest, best)

@@ -21,8 +21,10 @@ from core.queue import RUN_JOB, claim_dispatch, producer
 from core.scheduling import waiting
 from core.settings import get_settings
 from worker.disk import disk_state, sweep_work_dirs
+from worker.gang import Follow
 from worker.gpus import GpuPool
 from worker.process import kill_orphans
+from worker.runner import SHUTDOWN
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ class HostThread(threading.Thread):
         self.pool, self.worker_id, self.slots = pool, worker_id, slots
         self.stopped = threading.Event()
         self.wake = threading.Event()
+        # Jobs across hosts that reserved this host: each gets a thread that runs its ranks here.
+        self.follow = Follow(pool, worker_id, get_settings(), SHUTDOWN)
 
     def register(self) -> None:
         s = get_settings()
@@ -73,11 +77,11 @@ class HostThread(threading.Thread):
         s = get_settings()
         next_orphan_scan = next_sweep = 0.0
         while not self.stopped.is_set():
-            for duty in (self.register, dispatch_once):
+            for duty in (self.register, dispatch_once, self.follow):
                 try:
                     duty()
                 except Exception:  # a DB or Redis outage must not end the thread; the next pass retries
-                    log.warning("%s failed; retrying", duty.__name__, exc_info=True)
+                    log.warning("%s failed; retrying", getattr(duty, "__name__", duty), exc_info=True)
             if time.monotonic() >= next_orphan_scan:
                 if killed := kill_orphans():
                     log.warning("killed orphaned trainer process groups %s", killed)

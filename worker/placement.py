@@ -12,7 +12,7 @@ import logging
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core import control, policy, states, workers
+from core import control, gang, policy, states, workers
 from core.jobs import acquire_lease
 from core.inference import SERVER_OWNER
 from core.models import Checkpoint, Job, now
@@ -49,11 +49,17 @@ def take(db: Session, pool: GpuPool, job_id: str, worker_id: str, settings: Sett
             return "skipped"
         assert job is not None
         if job.status == states.RUNNING:  # a dead worker's job, taken over before the reaper got to it
+            if job.nodes > 1:
+                return "skipped"  # the reaper re-queues it, which frees its other hosts too
             if not Waiting(job.id, job.gpus, job.priority, 0.0, min_gpu_memory_gib=job.min_gpu_memory_gib).fits(
                     pool.count, pool.count, pool.memory_gib):
                 return "skipped"  # its plan needs larger GPUs: the reaper re-queues it for a host that has them
             target_id, gpus = job.id, job.gpus
         else:
+            if gang.awaited_here(db, pool.host):
+                # A job across hosts reserved this host's GPUs: a worker of it is joining (worker.gang).
+                db.rollback()
+                return "deferred"
             queue = waiting(db)
             db.rollback()
             free = pool.free()
@@ -69,6 +75,14 @@ def take(db: Session, pool: GpuPool, job_id: str, worker_id: str, settings: Sett
                 chosen = held_for
             else:
                 chosen = pick(queue, free, pool.count, memory_gib=pool.memory_gib)
+            tried: set[str] = set()
+            while chosen is not None and chosen.nodes > 1:
+                if (led := lead(db, pool, chosen, worker_id)) is not None:
+                    return led
+                if chosen is held_for:
+                    return "deferred"  # held for it: the host waits until its other hosts are free too
+                tried.add(chosen.id)  # its other hosts are not free now: the next job that fits goes first
+                chosen = pick([w for w in queue if w.id not in tried], free, pool.count, memory_gib=pool.memory_gib)
             if chosen is None:
                 preempt_for(db, pool, queue, free)
                 return "deferred"
@@ -93,11 +107,52 @@ def take(db: Session, pool: GpuPool, job_id: str, worker_id: str, settings: Sett
         reservation = pool.reserve(gpus, owner=target_id)
         if reservation is None:  # another worker process of this host was faster
             return "deferred"
+        if gang.awaited_here(db, pool.host):
+            # A job across hosts reserved this host while it chose: its GPUs go to that job.
+            db.rollback()
+            pool.release(reservation)
+            return "deferred"
         leased = acquire_lease(db, target_id, worker_id, settings.lease_ttl_s, host=pool.host)
         if leased is None:
             pool.release(reservation)
             return "skipped" if target_id == job_id else "deferred"
         return leased, reservation
+
+
+def lead(db: Session, pool: GpuPool, w: Waiting, worker_id: str) -> tuple[Job, Reservation] | None:
+    """Start a job across hosts from this host: reserve its GPUs here and, in one transaction,
+    lease the job and reserve followers whose GPUs are all free (core.gang). None, holding
+    nothing, when too few hosts are free now or another worker won the job or a host first."""
+    followers = follower_hosts(db, pool.host, w)
+    if followers is None:
+        return None
+    reservation = pool.reserve(w.gpus, owner=w.id)
+    if reservation is None:
+        return None
+    job = gang.form(db, w.id, worker_id, pool.host, followers, w.gpus)
+    if job is None:
+        pool.release(reservation)
+        return None
+    log.info("job %s: leading it across hosts %s", job.id, [pool.host, *followers])
+    return job, reservation
+
+
+def follower_hosts(db: Session, here: str, w: Waiting) -> list[str] | None:
+    """The other hosts a job across `w.nodes` hosts would take, by the registry: each with `w.gpus`
+    GPUs free, large enough, with disk, and in no gang; None when there are too few (or this
+    host is in a gang already)."""
+    busy = gang.busy_hosts(db)
+    db.rollback()
+    if here in busy:
+        return None
+    fit = []
+    for h in workers.hosts():
+        memory = workers.gpu_memory_gib(h["gpu_info"])
+        big_enough = w.min_gpu_memory_gib is None or memory is None or memory >= w.min_gpu_memory_gib
+        if (h["host"] != here and h["host"] not in busy and min(h["gpus"], h["free"]) >= w.gpus
+                and not h["disk_full"] and big_enough):
+            fit.append(h["host"])
+    return fit[: w.nodes - 1] if len(fit) >= w.nodes - 1 else None
 
 
 def _holdings(db: Session, pool: GpuPool) -> tuple[dict[str, int], list[Job]]:
@@ -161,7 +216,8 @@ def fit_to_host(db: Session, job: Job, pool: GpuPool) -> str | None:
         return None
     job.gpu = {"name": pool.gpu_info[0].get("name"), "memory_gib": memory, "count": job.gpus}
     plan = job.plan or {}
-    if plan.get("requested_batch_size") != "auto" or not plan.get("checked"):
+    # A job across hosts keeps its batch: every host's ranks must agree on it.
+    if plan.get("requested_batch_size") != "auto" or not plan.get("checked") or job.nodes > 1:
         return None
     if db.scalar(select(Checkpoint.id).where(Checkpoint.job_id == job.id).limit(1)) is not None:
         return None

@@ -24,12 +24,13 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
-from core import control, states
+from core import control, gang, states
 from core.db import get_sessionmaker
 from core.jobs import heartbeat, lock_leased_job, release_lease
 from core.models import Checkpoint, Job
 from core.queue import clear_pending, enqueue_job
 from core.retries import USER_ERRORS, retry_or_fail
+from core.scheduling import RETRY_AT
 from core.settings import Settings, get_settings
 from core.storage import get_storage
 from trainer.tracking import JOB_ID_ENV, WANDB_DIR
@@ -41,7 +42,9 @@ from worker.gpus import GpuPool, Reservation, get_pool
 from worker.process import SUPERVISOR_ENV, TrainerProcess, kill_strays
 from worker.standby import POOL as STANDBYS
 from worker.tensorboard_log import TensorBoardLog
-from worker.workdir import SpecError, job_dir, runnable_spec, trainer_argv, trainer_env, write_spec
+from worker.workdir import (
+    Rendezvous, SpecError, job_dir, rendezvous_addr, rendezvous_port, runnable_spec, trainer_argv, trainer_env, write_spec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +169,9 @@ class JobRun:
         self.tail = EventTail(self.dir / "events.jsonl", self.dir / "events.offset")
         self.tensorboard = TensorBoardLog(self.dir / "tensorboard")
         self.ended_here = False  # this run wrote the job's final status (or found it ended)
+        self.nodes = job.nodes  # hosts the job spans: above 1, this worker leads it (core/gang.py)
+        self.gang_join_by = float("inf")  # a job across hosts: when every other host must have joined
+        self.gang_problem: gang.Problem | None = None
 
     def execute(self) -> str:
         with (LeaseKeeper(self.job_id, self.worker_id, self.attempt, self.settings.heartbeat_s) as self.keeper,
@@ -193,11 +199,20 @@ class JobRun:
         self.dir.mkdir(parents=True, exist_ok=True)
         if strays := kill_strays(self.dir):
             log.warning("job %s: killed trainer processes %s left by an earlier attempt", self.job_id, strays)
-        resume = self.with_db(self.prepare_resume) is not None
+        checkpoint = self.with_db(self.prepare_resume)
+        resume = checkpoint is not None
         devices = self.reservation.indices if self.reservation else []
         kind = self.pool.kind if self.pool else "cpu"
         procs = len(devices) if kind == "gpu" and devices else 1
-        argv = trainer_argv(self.settings, write_spec(self.dir, spec), self.dir, resume, num_processes=procs)
+        meet = None
+        if self.nodes > 1:
+            # The other hosts start their ranks once told where to meet and what to resume from.
+            meet = Rendezvous(rendezvous_addr(self.settings), rendezvous_port(self.settings), self.nodes, 0)
+            self.with_db(gang.mark_ready, self.db, self.job_id, self.attempt, f"{meet.addr}:{meet.port}",
+                         checkpoint.id if checkpoint is not None else None)
+            self.gang_join_by = time.time() + self.settings.gang_join_timeout_s
+        argv = trainer_argv(self.settings, write_spec(self.dir, spec), self.dir, resume, num_processes=procs,
+                            rendezvous=meet)
         # The job id names the trainer's W&B run (trainer.tracking).
         env = {**trainer_env(self.settings), SUPERVISOR_ENV: str(os.getpid()), JOB_ID_ENV: self.job_id}
         if self.reservation:
@@ -246,6 +261,7 @@ class JobRun:
         """
         stopped_by: str | None = None
         kill_at = float("inf")
+        next_gang_check = 0.0
         refilled = False
         while not proc.finished():
             self.with_db(self.pump)
@@ -258,6 +274,15 @@ class JobRun:
                 log.warning("job %s: lease lost (attempt %s); stopping the trainer", self.job_id, self.attempt)
                 proc.kill()
                 return "lost"
+            if self.nodes > 1 and stopped_by is None and now >= next_gang_check:
+                next_gang_check = now + self.settings.heartbeat_s
+                if (problem := self.with_db(gang.problem, self.db, self.job_id, self.attempt, self.settings.lease_ttl_s,
+                                            self.gang_join_by, gang.MEMBER_EXIT_GRACE_S)) is not None:
+                    # One host is gone or failed: every rank stops, the job resumes from its newest stored checkpoint.
+                    log.warning("job %s: %s; stopping every rank", self.job_id, problem.message)
+                    self.gang_problem = problem
+                    proc.kill()
+                    return "gang"
             if stopped_by is None and (stopped_by := self.stop_reason()):
                 if stopped_by == "cancel":
                     log.info("job %s: cancel; sending SIGTERM to the trainer", self.job_id)
@@ -327,6 +352,11 @@ class JobRun:
     def conclude(self, proc: TrainerProcess, stopped_by: str | None) -> str:
         if stopped_by == "lost":
             return "lost"
+        if stopped_by == "gang":
+            assert self.gang_problem is not None
+            if not self.gang_problem.counts:
+                return self.wait_for_hosts(self.gang_problem.message)
+            return self.retry(self.gang_problem.message)
         if stopped_by == "shutdown":
             if release_lease(self.db, self.job_id, self.worker_id, self.attempt, "Worker shut down; job re-queued."):
                 enqueue_job(self.job_id)
@@ -382,6 +412,21 @@ class JobRun:
         log.warning("job %s: %s", self.job_id, message)
         return states.QUEUED
 
+    def wait_for_hosts(self, reason: str) -> str:
+        """A job across hosts whose hosts were not all free after all (a job of one took its GPUs as the
+        gang formed): back to the queue after a short wait, every host freed, no retry counted."""
+        job = lock_leased_job(self.db, self.job_id, self.worker_id, self.attempt)
+        if job is None:
+            return "lost"
+        if job.status == states.CANCELLING:
+            states.transition(self.db, job, states.CANCELLED, "Job cancelled.")
+        else:
+            job.progress = {**(job.progress or {}), RETRY_AT: time.time() + max(1.0, self.settings.dispatch_interval_s)}
+            states.transition(self.db, job, states.QUEUED, f"Job re-queued: {reason}; it waits for all its hosts.")
+        self.db.commit()
+        log.info("job %s: %s; %s", self.job_id, reason, job.status)
+        return job.status
+
     def retry(self, reason: str) -> str:
         job = lock_leased_job(self.db, self.job_id, self.worker_id, self.attempt)
         if job is None:
@@ -424,6 +469,7 @@ class JobRun:
         metrics = json.loads(raw).get("metrics") or {}
         finished = self.tracker.finished or {"metrics": metrics, "trained_tokens": metrics.get("trained_tokens")}
         kept = [ck.storage_key for ck in uploaded(self.db, self.job_id) if ck.storage_key]
+        by_host = self.peaks_by_host(finished.get("peak_memory_bytes_by_rank"))
         self.db.rollback()  # no transaction held open while gigabytes move
         stored = publish_final(storage, self.job, final, kept)
 
@@ -431,10 +477,25 @@ class JobRun:
             self.db.add_all(s.row(job.id) for s in stored)
             job.fine_tuned_model = fine_tuned_model_name(job)
             job.trained_tokens = finished.get("trained_tokens", job.trained_tokens)
-            job.metrics = {**job.metrics, **(finished.get("metrics") or {})}
+            job.metrics = {**job.metrics, **(finished.get("metrics") or {}), **by_host}
             job.progress = {**job.progress, "eta_seconds": 0}
 
         return self.finish(states.SUCCEEDED, "The job has successfully completed.", before=record)
+
+    def peaks_by_host(self, peaks: list[int | None] | None) -> dict[str, Any]:
+        """A job across hosts: `peak_memory_bytes_by_host`, the largest peak of each host's ranks
+        (rank r runs on the gang's host r // gpus); {} for a job of one host."""
+        if self.nodes <= 1 or not peaks:
+            return {}
+        hosts = {m.node_rank: m.host for m in gang.members(self.db, self.job_id)}
+        self.db.rollback()
+        per = max(1, len(peaks) // self.nodes)
+        out: dict[str, int | None] = {}
+        for rank, peak in enumerate(peaks):
+            host = hosts.get(rank // per, f"node-{rank // per}")
+            known = [p for p in (out.get(host), peak) if p is not None]
+            out[host] = max(known) if known else None
+        return {"peak_memory_bytes_by_host": out}
 
     def failure(self, returncode: int | None) -> dict[str, Any]:
         err = self.tracker.last_error

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import sys
 from dataclasses import dataclass
@@ -87,6 +88,27 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def rendezvous_addr(settings: Settings) -> str:
+    """Where the other hosts of a job this host leads reach its rank 0."""
+    return settings.rendezvous_addr or socket.gethostname()
+
+
+def rendezvous_port(settings: Settings) -> int:
+    """A free port of TUNEQ_RENDEZVOUS_PORTS (the range a firewall lets the other hosts reach), tried
+    from a random place in it so that two jobs this host leads at once seldom try the same one."""
+    first, last = (int(p) for p in settings.rendezvous_ports.split("-"))
+    ports = list(range(first, last + 1))
+    start = random.randrange(len(ports))
+    for port in ports[start:] + ports[:start]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in TUNEQ_RENDEZVOUS_PORTS {settings.rendezvous_ports}")
 
 
 @dataclass(frozen=True)

@@ -22,15 +22,15 @@ from api.errors import bad_request
 from api.job_spec import METADATA_KEY_CHARS, base_learning_rate, method_view
 from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
 from api.schemas import CreateJobRequest, JobErrorOut, JobOut, Page
-from core import states
+from core import gang, states
 from core.control import request_pause, request_resume
 from core.identity import can_read_job, readable_jobs
 from core.jobs import request_cancel
-from core.models import Job, User
+from core.models import Job, JobEvent, User
 from core.settings import Settings
-from core.progress import job_progress
+from core.progress import TRAINED, job_progress, latest_metrics_of
 from core.queue import enqueue_job
-from core.scheduling import queue_positions
+from core.scheduling import shown_positions
 
 log = logging.getLogger("tuneq.api")
 
@@ -43,8 +43,10 @@ def _int(t: float | None) -> int | None:
     return None if t is None else int(t)
 
 
-def job_out(job: Job, positions: Mapping[str, int] | None = None) -> JobOut:
-    """`positions`: the queue positions of a page of jobs, read once (core.scheduling.queue_positions)."""
+def job_out(job: Job, positions: Mapping[str, int] | None = None,
+            metrics: Mapping[str, JobEvent | None] | None = None) -> JobOut:
+    """`positions`: the queue positions of a page of jobs, read once (core.scheduling.shown_positions);
+    `metrics`: their latest metrics events, read at once (core.progress.latest_metrics_of)."""
     spec: dict[str, Any] = job.spec or {}
     method = spec.get("method", job.method)
     hp = dict(spec.get("hyperparameters") or {})
@@ -53,7 +55,7 @@ def job_out(job: Job, positions: Mapping[str, int] | None = None) -> JobOut:
     error = None
     if job.error:
         error = JobErrorOut(**{"message": "the job failed", **job.error})
-    progress = job_progress(object_session(job), job, positions=positions)  # core/progress.py: FIELDS, queue_position 1 runs next
+    progress = job_progress(object_session(job), job, positions=positions, metrics=metrics)  # core/progress.py: FIELDS, queue_position 1 runs next
     return JobOut(
         id=job.id, created_at=int(job.created_at), finished_at=_int(job.finished_at), model=job.model,
         fine_tuned_model=job.fine_tuned_model, organization_id=job.owner_id or ORGANIZATION, status=job.status,
@@ -63,9 +65,17 @@ def job_out(job: Job, positions: Mapping[str, int] | None = None) -> JobOut:
         method=method_view({**spec, "method": method}, hp),
         user_provided_suffix=job.suffix, priority=job.priority, gpus=job.gpus,
         progress=progress, metrics=job.metrics or {}, started_at=_int(job.started_at), host=job.host, gpu=job.gpu,
+        nodes=job.nodes, hosts=_hosts(job),
         plan=planning.job_view(job.plan, job.progress, job.metrics, job.min_gpu_memory_gib),
         metadata=job.job_metadata or None, integrations=spec.get("integrations") or [],
     )
+
+
+def _hosts(job: Job) -> list[str] | None:
+    if job.nodes <= 1 or job.status not in (states.RUNNING, states.CANCELLING):
+        return None
+    db = object_session(job)
+    return [m.host for m in gang.members(db, job.id)] if db is not None else None
 
 
 def _metadata_filter(request: Request) -> list[Any]:
@@ -116,18 +126,28 @@ def _list_jobs(db: Session, user: User, settings: Settings, after: str | None, l
             raise bad_request(f"after: no fine-tuning job with id {after!r}", "after")
         stmt = stmt.where(or_(Job.created_at < cursor.created_at, and_(Job.created_at == cursor.created_at, Job.id < cursor.id)))
     rows = db.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all()
-    # One reading of the queue for the whole page, in the order the single GET and workers use.
-    positions = queue_positions(db, (j.id for j in rows[:limit] if j.status == states.QUEUED))
-    return make_page(rows, limit, lambda j: job_out(j, positions))
+    page = rows[:limit]
+    # One query for the latest metrics of the page; one reading of the queue for the whole page
+    # (shared with other requests for a moment), in the order the single GET and workers use.
+    metrics = latest_metrics_of(db, [j.id for j in page if j.status in TRAINED])
+    db.commit()  # see _read_job: no connection held while waiting for the reading
+    positions = shown_positions(db, (j.id for j in page if j.status == states.QUEUED), settings.api_queue_position_max_age_s)
+    return make_page(rows, limit, lambda j: job_out(j, positions, metrics))
 
 
 @router.get("/{job_id}", response_model=JobOut)
-async def get_fine_tuning_job(job_id: str, token: BearerToken) -> Response:
-    return await read_in_one_hop(_read_job, token, job_id)
+async def get_fine_tuning_job(job_id: str, token: BearerToken, settings: SettingsDep) -> Response:
+    return await read_in_one_hop(_read_job, token, job_id, settings)
 
 
-def _read_job(db: Session, user: User, job_id: str) -> JobOut:
-    return job_out(load_job(db, job_id, user))
+def _read_job(db: Session, user: User, job_id: str, settings: Settings) -> JobOut:
+    job = load_job(db, job_id, user)
+    if job.status != states.QUEUED:
+        return job_out(job)
+    # End the read first: requests wait for one another's reading of the queue, and one that
+    # waits holding a pooled connection could leave the reader none for the rest of the queue.
+    db.commit()
+    return job_out(job, shown_positions(db, [job.id], settings.api_queue_position_max_age_s))
 
 
 @router.post("/{job_id}/cancel")

@@ -102,3 +102,126 @@ def test_a_page_of_queued_jobs_reads_the_queue_once_and_agrees_with_each_job(
     assert sorted(positions.values()) == list(range(1, 13))
     for job_id, position in positions.items():
         assert client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["progress"]["queue_position"] == position
+
+
+def _statements_of(client: TestClient, path: str) -> tuple[list[str], dict]:
+    """The SQL statements one request ran (the API's own data checker apart), and its answer."""
+    from sqlalchemy import event
+
+    from core.db import get_engine
+
+    statements: list[str] = []
+
+    def count(_conn, _cursor, statement, *_args) -> None:  # noqa: ANN001
+        if not threading.current_thread().name.startswith("tuneq-"):
+            statements.append(statement)
+
+    event.listen(get_engine(), "before_cursor_execute", count)
+    try:
+        answer = client.get(path)
+    finally:
+        event.remove(get_engine(), "before_cursor_execute", count)
+    assert answer.status_code == 200, answer.text
+    return statements, answer.json()
+
+
+def _reads_queue(statements: list[str]) -> bool:
+    """Whether the queue's order was read: fair share's use, or the queued jobs in priority order."""
+    return any("gpu_usage" in s or "jobs.priority DESC" in s for s in statements)
+
+
+def test_polling_a_queued_job_runs_two_queries_while_a_reading_of_the_queue_is_fresh(
+        client: TestClient, db: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each poll checks the key and reads the job (one query each); the queue's order, which takes
+    several queries, is read once and shared until this process writes to it or it ages."""
+    import sqlite3
+
+    from core import scheduling
+    from core.db import get_engine
+
+    clock = [1000.0]
+    monkeypatch.setattr(scheduling, "_clock", lambda: clock[0])
+    first, second = make_job(db), make_job(db)
+    statements, job = _statements_of(client, f"/v1/fine_tuning/jobs/{second.id}")
+    assert job["progress"]["queue_position"] == 2 and _reads_queue(statements)
+    for _ in range(3):
+        statements, job = _statements_of(client, f"/v1/fine_tuning/jobs/{second.id}")
+        assert len(statements) == 2 and not _reads_queue(statements), statements
+        assert job["progress"]["queue_position"] == 2
+
+    # A change made through this process shows at once: the first job leaves the queue.
+    first.status = "cancelled"
+    db.commit()
+    statements, job = _statements_of(client, f"/v1/fine_tuning/jobs/{second.id}")
+    assert job["progress"]["queue_position"] == 1 and _reads_queue(statements)
+
+    # A job queued by another process (not in the reading) gets a reading of its own.
+    if get_engine().dialect.name != "sqlite":
+        return
+    third = make_job(db)
+    third_id = third.id
+    _statements_of(client, f"/v1/fine_tuning/jobs/{third_id}")  # the reading holds the third job now
+    with sqlite3.connect(get_engine().url.database) as other:  # another process's write
+        other.execute("UPDATE jobs SET priority = 5 WHERE id = ?", (third_id,))
+    assert _statements_of(client, f"/v1/fine_tuning/jobs/{third_id}")[1]["progress"]["queue_position"] == 2
+    clock[0] += 1.5  # older than TUNEQ_API_QUEUE_POSITION_MAX_AGE_S (1 s): read again
+    assert _statements_of(client, f"/v1/fine_tuning/jobs/{third_id}")[1]["progress"]["queue_position"] == 1
+
+
+def test_a_zero_max_age_reads_the_queue_per_request(db_env: dict[str, str], db: Session,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from api.main import create_app
+    from tests.conftest import reset_caches
+
+    monkeypatch.setenv("TUNEQ_API_QUEUE_POSITION_MAX_AGE_S", "0")
+    reset_caches()
+    _, key = create_user_with_key("admin", "admin")
+    job = make_job(db)
+    with TestClient(create_app(), headers={"Authorization": f"Bearer {key}"}) as c:
+        for _ in range(2):
+            statements, got = _statements_of(c, f"/v1/fine_tuning/jobs/{job.id}")
+            assert got["progress"]["queue_position"] == 1 and _reads_queue(statements)
+
+
+def test_a_revoked_key_is_refused_at_the_next_request(client: TestClient, db_env: dict[str, str]) -> None:
+    """The key is checked against the database on every request (one query, no cache that
+    would let a revoked key work on for a while)."""
+    from core.db import session_scope
+    from core.identity import revoke_key
+
+    _, key = create_user_with_key("bob")
+    headers = {"Authorization": f"Bearer {key}"}
+    assert client.get("/v1/fine_tuning/jobs", headers=headers).status_code == 200
+    with session_scope() as s:
+        revoke_key(s, f"key-{key.split('_')[1]}")  # tq_<key id>_<secret>
+    assert client.get("/v1/fine_tuning/jobs", headers=headers).status_code == 401
+
+
+@pytest.mark.dialects
+def test_a_page_of_running_jobs_reads_their_latest_metrics_in_one_query(client: TestClient, db: Session) -> None:
+    from core import states
+
+    def running_job(step: int | None) -> str:
+        job = make_job(db)
+        job.status, job.started_at = states.RUNNING, time.time()
+        if step is not None:
+            for s in range(1, step + 1):  # older metrics and a later non-metrics event
+                states.add_event(db, job, f"step {s}", type="metrics", data={"step": s, "train_loss": 1.0 / s})
+            states.add_event(db, job, "a message", type="message")
+        db.commit()
+        return job.id
+
+    def listed() -> tuple[int, dict[str, dict]]:
+        statements, page = _statements_of(client, "/v1/fine_tuning/jobs?limit=50")
+        return sum("job_events" in s for s in statements), {j["id"]: j["progress"] for j in page["data"]}
+
+    steps = {running_job(n): n for n in (1, 2, 3)}
+    few, _ = listed()
+    steps |= {running_job(n): n for n in (4, 5, None)}
+    many, progress = listed()
+    assert few == many == 1, f"3 running jobs read job_events {few} times, 6 read it {many} times"
+    for job_id, step in steps.items():
+        assert progress[job_id]["step"] == step
+        assert progress[job_id]["train_loss"] == (None if step is None else pytest.approx(1.0 / step))
+        # The single GET agrees.
+        assert client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["progress"]["step"] == step

@@ -51,7 +51,8 @@ def test_plan_route_returns_every_method_with_its_breakdown(client: TestClient, 
     assert t["flops"] > 0 and t["seconds"] > 0 and t["gpu_hours"] > 0
     # The worker GPUs' model (setting plan_gpu_model, an H100 by default) times the plan: its
     # measured efficiency for the setting, and its start-up on top of the steps.
-    assert t["startup_seconds"] > 0 and t["wall_seconds"] == pytest.approx(t["seconds"] + t["startup_seconds"])
+    assert t["startup_seconds"] > 0 and t["checkpoints"] == 0  # one epoch: its only save is the end
+    assert t["wall_seconds"] == pytest.approx(t["seconds"] + t["startup_seconds"] + t["checkpoint_seconds"])
     assert t["efficiency_source"].startswith("H100 ") and "full lean" in t["efficiency_source"]
 
 
@@ -168,6 +169,7 @@ def test_cli_plan_prints_the_table_and_json(service_env: dict[str, str], admin_k
     r = runner.invoke(cli.app, ["plan", str(data), "--model", "tiny-llama"])
     assert r.exit_code == 0, r.output
     assert "qlora" in r.output and "recommended: full fits" in r.output and "GPU-hours" in r.output
+    assert "wall to the last step:" in r.output and "checkpoint(s) before the last step" in r.output
     r = runner.invoke(cli.app, ["plan", str(data), "--model", "tiny-llama", "--method", "lora", "--json"])
     assert r.exit_code == 0, r.output
     got = json.loads(r.stdout[r.stdout.index("{"):])
@@ -245,14 +247,21 @@ def test_more_nodes_than_hosts_that_hold_them_is_refused_naming_nodes(client: Te
         assert r.status_code == 400 and r.json()["error"]["param"] == "gpus", r.text
 
 
-def test_a_job_across_hosts_that_fit_is_refused_until_workers_place_it(client: TestClient, file_id: str,
-                                                                        two_one_gpu_hosts: None) -> None:
+def test_a_job_across_hosts_that_fit_is_queued_for_the_workers(client: TestClient, file_id: str,
+                                                                two_one_gpu_hosts: None) -> None:
     r = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id, "method": "lora",
                                                    "gpus": 1, "nodes": 2})
-    assert r.status_code == 400, r.text
-    err = r.json()["error"]
-    assert err["param"] == "nodes" and err["code"] == "multi_host_unavailable", err
-    assert client.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing left queued that no worker could start
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert job["status"] == "queued" and job["nodes"] == 2 and job["gpus"] == 1, job
+    # More GPUs than one host has, without nodes: spread over the hosts that hold them together.
+    body = {"model": "tiny-llama", "training_file": file_id, "method": "lora", "gpus": 2}
+    plan = client.post("/v1/fine_tuning/plan", json=body)
+    assert plan.status_code == 200 and plan.json()["plan"]["nodes"] == 2, plan.text
+    r = client.post("/v1/fine_tuning/jobs", json=body)
+    assert r.status_code == 200 and (r.json()["nodes"], r.json()["gpus"]) == (2, 1), r.text
+    r = client.post("/v1/fine_tuning/jobs", json={**body, "gpus": 3})  # the two hosts hold 2
+    assert r.status_code == 400 and r.json()["error"]["param"] == "gpus", r.text
 
 
 @pytest.mark.parametrize("route", ["/v1/fine_tuning/jobs", "/v1/fine_tuning/plan"])

@@ -46,10 +46,10 @@ def s3(rel_env: dict[str, str], s3_endpoint: str, monkeypatch: pytest.MonkeyPatc
     return env
 
 
-def host(workers, tmp_path: Path, s3: dict[str, str], name: str):  # noqa: ANN001, ANN201
+def host(workers, tmp_path: Path, s3: dict[str, str], name: str, **extra: str):  # noqa: ANN001, ANN201
     root = tmp_path / name
     return workers(TUNEQ_HOST_ID=name, TUNEQ_WORK_DIR=str(root / "work"), TUNEQ_GPU_LOCK_DIR=str(root / "locks"),
-                   TUNEQ_STORAGE_CACHE_DIR=str(root / "cache"), **s3)
+                   TUNEQ_STORAGE_CACHE_DIR=str(root / "cache"), **s3, **extra)
 
 
 def training_job(db: Session, env: dict[str, str], keep: int = 2, **extra: Any) -> Job:

@@ -1,15 +1,18 @@
-"""The plan's time: the efficiency measured for the GPU model and setting (trainer/planning/speeds.json)
-and the start-up measured there, in place of a fixed share of the peak."""
+"""The plan's time: the efficiency measured for the GPU model and setting (trainer/planning/speeds.json),
+the start-up measured there in place of a fixed share of the peak, and the checkpoints written
+before the last step at the rate measured on that host."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from trainer.planning import plan, speeds
-from trainer.planning.compute import DEFAULT_EFFICIENCY
+from trainer.planning.compute import DEFAULT_EFFICIENCY, RNG_BYTES_PER_RANK, checkpoints_before_last
 from trainer.tiny import build_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,12 +51,13 @@ def test_a_measured_setting_reproduces_its_own_step_time() -> None:
 
 
 def test_a_setting_measured_elsewhere_is_carried_over_as_a_ratio() -> None:
-    """Full fine-tuning was measured on the H200 only: on the H100 it keeps its ratio to LoRA lean,
-    which both measured."""
-    h100, h200 = speeds.speed_for(H100, "full lean bf16"), speeds.speed_for("NVIDIA H200", "full lean bf16")
-    lora100, lora200 = speeds.speed_for(H100, "lora lean"), speeds.speed_for("NVIDIA H200", "lora lean")
-    assert h100.efficiency / lora100.efficiency == pytest.approx(h200.efficiency / lora200.efficiency)
-    assert "on H200" in h100.source and h100.peak_tflops == lora100.peak_tflops
+    """Full fine-tuning with fp32 master weights was measured on the H200 only: on the H100 it keeps
+    its ratio to the setting of the same method and speed both measured (full lean bf16)."""
+    h100, h200 = speeds.speed_for(H100, "full lean"), speeds.speed_for("NVIDIA H200", "full lean")
+    bf16_100, bf16_200 = speeds.speed_for(H100, "full lean bf16"), speeds.speed_for("NVIDIA H200", "full lean bf16")
+    assert h100.efficiency / bf16_100.efficiency == pytest.approx(h200.efficiency / bf16_200.efficiency)
+    assert h100.source.startswith("H100 full lean bf16 x") and "on H200" in h100.source
+    assert h100.peak_tflops == bf16_100.peak_tflops
     # balanced is timed as lean (its recompute, at worst); fast borrows lean's where unmeasured.
     assert speeds.setting_key("lora", "balanced") == "lora lean"
     assert speeds.speed_for(H100, "qlora fast").source == speeds.speed_for(H100, "qlora lean").source
@@ -72,3 +76,107 @@ def test_an_unknown_gpu_keeps_the_default_efficiency_and_no_start_up(tmp_path: P
     loaded = speeds.table(tmp_path / "speeds.json")
     assert speeds.speed_for("NVIDIA L40S", "lora lean", loaded).peak_tflops == 362.0
     assert speeds.startup_seconds("NVIDIA L40S", 2 * GiB, loaded)[0] == pytest.approx(11.0)
+
+
+# ---- checkpoints in the wall time ---------------------------------------------------------------
+
+ONE_B = build_config("llama-3.2-1b")
+
+
+def planned(method: str = "lora", gpu: str | None = H100, tokens: int = 1, gpus: int = 1, **spec) -> Any:
+    body = job("lean", method=method, **({"full_precision": "bf16"} if method == "full" else {}))
+    for key in ("schedule", "hyperparameters"):
+        body[key] = {**body.get(key, {}), **spec.pop(key, {})}
+    body.update(spec)
+    return plan(body, ONE_B, 80 * GiB, gpus, dataset_tokens=tokens, gpu_model=gpu, liger=True).compute
+
+
+def test_a_checkpoint_costs_what_it_writes_at_the_hosts_measured_rate() -> None:
+    """40 steps checkpointed every 20: the one at step 20 is in the wall time (the last step's save
+    is after it). Full fine-tuning writes the whole model and AdamW's two states (bf16 with
+    bf16 weights), LoRA its fp32 adapters and their fp32 states: about 55 times less."""
+    rate = speeds.table()["gpus"]["H100"]["checkpoint"]
+    params = plan(job("lean"), ONE_B, 80 * GiB).model["params"]
+    lora_trained = plan(job("lean"), ONE_B, 80 * GiB).methods["lora"].estimate.trainable_params
+    expected = {"full": params * 2 + params * 2 * 2, "lora": lora_trained * 4 + lora_trained * 4 * 2}
+    got = {}
+    for method in ("lora", "full"):
+        c = planned(method, schedule={"checkpoint_every_steps": 20})
+        assert c.checkpoints == 1
+        assert c.checkpoint_bytes == expected[method] + RNG_BYTES_PER_RANK
+        assert c.checkpoint_seconds == pytest.approx(rate["fixed_s"] + c.checkpoint_bytes / GiB / rate["gib_per_s"])
+        assert c.wall_seconds == pytest.approx(c.startup_seconds + c.seconds + c.checkpoint_seconds)
+        assert c.checkpoint_source.startswith("H100: bench/results/")
+        got[method] = c
+    assert 6.5 < got["full"].checkpoint_bytes / GiB < 7.5 and got["lora"].checkpoint_bytes / GiB < 0.2
+    assert got["full"].checkpoint_seconds > 30 * got["lora"].checkpoint_seconds
+    # Without a schedule a run of max_steps saves only at its end: nothing before the last step.
+    none = planned("full")
+    assert none.checkpoints == 0 and none.checkpoint_seconds == 0
+    assert none.wall_seconds == pytest.approx(none.startup_seconds + none.seconds)
+
+
+@pytest.mark.parametrize(("every", "count"), [(20, 1), (10, 3), (7, 5), (39, 1), (40, 0), (41, 0), (1, 39)])
+def test_every_n_steps_counts_the_checkpoints_strictly_before_the_last_step(every: int, count: int) -> None:
+    c = planned("full", schedule={"checkpoint_every_steps": every})
+    assert c.checkpoints == count
+    assert c.checkpoint_seconds == pytest.approx(count * planned("full", schedule={"checkpoint_every_steps": 20})
+                                                 .checkpoint_seconds)
+
+
+def test_epoch_ends_are_checkpoints_as_the_trainer_schedules_them() -> None:
+    """Counted in epochs (no max_steps), each epoch's end saves, the last being the run's end; with
+    max_steps only when checkpoint_every_epoch says so. A step that both ends an epoch and is a
+    multiple of checkpoint_every_steps saves once."""
+    per_epoch = 10 * 8 * 2048  # ten steps of 8 x 2048 tokens
+    epochs = {"hyperparameters": {"max_steps": None, "n_epochs": 3}}
+    assert planned(tokens=per_epoch, **epochs).checkpoints == 2  # steps 10 and 20 of 30
+    assert planned(tokens=per_epoch, schedule={"checkpoint_every_epoch": False}, **epochs).checkpoints == 0
+    assert planned(tokens=per_epoch, schedule={"checkpoint_every_steps": 10}, **epochs).checkpoints == 2
+    # 4, 8, ..., 28 and the end of epoch 1 at step 10 (epoch 2's, step 20, is a multiple of 4)
+    assert planned(tokens=per_epoch, schedule={"checkpoint_every_steps": 4}, **epochs).checkpoints == 8
+    max25 = {"hyperparameters": {"max_steps": 25}}
+    assert planned(tokens=per_epoch, **max25).checkpoints == 0
+    assert planned(tokens=per_epoch, schedule={"checkpoint_every_epoch": True}, **max25).checkpoints == 2
+    # The trainer's own test case: three steps an epoch, max_steps 7, saves at 3 and 6.
+    assert checkpoints_before_last(7, None, [3, 6]) == 2 and checkpoints_before_last(6, None, [3, 6]) == 1
+
+
+def test_minutes_add_checkpoints_over_the_steps_time() -> None:
+    """checkpoint_every_minutes restarts its timer at every save: a job of about 20 minutes saves
+    every 5 minutes, none at the end; with a save every 1000 of 4000 steps each stretch of about 5
+    minutes gets one more."""
+    steps = {"hyperparameters": {"max_steps": 4000}}
+    alone = planned(schedule={"checkpoint_every_minutes": 5}, **steps)
+    assert 15 * 60 < alone.seconds < 25 * 60
+    assert alone.checkpoints == math.ceil(alone.seconds / 300) - 1 >= 3
+    both = planned(schedule={"checkpoint_every_minutes": 5, "checkpoint_every_steps": 1000}, **steps)
+    assert both.checkpoints == 3 + 4 * (math.ceil(both.seconds / 4 / 300) - 1)
+    assert both.wall_seconds == pytest.approx(both.startup_seconds + both.seconds
+                                              + both.checkpoints * alone.checkpoint_seconds / alone.checkpoints)
+
+
+def test_fsdp_writes_the_whole_model_and_an_unmeasured_host_gets_the_stated_default() -> None:
+    one = planned("full", schedule={"checkpoint_every_steps": 20})
+    two = planned("full", gpus=2, strategy="fsdp", schedule={"checkpoint_every_steps": 20})
+    # Rank 0 gathers every shard: the same weights and states, and one more rank's RNG.
+    assert two.checkpoint_bytes == pytest.approx(one.checkpoint_bytes + RNG_BYTES_PER_RANK, abs=64)
+    h200 = planned("full", gpu="NVIDIA H200", schedule={"checkpoint_every_steps": 20})
+    assert "checkpoint" not in speeds.table()["gpus"]["H200"] and h200.checkpoint_source.startswith("default")
+    assert h200.checkpoint_seconds == pytest.approx(speeds.DEFAULT_CHECKPOINT["fixed_s"] + h200.checkpoint_bytes / GiB
+                                                    / speeds.DEFAULT_CHECKPOINT["gib_per_s"])
+
+
+def test_the_h100_checkpoint_rate_matches_the_jobs_it_was_fit_to() -> None:
+    """speeds.json's H100 rate against the committed job rows' checkpoint seconds (the fit's own
+    data: this checks the file and the bench agree, a later run validates the fit)."""
+    from bench.service_throughput import fit_checkpoint_rate
+
+    fixed, rate = fit_checkpoint_rate([(0.1, 0.1 + 0.1 / 0.5), (1.0, 0.1 + 1.0 / 0.5), (7.0, 0.1 + 7.0 / 0.5)])
+    assert fixed == pytest.approx(0.1) and rate == pytest.approx(0.5)
+    result = json.loads((ROOT / "bench/results/service_throughput_h100.json").read_text())
+    for part in result["settings"].values():
+        for j in part["jobs"]:
+            c = planned(j["setting"].split("-")[0], schedule={"checkpoint_every_steps": 20})
+            measured = sum(j["checkpoints_s"]) / len(j["checkpoints_s"])
+            assert c.checkpoint_seconds / c.checkpoints == pytest.approx(measured, rel=0.1), j["name"]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from trainer.planning.shape import shape_of
-from trainer.spec import METHODS, LoraSettings, Method
+from trainer.spec import METHODS, WHOLE_WEIGHT_METHODS, LoraSettings, Method
 
 # Measured bf16 dense matmul throughput of the lent H200 (FLOP/s), and the share of it a
 # fine-tuning step reaches end to end (attention, norms, optimizer, data and Python overhead).
@@ -16,6 +18,8 @@ DEFAULT_EFFICIENCY = 0.35
 # bandwidth, not FLOPs (the H200's HBM3e, and the share a batched decode step reaches).
 H200_HBM_BYTES_PER_S = 4.8e12
 DECODE_EFFICIENCY = 0.5
+# torch.save of the python, numpy, torch and CUDA generators' states, per rank.
+RNG_BYTES_PER_RANK = 16 * 1024
 
 @dataclass(frozen=True)
 class ComputeEstimate:
@@ -37,11 +41,49 @@ class ComputeEstimate:
     eval_passes: int = 0
     eval_seconds: float = 0.0
     startup_seconds: float = 0.0  # from the trainer's start to its first step
-    wall_seconds: float = 0.0  # start-up plus the steps
+    wall_seconds: float = 0.0  # start-up, the steps and the checkpoints written before the last step
     efficiency_source: str = ""  # where the efficiency was measured (trainer.planning.speeds)
+    # Checkpoints written before the last step (scheduled every N steps, at epoch ends, every M
+    # minutes), the bytes of one, and their writing time in all; not in seconds (the steps).
+    checkpoints: int = 0
+    checkpoint_bytes: int = 0
+    checkpoint_seconds: float = 0.0
+    checkpoint_source: str = ""  # where the checkpoint rate was measured (trainer.planning.speeds)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def checkpoint_bytes(estimate: Any) -> int:
+    """Bytes one checkpoint writes (trainer.checkpoint.save_checkpoint), from a MemoryEstimate: the
+    trained weights (full and freeze: the whole model in its dtype, gathered whole under FSDP;
+    adapter methods: the fp32 adapters), the optimizer's states of every shard, and each rank's RNG
+    states. Scheduler and state files are a few KiB."""
+    if estimate.method in WHOLE_WEIGHT_METHODS:
+        weights = estimate.parts.get("base_weights", estimate.weights)
+    else:
+        weights = estimate.parts.get("adapters", 4 * estimate.trainable_params)
+    shards = estimate.gpus if estimate.strategy == "fsdp" else 1
+    return int(weights + estimate.optimizer_states * shards + RNG_BYTES_PER_RANK * estimate.gpus)
+
+
+def checkpoints_before_last(steps: int, every_steps: int | None, epoch_end_steps: Iterable[int] = ()) -> int:
+    """Checkpoints the trainer writes strictly before its last step: every `every_steps` steps and
+    at the ends of epochs (a step that is both saves once). The last step's own save is the end of
+    the run, outside the wall time to the last step."""
+    count = (steps - 1) // every_steps if every_steps else 0
+    extra = {s for s in epoch_end_steps if 0 < s < steps and not (every_steps and s % every_steps == 0)}
+    return count + len(extra)
+
+
+def minute_checkpoints(scheduled: int, seconds: float, every_minutes: float | None) -> int:
+    """Checkpoints checkpoint_every_minutes adds to `scheduled` ones over `seconds` of steps: the
+    timer restarts at every save, so each of the scheduled + 1 stretches between saves (taken as
+    equal) gets one every `every_minutes`, none at its own end."""
+    if not every_minutes or seconds <= 0:
+        return 0
+    stretch = seconds / (scheduled + 1)
+    return (scheduled + 1) * max(0, math.ceil(stretch / (60.0 * every_minutes)) - 1)
 
 
 def eval_pass_seconds(config: Any, *, method: Method, prompts: int, batch_size: int, max_new_tokens: int,
@@ -71,6 +113,11 @@ def estimate_compute(
     eval_seconds_per_pass: float = 0.0,
     startup_seconds: float = 0.0,
     efficiency_source: str = "",
+    checkpoints: int = 0,
+    checkpoint_every_minutes: float | None = None,
+    checkpoint_seconds_each: float = 0.0,
+    checkpoint_bytes_each: int = 0,
+    checkpoint_source: str = "",
 ) -> ComputeEstimate:
     """Training FLOPs and wall time for `tokens` tokens (padding included).
 
@@ -83,7 +130,9 @@ def estimate_compute(
     halved by the causal mask: 6·L·(n·d)·S. Checkpointing recomputes the forward once more.
     peak_tflops: per GPU, default the measured H200 bf16 matmul peak; efficiency: the fraction of
     it a real step reaches (measured per GPU model and setting: trainer.planning.speeds).
-    wall_seconds adds startup_seconds to the steps' time.
+    wall_seconds adds startup_seconds and the checkpoints' writing to the steps' time: `checkpoints`
+    scheduled before the last step, plus those checkpoint_every_minutes adds over the steps' time,
+    checkpoint_seconds_each apiece (trainer.planning.speeds.checkpoint_seconds).
     """
     if method not in METHODS:
         raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}")
@@ -126,6 +175,11 @@ def estimate_compute(
         notes.append(f"{eval_passes} eval pass(es) of generation, about {eval_seconds_per_pass:.1f} s each at most, "
                      "are included")
     seconds += eval_total
+    saves = checkpoints + minute_checkpoints(checkpoints, seconds, checkpoint_every_minutes)
+    saving = saves * checkpoint_seconds_each
+    if saves:
+        notes.append(f"{saves} checkpoint(s) before the last step, {checkpoint_bytes_each / 1024**3:.2f} GiB and about "
+                     f"{checkpoint_seconds_each:.1f} s each, are in the wall time")
     return ComputeEstimate(
         method=method,
         tokens=int(tokens),
@@ -143,6 +197,10 @@ def estimate_compute(
         eval_passes=eval_passes,
         eval_seconds=eval_total,
         startup_seconds=startup_seconds,
-        wall_seconds=seconds + startup_seconds,
+        wall_seconds=seconds + startup_seconds + saving,
         efficiency_source=efficiency_source or ("given" if efficiency is not None else "default"),
+        checkpoints=saves,
+        checkpoint_bytes=int(checkpoint_bytes_each),
+        checkpoint_seconds=saving,
+        checkpoint_source=checkpoint_source,
     )

@@ -11,12 +11,15 @@ names what would fit, with numbers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
+from fractions import Fraction
 from typing import Any, Literal
 
-from trainer.planning.compute import ComputeEstimate, estimate_compute, eval_pass_seconds
-from trainer.planning.speeds import setting_key, speed_for, startup_seconds
+from trainer.planning.compute import (ComputeEstimate, checkpoint_bytes, checkpoints_before_last, estimate_compute,
+                                      eval_pass_seconds)
+from trainer.planning.speeds import checkpoint_seconds, setting_key, speed_for, startup_seconds
 from trainer.planning.memory import MemoryEstimate
 from trainer.planning.request import AUTO, PlanRequest, estimate_for_spec, request_of
 from trainer.planning.shape import Shape, gib, shape_of
@@ -296,7 +299,8 @@ def plan(
 def _compute(request: PlanRequest, shape: Shape, chosen: MethodPlan, gpus: int, dataset_tokens: int,
              peak_tflops: float | None, efficiency: float | None, gpu_model: str | None = None) -> ComputeEstimate:
     """The chosen setting's FLOPs and time: at the efficiency measured for this GPU model and setting
-    (trainer.planning.speeds) where known, plus the start-up measured there."""
+    (trainer.planning.speeds) where known, plus the start-up measured there and the checkpoints
+    written before the last step at that host's measured rate (a stated default where unmeasured)."""
     hp = request.hp
     measured = None
     if efficiency is None and gpu_model:
@@ -306,7 +310,10 @@ def _compute(request: PlanRequest, shape: Shape, chosen: MethodPlan, gpus: int, 
     if hp.max_steps is not None:
         tokens = hp.max_steps * hp.gradient_accumulation_steps * gpus * (chosen.batch_size or 1) * hp.max_seq_len
     freeze = request.spec.freeze
-    passes, per_pass = _eval_passes(request, shape, chosen, gpus, tokens)
+    steps, per_epoch = _steps(request, chosen, gpus, tokens, dataset_tokens)
+    passes, per_pass = _eval_passes(request, shape, chosen, gpus, steps)
+    saved = checkpoint_bytes(chosen.estimate)
+    each, rate_source = checkpoint_seconds(gpu_model, saved)
     return estimate_compute(
         shape, method=chosen.method, tokens=tokens, gpus=gpus, seq_len=hp.max_seq_len,
         gradient_checkpointing=chosen.speed == "lean", lora=request.spec.lora,
@@ -315,19 +322,41 @@ def _compute(request: PlanRequest, shape: Shape, chosen: MethodPlan, gpus: int, 
         efficiency=measured.efficiency if measured else efficiency,
         startup_seconds=round(startup, 1), efficiency_source=measured.source if measured else "",
         eval_passes=passes, eval_seconds_per_pass=per_pass,
+        checkpoints=_scheduled_checkpoints(request, steps, per_epoch),
+        checkpoint_every_minutes=request.spec.schedule.checkpoint_every_minutes,
+        checkpoint_seconds_each=each, checkpoint_bytes_each=saved, checkpoint_source=rate_source,
     )
 
 
-def _eval_passes(request: PlanRequest, shape: Shape, chosen: MethodPlan, gpus: int, tokens: int) -> tuple[int, float]:
+def _steps(request: PlanRequest, chosen: MethodPlan, gpus: int, tokens: int, dataset_tokens: int) -> tuple[int, Fraction]:
+    """(optimizer steps, steps per epoch). Without max_steps the steps are counted as if every row
+    were max_seq_len tokens long (fewer than a file of shorter examples takes)."""
+    hp = request.hp
+    per_step = max(1, (chosen.batch_size or 1) * hp.gradient_accumulation_steps * gpus * hp.max_seq_len)
+    steps = hp.max_steps or max(1, tokens // per_step)
+    return steps, Fraction(max(1, dataset_tokens), per_step)
+
+
+def _scheduled_checkpoints(request: PlanRequest, steps: int, per_epoch: Fraction) -> int:
+    """Checkpoints before the last step, as the trainer schedules them (trainer.loop): every
+    checkpoint_every_steps, and at each epoch's end when checkpoint_every_epoch says so (unset: when
+    the run is counted in epochs, that is without max_steps)."""
+    schedule, hp = request.spec.schedule, request.hp
+    every_epoch = hp.max_steps is None if schedule.checkpoint_every_epoch is None else schedule.checkpoint_every_epoch
+    epoch_ends: list[int] = []
+    if every_epoch:
+        epochs = hp.n_epochs - 1 if hp.max_steps is None else math.floor((steps - 1) / per_epoch)
+        epoch_ends = [math.ceil(k * per_epoch) for k in range(1, min(epochs, steps) + 1)]
+    return checkpoints_before_last(steps, schedule.checkpoint_every_steps, epoch_ends)
+
+
+def _eval_passes(request: PlanRequest, shape: Shape, chosen: MethodPlan, gpus: int, steps: int) -> tuple[int, float]:
     """(eval passes, seconds of each) of the spec's eval block: one per scheduled checkpoint and
-    one at the end. Without max_steps the steps are counted as if every row were max_seq_len
-    tokens long (fewer than a file of shorter examples takes); eval.max_examples prompts each."""
-    block, hp = request.spec.eval, request.hp
+    one at the end; eval.max_examples prompts each."""
+    block = request.spec.eval
     if block is None:
         return 0, 0.0
     every = request.spec.schedule.checkpoint_every_steps
-    steps = hp.max_steps or max(1, tokens // max(1, (chosen.batch_size or 1) * hp.gradient_accumulation_steps
-                                                  * gpus * hp.max_seq_len))
     passes = (steps // every + (steps % every != 0)) if every else 1
     per_pass = eval_pass_seconds(shape, method=chosen.method, prompts=block.max_examples,
                                  batch_size=block.batch_size, max_new_tokens=block.max_new_tokens, gpus=gpus)

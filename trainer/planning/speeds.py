@@ -9,6 +9,11 @@ beyond its matmuls (attention kernels, norms, optimizer, host work) to other sha
 Start-up (from process start to the first step; the service adds its queue) is a fixed part
 (imports, data, preparation, the first step's compilation) plus loading the weights, per GiB.
 
+A checkpoint costs a fixed part plus its bytes (trainer.planning.compute.checkpoint_bytes) at a
+measured rate: copying the states off the GPU, serialising, writing and hashing them (the manifest's
+sha256) on that host's disk. A GPU model without a measured "checkpoint" entry gets
+DEFAULT_CHECKPOINT.
+
 A setting this GPU model has not measured is looked up, in order, as itself, without its
 qualifier (bf16), and at the method's other speed; each on this GPU, else carried over from
 another GPU model as a ratio (speed_for). An unknown GPU model or method gets the planner's
@@ -24,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 SPEEDS_FILE = Path(__file__).with_name("speeds.json")
+# For a host with no measured checkpoint rate: about what the lent H100 host measured, rounded down.
+DEFAULT_CHECKPOINT = {"fixed_s": 0.1, "gib_per_s": 0.4,
+                      "source": "default (no checkpoint rate measured on this GPU model's host)"}
 
 
 @dataclass(frozen=True)
@@ -100,8 +108,8 @@ def speed_for(gpu_model: str | None, key: str, data: dict[str, Any] | None = Non
     for a GPU model the table does not know, or a method measured nowhere.
 
     A setting measured only on another GPU model is carried over as a ratio: its efficiency there
-    over that of a setting both GPUs measured (of the same speed where possible), times this GPU's
-    efficiency of that one. Peaks are per GPU model (a data sheet's or a measured matmul rate), so
+    over that of a setting both GPUs measured (of the same method, else the same speed, where
+    possible), times this GPU's efficiency of that one. Peaks are per GPU model (a data sheet's or a measured matmul rate), so
     efficiencies are comparable between settings of one GPU, not between GPUs."""
     data = data or table()
     found = gpu_entry(gpu_model, data)
@@ -117,7 +125,9 @@ def speed_for(gpu_model: str | None, key: str, data: dict[str, Any] | None = Non
             there = _runs(o_entry)
             if other == name or wanted not in there:
                 continue
-            shared = sorted(set(here) & set(there), key=lambda k: k.split()[1] != wanted.split()[1])
+            # The anchor: of the same method where possible, else of the same speed; then by name.
+            shared = sorted(set(here) & set(there), key=lambda k: (k.split()[0] != wanted.split()[0],
+                                                                   k.split()[1] != wanted.split()[1], k))
             if not shared:
                 continue
             anchor, o_peak = shared[0], float(o_entry["peak_tflops"])
@@ -136,3 +146,13 @@ def startup_seconds(gpu_model: str | None, weight_bytes: float, data: dict[str, 
     s = found[1].get("startup", {})
     seconds = float(s.get("fixed_s", 0.0)) + float(s.get("load_s_per_gib", 0.0)) * weight_bytes / 1024**3
     return seconds, f"{found[0]}: {s.get('source', '')}"
+
+
+def checkpoint_seconds(gpu_model: str | None, checkpoint_bytes: float,
+                       data: dict[str, Any] | None = None) -> tuple[float, str]:
+    """Seconds to write one checkpoint of `checkpoint_bytes` on this GPU model's host."""
+    found = gpu_entry(gpu_model, data or table())
+    rate = (found[1].get("checkpoint") if found else None) or DEFAULT_CHECKPOINT
+    seconds = float(rate["fixed_s"]) + checkpoint_bytes / 1024**3 / float(rate["gib_per_s"])
+    where = f"{found[0]}: " if found and found[1].get("checkpoint") else ""
+    return seconds, where + str(rate.get("source", ""))

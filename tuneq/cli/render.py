@@ -230,3 +230,8 @@ def print_plan(got: dict[str, Any], model: str) -> None:
     if t["seconds"] is not None:
         out.print(f"time: {t['dataset_tokens']} tokens, {t['flops']:.3g} FLOPs, {t['seconds'] / 3600:.2f} h, "
                   f"{t['gpu_hours']:.3g} GPU-hours")
+        if t.get("wall_seconds") is not None:
+            wall = t["wall_seconds"]
+            out.print(f"wall to the last step: {f'{wall:.0f} s' if wall < 3600 else f'{wall / 3600:.2f} h'} "
+                      f"(start-up {t['startup_seconds']:.0f} s, "
+                      f"{t['checkpoints']} checkpoint(s) before the last step {t['checkpoint_seconds']:.0f} s)")
