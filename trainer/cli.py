@@ -69,7 +69,7 @@ def load_spec(path: Path):
         raise UsageError(f"invalid spec {path}: {format_validation_error(exc)}") from exc
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, own_process: bool = False) -> int:
     from trainer.watchdog import watch_supervisor
 
     # Before anything slow (loading a model): an orphan must not take a GPU no one tracks.
@@ -91,10 +91,12 @@ def _run(args: argparse.Namespace) -> int:
             with EventWriter(args.out / "events.jsonl") as events:
                 events.emit("error", str(exc), level="error", code="config", hint="fix the job spec")
         raise
+    from trainer.startup import skip_unused_libraries, warm_device
+
+    if own_process:
+        skip_unused_libraries(spec)
     # torch first, here, so that the warm-up thread never imports it alongside the main thread.
     import torch  # noqa: F401
-
-    from trainer.startup import warm_device
 
     warm_device()
     from trainer.job import run_job
@@ -142,10 +144,16 @@ def _standby(args: argparse.Namespace) -> int:
     return standby_main()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, own_process: bool = False) -> int:
+    """`own_process`: this process is the trainer's alone (`python -m trainer`), so `run` may hide
+    the libraries the job does not use (trainer.startup.skip_unused_libraries) from the whole
+    process; a caller that runs a job in its own process (a test, or a standby trainer, which
+    imported them before its job arrived) keeps every module it has."""
     try:
         args = _parser().parse_args(argv)
-        return {"run": _run, "tiny": _tiny, "validate": _validate, "standby": _standby}[args.command](args)
+        if args.command == "run":
+            return _run(args, own_process)
+        return {"tiny": _tiny, "validate": _validate, "standby": _standby}[args.command](args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

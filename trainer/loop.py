@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -50,11 +51,16 @@ from trainer.profiling import region
 from trainer.sampler import DataOrder
 from trainer.signals import StopFlags
 from trainer.spec import JobSpec
-from trainer.startup import Phases, standby_detail, warmup_seconds
+from trainer.startup import Phases, skipped_libraries, standby_detail, warmup_seconds
 from trainer.step import QueuedStep, Window, as_values, optimizer_step, queue_forward_backward, step_result
 from trainer.step_values import LateRead, pinned
 from trainer.vocabulary import eval_scores
 from trainer.throughput import mfu, model_flops, peak_flops
+
+# Tests only: seconds to sleep after each step. A test that keeps a job running until it pauses,
+# preempts or cancels it needs the trainer alive, not busy: at full speed each such trainer takes
+# a whole CPU core from the rest of the run.
+TEST_STEP_SLEEP_ENV = "TUNEQ_TEST_STEP_SLEEP_S"
 
 
 @dataclass
@@ -270,12 +276,15 @@ class Run:
         self.last_saved_time = time.time()
         pending: QueuedStep | None = None  # queued, not read yet
         profiler = profiling.from_env(self.accelerator.process_index, self.device)
+        nap = float(os.environ.get(TEST_STEP_SLEEP_ENV) or 0)
         try:
             while state.step < self.total_steps:
                 if profiler is not None:
                     profiler.before_step(state.step + 1)
                 micro_before = state.micro_step
                 queued = self._queue_step()
+                if nap:
+                    time.sleep(nap)
                 # Read the step before this one, which the GPU has finished meanwhile.
                 with region("log"):
                     votes = self._read(pending) if pending is not None else [False, False]
@@ -361,7 +370,7 @@ class Run:
                          + ", ".join(f"{k} {v:.1f} s" for k, v in took.items()),
                          phases=took, seconds=self.phases.total(), process_started=self.phases.started,
                          detail={**self.phases.detail, "device_ready": warmup_seconds(), **standby_detail(),
-                                 "tokens_cached": self.tokens_cached})
+                                 "tokens_cached": self.tokens_cached, "skipped_libraries": skipped_libraries()})
 
     def _log(self, queued: QueuedStep, grad_norm: float) -> None:
         # Not the time of this read: on a CPU the next step has already run by now, and the last

@@ -15,9 +15,13 @@ ready instead of paying for it inside the data or load phase.
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 
 def process_started() -> float:
@@ -133,3 +137,45 @@ def warm_device() -> DeviceWarmup:
 
 def warmup_seconds() -> float | None:
     return _WARMUP.seconds if _WARMUP is not None else None
+
+
+def skip_unused_libraries(spec: Any, modules: dict[str, Any] | None = None) -> list[str]:
+    """Hide optional libraries this run does not use from transformers, peft and accelerate, which
+    import them at their own import when installed; the names hidden.
+
+    peft imports bitsandbytes, whose import compiles its kernels' wrappers with torch.compile and so
+    loads torch's compiler stack: about a quarter of a tiny model's start on CPU. accelerate imports
+    boto3 for its SageMaker launcher. A hidden module looks not installed (`find_spec` is None), so
+    the libraries take their paths without it. bitsandbytes stays for qlora, its optimizers and a
+    base stored quantized (a config with `quantization_config`, or one that cannot be read here).
+    For a process of the trainer's own only: the modules are hidden from everything in it.
+    """
+    from trainer.vocabulary import BITSANDBYTES_OPTIMIZERS
+
+    hidden = ["boto3"]
+    if spec.method != "qlora" and spec.optimizer not in BITSANDBYTES_OPTIMIZERS and not _stored_quantized(spec.model):
+        hidden.append("bitsandbytes")
+    own = modules is None
+    modules = sys.modules if modules is None else modules
+    hidden = [name for name in hidden if name not in modules]
+    for name in hidden:
+        modules[name] = None
+    if own:
+        _SKIPPED[:] = hidden
+    return hidden
+
+
+_SKIPPED: list[str] = []
+
+
+def skipped_libraries() -> list[str]:
+    """What skip_unused_libraries hid from this process (the startup event's detail says it)."""
+    return list(_SKIPPED)
+
+
+def _stored_quantized(model: str) -> bool:
+    try:
+        config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True  # not a local model directory: leave everything a remote one might need
+    return not isinstance(config, dict) or "quantization_config" in config

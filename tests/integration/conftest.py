@@ -32,6 +32,9 @@ def db_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, database_url: str, r
         "TUNEQ_ACCELERATE_LAUNCH": "false",
         "TUNEQ_HEARTBEAT_S": "0.5",
         "TUNEQ_LEASE_TTL_S": "30",
+        # Many of these jobs run until the test pauses or cancels them: a short sleep after each
+        # step (trainer.loop) keeps such a trainer from taking a whole core meanwhile.
+        "TUNEQ_TEST_STEP_SLEEP_S": "0.05",
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)

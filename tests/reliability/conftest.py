@@ -38,6 +38,11 @@ FAST = {
 # load (2 cores, several trainers starting) look dead, so its running job was re-queued mid-test.
 STEADY_LEASE = {"TUNEQ_LEASE_TTL_S": "30"}
 
+# For workers whose jobs a test keeps running until it pauses, preempts or cancels them: each step
+# is followed by a short sleep (trainer.loop), so such a trainer waits for the test instead of
+# taking a whole core from the rest of the run.
+IDLE_STEPS = {"TUNEQ_TEST_STEP_SLEEP_S": "0.05"}
+
 
 @pytest.fixture
 def rel_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pg_migrated_url: str, redis_url: str,

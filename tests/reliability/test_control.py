@@ -15,13 +15,13 @@ from core.models import Job
 from core.queue import enqueue_job
 from core.scheduling import queue_position
 from tests.reliability.conftest import (
-    STEADY_LEASE, assert_never_twice_at_once, events_of, job_status, make_job, resumed_steps, trainer_starts, wait_for,
+    IDLE_STEPS, STEADY_LEASE, assert_never_twice_at_once, events_of, job_status, make_job, resumed_steps, trainer_starts, wait_for,
 )
 
 LONG = 100_000
 # These tests are about control, not lease expiry (seen with the 4 s lease: both jobs retried, the
 # high-priority job then found a free GPU). The worker-kill tests keep the short lease.
-CONTROL = STEADY_LEASE
+CONTROL = {**STEADY_LEASE, **IDLE_STEPS}
 
 
 def environ_of(pid: int) -> dict[str, str]:

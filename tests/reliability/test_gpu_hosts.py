@@ -12,7 +12,7 @@ from core import states, workers as registry
 from core.jobs import request_cancel
 from core.models import Job
 from core.queue import enqueue_job
-from tests.reliability.conftest import STEADY_LEASE, events_of, job_status, make_job, trainer_starts, wait_for
+from tests.reliability.conftest import IDLE_STEPS, STEADY_LEASE, events_of, job_status, make_job, trainer_starts, wait_for
 from trainer.job import TEST_OOM_ENV
 
 LONG = 100_000  # steps: the job ends by cancel
@@ -21,7 +21,7 @@ LONG = 100_000  # steps: the job ends by cancel
 def host(workers, tmp_path: Path, name: str, memory_gib: float, **extra: str):  # noqa: ANN001, ANN201
     root = tmp_path / name
     return workers(TUNEQ_HOST_ID=name, TUNEQ_WORK_DIR=str(root / "work"), TUNEQ_GPU_LOCK_DIR=str(root / "locks"),
-                   TUNEQ_GPU_MEMORY_GIB=str(memory_gib), **STEADY_LEASE, **extra)
+                   TUNEQ_GPU_MEMORY_GIB=str(memory_gib), **STEADY_LEASE, **IDLE_STEPS, **extra)
 
 
 def queued(db: Session, env: dict[str, str], min_gpu_memory_gib: float | None = None, **kw) -> Job:  # noqa: ANN003

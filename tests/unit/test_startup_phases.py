@@ -77,3 +77,32 @@ def test_a_real_run_reports_each_phase_and_reuses_the_data_checks_tokens(make_sp
     parts = detail["device"] + detail["tokenizer"] + detail["files"] + detail["pack"]
     assert abs(parts - data["phases"]["data"]) < 0.05 and detail["model"] <= data["phases"]["load"] + 0.01
     assert detail["tokens_cached"] is True
+    assert detail["skipped_libraries"] == [], "a job run inside a caller's process leaves its modules alone"
+
+
+def test_the_libraries_a_job_does_not_use_are_hidden_and_those_it_uses_are_not(make_spec, tmp_path: Path) -> None:
+    """bitsandbytes is hidden from a lora job on a plain base, kept for qlora, its optimizers and a
+    base stored quantized; boto3 (accelerate's SageMaker launcher) from every job."""
+    import json
+    import shutil
+
+    from trainer.startup import skip_unused_libraries
+
+    def hidden(spec) -> dict:  # noqa: ANN001
+        modules: dict = {}
+        assert skip_unused_libraries(spec, modules) == list(modules)
+        assert all(m is None for m in modules.values())
+        return modules
+
+    lora = make_spec("lora")
+    assert set(hidden(lora)) == {"bitsandbytes", "boto3"}
+    assert set(hidden(make_spec("qlora"))) == {"boto3"}
+    assert set(hidden(make_spec("lora", optimizer="adamw_8bit"))) == {"boto3"}
+    quantized = tmp_path / "quantized"
+    shutil.copytree(lora.model, quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    (quantized / "config.json").write_text(json.dumps({**config, "quantization_config": {"load_in_4bit": True}}))
+    assert set(hidden(make_spec("lora", model=str(quantized)))) == {"boto3"}
+    assert set(hidden(make_spec("lora", model=str(tmp_path / "not-here")))) == {"boto3"}
+    # A module already imported stays as it is.
+    assert skip_unused_libraries(lora, {"boto3": object()}) == ["bitsandbytes"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from trainer.events import read_events
+from trainer.loop import TEST_STEP_SLEEP_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -29,10 +31,13 @@ def write_spec(path: Path, spec) -> Path:
 
 
 def start(spec_path: Path, out: Path, *extra: str) -> subprocess.Popen:
+    """A trainer of a job that runs until the test signals it: it sleeps briefly after each step
+    (trainer.loop), so that it does not take a whole core while the test waits."""
     # Its own session, like the worker starts it: signals go to the whole process group.
     return subprocess.Popen(
         [PYTHON, "-m", "trainer", "run", str(spec_path), "--out", str(out), *extra],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, TEST_STEP_SLEEP_ENV: "0.05"},
     )
 
 
@@ -174,6 +179,9 @@ def test_sigterm_cancels_promptly(make_spec, tmp_path: Path):
     out = tmp_path / "out"
     proc = start(spec, out)
     wait_for(out, metrics_after(1))
+    # A lora job on a plain base never imports bitsandbytes (trainer.startup.skip_unused_libraries).
+    startup = next(e for e in read_events(out / "events.jsonl") if e["type"] == "startup")
+    assert set(startup["data"]["detail"]["skipped_libraries"]) == {"bitsandbytes", "boto3"}
     sent = time.time()
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=30) == 143
@@ -199,26 +207,58 @@ def test_runs_under_accelerate_launch(make_spec, tmp_path: Path):
     assert (out / "final" / "adapter_model.safetensors").is_file()
 
 
-def test_two_ranks_match_one_rank_with_the_same_global_batch(make_spec, tmp_path: Path):
+# The global batch of the distributed runs below: 4 examples a step, over an accumulation window of 2.
+DIST_HP = {"max_steps": 4, "gradient_accumulation_steps": 2, "learning_rate": 3e-3}
+
+
+def metrics(out: Path) -> list[tuple[float, float]]:
+    return [(e["data"]["train_loss"], e["data"]["grad_norm"]) for e in read_events(out / "events.jsonl")
+            if e["type"] == "metrics"]
+
+
+@pytest.fixture(scope="session")
+def one_rank(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, chat_files) -> Path:
+    """The work dir of one rank trained on DIST_HP with batch 4: what the distributed runs of the
+    same global batch must match (make_spec's defaults, on the same rows: chat_files is made alike
+    in every process). Trained once per run: the first process to need it trains it in the
+    directory the run's processes share, as tiny_model_dir is built."""
+    import fcntl
+
+    from trainer.spec import JobSpec
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out, done = root / "one-rank", root / "one-rank.done"
+    with open(root / "one-rank.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            spec = JobSpec.model_validate({
+                "model": str(tiny_model_dir), "method": "lora", "training_file": str(chat_files["train"]),
+                "hyperparameters": {"batch_size": 4, "max_seq_len": 64, "warmup_steps": 2, **DIST_HP},
+                "schedule": {"log_every_steps": 1},
+            })
+            res = trainer("run", str(write_spec(out / "spec.json", spec)), "--out", str(out),
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+            assert res.returncode == 0, res.stderr[-2000:]
+            done.touch()
+    return out
+
+
+def test_two_ranks_match_one_rank_with_the_same_global_batch(make_spec, tmp_path: Path, one_rank: Path):
     # DDP on CPU (gloo): 2 ranks x batch 2 see the same examples per step as 1 rank x batch 4.
     # Ranks hold different numbers of label tokens, so only a loss normalised over the tokens
     # of all ranks (and the accumulation window) gives the same losses and gradients.
     torchrun = Path(PYTHON).parent / "torchrun"
-    hp = {"max_steps": 4, "gradient_accumulation_steps": 2, "learning_rate": 3e-3}
-    one = write_spec(tmp_path / "one.json", make_spec("lora", hyperparameters={**hp, "batch_size": 4}))
-    two = write_spec(tmp_path / "two.json", make_spec("lora", hyperparameters={**hp, "batch_size": 2},
+    two = write_spec(tmp_path / "two.json", make_spec("lora", hyperparameters={**DIST_HP, "batch_size": 2},
                                                       schedule={"checkpoint_every_steps": 2}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "trainer", "run", str(two), "--out",
                           str(tmp_path / "two")], cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert trainer("run", str(one), "--out", str(tmp_path / "one"), env=env).returncode == 0
 
-    def metrics(out: Path) -> list[tuple[float, float]]:
-        return [(e["data"]["train_loss"], e["data"]["grad_norm"]) for e in read_events(out / "events.jsonl")
-                if e["type"] == "metrics"]
-
-    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    a, b = metrics(one_rank), metrics(tmp_path / "two")
     assert len(a) == len(b) == 4
     for (loss_a, norm_a), (loss_b, norm_b) in zip(a, b, strict=True):
         assert loss_b == pytest.approx(loss_a, rel=1e-5) and norm_b == pytest.approx(norm_a, rel=1e-4)
@@ -230,33 +270,28 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(make_spec, tmp_path
     assert len(rng) == 2, "the RNG state of every rank is saved"
 
 
-def test_two_hosts_of_one_rank_each_match_one_rank_with_the_same_global_batch(make_spec, tmp_path: Path):
+def test_two_hosts_of_one_rank_each_match_one_rank_with_the_same_global_batch(make_spec, tmp_path: Path,
+                                                                             one_rank: Path):
     # The launch a job across two hosts gets: each host runs the worker's command for its own node
     # (its own work dir and spec copy) against the leader's rendezvous; gloo carries the gradients.
     from core.settings import Settings
     from worker.workdir import Rendezvous, free_port, trainer_argv
 
-    hp = {"max_steps": 3, "learning_rate": 3e-3}
-    one = write_spec(tmp_path / "one.json", make_spec("lora", hyperparameters={**hp, "batch_size": 4}))
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     hosts = []
     for node in (0, 1):
         out = tmp_path / f"node{node}"
         out.mkdir()
-        spec = write_spec(out / "spec.json", make_spec("lora", hyperparameters={**hp, "batch_size": 2}, nodes=2))
+        spec = write_spec(out / "spec.json", make_spec("lora", hyperparameters={**DIST_HP, "batch_size": 2}, nodes=2))
         argv = trainer_argv(Settings(accelerate_launch=True), spec, out, resume=False,
                             rendezvous=Rendezvous("127.0.0.1", port, nodes=2, node_rank=node))
         hosts.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-    assert trainer("run", str(one), "--out", str(tmp_path / "one"), env=env).returncode == 0
     for h in hosts:
         _, err = h.communicate(timeout=240)
         assert h.returncode == 0, err[-2000:]
 
-    def losses(out: Path) -> list[float]:
-        return [e["data"]["train_loss"] for e in read_events(out / "events.jsonl") if e["type"] == "metrics"]
-
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "node0")
-    assert len(a) == len(b) == 3 and b == pytest.approx(a, rel=1e-5)
+    a, b = [m[0] for m in metrics(one_rank)], [m[0] for m in metrics(tmp_path / "node0")]
+    assert len(a) == len(b) == 4 and b == pytest.approx(a, rel=1e-5)
     assert not (tmp_path / "node1" / "events.jsonl").exists(), "events come from rank 0 only"
     assert (tmp_path / "node0" / "final" / "adapter_model.safetensors").is_file()
