@@ -31,6 +31,11 @@ ALL_DIALECTS = os.environ.get("TUNEQ_TEST_DIALECTS", "").lower() == "all"
 # Redis databases each test process uses: its tests' own (flushed per test) and the shared stack's.
 REDIS_DBS_PER_PROCESS = 2
 
+# Workers the tests start keep no standby trainer unless the test is about one (the shared e2e
+# stack, tests/unit/test_worker_standby.py): a standby imports the whole trainer ahead of a job,
+# and the many short-lived workers of the suite would pay that for standbys they never use.
+os.environ.setdefault("TUNEQ_STANDBY_TRAINERS", "0")
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One compute thread per test process, inherited by the trainers and workers it starts: the
     # run's processes already fill the cores, and torch's OpenMP threads spin while they wait for

@@ -135,8 +135,10 @@ def shared_stack(tmp_path_factory: pytest.TempPathFactory, redis_server_url: str
     url = f"{redis_server_url.rsplit('/', 1)[0]}/{redis_db(1)}"
     redis.Redis.from_url(url).flushdb()
     tmp = tmp_path_factory.mktemp("stack")
+    # The shared stack's worker keeps a standby trainer, as a worker does by default: its jobs take
+    # that path (test_whole_path checks one did).
     s = start_stack(tmp, sqlite_copy(sqlite_template, tmp / "tuneq.db"), url, tiny_model_dir.parent,
-                    extra_env={"TUNEQ_ACCELERATE_LAUNCH": "false"})
+                    extra_env={"TUNEQ_ACCELERATE_LAUNCH": "false", "TUNEQ_STANDBY_TRAINERS": "1"})
     yield s
     _stop(s.worker)
     _stop(s.api)
