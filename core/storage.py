@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,8 +125,12 @@ class LocalStorage:
 
 
 def write_hashed(stream: BinaryIO, dest: Path) -> tuple[int, str]:
-    """Write stream to dest through a temporary name, so a reader never sees half a file."""
-    tmp = dest.with_name(dest.name + ".part")
+    """Write stream to dest through a temporary name, so a reader never sees half a file.
+
+    The temporary name is the writer's own: two writers of one key at once (two API requests
+    storing the same token report) would otherwise share it, and the second rename would find it
+    gone. The last rename wins, and each rename puts a whole file in place."""
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}-{secrets.token_hex(6)}.part")
     digest = hashlib.sha256()
     size = 0
     try:
