@@ -143,6 +143,8 @@ class LeaseKeeper:
                 self.beats += 1
             except DBAPIError as exc:
                 log.warning("job %s: heartbeat failed: %s", self.job_id, exc)
+            except Exception:  # noqa: BLE001 - a keeper that dies stops renewing: the job looks lost
+                log.exception("job %s: heartbeat failed", self.job_id)
 
     def __enter__(self) -> LeaseKeeper:
         self.thread.start()
