@@ -426,9 +426,14 @@ JOB_COLUMNS = ("| job | median tok/s | / bench | worst step | worst / median | s
                "peak GiB | eval s | ckpt s | spawn to first step s | startup phases s |")
 
 
+def _not_run(row: dict, empty_columns: int) -> str:
+    """A table row for a run that failed: its name, the end of its error, the other cells empty."""
+    return f"| {row['name']} | not run: {row['error'][-300:]!r} |" + " |" * empty_columns
+
+
 def _job_line(j: dict, ref: float | None) -> str:
     if not j["ok"]:
-        return f"| {j['name']} | not run: {j['error'][:300]!r} |" + " |" * 11
+        return _not_run(j, 11)
     ratio = j["median_tps"] / ref if ref and j["median_tps"] else None
     phases = ", ".join(f"{k} {v}" for k, v in (j["startup"] or {}).get("phases", {}).items())
     return (f"| {j['name']} | {j['median_tps']:,.0f} | {ratio and f'{ratio:.3f}'} | {j['worst_tps']:,.0f} | "
@@ -510,7 +515,7 @@ def report(args, result: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for j in service:
             if not j["ok"]:
-                lines.append(f"| {j['name']} | not run: {j['error'][:300]!r} |" + " |" * 11)
+                lines.append(_not_run(j, 11))
                 continue
             phases = (j.get("progress_startup") or {}).get("phases") or (j.get("startup") or {}).get("phases") or {}
             load = phases.get("load")
@@ -535,7 +540,7 @@ def report(args, result: dict) -> str:
                   "|---|---|---|---|---|---|---|"]
         for r in trl:
             if not r["ok"]:
-                lines.append(f"| {r['name']} | not run: {r['error'][-300:]!r} |" + " |" * 5)
+                lines.append(_not_run(r, 5))
                 continue
             ratio = default["median_tps"] / r["median_tps"] if default and r["median_tps"] else None
             dpeak = default["peak_gib"] - r["peak_gib"] if default and r.get("peak_gib") is not None else None
