@@ -57,8 +57,9 @@ class Background:
 
 @pytest.fixture
 def running(db: Session, worker_env: dict[str, str]) -> Iterator[Job]:
-    """A long job whose trainer is past its first steps."""
-    job = make_job(db, worker_env["model"], steps=LONG, examples=64, log_every=20)
+    """A long job whose trainer is past its first steps: a metrics event every 2 steps, so the wait
+    for the first one is 2 paced steps, not 20."""
+    job = make_job(db, worker_env["model"], steps=LONG, examples=64, log_every=2)
     bg = Background(job.id)
     wait_for(lambda: events_of(job.id, "metrics"), 60, "the first metrics event")
     job.background = bg  # type: ignore[attr-defined]
@@ -80,9 +81,47 @@ def work_dir(job_id: str) -> Path:
     return get_settings().resolved_work_dir() / job_id
 
 
-def test_job_runs_to_succeeded_with_events_checkpoints_and_artifacts(db: Session, worker_env: dict[str, str]) -> None:
+def test_job_runs_to_succeeded_with_events_checkpoints_and_artifacts(db: Session, worker_env: dict[str, str],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also on this one run (each a trainer fewer than a test of its own): a worker whose disk is
+    nearly full takes no job and says so; and preparing a run (files and a continuation's
+    checkpoint from the artifact store) happens before the supervise loop heartbeats, so a
+    download longer than the lease must not get the job reaped: here preparation takes 3 s and
+    the reaper's TTL is 2 s."""
+    from core import workers
+    from core.db import get_sessionmaker
+    from core.jobs import reap_stale
+    from tests.conftest import reset_caches
+    from worker import runner
+    from worker.host import HostThread
+
     job = make_job(db, worker_env["model"], steps=4, checkpoint_every=2, suffix="rev")
+
+    monkeypatch.setenv("TUNEQ_MIN_FREE_DISK_GIB", "1000000")  # more than any disk here has free
+    reset_caches()
+    assert run_job(job.id, worker_id="w1") == "deferred"
+    db.expire_all()
+    assert db.get(Job, job.id).status == states.QUEUED
+    HostThread(get_pool(get_settings()), "w1", slots=1).register()
+    [entry] = [w for w in workers.registered() if w["worker_id"] == "w1"]
+    assert entry["disk_full"] is True and entry["disk_free_gib"] > 0
+    monkeypatch.setenv("TUNEQ_MIN_FREE_DISK_GIB", "0")
+    reset_caches()
+
+    real = runner.runnable_spec
+    seen = {}
+
+    def slow_fetch(session, j):  # noqa: ANN001, ANN202
+        time.sleep(3.0)
+        with get_sessionmaker()() as other:
+            seen["reaped"] = reap_stale(other, 2.0)
+            other.commit()
+        return real(session, j)
+
+    monkeypatch.setattr(runner, "runnable_spec", slow_fetch)
     assert run_job(job.id, worker_id="w1") == states.SUCCEEDED
+    assert seen["reaped"] == []
+    assert [e for e in events_of(job.id) if e.type == "retry"] == []
 
     db.expire_all()
     job = db.get(Job, job.id)
@@ -152,14 +191,13 @@ def test_bad_training_data_fails_with_the_trainers_error(db: Session, worker_env
     assert job.error["code"] == "data" and job.error["message"]
 
 
-def test_second_delivery_of_a_running_job_drops_out(running: Job, db: Session) -> None:
+def test_second_delivery_of_a_running_job_drops_out_and_cancel_stops_the_trainer(running: Job, db: Session) -> None:
+    # A second delivery leaves the running job alone, so the same trainer then serves the cancel.
     assert run_job(running.id, worker_id="w2") == "skipped"
     db.expire_all()
     assert db.get(Job, running.id).lease_owner == "w1"
     assert len([e for e in events_of(running.id, "message") if e.data and "pid" in e.data]) == 1
 
-
-def test_cancel_of_a_running_job_stops_the_trainer(running: Job, db: Session) -> None:
     pid = trainer_pid(running.id)
     assert process_alive(pid)
     db.expire_all()
@@ -220,56 +258,6 @@ def test_rerun_after_a_lost_worker_resumes_from_the_checkpoint(db: Session, work
     assert start.data["resumed_from_step"] >= 5
     with_session_cancel(db, job.id)
     assert second.join() == states.CANCELLED
-
-
-def test_a_job_still_fetching_its_files_keeps_its_lease(db: Session, worker_env: dict[str, str],
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Preparing a run (files and a continuation's checkpoint from the artifact store) happens
-    before the supervise loop heartbeats; a download longer than the lease must not get the job
-    reaped. Here preparation takes 3 s and the reaper's TTL is 2 s."""
-    from core.db import get_sessionmaker
-    from core.jobs import reap_stale
-    from worker import runner
-
-    job = make_job(db, worker_env["model"], steps=2)
-    real = runner.runnable_spec
-    seen = {}
-
-    def slow_fetch(session, j):  # noqa: ANN001, ANN202
-        time.sleep(3.0)
-        with get_sessionmaker()() as other:
-            seen["reaped"] = reap_stale(other, 2.0)
-            other.commit()
-        return real(session, j)
-
-    monkeypatch.setattr(runner, "runnable_spec", slow_fetch)
-    assert run_job(job.id, worker_id="w1") == states.SUCCEEDED
-    assert seen["reaped"] == []
-    db.expire_all()
-    assert [e for e in events_of(job.id) if e.type == "retry"] == []
-
-
-@SQLITE_ONLY
-def test_a_worker_whose_disk_is_nearly_full_takes_no_job_and_says_so(db: Session, worker_env: dict[str, str],
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from core import workers
-    from tests.conftest import reset_caches
-    from worker.gpus import get_pool
-    from worker.host import HostThread
-
-    job = make_job(db, worker_env["model"], steps=2)
-    monkeypatch.setenv("TUNEQ_MIN_FREE_DISK_GIB", "1000000")  # more than any disk here has free
-    reset_caches()
-    assert run_job(job.id, worker_id="w1") == "deferred"
-    db.expire_all()
-    assert db.get(Job, job.id).status == states.QUEUED
-    HostThread(get_pool(get_settings()), "w1", slots=1).register()
-    [entry] = [w for w in workers.registered() if w["worker_id"] == "w1"]
-    assert entry["disk_full"] is True and entry["disk_free_gib"] > 0
-
-    monkeypatch.setenv("TUNEQ_MIN_FREE_DISK_GIB", "0")
-    reset_caches()
-    assert run_job(job.id, worker_id="w1") == states.SUCCEEDED
 
 
 @SQLITE_ONLY
