@@ -21,17 +21,23 @@ from tests.integration.conftest import (
 )
 from tests.integration.test_worker_reaper import queued_job_ids
 
-LONG = 100_000
+LONG = 100_000  # steps; a metrics event every 2 of them, so waiting for the first takes 2 paced steps
 
 
 def work_dir(job_id: str) -> Path:
     return get_settings().resolved_work_dir() / job_id
 
 
-def test_enqueued_job_runs_once_to_succeeded_under_accelerate(
+def test_enqueued_job_runs_once_to_succeeded_under_accelerate_and_the_reap_task_requeues_a_dead_workers_job(
     db: Session, worker_env: dict[str, str], celery_worker
 ) -> None:
+    """One worker of two slots serves both: a job delivered twice runs once, and a job whose
+    worker died (its lease stale) is re-queued by the reap task and finished here."""
     job = make_job(db, worker_env["model"], steps=4, checkpoint_every=2)
+    orphan = make_job(db, worker_env["model"], steps=4)
+    assert acquire_lease(db, orphan.id, "dead-worker", ttl_s=30) is not None
+    db.execute(update(Job).where(Job.id == orphan.id).values(lease_heartbeat_at=time.time() - 3600))
+    db.commit()
     worker = celery_worker(slots=2, TUNEQ_ACCELERATE_LAUNCH="true")
     enqueue_job(job.id)
     enqueue_job(job.id)  # the same message twice, as a broker re-delivery would
@@ -46,12 +52,18 @@ def test_enqueued_job_runs_once_to_succeeded_under_accelerate(
              30, "the second delivery to drop out")
     assert trainer_processes(work_dir(job.id)) == []
 
+    producer().send_task(REAP)
+    wait_for(lambda: job_status(orphan.id) in states.TERMINAL, 90, f"the reaped job to end\n{worker.log()}")
+    assert job_status(orphan.id) == states.SUCCEEDED
+    db.expire_all()
+    assert db.get(Job, orphan.id).lease_attempt == 2
+
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_cancel_of_a_running_job_ends_cancelled_with_the_trainer_gone(
     db: Session, worker_env: dict[str, str], celery_worker
 ) -> None:
-    job = make_job(db, worker_env["model"], steps=LONG, examples=64, log_every=20)
+    job = make_job(db, worker_env["model"], steps=LONG, examples=64, log_every=2)
     worker = celery_worker(slots=1, TUNEQ_ACCELERATE_LAUNCH="true")
     enqueue_job(job.id)
     wait_for(lambda: events_of(job.id, "metrics"), 90, f"training to start\n{worker.log()}")
@@ -70,7 +82,7 @@ def test_cancel_of_a_running_job_ends_cancelled_with_the_trainer_gone(
 def test_warm_shutdown_stops_the_trainer_and_requeues_the_job(
     db: Session, worker_env: dict[str, str], celery_worker
 ) -> None:
-    job = make_job(db, worker_env["model"], steps=LONG, examples=64, log_every=20)
+    job = make_job(db, worker_env["model"], steps=LONG, examples=64, log_every=2)
     worker = celery_worker(slots=1, TUNEQ_ACCELERATE_LAUNCH="false")
     enqueue_job(job.id)
     wait_for(lambda: events_of(job.id, "metrics"), 90, f"training to start\n{worker.log()}")
@@ -84,19 +96,3 @@ def test_warm_shutdown_stops_the_trainer_and_requeues_the_job(
     # worker's dispatcher had already sent the job (queued when the worker started) one.
     assert set(queued_job_ids(worker_env["TUNEQ_REDIS_URL"])) == {job.id}
     assert events_of(job.id, "checkpoint"), "the trainer should checkpoint before it stops"
-
-
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_reap_task_requeues_a_dead_workers_job_and_a_worker_finishes_it(
-    db: Session, worker_env: dict[str, str], celery_worker
-) -> None:
-    job = make_job(db, worker_env["model"], steps=4)
-    assert acquire_lease(db, job.id, "dead-worker", ttl_s=30) is not None
-    db.execute(update(Job).where(Job.id == job.id).values(lease_heartbeat_at=time.time() - 3600))
-    db.commit()
-    worker = celery_worker(slots=1, TUNEQ_ACCELERATE_LAUNCH="false")
-    producer().send_task(REAP)
-    wait_for(lambda: job_status(job.id) in states.TERMINAL, 90, f"the reaped job to end\n{worker.log()}")
-    assert job_status(job.id) == states.SUCCEEDED
-    db.expire_all()
-    assert db.get(Job, job.id).lease_attempt == 2
