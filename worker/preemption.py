@@ -66,3 +66,19 @@ def preempt_for(db: Session, pool: GpuPool, queue: Iterable[Waiting], free: int)
     if asked:
         log.warning("preempting %s for job %s (priority %s)", asked, head.id, head.priority)
     return asked
+
+
+def coming_free(db: Session, pool: GpuPool, job: Job, gpus: int) -> bool:
+    """Whether `gpus` of this host come free for `job`, a job across hosts whose part here waits
+    for them: GPUs being given back count (an earlier attempt's of this job too), and jobs here of
+    lower priority are asked to pause for it now. False: a job that keeps running holds them (one
+    this host's worker started as the gang formed), and waiting out the join timeout is in vain."""
+    free = pool.free()
+    if free >= gpus:
+        return True
+    w = Waiting(job.id, gpus, job.priority, 0.0, owner=job.owner_id or "", min_gpu_memory_gib=job.min_gpu_memory_gib)
+    preempt_for(db, pool, [w], free)
+    held, running = local_holdings(db, pool)
+    db.rollback()
+    # Its own locks (not counted as running) are an earlier attempt's part, being given back.
+    return free + being_freed(held, [j for j in running if j.id != job.id]) >= gpus

@@ -20,6 +20,7 @@ from tests.conftest import reset_caches
 from tests.integration.conftest import make_job
 from tests.integration.test_reservations import deliver, row
 from worker.gpus import GpuPool, Reservation
+from worker.preemption import coming_free
 
 # Claims race between hosts on conditional writes and a unique key: both databases.
 pytestmark = pytest.mark.dialects
@@ -177,3 +178,25 @@ def test_the_busy_gpu_metric_counts_a_gang_on_every_host(db: Session, pools: dic
             if m.name == "tuneq_worker_gpus_busy" for s in m.samples}
     assert busy == {"w-host-a": 1, "w-host-b": 1, "w-host-c": 0}, job.id
     assert db.scalar(select(GangMember.worker_id).where(GangMember.node_rank == 1)) == "w-host-b"
+
+
+def test_a_followers_gpus_taken_as_the_gang_formed_are_paused_for_it_or_given_up_at_once(
+        db: Session, pools: dict[str, GpuPool]) -> None:
+    b = pools["host-b"]
+    taker = running_on(db, b, 0)  # this host's worker started it just as a gang reserved the host
+    # Of the same priority it keeps the GPU: the part gives up now, not after the join timeout.
+    same = queued(db, 0, nodes=2)
+    assert not coming_free(db, b, same, 1)
+    assert not row(db, taker).pause_requested
+    # A gang of higher priority pauses it and waits for the GPU.
+    higher = queued(db, 5, nodes=2)
+    assert coming_free(db, b, higher, 1)
+    assert row(db, taker).pause_requested and row(db, taker).preempted_by == higher.id
+    assert coming_free(db, b, higher, 1)  # being given back: asked once, waited for
+    pause_done(db, pools, taker)
+    # A lock of the gang job itself is an earlier attempt's part, stopping: it comes free.
+    LOCKS["old part"] = b.reserve(1, owner=same.id)
+    same = db.get(Job, same.id)
+    same.status = states.RUNNING
+    db.commit()
+    assert b.free() == 0 and coming_free(db, b, same, 1)
