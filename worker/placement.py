@@ -66,13 +66,13 @@ def take(db: Session, pool: GpuPool, job_id: str, worker_id: str, settings: Sett
             db.rollback()
             first = next(iter(queue), None)  # the order's head: read without reading the whole queue
             claim = gang_claims.holder(db, pool.host)
-            if claim is not None and (first is None or first.priority <= claim.priority):
-                # Claimed for a job across hosts that nothing queued outranks: that job or nothing.
-                return gang_place.for_claim(db, pool, claim, worker_id)
             if claim is not None:  # only what outranks the claimer may start here meanwhile
                 queue = list(takewhile(lambda w: w.priority > claim.priority, queue))
-            elif (made := gang_place.make_room(db, pool, queue, first, worker_id)) is not None:
+            if queue and (made := gang_place.make_room(db, pool, queue, first, worker_id)) is not None:
                 return made
+            if claim is not None and not any(w.fits(pool.count, pool.count, pool.memory_gib) for w in queue):
+                # Claimed for a job across hosts, and nothing that outranks it could run here: it or nothing.
+                return gang_place.for_claim(db, pool, claim, worker_id)
             free = pool.free()
             held_for = (reserved_here(db, pool.host, pool.count, pool.memory_gib)
                         if settings.reserve_after_h > 0 else None)

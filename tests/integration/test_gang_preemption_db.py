@@ -112,7 +112,11 @@ def test_a_waiting_gang_pauses_lower_jobs_on_every_host_it_needs_and_those_hosts
     assert deliver(db, a, low_a) == "deferred" and deliver(db, a, other) == "deferred"
     assert a.free() == 1 and row(db, big).status == states.QUEUED
 
-    # Host B is free too: whichever message comes to a claimed host starts the big job there.
+    # Host B is free too: whichever message comes to a claimed host starts the big job there, even
+    # behind a job of higher priority that no host of its size could run.
+    huge = queued(db, 9)
+    huge.gpus = 2
+    db.commit()
     pause_done(db, pools, low_b)
     assert deliver(db, b, low_b) == big.id
     started = row(db, big)
