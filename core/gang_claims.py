@@ -154,13 +154,15 @@ class Claim:
     host: str
     job_id: str
     priority: int
+    created_at: float
 
 
 def holder(db: Session, host: str) -> Claim | None:
     """The claim on `host`, if any."""
-    row = db.execute(select(GangClaim.job_id, GangClaim.priority).where(GangClaim.host == host)).first()
+    row = db.execute(select(GangClaim.job_id, GangClaim.priority, GangClaim.created_at)
+                     .where(GangClaim.host == host)).first()
     db.rollback()
-    return Claim(host, row.job_id, row.priority) if row is not None else None
+    return Claim(host, row.job_id, row.priority, row.created_at) if row is not None else None
 
 
 def claimed(db: Session, job_id: str) -> list[str]:

@@ -13,12 +13,15 @@ from sqlalchemy.orm import Session
 from core import gang, gang_claims, workers
 from core.models import GangClaim, Job, now
 from core.scheduling import Waiting, queued_one
+from core.settings import Settings
 from worker.gpus import GpuPool, Reservation
 from worker.preemption import preempt_for
 
 log = logging.getLogger(__name__)
 
 Led = tuple[Job, Reservation]
+# A claim older than this many join timeouts is given up: the jobs it paused have long checkpointed.
+CLAIM_STALE_JOINS = 2
 
 
 def lead(db: Session, pool: GpuPool, w: Waiting, worker_id: str, followers: list[str] | None = None) -> Led | None:
@@ -59,14 +62,18 @@ def follower_hosts(db: Session, here: str, w: Waiting) -> list[str] | None:
     return fit[: w.nodes - 1] if len(fit) >= w.nodes - 1 else None
 
 
-def for_claim(db: Session, pool: GpuPool, c: gang_claims.Claim, worker_id: str) -> Led | str:
+def for_claim(db: Session, pool: GpuPool, c: gang_claims.Claim, worker_id: str,
+              settings: Settings) -> Led | str:
     """This host is claimed for a queued job across hosts that nothing in the queue outranks: it
     starts that job, led from here, once every claimed host has the GPUs free; meanwhile nothing.
     A claim that can no longer be met is given up (the job claims afresh)."""
     w = queued_one(db, c.job_id)
     hosts = {h["host"]: h for h in workers.hosts()}
     mine = gang_claims.claimed(db, c.job_id)
-    if w is None or not gang_claims.still_room(db, w, hosts, mine):
+    # Held this long, a claim waits on something the registry and database do not show (a GPU an
+    # inference server took, say): planned afresh, from what they show now.
+    stale = now() - c.created_at > CLAIM_STALE_JOINS * settings.gang_join_timeout_s
+    if w is None or stale or not gang_claims.still_room(db, w, hosts, mine):
         log.info("job %s: giving up its claim on hosts %s; they no longer make room for it", c.job_id, mine)
         gang_claims.release(db, c.job_id)
         db.commit()

@@ -72,7 +72,7 @@ def take(db: Session, pool: GpuPool, job_id: str, worker_id: str, settings: Sett
                 return made
             if claim is not None and not any(w.fits(pool.count, pool.count, pool.memory_gib) for w in queue):
                 # Claimed for a job across hosts, and nothing that outranks it could run here: it or nothing.
-                return gang_place.for_claim(db, pool, claim, worker_id)
+                return gang_place.for_claim(db, pool, claim, worker_id, settings)
             free = pool.free()
             held_for = (reserved_here(db, pool.host, pool.count, pool.memory_gib)
                         if settings.reserve_after_h > 0 else None)

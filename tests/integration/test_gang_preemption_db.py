@@ -9,13 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from core import control, gang, states, workers
 from core.jobs import acquire_lease
 from core.metrics import ServiceCollector
 from core.models import GangClaim, GangMember, Job, JobEvent
+from core.settings import get_settings
 from tests.conftest import reset_caches
 from tests.integration.conftest import make_job
 from tests.integration.test_reservations import deliver, row
@@ -173,6 +174,12 @@ def test_gangs_claim_all_their_hosts_or_none_and_only_a_higher_priority_takes_th
     for p in (a, b, c):
         deliver(db, p, first)
     assert first.id not in claims(db).values()
+    # A claim held past twice the join timeout is given up and planned afresh.
+    db.execute(update(GangClaim).values(created_at=GangClaim.created_at - 2 * get_settings().gang_join_timeout_s - 1))
+    db.commit()
+    assert deliver(db, a, urgent) == "deferred" and claims(db) == {}
+    deliver(db, c, urgent)
+    assert sorted(claims(db).values()) == [urgent.id, urgent.id]
 
 
 def test_the_busy_gpu_metric_counts_a_gang_on_every_host(db: Session, pools: dict[str, GpuPool]) -> None:
