@@ -64,8 +64,9 @@ def follower_hosts(db: Session, here: str, w: Waiting) -> list[str] | None:
 
 def for_claim(db: Session, pool: GpuPool, c: gang_claims.Claim, worker_id: str,
               settings: Settings) -> Led | str:
-    """This host is claimed for a queued job across hosts that nothing in the queue outranks: it
-    starts that job, led from here, once every claimed host has the GPUs free; meanwhile nothing.
+    """This host is claimed for a queued job across hosts, and no job that outranks it and fits
+    this host waits: it starts that job, led from here, once every claimed host has the GPUs
+    free; meanwhile nothing.
     A claim that can no longer be met is given up (the job claims afresh)."""
     w = queued_one(db, c.job_id)
     hosts = {h["host"]: h for h in workers.hosts()}
