@@ -54,14 +54,16 @@ def _bump(tables) -> None:  # noqa: ANN001
 
 def make_engine(url: str, settings: Settings | None = None) -> Engine:
     settings = settings or get_settings()
+    # A process opens connections as it needs them, up to the pool's size and overflow together,
+    # and keeps them: a pool that closes each overflow connection as it comes back opens a new
+    # one at the next burst. Under a steady load whose concurrency hovers around the pool's size
+    # that was a new connection for many requests: on PostgreSQL a new server process, its
+    # catalog caches cold, several times a request's own work on both sides; on SQLite the file
+    # opened again and its pragmas set.
+    pool = {"pool_size": settings.db_pool_size + settings.db_max_overflow, "max_overflow": 0,
+            "pool_timeout": settings.db_pool_timeout_s}
     if url.startswith("sqlite"):
-        # The pool's size and wait apply here too: SQLite connections are cheap, but a pool that
-        # runs dry shows the same way on both databases (requests wait, then fail). The overflow
-        # is kept open rather than closed after each use: under load a SQLite file's connection
-        # was opened (and its pragmas set) again for nearly every request.
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
-                               pool_size=settings.db_pool_size + settings.db_max_overflow, max_overflow=0,
-                               pool_timeout=settings.db_pool_timeout_s)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(conn, _record):  # noqa: ANN001
@@ -75,9 +77,8 @@ def make_engine(url: str, settings: Settings | None = None) -> Engine:
         _count_writes(engine)
         return engine
     engine = create_engine(
-        url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
-        pool_timeout=settings.db_pool_timeout_s, pool_recycle=settings.db_pool_recycle_s,
-        pool_pre_ping=settings.db_pool_pre_ping, connect_args={"connect_timeout": settings.db_connect_timeout_s},
+        url, **pool, pool_recycle=settings.db_pool_recycle_s, pool_pre_ping=settings.db_pool_pre_ping,
+        connect_args={"connect_timeout": settings.db_connect_timeout_s},
     )
     retry_connect(engine, settings.db_connect_retry_s)
     _count_writes(engine)

@@ -36,8 +36,8 @@ class Settings(BaseSettings):
     )
     # Connection pool of PostgreSQL (SQLite has none to tune). pre-ping and recycle are what let
     # API and workers survive a database restart without serving dead connections.
-    db_pool_size: int = Field(5, ge=1, le=1000, description="PostgreSQL connections each process (an API process or a worker) keeps open.")
-    db_max_overflow: int = Field(10, ge=0, le=1000, description="Extra PostgreSQL connections a process may open under load, closed again afterwards.")
+    db_pool_size: int = Field(5, ge=1, le=1000, description="Database connections each process (an API process or a worker) may hold; it opens them as it needs them and keeps them open.")
+    db_max_overflow: int = Field(10, ge=0, le=1000, description="Further connections a process may open under load, beyond TUNEQ_DB_POOL_SIZE; kept open like the others once opened (closing them after each use made every burst open new ones).")
     db_pool_timeout_s: float = Field(30.0, gt=0, description="Seconds a request waits for a free pooled connection before it fails.")
     db_pool_recycle_s: int = Field(
         1800, ge=-1, description="Seconds after which a pooled connection is reopened, since firewalls and proxies drop idle ones; -1: never."
