@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio
 
-from core.db import session_scope
+from core.db import read_session
 from core.event_feed import BATCH, EventFeed
 from core.models import JobEvent
 
@@ -112,7 +112,7 @@ class EventHub:
     def _read(self, snapshot: list[tuple[Channel, list[Watcher]]]) -> list[tuple[Any, ...]]:
         """On the hub's thread: each channel's new events, and the catch-up of its new watchers."""
         out = []
-        with session_scope() as db:
+        with read_session() as db:
             for ch, pending in snapshot:
                 fresh, status = ([], ch.status) if ch.finished else ch.feed.poll(db)
                 catchups = {w: ch.feed.sent_since(db, w.cursor) for w in pending}

@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     db_pool_recycle_s: int = Field(
         1800, ge=-1, description="Seconds after which a pooled connection is reopened, since firewalls and proxies drop idle ones; -1: never."
     )
-    db_pool_pre_ping: bool = Field(True, description="Test each pooled connection before use and replace one the server dropped (needed to ride out a database restart).")
+    db_pool_pre_ping: bool = Field(True, description="Check each pooled connection before use and replace one the server dropped (needed to ride out a database restart). The check is a look at its socket; the server is asked only when it has sent something, as it does when it ends a connection.")
     db_connect_timeout_s: int = Field(5, ge=1, le=600, description="Seconds one attempt to connect to the database may take.")
     db_connect_retry_s: float = Field(
         10.0, ge=0, description="Seconds a refused database connection is retried, so a database restart is a pause rather than an error."
