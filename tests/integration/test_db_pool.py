@@ -1,5 +1,7 @@
-"""The connection pool keeps the connections it opened: load around the pool's size must not open
-a new connection (on PostgreSQL a new server process) at every burst."""
+"""Database connections under a steady load: the pool keeps the connections it opened (load around
+its size must not open a new one, on PostgreSQL a new server process, at every burst), and on
+PostgreSQL a polled read sends its queries and nothing else (no pre-ping, BEGIN or ROLLBACK)
+while a connection the server ended is still replaced before use."""
 
 from __future__ import annotations
 
