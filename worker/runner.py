@@ -34,7 +34,7 @@ from core.scheduling import RETRY_AT
 from core.settings import Settings, get_settings
 from core.storage import get_storage
 from trainer.tracking import JOB_ID_ENV, WANDB_DIR
-from worker import placement
+from worker import placement, reaper
 from worker.artifacts import Stored, final_manifest, publish_final, publish_logs
 from worker.checkpoint_store import Uploader, keep_checkpoints, prepare_resume, selection_metric, uploaded
 from worker.events import EventTail, ProgressTracker
@@ -278,7 +278,9 @@ class JobRun:
                 return "lost"
             if self.nodes > 1 and stopped_by is None and now >= next_gang_check:
                 next_gang_check = now + self.settings.heartbeat_s
-                if (problem := self.with_db(gang.problem, self.db, self.job_id, self.attempt, self.settings.lease_ttl_s,
+                ttl = self.settings.lease_ttl_s
+                judged = ttl if reaper.WATCH.may_judge_leases(ttl) else None  # as the reaper judges leases
+                if (problem := self.with_db(gang.problem, self.db, self.job_id, self.attempt, judged,
                                             self.gang_join_by, gang.MEMBER_EXIT_GRACE_S)) is not None:
                     # One host is gone or failed: every rank stops, the job resumes from its newest stored checkpoint.
                     log.warning("job %s: %s; stopping every rank", self.job_id, problem.message)
