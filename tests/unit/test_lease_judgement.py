@@ -6,12 +6,13 @@ process has seen the database up, without a break, for a whole TTL (worker.reape
 
 from __future__ import annotations
 
+import threading
 from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
 
-from worker import placement, reaper
+from worker import placement, reaper, runner
 
 TTL = 60.0
 
@@ -113,3 +114,61 @@ def test_a_delivery_takes_over_a_running_job_only_when_leases_may_be_judged() ->
     assert placement._runnable(old, TTL)
     assert not placement._runnable(old, None)
     assert placement._runnable(SimpleNamespace(status="queued", lease_heartbeat_at=None), None)
+
+
+def test_the_keeper_retries_a_failed_renewal_soon(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the database is back the lease is renewed within RETRY_S, not a whole period later."""
+    results = iter([RuntimeError("database restarting"), object(), None])
+
+    def heartbeat(db, job_id, worker_id, attempt):  # noqa: ANN001, ANN202
+        r = next(results)
+        if isinstance(r, Exception):
+            raise r
+        return r
+
+    monkeypatch.setattr(runner, "heartbeat", heartbeat)
+    monkeypatch.setattr(runner, "get_sessionmaker", lambda: nullcontext)
+    keeper = runner.LeaseKeeper("ftjob-x", "w", 1, every_s=30.0)
+    waits: list[float] = []
+
+    class Stop:
+        def wait(self, timeout: float) -> bool:
+            waits.append(timeout)
+            return False
+
+        def is_set(self) -> bool:
+            return False
+
+    keeper.stop = Stop()  # type: ignore[assignment]
+    keeper._beat()  # runs until the third renewal reports the lease lost
+    assert waits == [30.0, keeper.RETRY_S, 30.0]
+    assert keeper.beats == 1 and keeper.lost.is_set()
+
+
+def test_a_run_handed_its_own_job_again_stops_the_earlier_attempt_first() -> None:
+    """Attempt 2 on the worker still running attempt 1: attempt 1 is told its lease is gone and
+    attempt 2 goes on only once attempt 1 has ended (one trainer per job at a time)."""
+    lost, done = threading.Event(), threading.Event()
+    earlier = SimpleNamespace(job_id="ftjob-x", attempt=1, keeper=SimpleNamespace(lost=lost), done=done)
+    later = SimpleNamespace(job_id="ftjob-x", attempt=2)
+    runs = runner.Runs()
+    assert runs.enter(earlier) is None  # type: ignore[arg-type]
+    assert runs.enter(later) is earlier  # type: ignore[arg-type]
+
+    order: list[str] = []
+
+    def earlier_run() -> None:
+        lost.wait(10)
+        order.append("attempt 1 stopped its trainer")
+        done.set()
+
+    t = threading.Thread(target=earlier_run)
+    t.start()
+    assert runner.supersede(earlier, wait_s=10)  # type: ignore[arg-type]
+    order.append("attempt 2 starts")
+    t.join(10)
+    assert order == ["attempt 1 stopped its trainer", "attempt 2 starts"]
+    runs.leave(earlier)  # type: ignore[arg-type]
+    assert runs.by_job == {"ftjob-x": later}  # the earlier run's end does not unregister the later one
+    runs.leave(later)  # type: ignore[arg-type]
+    assert runs.by_job == {}
