@@ -338,6 +338,7 @@ class JobRun:
         events = self.tail.read()
         if not events:
             return
+        self.tracker.hold(events)
         for ev in events:
             self.tracker.apply(self.db, self.job, ev)
             self.tensorboard.add(ev)
@@ -346,8 +347,7 @@ class JobRun:
         self.tensorboard.flush()
         self.db.commit()
         self.tail.save_offset()
-        for step, snap in self.tracker.take_new_checkpoints():
-            self.uploader.submit(step, snap)
+        self.uploader.submit_all(self.tracker.take_new_checkpoints())
 
     # -- the end ----------------------------------------------------------------------------
 
