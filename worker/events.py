@@ -178,12 +178,14 @@ class ProgressTracker:
             return
         # A resumed run may announce a step again; one row per step.
         known = db.scalar(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == step))
-        held = self.held.pop(rel) if rel in self.held else snapshot(self.work_dir / rel, self.work_dir / UPLOADS)
+        held = rel in self.held
+        snap = self.held.pop(rel, None)
         if known is not None and known.uploaded_at is not None:
-            if held is not None:
-                shutil.rmtree(held, ignore_errors=True)
+            if snap is not None:
+                shutil.rmtree(snap, ignore_errors=True)
             return
-        snap = held
+        if not held:
+            snap = snapshot(self.work_dir / rel, self.work_dir / UPLOADS)
         if snap is None:  # already rotated away by the trainer when its event was read: a newer one follows
             log.warning("job %s: checkpoint %s was gone before it could be stored", job.id, rel)
             return
