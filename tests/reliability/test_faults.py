@@ -105,19 +105,28 @@ def test_job_longer_than_the_visibility_timeout_runs_once(db: Session, rel_env, 
     short = {"TUNEQ_VISIBILITY_TIMEOUT_S": "2", **STEADY_LEASE}
     monkeypatch.setenv("TUNEQ_VISIBILITY_TIMEOUT_S", "2")
     reset_caches()
-    # Still running after the second worker has started (seconds) and the message is restored.
-    job = training_job(db, rel_env, steps=300)
+    job = training_job(db, rel_env, steps=6)
     # Both workers up before the job starts: on a busy machine a worker takes about a minute to
     # start, and the job must still run when its message comes back.
     w1, w2 = workers(**short), workers(**short)
     enqueue_job(job.id)
-    wait_checkpoint(job.id, w1)
-    # What a consumer does when it (re)connects: messages unacked for longer than the
-    # visibility timeout go back to the queue, though w1 still runs the job.
-    with producer().connection_for_write() as conn:
-        conn.default_channel.qos.restore_visible(num=100)
-    wait_for(lambda: "dropping this duplicate delivery" in w1.log() + w2.log(), 60,
-             f"the re-delivered message\n{w1.log()}\n{w2.log()}")
+    trainer = wait_for(lambda: trainer_starts(job.id), 60, f"the trainer's start event\n{w1.log()}")[0].data["pid"]
+    # The run goes on (its trainer held, its worker supervising and renewing the lease) until the
+    # duplicate has been dropped, however slow the machine: a run of many steps instead was over
+    # before the message came back when the pump's copy of its events lagged.
+    os.kill(trainer, signal.SIGSTOP)
+    try:
+        def restored_and_dropped() -> bool:
+            # What a consumer does when it (re)connects: messages unacked for longer than the
+            # visibility timeout go back to the queue, though w1 still runs the job.
+            with producer().connection_for_write() as conn:
+                conn.default_channel.qos.restore_visible(num=100)
+            return "dropping this duplicate delivery" in w1.log() + w2.log()
+
+        wait_for(restored_and_dropped, 60, lambda: f"the re-delivered message\n{w1.log()}\n{w2.log()}", interval=0.5)
+        assert job_status(job.id) == states.RUNNING
+    finally:
+        os.kill(trainer, signal.SIGCONT)
     assert wait_end(job.id, w1) == states.SUCCEEDED, w1.log() + w2.log()
     db.expire_all()
     assert db.get(Job, job.id).lease_attempt == 1 and len(trainer_starts(job.id)) == 1
