@@ -13,13 +13,13 @@ from core.models import Job
 from core.queue import enqueue_job, producer
 from tests.conftest import reset_caches
 from tests.reliability.conftest import (
-    STEADY_LEASE, assert_never_twice_at_once, events_of, job_status, make_job, resumed_steps, trainer_starts, wait_for,
+    IDLE_STEPS, STEADY_LEASE, assert_never_twice_at_once, events_of, job_status, make_job, resumed_steps, trainer_starts, wait_for,
 )
 from trainer.watchdog import alive
 
-# Long enough to kill mid-run on an idle machine too (a tiny step is ~30 ms there, and the kill
-# comes ~1 s after the step-5 checkpoint reaches the database), short enough to run twice.
-STEPS = 150
+# Paced (IDLE_STEPS), the steps after the step-5 checkpoint last seconds, so the kill lands mid-run
+# however fast the machine; few enough that the run and its resumed rest cost little CPU.
+STEPS = 40
 
 
 def training_job(db: Session, env: dict[str, str], steps: int = STEPS, **kw) -> Job:
@@ -48,7 +48,7 @@ def wait_end(job_id: str, w, timeout: float = 180) -> str:
 
 def test_sigkill_of_the_worker_resumes_on_a_restarted_worker(db: Session, rel_env, workers) -> None:
     job = training_job(db, rel_env)
-    w1 = workers()
+    w1 = workers(**IDLE_STEPS)
     enqueue_job(job.id)
     # The trainer's own event file, not the database: the pump's copy can lag to the end of a run.
     wait_trainer_checkpoint(job.id, rel_env, w1)
@@ -57,7 +57,7 @@ def test_sigkill_of_the_worker_resumes_on_a_restarted_worker(db: Session, rel_en
     # The orphan stops by itself (its watchdog sees the worker gone), with no other worker on the
     # host to kill it: it must not go on holding the GPU, nor finish the job no one supervises.
     wait_for(lambda: not alive(trainer), 30, f"the orphaned trainer {trainer} to stop\n{w1.log()}")
-    w2 = workers()  # reaps the stale lease, stores what w1 announced but did not store, resumes
+    w2 = workers(**IDLE_STEPS)  # reaps the stale lease, stores what w1 announced but did not store, resumes
     assert wait_end(job.id, w2) == states.SUCCEEDED, w2.log()
     resumed = resumed_steps(job.id)
     assert resumed[0] is None and resumed[-1] is not None and resumed[-1] >= 5, resumed
@@ -67,7 +67,7 @@ def test_sigkill_of_the_worker_resumes_on_a_restarted_worker(db: Session, rel_en
 
 def test_sigkill_of_the_trainer_alone_is_retried_and_resumes(db: Session, rel_env, workers) -> None:
     job = training_job(db, rel_env)
-    w = workers(**STEADY_LEASE)  # the worker itself sees its trainer die: no lease expiry involved
+    w = workers(**STEADY_LEASE, **IDLE_STEPS)  # the worker itself sees its trainer die: no lease expiry involved
     enqueue_job(job.id)
     wait_trainer_checkpoint(job.id, rel_env, w)
     os.kill(wait_for(lambda: trainer_starts(job.id), 60, "the trainer's start event")[0].data["pid"], signal.SIGKILL)
