@@ -13,12 +13,12 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.errors import envelope
-from core.db import get_sessionmaker
+from core.db import read_session
 from core.identity import authenticate
 
 
 def _key_is_valid(token: str) -> bool:
-    with get_sessionmaker()() as db:
+    with read_session() as db:
         return authenticate(db, token) is not None
 
 

@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.crud import load_job
 from api.errors import APIError
-from core.db import get_sessionmaker
+from core.db import get_sessionmaker, read_session
 from core.identity import authenticate, is_admin
 from core.models import Job, User
 from core.settings import Settings, get_settings
@@ -114,12 +114,13 @@ async def read_in_one_hop(work: Callable[..., BaseModel], token: str, *args: Any
     The routes clients poll (a job, the job list, an event page) run here instead of as a sync
     dependency chain, which FastAPI runs as one thread hop per dependency (the key, the job, the
     route: three waits for a thread and for the interpreter lock, each a wait for a CPU on a
-    busy machine). The session is this hop's alone and closes before the answer is sent; the
-    answer is the model's JSON, rendered once on the thread (`work(db, user, *args)` returns it).
+    busy machine). The session is this hop's alone, reads only (core.db.read_session: no
+    transaction round trips on PostgreSQL) and closes before the answer is sent; the answer is
+    the model's JSON, rendered once on the thread (`work(db, user, *args)` returns it).
     """
 
     def run() -> bytes:
-        with get_sessionmaker()() as db:
+        with read_session() as db:
             return work(db, authenticated(db, token), *args).model_dump_json().encode()
 
     return Response(await run_in_threadpool(run), media_type="application/json")

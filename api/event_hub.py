@@ -2,8 +2,9 @@
 
 An open stream costs a queue and nothing else: no thread and no database connection while it
 waits. One task per process reads every watched job's new events each POLL_S, in one short
-session on a thread of its own (one pooled connection, held for the read alone), and hands each
-event to every stream of its job: a hundred streams of one job cost the database what one does.
+session on a thread of its own (one pooled connection, held for the read alone; two queries
+for all the jobs, core.event_feed.poll_many), and hands each event to every stream of its job:
+a hundred streams of one job cost the database what one does.
 
 A stream that joins late first gets, in seq order, the events after its cursor that the job's
 feed has already handed out (`catch-up`), then the feed's new events as they come, so it misses
@@ -20,8 +21,8 @@ from typing import Any
 
 import anyio
 
-from core.db import session_scope
-from core.event_feed import BATCH, EventFeed
+from core.db import read_session
+from core.event_feed import BATCH, EventFeed, poll_many
 from core.models import JobEvent
 
 log = logging.getLogger("tuneq.api")
@@ -112,9 +113,11 @@ class EventHub:
     def _read(self, snapshot: list[tuple[Channel, list[Watcher]]]) -> list[tuple[Any, ...]]:
         """On the hub's thread: each channel's new events, and the catch-up of its new watchers."""
         out = []
-        with session_scope() as db:
+        with read_session() as db:
+            live = [ch for ch, _ in snapshot if not ch.finished]
+            polled = dict(zip(live, poll_many(db, [ch.feed for ch in live]), strict=True))
             for ch, pending in snapshot:
-                fresh, status = ([], ch.status) if ch.finished else ch.feed.poll(db)
+                fresh, status = polled.get(ch, ([], ch.status))
                 catchups = {w: ch.feed.sent_since(db, w.cursor) for w in pending}
                 out.append((ch, self._rendered(fresh), status, {w: self._rendered(evs) for w, evs in catchups.items()}))
         return out

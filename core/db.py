@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import select
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -54,14 +55,16 @@ def _bump(tables) -> None:  # noqa: ANN001
 
 def make_engine(url: str, settings: Settings | None = None) -> Engine:
     settings = settings or get_settings()
+    # A process opens connections as it needs them, up to the pool's size and overflow together,
+    # and keeps them: a pool that closes each overflow connection as it comes back opens a new
+    # one at the next burst. Under a steady load whose concurrency hovers around the pool's size
+    # that was a new connection for many requests: on PostgreSQL a new server process, its
+    # catalog caches cold, several times a request's own work on both sides; on SQLite the file
+    # opened again and its pragmas set.
+    pool = {"pool_size": settings.db_pool_size + settings.db_max_overflow, "max_overflow": 0,
+            "pool_timeout": settings.db_pool_timeout_s}
     if url.startswith("sqlite"):
-        # The pool's size and wait apply here too: SQLite connections are cheap, but a pool that
-        # runs dry shows the same way on both databases (requests wait, then fail). The overflow
-        # is kept open rather than closed after each use: under load a SQLite file's connection
-        # was opened (and its pragmas set) again for nearly every request.
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
-                               pool_size=settings.db_pool_size + settings.db_max_overflow, max_overflow=0,
-                               pool_timeout=settings.db_pool_timeout_s)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(conn, _record):  # noqa: ANN001
@@ -75,13 +78,39 @@ def make_engine(url: str, settings: Settings | None = None) -> Engine:
         _count_writes(engine)
         return engine
     engine = create_engine(
-        url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
-        pool_timeout=settings.db_pool_timeout_s, pool_recycle=settings.db_pool_recycle_s,
-        pool_pre_ping=settings.db_pool_pre_ping, connect_args={"connect_timeout": settings.db_connect_timeout_s},
+        url, **pool, pool_recycle=settings.db_pool_recycle_s, pool_pre_ping=settings.db_pool_pre_ping,
+        connect_args={"connect_timeout": settings.db_connect_timeout_s},
     )
     retry_connect(engine, settings.db_connect_retry_s)
+    if settings.db_pool_pre_ping:
+        _ping_when_spoken(engine)
     _count_writes(engine)
     return engine
+
+
+def _ping_when_spoken(engine: Engine) -> None:
+    """The pool's pre-ping without a round trip while the server has said nothing.
+
+    A pooled connection waits idle, and a server says nothing on an idle connection unless it
+    ends it: a restart, a terminated backend or an idle timeout sends an error and closes the
+    socket, which then has something to read. So a quiet socket is a live connection as far as a
+    ping could tell (a host that vanished without closing would hang the ping as well; the pool's
+    recycle covers those), and only a connection with something to read is pinged for real,
+    which also clears whatever it was. The ping was a round trip on every checkout: for a polled
+    read, one of its few statements.
+    """
+    ping = engine.dialect.do_ping
+
+    def do_ping(dbapi_connection) -> bool:  # noqa: ANN001
+        try:
+            poller = select.poll()
+            poller.register(dbapi_connection.pgconn.socket, select.POLLIN | select.POLLPRI)
+            quiet = not dbapi_connection.closed and not poller.poll(0)
+        except Exception:  # noqa: BLE001 - no socket to look at: ask the server
+            quiet = False
+        return True if quiet else ping(dbapi_connection)
+
+    engine.dialect.do_ping = do_ping  # type: ignore[method-assign]
 
 
 def retry_connect(engine: Engine, within_s: float) -> None:
@@ -112,6 +141,20 @@ def get_engine() -> Engine:
 @lru_cache
 def get_sessionmaker() -> sessionmaker[Session]:
     return sessionmaker(get_engine(), expire_on_commit=False)
+
+
+@lru_cache(maxsize=4)
+def _reading(engine: Engine) -> Engine:
+    # PostgreSQL: autocommit. SQLite's driver begins no transaction for a SELECT anyway.
+    return engine.execution_options(isolation_level="AUTOCOMMIT") if engine.dialect.name == "postgresql" else engine
+
+
+def read_session() -> Session:
+    """A session for work that only reads (it must not write): on PostgreSQL its statements run
+    without a transaction around them. Under READ COMMITTED, PostgreSQL's default and ours, each
+    statement takes a snapshot of its own inside a transaction too, so a read sees the same rows;
+    it saves the BEGIN and ROLLBACK round trips, for a polled read as many as its queries."""
+    return get_sessionmaker()(bind=_reading(get_engine()))
 
 
 @contextmanager

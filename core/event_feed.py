@@ -2,7 +2,8 @@
 
 Polling the database (not a Redis channel) keeps one source of truth and works across API
 processes and hosts. An API process keeps one feed per watched job, however many streams watch
-it (api/event_hub.py), so a poll is two indexed queries per job, not per watcher.
+it (api/event_hub.py), and polls them all at once (`poll_many`): two queries per read of the
+process, however many jobs and streams it follows.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ import time
 from collections import deque
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, union_all
 from sqlalchemy.orm import Session
 
 from core import states
 from core.models import Job, JobEvent
 
 BATCH = 200
+# Feeds polled by one query: SQLite allows 500 parts in a compound SELECT.
+FEEDS_PER_QUERY = 100
 # PostgreSQL hands out seq numbers at INSERT but makes rows visible at COMMIT, so an event can
 # appear after one with a higher seq (two writers: the worker and an API request). Each poll
 # looks back over what was new this long ago and sends only rows it has not sent yet.
@@ -50,11 +53,14 @@ class EventFeed:
         include the final transition's, which is committed with it. The caller's session is
         ended between polls (a fresh snapshot each time) and the rows it returns are detached.
         """
-        status = db.scalar(select(Job.status).where(Job.id == self.job_id))
-        rows = db.scalars(
-            select(JobEvent).where(JobEvent.job_id == self.job_id, JobEvent.seq > self.floor)
-            .order_by(JobEvent.seq).limit(BATCH + len(self.sent))
-        ).all()
+        return poll_many(db, [self])[0]
+
+    def _unsent(self):  # noqa: ANN202 - a SELECT of this feed's events from its floor on
+        return (select(JobEvent).where(JobEvent.job_id == self.job_id, JobEvent.seq > self.floor)
+                .order_by(JobEvent.seq).limit(BATCH + len(self.sent)))
+
+    def _take(self, rows: list[JobEvent]) -> list[JobEvent]:
+        """The rows of `_unsent` (seq order) not sent yet, now marked sent."""
         fresh = [ev for ev in rows if ev.seq not in self.sent][:BATCH]
         t = self.clock()
         for ev in fresh:
@@ -62,7 +68,7 @@ class EventFeed:
         if fresh:
             self.marks.append((t, max(self.sent)))
         self._raise_floor(t)
-        return fresh, status
+        return fresh
 
     def sent_since(self, db: Session, after_seq: int) -> list[JobEvent]:
         """Events above after_seq that this feed has already handed out, oldest first, at most
@@ -85,3 +91,23 @@ class EventFeed:
     def finished(status: str | None, batch: list[Any]) -> bool:
         """The job ended (or vanished) and this poll drained its events."""
         return (status is None or status in states.TERMINAL) and len(batch) < BATCH
+
+
+def poll_many(db: Session, feeds: list[EventFeed]) -> list[tuple[list[JobEvent], str | None]]:
+    """EventFeed.poll of each feed, in two queries for up to FEEDS_PER_QUERY feeds: the jobs'
+    statuses, then every feed's unsent events (each part down the (job_id, seq) index, as one
+    feed's poll reads them). Statuses are read first, for the reason poll gives."""
+    out: list[tuple[list[JobEvent], str | None]] = []
+    for i in range(0, len(feeds), FEEDS_PER_QUERY):
+        chunk = feeds[i:i + FEEDS_PER_QUERY]
+        statuses = {job_id: status for job_id, status in db.execute(
+            select(Job.id, Job.status).where(Job.id.in_({f.job_id for f in chunk})))}
+        parts = [f._unsent() for f in chunk]
+        stmt = parts[0] if len(parts) == 1 else union_all(*(p.subquery().select() for p in parts))
+        rows: dict[str, list[JobEvent]] = {}
+        for ev in db.scalars(select(JobEvent).from_statement(stmt)):
+            rows.setdefault(ev.job_id, []).append(ev)
+        for f in chunk:
+            mine = sorted(rows.get(f.job_id, ()), key=lambda ev: ev.seq)
+            out.append((f._take(mine), statuses.get(f.job_id)))
+    return out

@@ -30,6 +30,9 @@ MEMBER_EXIT_GRACE_S = 10.0
 # A follower's exit code when its GPUs did not come free (a job of its host took them as the gang
 # formed): the attempt ends, but not as a failure of the job (no retry counted).
 GPUS_BUSY = -2
+# The trainer's exit code after a pause (docs/internals.md): all ranks vote on a pause together, so
+# a follower that paused means the leader's ranks pause too; it is not a failure of the attempt.
+PAUSED = 75
 
 
 def busy_hosts(db: Session) -> set[str]:
@@ -55,10 +58,11 @@ def form(db: Session, job_id: str, worker_id: str, leader_host: str, followers: 
                           worker_id=worker_id if i == 0 else None, joined_at=t if i == 0 else None,
                           heartbeat_at=t if i == 0 else None, ready=False, created_at=t)
                for i, h in enumerate(hosts))
-    states.transition(db, job, states.RUNNING,
-                      f"Job started across {len(hosts)} hosts led by {worker_id} (attempt {job.lease_attempt}): "
-                      + ", ".join(hosts) + ".")
     try:
+        # Inside: the transition's own statements flush the rows above (a taken host fails there).
+        states.transition(db, job, states.RUNNING,
+                          f"Job started across {len(hosts)} hosts led by {worker_id} (attempt {job.lease_attempt}): "
+                          + ", ".join(hosts) + ".")
         db.commit()
     except IntegrityError:
         db.rollback()
@@ -172,7 +176,7 @@ def problem(db: Session, job_id: str, attempt: int, ttl_s: float, join_by: float
         if m.exit_code == GPUS_BUSY:
             return Problem(f"the GPUs of host {m.host} were taken by another job", counts=False)
         if m.exit_code is not None:
-            if m.exit_code != 0 and (m.heartbeat_at or 0) < t - exit_grace_s:
+            if m.exit_code not in (0, PAUSED) and (m.heartbeat_at or 0) < t - exit_grace_s:
                 return Problem(f"the trainer on host {m.host} exited with code {m.exit_code}")
             continue
         if (m.heartbeat_at or 0) < t - ttl_s:

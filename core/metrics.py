@@ -17,7 +17,7 @@ from sqlalchemy import case, func, select
 
 from core import states, workers
 from core.db import session_scope
-from core.models import Job
+from core.models import GangMember, Job
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,12 @@ class ServiceCollector(Collector):
             busy = db.execute(
                 select(Job.lease_owner, func.sum(Job.gpus)).where(Job.status.in_(HOLDING_GPUS), Job.lease_owner.is_not(None))
                 .group_by(Job.lease_owner)
+            ).all()
+            # A job across hosts holds `gpus` on each host: its followers' workers hold theirs.
+            followers = db.execute(
+                select(GangMember.worker_id, func.sum(GangMember.gpus)).join(Job, Job.id == GangMember.job_id)
+                .where(Job.status.in_(HOLDING_GPUS), GangMember.node_rank > 0, GangMember.worker_id.is_not(None))
+                .group_by(GangMember.worker_id)
             ).all()
             duration = Job.finished_at - Job.started_at
             durations = db.execute(
@@ -63,7 +69,10 @@ class ServiceCollector(Collector):
         yield CounterMetricFamily("tuneq_tokens_trained", "Input tokens the trainers processed, over all jobs.",
                                   value=float(tokens or 0))
 
-        yield from self._workers({owner: int(n or 0) for owner, n in busy})
+        held: dict[str, int] = {}
+        for owner, n in (*busy, *followers):
+            held[owner] = held.get(owner, 0) + int(n or 0)
+        yield from self._workers(held)
 
     def _workers(self, busy: dict[str, int]) -> Iterator[Metric]:
         up = GaugeMetricFamily("tuneq_redis_up", "1 if the worker registry in Redis answered this scrape.")

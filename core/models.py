@@ -218,3 +218,16 @@ class GangMember(Base):
     joined_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)  # its trainer's, once it ended
+
+
+class GangClaim(Base):
+    """A host held for a queued job across hosts while lower-priority jobs there pause for it
+    (core/gang_claims.py). One claim per host (`host` is the key): a job claims all its hosts in
+    one transaction or none. Rows go when the job leaves `queued` (core.states.transition)."""
+
+    __tablename__ = "gang_claims"
+    host: Mapped[str] = mapped_column(String(200), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    # The claimer's priority when it claimed: only a job of higher priority takes the host over.
+    priority: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[float] = mapped_column(Float, default=now)

@@ -78,6 +78,12 @@ def _read(db: Session, per_owner: int | None, *where: ColumnElement[bool]) -> li
                     reserved_host=r.reserved_host, nodes=r.nodes or 1) for r in rows]
 
 
+def queued_one(db: Session, job_id: str) -> Waiting | None:
+    """One queued job as the queue reads it; None when it is not queued."""
+    found = _read(db, None, Job.id == job_id)
+    return found[0] if found else None
+
+
 class FairQueue(Sequence[Waiting]):
     """The fair-share order, read in part first (see `waiting`); iterating goes on into the rest."""
 
@@ -224,7 +230,7 @@ def pick(queue: list[Waiting], free: int, total: int, t: float | None = None,
     return None
 
 
-def blocked_head(queue: list[Waiting], free: int, total: int, t: float | None = None,
+def blocked_head(queue: Iterable[Waiting], free: int, total: int, t: float | None = None,
                  memory_gib: float | None = None) -> Waiting | None:
     """The first job that could run on this host but not with its free GPUs now."""
     if free >= total:  # none: and the queue need not be read to its end to know it

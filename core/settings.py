@@ -36,13 +36,13 @@ class Settings(BaseSettings):
     )
     # Connection pool of PostgreSQL (SQLite has none to tune). pre-ping and recycle are what let
     # API and workers survive a database restart without serving dead connections.
-    db_pool_size: int = Field(5, ge=1, le=1000, description="PostgreSQL connections each process (an API process or a worker) keeps open.")
-    db_max_overflow: int = Field(10, ge=0, le=1000, description="Extra PostgreSQL connections a process may open under load, closed again afterwards.")
+    db_pool_size: int = Field(5, ge=1, le=1000, description="Database connections each process (an API process or a worker) may hold; it opens them as it needs them and keeps them open.")
+    db_max_overflow: int = Field(10, ge=0, le=1000, description="Further connections a process may open under load, beyond TUNEQ_DB_POOL_SIZE; kept open like the others once opened (closing them after each use made every burst open new ones).")
     db_pool_timeout_s: float = Field(30.0, gt=0, description="Seconds a request waits for a free pooled connection before it fails.")
     db_pool_recycle_s: int = Field(
         1800, ge=-1, description="Seconds after which a pooled connection is reopened, since firewalls and proxies drop idle ones; -1: never."
     )
-    db_pool_pre_ping: bool = Field(True, description="Test each pooled connection before use and replace one the server dropped (needed to ride out a database restart).")
+    db_pool_pre_ping: bool = Field(True, description="Check each pooled connection before use and replace one the server dropped (needed to ride out a database restart). The check is a look at its socket; the server is asked only when it has sent something, as it does when it ends a connection.")
     db_connect_timeout_s: int = Field(5, ge=1, le=600, description="Seconds one attempt to connect to the database may take.")
     db_connect_retry_s: float = Field(
         10.0, ge=0, description="Seconds a refused database connection is retried, so a database restart is a pause rather than an error."

@@ -78,6 +78,10 @@ def transition(
     if current == QUEUED and target != QUEUED:  # it leaves the queue: a reservation held for it ends
         job.passed_over_at = None
         job.reserved_host = None
+        if job.nodes > 1:
+            from core import gang_claims
+
+            gang_claims.release(db, job.id)  # its claimed hosts go back to what is queued for them
     if target == RUNNING and job.started_at is None:
         job.started_at = t
     if target in TERMINAL:

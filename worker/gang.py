@@ -26,6 +26,7 @@ from core.storage import get_storage
 from trainer.tracking import JOB_ID_ENV
 from worker.checkpoint_store import prepare_resume
 from worker.gpus import GpuPool, Reservation
+from worker.preemption import coming_free
 from worker.process import SUPERVISOR_ENV, TrainerProcess, kill_strays
 from worker.workdir import Rendezvous, SpecError, job_dir, runnable_spec, trainer_argv, trainer_env, write_spec
 
@@ -71,7 +72,7 @@ class Member(threading.Thread):
                 return  # another worker of this host took the place, or the gang is gone
             log.info("job %s: joined as host %s of its gang (attempt %s)", self.job_id, self.node_rank, self.attempt)
             beat.start()
-            reservation = self.reserve(beat)
+            reservation = self.reserve(db, beat)
             if reservation is None:
                 gang.member_exited(db, self.job_id, self.node_rank, self.attempt, gang.GPUS_BUSY)
                 return
@@ -87,13 +88,18 @@ class Member(threading.Thread):
             beat.stop.set()
             db.close()
 
-    def reserve(self, beat: Beat) -> Reservation | None:
+    def reserve(self, db, beat: Beat) -> Reservation | None:  # noqa: ANN001
         """This host's GPUs for the job: the registry said they were free, but a job of this host may
-        still be giving them back; wait for them as long as the leader waits for this host."""
+        still be giving them back; wait for them as long as the leader waits for this host. A job
+        that took them as the gang formed is paused if the gang outranks it; one that keeps them
+        ends the wait at once (the attempt ends uncounted, and the job forms again)."""
         deadline = time.monotonic() + self.settings.gang_join_timeout_s
         while time.monotonic() < deadline and not self.shutdown.is_set() and not beat.gone.is_set():
             if (r := self.pool.reserve(self.gpus, owner=self.job_id)) is not None:
                 return r
+            job = db.get(Job, self.job_id, populate_existing=True)
+            if job is None or not coming_free(db, self.pool, job, self.gpus):
+                break
             time.sleep(POLL_S)
         log.warning("job %s: this host's GPUs did not come free for it", self.job_id)
         return None

@@ -8,19 +8,21 @@ GPUs are reserved (lock files) before the job's lease is taken (DB), so a job is
 from __future__ import annotations
 
 import logging
+from itertools import takewhile
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core import control, gang, policy, states, workers
+from core import gang, gang_claims, states, workers
 from core.jobs import acquire_lease
-from core.inference import SERVER_OWNER
 from core.models import Checkpoint, Job, now
 from core.scheduling import Waiting, blocked_head, pick, reserve_for_passed_over, reserved_here, waiting
 from core.settings import Settings
 from trainer import planning
+from worker import gang_place
 from worker.disk import disk_state
 from worker.gpus import GpuPool, Reservation
+from worker.preemption import being_freed, local_holdings, preempt_for
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ def take(db: Session, pool: GpuPool, job_id: str, worker_id: str, settings: Sett
             if not Waiting(job.id, job.gpus, job.priority, 0.0, min_gpu_memory_gib=job.min_gpu_memory_gib).fits(
                     pool.count, pool.count, pool.memory_gib):
                 return "skipped"  # its plan needs larger GPUs: the reaper re-queues it for a host that has them
-            target_id, gpus = job.id, job.gpus
+            target_id, gpus, priority = job.id, job.gpus, job.priority
         else:
             if gang.awaited_here(db, pool.host):
                 # A job across hosts reserved this host's GPUs: a worker of it is joining (worker.gang).
@@ -62,10 +64,18 @@ def take(db: Session, pool: GpuPool, job_id: str, worker_id: str, settings: Sett
                 return "deferred"
             queue = waiting(db)
             db.rollback()
+            first = next(iter(queue), None)  # the order's head: read without reading the whole queue
+            claim = gang_claims.holder(db, pool.host)
+            if claim is not None:  # only what outranks the claimer may start here meanwhile
+                queue = list(takewhile(lambda w: w.priority > claim.priority, queue))
+            if queue and (made := gang_place.make_room(db, pool, queue, first, worker_id)) is not None:
+                return made
+            if claim is not None and not any(w.fits(pool.count, pool.count, pool.memory_gib) for w in queue):
+                # Claimed for a job across hosts, and nothing that outranks it could run here: it or nothing.
+                return gang_place.for_claim(db, pool, claim, worker_id, settings)
             free = pool.free()
             held_for = (reserved_here(db, pool.host, pool.count, pool.memory_gib)
                         if settings.reserve_after_h > 0 else None)
-            first = next(iter(queue), None)  # the order's head: read without reading the whole queue
             if held_for is not None and not (first is not None and first.priority > held_for.priority):
                 # This host is reserved for a job that was passed over too long: it starts that
                 # job once enough GPUs are free, and no other meanwhile.
@@ -77,21 +87,22 @@ def take(db: Session, pool: GpuPool, job_id: str, worker_id: str, settings: Sett
                 chosen = pick(queue, free, pool.count, memory_gib=pool.memory_gib)
             tried: set[str] = set()
             while chosen is not None and chosen.nodes > 1:
-                if (led := lead(db, pool, chosen, worker_id)) is not None:
+                if (led := gang_place.lead(db, pool, chosen, worker_id)) is not None:
                     return led
                 if chosen is held_for:
                     return "deferred"  # held for it: the host waits until its other hosts are free too
                 tried.add(chosen.id)  # its other hosts are not free now: the next job that fits goes first
                 chosen = pick([w for w in queue if w.id not in tried], free, pool.count, memory_gib=pool.memory_gib)
             if chosen is None:
-                preempt_for(db, pool, queue, free)
+                # A job across hosts makes room through claims on all its hosts (make_room).
+                preempt_for(db, pool, (w for w in queue if w.nodes == 1), free)
                 return "deferred"
             # Only a job that outranks `chosen` matters here; the order's head has the highest
             # priority, so when it does not outrank, the queue need not be read further.
             outranked = first is not None and first.priority > chosen.priority
             head = blocked_head(queue, free, pool.count, memory_gib=pool.memory_gib) if outranked else None
             if (head is not None and chosen.id != head.id and chosen.priority < head.priority
-                    and _being_freed(*_holdings(db, pool)) > 0):
+                    and being_freed(*local_holdings(db, pool)) > 0):
                 # GPUs are being given back for a higher-priority job that needs more than are free:
                 # backfilling the ones already free (e.g. with the job just preempted) would undo
                 # its preemption, and a multi-GPU head would never find all its GPUs free at once.
@@ -101,14 +112,15 @@ def take(db: Session, pool: GpuPool, job_id: str, worker_id: str, settings: Sett
                     db, queue, chosen, free, pool.count, pool.memory_gib, pool.host, now(),
                     settings.reserve_after_h, settings.lease_ttl_s) is not None:
                 return "deferred"  # this host is now reserved for a job ahead of `chosen`: it drains
-            target_id, gpus = chosen.id, chosen.gpus
+            target_id, gpus, priority = chosen.id, chosen.gpus, chosen.priority
             if target_id != job_id:
                 log.info("job %s waits behind job %s, which fits the free GPUs and runs first", job_id, target_id)
         reservation = pool.reserve(gpus, owner=target_id)
         if reservation is None:  # another worker process of this host was faster
             return "deferred"
-        if gang.awaited_here(db, pool.host):
-            # A job across hosts reserved this host while it chose: its GPUs go to that job.
+        if gang.awaited_here(db, pool.host) or ((c := gang_claims.holder(db, pool.host)) is not None
+                                                 and c.priority >= priority):
+            # A job across hosts reserved or claimed this host while it chose: its GPUs go to that job.
             db.rollback()
             pool.release(reservation)
             return "deferred"
@@ -117,92 +129,6 @@ def take(db: Session, pool: GpuPool, job_id: str, worker_id: str, settings: Sett
             pool.release(reservation)
             return "skipped" if target_id == job_id else "deferred"
         return leased, reservation
-
-
-def lead(db: Session, pool: GpuPool, w: Waiting, worker_id: str) -> tuple[Job, Reservation] | None:
-    """Start a job across hosts from this host: reserve its GPUs here and, in one transaction,
-    lease the job and reserve followers whose GPUs are all free (core.gang). None, holding
-    nothing, when too few hosts are free now or another worker won the job or a host first."""
-    followers = follower_hosts(db, pool.host, w)
-    if followers is None:
-        return None
-    reservation = pool.reserve(w.gpus, owner=w.id)
-    if reservation is None:
-        return None
-    job = gang.form(db, w.id, worker_id, pool.host, followers, w.gpus)
-    if job is None:
-        pool.release(reservation)
-        return None
-    log.info("job %s: leading it across hosts %s", job.id, [pool.host, *followers])
-    return job, reservation
-
-
-def follower_hosts(db: Session, here: str, w: Waiting) -> list[str] | None:
-    """The other hosts a job across `w.nodes` hosts would take, by the registry: each with `w.gpus`
-    GPUs free, large enough, with disk, and in no gang; None when there are too few (or this
-    host is in a gang already)."""
-    busy = gang.busy_hosts(db)
-    db.rollback()
-    if here in busy:
-        return None
-    fit = []
-    for h in workers.hosts():
-        memory = workers.gpu_memory_gib(h["gpu_info"])
-        big_enough = w.min_gpu_memory_gib is None or memory is None or memory >= w.min_gpu_memory_gib
-        if (h["host"] != here and h["host"] not in busy and min(h["gpus"], h["free"]) >= w.gpus
-                and not h["disk_full"] and big_enough):
-            fit.append(h["host"])
-    return fit[: w.nodes - 1] if len(fit) >= w.nodes - 1 else None
-
-
-def _holdings(db: Session, pool: GpuPool) -> tuple[dict[str, int], list[Job]]:
-    """GPUs locked per job on this host, and which of those jobs are running."""
-    held: dict[str, int] = {}
-    for owner in pool.holders().values():
-        if owner.startswith(SERVER_OWNER):
-            continue  # an inference server's GPU: held for good, neither a job's nor coming free
-        held[owner] = held.get(owner, 0) + 1
-    running = list(db.scalars(select(Job).where(Job.id.in_(held), Job.status == states.RUNNING))) if held else []
-    return held, running
-
-
-def _being_freed(held: dict[str, int], running: list[Job]) -> int:
-    """Locked GPUs about to come free: their job was asked to pause, or is no longer running but
-    its worker has not unlocked them yet (a paused job is queued again before its GPUs unlock)."""
-    running_ids = {j.id for j in running}
-    return (sum(n for owner, n in held.items() if owner not in running_ids)
-            + sum(held[j.id] for j in running if j.pause_requested))
-
-
-def preempt_for(db: Session, pool: GpuPool, queue: list[Waiting], free: int) -> list[str]:
-    """Pause the lowest-priority jobs on this host when that frees enough GPUs for a
-    higher-priority waiting job; return the ids asked to pause."""
-    head = blocked_head(queue, free, pool.count, memory_gib=pool.memory_gib)
-    if head is None:
-        return []
-    held, running = _holdings(db, pool)
-    if not held:
-        return []
-    # GPUs already being given back count as free: preempting another job for them would pause two.
-    need = head.gpus - free - _being_freed(held, running)
-    for_job = db.get(Job, head.id)
-    owner = for_job.owner_id if for_job is not None else None
-    victims = sorted((j for j in running if not j.pause_requested and j.priority < head.priority
-                      and policy.may_preempt(db, head.priority, owner, j.owner_id)),
-                     key=lambda j: (j.priority, -(j.started_at or 0)))
-    chosen = []
-    for v in victims:
-        if need <= 0:
-            break
-        chosen.append(v)
-        need -= held[v.id]
-    if need > 0 or not chosen:
-        db.rollback()
-        return []
-    asked = [v.id for v in chosen if for_job is not None and control.preempt(db, v, for_job)]
-    if asked:
-        log.warning("preempting %s for job %s (priority %s)", asked, head.id, head.priority)
-    return asked
 
 
 def fit_to_host(db: Session, job: Job, pool: GpuPool) -> str | None:

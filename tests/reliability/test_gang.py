@@ -13,11 +13,12 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core import control, states
+from core import states
+from core.db import session_scope
 from core.jobs import request_cancel
-from core.models import GangMember, Job
+from core.models import Checkpoint, GangMember, Job
 from core.queue import enqueue_job
-from tests.reliability.conftest import STEADY_LEASE, events_of, job_status, make_job, trainer_starts, wait_for
+from tests.reliability.conftest import IDLE_STEPS, STEADY_LEASE, events_of, job_status, make_job, trainer_starts, wait_for
 from tests.reliability.test_two_hosts import host, last_step, losses, s3, stored_checkpoints, wait_end  # noqa: F401
 from worker.process import trainer_pids
 
@@ -53,7 +54,7 @@ def no_gang_left(db: Session) -> bool:
     return not rows
 
 
-def test_two_hosts_train_one_job_as_two_ranks_like_one_process_two_such_jobs_both_finish_and_pause_cancel_reach_both(
+def test_two_hosts_train_one_job_as_two_ranks_like_one_process_and_two_such_jobs_both_finish(
         db: Session, rel_env, workers, s3, tmp_path: Path) -> None:
     a = host(workers, tmp_path, s3, "host-a", **STEADY_LEASE, **GANG)
     b = host(workers, tmp_path, s3, "host-b", **STEADY_LEASE, **GANG)
@@ -85,34 +86,7 @@ def test_two_hosts_train_one_job_as_two_ranks_like_one_process_two_such_jobs_bot
     assert wait_for(lambda: no_gang_left(db), 30, "the gangs' rows to go")
     db.expire_all()
     assert set(db.get(Job, g1.id).metrics["peak_memory_bytes_by_host"]) == {"host-a", "host-b"}
-
-    # Pause and cancel reach the ranks on both hosts.
-    long = job(db, rel_env, nodes=2, steps=2000)
-    enqueue_job(long.id)
-    started = wait_for(lambda: [r for r in gang_hosts(long.id) if len(r) == 2], 180,
-                       lambda: f"both hosts to start\n{a.log()}\n{b.log()}")[0]
-    dirs = [tmp_path / h / "work" / long.id for h in started]
-    wait_for(lambda: last_step(dirs[0] / "events.jsonl") > 0, 120, "the first step")
-    control.request_pause(db, db.get(Job, long.id))
-    db.commit()
-    wait_for(lambda: job_status(long.id) == states.PAUSED, 120, lambda: f"the pause\n{a.log()}\n{b.log()}")
-    wait_for(lambda: not any(trainer_pids(d) for d in dirs), 30, "every host's ranks to stop")
-    paused_at = events_of(long.id, "checkpoint")[-1].data["step"]  # a pause saves one first
-    assert no_gang_left(db)
-    control.request_resume(db, db.get(Job, long.id))
-    db.commit()
-    enqueue_job(long.id)
-    wait_for(lambda: len([r for r in gang_hosts(long.id) if len(r) == 2]) == 2, 180,
-             lambda: f"both hosts to start again\n{a.log()}\n{b.log()}")
-    starts = wait_for(lambda: s if len(s := events_of(long.id, "start")) == 2 else None, 180,
-                      lambda: f"the resumed run's start\n{a.log()}\n{b.log()}")
-    assert starts[-1].data["resumed_from_step"] == paused_at
-    wait_for(lambda: all(trainer_pids(d) for d in dirs), 60, "the ranks on both hosts")
-    request_cancel(db, db.get(Job, long.id))
-    db.commit()
-    wait_for(lambda: job_status(long.id) == states.CANCELLED, 120, lambda: f"the cancel\n{a.log()}\n{b.log()}")
-    wait_for(lambda: not any(trainer_pids(d) for d in dirs), 30, "every host's ranks to stop")
-    assert wait_for(lambda: no_gang_left(db), 30, "the gang's rows to go")
+    # A pause, resume and cancel on both hosts: the preemption test below.
 
 
 def test_a_killed_follower_host_stops_every_rank_and_the_job_resumes_from_the_store(
@@ -165,3 +139,55 @@ def test_a_killed_follower_host_stops_every_rank_and_the_job_resumes_from_the_st
     assert sorted(losses(g.id)) == list(range(1, steps + 1))
     assert wait_for(lambda: no_gang_left(db), 30, "the gang's rows to go")
     assert job_status(g.id) == states.SUCCEEDED
+
+
+def test_a_running_gang_is_preempted_by_a_higher_gang_on_both_hosts_and_resumes_there_from_its_checkpoint(
+        db: Session, rel_env, workers, s3, tmp_path: Path) -> None:
+    env = {**STEADY_LEASE, **GANG, **IDLE_STEPS}
+    a = host(workers, tmp_path, s3, "host-a", **env)
+    b = host(workers, tmp_path, s3, "host-b", **env)
+    logs = lambda: f"{a.log()}\n{b.log()}"  # noqa: E731
+    low = job(db, rel_env, nodes=2, steps=2000)
+    enqueue_job(low.id)
+    first = wait_for(lambda: [r for r in gang_hosts(low.id) if len(r) == 2], 120,
+                     lambda: f"the low job's ranks\n{logs()}")[0]
+    dirs = [tmp_path / h / "work" / low.id for h in ("host-a", "host-b")]
+    wait_for(lambda: last_step(tmp_path / first[0] / "work" / low.id / "events.jsonl") > 0, 120,
+             "its first step (a pause checkpoints from then on)")
+    # A job of higher priority that needs both hosts claims them and pauses the low one, as one job:
+    # its ranks on both hosts checkpoint and stop, and it goes back to the queue, no retry counted.
+    high = prioritised(job(db, rel_env, nodes=2, steps=2000), 5)
+    enqueue_job(high.id)
+    wait_for(lambda: [r for r in gang_hosts(high.id) if len(r) == 2], 120, lambda: f"the high job's ranks\n{logs()}")
+    assert [e.data["for_job"] for e in events_of(low.id, "preempted")] == [high.id]
+    assert job_status(low.id) == states.QUEUED
+    wait_for(lambda: not any(trainer_pids(d) for d in dirs), 30, "every host's ranks to stop")
+    # The high job ends (cancelled as soon as it runs on both hosts: how it ends does not matter).
+    request_cancel(db, db.get(Job, high.id))
+    db.commit()
+    preempted = events_of(low.id, "preempted")[0]
+    paused_at = next(e.data["step"] for e in events_of(low.id, "checkpoint") if e.seq > preempted.seq)  # the pause's
+    # Then it resumes on both hosts from that checkpoint (each host's start says so as it spawns).
+    again = wait_for(lambda: [r for r in gang_hosts(low.id) if len(r) == 2][1:], 120,
+                     lambda: f"both hosts to start again\n{logs()}")[0]
+    assert sorted(again) == ["host-a", "host-b"]
+    spawned = [e.data for e in events_of(low.id, "message") if e.data and ("pid" in e.data or "gang_host" in e.data)]
+    resumed = [d["resume"] for d in spawned if d["attempt"] == spawned[-1]["attempt"]]
+    assert resumed == [True, True], spawned
+    with session_scope() as s:
+        leader = s.scalar(select(GangMember).where(GangMember.job_id == low.id, GangMember.node_rank == 0))
+        assert leader is not None and s.get(Checkpoint, leader.resume_checkpoint).step == paused_at
+    assert not any(e.type == "retry" for e in events_of(low.id)), [e.message for e in events_of(low.id)]
+    # A cancel reaches the ranks on both hosts.
+    wait_for(lambda: all(trainer_pids(d) for d in dirs), 60, "the ranks on both hosts")
+    request_cancel(db, db.get(Job, low.id))
+    db.commit()
+    wait_for(lambda: job_status(low.id) == states.CANCELLED, 60, lambda: f"the cancel\n{logs()}")
+    wait_for(lambda: not any(trainer_pids(d) for d in dirs), 30, "every host's ranks to stop")
+    assert wait_for(lambda: no_gang_left(db), 30, "the gang's rows to go")
+
+
+def prioritised(j: Job, priority: int) -> Job:
+    with session_scope() as s:
+        s.get(Job, j.id).priority = priority
+    return j

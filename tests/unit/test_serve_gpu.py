@@ -13,7 +13,7 @@ import pytest
 from core.inference import SERVER_OWNER
 from core.settings import Settings
 from worker.gpus import GpuPool
-from worker.placement import _being_freed, _holdings
+from worker.preemption import being_freed, local_holdings
 from worker.serve import take_gpu
 
 
@@ -34,8 +34,8 @@ def test_the_server_takes_one_gpu_that_placement_leaves_alone(tmp_path: Path, en
     pool = GpuPool.for_host(settings)
     assert pool.free() == 1
     assert pool.holders() == {0: f"{SERVER_OWNER}host:1"}
-    held, running = _holdings(None, pool)  # no job holds a GPU, so no database read
-    assert held == {} and running == [] and _being_freed(held, running) == 0
+    held, running = local_holdings(None, pool)  # no job holds a GPU, so no database read
+    assert held == {} and running == [] and being_freed(held, running) == 0
     job = pool.reserve(1, "ftjob-x")
     assert job is not None and job.indices == [1] and pool.reserve(1, "ftjob-y") is None
 
