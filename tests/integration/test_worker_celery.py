@@ -94,7 +94,10 @@ def test_reap_task_requeues_a_dead_workers_job_and_a_worker_finishes_it(
     assert acquire_lease(db, job.id, "dead-worker", ttl_s=30) is not None
     db.execute(update(Job).where(Job.id == job.id).values(lease_heartbeat_at=time.time() - 3600))
     db.commit()
-    worker = celery_worker(slots=1, TUNEQ_ACCELERATE_LAUNCH="false")
+    # A short TTL: a worker's reaper judges leases only once it has seen the database up for one
+    # (worker.reaper), and this worker has just started.
+    worker = celery_worker(slots=1, TUNEQ_ACCELERATE_LAUNCH="false", TUNEQ_LEASE_TTL_S="3", TUNEQ_HEARTBEAT_S="0.5")
+    time.sleep(3)
     producer().send_task(REAP)
     wait_for(lambda: job_status(job.id) in states.TERMINAL, 90, f"the reaped job to end\n{worker.log()}")
     assert job_status(job.id) == states.SUCCEEDED
