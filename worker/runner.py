@@ -397,6 +397,7 @@ class JobRun:
         events = self.tail.read()
         if not events:
             return
+        self.tracker.hold(events)
         for ev in events:
             self.tracker.apply(self.db, self.job, ev)
             self.tensorboard.add(ev)
@@ -405,8 +406,7 @@ class JobRun:
         self.tensorboard.flush()
         self.db.commit()
         self.tail.save_offset()
-        for step, snap in self.tracker.take_new_checkpoints():
-            self.uploader.submit(step, snap)
+        self.uploader.submit_all(self.tracker.take_new_checkpoints())
 
     # -- the end ----------------------------------------------------------------------------
 
