@@ -156,14 +156,15 @@ class Problem:
     counts: bool = True  # a failure of the attempt (a retry); False: the hosts were only not free together
 
 
-def problem(db: Session, job_id: str, attempt: int, ttl_s: float, join_by: float,
+def problem(db: Session, job_id: str, attempt: int, ttl_s: float | None, join_by: float,
             exit_grace_s: float) -> Problem | None:
     """Why the leader must stop the job's ranks now, or None while every host plays its part.
 
     A host that never joined by `join_by`, one whose heartbeat is older than the lease TTL, and
     one whose trainer ended with an error while the others run, all end the attempt.
     `exit_grace_s`: how long ago an exit must be reported before it counts (the leader's own
-    ranks usually notice first, as a failed collective)."""
+    ranks usually notice first, as a failed collective). `ttl_s` None: heartbeats are not judged
+    (just after a database outage every one looks old; worker.reaper)."""
     rows = list(db.scalars(select(GangMember).where(GangMember.job_id == job_id, GangMember.attempt == attempt,
                                                     GangMember.node_rank > 0)))
     db.rollback()
@@ -179,7 +180,7 @@ def problem(db: Session, job_id: str, attempt: int, ttl_s: float, join_by: float
             if m.exit_code not in (0, PAUSED) and (m.heartbeat_at or 0) < t - exit_grace_s:
                 return Problem(f"the trainer on host {m.host} exited with code {m.exit_code}")
             continue
-        if (m.heartbeat_at or 0) < t - ttl_s:
+        if ttl_s is not None and (m.heartbeat_at or 0) < t - ttl_s:
             return Problem(f"host {m.host} stopped heartbeating")
     return None
 

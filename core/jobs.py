@@ -142,8 +142,8 @@ def request_cancel(db: Session, job: Job) -> Job:
     raise states.IllegalTransition(job.id, job.status, states.CANCELLED)
 
 
-def acquire_lease(db: Session, job_id: str, worker_id: str, ttl_s: float, host: str | None = None) -> Job | None:
-    """Take the job's lease if it is queued, or running under a lease older than ttl_s.
+def acquire_lease(db: Session, job_id: str, worker_id: str, ttl_s: float | None, host: str | None = None) -> Job | None:
+    """Take the job's lease if it is queued, or (ttl_s given) running under a lease older than ttl_s.
 
     One conditional UPDATE does it, so two deliveries racing on two workers cannot both win.
     Returns the job (now `running`, with a new attempt number) or None when another holds it.

@@ -260,8 +260,15 @@ class Uploader:
         self.thread.join(60)
 
     def submit(self, step: int, snap: Path) -> None:
+        self.submit_all([(step, snap)])
+
+    def submit_all(self, snapshots: list[tuple[int, Path]]) -> None:
+        """(step, snapshot) pairs, oldest first; given together, the upload thread sees them all
+        before it picks one, so those already superseded are dropped rather than uploaded."""
+        if not snapshots:
+            return
         with self.cond:
-            self.pending.append((step, snap))
+            self.pending.extend(snapshots)
             self.cond.notify_all()
 
     def drain(self, give_up: Callable[[], bool] = lambda: False) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -85,10 +86,26 @@ class ProgressTracker:
         # (step, snapshot) of checkpoints announced since the last take_new_checkpoints(): they are
         # uploaded once their rows are committed.
         self.new_checkpoints: list[tuple[int, Path]] = []
+        # Snapshots taken by hold() as soon as their events were read, by the checkpoint's path.
+        self.held: dict[str, Path | None] = {}
         self.last_error: dict[str, Any] | None = None
         self.finished: dict[str, Any] | None = None
         self.started_up = False  # the trainer reported its first step (its startup event)
         self._rate_origin: tuple[float, int] | None = None  # (time, step) of this run's first metrics
+
+    def hold(self, events: list[dict[str, Any]]) -> None:
+        """Snapshot the checkpoints these events announce, before any of them is applied.
+
+        The trainer keeps only its newest keep_checkpoints folders, and applying a batch of
+        events (a database row each) can take longer than it needs to write that many more: a
+        checkpoint snapshotted only when its turn came was often rotated away by then, and on a
+        busy host whole runs went by with none of their checkpoints reaching the store. Hard
+        links taken at once keep each one whose event was read while it was still on disk."""
+        for ev in events:
+            data = ev.get("data") if isinstance(ev.get("data"), dict) else {}
+            rel = data.get("path")
+            if ev.get("type") == "checkpoint" and isinstance(data.get("step"), int) and rel and rel not in self.held:
+                self.held[rel] = snapshot(self.work_dir / rel, self.work_dir / UPLOADS)
 
     def apply(self, db: Session, job: Job, ev: dict[str, Any]) -> None:
         data = ev.get("data") if isinstance(ev.get("data"), dict) else {}
@@ -161,10 +178,15 @@ class ProgressTracker:
             return
         # A resumed run may announce a step again; one row per step.
         known = db.scalar(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == step))
+        held = rel in self.held
+        snap = self.held.pop(rel, None)
         if known is not None and known.uploaded_at is not None:
+            if snap is not None:
+                shutil.rmtree(snap, ignore_errors=True)
             return
-        snap = snapshot(self.work_dir / rel, self.work_dir / UPLOADS)
-        if snap is None:  # already rotated away by the trainer: a newer one follows
+        if not held:
+            snap = snapshot(self.work_dir / rel, self.work_dir / UPLOADS)
+        if snap is None:  # already rotated away by the trainer when its event was read: a newer one follows
             log.warning("job %s: checkpoint %s was gone before it could be stored", job.id, rel)
             return
         if known is None:

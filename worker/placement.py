@@ -19,7 +19,7 @@ from core.models import Checkpoint, Job, now
 from core.scheduling import Waiting, blocked_head, pick, reserve_for_passed_over, reserved_here, waiting
 from core.settings import Settings
 from trainer import planning
-from worker import gang_place
+from worker import gang_place, reaper
 from worker.disk import disk_state
 from worker.gpus import GpuPool, Reservation
 from worker.preemption import being_freed, local_holdings, preempt_for
@@ -27,11 +27,14 @@ from worker.preemption import being_freed, local_holdings, preempt_for
 log = logging.getLogger(__name__)
 
 
-def _runnable(job: Job | None, ttl_s: float) -> bool:
+def _runnable(job: Job | None, ttl_s: float | None) -> bool:
+    """Queued, or (ttl_s given) running under a lease older than ttl_s."""
     if job is None:
         return False
     if job.status == states.QUEUED:
         return True
+    if ttl_s is None:
+        return False
     stale = job.lease_heartbeat_at is None or job.lease_heartbeat_at < now() - ttl_s
     return job.status == states.RUNNING and stale
 
@@ -42,10 +45,13 @@ def take(db: Session, pool: GpuPool, job_id: str, worker_id: str, settings: Sett
         # Another host takes it: the dispatcher re-sends a deferred job's message to all.
         log.warning("job %s deferred: less than %s GiB free for work on this host", job_id, settings.min_free_disk_gib)
         return "deferred"
+    # A running job's lease is judged stale only once this process has seen the database up for
+    # a whole TTL (worker.reaper): right after an outage every live lease looks old.
+    takeover_ttl = settings.lease_ttl_s if reaper.WATCH.may_judge_leases(settings.lease_ttl_s) else None
     with pool.mutex:
         # Read under the mutex: a sibling slot of this worker may have just leased the job.
         job = db.get(Job, job_id, populate_existing=True)
-        runnable = _runnable(job, settings.lease_ttl_s)
+        runnable = _runnable(job, takeover_ttl)
         db.rollback()
         if not runnable:
             return "skipped"
@@ -124,7 +130,7 @@ def take(db: Session, pool: GpuPool, job_id: str, worker_id: str, settings: Sett
             db.rollback()
             pool.release(reservation)
             return "deferred"
-        leased = acquire_lease(db, target_id, worker_id, settings.lease_ttl_s, host=pool.host)
+        leased = acquire_lease(db, target_id, worker_id, takeover_ttl, host=pool.host)
         if leased is None:
             pool.release(reservation)
             return "skipped" if target_id == job_id else "deferred"

@@ -34,7 +34,7 @@ from core.scheduling import RETRY_AT
 from core.settings import Settings, get_settings
 from core.storage import get_storage
 from trainer.tracking import JOB_ID_ENV, WANDB_DIR
-from worker import placement
+from worker import placement, reaper
 from worker.artifacts import Stored, final_manifest, publish_final, publish_logs
 from worker.checkpoint_store import Uploader, keep_checkpoints, prepare_resume, selection_metric, uploaded
 from worker.events import EventTail, ProgressTracker
@@ -121,8 +121,12 @@ class LeaseKeeper:
 
     `lost` is set once the lease is gone (reaped or taken over); the run checks it and stops. A
     database outage is only logged here: the run's own database calls give up after half the
-    TTL (JobRun.with_db), and the final transition happens only under the lease.
+    TTL (JobRun.with_db), and the final transition happens only under the lease. After a failed
+    renewal the next one is tried within RETRY_S, so the lease is fresh soon after the database
+    is back (the reaper waits a TTL after an outage before it judges any lease: worker.reaper).
     """
+
+    RETRY_S = 1.0
 
     def __init__(self, job_id: str, worker_id: str, attempt: int, every_s: float):
         self.job_id, self.worker_id, self.attempt, self.every_s = job_id, worker_id, attempt, every_s
@@ -130,9 +134,10 @@ class LeaseKeeper:
         self.lost = threading.Event()
         self.thread = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
         self.beats = 0
+        self.failures = 0  # renewals failed in a row
 
     def _beat(self) -> None:
-        while not self.stop.wait(self.every_s):
+        while not self.stop.wait(min(self.every_s, self.RETRY_S) if self.failures else self.every_s):
             try:
                 with get_sessionmaker()() as db:
                     if heartbeat(db, self.job_id, self.worker_id, self.attempt) is None:
@@ -141,9 +146,14 @@ class LeaseKeeper:
                             self.lost.set()
                         return
                 self.beats += 1
+                if self.failures:
+                    log.info("job %s: lease renewed again after %s failed renewals", self.job_id, self.failures)
+                self.failures = 0
             except DBAPIError as exc:
+                self.failures += 1
                 log.warning("job %s: heartbeat failed: %s", self.job_id, exc)
             except Exception:  # noqa: BLE001 - a keeper that dies stops renewing: the job looks lost
+                self.failures += 1
                 log.exception("job %s: heartbeat failed", self.job_id)
 
     def __enter__(self) -> LeaseKeeper:
@@ -153,6 +163,44 @@ class LeaseKeeper:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join(self.every_s + 10)
+
+
+class Runs:
+    """The job runs of this process, by job. The same worker can be handed a job again while an
+    earlier attempt of it still runs here (its lease was taken from it, e.g. re-queued by a
+    reaper): the earlier run is told its lease is gone and the new one waits until it has
+    stopped its trainer, so the job never trains twice at once in one work directory."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_job: dict[str, JobRun] = {}
+
+    def enter(self, run: JobRun) -> JobRun | None:
+        """Register `run`; return the earlier run of its job in this process, if one is still going."""
+        with self.lock:
+            earlier = self.by_job.get(run.job_id)
+            self.by_job[run.job_id] = run
+            return earlier
+
+    def leave(self, run: JobRun) -> None:
+        with self.lock:
+            if self.by_job.get(run.job_id) is run:
+                del self.by_job[run.job_id]
+
+
+RUNS = Runs()
+
+
+def supersede(earlier: JobRun, wait_s: float) -> bool:
+    """Stop an earlier attempt of the same job in this process; True once it has ended."""
+    log.warning("job %s: attempt %s still runs in this worker; stopping it before attempt %s starts",
+                earlier.job_id, earlier.attempt, earlier.attempt + 1)
+    earlier.keeper.lost.set()  # its lease is ours now: it stops its trainer and writes nothing more
+    if not earlier.done.wait(wait_s):
+        log.warning("job %s: attempt %s did not stop within %.0f s; its trainer is killed as a stray",
+                    earlier.job_id, earlier.attempt, wait_s)
+        return False
+    return True
 
 
 class JobRun:
@@ -174,13 +222,22 @@ class JobRun:
         self.nodes = job.nodes  # hosts the job spans: above 1, this worker leads it (core/gang.py)
         self.gang_join_by = float("inf")  # a job across hosts: when every other host must have joined
         self.gang_problem: gang.Problem | None = None
+        self.keeper = LeaseKeeper(self.job_id, self.worker_id, self.attempt, settings.heartbeat_s)
+        self.done = threading.Event()  # execute returned (RUNS)
 
     def execute(self) -> str:
-        with (LeaseKeeper(self.job_id, self.worker_id, self.attempt, self.settings.heartbeat_s) as self.keeper,
-              Uploader(get_storage(), self.job_id, keep_checkpoints(self.job.spec),
-                       may_write=lambda: not self.keeper.lost.is_set(),
-                       metric=selection_metric(self.job.spec)) as self.uploader):
-            outcome = self.attempt_run()
+        earlier = RUNS.enter(self)
+        try:
+            with self.keeper:  # renewing already while an earlier attempt stops
+                if earlier is not None:
+                    supersede(earlier, CHECKPOINT_GRACE_S)
+                with Uploader(get_storage(), self.job_id, keep_checkpoints(self.job.spec),
+                              may_write=lambda: not self.keeper.lost.is_set(),
+                              metric=selection_metric(self.job.spec)) as self.uploader:
+                    outcome = self.attempt_run()
+        finally:
+            RUNS.leave(self)
+            self.done.set()
         if outcome in states.TERMINAL and self.ended_here:
             self.clean_up()
         return outcome
@@ -278,7 +335,9 @@ class JobRun:
                 return "lost"
             if self.nodes > 1 and stopped_by is None and now >= next_gang_check:
                 next_gang_check = now + self.settings.heartbeat_s
-                if (problem := self.with_db(gang.problem, self.db, self.job_id, self.attempt, self.settings.lease_ttl_s,
+                ttl = self.settings.lease_ttl_s
+                judged = ttl if reaper.WATCH.may_judge_leases(ttl) else None  # as the reaper judges leases
+                if (problem := self.with_db(gang.problem, self.db, self.job_id, self.attempt, judged,
                                             self.gang_join_by, gang.MEMBER_EXIT_GRACE_S)) is not None:
                     # One host is gone or failed: every rank stops, the job resumes from its newest stored checkpoint.
                     log.warning("job %s: %s; stopping every rank", self.job_id, problem.message)
@@ -338,6 +397,7 @@ class JobRun:
         events = self.tail.read()
         if not events:
             return
+        self.tracker.hold(events)
         for ev in events:
             self.tracker.apply(self.db, self.job, ev)
             self.tensorboard.add(ev)
@@ -346,8 +406,7 @@ class JobRun:
         self.tensorboard.flush()
         self.db.commit()
         self.tail.save_offset()
-        for step, snap in self.tracker.take_new_checkpoints():
-            self.uploader.submit(step, snap)
+        self.uploader.submit_all(self.tracker.take_new_checkpoints())
 
     # -- the end ----------------------------------------------------------------------------
 

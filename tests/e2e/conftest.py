@@ -181,7 +181,9 @@ def stack(shared_stack: Stack) -> Stack:
 def pg_stack(tmp_path: Path, redis_url: str, pg_migrated_url: str, tiny_model_dir: Path) -> Iterator[Stack]:
     """A stack of the test's own on PostgreSQL, running the trainer under `accelerate launch` (the
     production default) so that a cancel must stop the launcher and the trainer under it."""
-    s = start_stack(tmp_path, pg_migrated_url, redis_url, tiny_model_dir.parent, extra_env={"TUNEQ_ACCELERATE_LAUNCH": "true"})
+    # Its job trains until cancelled: paced steps keep it running at little CPU meanwhile.
+    s = start_stack(tmp_path, pg_migrated_url, redis_url, tiny_model_dir.parent,
+                    extra_env={"TUNEQ_ACCELERATE_LAUNCH": "true", "TUNEQ_TEST_STEP_SLEEP_S": "0.05"})
     yield s
     _stop(s.worker)
     _stop(s.api)

@@ -17,7 +17,7 @@ import torch
 
 from tests.datasets import reverse_dataset
 from tests.e2e.conftest import Stack, dump_logs
-from tests.e2e.test_whole_path import TERMINAL, all_events, train_losses, upload, wait_for
+from tests.e2e.test_whole_path import TERMINAL, all_events, assert_learned, train_losses, upload, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -108,10 +108,12 @@ def test_continue_merge_and_download_checkpoints(mstack: Stack, tiny_model_dir: 
         assert r.status_code == 400 and r.json()["error"]["param"] == "method.lora.target_modules", r.text
         assert "q_proj" in r.json()["error"]["message"]
 
+    # The first job is also the whole path's QLoRA job: it learns, and its adapter loads on the base.
     first, before = run(mstack, {
         "method": {"type": "qlora", "qlora": {"r": 8, "alpha": 16}}, "export": {"merged": True},
         "hyperparameters": {**SHORT, "max_steps": 24, "learning_rate": 5e-3}, "schedule": {"checkpoint_every_steps": 12},
     }, rows=64)
+    assert_learned(before)
     with mstack.client() as c:
         arts = artifacts(c, first["id"])
         assert {"adapter.tar.gz", "merged.tar.gz", "checkpoints/step-00000012.tar.gz",

@@ -133,10 +133,11 @@ class Poller(threading.Thread):
                 time.sleep(0.2)
 
 
-# Enough that the job is still training after the restart (about 5 s) on a fast machine.
 # Long enough that the job is still training when the database comes back (~5 s of outage and
-# waiting): a tiny-model step takes ~15 ms on an idle core, so 80 steps could finish inside it.
-STEPS = 800
+# waiting). The steps are paced by a sleep rather than made many: a paced step costs almost no CPU,
+# and how long the job lasts no longer depends on how fast the machine trains.
+STEPS = 200
+STEP_SLEEP_S = "0.05"
 
 
 def test_job_and_api_ride_out_a_postgres_restart(tmp_path: Path, redis_url: str, tiny_model_dir: Path) -> None:
@@ -151,6 +152,7 @@ def test_job_and_api_ride_out_a_postgres_restart(tmp_path: Path, redis_url: str,
         url = cluster.create_database("tuneq")
         stack = start_stack(tmp_path, url, redis_url, tiny_model_dir.parent, extra_env={
             "TUNEQ_DB_CONNECT_RETRY_S": "2", "TUNEQ_LEASE_TTL_S": "60", "TUNEQ_ACCELERATE_LAUNCH": "false",
+            "TUNEQ_TEST_STEP_SLEEP_S": STEP_SLEEP_S,
         })
         with stack.client() as c:
             job_id = create_job(c, upload(c, reverse_dataset(32, seed=6)), steps=STEPS)

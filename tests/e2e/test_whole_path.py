@@ -1,4 +1,8 @@
-"""The whole path on real parts: upload, create, train on a worker, poll, download, load."""
+"""The whole path on real parts: upload, create, train on a worker, poll, download, load.
+
+QLoRA's whole path is the first job of test_methods.test_continue_merge_and_download_checkpoints,
+which also merges and continues it: one trainer run checks both. The SDK's list of a finished
+job's checkpoints (one per epoch) is checked on the job of test_wandb."""
 
 from __future__ import annotations
 
@@ -129,19 +133,6 @@ def test_full_through_http(stack: Stack, tmp_path: Path) -> None:
     AutoModelForCausalLM.from_pretrained(next(out.rglob("config.json")).parent)
 
 
-def test_qlora_through_http(stack: Stack, tiny_model_dir: Path, tmp_path: Path) -> None:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    _, losses, out = run_method(
-        stack, {"type": "qlora", "qlora": {"r": 16, "alpha": 64}},
-        {"n_epochs": 5, "batch_size": 8, "learning_rate": 3e-3}, tmp_path,
-    )
-    assert_learned(losses)
-    adapter_dir = next(out.rglob("adapter_config.json")).parent
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir)
-
-
 def test_cancel_running_job_on_postgres(pg_stack: Stack) -> None:
     stack = pg_stack
     with stack.client() as c:
@@ -170,20 +161,3 @@ def test_cancel_running_job_on_postgres(pg_stack: Stack) -> None:
     from worker.process import trainer_pids
 
     assert trainer_pids((pg_stack.home / "work" / job_id).resolve()) == []
-
-
-def test_sdk_lists_a_checkpoint_per_epoch_of_a_finished_job(stack: Stack) -> None:
-    import openai
-
-    sdk = openai.OpenAI(base_url=f"{stack.url}/v1", api_key=stack.key, max_retries=0, timeout=120)
-    f = sdk.files.create(file=("train.jsonl", reverse_dataset(8, seed=3).encode()), purpose="fine-tune")
-    job = sdk.fine_tuning.jobs.create(
-        model="tiny-llama", training_file=f.id,
-        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}}},
-    )
-    done = wait_for(stack, job.id, TERMINAL)
-    assert done["status"] == "succeeded", f"{done}\n{dump_logs(stack)}"
-    checkpoints = sdk.fine_tuning.jobs.checkpoints.list(job.id).data
-    # 8 examples in batches of 4: epochs end at steps 2 and 4; newest first, as OpenAI lists them.
-    assert [c.step_number for c in checkpoints] == [4, 2]
-    assert all(c.fine_tuned_model_checkpoint.endswith(f":ckpt-step-{c.step_number}") for c in checkpoints)

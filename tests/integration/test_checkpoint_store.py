@@ -148,3 +148,27 @@ def test_the_uploader_marks_a_stored_checkpoint_and_says_what_its_upload_took(db
     assert before <= data["started_at"] <= data["started_at"] + data["seconds"] <= events[0].created_at
     assert src.name in events[0].message
     assert not snap.exists()  # the hard-linked snapshot is gone once stored
+
+
+def test_a_checkpoint_rotated_away_while_its_events_are_applied_is_still_stored(db: Session, tmp_path: Path) -> None:
+    """The pump snapshots every checkpoint of a batch of events as soon as it has read them: the
+    trainer rotates its folders away while the batch's rows are written, which on a busy host
+    kept whole runs' checkpoints from the store."""
+    import shutil
+
+    from worker.events import ProgressTracker
+
+    job = make_job(db)
+    work = tmp_path / "w"
+    events = [{"type": "checkpoint", "data": {"step": s, "path": f"checkpoints/{fake_checkpoint(work, s).name}"}}
+              for s in (5, 10)]
+    tracker = ProgressTracker(work)
+    tracker.hold(events)
+    shutil.rmtree(work / "checkpoints")  # the trainer wrote two more meanwhile
+    for ev in events:
+        tracker.apply(db, job, ev)
+    db.commit()
+    taken = tracker.take_new_checkpoints()
+    assert [step for step, _ in taken] == [5, 10]
+    assert all((snap / "manifest.json").is_file() and (snap / "optimizer.pt").is_file() for _, snap in taken)
+    assert sorted(c.step for c in db.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id))) == [5, 10]

@@ -38,7 +38,10 @@ def test_enqueued_job_runs_once_to_succeeded_under_accelerate_and_the_reap_task_
     assert acquire_lease(db, orphan.id, "dead-worker", ttl_s=30) is not None
     db.execute(update(Job).where(Job.id == orphan.id).values(lease_heartbeat_at=time.time() - 3600))
     db.commit()
-    worker = celery_worker(slots=2, TUNEQ_ACCELERATE_LAUNCH="true")
+    # A short TTL: a worker's reaper judges leases only once it has seen the database up for one
+    # (worker.reaper), and this worker has just started.
+    worker = celery_worker(slots=2, TUNEQ_ACCELERATE_LAUNCH="true", TUNEQ_LEASE_TTL_S="3", TUNEQ_HEARTBEAT_S="0.5")
+    started = time.monotonic()
     enqueue_job(job.id)
     enqueue_job(job.id)  # the same message twice, as a broker re-delivery would
 
@@ -52,6 +55,7 @@ def test_enqueued_job_runs_once_to_succeeded_under_accelerate_and_the_reap_task_
              30, "the second delivery to drop out")
     assert trainer_processes(work_dir(job.id)) == []
 
+    time.sleep(max(0.0, 3 - (time.monotonic() - started)))
     producer().send_task(REAP)
     wait_for(lambda: job_status(orphan.id) in states.TERMINAL, 90, f"the reaped job to end\n{worker.log()}")
     assert job_status(orphan.id) == states.SUCCEEDED

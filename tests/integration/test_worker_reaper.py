@@ -14,7 +14,7 @@ from core import states
 from core.jobs import acquire_lease, request_cancel
 from core.models import Job
 from tests.integration.conftest import make_job, wait_for
-from worker.reaper import ReaperThread, reap_once
+from worker.reaper import DatabaseWatch, ReaperThread, reap_once
 
 # The reaper's stale-lease query compares times in SQL: checked on both databases.
 pytestmark = pytest.mark.dialects
@@ -30,6 +30,13 @@ def queued_job_ids(redis_url: str) -> list[str]:
     return ids
 
 
+def watched(up_for_s: float = 3600.0) -> DatabaseWatch:
+    """A reaper's watch that has seen the database up for `up_for_s` (longer than any TTL here)."""
+    watch = DatabaseWatch()
+    watch.up_since, watch.last_up = time.monotonic() - up_for_s, time.monotonic()
+    return watch
+
+
 def make_stale(db: Session, job_id: str, age_s: float) -> None:
     db.execute(update(Job).where(Job.id == job_id).values(lease_heartbeat_at=time.time() - age_s))
     db.commit()
@@ -41,7 +48,7 @@ def test_stale_lease_is_reaped_and_requeued(db: Session, db_env: dict[str, str])
         assert acquire_lease(db, job.id, "dead-worker", ttl_s=30)
     make_stale(db, stale.id, age_s=120)  # TUNEQ_LEASE_TTL_S is 30
 
-    assert reap_once() == [stale.id]
+    assert reap_once(watched()) == [stale.id]
     db.expire_all()
     assert db.get(Job, stale.id).status == states.QUEUED
     assert db.get(Job, stale.id).lease_owner is None
@@ -59,7 +66,7 @@ def test_stale_cancelling_job_ends_cancelled_not_requeued(db: Session, db_env: d
     request_cancel(db, job)
     db.commit()
     make_stale(db, job.id, age_s=120)
-    assert reap_once() == []
+    assert reap_once(watched()) == []
     db.expire_all()
     assert db.get(Job, job.id).status == states.CANCELLED
     assert queued_job_ids(db_env["TUNEQ_REDIS_URL"]) == []
@@ -69,7 +76,7 @@ def test_reaper_thread_requeues_without_being_called(db: Session, db_env: dict[s
     job = make_job(db)
     assert acquire_lease(db, job.id, "dead-worker", ttl_s=30)
     make_stale(db, job.id, age_s=120)
-    reaper = ReaperThread(interval_s=0.2)
+    reaper = ReaperThread(interval_s=0.2, watch=watched())
     reaper.start()
     try:
         wait_for(lambda: queued_job_ids(db_env["TUNEQ_REDIS_URL"]) == [job.id], 10, "the reaper thread")
@@ -77,3 +84,16 @@ def test_reaper_thread_requeues_without_being_called(db: Session, db_env: dict[s
         reaper.stop()
         reaper.join(5)
     assert not reaper.is_alive()
+
+
+def test_a_reaper_that_has_not_watched_the_database_for_a_ttl_reaps_nothing(db: Session, db_env: dict[str, str]) -> None:
+    """Just after an outage (or its own start) the reaper cannot tell a dead worker from one that
+    could not renew: it waits until it has seen the database up for a TTL (worker.reaper)."""
+    job = make_job(db)
+    assert acquire_lease(db, job.id, "live-worker", ttl_s=30)
+    make_stale(db, job.id, age_s=120)
+    assert reap_once(watched(up_for_s=10)) == []  # TUNEQ_LEASE_TTL_S is 30
+    assert reap_once(DatabaseWatch()) == []
+    db.expire_all()
+    assert db.get(Job, job.id).status == states.RUNNING
+    assert reap_once(watched(up_for_s=31)) == [job.id]

@@ -261,6 +261,36 @@ def test_rerun_after_a_lost_worker_resumes_from_the_checkpoint(db: Session, work
 
 
 @SQLITE_ONLY
+def test_a_worker_handed_its_running_job_again_stops_the_first_trainer_before_the_second(
+        db: Session, worker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reaper re-queued the job of a live run and the same worker leased it again (attempt 2):
+    attempt 1 stops its trainer before attempt 2 starts one, so the job never trains twice at once
+    in its work directory."""
+    from worker import gpus
+
+    monkeypatch.setattr(gpus, "_pool", gpus.GpuPool.for_host(get_settings(), slots=2))  # room for both
+    job = make_job(db, worker_env["model"], steps=LONG, examples=64, checkpoint_every=5, log_every=20)
+    first = Background(job.id, "w1")
+    wait_for(lambda: events_of(job.id, "checkpoint"), 60, "a checkpoint")
+    pid = trainer_pid(job.id)
+    # As a reaper does: back to the queue, no owner, no back-off left to wait.
+    db.execute(update(Job).where(Job.id == job.id).values(status=states.QUEUED, lease_owner=None, progress={}))
+    db.commit()
+    second = Background(job.id, "w1")
+    start = wait_for(lambda: [e for e in events_of(job.id, "start")][1:], 60, "the second start event")[0]
+    assert first.join() == "lost"
+    assert not process_alive(pid)
+    db.expire_all()
+    starts = [e for e in events_of(job.id, "message") if e.data and "pid" in e.data]
+    assert [e.data["attempt"] for e in starts] == [1, 2]
+    # Attempt 1's trainer was gone before attempt 2's started: no step of it after that start.
+    assert all(e.seq < starts[1].seq or e.data["step"] > start.data["resumed_from_step"]
+               for e in events_of(job.id, "metrics")), "two trainers of the job ran at once"
+    with_session_cancel(db, job.id)
+    assert second.join() == states.CANCELLED
+
+
+@SQLITE_ONLY
 def test_the_sweep_removes_work_dirs_of_ended_jobs_and_of_jobs_gone_to_another_host(
         db: Session, worker_env: dict[str, str]) -> None:
     from worker.disk import sweep_work_dirs

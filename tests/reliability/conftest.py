@@ -38,10 +38,11 @@ FAST = {
 # load (2 cores, several trainers starting) look dead, so its running job was re-queued mid-test.
 STEADY_LEASE = {"TUNEQ_LEASE_TTL_S": "30"}
 
-# For workers whose jobs a test keeps running until it pauses, preempts or cancels them: each step
-# is followed by a short sleep (trainer.loop), so such a trainer waits for the test instead of
-# taking a whole core from the rest of the run.
-IDLE_STEPS = {"TUNEQ_TEST_STEP_SLEEP_S": "0.05"}
+# For workers whose jobs a test keeps running until it pauses, preempts or cancels them, or kills
+# them mid-run: each step is followed by a sleep (trainer.loop), so such a trainer waits for the
+# test instead of taking a core from the rest of the run. A tiny step computes for tens of
+# milliseconds: with a 0.2 s sleep a trainer that only has to be running costs a fraction of a core.
+IDLE_STEPS = {"TUNEQ_TEST_STEP_SLEEP_S": "0.2"}
 
 
 @pytest.fixture

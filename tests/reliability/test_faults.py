@@ -13,13 +13,13 @@ from core.models import Job
 from core.queue import enqueue_job, producer
 from tests.conftest import reset_caches
 from tests.reliability.conftest import (
-    STEADY_LEASE, assert_never_twice_at_once, events_of, job_status, make_job, resumed_steps, trainer_starts, wait_for,
+    IDLE_STEPS, STEADY_LEASE, assert_never_twice_at_once, events_of, job_status, make_job, resumed_steps, trainer_starts, wait_for,
 )
 from trainer.watchdog import alive
 
-# Long enough to kill mid-run on an idle machine too (a tiny step is ~30 ms there, and the kill
-# comes ~1 s after the step-5 checkpoint reaches the database), short enough to run twice.
-STEPS = 150
+# Paced (IDLE_STEPS), the steps after the step-5 checkpoint last seconds, so the kill lands mid-run
+# however fast the machine; few enough that the run and its resumed rest cost little CPU.
+STEPS = 40
 
 
 def training_job(db: Session, env: dict[str, str], steps: int = STEPS, **kw) -> Job:
@@ -48,7 +48,7 @@ def wait_end(job_id: str, w, timeout: float = 180) -> str:
 
 def test_sigkill_of_the_worker_resumes_on_a_restarted_worker(db: Session, rel_env, workers) -> None:
     job = training_job(db, rel_env)
-    w1 = workers()
+    w1 = workers(**IDLE_STEPS)
     enqueue_job(job.id)
     # The trainer's own event file, not the database: the pump's copy can lag to the end of a run.
     wait_trainer_checkpoint(job.id, rel_env, w1)
@@ -57,7 +57,7 @@ def test_sigkill_of_the_worker_resumes_on_a_restarted_worker(db: Session, rel_en
     # The orphan stops by itself (its watchdog sees the worker gone), with no other worker on the
     # host to kill it: it must not go on holding the GPU, nor finish the job no one supervises.
     wait_for(lambda: not alive(trainer), 30, f"the orphaned trainer {trainer} to stop\n{w1.log()}")
-    w2 = workers()  # reaps the stale lease, stores what w1 announced but did not store, resumes
+    w2 = workers(**IDLE_STEPS)  # reaps the stale lease, stores what w1 announced but did not store, resumes
     assert wait_end(job.id, w2) == states.SUCCEEDED, w2.log()
     resumed = resumed_steps(job.id)
     assert resumed[0] is None and resumed[-1] is not None and resumed[-1] >= 5, resumed
@@ -67,7 +67,7 @@ def test_sigkill_of_the_worker_resumes_on_a_restarted_worker(db: Session, rel_en
 
 def test_sigkill_of_the_trainer_alone_is_retried_and_resumes(db: Session, rel_env, workers) -> None:
     job = training_job(db, rel_env)
-    w = workers(**STEADY_LEASE)  # the worker itself sees its trainer die: no lease expiry involved
+    w = workers(**STEADY_LEASE, **IDLE_STEPS)  # the worker itself sees its trainer die: no lease expiry involved
     enqueue_job(job.id)
     wait_trainer_checkpoint(job.id, rel_env, w)
     os.kill(wait_for(lambda: trainer_starts(job.id), 60, "the trainer's start event")[0].data["pid"], signal.SIGKILL)
@@ -105,19 +105,28 @@ def test_job_longer_than_the_visibility_timeout_runs_once(db: Session, rel_env, 
     short = {"TUNEQ_VISIBILITY_TIMEOUT_S": "2", **STEADY_LEASE}
     monkeypatch.setenv("TUNEQ_VISIBILITY_TIMEOUT_S", "2")
     reset_caches()
-    # Still running after the second worker has started (seconds) and the message is restored.
-    job = training_job(db, rel_env, steps=300)
+    job = training_job(db, rel_env, steps=6)
     # Both workers up before the job starts: on a busy machine a worker takes about a minute to
     # start, and the job must still run when its message comes back.
     w1, w2 = workers(**short), workers(**short)
     enqueue_job(job.id)
-    wait_checkpoint(job.id, w1)
-    # What a consumer does when it (re)connects: messages unacked for longer than the
-    # visibility timeout go back to the queue, though w1 still runs the job.
-    with producer().connection_for_write() as conn:
-        conn.default_channel.qos.restore_visible(num=100)
-    wait_for(lambda: "dropping this duplicate delivery" in w1.log() + w2.log(), 60,
-             f"the re-delivered message\n{w1.log()}\n{w2.log()}")
+    trainer = wait_for(lambda: trainer_starts(job.id), 60, f"the trainer's start event\n{w1.log()}")[0].data["pid"]
+    # The run goes on (its trainer held, its worker supervising and renewing the lease) until the
+    # duplicate has been dropped, however slow the machine: a run of many steps instead was over
+    # before the message came back when the pump's copy of its events lagged.
+    os.kill(trainer, signal.SIGSTOP)
+    try:
+        def restored_and_dropped() -> bool:
+            # What a consumer does when it (re)connects: messages unacked for longer than the
+            # visibility timeout go back to the queue, though w1 still runs the job.
+            with producer().connection_for_write() as conn:
+                conn.default_channel.qos.restore_visible(num=100)
+            return "dropping this duplicate delivery" in w1.log() + w2.log()
+
+        wait_for(restored_and_dropped, 60, lambda: f"the re-delivered message\n{w1.log()}\n{w2.log()}", interval=0.5)
+        assert job_status(job.id) == states.RUNNING
+    finally:
+        os.kill(trainer, signal.SIGCONT)
     assert wait_end(job.id, w1) == states.SUCCEEDED, w1.log() + w2.log()
     db.expire_all()
     assert db.get(Job, job.id).lease_attempt == 1 and len(trainer_starts(job.id)) == 1

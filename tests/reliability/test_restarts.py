@@ -16,7 +16,7 @@ from core.queue import enqueue_job
 from tests.conftest import reset_caches
 from tests.integration.conftest import chat_lines
 from tests.reliability.conftest import (
-    STEADY_LEASE, Proc, assert_never_twice_at_once, events_of, job_status, make_job, trainer_starts, wait_for,
+    IDLE_STEPS, STEADY_LEASE, Proc, assert_never_twice_at_once, events_of, job_status, make_job, trainer_starts, wait_for,
 )
 from tuneq.embedded import EmbeddedRedis, free_port
 
@@ -28,9 +28,10 @@ def test_redis_restart_mid_job_loses_nothing(db: Session, rel_env, workers, tmp_
     try:
         monkeypatch.setenv("TUNEQ_REDIS_URL", url)
         reset_caches()
-        running = make_job(db, rel_env["model"], steps=150, examples=64, checkpoint_every=5, log_every=5)
+        # Paced (IDLE_STEPS): the steps after the first metrics outlast the restart by seconds.
+        running = make_job(db, rel_env["model"], steps=40, examples=64, checkpoint_every=5, log_every=5)
         waiting = make_job(db, rel_env["model"], steps=4)
-        w = workers(TUNEQ_REDIS_URL=url, **STEADY_LEASE)
+        w = workers(TUNEQ_REDIS_URL=url, **STEADY_LEASE, **IDLE_STEPS)
         enqueue_job(running.id)
         wait_for(lambda: events_of(running.id, "metrics"), 120, f"training\n{w.log()}")
         enqueue_job(waiting.id)  # only one GPU: this message is deferred and re-sent, then lost below
