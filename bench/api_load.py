@@ -482,6 +482,9 @@ class Bench:
                                "api_cpu": cpu_used / (t_end - t_start), "gen_cpu": gen_used / (t_end - t_start),
                                "api_cpu_s": cpu_used,
                                "load": (min(loads), max(loads))}
+        # Polls and lists apart: a tail can be one kind's alone.
+        row["by_kind"] = {k: {"answered": v["answered"], "p50": v["p50"], "p99": v["p99"], "max": v["max"]}
+                          for k in ("poll", "list") if (v := rec.summary((k,)))["answered"]}
         if streams:
             with self.client(False, timeout=60) as h:
                 truth = {}
