@@ -25,6 +25,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 from functools import lru_cache
 from io import BytesIO
 from pathlib import Path
@@ -106,11 +107,30 @@ _pool: concurrent.futures.ProcessPoolExecutor | None = None
 _counting: dict[str, concurrent.futures.Future[dict[str, Any]]] = {}
 
 
+PARENT_POLL_S = 1.0
+
+
+def _watch_parent(parent: int) -> None:
+    """In the checking child: end when the API process that made it is gone.
+
+    An API killed outright (SIGKILL, the OOM killer) runs no shutdown, and the child would wait on
+    its pipe for good, holding its tokenizers' memory. A parent-death signal would not do: it
+    fires when the creating thread ends, and the pool is made on one of anyio's worker threads."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="tuneq-parent-watch", daemon=True).start()
+
+
 def _process_pool_locked() -> concurrent.futures.ProcessPoolExecutor:
     global _pool
     if _pool is None:
         # spawn: a fork of a process running threads (uvicorn, SQLAlchemy pools) is unsafe.
-        _pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        _pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                       initializer=_watch_parent, initargs=(os.getpid(),))
     return _pool
 
 
