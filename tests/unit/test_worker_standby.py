@@ -84,6 +84,10 @@ def test_a_job_runs_in_the_standby_of_its_gpu_and_is_supervised_like_a_fresh_tra
         fresh = TrainerProcess(trainer_argv(settings, spec, other, False), cwd=other, log_path=other / "trainer.log",
                                env={**pool.env(settings, "1")}, standbys=pool)
         assert not fresh.standby and fresh.pid != idle_pid and pool.idle == [standby]
+        # Found by its command line, which a loaded machine may show a moment after the start.
+        deadline = time.monotonic() + 30
+        while fresh.pid not in trainer_pids(other) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert trainer_pids(other) == [fresh.pid]  # the idle standby is no job's trainer
         fresh.kill()
 
