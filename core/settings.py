@@ -56,7 +56,11 @@ class Settings(BaseSettings):
     accelerate_launch: bool = Field(True, description="Start multi-GPU trainers under `accelerate launch`; false starts them with torch.distributed.run instead. A one-GPU trainer is always started directly.")
     standby_trainers: int = Field(
         1, ge=0, le=16,
-        description="Trainer processes each worker keeps started ahead of its jobs, with torch and the trainer already imported: a one-GPU job starts in one instead of a fresh interpreter (seconds sooner to its first step). 0: every job starts a fresh process.",
+        description="Trainer processes each worker keeps started ahead of its jobs, with torch and the trainer already imported: a one-GPU job starts in one instead of a fresh interpreter (seconds sooner to its first step). With TUNEQ_TRAINER_TEMPLATE on, only the jobs the template cannot take use them. 0: none; such jobs start a fresh process.",
+    )
+    trainer_template: bool = Field(
+        True,
+        description="Each worker keeps one process that imported the trainer and forks a one-process trainer for each job (milliseconds instead of the seconds of a fresh interpreter's imports). Jobs that need bitsandbytes (qlora, its optimizers, a base stored quantized) still take a standby trainer or a fresh process. false: no template.",
     )
     dist_timeout_s: float = Field(
         600.0, gt=0, le=86_400,

@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny", help="build a tiny Llama-shaped model with tokenizer and chat template")
     tiny.add_argument("dir", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
-    sub.add_parser("standby", help="import the trainer, then run the job that arrives on stdin (trainer.standby)")
+    standby = sub.add_parser("standby", help="import the trainer, then run the job that arrives on stdin (trainer.standby)")
+    standby.add_argument("--template", action="store_true",
+                         help="fork a trainer for each job that arrives instead (trainer.template)")
     val = sub.add_parser("validate", help="print the validation report of a JSONL file")
     val.add_argument("file", type=Path)
     val.add_argument("--model", help="model directory whose tokenizer counts tokens")
@@ -139,6 +141,10 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _standby(args: argparse.Namespace) -> int:
+    if args.template:
+        from trainer.template import main as template_main
+
+        return template_main()
     from trainer.standby import main as standby_main
 
     return standby_main()

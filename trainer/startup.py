@@ -42,9 +42,12 @@ _IMPORTED = time.time()
 _STANDBY: dict[str, float] | None = None
 
 
-def from_standby(received: float, imported_s: float, idle_s: float) -> None:
+def from_standby(received: float, imported_s: float, idle_s: float, forked: bool = False) -> None:
+    """`forked`: the process is a child of the trainer template (trainer.template), whose import
+    and idle time the detail then gives."""
     global _STANDBY
-    _STANDBY = {"received": received, "standby_import": round(imported_s, 3), "standby_idle": round(idle_s, 3)}
+    _STANDBY = {"received": received, "standby_import": round(imported_s, 3), "standby_idle": round(idle_s, 3),
+                "forked": forked}
 
 
 def run_started() -> float:
@@ -53,11 +56,12 @@ def run_started() -> float:
 
 
 def standby_detail() -> dict[str, object]:
-    """For the startup event's detail: whether a standby ran the job, how long it had imported
-    for and how long it waited for the job."""
+    """For the startup event's detail: whether a standby (or a fork of the template) ran the job,
+    how long it had imported for and how long it waited for the job."""
     if _STANDBY is None:
-        return {"standby": False}
-    return {"standby": True, "standby_import": _STANDBY["standby_import"], "standby_idle": _STANDBY["standby_idle"]}
+        return {"standby": False, "forked": False}
+    return {"standby": True, "forked": bool(_STANDBY["forked"]), "standby_import": _STANDBY["standby_import"],
+            "standby_idle": _STANDBY["standby_idle"]}
 
 
 class Phases:
@@ -155,9 +159,14 @@ def skip_unused_libraries(spec: Any, modules: dict[str, Any] | None = None) -> l
     hidden = ["boto3"]
     if spec.method != "qlora" and spec.optimizer not in BITSANDBYTES_OPTIMIZERS and not _stored_quantized(spec.model):
         hidden.append("bitsandbytes")
+    return hide_libraries(hidden, modules)
+
+
+def hide_libraries(names: list[str], modules: dict[str, Any] | None = None) -> list[str]:
+    """Hide `names` (those not imported yet) as skip_unused_libraries does; the names hidden."""
     own = modules is None
     modules = sys.modules if modules is None else modules
-    hidden = [name for name in hidden if name not in modules]
+    hidden = [name for name in names if name not in modules]
     for name in hidden:
         modules[name] = None
     if own:

@@ -13,7 +13,7 @@ from sqlalchemy.exc import DBAPIError
 
 from core.queue import REAP, RUN_JOB, make_celery
 from core.settings import get_settings
-from worker import gpus, host, kombu_fixes, reaper, runner, standby
+from worker import gpus, host, kombu_fixes, reaper, runner, standby, template
 
 app = make_celery()
 kombu_fixes.install()  # a Redis restart must not stop the worker (see the module)
@@ -54,6 +54,7 @@ def _start_reaper(**_: Any) -> None:
         _host = host.HostThread(pool, runner.default_worker_id(settings), slots=pool.count)
         _host.start()
         standby.POOL.start(settings, pool)
+        template.TEMPLATE.start(settings)
 
 
 @signals.worker_shutting_down.connect
@@ -61,6 +62,7 @@ def _stop_running_jobs(**_: Any) -> None:
     # Celery then waits for the tasks: each stops its trainer and hands its job back to the queue.
     runner.SHUTDOWN.set()
     standby.POOL.close()
+    template.TEMPLATE.close()  # it ends once the running trainers it forked have
     if _reaper is not None:
         _reaper.stop()
     if _host is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from trainer.signals import PAUSE_FILE
 from trainer.watchdog import SUPERVISOR_ENV, alive
 from worker.standby import StandbyPool
+from worker.template import Forked, TrainerTemplate
 
 
 def group_members(pgid: int) -> list[int]:
@@ -44,14 +45,20 @@ def group_members(pgid: int) -> list[int]:
 
 class TrainerProcess:
     def __init__(self, argv: list[str], *, cwd: Path, log_path: Path, env: dict[str, str],
-                 standbys: StandbyPool | None = None, give_up: Callable[[], bool] = lambda: False):
-        """Start the trainer; a one-process `python -m trainer ...` goes to a standby trainer of
-        `standbys` when one can take it (worker.standby), else to a fresh process."""
+                 standbys: StandbyPool | None = None, give_up: Callable[[], bool] = lambda: False,
+                 template: TrainerTemplate | None = None):
+        """Start the trainer; a one-process `python -m trainer ...` is forked from `template` when
+        it can take it (worker.template), else goes to a standby trainer of `standbys`
+        (worker.standby), else to a fresh process."""
         # The previous run's pause request is not this run's.
         (Path(cwd) / PAUSE_FILE).unlink(missing_ok=True)
-        popen = None
-        if standbys is not None and argv[:3] == [sys.executable, "-m", "trainer"]:
-            popen = standbys.take(env, argv[3:], Path(cwd), Path(log_path), give_up)
+        popen: subprocess.Popen | Forked | None = None
+        if argv[:3] == [sys.executable, "-m", "trainer"]:
+            if template is not None:
+                popen = template.take(env, argv[3:], Path(cwd), Path(log_path), give_up)
+            if popen is None and standbys is not None:
+                popen = standbys.take(env, argv[3:], Path(cwd), Path(log_path), give_up)
+        self.forked = isinstance(popen, Forked)
         self.standby = popen is not None
         if popen is None:
             with open(log_path, "ab") as log:
@@ -125,7 +132,9 @@ class TrainerProcess:
 
 def trainer_pids(work_dir: Path) -> list[int]:
     """Live processes running the trainer on work_dir: `… trainer run … --out work_dir`, or a
-    standby trainer (`… trainer standby`) that took a job and moved into work_dir."""
+    standby trainer (`… trainer standby`), or a trainer forked from the template (its command
+    line is the template's, `… trainer standby --template`), that took a job and moved into
+    work_dir."""
     target = str(work_dir)
     found = []
     for entry in Path("/proc").iterdir():

@@ -41,6 +41,7 @@ from worker.events import EventTail, ProgressTracker
 from worker.gpus import GpuPool, Reservation, get_pool
 from worker.process import SUPERVISOR_ENV, TrainerProcess, kill_strays
 from worker.standby import POOL as STANDBYS
+from worker.template import TEMPLATE
 from worker.tensorboard_log import TensorBoardLog
 from worker.workdir import (
     Rendezvous, SpecError, job_dir, rendezvous_addr, rendezvous_port, runnable_spec, trainer_argv, trainer_env, write_spec,
@@ -277,16 +278,17 @@ class JobRun:
         if self.reservation:
             env.update(self.reservation.env(kind))
         proc = TrainerProcess(argv, cwd=self.dir, log_path=self.dir / "trainer.log", env=env, standbys=STANDBYS,
-                              give_up=lambda: self.keeper.lost.is_set() or SHUTDOWN.is_set())
-        log.info("job %s: trainer pid %s %s on %s %s (attempt %s%s)", self.job_id, proc.pid,
-                 "took the job as a standby" if proc.standby else "started", kind, devices,
+                              give_up=lambda: self.keeper.lost.is_set() or SHUTDOWN.is_set(), template=TEMPLATE)
+        how = "forked from the template" if proc.forked else "took the job as a standby" if proc.standby else "started"
+        log.info("job %s: trainer pid %s %s on %s %s (attempt %s%s)", self.job_id, proc.pid, how, kind, devices,
                  self.attempt, ", resuming" if resume else "")
         host = self.pool.host if self.pool else None
         self.job.host = host
         states.add_event(self.db, self.job, "Resuming from the latest checkpoint." if resume else "Trainer started.",
                          type="message", data={"pid": proc.pid, "worker": self.worker_id, "resume": resume,
                                                "attempt": self.attempt, "host": host, "devices": devices,
-                                               "device_kind": kind, "standby": proc.standby})
+                                               "device_kind": kind, "standby": proc.standby,
+                                               "forked": proc.forked})
         self.db.commit()
         try:
             stopped_by = self.supervise(proc)

@@ -49,6 +49,13 @@ def standby_argv() -> list[str]:
     return [sys.executable, "-m", "trainer", "standby"]
 
 
+def spawn_piped(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    """A trainer helper process (a standby, the template): told its jobs on stdin, answering on
+    stdout, in a session of its own."""
+    return subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
 def import_time_changes(before: dict[str, str], after: dict[str, str]) -> list[str]:
     """The variables in which `after` differs from `before`, other than those read at run time."""
     changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
@@ -62,8 +69,7 @@ def runtime_only(before: dict[str, str], after: dict[str, str]) -> bool:
 class Standby:
     def __init__(self, env: dict[str, str], cwd: Path):
         self.env = env
-        self.popen = subprocess.Popen(standby_argv(), cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.DEVNULL, start_new_session=True)
+        self.popen = spawn_piped(standby_argv(), env, cwd)
         self.spawned = time.time()
         self.ready = False
 

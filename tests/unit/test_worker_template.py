@@ -1,0 +1,135 @@
+"""The trainer template (trainer.template, worker.template): a job's trainer forked from one process
+that imported the trainer once, supervised and ended like a fresh trainer, its exit code passed on
+by the template; jobs it cannot take, and a template that is gone, get a fresh trainer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from core.settings import Settings
+from trainer.events import read_events
+from worker.process import TrainerProcess, trainer_pids
+from worker.template import TrainerTemplate, needs_bitsandbytes
+from worker.workdir import trainer_argv
+
+EXIT_PAUSED = 75
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _wait_for(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory):
+    home = tmp_path_factory.mktemp("template")
+    settings = Settings(home=home / "home", trainer_template=True)
+    t = TrainerTemplate()
+    t.start(settings)
+    assert t.current is not None and t.current.ready.wait(300) and not t.current.gone.is_set(), t.current.error
+    yield t, settings
+    t.close()
+    t.current = None
+
+
+def _start(template, make_spec, tmp_path: Path, name: str, method: str = "lora", **hp) -> TrainerProcess:
+    t, settings = template
+    spec = make_spec(method, hyperparameters={"batch_size": 2, "max_seq_len": 32, **hp})
+    out = tmp_path / name
+    out.mkdir()
+    (out / "spec.json").write_text(spec.model_dump_json())
+    return TrainerProcess(trainer_argv(settings, out / "spec.json", out, False), cwd=out, log_path=out / "trainer.log",
+                          env=dict(t.env), template=t)
+
+
+def _metrics(out: Path) -> bool:
+    return any(e["type"] == "metrics" for e in read_events(out / "events.jsonl"))
+
+
+def test_a_job_is_forked_from_the_template_and_its_exit_codes_come_back(template, make_spec, tmp_path: Path) -> None:
+    """The trainer is the template's child, in a session of its own, found by its work directory;
+    it imported nothing (its startup event's import phase is the fork's, the detail says forked).
+    Its exit code reaches the worker through the template: 0, the trainer's own error code, the
+    pause code, and a kill."""
+    t, _ = template
+    proc = _start(template, make_spec, tmp_path, "done", max_steps=3)
+    assert proc.forked and proc.standby
+    assert _parent(proc.pid) == t.current.popen.pid and os.getpgid(proc.pid) == proc.pid
+    out = tmp_path / "done"
+    _wait_for(lambda: proc.pid in trainer_pids(out), 30, "the forked trainer in its work directory")
+    assert proc.wait(300) and proc.returncode == 0, (out / "trainer.log").read_text()[-3000:]
+    [startup] = [e["data"] for e in read_events(out / "events.jsonl") if e["type"] == "startup"]
+    assert startup["detail"]["forked"] is True and startup["detail"]["standby_import"] > 1.0, startup
+    assert startup["phases"]["import"] < 1.0, startup
+    assert "bitsandbytes" in startup["detail"]["skipped_libraries"], startup
+    assert (out / "final" / "manifest.json").is_file()
+
+    # The trainer's own error: a training file that is not there is a usage error (exit 2).
+    _, settings = template
+    spec = make_spec("lora", training_file=str(tmp_path / "missing.jsonl"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "spec.json").write_text(spec.model_dump_json())
+    proc = TrainerProcess(trainer_argv(settings, bad / "spec.json", bad, False), cwd=bad, log_path=bad / "trainer.log",
+                          env=dict(t.env), template=t)
+    assert proc.forked and proc.wait(60) and proc.returncode == 2, (bad / "trainer.log").read_text()[-2000:]
+
+    # A pause: the checkpoint, then the pause code.
+    proc = _start(template, make_spec, tmp_path, "paused", max_steps=100_000)
+    paused = tmp_path / "paused"
+    assert proc.forked
+    _wait_for(lambda: _metrics(paused), 120, "a first step")
+    proc.ask_pause()
+    assert proc.wait(120) and proc.returncode == EXIT_PAUSED, (paused / "trainer.log").read_text()[-3000:]
+
+    # Killed: the signal, as Popen reports it.
+    proc = _start(template, make_spec, tmp_path, "killed", max_steps=100_000)
+    assert proc.forked
+    _wait_for(lambda: _metrics(tmp_path / "killed"), 120, "a first step")
+    proc.kill()
+    assert proc.returncode == -signal.SIGKILL and proc.finished()
+
+
+def test_a_job_that_needs_bitsandbytes_is_not_forked(template, make_spec, tmp_path: Path) -> None:
+    spec = tmp_path / "qlora.json"
+    spec.write_text(make_spec("qlora").model_dump_json())
+    assert needs_bitsandbytes(spec) is True
+    lora = tmp_path / "lora.json"
+    lora.write_text(make_spec("lora").model_dump_json())
+    assert needs_bitsandbytes(lora) is False
+    t, _ = template
+    out = tmp_path / "out"
+    out.mkdir()
+    assert t.take(dict(t.env), ["run", str(spec), "--out", str(out)], out, out / "trainer.log") is None
+
+
+def test_a_dead_template_takes_its_trainers_along_and_the_next_job_starts_fresh(template, make_spec,
+                                                                                  tmp_path: Path) -> None:
+    t, _ = template
+    proc = _start(template, make_spec, tmp_path, "running", max_steps=100_000)
+    assert proc.forked
+    first = t.current
+    os.kill(first.popen.pid, signal.SIGKILL)
+    # Its child dies with it, and the handle says so without the template to report it.
+    assert proc.wait(30) and proc.returncode == -signal.SIGKILL
+    _wait_for(first.gone.is_set, 30, "the worker to see the template gone")
+    fresh = _start(template, make_spec, tmp_path, "fresh", max_steps=100_000)
+    try:
+        assert not fresh.forked and not fresh.standby and _parent(fresh.pid) == os.getpid()
+    finally:
+        fresh.kill()
+    # The next template is on its way for the jobs after.
+    assert t.current is not first and t.current.ready.wait(300) and not t.current.gone.is_set()
+    again = _start(template, make_spec, tmp_path, "again", max_steps=2)
+    assert again.forked and again.wait(300) and again.returncode == 0
