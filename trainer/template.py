@@ -8,7 +8,7 @@ cannot inherit:
 - CUDA. A child of a process that initialised CUDA cannot use it. So the template imports what a
   run imports with bitsandbytes hidden (trainer.startup.skip_unused_libraries; it asks CUDA for
   the devices' compute capability at import), and before each fork checks that torch has not
-  initialised CUDA. The child's CUDA_VISIBLE_DEVICES is its job's: nothing read it yet. Jobs
+  initialised CUDA and that the driver library is not even loaded. The child's CUDA_VISIBLE_DEVICES is its job's: nothing read it yet. Jobs
   that need bitsandbytes are not handed to the template.
 - Threads. A fork copies only the forking thread: a lock another thread held stays locked in the
   child. The template runs no thread of its own (it watches its worker from its loop, not with
@@ -63,6 +63,11 @@ def fork_hazard() -> str | None:
         return "torch initialised CUDA"
     if sys.modules.get("bitsandbytes") is not None:
         return "bitsandbytes is imported"
+    # torch loads the driver library on its first CUDA call (a device count, is_available), which
+    # may have initialised the driver without torch counting CUDA as initialised.
+    with open("/proc/self/maps") as maps:
+        if any("/libcuda.so" in line for line in maps):
+            return "the CUDA driver library is loaded"
     threads = len(os.listdir("/proc/self/task"))
     if threads != 1:
         return f"the template runs {threads} threads"

@@ -29,6 +29,16 @@ def environ_of(pid: int) -> dict[str, str]:
     return dict(e.decode().split("=", 1) for e in raw if b"=" in e)
 
 
+def devices_of(started: dict) -> str:
+    """The CUDA_VISIBLE_DEVICES a trainer runs with, from its "Trainer started" event's data. A
+    trainer forked from the template (worker.template) set it after the fork, which its
+    /proc/PID/environ (the template's, from its start) does not show: the worker handed it the
+    event's devices."""
+    if started.get("forked"):
+        return ",".join(str(d) for d in started["devices"])
+    return environ_of(started["pid"])["CUDA_VISIBLE_DEVICES"]
+
+
 def story(**jobs: str) -> str:
     """Each job's events in order (type, step or status change, message): what a failure needs."""
     lines = []
@@ -56,7 +66,7 @@ def test_two_gpus_run_two_one_gpu_jobs_at_once_each_on_its_own_gpu(db: Session, 
              f"two running jobs\n{w.log()}")
     running = [j for j in jobs if job_status(j.id) == states.RUNNING]
     waiting = [j for j in jobs if j not in running]
-    devices = sorted(environ_of(trainer_starts(j.id)[0].data["pid"])["CUDA_VISIBLE_DEVICES"] for j in running)
+    devices = sorted(devices_of(trainer_starts(j.id)[0].data) for j in running)
     assert devices == ["0", "1"]
     assert len(waiting) == 1 and job_status(waiting[0].id) == states.QUEUED
     db.expire_all()
