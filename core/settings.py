@@ -62,6 +62,10 @@ class Settings(BaseSettings):
         True,
         description="Each worker keeps one process that imported the trainer and forks a one-process trainer for each job (milliseconds instead of the seconds of a fresh interpreter's imports). Jobs that need bitsandbytes (qlora, its optimizers, a base stored quantized) still take a standby trainer or a fresh process. false: no template.",
     )
+    trainer_template_at_start: bool = Field(
+        True,
+        description="Start the trainer template with the worker, so that its imports are done before the first job arrives. false: start it for the worker's first job, which waits for those imports (about what a fresh trainer would take); for workers that often run no job at all.",
+    )
     dist_timeout_s: float = Field(
         600.0, gt=0, le=86_400,
         description="Seconds a process of a multi-GPU job waits for its peers in a collective before the job fails and is retried.",

@@ -35,6 +35,9 @@ REDIS_DBS_PER_PROCESS = 2
 # stack, tests/unit/test_worker_standby.py): a standby imports the whole trainer ahead of a job,
 # and the many short-lived workers of the suite would pay that for standbys they never use.
 os.environ.setdefault("TUNEQ_STANDBY_TRAINERS", "0")
+# Their trainers are forked from a trainer template (worker.template), which such a worker starts
+# with its first job rather than with itself: it pays one import then, and none if it runs no job.
+os.environ.setdefault("TUNEQ_TRAINER_TEMPLATE_AT_START", "false")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One compute thread per test process, inherited by the trainers and workers it starts: the

@@ -178,7 +178,8 @@ class TemplateProcess:
 
 
 class TrainerTemplate:
-    """The worker's template. Off until start() (a real worker process with the setting on)."""
+    """The worker's template. Off until start() (a real worker process with the setting on); the
+    process itself starts then, or with the first job that may use it."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -193,7 +194,8 @@ class TrainerTemplate:
                 return
             self.root = settings.resolved_work_dir()
             self.env = {**trainer_env(settings), SUPERVISOR_ENV: str(os.getpid())}
-            self.spawn()
+            if settings.trainer_template_at_start:
+                self.spawn()
 
     def spawn(self) -> None:
         assert self.root is not None
@@ -205,6 +207,8 @@ class TrainerTemplate:
         with self.lock:
             if self.root is None:
                 return None
+            if self.current is None:
+                self.spawn()  # not started with the worker: the first job waits for its imports
             cur = self.current
             if cur is not None and cur.gone.is_set():
                 self.failed_starts += 0 if cur.was_ready else 1

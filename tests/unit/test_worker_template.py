@@ -34,7 +34,7 @@ def _wait_for(check, timeout: float, what: str) -> None:
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("template")
-    settings = Settings(home=home / "home", trainer_template=True)
+    settings = Settings(home=home / "home", trainer_template=True, trainer_template_at_start=True)
     t = TrainerTemplate()
     t.start(settings)
     assert t.current is not None and t.current.ready.wait(300) and not t.current.gone.is_set(), t.current.error
