@@ -91,8 +91,12 @@ def _store_report(key: str, report: dict[str, Any]) -> None:
 
 
 def _child_report(env: dict[str, str], *args: Any) -> dict[str, Any]:
-    """In the checking child: the API's TUNEQ_* settings, then the report (tokenizers stay loaded)."""
-    if any(os.environ.get(k) != v for k, v in env.items()):
+    """In the checking child: exactly the API's TUNEQ_* settings (none it no longer has), then the
+    report (tokenizers stay loaded)."""
+    mine = {k: v for k, v in os.environ.items() if k.startswith("TUNEQ_")}
+    if mine != env:
+        for k in mine.keys() - env.keys():
+            del os.environ[k]
         os.environ.update(env)
         get_settings.cache_clear()
     from api.data_check import token_report

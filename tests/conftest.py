@@ -45,6 +45,28 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_checking_child_per_test_process() -> Iterator[None]:
+    """The API's checking child (api.validation) outlives the apps of this process, and ends once
+    at the end of the run.
+
+    A production API has one app for the life of its process, and its shutdown ends the child. The
+    suite makes and shuts down hundreds of in-process apps, and each would spawn a fresh child (an
+    interpreter and its imports). The child reads the calling app's TUNEQ_* settings with every
+    check (api.validation._child_report), so apps with other settings can share it. Tests of the
+    child's own ending run it in a process of their own (tests/integration/test_api_checking_child.py).
+    """
+    from api import validation
+
+    real = validation.stop_child
+    validation.stop_child = lambda: None
+    try:
+        yield
+    finally:
+        validation.stop_child = real
+        real()
+
+
 def xdist_index() -> int:
     """0 without xdist; N in xdist's worker gwN."""
     name = os.environ.get("PYTEST_XDIST_WORKER", "")
