@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     api_queue_position_max_age_s: float = Field(
         1.0, ge=0, le=60, description="Seconds one reading of the queue's order serves the queue positions an API process shows, so pollers of queued jobs do not each read the queue; changes made through the same process show at once. 0 reads it per request.",
     )
+    api_warm_child: bool = Field(
+        True, description="Start the API's checking child (the process that tokenizes large files, see TUNEQ_DATA_CHECK_INLINE_BYTES) when the API starts, with its imports done and the tokenizers of the newest local base models loaded, instead of at the first large job. It holds those libraries' memory (hundreds of MB) for as long as the API runs.",
+    )
     data_check_inline_bytes: int = Field(
         256 * 1024, ge=0, description="Bytes of a job's files up to which the creation request tokenizes them itself; larger ones leave the job in validating_files while a child process of the API checks them.",
     )
