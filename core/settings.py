@@ -55,8 +55,8 @@ class Settings(BaseSettings):
     worker_id: str = Field("", description="Name of this worker in leases and the registry. Empty: hostname:pid.")
     accelerate_launch: bool = Field(True, description="Start multi-GPU trainers under `accelerate launch`; false starts them with torch.distributed.run instead. A one-GPU trainer is always started directly.")
     standby_trainers: int = Field(
-        1, ge=0, le=16,
-        description="Trainer processes each worker keeps started ahead of its jobs, with torch and the trainer already imported: a one-GPU job starts in one instead of a fresh interpreter (seconds sooner to its first step). 0: every job starts a fresh process.",
+        2, ge=0, le=16,
+        description="Trainer processes each worker keeps started ahead of its jobs, with torch and the trainer already imported: a one-GPU job starts in one instead of a fresh interpreter (seconds sooner to its first step). They go to the GPUs the next jobs will get, one per GPU first; on a host with fewer GPUs than standbys, a GPU gets a second one, so that a job submitted as the last one ends finds one that finished its imports while that job ran. 0: every job starts a fresh process.",
     )
     dist_timeout_s: float = Field(
         600.0, gt=0, le=86_400,
