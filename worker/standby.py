@@ -69,17 +69,21 @@ class Standby:
                                       stderr=subprocess.DEVNULL, start_new_session=True)
         self.spawned = time.time()
         self.ready = False
+        self.failed = False  # it said something else than READY, or ended: never ready
 
     def wait_ready(self, timeout: float) -> bool | None:
         """True once the standby said READY; False if it died or said anything else; None while it
         is still importing after `timeout`."""
         if self.ready:
             return self.popen.poll() is None
+        if self.failed:
+            return False
         assert self.popen.stdout is not None
         if not select.select([self.popen.stdout.fileno()], [], [], timeout)[0]:
             return None if self.popen.poll() is None else False
         line = self.popen.stdout.readline().decode(errors="replace").strip()
         self.ready = line == READY and self.popen.poll() is None
+        self.failed = not self.ready
         if not self.ready:
             log.warning("standby trainer %s did not start (%r, exit %s)", self.popen.pid, line, self.popen.poll())
         return self.ready
