@@ -41,6 +41,10 @@ def known_models(settings: Settings) -> list[Any]:
 
 def warm_planner(models: list[Any]) -> list[str]:
     """The planner's imports and each model's shape, as the first plan of a job would make them."""
+    # Even with no local model yet: one added later is planned with the same libraries.
+    import torch  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401
+
     from trainer.planning.shape import local_config, model_shape
 
     planned = []
