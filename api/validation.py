@@ -90,11 +90,15 @@ def _store_report(key: str, report: dict[str, Any]) -> None:
     get_storage().put_stream(key, BytesIO(json.dumps(report).encode()))
 
 
-def _child_report(env: dict[str, str], *args: Any) -> dict[str, Any]:
-    """In the checking child: the API's TUNEQ_* settings, then the report (tokenizers stay loaded)."""
+def _take_env(env: dict[str, str]) -> None:
     if any(os.environ.get(k) != v for k, v in env.items()):
         os.environ.update(env)
         get_settings.cache_clear()
+
+
+def _child_report(env: dict[str, str], *args: Any) -> dict[str, Any]:
+    """In the checking child: the API's TUNEQ_* settings, then the report (tokenizers stay loaded)."""
+    _take_env(env)
     from api.data_check import token_report
 
     return token_report(*args)
@@ -104,9 +108,7 @@ def _child_warm(env: dict[str, str], model_dirs: list[str]) -> float:
     """In the checking child: the imports of a data check and the models' tokenizers, before any
     job asks for one; the seconds it took."""
     began = time.monotonic()
-    if any(os.environ.get(k) != v for k, v in env.items()):
-        os.environ.update(env)
-        get_settings.cache_clear()
+    _take_env(env)
     import trainer.data.validate  # noqa: F401 - what token_report runs
     from api.data_check import model_tokenizer
 
@@ -154,18 +156,24 @@ def _process_pool_locked() -> concurrent.futures.ProcessPoolExecutor:
                                                        initializer=_watch_parent, initargs=(os.getpid(),))
         if _warm_dirs is not None:
             # A child that replaces a dead one warms up too: its first task, ahead of any check.
-            env = {k: v for k, v in os.environ.items() if k.startswith("TUNEQ_")}
-            _warming = _pool.submit(_child_warm, env, _warm_dirs)
+            _warming = _pool.submit(_child_warm, _tuneq_env(), _warm_dirs)
     return _pool
+
+
+def _tuneq_env() -> dict[str, str]:
+    """The API's settings, which the checking child takes before it works (it may predate them)."""
+    return {k: v for k, v in os.environ.items() if k.startswith("TUNEQ_")}
 
 
 def warm_child(model_dirs: list[str]) -> None:
     """Start the checking child now, importing what a data check needs and loading these models'
     tokenizers, so that the first large job's check does not wait for a cold process."""
-    global _warm_dirs
+    global _warm_dirs, _warming
     with _pool_lock:
         _warm_dirs = list(model_dirs)
-        _process_pool_locked()
+        pool = _process_pool_locked()
+        if _warming is None:  # a child already running (started cold by a check): warm it too
+            _warming = pool.submit(_child_warm, _tuneq_env(), _warm_dirs)
 
 
 def child_state() -> str:
@@ -226,8 +234,7 @@ def token_report(f: File, model_dir: str, max_seq_len: int, data_format: str, tr
         running = _counting.get(key)
         mine = running is None
         if mine:
-            env = {k: v for k, v in os.environ.items() if k.startswith("TUNEQ_")}
-            running = _counting[key] = _process_pool_locked().submit(_child_report, env, *args)
+            running = _counting[key] = _process_pool_locked().submit(_child_report, _tuneq_env(), *args)
     if mine:
         # Outside the lock: a future already done runs its callback here, and it takes the lock.
         running.add_done_callback(lambda fut: _stored(key, fut))
