@@ -262,8 +262,10 @@ class Stack:
             try:
                 r = httpx.get(f"{self.url}/readyz{query}", timeout=5)
                 if r.status_code == 200:
-                    self.log(f"tuneq is ready: {time.monotonic() - began:.1f} s after start; "
-                             "a job submitted now waits on no warm-up")
+                    api_s = r.json().get("api_warmup_s")
+                    self.log(f"tuneq is ready: {time.monotonic() - began:.1f} s after start"
+                             + (f" (the API's own warm-up {api_s:.1f} s)" if api_s is not None else "")
+                             + "; a job submitted now waits on no warm-up")
                     return
                 waiting = r.json().get("waiting_on")
             except (httpx.HTTPError, ValueError):
