@@ -35,6 +35,9 @@ REDIS_DBS_PER_PROCESS = 2
 # stack, tests/unit/test_worker_standby.py): a standby imports the whole trainer ahead of a job,
 # and the many short-lived workers of the suite would pay that for standbys they never use.
 os.environ.setdefault("TUNEQ_STANDBY_TRAINERS", "0")
+# Likewise the API's checking child starts with the first large job, not with each API the tests
+# start (tests/integration/test_api_warmup.py is about the warm one).
+os.environ.setdefault("TUNEQ_API_WARM_CHILD", "false")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One compute thread per test process, inherited by the trainers and workers it starts: the
