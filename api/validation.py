@@ -192,12 +192,19 @@ def child_state() -> str:
     return "ready" if warming.exception() is None else "failed"
 
 
+def forget_warm_up() -> None:
+    """Drop the app's warm-up of the checking child (its models, its state for /readyz)."""
+    global _warm_dirs, _warming
+    with _pool_lock:
+        _warm_dirs = _warming = None
+
+
 def stop_child() -> None:
     """End the checking child with its process: a tokenization it runs has no one to report to."""
-    global _pool, _warm_dirs, _warming
+    global _pool
+    forget_warm_up()
     with _pool_lock:
         pool, _pool = _pool, None
-        _warm_dirs = _warming = None
     if pool is not None:
         procs = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)

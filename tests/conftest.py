@@ -62,7 +62,8 @@ def _one_checking_child_per_test_process() -> Iterator[None]:
     from api import validation
 
     real = validation.stop_child
-    validation.stop_child = lambda: None
+    # An app's shutdown still forgets its own warm-up of the child, as a new process would not have it.
+    validation.stop_child = validation.forget_warm_up
     try:
         yield
     finally:
