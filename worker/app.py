@@ -51,10 +51,11 @@ def _start_reaper(**_: Any) -> None:
     if _host is None:
         settings = get_settings()
         pool = gpus.get_pool(settings)
-        _host = host.HostThread(pool, runner.default_worker_id(settings), slots=pool.count)
-        _host.start()
+        # The standbys first: the host thread's first registration already counts them (GET /readyz).
         standby.POOL.start(settings, pool)
         template.TEMPLATE.start(settings)
+        _host = host.HostThread(pool, runner.default_worker_id(settings), slots=pool.count)
+        _host.start()
 
 
 @signals.worker_shutting_down.connect
