@@ -91,7 +91,7 @@ class Template:
         from trainer import startup
         from trainer.standby import preload
 
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy's import; see the docstring
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"  # before numpy's import; see the docstring
         startup.hide_libraries(list(HIDDEN))
         began = startup.process_started()
         preload()
