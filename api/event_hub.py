@@ -118,8 +118,14 @@ class EventHub:
             polled = dict(zip(live, poll_many(db, [ch.feed for ch in live]), strict=True))
             for ch, pending in snapshot:
                 fresh, status = polled.get(ch, ([], ch.status))
-                catchups = {w: ch.feed.sent_since(db, w.cursor) for w in pending}
-                out.append((ch, self._rendered(fresh), status, {w: self._rendered(evs) for w, evs in catchups.items()}))
+                # Watchers that joined together start from the same cursor (a page of streams
+                # opened at once, clients reconnecting after a restart): one read and one
+                # rendering serve them all, not one each.
+                by_cursor: dict[int, list[tuple[int, str, bytes]]] = {}
+                for w in pending:
+                    if w.cursor not in by_cursor:
+                        by_cursor[w.cursor] = self._rendered(ch.feed.sent_since(db, w.cursor))
+                out.append((ch, self._rendered(fresh), status, {w: by_cursor[w.cursor] for w in pending}))
         return out
 
     def _rendered(self, events: list[JobEvent]) -> list[tuple[int, str, bytes]]:
