@@ -9,8 +9,11 @@ layers (or full fine-tuning with bf16 weights, as TRL loads them), with gradient
 or off alike (`--mode lean|fast`). The reference: the adapter switched off (LoRA, both sides) or a
 frozen copy of the model (full: tuneq keeps one; TRL's ref_model=None makes one too).
 
-Each row trains `--warmup` steps, then resets the peak-memory statistics and times `--steps` steps
-(torch.cuda.synchronize around each). tokens/s counts the input tokens of both rows of every pair
+Each row first trains `--warmup` steps, by default one pass over the pairs: the pairs' lengths
+differ, and a shape seen for the first time costs kernel compilations (Triton's, in a cache
+directory of the row's own, so that no row profits from another's) that a long job pays once.
+Those steps are timed too, as the first pass's seconds. Then it resets the peak-memory statistics
+and times `--steps` steps (torch.cuda.synchronize around each). tokens/s counts the input tokens of both rows of every pair
 (padding excluded, as tuneq tokenizes them); peak = torch.cuda.max_memory_allocated over the
 timed steps. Ratios compare with the TRL row of the same method in the same run.
 
@@ -29,7 +32,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -141,7 +147,7 @@ def run_tuneq(method: str, args, data: Path) -> dict[str, Any]:
         optimizer_step(accelerator, optimizer, trainable, 1.0)
         return result["loss_sum"] / max(result["loss_units"], 1)
 
-    losses, times = [], []
+    losses, times, warmup = [], [], []
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             _sync(device)
@@ -149,10 +155,10 @@ def run_tuneq(method: str, args, data: Path) -> dict[str, Any]:
         start = time.perf_counter()
         losses.append(step(i))
         _sync(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+        (times if i >= args.warmup else warmup).append(time.perf_counter() - start)
     tokens = sum(_step_tokens(examples, args.batch, i) for i in range(args.warmup, args.warmup + args.steps))
     return {"tokens_per_second": tokens / sum(times), "peak_gib": _peak_gib(device), "step_s": times,
+            "warmup_s": warmup,
             "loss_first": losses[0], "loss_last": losses[-1],
             "fast_path": {**fast.describe(), "loss": loss_head.name}}
 
@@ -170,7 +176,7 @@ def run_trl(method: str, args, data: Path) -> dict[str, Any]:
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     dataset = Dataset.from_list([{"prompt": r["input"]["messages"], "chosen": r["preferred_output"],
                                   "rejected": r["non_preferred_output"]} for r in rows])
-    clock: dict[str, Any] = {"times": []}
+    clock: dict[str, Any] = {"times": [], "warmup": []}
 
     wanted = dict(
         output_dir=str(args.work / f"trl-{method}"), per_device_train_batch_size=args.batch,
@@ -186,6 +192,7 @@ def run_trl(method: str, args, data: Path) -> dict[str, Any]:
                          peft_config=_lora_config() if method == "lora" else None, callbacks=[step_clock(args, device, clock)])
     output = trainer.train()
     times = clock["times"]
+    warmup = clock.get("warmup", [])
     if len(times) != args.steps:
         raise RuntimeError(f"timed {len(times)} steps, expected {args.steps}")
     examples = _examples(args, data)  # the same lines as tuneq tokenizes them: the same token count
@@ -193,7 +200,7 @@ def run_trl(method: str, args, data: Path) -> dict[str, Any]:
     import trl
 
     return {"tokens_per_second": tokens / sum(times), "peak_gib": _peak_gib(device), "step_s": times,
-            "loss_last": float(output.training_loss), "trl": trl.__version__}
+            "warmup_s": warmup, "loss_last": float(output.training_loss), "trl": trl.__version__}
 
 
 def child(args) -> int:
@@ -219,8 +226,11 @@ def report(args, rows: dict[str, dict]) -> str:
     lines = [f"# DPO: tuneq against TRL's DPOTrainer ({'CPU dry run, tiny model' if args.dry_run else args.gpu})", "",
              f"Shape {'tiny' if args.dry_run else args.shape}, {args.batch} pairs per step, prompt ~{args.prompt} and "
              f"answers ~{args.answer} tokens, speed {args.mode}, beta {BETA}, {args.warmup} warm-up + {args.steps} "
-             "timed steps. tokens/s counts both rows of every pair; ratio = tuneq / TRL of the same method, same run.",
-             "", "| row | tokens/s | peak GiB | vs TRL tokens/s | vs TRL peak | note |", "|---|---|---|---|---|---|"]
+             "timed steps. tokens/s counts both rows of every pair; ratio = tuneq / TRL of the same method, same run. "
+             "First pass s: the warm-up steps' seconds (each row compiles its kernels afresh); median and worst: of "
+             "the timed steps.",
+             "", "| row | tokens/s | peak GiB | vs TRL tokens/s | vs TRL peak | median step s | worst step s "
+             "| first pass s | note |", "|---|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
         method = ROWS[name][1]
         trl_row = rows.get(f"trl-{method}") if name.startswith("tuneq") else None
@@ -230,8 +240,12 @@ def report(args, rows: dict[str, dict]) -> str:
             if row.get("peak_gib") and trl_row.get("peak_gib"):
                 peak = f"{row['peak_gib'] / trl_row['peak_gib']:.2f}x"
         note = row.get("error") or (f"trl {row['trl']}" if "trl" in row else "")
+        steps = row.get("step_s") or []
+        median = statistics.median(steps) if steps else None
+        first = sum(row["warmup_s"]) if row.get("warmup_s") else None
         lines.append(f"| {name} | {_fmt(row.get('tokens_per_second'), ',.0f')} | {_fmt(row.get('peak_gib'), '.2f')} "
-                     f"| {ratio} | {peak} | {note} |")
+                     f"| {ratio} | {peak} | {_fmt(median, '.3f')} | {_fmt(max(steps) if steps else None, '.3f')} "
+                     f"| {_fmt(first, '.1f')} | {note} |")
     return "\n".join(lines) + "\n"
 
 
@@ -244,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--answer", type=int, default=512)
     p.add_argument("--pairs", type=int, default=64)
     p.add_argument("--mode", choices=("lean", "fast"), default="lean")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: one pass over the pairs)")
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--model-dir", type=Path, default=None)
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tuneq-bench-dpo")
@@ -254,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.dry_run:
         args.prompt, args.answer, args.pairs, args.batch, args.warmup, args.steps = 24, 16, 8, 2, 1, 2
+    if args.warmup is None:
+        args.warmup = -(-args.pairs // args.batch)
     args.max_len = 2 * (args.prompt + args.answer) + 64  # the template's tokens too: nothing is cut
     args.work.mkdir(parents=True, exist_ok=True)
     if args.model_dir is None:
@@ -273,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         result.unlink(missing_ok=True)
         command = [sys.executable, str(Path(__file__).resolve()), *(argv or sys.argv[1:]), "--child-row", name,
                    "--result", str(result)]
-        done = subprocess.run(command, cwd=ROOT, timeout=1800)
+        triton_cache = args.work / f"triton-{name}"
+        shutil.rmtree(triton_cache, ignore_errors=True)
+        done = subprocess.run(command, cwd=ROOT, timeout=1800, env={**os.environ, "TRITON_CACHE_DIR": str(triton_cache)})
         rows[name] = json.loads(result.read_text()) if result.exists() else {"error": f"exit {done.returncode}"}
         table = report(args, rows)
         out.with_suffix(".md").write_text(table)

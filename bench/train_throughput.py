@@ -340,7 +340,8 @@ def _profile(step: Callable[[int], Any], args, device, name: str) -> str:
 
 def step_clock(args, device, clock: dict[str, Any]) -> Any:
     """A Trainer callback that resets the peak after the warm-up steps and appends each timed
-    step's seconds to clock["times"] (synchronized around each step)."""
+    step's seconds to clock["times"], and each warm-up step's to clock["warmup"] (synchronized
+    around each step)."""
     from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
@@ -353,8 +354,8 @@ def step_clock(args, device, clock: dict[str, Any]) -> Any:
 
         def on_step_end(self, _args, state, control, **kwargs):
             _sync(device)
-            if state.global_step > args.warmup:
-                clock["times"].append(time.perf_counter() - clock["start"])
+            seconds = time.perf_counter() - clock["start"]
+            clock["times" if state.global_step > args.warmup else "warmup"].append(seconds)
 
     return StepClock()
 
@@ -370,7 +371,7 @@ def run_trl(name: str, method: str, settings: dict, args) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     n = args.batch * (args.warmup + args.steps)
     dataset = Dataset.from_dict({"input_ids": _rows_of_ids(args, model.config.vocab_size, n).tolist()})
-    clock: dict[str, Any] = {"times": [], "peak": None}
+    clock: dict[str, Any] = {"times": [], "warmup": [], "peak": None}
 
     config = SFTConfig(
         output_dir=str(args.work / f"trl-{name}"),
