@@ -31,6 +31,9 @@ POLL_S = 0.5
 # A stream whose client stopped reading is closed once this many events wait for it; the
 # client's reconnect (Last-Event-ID) resumes it without loss.
 MAX_BEHIND = 10_000
+# A new stream wakes the reader for its catch-up; the reader waits this long first, for the
+# streams that open with it (opens come in bursts and are let through two at a time).
+JOIN_WAIT_S = 0.05
 # After a failed read (database restarting) the hub waits this long before the next one.
 RETRY_S = 1.0
 
@@ -53,9 +56,10 @@ class Channel:
 
 
 class EventHub:
-    def __init__(self, render: Callable[[JobEvent], bytes], poll_s: float = POLL_S):
+    def __init__(self, render: Callable[[JobEvent], bytes], poll_s: float = POLL_S, join_wait_s: float = JOIN_WAIT_S):
         self.render = render  # an event as the stream sends it, made once on the reader's thread
         self.poll_s = poll_s
+        self.join_wait_s = join_wait_s
         self.channels: dict[str, Channel] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.task: asyncio.Task[None] | None = None
@@ -108,7 +112,10 @@ class EventHub:
             try:
                 await asyncio.wait_for(self.wake.wait(), self.poll_s)
             except TimeoutError:
-                pass
+                continue
+            # Woken (a stream joined, or catch-up is left): let the streams opening with it
+            # join first, so a burst of opens costs a few reads, not one each.
+            await asyncio.sleep(self.join_wait_s)
 
     def _read(self, snapshot: list[tuple[Channel, list[Watcher]]]) -> list[tuple[Any, ...]]:
         """On the hub's thread: each channel's new events, and the catch-up of its new watchers."""
