@@ -51,7 +51,7 @@ USER tuneq
 
 EXPOSE 8000
 # The API's check; docker-compose.yml gives the worker and Flower checks of their own.
-HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
   CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4).status != 200)"]
 
 # tini reaps the trainer's children and passes SIGTERM on, so a worker's warm shutdown re-queues its jobs.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 
 from api import docs_page, errors, heap, validation, warmup
@@ -24,7 +25,9 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     heap.configure()  # what lives as long as the process, out of the garbage collector's walks
     # Data checks of jobs in validating_files that no live API process holds (one died).
     validation.CHECKER.run_in_background()
-    warmup.start(get_settings())
+    # Before the first request: a job's creation must not pay for (or wait on) the imports of the
+    # planner and the tokenizers (api.warmup). In a thread, so a signal still reaches the loop.
+    await anyio.to_thread.run_sync(warmup.warm, get_settings())
     yield
     validation.CHECKER.stop()
     validation.stop_child()  # its checks are re-run by whichever API process adopts the jobs

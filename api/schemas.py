@@ -204,6 +204,18 @@ class Health(BaseModel):
     redis: str
 
 
+class Readiness(BaseModel):
+    status: Literal["ready", "starting"]
+    waiting_on: list[str]  # api, checking_child, workers
+    checking_child: str  # ready, warming, failed, off
+    workers: int  # registered (counted only when asked for with ?workers=N)
+    workers_ready: int  # of them, those whose standby trainers are all ready
+    standbys_wanted: int  # standby trainers those workers keep
+    standbys_ready: int  # of them, those done importing
+    api_warmup_s: float | None = None
+    registry: str | None = None  # why the worker registry could not be read
+
+
 class UserOut(BaseModel):
     id: str
     object: Literal["user"] = "user"

@@ -90,18 +90,45 @@ def _store_report(key: str, report: dict[str, Any]) -> None:
     get_storage().put_stream(key, BytesIO(json.dumps(report).encode()))
 
 
-def _child_report(env: dict[str, str], *args: Any) -> dict[str, Any]:
-    """In the checking child: the API's TUNEQ_* settings, then the report (tokenizers stay loaded)."""
-    if any(os.environ.get(k) != v for k, v in env.items()):
+def _take_env(env: dict[str, str]) -> None:
+    """Exactly the API's TUNEQ_* settings: none that it no longer has."""
+    mine = {k: v for k, v in os.environ.items() if k.startswith("TUNEQ_")}
+    if mine != env:
+        for k in mine.keys() - env.keys():
+            del os.environ[k]
         os.environ.update(env)
         get_settings.cache_clear()
+
+
+def _child_report(env: dict[str, str], *args: Any) -> dict[str, Any]:
+    """In the checking child: the API's TUNEQ_* settings, then the report (tokenizers stay loaded)."""
+    _take_env(env)
     from api.data_check import token_report
 
     return token_report(*args)
 
 
+def _child_warm(env: dict[str, str], model_dirs: list[str]) -> float:
+    """In the checking child: the imports of a data check and the models' tokenizers, before any
+    job asks for one; the seconds it took."""
+    began = time.monotonic()
+    _take_env(env)
+    import trainer.data.validate  # noqa: F401 - what token_report runs
+    from api.data_check import model_tokenizer
+
+    for model_dir in model_dirs:
+        try:
+            model_tokenizer(model_dir)
+        except Exception:  # noqa: BLE001 - a model that cannot load is its data check's to report
+            pass
+    return time.monotonic() - began
+
+
 _pool_lock = threading.Lock()
 _pool: concurrent.futures.ProcessPoolExecutor | None = None
+# The models whose tokenizers a new checking child loads first (warm_child); None: it starts cold.
+_warm_dirs: list[str] | None = None
+_warming: concurrent.futures.Future[float] | None = None
 
 
 _counting: dict[str, concurrent.futures.Future[dict[str, Any]]] = {}
@@ -126,17 +153,56 @@ def _watch_parent(parent: int) -> None:
 
 
 def _process_pool_locked() -> concurrent.futures.ProcessPoolExecutor:
-    global _pool
+    global _pool, _warming
     if _pool is None:
         # spawn: a fork of a process running threads (uvicorn, SQLAlchemy pools) is unsafe.
         _pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                                        initializer=_watch_parent, initargs=(os.getpid(),))
+        if _warm_dirs is not None:
+            # A child that replaces a dead one warms up too: its first task, ahead of any check.
+            _warming = _pool.submit(_child_warm, _tuneq_env(), _warm_dirs)
     return _pool
+
+
+def _tuneq_env() -> dict[str, str]:
+    """The API's settings, which the checking child takes before it works (it may predate them)."""
+    return {k: v for k, v in os.environ.items() if k.startswith("TUNEQ_")}
+
+
+def warm_child(model_dirs: list[str]) -> None:
+    """Start the checking child now, importing what a data check needs and loading these models'
+    tokenizers, so that the first large job's check does not wait for a cold process."""
+    global _warm_dirs, _warming
+    with _pool_lock:
+        _warm_dirs = list(model_dirs)
+        pool = _process_pool_locked()
+        if _warming is None:  # a child already running (started cold by a check): warm it too
+            _warming = pool.submit(_child_warm, _tuneq_env(), _warm_dirs)
+
+
+def child_state() -> str:
+    """The checking child's warm-up: "ready", "warming", "failed" (the child died: the next check
+    starts another), or "off" (TUNEQ_API_WARM_CHILD=false: it starts with the first large job)."""
+    with _pool_lock:
+        warming = _warming if _warm_dirs is not None else None
+    if warming is None:
+        return "off"
+    if not warming.done():
+        return "warming"
+    return "ready" if warming.exception() is None else "failed"
+
+
+def forget_warm_up() -> None:
+    """Drop the app's warm-up of the checking child (its models, its state for /readyz)."""
+    global _warm_dirs, _warming
+    with _pool_lock:
+        _warm_dirs = _warming = None
 
 
 def stop_child() -> None:
     """End the checking child with its process: a tokenization it runs has no one to report to."""
     global _pool
+    forget_warm_up()
     with _pool_lock:
         pool, _pool = _pool, None
     if pool is not None:
@@ -179,8 +245,7 @@ def token_report(f: File, model_dir: str, max_seq_len: int, data_format: str, tr
         running = _counting.get(key)
         mine = running is None
         if mine:
-            env = {k: v for k, v in os.environ.items() if k.startswith("TUNEQ_")}
-            running = _counting[key] = _process_pool_locked().submit(_child_report, env, *args)
+            running = _counting[key] = _process_pool_locked().submit(_child_report, _tuneq_env(), *args)
     if mine:
         # Outside the lock: a future already done runs its callback here, and it takes the lock.
         running.add_done_callback(lambda fut: _stored(key, fut))

@@ -55,8 +55,8 @@ class Settings(BaseSettings):
     worker_id: str = Field("", description="Name of this worker in leases and the registry. Empty: hostname:pid.")
     accelerate_launch: bool = Field(True, description="Start multi-GPU trainers under `accelerate launch`; false starts them with torch.distributed.run instead. A one-GPU trainer is always started directly.")
     standby_trainers: int = Field(
-        1, ge=0, le=16,
-        description="Trainer processes each worker keeps started ahead of its jobs, with torch and the trainer already imported: a one-GPU job starts in one instead of a fresh interpreter (seconds sooner to its first step). 0: every job starts a fresh process.",
+        2, ge=0, le=16,
+        description="Trainer processes each worker keeps started ahead of its jobs, with torch and the trainer already imported: a one-GPU job starts in one instead of a fresh interpreter (seconds sooner to its first step). They go to the GPUs the next jobs will get, one per GPU first; on a host with fewer GPUs than standbys, a GPU gets a second one, so that a job submitted as the last one ends finds one that finished its imports while that job ran. 0: every job starts a fresh process.",
     )
     dist_timeout_s: float = Field(
         600.0, gt=0, le=86_400,
@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     api_keep_alive_s: int = Field(5, ge=1, le=600, description="Seconds after which an idle keep-alive connection is closed.")
     api_queue_position_max_age_s: float = Field(
         1.0, ge=0, le=60, description="Seconds one reading of the queue's order serves the queue positions an API process shows, so pollers of queued jobs do not each read the queue; changes made through the same process show at once. 0 reads it per request.",
+    )
+    api_warm_child: bool = Field(
+        True, description="Start the API's checking child (the process that tokenizes large files, see TUNEQ_DATA_CHECK_INLINE_BYTES) when the API starts, with its imports done and the tokenizers of the newest local base models loaded, instead of at the first large job. It holds those libraries' memory (hundreds of MB) for as long as the API runs.",
     )
     data_check_inline_bytes: int = Field(
         256 * 1024, ge=0, description="Bytes of a job's files up to which the creation request tokenizes them itself; larger ones leave the job in validating_files while a child process of the API checks them.",

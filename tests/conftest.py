@@ -35,6 +35,9 @@ REDIS_DBS_PER_PROCESS = 2
 # stack, tests/unit/test_worker_standby.py): a standby imports the whole trainer ahead of a job,
 # and the many short-lived workers of the suite would pay that for standbys they never use.
 os.environ.setdefault("TUNEQ_STANDBY_TRAINERS", "0")
+# Likewise the API's checking child starts with the first large job, not with each API the tests
+# start (tests/integration/test_api_warmup.py is about the warm one).
+os.environ.setdefault("TUNEQ_API_WARM_CHILD", "false")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One compute thread per test process, inherited by the trainers and workers it starts: the
@@ -43,6 +46,29 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_checking_child_per_test_process() -> Iterator[None]:
+    """The API's checking child (api.validation) outlives the apps of this process, and ends once
+    at the end of the run.
+
+    A production API has one app for the life of its process, and its shutdown ends the child. The
+    suite makes and shuts down hundreds of in-process apps, and each would spawn a fresh child (an
+    interpreter and its imports). The child reads the calling app's TUNEQ_* settings with every
+    check (api.validation._child_report), so apps with other settings can share it. Tests of the
+    child's own ending run it in a process of their own (tests/integration/test_api_checking_child.py).
+    """
+    from api import validation
+
+    real = validation.stop_child
+    # An app's shutdown still forgets its own warm-up of the child, as a new process would not have it.
+    validation.stop_child = validation.forget_warm_up
+    try:
+        yield
+    finally:
+        validation.stop_child = real
+        real()
 
 
 def xdist_index() -> int:

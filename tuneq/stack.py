@@ -29,7 +29,10 @@ TINY_MODEL = "tiny-llama"
 # Each child's log rotates at this size; this many older files are kept (api.log.1, ...).
 LOG_MAX_BYTES = 10 * 1024 * 1024
 LOG_BACKUPS = 5
-HEALTH_TIMEOUT_S = 60.0
+# The API answers once its own warm-up is done (api.warmup): imports of seconds, more on a busy host.
+HEALTH_TIMEOUT_S = 180.0
+# How long `tuneq up` waits to say it is ready (GET /readyz) before it says what it still waits on.
+READY_TIMEOUT_S = 600.0
 # The worker may checkpoint a running job before it exits; give it time to do so.
 WORKER_GRACE_S = 60.0
 API_GRACE_S = 10.0
@@ -247,6 +250,32 @@ class Stack:
         if ids:
             self.log(f"queue: sent {len(ids)} waiting job(s) to the new Redis")
 
+    def _wait_ready(self, began: float) -> None:
+        """Until GET /readyz says a job created now waits on no warm-up: the API's, its checking
+        child's, and the worker's standby trainers' imports; then say so, and how long it took."""
+        query = "?workers=1" if self.with_worker else ""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        waiting: object = None
+        while not self._stop.is_set():
+            if any(proc.poll() is not None for _, proc, _ in self.children):
+                return  # wait() says which and why
+            try:
+                r = httpx.get(f"{self.url}/readyz{query}", timeout=5)
+                if r.status_code == 200:
+                    api_s = r.json().get("api_warmup_s")
+                    self.log(f"tuneq is ready: {time.monotonic() - began:.1f} s after start"
+                             + (f" (the API's own warm-up {api_s:.1f} s)" if api_s is not None else "")
+                             + "; a job submitted now waits on no warm-up")
+                    return
+                waiting = r.json().get("waiting_on")
+            except (httpx.HTTPError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                self.log(f"not ready after {READY_TIMEOUT_S:.0f} s (waiting on {waiting}); jobs are taken, but their "
+                         "start may wait on the warm-ups")
+                return
+            time.sleep(0.25)
+
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
         while time.monotonic() < deadline and not self._stop.is_set():
@@ -297,6 +326,7 @@ class Stack:
 
     def run(self) -> int:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        began = time.monotonic()
         try:
             self.prepare()
             if self._stop.is_set():
@@ -306,6 +336,7 @@ class Stack:
                 return 0
             self.log(f"tuneq is up at {self.url}  (models: {', '.join(self._models())}; Ctrl-C stops it)")
             self.log(f"dashboard: {self.url}/ui  (paste an API key into it)")
+            self._wait_ready(began)
             return self.wait()
         finally:
             self.stop()

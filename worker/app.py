@@ -51,9 +51,10 @@ def _start_reaper(**_: Any) -> None:
     if _host is None:
         settings = get_settings()
         pool = gpus.get_pool(settings)
+        # The standbys first: the host thread's first registration already counts them (GET /readyz).
+        standby.POOL.start(settings, pool)
         _host = host.HostThread(pool, runner.default_worker_id(settings), slots=pool.count)
         _host.start()
-        standby.POOL.start(settings, pool)
 
 
 @signals.worker_shutting_down.connect

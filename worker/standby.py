@@ -12,7 +12,10 @@ the busy ones, so a one-GPU job normally finds one of its own GPU. A standby is 
 differs from the one it was started with in variables the trainer reads at run time
 (ENV_READ_AT_RUN); anything else (its devices, a library's setting read at import) gets a fresh
 process. The pool refills after a job reached its first step or ended, so that a standby's imports
-do not compete with a starting job for the CPU, and replaces standbys whose GPU got taken.
+do not compete with a starting job for the CPU, and replaces standbys whose GPU got taken. A
+refill's imports take longer than many jobs run, so a GPU may keep two (standby_trainers above the
+GPU count): a job submitted as the one before it ends takes the second, which finished importing
+long before, while the refill started by the earlier job's first step is still importing.
 """
 
 from __future__ import annotations
@@ -66,17 +69,21 @@ class Standby:
                                       stderr=subprocess.DEVNULL, start_new_session=True)
         self.spawned = time.time()
         self.ready = False
+        self.failed = False  # it said something else than READY, or ended: never ready
 
     def wait_ready(self, timeout: float) -> bool | None:
         """True once the standby said READY; False if it died or said anything else; None while it
         is still importing after `timeout`."""
         if self.ready:
             return self.popen.poll() is None
+        if self.failed:
+            return False
         assert self.popen.stdout is not None
         if not select.select([self.popen.stdout.fileno()], [], [], timeout)[0]:
             return None if self.popen.poll() is None else False
         line = self.popen.stdout.readline().decode(errors="replace").strip()
         self.ready = line == READY and self.popen.poll() is None
+        self.failed = not self.ready
         if not self.ready:
             log.warning("standby trainer %s did not start (%r, exit %s)", self.popen.pid, line, self.popen.poll())
         return self.ready
@@ -143,7 +150,18 @@ class StandbyPool:
         if self.gpus is None:
             return [None] * self.target
         free = self.gpus.free_device_ids()
-        return (free + [d for d in self.gpus.all_device_ids() if d not in free])[: self.target]
+        order = free + [d for d in self.gpus.all_device_ids() if d not in free]
+        # More standbys than GPUs: a second round, so a GPU's next job finds one while another imports.
+        return (order * -(-self.target // max(1, len(order))))[: self.target]
+
+    def state(self) -> dict[str, int]:
+        """How many standbys the pool keeps and how many of them are done importing (the worker's
+        registry entry: GET /readyz?workers=N waits for them)."""
+        with self.lock:
+            if self.root is None:
+                return {"wanted": 0, "ready": 0}
+            ready = sum(1 for s in self.idle if s.wait_ready(0))
+            return {"wanted": self.target, "ready": ready}
 
     def refill(self, settings: Settings) -> None:
         with self.lock:

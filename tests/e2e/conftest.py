@@ -42,7 +42,7 @@ class Stack:
         return httpx.Client(base_url=self.url, timeout=120, headers={"Authorization": f"Bearer {self.key}"})
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

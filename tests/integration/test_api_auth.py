@@ -35,6 +35,7 @@ KINDS: dict[str, dict[str, Any]] = {
 
 RULES: dict[tuple[str, str], str] = {
     ("GET", "/healthz"): "public",
+    ("GET", "/readyz"): "public",
     # The dashboard's page holds no data; its scripts call the API with the user's key.
     ("GET", "/ui"): "public",
     ("GET", "/ui/"): "public",

@@ -66,7 +66,7 @@ def serve(db_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Api]
             except httpx.HTTPError:
                 return False
 
-        wait_for(healthy, 60, "the API")
+        wait_for(healthy, 180, "the API")
         return api
 
     yield start

@@ -185,6 +185,13 @@ def test_worker_healthcheck_follows_the_registration(redis_url: str, monkeypatch
         workers.register("w1", "health-test-host", 1, "gpu", 30)
         ok = check()
         assert ok.returncode == 0 and "w1" in ok.stdout, ok.stdout
+        # --ready: also its standby trainers done importing (in-process: the same main).
+        from worker.health import main
+
+        workers.register("w1", "health-test-host", 1, "gpu", 30, standby={"wanted": 2, "ready": 1})
+        assert main([]) == 0 and main(["--ready"]) == 1
+        workers.register("w1", "health-test-host", 1, "gpu", 30, standby={"wanted": 2, "ready": 2})
+        assert main(["--ready"]) == 0
         workers.register("w2", "other-host", 1, "gpu", 30)
         workers.unregister("w1")
         assert check().returncode == 1  # another host's worker says nothing about this one

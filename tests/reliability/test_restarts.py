@@ -66,7 +66,7 @@ def test_api_restart_mid_job_loses_nothing(db: Session, rel_env, workers, tmp_pa
     def api() -> Proc:
         p = Proc([sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)],
                  tmp_path / "api.log", rel_env)
-        wait_for(lambda: _healthy(base) or p.proc.poll() is not None, 60, "the API")
+        wait_for(lambda: _healthy(base) or p.proc.poll() is not None, 180, "the API")
         assert p.proc.poll() is None, p.log()
         return p
 

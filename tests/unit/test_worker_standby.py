@@ -53,6 +53,52 @@ def test_standbys_are_kept_for_the_gpus_the_next_jobs_will_get(tmp_path: Path) -
     assert pool.wanted() == ["0", "1"]  # all busy: the next job gets one of them once it is free
     gpus.release(first)
     assert pool.wanted()[0] == "0"
+    # More standbys than GPUs: each GPU gets one, the next ones a second.
+    pool.gpus, pool.target = GpuPool(2, tmp_path / "locks2", "gpu"), 3
+    assert pool.wanted() == ["0", "1", "0"]
+
+
+class ReadyStandby:
+    """A standby that finished its imports, without the process (worker.standby.Standby's surface)."""
+
+    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+        self.env, self.cwd = env, cwd
+        self.popen = subprocess.Popen([sys.executable, "-c", "pass"])
+        self.popen.wait()
+        self.popen.poll = lambda: None  # type: ignore[method-assign] - "alive" for the pool
+        self.handed = False
+
+    def wait_ready(self, timeout: float) -> bool:
+        return True
+
+    def hand(self, argv: list[str], env: dict[str, str], cwd: Path, log_path: Path) -> bool:
+        self.handed = True
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_job_right_after_the_last_one_finds_a_standby_of_its_gpu_ready(tmp_path: Path, monkeypatch) -> None:
+    """One GPU and the default standbys: the GPU gets two. While the refill that the first job
+    started still imports, a job submitted as the first ends takes the second one at once."""
+    import worker.standby as standby_module
+
+    monkeypatch.setattr(standby_module, "Standby", ReadyStandby)
+    settings = Settings(home=tmp_path / "home", standby_trainers=Settings.model_fields["standby_trainers"].default)
+    gpus = GpuPool(1, tmp_path / "locks", "gpu")
+    pool = StandbyPool()
+    pool.start(settings, gpus)
+    assert [s.env[DEVICES_ENV] for s in pool.idle] == ["0", "0"]
+    assert pool.state() == {"wanted": 2, "ready": 2}
+    env = pool.env(settings, "0")
+    first = pool.take(env, ["run"], tmp_path, tmp_path / "log")
+    assert first is not None and pool.state() == {"wanted": 2, "ready": 1}
+    began = time.monotonic()
+    second = pool.take(env, ["run"], tmp_path, tmp_path / "log")  # no refill in between
+    assert second is not None and second is not first and time.monotonic() - began < 0.5
+    assert pool.state() == {"wanted": 2, "ready": 0}
+    pool.idle.clear()
 
 
 def _spec(make_spec, tmp_path: Path, **hp) -> Path:
