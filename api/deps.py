@@ -4,14 +4,15 @@ caller, and the job a route's path names (api.crud holds the lookups themselves)
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
+import anyio
+import anyio.to_thread
 from fastapi import Depends
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
 from api.crud import load_job
 from api.errors import APIError
@@ -20,6 +21,8 @@ from core.identity import authenticate, is_admin
 from core.models import Job, User
 from core.settings import Settings, get_settings
 from core.storage import Storage, get_storage
+
+T = TypeVar("T")
 
 
 async def get_db() -> AsyncIterator[Session]:
@@ -118,9 +121,20 @@ async def read_in_one_hop(work: Callable[..., BaseModel], token: str, *args: Any
     transaction round trips on PostgreSQL) and closes before the answer is sent; the answer is
     the model's JSON, rendered once on the thread (`work(db, user, *args)` returns it).
     """
+    return Response(await in_one_hop(_rendered, token, work, *args), media_type="application/json")
 
-    def run() -> bytes:
+
+def _rendered(db: Session, user: User, work: Callable[..., BaseModel], *args: Any) -> bytes:
+    return work(db, user, *args).model_dump_json().encode()
+
+
+async def in_one_hop(work: Callable[..., T], token: str, *args: Any, limiter: anyio.CapacityLimiter | None = None) -> T:
+    """`work(db, user, *args)` after the key check, on one worker thread with a read-only session
+    of its own (see read_in_one_hop), closed before this returns. `limiter`: the threads this
+    kind of work may hold at once (default: the shared pool's)."""
+
+    def run() -> T:
         with read_session() as db:
-            return work(db, authenticated(db, token), *args).model_dump_json().encode()
+            return work(db, authenticated(db, token), *args)
 
-    return Response(await run_in_threadpool(run), media_type="application/json")
+    return await anyio.to_thread.run_sync(run, limiter=limiter)

@@ -31,6 +31,9 @@ POLL_S = 0.5
 # A stream whose client stopped reading is closed once this many events wait for it; the
 # client's reconnect (Last-Event-ID) resumes it without loss.
 MAX_BEHIND = 10_000
+# A new stream wakes the reader for its catch-up; the reader waits this long first, for the
+# streams that open with it (opens come in bursts and are let through two at a time).
+JOIN_WAIT_S = 0.05
 # After a failed read (database restarting) the hub waits this long before the next one.
 RETRY_S = 1.0
 
@@ -53,9 +56,10 @@ class Channel:
 
 
 class EventHub:
-    def __init__(self, render: Callable[[JobEvent], bytes], poll_s: float = POLL_S):
+    def __init__(self, render: Callable[[JobEvent], bytes], poll_s: float = POLL_S, join_wait_s: float = JOIN_WAIT_S):
         self.render = render  # an event as the stream sends it, made once on the reader's thread
         self.poll_s = poll_s
+        self.join_wait_s = join_wait_s
         self.channels: dict[str, Channel] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.task: asyncio.Task[None] | None = None
@@ -108,7 +112,10 @@ class EventHub:
             try:
                 await asyncio.wait_for(self.wake.wait(), self.poll_s)
             except TimeoutError:
-                pass
+                continue
+            # Woken (a stream joined, or catch-up is left): let the streams opening with it
+            # join first, so a burst of opens costs a few reads, not one each.
+            await asyncio.sleep(self.join_wait_s)
 
     def _read(self, snapshot: list[tuple[Channel, list[Watcher]]]) -> list[tuple[Any, ...]]:
         """On the hub's thread: each channel's new events, and the catch-up of its new watchers."""
@@ -118,8 +125,14 @@ class EventHub:
             polled = dict(zip(live, poll_many(db, [ch.feed for ch in live]), strict=True))
             for ch, pending in snapshot:
                 fresh, status = polled.get(ch, ([], ch.status))
-                catchups = {w: ch.feed.sent_since(db, w.cursor) for w in pending}
-                out.append((ch, self._rendered(fresh), status, {w: self._rendered(evs) for w, evs in catchups.items()}))
+                # Watchers that joined together start from the same cursor (a page of streams
+                # opened at once, clients reconnecting after a restart): one read and one
+                # rendering serve them all, not one each.
+                by_cursor: dict[int, list[tuple[int, str, bytes]]] = {}
+                for w in pending:
+                    if w.cursor not in by_cursor:
+                        by_cursor[w.cursor] = self._rendered(ch.feed.sent_since(db, w.cursor))
+                out.append((ch, self._rendered(fresh), status, {w: by_cursor[w.cursor] for w in pending}))
         return out
 
     def _rendered(self, events: list[JobEvent]) -> list[tuple[int, str, bytes]]:

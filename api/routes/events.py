@@ -14,23 +14,30 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import Header, Query
-from fastapi import APIRouter
+import anyio
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import Response
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.crud import load_job
-from api.deps import CurrentUser, SessionDep, SettingsDep
+from api.deps import BearerToken, SettingsDep, in_one_hop, read_in_one_hop
 from api.errors import bad_request
 from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
 from api.schemas import EventOut, Page
 from api.event_hub import EventHub
 from core.event_feed import start_seq
-from core.models import JobEvent
+from core.models import JobEvent, User
+from core.settings import Settings
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
 PING_S = 15.0
+# Threads that opening streams may hold at once, apart from the shared pool: a burst of opens
+# (a dashboard's page of streams, every client reconnecting after a restart) waits its turn
+# here instead of taking the threads, and the interpreter lock, that polls and lists need.
+OPENING = anyio.CapacityLimiter(2)
 
 STREAM_DOC = {200: {"description": "A page of events, or with stream=true a text/event-stream of them.",
                     "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
@@ -40,29 +47,43 @@ def event_out(ev: JobEvent) -> EventOut:
     return EventOut(id=ev.id, created_at=int(ev.created_at), level=ev.level, message=ev.message, type=ev.type, data=ev.data)
 
 
-@router.get("/{job_id}/events", responses=STREAM_DOC)
-def list_fine_tuning_events(
-    job_id: str, user: CurrentUser, db: SessionDep, settings: SettingsDep, after: AfterQuery = None,
+@router.get("/{job_id}/events", response_model=Page[EventOut], responses=STREAM_DOC)
+async def list_fine_tuning_events(
+    job_id: str, token: BearerToken, settings: SettingsDep, after: AfterQuery = None,
     limit: LimitQuery = DEFAULT_LIMIT,
     stream: Annotated[bool, Query(description="Send the events as server-sent events, oldest first, live until "
                                               "the job ends (tuneq extension).")] = False,
     last_event_id: Annotated[str | None, Header(description="With stream=true: resume after this event "
                                                            "(sent by a reconnecting EventSource).")] = None,
-) -> Page[EventOut]:
+) -> Response:
+    if not stream:
+        return await read_in_one_hop(_event_page, token, job_id, after, limit, settings)
+    # Opening a stream is a read like a poll, in one hop too: streams are opened in bursts (a
+    # dashboard's page, every client reconnecting after a restart), and one thread hop per sync
+    # dependency made each open several waits for a thread and for the interpreter lock, during
+    # which the short reads queued behind the burst. The hop holds its connection for its
+    # queries alone; the hub reads for the stream afterwards.
+    cursor, param = (last_event_id, "Last-Event-ID") if last_event_id else (after, "after")
+    job_id, seq = await in_one_hop(_stream_start, token, job_id, cursor, param, limit, settings, limiter=OPENING)
+    return EventSourceResponse(_follow(job_id, seq), ping=PING_S, sep=SEP,
+                               headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+def _stream_start(db: Session, user: User, job_id: str, cursor: str | None, param: str, limit: int,
+                  settings: Settings) -> tuple[str, int]:
+    """The job's id and the seq its stream starts after (400 for a cursor that names no event of it)."""
     check_limit(limit, settings)
     job = load_job(db, job_id, user)
-    if stream:
-        cursor, param = (last_event_id, "Last-Event-ID") if last_event_id else (after, "after")
-        seq = start_seq(db, job.id, after_event_id=cursor, backlog=limit)
-        if seq is None:
-            raise bad_request(f"{param}: no event with id {cursor!r} in job {job.id}", param)
-        job_id = job.id
-        # The hub reads for the stream: end the transaction so no pooled connection stays with it
-        # while it is open (and touch no ORM object after this: a rollback expires them, and
-        # reading one would quietly begin a new transaction).
-        db.rollback()
-        return EventSourceResponse(_follow(job_id, seq), ping=PING_S, sep=SEP,  # type: ignore[return-value]
-                                   headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    seq = start_seq(db, job.id, after_event_id=cursor, backlog=limit)
+    if seq is None:
+        raise bad_request(f"{param}: no event with id {cursor!r} in job {job.id}", param)
+    return job.id, seq
+
+
+def _event_page(db: Session, user: User, job_id: str, after: str | None, limit: int,
+                settings: Settings) -> Page[EventOut]:
+    check_limit(limit, settings)
+    job = load_job(db, job_id, user)
     # seq, not created_at: events written in one transaction share a timestamp but never a seq.
     stmt = select(JobEvent).where(JobEvent.job_id == job.id)
     if after is not None:

@@ -247,3 +247,35 @@ def test_a_polled_read_is_one_thread_hop(db: Session, monkeypatch: pytest.Monkey
             assert len(hops) == 1, f"{path}: {hops}"
         hops.clear()
         assert c.get(f"/v1/fine_tuning/jobs/{job_id}", headers={"Authorization": "Bearer tq_nope"}).status_code == 401
+
+
+def test_opening_a_stream_is_one_thread_hop_on_threads_of_its_own(db: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening an event stream reads like a poll, in one hop, and on threads apart from the shared
+    pool: a burst of opens (a dashboard's page of streams, reconnects after a restart) must not
+    take the threads, and the interpreter lock, that polls need. Each open was two hops (the key,
+    then the route) on the shared pool, and polls waited behind the whole burst."""
+    import anyio.to_thread
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from api.routes import events
+
+    job_id = make_job(db).id
+    _, key = create_user_with_key("watcher", "admin")
+    hops: list[tuple[str, Any]] = []
+    real = anyio.to_thread.run_sync
+
+    async def counting(func: Any, *args: Any, **kw: Any) -> Any:
+        hops.append((getattr(func, "__name__", repr(func)), kw.get("limiter")))
+        return await real(func, *args, **kw)
+
+    with TestClient(create_app(), headers={"Authorization": f"Bearer {key}"}) as c:
+        monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+        with c.stream("GET", f"/v1/fine_tuning/jobs/{job_id}/events", params={"stream": "true"}) as r:
+            assert r.status_code == 200
+            opening = [h for h in hops if h[0] != "_read"]  # the hub's reads are not the open's
+            assert len(opening) == 1, hops
+            assert opening[0][1] is events.OPENING
+        hops.clear()
+        r = c.get(f"/v1/fine_tuning/jobs/{job_id}/events")  # a page: one hop on the shared pool
+        assert r.status_code == 200 and [h[1] for h in hops] == [None], hops

@@ -52,3 +52,33 @@ def test_poll_many_reads_every_feed_in_two_queries_and_as_each_feed_alone_would(
     db.commit()
     with read_session() as s:
         assert [[e.message for e in evs] for evs, _ in poll_many(s, together)] == [[], ["later"], [], []]
+
+
+def test_streams_that_join_together_share_one_catch_up_read(db: Session) -> None:
+    """Streams opened together (a page of them, clients reconnecting after a restart) start from
+    the same cursor: the hub's read gives them their catch-up with one query, not one each."""
+    from api.event_hub import Channel, EventHub, Watcher
+    from core import states
+    from core.db import get_engine, read_session
+    from core.event_feed import EventFeed
+
+    job = make_job(db)
+    for i in range(3):
+        states.add_event(db, job, f"step {i}", type="metrics", data={"i": i})
+    db.commit()
+    ch = Channel(EventFeed(job.id, 0))
+    with read_session() as s:
+        handed_out = [ev.id for ev in ch.feed.poll(s)[0]]  # by an earlier stream of the job
+    joined = [Watcher(job.id, start=0, cursor=0) for _ in range(10)]
+    hub = EventHub(render=lambda ev: ev.id.encode())
+
+    statements: list[str] = []
+    listener = lambda *a: statements.append(a[2])  # noqa: E731
+    event.listen(get_engine(), "before_cursor_execute", listener)
+    try:
+        [(_, fresh, _, catchups)] = hub._read([(ch, joined)])
+    finally:
+        event.remove(get_engine(), "before_cursor_execute", listener)
+    assert len(statements) == 3, statements  # the statuses, the new events, one catch-up
+    assert fresh == []
+    assert [[ev_id for _, ev_id, _ in catchups[w]] for w in joined] == [handed_out] * len(joined)
