@@ -17,6 +17,7 @@ import queue
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from api.errors import APIError, bad_request
@@ -131,11 +132,14 @@ class MultipartFile:
 
     def _feed(self) -> None:
         chunk = self.pipe.get()
-        if chunk == _END:
-            self.parser.finalize()
-            self.body_done = True
-        else:
-            self.parser.write(chunk)
+        try:
+            if chunk == _END:
+                self.parser.finalize()
+                self.body_done = True
+            else:
+                self.parser.write(chunk)
+        except MultipartParseError as exc:  # the client's framing, not a fault of ours
+            raise bad_request(f"file: the multipart body is malformed ({exc})", "file") from None
 
     def wait_for_file(self) -> bool:
         """Parse until the file part begins (True) or the body ends without one (False)."""

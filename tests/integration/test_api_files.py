@@ -66,6 +66,15 @@ def test_missing_file_field_names_it(client: TestClient) -> None:
     assert r.json()["error"]["param"] == "file"
 
 
+def test_malformed_multipart_framing_is_a_client_error(client: TestClient) -> None:
+    # A bare CR inside a part's header is a framing error of the client's body.
+    body = (b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+            b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\rX\r\n\r\n{}\r\n--B--\r\n')
+    r = client.post("/v1/files", content=body, headers={"Content-Type": "multipart/form-data; boundary=B"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "file" and "malformed" in r.json()["error"]["message"]
+
+
 def test_upload_over_the_limit_is_413(client: TestClient, monkeypatch: pytest.MonkeyPatch, service_env: dict[str, str]) -> None:
     monkeypatch.setenv("TUNEQ_MAX_UPLOAD_BYTES", "100")
     reset_caches()
