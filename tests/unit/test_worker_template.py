@@ -133,3 +133,24 @@ def test_a_dead_template_takes_its_trainers_along_and_the_next_job_starts_fresh(
     assert t.current is not first and t.current.ready.wait(300) and not t.current.gone.is_set()
     again = _start(template, make_spec, tmp_path, "again", max_steps=2)
     assert again.forked and again.wait(300) and again.returncode == 0
+
+
+def _ended_template(error: str | None):
+    """What the worker sees of a template that ended before it was ready."""
+    import threading
+    import types
+
+    gone = threading.Event()
+    gone.set()
+    return types.SimpleNamespace(gone=gone, was_ready=False, error=error, popen=types.SimpleNamespace(pid=1))
+
+
+@pytest.mark.parametrize("error, started_again", [("the CUDA driver library is loaded", False), (None, True)])
+def test_a_template_that_refused_is_not_started_again_but_a_crashed_one_is(tmp_path: Path, error, started_again) -> None:
+    t = TrainerTemplate()
+    t.root = tmp_path
+    t.current = _ended_template(error)
+    spawned: list[int] = []
+    t.spawn = lambda: spawned.append(1)  # type: ignore[method-assign]
+    assert t.running() is None
+    assert bool(spawned) is started_again and (t.root is not None) is started_again
