@@ -8,8 +8,10 @@ cannot inherit:
 - CUDA. A child of a process that initialised CUDA cannot use it. So the template imports what a
   run imports with bitsandbytes hidden (trainer.startup.skip_unused_libraries; it asks CUDA for
   the devices' compute capability at import), and before each fork checks that torch has not
-  initialised CUDA and that the driver library is not even loaded. The child's CUDA_VISIBLE_DEVICES is its job's: nothing read it yet. Jobs
-  that need bitsandbytes are not handed to the template.
+  initialised CUDA and that the driver library is not even loaded. The child's
+  CUDA_VISIBLE_DEVICES is its job's: nothing read it yet. Jobs that need bitsandbytes are not
+  handed to the template. Where a CUDA build's imports load the driver library (as on the lent
+  H100s), the template refuses at once and the worker keeps to standbys.
 - Threads. A fork copies only the forking thread: a lock another thread held stays locked in the
   child. The template runs no thread of its own (it watches its worker from its loop, not with
   trainer.watchdog's thread) and checks before each fork that it is alone in /proc/self/task.
