@@ -39,8 +39,13 @@ def visible_devices() -> list[str] | None:
     return ids
 
 
+# Where a host with a GPU driver shows it: NVIDIA's kernel module, AMD's compute device (ROCm).
+GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd")
+
+
 def detect_gpus() -> int:
-    """GPUs of this worker: CUDA_VISIBLE_DEVICES when set, else nvidia-smi, else torch, else 0."""
+    """GPUs of this worker: CUDA_VISIBLE_DEVICES when set, else nvidia-smi, else torch where a
+    GPU driver is installed, else 0."""
     visible = visible_devices()
     if visible is not None:
         return len(visible)
@@ -50,6 +55,8 @@ def detect_gpus() -> int:
             return sum(1 for line in out.splitlines() if line.startswith("GPU "))
         except (OSError, subprocess.SubprocessError):
             pass
+    if not any(os.path.exists(p) for p in GPU_DRIVER_PATHS):
+        return 0  # no GPU driver on this host: importing torch (a second of CPU) would only say so
     try:
         import torch
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -85,3 +86,16 @@ def test_cuda_visible_devices_stops_at_an_entry_that_names_no_device(monkeypatch
     assert detect_gpus() == 0
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert visible_devices() is None
+
+
+def test_a_host_without_a_gpu_driver_counts_none_without_importing_torch(monkeypatch) -> None:
+    """A CPU host's worker learns it has no GPU from the absent driver: torch's import (a second of
+    CPU at every worker's start) is only for hosts where a driver could show one."""
+    code = ("import os, shutil, sys\n"
+            "from worker import gpus\n"
+            "shutil.which = lambda name: None\n"  # no nvidia-smi
+            "gpus.GPU_DRIVER_PATHS = ('/nonexistent/driver',)\n"
+            "print(gpus.detect_gpus(), 'torch' in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["0", "False"], out.stderr[-2000:]
