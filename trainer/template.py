@@ -7,11 +7,10 @@ cannot inherit:
 
 - CUDA. A child of a process that initialised CUDA cannot use it. So the template imports what a
   run imports with bitsandbytes hidden (trainer.startup.skip_unused_libraries; it asks CUDA for
-  the devices' compute capability at import), and before each fork checks that torch has not
-  initialised CUDA and that the driver library is not even loaded. The child's
+  the devices' compute capability at import), and before each fork checks that neither torch nor
+  anything else initialised the CUDA driver (cuda_driver_initialised). The child's
   CUDA_VISIBLE_DEVICES is its job's: nothing read it yet. Jobs that need bitsandbytes are not
-  handed to the template. Where a CUDA build's imports load the driver library (as on the lent
-  H100s), the template refuses at once and the worker keeps to standbys.
+  handed to the template.
 - Threads. A fork copies only the forking thread: a lock another thread held stays locked in the
   child. The template runs no thread of its own (it watches its worker from its loop, not with
   trainer.watchdog's thread) and checks before each fork that it is alone in /proc/self/task.
@@ -54,6 +53,7 @@ from trainer.watchdog import alive, supervisor_pid
 POLL_S = 1.0
 SETTLE_WAIT_S = 10.0  # for a child to take its own session (a fork's first microseconds)
 PR_SET_PDEATHSIG = 1
+CUDA_ERROR_NOT_INITIALIZED = 3
 # What a run of a job the template takes never imports (see the module's docstring).
 HIDDEN = ("boto3", "bitsandbytes")
 
@@ -65,15 +65,29 @@ def fork_hazard() -> str | None:
         return "torch initialised CUDA"
     if sys.modules.get("bitsandbytes") is not None:
         return "bitsandbytes is imported"
-    # torch loads the driver library on its first CUDA call (a device count, is_available), which
-    # may have initialised the driver without torch counting CUDA as initialised.
-    with open("/proc/self/maps") as maps:
-        if any("/libcuda.so" in line for line in maps):
-            return "the CUDA driver library is loaded"
+    # A device count or is_available initialises the driver (cuInit) without torch counting CUDA
+    # as initialised, and a child of a process that did cannot use the GPU.
+    if cuda_driver_initialised():
+        return "the CUDA driver is initialised"
     threads = len(os.listdir("/proc/self/task"))
     if threads != 1:
         return f"the template runs {threads} threads"
     return None
+
+
+def cuda_driver_initialised() -> bool:
+    """Whether this process initialised the CUDA driver. Loaded is not initialised: a CUDA build
+    of torch links the driver library at import, and a child forked after that uses the GPU. Every
+    driver call but cuInit answers CUDA_ERROR_NOT_INITIALIZED until cuInit ran, without running
+    it, so asking for the device count tells, and changes nothing."""
+    with open("/proc/self/maps") as maps:
+        path = next((line.split(maxsplit=5)[5].strip() for line in maps
+                     if "/libcuda.so" in line and len(line.split(maxsplit=5)) == 6), None)
+    if path is None:
+        return False  # nothing loaded the driver, so nothing initialised it
+    driver = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)  # the loaded one; never loads
+    count = ctypes.c_int(0)
+    return driver.cuDeviceGetCount(ctypes.byref(count)) != CUDA_ERROR_NOT_INITIALIZED
 
 
 class Template:
