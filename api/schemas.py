@@ -209,9 +209,10 @@ class Readiness(BaseModel):
     waiting_on: list[str]  # api, checking_child, workers
     checking_child: str  # ready, warming, failed, off
     workers: int  # registered (counted only when asked for with ?workers=N)
-    workers_ready: int  # of them, those whose standby trainers are all ready
+    workers_ready: int  # of them, those whose standby trainers and trainer template are all ready
     standbys_wanted: int  # standby trainers those workers keep
     standbys_ready: int  # of them, those done importing
+    templates_importing: int = 0  # trainer templates of those workers still importing
     api_warmup_s: float | None = None
     registry: str | None = None  # why the worker registry could not be read
 

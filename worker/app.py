@@ -51,7 +51,7 @@ def _start_reaper(**_: Any) -> None:
     if _host is None:
         settings = get_settings()
         pool = gpus.get_pool(settings)
-        # The standbys first: the host thread's first registration already counts them (GET /readyz).
+        # The standbys and the template first: the host thread's first registration counts them (GET /readyz).
         standby.POOL.start(settings, pool)
         template.TEMPLATE.start(settings)
         _host = host.HostThread(pool, runner.default_worker_id(settings), slots=pool.count)

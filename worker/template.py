@@ -202,6 +202,17 @@ class TrainerTemplate:
         self.root.mkdir(parents=True, exist_ok=True)
         self.current = TemplateProcess(self.env, self.root)
 
+    def state(self) -> str:
+        """off (no template, or none started yet), importing, ready, or gone (jobs start another
+        way): the worker's registry entry, so that GET /readyz?workers=N waits for its imports."""
+        with self.lock:
+            cur = self.current
+            if self.root is None or cur is None:
+                return "off"
+            if cur.gone.is_set():
+                return "gone"
+            return "ready" if cur.ready.is_set() else "importing"
+
     def running(self) -> TemplateProcess | None:
         """The template, started again if the last one ended after it had been ready."""
         with self.lock:

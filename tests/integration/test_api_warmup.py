@@ -55,7 +55,7 @@ def test_a_fresh_api_is_warm_before_its_first_request(service_env: dict[str, str
     assert data_check.model_tokenizer.cache_info().hits == hits + 1
 
 
-def test_readiness_waits_for_the_checking_child_and_the_workers_standbys(service_env: dict[str, str],
+def test_readiness_waits_for_the_checking_child_and_the_workers_standbys_and_template(service_env: dict[str, str],
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     with TestClient(create_app()) as client:
         assert client.get("/readyz").json()["checking_child"] == "off"  # the tests' default: started on demand
@@ -74,4 +74,11 @@ def test_readiness_waits_for_the_checking_child_and_the_workers_standbys(service
         assert (r.json()["standbys_wanted"], r.json()["standbys_ready"]) == (2, 1)
         workers.register("w1", "h1", 1, "gpu", 30, standby={"wanted": 2, "ready": 2})
         assert client.get("/readyz?workers=1").status_code == 200
+        # Its trainer template still importing: not ready; ready, or gone (jobs start another way): ready.
+        workers.register("w1", "h1", 1, "gpu", 30, standby={"wanted": 2, "ready": 2}, template="importing")
+        r = client.get("/readyz?workers=1")
+        assert r.status_code == 503 and (r.json()["workers_ready"], r.json()["templates_importing"]) == (0, 1)
+        for state in ("ready", "gone", "off"):
+            workers.register("w1", "h1", 1, "gpu", 30, standby={"wanted": 2, "ready": 2}, template=state)
+            assert client.get("/readyz?workers=1").status_code == 200, state
         assert client.get("/readyz").status_code == 200  # a probe that leaves workers out
