@@ -135,10 +135,11 @@ def shared_stack(tmp_path_factory: pytest.TempPathFactory, redis_server_url: str
     url = f"{redis_server_url.rsplit('/', 1)[0]}/{redis_db(1)}"
     redis.Redis.from_url(url).flushdb()
     tmp = tmp_path_factory.mktemp("stack")
-    # The shared stack's worker keeps a standby trainer, as a worker does by default: its jobs take
-    # that path (test_whole_path checks one did).
+    # The shared stack's worker forks its jobs' trainers from its trainer template, as a worker does
+    # by default (test_whole_path checks one did). No standby trainers: only the jobs the template
+    # cannot take would use them, and those start fresh here at the same cost.
     s = start_stack(tmp, sqlite_copy(sqlite_template, tmp / "tuneq.db"), url, tiny_model_dir.parent,
-                    extra_env={"TUNEQ_ACCELERATE_LAUNCH": "false", "TUNEQ_STANDBY_TRAINERS": "1"})
+                    extra_env={"TUNEQ_ACCELERATE_LAUNCH": "false", "TUNEQ_STANDBY_TRAINERS": "0"})
     yield s
     _stop(s.worker)
     _stop(s.api)

@@ -79,18 +79,25 @@ def test_invalid_spec_is_one_line_and_exit_2(tmp_path: Path):
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
 
 
-def test_validate_prints_the_report(tmp_path: Path, tiny_model_dir: Path, chat_files):
-    res = trainer("validate", str(chat_files["train"]), "--model", str(tiny_model_dir), "--max-seq-len", "16")
-    assert res.returncode == 0, res.stderr
-    report = json.loads(res.stdout)
+def test_validate_prints_the_report(tmp_path: Path, tiny_model_dir: Path, chat_files, capsys):
+    """In this process: the command's own code, its report and exit codes (that validation imports no
+    torch is test_trainer_data_imports')."""
+    from trainer.cli import main
+
+    def validate(*args: str) -> tuple[int, dict]:
+        code = main(["validate", *args])
+        return code, json.loads(capsys.readouterr().out)
+
+    code, report = validate(str(chat_files["train"]), "--model", str(tiny_model_dir), "--max-seq-len", "16")
+    assert code == 0, report
     assert report["valid"] and report["examples"] == 48 and report["truncated"] > 0 and report["tokens"] == 48 * 16
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{}\n")
-    res = trainer("validate", str(bad))
-    assert res.returncode == 1 and json.loads(res.stdout)["error_counts"] == {"unknown_format": 1}
-    res = trainer("validate", str(bad), "--format", "chat")
-    assert res.returncode == 1 and json.loads(res.stdout)["error_counts"] == {"missing_messages": 1}
+    code, report = validate(str(bad))
+    assert code == 1 and report["error_counts"] == {"unknown_format": 1}
+    code, report = validate(str(bad), "--format", "chat")
+    assert code == 1 and report["error_counts"] == {"missing_messages": 1}
 
 
 def test_tiny_is_deterministic_per_seed(tmp_path: Path, tiny_model_dir: Path):
