@@ -42,7 +42,7 @@ from worker.gpus import GpuPool, Reservation, get_pool
 from worker.process import SUPERVISOR_ENV, TrainerProcess, kill_strays
 from worker.standby import POOL as STANDBYS
 from worker.template import TEMPLATE
-from worker.tensorboard_log import TensorBoardLog
+from worker.tensorboard_log import TensorBoardLog, import_writer
 from worker.workdir import (
     Rendezvous, SpecError, job_dir, rendezvous_addr, rendezvous_port, runnable_spec, trainer_argv, trainer_env, write_spec,
 )
@@ -279,6 +279,7 @@ class JobRun:
             env.update(self.reservation.env(kind))
         proc = TrainerProcess(argv, cwd=self.dir, log_path=self.dir / "trainer.log", env=env, standbys=STANDBYS,
                               give_up=lambda: self.keeper.lost.is_set() or SHUTDOWN.is_set(), template=TEMPLATE)
+        import_writer()  # while the trainer starts up: the curves are written from its first step
         how = "forked from the template" if proc.forked else "took the job as a standby" if proc.standby else "started"
         log.info("job %s: trainer pid %s %s on %s %s (attempt %s%s)", self.job_id, proc.pid, how, kind, devices,
                  self.attempt, ", resuming" if resume else "")

@@ -9,6 +9,7 @@ them: the same file format as TensorBoard's own writer without TensorFlow or Ten
 from __future__ import annotations
 
 import secrets
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,17 @@ from worker.artifacts import LOGS_KIND, Stored, publish_logs
 
 ARTIFACT = "tensorboard.tar.gz"
 KIND = LOGS_KIND
+
+
+def import_writer() -> None:
+    """Import tensorboardX in a thread of its own. Its import loads torch (seconds on a GPU host)
+    and the worker's first curve would wait for it while storing the trainer's first events: the
+    first step reached the API seconds late. Started with the job, it is done by then."""
+    threading.Thread(target=_import, name="tuneq-tensorboard-import", daemon=True).start()
+
+
+def _import() -> None:
+    import tensorboardX  # noqa: F401 - the import is the point
 
 
 class TensorBoardLog:
