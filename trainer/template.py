@@ -13,7 +13,8 @@ cannot inherit:
   handed to the template.
 - Threads. A fork copies only the forking thread: a lock another thread held stays locked in the
   child. The template runs no thread of its own (it watches its worker from its loop, not with
-  trainer.watchdog's thread) and checks before each fork that it is alone in /proc/self/task.
+  trainer.watchdog's thread) and checks before each fork that it is alone in /proc/self/task, but
+  for threads of libraries that survive a fork by design (FORK_SAFE_THREADS).
   numpy's OpenBLAS starts a pool at import: the template keeps it at one thread (the trainer's
   compute is torch's, not numpy's).
 
@@ -54,6 +55,10 @@ POLL_S = 1.0
 SETTLE_WAIT_S = 10.0  # for a child to take its own session (a fork's first microseconds)
 PR_SET_PDEATHSIG = 1
 CUDA_ERROR_NOT_INITIALIZED = 3
+# Threads whose library makes its own state whole again in a forked child: jemalloc (a library
+# linked with it, loaded by peft's imports on a CUDA host, starts its purging thread) takes its locks
+# around fork and a child simply runs without the thread.
+FORK_SAFE_THREADS = frozenset({"jemalloc_bg_thd"})
 # What a run of a job the template takes never imports (see the module's docstring).
 HIDDEN = ("boto3", "bitsandbytes")
 
@@ -69,10 +74,23 @@ def fork_hazard() -> str | None:
     # as initialised, and a child of a process that did cannot use the GPU.
     if cuda_driver_initialised():
         return "the CUDA driver is initialised"
-    threads = len(os.listdir("/proc/self/task"))
-    if threads != 1:
-        return f"the template runs {threads} threads"
+    others = [name for name in thread_names()[1:] if name not in FORK_SAFE_THREADS]
+    if others:
+        return f"the template runs threads besides its own: {', '.join(sorted(others))}"
     return None
+
+
+def thread_names() -> list[str]:
+    """This process's threads by name, the main thread first."""
+    tasks = sorted(os.listdir("/proc/self/task"), key=lambda t: t != str(os.getpid()))
+    names = []
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as comm:
+                names.append(comm.read().strip())
+        except OSError:
+            pass  # it ended meanwhile
+    return names
 
 
 def cuda_driver_initialised() -> bool:

@@ -154,3 +154,26 @@ def test_a_template_that_refused_is_not_started_again_but_a_crashed_one_is(tmp_p
     t.spawn = lambda: spawned.append(1)  # type: ignore[method-assign]
     assert t.running() is None
     assert bool(spawned) is started_again and (t.root is not None) is started_again
+
+
+def test_fork_hazard_names_threads_but_those_that_survive_a_fork() -> None:
+    """A second thread of ours is a hazard (its locks stay held in the child); jemalloc's purging
+    thread, which a CUDA host's imports start, is not. Run in a process of its own: this one has
+    pytest's threads."""
+    import subprocess
+    import sys
+
+    code = ("import ctypes, threading, time\n"
+            "from trainer.template import fork_hazard\n"
+            "print(fork_hazard())\n"
+            "def named(name):\n"
+            "    ctypes.CDLL(None).prctl(15, name.encode(), 0, 0, 0)\n"  # PR_SET_NAME, as jemalloc names its thread
+            "    time.sleep(30)\n"
+            "threading.Thread(target=named, args=('jemalloc_bg_thd',), daemon=True).start(); time.sleep(0.3)\n"
+            "print(fork_hazard())\n"
+            "threading.Thread(target=named, args=('other',), daemon=True).start(); time.sleep(0.3)\n"
+            "print(fork_hazard())\n")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=120)
+    lines = out.stdout.strip().splitlines()
+    assert lines == ["None", "None", "the template runs threads besides its own: other"], (out.stdout, out.stderr[-2000:])
