@@ -50,9 +50,10 @@ def test_up_runs_a_job_and_stops_on_ctrl_c(tmp_path: Path, tiny_model_dir: Path)
     shutil.copytree(tiny_model_dir, home / "models" / "tiny-llama")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEQ_")}  # all defaults, embedded Redis
-    # but one standby trainer and a checking child started on demand: what they cost and how the
-    # readiness waits for them have tests of their own (test_worker_standby, test_api_warmup).
-    env.update(PYTHONPATH=str(ROOT), TUNEQ_STANDBY_TRAINERS="1", TUNEQ_API_WARM_CHILD="false")
+    # but no standby trainers (the trainer template, on by default, takes this job) and a checking
+    # child started on demand: what they cost and how the readiness waits for them have tests of
+    # their own (test_worker_standby, test_api_warmup).
+    env.update(PYTHONPATH=str(ROOT), TUNEQ_STANDBY_TRAINERS="0", TUNEQ_API_WARM_CHILD="false")
     log = tmp_path / "up.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "tuneq", "up", "--home", str(home), "--port", str(port)],
@@ -65,12 +66,12 @@ def test_up_runs_a_job_and_stops_on_ctrl_c(tmp_path: Path, tiny_model_dir: Path)
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.3)
         text = log.read_text()
-        # It says ready once the API, and the worker's standby trainer, finished their warm-ups.
+        # It says ready once the API, and the worker's trainer template, finished their warm-ups.
         assert text.index("tuneq is up") < text.index("tuneq is ready")
         assert re.search(r"tuneq is ready: \d+\.\d s after start", text), text
         ready = httpx.get(f"{url}/readyz?workers=1", timeout=30).json()
         assert ready["status"] == "ready" and ready["workers"] == ready["workers_ready"] == 1, ready
-        assert ready["standbys_wanted"] == ready["standbys_ready"] == 1, ready
+        assert ready["templates_importing"] == 0 and ready["standbys_wanted"] == 0, ready
         pids = [int(p) for p in re.findall(r"(?:api|worker|serve): pid (\d+)", text)]
         redis_port = int(re.search(r"redis: embedded at redis://:\*\*\*@127.0.0.1:(\d+)/0", text).group(1))
         assert len(pids) == 3 and _listening(redis_port)
