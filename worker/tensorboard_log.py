@@ -8,7 +8,9 @@ them: the same file format as TensorBoard's own writer without TensorFlow or Ten
 
 from __future__ import annotations
 
+import importlib.abc
 import secrets
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -22,14 +24,44 @@ KIND = LOGS_KIND
 
 
 def import_writer() -> None:
-    """Import tensorboardX in a thread of its own. Its import loads torch (seconds on a GPU host)
-    and the worker's first curve would wait for it while storing the trainer's first events: the
-    first step reached the API seconds late. Started with the job, it is done by then."""
-    threading.Thread(target=_import, name="tuneq-tensorboard-import", daemon=True).start()
+    """Import tensorboardX in a thread of its own, as the job's trainer starts: the worker's first
+    curve would wait for it while storing the trainer's first events, and the first step reached
+    the API seconds late."""
+    threading.Thread(target=load_tensorboardx, name="tuneq-tensorboard-import", daemon=True).start()
 
 
-def _import() -> None:
-    import tensorboardX  # noqa: F401 - the import is the point
+class _NoTorchForTensorBoardX(importlib.abc.MetaPathFinder):
+    """tensorboardX's writer imports torch at its own import, if it can, only to take torch
+    tensors as values; the worker writes floats. Answered ImportError, as where torch is not
+    installed, it skips that: torch's import is a second of CPU here and seconds on a GPU host, and
+    hundreds of MiB in the worker for nothing. Only imports made from tensorboardX's modules are
+    refused; any other thread's import of torch goes on as ever."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name.partition(".")[0] != "torch":
+            return None
+        frame = sys._getframe(1)
+        while frame is not None:
+            if str(frame.f_globals.get("__name__", "")).startswith("tensorboardX"):
+                raise ModuleNotFoundError("not imported for tensorboardX's scalars", name=name)
+            frame = frame.f_back
+        return None
+
+
+def load_tensorboardx() -> Any:
+    """The tensorboardX package, imported without torch unless something imported torch already."""
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        import tensorboardX
+
+        return tensorboardX
+    finder = _NoTorchForTensorBoardX()
+    sys.meta_path.insert(0, finder)
+    try:
+        import tensorboardX
+
+        return tensorboardX
+    finally:
+        sys.meta_path.remove(finder)
 
 
 class TensorBoardLog:
@@ -49,12 +81,12 @@ class TensorBoardLog:
 
     def writer(self) -> Any:
         if self._writer is None:
-            from tensorboardX import SummaryWriter  # protobuf: imported by the workers that write curves only
+            summary_writer = load_tensorboardx().SummaryWriter  # imported by the workers that write curves only
 
             self.log_dir.mkdir(parents=True, exist_ok=True)
             # The file name has the second and the host only; a run resumed within that second
             # would overwrite the earlier run's file without a suffix of its own.
-            self._writer = SummaryWriter(str(self.log_dir), flush_secs=30, filename_suffix=f".{secrets.token_hex(4)}")
+            self._writer = summary_writer(str(self.log_dir), flush_secs=30, filename_suffix=f".{secrets.token_hex(4)}")
         return self._writer
 
     def flush(self) -> None:

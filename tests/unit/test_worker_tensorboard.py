@@ -73,3 +73,22 @@ def test_eval_scores_become_eval_curves(tmp_path: Path) -> None:
     got = scalars(tmp_path / "tensorboard")
     assert got["eval/exact_match"] == [(10, 0.25), (20, 0.875)] and got["eval/sim"][1] == (20, 0.4375)
     assert got["eval/seconds"] == [(10, 1.5), (20, 1.5)]
+
+
+def test_the_worker_writes_curves_without_importing_torch(tmp_path: Path) -> None:
+    """tensorboardX would import torch (a second of CPU, hundreds of MiB) only to accept tensors; the
+    worker's curves are floats. In a process of its own: this one imported torch long ago."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys\n"
+            "from worker.tensorboard_log import TensorBoardLog\n"
+            f"tb = TensorBoardLog(__import__('pathlib').Path({str(tmp_path / 'tb')!r}))\n"
+            f"for ev in json.loads({json.dumps(json.dumps(trainer_events()))}):\n"
+            "    tb.add(ev)\n"
+            "tb.close()\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
+    assert [round(v, 4) for _, v in scalars(tmp_path / "tb")["train/loss"]] == LOSSES
