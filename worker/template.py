@@ -222,8 +222,8 @@ class TrainerTemplate:
                 self.spawn()  # not started with the worker: the first job waits for its imports
             cur = self.current
             if cur is not None and cur.gone.is_set():
-                # A template that refused before it was ready (a fork hazard: the imports loaded the
-                # CUDA driver, or started a thread) would refuse again on this host: do not retry.
+                # A template that refused before it was ready (a fork hazard: its imports initialised
+                # the CUDA driver, or started a thread) would refuse again on this host: do not retry.
                 self.failed_starts += 0 if cur.was_ready else MAX_FAILED_STARTS if cur.error else 1
                 if self.failed_starts >= MAX_FAILED_STARTS:
                     log.warning("trainer template failed %s times; starting trainers fresh from now on",

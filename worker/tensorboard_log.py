@@ -27,7 +27,8 @@ def import_writer() -> None:
     """Import tensorboardX in a thread of its own, as the job's trainer starts: the worker's first
     curve would wait for it while storing the trainer's first events, and the first step reached
     the API seconds late."""
-    threading.Thread(target=load_tensorboardx, name="tuneq-tensorboard-import", daemon=True).start()
+    if "tensorboardX" not in sys.modules:  # once per worker: later jobs find it imported
+        threading.Thread(target=load_tensorboardx, name="tuneq-tensorboard-import", daemon=True).start()
 
 
 class _NoTorchForTensorBoardX(importlib.abc.MetaPathFinder):
