@@ -9,10 +9,16 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, PendingRollbackError
 from sqlalchemy.orm import Session, sessionmaker
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from core.settings import Settings, get_settings
+
+# What a session raises when the database goes away: the driver's error, or, when the connection
+# was cut in the middle of a flush, SQLAlchemy's refusal to go on until the session is rolled back
+# (the driver's error is its cause). Both are over once the caller rolls back and tries again.
+OUTAGE_ERRORS = (DBAPIError, PendingRollbackError)
 
 log = logging.getLogger(__name__)
 

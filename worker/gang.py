@@ -16,10 +16,9 @@ import signal
 import threading
 import time
 
-from sqlalchemy.exc import DBAPIError
 
 from core import gang, states
-from core.db import get_sessionmaker, session_scope
+from core.db import OUTAGE_ERRORS, get_sessionmaker, session_scope
 from core.models import Checkpoint, Job
 from core.settings import Settings
 from core.storage import get_storage
@@ -202,7 +201,7 @@ class Beat(threading.Thread):
             while not self.stop.is_set():
                 try:
                     standing = gang.beat(db, m.job_id, m.node_rank, m.attempt, m.worker_id)
-                except DBAPIError as exc:
+                except OUTAGE_ERRORS as exc:
                     db.rollback()  # unknown: go on; the leader judges the silence
                     log.warning("job %s: gang heartbeat failed: %s", m.job_id, exc)
                 else:

@@ -20,12 +20,11 @@ from typing import Any
 
 import redis
 from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from core import control, gang, states
-from core.db import get_sessionmaker
+from core.db import OUTAGE_ERRORS, get_sessionmaker
 from core.jobs import heartbeat, lock_leased_job, release_lease
 from core.models import Checkpoint, Job
 from core.queue import clear_pending, enqueue_job
@@ -150,7 +149,7 @@ class LeaseKeeper:
                 if self.failures:
                     log.info("job %s: lease renewed again after %s failed renewals", self.job_id, self.failures)
                 self.failures = 0
-            except DBAPIError as exc:
+            except OUTAGE_ERRORS as exc:
                 self.failures += 1
                 log.warning("job %s: heartbeat failed: %s", self.job_id, exc)
             except Exception:  # noqa: BLE001 - a keeper that dies stops renewing: the job looks lost
@@ -370,7 +369,7 @@ class JobRun:
         trainer is killed) rather than let two runs overlap.
         """
         for attempt in Retrying(
-            retry=retry_if_exception_type(DBAPIError), wait=wait_exponential(multiplier=0.2, max=5),
+            retry=retry_if_exception_type(OUTAGE_ERRORS), wait=wait_exponential(multiplier=0.2, max=5),
             stop=stop_after_delay(self.settings.lease_ttl_s / 2), reraise=True,
             before_sleep=lambda rs: (self.db.rollback(), log.warning("job %s: database error, retrying: %s",
                                                                       self.job_id, rs.outcome.exception())),
