@@ -102,7 +102,9 @@ def test_same_message_twice_runs_once(db: Session, rel_env, workers) -> None:
 def test_job_longer_than_the_visibility_timeout_runs_once(db: Session, rel_env, workers, monkeypatch) -> None:
     # Redis re-delivers an unacked message after the visibility timeout to a worker that
     # starts later, while the first run still goes on. The lease makes the second delivery drop out.
-    short = {"TUNEQ_VISIBILITY_TIMEOUT_S": "2", **STEADY_LEASE}
+    # Paced steps: a trainer forked from the template could end its six steps before this test
+    # stops it (seen on a loaded machine: the pid was gone).
+    short = {"TUNEQ_VISIBILITY_TIMEOUT_S": "2", "TUNEQ_TEST_STEP_SLEEP_S": "1", **STEADY_LEASE}
     monkeypatch.setenv("TUNEQ_VISIBILITY_TIMEOUT_S", "2")
     reset_caches()
     job = training_job(db, rel_env, steps=6)
