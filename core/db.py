@@ -45,13 +45,18 @@ def _count_writes(engine: Engine) -> None:
                 conn.info.setdefault("tables_written", set()).add(table.name)
                 _bump(conn.info["tables_written"])
 
+    # A connection cut by the server (a restart, a terminated backend) is invalidated, and asking
+    # for its info would try to revalidate it and raise PendingRollbackError from inside the very
+    # rollback that recovers from the cut. Its transaction is gone, so there is nothing to count.
     @event.listens_for(engine, "commit")
     def _committed(conn):  # noqa: ANN001
-        _bump(conn.info.pop("tables_written", ()))
+        if not conn.invalidated:
+            _bump(conn.info.pop("tables_written", ()))
 
     @event.listens_for(engine, "rollback")
     def _rolled_back(conn):  # noqa: ANN001
-        conn.info.pop("tables_written", None)
+        if not conn.invalidated:
+            conn.info.pop("tables_written", None)
 
 
 def _bump(tables) -> None:  # noqa: ANN001

@@ -188,7 +188,7 @@ def test_job_and_api_ride_out_a_postgres_restart(tmp_path: Path, redis_url: str,
         with stack.client() as c:
             events = job_events(c, job_id)
         starts = [e for e in events if e["message"] in ("Trainer started.", "Resuming from the latest checkpoint.")]
-        assert len(starts) == 1, f"the trainer was restarted: {[e['message'] for e in events]}"
+        assert len(starts) == 1, f"the trainer was restarted: {[e['message'] for e in events]}\n{dump_logs(stack)}"
         steps = [e["data"]["step"] for e in events if e["type"] == "metrics"]
         assert steps and max(steps) == STEPS and len(steps) == len(set(steps)), steps
     finally:

@@ -63,6 +63,46 @@ def test_pooled_connections_and_new_ones_survive_a_restart(cluster: PgCluster) -
             cluster.start()
 
 
+def test_a_write_cut_off_by_the_server_is_rolled_back_and_retried(cluster: PgCluster, tmp_path: Path) -> None:
+    """The server ends the connection in the middle of a write transaction (what a restart does to
+    the worker's event pump): the rollback that recovers must not itself raise, so the runner's
+    retry stores the write once the connection is back."""
+    from types import SimpleNamespace
+
+    from sqlalchemy.orm import sessionmaker
+
+    from core.db import make_engine
+    from worker.runner import JobRun
+
+    engine = make_engine(cluster.url(), Settings(db_connect_retry_s=5))
+    try:
+        with engine.begin() as c:
+            c.execute(text("create table if not exists cut_writes (n int)"))
+            c.execute(text("delete from cut_writes"))
+        db = sessionmaker(engine)()
+        run = SimpleNamespace(settings=Settings(home=tmp_path, lease_ttl_s=60), db=db, job_id="ftjob-cut")
+        tries: list[int] = []
+
+        def write() -> None:
+            tries.append(len(tries))
+            db.execute(text("insert into cut_writes values (:n)"), {"n": len(tries)})
+            if len(tries) == 1:  # the server cuts this transaction before it commits
+                pid = db.execute(text("select pg_backend_pid()")).scalar()
+                with engine.connect() as admin:
+                    admin.execute(text("select pg_terminate_backend(:pid)"), {"pid": pid})
+                    admin.commit()
+                db.execute(text("select 1"))  # the statement that finds the connection gone
+            db.commit()
+
+        JobRun.with_db(run, write)
+        db.close()
+        with engine.connect() as c:
+            assert c.execute(text("select n from cut_writes")).scalars().all() == [2]
+        assert tries == [0, 1]
+    finally:
+        engine.dispose()
+
+
 def _select_one(engine) -> object:  # noqa: ANN001
     try:
         with engine.connect() as c:
