@@ -73,7 +73,7 @@ def make_plan(spec_like: dict[str, Any], model_path: str, gpus: int, settings: S
         p = planning.plan(
             planned, config, int(memory_gib * GiB), gpus=ranks, dataset_tokens=dataset_tokens,
             peak_tflops=settings.plan_gpu_tflops, gpu_model=settings.plan_gpu_model or None,
-            liger=settings.plan_gpu_liger or None,
+            liger=settings.plan_gpu_liger or None, warm_start=lambda method: warm_start(spec_like, method, model_path, settings),
         ).to_dict()
     except ValueError as exc:
         # Values the spec allows but this model does not (more checkpointed layers than it has).
@@ -101,6 +101,19 @@ def make_plan(spec_like: dict[str, Any], model_path: str, gpus: int, settings: S
         p["compute"]["peak_tflops_per_gpu"] = p["compute"]["peak_flops_per_gpu"] / 1e12
         p["compute"]["gpu_model"] = settings.plan_gpu_model
     return p
+
+
+def warm_start(spec_like: dict[str, Any], method: str, model_path: str, settings: Settings) -> bool:
+    """Whether a one-process job of this method finds its trainer's imports done on the workers:
+    a standby trainer takes any such job, the template one that needs no bitsandbytes."""
+    from types import SimpleNamespace
+
+    from trainer.startup import skip_unused_libraries
+
+    if settings.standby_trainers > 0:
+        return True
+    job = SimpleNamespace(method=method, optimizer=spec_like.get("optimizer"), model=model_path)
+    return settings.trainer_template and "bitsandbytes" in skip_unused_libraries(job, modules={})
 
 
 # Where the planner's field names (its own, or the spec's) sit in a request body.

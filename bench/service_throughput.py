@@ -201,10 +201,9 @@ def fit_checkpoint_rate(points: list[tuple[float, float]]) -> tuple[float, float
 def record_speeds(args, jobs: list[dict], day: str) -> None:
     """Write each setting's measured tokens/s, the checkpoint rate fit to the jobs' checkpoint
     seconds and the planner's checkpoint bytes for their specs, and (unless --keep-startup) the
-    start-up of the last default LoRA job into trainer/planning/speeds.json under the GPU model that
-    ran them (a new entry for a GPU model it does not know)."""
-    from trainer.planning import model_shape, speeds
-    from trainer.tiny import build_config
+    start-ups (fit_startup) into trainer/planning/speeds.json under the GPU model that ran them (a
+    new entry for a GPU model it does not know)."""
+    from trainer.planning import speeds
 
     data = json.loads(speeds.SPEEDS_FILE.read_text())
     found = speeds.gpu_entry(args.device_name, data)
@@ -228,20 +227,44 @@ def record_speeds(args, jobs: list[dict], day: str) -> None:
         entry["checkpoint"] = {"fixed_s": round(fit[0], 3), "gib_per_s": round(fit[1], 3),
                                "source": f"bench/results/{args.out.name}.md ({day}): least squares over {len(points)} "
                                          f"checkpoints of the default jobs, {sizes} GiB each"}
-    # Start-up: the last LoRA job through the service if one ran (what a user waits), else the trainer's.
-    timed = [j for j in jobs if j["ok"] and j.get("startup") and j.get("setting", "").startswith("lora")]
-    if timed and not args.keep_startup:
-        job = timed[-1]
-        phases = {k: v for k, v in job["startup"]["phases"].items() if k not in ("queue", "validate")}
-        weights_gib = 2 * model_shape(build_config("llama-3.2-1b")).total_params / 2**30  # bf16
-        load = phases.get("load", 0.0)
-        entry["startup"] = {"fixed_s": round(sum(phases.values()) - load, 2), "load_s_per_gib": round(load / weights_gib, 2),
-                            "weights_gib": round(weights_gib, 3),
-                            "source": f"bench/results/{args.out.name}.md {job['name']} ({day}): " + ", ".join(
-                                f"{k} {v:.1f}" for k, v in phases.items())}
+    if not args.keep_startup:
+        entry["startup"] = fit_startup(jobs, entry.get("startup", {}), args.out.name, day)
     data["gpus"][name] = entry
     speeds.SPEEDS_FILE.write_text(speeds_text(data))
     speeds._table.cache_clear()
+
+
+def fit_startup(jobs: list[dict], old: dict, out_name: str, day: str) -> dict:
+    """The start-up entry of speeds.json (trainer.planning.speeds), each part refitted where this run
+    measured it, else kept: a fresh trainer's fixed part and the load rate from the last default
+    LoRA job (`python -m trainer run`: its phases from its process start), and the warm fixed part
+    from the service's jobs whose trainer had its imports done (forked from the template or a
+    standby): their submission to the first step seen through the API, less the load, on average."""
+    from trainer.planning import model_shape
+    from trainer.tiny import build_config
+
+    entry = dict(old)
+    weights_gib = 2 * model_shape(build_config("llama-3.2-1b")).total_params / 2**30  # bf16
+    entry["weights_gib"] = round(weights_gib, 3)
+    fresh = [j for j in jobs if j["ok"] and j.get("startup") and j.get("setting") in SETTINGS
+             and j["setting"].startswith("lora") and j["name"].endswith("-default")]
+    if fresh:
+        job = fresh[-1]
+        phases = {k: v for k, v in job["startup"]["phases"].items() if k not in ("queue", "validate")}
+        load = phases.get("load", 0.0)
+        entry.update(fixed_s=round(sum(phases.values()) - load, 2), load_s_per_gib=round(load / weights_gib, 2),
+                     source=f"bench/results/{out_name}.md {job['name']} ({day}): "
+                            + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
+    warm = [j for j in jobs if j["ok"] and j.get("setting") == "service" and j.get("submit_to_first_step_s")
+            and (j.get("startup") or {}).get("phases", {}).get("load") is not None
+            and ((j["startup"].get("detail") or {}).get("forked") or (j["startup"].get("detail") or {}).get("standby"))]
+    if warm:
+        rest = [j["submit_to_first_step_s"] - j["startup"]["phases"]["load"] for j in warm]
+        entry["warm_fixed_s"] = round(statistics.mean(rest), 2)
+        entry["warm_source"] = (f"bench/results/{out_name}.md ({day}): submit to first step less the load, mean of "
+                                f"{len(warm)} service jobs (" + ", ".join(f"{j['name']} {r:.2f}" for j, r in zip(warm, rest))
+                                + ")")
+    return entry
 
 
 def speeds_text(data: dict) -> str:
@@ -356,39 +379,60 @@ def service_stack(work: Path, model_dir: Path, name: str = "svc", env: dict | No
         log.close()
 
 
+def service_body(args, model_dir: Path, file_id: str, setting: str | None = None) -> dict:
+    """A job body as a user posts it: with no speed field (setting None: the default the planner
+    picks for this GPU), or with a setting's method and speed fields."""
+    method, fields, _ = SETTINGS[setting] if setting else ("lora", {}, None)
+    return {"model": model_dir.name, "training_file": file_id,
+            "method": {"type": method, **({method: LORA} if method != "full" else {})},
+            "packing": True, "data_format": "text", **fields,
+            "hyperparameters": {"batch_size": args.batch, "max_seq_len": args.seq, "max_steps": args.steps,
+                                "learning_rate": LEARNING_RATE[method], "warmup_steps": 2, "seed": 0},
+            "schedule": {"log_every_steps": 1}}
+
+
 def service_jobs(args, model_dir: Path, data: Path) -> list[dict]:
-    """A job with no speed field (the default a user gets) through the whole stack: `tuneq up`
-    (SQLite, embedded Redis, the API and one worker with this host's GPU), the file uploaded and the
-    job created over HTTP, its events read back through the API as they come. Submit to first step
-    is from just before the POST to the first metrics event seen through the API."""
+    """Jobs through the whole stack: `tuneq up` (SQLite, embedded Redis, the API and one worker
+    with this host's GPU), the file uploaded and each job created over HTTP, its events read back
+    through the API as they come. First `args.service` jobs with no speed field (the default a
+    user gets), then one per `--service-settings` setting. Submit to first (last) step is from just
+    before the POST to the first (last) metrics event seen through the API. Each job's time
+    estimate is what POST /v1/fine_tuning/plan answered for its body just before."""
     from upload_cost import build_tiny
 
     jobs: list[dict] = []
+    wanted = [None] * args.service + [x for x in args.service_settings.split(",") if x]
     try:
         # The tiny model built beforehand: the time to ready is the stack's start, not a first
-        # `tuneq up`'s one-time build of its demo model.
-        with service_stack(args.work, model_dir, tiny=build_tiny(args)) as c:
+        # `tuneq up`'s one-time build of its demo model. The plan times jobs for this GPU model.
+        with service_stack(args.work, model_dir, tiny=build_tiny(args),
+                           env={"TUNEQ_PLAN_GPU_MODEL": args.device_name}) as c:
             uploaded = time.time()
             file_id = c.upload_file(data)["id"]
             upload_s = time.time() - uploaded
-            body = {"model": model_dir.name, "training_file": file_id, "method": {"type": "lora", "lora": LORA},
-                    "packing": True, "data_format": "text",
-                    "hyperparameters": {"batch_size": args.batch, "max_seq_len": args.seq, "max_steps": args.steps,
-                                        "learning_rate": 2e-4, "warmup_steps": 2, "seed": 0},
-                    "schedule": {"log_every_steps": 1}}
-            for i in range(args.service):
-                label = "service-default" + ("-again" * (i > 0)) + (f"-{i + 1}" if i > 1 else "")
+            for i, setting in enumerate(wanted):
+                if setting:
+                    label = f"service-{setting}"
+                else:
+                    label = "service-default" + ("-again" * (i > 0)) + (f"-{i + 1}" if i > 1 else "")
                 if i and args.service_gap:
                     # A host that ran a job a while ago (its standby refilled), not one that just ended one.
                     time.sleep(args.service_gap)
                     label += f"-after-{args.service_gap:g}s"
+                body = service_body(args, model_dir, file_id, setting)
+                planned = c.plan_job(body)["time"]
                 jobs.append(_service_job(c, body, label, args, upload_s))
+                jobs[-1]["service_setting"] = setting or "default"
+                jobs[-1]["estimate"] = {"startup_s": planned["startup_seconds"], "steps_s": planned["seconds"],
+                                        "checkpoints": planned["checkpoints"], "checkpoint_s": planned["checkpoint_seconds"],
+                                        "wall_s": planned["wall_seconds"], "source": planned["efficiency_source"],
+                                        "startup_source": planned.get("startup_source"), "checkpoint_source": None}
                 if i == 0:
                     jobs[-1].update(c.ready)  # the stack's start, before its first job
                 text = json.dumps(jobs[-1], default=str)
                 print(text[:400], flush=True)
     except Exception as exc:  # noqa: BLE001 - a broken stack is a row, not a lost run
-        jobs.append({"name": "service-default", "ok": False, "error": f"{type(exc).__name__}: {exc}"[:800]})
+        jobs.append({"name": "service", "ok": False, "error": f"{type(exc).__name__}: {exc}"[:800]})
     return jobs
 
 
@@ -397,7 +441,7 @@ def _service_job(c, body: dict, label: str, args, upload_s: float, keep_events: 
     job = c.create_job(body)
     post_s = time.time() - submitted
     seen: list[dict] = []
-    first_step_seen = None
+    first_step_seen = last_step_seen = None
     last_id = None
     deadline = submitted + args.job_timeout
     while time.time() < deadline:
@@ -407,6 +451,8 @@ def _service_job(c, body: dict, label: str, args, upload_s: float, keep_events: 
             seen += new
         if first_step_seen is None and any(e["type"] == "metrics" for e in new):
             first_step_seen = time.time()
+        if last_step_seen is None and any(e["type"] == "metrics" and e["data"].get("step") == args.steps for e in new):
+            last_step_seen = time.time()
         if c.get_job(job["id"])["status"] in ("succeeded", "failed", "cancelled"):
             break
         time.sleep(0.1)
@@ -431,6 +477,7 @@ def _service_job(c, body: dict, label: str, args, upload_s: float, keep_events: 
                        for e in seen if e["type"] == "start"), None),
         "start": next((e["data"] for e in seen if e["type"] == "start"), None),
         "submit_to_first_step_s": round(first_step_seen - submitted, 2) if first_step_seen else None,
+        "submit_to_last_step_s": round(last_step_seen - submitted, 2) if last_step_seen else None,
         "post_s": round(post_s, 3), "upload_s": round(upload_s, 2),
         "spawn_to_first_step_s": None, "spawn_to_last_step_s": None,
         **({"events": seen} if keep_events else {}),
@@ -462,8 +509,11 @@ def time_estimates(args, jobs: list[dict], replanned: dict | None) -> list[str]:
     own = f"{args.out.name}.md"
     lines = ["## Time estimates", "", "The plan's time estimate (POST /v1/fine_tuning/plan: start-up, steps at the "
              "efficiency trainer/planning/speeds.json holds for this GPU model and setting, and the checkpoints "
-             "written before the last step at the rate measured on that host) against the job's spawn to its last "
-             "step (target ±15 %).", ""]
+             "written before the last step at the rate measured on that host) against what the job took (target "
+             "±15 %). `python -m trainer run` rows (job-...): a fresh trainer, from its spawn to its last step, "
+             "planned with the fresh start-up. Service rows (service-...): the plan the API answered for the job's "
+             "body (the warm start-up: the worker's template or a standby had done the trainer's imports), "
+             "against its submission to its last step seen through the API.", ""]
     if replanned:
         lines += [f"Planned after the run ({replanned['date']}, `--report`) from trainer/planning/speeds.json as it "
                   "stands then. Where a row says \"fit to this run\", that file's efficiency or checkpoint rate was "
@@ -479,7 +529,9 @@ def time_estimates(args, jobs: list[dict], replanned: dict | None) -> list[str]:
         est = j.get("estimate") or {}
         if not j["ok"] or not est.get("wall_s"):
             continue
-        measured = j["spawn_to_last_step_s"]
+        measured = j.get("spawn_to_last_step_s") or j.get("submit_to_last_step_s")
+        if not measured:
+            continue
         err = 100 * (est["wall_s"] - measured) / measured
         saves = f"{est.get('checkpoints')} x {est.get('checkpoint_gib', 0):.2f} GiB" if "checkpoints" in est else "not counted"
         line = (f"| {j['name']} | {est['startup_s']:.1f} | {est['steps_s']:.1f} | {saves} | "
@@ -526,7 +578,8 @@ def report(args, result: dict) -> str:
                   "the POST to the first metrics event seen through the API (target: no more than the load phase + "
                   f"5 s). / bench: against {(lora.get('bench') or {}).get('name')}. The first job is submitted once "
                   "the stack says it is ready (GET /readyz?workers=1: the API's, its checking child's and the "
-                  "standby trainers' warm-ups done); ready s: from `tuneq up` to that, on the first row.", "",
+                  "standby trainers' warm-ups done); ready s: from `tuneq up` to that, on the first row. Rows named after a "
+                  "setting (service-lora-lean, ...) are jobs that set that setting's fields, after the default ones.", "",
                   "| job | speed chosen | median tok/s | / bench | worst / median | steps < 85 % | peak GiB | ready s | "
                   "POST s | submit to first step s | load s | target s | met | phases s |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -539,7 +592,8 @@ def report(args, result: dict) -> str:
             target = load + 5 if load is not None else None
             first = j["submit_to_first_step_s"]
             met = "yes" if first is not None and target is not None and first <= target else "no"
-            ratio = j["median_tps"] / ref if ref else None
+            # The step bench's fast LoRA row is the reference of the default job only.
+            ratio = j["median_tps"] / ref if ref and j.get("service_setting", "default") == "default" else None
             lines.append(f"| {j['name']} | {j.get('speed')} | {j['median_tps']:,.0f} | {ratio and f'{ratio:.3f}'} | "
                          f"{j['worst_share']:.2f} | {j['below_85']} | {j['peak_gib']:.2f} | {j.get('ready_s')} | "
                          f"{j['post_s']} | {first} | "
@@ -548,7 +602,7 @@ def report(args, result: dict) -> str:
         lines.append("")
     trl = result.get("trl") or []
     if trl:
-        default = next((j for j in reversed(service) if j["ok"]), None)
+        default = next((j for j in reversed(service) if j["ok"] and j.get("service_setting", "default") == "default"), None)
         lines += ["## TRL's SFTTrainer on the same file, with its own packing", "",
                   "bench/trl_packed.py: TRL's defaults (best-fit-decreasing packing, padding-free batches, bf16, "
                   "gradient checkpointing on unless the row says nockpt), the same LoRA, batch, rows and learning rate. "
@@ -567,7 +621,7 @@ def report(args, result: dict) -> str:
                          f"{ratio and f'{ratio:.2f}'} | {dpeak if dpeak is None else f'{dpeak:+.2f}'} | {r.get('packed_rows')} |")
         lines.append("")
     jobs = [j for part in result["settings"].values() for j in part["jobs"]]
-    lines += time_estimates(args, jobs, result.get("replanned"))
+    lines += time_estimates(args, jobs + service, result.get("replanned"))
     lines += ["", "Start-up detail (s; device_ready: when the warm-up thread had the GPU's context, from "
               "the process's start; tokens_cached: the data check's tokens reused):", ""]
     lines += [f"- {j['name']}: {(j['startup'] or {}).get('detail')}" for j in jobs + service if j["ok"]]
@@ -616,6 +670,8 @@ def main() -> int:
     p.add_argument("--trl", default="", help="TRL rows on the same file (comma separated): ckpt, nockpt, wrapped, "
                    "wrapped-nockpt (wrapped: TRL's packing that cuts the file into rows, without masks between examples)")
     p.add_argument("--service", type=int, default=0, help="default jobs through the whole stack (tuneq up)")
+    p.add_argument("--service-settings", default="",
+                   help="after those, one job through the stack per setting (comma separated: " + ", ".join(SETTINGS) + ")")
     p.add_argument("--service-gap", type=float, default=0.0,
                    help="seconds the host stays idle between the service's jobs (0: each right after the last)")
     p.add_argument("--no-step-bench", action="store_true",
@@ -665,7 +721,7 @@ def main() -> int:
         benches = bench_rows(args, list(dict.fromkeys(settings + (["lora-fast"] if args.service else []))))
     data = write_text_data(model_dir, args.work / "train.jsonl", int(args.steps * args.batch * args.seq * 1.1))
     valid = write_text_data(model_dir, args.work / "valid.jsonl", 16 * args.seq, seed=1)
-    if args.service:  # first: a fresh host's first job, as a user meets it
+    if args.service or args.service_settings:  # first: a fresh host's first job, as a user meets it
         result["service"] = service_jobs(args, model_dir, data)
         if "lora-fast" not in settings:
             result["settings"]["lora-fast"] = {"bench": benches["lora-fast"], "jobs": []}

@@ -32,6 +32,7 @@ def plan_fine_tuning_job(body: CreateJobRequest, user: CurrentUser, db: SessionD
             "flops": compute["total_flops"] if compute else None,
             "seconds": compute["seconds"] if compute else None,
             "startup_seconds": compute["startup_seconds"] if compute else None,
+            "startup_source": compute["startup_source"] if compute else None,
             "checkpoints": compute["checkpoints"] if compute else None,
             "checkpoint_seconds": compute["checkpoint_seconds"] if compute else None,
             "wall_seconds": compute["wall_seconds"] if compute else None,

@@ -56,6 +56,28 @@ def test_plan_route_returns_every_method_with_its_breakdown(client: TestClient, 
     assert t["efficiency_source"].startswith("H100 ") and "full lean" in t["efficiency_source"]
 
 
+def test_plan_times_the_start_up_the_job_will_have_on_the_workers(client: TestClient, file_id: str) -> None:
+    """One process and no bitsandbytes: the worker's template has done the trainer's imports, so the
+    plan counts the warm start-up (from submission). QLoRA needs bitsandbytes, which the template
+    cannot take; with no standby trainer (as here) it starts a fresh process, as do jobs of several
+    GPUs, and the plan counts the fresh start-up."""
+    from trainer.planning import speeds
+
+    def time_of(method: str, **extra: object) -> dict:
+        body = {"model": "tiny-llama", "training_file": file_id, "method": {"type": method}, **extra}
+        r = client.post("/v1/fine_tuning/plan", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["time"]
+
+    startup = speeds.table()["gpus"]["H100"]["startup"]
+    lora, qlora, two = time_of("lora"), time_of("qlora"), time_of("lora", gpus=2)
+    assert "imports done before the job" in lora["startup_source"]
+    assert "fresh trainer" in qlora["startup_source"] and "fresh trainer" in two["startup_source"]
+    assert qlora["startup_seconds"] - lora["startup_seconds"] == pytest.approx(
+        startup["fixed_s"] - startup["warm_fixed_s"], abs=0.15)
+    assert lora["wall_seconds"] == pytest.approx(lora["seconds"] + lora["startup_seconds"] + lora["checkpoint_seconds"])
+
+
 def test_auto_method_and_batch_pick_full_and_store_the_plan(client: TestClient, file_id: str) -> None:
     r = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id, "method": "auto",
                                                    "hyperparameters": {"batch_size": "auto"}})

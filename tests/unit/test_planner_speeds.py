@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from trainer.planning import plan, speeds
+from trainer.planning import model_shape, plan, speeds
 from trainer.planning.compute import DEFAULT_EFFICIENCY, RNG_BYTES_PER_RANK, checkpoints_before_last
 from trainer.tiny import build_config
 
@@ -44,10 +44,45 @@ def test_a_measured_setting_reproduces_its_own_step_time() -> None:
         c = plan(job(speed), build_config("llama-3.2-1b"), 80 * GiB, dataset_tokens=1, gpu_model=H100).compute
         assert c.efficiency_source.startswith(f"H100 lora {speed} (bench/results/")
         assert c.seconds == pytest.approx(40 * 8 * 2048 / run["tokens_per_second"], rel=1e-6)
-        weights = plan(job(speed), build_config("llama-3.2-1b"), 80 * GiB).methods["lora"].estimate.weights
+        weights = 2 * model_shape(build_config("llama-3.2-1b")).total_params  # stored bf16, as loaded
         startup = entry["startup"]["fixed_s"] + entry["startup"]["load_s_per_gib"] * weights / GiB
         assert c.startup_seconds == pytest.approx(startup, abs=0.05)
         assert c.wall_seconds == pytest.approx(c.seconds + c.startup_seconds)
+
+
+def test_a_warm_start_counts_the_start_up_measured_from_submission(tmp_path: Path) -> None:
+    """A one-process job whose trainer's imports are done (the service's template or a standby) has
+    the warm fixed part; a fresh trainer, or a job of several processes, the fresh one. The API
+    says per method: the template takes no job that needs bitsandbytes."""
+    from api.planning import warm_start
+    from core.settings import Settings
+
+    entry = speeds.table()["gpus"]["H100"]["startup"]
+    config = build_config("llama-3.2-1b")
+    load = entry["load_s_per_gib"] * 2 * model_shape(config).total_params / GiB
+
+    def startup(**kw: Any) -> float:
+        return plan(job("fast"), config, 80 * GiB, dataset_tokens=1, gpu_model=H100, **kw).compute.startup_seconds
+
+    assert startup(warm_start=True) == pytest.approx(entry["warm_fixed_s"] + load, abs=0.05)
+    assert startup() == startup(warm_start=False) == pytest.approx(entry["fixed_s"] + load, abs=0.05)
+    assert startup(warm_start=lambda method: method != "lora") == startup()
+    assert startup(warm_start=True, gpus=2) == pytest.approx(entry["fixed_s"] + load, abs=0.05)
+    # The load reads the stored bf16 weights whatever the method keeps on the GPU: QLoRA's 4-bit
+    # base loads as long as LoRA's (it is quantized after), full's fp32 masters no longer.
+    for method in ("qlora", "full"):
+        other = plan({**job("lean"), "method": method}, config, 80 * GiB, dataset_tokens=1, gpu_model=H100).compute
+        assert other.startup_seconds == pytest.approx(startup(), abs=0.05)
+
+    m = tmp_path / "m"
+    m.mkdir()
+    (m / "config.json").write_text(json.dumps(config.to_dict()))
+    template_only = Settings(standby_trainers=0, trainer_template=True)
+    assert warm_start({}, "lora", str(m), template_only) and not warm_start({}, "qlora", str(m), template_only)
+    assert not warm_start({"optimizer": "adamw_8bit"}, "lora", str(m), template_only)
+    assert not warm_start({}, "lora", str(tmp_path / "unreadable"), template_only)  # it may be stored quantized
+    assert warm_start({}, "qlora", str(m), Settings(standby_trainers=2, trainer_template=True))
+    assert not warm_start({}, "lora", str(m), Settings(standby_trainers=0, trainer_template=False))
 
 
 def test_a_setting_measured_elsewhere_is_carried_over_as_a_ratio() -> None:

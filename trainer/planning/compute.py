@@ -40,7 +40,8 @@ class ComputeEstimate:
     # and their time in all.
     eval_passes: int = 0
     eval_seconds: float = 0.0
-    startup_seconds: float = 0.0  # from the trainer's start to its first step
+    startup_seconds: float = 0.0  # to the first step: from a fresh trainer's start, or a warm job's submission
+    startup_source: str = ""  # which start-up was measured where (trainer.planning.speeds)
     wall_seconds: float = 0.0  # start-up, the steps and the checkpoints written before the last step
     efficiency_source: str = ""  # where the efficiency was measured (trainer.planning.speeds)
     # Checkpoints written before the last step (scheduled every N steps, at epoch ends, every M
@@ -112,6 +113,7 @@ def estimate_compute(
     eval_passes: int = 0,
     eval_seconds_per_pass: float = 0.0,
     startup_seconds: float = 0.0,
+    startup_source: str = "",
     efficiency_source: str = "",
     checkpoints: int = 0,
     checkpoint_every_minutes: float | None = None,
@@ -197,6 +199,7 @@ def estimate_compute(
         eval_passes=eval_passes,
         eval_seconds=eval_total,
         startup_seconds=startup_seconds,
+        startup_source=startup_source,
         wall_seconds=seconds + startup_seconds + saving,
         efficiency_source=efficiency_source or ("given" if efficiency is not None else "default"),
         checkpoints=saves,

@@ -12,7 +12,7 @@ names what would fit, with numbers.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from typing import Any, Literal
@@ -211,6 +211,7 @@ def plan(
     efficiency: float | None = None,
     liger: bool | None = None,
     gpu_model: str | None = None,
+    warm_start: bool | Callable[[str], bool] = False,
 ) -> Plan:
     """Estimate every method for this job on `gpus` GPUs of `gpu_memory_bytes` each, pick one.
 
@@ -218,6 +219,9 @@ def plan(
     (None, "trainer") mean: as the spec says, else as the trainer runs. liger: whether the GPU
     hosts run liger's kernels (the API cannot see it; unset plans without them, which errs high).
     gpu_model: the GPU's name, for the time estimate's measured efficiencies (trainer.planning.speeds).
+    warm_start: a one-process job starts in a trainer whose imports are done (the service's template
+    or standby trainers): its start-up is the warm one measured from submission. A callable answers
+    it per method (the template cannot take a job that needs bitsandbytes).
     """
     if gpu_memory_bytes <= 0:
         raise ValueError("gpu_memory_bytes must be positive")
@@ -271,7 +275,8 @@ def plan(
 
     compute = None
     if dataset_tokens is not None and chosen is not None:
-        compute = _compute(request, shape, shown, gpus, dataset_tokens, peak_tflops, efficiency, gpu_model)
+        compute = _compute(request, shape, shown, gpus, dataset_tokens, peak_tflops, efficiency, gpu_model,
+                           warm_start)
     return Plan(
         model={"model_type": shape.model_type, "params": shape.total_params, "layers": shape.layers,
                "hidden": shape.hidden, "vocab": shape.vocab, "tied": shape.tied},
@@ -297,7 +302,8 @@ def plan(
 
 
 def _compute(request: PlanRequest, shape: Shape, chosen: MethodPlan, gpus: int, dataset_tokens: int,
-             peak_tflops: float | None, efficiency: float | None, gpu_model: str | None = None) -> ComputeEstimate:
+             peak_tflops: float | None, efficiency: float | None, gpu_model: str | None = None,
+             warm_start: bool | Callable[[str], bool] = False) -> ComputeEstimate:
     """The chosen setting's FLOPs and time: at the efficiency measured for this GPU model and setting
     (trainer.planning.speeds) where known, plus the start-up measured there and the checkpoints
     written before the last step at that host's measured rate (a stated default where unmeasured)."""
@@ -305,7 +311,11 @@ def _compute(request: PlanRequest, shape: Shape, chosen: MethodPlan, gpus: int, 
     measured = None
     if efficiency is None and gpu_model:
         measured = speed_for(gpu_model, setting_key(chosen.method, chosen.speed, request.spec.full_precision))
-    startup, _ = startup_seconds(gpu_model, chosen.estimate.weights) if gpu_model else (0.0, "")
+    warm = gpus == 1 and (warm_start(chosen.method) if callable(warm_start) else warm_start)
+    # The load reads the stored weights and puts them on the GPU in bf16, whatever the method keeps
+    # there (QLoRA quantizes them after, full may hold fp32 masters): bf16 bytes, as speeds.json fits it.
+    stored = 2 * shape.total_params
+    startup, startup_source = startup_seconds(gpu_model, stored, warm=warm) if gpu_model else (0.0, "")
     tokens = dataset_tokens * hp.n_epochs
     if hp.max_steps is not None:
         tokens = hp.max_steps * hp.gradient_accumulation_steps * gpus * (chosen.batch_size or 1) * hp.max_seq_len
@@ -320,7 +330,7 @@ def _compute(request: PlanRequest, shape: Shape, chosen: MethodPlan, gpus: int, 
         freeze_layers=freeze.trainable_layers if freeze is not None else None,
         peak_tflops=measured.peak_tflops if measured else peak_tflops,
         efficiency=measured.efficiency if measured else efficiency,
-        startup_seconds=round(startup, 1), efficiency_source=measured.source if measured else "",
+        startup_seconds=round(startup, 1), startup_source=startup_source, efficiency_source=measured.source if measured else "",
         eval_passes=passes, eval_seconds_per_pass=per_pass,
         checkpoints=_scheduled_checkpoints(request, steps, per_epoch),
         checkpoint_every_minutes=request.spec.schedule.checkpoint_every_minutes,

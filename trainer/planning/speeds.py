@@ -6,8 +6,13 @@ shape. Its efficiency is the share of the GPU's peak it reached by the planner's
 job's FLOPs gives its compute time, so that the estimate carries what the measured step cost
 beyond its matmuls (attention kernels, norms, optimizer, host work) to other shapes and lengths.
 
-Start-up (from process start to the first step; the service adds its queue) is a fixed part
-(imports, data, preparation, the first step's compilation) plus loading the weights, per GiB.
+Start-up is a fixed part plus loading the weights, per GiB. Its fixed part depends on how the
+trainer starts. A fresh process (`python -m trainer run`, a job of several processes) imports torch,
+transformers and the trainer first: `fixed_s`, from its start to its first step. A one-process
+job on the service starts in a process that has done those imports already (forked from the
+worker's template, or a standby trainer): `warm_fixed_s`, measured from the job's submission to
+its first step seen through the API (file check, queue on an idle worker, data, preparation, the
+first step), so that it is what a user waits.
 
 A checkpoint costs a fixed part plus its bytes (trainer.planning.compute.checkpoint_bytes) at a
 measured rate: copying the states off the GPU, serialising, writing and hashing them (the manifest's
@@ -137,15 +142,20 @@ def speed_for(gpu_model: str | None, key: str, data: dict[str, Any] | None = Non
     return None
 
 
-def startup_seconds(gpu_model: str | None, weight_bytes: float, data: dict[str, Any] | None = None) -> tuple[float, str]:
-    """Seconds from the trainer's start to its first step, for weights of `weight_bytes`."""
+def startup_seconds(gpu_model: str | None, weight_bytes: float, data: dict[str, Any] | None = None,
+                    warm: bool = False) -> tuple[float, str]:
+    """Seconds to the first step for weights of `weight_bytes`: from a fresh trainer's start, or
+    (warm) from the submission of a job whose trainer's imports were done before it came."""
     data = data or table()
     found = gpu_entry(gpu_model, data) or next(iter(data.get("gpus", {}).items()), None)
     if found is None:
         return 0.0, "no start-up measured"
     s = found[1].get("startup", {})
-    seconds = float(s.get("fixed_s", 0.0)) + float(s.get("load_s_per_gib", 0.0)) * weight_bytes / 1024**3
-    return seconds, f"{found[0]}: {s.get('source', '')}"
+    warm = warm and "warm_fixed_s" in s
+    fixed = float(s["warm_fixed_s"] if warm else s.get("fixed_s", 0.0))
+    seconds = fixed + float(s.get("load_s_per_gib", 0.0)) * weight_bytes / 1024**3
+    how = "imports done before the job" if warm else "a fresh trainer process"
+    return seconds, f"{found[0]}, {how}: {s.get('warm_source' if warm else 'source', '')}"
 
 
 def checkpoint_seconds(gpu_model: str | None, checkpoint_bytes: float,
