@@ -52,6 +52,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _token_cache_of_this_run(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tokenized files (trainer.data.cache) go to a folder of this run, shared by its test
+    processes and the stacks they start as a host's API and worker share one, and not to the
+    user's ~/.cache/tuneq, where hundreds of entries would pile up with every run."""
+    if os.environ.get("TUNEQ_TOKEN_CACHE_DIR"):
+        return  # the caller chose one
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    os.environ["TUNEQ_TOKEN_CACHE_DIR"] = str(root / "token-cache")
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _one_checking_child_per_test_process() -> Iterator[None]:
     """The API's checking child (api.validation) outlives the apps of this process, and ends once
     at the end of the run.

@@ -72,3 +72,29 @@ def test_off_means_no_cache(tmp_path, chat_file, monkeypatch) -> None:
     calls = _count_tokenizing(monkeypatch)
     load_tokenized(chat_file, tok, 64, data_format="chat")
     assert len(calls) == 6
+
+
+def test_the_folder_stays_under_its_bound_and_keeps_what_was_used_last(cache, monkeypatch) -> None:
+    """Every upload adds an entry, so the folder is bounded: a save past the bound removes the
+    entries used longest ago, a hit counts as a use, and the entry just written stays."""
+    import time
+
+    from trainer.data import cache as tokens
+
+    rows = [{"input_ids": list(range(1000)), "labels": list(range(1000))}]  # about 8 KB stored
+    tokens.save("a", rows)
+    size = (cache / "a.npz").stat().st_size
+    monkeypatch.setenv(tokens.MAX_ENV, str(3.5 * size / 2**20))  # room for three entries
+    for k in ("b", "c"):
+        time.sleep(0.01)  # distinct modification times
+        tokens.save(k, rows)
+    time.sleep(0.01)
+    assert tokens.load("a") == rows  # a hit: "a" is now the one used last
+    time.sleep(0.01)
+    tokens.save("d", rows)
+    assert sorted(p.stem for p in cache.glob("*.npz")) == ["a", "c", "d"]  # "b" was used longest ago
+    assert tokens.load("b") is None
+
+    monkeypatch.setenv(tokens.MAX_ENV, "0.000001")  # smaller than one entry: only the newest stays
+    tokens.save("e", rows)
+    assert [p.stem for p in cache.glob("*.npz")] == ["e"] and tokens.load("e") == rows

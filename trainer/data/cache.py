@@ -11,6 +11,11 @@ written to a temporary name and renamed, so a reader never sees half of one.
 TUNEQ_TOKEN_CACHE_DIR names the folder (default ~/.cache/tuneq/tokenized; "off" disables it).
 Nothing here is needed for correctness: a miss, an unreadable entry or a full disk just means
 tokenizing as before.
+
+An entry is worth keeping only while its file may still be trained on, and on a shared service
+every upload adds one, so the folder is bounded: past TUNEQ_TOKEN_CACHE_MAX_MB (default
+DEFAULT_MAX_MB) each save removes the entries used longest ago (a hit marks its entry used).
+Token ids and labels are stored as int32, half of what int64 took: vocabularies are far below 2**31.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from typing import Any
 from trainer.data.tokenize import REJECTED_IDS, REJECTED_LABELS
 
 ENV = "TUNEQ_TOKEN_CACHE_DIR"
+MAX_ENV = "TUNEQ_TOKEN_CACHE_MAX_MB"
+DEFAULT_MAX_MB = 10240
 # The key of a preference file's entry ends with this: its rows are pairs (see load).
 PAIRED = "-pairs"
 
@@ -33,6 +40,13 @@ def folder() -> Path | None:
     if raw.lower() in ("off", "0", "none", "false"):
         return None
     return Path(raw) if raw else Path.home() / ".cache" / "tuneq" / "tokenized"
+
+
+def max_bytes() -> int:
+    try:
+        return max(0, int(float(os.environ.get(MAX_ENV, "").strip() or DEFAULT_MAX_MB) * 2**20))
+    except ValueError:
+        return DEFAULT_MAX_MB * 2**20
 
 
 def key(path: str | Path, tokenizer: Any, data_format: str, train_on_inputs: bool | None) -> str | None:
@@ -60,9 +74,11 @@ def load(k: str | None) -> list[dict] | None:
         return None
     import numpy as np
 
+    entry = where / f"{k}.npz"
     try:
-        with np.load(where / f"{k}.npz") as z:
+        with np.load(entry) as z:
             ids, labels, lengths = z["ids"], z["labels"], z["lengths"]
+        os.utime(entry)  # used now: the last entry the size bound removes
     except (OSError, KeyError, ValueError):
         return None
     ends = np.cumsum(lengths).tolist()
@@ -95,9 +111,34 @@ def save(k: str | None, examples: list[dict]) -> None:
     try:
         where.mkdir(parents=True, exist_ok=True)
         tmp = where / f".{k}.{os.getpid()}.npz"
-        np.savez(tmp, ids=np.fromiter((t for e in rows for t in e["input_ids"]), dtype=np.int64),
-                 labels=np.fromiter((t for e in rows for t in e["labels"]), dtype=np.int64),
+        np.savez(tmp, ids=np.fromiter((t for e in rows for t in e["input_ids"]), dtype=np.int32),
+                 labels=np.fromiter((t for e in rows for t in e["labels"]), dtype=np.int32),
                  lengths=np.array([len(e["input_ids"]) for e in rows], dtype=np.int64))
         os.replace(tmp, where / f"{k}.npz")
     except OSError:
-        pass
+        return
+    prune(where, max_bytes(), keep=where / f"{k}.npz")
+
+
+def prune(where: Path, limit: int, keep: Path | None = None) -> None:
+    """Remove the entries used longest ago until the folder holds at most `limit` bytes, `keep`
+    (the entry just written) aside: the trainer reads it next. Other processes may prune or save at the same time: an
+    entry already gone is skipped, and a reader that loses its entry tokenizes again."""
+    entries = []
+    for path in where.glob("*.npz"):
+        if path.name.startswith("."):
+            continue  # another process's entry, still being written
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        entries.append((path == keep, st.st_mtime, st.st_size, path))
+    total = sum(size for _, _, size, _ in entries)
+    for is_kept, _, size, path in sorted(entries):
+        if total <= limit or is_kept:
+            break
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        total -= size
