@@ -241,10 +241,11 @@ def fit_startup(jobs: list[dict], old: dict, out_name: str, day: str) -> dict:
     from the service's jobs whose trainer had its imports done (forked from the template or a
     standby): their submission to the first step seen through the API, less the load, on average."""
     from trainer.planning import model_shape
+    from trainer.planning.speeds import stored_weight_bytes
     from trainer.tiny import build_config
 
     entry = dict(old)
-    weights_gib = 2 * model_shape(build_config("llama-3.2-1b")).total_params / 2**30  # bf16
+    weights_gib = stored_weight_bytes(model_shape(build_config("llama-3.2-1b")).total_params) / 2**30
     entry["weights_gib"] = round(weights_gib, 3)
     fresh = [j for j in jobs if j["ok"] and j.get("startup") and j.get("setting") in SETTINGS
              and j["setting"].startswith("lora") and j["name"].endswith("-default")]
@@ -451,8 +452,8 @@ def _service_job(c, body: dict, label: str, args, upload_s: float, keep_events: 
             seen += new
         if first_step_seen is None and any(e["type"] == "metrics" for e in new):
             first_step_seen = time.time()
-        if last_step_seen is None and any(e["type"] == "metrics" and e["data"].get("step") == args.steps for e in new):
-            last_step_seen = time.time()
+        if any(e["type"] == "metrics" for e in new):
+            last_step_seen = time.time()  # the last batch of steps seen, whichever step the job ends on
         if c.get_job(job["id"])["status"] in ("succeeded", "failed", "cancelled"):
             break
         time.sleep(0.1)

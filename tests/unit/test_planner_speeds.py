@@ -44,7 +44,7 @@ def test_a_measured_setting_reproduces_its_own_step_time() -> None:
         c = plan(job(speed), build_config("llama-3.2-1b"), 80 * GiB, dataset_tokens=1, gpu_model=H100).compute
         assert c.efficiency_source.startswith(f"H100 lora {speed} (bench/results/")
         assert c.seconds == pytest.approx(40 * 8 * 2048 / run["tokens_per_second"], rel=1e-6)
-        weights = 2 * model_shape(build_config("llama-3.2-1b")).total_params  # stored bf16, as loaded
+        weights = speeds.stored_weight_bytes(model_shape(build_config("llama-3.2-1b")).total_params)
         startup = entry["startup"]["fixed_s"] + entry["startup"]["load_s_per_gib"] * weights / GiB
         assert c.startup_seconds == pytest.approx(startup, abs=0.05)
         assert c.wall_seconds == pytest.approx(c.seconds + c.startup_seconds)
@@ -59,7 +59,7 @@ def test_a_warm_start_counts_the_start_up_measured_from_submission(tmp_path: Pat
 
     entry = speeds.table()["gpus"]["H100"]["startup"]
     config = build_config("llama-3.2-1b")
-    load = entry["load_s_per_gib"] * 2 * model_shape(config).total_params / GiB
+    load = entry["load_s_per_gib"] * speeds.stored_weight_bytes(model_shape(config).total_params) / GiB
 
     def startup(**kw: Any) -> float:
         return plan(job("fast"), config, 80 * GiB, dataset_tokens=1, gpu_model=H100, **kw).compute.startup_seconds

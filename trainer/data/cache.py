@@ -122,8 +122,8 @@ def save(k: str | None, examples: list[dict]) -> None:
 
 def prune(where: Path, limit: int, keep: Path | None = None) -> None:
     """Remove the entries used longest ago until the folder holds at most `limit` bytes, `keep`
-    (the entry just written) aside: the trainer reads it next. Other processes may prune or save at the same time: an
-    entry already gone is skipped, and a reader that loses its entry tokenizes again."""
+    (the entry just written) aside: the trainer reads it next. Other processes may prune or save
+    at the same time: an entry already gone is skipped, a reader that loses one tokenizes again."""
     entries = []
     for path in where.glob("*.npz"):
         if path.name.startswith("."):

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from trainer.planning.compute import (ComputeEstimate, checkpoint_bytes, checkpoints_before_last, estimate_compute,
                                       eval_pass_seconds)
-from trainer.planning.speeds import checkpoint_seconds, setting_key, speed_for, startup_seconds
+from trainer.planning.speeds import checkpoint_seconds, setting_key, speed_for, startup_seconds, stored_weight_bytes
 from trainer.planning.memory import MemoryEstimate
 from trainer.planning.request import AUTO, PlanRequest, estimate_for_spec, request_of
 from trainer.planning.shape import Shape, gib, shape_of
@@ -312,9 +312,7 @@ def _compute(request: PlanRequest, shape: Shape, chosen: MethodPlan, gpus: int, 
     if efficiency is None and gpu_model:
         measured = speed_for(gpu_model, setting_key(chosen.method, chosen.speed, request.spec.full_precision))
     warm = gpus == 1 and (warm_start(chosen.method) if callable(warm_start) else warm_start)
-    # The load reads the stored weights and puts them on the GPU in bf16, whatever the method keeps
-    # there (QLoRA quantizes them after, full may hold fp32 masters): bf16 bytes, as speeds.json fits it.
-    stored = 2 * shape.total_params
+    stored = stored_weight_bytes(shape.total_params)
     startup, startup_source = startup_seconds(gpu_model, stored, warm=warm) if gpu_model else (0.0, "")
     tokens = dataset_tokens * hp.n_epochs
     if hp.max_steps is not None:

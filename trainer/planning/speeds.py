@@ -142,6 +142,13 @@ def speed_for(gpu_model: str | None, key: str, data: dict[str, Any] | None = Non
     return None
 
 
+def stored_weight_bytes(total_params: int) -> int:
+    """Bytes the start-up's load reads and places on the GPU: the weights in bf16, whatever the
+    method keeps there after (QLoRA quantizes them, full may add fp32 masters). The load rate of
+    speeds.json is fit per GiB of these."""
+    return 2 * total_params
+
+
 def startup_seconds(gpu_model: str | None, weight_bytes: float, data: dict[str, Any] | None = None,
                     warm: bool = False) -> tuple[float, str]:
     """Seconds to the first step for weights of `weight_bytes`: from a fresh trainer's start, or
