@@ -78,6 +78,35 @@ def test_plan_times_the_start_up_the_job_will_have_on_the_workers(client: TestCl
     assert lora["wall_seconds"] == pytest.approx(lora["seconds"] + lora["startup_seconds"] + lora["checkpoint_seconds"])
 
 
+def test_a_file_not_counted_yet_is_timed_by_max_steps(service_env: dict[str, str], admin_headers: dict[str, str],
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A large file is counted by the upload's check in the background, not within a plan request:
+    a plan asked before that is still timed when max_steps fixes the steps, and says its file's
+    tokens are not counted; without max_steps it has no time until the count exists."""
+    from api.main import create_app
+
+    monkeypatch.setenv("TUNEQ_DATA_CHECK_INLINE_BYTES", "0")
+    reset_caches()
+    with TestClient(create_app(), headers=admin_headers) as c:
+        line = json.dumps({"messages": [{"role": "user", "content": "Reverse: abcd"},
+                                        {"role": "assistant", "content": "dcba"}]})
+        r = c.post("/v1/files", files={"file": ("big.jsonl", (line + "\n") * 8)}, data={"purpose": "fine-tune"})
+        assert r.status_code == 200, r.text
+        body = {"model": "tiny-llama", "training_file": r.json()["id"], "method": {"type": "lora"}}
+        answer = c.post("/v1/fine_tuning/plan", json={**body, "hyperparameters": {"max_steps": 12}}).json()
+        epochs = c.post("/v1/fine_tuning/plan", json=body).json()["time"]
+    steps = answer["time"]
+    assert steps["dataset_tokens"] is None and epochs["dataset_tokens"] is None
+    assert steps["seconds"] > 0 and steps["wall_seconds"] > steps["seconds"] and steps["startup_seconds"] > 0
+    assert epochs["seconds"] is None and epochs["wall_seconds"] is None
+    from tuneq.cli.render import print_plan
+
+    print_plan(answer, "tiny-llama")  # `tuneq plan` shows it
+    shown = capsys.readouterr().out
+    assert "file's tokens not counted yet" in shown and "wall to the last step" in shown
+
+
 def test_auto_method_and_batch_pick_full_and_store_the_plan(client: TestClient, file_id: str) -> None:
     r = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": file_id, "method": "auto",
                                                    "hyperparameters": {"batch_size": "auto"}})

@@ -372,6 +372,18 @@ def test_plan_with_dataset_tokens_has_compute(tiny_cfg):
     assert p.compute is not None and p.compute.tokens == 2 * 10**6 and p.compute.gpu_hours > 0
 
 
+def test_max_steps_times_a_job_before_its_file_is_counted(tiny_cfg):
+    # A plan asked while the upload's check still counts the file: max_steps fixes the steps, so the
+    # time is the one the counted file gives; a schedule placed by epochs still needs the count.
+    counted = P.plan(_spec(max_steps=30), tiny_cfg, 80 * GiB, dataset_tokens=10**6).compute
+    uncounted = P.plan(_spec(max_steps=30), tiny_cfg, 80 * GiB).compute
+    assert uncounted is not None and uncounted.to_dict() == counted.to_dict()
+    assert P.plan(_spec(n_epochs=2), tiny_cfg, 80 * GiB).compute is None
+    by_epoch = {**_spec(max_steps=30), "schedule": {"checkpoint_every_epoch": True}}
+    assert P.plan(by_epoch, tiny_cfg, 80 * GiB).compute is None
+    assert P.plan(by_epoch, tiny_cfg, 80 * GiB, dataset_tokens=10**6).compute is not None
+
+
 def test_estimate_rejects_bad_arguments(tiny_cfg):
     with pytest.raises(ValueError, match="method"):
         P.estimate_memory(tiny_cfg, method="dora", batch_size=1, seq_len=8)

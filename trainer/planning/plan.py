@@ -274,7 +274,7 @@ def plan(
             message += " Nothing within reach fits: use a GPU with more memory or a smaller model."
 
     compute = None
-    if dataset_tokens is not None and chosen is not None:
+    if chosen is not None and (dataset_tokens is not None or _steps_fixed(request)):
         compute = _compute(request, shape, shown, gpus, dataset_tokens, peak_tflops, efficiency, gpu_model,
                            warm_start)
     return Plan(
@@ -301,7 +301,14 @@ def plan(
     )
 
 
-def _compute(request: PlanRequest, shape: Shape, chosen: MethodPlan, gpus: int, dataset_tokens: int,
+def _steps_fixed(request: PlanRequest) -> bool:
+    """Whether the job's steps and checkpoints are known without its file's token count: max_steps
+    fixes the steps, and no checkpoint is asked at an epoch's end (which the count places). A plan
+    asked while the file's check still counts its tokens is then timed all the same."""
+    return request.hp.max_steps is not None and not request.spec.schedule.checkpoint_every_epoch
+
+
+def _compute(request: PlanRequest, shape: Shape, chosen: MethodPlan, gpus: int, dataset_tokens: int | None,
              peak_tflops: float | None, efficiency: float | None, gpu_model: str | None = None,
              warm_start: bool | Callable[[str], bool] = False) -> ComputeEstimate:
     """The chosen setting's FLOPs and time: at the efficiency measured for this GPU model and setting
@@ -314,7 +321,7 @@ def _compute(request: PlanRequest, shape: Shape, chosen: MethodPlan, gpus: int, 
     warm = gpus == 1 and (warm_start(chosen.method) if callable(warm_start) else warm_start)
     stored = stored_weight_bytes(shape.total_params)
     startup, startup_source = startup_seconds(gpu_model, stored, warm=warm) if gpu_model else (0.0, "")
-    tokens = dataset_tokens * hp.n_epochs
+    tokens = (dataset_tokens or 0) * hp.n_epochs
     if hp.max_steps is not None:
         tokens = hp.max_steps * hp.gradient_accumulation_steps * gpus * (chosen.batch_size or 1) * hp.max_seq_len
     freeze = request.spec.freeze
@@ -336,16 +343,18 @@ def _compute(request: PlanRequest, shape: Shape, chosen: MethodPlan, gpus: int, 
     )
 
 
-def _steps(request: PlanRequest, chosen: MethodPlan, gpus: int, tokens: int, dataset_tokens: int) -> tuple[int, Fraction]:
-    """(optimizer steps, steps per epoch). Without max_steps the steps are counted as if every row
-    were max_seq_len tokens long (fewer than a file of shorter examples takes)."""
+def _steps(request: PlanRequest, chosen: MethodPlan, gpus: int, tokens: int,
+           dataset_tokens: int | None) -> tuple[int, Fraction | None]:
+    """(optimizer steps, steps per epoch: None while the file's tokens are not counted). Without
+    max_steps the steps are counted as if every row were max_seq_len tokens long (fewer than a file
+    of shorter examples takes)."""
     hp = request.hp
     per_step = max(1, (chosen.batch_size or 1) * hp.gradient_accumulation_steps * gpus * hp.max_seq_len)
     steps = hp.max_steps or max(1, tokens // per_step)
-    return steps, Fraction(max(1, dataset_tokens), per_step)
+    return steps, (Fraction(max(1, dataset_tokens), per_step) if dataset_tokens is not None else None)
 
 
-def _scheduled_checkpoints(request: PlanRequest, steps: int, per_epoch: Fraction) -> int:
+def _scheduled_checkpoints(request: PlanRequest, steps: int, per_epoch: Fraction | None) -> int:
     """Checkpoints before the last step, as the trainer schedules them (trainer.loop): every
     checkpoint_every_steps, and at each epoch's end when checkpoint_every_epoch says so (unset: when
     the run is counted in epochs, that is without max_steps)."""

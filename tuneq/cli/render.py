@@ -228,7 +228,8 @@ def print_plan(got: dict[str, Any], model: str) -> None:
     out.print(("recommended: " if rec["fits"] else "refused: ") + rec["message"])
     t = got["time"]
     if t["seconds"] is not None:
-        out.print(f"time: {t['dataset_tokens']} tokens, {t['flops']:.3g} FLOPs, {t['seconds'] / 3600:.2f} h, "
+        counted = f"{t['dataset_tokens']} tokens" if t["dataset_tokens"] is not None else "file's tokens not counted yet"
+        out.print(f"time: {counted}, {t['flops']:.3g} FLOPs, {t['seconds'] / 3600:.2f} h, "
                   f"{t['gpu_hours']:.3g} GPU-hours")
         if t.get("wall_seconds") is not None:
             wall = t["wall_seconds"]
