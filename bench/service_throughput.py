@@ -228,18 +228,46 @@ def record_speeds(args, jobs: list[dict], day: str) -> None:
                                "source": f"bench/results/{args.out.name}.md ({day}): least squares over {len(points)} "
                                          f"checkpoints of the default jobs, {sizes} GiB each"}
     if not args.keep_startup:
-        entry["startup"] = fit_startup(jobs, entry.get("startup", {}), args.out.name, day)
+        own = json.loads(args.out.with_suffix(".json").read_text()) if args.out.with_suffix(".json").exists() else None
+        runs = startup_runs(args.device_name, (args.out.name, own) if own else None)
+        entry["startup"] = fit_startup(runs, entry.get("startup", {}), day)
     data["gpus"][name] = entry
     speeds.SPEEDS_FILE.write_text(speeds_text(data))
     speeds._table.cache_clear()
 
 
-def fit_startup(jobs: list[dict], old: dict, out_name: str, day: str) -> dict:
-    """The start-up entry of speeds.json (trainer.planning.speeds), each part refitted where this run
-    measured it, else kept: a fresh trainer's fixed part and the load rate from the last default
-    LoRA job (`python -m trainer run`: its phases from its process start), and the warm fixed part
-    from the service's jobs whose trainer had its imports done (forked from the template or a
-    standby): their submission to the first step seen through the API, less the load, on average."""
+def startup_runs(gpu: str, own: tuple[str, dict] | None = None) -> list[tuple[str, dict]]:
+    """The runs whose start-ups speeds.json's entry for this GPU model is fit to: every run of this
+    bench on record in bench/results for that GPU model whose service waited for the stack to be
+    ready (its first row has `ready_s`: the start-up path a served job takes today), plus `own`
+    (name, result), the run being recorded, wherever it was written."""
+    from trainer.planning import speeds
+
+    entry = speeds.gpu_entry(gpu)
+    runs: dict[str, dict] = {}
+    for path in sorted((ROOT / "bench" / "results").glob("service_throughput*.json")):
+        try:
+            result = json.loads(path.read_text())
+        except ValueError:
+            continue
+        found = speeds.gpu_entry(result.get("device") or "")
+        if found and entry and found[0] == entry[0] and any("ready_s" in j for j in result.get("service") or []):
+            runs[path.stem] = result
+    if own is not None:
+        runs[own[0]] = own[1]
+    return sorted(runs.items())
+
+
+def fit_startup(runs: list[tuple[str, dict]], old: dict, day: str) -> dict:
+    """The start-up entry of speeds.json (trainer.planning.speeds), fit to every job of `runs`
+    (startup_runs) that measured it; a part no job measured is kept. Medians, since one host's
+    first job after its start (a cold GPU) or a cold page cache takes seconds longer than the rest:
+    - the load rate: every job's load phase, over the stored bf16 weights;
+    - a fresh trainer's fixed part: the default `python -m trainer run` jobs' phases from their
+      process start, less the load;
+    - the warm fixed part: the service's jobs whose trainer had its imports done (forked from the
+      template or a standby), their submission to the first step seen through the API, less the
+      load."""
     from trainer.planning import model_shape
     from trainer.planning.speeds import stored_weight_bytes
     from trainer.tiny import build_config
@@ -247,24 +275,36 @@ def fit_startup(jobs: list[dict], old: dict, out_name: str, day: str) -> dict:
     entry = dict(old)
     weights_gib = stored_weight_bytes(model_shape(build_config("llama-3.2-1b")).total_params) / 2**30
     entry["weights_gib"] = round(weights_gib, 3)
-    fresh = [j for j in jobs if j["ok"] and j.get("startup") and j.get("setting") in SETTINGS
-             and j["setting"].startswith("lora") and j["name"].endswith("-default")]
+    loads: list[float] = []
+    fresh: list[float] = []
+    warm: list[float] = []
+    for _, result in runs:
+        for part in result.get("settings", {}).values():
+            for j in part["jobs"]:
+                if j.get("ok") and j.get("startup") and j["name"].endswith("-default") and j.get("setting") in SETTINGS:
+                    phases = {k: v for k, v in j["startup"]["phases"].items() if k not in ("queue", "validate")}
+                    if phases.get("load") is not None:
+                        loads.append(phases["load"])
+                        fresh.append(sum(phases.values()) - phases["load"])
+        for j in result.get("service") or []:
+            detail = (j.get("startup") or {}).get("detail") or {}
+            load = ((j.get("startup") or {}).get("phases") or {}).get("load")
+            if j.get("ok") and load is not None and j.get("submit_to_first_step_s") and (detail.get("forked") or detail.get("standby")):
+                loads.append(load)
+                warm.append(j["submit_to_first_step_s"] - load)
+    names = ", ".join(f"bench/results/{name}.md" for name, _ in runs)
+    if loads:
+        entry["load_s_per_gib"] = round(statistics.median(loads) / weights_gib, 2)
     if fresh:
-        job = fresh[-1]
-        phases = {k: v for k, v in job["startup"]["phases"].items() if k not in ("queue", "validate")}
-        load = phases.get("load", 0.0)
-        entry.update(fixed_s=round(sum(phases.values()) - load, 2), load_s_per_gib=round(load / weights_gib, 2),
-                     source=f"bench/results/{out_name}.md {job['name']} ({day}): "
-                            + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
-    warm = [j for j in jobs if j["ok"] and j.get("setting") == "service" and j.get("submit_to_first_step_s")
-            and (j.get("startup") or {}).get("phases", {}).get("load") is not None
-            and ((j["startup"].get("detail") or {}).get("forked") or (j["startup"].get("detail") or {}).get("standby"))]
+        entry["fixed_s"] = round(statistics.median(fresh), 2)
+        entry["source"] = (f"fit {day}, medians over the runs {names}: load {statistics.median(loads):.2f} s of "
+                           f"{len(loads)} jobs ({min(loads):.2f}-{max(loads):.2f}); a fresh trainer's phases less the "
+                           f"load, {len(fresh)} `python -m trainer run` jobs ({min(fresh):.2f}-{max(fresh):.2f})")
     if warm:
-        rest = [j["submit_to_first_step_s"] - j["startup"]["phases"]["load"] for j in warm]
-        entry["warm_fixed_s"] = round(statistics.mean(rest), 2)
-        entry["warm_source"] = (f"bench/results/{out_name}.md ({day}): submit to first step less the load, mean of "
-                                f"{len(warm)} service jobs (" + ", ".join(f"{j['name']} {r:.2f}" for j, r in zip(warm, rest))
-                                + ")")
+        entry["warm_fixed_s"] = round(statistics.median(warm), 2)
+        entry["warm_source"] = (f"fit {day}, over the same runs: submit to first step less the load, median of "
+                                f"{len(warm)} service jobs whose trainer's imports were done "
+                                f"({min(warm):.2f}-{max(warm):.2f}; the larger ones are each stack's first job)")
     return entry
 
 
@@ -660,6 +700,26 @@ def report_again(args) -> int:
     return 0
 
 
+def refit_startup(gpu: str) -> int:
+    """--fit-startup: the start-up entry of `gpu`'s speeds.json entry fit again (fit_startup)."""
+    from trainer.planning import speeds
+
+    data = json.loads(speeds.SPEEDS_FILE.read_text())
+    found = speeds.gpu_entry(gpu, data)
+    if found is None:
+        print(f"--fit-startup: no GPU model of speeds.json matches {gpu!r}", file=sys.stderr)
+        return 2
+    runs = startup_runs(gpu)
+    if not runs:
+        print(f"--fit-startup: no run on record for {found[0]} waited for a ready stack", file=sys.stderr)
+        return 2
+    name, entry = found
+    entry["startup"] = fit_startup(runs, entry.get("startup", {}), time.strftime("%Y-%m-%d"))
+    speeds.SPEEDS_FILE.write_text(speeds_text(data))
+    print(json.dumps(entry["startup"], indent=1))
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", action="store_true")
@@ -688,6 +748,9 @@ def main() -> int:
                    help="write each setting's default job's tokens/s, the checkpoint rate and the start-up into "
                    "trainer/planning/speeds.json (with --report: from that run's .json, no GPU needed)")
     p.add_argument("--keep-startup", action="store_true", help="with --record-speeds: leave the start-up entry as it is")
+    p.add_argument("--fit-startup", default="", metavar="GPU",
+                   help="only refit this GPU model's start-up entry in speeds.json from the runs on record "
+                   "(startup_runs), no GPU needed; the efficiencies and the checkpoint rate stay")
     args = p.parse_args()
     args.seq, args.batch = (64, 2) if args.dry_run else (2048, 8)
     if args.dry_run:
@@ -695,6 +758,8 @@ def main() -> int:
         args.out = args.out.with_name("service_throughput_cpu_dryrun")
     if args.report:
         return report_again(args)
+    if args.fit_startup:
+        return refit_startup(args.fit_startup)
     args.work.mkdir(parents=True, exist_ok=True)
     import torch
 
