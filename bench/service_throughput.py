@@ -236,7 +236,8 @@ def record_speeds(args, jobs: list[dict], day: str) -> None:
     speeds._table.cache_clear()
 
 
-def startup_runs(gpu: str, own: tuple[str, dict] | None = None) -> list[tuple[str, dict]]:
+def startup_runs(gpu: str, own: tuple[str, dict] | None = None,
+                 folder: Path = ROOT / "bench" / "results") -> list[tuple[str, dict]]:
     """The runs whose start-ups speeds.json's entry for this GPU model is fit to: every run of this
     bench on record in bench/results for that GPU model whose service waited for the stack to be
     ready (its first row has `ready_s`: the start-up path a served job takes today), plus `own`
@@ -245,7 +246,7 @@ def startup_runs(gpu: str, own: tuple[str, dict] | None = None) -> list[tuple[st
 
     entry = speeds.gpu_entry(gpu)
     runs: dict[str, dict] = {}
-    for path in sorted((ROOT / "bench" / "results").glob("service_throughput*.json")):
+    for path in sorted(folder.glob("service_throughput*.json")):
         try:
             result = json.loads(path.read_text())
         except ValueError:
