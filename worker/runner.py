@@ -327,8 +327,9 @@ class JobRun:
         while not proc.finished():
             self.with_db(self.pump)
             if self.tracker.started_up and not refilled:
-                # Past its first step, the job no longer competes with a new standby's imports.
-                STANDBYS.refill(self.settings)
+                # Past its first step, the job no longer competes with a new standby's start-up; a
+                # GPU left without a standby gets one now, the rest wait for the job's end.
+                STANDBYS.refill(self.settings, only_missing=True)
                 refilled = True
             now = time.monotonic()
             if self.keeper.lost.is_set():

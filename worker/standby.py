@@ -11,11 +11,13 @@ trainer.standby): for the free GPUs that a reservation takes first (the lowest i
 the busy ones, so a one-GPU job normally finds one of its own GPU. A standby is used only when the job's environment
 differs from the one it was started with in variables the trainer reads at run time
 (ENV_READ_AT_RUN); anything else (its devices, a library's setting read at import) gets a fresh
-process. The pool refills after a job reached its first step or ended, so that a standby's imports
-do not compete with a starting job for the CPU, and replaces standbys whose GPU got taken. A
-refill's imports take longer than many jobs run, so a GPU may keep two (standby_trainers above the
-GPU count): a job submitted as the one before it ends takes the second, which finished importing
-long before, while the refill started by the earlier job's first step is still importing.
+process. The pool refills once a job ended, and replaces standbys whose GPU got taken. A GPU may keep
+two (standby_trainers above the GPU count): a job submitted as the one before it ends takes the
+second, which finished importing long before. A job that took a GPU's last standby refills it at
+its first step instead (not before: the imports would compete with the job's start), so that the
+next job finds one importing. While the GPU still has a standby, the refill waits for the job's
+end: its imports take a CPU for about as long as a short job runs, and a job whose steps the CPU
+paces (QLoRA's) may run unevenly beside them.
 """
 
 from __future__ import annotations
@@ -169,7 +171,9 @@ class StandbyPool:
             ready = sum(1 for s in self.idle if s.wait_ready(0))
             return {"wanted": self.target, "ready": ready}
 
-    def refill(self, settings: Settings) -> None:
+    def refill(self, settings: Settings, *, only_missing: bool = False) -> None:
+        """Start the standbys the pool lacks and close those no longer wanted. only_missing (a job
+        just reached its first step): start one only for each device left with no standby at all."""
         with self.lock:
             if self.root is None:
                 return
@@ -184,6 +188,9 @@ class StandbyPool:
                     keep.append(s)
                 else:
                     stale.append(s)  # its GPU is taken now, or fewer are wanted
+            if only_missing:
+                kept = {s.env.get(DEVICES_ENV) if self.gpus is not None else None for s in keep}
+                wanted = [d for d in dict.fromkeys(wanted) if d not in kept]  # one each
             self.root.mkdir(parents=True, exist_ok=True)
             self.idle = keep + [Standby(self.env(settings, d), self.root) for d in wanted]
         for s in stale:

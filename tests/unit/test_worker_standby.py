@@ -101,6 +101,28 @@ def test_a_job_right_after_the_last_one_finds_a_standby_of_its_gpu_ready(tmp_pat
     pool.idle.clear()
 
 
+def test_a_running_job_refills_only_a_gpu_left_without_a_standby(tmp_path: Path, monkeypatch) -> None:
+    """At a job's first step (only_missing) the pool starts a standby only for a GPU that has none
+    left; while one is still kept, the refill waits for the job's end (a plain refill)."""
+    import worker.standby as standby_module
+
+    monkeypatch.setattr(standby_module, "Standby", ReadyStandby)
+    settings = Settings(home=tmp_path / "home", standby_trainers=2)
+    pool = StandbyPool()
+    pool.start(settings, GpuPool(1, tmp_path / "locks", "gpu"))
+    env = pool.env(settings, "0")
+    assert pool.take(env, ["run"], tmp_path, tmp_path / "log") is not None
+    pool.refill(settings, only_missing=True)
+    assert len(pool.idle) == 1  # GPU 0 still has its second standby: no imports beside the job
+    pool.refill(settings)
+    assert len(pool.idle) == 2  # the job ended: back to two
+    pool.take(env, ["run"], tmp_path, tmp_path / "log")
+    pool.take(env, ["run"], tmp_path, tmp_path / "log")
+    pool.refill(settings, only_missing=True)
+    assert [s.env[DEVICES_ENV] for s in pool.idle] == ["0"]  # none left: one starts at the first step
+    pool.idle.clear()
+
+
 def _spec(make_spec, tmp_path: Path, **hp) -> Path:
     spec = make_spec("lora", hyperparameters={"batch_size": 2, "max_seq_len": 32, **hp})
     path = tmp_path / "spec.json"
