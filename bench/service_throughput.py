@@ -23,6 +23,7 @@ rate into trainer/planning/speeds.json.
     python bench/service_throughput.py --dry-run            # CPU, tiny model: the wiring
     python bench/service_throughput.py --report bench/results/service_throughput_h100.json --record-speeds
                                                             # no GPU: refresh speeds.json from a run, replan
+    python bench/service_throughput.py --fit-startup H100   # no GPU: refit only the start-up, from every run on record
 """
 
 from __future__ import annotations
@@ -714,7 +715,7 @@ def refit_startup(gpu: str) -> int:
     if not runs:
         print(f"--fit-startup: no run on record for {found[0]} waited for a ready stack", file=sys.stderr)
         return 2
-    name, entry = found
+    entry = found[1]
     entry["startup"] = fit_startup(runs, entry.get("startup", {}), time.strftime("%Y-%m-%d"))
     speeds.SPEEDS_FILE.write_text(speeds_text(data))
     print(json.dumps(entry["startup"], indent=1))
