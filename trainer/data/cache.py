@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +112,11 @@ def save(k: str | None, examples: list[dict]) -> None:
     try:
         where.mkdir(parents=True, exist_ok=True)
         tmp = where / f".{k}.{os.getpid()}.npz"
-        np.savez(tmp, ids=np.fromiter((t for e in rows for t in e["input_ids"]), dtype=np.int32),
-                 labels=np.fromiter((t for e in rows for t in e["labels"]), dtype=np.int32),
-                 lengths=np.array([len(e["input_ids"]) for e in rows], dtype=np.int64))
+        lengths = np.array([len(e["input_ids"]) for e in rows], dtype=np.int64)
+        total = int(lengths.sum())
+        np.savez(tmp, ids=np.fromiter(chain.from_iterable(e["input_ids"] for e in rows), dtype=np.int32, count=total),
+                 labels=np.fromiter(chain.from_iterable(e["labels"] for e in rows), dtype=np.int32, count=total),
+                 lengths=lengths)
         os.replace(tmp, where / f"{k}.npz")
     except OSError:
         return

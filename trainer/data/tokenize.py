@@ -12,6 +12,7 @@ here imports transformers or torch.
 from __future__ import annotations
 
 import json
+from bisect import bisect_left, bisect_right
 from typing import Any
 
 from trainer.data.parse import Chat, LineError, Message, Preference, RawText, Record
@@ -92,10 +93,14 @@ def chat_prompt_ids(tokenizer: Any, messages: list[dict]) -> list[int]:
 
 
 def _common_prefix(a: str, b: str) -> int:
+    """Length of the common prefix. Renders of one conversation share thousands of characters:
+    compared in halving blocks (each a C-level slice comparison), not a character at a time."""
     n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
+    i, step = 0, 1 << max(0, n.bit_length() - 1)
+    while step:
+        if i + step <= n and a[i:i + step] == b[i:i + step]:
+            i += step
+        step >>= 1
     return i
 
 
@@ -135,13 +140,23 @@ def assistant_spans(tokenizer: Any, messages: Chat | list[Message]) -> tuple[str
 def _labels_by_offsets(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
-    labels = []
-    k = 0
-    for tid, (s, e) in zip(ids, enc["offset_mapping"], strict=True):
-        while k < len(spans) and spans[k][1] <= s:
-            k += 1
-        trained = k < len(spans) and s < spans[k][1] and e > spans[k][0]
-        labels.append(tid if trained else IGNORE_INDEX)
+    offsets = enc["offset_mapping"]
+    if len(offsets) != len(ids):
+        raise ValueError("offsets do not match the tokens")
+    # A token is trained if it overlaps a span. Spans are few and sorted, offsets ascend: each
+    # span's tokens are one run, found by bisection (a per-token loop dominated large files' checks).
+    starts = [s for s, _ in offsets]
+    ends = [e for _, e in offsets]
+    labels = [IGNORE_INDEX] * len(ids)
+    if starts != sorted(starts) or ends != sorted(ends):  # not seen from a real tokenizer; token by token
+        for i, (s, e) in enumerate(offsets):
+            if any(s < hi_char and e > lo_char for lo_char, hi_char in spans):
+                labels[i] = ids[i]
+        return ids, labels
+    for lo_char, hi_char in spans:
+        lo = bisect_right(ends, lo_char)  # the first token ending after the span's start
+        hi = bisect_left(starts, hi_char, lo)  # the first token starting at or after its end
+        labels[lo:hi] = ids[lo:hi]
     return ids, labels
 
 

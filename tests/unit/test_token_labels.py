@@ -1,0 +1,40 @@
+"""Loss masks by character spans: every token that overlaps a trained span is labelled, others are
+IGNORE_INDEX, whatever the text (multi-byte characters, tokens across a span's edge)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from trainer.data.tokenize import IGNORE_INDEX, _common_prefix, _labels_by_offsets
+from trainer.model import load_tokenizer
+
+
+def _by_definition(tokenizer, text: str, spans: list[tuple[int, int]]) -> list[int]:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return [tid if any(s < hi and e > lo for lo, hi in spans) else IGNORE_INDEX
+            for tid, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
+
+
+def test_labels_are_the_tokens_overlapping_the_spans(tiny_model_dir: Path) -> None:
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    rng = random.Random(0)
+    alphabet = "ab cd\u00e9\u4e2d\U0001f600\n"
+    for _ in range(500):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+        cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, 2 * rng.randint(0, 3))))
+        spans = [(cuts[i], cuts[i + 1]) for i in range(0, len(cuts) - 1, 2)]
+        ids, labels = _labels_by_offsets(tokenizer, text, spans)
+        assert labels == _by_definition(tokenizer, text, spans), (text, spans)
+        assert ids == list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_common_prefix_is_the_length_both_strings_share() -> None:
+    rng = random.Random(0)
+    for _ in range(2000):
+        a = "".join(rng.choice("ab") for _ in range(rng.randint(0, 70)))
+        b = a[: rng.randint(0, len(a))] + "".join(rng.choice("abc") for _ in range(rng.randint(0, 9)))
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        assert _common_prefix(a, b) == _common_prefix(b, a) == n
