@@ -263,7 +263,7 @@ def startup_runs(gpu: str, own: tuple[str, dict] | None = None,
 def fit_startup(runs: list[tuple[str, dict]], old: dict, day: str) -> dict:
     """The start-up entry of speeds.json (trainer.planning.speeds), fit to every job of `runs`
     (startup_runs) that measured it; a part no job measured is kept. Medians, since one host's
-    first job after its start (a cold GPU) or a cold page cache takes seconds longer than the rest:
+    first job after its start takes seconds longer than the rest, as does now and then a load:
     - the load rate: every job's load phase, over the stored bf16 weights;
     - a fresh trainer's fixed part: the default `python -m trainer run` jobs' phases from their
       process start, less the load;
