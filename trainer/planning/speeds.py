@@ -154,15 +154,21 @@ def startup_seconds(gpu_model: str | None, weight_bytes: float, data: dict[str, 
     """Seconds to the first step for weights of `weight_bytes`: from a fresh trainer's start, or
     (warm) from the submission of a job whose trainer's imports were done before it came."""
     data = data or table()
-    found = gpu_entry(gpu_model, data) or next(iter(data.get("gpus", {}).items()), None)
+    gpus = data.get("gpus", {})
+    found = gpu_entry(gpu_model, data) or next(iter(gpus.items()), None)
     if found is None:
         return 0.0, "no start-up measured"
-    s = found[1].get("startup", {})
+    # A GPU model whose start-up no run measured borrows the first measured one's, and says so.
+    measured = found if "startup" in found[1] else next(((n, e) for n, e in gpus.items() if "startup" in e), None)
+    if measured is None:
+        return 0.0, "no start-up measured"
+    s = measured[1]["startup"]
     warm = warm and "warm_fixed_s" in s
     fixed = float(s["warm_fixed_s"] if warm else s.get("fixed_s", 0.0))
     seconds = fixed + float(s.get("load_s_per_gib", 0.0)) * weight_bytes / 1024**3
     how = "imports done before the job" if warm else "a fresh trainer process"
-    return seconds, f"{found[0]}, {how}: {s.get('warm_source' if warm else 'source', '')}"
+    where = found[0] if measured is found else f"{found[0]} (none measured there: {measured[0]}'s)"
+    return seconds, f"{where}, {how}: {s.get('warm_source' if warm else 'source', '')}"
 
 
 def checkpoint_seconds(gpu_model: str | None, checkpoint_bytes: float,
