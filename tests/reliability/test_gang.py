@@ -72,7 +72,10 @@ def test_two_hosts_train_one_job_as_two_ranks_like_one_process_and_two_such_jobs
         # A host whose worker took its GPU for another job just as the gang formed ends that attempt
         # without a retry counted; the job then runs once both hosts are free.
         assert sorted(runs[-1]) == ["host-a", "host-b"] and all(len(r) == 1 for r in runs[:-1]), runs
-        assert not any(e.type == "retry" for e in events_of(j.id)), [e.message for e in events_of(j.id)]
+        events = events_of(j.id)
+        # On a failure, every event whole and both hosts' logs, so that a retry can be explained.
+        assert not any(e.type == "retry" for e in events), (
+            "\n".join(f"{e.type}: {e.message}" for e in events) + f"\n{a.log()}\n{b.log()}")
         # Events come from rank 0 alone: one start, one metrics event per step.
         assert len(events_of(j.id, "start")) == 1
         got, want = losses(j.id), losses(reference.id)
