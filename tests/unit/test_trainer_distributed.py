@@ -294,7 +294,11 @@ def _rank_main(model_dir: str, out: str) -> None:
         (out_dir / "result.json").write_text(json.dumps({
             "continued_loss": continued, "resumed_loss": resumed, "fresh_loss": untouched, "final_loss": final_loss}))
     dist.barrier()
-    dist.destroy_process_group()
+    # Leave as `python -m trainer` does (trainer/__main__.py): gloo's and FSDP's C++ teardown aborted
+    # a rank now and then on a loaded machine, after the result above was written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
