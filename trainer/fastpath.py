@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -192,20 +193,27 @@ def apply_liger(model: Any) -> list[str]:
     return [k for k in ("rms_norm", "rope", "swiglu") if k in accepted]
 
 
-def setup_model(spec: JobSpec, precision: str, device: torch.device) -> tuple[Any, FastPath]:
-    """Load the base, apply the method and the fast path; the model is ready for the optimizer."""
+def setup_model(spec: JobSpec, precision: str, device: torch.device,
+                note: Callable[[str], None] | None = None) -> tuple[Any, FastPath]:
+    """Load the base, apply the method and the fast path; the model is ready for the optimizer.
+
+    `note(part)` is called as each part ends (weights, liger, method, fast_path), for the start-up's detail."""
+    note = note or (lambda part: None)
     from trainer.lora_fused import fuse_lora
     from trainer.lora_mlp import fuse_lora_mlps
     from trainer.methods import apply_method
     from trainer.model import load_model
 
     base = load_model(spec, precision, device)
+    note("weights")
     fast = fast_path_enabled()
     liger = apply_liger(base) if fast and device.type == "cuda" else []
+    note("liger")
     config = getattr(base, "config", None)
     speed, k = resolve_checkpointing(spec, device, config)
     checkpointing = speed == "lean" or bool(k)
     model = apply_method(base, spec, checkpointing=checkpointing)
+    note("method")
     if speed == "balanced" and k:
         k = checkpoint_bottom_layers(model, k)
     elif k is None:
@@ -220,4 +228,5 @@ def setup_model(spec: JobSpec, precision: str, device: torch.device) -> tuple[An
         offload = attach_checkpoint_offload(model)
     # accelerate runs the forward under bf16 autocast whenever the precision is bf16 (trainer.job).
     loss = build_loss(model, device, chunked=fast, compute_dtype=torch.bfloat16 if precision == "bf16" else None)
+    note("fast_path")
     return model, FastPath(speed, checkpointing, loss, fused, liger, k, offload, mlps)

@@ -51,7 +51,14 @@ from trainer.profiling import region
 from trainer.sampler import DataOrder
 from trainer.signals import StopFlags
 from trainer.spec import JobSpec
-from trainer.startup import Phases, skipped_libraries, standby_detail, warmup_seconds
+from trainer.startup import (
+    Phases,
+    kernel_cache_added,
+    kernel_cache_entries,
+    skipped_libraries,
+    standby_detail,
+    warmup_seconds,
+)
 from trainer.step import QueuedStep, Window, as_values, optimizer_step, queue_forward_backward, step_result
 from trainer.step_values import LateRead, pinned
 from trainer.vocabulary import eval_scores
@@ -118,6 +125,7 @@ class Run:
         self.select_by = selection_metric(spec)  # eval_<name>, or None: final/ holds the last weights
         self.phases = Phases()
         self.phases.mark("import")
+        self.kernel_cache_before = kernel_cache_entries()
 
     # ---- setup --------------------------------------------------------------------------------
 
@@ -171,8 +179,7 @@ class Run:
         from transformers import get_cosine_schedule_with_warmup
 
         spec, hp, accelerator, device = self.spec, self.hp, self.accelerator, self.device
-        model, self.fast = setup_model(spec, self.precision, device)
-        self.phases.note("model")
+        model, self.fast = setup_model(spec, self.precision, device, note=self.phases.note)
         self.phases.mark("load")
         # Packed rows' example bounds go to a flash kernel instead of a mask transformers builds.
         self.packed_attention = bool(spec.packing and packed_attention.available(device)
@@ -370,6 +377,7 @@ class Run:
                          + ", ".join(f"{k} {v:.1f} s" for k, v in took.items()),
                          phases=took, seconds=self.phases.total(), process_started=self.phases.started,
                          detail={**self.phases.detail, "device_ready": warmup_seconds(), **standby_detail(),
+                        "kernel_cache_added": kernel_cache_added(self.kernel_cache_before),
                                  "tokens_cached": self.tokens_cached, "skipped_libraries": skipped_libraries()})
 
     def _log(self, queued: QueuedStep, grad_norm: float) -> None:

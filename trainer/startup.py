@@ -143,6 +143,29 @@ def warmup_seconds() -> float | None:
     return _WARMUP.seconds if _WARMUP is not None else None
 
 
+def kernel_cache_dir() -> Path:
+    """Where Triton keeps the kernels it compiled (its own default unless TRITON_CACHE_DIR says)."""
+    return Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+
+
+def kernel_cache_entries() -> int | None:
+    """How many compiled kernels Triton's on-disk cache holds; None when it cannot be read."""
+    try:
+        return sum(1 for _ in kernel_cache_dir().iterdir())
+    except FileNotFoundError:
+        return 0
+    except OSError:
+        return None
+
+
+def kernel_cache_added(before: int | None) -> int | None:
+    """Kernels compiled into the cache since `before` was counted: a run that finds its kernels
+    there adds none, one that compiles them pays seconds for it in its first step. Another process
+    of the host compiling meanwhile counts too."""
+    after = kernel_cache_entries()
+    return None if before is None or after is None else after - before
+
+
 def skip_unused_libraries(spec: Any, modules: dict[str, Any] | None = None) -> list[str]:
     """Hide optional libraries this run does not use from transformers, peft and accelerate, which
     import them at their own import when installed; the names hidden.

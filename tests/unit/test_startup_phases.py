@@ -72,10 +72,13 @@ def test_a_real_run_reports_each_phase_and_reuses_the_data_checks_tokens(make_sp
     assert all(v >= 0 for v in data["phases"].values())
     assert abs(sum(data["phases"].values()) - data["seconds"]) < 0.05
     detail = data["detail"]
-    assert {"device", "tokenizer", "files", "pack", "model"} <= set(detail)
-    # The data phase is made of its parts; the model's load is the load phase's.
+    assert {"device", "tokenizer", "files", "pack", "weights", "liger", "method", "fast_path"} <= set(detail)
+    # The data and load phases are each made of their parts.
     parts = detail["device"] + detail["tokenizer"] + detail["files"] + detail["pack"]
-    assert abs(parts - data["phases"]["data"]) < 0.05 and detail["model"] <= data["phases"]["load"] + 0.01
+    assert abs(parts - data["phases"]["data"]) < 0.05
+    loading = detail["weights"] + detail["liger"] + detail["method"] + detail["fast_path"]
+    assert abs(loading - data["phases"]["load"]) < 0.05
+    assert detail["kernel_cache_added"] == 0, "a CPU run compiles no Triton kernel"
     assert detail["tokens_cached"] is True
     assert detail["skipped_libraries"] == [], "a job run inside a caller's process leaves its modules alone"
 
@@ -106,3 +109,17 @@ def test_the_libraries_a_job_does_not_use_are_hidden_and_those_it_uses_are_not(m
     assert set(hidden(make_spec("lora", model=str(tmp_path / "not-here")))) == {"boto3"}
     # A module already imported stays as it is.
     assert skip_unused_libraries(lora, {"boto3": object()}) == ["bitsandbytes"]
+
+
+def test_kernels_compiled_during_a_run_are_counted_from_tritons_cache(monkeypatch, tmp_path: Path) -> None:
+    from trainer.startup import kernel_cache_added, kernel_cache_entries
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    assert kernel_cache_entries() == 0, "no cache yet: nothing compiled"
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "old").mkdir()
+    before = kernel_cache_entries()
+    for name in ("a", "b"):
+        (tmp_path / "triton" / name).mkdir()
+    assert (before, kernel_cache_added(before)) == (1, 2)
+    assert kernel_cache_added(None) is None
