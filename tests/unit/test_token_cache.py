@@ -30,14 +30,16 @@ def chat_file(tmp_path: Path) -> Path:
 
 
 def _count_tokenizing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per record the trainer tokenizes itself (not read from the cache)."""
     calls: list[int] = []
-    real = data.tokenize_record
+    real = data.tokenize_stream
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def counted(tokenizer, items, *args, **kwargs):
+        for tag, ex in real(tokenizer, items, *args, **kwargs):
+            calls.append(1)
+            yield tag, ex
 
-    monkeypatch.setattr(data, "tokenize_record", counted)
+    monkeypatch.setattr(data, "tokenize_stream", counted)
     return calls
 
 

@@ -169,11 +169,18 @@ def test_all_weight_zero_is_refused():
     assert info.value.code == "no_assistant"
 
 
-def test_tokenizers_without_offsets_get_the_same_masks(tokenizer, monkeypatch):
+def test_tokenizers_without_offsets_get_the_same_masks(tokenizer):
     expected = tokenize_messages(tokenizer, parse_example(CONVERSATION))
 
-    def no_offsets(*args, **kwargs):
-        raise NotImplementedError("return_offsets_mapping is not available for python tokenizers")
+    class NoOffsets:
+        """A python (slow) tokenizer: no offsets mapping."""
 
-    monkeypatch.setattr("trainer.data.tokenize._labels_by_offsets", no_offsets)
-    assert tokenize_messages(tokenizer, parse_example(CONVERSATION)) == expected
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, text, **kwargs):
+            if kwargs.get("return_offsets_mapping"):
+                raise NotImplementedError("return_offsets_mapping is not available for python tokenizers")
+            return tokenizer(text, **kwargs)
+
+    assert tokenize_messages(NoOffsets(), parse_example(CONVERSATION)) == expected

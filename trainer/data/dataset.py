@@ -8,7 +8,7 @@ from typing import Any
 
 from trainer.data import cache
 from trainer.data.parse import EVAL_FORMAT, LineError, iter_records, trains_inputs
-from trainer.data.tokenize import REJECTED_IDS, fit_to_length, tokenize_record, trained_in
+from trainer.data.tokenize import REJECTED_IDS, fit_to_length, tokenize_stream, trained_in
 from trainer.data.validate import validate_file
 from trainer.errors import DataError
 
@@ -31,13 +31,13 @@ def _tokenized(path: str | Path, tokenizer: Any, fmt: str, train_on_inputs: bool
     if cached is not None:
         return cached, True
     done = []
-    for number, _, rec in iter_records(path, fmt):
-        try:
-            if isinstance(rec, LineError):
-                raise rec
-            done.append(tokenize_record(tokenizer, rec, None, trains_inputs(fmt, train_on_inputs)))
-        except LineError as err:
+    records = (((number, rec), None if isinstance(rec, LineError) else rec, trains_inputs(fmt, train_on_inputs))
+               for number, _, rec in iter_records(path, fmt))
+    for (number, rec), ex in tokenize_stream(tokenizer, records):
+        err = rec if isinstance(rec, LineError) else ex
+        if isinstance(err, LineError):
             raise DataError(f"{what}: line {number}: {err.message}") from err
+        done.append(ex)
     cache.save(key, done)
     return done, False
 

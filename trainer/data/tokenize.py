@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 from bisect import bisect_left, bisect_right
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 from trainer.data.parse import Chat, LineError, Message, Preference, RawText, Record
 
@@ -22,6 +23,8 @@ from trainer.data.parse import Chat, LineError, Message, Preference, RawText, Re
 REJECTED_IDS, REJECTED_LABELS = "rejected_input_ids", "rejected_labels"
 
 IGNORE_INDEX = -100
+
+T = TypeVar("T")
 
 # An assistant turn's tool calls, after its content: one <tool_call>{"name", "arguments"}</tool_call> a line.
 TOOL_CALLS_JINJA = (
@@ -137,10 +140,8 @@ def assistant_spans(tokenizer: Any, messages: Chat | list[Message]) -> tuple[str
     return full, spans
 
 
-def _labels_by_offsets(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    offsets = enc["offset_mapping"]
+def _labels_by_offsets(ids: list[int], offsets: list[tuple[int, int]],
+                       spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
     if len(offsets) != len(ids):
         raise ValueError("offsets do not match the tokens")
     # A token is trained if it overlaps a span. Spans are few and sorted, offsets ascend: each
@@ -178,16 +179,37 @@ def _labels_by_prefix_ids(tokenizer: Any, text: str, spans: list[tuple[int, int]
     return ids, labels
 
 
-def _spans_to_labels(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> dict:
+Labelled = tuple[str, list[tuple[int, int]]]  # a text as the model reads it, and its trained character spans
+
+
+def encode_labelled(tokenizer: Any, texts: list[Labelled]) -> list[dict]:
+    """input_ids and labels of each text: the tokens overlapping its spans are trained.
+
+    The texts go to the tokenizer in one call: a fast tokenizer encodes a batch on all the host's
+    cores (unless TOKENIZERS_PARALLELISM is false), where one call per text keeps to one core.
+    A batch's encodings are each text's own, so the result is the same either way.
+    """
+    if not texts:
+        return []
     try:
-        ids, labels = _labels_by_offsets(tokenizer, text, spans)
-    except (NotImplementedError, KeyError, TypeError, ValueError):
-        ids, labels = _labels_by_prefix_ids(tokenizer, text, spans)
-    if labels:
-        # The first token has no context to be predicted from; marking it keeps label counts
-        # equal whether an example starts a row or sits inside a packed one.
-        labels[0] = IGNORE_INDEX
-    return {"input_ids": ids, "labels": labels}
+        enc = tokenizer([t for t, _ in texts], add_special_tokens=False, return_offsets_mapping=True)
+        encoded = list(zip(enc["input_ids"], enc["offset_mapping"], strict=True))
+    except (NotImplementedError, KeyError, TypeError, ValueError):  # a slow tokenizer: no offsets
+        encoded = [None] * len(texts)
+    out = []
+    for (text, spans), got in zip(texts, encoded, strict=True):
+        try:
+            if got is None:
+                raise ValueError("no offsets")
+            ids, labels = _labels_by_offsets(list(got[0]), got[1], spans)
+        except ValueError:
+            ids, labels = _labels_by_prefix_ids(tokenizer, text, spans)
+        if labels:
+            # The first token has no context to be predicted from; marking it keeps label counts
+            # equal whether an example starts a row or sits inside a packed one.
+            labels[0] = IGNORE_INDEX
+        out.append({"input_ids": ids, "labels": labels})
+    return out
 
 
 def _cut(ex: dict, max_seq_len: int | None) -> dict:
@@ -198,18 +220,16 @@ def _cut(ex: dict, max_seq_len: int | None) -> dict:
     return {"input_ids": ids, "labels": labels, "truncated": int(cut)}
 
 
-def tokenize_messages(
-    tokenizer: Any, messages: Chat | list[Message], max_seq_len: int | None = None, train_on_inputs: bool = False
-) -> dict:
-    """input_ids and labels (IGNORE_INDEX where masked), cut to max_seq_len from the end."""
+def chat_text(tokenizer: Any, messages: Chat | list[Message], train_on_inputs: bool = False) -> Labelled:
+    """The rendered conversation and its trained spans (the assistant turns, or all of it)."""
     text, spans = assistant_spans(tokenizer, messages)
     if train_on_inputs:
         end = len(text.rstrip())
         spans = [(0, end)] if end else []
-    return _cut(_spans_to_labels(tokenizer, text, spans), max_seq_len)
+    return text, spans
 
 
-def tokenize_raw(tokenizer: Any, raw: RawText, max_seq_len: int | None = None, train_on_inputs: bool = False) -> dict:
+def raw_text(tokenizer: Any, raw: RawText, train_on_inputs: bool = False) -> Labelled:
     """Plain concatenation: BOS, the pieces, EOS closing the last trained piece."""
     text = tokenizer.bos_token or ""
     spans = []
@@ -220,7 +240,19 @@ def tokenize_raw(tokenizer: Any, raw: RawText, max_seq_len: int | None = None, t
     text += tokenizer.eos_token
     if spans:
         spans[-1] = (spans[-1][0], len(text))
-    return _cut(_spans_to_labels(tokenizer, text, spans), max_seq_len)
+    return text, spans
+
+
+def tokenize_messages(
+    tokenizer: Any, messages: Chat | list[Message], max_seq_len: int | None = None, train_on_inputs: bool = False
+) -> dict:
+    """input_ids and labels (IGNORE_INDEX where masked), cut to max_seq_len from the end."""
+    return _cut(encode_labelled(tokenizer, [chat_text(tokenizer, messages, train_on_inputs)])[0], max_seq_len)
+
+
+def tokenize_raw(tokenizer: Any, raw: RawText, max_seq_len: int | None = None, train_on_inputs: bool = False) -> dict:
+    """Plain concatenation: BOS, the pieces, EOS closing the last trained piece."""
+    return _cut(encode_labelled(tokenizer, [raw_text(tokenizer, raw, train_on_inputs)])[0], max_seq_len)
 
 
 def prompt_ids(tokenizer: Any, messages: list[Message]) -> list[int]:
@@ -231,14 +263,23 @@ def prompt_ids(tokenizer: Any, messages: list[Message]) -> list[int]:
         raise LineError("template_error", f"the chat template rejected this conversation: {exc}") from exc
 
 
-def tokenize_preference(tokenizer: Any, pair: Preference, max_seq_len: int | None = None) -> dict:
+def _pair_texts(tokenizer: Any, pair: Preference) -> list[Labelled]:
     """Both rows of a pair through the chat template: the input, then each output; only the
     output's tokens are labelled (the two rows share the input's tokens)."""
     tools = getattr(pair.prompt, "tools", None)  # the input's tools, rendered before both rows
-    chosen = tokenize_messages(tokenizer, Chat([*pair.prompt, *pair.preferred], tools), max_seq_len)
-    rejected = tokenize_messages(tokenizer, Chat([*pair.prompt, *pair.non_preferred], tools), max_seq_len)
+    return [chat_text(tokenizer, Chat([*pair.prompt, *pair.preferred], tools)),
+            chat_text(tokenizer, Chat([*pair.prompt, *pair.non_preferred], tools))]
+
+
+def _pair(chosen: dict, rejected: dict, max_seq_len: int | None) -> dict:
+    chosen, rejected = _cut(chosen, max_seq_len), _cut(rejected, max_seq_len)
     return {"input_ids": chosen["input_ids"], "labels": chosen["labels"], REJECTED_IDS: rejected["input_ids"],
             REJECTED_LABELS: rejected["labels"], "truncated": max(chosen["truncated"], rejected["truncated"])}
+
+
+def tokenize_preference(tokenizer: Any, pair: Preference, max_seq_len: int | None = None) -> dict:
+    """Both rows of a pair, as _pair_texts renders them."""
+    return _pair(*encode_labelled(tokenizer, _pair_texts(tokenizer, pair)), max_seq_len)
 
 
 def trained_in(piece: dict) -> bool:
@@ -255,12 +296,63 @@ def piece_tokens(piece: dict) -> tuple[int, int]:
     return sum(len(i) for i, _ in rows), sum(sum(1 for x in lab if x != IGNORE_INDEX) for _, lab in rows)
 
 
-def tokenize_record(tokenizer: Any, rec: Record, max_seq_len: int | None = None, train_on_inputs: bool = False) -> dict:
+def record_texts(tokenizer: Any, rec: Record, train_on_inputs: bool = False) -> list[Labelled]:
+    """The texts a record is encoded as: one, or a preference pair's two rows. LineError when the
+    chat template refuses the record."""
     if isinstance(rec, Preference):
-        return tokenize_preference(tokenizer, rec, max_seq_len)
+        return _pair_texts(tokenizer, rec)
     if isinstance(rec, RawText):
-        return tokenize_raw(tokenizer, rec, max_seq_len, train_on_inputs)
-    return tokenize_messages(tokenizer, rec, max_seq_len, train_on_inputs)
+        return [raw_text(tokenizer, rec, train_on_inputs)]
+    return [chat_text(tokenizer, rec, train_on_inputs)]
+
+
+def _assembled(rec: Record, encoded: list[dict], max_seq_len: int | None) -> dict:
+    if isinstance(rec, Preference):
+        return _pair(*encoded, max_seq_len)
+    return _cut(encoded[0], max_seq_len)
+
+
+def tokenize_record(tokenizer: Any, rec: Record, max_seq_len: int | None = None, train_on_inputs: bool = False) -> dict:
+    return _assembled(rec, encode_labelled(tokenizer, record_texts(tokenizer, rec, train_on_inputs)), max_seq_len)
+
+
+# Records whose texts go to the tokenizer in one call: enough for a batch to spread over many
+# cores, few enough that a chunk's token lists stay small beside the file's.
+CHUNK_RECORDS = 256
+
+
+def tokenize_stream(tokenizer: Any, items: Iterable[tuple[T, Record | None, bool]],
+                    chunk: int = CHUNK_RECORDS) -> Iterator[tuple[T, dict | LineError | None]]:
+    """tokenize_record of each (tag, record, train_on_inputs), in order: (tag, the example, or the
+    LineError its template raised). A None record passes through as (tag, None). The texts of
+    `chunk` records at a time are encoded in one call (encode_labelled)."""
+    pending: list[tuple[T, Record | None, bool]] = []
+
+    def flush() -> Iterator[tuple[T, dict | LineError | None]]:
+        texts: list[Labelled] = []
+        rendered: list[list[Labelled] | LineError | None] = []
+        for _, rec, toi in pending:
+            if rec is None:
+                rendered.append(None)
+                continue
+            try:
+                rendered.append(record_texts(tokenizer, rec, toi))
+                texts += rendered[-1]
+            except LineError as err:
+                rendered.append(err)
+        encoded = iter(encode_labelled(tokenizer, texts))
+        for (tag, rec, _), got in zip(pending, rendered, strict=True):
+            if isinstance(got, list):
+                yield tag, _assembled(rec, [next(encoded) for _ in got], None)
+            else:
+                yield tag, got
+        pending.clear()
+
+    for item in items:
+        pending.append(item)
+        if len(pending) >= chunk:
+            yield from flush()
+    yield from flush()
 
 
 def fit_to_length(ex: dict, fmt: str, max_seq_len: int | None) -> list[dict]:

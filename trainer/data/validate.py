@@ -7,12 +7,13 @@ upload without loading them; a tokenizer, when given, is the caller's.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from trainer.data import cache
 from trainer.data.parse import EVAL_FORMAT, EvalItem, LineError, iter_records, trains_inputs
-from trainer.data.tokenize import REJECTED_IDS, fit_to_length, piece_tokens, prompt_ids, tokenize_record, trained_in
+from trainer.data.tokenize import REJECTED_IDS, fit_to_length, piece_tokens, prompt_ids, tokenize_stream, trained_in
 
 MAX_REPORTED_ERRORS = 100
 
@@ -46,7 +47,13 @@ def validate_file(
     if not p.is_file():
         fail(0, LineError("file_not_found", f"{path} is not a readable file"))
     else:
-        for number, fmt, rec in iter_records(p, data_format, counter):
+        def items() -> Iterator[tuple[tuple[int, str, Any], Any, bool]]:
+            # Records go to the tokenizer in chunks (tokenize_stream); the rest passes through in order.
+            for number, fmt, rec in iter_records(p, data_format, counter):
+                tokenized_here = tokenizer is not None and not isinstance(rec, (LineError, EvalItem))
+                yield (number, fmt, rec), rec if tokenized_here else None, trains_inputs(fmt, train_on_inputs)
+
+        for (number, fmt, rec), ex in tokenize_stream(tokenizer, items()):
             if isinstance(rec, LineError):
                 fail(number, rec)
                 continue
@@ -62,12 +69,10 @@ def validate_file(
                     tokens, longest = tokens + n, max(longest, n)
                 examples += 1
                 continue
-            if tokenizer is not None:
-                try:
-                    ex = tokenize_record(tokenizer, rec, None, trains_inputs(fmt, train_on_inputs))
-                except LineError as err:
-                    fail(number, err)
-                    continue
+            if isinstance(ex, LineError):
+                fail(number, ex)
+                continue
+            if ex is not None:
                 tokenized.append({k: v for k, v in ex.items() if k != "truncated"})
                 n = max(len(ex["input_ids"]), len(ex.get(REJECTED_IDS, ())))
                 longest = max(longest, n)
