@@ -213,6 +213,7 @@ class Readiness(BaseModel):
     standbys_wanted: int  # standby trainers those workers keep
     standbys_ready: int  # of them, those done importing
     templates_importing: int = 0  # trainer templates of those workers still importing
+    kernels_warming: int = 0  # kernel warm-ups (worker/kernel_warmup.py) of those workers still running
     api_warmup_s: float | None = None
     registry: str | None = None  # why the worker registry could not be read
 

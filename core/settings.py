@@ -66,6 +66,10 @@ class Settings(BaseSettings):
         True,
         description="Start the trainer template with the worker, so that its imports are done before the first job arrives. false: start it for the worker's first job, which waits for those imports (about what a fresh trainer would take); for workers that often run no job at all.",
     )
+    warm_kernels: bool = Field(
+        True,
+        description="On a GPU host, a worker that starts compiles the fast path's Triton kernels for the local models (python -m trainer warm-kernels, one short process on its first GPU) and counts as ready once that is done. Compiled kernels stay in Triton's on-disk cache (TRITON_CACHE_DIR, default ~/.triton/cache), so only a host's first start compiles; otherwise a host's first job of each model shape compiles them, seconds before its first step. false: no warm-up.",
+    )
     dist_timeout_s: float = Field(
         600.0, gt=0, le=86_400,
         description="Seconds a process of a multi-GPU job waits for its peers in a collective before the job fails and is retried.",

@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("--model", help="model directory whose tokenizer counts tokens")
     val.add_argument("--max-seq-len", type=int, default=None)
     val.add_argument("--format", default="auto", choices=["auto", "chat", "alpaca", "prompt_completion", "text", "eval"])
+    warm = sub.add_parser("warm-kernels", help="compile the fast path's kernels for these models (trainer.kernel_warmup)")
+    warm.add_argument("models", nargs="+")
     return p
 
 
@@ -140,6 +142,16 @@ def _validate(args: argparse.Namespace) -> int:
     return 0 if report["valid"] else 1
 
 
+def _warm_kernels(args: argparse.Namespace) -> int:
+    from trainer.kernel_warmup import warm
+    from trainer.model import quiet_libraries
+
+    quiet_libraries()
+    report = warm(args.models)
+    print(json.dumps(report))
+    return 0 if all("error" not in r for r in report["models"].values()) else 1
+
+
 def _standby(args: argparse.Namespace) -> int:
     if args.template:
         from trainer.template import main as template_main
@@ -159,7 +171,8 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
         args = _parser().parse_args(argv)
         if args.command == "run":
             return _run(args, own_process)
-        return {"tiny": _tiny, "validate": _validate, "standby": _standby}[args.command](args)
+        return {"tiny": _tiny, "validate": _validate, "standby": _standby,
+                "warm-kernels": _warm_kernels}[args.command](args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

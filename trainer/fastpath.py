@@ -198,14 +198,23 @@ def setup_model(spec: JobSpec, precision: str, device: torch.device,
     """Load the base, apply the method and the fast path; the model is ready for the optimizer.
 
     `note(part)` is called as each part ends (weights, liger, method, fast_path), for the start-up's detail."""
+    from trainer.model import load_model
+
+    base = load_model(spec, precision, device)
+    if note is not None:
+        note("weights")
+    return prepare_model(base, spec, precision, device, note)
+
+
+def prepare_model(base: Any, spec: JobSpec, precision: str, device: torch.device,
+                  note: Callable[[str], None] | None = None) -> tuple[Any, FastPath]:
+    """A loaded base with the method and the fast path applied (setup_model's part after the
+    weights; the kernels' warm-up applies it to a base of random weights)."""
     note = note or (lambda part: None)
     from trainer.lora_fused import fuse_lora
     from trainer.lora_mlp import fuse_lora_mlps
     from trainer.methods import apply_method
-    from trainer.model import load_model
 
-    base = load_model(spec, precision, device)
-    note("weights")
     fast = fast_path_enabled()
     liger = apply_liger(base) if fast and device.type == "cuda" else []
     note("liger")

@@ -13,7 +13,7 @@ from sqlalchemy.exc import DBAPIError
 
 from core.queue import REAP, RUN_JOB, make_celery
 from core.settings import get_settings
-from worker import gpus, host, kombu_fixes, reaper, runner, standby, template
+from worker import gpus, host, kernel_warmup, kombu_fixes, reaper, runner, standby, template
 
 app = make_celery()
 kombu_fixes.install()  # a Redis restart must not stop the worker (see the module)
@@ -54,6 +54,7 @@ def _start_reaper(**_: Any) -> None:
         # The standbys and the template first: the host thread's first registration counts them (GET /readyz).
         standby.POOL.start(settings, pool)
         template.TEMPLATE.start(settings)
+        kernel_warmup.KERNELS.start(settings, pool)
         _host = host.HostThread(pool, runner.default_worker_id(settings), slots=pool.count)
         _host.start()
 
@@ -64,6 +65,7 @@ def _stop_running_jobs(**_: Any) -> None:
     runner.SHUTDOWN.set()
     standby.POOL.close()
     template.TEMPLATE.close()  # it ends once the running trainers it forked have
+    kernel_warmup.KERNELS.close()
     if _reaper is not None:
         _reaper.stop()
     if _host is not None:

@@ -23,7 +23,7 @@ from core.settings import get_settings
 from worker.disk import disk_state, sweep_work_dirs
 from worker.gang import Follow
 from worker.gpus import GpuPool
-from worker import standby, template
+from worker import kernel_warmup, standby, template
 from worker.process import kill_orphans
 from worker.runner import SHUTDOWN
 
@@ -72,7 +72,8 @@ class HostThread(threading.Thread):
         s = get_settings()
         workers.register(self.worker_id, self.pool.host, self.pool.count, self.pool.kind, s.registry_ttl_s,
                          slots=self.slots, free=self.pool.free(), seen=time.time(), gpu_info=self.pool.gpu_info,
-                         standby=standby.POOL.state(), template=template.TEMPLATE.state(), **disk_state(s))
+                         standby=standby.POOL.state(), template=template.TEMPLATE.state(),
+                         kernels=kernel_warmup.KERNELS.state(), **disk_state(s))
 
     def run(self) -> None:
         s = get_settings()

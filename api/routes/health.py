@@ -54,10 +54,10 @@ def healthz(db: SessionDep, settings: SettingsDep) -> Health:
 
 
 def _workers_state(wanted: int) -> dict[str, Any]:
-    """Registered workers, those whose standbys and trainer template are all ready, the standbys,
-    the templates still importing, a registry error."""
+    """Registered workers, those whose standbys, trainer template and kernels are all ready, the
+    standbys, the templates still importing, the kernel warm-ups still running, a registry error."""
     out: dict[str, Any] = {"workers": 0, "workers_ready": 0, "standbys_wanted": 0, "standbys_ready": 0,
-                           "templates_importing": 0}
+                           "templates_importing": 0, "kernels_warming": 0}
     if not wanted:
         return out
     try:
@@ -68,15 +68,17 @@ def _workers_state(wanted: int) -> dict[str, Any]:
         standby = w.get("standby") or {}
         out["workers"] += 1
         importing = w.get("template") == "importing"
+        warming = w.get("kernels") == "warming"
         out["templates_importing"] += importing
-        out["workers_ready"] += standby.get("ready", 0) >= standby.get("wanted", 0) and not importing
+        out["kernels_warming"] += warming
+        out["workers_ready"] += standby.get("ready", 0) >= standby.get("wanted", 0) and not importing and not warming
         out["standbys_wanted"] += standby.get("wanted", 0)
         out["standbys_ready"] += min(standby.get("ready", 0), standby.get("wanted", 0))
     return out
 
 
 @router.get("/readyz", responses={503: {"model": Readiness}})
-def readyz(workers: int = Query(0, ge=0, le=1000, description="Registered workers needed, each with its standby trainers and trainer template ready.")) -> Readiness:
+def readyz(workers: int = Query(0, ge=0, le=1000, description="Registered workers needed, each with its standby trainers, trainer template and kernel warm-up ready.")) -> Readiness:
     child = validation.child_state()
     pool = _workers_state(workers)
     waiting = []

@@ -81,4 +81,11 @@ def test_readiness_waits_for_the_checking_child_and_the_workers_standbys_and_tem
         for state in ("ready", "gone", "off"):
             workers.register("w1", "h1", 1, "gpu", 30, standby={"wanted": 2, "ready": 2}, template=state)
             assert client.get("/readyz?workers=1").status_code == 200, state
+        # Its kernels still warming: not ready; done, failed (the first job compiles) or off: ready.
+        workers.register("w1", "h1", 1, "gpu", 30, standby={"wanted": 2, "ready": 2}, kernels="warming")
+        r = client.get("/readyz?workers=1")
+        assert r.status_code == 503 and (r.json()["workers_ready"], r.json()["kernels_warming"]) == (0, 1)
+        for state in ("done", "failed", "off"):
+            workers.register("w1", "h1", 1, "gpu", 30, standby={"wanted": 2, "ready": 2}, kernels=state)
+            assert client.get("/readyz?workers=1").status_code == 200, state
         assert client.get("/readyz").status_code == 200  # a probe that leaves workers out

@@ -1,0 +1,58 @@
+"""The kernels' warm-up: the trainer's one-layer runs of each model's fast path, and the worker's
+process that runs them once as it starts (compiling on the GPU is checked in tests/gpu)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from transformers import AutoConfig
+
+from core.settings import Settings
+from trainer.kernel_warmup import METHODS, one_layer, warm
+from worker.gpus import GpuPool
+from worker.kernel_warmup import KernelWarmup
+
+
+def test_one_layer_keeps_the_widths_the_kernels_specialize_on(tiny_model_dir: Path) -> None:
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.layer_types = ["full_attention"] * config.num_hidden_layers
+    small = one_layer(config)
+    assert (small.num_hidden_layers, small.layer_types) == (1, ["full_attention"])
+    for width in ("hidden_size", "intermediate_size", "vocab_size", "num_attention_heads", "num_key_value_heads"):
+        assert getattr(small, width) == getattr(config, width), width
+    assert config.num_hidden_layers > 1, "the model's own config is left alone"
+
+
+def test_every_method_runs_a_step_and_a_model_that_cannot_load_is_reported(tiny_model_dir: Path, tmp_path: Path) -> None:
+    report = warm([str(tiny_model_dir), str(tmp_path / "missing")])
+    assert set(report["models"][str(tiny_model_dir)]) == set(METHODS)
+    assert "config.json" in report["models"][str(tmp_path / "missing")]["error"]
+    assert report["device"] == "cpu" and report["kernel_cache_added"] == 0
+
+
+def _settings(tmp_path: Path, tiny_model_dir: Path, **extra) -> Settings:
+    return Settings(home=tmp_path / "home", model_roots=[tiny_model_dir.parent], **extra)
+
+
+def test_a_gpu_worker_warms_its_local_models_once_and_a_cpu_one_does_not(tiny_model_dir: Path, tmp_path: Path) -> None:
+    settings = _settings(tmp_path, tiny_model_dir)
+    cpu = KernelWarmup()
+    cpu.start(settings, GpuPool(1, tmp_path / "locks", kind="cpu"))
+    assert cpu.state() == "off"
+    off = KernelWarmup()
+    off.start(_settings(tmp_path, tiny_model_dir, warm_kernels=False), GpuPool(1, tmp_path / "locks", kind="gpu"))
+    assert off.state() == "off"
+
+    # A GPU host (here without CUDA, so the same runs go to the CPU).
+    kernels = KernelWarmup()
+    kernels.start(settings, GpuPool(1, tmp_path / "locks", kind="gpu", device_ids=["3"]))
+    assert kernels.state() == "warming"
+    first = kernels.proc
+    kernels.start(settings, GpuPool(1, tmp_path / "locks", kind="gpu"))
+    assert kernels.proc is first, "started once"
+    deadline = time.monotonic() + 120
+    while kernels.state() == "warming" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert kernels.state() == "done", (tmp_path / "home" / "work" / "kernel-warmup.log").read_text()
+    assert set(kernels.report["models"][str(tiny_model_dir)]) == set(METHODS)
