@@ -27,7 +27,7 @@ log = logging.getLogger("tuneq.worker")
 # Models warmed at most: each costs a second or two; a host with more has its first job of the
 # others compile, as without the warm-up.
 MAX_MODELS = 8
-TIMEOUT_S = 900.0
+TIMEOUT_S = 300.0
 
 
 class KernelWarmup:
