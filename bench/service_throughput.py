@@ -374,8 +374,8 @@ def service_stack(work: Path, model_dir: Path, name: str = "svc", env: dict | No
     """`tuneq up` (SQLite, embedded Redis, the API and one worker with this host's GPU) in a fresh
     home under work/name with model_dir among its models, `env` added to its environment; yields
     a Client with the admin key once the stack says it is ready (GET /readyz?workers=1: the API's,
-    the checking child's and the standby trainers' warm-ups done), as a user submits once `tuneq
-    up` says so; the client's `ready` holds the seconds from `tuneq up` to healthy and to ready.
+    the checking child's, the standby trainers' and the template's warm-ups and the kernels'
+    compilation done), as a user submits once `tuneq up` says so; the client's `ready` holds the seconds from `tuneq up` to healthy and to ready.
     Its log: work/name.log. `tiny`: a tiny-llama built before, linked in so that `tuneq up` does
     not build (pretrain) its own."""
     import httpx
@@ -620,8 +620,8 @@ def report(args, result: dict) -> str:
                   "GPU), its events read back through the API every 0.1 s. Submit to first step: from just before "
                   "the POST to the first metrics event seen through the API (target: no more than the load phase + "
                   f"5 s). / bench: against {(lora.get('bench') or {}).get('name')}. The first job is submitted once "
-                  "the stack says it is ready (GET /readyz?workers=1: the API's, its checking child's and the "
-                  "standby trainers' warm-ups done); ready s: from `tuneq up` to that, on the first row. Rows named after a "
+                  "the stack says it is ready (GET /readyz?workers=1: the API's, its checking child's, the "
+                  "standby trainers' and the trainer template's warm-ups and the kernels' compilation done); ready s: from `tuneq up` to that, on the first row. Rows named after a "
                   "setting (service-lora-lean, ...) are jobs that set that setting's fields, after the default ones.", "",
                   "| job | speed chosen | median tok/s | / bench | worst / median | steps < 85 % | peak GiB | ready s | "
                   "POST s | submit to first step s | load s | target s | met | phases s |",
