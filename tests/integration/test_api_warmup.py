@@ -74,18 +74,15 @@ def test_readiness_waits_for_the_checking_child_and_the_workers_standbys_and_tem
         assert (r.json()["standbys_wanted"], r.json()["standbys_ready"]) == (2, 1)
         workers.register("w1", "h1", 1, "gpu", 30, standby={"wanted": 2, "ready": 2})
         assert client.get("/readyz?workers=1").status_code == 200
-        # Its trainer template still importing: not ready; ready, or gone (jobs start another way): ready.
-        workers.register("w1", "h1", 1, "gpu", 30, standby={"wanted": 2, "ready": 2}, template="importing")
-        r = client.get("/readyz?workers=1")
-        assert r.status_code == 503 and (r.json()["workers_ready"], r.json()["templates_importing"]) == (0, 1)
-        for state in ("ready", "gone", "off"):
-            workers.register("w1", "h1", 1, "gpu", 30, standby={"wanted": 2, "ready": 2}, template=state)
-            assert client.get("/readyz?workers=1").status_code == 200, state
-        # Its kernels still warming: not ready; done, failed (the first job compiles) or off: ready.
-        workers.register("w1", "h1", 1, "gpu", 30, standby={"wanted": 2, "ready": 2}, kernels="warming")
-        r = client.get("/readyz?workers=1")
-        assert r.status_code == 503 and (r.json()["workers_ready"], r.json()["kernels_warming"]) == (0, 1)
-        for state in ("done", "failed", "off"):
-            workers.register("w1", "h1", 1, "gpu", 30, standby={"wanted": 2, "ready": 2}, kernels=state)
-            assert client.get("/readyz?workers=1").status_code == 200, state
+        # Its trainer template still importing, or its kernels still warming: not ready. A template
+        # ready or gone (jobs start another way), kernels done or failed (the first job compiles
+        # them), either off: ready.
+        for field, busy, counter, ended in (("template", "importing", "templates_importing", ("ready", "gone", "off")),
+                                            ("kernels", "warming", "kernels_warming", ("done", "failed", "off"))):
+            workers.register("w1", "h1", 1, "gpu", 30, standby={"wanted": 2, "ready": 2}, **{field: busy})
+            r = client.get("/readyz?workers=1")
+            assert r.status_code == 503 and (r.json()["workers_ready"], r.json()[counter]) == (0, 1), field
+            for state in ended:
+                workers.register("w1", "h1", 1, "gpu", 30, standby={"wanted": 2, "ready": 2}, **{field: state})
+                assert client.get("/readyz?workers=1").status_code == 200, (field, state)
         assert client.get("/readyz").status_code == 200  # a probe that leaves workers out

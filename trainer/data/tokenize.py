@@ -251,7 +251,7 @@ def tokenize_messages(
 
 
 def tokenize_raw(tokenizer: Any, raw: RawText, max_seq_len: int | None = None, train_on_inputs: bool = False) -> dict:
-    """Plain concatenation: BOS, the pieces, EOS closing the last trained piece."""
+    """input_ids and labels of raw_text's concatenation, cut to max_seq_len."""
     return _cut(encode_labelled(tokenizer, [raw_text(tokenizer, raw, train_on_inputs)])[0], max_seq_len)
 
 
