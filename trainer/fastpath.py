@@ -22,6 +22,7 @@ TUNEQ_LIGER=0 turns off only the liger kernels; TUNEQ_LORA_MLP=0 only the fused 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from collections.abc import Callable
@@ -169,15 +170,28 @@ def checkpoint_bottom_layers(model: Any, k: int) -> int:
     return min(k, len(layers))
 
 
+@functools.cache
+def liger_module() -> Any:
+    """liger_kernel.transformers with its model patches imported, or None when absent or broken.
+
+    Its import takes most of a second (triton and every op's module), so the trainer's standby and
+    template call this before their job arrives (trainer.standby.preload)."""
+    try:
+        import liger_kernel.transformers as liger
+        from liger_kernel.transformers import monkey_patch  # noqa: F401 - what apply_liger_kernel_to_* load
+    except Exception:  # noqa: BLE001 - optional: absent or broken, the model keeps its own layers
+        return None
+    return liger
+
+
 def apply_liger(model: Any) -> list[str]:
     """Liger's fused RMSNorm, RoPE and SwiGLU on this model instance, when installed; [] otherwise."""
     if not _env_on("TUNEQ_LIGER"):
         return []
-    try:
-        import inspect
+    import inspect
 
-        import liger_kernel.transformers as liger
-    except Exception:  # noqa: BLE001 - optional: absent or broken, the model keeps its own layers
+    liger = liger_module()
+    if liger is None:
         return []
     model_type = getattr(getattr(model, "config", None), "model_type", "")
     patch = getattr(liger, f"apply_liger_kernel_to_{model_type}", None)

@@ -50,8 +50,10 @@ def preload() -> None:
     import trainer.job  # noqa: F401
     import trainer.loop  # noqa: F401
     import trainer.methods  # noqa: F401
+    from trainer.fastpath import liger_module
     from trainer.model import quiet_libraries
 
+    liger_module()
     quiet_libraries()
 
 

@@ -126,6 +126,9 @@ class Template:
         from trainer.standby import preload
 
         os.environ["OPENBLAS_NUM_THREADS"] = "1"  # before numpy's import; see the docstring
+        # liger asks torch at import whether CUDA is available; torch's default answer initialises
+        # the driver (cudaGetDeviceCount), NVML's does not. The children take their job's environment.
+        os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
         startup.hide_libraries(list(HIDDEN))
         began = startup.process_started()
         preload()
