@@ -636,9 +636,12 @@ def report(args, result: dict) -> str:
             first = j["submit_to_first_step_s"]
             met = "yes" if first is not None and target is not None and first <= target else "no"
             # The step bench's fast LoRA row is the reference of the default job only.
-            ratio = j["median_tps"] / ref if ref and j.get("service_setting", "default") == "default" else None
-            lines.append(f"| {j['name']} | {j.get('speed')} | {j['median_tps']:,.0f} | {ratio and f'{ratio:.3f}'} | "
-                         f"{j['worst_share']:.2f} | {j['below_85']} | {j['peak_gib']:.2f} | {j.get('ready_s')} | "
+            steady = j["median_tps"] is not None  # None: the job ended before its steady steps
+            ratio = j["median_tps"] / ref if steady and ref and j.get("service_setting", "default") == "default" else None
+            tps = f"{j['median_tps']:,.0f}" if steady else "—"
+            worst = f"{j['worst_share']:.2f}" if steady else "—"
+            lines.append(f"| {j['name']} | {j.get('speed')} | {tps} | {ratio and f'{ratio:.3f}'} | {worst} | "
+                         f"{j['below_85']} | {j['peak_gib']:.2f} | {j.get('ready_s')} | "
                          f"{j['post_s']} | {first} | "
                          f"{load} | {target and round(target, 2)} | {met} | "
                          + ", ".join(f"{k} {v}" for k, v in phases.items()) + " |")
@@ -741,7 +744,8 @@ def main() -> int:
                    help="build the model only, no step-bench rows (the service's ratio column stays empty)")
     p.add_argument("--profile", default="", help="a job to profile (steps 30..32)")
     p.add_argument("--work", type=Path, default=Path("/tmp/tuneq-service-throughput"))
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "service_throughput_h100")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default: bench/results/service_throughput_h100 (with --dry-run: service_throughput_cpu_dryrun)")
     p.add_argument("--job-timeout", type=float, default=300)
     p.add_argument("--report", type=Path, default=None,
                    help="rewrite the tables of an earlier run's .json, its time estimates planned again from "
@@ -757,7 +761,8 @@ def main() -> int:
     args.seq, args.batch = (64, 2) if args.dry_run else (2048, 8)
     if args.dry_run:
         args.steps, args.bench_steps = min(args.steps, 8), 2
-        args.out = args.out.with_name("service_throughput_cpu_dryrun")
+    if args.out is None:
+        args.out = ROOT / "bench" / "results" / ("service_throughput_cpu_dryrun" if args.dry_run else "service_throughput_h100")
     if args.report:
         return report_again(args)
     if args.fit_startup:
