@@ -43,7 +43,7 @@ LOCKS = (
     Lock("cpu.txt", "3.11", "CPU test machines (make up / make test)", extras=("test",),
          extra_args=("--find-links", "/opt/wheels")),
     # The CUDA image: PyPI's Linux torch is the CUDA build, its CUDA libraries come as wheels.
-    Lock("cuda.txt", "3.12", "the CUDA image (Dockerfile)", extras=("deploy",)),
+    Lock("cuda.txt", "3.12", "the CUDA image (Dockerfile)", extras=("deploy", "gpu")),
     Lock("device-site.txt", "3.12", "the lent GPU's trainer packages (bench/device_site.sh)",
          source="device-site.in", no_deps=True),
     # numpy, protobuf, psutil, pyyaml, markupsafe: compiled, and the device image has its own.

@@ -72,3 +72,13 @@ def test_every_installer_installs_from_its_lock():
     for script, name in (("device_site.sh", "device-site.txt"), ("device_svc.sh", "device-svc.txt")):
         text = (ROOT / "bench" / script).read_text()
         assert f"LOCK=requirements/{name}" in text and "--require-hashes" in text, script
+
+
+def test_the_cuda_image_holds_the_fast_paths_kernels_at_the_benchs_version():
+    """A GPU worker built from the Dockerfile runs the fast path the published figures were measured
+    with: liger's kernels (trainer.fastpath.apply_liger skips them silently when absent), at the
+    version the lent GPU's bundle carries."""
+    cuda = lock.read_lock(ROOT / "requirements" / "cuda.txt")
+    bench = lock.read_lock(ROOT / "requirements" / "device-site.txt")
+    assert cuda.get("liger-kernel") == bench.get("liger-kernel") and cuda["liger-kernel"][1], (
+        cuda.get("liger-kernel"), bench.get("liger-kernel"))
