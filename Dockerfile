@@ -31,12 +31,15 @@ RUN pip install --no-deps --no-build-isolation -e .
 
 # ---- runtime -------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE}
+# Triton's compiled kernels in the worker's volume, not the container's home: a recreated container
+# (an image update) finds them, and its worker's kernel warm-up has nothing left to compile.
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH \
     TUNEQ_HOME=/data \
-    HF_HOME=/hf-cache
+    HF_HOME=/hf-cache \
+    TRITON_CACHE_DIR=/data/triton-cache
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 ca-certificates tini \
  && rm -rf /var/lib/apt/lists/* \

@@ -134,6 +134,10 @@ def test_dockerfile_runs_as_a_user_with_a_healthcheck_and_the_api_by_default() -
     last_user = max(n for n, (i, _) in enumerate(final) if i == "USER")
     assert all(n > last_user for n, (i, _) in enumerate(final) if i in ("ENTRYPOINT", "CMD"))
 
+    env = dict(kv.split("=", 1) for i, a in final if i == "ENV" for kv in a.split())
+    # Triton's compiled kernels live in the worker's volume (TUNEQ_HOME), so a recreated container keeps them.
+    assert env["TRITON_CACHE_DIR"].startswith(env["TUNEQ_HOME"].rstrip("/") + "/"), env
+
     health = [a for i, a in final if i == "HEALTHCHECK"]
     assert len(health) == 1 and "CMD" in health[0] and "/healthz" in health[0]
     assert json.loads(dict(final)["CMD"]) == ["api"]
