@@ -30,15 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from trainer.startup import kernel_cache_entries  # noqa: E402 - after the path
 STACKS = {"warm-up": "true", "none": "false"}
-
-
-def cache_entries(folder: Path) -> int | None:
-    """Compiled kernels in a Triton cache folder, counted as the trainer's startup event counts them."""
-    from trainer.startup import kernel_cache_entries
-
-    os.environ["TRITON_CACHE_DIR"] = str(folder)
-    return kernel_cache_entries()
 
 
 def run_stack(name: str, warm: str, args) -> dict:
@@ -54,7 +48,7 @@ def run_stack(name: str, warm: str, args) -> dict:
     (args.work / f"stack-{name}.log").write_text(proc.stdout + proc.stderr)
     report = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
     job = next((j for j in report.get("service") or [] if j.get("ok")), None)
-    row = {"stack": name, "warm_kernels": warm, "cache_entries": cache_entries(cache), "device": report.get("device")}
+    row = {"stack": name, "warm_kernels": warm, "cache_entries": kernel_cache_entries(cache), "device": report.get("device")}
     if job is None:
         failed = (report.get("service") or [{}])[0]
         return {**row, "ok": False, "error": failed.get("error") or proc.stderr[-800:]}

@@ -148,10 +148,11 @@ def kernel_cache_dir() -> Path:
     return Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
 
 
-def kernel_cache_entries() -> int | None:
-    """How many compiled kernels Triton's on-disk cache holds; None when it cannot be read."""
+def kernel_cache_entries(folder: Path | None = None) -> int | None:
+    """How many compiled kernels Triton's on-disk cache (or `folder`, a cache of another process)
+    holds; None when it cannot be read."""
     try:
-        return sum(1 for _ in kernel_cache_dir().iterdir())
+        return sum(1 for _ in (folder or kernel_cache_dir()).iterdir())
     except FileNotFoundError:
         return 0
     except OSError:

@@ -123,3 +123,5 @@ def test_kernels_compiled_during_a_run_are_counted_from_tritons_cache(monkeypatc
         (tmp_path / "triton" / name).mkdir()
     assert (before, kernel_cache_added(before)) == (1, 2)
     assert kernel_cache_added(None) is None
+    monkeypatch.delenv("TRITON_CACHE_DIR")
+    assert kernel_cache_entries(tmp_path / "triton") == 3, "another process's cache, named"
