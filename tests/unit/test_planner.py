@@ -389,3 +389,18 @@ def test_estimate_rejects_bad_arguments(tiny_cfg):
         P.estimate_memory(tiny_cfg, method="dora", batch_size=1, seq_len=8)
     with pytest.raises(ValueError, match="lora_targets"):
         P.estimate_memory(tiny_cfg, method="lora", batch_size=1, seq_len=8, lora=LoraSettings(target_modules=["nope"]))
+
+
+def test_a_shape_answers_each_question_once_and_keeps_its_answers_apart():
+    shape = P.model_shape(llama(**LLAMA_1B))
+    calls = []
+    assert shape.memo(("k", 1), lambda: calls.append(1) or "one") == "one"
+    assert shape.memo(("k", 1), lambda: calls.append(1) or "again") == "one"
+    assert shape.memo(("k", 2), lambda: calls.append(2) or "two") == "two"
+    assert calls == [1, 2]
+    # The memo is the instance's, and equal shapes stay equal with or without one.
+    assert P.model_shape(llama(**LLAMA_1B)) == shape
+    attn = frozenset(m.name for m in shape.linears if m.name.endswith(("q_proj", "v_proj")))
+    per = shape.adapted_features(attn)
+    assert set(per) == set(range(shape.layers))
+    assert per[0] == (2048 + 2048 + 2048 + 512, 2048 + 512)

@@ -24,13 +24,18 @@ OFFLOAD_RESIDENT_LAYERS = 2
 
 def adapted_groups(shape: Shape, lora: LoraLayers | None) -> dict[str, list[str]]:
     """Which layer-0 suffixes are adapted, by input group; every layer is assumed adapted alike."""
-    adapted: dict[str, list[str]] = {}
-    if lora is not None:
+    if lora is None:
+        return {}
+
+    def group() -> dict[str, list[str]]:
+        adapted: dict[str, list[str]] = {}
         layer0 = {layer_suffix(m.name) for m in shape.linears if m.layer == 0 and m.name in lora.modules}
         for suffix, grp in shape.groups:
             if suffix in layer0:
                 adapted.setdefault(grp, []).append(suffix)
-    return adapted
+        return adapted
+    # Callers read it only; a copy keeps the memo safe from one that would not.
+    return {grp: list(suffixes) for grp, suffixes in shape.memo(("adapted_groups", lora.modules), group).items()}
 
 
 def mlp_is_fused(shape: Shape, lora: LoraLayers | None, fused_mlp: bool) -> bool:

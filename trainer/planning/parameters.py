@@ -30,7 +30,8 @@ IA3_DEFAULT_FEEDFORWARD = ("down_proj",)
 
 
 def lora_params(shape: Shape, lora: LoraLayers) -> int:
-    n = sum(lora_linear_params(lora.r, m, lora.use_dora) for m in shape.linears if m.name in lora.modules)
+    per_layer = shape.adapted_features(lora.modules).values()
+    n = sum(lora_linear_params(lora.r, io, out, lora.use_dora) for io, out in per_layer)
     n += sum(lora.r * (num + dim) for name, num, dim in shape.embeddings if name in lora.modules)
     return n
 
@@ -38,6 +39,10 @@ def lora_params(shape: Shape, lora: LoraLayers) -> int:
 def quantized_bytes(shape: Shape, bits: int, base_bytes: int) -> tuple[int, int]:
     """(bytes of the quantised decoder linears, their parameter count). bitsandbytes quantises
     every decoder linear; embeddings, the LM head and norms stay bf16."""
+    return shape.memo(("quantized_bytes", bits, base_bytes), lambda: _quantized_bytes(shape, bits, base_bytes))
+
+
+def _quantized_bytes(shape: Shape, bits: int, base_bytes: int) -> tuple[int, int]:
     quant = quantized = 0
     for m in shape.linears:
         if m.layer is None:
@@ -57,8 +62,10 @@ def quantized_bytes(shape: Shape, bits: int, base_bytes: int) -> tuple[int, int]
 
 def decoder_linears_named(shape: Shape, names: Sequence[str]) -> list[Linear]:
     """Decoder linears whose name is one of `names` or ends with '.' + one of them."""
-    return [m for m in shape.linears if m.layer is not None
-            and any(m.name == w or m.name.endswith("." + w) for w in names)]
+    names = tuple(names)
+    return list(shape.memo(("decoder_linears_named", names), lambda: tuple(
+        m for m in shape.linears
+        if m.layer is not None and any(m.name == w or m.name.endswith("." + w) for w in names))))
 
 
 def ia3_feedforward(targets: Sequence[str] | None,
@@ -108,9 +115,9 @@ def trainable_per_layer(step: Step) -> dict[int, int]:
         return dict.fromkeys(range(shape.layers - (x.freeze_layers or 0), shape.layers), shape.layer_params)
     per: dict[int, int] = {}
     if step.lora is not None:
-        for m in shape.linears:
-            if m.layer is not None and m.name in step.lora.modules:
-                per[m.layer] = per.get(m.layer, 0) + lora_linear_params(step.lora.r, m, step.lora.use_dora)
+        for layer, (io, out) in shape.adapted_features(step.lora.modules).items():
+            if layer is not None:
+                per[layer] = lora_linear_params(step.lora.r, io, out, step.lora.use_dora)
     elif x.method == "ia3":
         for m, n in ia3_vectors(shape, x.ia3.target_modules, x.ia3.feedforward_modules):
             per[m.layer] = per.get(m.layer, 0) + n

@@ -9,10 +9,10 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 GiB = 1024**3
 
@@ -36,6 +36,9 @@ def gib(n: float) -> str:
 # Where a decoder layer's linear layers take their input from; linears in one group read the same
 # tensor, so that tensor is saved once no matter how many of them need it.
 ATTN_IN, ATTN_OUT, MLP_IN, MLP_MID = "attn_in", "attn_out", "mlp_in", "mlp_mid"
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,29 @@ class Shape:
     def widest_decoder_input(self) -> int:
         return max((m.in_features for m in self.linears if m.layer is not None), default=self.hidden)
 
+    @functools.cached_property
+    def _memo(self) -> dict[Any, Any]:
+        return {}
+
+    def memo(self, key: Any, compute: Callable[[], T]) -> T:
+        """`compute()`, once per shape and key: the planner asks the same shape the same question
+        (which linears a LoRA set adapts, a quantised size) for every candidate it weighs."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def adapted_features(self, modules: frozenset[str]) -> dict[int | None, tuple[int, int]]:
+        """Per decoder layer (None: outside the layers), (in + out, out) features summed over the
+        linears named in `modules`: a LoRA of rank r adds r * (in + out) there, DoRA `out` more."""
+        def count() -> dict[int | None, tuple[int, int]]:
+            per: dict[int | None, tuple[int, int]] = {}
+            for m in self.linears:
+                if m.name in modules:
+                    io, out = per.get(m.layer, (0, 0))
+                    per[m.layer] = (io + m.in_features + m.out_features, out + m.out_features)
+            return per
+        return self.memo(("adapted_features", modules), count)
+
     @property
     def decoder_linear_params(self) -> int:
         return sum(m.params for m in self.linears if m.layer is not None)
@@ -125,7 +151,7 @@ class Shape:
         """Trainable parameters peft creates: r*(in+out) per adapted linear, r*(num+dim) per
         adapted embedding (no LoRA bias, no DoRA)."""
         chosen = set(self.lora_targets(targets))
-        n = sum(lora_linear_params(r, m) for m in self.linears if m.name in chosen)
+        n = sum(lora_linear_params(r, io, out) for io, out in self.adapted_features(frozenset(chosen)).values())
         n += sum(r * (num + dim) for name, num, dim in self.embeddings if name in chosen)
         return n
 
@@ -289,7 +315,8 @@ def shape_of(config: Any) -> Shape:
     return config if isinstance(config, Shape) else model_shape(config)
 
 
-def lora_linear_params(r: int, m: Linear, use_dora: bool = False) -> int:
-    """peft's A and B of one adapted linear, and DoRA's magnitude vector beside them."""
-    return r * (m.in_features + m.out_features) + (m.out_features if use_dora else 0)
+def lora_linear_params(r: int, in_plus_out: int, out: int, use_dora: bool = False) -> int:
+    """peft's A and B of adapted linears whose in + out features sum to `in_plus_out` and out
+    features to `out`, and DoRA's magnitude vectors beside them."""
+    return r * in_plus_out + (out if use_dora else 0)
 
