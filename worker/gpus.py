@@ -43,6 +43,11 @@ def visible_devices() -> list[str] | None:
 GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd")
 
 
+def gpu_driver_present() -> bool:
+    """Whether this host has a GPU driver (NVIDIA's or ROCm's), asked of the file system alone."""
+    return any(os.path.exists(p) for p in GPU_DRIVER_PATHS)
+
+
 def detect_gpus() -> int:
     """GPUs of this worker: CUDA_VISIBLE_DEVICES when set, else nvidia-smi, else torch where a
     GPU driver is installed, else 0."""
@@ -55,7 +60,7 @@ def detect_gpus() -> int:
             return sum(1 for line in out.splitlines() if line.startswith("GPU "))
         except (OSError, subprocess.SubprocessError):
             pass
-    if not any(os.path.exists(p) for p in GPU_DRIVER_PATHS):
+    if not gpu_driver_present():
         return 0  # no GPU driver on this host: importing torch (a second of CPU) would only say so
     try:
         import torch

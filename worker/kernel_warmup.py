@@ -19,7 +19,7 @@ from typing import Any
 
 from core.model_roots import list_models
 from core.settings import Settings
-from worker.gpus import GpuPool, Reservation
+from worker.gpus import GpuPool, Reservation, gpu_driver_present
 from worker.workdir import trainer_env
 
 log = logging.getLogger("tuneq.worker")
@@ -38,8 +38,10 @@ class KernelWarmup:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, settings: Settings, pool: GpuPool) -> None:
-        """Start the warm-up on a GPU host with local models; a no-op elsewhere, or when it ran."""
-        if not settings.warm_kernels or pool.kind != "gpu":
+        """Start the warm-up on a GPU host with local models; a no-op elsewhere, or when it ran.
+        A host without a GPU driver compiles no kernels (TUNEQ_GPUS there only counts job
+        slots), so it starts nothing: the process would import torch for nothing."""
+        if not settings.warm_kernels or pool.kind != "gpu" or not gpu_driver_present():
             return
         models = [str(m.path) for m in list_models(settings)
                   if (Path(m.path) / "config.json").is_file()][:MAX_MODELS]

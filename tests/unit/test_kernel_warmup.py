@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from transformers import AutoConfig
 
 from core.settings import Settings
@@ -35,7 +37,8 @@ def _settings(tmp_path: Path, tiny_model_dir: Path, **extra) -> Settings:
     return Settings(home=tmp_path / "home", model_roots=[tiny_model_dir.parent], **extra)
 
 
-def test_a_gpu_worker_warms_its_local_models_once_and_a_cpu_one_does_not(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_a_gpu_worker_warms_its_local_models_once_and_a_cpu_one_does_not(
+        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = _settings(tmp_path, tiny_model_dir)
     cpu = KernelWarmup()
     cpu.start(settings, GpuPool(1, tmp_path / "locks", kind="cpu"))
@@ -43,8 +46,14 @@ def test_a_gpu_worker_warms_its_local_models_once_and_a_cpu_one_does_not(tiny_mo
     off = KernelWarmup()
     off.start(_settings(tmp_path, tiny_model_dir, warm_kernels=False), GpuPool(1, tmp_path / "locks", kind="gpu"))
     assert off.state() == "off"
+    # GPUs counted by TUNEQ_GPUS on a host with no GPU driver: nothing to compile for.
+    monkeypatch.setattr("worker.kernel_warmup.gpu_driver_present", lambda: False)
+    slots = KernelWarmup()
+    slots.start(settings, GpuPool(1, tmp_path / "locks", kind="gpu"))
+    assert slots.state() == "off" and slots.proc is None
 
-    # A GPU host (here without CUDA, so the same runs go to the CPU).
+    # A GPU host (here the driver is only said to be there, so the same runs go to the CPU).
+    monkeypatch.setattr("worker.kernel_warmup.gpu_driver_present", lambda: True)
     kernels = KernelWarmup()
     kernels.start(settings, GpuPool(1, tmp_path / "locks", kind="gpu", device_ids=["3"]))
     assert kernels.state() == "warming"
