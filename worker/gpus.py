@@ -44,8 +44,9 @@ GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd")
 
 
 def gpu_driver_present() -> bool:
-    """Whether this host has a GPU driver (NVIDIA's or ROCm's), asked of the file system alone."""
-    return any(os.path.exists(p) for p in GPU_DRIVER_PATHS)
+    """Whether this host has a GPU driver (NVIDIA's or ROCm's device files, or nvidia-smi), asked
+    without importing torch."""
+    return any(os.path.exists(p) for p in GPU_DRIVER_PATHS) or shutil.which("nvidia-smi") is not None
 
 
 def detect_gpus() -> int:
