@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from trainer.startup import kernel_cache_entries  # noqa: E402 - after the path
+
 STACKS = {"warm-up": "true", "none": "false"}
 
 

@@ -37,7 +37,6 @@ def test_loaded_is_not_initialised_and_a_device_count_initialises() -> None:
     assert second == "True the CUDA driver is initialised", out.stdout
 
 
-
 def test_the_templates_imports_include_liger_and_leave_the_driver_uninitialised() -> None:
     """liger asks torch at import whether CUDA is available; the template's imports (under torch's
     NVML-based check) must still leave the driver alone, or the template refuses every job."""
@@ -49,6 +48,7 @@ def test_the_templates_imports_include_liger_and_leave_the_driver_uninitialised(
     env = {k: v for k, v in os.environ.items() if k != "PYTORCH_NVML_BASED_CUDA_CHECK"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.stdout.strip().splitlines()[-1:] == ["True None"], (out.stdout, out.stderr[-3000:])
+
 
 def test_a_job_forked_from_the_template_trains_on_the_gpu(tiny_model_dir: Path, tmp_path: Path) -> None:
     from core.settings import Settings

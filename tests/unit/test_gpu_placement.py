@@ -99,3 +99,18 @@ def test_a_host_without_a_gpu_driver_counts_none_without_importing_torch(monkeyp
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["0", "False"], out.stderr[-2000:]
+
+
+def test_a_gpu_driver_is_its_device_files_or_nvidia_smi(monkeypatch, tmp_path: Path) -> None:
+    """The kernel warm-up runs only where a driver is: a container given GPUs may show nvidia-smi
+    without the device files checked, and a CPU host given job slots (TUNEQ_GPUS) shows neither."""
+    from worker import gpus
+
+    monkeypatch.setattr(gpus, "GPU_DRIVER_PATHS", (str(tmp_path / "nvidiactl"),))
+    monkeypatch.setattr(gpus.shutil, "which", lambda name: None)
+    assert not gpus.gpu_driver_present()
+    monkeypatch.setattr(gpus.shutil, "which", lambda name: "/usr/bin/nvidia-smi" if name == "nvidia-smi" else None)
+    assert gpus.gpu_driver_present()
+    monkeypatch.setattr(gpus.shutil, "which", lambda name: None)
+    (tmp_path / "nvidiactl").touch()
+    assert gpus.gpu_driver_present()
