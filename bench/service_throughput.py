@@ -8,7 +8,8 @@ run in one call on the same GPU, same shape, same method and settings:
   job-*   the trainer as the worker launches it, on text examples of 64..1024 tokens packed into
           rows of max_seq_len; log_every_steps 1, so every step's tokens/s is an event (timed by
           the GPU's clock, trainer.step_values). Variants set environment switches
-          (TUNEQ_PACKED_ATTENTION=0: transformers' packed-sequence mask, as before).
+          (TUNEQ_PACKED_ATTENTION=0: transformers' packed-sequence mask, as before; TUNEQ_LIGER=0:
+          the fast path without liger's kernels).
 
 Per job: the median tokens/s of the steady steps (from step 6, leaving out steps that evaluate or
 checkpoint, and the profiled ones), the worst of them, the ratio to the bench row, the cost of each
@@ -732,7 +733,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--bench-steps", type=int, default=20)
     p.add_argument("--jobs", default="default", help="per setting: default (the job as the worker runs it, with one "
-                   "evaluation and one checkpoint), old-attention (transformers' packed mask)")
+                   "evaluation and one checkpoint), old-attention (transformers' packed mask), no-liger (TUNEQ_LIGER=0: "
+                   "the fast path without liger's kernels)")
     p.add_argument("--trl", default="", help="TRL rows on the same file (comma separated): ckpt, nockpt, wrapped, "
                    "wrapped-nockpt (wrapped: TRL's packing that cuts the file into rows, without masks between examples)")
     p.add_argument("--service", type=int, default=0, help="default jobs through the whole stack (tuneq up)")
@@ -811,7 +813,7 @@ def main() -> int:
     for path in (data, valid):
         validate_file(path, tokenizer, args.seq, data_format="text")
     print(f"data check (tokenized into the cache): {time.time() - checked:.1f} s")
-    variants = {"old-attention": {"TUNEQ_PACKED_ATTENTION": "0"}, "default": {}}
+    variants = {"old-attention": {"TUNEQ_PACKED_ATTENTION": "0"}, "no-liger": {"TUNEQ_LIGER": "0"}, "default": {}}
     for setting in settings:
         part = result["settings"].setdefault(setting, {"bench": benches[setting], "jobs": []})
         for name in args.jobs.split(","):
