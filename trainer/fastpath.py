@@ -174,8 +174,8 @@ def checkpoint_bottom_layers(model: Any, k: int) -> int:
 def liger_module() -> Any:
     """liger_kernel.transformers with its model patches imported, or None when absent or broken.
 
-    Its import takes most of a second (triton and every op's module), so the trainer's standby and
-    template call this before their job arrives (trainer.standby.preload)."""
+    Its import takes most of a second (triton and every op's module), so the trainer's standby
+    calls this before its job arrives (trainer.standby.preload)."""
     try:
         import liger_kernel.transformers as liger
         from liger_kernel.transformers import monkey_patch  # noqa: F401 - what apply_liger_kernel_to_* load

@@ -34,8 +34,12 @@ from typing import Any
 READY = "ready"
 
 
-def preload() -> None:
-    """Import what a run imports, the tokenizer and model classes of transformers included."""
+def preload(liger: bool = True) -> None:
+    """Import what a run imports, the tokenizer and model classes of transformers included.
+
+    liger: its kernels too. Their op modules initialise CUDA at import (seen on the lent H200 with
+    liger-kernel 0.8.5), which a standby may do, having its job's devices already, and the trainer
+    template may not: a driver initialised before a fork is unusable in the children."""
     import torch  # noqa: F401
 
     import accelerate  # noqa: F401
@@ -53,7 +57,8 @@ def preload() -> None:
     from trainer.fastpath import liger_module
     from trainer.model import quiet_libraries
 
-    liger_module()
+    if liger:
+        liger_module()
     quiet_libraries()
 
 

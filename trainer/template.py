@@ -126,12 +126,9 @@ class Template:
         from trainer.standby import preload
 
         os.environ["OPENBLAS_NUM_THREADS"] = "1"  # before numpy's import; see the docstring
-        # liger asks torch at import whether CUDA is available; torch's default answer initialises
-        # the driver (cudaGetDeviceCount), NVML's does not. The children take their job's environment.
-        os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
         startup.hide_libraries(list(HIDDEN))
         began = startup.process_started()
-        preload()
+        preload(liger=False)  # the children import liger, which initialises CUDA (trainer.standby.preload)
         gc.freeze()  # the children's collections then leave the shared pages alone
         self.ready_at = time.time()
         self.imported_s = self.ready_at - began

@@ -179,27 +179,25 @@ def test_fork_hazard_names_threads_but_those_that_survive_a_fork() -> None:
     assert lines == ["None", "None", "the template runs threads besides its own: other"], (out.stdout, out.stderr[-2000:])
 
 
-def test_the_template_imports_liger_before_its_jobs_without_initialising_cuda(tmp_path: Path) -> None:
-    """liger's import (most of a second of a job's load phase) happens in the template, and under
-    torch's NVML-based CUDA check: liger asks torch at import whether CUDA is available, and the
-    default answer initialises the driver, after which no forked child can use the GPU. A stand-in
-    liger records what its import saw."""
+def test_the_template_leaves_liger_to_its_children_and_a_standby_imports_it(tmp_path: Path) -> None:
+    """liger's op modules initialise CUDA at import, after which no forked child could use the GPU:
+    the template's imports leave it out (its children import it with their job), a standby's
+    include it. A stand-in liger records its import."""
     import subprocess
     import sys
 
     package = tmp_path / "liger_kernel" / "transformers"
     package.mkdir(parents=True)
     (package.parent / "__init__.py").write_text("")
-    (package / "__init__.py").write_text(
-        "import os, torch\n"
-        "SEEN = os.environ.get('PYTORCH_NVML_BASED_CUDA_CHECK'), torch.cuda.is_available()\n"
-        "def apply_liger_kernel_to_llama(**kw): pass\n")
+    (package / "__init__.py").write_text("def apply_liger_kernel_to_llama(**kw): pass\n")
     (package / "monkey_patch.py").write_text("")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path.cwd())])}
     code = ("import sys\n"
             "from trainer.template import Template, fork_hazard\n"
             "Template(1).import_all()\n"
-            "from liger_kernel.transformers import SEEN\n"
-            "print('liger_kernel.transformers.monkey_patch' in sys.modules, SEEN[0], fork_hazard())\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path.cwd())])})
-    assert out.stdout.strip().splitlines()[-1:] == ["True 1 None"], (out.stdout, out.stderr[-2000:])
+            "print('liger_kernel.transformers' in sys.modules, fork_hazard())\n"
+            "from trainer.standby import preload\n"
+            "preload()\n"
+            "print('liger_kernel.transformers.monkey_patch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.stdout.strip().splitlines()[-2:] == ["False None", "True"], (out.stdout, out.stderr[-2000:])
