@@ -10,8 +10,15 @@ The specializations follow the model's widths (hidden size, MLP width, vocabular
 or its weights: a one-layer copy of each model with random weights, given the method and fast path
 exactly as a job's (trainer.fastpath.prepare_model), runs one forward and backward under the bf16
 autocast a job runs under, then one forward without gradients (an evaluation's variant of the
-loss kernel). LoRA and full fine-tuning between them reach every kernel the fast path has. Row
-counts are a multiple of 16, as a packed batch's are. Nothing is written but Triton's cache.
+loss kernel). LoRA and full fine-tuning between them reach every kernel the fast path has. Nothing
+is written but Triton's cache.
+
+Triton also specializes a plain integer argument on being 1 or a multiple of 16. Widths aside, one
+kernel takes one derived from the batch: liger's RMSNorm backward runs one program per SM, each over
+ceil(tokens / SMs) rows, and gets that count as an argument. A batch of a hundred tokens gives 1
+where a job's batch of thousands gives neither, and the job compiled it again. So the training pass
+runs at token counts that give each of the three (`token_counts`), each a multiple of 32 tokens, so
+that the batch's and each row's counts are multiples of 16, as a packed batch's usually are.
 """
 
 from __future__ import annotations
@@ -25,7 +32,15 @@ from typing import Any
 import torch
 
 METHODS = ("lora", "full")
-ROWS, SEQ = 2, 64
+ROWS, SEQ = 2, 64  # the batch of a device without SMs to count, and the padded and evaluation passes'
+
+
+def token_counts(sm_count: int) -> list[int]:
+    """Tokens of the training passes: ceil(tokens / sm_count) is 1, a multiple of 16 and neither, in
+    turn, with every count a multiple of 32 (see the module's docstring)."""
+    if sm_count < 32:
+        return [ROWS * SEQ]
+    return [sm_count // 32 * 32, 16 * sm_count if sm_count % 2 == 0 else 32 * sm_count, -(-(2 * sm_count + 1) // 32) * 32]
 
 
 def one_layer(config: Any) -> Any:
@@ -39,16 +54,17 @@ def one_layer(config: Any) -> Any:
     return config
 
 
-def _batch(config: Any, packed: bool, bounds: bool = False) -> dict[str, torch.Tensor]:
+def _batch(config: Any, packed: bool, bounds: bool = False, tokens: int = ROWS * SEQ) -> dict[str, torch.Tensor]:
     from trainer import packed_attention
     from trainer.data.batch import collate
 
+    seq = tokens // ROWS
     examples = []
     for _ in range(ROWS):
-        ids = torch.randint(0, config.vocab_size, (SEQ,)).tolist()
+        ids = torch.randint(0, config.vocab_size, (seq,)).tolist()
         example = {"input_ids": ids, "labels": ids}
         if packed:
-            example["position_ids"] = list(range(SEQ // 2)) * 2
+            example["position_ids"] = list(range(seq // 2)) * 2
         examples.append(example)
     batch = collate(examples, pad_id=0)
     if bounds:
@@ -68,6 +84,7 @@ def warm_model(model_dir: str, device: torch.device, methods: tuple[str, ...] = 
         raise FileNotFoundError(f"{model_dir} has no config.json")
     config = one_layer(AutoConfig.from_pretrained(model_dir))
     precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     took: dict[str, Any] = {}
     for method in methods:
@@ -82,10 +99,11 @@ def warm_model(model_dir: str, device: torch.device, methods: tuple[str, ...] = 
         packed = packed_attention.available(device) and packed_attention.install(model)
         autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                     else contextlib.nullcontext())
-        # A packed batch (two examples a row, as packing lays them) and a padded one, trained on;
+        # Packed batches (two examples a row, as packing lays them) and a padded one, trained on;
         # then the padded one without gradients, as an evaluation runs.
-        for batch, grad in ((_batch(config, packed=True, bounds=packed), True),
-                            (_batch(config, packed=False), True), (_batch(config, packed=False), False)):
+        passes = [(_batch(config, packed=True, bounds=packed, tokens=n), True) for n in token_counts(sms)]
+        passes += [(_batch(config, packed=False), True), (_batch(config, packed=False), False)]
+        for batch, grad in passes:
             with torch.set_grad_enabled(grad), autocast:
                 loss = fast.loss(model, batch, device)[0]
             if grad:

@@ -11,7 +11,8 @@ import pytest
 from transformers import AutoConfig
 
 from core.settings import Settings
-from trainer.kernel_warmup import METHODS, one_layer, warm
+from trainer import kernel_warmup
+from trainer.kernel_warmup import METHODS, one_layer, token_counts, warm
 from worker.gpus import GpuPool
 from worker.kernel_warmup import KernelWarmup
 
@@ -31,6 +32,33 @@ def test_every_method_runs_a_step_and_a_model_that_cannot_load_is_reported(tiny_
     assert set(report["models"][str(tiny_model_dir)]) == set(METHODS)
     assert "config.json" in report["models"][str(tmp_path / "missing")]["error"]
     assert report["device"] == "cpu" and report["kernel_cache_added"] == 0
+
+
+@pytest.mark.parametrize("sms", [108, 114, 117, 132, 144, 148, 170])
+def test_token_counts_give_each_specialization_of_rows_per_sm(sms: int) -> None:
+    """liger's RMSNorm backward gets ceil(tokens / SMs) as an integer argument, which Triton compiles
+    apart as 1, a multiple of 16, or neither: the warm-up's batches give each, at multiples of 32."""
+    counts = token_counts(sms)
+    per_sm = [-(-n // sms) for n in counts]
+    assert per_sm[0] == 1 and per_sm[1] % 16 == 0 and per_sm[2] != 1 and per_sm[2] % 16, (counts, per_sm)
+    assert all(n % 32 == 0 for n in counts), counts
+
+
+def test_the_training_passes_run_at_each_token_count(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    seen: list[tuple[bool, int]] = []
+    batch = kernel_warmup._batch
+
+    def spy(config, packed, bounds=False, tokens=kernel_warmup.ROWS * kernel_warmup.SEQ):
+        out = batch(config, packed, bounds, tokens)
+        seen.append((packed, int(out["input_ids"].numel())))
+        return out
+
+    monkeypatch.setattr(kernel_warmup, "token_counts", lambda sms: [64, 96])
+    monkeypatch.setattr(kernel_warmup, "_batch", spy)
+    kernel_warmup.warm_model(str(tiny_model_dir), torch.device("cpu"), methods=("lora",))
+    assert seen == [(True, 64), (True, 96), (False, 128), (False, 128)], seen
 
 
 def _settings(tmp_path: Path, tiny_model_dir: Path, **extra) -> Settings:
