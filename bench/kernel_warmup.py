@@ -36,6 +36,17 @@ from trainer.startup import kernel_cache_entries  # noqa: E402 - after the path
 STACKS = {"warm-up": "true", "none": "false"}
 
 
+def kernel_names(cache: Path) -> list[tuple[str, float]]:
+    """(kernel name, when written) for each entry of a Triton cache: an entry is a folder named by
+    its hash, holding <kernel>.json beside the binaries (and __grp__<kernel>.json, an index)."""
+    found = []
+    for entry in cache.iterdir() if cache.is_dir() else ():
+        metas = [f for f in entry.glob("*.json") if not f.name.startswith("__grp__")] if entry.is_dir() else []
+        if metas:
+            found.append((metas[0].stem, max(f.stat().st_mtime for f in entry.iterdir())))
+    return found
+
+
 def run_stack(name: str, warm: str, args) -> dict:
     cache = args.work / f"triton-{name}"
     shutil.rmtree(cache, ignore_errors=True)
@@ -56,7 +67,9 @@ def run_stack(name: str, warm: str, args) -> dict:
     startup = job.get("startup") or {}
     detail = startup.get("detail") or {}
     phases = startup.get("phases") or {}
-    return {**row, "ok": True, "ready_s": job.get("ready_s"), "kernels_compiled": detail.get("kernel_cache_added"),
+    # The kernels written after the job's submission: the ones the warm-up (if any) missed.
+    late = sorted(name for name, mtime in kernel_names(cache) if mtime > job.get("submitted_at", 0.0))
+    return {**row, "ok": True, "late_kernels": late, "ready_s": job.get("ready_s"), "kernels_compiled": detail.get("kernel_cache_added"),
             "load_s": phases.get("load"), "weights_s": detail.get("weights"), "liger_s": detail.get("liger"),
             "fast_path_s": detail.get("fast_path"), "first_step_s": phases.get("first_step"),
             "submit_to_first_step_s": job.get("submit_to_first_step_s"), "median_tps": job.get("median_tps")}
@@ -82,6 +95,10 @@ def table(rows: list[dict], args) -> str:
         lines.append(f"| {r['stack']} | {num(r['ready_s'])} | {r['cache_entries']} | {r['kernels_compiled']} | "
                      f"{num(r['load_s'])} ({num(r['weights_s'])} / {num(r['liger_s'])} / {num(r['fast_path_s'])}) | "
                      f"{num(r['first_step_s'])} | **{num(r['submit_to_first_step_s'])}** | {num(r['median_tps'], ',.0f')} |")
+    for r in rows:
+        if r["ok"]:
+            lines.append(f"\nKernels written after the job's submission, {r['stack']} stack: "
+                         f"{', '.join(r['late_kernels']) or 'none'}.")
     return "\n".join(lines) + "\n"
 
 

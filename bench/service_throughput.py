@@ -522,7 +522,7 @@ def _service_job(c, body: dict, label: str, args, upload_s: float, keep_events: 
         "start": next((e["data"] for e in seen if e["type"] == "start"), None),
         "submit_to_first_step_s": round(first_step_seen - submitted, 2) if first_step_seen else None,
         "submit_to_last_step_s": round(last_step_seen - submitted, 2) if last_step_seen else None,
-        "post_s": round(post_s, 3), "upload_s": round(upload_s, 2),
+        "submitted_at": submitted, "post_s": round(post_s, 3), "upload_s": round(upload_s, 2),
         "spawn_to_first_step_s": None, "spawn_to_last_step_s": None,
         **({"events": seen} if keep_events else {}),
     }
