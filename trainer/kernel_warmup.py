@@ -13,12 +13,17 @@ autocast a job runs under, then one forward without gradients (an evaluation's v
 loss kernel). LoRA and full fine-tuning between them reach every kernel the fast path has. Nothing
 is written but Triton's cache.
 
-Triton also specializes a plain integer argument on being 1 or a multiple of 16. Widths aside, one
-kernel takes one derived from the batch: liger's RMSNorm backward runs one program per SM, each over
-ceil(tokens / SMs) rows, and gets that count as an argument. A batch of a hundred tokens gives 1
-where a job's batch of thousands gives neither, and the job compiled it again. So the training pass
-runs at token counts that give each of the three (`token_counts`), each a multiple of 32 tokens, so
-that the batch's and each row's counts are multiples of 16, as a packed batch's usually are.
+Triton also specializes a plain integer argument on being 1 or a multiple of 16, and liger takes a
+few shapes of the batch, not only widths:
+- its RMSNorm backward runs one program per SM, each over ceil(tokens / SMs) rows, and gets that
+  count as an argument: a batch of a hundred tokens gives 1 where a job's batch of thousands gives
+  neither, and the job compiled it again. The packed training passes run at token counts that give
+  each of the three (`token_counts`).
+- its RoPE kernel takes the batch's rows and its cos table's rows as compile-time constants (the
+  batch's rows when packed rows carry their own positions, one when padded rows share them) and
+  the sequence length as a plain integer. The passes run at the spec's default batch size, packed
+  and padded, at a length that is a multiple of 16 and one that is not. A job of another batch
+  size compiles its RoPE kernels (forward and backward) before its first step.
 """
 
 from __future__ import annotations
@@ -32,15 +37,27 @@ from typing import Any
 import torch
 
 METHODS = ("lora", "full")
-ROWS, SEQ = 2, 64  # the batch of a device without SMs to count, and the padded and evaluation passes'
+SEQ = 64  # the padded and evaluation passes' row length (a multiple of 16)
+ODD_SEQ = 24  # a row length that is not
+MULTIPLE = 16  # Triton compiles an integer argument apart when it is a multiple of this
 
 
-def token_counts(sm_count: int) -> list[int]:
-    """Tokens of the training passes: ceil(tokens / sm_count) is 1, a multiple of 16 and neither, in
-    turn, with every count a multiple of 32 (see the module's docstring)."""
-    if sm_count < 32:
-        return [ROWS * SEQ]
-    return [sm_count // 32 * 32, 16 * sm_count if sm_count % 2 == 0 else 32 * sm_count, -(-(2 * sm_count + 1) // 32) * 32]
+def default_rows() -> int:
+    """The batch's rows that most jobs run at: the spec's default batch size."""
+    from trainer.spec import Hyperparameters
+
+    return int(Hyperparameters.model_fields["batch_size"].default)
+
+
+def token_counts(sm_count: int, rows: int) -> list[int]:
+    """Tokens of the packed training passes: ceil(tokens / sm_count) is 1, a multiple of 16 and
+    neither, in turn; each count is a multiple of 16 x rows, so that every row's length is a
+    multiple of 16, as a full packed row's usually is (see the module's docstring). A GPU with
+    fewer SMs than one such step gets a single count."""
+    step = MULTIPLE * rows
+    if sm_count < step:
+        return [rows * SEQ]
+    return [sm_count // step * step, step * sm_count, -(-(2 * sm_count + 1) // step) * step]
 
 
 def one_layer(config: Any) -> Any:
@@ -54,22 +71,33 @@ def one_layer(config: Any) -> Any:
     return config
 
 
-def _batch(config: Any, packed: bool, bounds: bool = False, tokens: int = ROWS * SEQ) -> dict[str, torch.Tensor]:
+def _batch(config: Any, packed: bool, rows: int, seq: int, bounds: bool = False) -> dict[str, torch.Tensor]:
+    """`rows` random rows of `seq` tokens; packed rows hold two examples each, as packing lays them."""
     from trainer import packed_attention
     from trainer.data.batch import collate
 
-    seq = tokens // ROWS
     examples = []
-    for _ in range(ROWS):
+    for _ in range(rows):
         ids = torch.randint(0, config.vocab_size, (seq,)).tolist()
         example = {"input_ids": ids, "labels": ids}
         if packed:
-            example["position_ids"] = list(range(seq // 2)) * 2
+            half = seq // 2
+            example["position_ids"] = list(range(half)) + list(range(seq - half))
         examples.append(example)
     batch = collate(examples, pad_id=0)
     if bounds:
         batch = packed_attention.with_bounds(batch)
     return batch
+
+
+def passes(config: Any, sms: int, rows: int, bounds: bool) -> list[tuple[dict[str, torch.Tensor], bool]]:
+    """(batch, trained) for each pass: packed rows at each of `token_counts` and at a length that
+    is not a multiple of 16, padded rows at both kinds of length, then a padded batch without
+    gradients, as an evaluation runs."""
+    packed = [(_batch(config, True, rows, n // rows, bounds), True) for n in token_counts(sms, rows)]
+    packed.append((_batch(config, True, rows, ODD_SEQ, bounds), True))
+    padded = [(_batch(config, False, rows, seq), True) for seq in (SEQ, ODD_SEQ)]
+    return packed + padded + [(_batch(config, False, rows, SEQ), False)]
 
 
 def warm_model(model_dir: str, device: torch.device, methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
@@ -99,11 +127,8 @@ def warm_model(model_dir: str, device: torch.device, methods: tuple[str, ...] = 
         packed = packed_attention.available(device) and packed_attention.install(model)
         autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
                     else contextlib.nullcontext())
-        # Packed batches (two examples a row, as packing lays them) and a padded one, trained on;
-        # then the padded one without gradients, as an evaluation runs.
-        passes = [(_batch(config, packed=True, bounds=packed, tokens=n), True) for n in token_counts(sms)]
-        passes += [(_batch(config, packed=False), True), (_batch(config, packed=False), False)]
-        for batch, grad in passes:
+        rows = default_rows()
+        for batch, grad in passes(config, sms, rows, bounds=packed):
             with torch.set_grad_enabled(grad), autocast:
                 loss = fast.loss(model, batch, device)[0]
             if grad:

@@ -22,16 +22,19 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _first_step_compiled(model: Path, tmp: Path, env: dict[str, str], method: str) -> int:
+def _first_step_compiled(model: Path, tmp: Path, env: dict[str, str], method: str, label: str) -> int:
+    """Kernels a job compiled before its first step. The job runs at the spec's default batch size,
+    which the warm-up covers (a job of another size compiles liger's RoPE for its own)."""
     from trainer.events import read_events
 
     data = tmp / "train.jsonl"
     data.write_text(reverse_dataset(64, seed=1))
     spec = {"model": str(model), "method": method, "training_file": str(data), "speed": "fast", "packing": True,
-            "hyperparameters": {"max_steps": 2, "batch_size": 4, "max_seq_len": 128, "learning_rate": 1e-4},
+            "hyperparameters": {"max_steps": 2, "max_seq_len": 128, "learning_rate": 1e-4},
             **({"full_precision": "bf16"} if method == "full" else {})}
     (tmp / f"{method}.json").write_text(json.dumps(spec))
-    out = tmp / f"out-{method}"
+    # An output folder of its own: a second run into one would append its events after the first's.
+    out = tmp / f"out-{label}-{method}"
     run = subprocess.run([sys.executable, "-m", "trainer", "run", str(tmp / f"{method}.json"), "--out", str(out)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -44,7 +47,7 @@ def test_after_the_warm_up_a_job_compiles_no_kernel_and_without_it_one_does(tiny
     paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     base = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     cold = {**base, "TRITON_CACHE_DIR": str(tmp_path / "cold")}
-    assert _first_step_compiled(tiny_model_dir, tmp_path, cold, "lora") > 0, "a job on an empty cache compiles"
+    assert _first_step_compiled(tiny_model_dir, tmp_path, cold, "lora", "cold") > 0, "a job on an empty cache compiles"
 
     warm_env = {**base, "TRITON_CACHE_DIR": str(tmp_path / "warm")}
     done = subprocess.run([sys.executable, "-m", "trainer", "warm-kernels", str(tiny_model_dir)], cwd=ROOT,
@@ -52,5 +55,10 @@ def test_after_the_warm_up_a_job_compiles_no_kernel_and_without_it_one_does(tiny
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["device"].startswith("cuda") and report["kernel_cache_added"] > 0, report
+    warmed = set((tmp_path / "warm").iterdir())
     for method in ("lora", "full"):
-        assert _first_step_compiled(tiny_model_dir, tmp_path, warm_env, method) == 0, method
+        compiled = _first_step_compiled(tiny_model_dir, tmp_path, warm_env, method, "warm")
+        # On a failure, name what the job compiled: each cache entry holds <kernel>.json.
+        new = sorted(f.stem for e in set((tmp_path / "warm").iterdir()) - warmed for f in e.glob("*.json")
+                     if not f.name.startswith("__grp__"))
+        assert compiled == 0, (method, new)

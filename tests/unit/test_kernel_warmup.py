@@ -34,31 +34,56 @@ def test_every_method_runs_a_step_and_a_model_that_cannot_load_is_reported(tiny_
     assert report["device"] == "cpu" and report["kernel_cache_added"] == 0
 
 
+@pytest.mark.parametrize("rows", [1, 2, 4])
 @pytest.mark.parametrize("sms", [108, 114, 117, 132, 144, 148, 170])
-def test_token_counts_give_each_specialization_of_rows_per_sm(sms: int) -> None:
+def test_token_counts_give_each_specialization_of_rows_per_sm(sms: int, rows: int) -> None:
     """liger's RMSNorm backward gets ceil(tokens / SMs) as an integer argument, which Triton compiles
-    apart as 1, a multiple of 16, or neither: the warm-up's batches give each, at multiples of 32."""
-    counts = token_counts(sms)
+    apart as 1, a multiple of 16, or neither: the warm-up's batches give each, with every row's
+    length a multiple of 16."""
+    counts = token_counts(sms, rows)
     per_sm = [-(-n // sms) for n in counts]
     assert per_sm[0] == 1 and per_sm[1] % 16 == 0 and per_sm[2] != 1 and per_sm[2] % 16, (counts, per_sm)
-    assert all(n % 32 == 0 for n in counts), counts
+    assert all(n % (16 * rows) == 0 for n in counts), counts
 
 
-def test_the_training_passes_run_at_each_token_count(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_gpu_with_fewer_sms_than_the_counts_need_gets_one() -> None:
+    assert token_counts(40, 4) == [4 * kernel_warmup.SEQ]
+
+
+def test_the_passes_cover_the_shapes_liger_compiles_apart(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RoPE takes the batch's rows and its cos table's rows as constants and the length as an
+    integer: the default batch size, packed (positions per row) and padded (shared positions), at a
+    length that is a multiple of 16 and one that is not; then an evaluation's pass, untrained."""
+    from trainer.spec import Hyperparameters
+
+    rows = Hyperparameters().batch_size
+    assert kernel_warmup.default_rows() == rows
+    monkeypatch.setattr(kernel_warmup, "token_counts", lambda sms, rows: [rows * 16, rows * 48])
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    seen = [("position_ids" in b, *b["input_ids"].shape, grad) for b, grad in kernel_warmup.passes(config, 132, rows, False)]
+    odd = kernel_warmup.ODD_SEQ
+    assert odd % 16 and kernel_warmup.SEQ % 16 == 0
+    assert seen == [(True, rows, 16, True), (True, rows, 48, True), (True, rows, odd, True),
+                    (False, rows, kernel_warmup.SEQ, True), (False, rows, odd, True), (False, rows, kernel_warmup.SEQ, False)]
+    # A packed row holds two examples, each counting its positions from 0.
+    packed = kernel_warmup.passes(config, 132, rows, False)[2][0]["position_ids"][0].tolist()
+    assert packed == list(range(odd // 2)) + list(range(odd - odd // 2))
+
+
+def test_warm_model_runs_every_pass(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    seen: list[tuple[bool, int]] = []
-    batch = kernel_warmup._batch
+    ran: list[bool] = []
+    passes = kernel_warmup.passes
 
-    def spy(config, packed, bounds=False, tokens=kernel_warmup.ROWS * kernel_warmup.SEQ):
-        out = batch(config, packed, bounds, tokens)
-        seen.append((packed, int(out["input_ids"].numel())))
+    def spy(config, sms, rows, bounds):
+        out = passes(config, sms, rows, bounds)
+        ran.extend(grad for _, grad in out)
         return out
 
-    monkeypatch.setattr(kernel_warmup, "token_counts", lambda sms: [64, 96])
-    monkeypatch.setattr(kernel_warmup, "_batch", spy)
+    monkeypatch.setattr(kernel_warmup, "passes", spy)
     kernel_warmup.warm_model(str(tiny_model_dir), torch.device("cpu"), methods=("lora",))
-    assert seen == [(True, 64), (True, 96), (False, 128), (False, 128)], seen
+    assert ran == [True] * 4 + [False], ran  # a CPU counts no SMs: one packed count
 
 
 def _settings(tmp_path: Path, tiny_model_dir: Path, **extra) -> Settings:
