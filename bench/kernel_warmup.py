@@ -54,7 +54,7 @@ def run_stack(name: str, warm: str, args) -> dict:
     out = args.work / f"stack-{name}"
     env = {**os.environ, "TRITON_CACHE_DIR": str(cache), "TUNEQ_WARM_KERNELS": warm}
     cmd = [sys.executable, str(ROOT / "bench" / "service_throughput.py"), "--settings", "", "--service", "1",
-           "--no-step-bench", "--steps", str(args.steps), "--work", str(args.work / f"work-{name}"), "--out", str(out),
+           "--no-step-bench", "--steps", str(args.steps), "--batch", str(args.batch), "--work", str(args.work / f"work-{name}"), "--out", str(out),
            *(["--dry-run"] if args.dry_run else [])]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
     (args.work / f"stack-{name}.log").write_text(proc.stdout + proc.stderr)
@@ -83,7 +83,7 @@ def table(rows: list[dict], args) -> str:
              f"{datetime.date.today()})", "",
              f"`python bench/kernel_warmup.py{' --dry-run' if args.dry_run else ''}`: two `tuneq up` stacks in a row, "
              "each on an empty Triton cache, each running one default LoRA job of "
-             f"{args.steps} steps through the service (the warm-up stack first). Seconds; load = the job's load "
+             f"{args.steps} steps of {args.batch} packed rows through the service (the warm-up stack first). Seconds; load = the job's load "
              "phase, of which weights and fast path; kernels compiled = what the job added to the cache before "
              "its first step; cache = the kernels in the cache once the stack ended.", "",
              "| stack | ready s | cache | kernels compiled by the job | load s (weights / liger / fast path) | "
@@ -106,11 +106,17 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch", type=int, default=None,
+                   help="the job's rows per batch; default: the spec's default, which the warm-up covers")
     p.add_argument("--work", type=Path, default=Path("/tmp/tuneq-kernel-warmup"))
     p.add_argument("--out", type=Path, default=None, help="default: bench/results/kernel_warmup_<gpu or cpu>")
     p.add_argument("--timeout", type=float, default=600)
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.batch is None:
+        from trainer.kernel_warmup import default_rows
+
+        args.batch = 2 if args.dry_run else default_rows()
     rows = [run_stack(name, warm, args) for name, warm in STACKS.items()]
     if args.out is None:
         device = (rows[0].get("device") or "cpu").lower()

@@ -731,6 +731,7 @@ def main() -> int:
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--settings", default="lora-lean-offload", help="comma separated: " + ", ".join(SETTINGS))
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch", type=int, default=None, help="rows of each job's batch (default 8; a dry run's 2)")
     p.add_argument("--bench-steps", type=int, default=20)
     p.add_argument("--jobs", default="default", help="per setting: default (the job as the worker runs it, with one "
                    "evaluation and one checkpoint), old-attention (transformers' packed mask), no-liger (TUNEQ_LIGER=0: "
@@ -760,7 +761,8 @@ def main() -> int:
                    help="only refit this GPU model's start-up entry in speeds.json from the runs on record "
                    "(startup_runs), no GPU needed; the efficiencies and the checkpoint rate stay")
     args = p.parse_args()
-    args.seq, args.batch = (64, 2) if args.dry_run else (2048, 8)
+    args.seq = 64 if args.dry_run else 2048
+    args.batch = args.batch or (2 if args.dry_run else 8)
     if args.dry_run:
         args.steps, args.bench_steps = min(args.steps, 8), 2
     if args.out is None:
