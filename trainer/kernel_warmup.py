@@ -16,13 +16,14 @@ is written but Triton's cache.
 Triton also specializes a plain integer argument on being 1 or a multiple of 16, and liger takes a
 few shapes of the batch, not only widths:
 - its RMSNorm backward runs one program per SM, each over ceil(tokens / SMs) rows, and gets that
-  count as an argument: a batch of a hundred tokens gives 1 where a job's batch of thousands gives
-  neither, and the job compiled it again. The packed training passes run at token counts that give
-  each of the three (`token_counts`).
+  count and the batch's tokens as arguments: a batch of a hundred tokens gives 1 where a job's
+  batch of thousands gives neither, and the job compiled it again. The packed training passes run
+  at token counts that give each of the three (`token_counts`), each once with rows whose length
+  is a multiple of 16 and once with rows a token shorter, so that the tokens are one too.
 - its RoPE kernel takes the batch's rows and its cos table's rows as compile-time constants (the
   batch's rows when packed rows carry their own positions, one when padded rows share them) and
-  the sequence length as a plain integer. The passes run at the spec's default batch size, packed
-  and padded, at a length that is a multiple of 16 and one that is not. A job of another batch
+  the row length as a plain integer. The passes run at the spec's default batch size, packed and
+  padded, at row lengths that are multiples of 16 and ones that are not. A job of another batch
   size compiles its RoPE kernels (forward and backward) before its first step.
 """
 
@@ -91,11 +92,12 @@ def _batch(config: Any, packed: bool, rows: int, seq: int, bounds: bool = False)
 
 
 def passes(config: Any, sms: int, rows: int, bounds: bool) -> list[tuple[dict[str, torch.Tensor], bool]]:
-    """(batch, trained) for each pass: packed rows at each of `token_counts` and at a length that
-    is not a multiple of 16, padded rows at both kinds of length, then a padded batch without
-    gradients, as an evaluation runs."""
-    packed = [(_batch(config, True, rows, n // rows, bounds), True) for n in token_counts(sms, rows)]
-    packed.append((_batch(config, True, rows, ODD_SEQ, bounds), True))
+    """(batch, trained) for each pass: packed rows at each of `token_counts`, at that length and a
+    token shorter (ceil(tokens / SMs) stays in its class: the counts sit at least a row's worth of
+    tokens inside it), padded rows at a length that is a multiple of 16 and one that is not, then
+    a padded batch without gradients, as an evaluation runs."""
+    lengths = [length for n in token_counts(sms, rows) for length in (n // rows, n // rows - 1)]
+    packed = [(_batch(config, True, rows, length, bounds), True) for length in lengths]
     padded = [(_batch(config, False, rows, seq), True) for seq in (SEQ, ODD_SEQ)]
     return packed + padded + [(_batch(config, False, rows, SEQ), False)]
 

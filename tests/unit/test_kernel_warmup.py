@@ -51,23 +51,34 @@ def test_a_gpu_with_fewer_sms_than_the_counts_need_gets_one() -> None:
 
 
 def test_the_passes_cover_the_shapes_liger_compiles_apart(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """RoPE takes the batch's rows and its cos table's rows as constants and the length as an
-    integer: the default batch size, packed (positions per row) and padded (shared positions), at a
-    length that is a multiple of 16 and one that is not; then an evaluation's pass, untrained."""
+    """RMSNorm's backward takes the tokens and the rows per SM as integers, RoPE the batch's rows
+    and its cos table's rows as constants and the row length as an integer: at the default batch
+    size, each token count packed at a length that is a multiple of 16 and a token shorter, padded
+    rows at both kinds of length, then an evaluation's pass, untrained."""
     from trainer.spec import Hyperparameters
 
     rows = Hyperparameters().batch_size
     assert kernel_warmup.default_rows() == rows
     monkeypatch.setattr(kernel_warmup, "token_counts", lambda sms, rows: [rows * 16, rows * 48])
     config = AutoConfig.from_pretrained(tiny_model_dir)
-    seen = [("position_ids" in b, *b["input_ids"].shape, grad) for b, grad in kernel_warmup.passes(config, 132, rows, False)]
+    made = kernel_warmup.passes(config, 132, rows, False)
+    seen = [("position_ids" in b, *b["input_ids"].shape, grad) for b, grad in made]
     odd = kernel_warmup.ODD_SEQ
     assert odd % 16 and kernel_warmup.SEQ % 16 == 0
-    assert seen == [(True, rows, 16, True), (True, rows, 48, True), (True, rows, odd, True),
+    assert seen == [(True, rows, 16, True), (True, rows, 15, True), (True, rows, 48, True), (True, rows, 47, True),
                     (False, rows, kernel_warmup.SEQ, True), (False, rows, odd, True), (False, rows, kernel_warmup.SEQ, False)]
     # A packed row holds two examples, each counting its positions from 0.
-    packed = kernel_warmup.passes(config, 132, rows, False)[2][0]["position_ids"][0].tolist()
-    assert packed == list(range(odd // 2)) + list(range(odd - odd // 2))
+    assert made[1][0]["position_ids"][0].tolist() == list(range(7)) + list(range(8))
+
+
+@pytest.mark.parametrize("sms", [108, 132, 144])
+def test_the_shorter_rows_keep_rows_per_sm_in_its_class_with_tokens_not_a_multiple_of_16(sms: int) -> None:
+    rows = kernel_warmup.default_rows()
+    for n in token_counts(sms, rows):
+        short = n - rows
+        assert short % 16
+        full, shorter = -(-n // sms), -(-short // sms)
+        assert (full == 1) == (shorter == 1) and (full % 16 == 0) == (shorter % 16 == 0), (n, full, shorter)
 
 
 def test_warm_model_runs_every_pass(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -83,7 +94,7 @@ def test_warm_model_runs_every_pass(tiny_model_dir: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setattr(kernel_warmup, "passes", spy)
     kernel_warmup.warm_model(str(tiny_model_dir), torch.device("cpu"), methods=("lora",))
-    assert ran == [True] * 4 + [False], ran  # a CPU counts no SMs: one packed count
+    assert ran == [True] * 4 + [False], ran  # a CPU counts no SMs: one packed count, twice
 
 
 def _settings(tmp_path: Path, tiny_model_dir: Path, **extra) -> Settings:
