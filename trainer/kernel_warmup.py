@@ -8,8 +8,8 @@ one paid for about a dozen compilations, seconds between its submission and its 
 
 The specializations follow the model's widths (hidden size, MLP width, vocabulary), not its depth
 or its weights: a one-layer copy of each model with random weights, given the method and fast path
-exactly as a job's (trainer.fastpath.prepare_model), runs one forward and backward under the bf16
-autocast a job runs under, then one forward without gradients (an evaluation's variant of the
+exactly as a job's (trainer.fastpath.prepare_model), runs a few training passes (forward and
+backward) under the bf16 autocast a job runs under, then one forward without gradients (an evaluation's variant of the
 loss kernel). LoRA and full fine-tuning between them reach every kernel the fast path has. Nothing
 is written but Triton's cache.
 
@@ -19,7 +19,7 @@ few shapes of the batch, not only widths:
   count and the batch's tokens as arguments: a batch of a hundred tokens gives 1 where a job's
   batch of thousands gives neither, and the job compiled it again. The packed training passes run
   at token counts that give each of the three (`token_counts`), each once with rows whose length
-  is a multiple of 16 and once with rows a token shorter, so that the tokens are one too.
+  is a multiple of 16 and once with rows a token shorter, whose token count is not a multiple of 16.
 - its RoPE kernel takes the batch's rows and its cos table's rows as compile-time constants (the
   batch's rows when packed rows carry their own positions, one when padded rows share them) and
   the row length as a plain integer. The passes run at the spec's default batch size, packed and
