@@ -19,7 +19,7 @@ SECRET_KEY = "tuneq-test-secret"
 
 @contextmanager
 def moto_server(log_path: Path) -> Iterator[str]:
-    from tuneq.embedded import free_port
+    from core.ports import free_port
 
     port = free_port()
     # As a module of this interpreter: the lent GPU's bundle (bench/device_svc.sh) has no scripts.

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 import trainer.spec
 from core.models import File, Job
+from core.ports import free_port
 from core.settings import Settings
 from core.storage import get_storage
 from trainer.spec import JobSpec
@@ -78,16 +79,6 @@ def write_spec(work_dir: Path, spec: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(spec, indent=2))
     tmp.replace(path)
     return path
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now, for the rendezvous of one job's processes.
-
-    Two multi-GPU jobs on one host must not share torchrun's default port (29500).
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rendezvous_addr(settings: Settings) -> str:

@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import redis_db, sqlite_copy
 from tests.datasets import reverse_dataset  # noqa: F401 - re-exported for the e2e tests
-from tuneq.embedded import free_port
+from core.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

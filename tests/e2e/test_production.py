@@ -142,7 +142,7 @@ STEP_SLEEP_S = "0.05"
 
 def test_job_and_api_ride_out_a_postgres_restart(tmp_path: Path, redis_url: str, tiny_model_dir: Path) -> None:
     from tests.pgcluster import PgCluster
-    from tuneq.embedded import free_port
+    from core.ports import free_port
 
     cluster = PgCluster(free_port())
     cluster.init()

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from tests.conftest import create_user_with_key
 from tests.integration.conftest import ROOT, make_job, wait_for
-from tuneq.embedded import free_port
+from core.ports import free_port
 
 pytestmark = pytest.mark.timeout(240)
 

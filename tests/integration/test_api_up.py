@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tuneq.embedded import free_port
+from core.ports import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from sqlalchemy import text
 from core.settings import Settings
 from tests.conftest import reset_caches
 from tests.pgcluster import PgCluster
-from tuneq.embedded import free_port
+from core.ports import free_port
 
 pytestmark = pytest.mark.postgres
 

@@ -24,7 +24,7 @@ TTL = 2.0
 @pytest.fixture
 def cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, redis_url: str) -> Iterator[PgCluster]:
     from core.migrate import upgrade_head
-    from tuneq.embedded import free_port
+    from core.ports import free_port
 
     pg = PgCluster(free_port())
     try:

@@ -18,7 +18,8 @@ from tests.integration.conftest import chat_lines
 from tests.reliability.conftest import (
     IDLE_STEPS, STEADY_LEASE, Proc, assert_never_twice_at_once, events_of, job_status, make_job, trainer_starts, wait_for,
 )
-from tuneq.embedded import EmbeddedRedis, free_port
+from core.ports import free_port
+from tuneq.embedded import EmbeddedRedis
 
 
 def test_redis_restart_mid_job_loses_nothing(db: Session, rel_env, workers, tmp_path: Path,

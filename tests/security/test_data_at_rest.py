@@ -21,7 +21,7 @@ import httpx
 import pytest
 import redis
 
-from tuneq.embedded import free_port
+from core.ports import free_port
 
 pytestmark = pytest.mark.slow
 

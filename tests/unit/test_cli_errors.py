@@ -14,7 +14,7 @@ from trainer.vocabulary import METHODS
 from tuneq import cli
 from tuneq.cli.download import _unpack
 from tuneq.client import Client, TuneqError
-from tuneq.embedded import free_port
+from core.ports import free_port
 
 GOOD_LINE = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
 

@@ -285,7 +285,8 @@ def test_two_hosts_of_one_rank_each_match_one_rank_with_the_same_global_batch(ma
     # The launch a job across two hosts gets: each host runs the worker's command for its own node
     # (its own work dir and spec copy) against the leader's rendezvous; gloo carries the gradients.
     from core.settings import Settings
-    from worker.workdir import Rendezvous, free_port, trainer_argv
+    from core.ports import free_port
+    from worker.workdir import Rendezvous, trainer_argv
 
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

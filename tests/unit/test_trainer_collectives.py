@@ -25,7 +25,7 @@ COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "all_gather_into
 
 
 def test_a_ddp_step_costs_one_scalar_all_reduce_and_one_gradient_sync(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from worker.workdir import free_port
+    from core.ports import free_port
 
     data = tmp_path / "train.jsonl"
     with open(data, "w") as f:
@@ -67,7 +67,7 @@ def test_a_ddp_step_costs_one_scalar_all_reduce_and_one_gradient_sync(tmp_path: 
 
 def test_sharded_gradients_are_scaled_shard_by_shard(tmp_path: Path) -> None:
     # Several ranks scale their gradients after the step's all-reduce; under FSDP2 those are DTensors.
-    from worker.workdir import free_port
+    from core.ports import free_port
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": "1"}

@@ -222,7 +222,7 @@ def test_fsdp_checkpoint_resumes_across_ranks_and_exports_the_whole_model(tmp_pa
 
 
 def _port() -> int:
-    from worker.workdir import free_port
+    from core.ports import free_port
 
     return free_port()
 
