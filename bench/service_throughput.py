@@ -36,7 +36,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -388,9 +387,9 @@ def service_stack(work: Path, model_dir: Path, name: str = "svc", env: dict | No
     (home / "models").mkdir(parents=True)
     for model in dict.fromkeys(filter(None, [model_dir, tiny])):
         subprocess.run(["cp", "-al", str(model), str(home / "models" / model.name)], check=True)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from core.ports import free_port
+
+    port = free_port()
     log = open(work / f"{name}.log", "w")  # noqa: SIM115 - lives as long as the stack
     stack = subprocess.Popen([sys.executable, "-m", "tuneq", "up", "--home", str(home), "--port", str(port)], cwd=ROOT,
                              env={**os.environ, **(env or {}), "TUNEQ_HOME": str(home), "PYTHONUNBUFFERED": "1"},
