@@ -177,6 +177,27 @@ def uploaded(db: Session, job_id: str) -> list[Checkpoint]:
                            .order_by(Checkpoint.step.desc())))
 
 
+def unstored_snapshots(db: Session, job_id: str, work_dir: Path, host: str | None) -> list[tuple[int, Path]]:
+    """(step, snapshot), oldest first, of the checkpoints an earlier attempt on this host announced
+    (their rows committed, their events read) but did not store: a worker killed during an upload
+    leaves the row without uploaded_at and the snapshot in uploads/. The snapshot where it is whole,
+    else a new one of the trainer's folder where it still holds the checkpoint; one whose files are
+    gone is left out, and prepare_resume drops its row."""
+    rows = db.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.uploaded_at.is_(None))
+                      .order_by(Checkpoint.step).execution_options(populate_existing=True)).all()
+    found = []
+    for row in rows:
+        src = Path(row.path)
+        if (row.host is not None and host is not None and row.host != host) or not src.is_relative_to(work_dir):
+            continue  # another host's: its files are on that host's disk
+        snap = work_dir / UPLOADS / src.name
+        if not (snap / MANIFEST).is_file():
+            snap = snapshot(src, work_dir / UPLOADS)
+        if snap is not None:
+            found.append((row.step, snap))
+    return found
+
+
 def prepare_resume(db: Session, storage: Storage, job_id: str, work_dir: Path,
                    metric: str | None = None, only: Checkpoint | None = None) -> Checkpoint | None:
     """Leave in work_dir/checkpoints exactly the newest uploaded checkpoint (the local copy when

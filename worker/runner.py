@@ -35,7 +35,9 @@ from core.storage import get_storage
 from trainer.tracking import JOB_ID_ENV, WANDB_DIR
 from worker import placement, reaper
 from worker.artifacts import Stored, final_manifest, publish_final, publish_logs
-from worker.checkpoint_store import Uploader, keep_checkpoints, prepare_resume, selection_metric, uploaded
+from worker.checkpoint_store import (
+    Uploader, keep_checkpoints, prepare_resume, selection_metric, unstored_snapshots, uploaded,
+)
 from worker.events import EventTail, ProgressTracker
 from worker.gpus import GpuPool, Reservation, get_pool
 from worker.process import SUPERVISOR_ENV, TrainerProcess, kill_strays
@@ -306,7 +308,11 @@ class JobRun:
         return self.with_db(self.conclude, proc, stopped_by)
 
     def prepare_resume(self) -> Checkpoint | None:
-        # Checkpoints an earlier attempt on this host announced but did not store go up first.
+        # Checkpoints an earlier attempt on this host announced but did not store go up first:
+        # those whose events this attempt read again, then those whose upload it did not finish.
+        self.uploader.drain(give_up=self.keeper.lost.is_set)
+        self.db.commit()  # a fresh read of what the upload thread has just marked
+        self.uploader.submit_all(unstored_snapshots(self.db, self.job_id, self.dir, self.tracker.host))
         self.uploader.drain(give_up=self.keeper.lost.is_set)
         ck = prepare_resume(self.db, get_storage(), self.job_id, self.dir, selection_metric(self.job.spec))
         if ck is not None:

@@ -172,3 +172,34 @@ def test_a_checkpoint_rotated_away_while_its_events_are_applied_is_still_stored(
     assert [step for step, _ in taken] == [5, 10]
     assert all((snap / "manifest.json").is_file() and (snap / "optimizer.pt").is_file() for _, snap in taken)
     assert sorted(c.step for c in db.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id))) == [5, 10]
+
+
+def test_a_checkpoint_whose_upload_a_killed_worker_left_unfinished_is_stored_by_the_next_attempt(
+        db: Session, store: Storage, tmp_path: Path) -> None:
+    """The worker committed the checkpoint's row and snapshot, then died during the upload: the
+    next attempt on that host finds it (its events are read already), stores it and resumes from
+    it. Another host's row and one whose files are gone are left to prepare_resume."""
+    job = make_job(db)
+    work = tmp_path / "a"
+    src = fake_checkpoint(work, 5)
+    left = cs.snapshot(src, work / cs.UPLOADS)  # what the killed worker's upload thread had
+    db.add_all([Checkpoint(job_id=job.id, step=5, path=str(src), host="a"),
+                Checkpoint(job_id=job.id, step=10, path=str(work / "checkpoints" / "step-00000010"), host="a"),
+                Checkpoint(job_id=job.id, step=15, path=str(tmp_path / "b" / "checkpoints" / "step-00000015"),
+                           host="b")])
+    db.commit()
+    assert cs.unstored_snapshots(db, job.id, work, "a") == [(5, left)]
+    # The trainer's folder still holds it where the snapshot was lost: a new snapshot is taken.
+    import shutil
+
+    shutil.rmtree(left)
+    found = cs.unstored_snapshots(db, job.id, work, "a")
+    assert found == [(5, left)] and (left / cs.MANIFEST).is_file()
+
+    with cs.Uploader(store, job.id, keep=2, may_write=lambda: True) as up:
+        up.submit_all(found)
+        assert up.drain()
+    assert cs.unstored_snapshots(db, job.id, work, "a") == []
+    ck = cs.prepare_resume(db, store, job.id, work)
+    assert ck is not None and ck.step == 5
+    assert [c.step for c in db.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id))] == [5]
