@@ -6,10 +6,11 @@ import os
 import signal
 from pathlib import Path
 
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from core import states
-from core.models import Job
+from core.models import Checkpoint, Job
 from core.queue import enqueue_job, producer
 from tests.conftest import reset_caches
 from tests.reliability.conftest import (
@@ -62,6 +63,31 @@ def test_sigkill_of_the_worker_resumes_on_a_restarted_worker(db: Session, rel_en
     resumed = resumed_steps(job.id)
     assert resumed[0] is None and resumed[-1] is not None and resumed[-1] >= 5, resumed
     assert any(e.type == "retry" and "stopped heartbeating" in e.message for e in events_of(job.id))
+    assert_never_twice_at_once(job.id)
+
+
+def test_checkpoints_a_killed_worker_announced_but_had_not_stored_are_stored_and_resumed_from(
+        db: Session, rel_env, workers) -> None:
+    """A worker killed during its checkpoints' uploads: their rows are committed and their events
+    read, so the next attempt on the host must find them by their rows, store them from its disk
+    and resume from the newest, not drop them and start over."""
+    job = training_job(db, rel_env)
+    w1 = workers(**IDLE_STEPS)
+    enqueue_job(job.id)
+    wait_trainer_checkpoint(job.id, rel_env, w1)
+    wait_for(lambda: db.scalars(select(Checkpoint).where(Checkpoint.job_id == job.id)
+                                .execution_options(populate_existing=True)).first(), 60, f"a checkpoint's row\n{w1.log()}")
+    trainer = wait_for(lambda: trainer_starts(job.id), 60, "the trainer's start event")[0].data["pid"]
+    w1.kill()
+    wait_for(lambda: not alive(trainer), 30, f"the orphaned trainer {trainer} to stop\n{w1.log()}")
+    # As the worker leaves them when it dies before its uploads end (the store's copies, if any, are
+    # overwritten by the next attempt's).
+    db.execute(update(Checkpoint).where(Checkpoint.job_id == job.id).values(uploaded_at=None, storage_key=None))
+    db.commit()
+    w2 = workers(**IDLE_STEPS)
+    assert wait_end(job.id, w2) == states.SUCCEEDED, w2.log()
+    resumed = resumed_steps(job.id)
+    assert resumed[0] is None and resumed[-1] is not None and resumed[-1] >= 5, (resumed, w2.log())
     assert_never_twice_at_once(job.id)
 
 
