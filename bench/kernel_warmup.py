@@ -31,20 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer.startup import kernel_cache_entries  # noqa: E402 - after the path
+from trainer.startup import kernel_cache_entries, kernel_names  # noqa: E402 - after the path
 
 STACKS = {"warm-up": "true", "none": "false"}
-
-
-def kernel_names(cache: Path) -> list[tuple[str, float]]:
-    """(kernel name, when written) for each entry of a Triton cache: an entry is a folder named by
-    its hash, holding <kernel>.json beside the binaries (and __grp__<kernel>.json, an index)."""
-    found = []
-    for entry in cache.iterdir() if cache.is_dir() else ():
-        metas = [f for f in entry.glob("*.json") if not f.name.startswith("__grp__")] if entry.is_dir() else []
-        if metas:
-            found.append((metas[0].stem, max(f.stat().st_mtime for f in entry.iterdir())))
-    return found
 
 
 def run_stack(name: str, warm: str, args) -> dict:

@@ -9,9 +9,9 @@ one paid for about a dozen compilations, seconds between its submission and its 
 The specializations follow the model's widths (hidden size, MLP width, vocabulary), not its depth
 or its weights: a one-layer copy of each model with random weights, given the method and fast path
 exactly as a job's (trainer.fastpath.prepare_model), runs a few training passes (forward and
-backward) under the bf16 autocast a job runs under, then one forward without gradients (an evaluation's variant of the
-loss kernel). LoRA and full fine-tuning between them reach every kernel the fast path has. Nothing
-is written but Triton's cache.
+backward) under the bf16 autocast a job runs under, then one forward without gradients (an
+evaluation's variant of the loss kernel). LoRA and full fine-tuning between them reach every kernel
+the fast path has. Nothing is written but Triton's cache.
 
 Triton also specializes a plain integer argument on being 1 or a multiple of 16, and liger takes a
 few shapes of the batch, not only widths:

@@ -159,6 +159,19 @@ def kernel_cache_entries(folder: Path | None = None) -> int | None:
         return None
 
 
+def kernel_names(folder: Path | None = None) -> list[tuple[str, float]]:
+    """(kernel name, when written) of each entry of Triton's cache (or `folder`) that names one: an
+    entry is a folder named by its hash, holding <kernel>.json beside the binaries (and
+    __grp__<kernel>.json, an index); the compiled launchers hold no such file."""
+    found = []
+    root = folder or kernel_cache_dir()
+    for entry in root.iterdir() if root.is_dir() else ():
+        metas = [f for f in entry.glob("*.json") if not f.name.startswith("__grp__")] if entry.is_dir() else []
+        if metas:
+            found.append((metas[0].stem, max(f.stat().st_mtime for f in entry.iterdir())))
+    return found
+
+
 def kernel_cache_added(before: int | None) -> int | None:
     """Kernels compiled into the cache since `before` was counted: a run that finds its kernels
     there adds none, one that compiles them pays seconds for it in its first step. Another process

@@ -130,6 +130,7 @@ def trainer_argv(settings: Settings, spec_path: Path, work_dir: Path, resume: bo
     if resume:
         cmd.append("--resume")
     if num_processes > 1 or rendezvous is not None:
+        # A port of its own: two multi-GPU jobs on one host must not share torchrun's default 29500.
         port = str(rendezvous.port if rendezvous else free_port())
         addr = rendezvous.addr if rendezvous else "127.0.0.1"
         nodes = rendezvous.nodes if rendezvous else 1

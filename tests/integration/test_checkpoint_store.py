@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -190,8 +191,6 @@ def test_a_checkpoint_whose_upload_a_killed_worker_left_unfinished_is_stored_by_
     db.commit()
     assert cs.unstored_snapshots(db, job.id, work, "a") == [(5, left)]
     # The trainer's folder still holds it where the snapshot was lost: a new snapshot is taken.
-    import shutil
-
     shutil.rmtree(left)
     found = cs.unstored_snapshots(db, job.id, work, "a")
     assert found == [(5, left)] and (left / cs.MANIFEST).is_file()

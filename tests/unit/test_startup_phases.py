@@ -125,3 +125,20 @@ def test_kernels_compiled_during_a_run_are_counted_from_tritons_cache(monkeypatc
     assert kernel_cache_added(None) is None
     monkeypatch.delenv("TRITON_CACHE_DIR")
     assert kernel_cache_entries(tmp_path / "triton") == 3, "another process's cache, named"
+
+
+def test_kernel_names_reads_each_cache_entrys_kernel_and_skips_launchers(tmp_path: Path) -> None:
+    from trainer.startup import kernel_names
+
+    rope = tmp_path / "abc"
+    rope.mkdir()
+    (rope / "_triton_rope.json").write_text("{}")
+    (rope / "__grp___triton_rope.json").write_text("{}")
+    (rope / "_triton_rope.cubin").write_bytes(b"x")
+    launcher = tmp_path / "def"
+    launcher.mkdir()
+    (launcher / "__triton_launcher.so").write_bytes(b"x")
+    found = kernel_names(tmp_path)
+    assert [name for name, _ in found] == ["_triton_rope"]
+    assert found[0][1] == max(f.stat().st_mtime for f in rope.iterdir())
+    assert kernel_names(tmp_path / "missing") == []
