@@ -283,18 +283,24 @@ class Run:
         self.last_saved_time = time.time()
         pending: QueuedStep | None = None  # queued, not read yet
         profiler = profiling.from_env(self.accelerator.process_index, self.device)
+        trace = profiling.step_trace(self.accelerator.process_index, self.device,
+                                     {"method": self.spec.method, "speed": self.spec.speed, "out": str(self.out_dir),
+                                      "total_steps": self.total_steps})
         nap = float(os.environ.get(TEST_STEP_SLEEP_ENV) or 0)
         try:
             while state.step < self.total_steps:
                 if profiler is not None:
                     profiler.before_step(state.step + 1)
                 micro_before = state.micro_step
+                trace.begin()
                 queued = self._queue_step()
+                trace.queued(queued.step)
                 if nap:
                     time.sleep(nap)
                 # Read the step before this one, which the GPU has finished meanwhile.
                 with region("log"):
                     votes = self._read(pending) if pending is not None else [False, False]
+                trace.read()
                 pending = queued
                 if profiler is not None:
                     profiler.after_step(state.step)
@@ -320,6 +326,7 @@ class Run:
                     self._restart_window()
         finally:
             profiling.stop()  # writes what a profiled range recorded, even a range cut short
+            trace.close()
 
     def _epoch_ended(self, before: int, after: int) -> bool:
         """Whether the micro-batches of a step crossed the end of an epoch."""

@@ -5,10 +5,17 @@ torch.profiler; TUNEQ_PROFILE_DIR names the folder where every rank writes profi
 the operators sorted by self CUDA time and by self CPU time, and the wall time of each profiled
 step. Off by default; when off, `region` hands back one shared null context, so the loop pays
 nothing but a function call and no record_function is created.
+
+TUNEQ_STEP_TRACE_DIR asks for a lighter record of every step (StepTrace), for telling why a step
+was slow where the profiler would change the timing it looks for: whether the GPU sat idle
+waiting for the host, how long the host took to queue the step and to read the one before, and
+the collector's passes that fell inside it.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import os
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -19,6 +26,7 @@ import torch
 
 STEPS_ENV = "TUNEQ_PROFILE_STEPS"
 DIR_ENV = "TUNEQ_PROFILE_DIR"
+TRACE_ENV = "TUNEQ_STEP_TRACE_DIR"
 ROWS = 30
 
 _OFF = nullcontext()
@@ -103,3 +111,85 @@ def stop() -> None:
     if _active is not None:
         _active.close()
     _active = None
+
+
+class StepTrace:
+    """Each step's times, written as JSON lines (steps-<pid>-rank<r>.jsonl: a header, then one line
+    per step) when the loop ends. On a GPU, two timed events bracket what the host queued for a
+    step: `gpu_gap_s` is how long the GPU sat idle between the previous step's end and this step's
+    start (the host was late), `gpu_s` how long the step took on the GPU from its start (starved
+    mid-step if the host was slow to launch it). `queue_s` is the host's time to queue the step,
+    `read_s` its time to read the step before (waiting for the GPU included), and `gc` the
+    collector's passes that ran meanwhile, as (generation, seconds)."""
+
+    def __init__(self, folder: Path, rank: int, device: torch.device, header: dict[str, Any]) -> None:
+        self.path = Path(folder) / f"steps-{os.getpid()}-rank{rank}.jsonl"
+        self.cuda = device.type == "cuda"
+        self.header = {"pid": os.getpid(), "rank": rank, "started": time.time(), **header}
+        self.steps: list[dict[str, Any]] = []
+        self._events: list[tuple[Any, Any]] = []
+        self._gc: list[tuple[int, float]] = []
+        self._gc_started = 0.0
+        self._t0 = 0.0
+        gc.callbacks.append(self._collected)
+
+    def _collected(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self._gc.append((info["generation"], round(time.perf_counter() - self._gc_started, 6)))
+
+    def _event(self) -> Any:
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def begin(self) -> None:
+        """The host starts queueing a step."""
+        self._t0 = time.perf_counter()
+        self._start = self._event()
+
+    def queued(self, step: int) -> None:
+        """The step is queued (not run: on a GPU it may still be waiting for the one before)."""
+        now = time.perf_counter()
+        self.steps.append({"step": step, "at": time.time(), "queue_s": round(now - self._t0, 6)})
+        self._events.append((self._start, self._event()))
+        self._t0 = now
+
+    def read(self) -> None:
+        """The step before has been read (and logged when due): what the host did after queueing."""
+        self.steps[-1]["read_s"] = round(time.perf_counter() - self._t0, 6)
+        self.steps[-1]["gc"], self._gc = self._gc, []
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._collected)
+        if self.cuda and self._events:
+            torch.cuda.synchronize()  # every event has happened: their times can be read
+            previous_end = None
+            for row, (start, end) in zip(self.steps, self._events):
+                row["gpu_s"] = start.elapsed_time(end) / 1000.0
+                row["gpu_gap_s"] = previous_end.elapsed_time(start) / 1000.0 if previous_end is not None else None
+                previous_end = end
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lines = [json.dumps(self.header)] + [json.dumps(row) for row in self.steps]
+        self.path.write_text("\n".join(lines) + "\n")
+
+
+class _NoTrace:
+    """What the loop calls when no trace was asked for: nothing."""
+
+    def begin(self) -> None: ...
+    def queued(self, step: int) -> None: ...
+    def read(self) -> None: ...
+    def close(self) -> None: ...
+
+
+NO_TRACE = _NoTrace()
+
+
+def step_trace(rank: int, device: torch.device, header: dict[str, Any]) -> StepTrace | _NoTrace:
+    """The step trace the environment asks for (TRACE_ENV names its folder), or one that does nothing."""
+    folder = os.environ.get(TRACE_ENV, "")
+    return StepTrace(Path(folder), rank, device, header) if folder else NO_TRACE

@@ -1,0 +1,54 @@
+"""The step trace (TUNEQ_STEP_TRACE_DIR): one line per step of a real run, with the collector's passes.
+
+On a CPU there are no device events, so the GPU columns are absent; the host's columns and the
+collector's passes are what these tests can check. The GPU columns are read by
+bench/service_throughput.py --trace on the lent GPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+
+import torch
+
+from trainer import profiling
+from trainer.job import run_job
+
+
+def test_a_traced_run_writes_a_header_and_every_step(make_spec, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(profiling.TRACE_ENV, str(tmp_path / "trace"))
+    spec = make_spec("lora", hyperparameters={"max_steps": 6}, schedule={"eval_every_steps": 3})
+    assert run_job(spec, tmp_path / "run") == 0
+    files = list((tmp_path / "trace").glob("steps-*-rank0.jsonl"))
+    assert len(files) == 1
+    header, *rows = [json.loads(line) for line in files[0].read_text().splitlines()]
+    assert header["method"] == "lora" and header["total_steps"] == 6 and header["out"] == str(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for r in rows:
+        assert r["queue_s"] > 0 and r["read_s"] >= 0 and isinstance(r["gc"], list)
+        assert "gpu_s" not in r  # no device events on a CPU
+
+
+def test_an_untraced_run_writes_nothing(make_spec, tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv(profiling.TRACE_ENV, raising=False)
+    assert profiling.step_trace(0, torch.device("cpu"), {}) is profiling.NO_TRACE
+    assert run_job(make_spec("lora", hyperparameters={"max_steps": 2}), tmp_path / "run") == 0
+    assert not list(tmp_path.rglob("steps-*.jsonl"))
+
+
+def test_a_collection_inside_a_step_is_counted_against_it(tmp_path) -> None:
+    trace = profiling.StepTrace(tmp_path, 0, torch.device("cpu"), {})
+    try:
+        trace.begin()
+        trace.queued(1)
+        trace.read()
+        trace.begin()
+        gc.collect(1)
+        trace.queued(2)
+        trace.read()
+    finally:
+        trace.close()
+    _, one, two = [json.loads(line) for line in next(tmp_path.glob("steps-*.jsonl")).read_text().splitlines()]
+    assert one["gc"] == [] and [g for g, _ in two["gc"]] == [1]
+    assert trace._collected not in gc.callbacks  # closed: the collector no longer calls it
