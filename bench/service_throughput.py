@@ -676,6 +676,49 @@ def report(args, result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def trace_report(args, result: dict, sampler) -> None:
+    """Each traced job's normal step and its slow ones (host_sampler.slow_steps), into the result
+    (job["trace"]) and a table of their own, <out>_trace.md; the samples into <out>_samples.json."""
+    from host_sampler import read_trace, slow_steps, step_columns
+
+    samples = {"gpu": sampler.gpu, "cpu": sampler.cpu, "names": sampler.names}
+    args.out.with_name(args.out.name + "_samples.json").write_text(json.dumps(samples))
+    jobs = [*result["service"], *(j for part in result["settings"].values() for j in part["jobs"])]
+    lines = [f"# Slow steps and what ran beside them ({result['device']}, {result['date']})", "",
+             "Every job's steps traced by the trainer (TUNEQ_STEP_TRACE_DIR): on the GPU's clock, the idle gap "
+             "before a step (the host late) and the step's own time; on the host's, the time to queue it and to read "
+             "the step before, and the collector's passes. GPU clocks and power from nvidia-smi every 100 ms, the "
+             "processes' CPU from /proc every 200 ms. A step is slow below 85 % of the median's tokens/s.", "",
+             "| job | steady steps' median: gap ms / GPU ms / queue ms / read ms | gc passes (s) | slow steps |",
+             "|---|---|---|---|"]
+    detail: list[str] = []
+    for job in jobs:
+        if not job.get("ok"):
+            continue
+        rows = read_trace(args.trace_dir, job.get("id") or str(args.work / job["name"]))
+        if rows is None:
+            continue
+        left_out = job.get("left_out_steps") or []
+        columns = step_columns(rows, left_out)
+        median, slow = slow_steps(rows, samples, left_out)
+        job["trace"] = {"columns": columns, "median_step_s": median, "slow": slow}
+        ms = lambda v: "—" if v is None else f"{v * 1000:.1f}"  # noqa: E731
+        lines.append(f"| {job['name']} | {ms(columns['gpu_gap_s'])} / {ms(columns['gpu_s'])} / {ms(columns['queue_s'])}"
+                     f" / {ms(columns['read_s'])} | {columns['gc_passes']} ({columns['gc_s']:.3f}) | {len(slow)} |")
+        for s in slow:
+            gcs = ", ".join(f"gen{g} {t * 1000:.0f} ms" for g, t in s["gc"]) or "none"
+            top = "; ".join(f"{name} {share:.0%}" for name, share in s["top_cpu"])
+            detail.append(f"| {job['name']} | {s['step']} | {s['share']:.2f} | {ms(s['gpu_gap_s'])} | {ms(s['gpu_s'])} | "
+                          f"{ms(s['queue_s'])} | {ms(s['read_s'])} | {gcs} | {s['sm_mhz']} | {s['power_w']} | "
+                          f"{' '.join(s['reasons']) or '—'} | {top} |")
+    if detail:
+        lines += ["", "| job | step | / median | gap ms | GPU ms | queue ms | read ms | gc | min SM MHz | max W | "
+                  "clock reasons | top CPU meanwhile |", "|---|---|---|---|---|---|---|---|---|---|---|---|", *detail]
+    text = "\n".join(lines) + "\n"
+    args.out.with_name(args.out.name + "_trace.md").write_text(text)
+    print(text)
+
+
 def report_again(args) -> int:
     """--report: the tables of an earlier run's .json again, steady statistics recomputed from its
     steps and every job's time estimate planned again from speeds.json as it is now (first refreshed
@@ -691,6 +734,9 @@ def report_again(args) -> int:
             j.update(steady_stats(j["step_tps"], j.get("left_out_steps") or []))
             if j.get("setting") in SETTINGS and "schedule" not in j:  # a run from before rows kept their schedule
                 j["schedule"] = default_schedule(args) if j["name"].endswith("-default") else {}
+    if sampler is not None:
+        sampler.__exit__(None, None, None)
+        trace_report(args, result, sampler)
     if args.record_speeds and not args.dry_run:
         record_speeds(args, jobs + saved.get("service", []), saved.get("date") or time.strftime("%Y-%m-%d"))
     config = model_config(args)
@@ -745,6 +791,9 @@ def main() -> int:
     p.add_argument("--no-step-bench", action="store_true",
                    help="build the model only, no step-bench rows (the service's ratio column stays empty)")
     p.add_argument("--profile", default="", help="a job to profile (steps 30..32)")
+    p.add_argument("--trace", action="store_true",
+                   help="trace every job's steps (TUNEQ_STEP_TRACE_DIR) and sample the GPU's clocks and the host's "
+                   "processes meanwhile; a third table lists each slow step, where its time went and what else ran")
     p.add_argument("--work", type=Path, default=Path("/tmp/tuneq-service-throughput"))
     p.add_argument("--out", type=Path, default=None,
                    help="default: bench/results/service_throughput_h100 (with --dry-run: service_throughput_cpu_dryrun)")
@@ -761,6 +810,7 @@ def main() -> int:
                    "(startup_runs), no GPU needed; the efficiencies and the checkpoint rate stay")
     args = p.parse_args()
     args.seq = 64 if args.dry_run else 2048
+    args.trace_dir = args.work / "trace"
     args.batch = args.batch or (2 if args.dry_run else 8)
     if args.dry_run:
         args.steps, args.bench_steps = min(args.steps, 8), 2
@@ -797,6 +847,15 @@ def main() -> int:
         benches = bench_rows(args, list(dict.fromkeys(settings + (["lora-fast"] if args.service else []))))
     data = write_text_data(model_dir, args.work / "train.jsonl", int(args.steps * args.batch * args.seq * 1.1))
     valid = write_text_data(model_dir, args.work / "valid.jsonl", 16 * args.seq, seed=1)
+    sampler = None
+    if args.trace:
+        from host_sampler import HostSampler
+
+        from trainer.profiling import TRACE_ENV
+
+        shutil.rmtree(args.trace_dir, ignore_errors=True)
+        os.environ[TRACE_ENV] = str(args.trace_dir)  # the stack's trainers and run_job's inherit it
+        sampler = HostSampler().__enter__()
     if args.service or args.service_settings:  # first: a fresh host's first job, as a user meets it
         result["service"] = service_jobs(args, model_dir, data)
         if "lora-fast" not in settings:
@@ -829,6 +888,9 @@ def main() -> int:
                 prof = args.work / f"profile-{setting}-{name}" / "profile-rank0.txt"
                 if prof.exists():
                     shutil.copy(prof, args.out.with_name(args.out.name + f"_profile_{setting}_{name}.txt"))
+    if sampler is not None:
+        sampler.__exit__(None, None, None)
+        trace_report(args, result, sampler)
     if args.record_speeds and not args.dry_run:
         record_speeds(args, [j for part in result["settings"].values() for j in part["jobs"]] + result["service"],
                       result["date"])
