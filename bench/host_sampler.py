@@ -156,6 +156,8 @@ def slow_steps(rows: list[dict], samples: dict, left_out: list[int], share: floa
         found.append({
             "step": r["step"], "share": median / wall[r["step"]], "gpu_gap_s": r.get("gpu_gap_s"), "gpu_s": r.get("gpu_s"),
             "queue_s": r["queue_s"], "read_s": r.get("read_s"), "gc": r.get("gc") or [],
+            "host_s": r.get("host_s") or {},
+            "allocs": [r.get(k) for k in ("device_allocs", "device_frees", "host_allocs")],
             "sm_mhz": min((g["clocks.sm"] for g in gpu if g.get("clocks.sm") is not None), default=None),
             "power_w": max((g["power.draw"] for g in gpu if g.get("power.draw") is not None), default=None),
             "reasons": sorted({g.get("reasons") for g in gpu if g.get("reasons")}),
@@ -170,6 +172,8 @@ def step_columns(rows: list[dict], left_out: list[int], first: int = 6) -> dict:
     def med(key: str) -> float | None:
         values = [r[key] for r in steady if r.get(key) is not None]
         return statistics.median(values) if values else None
-    return {k: med(k) for k in ("gpu_gap_s", "gpu_s", "queue_s", "read_s")} | {
+    regions = sorted({k for r in steady for k in r.get("host_s") or {}})
+    host = {k: statistics.median([(r.get("host_s") or {}).get(k, 0.0) for r in steady]) for k in regions}
+    return {k: med(k) for k in ("gpu_gap_s", "gpu_s", "queue_s", "read_s")} | {"host_s": host} | {
         "gc_passes": sum(len(r.get("gc") or []) for r in steady),
         "gc_s": sum(s for r in steady for _, s in (r.get("gc") or []))}

@@ -689,8 +689,8 @@ def trace_report(args, result: dict, sampler) -> None:
              "before a step (the host late) and the step's own time; on the host's, the time to queue it and to read "
              "the step before, and the collector's passes. GPU clocks and power from nvidia-smi every 100 ms, the "
              "processes' CPU from /proc every 200 ms. A step is slow below 85 % of the median's tokens/s.", "",
-             "| job | steady steps' median: gap ms / GPU ms / queue ms / read ms | gc passes (s) | slow steps |",
-             "|---|---|---|---|"]
+             "| job | steady steps' median: gap ms / GPU ms / queue ms / read ms | host ms by region | gc passes (s) | "
+             "slow steps |", "|---|---|---|---|---|"]
     detail: list[str] = []
     for job in jobs:
         if not job.get("ok"):
@@ -703,17 +703,21 @@ def trace_report(args, result: dict, sampler) -> None:
         median, slow = slow_steps(rows, samples, left_out)
         job["trace"] = {"columns": columns, "median_step_s": median, "slow": slow}
         ms = lambda v: "—" if v is None else f"{v * 1000:.1f}"  # noqa: E731
+        regions = lambda d: ", ".join(f"{k} {v * 1000:.1f}" for k, v in d.items()) or "—"  # noqa: E731
         lines.append(f"| {job['name']} | {ms(columns['gpu_gap_s'])} / {ms(columns['gpu_s'])} / {ms(columns['queue_s'])}"
-                     f" / {ms(columns['read_s'])} | {columns['gc_passes']} ({columns['gc_s']:.3f}) | {len(slow)} |")
+                     f" / {ms(columns['read_s'])} | {regions(columns['host_s'])} | {columns['gc_passes']} "
+                     f"({columns['gc_s']:.3f}) | {len(slow)} |")
         for s in slow:
             gcs = ", ".join(f"gen{g} {t * 1000:.0f} ms" for g, t in s["gc"]) or "none"
             top = "; ".join(f"{name} {share:.0%}" for name, share in s["top_cpu"])
             detail.append(f"| {job['name']} | {s['step']} | {s['share']:.2f} | {ms(s['gpu_gap_s'])} | {ms(s['gpu_s'])} | "
-                          f"{ms(s['queue_s'])} | {ms(s['read_s'])} | {gcs} | {s['sm_mhz']} | {s['power_w']} | "
+                          f"{ms(s['queue_s'])} | {ms(s['read_s'])} | {regions(s['host_s'])} | "
+                          f"{' / '.join(map(str, s['allocs']))} | {gcs} | {s['sm_mhz']} | {s['power_w']} | "
                           f"{' '.join(s['reasons']) or '—'} | {top} |")
     if detail:
-        lines += ["", "| job | step | / median | gap ms | GPU ms | queue ms | read ms | gc | min SM MHz | max W | "
-                  "clock reasons | top CPU meanwhile |", "|---|---|---|---|---|---|---|---|---|---|---|---|", *detail]
+        lines += ["", "| job | step | / median | gap ms | GPU ms | queue ms | read ms | host ms by region | "
+                  "cudaMalloc / cudaFree / pinned allocs | gc | min SM MHz | max W | clock reasons | top CPU meanwhile |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", *detail]
     text = "\n".join(lines) + "\n"
     args.out.with_name(args.out.name + "_trace.md").write_text(text)
     print(text)

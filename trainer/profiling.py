@@ -18,7 +18,8 @@ import gc
 import json
 import os
 import time
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,17 @@ ROWS = 30
 
 _OFF = nullcontext()
 _active: StepProfiler | None = None
+_tracing: StepTrace | None = None
 
 
 def region(name: str) -> AbstractContextManager[Any]:
-    """A labelled range in the profile while one is being recorded, else nothing."""
-    if _active is None or _active.profile is None:
-        return _OFF
-    return torch.profiler.record_function(name)
+    """A labelled range in the profile while one is being recorded; while a step trace is, the
+    host's seconds in it are added to the step's row; else nothing."""
+    if _active is not None and _active.profile is not None:
+        return torch.profiler.record_function(name)
+    if _tracing is not None:
+        return _tracing.timed(name)
+    return _OFF
 
 
 def parse_steps(raw: str) -> tuple[int, int] | None:
@@ -120,7 +125,10 @@ class StepTrace:
     start (the host was late), `gpu_s` how long the step took on the GPU from its start (starved
     mid-step if the host was slow to launch it). `queue_s` is the host's time to queue the step,
     `read_s` its time to read the step before (waiting for the GPU included), and `gc` the
-    collector's passes that ran meanwhile, as (generation, seconds)."""
+    collector's passes that ran meanwhile, as (generation, seconds). `host_s` splits the host's
+    time by the loop's regions (collate, forward_backward, clip, optimizer, log); `device_allocs`,
+    `device_frees` and `host_allocs` count the caching allocators' calls to the driver (cudaMalloc,
+    cudaFree, which waits for the device, and pinned host memory) during the step."""
 
     def __init__(self, folder: Path, rank: int, device: torch.device, header: dict[str, Any]) -> None:
         self.path = Path(folder) / f"steps-{os.getpid()}-rank{rank}.jsonl"
@@ -131,7 +139,25 @@ class StepTrace:
         self._gc: list[tuple[int, float]] = []
         self._gc_started = 0.0
         self._t0 = 0.0
+        self._regions: dict[str, float] = {}
+        self._counts = self._allocator_counts()
         gc.callbacks.append(self._collected)
+
+    def _allocator_counts(self) -> dict[str, int]:
+        if not self.cuda:
+            return {}
+        device = torch.cuda.memory_stats()
+        host = torch.cuda.host_memory_stats() if hasattr(torch.cuda, "host_memory_stats") else {}
+        return {"device_allocs": device.get("num_device_alloc", 0), "device_frees": device.get("num_device_free", 0),
+                "host_allocs": host.get("num_host_alloc", 0)}
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._regions[name] = self._regions.get(name, 0.0) + time.perf_counter() - started
 
     def _collected(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
@@ -160,10 +186,18 @@ class StepTrace:
 
     def read(self) -> None:
         """The step before has been read (and logged when due): what the host did after queueing."""
-        self.steps[-1]["read_s"] = round(time.perf_counter() - self._t0, 6)
-        self.steps[-1]["gc"], self._gc = self._gc, []
+        row = self.steps[-1]
+        row["read_s"] = round(time.perf_counter() - self._t0, 6)
+        row["gc"], self._gc = self._gc, []
+        row["host_s"], self._regions = {k: round(v, 6) for k, v in self._regions.items()}, {}
+        counts = self._allocator_counts()
+        row.update({k: v - self._counts.get(k, 0) for k, v in counts.items()})
+        self._counts = counts
 
     def close(self) -> None:
+        global _tracing
+        if _tracing is self:
+            _tracing = None
         gc.callbacks.remove(self._collected)
         if self.cuda and self._events:
             torch.cuda.synchronize()  # every event has happened: their times can be read
@@ -190,6 +224,9 @@ NO_TRACE = _NoTrace()
 
 
 def step_trace(rank: int, device: torch.device, header: dict[str, Any]) -> StepTrace | _NoTrace:
-    """The step trace the environment asks for (TRACE_ENV names its folder), or one that does nothing."""
+    """The step trace the environment asks for (TRACE_ENV names its folder), or one that does
+    nothing; while it is open, `region` times the loop's regions into it."""
+    global _tracing
     folder = os.environ.get(TRACE_ENV, "")
-    return StepTrace(Path(folder), rank, device, header) if folder else NO_TRACE
+    _tracing = StepTrace(Path(folder), rank, device, header) if folder else None
+    return _tracing or NO_TRACE

@@ -27,6 +27,9 @@ def test_a_traced_run_writes_a_header_and_every_step(make_spec, tmp_path, monkey
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     for r in rows:
         assert r["queue_s"] > 0 and r["read_s"] >= 0 and isinstance(r["gc"], list)
+        # The loop's regions are timed while a trace is open, and add up to no more than the step.
+        assert {"collate", "forward_backward", "optimizer", "log"} <= set(r["host_s"])
+        assert sum(v for k, v in r["host_s"].items() if k != "log") <= r["queue_s"]
         assert "gpu_s" not in r  # no device events on a CPU
 
 
@@ -52,3 +55,16 @@ def test_a_collection_inside_a_step_is_counted_against_it(tmp_path) -> None:
     _, one, two = [json.loads(line) for line in next(tmp_path.glob("steps-*.jsonl")).read_text().splitlines()]
     assert one["gc"] == [] and [g for g, _ in two["gc"]] == [1]
     assert trace._collected not in gc.callbacks  # closed: the collector no longer calls it
+
+
+def test_regions_are_timed_only_while_a_trace_is_open(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(profiling.TRACE_ENV, str(tmp_path))
+    trace = profiling.step_trace(0, torch.device("cpu"), {})
+    trace.begin()
+    with profiling.region("collate"):
+        pass
+    trace.queued(1)
+    trace.read()
+    trace.close()
+    assert set(trace.steps[0]["host_s"]) == {"collate"}
+    assert profiling.region("collate") is profiling._OFF  # closed: back to nothing
