@@ -140,6 +140,11 @@ def slow_steps(rows: list[dict], samples: dict, left_out: list[int], share: floa
     wall = {r["step"]: (r.get("gpu_gap_s") or 0.0) + r["gpu_s"] if "gpu_s" in r else r["queue_s"] for r in steady}
     median = statistics.median(wall.values())
     at = {r["step"]: r["at"] for r in rows}
+    # A normal step's stack samples, on average: what a slow step did more of stands out against it.
+    normal: dict[str, float] = {}
+    for r in steady:
+        for where, n in r.get("stacks") or []:
+            normal[where] = normal.get(where, 0.0) + n / len(steady)
     found = []
     for r in steady:
         if wall[r["step"]] <= median / share:
@@ -157,6 +162,7 @@ def slow_steps(rows: list[dict], samples: dict, left_out: list[int], share: floa
             "step": r["step"], "share": median / wall[r["step"]], "gpu_gap_s": r.get("gpu_gap_s"), "gpu_s": r.get("gpu_s"),
             "queue_s": r["queue_s"], "read_s": r.get("read_s"), "gc": r.get("gc") or [],
             "host_s": r.get("host_s") or {},
+            "extra_stacks": extra_samples(r.get("stacks") or [], normal),
             "allocs": [r.get(k) for k in ("device_allocs", "device_frees", "host_allocs")],
             "sm_mhz": min((g["clocks.sm"] for g in gpu if g.get("clocks.sm") is not None), default=None),
             "power_w": max((g["power.draw"] for g in gpu if g.get("power.draw") is not None), default=None),
@@ -164,6 +170,16 @@ def slow_steps(rows: list[dict], samples: dict, left_out: list[int], share: floa
             "top_cpu": sorted(load.items(), key=lambda kv: -kv[1])[:4],
         })
     return median, found
+
+
+def extra_samples(stacks: list, normal: dict[str, float], keep: int = 3) -> list[tuple[str, float]]:
+    """The samples a step had more of than a normal step would have had in as long a time: a
+    normal step's counts scaled to this step's number of samples, so that a step uniformly slower
+    (every thread sampled more often, the idle ones too) shows nothing, and a hot spot shows."""
+    total, usual = sum(n for _, n in stacks), sum(normal.values())
+    scale = total / usual if usual else 0.0
+    excess = [(where, n - normal.get(where, 0.0) * scale) for where, n in stacks]
+    return sorted(excess, key=lambda kv: -kv[1])[:keep]
 
 
 def step_columns(rows: list[dict], left_out: list[int], first: int = 6) -> dict:

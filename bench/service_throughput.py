@@ -703,6 +703,7 @@ def trace_report(args, result: dict, sampler) -> None:
         median, slow = slow_steps(rows, samples, left_out)
         job["trace"] = {"columns": columns, "median_step_s": median, "slow": slow}
         ms = lambda v: "—" if v is None else f"{v * 1000:.1f}"  # noqa: E731
+        extra = lambda xs: "; ".join(f"+{n:.0f} {w}" for w, n in xs if n >= 1) or "—"  # noqa: E731
         regions = lambda d: ", ".join(f"{k} {v * 1000:.1f}" for k, v in d.items()) or "—"  # noqa: E731
         lines.append(f"| {job['name']} | {ms(columns['gpu_gap_s'])} / {ms(columns['gpu_s'])} / {ms(columns['queue_s'])}"
                      f" / {ms(columns['read_s'])} | {regions(columns['host_s'])} | {columns['gc_passes']} "
@@ -713,11 +714,12 @@ def trace_report(args, result: dict, sampler) -> None:
             detail.append(f"| {job['name']} | {s['step']} | {s['share']:.2f} | {ms(s['gpu_gap_s'])} | {ms(s['gpu_s'])} | "
                           f"{ms(s['queue_s'])} | {ms(s['read_s'])} | {regions(s['host_s'])} | "
                           f"{' / '.join(map(str, s['allocs']))} | {gcs} | {s['sm_mhz']} | {s['power_w']} | "
-                          f"{' '.join(s['reasons']) or '—'} | {top} |")
+                          f"{' '.join(s['reasons']) or '—'} | {top} | {extra(s['extra_stacks'])} |")
     if detail:
         lines += ["", "| job | step | / median | gap ms | GPU ms | queue ms | read ms | host ms by region | "
-                  "cudaMalloc / cudaFree / pinned allocs | gc | min SM MHz | max W | clock reasons | top CPU meanwhile |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", *detail]
+                  "cudaMalloc / cudaFree / pinned allocs | gc | min SM MHz | max W | clock reasons | top CPU meanwhile | "
+                  "stack samples above a normal step's |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+                  *detail]
     text = "\n".join(lines) + "\n"
     args.out.with_name(args.out.name + "_trace.md").write_text(text)
     print(text)
@@ -798,6 +800,9 @@ def main() -> int:
     p.add_argument("--trace", action="store_true",
                    help="trace every job's steps (TUNEQ_STEP_TRACE_DIR) and sample the GPU's clocks and the host's "
                    "processes meanwhile; a third table lists each slow step, where its time went and what else ran")
+    p.add_argument("--trace-stacks", type=float, default=0, metavar="MS",
+                   help="with --trace: the trainers also sample their threads' Python stacks every MS milliseconds "
+                   "(slows the host a little); each slow step lists the samples it had more of than a normal step")
     p.add_argument("--work", type=Path, default=Path("/tmp/tuneq-service-throughput"))
     p.add_argument("--out", type=Path, default=None,
                    help="default: bench/results/service_throughput_h100 (with --dry-run: service_throughput_cpu_dryrun)")
@@ -855,10 +860,12 @@ def main() -> int:
     if args.trace:
         from host_sampler import HostSampler
 
-        from trainer.profiling import TRACE_ENV
+        from trainer.profiling import STACKS_ENV, TRACE_ENV
 
         shutil.rmtree(args.trace_dir, ignore_errors=True)
         os.environ[TRACE_ENV] = str(args.trace_dir)  # the stack's trainers and run_job's inherit it
+        if args.trace_stacks:
+            os.environ[STACKS_ENV] = str(args.trace_stacks)
         sampler = HostSampler().__enter__()
     if args.service or args.service_settings:  # first: a fresh host's first job, as a user meets it
         result["service"] = service_jobs(args, model_dir, data)

@@ -17,7 +17,10 @@ from __future__ import annotations
 import gc
 import json
 import os
+import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -28,6 +31,9 @@ import torch
 STEPS_ENV = "TUNEQ_PROFILE_STEPS"
 DIR_ENV = "TUNEQ_PROFILE_DIR"
 TRACE_ENV = "TUNEQ_STEP_TRACE_DIR"
+STACKS_ENV = "TUNEQ_STEP_TRACE_STACKS_MS"
+STACK_FRAMES = 3  # innermost frames that name a sample
+STACK_ROWS = 12  # a step's most frequent samples kept
 ROWS = 30
 
 _OFF = nullcontext()
@@ -128,7 +134,12 @@ class StepTrace:
     collector's passes that ran meanwhile, as (generation, seconds). `host_s` splits the host's
     time by the loop's regions (collate, forward_backward, clip, optimizer, log); `device_allocs`,
     `device_frees` and `host_allocs` count the caching allocators' calls to the driver (cudaMalloc,
-    cudaFree, which waits for the device, and pinned host memory) during the step."""
+    cudaFree, which waits for the device, and pinned host memory) during the step.
+
+    With TUNEQ_STEP_TRACE_STACKS_MS set, a thread also samples every thread's innermost Python
+    frames at that interval, and `stacks` keeps a step's most frequent ones with their counts: what
+    the host was busy with when a step ran long. The sampling takes the interpreter's lock each
+    time, so it slows the host a little; it is off unless asked for."""
 
     def __init__(self, folder: Path, rank: int, device: torch.device, header: dict[str, Any]) -> None:
         self.path = Path(folder) / f"steps-{os.getpid()}-rank{rank}.jsonl"
@@ -141,7 +152,30 @@ class StepTrace:
         self._t0 = 0.0
         self._regions: dict[str, float] = {}
         self._counts = self._allocator_counts()
+        self._stacks: Counter[str] = Counter()
+        self._sampling = threading.Event()
+        self._sampler: threading.Thread | None = None
         gc.callbacks.append(self._collected)
+        every_ms = float(os.environ.get(STACKS_ENV) or 0)
+        if every_ms > 0:
+            self._sampler = threading.Thread(target=self._sample, args=(every_ms / 1000,), name="tuneq-step-stacks",
+                                             daemon=True)
+            self._sampler.start()
+
+    def _sample(self, every_s: float) -> None:
+        me = threading.get_ident()
+        names = {t.ident: t.name for t in threading.enumerate()}
+        while not self._sampling.wait(every_s):
+            for ident, frame in sys._current_frames().items():
+                if ident == me:
+                    continue
+                where = []
+                while frame is not None and len(where) < STACK_FRAMES:
+                    where.append(f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_code.co_name}:{frame.f_lineno}")
+                    frame = frame.f_back
+                if ident not in names:
+                    names = {t.ident: t.name for t in threading.enumerate()}
+                self._stacks[f"[{names.get(ident, ident)}] " + " < ".join(where)] += 1
 
     def _allocator_counts(self) -> dict[str, int]:
         if not self.cuda:
@@ -190,6 +224,9 @@ class StepTrace:
         row["read_s"] = round(time.perf_counter() - self._t0, 6)
         row["gc"], self._gc = self._gc, []
         row["host_s"], self._regions = {k: round(v, 6) for k, v in self._regions.items()}, {}
+        stacks, self._stacks = self._stacks, Counter()
+        if stacks:
+            row["stacks"] = stacks.most_common(STACK_ROWS)
         counts = self._allocator_counts()
         row.update({k: v - self._counts.get(k, 0) for k, v in counts.items()})
         self._counts = counts
@@ -198,6 +235,9 @@ class StepTrace:
         global _tracing
         if _tracing is self:
             _tracing = None
+        self._sampling.set()
+        if self._sampler is not None:
+            self._sampler.join(5)
         gc.callbacks.remove(self._collected)
         if self.cuda and self._events:
             torch.cuda.synchronize()  # every event has happened: their times can be read

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from host_sampler import HostSampler, slow_steps, step_columns  # noqa: E402
+from host_sampler import HostSampler, extra_samples, slow_steps, step_columns  # noqa: E402
 
 
 def _rows(n: int, slow: dict[int, float]) -> list[dict]:
@@ -51,3 +51,12 @@ def test_the_sampler_sees_a_busy_process() -> None:
     shares = [c["busy"].get(busy.pid, 0.0) for c in sampler.cpu]
     assert len(sampler.cpu) >= 3 and max(shares) > 0.5
     assert "while True" in sampler.names[busy.pid]
+
+
+def test_a_hot_spot_stands_out_and_a_uniform_slowdown_does_not() -> None:
+    normal = {"[MainThread] launch": 50.0, "[watch] sleep": 50.0}
+    uniform = [["[MainThread] launch", 60], ["[watch] sleep", 60]]
+    assert all(abs(n) < 1e-9 for _, n in extra_samples(uniform, normal))
+    hot = [["[MainThread] launch", 50], ["[MainThread] compile", 20], ["[watch] sleep", 60]]
+    where, n = extra_samples(hot, normal)[0]
+    assert where == "[MainThread] compile" and n == 20

@@ -68,3 +68,15 @@ def test_regions_are_timed_only_while_a_trace_is_open(tmp_path, monkeypatch) -> 
     trace.close()
     assert set(trace.steps[0]["host_s"]) == {"collate"}
     assert profiling.region("collate") is profiling._OFF  # closed: back to nothing
+
+
+def test_stack_samples_name_what_the_host_was_doing(make_spec, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(profiling.TRACE_ENV, str(tmp_path / "trace"))
+    monkeypatch.setenv(profiling.STACKS_ENV, "1")
+    assert run_job(make_spec("lora", hyperparameters={"max_steps": 4}), tmp_path / "run") == 0
+    _, *rows = [json.loads(x) for x in next((tmp_path / "trace").glob("steps-*.jsonl")).read_text().splitlines()]
+    samples = [where for r in rows for where, _ in r.get("stacks", [])]
+    assert any(where.startswith("[MainThread] ") for where in samples)
+    # The main thread spends its steps in the model's forward and backward, whose frames are torch's.
+    assert sum(n for r in rows for where, n in r.get("stacks", []) if ".py:" in where) >= 4
+    assert not any(t.name == "tuneq-step-stacks" for t in __import__("threading").enumerate())
