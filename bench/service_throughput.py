@@ -253,6 +253,8 @@ def startup_runs(gpu: str, own: tuple[str, dict] | None = None,
         except ValueError:
             continue
         found = speeds.gpu_entry(result.get("device") or "")
+        if (result.get("args") or {}).get("trace_stacks_ms"):
+            continue  # the trainers sampled their own stacks: not the path a served job takes
         if found and entry and found[0] == entry[0] and any("ready_s" in j for j in result.get("service") or []):
             runs[path.stem] = result
     if own is not None:
@@ -683,6 +685,20 @@ def trace_report(args, result: dict, sampler) -> None:
 
     samples = {"gpu": sampler.gpu, "cpu": sampler.cpu, "names": sampler.names}
     args.out.with_name(args.out.name + "_samples.json").write_text(json.dumps(samples))
+    for job in [*result["service"], *(j for part in result["settings"].values() for j in part["jobs"])]:
+        rows = read_trace(args.trace_dir, job.get("id") or str(args.work / job["name"])) if job.get("ok") else None
+        if rows is None:
+            continue
+        left_out = job.get("left_out_steps") or []
+        median, slow = slow_steps(rows, samples, left_out)
+        job["trace"] = {"columns": step_columns(rows, left_out), "median_step_s": median, "slow": slow}
+    text = trace_tables(result)
+    args.out.with_name(args.out.name + "_trace.md").write_text(text)
+    print(text)
+
+
+def trace_tables(result: dict) -> str:
+    """<out>_trace.md: the traced jobs' normal steps, then each slow step (job["trace"])."""
     jobs = [*result["service"], *(j for part in result["settings"].values() for j in part["jobs"])]
     lines = [f"# Slow steps and what ran beside them ({result['device']}, {result['date']})", "",
              "Every job's steps traced by the trainer (TUNEQ_STEP_TRACE_DIR): on the GPU's clock, the idle gap "
@@ -691,38 +707,30 @@ def trace_report(args, result: dict, sampler) -> None:
              "processes' CPU from /proc every 200 ms. A step is slow below 85 % of the median's tokens/s.", "",
              "| job | steady steps' median: gap ms / GPU ms / queue ms / read ms | host ms by region | gc passes (s) | "
              "slow steps |", "|---|---|---|---|---|"]
+    ms = lambda v: "—" if v is None else f"{v * 1000:.1f}"  # noqa: E731
+    extra = lambda xs: "; ".join(f"+{n:.0f} {w}" for w, n in xs if n >= 1) or "—"  # noqa: E731
+    regions = lambda d: ", ".join(f"{k} {v * 1000:.1f}" for k, v in d.items()) or "—"  # noqa: E731
     detail: list[str] = []
     for job in jobs:
-        if not job.get("ok"):
+        if "trace" not in job:
             continue
-        rows = read_trace(args.trace_dir, job.get("id") or str(args.work / job["name"]))
-        if rows is None:
-            continue
-        left_out = job.get("left_out_steps") or []
-        columns = step_columns(rows, left_out)
-        median, slow = slow_steps(rows, samples, left_out)
-        job["trace"] = {"columns": columns, "median_step_s": median, "slow": slow}
-        ms = lambda v: "—" if v is None else f"{v * 1000:.1f}"  # noqa: E731
-        extra = lambda xs: "; ".join(f"+{n:.0f} {w}" for w, n in xs if n >= 1) or "—"  # noqa: E731
-        regions = lambda d: ", ".join(f"{k} {v * 1000:.1f}" for k, v in d.items()) or "—"  # noqa: E731
+        columns, slow = job["trace"]["columns"], job["trace"]["slow"]
         lines.append(f"| {job['name']} | {ms(columns['gpu_gap_s'])} / {ms(columns['gpu_s'])} / {ms(columns['queue_s'])}"
-                     f" / {ms(columns['read_s'])} | {regions(columns['host_s'])} | {columns['gc_passes']} "
+                     f" / {ms(columns['read_s'])} | {regions(columns.get('host_s') or {})} | {columns['gc_passes']} "
                      f"({columns['gc_s']:.3f}) | {len(slow)} |")
         for s in slow:
             gcs = ", ".join(f"gen{g} {t * 1000:.0f} ms" for g, t in s["gc"]) or "none"
             top = "; ".join(f"{name} {share:.0%}" for name, share in s["top_cpu"])
             detail.append(f"| {job['name']} | {s['step']} | {s['share']:.2f} | {ms(s['gpu_gap_s'])} | {ms(s['gpu_s'])} | "
-                          f"{ms(s['queue_s'])} | {ms(s['read_s'])} | {regions(s['host_s'])} | "
-                          f"{' / '.join(map(str, s['allocs']))} | {gcs} | {s['sm_mhz']} | {s['power_w']} | "
-                          f"{' '.join(s['reasons']) or '—'} | {top} | {extra(s['extra_stacks'])} |")
+                          f"{ms(s['queue_s'])} | {ms(s['read_s'])} | {regions(s.get('host_s') or {})} | "
+                          f"{' / '.join(map(str, s.get('allocs') or []))} | {gcs} | {s['sm_mhz']} | {s['power_w']} | "
+                          f"{' '.join(s['reasons']) or '—'} | {top} | {extra(s.get('extra_stacks') or [])} |")
     if detail:
         lines += ["", "| job | step | / median | gap ms | GPU ms | queue ms | read ms | host ms by region | "
                   "cudaMalloc / cudaFree / pinned allocs | gc | min SM MHz | max W | clock reasons | top CPU meanwhile | "
                   "stack samples above a normal step's |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
                   *detail]
-    text = "\n".join(lines) + "\n"
-    args.out.with_name(args.out.name + "_trace.md").write_text(text)
-    print(text)
+    return "\n".join(lines) + "\n"
 
 
 def report_again(args) -> int:
@@ -740,9 +748,8 @@ def report_again(args) -> int:
             j.update(steady_stats(j["step_tps"], j.get("left_out_steps") or []))
             if j.get("setting") in SETTINGS and "schedule" not in j:  # a run from before rows kept their schedule
                 j["schedule"] = default_schedule(args) if j["name"].endswith("-default") else {}
-    if sampler is not None:
-        sampler.__exit__(None, None, None)
-        trace_report(args, result, sampler)
+    if any("trace" in j for j in jobs + saved.get("service", [])):
+        args.out.with_name(args.out.name + "_trace.md").write_text(trace_tables(saved))
     if args.record_speeds and not args.dry_run:
         record_speeds(args, jobs + saved.get("service", []), saved.get("date") or time.strftime("%Y-%m-%d"))
     config = model_config(args)
@@ -836,7 +843,9 @@ def main() -> int:
     args.device_name = device if device != "cpu" else DRY_RUN_GPU
     settings = [x for x in args.settings.split(",") if x]
     result: dict = {"device": device, "date": time.strftime("%Y-%m-%d"),
-                    "args": {"steps": args.steps, "batch": args.batch, "seq": args.seq}, "settings": {}, "service": [],
+                    "args": {"steps": args.steps, "batch": args.batch, "seq": args.seq,
+                             **({"trace_stacks_ms": args.trace_stacks} if args.trace_stacks else {})},
+                    "settings": {}, "service": [],
                     "trl": []}
 
     def save() -> None:

@@ -44,6 +44,9 @@ def test_only_runs_of_that_gpu_model_whose_stack_was_waited_ready_are_pooled(tmp
     (tmp_path / "service_throughput_h100_x.json").write_text(json.dumps(ready))
     (tmp_path / "service_throughput_h100_old.json").write_text(json.dumps(older))
     (tmp_path / "service_throughput_h200.json").write_text(json.dumps(_run("NVIDIA H200", [], [_served(3.0, 1.5)])))
+    sampled = _run(H100, [_fresh(3.0, 12.0)], [_served(3.0, 1.5)])
+    sampled["args"] = {"trace_stacks_ms": 5}  # its trainers sampled their own stacks
+    (tmp_path / "service_throughput_h100_stacks.json").write_text(json.dumps(sampled))
     own = ("service_throughput_h100_new", _run(H100, [], []))
     assert [name for name, _ in startup_runs(H100, own, folder=tmp_path)] == [
         "service_throughput_h100_new", "service_throughput_h100_x"]
