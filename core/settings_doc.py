@@ -64,6 +64,8 @@ them:
 | `TUNEQ_CE_CHUNK_TOKENS=N` | Force the number of tokens the chunked loss handles at a time. |
 | `TUNEQ_GPU_PEAK_TFLOPS=X` | The per-GPU bf16 peak that the reported MFU divides by. |
 | `TUNEQ_PROFILE_STEPS=a:b`, `TUNEQ_PROFILE_DIR=DIR` | Run steps a..b-1 under the torch profiler and write a table per rank into DIR. |
+| `TUNEQ_STEP_TRACE_DIR=DIR` | Write every step's GPU idle gap and GPU time, the host's time per loop region, the collector's passes and the allocators' driver calls into DIR (`steps-<pid>-rank<r>.jsonl`), for finding why a step was slow. |
+| `TUNEQ_STEP_TRACE_STACKS_MS=N` | With the step trace: also sample the threads' Python stacks every N ms (this slows a host-bound step). |
 
 A worker started with `--gpus N` passes it on as `TUNEQ_GPUS`, the same setting as above.
 """
