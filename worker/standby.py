@@ -16,8 +16,7 @@ two (standby_trainers above the GPU count): a job submitted as the one before it
 second, which finished importing long before. A job that took a GPU's last standby refills it at
 its first step instead (not before: the imports would compete with the job's start), so that the
 next job finds one importing. While the GPU still has a standby, the refill waits for the job's
-end: its imports take a CPU for about as long as a short job runs, and a job whose steps the CPU
-paces (QLoRA's) may run unevenly beside them.
+end: its imports take a CPU for about as long as a short job runs, and no job needs it sooner.
 """
 
 from __future__ import annotations
