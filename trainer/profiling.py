@@ -240,12 +240,15 @@ class StepTrace:
             self._sampler.join(5)
         gc.callbacks.remove(self._collected)
         if self.cuda and self._events:
-            torch.cuda.synchronize()  # every event has happened: their times can be read
-            previous_end = None
-            for row, (start, end) in zip(self.steps, self._events):
-                row["gpu_s"] = start.elapsed_time(end) / 1000.0
-                row["gpu_gap_s"] = previous_end.elapsed_time(start) / 1000.0 if previous_end is not None else None
-                previous_end = end
+            try:
+                torch.cuda.synchronize()  # every event has happened: their times can be read
+                previous_end = None
+                for row, (start, end) in zip(self.steps, self._events):
+                    row["gpu_s"] = start.elapsed_time(end) / 1000.0
+                    row["gpu_gap_s"] = previous_end.elapsed_time(start) / 1000.0 if previous_end is not None else None
+                    previous_end = end
+            except RuntimeError as exc:  # a run that ended in a CUDA error: keep the host's columns, not hide it
+                self.header["gpu_columns"] = f"unavailable: {exc}"[:200]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lines = [json.dumps(self.header)] + [json.dumps(row) for row in self.steps]
         self.path.write_text("\n".join(lines) + "\n")
