@@ -25,6 +25,8 @@ rate into trainer/planning/speeds.json.
     python bench/service_throughput.py --report bench/results/service_throughput_h100.json --record-speeds
                                                             # no GPU: refresh speeds.json from a run, replan
     python bench/service_throughput.py --fit-startup H100   # no GPU: refit only the start-up, from every run on record
+    python bench/service_throughput.py --no-step-bench --settings "" --service-settings qlora-lean,qlora-lean --trace
+                                                            # each slow step, where its time went, what ran beside it
 """
 
 from __future__ import annotations
