@@ -24,6 +24,23 @@ CPU_EVERY_S = 0.2
 TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
+def _host_times() -> tuple[float, float]:
+    """(all CPU time, the part a hypervisor gave other guests: steal), in ticks, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return float(sum(fields[:8])), float(fields[7]) if len(fields) > 7 else 0.0
+
+
+def _preempted(pid: int) -> int | None:
+    """How often the process's main thread was switched out while it could have run."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("nonvoluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def _cpu_times() -> dict[int, tuple[float, str]]:
     """pid -> (CPU seconds so far, command name) for every process /proc shows."""
     out: dict[int, tuple[float, str]] = {}
@@ -46,7 +63,9 @@ class HostSampler:
 
     def __init__(self) -> None:
         self.gpu: list[dict] = []
-        self.cpu: list[dict] = []  # {"at", "busy": {pid: cpu share of the interval}}
+        # {"at", "busy": {pid: CPU share of the interval}, "steal": the host's share stolen by the
+        # hypervisor, "preempted": {pid: its main thread's involuntary switches, for busy pids}}
+        self.cpu: list[dict] = []
         self.names: dict[int, str] = {}
         self._stop = threading.Event()
         self._proc: subprocess.Popen | None = None
@@ -90,14 +109,19 @@ class HostSampler:
             self._add_gpu(line)
 
     def _read_cpu(self) -> None:
-        before, then = _cpu_times(), time.time()
+        before, then, host = _cpu_times(), time.time(), _host_times()
+        switches: dict[int, int] = {}
         while not self._stop.wait(CPU_EVERY_S):
-            now_times, now = _cpu_times(), time.time()
+            now_times, now, host_now = _cpu_times(), time.time(), _host_times()
             busy = {pid: (t - before[pid][0]) / (now - then) for pid, (t, _) in now_times.items()
                     if pid in before and t > before[pid][0]}
             self.names.update({pid: name for pid, (_, name) in now_times.items() if pid in busy})
-            self.cpu.append({"at": now, "busy": busy})
-            before, then = now_times, now
+            total = host_now[0] - host[0]
+            counts = {pid: n for pid in busy if busy[pid] > 0.5 and (n := _preempted(pid)) is not None}
+            self.cpu.append({"at": now, "busy": busy, "steal": (host_now[1] - host[1]) / total if total else 0.0,
+                             "preempted": {pid: n - switches[pid] for pid, n in counts.items() if pid in switches}})
+            switches = counts
+            before, then, host = now_times, now, host_now
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
@@ -168,8 +192,20 @@ def slow_steps(rows: list[dict], samples: dict, left_out: list[int], share: floa
             "power_w": max((g["power.draw"] for g in gpu if g.get("power.draw") is not None), default=None),
             "reasons": sorted({g.get("reasons") for g in gpu if g.get("reasons")}),
             "top_cpu": sorted(load.items(), key=lambda kv: -kv[1])[:4],
+            "steal": max((c["steal"] for c in cpu if "steal" in c), default=None),
+            "preempted": _preempted_in(cpu, samples.get("names", {})),
         })
     return median, found
+
+
+def _preempted_in(cpu: list[dict], names: dict) -> list[tuple[str, int]]:
+    """Involuntary switches of the busy processes' main threads over some samples, most first."""
+    total: dict[str, int] = {}
+    for c in cpu:
+        for pid, n in (c.get("preempted") or {}).items():
+            key = f"{_short(names.get(str(pid)) or names.get(pid) or str(pid))} [{pid}]"
+            total[key] = total.get(key, 0) + n
+    return sorted(total.items(), key=lambda kv: -kv[1])[:2]
 
 
 def extra_samples(stacks: list, normal: dict[str, float], keep: int = 3) -> list[tuple[str, float]]:

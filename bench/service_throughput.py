@@ -706,11 +706,14 @@ def trace_tables(result: dict) -> str:
              "Every job's steps traced by the trainer (TUNEQ_STEP_TRACE_DIR): on the GPU's clock, the idle gap "
              "before a step (the host late) and the step's own time; on the host's, the time to queue it and to read "
              "the step before, and the collector's passes. GPU clocks and power from nvidia-smi every 100 ms, the "
-             "processes' CPU from /proc every 200 ms. A step is slow below 85 % of the median's tokens/s.", "",
+             "processes' CPU from /proc every 200 ms, with the host's CPU time stolen by the hypervisor and the "
+             "involuntary switches of the busy processes' main threads (where the run recorded them). A step is slow "
+             "below 85 % of the median's tokens/s.", "",
              "| job | steady steps' median: gap ms / GPU ms / queue ms / read ms | host ms by region | gc passes (s) | "
              "slow steps |", "|---|---|---|---|---|"]
     ms = lambda v: "—" if v is None else f"{v * 1000:.1f}"  # noqa: E731
     extra = lambda xs: "; ".join(f"+{n:.0f} {w}" for w, n in xs if n >= 1) or "—"  # noqa: E731
+    steal = lambda v: "—" if v is None else f"{v:.1%}"  # noqa: E731
     regions = lambda d: ", ".join(f"{k} {v * 1000:.1f}" for k, v in d.items()) or "—"  # noqa: E731
     detail: list[str] = []
     for job in jobs:
@@ -726,11 +729,14 @@ def trace_tables(result: dict) -> str:
             detail.append(f"| {job['name']} | {s['step']} | {s['share']:.2f} | {ms(s['gpu_gap_s'])} | {ms(s['gpu_s'])} | "
                           f"{ms(s['queue_s'])} | {ms(s['read_s'])} | {regions(s.get('host_s') or {})} | "
                           f"{' / '.join(map(str, s.get('allocs') or []))} | {gcs} | {s['sm_mhz']} | {s['power_w']} | "
-                          f"{' '.join(s['reasons']) or '—'} | {top} | {extra(s.get('extra_stacks') or [])} |")
+                          f"{' '.join(s['reasons']) or '—'} | {top} | {steal(s.get('steal'))} | "
+                          f"{'; '.join(f'{w} {n}' for w, n in s.get('preempted') or []) or '—'} | "
+                          f"{extra(s.get('extra_stacks') or [])} |")
     if detail:
         lines += ["", "| job | step | / median | gap ms | GPU ms | queue ms | read ms | host ms by region | "
                   "cudaMalloc / cudaFree / pinned allocs | gc | min SM MHz | max W | clock reasons | top CPU meanwhile | "
-                  "stack samples above a normal step's |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+                  "max steal | main threads preempted | stack samples above a normal step's |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
                   *detail]
     return "\n".join(lines) + "\n"
 

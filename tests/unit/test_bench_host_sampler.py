@@ -27,6 +27,7 @@ def test_a_step_the_gpu_waited_for_is_slow_and_names_what_ran_then() -> None:
     # 0.30 / 0.42 = 0.71 is slow; 0.30 / 0.32 = 0.94 is not.
     assert [s["step"] for s in slow] == [20]
     s = slow[0]
+    assert s["steal"] is None and s["preempted"] == []  # a run from before they were sampled
     assert abs(s["share"] - 0.30 / 0.42) < 1e-9 and s["gc"] == [[2, 0.09]] and s["sm_mhz"] == 1980.0
     assert s["top_cpu"][0][0] == "worker.standby [77]" and abs(s["top_cpu"][0][1] - 0.9) < 1e-9
 
@@ -50,6 +51,9 @@ def test_the_sampler_sees_a_busy_process() -> None:
         busy.wait()
     shares = [c["busy"].get(busy.pid, 0.0) for c in sampler.cpu]
     assert len(sampler.cpu) >= 3 and max(shares) > 0.5
+    assert all(0.0 <= c["steal"] <= 1.0 for c in sampler.cpu)
+    # The busy process's main thread is counted (from its second busy sample on).
+    assert any(busy.pid in c["preempted"] for c in sampler.cpu)
     assert "while True" in sampler.names[busy.pid]
 
 
