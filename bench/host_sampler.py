@@ -21,6 +21,7 @@ from pathlib import Path
 GPU_FIELDS = ("clocks.sm", "clocks.mem", "power.draw", "temperature.gpu", "utilization.gpu")
 REASONS = ("clocks_event_reasons.active", "clocks_throttle_reasons.active")  # newer drivers' name first
 CPU_EVERY_S = 0.2
+PREEMPT_MIN_BUSY = 0.2  # processes busier than this share of a CPU have their switches counted
 TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -117,7 +118,7 @@ class HostSampler:
                     if pid in before and t > before[pid][0]}
             self.names.update({pid: name for pid, (_, name) in now_times.items() if pid in busy})
             total = host_now[0] - host[0]
-            counts = {pid: n for pid in busy if busy[pid] > 0.5 and (n := _preempted(pid)) is not None}
+            counts = {pid: n for pid in busy if busy[pid] > PREEMPT_MIN_BUSY and (n := _preempted(pid)) is not None}
             self.cpu.append({"at": now, "busy": busy, "steal": (host_now[1] - host[1]) / total if total else 0.0,
                              "preempted": {pid: n - switches[pid] for pid, n in counts.items() if pid in switches}})
             switches = counts

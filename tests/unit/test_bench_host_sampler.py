@@ -45,7 +45,7 @@ def test_the_sampler_sees_a_busy_process() -> None:
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         with HostSampler() as sampler:
-            time.sleep(1.0)
+            time.sleep(1.5)
     finally:
         busy.kill()
         busy.wait()
