@@ -21,7 +21,7 @@ from pathlib import Path
 GPU_FIELDS = ("clocks.sm", "clocks.mem", "power.draw", "temperature.gpu", "utilization.gpu")
 REASONS = ("clocks_event_reasons.active", "clocks_throttle_reasons.active")  # newer drivers' name first
 CPU_EVERY_S = 0.2
-PREEMPT_MIN_BUSY = 0.2  # processes busier than this share of a CPU have their switches counted
+PREEMPT_MIN_BUSY = 0.1  # processes busier than this share of a CPU have their switches counted
 TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 

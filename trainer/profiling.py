@@ -132,9 +132,10 @@ class StepTrace:
     mid-step if the host was slow to launch it). `queue_s` is the host's time to queue the step,
     `read_s` its time to read the step before (waiting for the GPU included), and `gc` the
     collector's passes that ran meanwhile, as (generation, seconds). `host_s` splits the host's
-    time by the loop's regions (collate, forward_backward, clip, optimizer, log); `device_allocs`,
-    `device_frees` and `host_allocs` count the caching allocators' calls to the driver (cudaMalloc,
-    cudaFree, which waits for the device, and pinned host memory) during the step.
+    time by the loop's regions (collate, forward_backward and all_reduce inside it, clip, optimizer,
+    log); `device_allocs`, `device_frees` and `host_allocs` count the caching allocators' calls to
+    the driver (cudaMalloc, cudaFree, which waits for the device, and pinned host memory) during
+    the step.
 
     With TUNEQ_STEP_TRACE_STACKS_MS set, a thread also samples every thread's innermost Python
     frames at that interval, and `stacks` keeps a step's most frequent ones with their counts: what
