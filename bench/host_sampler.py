@@ -1,8 +1,9 @@
 """What the host and the GPU were doing while a job's steps ran, for explaining its slow steps.
 
 `HostSampler` samples, while it is open, the GPU's clocks, power, temperature, utilisation and
-clock-limit reasons (nvidia-smi every 100 ms) and every process's CPU time (/proc every 200 ms),
-each sample stamped with the host's clock. `slow_steps` joins that with a job's step trace (the
+clock-limit reasons (nvidia-smi every 100 ms) and every process's CPU time, the host's CPU time
+stolen by a hypervisor and the busy processes' involuntary switches (/proc every 200 ms), each
+sample stamped with the host's clock. `slow_steps` joins that with a job's step trace (the
 trainer's TUNEQ_STEP_TRACE_DIR, trainer.profiling.StepTrace) and lists, for each step slower than
 a share of the median, where its time went (the GPU idle waiting for the host, or busy) and what
 else ran then.

@@ -686,7 +686,7 @@ def trace_report(args, result: dict, sampler) -> None:
     from host_sampler import read_trace, slow_steps, step_columns
 
     samples = {"gpu": sampler.gpu, "cpu": sampler.cpu, "names": sampler.names}
-    args.out.with_name(args.out.name + "_samples.json").write_text(json.dumps(samples))
+    sampler.save(args.out.with_name(args.out.name + "_samples.json"))
     for job in [*result["service"], *(j for part in result["settings"].values() for j in part["jobs"])]:
         rows = read_trace(args.trace_dir, job.get("id") or str(args.work / job["name"])) if job.get("ok") else None
         if rows is None:
