@@ -146,6 +146,12 @@ def read_trace(folder: Path, out_contains: str) -> list[dict] | None:
     return None
 
 
+def _name(names: dict, pid) -> str:
+    """A sampled process as a table cell: "<module or program> [pid]" (pids are strings once the
+    samples went through JSON)."""
+    return f"{_short(names.get(str(pid)) or names.get(pid) or str(pid))} [{pid}]"
+
+
 def _short(cmd: str) -> str:
     """A process's command line as a table cell: its module or program and first argument."""
     parts = cmd.split()
@@ -182,10 +188,11 @@ def slow_steps(rows: list[dict], samples: dict, left_out: list[int], share: floa
         cpu = [c for c in samples.get("cpu", []) if lo <= c["at"] <= hi]
         for c in cpu:
             for pid, busy in c["busy"].items():
-                name = _short(samples.get("names", {}).get(str(pid)) or samples.get("names", {}).get(pid) or str(pid))
-                load[f"{name} [{pid}]"] = load.get(f"{name} [{pid}]", 0.0) + busy / len(cpu)
+                name = _name(samples.get("names", {}), pid)
+                load[name] = load.get(name, 0.0) + busy / len(cpu)
         found.append({
-            "step": r["step"], "share": median / wall[r["step"]], "gpu_gap_s": r.get("gpu_gap_s"), "gpu_s": r.get("gpu_s"),
+            "step": r["step"], "share": median / wall[r["step"]],
+            "gpu_gap_s": r.get("gpu_gap_s"), "gpu_s": r.get("gpu_s"),
             "queue_s": r["queue_s"], "read_s": r.get("read_s"), "gc": r.get("gc") or [],
             "host_s": r.get("host_s") or {},
             "extra_stacks": extra_samples(r.get("stacks") or [], normal),
@@ -205,8 +212,7 @@ def _preempted_in(cpu: list[dict], names: dict) -> list[tuple[str, int]]:
     total: dict[str, int] = {}
     for c in cpu:
         for pid, n in (c.get("preempted") or {}).items():
-            key = f"{_short(names.get(str(pid)) or names.get(pid) or str(pid))} [{pid}]"
-            total[key] = total.get(key, 0) + n
+            total[_name(names, pid)] = total.get(_name(names, pid), 0) + n
     return sorted(total.items(), key=lambda kv: -kv[1])[:2]
 
 

@@ -43,7 +43,8 @@ def run_stack(name: str, warm: str, args) -> dict:
     out = args.work / f"stack-{name}"
     env = {**os.environ, "TRITON_CACHE_DIR": str(cache), "TUNEQ_WARM_KERNELS": warm}
     cmd = [sys.executable, str(ROOT / "bench" / "service_throughput.py"), "--settings", "", "--service", "1",
-           "--no-step-bench", "--steps", str(args.steps), "--batch", str(args.batch), "--work", str(args.work / f"work-{name}"), "--out", str(out),
+           "--no-step-bench", "--steps", str(args.steps), "--batch", str(args.batch),
+           "--work", str(args.work / f"work-{name}"), "--out", str(out),
            *(["--dry-run"] if args.dry_run else [])]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
     (args.work / f"stack-{name}.log").write_text(proc.stdout + proc.stderr)
@@ -72,8 +73,8 @@ def table(rows: list[dict], args) -> str:
              f"{datetime.date.today()})", "",
              f"`python bench/kernel_warmup.py{' --dry-run' if args.dry_run else ''}`: two `tuneq up` stacks in a row, "
              "each on an empty Triton cache, each running one default LoRA job of "
-             f"{args.steps} steps of {args.batch} packed rows through the service (the warm-up stack first). Seconds; load = the job's load "
-             "phase, of which weights and fast path; kernels compiled = what the job added to the cache before "
+             f"{args.steps} steps of {args.batch} packed rows through the service (the warm-up stack first). "
+             "Seconds; load = the job's load phase, of which weights and fast path; kernels compiled = what the job added to the cache before "
              "its first step; cache = the kernels in the cache once the stack ended.", "",
              "| stack | ready s | cache | kernels compiled by the job | load s (weights / liger / fast path) | "
              "first step s | submit to first step s | tokens/s |", "|---|---|---|---|---|---|---|---|"]
