@@ -164,7 +164,7 @@ def _short(cmd: str) -> str:
 def slow_steps(rows: list[dict], samples: dict, left_out: list[int], share: float = 0.85,
                first: int = 6) -> tuple[float, list[dict]]:
     """(median GPU-clock seconds of the steady steps, one dict per step slower than median/share)."""
-    steady = [r for r in rows if r["step"] >= first and r["step"] not in left_out]
+    steady = [r for r in rows if r["step"] >= first and r["step"] not in left_out and not r.get("held_ms")]
     if not steady:
         return 0.0, []
     # On a GPU a step's time is the GPU clock's from the previous step's end (the first step has
@@ -193,7 +193,8 @@ def slow_steps(rows: list[dict], samples: dict, left_out: list[int], share: floa
         found.append({
             "step": r["step"], "share": median / wall[r["step"]],
             "gpu_gap_s": r.get("gpu_gap_s"), "gpu_s": r.get("gpu_s"),
-            "queue_s": r["queue_s"], "read_s": r.get("read_s"), "gc": r.get("gc") or [],
+            "queue_s": r["queue_s"], "queue_cpu_s": r.get("queue_cpu_s"), "read_s": r.get("read_s"),
+            "gc": r.get("gc") or [],
             "host_s": r.get("host_s") or {},
             "extra_stacks": extra_samples(r.get("stacks") or [], normal),
             "allocs": [r.get(k) for k in ("device_allocs", "device_frees", "host_allocs")],
@@ -227,13 +228,21 @@ def extra_samples(stacks: list, normal: dict[str, float], keep: int = 3) -> list
 
 
 def step_columns(rows: list[dict], left_out: list[int], first: int = 6) -> dict:
-    """Medians of the trace's columns over the steady steps: what a normal step looks like."""
-    steady = [r for r in rows if r["step"] >= first and r["step"] not in left_out]
-    def med(key: str) -> float | None:
-        values = [r[key] for r in steady if r.get(key) is not None]
+    """Medians of the trace's columns over the steady steps: what a normal step looks like; and over
+    the held steps (TUNEQ_STEP_TRACE_HOLD_STEPS), the host's own time to queue a step (`held`)."""
+    steady = [r for r in rows if r["step"] >= first and r["step"] not in left_out and not r.get("held_ms")]
+    held = [r for r in rows if r.get("held_ms")]
+
+    def med(key: str, among: list[dict]) -> float | None:
+        values = [r[key] for r in among if r.get(key) is not None]
         return statistics.median(values) if values else None
     regions = sorted({k for r in steady for k in r.get("host_s") or {}})
     host = {k: statistics.median([(r.get("host_s") or {}).get(k, 0.0) for r in steady]) for k in regions}
-    return {k: med(k) for k in ("gpu_gap_s", "gpu_s", "queue_s", "read_s")} | {"host_s": host} | {
+    held_columns = {"steps": [r["step"] for r in held], "hold_ms": held[0]["held_ms"],
+                    **{k: med(k, held) for k in ("queue_s", "queue_cpu_s")},
+                    "host_s": {k: statistics.median([(r.get("host_s") or {}).get(k, 0.0) for r in held])
+                               for k in sorted({k for r in held for k in r.get("host_s") or {}})}} if held else None
+    columns = ("gpu_gap_s", "gpu_s", "queue_s", "queue_cpu_s", "read_s")
+    return {k: med(k, steady) for k in columns} | {"host_s": host, "held": held_columns} | {
         "gc_passes": sum(len(r.get("gc") or []) for r in steady),
         "gc_s": sum(s for r in steady for _, s in (r.get("gc") or []))}

@@ -138,6 +138,7 @@ def run_job(name: str, args, model_dir: Path, data: Path, valid: Path | None, en
     if "TUNEQ_PROFILE_STEPS" in env_extra:
         a, b = map(int, env_extra["TUNEQ_PROFILE_STEPS"].split(":"))
         left_out = sorted({*left_out, *range(a, b + 1)})
+    left_out = sorted({*left_out, *held_steps()})
     startup = next((e for e in events if e["type"] == "startup"), None)
     first_metrics = next(e for e in events if e["type"] == "metrics")
     last_metrics = [e for e in events if e["type"] == "metrics"][-1]
@@ -330,6 +331,15 @@ def speeds_text(data: dict) -> str:
     return "\n".join([*out, " }", "}"]) + "\n"
 
 
+def held_steps() -> set[int]:
+    """The steps --trace-hold holds (and the one after each range, whose time the hold's end may
+    reach): left out of the steady statistics, as an evaluation's step is."""
+    from trainer.profiling import HOLD_ENV, parse_steps
+
+    steps = parse_steps(os.environ.get(HOLD_ENV, ""))
+    return set(range(steps[0], steps[1] + 1)) if steps else set()
+
+
 def steady_stats(step_tps: list[float], left_out: list[int], first: int = 6) -> dict:
     """Median and worst tokens/s of steps first.. (1-based) less `left_out`."""
     steady = [x for n, x in enumerate(step_tps, 1) if n >= first and n not in left_out]
@@ -509,7 +519,7 @@ def _service_job(c, body: dict, label: str, args, upload_s: float, keep_events: 
     if final["status"] != "succeeded" or not metrics:
         errors = [e["message"] for e in seen if e["level"] == "error"]
         return {"name": label, "ok": False, "error": f"{final['status']}: {errors[-1:] or final.get('error')}"}
-    left_out = sorted({e["data"]["step"] + 1 for e in seen if e["type"] in ("validation", "checkpoint")})
+    left_out = sorted({e["data"]["step"] + 1 for e in seen if e["type"] in ("validation", "checkpoint")} | held_steps())
     startup = next((e["data"] for e in seen if e["type"] == "startup"), None)
     progress = final.get("progress") or {}
     return {
@@ -708,36 +718,50 @@ def trace_tables(result: dict) -> str:
              "the step before, and the collector's passes. GPU clocks and power from nvidia-smi every 100 ms, the "
              "processes' CPU from /proc every 200 ms, with the host's CPU time stolen by the hypervisor and the "
              "involuntary switches of the busy processes' main threads (where the run recorded them). A step is slow "
-             "below 85 % of the median's tokens/s.", "",
-             "| job | steady steps' median: gap ms / GPU ms / queue ms / read ms | host ms by region | gc passes (s) | "
-             "slow steps |", "|---|---|---|---|---|"]
+             "below 85 % of the median's tokens/s. CPU ms: the main thread's CPU time while it queued the step (less "
+             "than queue ms by the time it was off the CPU).", "",
+             "| job | steady steps' median: gap ms / GPU ms / queue ms / CPU ms / read ms | host ms by region | "
+             "gc passes (s) | slow steps |", "|---|---|---|---|---|"]
     ms = lambda v: "—" if v is None else f"{v * 1000:.1f}"  # noqa: E731
     extra = lambda xs: "; ".join(f"+{n:.0f} {w}" for w, n in xs if n >= 1) or "—"  # noqa: E731
     steal = lambda v: "—" if v is None else f"{v:.1%}"  # noqa: E731
     regions = lambda d: ", ".join(f"{k} {v * 1000:.1f}" for k, v in d.items()) or "—"  # noqa: E731
     detail: list[str] = []
+    held: list[str] = []
     for job in jobs:
         if "trace" not in job:
             continue
         columns, slow = job["trace"]["columns"], job["trace"]["slow"]
         lines.append(f"| {job['name']} | {ms(columns['gpu_gap_s'])} / {ms(columns['gpu_s'])} / {ms(columns['queue_s'])}"
-                     f" / {ms(columns['read_s'])} | {regions(columns.get('host_s') or {})} | {columns['gc_passes']} "
-                     f"({columns['gc_s']:.3f}) | {len(slow)} |")
+                     f" / {ms(columns.get('queue_cpu_s'))} / {ms(columns['read_s'])} | "
+                     f"{regions(columns.get('host_s') or {})} | {columns['gc_passes']} ({columns['gc_s']:.3f}) | "
+                     f"{len(slow)} |")
+        if columns.get("held"):
+            h = columns["held"]
+            held.append(f"| {job['name']} | {', '.join(map(str, h['steps']))} | {ms(h['queue_s'])} | "
+                        f"{ms(h['queue_cpu_s'])} | {regions(h['host_s'])} | {ms(columns['gpu_s'])} | "
+                        f"{h['queue_s'] / columns['gpu_s']:.2f} |" if columns['gpu_s'] else "| — |")
         for s in slow:
             gcs = ", ".join(f"gen{g} {t * 1000:.0f} ms" for g, t in s["gc"]) or "none"
             top = "; ".join(f"{name} {share:.0%}" for name, share in s["top_cpu"])
             detail.append(f"| {job['name']} | {s['step']} | {s['share']:.2f} | {ms(s['gpu_gap_s'])} | {ms(s['gpu_s'])} | "
-                          f"{ms(s['queue_s'])} | {ms(s['read_s'])} | {regions(s.get('host_s') or {})} | "
+                          f"{ms(s['queue_s'])} | {ms(s.get('queue_cpu_s'))} | {ms(s['read_s'])} | {regions(s.get('host_s') or {})} | "
                           f"{' / '.join(map(str, s.get('allocs') or []))} | {gcs} | {s['sm_mhz']} | {s['power_w']} | "
                           f"{' '.join(s['reasons']) or '—'} | {top} | {steal(s.get('steal'))} | "
                           f"{'; '.join(f'{w} {n}' for w, n in s.get('preempted') or []) or '—'} | "
                           f"{extra(s.get('extra_stacks') or [])} |")
     if detail:
-        lines += ["", "| job | step | / median | gap ms | GPU ms | queue ms | read ms | host ms by region | "
+        lines += ["", "| job | step | / median | gap ms | GPU ms | queue ms | CPU ms | read ms | host ms by region | "
                   "cudaMalloc / cudaFree / pinned allocs | gc | min SM MHz | max W | clock reasons | top CPU meanwhile | "
                   "max steal | main threads preempted | stack samples above a normal step's |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
                   *detail]
+    if held:
+        lines += ["", "Held steps (--trace-hold): the GPU slept a second before each, so the host queued the step "
+                  "without waiting for it. Their medians against a normal step's GPU time: below 1, the host has "
+                  "that much slack; near 1, the host alone takes as long as the GPU.", "",
+                  "| job | held steps | queue ms | CPU ms | host ms by region | normal step's GPU ms | host / GPU |",
+                  "|---|---|---|---|---|---|---|", *held]
     return "\n".join(lines) + "\n"
 
 
@@ -818,6 +842,9 @@ def main() -> int:
     p.add_argument("--trace-stacks", type=float, default=0, metavar="MS",
                    help="with --trace: the trainers also sample their threads' Python stacks every MS milliseconds "
                    "(slows the host a little); each slow step lists the samples it had more of than a normal step")
+    p.add_argument("--trace-hold", default="", metavar="A:B",
+                   help="with --trace: hold the GPU busy for a second before each of steps A..B-1 of every job, so "
+                   "that the trace times the host's own queueing of those steps (left out of the statistics)")
     p.add_argument("--work", type=Path, default=Path("/tmp/tuneq-service-throughput"))
     p.add_argument("--out", type=Path, default=None,
                    help="default: bench/results/service_throughput_h100 (with --dry-run: service_throughput_cpu_dryrun)")
@@ -852,7 +879,8 @@ def main() -> int:
     settings = [x for x in args.settings.split(",") if x]
     result: dict = {"device": device, "date": time.strftime("%Y-%m-%d"),
                     "args": {"steps": args.steps, "batch": args.batch, "seq": args.seq,
-                             **({"trace_stacks_ms": args.trace_stacks} if args.trace_stacks else {})},
+                             **({"trace_stacks_ms": args.trace_stacks} if args.trace_stacks else {}),
+                             **({"trace_hold": args.trace_hold} if args.trace_hold else {})},
                     "settings": {}, "service": [],
                     "trl": []}
 
@@ -877,12 +905,14 @@ def main() -> int:
     if args.trace:
         from host_sampler import HostSampler
 
-        from trainer.profiling import STACKS_ENV, TRACE_ENV
+        from trainer.profiling import HOLD_ENV, STACKS_ENV, TRACE_ENV
 
         shutil.rmtree(args.trace_dir, ignore_errors=True)
         os.environ[TRACE_ENV] = str(args.trace_dir)  # the stack's trainers and run_job's inherit it
         if args.trace_stacks:
             os.environ[STACKS_ENV] = str(args.trace_stacks)
+        if args.trace_hold:
+            os.environ[HOLD_ENV] = args.trace_hold
         sampler = HostSampler().__enter__()
     if args.service or args.service_settings:  # first: a fresh host's first job, as a user meets it
         result["service"] = service_jobs(args, model_dir, data)

@@ -66,6 +66,7 @@ them:
 | `TUNEQ_PROFILE_STEPS=a:b`, `TUNEQ_PROFILE_DIR=DIR` | Run steps a..b-1 under the torch profiler and write a table per rank into DIR. |
 | `TUNEQ_STEP_TRACE_DIR=DIR` | Write every step's GPU idle gap and GPU time, the host's time per loop region, the collector's passes and the allocators' driver calls into DIR (`steps-<pid>-rank<r>.jsonl`), for finding why a step was slow. |
 | `TUNEQ_STEP_TRACE_STACKS_MS=N` | With the step trace: also sample the threads' Python stacks every N ms (this slows a host-bound step). |
+| `TUNEQ_STEP_TRACE_HOLD_STEPS=a:b` | With the step trace on a GPU: hold the GPU busy for a second before each of steps a..b-1, so that their rows time the host's own queueing of a step. |
 
 A worker started with `--gpus N` passes it on as `TUNEQ_GPUS`, the same setting as above.
 """

@@ -292,7 +292,7 @@ class Run:
                 if profiler is not None:
                     profiler.before_step(state.step + 1)
                 micro_before = state.micro_step
-                trace.begin()
+                trace.begin(state.step + 1)
                 queued = self._queue_step()
                 trace.queued(queued.step)
                 if nap:

@@ -32,6 +32,8 @@ STEPS_ENV = "TUNEQ_PROFILE_STEPS"
 DIR_ENV = "TUNEQ_PROFILE_DIR"
 TRACE_ENV = "TUNEQ_STEP_TRACE_DIR"
 STACKS_ENV = "TUNEQ_STEP_TRACE_STACKS_MS"
+HOLD_ENV = "TUNEQ_STEP_TRACE_HOLD_STEPS"
+HOLD_MS = 1000.0  # long enough for the host to queue a whole step before the GPU is free
 STACK_FRAMES = 3  # innermost frames that name a sample
 STACK_ROWS = 12  # a step's most frequent samples kept
 ROWS = 30
@@ -137,6 +139,15 @@ class StepTrace:
     the driver (cudaMalloc, cudaFree, which waits for the device, and pinned host memory) during
     the step.
 
+    `queue_cpu_s` is the main thread's CPU time while it queued the step: against `queue_s`, the
+    time it was off the CPU (preempted, or waiting for the interpreter's lock or a blocking call).
+
+    TUNEQ_STEP_TRACE_HOLD_STEPS="a:b" holds the GPU busy for HOLD_MS (a sleep kernel) before each of
+    steps a..b-1: the host then queues the step while the GPU is not waiting for it, so the step's
+    `queue_s` is what the host itself takes, unless the driver's launch queue fills first (then the
+    host waits for the hold to end, and `queue_s` exceeds it). Such a row has `held_ms`; its GPU
+    gap holds the sleep, and its time is not the job's.
+
     With TUNEQ_STEP_TRACE_STACKS_MS set, a thread also samples every thread's innermost Python
     frames at that interval, and `stacks` keeps a step's most frequent ones with their counts: what
     the host was busy with when a step ran long. The sampling takes the interpreter's lock each
@@ -150,7 +161,10 @@ class StepTrace:
         self._events: list[tuple[Any, Any]] = []
         self._gc: list[tuple[int, float]] = []
         self._gc_started = 0.0
-        self._t0 = 0.0
+        self._t0 = self._cpu0 = 0.0
+        self._held = 0.0
+        self._hold_steps = parse_steps(os.environ.get(HOLD_ENV, "")) if self.cuda else None
+        self._hold_cycles = self._cycles_per_ms() * HOLD_MS if self._hold_steps else 0
         self._regions: dict[str, float] = {}
         self._counts = self._allocator_counts()
         self._stacks: Counter[str] = Counter()
@@ -177,6 +191,18 @@ class StepTrace:
                 if ident not in names:
                     names = {t.ident: t.name for t in threading.enumerate()}
                 self._stacks[f"[{names.get(ident, ident)}] " + " < ".join(where)] += 1
+
+    @staticmethod
+    def _cycles_per_ms() -> float:
+        """The GPU's sleep kernel counts clock cycles: how many take a millisecond now (one sync,
+        before the run's first step)."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        cycles = 50_000_000
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        return cycles / max(start.elapsed_time(end), 1e-3)
 
     def _allocator_counts(self) -> dict[str, int]:
         if not self.cuda:
@@ -207,15 +233,23 @@ class StepTrace:
         event.record()
         return event
 
-    def begin(self) -> None:
-        """The host starts queueing a step."""
-        self._t0 = time.perf_counter()
+    def begin(self, step: int) -> None:
+        """The host starts queueing `step`."""
+        self._held = 0.0
+        if self._hold_steps and self._hold_steps[0] <= step < self._hold_steps[1]:
+            torch.cuda._sleep(int(self._hold_cycles))
+            self._held = HOLD_MS
+        self._t0, self._cpu0 = time.perf_counter(), time.thread_time()
         self._start = self._event()
 
     def queued(self, step: int) -> None:
         """The step is queued (not run: on a GPU it may still be waiting for the one before)."""
         now = time.perf_counter()
-        self.steps.append({"step": step, "at": time.time(), "queue_s": round(now - self._t0, 6)})
+        row = {"step": step, "at": time.time(), "queue_s": round(now - self._t0, 6),
+               "queue_cpu_s": round(time.thread_time() - self._cpu0, 6)}
+        if self._held:
+            row["held_ms"] = self._held
+        self.steps.append(row)
         self._events.append((self._start, self._event()))
         self._t0 = now
 
@@ -258,7 +292,7 @@ class StepTrace:
 class _NoTrace:
     """What the loop calls when no trace was asked for: nothing."""
 
-    def begin(self) -> None: ...
+    def begin(self, step: int) -> None: ...
     def queued(self, step: int) -> None: ...
     def read(self) -> None: ...
     def close(self) -> None: ...

@@ -18,13 +18,11 @@ from tests.datasets import reverse_dataset
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def test_a_traced_gpu_run_times_every_step_on_the_device(tiny_model_dir: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from trainer import profiling
+def _traced_rows(tiny_model_dir: Path, tmp_path: Path) -> tuple[dict, list[dict]]:
+    """Six steps of a tiny LoRA job, traced: (header, rows)."""
     from trainer.job import run_job
     from trainer.spec import JobSpec
 
-    monkeypatch.setenv(profiling.TRACE_ENV, str(tmp_path / "trace"))
     data = tmp_path / "train.jsonl"
     data.write_text(reverse_dataset(64, seed=1))
     spec = JobSpec.model_validate({
@@ -33,7 +31,17 @@ def test_a_traced_gpu_run_times_every_step_on_the_device(tiny_model_dir: Path, t
         "schedule": {"log_every_steps": 1},
     })
     assert run_job(spec, tmp_path / "run") == 0
-    header, *rows = [json.loads(x) for x in next((tmp_path / "trace").glob("steps-*.jsonl")).read_text().splitlines()]
+    trace = next((tmp_path / "trace").glob("steps-*.jsonl"))
+    header, *rows = [json.loads(x) for x in trace.read_text().splitlines()]
+    return header, rows
+
+
+def test_a_traced_gpu_run_times_every_step_on_the_device(tiny_model_dir: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer import profiling
+
+    monkeypatch.setenv(profiling.TRACE_ENV, str(tmp_path / "trace"))
+    header, rows = _traced_rows(tiny_model_dir, tmp_path)
     assert "gpu_columns" not in header
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert rows[0]["gpu_gap_s"] is None  # nothing ran before the first step
@@ -43,3 +51,20 @@ def test_a_traced_gpu_run_times_every_step_on_the_device(tiny_model_dir: Path, t
     assert all(r["gpu_gap_s"] >= 0 for r in rows[1:])
     # The first step allocates the model's working memory; later ones reuse the cache.
     assert rows[0]["device_allocs"] > 0
+    assert not any("held_ms" in r for r in rows)
+
+
+def test_held_steps_are_queued_while_the_gpu_sleeps(tiny_model_dir: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A held step's queueing is the host's own time: far below the hold, which the GPU spends in
+    the sleep kernel (its gap before the step), and the steps around it are not held."""
+    from trainer import profiling
+
+    monkeypatch.setenv(profiling.TRACE_ENV, str(tmp_path / "trace"))
+    monkeypatch.setenv(profiling.HOLD_ENV, "3:5")
+    _, rows = _traced_rows(tiny_model_dir, tmp_path)
+    held = {r["step"]: r for r in rows if r.get("held_ms")}
+    assert sorted(held) == [3, 4]
+    for r in held.values():
+        assert r["queue_s"] < profiling.HOLD_MS / 1000 / 2
+        assert r["gpu_gap_s"] > profiling.HOLD_MS / 1000 * 0.8  # the sleep ran between the steps

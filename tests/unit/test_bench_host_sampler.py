@@ -65,3 +65,18 @@ def test_a_hot_spot_stands_out_and_a_uniform_slowdown_does_not() -> None:
     hot = [["[MainThread] launch", 50], ["[MainThread] compile", 20], ["[watch] sleep", 60]]
     where, n = extra_samples(hot, normal)[0]
     assert where == "[MainThread] compile" and n == 20
+
+
+def test_held_steps_are_not_steady_and_report_the_hosts_own_time() -> None:
+    rows = _rows(40, {30: 1.0, 31: 1.0})  # the hold's sleep shows as the GPU's gap before those steps
+    for r in rows:
+        r["queue_cpu_s"] = r["queue_s"]
+    for r in rows[29:31]:
+        r.update(held_ms=1000.0, queue_s=0.21, queue_cpu_s=0.2, host_s={"forward_backward": 0.19})
+    assert slow_steps(rows, {}, left_out=[])[1] == []  # not slow: held
+    columns = step_columns(rows, left_out=[])
+    assert columns["queue_s"] == 0.05 and columns["queue_cpu_s"] == 0.05
+    held = columns["held"]
+    assert held["steps"] == [30, 31] and held["hold_ms"] == 1000.0
+    assert held["queue_s"] == 0.21 and held["queue_cpu_s"] == 0.2 and held["host_s"] == {"forward_backward": 0.19}
+    assert step_columns(rows[:20], left_out=[])["held"] is None

@@ -33,6 +33,23 @@ def test_a_traced_run_writes_a_header_and_every_step(make_spec, tmp_path, monkey
         assert r["host_s"]["all_reduce"] <= r["host_s"]["forward_backward"]
         assert sum(v for k, v in r["host_s"].items() if k not in ("log", "all_reduce")) <= r["queue_s"]
         assert "gpu_s" not in r  # no device events on a CPU
+        # The main thread's CPU time while queueing: at most the wall time (one thread), and most of
+        # it on an idle host (the queueing computes the step here).
+        assert 0 < r["queue_cpu_s"] <= r["queue_s"] + 1e-3
+        assert "held_ms" not in r
+
+
+def test_off_the_cpu_time_is_wall_time_less_cpu_time(tmp_path) -> None:
+    import time
+
+    trace = profiling.StepTrace(tmp_path, 0, torch.device("cpu"), {})
+    trace.begin(1)
+    time.sleep(0.2)  # off the CPU: a blocking call
+    trace.queued(1)
+    trace.read()
+    trace.close()
+    row = trace.steps[0]
+    assert row["queue_s"] >= 0.2 and row["queue_cpu_s"] < 0.1
 
 
 def test_an_untraced_run_writes_nothing(make_spec, tmp_path, monkeypatch) -> None:
@@ -45,10 +62,10 @@ def test_an_untraced_run_writes_nothing(make_spec, tmp_path, monkeypatch) -> Non
 def test_a_collection_inside_a_step_is_counted_against_it(tmp_path) -> None:
     trace = profiling.StepTrace(tmp_path, 0, torch.device("cpu"), {})
     try:
-        trace.begin()
+        trace.begin(1)
         trace.queued(1)
         trace.read()
-        trace.begin()
+        trace.begin(2)
         gc.collect(1)
         trace.queued(2)
         trace.read()
@@ -62,7 +79,7 @@ def test_a_collection_inside_a_step_is_counted_against_it(tmp_path) -> None:
 def test_regions_are_timed_only_while_a_trace_is_open(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv(profiling.TRACE_ENV, str(tmp_path))
     trace = profiling.step_trace(0, torch.device("cpu"), {})
-    trace.begin()
+    trace.begin(1)
     with profiling.region("collate"):
         pass
     trace.queued(1)
