@@ -18,6 +18,12 @@ features, mode and input (its CUDA gemm_4bit kernels; on a CPU with AVX512-BF16,
 layer whose input needs no gradient, a bf16 kernel on a repacked weight), and a dequantize +
 matmul of our own matched only some of those choices. Its backward is bitsandbytes' own formula
 (input gradient = grad @ dequantized weight), fused here with the adapter's.
+
+Except on a GPU, for a training batch: there bitsandbytes always dequantizes the weight and calls
+F.linear (its own kernel serves only inputs of at most BNB_KERNEL_ROWS rows), so the layer does
+the same two steps itself, through bitsandbytes' dequantize ops. The kernels are the same; what is
+skipped is several Python calls deep of checks and dispatch per product, three products per layer
+per step under gradient checkpointing, in a step whose host time is close to its GPU time.
 """
 
 from __future__ import annotations
@@ -33,19 +39,50 @@ def _is_4bit(weight: Any) -> bool:
     return weight.__class__.__name__ == "Params4bit" and getattr(weight, "quant_state", None) is not None
 
 
+# bitsandbytes (0.50) multiplies by a 4-bit weight on CUDA with its own kernel for inputs of up to
+# this many rows, and by dequantizing it and calling F.linear above (its gemm_4bit op).
+BNB_KERNEL_ROWS = 1536
+OWN_PRODUCT_DEVICES = ("cuda",)  # where that is so (a test adds the CPU to compare the two)
+
+
+def _dequantize_4bit(weight: Any) -> torch.Tensor:
+    """A 4-bit weight in its quant state's dtype, what bitsandbytes.functional.dequantize_4bit
+    computes (double-quantized block scales first dequantized to fp32), through its ops."""
+    state = weight.quant_state
+    absmax = state.absmax
+    if state.nested:
+        s2 = state.state2
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(absmax, s2.absmax, s2.code, s2.blocksize, s2.dtype)
+        absmax += state.offset
+        absmax = absmax.float()
+    return torch.ops.bitsandbytes.dequantize_4bit.default(weight.data, absmax, state.blocksize, state.quant_type,
+                                                           state.shape, state.dtype)
+
+
 def _dense_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if _is_4bit(weight):
-        import bitsandbytes.functional as bnbf
-
-        data, state = weight.data, weight.quant_state
+        state = weight.quant_state
         if getattr(state, "packing_format_for_cpu", False):
+            import bitsandbytes.functional as bnbf
+
             # Linear4bit.forward repacked it for its CPU bf16 kernel (eval mode, an input without
             # gradient: a validation pass), which has no backward; dequantize bitsandbytes' own
             # inverse of that packing, on a copy of the state (the inverse rewrites the state it
             # gets, and the layer keeps the packed one).
-            data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
-        return bnbf.dequantize_4bit(data, state).to(dtype)
+            data, state = bnbf._convert_weight_packed_for_cpu_inverse(weight.data, copy.copy(state))
+            return bnbf.dequantize_4bit(data, state).to(dtype)
+        return _dequantize_4bit(weight).to(dtype)
     return weight.to(dtype)
+
+
+def own_4bit_product(base: Any, x: torch.Tensor, cd: torch.dtype) -> bool:
+    """Whether the 4-bit `base` layer's product on x (rows x features, any leading shape) is the
+    dequantize + F.linear that bitsandbytes would run, here in compute dtype cd: on CUDA, above
+    its kernel's rows, when the layer computes in cd and was quantized from cd (so that neither
+    side casts the weight)."""
+    state = base.weight.quant_state
+    return (x.device.type in OWN_PRODUCT_DEVICES and x.numel() // x.shape[-1] > BNB_KERNEL_ROWS and base.compute_dtype == cd
+            and state.dtype == cd and not getattr(state, "packing_format_for_cpu", False))
 
 
 def adapted_product(x2: torch.Tensor, base_out: torch.Tensor | None, weight: Any, bias: torch.Tensor | None,
@@ -90,6 +127,8 @@ class _LoraLinear(torch.autograd.Function):
         ctx, x, weight, bias, lora_a, lora_b, scaling, compute_dtype, out_dtype, base4bit=None
     ):
         shape = x.shape
+        if base4bit is not None and own_4bit_product(base4bit, x, compute_dtype):
+            base4bit = None  # adapted_product dequantizes and multiplies, as bitsandbytes would
         if base4bit is not None:
             # The 4-bit layer's own forward, on the caller's x (its requires_grad intact) under the
             # caller's autocast: what peft's base_layer(x) computes. Grad mode is off in here, so

@@ -27,7 +27,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from trainer.lora_fused import _dense_weight, _fusable, _is_4bit, adapted_product, adapter_grads, compute_dtypes
+from trainer.lora_fused import (
+    _dense_weight,
+    _fusable,
+    _is_4bit,
+    adapted_product,
+    adapter_grads,
+    compute_dtypes,
+    own_4bit_product,
+)
 
 try:  # Triton ships with CUDA builds of torch; CPU builds have none.
     import triton
@@ -74,20 +82,28 @@ def swiglu_back_in_place(dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
     b.copy_(dc32 * silu)
 
 
+def _base_out(base4bit: Any, x: torch.Tensor, cd: torch.dtype) -> torch.Tensor | None:
+    """A 4-bit projection's own forward on x, or None where adapted_product computes it (a dense
+    base, or the dequantize + matmul bitsandbytes would run: trainer.lora_fused.own_4bit_product)."""
+    if base4bit is None or own_4bit_product(base4bit, x, cd):
+        return None
+    return base4bit(x)
+
+
 class _LoraMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ga, gb, ua, ub, da, db, bases, compute_dtype, out_dtype):  # type: ignore[override]
         # bases: (weight, 4-bit module or None, scaling) of gate, up and down
         (gw, g4, gs), (uw, u4, us), (dw, d4, ds) = bases
         cd, shape, kind = compute_dtype, x.shape, x.device.type
-        g_base, u_base = (g4(x) if g4 is not None else None), (u4(x) if u4 is not None else None)
+        g_base, u_base = (_base_out(g4, x, cd), _base_out(u4, x, cd))
         with torch.autocast(kind, enabled=False):
             x2 = x.reshape(-1, shape[-1]).to(cd)
             a, xa_g = adapted_product(x2, g_base, gw, None, ga, gb, gs, cd)
             b, xa_u = adapted_product(x2, u_base, uw, None, ua, ub, us, cd)
             del g_base, u_base
             c = F.silu(a).mul_(b)
-        d_base = d4(c) if d4 is not None else None
+        d_base = _base_out(d4, c, cd)
         with torch.autocast(kind, enabled=False):
             y, xa_d = adapted_product(c, d_base, dw, None, da, db, ds, cd)
         del c, d_base  # the point: backward rebuilds c in the buffer of its gradient

@@ -142,3 +142,52 @@ def test_swiglu_backward_kernel_equals_autograd(dtype):
     torch.testing.assert_close(dc.float(), c.detach(), **tol)
     torch.testing.assert_close(a.float(), a_ref.grad, **tol)
     torch.testing.assert_close(b.float(), b_ref.grad, **tol)
+
+
+def test_a_training_batchs_4bit_products_are_bitsandbytes_own(tiny_model_dir: Path, tmp_path: Path, monkeypatch):
+    """Above bitsandbytes' kernel rows the fused layers dequantize and multiply themselves instead
+    of calling the 4-bit layer's forward: the same two kernels bitsandbytes runs there, so the same
+    logits and gradients as through its forward."""
+    import bitsandbytes as bnb
+
+    from trainer import lora_fused
+    from trainer.lora_mlp import fuse_lora_mlps
+    from trainer.methods import apply_method
+    from trainer.model import load_model
+    from trainer.spec import JobSpec
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(reverse_dataset(8, seed=1))
+    spec = JobSpec.model_validate({"model": str(tiny_model_dir), "method": "qlora", "training_file": str(data),
+                                   "lora": {"r": 16, "alpha": 32}})
+    device = torch.device("cuda")
+    model = apply_method(load_model(spec, "bf16", device), spec, checkpointing=False)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    assert lora_fused.fuse_lora(model) == 14 and fuse_lora_mlps(model) == 2
+    model.train()
+    ids = torch.randint(3, model.config.vocab_size, (4, 512), device=device)  # 2,048 rows
+    layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    x = torch.zeros(4, 512, layer.in_features, device=device, dtype=torch.bfloat16)
+    assert lora_fused.own_4bit_product(layer, x, torch.bfloat16)
+    assert not lora_fused.own_4bit_product(layer, x[:1, :256], torch.bfloat16)  # bitsandbytes' own kernel's rows
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(input_ids=ids).logits
+        logits.float().square().mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    calls = []
+    forward = bnb.nn.Linear4bit.forward
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", lambda self, x: calls.append(1) or forward(self, x))
+    own_logits, own_grads = run()
+    assert calls == []  # not one product went through the layer's forward
+    monkeypatch.setattr(lora_fused, "OWN_PRODUCT_DEVICES", ())
+    logits, grads = run()
+    assert len(calls) == 14
+    torch.testing.assert_close(own_logits, logits, rtol=0, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(own_grads[name], grad, rtol=1e-3, atol=1e-6, msg=name)

@@ -310,6 +310,58 @@ def test_fused_lora_mlp_on_a_4bit_base_equals_peft(tiny_model_dir: Path, make_sp
         assert _relative_error(fused_grads[name], grad) < 1e-4, name
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_dequantize_4bit_equals_bitsandbytes(make_spec, double_quant: bool):
+    """The layers' own dequantization (through bitsandbytes' ops) is bit for bit bitsandbytes'
+    functional one, with the block scales double-quantized or not."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    from trainer.lora_fused import _dequantize_4bit
+
+    weight = torch.randn(48, 64)
+    layer = bnb.nn.Linear4bit(64, 48, bias=False, compress_statistics=double_quant, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=double_quant, quant_type="nf4")
+    layer.weight = layer.weight._quantize("cpu") if hasattr(layer.weight, "_quantize") else layer.weight
+    state = layer.weight.quant_state
+    assert state is not None and state.nested == double_quant
+    got = _dequantize_4bit(layer.weight)
+    assert torch.equal(got, bnbf.dequantize_4bit(layer.weight.data, state))
+    assert _relative_error(got, weight) < 0.2  # 4 bits: close, not equal
+
+
+@pytest.mark.parametrize("mlp", [False, True])
+def test_own_4bit_product_equals_the_layers_forward(tiny_model_dir: Path, make_spec, monkeypatch, mlp: bool):
+    """Above bitsandbytes' kernel rows on a GPU the fused layers dequantize and multiply
+    themselves, which must give what the 4-bit layer's own forward gives. Here on the CPU (which
+    the layers do not take that path on), with the rows lowered: bitsandbytes' CPU product of a
+    training input is also dequantize + matmul, so the two agree to rounding."""
+    import bitsandbytes as bnb
+
+    from trainer import lora_fused
+    from trainer.lora_mlp import fuse_lora_mlps
+
+    reference = _qlora_reference(make_spec)
+    reference.train()
+    own = copy.deepcopy(reference)
+    assert lora_fused.fuse_lora(reference) == 14 and lora_fused.fuse_lora(own) == 14
+    if mlp:
+        assert fuse_lora_mlps(reference) == 2 and fuse_lora_mlps(own) == 2
+    batch = _batch(reference.config.vocab_size, rows=2, length=16)
+    want, grads = _grads_after(reference, batch)
+
+    def not_called(*args, **kwargs):
+        raise AssertionError("the 4-bit layer's own forward ran")
+
+    monkeypatch.setattr(lora_fused, "OWN_PRODUCT_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(lora_fused, "BNB_KERNEL_ROWS", 31)  # 2 x 16 rows: above it
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", not_called)
+    got, own_grads = _grads_after(own, batch)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for name, grad in grads.items():
+        assert _relative_error(own_grads[name], grad) < 1e-4, name
+
+
 def test_fused_lora_backward_on_a_4bit_weight_repacked_for_the_cpu(tiny_model_dir: Path, make_spec):
     """On an AVX512-BF16 CPU an eval-mode forward on an input without gradient (a validation pass)
     makes bitsandbytes repack the 4-bit weight for its bf16 kernel, which has no backward; the fused
