@@ -85,6 +85,34 @@ def own_4bit_product(base: Any, x: torch.Tensor, cd: torch.dtype) -> bool:
             and state.dtype == cd and not getattr(state, "packing_format_for_cpu", False))
 
 
+_weights_generation = 0
+
+
+def weights_stepped() -> None:
+    """The optimizer has changed the trained weights. Its fused step does so without bumping their
+    version counters, so adapter_weight's copies are keyed on this count too."""
+    global _weights_generation
+    _weights_generation += 1
+
+
+def adapter_weight(weight: torch.Tensor, cd: torch.dtype) -> torch.Tensor:
+    """An adapter weight in compute dtype. An fp32 master's bf16 copy is made once per optimizer
+    step, by the first product that needs it, and read by the rest: the forward, the recomputed
+    forward and the backward of every micro-batch each made their own before, two small kernels
+    per adapted layer and pass. It lives with the weight (the planner counts it), and is made again
+    after an optimizer step (weights_stepped), an in-place change (the version counter) or a new
+    storage."""
+    if weight.dtype == cd:
+        return weight
+    key = (_weights_generation, weight._version, weight.data_ptr(), cd)
+    cached = getattr(weight, "_tuneq_cast", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    copy_ = weight.detach().to(cd)
+    weight._tuneq_cast = (key, copy_)
+    return copy_
+
+
 def adapted_product(x2: torch.Tensor, base_out: torch.Tensor | None, weight: Any, bias: torch.Tensor | None,
                     lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
                     cd: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,8 +124,8 @@ def adapted_product(x2: torch.Tensor, base_out: torch.Tensor | None, weight: Any
     else:
         w = _dense_weight(weight, cd)
         y = torch.addmm(bias.to(cd), x2, w.t()) if bias is not None else x2 @ w.t()
-    xa = x2 @ lora_a.to(cd).t()
-    y.addmm_(xa, lora_b.to(cd).t(), alpha=scaling)
+    xa = x2 @ adapter_weight(lora_a, cd).t()
+    y.addmm_(xa, adapter_weight(lora_b, cd).t(), alpha=scaling)
     return y, xa
 
 
@@ -105,7 +133,7 @@ def adapter_grads(g: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, lora_a: t
                   scaling: float, cd: torch.dtype, need_a: bool = True,
                   need_b: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Given g = d loss / d y of adapted_product: (d loss / d (x A^T), A's gradient, B's gradient)."""
-    gxa = (g @ lora_b.to(cd)).mul_(scaling)
+    gxa = (g @ adapter_weight(lora_b, cd)).mul_(scaling)
     grad_b = (g.t() @ xa).mul_(scaling).to(lora_b.dtype) if need_b else None
     grad_a = (gxa.t() @ x2).to(lora_a.dtype) if need_a else None
     return gxa, grad_a, grad_b
@@ -156,7 +184,7 @@ class _LoraLinear(torch.autograd.Function):
             gxa, grad_a, grad_b = adapter_grads(g, x2, xa, lora_a, lora_b, s, cd, *ctx.needs_input_grad[3:5])
             grad_x = None
             if ctx.needs_input_grad[0]:
-                grad_x = (g @ _dense_weight(ctx.weight, cd)).addmm_(gxa, lora_a.to(cd))
+                grad_x = (g @ _dense_weight(ctx.weight, cd)).addmm_(gxa, adapter_weight(lora_a, cd))
                 grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
         return grad_x, None, None, grad_a, grad_b, None, None, None, None
 

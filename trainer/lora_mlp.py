@@ -33,6 +33,7 @@ from trainer.lora_fused import (
     _is_4bit,
     adapted_product,
     adapter_grads,
+    adapter_weight,
     compute_dtypes,
     own_4bit_product,
 )
@@ -119,9 +120,9 @@ class _LoraMLP(torch.autograd.Function):
         need = ctx.needs_input_grad  # x, ga, gb, ua, ub, da, db, ...
         with torch.autocast(x2.device.type, enabled=False):
             g = grad_out.reshape(-1, grad_out.shape[-1]).to(cd)
-            gxa_d = (g @ db.to(cd)).mul_(ds)  # d loss / d (c A_down^T)
+            gxa_d = (g @ adapter_weight(db, cd)).mul_(ds)  # d loss / d (c A_down^T)
             grad_db = (g.t() @ xa_d).mul_(ds).to(db.dtype) if need[6] else None
-            dc = (g @ _dense_weight(dw, cd)).addmm_(gxa_d, da.to(cd))
+            dc = (g @ _dense_weight(dw, cd)).addmm_(gxa_d, adapter_weight(da, cd))
             del g
             swiglu_back_in_place(dc, a, b)  # now dc holds c, a and b their gradients
             grad_da = (gxa_d.t() @ dc).to(da.dtype) if need[5] else None
@@ -131,7 +132,8 @@ class _LoraMLP(torch.autograd.Function):
             grad_x = None
             if need[0]:
                 grad_x = a @ _dense_weight(gw, cd)
-                grad_x.addmm_(gxa_g, ga.to(cd)).addmm_(b, _dense_weight(uw, cd)).addmm_(gxa_u, ua.to(cd))
+                grad_x.addmm_(gxa_g, adapter_weight(ga, cd)).addmm_(b, _dense_weight(uw, cd))
+                grad_x.addmm_(gxa_u, adapter_weight(ua, cd))
                 grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
         return grad_x, grad_ga, grad_gb, grad_ua, grad_ub, grad_da, grad_db, None, None, None
 

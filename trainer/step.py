@@ -27,6 +27,7 @@ import torch
 from trainer.data.batch import PAIRS
 from trainer.data.tokenize import IGNORE_INDEX
 from trainer.distributed import scale_gradients, sum_over_ranks
+from trainer.lora_fused import weights_stepped
 from trainer.loss_heads import LossHead, PlainLoss
 from trainer.optim_in_backward import OptimizerInBackward
 from trainer.profiling import region
@@ -126,6 +127,7 @@ def optimizer_step(accelerator: Any, optimizer: Any, trainable: list[torch.Tenso
             grad_norm = accelerator.clip_grad_norm_(trainable, clip_to)
     with region("optimizer"):
         optimizer.step()
+        weights_stepped()  # the fused LoRA layers' compute-dtype copies of the adapters are stale
         if scheduler is not None:
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)

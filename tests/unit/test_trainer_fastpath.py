@@ -310,6 +310,25 @@ def test_fused_lora_mlp_on_a_4bit_base_equals_peft(tiny_model_dir: Path, make_sp
         assert _relative_error(fused_grads[name], grad) < 1e-4, name
 
 
+def test_an_adapters_compute_copy_is_made_once_per_optimizer_step():
+    from trainer.lora_fused import adapter_weight, weights_stepped
+
+    w = torch.nn.Parameter(torch.randn(4, 8))
+    first = adapter_weight(w, torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and torch.equal(first, w.detach().to(torch.bfloat16))
+    assert adapter_weight(w, torch.bfloat16) is first  # the recompute and the backward read it
+    assert adapter_weight(w, torch.float32) is w
+    with torch.no_grad():
+        w.add_(1.0)  # an in-place change bumps the version counter
+    second = adapter_weight(w, torch.bfloat16)
+    assert second is not first and torch.equal(second, w.detach().to(torch.bfloat16))
+    w.data = torch.zeros(4, 8)  # a new storage
+    assert torch.equal(adapter_weight(w, torch.bfloat16), torch.zeros(4, 8, dtype=torch.bfloat16))
+    third = adapter_weight(w, torch.bfloat16)
+    weights_stepped()  # what a fused optimizer's step cannot tell by the counter
+    assert adapter_weight(w, torch.bfloat16) is not third
+
+
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_dequantize_4bit_equals_bitsandbytes(make_spec, double_quant: bool):
     """The layers' own dequantization (through bitsandbytes' ops) is bit for bit bitsandbytes'
@@ -437,10 +456,14 @@ def fresh_accelerate_state():
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
-@pytest.mark.parametrize(("method", "extra"), [("lora", {}), ("full", {"full_precision": "fp32_master"})])
+@pytest.mark.parametrize(("method", "extra"), [("lora", {}), ("lora", {"optimizer": "adamw_fused", "speed": "lean"}),
+                                              ("full", {"full_precision": "fp32_master"})])
 def test_fast_path_under_bf16_autocast_stays_within_bf16_noise(make_spec, tmp_path: Path, monkeypatch, method, extra):
     """precision bf16 on a CPU runs under CPU autocast, as a GPU job does: the fused LoRA and the
-    chunked head compute in bf16 (with fp32 master weights the head is fp32 and its matmul bf16)."""
+    chunked head compute in bf16 (with fp32 master weights the head is fp32 and its matmul bf16).
+    The fused AdamW (a GPU's default) changes the weights without bumping their version counters:
+    the fused layers' bf16 copies of the adapters must still follow every step, through the
+    forward, its recompute under checkpointing and the backward."""
     from trainer.job import run_job
 
     hp = {"max_steps": 20, "batch_size": 2, "max_seq_len": 48, "learning_rate": 3e-3 if method == "lora" else 1e-4}

@@ -317,6 +317,10 @@ def autocast_cache(step: Step, trainable: int) -> AutocastCache:
             saved=head_cast + 2 * min(trained_layers, layers - checkpointed) * layer_matmul,
             recompute=2 * layer_matmul if step.checkpointing else 0,
         )
+    if step.lora is not None and step.lora_autocast and step.fused_lora:
+        # The fused layers' own cache: a bf16 copy of each fp32 adapter weight, kept from the
+        # first product after an optimizer step through the next (trainer.lora_fused.adapter_weight).
+        return AutocastCache(forward=2 * trainable, saved=2 * trainable, recompute=2 * trainable)
     if step.lora is not None and step.lora_autocast and not step.fused_lora:
         return AutocastCache(
             forward=2 * trainable,
