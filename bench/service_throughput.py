@@ -740,7 +740,7 @@ def trace_tables(result: dict) -> str:
             h = columns["held"]
             held.append(f"| {job['name']} | {', '.join(map(str, h['steps']))} | {ms(h['queue_s'])} | "
                         f"{ms(h['queue_cpu_s'])} | {regions(h['host_s'])} | {ms(columns['gpu_s'])} | "
-                        f"{h['queue_s'] / columns['gpu_s']:.2f} |" if columns['gpu_s'] else "| — |")
+                        f"{ms(h.get('ahead_s'))} |")
         for s in slow:
             gcs = ", ".join(f"gen{g} {t * 1000:.0f} ms" for g, t in s["gc"]) or "none"
             top = "; ".join(f"{name} {share:.0%}" for name, share in s["top_cpu"])
@@ -757,10 +757,11 @@ def trace_tables(result: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
                   *detail]
     if held:
-        lines += ["", "Held steps (--trace-hold): the GPU slept a second before each, so the host queued the step "
-                  "without waiting for it. Their medians against a normal step's GPU time: below 1, the host has "
-                  "that much slack; near 1, the host alone takes as long as the GPU.", "",
-                  "| job | held steps | queue ms | CPU ms | host ms by region | normal step's GPU ms | host / GPU |",
+        lines += ["", "Held steps (--trace-hold): the GPU slept about a second before each, so the host began "
+                  "queueing the step that far ahead of it. Where the host still waits for the GPU, queue ms holds "
+                  "the rest of the sleep; ahead ms (the sleep and the step's GPU time, less queue ms) is how far "
+                  "ahead of the GPU the host finished the step: the slack a step leaves the host. Medians.", "",
+                  "| job | held steps | queue ms | CPU ms | host ms by region | normal step's GPU ms | ahead ms |",
                   "|---|---|---|---|---|---|---|", *held]
     return "\n".join(lines) + "\n"
 

@@ -3,7 +3,9 @@
 TUNEQ_PROFILE_STEPS="a:b" runs steps a..b-1 (1-based, as the metrics count them) under
 torch.profiler; TUNEQ_PROFILE_DIR names the folder where every rank writes profile-rank{r}.txt:
 the operators sorted by self CUDA time and by self CPU time, and the wall time of each profiled
-step. Off by default; when off, `region` hands back one shared null context, so the loop pays
+step; and profile-rank{r}.json.gz, the timeline (Chrome's trace format), in which each kernel
+and the host call that launched it share a correlation id (bench/launch_lead.py reads how far
+the host ran ahead of the GPU from it). Off by default; when off, `region` hands back one shared null context, so the loop pays
 nothing but a function call and no record_function is created.
 
 TUNEQ_STEP_TRACE_DIR asks for a lighter record of every step (StepTrace), for telling why a step
@@ -15,8 +17,10 @@ the collector's passes that fell inside it.
 from __future__ import annotations
 
 import gc
+import gzip
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -97,8 +101,8 @@ class StepProfiler:
         if self.cuda:
             torch.cuda.synchronize()  # the profiled kernels' times are complete only once they ran
         self.profile.__exit__(None, None, None)
-        averages = self.profile.key_averages()
-        self.profile = None
+        profile, self.profile = self.profile, None
+        averages = profile.key_averages()
         cuda_key = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
         lines = [f"steps {self.first}..{self.end - 1} (host wall time per step; the GPU may run behind it)"]
         lines += [f"step {s}: {w * 1000:.1f} ms" for s, w in self.walls]
@@ -107,6 +111,11 @@ class StepProfiler:
                   "", "by self CPU time:", averages.table(sort_by="self_cpu_time_total", row_limit=ROWS)]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("\n".join(lines) + "\n")
+        timeline = self.path.with_suffix(".json")
+        profile.export_chrome_trace(str(timeline))
+        with open(timeline, "rb") as raw, gzip.open(timeline.with_suffix(".json.gz"), "wb") as packed:
+            shutil.copyfileobj(raw, packed)
+        timeline.unlink()
 
 
 def from_env(rank: int, device: torch.device) -> StepProfiler | None:
@@ -143,10 +152,12 @@ class StepTrace:
     time it was off the CPU (preempted, or waiting for the interpreter's lock or a blocking call).
 
     TUNEQ_STEP_TRACE_HOLD_STEPS="a:b" holds the GPU busy for HOLD_MS (a sleep kernel) before each of
-    steps a..b-1: the host then queues the step while the GPU is not waiting for it, so the step's
-    `queue_s` is what the host itself takes, unless the driver's launch queue fills first (then the
-    host waits for the hold to end, and `queue_s` exceeds it). Such a row has `held_ms`; its GPU
-    gap holds the sleep, and its time is not the job's.
+    steps a..b-1, so that the host starts queueing such a step well ahead of the GPU. Where it
+    still has to wait for the GPU (a synchronizing call, or a launch into the driver's full
+    queue), `queue_s` holds the rest of the hold; `gpu_gap_s + gpu_s - queue_s` is then how far
+    ahead of the GPU the host finished queueing the step: the slack the step leaves the host, which
+    a stall of the host longer than that turns into GPU idle time. Such a row has `held_ms`; its
+    GPU gap holds the sleep, and its time is not the job's.
 
     With TUNEQ_STEP_TRACE_STACKS_MS set, a thread also samples every thread's innermost Python
     frames at that interval, and `stacks` keeps a step's most frequent ones with their counts: what

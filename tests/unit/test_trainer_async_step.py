@@ -135,6 +135,13 @@ def test_profile_steps_write_tables_per_rank(make_spec, tmp_path, monkeypatch):
     text = (tmp_path / "prof" / "profile-rank0.txt").read_text()
     assert "step 2:" in text and "step 3:" in text and "step 4:" not in text
     assert "by self CPU time" in text and "forward_backward" in text and "optimizer" in text
+    # The timeline too, with the loop's regions in it (bench/launch_lead.py splits steps by them).
+    import gzip
+
+    timeline = json.loads(gzip.decompress((tmp_path / "prof" / "profile-rank0.json.gz").read_bytes()))
+    names = {e.get("name") for e in timeline["traceEvents"]}
+    assert {"forward_backward", "optimizer"} <= names
+    assert not (tmp_path / "prof" / "profile-rank0.json").exists()
 
 
 def test_tokens_per_second_times_each_step_by_when_its_work_ended(make_spec, tmp_path, monkeypatch):
