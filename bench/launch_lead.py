@@ -55,7 +55,9 @@ def analyse(events: list[dict]) -> dict:
     # The loop labels each profiled step's host work "ProfilerStep" only under a schedule; tuneq's
     # regions name forward_backward and optimizer. A step is the span from one forward_backward's
     # start to the next one's.
-    starts = sorted(e["ts"] for e in complete if e.get("name") == "forward_backward")
+    # (The GPU's copy of a labelled range, "gpu_user_annotation", is on the GPU's clock: left out.)
+    starts = sorted(e["ts"] for e in complete if e.get("name") == "forward_backward"
+                    and e.get("cat") == "user_annotation")
     bounds = starts + [float("inf")]
 
     def step_of(ts: float) -> int | None:

@@ -17,7 +17,9 @@ def _timeline() -> list[dict]:
     backward thread launches 2 kernels the GPU starts at once, after 0.5 ms idle each, then a
     synchronize blocks for 2 ms."""
     ev = [{"ph": "X", "name": "forward_backward", "cat": "user_annotation", "ts": 0.0, "dur": 10.0, "tid": 1},
-          {"ph": "X", "name": "forward_backward", "cat": "user_annotation", "ts": 5000.0, "dur": 10.0, "tid": 1}]
+          {"ph": "X", "name": "forward_backward", "cat": "user_annotation", "ts": 5000.0, "dur": 10.0, "tid": 1},
+          # the GPU's copy of the range, which must not start a step of its own
+          {"ph": "X", "name": "forward_backward", "cat": "gpu_user_annotation", "ts": 1105.0, "dur": 300.0, "tid": 7}]
     corr = 0
     for i in range(3):  # launched at 100, 200, 300 us; run 1,000 us later, 100 us each
         corr += 1
