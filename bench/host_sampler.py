@@ -238,7 +238,7 @@ def step_columns(rows: list[dict], left_out: list[int], first: int = 6) -> dict:
         return statistics.median(values) if values else None
     regions = sorted({k for r in steady for k in r.get("host_s") or {}})
     host = {k: statistics.median([(r.get("host_s") or {}).get(k, 0.0) for r in steady]) for k in regions}
-    for r in held:  # how far ahead of the GPU the host finished queueing it (trainer.profiling.StepTrace)
+    for r in held:  # the lead on the GPU the host gained over the step (trainer.profiling.StepTrace)
         if r.get("gpu_s") is not None:
             r["ahead_s"] = (r.get("gpu_gap_s") or 0.0) + r["gpu_s"] - r["queue_s"]
     held_columns = {"steps": [r["step"] for r in held], "hold_ms": held[0]["held_ms"],

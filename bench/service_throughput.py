@@ -757,11 +757,12 @@ def trace_tables(result: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
                   *detail]
     if held:
-        lines += ["", "Held steps (--trace-hold): the GPU slept about a second before each, so the host began "
-                  "queueing the step that far ahead of it. Where the host still waits for the GPU, queue ms holds "
-                  "the rest of the sleep; ahead ms (the sleep and the step's GPU time, less queue ms) is how far "
-                  "ahead of the GPU the host finished the step: the slack a step leaves the host. Medians.", "",
-                  "| job | held steps | queue ms | CPU ms | host ms by region | normal step's GPU ms | ahead ms |",
+        lines += ["", "Held steps (--trace-hold): the GPU slept about a second before each, after the step before, "
+                  "so the host began queueing the step with that much more lead. Where the host still waits for "
+                  "the GPU, queue ms holds the rest of the sleep; lead gained ms (the sleep and the step's GPU time, "
+                  "less queue ms) near zero says the host's lead has a cap (bench/launch_lead.py measures it from a "
+                  "profiled timeline). Medians.", "",
+                  "| job | held steps | queue ms | CPU ms | host ms by region | normal step's GPU ms | lead gained ms |",
                   "|---|---|---|---|---|---|---|", *held]
     return "\n".join(lines) + "\n"
 

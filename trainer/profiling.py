@@ -152,12 +152,12 @@ class StepTrace:
     time it was off the CPU (preempted, or waiting for the interpreter's lock or a blocking call).
 
     TUNEQ_STEP_TRACE_HOLD_STEPS="a:b" holds the GPU busy for HOLD_MS (a sleep kernel) before each of
-    steps a..b-1, so that the host starts queueing such a step well ahead of the GPU. Where it
-    still has to wait for the GPU (a synchronizing call, or a launch into the driver's full
-    queue), `queue_s` holds the rest of the hold; `gpu_gap_s + gpu_s - queue_s` is then how far
-    ahead of the GPU the host finished queueing the step: the slack the step leaves the host, which
-    a stall of the host longer than that turns into GPU idle time. Such a row has `held_ms`; its
-    GPU gap holds the sleep, and its time is not the job's.
+    steps a..b-1, once the step before has run, so that the host begins such a step with that much
+    more lead on the GPU. Where it still has to wait for the GPU (a synchronizing call, or a launch
+    into the driver's full queue), `queue_s` holds the rest of the hold, and `gpu_gap_s + gpu_s -
+    queue_s` is the lead the host gained over the step: near zero, its lead has a cap it cannot run
+    past (the profile's timeline, bench/launch_lead.py, shows how large). Such a row has `held_ms`;
+    its GPU gap holds the sleep, and its time is not the job's.
 
     With TUNEQ_STEP_TRACE_STACKS_MS set, a thread also samples every thread's innermost Python
     frames at that interval, and `stacks` keeps a step's most frequent ones with their counts: what

@@ -79,5 +79,5 @@ def test_held_steps_are_not_steady_and_report_the_hosts_own_time() -> None:
     held = columns["held"]
     assert held["steps"] == [30, 31] and held["hold_ms"] == 1000.0
     assert held["queue_s"] == 0.21 and held["queue_cpu_s"] == 0.2 and held["host_s"] == {"forward_backward": 0.19}
-    assert abs(held["ahead_s"] - (1.0 + 0.30 - 0.21)) < 1e-9  # the sleep and the step, less the queueing
+    assert abs(held["ahead_s"] - (1.0 + 0.30 - 0.21)) < 1e-9  # the lead gained: the sleep and the step, less the queueing
     assert step_columns(rows[:20], left_out=[])["held"] is None
