@@ -85,7 +85,8 @@ def analyse(events: list[dict]) -> dict:
         leads = row["leads"]
         table.append({
             "step": step, "thread": tid, "kernels": len(leads),
-            "lead_ms": {q: round(_percentile(leads, p) / 1000, 3) for q, p in (("p5", 0.05), ("p50", 0.5), ("p95", 0.95))},
+            "lead_ms": {q: round(_percentile(leads, p) / 1000, 3)
+                        for q, p in (("p5", 0.05), ("p50", 0.5), ("p95", 0.95))},
             "started_at_once": round(sum(1 for x in leads if x <= STARTED_WITHIN_US) / len(leads), 3),
             "gpu_idle_ms": round(row["idle_us"] / 1000, 2),
         })
@@ -104,7 +105,8 @@ def analyse(events: list[dict]) -> dict:
             steps.append({"step": i, "gpu_span_ms": round(span / 1000, 1), "kernel_ms": round(busy / 1000, 1),
                           "kernels": len(in_step)})
     return {"threads": table, "steps": steps,
-            "blocking": [{"call": n, "count": c, "ms": round(blocked_us[n] / 1000, 1)} for n, c in blocking.most_common()]}
+            "blocking": [{"call": n, "count": c, "ms": round(blocked_us[n] / 1000, 1)}
+                         for n, c in blocking.most_common()]}
 
 
 def report(result: dict, name: str) -> str:
@@ -113,7 +115,8 @@ def report(result: dict, name: str) -> str:
              "after the host call that launched it returned; at once: the share of kernels that started within "
              f"{STARTED_WITHIN_US:.0f} us of it (the GPU was waiting for the host); idle: the GPU's time between "
              "kernels. The profiler's own host time shortens the leads a little.", "",
-             "| step | host thread | kernels | lead ms p5 / p50 / p95 | at once | GPU idle ms |", "|---|---|---|---|---|---|"]
+             "| step | host thread | kernels | lead ms p5 / p50 / p95 | at once | GPU idle ms |",
+             "|---|---|---|---|---|---|"]
     for r in result["threads"]:
         lead = r["lead_ms"]
         lines.append(f"| {r['step']} | {r['thread']} | {r['kernels']} | {lead['p5']} / {lead['p50']} / {lead['p95']} | "

@@ -23,7 +23,8 @@ Except on a GPU, for a training batch: there bitsandbytes always dequantizes the
 F.linear (its own kernel serves only inputs of at most BNB_KERNEL_ROWS rows), so the layer does
 the same two steps itself, through bitsandbytes' dequantize ops. The kernels are the same; what is
 skipped is several Python calls deep of checks and dispatch per product, three products per layer
-per step under gradient checkpointing, in a step whose host time is close to its GPU time.
+per step under gradient checkpointing: host time that the host's lead on the GPU (the launch
+queue's worth of work) need not cover.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def own_4bit_product(base: Any, x: torch.Tensor, cd: torch.dtype) -> bool:
     its kernel's rows, when the layer computes in cd and was quantized from cd (so that neither
     side casts the weight)."""
     state = base.weight.quant_state
-    return (x.device.type in OWN_PRODUCT_DEVICES and x.numel() // x.shape[-1] > BNB_KERNEL_ROWS and base.compute_dtype == cd
+    rows = x.numel() // x.shape[-1]
+    return (x.device.type in OWN_PRODUCT_DEVICES and rows > BNB_KERNEL_ROWS and base.compute_dtype == cd
             and state.dtype == cd and not getattr(state, "packing_format_for_cpu", False))
 
 

@@ -5,8 +5,8 @@ torch.profiler; TUNEQ_PROFILE_DIR names the folder where every rank writes profi
 the operators sorted by self CUDA time and by self CPU time, and the wall time of each profiled
 step; and profile-rank{r}.json.gz, the timeline (Chrome's trace format), in which each kernel
 and the host call that launched it share a correlation id (bench/launch_lead.py reads how far
-the host ran ahead of the GPU from it). Off by default; when off, `region` hands back one shared null context, so the loop pays
-nothing but a function call and no record_function is created.
+the host ran ahead of the GPU from it). Off by default; when off, `region` hands back one shared
+null context, so the loop pays nothing but a function call and no record_function is created.
 
 TUNEQ_STEP_TRACE_DIR asks for a lighter record of every step (StepTrace), for telling why a step
 was slow where the profiler would change the timing it looks for: whether the GPU sat idle

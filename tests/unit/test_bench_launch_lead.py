@@ -35,7 +35,8 @@ def _timeline() -> list[dict]:
                    "args": {"correlation": corr}})
         ev.append({"ph": "X", "cat": "kernel", "name": "k", "ts": t + 10.0, "dur": 100.0, "tid": 7,
                    "args": {"correlation": corr}})
-    ev.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 6500.0, "dur": 2000.0, "tid": 1})
+    ev.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 6500.0, "dur": 2000.0,
+               "tid": 1})
     return ev
 
 
