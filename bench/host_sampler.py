@@ -238,11 +238,11 @@ def step_columns(rows: list[dict], left_out: list[int], first: int = 6) -> dict:
         return statistics.median(values) if values else None
     regions = sorted({k for r in steady for k in r.get("host_s") or {}})
     host = {k: statistics.median([(r.get("host_s") or {}).get(k, 0.0) for r in steady]) for k in regions}
-    for r in held:  # the lead on the GPU the host gained over the step (trainer.profiling.StepTrace)
-        if r.get("gpu_s") is not None:
-            r["ahead_s"] = (r.get("gpu_gap_s") or 0.0) + r["gpu_s"] - r["queue_s"]
+    # The lead on the GPU the host gained over a held step (trainer.profiling.StepTrace).
+    gained = [(r.get("gpu_gap_s") or 0.0) + r["gpu_s"] - r["queue_s"] for r in held if r.get("gpu_s") is not None]
     held_columns = {"steps": [r["step"] for r in held], "hold_ms": held[0]["held_ms"],
-                    **{k: med(k, held) for k in ("queue_s", "queue_cpu_s", "ahead_s")},
+                    **{k: med(k, held) for k in ("queue_s", "queue_cpu_s")},
+                    "ahead_s": statistics.median(gained) if gained else None,
                     "host_s": {k: statistics.median([(r.get("host_s") or {}).get(k, 0.0) for r in held])
                                for k in sorted({k for r in held for k in r.get("host_s") or {}})}} if held else None
     columns = ("gpu_gap_s", "gpu_s", "queue_s", "queue_cpu_s", "read_s")

@@ -97,7 +97,7 @@ class _LoraMLP(torch.autograd.Function):
         # bases: (weight, 4-bit module or None, scaling) of gate, up and down
         (gw, g4, gs), (uw, u4, us), (dw, d4, ds) = bases
         cd, shape, kind = compute_dtype, x.shape, x.device.type
-        g_base, u_base = (_base_out(g4, x, cd), _base_out(u4, x, cd))
+        g_base, u_base = _base_out(g4, x, cd), _base_out(u4, x, cd)
         with torch.autocast(kind, enabled=False):
             x2 = x.reshape(-1, shape[-1]).to(cd)
             a, xa_g = adapted_product(x2, g_base, gw, None, ga, gb, gs, cd)
