@@ -550,6 +550,30 @@ def _not_run(row: dict, empty_columns: int) -> str:
     return f"| {row['name']} | not run: {row['error'][-300:]!r} |" + " |" * empty_columns
 
 
+def bench_reference(bench: dict) -> float | None:
+    """The step bench row's tokens/s at its median step: what a job's median steady step is held
+    against. The row's own figure is its tokens over all its steps' seconds, which a few stalled
+    steps pull down (and a job's ratio up) while the job's median ignores such steps in the job."""
+    steps = bench.get("step_s") or []
+    tps = bench.get("tokens_per_second")
+    if not tps or not steps:
+        return tps
+    return tps * statistics.fmean(steps) / statistics.median(steps)
+
+
+def _bench_line(bench: dict) -> str:
+    ref, mean = bench_reference(bench), bench.get("tokens_per_second")
+    steps = bench.get("step_s") or []
+    stalls = ""
+    if steps:
+        median = statistics.median(steps)
+        stalls = (f", {sum(median / s < 0.85 for s in steps)} of its {len(steps)} steps under 85 % of its median "
+                  f"(worst {median / max(steps):.2f})")
+    return (f"step bench row {bench['name']}: {f'{ref:,.0f}' if ref else None} tokens/s at its median step "
+            f"({f'{mean:,.0f}' if mean else None} over all its steps{stalls}), peak {bench.get('peak_gib') or 0:.2f} GiB "
+            f"({bench.get('error', 'ok')}); / bench divides a job's median by the former")
+
+
 def _job_line(j: dict, ref: float | None) -> str:
     if not j["ok"]:
         return _not_run(j, 11)
@@ -618,16 +642,15 @@ def report(args, result: dict) -> str:
              "(padding excluded); the step bench's rows are all tokens.", ""]
     for setting, part in result["settings"].items():
         bench = part["bench"]
-        ref = bench.get("tokens_per_second")
-        lines += [f"## {setting}", "", f"step bench row {bench['name']}: {f'{ref:,.0f}' if ref else None} tokens/s, peak "
-                  f"{bench.get('peak_gib') or 0:.2f} GiB ({bench.get('error', 'ok')})", "", JOB_COLUMNS,
+        ref = bench_reference(bench)
+        lines += [f"## {setting}", "", _bench_line(bench), "", JOB_COLUMNS,
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [_job_line(j, ref) for j in part["jobs"]]
         lines.append("")
     service = result.get("service") or []
     if service:
         lora = result["settings"].get("lora-fast") or result["settings"].get("lora-lean") or {}
-        ref = (lora.get("bench") or {}).get("tokens_per_second")
+        ref = bench_reference(lora.get("bench") or {})
         lines += ["## Through the service: a job with no speed field", "",
                   "`tuneq up` on this host (SQLite, embedded Redis, API, one worker), the file uploaded and the job "
                   "created over HTTP with no `speed` (the default: the fastest setting the planner says fits this "
