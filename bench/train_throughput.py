@@ -40,6 +40,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -174,22 +175,39 @@ def _rows_of_ids(args, vocab: int, n: int):
     return torch.randint(3, vocab, (n, args.seq), generator=g)
 
 
+def _steal_s() -> float | None:
+    """The host's CPU time its hypervisor gave to other guests so far (/proc/stat), summed over its
+    CPUs; None where the kernel does not say."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _timed(step: Callable[[int], Any], args, device) -> dict[str, Any]:
-    """Warm up, reset the peak, time `steps` steps with a synchronize around each."""
+    """Warm up, reset the peak, time `steps` steps with a synchronize around each. Each step also
+    gets this process's CPU seconds (all its threads; a synchronize that spins counts) and the
+    host's steal over it, so that a stalled step shows whether the host worked, waited or was
+    switched out."""
     losses = []
     for i in range(args.warmup):
         losses.append(float(step(i)))
     _sync(device)
     _reset_peak(device)
-    times = []
+    times, cpu, steal = [], [], []
     for i in range(args.warmup, args.warmup + args.steps):
-        start = time.perf_counter()
+        start, cpu0, steal0 = time.perf_counter(), time.process_time(), _steal_s()
         losses.append(float(step(i)))
         _sync(device)
         times.append(time.perf_counter() - start)
+        cpu.append(round(time.process_time() - cpu0, 4))
+        steal1 = _steal_s()
+        steal.append(round(steal1 - steal0, 3) if steal0 is not None and steal1 is not None else None)
     tokens = args.batch * args.seq * args.steps
     return {"tokens_per_second": tokens / sum(times), "peak_gib": _peak_gib(device), "step_s": times,
-            "loss_first": losses[0], "loss_last": losses[-1]}
+            "step_cpu_s": cpu, "step_steal_s": steal, "loss_first": losses[0], "loss_last": losses[-1]}
 
 
 def _flops_per_token(model, seq: int) -> float:
@@ -643,7 +661,26 @@ def report(args, setup: dict, rows: dict[str, dict]) -> str:
         out += [f"- {n}: {json.dumps(v)}" for n, v in fast_paths.items()]
     profiles = {n: r["profile"] for n, r in rows.items() if "profile" in r}
     out += [f"- profile of {n}: {p}" for n, p in profiles.items()]
+    out += stalled_steps(rows)
     return "\n".join(out) + "\n"
+
+
+def stalled_steps(rows: dict[str, dict]) -> list[str]:
+    """Each row's timed steps that took over 1/0.85 of its median step, with the process's CPU
+    seconds and the host's steal over each, beside the row's medians of both."""
+    out = []
+    for name, row in rows.items():
+        times = row.get("step_s") or []
+        if not times:
+            continue
+        median = statistics.median(times)
+        cpu, steal = row.get("step_cpu_s") or [None] * len(times), row.get("step_steal_s") or [None] * len(times)
+        slow = [i for i, t in enumerate(times) if median / t < 0.85]
+        known = [c for c in cpu if c is not None]
+        out.append(f"- {name}: {len(slow)} of {len(times)} steps under 85 % of the median step ({median:.4f} s; "
+                   f"CPU {statistics.median(known) if known else None} s)"
+                   + "".join(f"; step {i + 1}: {times[i]:.4f} s, CPU {cpu[i]} s, steal {steal[i]} s" for i in slow))
+    return ["", "Stalled steps (the process's CPU seconds over the step, all threads; the host's steal):", "", *out] if out else []
 
 
 def select(spec: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""bench.service_throughput holds a job's median step against the step bench's median step."""
+"""The throughput benches judge steps by the median: a job against the step bench's median step, and each
+stalled step listed with what the host did over it."""
 
 from __future__ import annotations
 
@@ -27,3 +28,15 @@ def test_a_row_without_its_steps_keeps_its_own_figure():
     assert bench_reference({"name": "x", "tokens_per_second": 1234.0}) == 1234.0
     assert bench_reference({"name": "x", "error": "not run"}) is None
     assert "None tokens/s" in _bench_line({"name": "x", "error": "not run"})
+
+
+def test_the_step_bench_lists_its_stalled_steps_with_their_cpu_and_steal():
+    from bench.train_throughput import stalled_steps
+
+    row = {"step_s": [0.3, 0.3, 0.6, 0.31, 0.3], "step_cpu_s": [0.1, 0.1, 0.12, 0.1, 0.1],
+           "step_steal_s": [0.0, 0.0, 0.25, 0.0, 0.0]}
+    lines = stalled_steps({"tuneq-qlora-lean": row, "no-steps": {"tokens_per_second": 1.0}})
+    listed = [x for x in lines if x.startswith("- ")]
+    assert len(listed) == 1 and "1 of 5 steps under 85 %" in listed[0], lines
+    assert "step 3: 0.6000 s, CPU 0.12 s, steal 0.25 s" in listed[0] and "CPU 0.1 s)" in listed[0]
+    assert stalled_steps({"no-steps": {}}) == []
