@@ -565,10 +565,10 @@ def _bench_line(bench: dict) -> str:
     ref, mean = bench_reference(bench), bench.get("tokens_per_second")
     steps = bench.get("step_s") or []
     stalls = ""
-    if steps:
-        median = statistics.median(steps)
-        stalls = (f", {sum(median / s < 0.85 for s in steps)} of its {len(steps)} steps under 85 % of its median "
-                  f"(worst {median / max(steps):.2f})")
+    if steps:  # the jobs' own rule for a slow step, over every timed step of the row
+        stats = steady_stats([1.0 / s for s in steps], [], first=1)
+        stalls = (f", {stats['below_85']} of its {len(steps)} steps under 85 % of its median "
+                  f"(worst {stats['worst_share']:.2f})")
     return (f"step bench row {bench['name']}: {f'{ref:,.0f}' if ref else None} tokens/s at its median step "
             f"({f'{mean:,.0f}' if mean else None} over all its steps{stalls}), peak {bench.get('peak_gib') or 0:.2f} GiB "
             f"({bench.get('error', 'ok')}); / bench divides a job's median by the former")
