@@ -138,11 +138,40 @@ TARGETS: dict[str, tuple[str, float | None, float | None]] = {
 # In the child processes
 
 
+# Set by --blocking-sync: the host sleeps while it waits on the GPU instead of spinning, so a step's
+# CPU seconds count only the host's own work.
+BLOCKING_SYNC = "TUNEQ_BENCH_BLOCKING_SYNC"
+CUDA_DEVICE_SCHEDULE_BLOCKING_SYNC = 0x04
+
+
+def blocking_sync() -> bool:
+    """Make every host wait on this process's GPU a sleep (cudaSetDeviceFlags before the context
+    exists): the final synchronize, a loss read, any wait hidden inside the step. True if set."""
+    import ctypes
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    for lib in ("libcudart.so.12", "libcudart.so"):  # the runtime torch loaded: dlopen returns it
+        try:
+            cudart = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        return cudart.cudaSetDeviceFlags(ctypes.c_uint(CUDA_DEVICE_SCHEDULE_BLOCKING_SYNC)) == 0
+    return False
+
+
 def _sync(device) -> None:
     import torch
 
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        if os.environ.get(BLOCKING_SYNC) == "1":
+            event = torch.cuda.Event(blocking=True)
+            event.record()
+            event.synchronize()
+        else:
+            torch.cuda.synchronize(device)
 
 
 def _peak_gib(device) -> float | None:
@@ -188,26 +217,31 @@ def _steal_s() -> float | None:
 
 def _timed(step: Callable[[int], Any], args, device) -> dict[str, Any]:
     """Warm up, reset the peak, time `steps` steps with a synchronize around each. Each step also
-    gets this process's CPU seconds (all its threads; a synchronize that spins counts) and the
-    host's steal over it, so that a stalled step shows whether the host worked, waited or was
-    switched out."""
+    gets the seconds until the host had enqueued it, this process's CPU seconds (all its threads; a
+    synchronize that spins counts, unless --blocking-sync) and the host's steal over it, so that a
+    stalled step shows whether the host worked, waited or was switched out."""
     losses = []
     for i in range(args.warmup):
         losses.append(float(step(i)))
     _sync(device)
     _reset_peak(device)
-    times, cpu, steal = [], [], []
+    times, enqueued, cpu, steal = [], [], [], []
     for i in range(args.warmup, args.warmup + args.steps):
         start, cpu0, steal0 = time.perf_counter(), time.process_time(), _steal_s()
-        losses.append(float(step(i)))
+        loss = step(i)
+        # When the host had handed the GPU the whole step: a stall here is the host's, one after it
+        # the GPU's (or a wait inside the step, which --blocking-sync's CPU seconds tell apart).
+        enqueued.append(round(time.perf_counter() - start, 4))
         _sync(device)
         times.append(time.perf_counter() - start)
+        losses.append(float(loss))
         cpu.append(round(time.process_time() - cpu0, 4))
         steal1 = _steal_s()
         steal.append(round(steal1 - steal0, 3) if steal0 is not None and steal1 is not None else None)
     tokens = args.batch * args.seq * args.steps
     return {"tokens_per_second": tokens / sum(times), "peak_gib": _peak_gib(device), "step_s": times,
-            "step_cpu_s": cpu, "step_steal_s": steal, "loss_first": losses[0], "loss_last": losses[-1]}
+            "step_cpu_s": cpu, "step_steal_s": steal, "step_enqueued_s": enqueued,
+            "blocking_sync": os.environ.get(BLOCKING_SYNC) == "1", "loss_first": losses[0], "loss_last": losses[-1]}
 
 
 def _flops_per_token(model, seq: int) -> float:
@@ -481,6 +515,9 @@ def child(args) -> int:
     def save() -> None:
         args.result.write_text(json.dumps(results))
 
+    if os.environ.get(BLOCKING_SYNC) == "1" and not blocking_sync():
+        os.environ[BLOCKING_SYNC] = "0"  # the rows say what they ran with
+
     device = _device(args)
     for name in args.child_rows.split(","):
         if name == "setup":
@@ -674,13 +711,21 @@ def stalled_steps(rows: dict[str, dict]) -> list[str]:
         if not times:
             continue
         median = statistics.median(times)
-        cpu, steal = row.get("step_cpu_s") or [None] * len(times), row.get("step_steal_s") or [None] * len(times)
+        none = [None] * len(times)
+        cpu, steal = row.get("step_cpu_s") or none, row.get("step_steal_s") or none
+        enqueued = row.get("step_enqueued_s") or none
         slow = [i for i, t in enumerate(times) if median / t < 0.85]
-        known = [c for c in cpu if c is not None]
-        out.append(f"- {name}: {len(slow)} of {len(times)} steps under 85 % of the median step ({median:.4f} s; "
-                   f"CPU {statistics.median(known) if known else None} s)"
-                   + "".join(f"; step {i + 1}: {times[i]:.4f} s, CPU {cpu[i]} s, steal {steal[i]} s" for i in slow))
-    return ["", "Stalled steps (the process's CPU seconds over the step, all threads; the host's steal):", "", *out] if out else []
+
+        def med(xs):
+            known = [x for x in xs if x is not None]
+            return round(statistics.median(known), 4) if known else None
+
+        out.append(f"- {name}{' (blocking sync)' if row.get('blocking_sync') else ''}: {len(slow)} of {len(times)} "
+                   f"steps under 85 % of the median step ({median:.4f} s; enqueued {med(enqueued)} s; CPU {med(cpu)} s)"
+                   + "".join(f"; step {i + 1}: {times[i]:.4f} s, enqueued {enqueued[i]} s, CPU {cpu[i]} s, "
+                             f"steal {steal[i]} s" for i in slow))
+    return ["", "Stalled steps (enqueued: seconds until the host had handed the GPU the whole step; the process's "
+            "CPU seconds over the step, all threads; the host's steal):", "", *out] if out else []
 
 
 def select(spec: str) -> list[str]:
@@ -711,6 +756,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tuneq-train-throughput")
     parser.add_argument("--out", type=Path, default=None, help="results path without suffix")
     parser.add_argument("--row-timeout", type=float, default=None, help="seconds per row")
+    parser.add_argument("--blocking-sync", action="store_true",
+                        help="the host sleeps while it waits on the GPU, so a step's CPU seconds are its own work")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other rows of the existing results file (run the families in several calls)")
     parser.add_argument("--child-rows", default=None, help=argparse.SUPPRESS)
@@ -725,6 +772,8 @@ def main(argv: list[str] | None = None) -> int:
     args.model_dir = args.work / ("tiny" if args.dry_run else args.shape)
     args.work.mkdir(parents=True, exist_ok=True)
     args.argv = [a for a in argv if not a.startswith("--child-rows") and not a.startswith("--result")]
+    if args.blocking_sync:
+        os.environ[BLOCKING_SYNC] = "1"  # the children inherit it
     if args.child_rows:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         return child(args)
