@@ -215,6 +215,16 @@ def _steal_s() -> float | None:
         return None
 
 
+def _usage() -> dict[str, float]:
+    """This process's kernel-side counters (getrusage): its CPU seconds in the kernel, page faults
+    and the times it was switched out while it could run, all threads together. A stall with more of
+    these than a normal step is memory management or the scheduler, not Python."""
+    import resource
+
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return {"sys_s": u.ru_stime, "minflt": u.ru_minflt, "majflt": u.ru_majflt, "nivcsw": u.ru_nivcsw}
+
+
 def _timed(step: Callable[[int], Any], args, device) -> dict[str, Any]:
     """Warm up, reset the peak, time `steps` steps with a synchronize around each. Each step also
     gets the seconds until the host had enqueued it, this process's CPU seconds (all its threads; a
@@ -225,9 +235,9 @@ def _timed(step: Callable[[int], Any], args, device) -> dict[str, Any]:
         losses.append(float(step(i)))
     _sync(device)
     _reset_peak(device)
-    times, enqueued, cpu, steal = [], [], [], []
+    times, enqueued, cpu, steal, kernel = [], [], [], [], []
     for i in range(args.warmup, args.warmup + args.steps):
-        start, cpu0, steal0 = time.perf_counter(), time.process_time(), _steal_s()
+        start, cpu0, steal0, usage0 = time.perf_counter(), time.process_time(), _steal_s(), _usage()
         loss = step(i)
         # When the host had handed the GPU the whole step: a stall here is the host's, one after it
         # the GPU's (or a wait inside the step, which --blocking-sync's CPU seconds tell apart).
@@ -236,11 +246,13 @@ def _timed(step: Callable[[int], Any], args, device) -> dict[str, Any]:
         times.append(time.perf_counter() - start)
         losses.append(float(loss))
         cpu.append(round(time.process_time() - cpu0, 4))
+        kernel.append({k: round(v - usage0[k], 4) for k, v in _usage().items()})
         steal1 = _steal_s()
         steal.append(round(steal1 - steal0, 3) if steal0 is not None and steal1 is not None else None)
     tokens = args.batch * args.seq * args.steps
     return {"tokens_per_second": tokens / sum(times), "peak_gib": _peak_gib(device), "step_s": times,
             "step_cpu_s": cpu, "step_steal_s": steal, "step_enqueued_s": enqueued,
+            "step_usage": kernel,
             "blocking_sync": os.environ.get(BLOCKING_SYNC) == "1", "loss_first": losses[0], "loss_last": losses[-1]}
 
 
@@ -720,12 +732,20 @@ def stalled_steps(rows: dict[str, dict]) -> list[str]:
             known = [x for x in xs if x is not None]
             return round(statistics.median(known), 4) if known else None
 
+        usage = row.get("step_usage") or [{}] * len(times)
+
+        def counters(u: dict) -> str:
+            return "".join(f", {k} {v}" for k, v in u.items())
+
+        usual = {k: med([u.get(k) for u in usage]) for k in (usage[0] if usage else {})}
         out.append(f"- {name}{' (blocking sync)' if row.get('blocking_sync') else ''}: {len(slow)} of {len(times)} "
-                   f"steps under 85 % of the median step ({median:.4f} s; enqueued {med(enqueued)} s; CPU {med(cpu)} s)"
+                   f"steps under 85 % of the median step ({median:.4f} s; enqueued {med(enqueued)} s; CPU {med(cpu)} s"
+                   f"{counters(usual)})"
                    + "".join(f"; step {i + 1}: {times[i]:.4f} s, enqueued {enqueued[i]} s, CPU {cpu[i]} s, "
-                             f"steal {steal[i]} s" for i in slow))
+                             f"steal {steal[i]} s{counters(usage[i])}" for i in slow))
     return ["", "Stalled steps (enqueued: seconds until the host had handed the GPU the whole step; the process's "
-            "CPU seconds over the step, all threads; the host's steal):", "", *out] if out else []
+            "CPU seconds over the step, all threads; the host's steal; where recorded, the process's kernel CPU "
+            "seconds, minor and major page faults and involuntary switches):", "", *out] if out else []
 
 
 def select(spec: str) -> list[str]:

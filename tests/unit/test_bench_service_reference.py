@@ -35,13 +35,15 @@ def test_the_step_bench_lists_its_stalled_steps_with_their_cpu_and_steal():
 
     row = {"step_s": [0.3, 0.3, 0.6, 0.31, 0.3], "step_cpu_s": [0.1, 0.1, 0.12, 0.1, 0.1],
            "step_steal_s": [0.0, 0.0, 0.25, 0.0, 0.0], "step_enqueued_s": [0.05, 0.05, 0.45, 0.06, 0.05],
+           "step_usage": [{"sys_s": 0.01, "minflt": 2}] * 2 + [{"sys_s": 0.2, "minflt": 900}]
+           + [{"sys_s": 0.01, "minflt": 3}] * 2,
            "blocking_sync": True}
     lines = stalled_steps({"tuneq-qlora-lean": row, "no-steps": {"tokens_per_second": 1.0}})
     listed = [x for x in lines if x.startswith("- ")]
     assert len(listed) == 1 and "1 of 5 steps under 85 %" in listed[0], lines
     assert listed[0].startswith("- tuneq-qlora-lean (blocking sync):"), listed[0]
-    assert "step 3: 0.6000 s, enqueued 0.45 s, CPU 0.12 s, steal 0.25 s" in listed[0]
-    assert "enqueued 0.05 s; CPU 0.1 s)" in listed[0], listed[0]
+    assert "step 3: 0.6000 s, enqueued 0.45 s, CPU 0.12 s, steal 0.25 s, sys_s 0.2, minflt 900" in listed[0]
+    assert "enqueued 0.05 s; CPU 0.1 s, sys_s 0.01, minflt 3)" in listed[0], listed[0]
     assert stalled_steps({"no-steps": {}}) == []
 
 
