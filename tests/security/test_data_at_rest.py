@@ -50,8 +50,10 @@ def test_home_is_private_and_redis_needs_its_password(tmp_path: Path, tiny_model
     home.chmod(0o755)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEQ_")}
-    # No warm-ups this test has no use for (standby trainers, the warm checking child): their imports.
-    env.update(PYTHONPATH=str(ROOT), TUNEQ_STANDBY_TRAINERS="0", TUNEQ_API_WARM_CHILD="false")
+    # No warm-ups this test has no use for (standby trainers, the warm checking child, the trainer
+    # template, which `tuneq up` starts with its worker by default): their imports. It runs no job.
+    env.update(PYTHONPATH=str(ROOT), TUNEQ_STANDBY_TRAINERS="0", TUNEQ_API_WARM_CHILD="false",
+               TUNEQ_TRAINER_TEMPLATE_AT_START="false")
     log = tmp_path / "up.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "tuneq", "up", "--home", str(home), "--port", str(port)],
