@@ -239,20 +239,22 @@ class TrainerTemplate:
              give_up: Callable[[], bool] = lambda: False) -> Forked | None:
         """A trainer forked from the template running the job (argv after `-m trainer`), or None:
         start it another way. A template still importing is waited for, as a standby is."""
-        if argv[:1] != ["run"] or len(argv) < 2:
+        if argv[:1] != ["run"] or len(argv) < 2 or self.root is None:
             return None
-        template = self.running()
-        if template is None:
-            if self.root is not None:
-                log.info("no trainer template ready; starting a fresh trainer")
-            return None
-        changed = [k for k in import_time_changes(template.env, env) if k != DEVICES_ENV]
+        # Whether this job may use a template comes first: a template not started yet is started
+        # only for one that may (its imports cost seconds of a CPU and a process's memory).
+        changed = [k for k in import_time_changes(self.env, env) if k != DEVICES_ENV]
         if changed:
             log.info("the job's environment differs from the trainer template's in %s; starting it another way",
                      ", ".join(changed))
             return None
         if needs_bitsandbytes(Path(cwd) / argv[1]) is not False:
             log.info("the job needs bitsandbytes (or its spec is unreadable here); not forked from the template")
+            return None
+        template = self.running()
+        if template is None:
+            if self.root is not None:
+                log.info("no trainer template ready; starting a fresh trainer")
             return None
         deadline = time.monotonic() + READY_WAIT_S
         while not template.ready.wait(0.5):

@@ -114,6 +114,26 @@ def test_a_job_that_needs_bitsandbytes_is_not_forked(template, make_spec, tmp_pa
     assert t.take(dict(t.env), ["run", str(spec), "--out", str(out)], out, out / "trainer.log") is None
 
 
+def test_a_job_that_cannot_use_the_template_does_not_start_one(make_spec, tmp_path: Path) -> None:
+    """A worker whose template starts with its first job starts none for a QLoRA job, or for a job
+    whose environment the template's imports would not match: either would start fresh anyway."""
+    t = TrainerTemplate()
+    t.start(Settings(home=tmp_path / "home", trainer_template=True, trainer_template_at_start=False))
+    spawned: list[int] = []
+    t.spawn = lambda: spawned.append(1)  # type: ignore[method-assign]
+    out = tmp_path / "out"
+    out.mkdir()
+    qlora, lora = out / "qlora.json", out / "lora.json"
+    qlora.write_text(make_spec("qlora").model_dump_json())
+    lora.write_text(make_spec("lora").model_dump_json())
+    assert t.take(dict(t.env), ["run", str(qlora)], out, out / "trainer.log") is None
+    assert t.take({**t.env, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}, ["run", str(lora)], out, out / "log") is None
+    assert spawned == [] and t.current is None
+    # A job that may use it does start it (here a stub that never comes up: the job starts fresh).
+    assert t.take(dict(t.env), ["run", str(lora)], out, out / "trainer.log") is None
+    assert spawned == [1]
+
+
 def test_a_dead_template_takes_its_trainers_along_and_the_next_job_starts_fresh(template, make_spec,
                                                                                   tmp_path: Path) -> None:
     t, _ = template
