@@ -22,6 +22,9 @@ from pathlib import Path
 GPU_FIELDS = ("clocks.sm", "clocks.mem", "power.draw", "temperature.gpu", "utilization.gpu")
 REASONS = ("clocks_event_reasons.active", "clocks_throttle_reasons.active")  # newer drivers' name first
 CPU_EVERY_S = 0.2
+# A steady step slower than this share of the median is a stalled one (the run path's target): the
+# one rule of every bench that counts such steps.
+STALL_SHARE = 0.85
 PREEMPT_MIN_BUSY = 0.1  # processes busier than this share of a CPU have their switches counted
 TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -161,7 +164,7 @@ def _short(cmd: str) -> str:
     return " ".join(Path(p).name if "/" in p else p for p in parts[:2])
 
 
-def slow_steps(rows: list[dict], samples: dict, left_out: list[int], share: float = 0.85,
+def slow_steps(rows: list[dict], samples: dict, left_out: list[int], share: float = STALL_SHARE,
                first: int = 6) -> tuple[float, list[dict]]:
     """(median GPU-clock seconds of the steady steps, one dict per step slower than median/share)."""
     steady = [r for r in rows if r["step"] >= first and r["step"] not in left_out and not r.get("held_ms")]

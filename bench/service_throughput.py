@@ -47,6 +47,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.host_sampler import STALL_SHARE  # noqa: E402 - after the path fix above
+
 LORA = {"r": 16, "alpha": 32}
 # setting: (method, the job's speed fields, the step bench's row of the same settings)
 SETTINGS = {
@@ -347,7 +349,7 @@ def steady_stats(step_tps: list[float], left_out: list[int], first: int = 6) -> 
         return {"median_tps": None, "worst_tps": None, "worst_share": None, "below_85": None}
     median = statistics.median(steady)
     return {"median_tps": median, "worst_tps": min(steady), "worst_share": min(steady) / median,
-            "below_85": sum(1 for x in steady if x < 0.85 * median)}
+            "below_85": sum(1 for x in steady if x < STALL_SHARE * median)}
 
 
 def bench_rows(args, settings: list[str]) -> dict[str, dict]:

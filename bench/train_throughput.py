@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import memory_peak  # noqa: E402 - after the path fix above
+from bench.host_sampler import STALL_SHARE  # noqa: E402
 
 GiB = 1024**3
 LORA = {"r": 16, "alpha": 32}
@@ -714,9 +715,19 @@ def report(args, setup: dict, rows: dict[str, dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _median(xs: list) -> float | None:
+    known = [x for x in xs if x is not None]
+    return round(statistics.median(known), 4) if known else None
+
+
+def _counters(usage: dict) -> str:
+    return "".join(f", {k} {v}" for k, v in usage.items())
+
+
 def stalled_steps(rows: dict[str, dict]) -> list[str]:
-    """Each row's timed steps that took over 1/0.85 of its median step, with the process's CPU
-    seconds and the host's steal over each, beside the row's medians of both."""
+    """Each row's timed steps slower than STALL_SHARE of its median step, with when the host had
+    enqueued each, its CPU seconds, the host's steal and the kernel's counters, beside the row's
+    medians of those."""
     out = []
     for name, row in rows.items():
         times = row.get("step_s") or []
@@ -726,23 +737,14 @@ def stalled_steps(rows: dict[str, dict]) -> list[str]:
         none = [None] * len(times)
         cpu, steal = row.get("step_cpu_s") or none, row.get("step_steal_s") or none
         enqueued = row.get("step_enqueued_s") or none
-        slow = [i for i, t in enumerate(times) if median / t < 0.85]
-
-        def med(xs):
-            known = [x for x in xs if x is not None]
-            return round(statistics.median(known), 4) if known else None
-
         usage = row.get("step_usage") or [{}] * len(times)
-
-        def counters(u: dict) -> str:
-            return "".join(f", {k} {v}" for k, v in u.items())
-
-        usual = {k: med([u.get(k) for u in usage]) for k in (usage[0] if usage else {})}
+        slow = [i for i, t in enumerate(times) if median / t < STALL_SHARE]
+        usual = {k: _median([u.get(k) for u in usage]) for k in usage[0]}
         out.append(f"- {name}{' (blocking sync)' if row.get('blocking_sync') else ''}: {len(slow)} of {len(times)} "
-                   f"steps under 85 % of the median step ({median:.4f} s; enqueued {med(enqueued)} s; CPU {med(cpu)} s"
-                   f"{counters(usual)})"
+                   f"steps under {STALL_SHARE * 100:.0f} % of the median step ({median:.4f} s; enqueued {_median(enqueued)} s; "
+                   f"CPU {_median(cpu)} s{_counters(usual)})"
                    + "".join(f"; step {i + 1}: {times[i]:.4f} s, enqueued {enqueued[i]} s, CPU {cpu[i]} s, "
-                             f"steal {steal[i]} s{counters(usage[i])}" for i in slow))
+                             f"steal {steal[i]} s{_counters(usage[i])}" for i in slow))
     return ["", "Stalled steps (enqueued: seconds until the host had handed the GPU the whole step; the process's "
             "CPU seconds over the step, all threads; the host's steal; where recorded, the process's kernel CPU "
             "seconds, minor and major page faults and involuntary switches):", "", *out] if out else []
