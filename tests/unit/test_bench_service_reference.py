@@ -53,3 +53,24 @@ def test_rows_measured_before_the_enqueue_time_still_list_their_stalls():
     row = {"step_s": [0.3, 0.3, 0.6], "step_cpu_s": [0.1, 0.1, 0.12], "step_steal_s": [0.0, 0.0, 0.0]}
     (line,) = [x for x in stalled_steps({"old": row}) if x.startswith("- ")]
     assert "step 3: 0.6000 s, enqueued None s, CPU 0.12 s" in line and "(blocking sync)" not in line
+
+
+def test_each_timed_step_records_its_enqueue_time_and_kernel_counters():
+    """The step bench's timing loop (on the CPU): every timed step gets its seconds, when the host
+    had enqueued it, its CPU seconds and its getrusage counters; the loss is read after the sync."""
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    from bench.train_throughput import _timed
+
+    def step(i: int):
+        time.sleep(0.02 if i == 3 else 0.001)  # one step of the host's own work stands out
+        return torch.tensor(float(i))
+
+    row = _timed(step, SimpleNamespace(warmup=1, steps=4, batch=1, seq=8), torch.device("cpu"))
+    assert len(row["step_s"]) == len(row["step_enqueued_s"]) == len(row["step_usage"]) == 4
+    assert row["step_enqueued_s"][2] >= 0.02 and max(row["step_enqueued_s"]) == row["step_enqueued_s"][2]
+    assert set(row["step_usage"][0]) == {"sys_s", "minflt", "majflt", "nivcsw"}
+    assert row["blocking_sync"] is False and row["loss_first"] == 0.0 and row["loss_last"] == 4.0
