@@ -31,12 +31,12 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from api.errors import APIError
 from core import states
 from core.db import session_scope
-from core.models import File, Job, now
+from core.models import File, Job, JobEvent, now
 from core.settings import Settings, get_settings
 from core.storage import get_storage
 from trainer.vocabulary import extra_files
@@ -46,6 +46,11 @@ log = logging.getLogger("tuneq.api")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
 RECOVER_EVERY_S = 5.0
+# A background data check that raises (not a refusal: a fault of the check itself) is retried
+# this many times in all, since a database or child hiccup passes; then the job fails and says
+# so, rather than sit in validating_files holding its user's quota.
+CHECK_ATTEMPTS = 3
+CHECK_FAILED = "The data check failed on the server"
 
 
 def owner_id() -> str:
@@ -335,6 +340,26 @@ def claim(db: Any, job_id: str, ttl_s: float) -> bool:
     return res.rowcount == 1
 
 
+def check_failed(job_id: str, owner: str) -> None:
+    """Record a failed attempt of the job's background check (an event its user sees), and fail
+    the job once CHECK_ATTEMPTS have failed; before that, its lease lapses and a later pass retries."""
+    with session_scope() as db:
+        job = locked(db, job_id, owner)
+        if job is None:
+            return
+        failed = db.scalar(select(func.count()).select_from(JobEvent).where(
+            JobEvent.job_id == job_id, JobEvent.message.startswith(CHECK_FAILED))) + 1
+        if failed < CHECK_ATTEMPTS:
+            states.add_event(db, job, f"{CHECK_FAILED} (attempt {failed} of {CHECK_ATTEMPTS}); it will be retried.",
+                             level="warning")
+            return
+        states.add_event(db, job, f"{CHECK_FAILED} (attempt {failed} of {CHECK_ATTEMPTS}).", level="warning")
+        message = (f"the data check of this job's files failed {failed} times on the server, by a fault of the check "
+                   "rather than of a line it could name (the API server's log has it); nothing was trained")
+        states.transition(db, job, states.FAILED, message,
+                          error={"code": "data_check_failed", "message": message, "param": None})
+
+
 class Checker:
     """The API process's background checks: one thread per job being checked, a lease renewer and
     a finder of orphaned validating jobs."""
@@ -373,7 +398,11 @@ class Checker:
         try:
             finish_validation(job_id, owner_id())
         except Exception:  # noqa: BLE001 - the lease lapses and the next pass (or process) retries
-            log.exception("data check of job %s failed; it will be retried", job_id)
+            log.exception("data check of job %s failed", job_id)
+            try:
+                check_failed(job_id, owner_id())
+            except Exception:  # noqa: BLE001 - the database is out too: the lease lapses all the same
+                log.warning("could not record the failed data check of job %s", job_id, exc_info=True)
         finally:
             with self.lock:
                 self.checking.discard(job_id)

@@ -124,3 +124,39 @@ def test_a_job_left_validating_by_a_dead_api_process_is_checked_by_another(
         monkeypatch.setenv("TUNEQ_LEASE_TTL_S", "1")
         job = settled(c, job_id)
         assert job["status"] == "queued", job
+
+
+def test_a_check_that_keeps_faulting_fails_the_job_after_its_attempts(
+    service_env: dict[str, str], admin_headers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault of the check itself (not a line it refuses) is retried, each attempt an event the
+    user sees; after validation.CHECK_ATTEMPTS the job fails and says so, rather than wait in
+    validating_files for ever."""
+    from api import admission, validation
+    from api.main import create_app
+    from tests.conftest import reset_caches
+
+    monkeypatch.setenv("TUNEQ_DATA_CHECK_INLINE_BYTES", "0")
+    monkeypatch.setenv("TUNEQ_HEARTBEAT_S", "0.2")
+    monkeypatch.setenv("TUNEQ_LEASE_TTL_S", "1")
+    reset_caches()
+    faults: list[str] = []
+
+    def faulting(*args: Any, **kwargs: Any) -> Any:
+        faults.append("check")
+        raise TypeError("the checking child broke")
+
+    monkeypatch.setattr(admission, "check_data", faulting)
+    with TestClient(create_app(), headers=admin_headers) as c:
+        train = upload(c, [CHAT] * 4)
+        r = c.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": train})
+        assert r.status_code == 200 and r.json()["status"] == "validating_files", r.text
+        job = settled(c, r.json()["id"])
+        assert job["status"] == "failed", job
+        assert job["error"]["code"] == "data_check_failed" and "nothing was trained" in job["error"]["message"]
+        assert len(faults) == validation.CHECK_ATTEMPTS
+        events = c.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
+        tries = [e["message"] for e in reversed(events) if e["message"].startswith(validation.CHECK_FAILED)]
+        assert len(tries) == validation.CHECK_ATTEMPTS and "it will be retried" in tries[0], tries
+        # The file is free again: a failed job holds none.
+        assert c.delete(f"/v1/files/{train}").status_code == 200

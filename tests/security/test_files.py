@@ -77,6 +77,24 @@ def test_a_line_nested_100000_deep_is_that_lines_invalid_json(member, service_en
     assert len(stored(service_env)) == 1
 
 
+def test_a_lone_surrogate_escape_is_that_lines_invalid_utf8_and_no_job_takes_the_file(member) -> None:  # noqa: ANN001
+    # JSON may escape half of a UTF-16 pair alone; such a string is no text, and the tokenizer
+    # would raise on it at the job's data check. A whole pair (an emoji) is text.
+    lone = '{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "yo"}]}'
+    pair = '{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}, {"role": "assistant", "content": "yo"}]}'
+    text = '{"text": "abc \\udc00 def"}'
+    r = member.post("/v1/files", files={"file": ("t.jsonl", f"{pair}\n{lone}\n{GOOD_LINE}\n")}, data={"purpose": "fine-tune"})
+    assert r.status_code == 200, r.text[:500]
+    assert r.json()["status"] == "error"
+    assert [(e["line"], e["code"]) for e in r.json()["validation"]["errors"]] == [(2, "invalid_utf8")]
+    assert "surrogate" in r.json()["validation"]["errors"][0]["message"]
+    r = member.post("/v1/files", files={"file": ("t.jsonl", text + "\n")}, data={"purpose": "fine-tune"})
+    assert r.json()["status"] == "error" and r.json()["validation"]["error_counts"] == {"invalid_utf8": 1}
+    r = member.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": r.json()["id"]})
+    assert r.status_code == 400, r.text[:500]
+    assert r.json()["error"]["param"] == "training_file"
+
+
 def test_an_upload_that_fails_leaves_nothing_behind(member, service_env, monkeypatch) -> None:  # noqa: ANN001
     from api.routes import files
 

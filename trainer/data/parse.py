@@ -417,12 +417,35 @@ def iter_lines(path: str | Path, counter: list[int] | None = None) -> Iterator[t
             yield number, LineError("invalid_utf8", f"not UTF-8 at byte {exc.start}")
             continue
         try:
-            yield number, json.loads(text)
+            obj = json.loads(text)
+            # A \u escape can name half of a UTF-16 pair alone, which no text holds: tokenizers
+            # refuse such a string, so it is refused here, with the line, rather than at training.
+            if "\\u" in text and _has_lone_surrogate(obj):
+                yield number, LineError("invalid_utf8", "a \\u escape names a lone UTF-16 surrogate, which is not text")
+                continue
+            yield number, obj
         except json.JSONDecodeError as exc:
             yield number, LineError("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}")
         except RecursionError:
             # The decoder recurses once per level: a hostile line must not take the process down.
             yield number, LineError("invalid_json", "invalid JSON: nested too deeply")
+
+
+def _has_lone_surrogate(obj: Any) -> bool:
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def iter_records(
