@@ -170,26 +170,17 @@ def _method_fields(method: _Method) -> dict[str, Any]:
     return {**fields, **({own: body} if body else {})}
 
 
-def method_body(spec: dict[str, Any], hyperparameters: dict[str, Any]) -> dict[str, Any]:
-    """The `method.<name>` object of a stored spec: the inverse of _method_fields, as jobs show it."""
-    own, *nested = METHOD_SETTINGS.get(spec["method"]) or (None,)
-    body = dict(spec.get(own) or {}) if own else {}
-    body["hyperparameters"] = hyperparameters
-    body.update({k: spec[k] for k in nested if spec.get(k)})
-    return body
-
-
 def method_view(spec: dict[str, Any], hyperparameters: dict[str, Any]) -> dict[str, Any]:
-    """A stored spec's `method` as jobs show it: {type: <method>, ...}, or for a preference objective
-    {type: 'dpo', dpo: {method, <settings fields>, hyperparameters (beta included)}}."""
+    """A stored spec's `method` as jobs show it, in OpenAI's shape: {type: 'supervised' (or the
+    preference objective), <type>: {method: <method>, <settings fields>, hyperparameters}}. It
+    reads back as the same method in a creation request (_objective_method)."""
     name, objective = spec["method"], spec.get("objective") or "sft"
-    if objective not in PREFERENCE_OBJECTIVES:
-        return {"type": name, name: method_body(spec, hyperparameters)}
+    kind = objective if objective in PREFERENCE_OBJECTIVES else "supervised"
     body: dict[str, Any] = {"method": name}
     body.update({k: spec[k] for k in METHOD_SETTINGS.get(name, ()) if spec.get(k)})
     preference = {k: v for k, v in (spec.get("preference") or {}).items() if v is not None}
-    body["hyperparameters"] = {**hyperparameters, **preference}
-    return {"type": objective, objective: body}
+    body["hyperparameters"] = {**hyperparameters, **(preference if kind != "supervised" else {})}
+    return {"type": kind, kind: body}
 
 
 def _draft_method_fields(method: _Method) -> dict[str, Any]:

@@ -89,7 +89,7 @@ def test_method_trains_through_the_api(mstack: Stack, name: str) -> None:
     job, losses = run(mstack, {"method": method, "optimizer": optimizer, "hyperparameters": {**SHORT, "learning_rate": lr}})
     assert len(losses) == 8 and all(x == x for x in losses), losses
     assert min(losses[-3:]) < losses[0], losses  # it learns something in eight steps
-    assert job["method"]["type"] == method["type"]
+    assert job["method"]["type"] == "supervised" and job["method"]["supervised"]["method"] == method["type"]
     with mstack.client() as c:
         manifest = manifest_of(c, job["id"])
     assert manifest["spec"]["optimizer"] == optimizer
@@ -146,7 +146,7 @@ def test_continue_merge_and_download_checkpoints(mstack: Stack, tiny_model_dir: 
     # Continue on new data from the job (its final adapter; method and settings carried over) ...
     cont, after = run(mstack, {"from_checkpoint": first["id"],
                                "hyperparameters": {**SHORT, "max_steps": 2, "learning_rate": 5e-3}}, seed=5)
-    assert cont["method"]["type"] == "qlora" and cont["method"]["qlora"]["r"] == 8
+    assert cont["method"]["supervised"]["method"] == "qlora" and cont["method"]["supervised"]["lora"]["r"] == 8
     print(f"first job {before[0]:.3f} -> {before[-1]:.3f}; continued job starts at {after[0]:.3f}")
     assert after[0] < before[0] - 1.0 and abs(after[0] - sum(before[-3:]) / 3) < 0.5, (before, after)
     # ... and from its first checkpoint.

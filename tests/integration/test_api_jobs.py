@@ -75,7 +75,9 @@ def test_openai_body_creates_a_queued_job_and_enqueues_it(client: TestClient, fi
     assert job["seed"] == 7 and job["user_provided_suffix"] == "rev" and job["integrations"] == []
     assert job["hyperparameters"]["n_epochs"] == 2
     assert job["hyperparameters"]["learning_rate"] == pytest.approx(1e-4)  # 0.5 × the LoRA base 2e-4
-    assert job["method"]["type"] == "lora" and job["method"]["lora"]["r"] == 16
+    # OpenAI's shape: the method under type "supervised", tuneq's own name and settings inside it.
+    assert job["method"]["type"] == "supervised" and job["method"]["supervised"]["method"] == "lora"
+    assert job["method"]["supervised"]["lora"]["r"] == 16
     assert queued_job_ids(queue) == [job["id"]]
     spec = spec_of(job["id"])
     assert spec["model"] == str(tiny_model_dir.resolve())  # the resolved directory, not the name
@@ -95,7 +97,9 @@ def test_tuneq_extensions_reach_the_spec(client: TestClient, file_id: str, queue
     assert r.status_code == 200, r.text
     job = r.json()
     assert job["priority"] == 5 and job["gpus"] == 2
-    assert job["method"] == {"type": "qlora", "qlora": {**job["method"]["qlora"], "r": 8, "alpha": 16.0}}
+    shown = job["method"]["supervised"]
+    assert job["method"]["type"] == "supervised" and shown["method"] == "qlora"
+    assert shown["lora"] == {**shown["lora"], "r": 8, "alpha": 16.0, "dropout": 0.1}
     spec = spec_of(job["id"])
     assert spec["method"] == "qlora" and spec["lora"]["target_modules"] == ["q_proj", "v_proj"]
     assert spec["hyperparameters"]["max_steps"] == 50 and spec["hyperparameters"]["learning_rate"] == 1e-3

@@ -42,7 +42,14 @@ def test_sdk_walkthrough(sdk: openai.OpenAI, service_env: dict[str, str]) -> Non
         model="tiny-llama", training_file=f.id,
         extra_body={"method": {"type": "lora", "lora": {"r": 4, "alpha": 8}}, "hyperparameters": {"max_steps": 20}, "priority": 3},
     )
-    assert lora.method.type == "lora" and lora.method.lora["r"] == 4 and lora.priority == 3
+    assert lora.method.type == "supervised" and lora.priority == 3
+    assert lora.method.supervised.method == "lora" and lora.method.supervised.lora["r"] == 4
+    # The SDK builds its objects without validating them; a typed client validates. Every job
+    # must be a valid FineTuningJob of the SDK's own types (method.type among OpenAI's).
+    from openai.types.fine_tuning import FineTuningJob
+
+    for raw in sdk.fine_tuning.jobs.with_raw_response.list().http_response.json()["data"]:
+        FineTuningJob.model_validate(raw)
 
     assert sdk.fine_tuning.jobs.retrieve(job.id).id == job.id
     listed = [j.id for j in sdk.fine_tuning.jobs.list(limit=1)]  # iterating follows the cursor

@@ -112,7 +112,7 @@ def test_auto_method_and_batch_pick_full_and_store_the_plan(client: TestClient, 
                                                    "hyperparameters": {"batch_size": "auto"}})
     assert r.status_code == 200, r.text
     job = r.json()
-    assert job["method"]["type"] == "full"
+    assert job["method"] == {"type": "supervised", "supervised": {"method": "full", "hyperparameters": job["hyperparameters"]}}
     assert job["hyperparameters"]["batch_size"] == 4  # the largest that fits, capped at the file's 4 examples
     assert any("the job takes 4, as its file has 4 examples" in note for note in job["plan"]["notes"])
     assert job["plan"]["predicted_peak_gib"] > 0 and job["plan"]["measured_peak_gib"] is None

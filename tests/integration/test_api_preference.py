@@ -69,7 +69,8 @@ def test_a_dpo_job_in_openais_shape(sdk: openai.OpenAI) -> None:
         model="tiny-llama", training_file=upload(sdk, CHAT).id,
         method={"type": "supervised", "supervised": {"method": "lora", "lora": {"r": 8}}},
     )
-    assert supervised.method.type == "lora" and supervised.method.lora["r"] == 8
+    assert supervised.method.type == "supervised"
+    assert supervised.method.supervised.method == "lora" and supervised.method.supervised.lora["r"] == 8
 
 
 @pytest.mark.parametrize("method, param", [

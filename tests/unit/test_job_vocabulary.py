@@ -7,7 +7,7 @@ from typing import get_args
 import pytest
 from pydantic import ValidationError
 
-from api.job_spec import BASE_LEARNING_RATE, _Method, _method_fields, method_body
+from api.job_spec import BASE_LEARNING_RATE, _Method, _method_fields, _parse_method, method_view
 from api.schemas import SHAPED, SPEC_FIELDS, CreateJobRequest
 from trainer.spec import METHOD_SETTINGS, METHODS, JobSpec
 
@@ -52,10 +52,15 @@ def test_every_method_has_its_settings_fields_and_a_base_learning_rate() -> None
 def test_a_method_body_goes_into_the_spec_and_comes_back_out(method: str, body: dict) -> None:
     fields = _method_fields(_Method(name=method, type_key=method, lora=dict(body)))
     spec = JobSpec.model_validate({"model": "m", "training_file": "t", "method": method, **fields})
-    shown = method_body(spec.model_dump(mode="json"), {"n_epochs": 1})
-    assert shown.pop("hyperparameters") == {"n_epochs": 1}
-    for key, value in body.items():
-        assert shown[key] == value or (isinstance(value, dict) and value.items() <= shown[key].items()), key
+    shown = method_view(spec.model_dump(mode="json"), {"n_epochs": 1})
+    # OpenAI's shape, which its SDK's types accept; tuneq's method inside.
+    assert shown["type"] == "supervised" and set(shown) == {"type", "supervised"}
+    assert shown["supervised"]["method"] == method and shown["supervised"]["hyperparameters"] == {"n_epochs": 1}
+    # What a job shows is a creation request's method for the same spec.
+    again = _parse_method(shown)
+    assert again.name == method and again.objective == "sft" and again.hyperparameters == {"n_epochs": 1}
+    respec = JobSpec.model_validate({"model": "m", "training_file": "t", "method": method, **_method_fields(again)})
+    assert respec == spec
 
 
 def test_the_cli_offers_every_method_of_the_spec() -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from tuneq.cli.common import client, friendly, out, print_json
-from tuneq.cli.render import event_line, list_table, print_job, progress_text, when
+from tuneq.cli.render import event_line, list_table, method_label, print_job, progress_text, when
 
 
 @friendly
@@ -75,7 +75,7 @@ def list_jobs(
         return
     table = list_table(("job", "status", "model", "method", "progress", "created"))
     for j in items:
-        table.add_row(j["id"], j["status"], j["model"], (j.get("method") or {}).get("type", "-"), progress_text(j),
+        table.add_row(j["id"], j["status"], j["model"], method_label(j), progress_text(j),
                       when(j["created_at"], "%m-%d %H:%M"))
     out.print(table)
 

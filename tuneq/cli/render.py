@@ -81,11 +81,19 @@ def _startup(phases: dict[str, Any]) -> str:
     return ", ".join(parts) + (f"; {total:.1f} s to the first step" if isinstance(total, (int, float)) else "")
 
 
+def method_label(job: dict[str, Any]) -> str:
+    """A job's method as a word: `lora`, or with a preference objective `dpo (lora)`."""
+    m = job.get("method") or {}
+    body = m.get(m.get("type")) or {}
+    name = body.get("method") if isinstance(body.get("method"), str) else m.get("type", "-")
+    return name if m.get("type") in ("supervised", None) else f"{m['type']} ({name})"
+
+
 def _job_rows(job: dict[str, Any]) -> list[tuple[str, str]]:
     p = job.get("progress") or {}
     rows = [
         ("job", job["id"]), ("status", job["status"]), ("model", job["model"]),
-        ("method", (job.get("method") or {}).get("type", "-")),
+        ("method", method_label(job)),
         ("created", when(job.get("created_at"))), ("finished", when(job.get("finished_at"))),
         ("progress", progress_text(job) + (f", epoch {p['epoch']:.2f}" if isinstance(p.get("epoch"), float) else "")),
     ]

@@ -8,10 +8,11 @@ export function methodOf(job) {
   const m = job.method;
   if (!m) return "";
   if (typeof m === "string") return m;
-  const settings = m[m.type] || {};
-  // A preference job: {type: "dpo", dpo: {method: "lora", lora: {...}}}
-  if (typeof settings.method === "string") return `${m.type} (${settings.method})`;
-  return settings.use_dora ? `${m.type} (dora)` : m.type || "";
+  // {type: "supervised" or a preference objective, <type>: {method: "lora", lora: {...}, ...}}
+  const body = m[m.type] || {};
+  const name = typeof body.method === "string" ? body.method : m.type || "";
+  const label = (body.lora || {}).use_dora ? `${name} (dora)` : name;
+  return m.type === "supervised" ? label : `${m.type} (${label})`;
 }
 
 // The owner's name when the API gives one, else the owner's user id.
