@@ -151,7 +151,10 @@ class OnePlan:
 def build(req: Request, one: OnePlan) -> JobSpec:
     init_from = req.source.ref if req.source else None
     inherited = req.source.method_fields() if req.source else None
-    return build_spec(req.body, model_path=req.model_path, init_from=init_from, inherited=inherited, choose=one.choose)
+    spec = build_spec(req.body, model_path=req.model_path, init_from=init_from, inherited=inherited, choose=one.choose)
+    if req.source is not None:
+        req.source.check_continues(spec)
+    return spec
 
 
 def job_files(db: Session, user: User, spec: JobSpec, req: Request) -> list[tuple[File, str, str]]:

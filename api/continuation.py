@@ -10,13 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from api.errors import bad_request
 from core import states
 from core.identity import can_read_job
 from core.models import Checkpoint, Job, User
-from trainer.spec import METHOD_SETTINGS
+from trainer.init_weights import source_mismatch
+from trainer.spec import METHOD_SETTINGS, JobSpec
 
 PARAM = "from_checkpoint"
 # Spec fields that define the adapter's shape; a continued job without a method takes them over.
@@ -31,6 +33,18 @@ class Source:
     def method_fields(self) -> dict[str, Any]:
         spec = self.job.spec or {}
         return {k: spec[k] for k in METHOD_FIELDS if spec.get(k) is not None}
+
+    def check_continues(self, spec: JobSpec) -> None:
+        """400 when the new job's method cannot take the weights this source saved (an adapter
+        for a whole-model method, another kind or rank of adapter), as the trainer would find."""
+        try:
+            source = JobSpec.model_validate(self.job.spec or {})
+        except ValidationError:
+            return  # a spec of an older schema: the trainer checks the saved files themselves
+        problem = source_mismatch(spec, source)
+        if problem:
+            raise bad_request(f"{PARAM}: {self.ref} cannot start this job: {problem}; give a method that matches, "
+                              "or leave method out to keep the earlier job's", PARAM, "incompatible_checkpoint")
 
 
 def resolve_source(db: Session, user: User, ref: str, model: str) -> Source:

@@ -39,24 +39,46 @@ def _adapter_mismatch(spec: JobSpec, saved: dict[str, Any]) -> str | None:
     return None
 
 
+def source_mismatch(spec: JobSpec, source: JobSpec) -> str | None:
+    """Why a job of `spec` cannot start from what a job of `source` saved (None: it can).
+
+    The check load_initial_weights makes on the saved files, made on the two specs, so that the
+    API refuses such a job at creation instead of the job failing once it ran."""
+    saved_type = PEFT_TYPES.get(source.method)
+    wants_adapter = spec.method in PEFT_TYPES
+    if saved_type is None:
+        return None if not wants_adapter else (
+            f"it saved a whole model (method {source.method!r}); method {spec.method!r} continues only from an adapter")
+    if not wants_adapter:
+        return f"it saved an adapter (method {source.method!r}); method {spec.method!r} continues only from a whole model"
+    saved = {"peft_type": saved_type, "r": source.lora.r, "use_dora": source.lora.use_dora,
+             "num_virtual_tokens": source.prefix.num_virtual_tokens if source.prefix else 16}
+    return _adapter_mismatch(spec, saved)
+
+
+def _shown(src: Path) -> str:
+    # The job's own folder and below: a user reads these messages, the host's layout is not theirs.
+    return "/".join(src.parts[-2:])
+
+
 def load_initial_weights(model: Any, spec: JobSpec) -> None:
     """Copy spec.init_from's weights into `model` (a PeftModel for adapter methods)."""
     if spec.init_from is None:
         return
     src = Path(spec.init_from)
     if not src.is_dir():
-        raise ConfigError(f"init_from: {src} is not a directory of a previous job's weights")
+        raise ConfigError(f"init_from: {_shown(src)} is not a directory of a previous job's weights")
     adapter_cfg = src / "adapter_config.json"
     if hasattr(model, "peft_config"):
         if not adapter_cfg.is_file():
-            raise ConfigError(f"init_from: {src} holds no adapter (adapter_config.json); method {spec.method!r} needs one")
+            raise ConfigError(f"init_from: {_shown(src)} holds no adapter (adapter_config.json); method {spec.method!r} needs one")
         problem = _adapter_mismatch(spec, json.loads(adapter_cfg.read_text()))
         if problem:
             raise ConfigError(f"init_from: cannot continue from {src.name}: {problem}")
         _load_adapter(model, src)
     else:
         if adapter_cfg.is_file():
-            raise ConfigError(f"init_from: {src} holds an adapter; method {spec.method!r} continues only from a whole model")
+            raise ConfigError(f"init_from: {_shown(src)} holds an adapter; method {spec.method!r} continues only from a whole model")
         _load_model(model, src)
 
 
@@ -66,7 +88,7 @@ def _load_adapter(model: Any, src: Path) -> None:
 
     weights = src / "adapter_model.safetensors"
     if not weights.is_file():
-        raise ConfigError(f"init_from: {src} has no adapter_model.safetensors")
+        raise ConfigError(f"init_from: {_shown(src)} has no adapter_model.safetensors")
     device = next(p.device for p in model.parameters())
     try:
         result = set_peft_model_state_dict(model, load_file(str(weights), device=str(device)))
@@ -85,7 +107,7 @@ def _load_model(model: Any, src: Path) -> None:
 
     files = sorted(src.glob("*.safetensors"))
     if not files:
-        raise ConfigError(f"init_from: {src} has no model weights (*.safetensors)")
+        raise ConfigError(f"init_from: {_shown(src)} has no model weights (*.safetensors)")
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))

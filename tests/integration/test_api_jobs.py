@@ -283,3 +283,29 @@ def test_checkpoints_and_artifact_download(client: TestClient, file_id: str) -> 
     assert client.get(f"/v1/fine_tuning/jobs/{job['id']}/artifacts/art-nope/content").status_code == 404
     other = create(client, model="tiny-llama", training_file=file_id).json()
     assert client.get(f"/v1/fine_tuning/jobs/{other['id']}/artifacts/art-1/content").status_code == 404
+
+
+def test_from_checkpoint_refuses_a_method_that_cannot_take_the_saved_weights(client: TestClient, file_id: str) -> None:
+    """The trainer would fail such a job once it ran (an adapter is no whole model, a rank-16
+    adapter no rank-4 one); creation and the plan refuse it, naming from_checkpoint."""
+    from core import states
+    from core.db import session_scope
+    from core.models import Job
+
+    source = create(client, model="tiny-llama", training_file=file_id, method={"type": "lora", "lora": {"r": 16}}).json()
+    with session_scope() as db:  # as if it had trained: only a succeeded job has final weights
+        job = db.get(Job, source["id"])
+        job.status, job.finished_at = states.SUCCEEDED, job.created_at + 1
+    for method, said in [("full", "continues only from a whole model"),
+                         ({"type": "lora", "lora": {"r": 4}}, "LoRA rank is 16, this job has lora.r=4"),
+                         ("ia3", "this job trains IA3")]:
+        body = {"model": "tiny-llama", "training_file": file_id, "from_checkpoint": source["id"], "method": method}
+        for route in ("/v1/fine_tuning/jobs", "/v1/fine_tuning/plan"):
+            err = error_of(client.post(route, json=body))
+            assert err["param"] == "from_checkpoint" and err["code"] == "incompatible_checkpoint", (route, err)
+            assert said in err["message"] and "/" not in err["message"].split(":", 1)[1], err
+    # The same method (or none: the earlier job's is kept) continues.
+    for method in ({"type": "qlora", "qlora": {"r": 16}}, None):
+        r = create(client, model="tiny-llama", training_file=file_id, from_checkpoint=source["id"],
+                   **({"method": method} if method else {}))
+        assert r.status_code == 200, r.text
