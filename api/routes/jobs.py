@@ -119,6 +119,8 @@ def _list_jobs(db: Session, user: User, settings: Settings, after: str | None, l
     check_limit(limit, settings)
     stmt = select(Job).where(readable_jobs(user), *conditions)
     if status is not None:
+        if status not in states.ALLOWED:  # a typo would otherwise list nothing, as if no job had it
+            raise bad_request(f"status: must be one of {', '.join(states.ALLOWED)}, got {status!r}", "status")
         stmt = stmt.where(Job.status == status)
     if after is not None:
         cursor = db.get(Job, after)

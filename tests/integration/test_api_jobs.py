@@ -309,3 +309,11 @@ def test_from_checkpoint_refuses_a_method_that_cannot_take_the_saved_weights(cli
         r = create(client, model="tiny-llama", training_file=file_id, from_checkpoint=source["id"],
                    **({"method": method} if method else {}))
         assert r.status_code == 200, r.text
+
+
+def test_the_status_filter_lists_that_status_and_refuses_one_that_does_not_exist(client: TestClient, file_id: str) -> None:
+    job = create(client, model="tiny-llama", training_file=file_id).json()
+    assert [j["id"] for j in client.get("/v1/fine_tuning/jobs", params={"status": "queued"}).json()["data"]] == [job["id"]]
+    assert client.get("/v1/fine_tuning/jobs", params={"status": "running"}).json()["data"] == []
+    err = error_of(client.get("/v1/fine_tuning/jobs", params={"status": "bogus"}))
+    assert err["param"] == "status" and "queued" in err["message"] and "'bogus'" in err["message"], err
