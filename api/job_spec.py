@@ -223,6 +223,44 @@ def check_metadata(metadata: dict[str, str] | None) -> None:
                               f"{len(value)}", f"metadata.{key}")
 
 
+def _multiplier_param(method: _Method, hp_from_method: set[str]) -> str:
+    """Where the request wrote learning_rate_multiplier."""
+    if "learning_rate_multiplier" in hp_from_method:
+        return f"method.{method.type_key}.hyperparameters.learning_rate_multiplier"
+    return "hyperparameters.learning_rate_multiplier"
+
+
+def _spec_or_400(data: dict[str, Any], req: CreateJobRequest, method: _Method, hp_from_method: set[str]) -> JobSpec:
+    """JobSpec of `data`, or a 400 naming the field as the request wrote it."""
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        message, param = first_validation_error(exc.errors())
+        user_param = _user_path(param, method, hp_from_method)
+        if param == "hyperparameters.seed" and req.seed is not None and "seed" not in (req.hyperparameters or {}):
+            user_param = "seed"
+
+        if param and user_param != param:
+            message = message.replace(param, user_param, 1)
+        raise APIError(400, message, param=user_param, code="invalid_value") from None
+
+
+def _check_hyperparameters(draft: dict[str, Any], req: CreateJobRequest, method: _Method, hp_from_method: set[str],
+                           auto_batch: bool) -> None:
+    """The spec's own range checks of the hyperparameters, before the planner chooses from them:
+    it would otherwise plan a batch of 0 or a sequence of a billion tokens and answer in its own
+    terms. Checked as the default method; the method's own rules wait for the chosen one."""
+    hp = {k: v for k, v in draft["hyperparameters"].items() if not (auto_batch and k == "batch_size")}
+    name = draft["method"] if draft["method"] != AUTO_METHOD else DEFAULT_METHOD
+    try:
+        _apply_multiplier(hp, name, _multiplier_param(method, hp_from_method), method.objective or "sft")
+        _spec_or_400({**draft, "method": name, "hyperparameters": hp}, req, method, hp_from_method)
+    except APIError as exc:
+        if (exc.param or "").startswith(("hyperparameters.", f"method.{method.type_key}.hyperparameters.", "seed")):
+            raise
+    # Anything else (a rule of one method) is checked on the spec of the method chosen.
+
+
 def build_spec(
     req: CreateJobRequest, *, model_path: str, init_from: str | None = None, inherited: dict[str, Any] | None = None,
     choose: Chooser | None = None,
@@ -254,6 +292,7 @@ def build_spec(
             "hyperparameters": {**hp, "batch_size": "auto"} if auto_batch else dict(hp),
             **_draft_method_fields(method), **objective, **rest,
         }
+        _check_hyperparameters(draft, req, method, hp_from_method, auto_batch)
         chosen, batch = choose(draft)
         method.name = chosen
         if auto_batch and batch is not None:
@@ -261,28 +300,13 @@ def build_spec(
     if method.name == AUTO_METHOD:
         raise bad_request("method: 'auto' needs a model whose config the planner can read (a local model)", "method")
     name = method.name or DEFAULT_METHOD
-    lr_param = (
-        f"method.{method.type_key}.hyperparameters.learning_rate_multiplier"
-        if "learning_rate_multiplier" in hp_from_method
-        else "hyperparameters.learning_rate_multiplier"
-    )
-    _apply_multiplier(hp, name, lr_param, method.objective or "sft")
+    _apply_multiplier(hp, name, _multiplier_param(method, hp_from_method), method.objective or "sft")
 
     data: dict[str, Any] = {"model": model_path, "method": name, "training_file": req.training_file, "hyperparameters": hp}
     data.update(_method_fields(method))
     data.update(objective)
     data.update(rest)
-    try:
-        spec = JobSpec.model_validate(data)
-    except ValidationError as exc:
-        message, param = first_validation_error(exc.errors())
-        user_param = _user_path(param, method, hp_from_method)
-        if param == "hyperparameters.seed" and req.seed is not None and "seed" not in (req.hyperparameters or {}):
-            user_param = "seed"
-
-        if param and user_param != param:
-            message = message.replace(param, user_param, 1)
-        raise APIError(400, message, param=user_param, code="invalid_value") from None
+    spec = _spec_or_400(data, req, method, hp_from_method)
     ranks = spec.ranks(req.gpus)
     if spec.optimizer_in_backward and ranks > 1:
         # The spec cannot see the GPU count; the trainer would refuse it only once the job runs.

@@ -323,3 +323,20 @@ def test_prefix_tuning_with_packing_is_refused_naming_packing(client: TestClient
     assert r.json()["error"]["param"] == "packing" and "prefix" in r.json()["error"]["message"]
     ok = client.post(route, json={"model": "tiny-llama", "training_file": file_id, "method": "prefix"})
     assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("route", ["/v1/fine_tuning/jobs", "/v1/fine_tuning/plan"])
+@pytest.mark.parametrize("hyperparameters, param", [
+    ({"max_seq_len": 0}, "hyperparameters.max_seq_len"),
+    ({"max_seq_len": 999_999_999}, "hyperparameters.max_seq_len"),
+    ({"batch_size": 99_999}, "hyperparameters.batch_size"),
+    ({"learning_rate_multiplier": -1}, "hyperparameters.learning_rate_multiplier"),
+])
+def test_method_auto_checks_the_hyperparameters_before_it_plans(client: TestClient, file_id: str, route: str,
+                                                                 hyperparameters: dict, param: str) -> None:
+    # The same 400 as with a method named: the planner is not asked to choose from a batch of 0.
+    for method in ("auto", "lora"):
+        r = client.post(route, json={"model": "tiny-llama", "training_file": file_id, "method": method,
+                                     "hyperparameters": hyperparameters})
+        assert r.status_code == 400, (method, r.text)
+        assert r.json()["error"]["param"] == param, (method, r.json())
