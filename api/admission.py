@@ -193,12 +193,30 @@ def check_data(files: list[tuple[File, str, str]], spec: JobSpec, model_path: st
     for f, param, file_format in files:
         got = data_check.check_file(f, param, model_path, max_len, file_format, inputs, in_child=in_child)
         if got is not None and got["format"] == "preference" and file_format == "auto":
-            raise APIError(400, f"{param}: file {f.id} holds preference pairs (preferred_output, "
-                           "non_preferred_output); train them with method type 'dpo', 'simpo' or 'orpo'",
-                           param=param, code="invalid_file")
+            raise _preference_file(f, param)
         if got is not None:
             stats[param] = {"file": f.id, **got}
     return stats
+
+
+def _preference_file(f: File, param: str) -> APIError:
+    return APIError(400, f"{param}: file {f.id} holds preference pairs (preferred_output, non_preferred_output); "
+                    "train them with method type 'dpo', 'simpo' or 'orpo'", param=param, code="invalid_file")
+
+
+def check_file_kind(f: File, param: str, spec: JobSpec) -> None:
+    """The refusals of check_data that the upload's own report already decides, for the plan,
+    which does not check the data line by line: pairs for a supervised job, or no pairs for a
+    preference one."""
+    uploaded_as = (f.report or {}).get("format")
+    if uploaded_as is None or not (f.report or {}).get("valid", True):
+        return  # unknown here; the job's data check decides
+    if spec.is_preference and uploaded_as != "preference":
+        raise APIError(400, f"{param}: file {f.id} is a {uploaded_as} file; method type {spec.objective!r} trains on "
+                       "preference lines ({\"input\", \"preferred_output\", \"non_preferred_output\"})",
+                       param=param, code="invalid_file")
+    if not spec.is_preference and uploaded_as == "preference" and spec.data_format == "auto":
+        raise _preference_file(f, param)
 
 
 def check_schedule(spec: JobSpec, settings: Settings) -> None:
@@ -367,6 +385,7 @@ def plan_only(db: Session, user: User, body: CreateJobRequest, settings: Setting
     one = OnePlan(req, settings, refuse=False)
     spec = build(req, one)
     check_gpus_fit(body.gpus, spec.nodes)
+    check_file_kind(req.training, "training_file", spec)
     tokens = None
     if not one.made:
         tokens = training_tokens(req, spec.hyperparameters.max_seq_len, spec.data_format, spec.train_on_inputs)

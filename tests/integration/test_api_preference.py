@@ -108,6 +108,12 @@ def test_preference_files_are_checked_line_by_line(sdk: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as exc:
         sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=upload(sdk, PAIRS).id)
     assert exc.value.param == "training_file" and "'dpo'" in exc.value.message
+    # The plan refuses them as well, from the uploads' reports.
+    for rows, method, said in [(CHAT, {"type": "dpo"}, "is a chat file"), (PAIRS, None, "'dpo'")]:
+        with pytest.raises(openai.BadRequestError) as exc:
+            sdk.post("/fine_tuning/plan", cast_to=object, body={"model": "tiny-llama", "training_file": upload(sdk, rows).id,
+                                                                 **({"method": method} if method else {})})
+        assert exc.value.param == "training_file" and said in exc.value.message, exc.value.message
 
 
 def test_the_cli_submits_a_preference_job_and_shows_its_metrics(runner, tmp_path) -> None:
