@@ -110,6 +110,9 @@ class Client:
         with open(path, "rb") as f:
             return self._json("POST", "/v1/files", files={"file": (path.name, f, "application/jsonl")}, data={"purpose": purpose})
 
+    def delete_file(self, file_id: str) -> dict[str, Any]:
+        return self._json("DELETE", f"/v1/files/{file_id}")
+
     def create_job(self, body: dict[str, Any]) -> dict[str, Any]:
         return self._json("POST", "/v1/fine_tuning/jobs", json=body)
 

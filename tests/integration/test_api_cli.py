@@ -95,6 +95,50 @@ def test_refused_job_names_the_field(runner: CliRunner, tmp_path: Path) -> None:
     assert unknown.exit_code == 1 and "available models: tiny-llama" in unknown.stderr
 
 
+def stored_files() -> list[str]:
+    from sqlalchemy import select
+
+    from core.db import session_scope
+    from core.identity import DELETED
+    from core.models import File
+
+    with session_scope() as db:
+        return list(db.scalars(select(File.id).where(File.status != DELETED)))
+
+
+def test_a_refused_submit_or_a_plan_leaves_no_uploaded_file_behind(runner: CliRunner, tmp_path: Path) -> None:
+    # Each would count towards the user's file quota; the job was not made, or was only planned.
+    data = tmp_path / "train.jsonl"
+    data.write_text((GOOD_LINE + "\n") * 4)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n")
+    for args in (["submit", str(data), "--model", "tiny-llama", "--epochs", "0"],
+                 ["submit", str(data), "--model", "tiny-llama", "--validation-file", str(data), "--suffix", "x" * 65],
+                 ["submit", str(bad), "--model", "tiny-llama"],
+                 ["plan", str(data), "--model", "tiny-llama", "--json"]):
+        result = runner.invoke(cli.app, args)
+        assert result.exit_code == (0 if args[0] == "plan" else 1), (args, result.output)
+        assert stored_files() == [], args
+    made = runner.invoke(cli.app, ["submit", str(data), "--model", "tiny-llama"])
+    assert made.exit_code == 0 and len(stored_files()) == 1, made.output
+
+
+def test_cli_numbers_that_json_cannot_carry_are_refused_before_any_upload(runner: CliRunner, tmp_path: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    data.write_text(GOOD_LINE + "\n")
+    spec = tmp_path / "job.yaml"
+    spec.write_text("hyperparameters: {learning_rate: .nan}\n")
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"model: \xff\xfe\n")
+    for args, said in [(["--lr", "nan"], "NaN or infinite"), (["--lr", "1e999"], "NaN or infinite"),
+                       (["--spec", str(spec)], "NaN or infinite"), (["--spec", str(binary)], "not UTF-8")]:
+        result = runner.invoke(cli.app, ["submit", str(data), "--model", "tiny-llama", *args])
+        assert result.exit_code == 1 and said in result.stderr and "unexpected" not in result.stderr, (args, result.output)
+        assert stored_files() == []
+    watch = runner.invoke(cli.app, ["watch", "ftjob-x", "--poll", "--interval", "-1"])
+    assert watch.exit_code == 2 and "--interval" in watch.stderr, watch.output
+
+
 def _stored_archive(job_id: str, files: dict[str, bytes]) -> dict:
     from core.db import session_scope
     from core.models import Artifact

@@ -45,7 +45,7 @@ def chat(
 ) -> None:
     """Chat with a model: one question with -m, else a conversation (empty line or /exit ends it)."""
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-    options: dict[str, Any] = {"temperature": temperature, **({"max_tokens": max_tokens} if max_tokens else {})}
+    options: dict[str, Any] = {"temperature": temperature, **({"max_tokens": max_tokens} if max_tokens is not None else {})}
     with client() as c:
         name = _model_name(c, model)
         if message is not None:

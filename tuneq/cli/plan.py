@@ -11,7 +11,7 @@ import typer
 from trainer.vocabulary import METHODS, OBJECTIVES, PREFERENCE_OBJECTIVES
 from tuneq.cli.common import client, fail, friendly
 from tuneq.cli.render import print_plan
-from tuneq.cli.submit import upload
+from tuneq.cli.submit import forget_uploads, upload
 
 
 @friendly
@@ -39,14 +39,18 @@ def plan(
         if batch_size != "auto" and not batch_size.isdigit():
             raise fail(f"--batch-size: a positive integer or auto, got {batch_size!r}")
         hp["batch_size"] = batch_size if batch_size == "auto" else int(batch_size)
+    uploaded: list[str] = []
     with client() as c:
-        body: dict[str, Any] = {"model": model, "training_file": upload(c, file, "training file"), "method": method,
-                                "hyperparameters": hp, "gpus": gpus, "nodes": nodes}
-        if objective in PREFERENCE_OBJECTIVES:
-            body["method"] = {"type": objective, objective: {"method": method}}
-        if gradient_checkpointing is not None:
-            body["gradient_checkpointing"] = gradient_checkpointing
-        got = c.plan_job(body)
+        try:  # the file is uploaded to be counted; the plan keeps nothing, and neither does the command
+            body: dict[str, Any] = {"model": model, "training_file": upload(c, file, "training file", uploaded),
+                                    "method": method, "hyperparameters": hp, "gpus": gpus, "nodes": nodes}
+            if objective in PREFERENCE_OBJECTIVES:
+                body["method"] = {"type": objective, objective: {"method": method}}
+            if gradient_checkpointing is not None:
+                body["gradient_checkpointing"] = gradient_checkpointing
+            got = c.plan_job(body)
+        finally:
+            forget_uploads(c, uploaded)
     if as_json:
         print(json.dumps(got, indent=2))
         return

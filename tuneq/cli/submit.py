@@ -19,15 +19,38 @@ from tuneq.client import Client
 LORA_METHODS = tuple(m for m, fields in METHOD_SETTINGS.items() if fields[:1] == ("lora",))
 
 
-def upload(c: Client, path: Path, what: str) -> str:
+def upload(c: Client, path: Path, what: str, uploaded: list[str] | None = None) -> str:
+    """The id of `path` uploaded; `uploaded` collects the ids, refused uploads' too, so that a
+    command that stops later can take them back (forget_uploads)."""
     if not path.is_file():
         raise fail(f"{what} {path}: no such file")
     f = c.upload_file(path)
+    if uploaded is not None:
+        uploaded.append(f["id"])
     if f.get("status") != "processed":
         show_bad_lines(path, f)
         raise fail(f"{path} was refused: {f.get('status_details') or 'validation failed'}")
     err.print(f"uploaded {path} as {f['id']} ({f.get('validation', {}).get('examples', '?')} examples)")
     return f["id"]
+
+
+def forget_uploads(c: Client, uploaded: list[str]) -> None:
+    """Delete what this command uploaded for a job that was not made: each would count towards
+    the user's file quota. Best effort; the server refuses to delete a file a job uses."""
+    for file_id in uploaded:
+        try:
+            c.delete_file(file_id)
+        except Exception:  # noqa: BLE001 - the command's own error is the one to report
+            err.print(f"could not delete the uploaded {file_id}; `tuneq files` lists it")
+
+
+def finite_numbers(body: dict[str, Any]) -> None:
+    """A refusal before anything is uploaded, for NaN or infinity anywhere in the body (JSON has neither)."""
+    try:
+        json.dumps(body, allow_nan=False)
+    except ValueError:
+        raise fail("a number of the job (--lr, --lora-alpha or one in --spec) is NaN or infinite; give finite "
+                   "numbers") from None
 
 
 def _load_spec(path: Path) -> dict[str, Any]:
@@ -36,7 +59,10 @@ def _load_spec(path: Path) -> dict[str, Any]:
 
     if not path.is_file():
         raise fail(f"--spec {path}: no such file")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise fail(f"--spec {path}: not UTF-8 text (byte {exc.start})") from None
     try:
         spec = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
@@ -46,23 +72,24 @@ def _load_spec(path: Path) -> dict[str, Any]:
     return spec
 
 
-def _file_ref(c: Client, value: Any, field: str, base: Path) -> str:
+def _file_ref(c: Client, value: Any, field: str, base: Path, uploaded: list[str]) -> str:
     """A spec's file field: a local path (uploaded now, relative to the spec file) or a file id."""
     if not isinstance(value, str) or not value:
         raise fail(f"{field}: a path to a JSONL file or a file id (file-...), got {value!r}")
     path = Path(value) if Path(value).is_absolute() else base / value
     if path.is_file():
-        return upload(c, path, field)
+        return upload(c, path, field, uploaded)
     if value.startswith("file-"):
         return value
     raise fail(f"{field}: {path}: no such file (nor a file id)")
 
 
-def _upload_spec_files(c: Client, body: dict[str, Any], base: Path) -> None:
+def _upload_spec_files(c: Client, body: dict[str, Any], base: Path, uploaded: list[str]) -> None:
     for field in ("training_file", "validation_file"):
         if body.get(field) is not None:
-            body[field] = _file_ref(c, body[field], field, base)
-    body.update(with_files(body, {param: _file_ref(c, value, param, base) for param, value, _ in extra_files(body)}))
+            body[field] = _file_ref(c, body[field], field, base, uploaded)
+    body.update(with_files(body, {param: _file_ref(c, value, param, base, uploaded)
+                                  for param, value, _ in extra_files(body)}))
 
 
 def _method_name(method: Any) -> str | None:
@@ -173,13 +200,19 @@ def submit(
         body["export"] = {**(body.get("export") or {}), "select": "best"}
     if wandb_project is not None:
         body["integrations"] = _with_wandb_project(body.get("integrations"), wandb_project)
+    finite_numbers(body)
+    uploaded: list[str] = []
     with client() as c:
-        _upload_spec_files(c, body, base)
-        if file is not None:
-            body["training_file"] = _file_ref(c, str(file), "training file", Path.cwd())
-        if validation_file is not None:
-            body["validation_file"] = _file_ref(c, str(validation_file), "validation file", Path.cwd())
-        job = c.create_job(body)
+        try:
+            _upload_spec_files(c, body, base, uploaded)
+            if file is not None:
+                body["training_file"] = _file_ref(c, str(file), "training file", Path.cwd(), uploaded)
+            if validation_file is not None:
+                body["validation_file"] = _file_ref(c, str(validation_file), "validation file", Path.cwd(), uploaded)
+            job = c.create_job(body)
+        except BaseException:
+            forget_uploads(c, uploaded)
+            raise
     err.print(f"created {job['id']} ({job['status']}); follow it with `tuneq watch {job['id']}`")
     # Only the id on stdout, so that JOB=$(tuneq submit ...) works.
     print(job["id"], flush=True)

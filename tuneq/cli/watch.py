@@ -72,7 +72,8 @@ def watch(
     job_id: Annotated[str, typer.Argument(metavar="JOB", help="A job id (ftjob-...).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print each event, then the final job, as JSON lines.")] = False,
     stream: Annotated[bool, typer.Option("--stream/--poll", help="Follow the server's event stream, or poll.")] = True,
-    interval: Annotated[float, typer.Option(help="Seconds between polls (--poll, or when the stream is unavailable).")] = 2.0,
+    interval: Annotated[float, typer.Option(min=0.1, max=3600, help="Seconds between polls (--poll, or when the stream is "
+                        "unavailable).")] = 2.0,
 ) -> None:
     """Follow a job live until it ends; exit 0 if it succeeded, 1 if it failed, 3 if cancelled."""
     with client() as c:
