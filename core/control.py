@@ -42,15 +42,44 @@ def request_pause(db: Session, job: Job) -> Job:
 
 
 def request_resume(db: Session, job: Job) -> Job:
-    """paused -> queued; the caller commits, then enqueues. A pause not yet honoured is withdrawn."""
-    if job.status == states.RUNNING and job.pause_requested:
-        job.pause_requested = False
-        states.add_event(db, job, "Pause withdrawn.", type="status")
-        return job
-    if job.status == states.QUEUED:
-        return job
-    job.pause_requested = False
-    return states.transition(db, job, states.QUEUED, "Job resumed; it continues from its latest checkpoint.")
+    """paused -> queued; the caller commits, then enqueues.
+
+    A running job whose user asked it to pause, and whose worker has not honoured that yet, keeps
+    running: the pause is withdrawn. Every other status is IllegalTransition, a running job's
+    above all: running -> queued is the reaper's move, and taking it here would drop the worker's
+    lease and restart the job from its last checkpoint. A preemption is the scheduler's and is
+    not withdrawn by a resume.
+    """
+    for _ in range(5):
+        observed = job.status
+        if observed == states.RUNNING and job.pause_requested and job.preempted_by is None:
+            # Conditioned, like request_pause: a worker that paused the job in between makes it
+            # fail, and the job is then resumed from paused instead of reported running.
+            res = db.execute(
+                update(Job).where(Job.id == job.id, Job.status == states.RUNNING, Job.pause_requested.is_(True),
+                                  Job.preempted_by.is_(None))
+                .values(pause_requested=False).execution_options(synchronize_session=False)
+            )
+            if res.rowcount == 1:
+                db.refresh(job)
+                states.add_event(db, job, "Pause withdrawn.", type="status")
+                return job
+        elif observed == states.PAUSED:
+            # Conditioned on paused: a cancel that ended the job meanwhile is not overwritten.
+            res = db.execute(
+                update(Job).where(Job.id == job.id, Job.status == states.PAUSED)
+                .values(pause_requested=False).execution_options(synchronize_session=False)
+            )
+            if res.rowcount == 1:
+                db.refresh(job)
+                return states.transition(db, job, states.QUEUED, "Job resumed; it continues from its latest checkpoint.")
+        else:
+            preempted = observed == states.RUNNING and job.preempted_by is not None
+            why = "it is being preempted and resumes by itself" if preempted else "only a paused job can be resumed"
+            raise states.IllegalTransition(job.id, observed, states.QUEUED, why)
+        db.rollback()
+        db.refresh(job)
+    raise states.IllegalTransition(job.id, job.status, states.QUEUED, "it changed while resuming; try again")
 
 
 def preempt(db: Session, victim: Job, for_job: Job) -> bool:

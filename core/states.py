@@ -37,8 +37,8 @@ ALLOWED: dict[str, frozenset[str]] = {
 
 
 class IllegalTransition(ValueError):
-    def __init__(self, job_id: str, current: str, target: str):
-        super().__init__(f"job {job_id}: cannot go from '{current}' to '{target}'")
+    def __init__(self, job_id: str, current: str, target: str, why: str | None = None):
+        super().__init__(f"job {job_id}: cannot go from '{current}' to '{target}'" + (f"; {why}" if why else ""))
         self.current = current
         self.target = target
 

@@ -317,3 +317,156 @@ def test_the_status_filter_lists_that_status_and_refuses_one_that_does_not_exist
     assert client.get("/v1/fine_tuning/jobs", params={"status": "running"}).json()["data"] == []
     err = error_of(client.get("/v1/fine_tuning/jobs", params={"status": "bogus"}))
     assert err["param"] == "status" and "queued" in err["message"] and "'bogus'" in err["message"], err
+
+
+# Pause and resume against a worker's lease as core.jobs and the runner hold it. Resume queues a
+# paused job again and withdraws a pause the worker has not honoured yet; any other status is 409
+# `invalid_state`. Above all it never moves a running job to the queue, which would drop its
+# worker's lease and restart it from its last checkpoint.
+WORKER = "worker-a"
+J = "/v1/fine_tuning/jobs"
+
+
+@pytest.fixture
+def job_id(client: TestClient, file_id: str) -> str:
+    return create(client, model="tiny-llama", training_file=file_id).json()["id"]
+
+
+def start(job_id: str) -> int:
+    """A worker takes the job's lease, as its delivery does; the attempt it runs."""
+    from core.db import session_scope
+    from core.jobs import acquire_lease
+
+    with session_scope() as db:
+        job = acquire_lease(db, job_id, WORKER, None)
+        assert job is not None
+        return job.lease_attempt
+
+
+def worker_pauses(job_id: str, attempt: int) -> None:
+    """The worker honours a pause: the trainer saved a checkpoint and stopped (worker.runner.finish)."""
+    from core import states
+    from core.db import session_scope
+    from core.jobs import lock_leased_job
+
+    with session_scope() as db:
+        job = lock_leased_job(db, job_id, WORKER, attempt)
+        assert job is not None
+        job.pause_requested = False
+        states.transition(db, job, states.PAUSED, "Job paused; resuming continues from the latest checkpoint.")
+
+
+def row(job_id: str) -> tuple[str, bool, str | None, int]:
+    from core.db import session_scope
+    from core.models import Job
+
+    with session_scope() as db:
+        job = db.get(Job, job_id)
+        return job.status, job.pause_requested, job.lease_owner, job.lease_attempt
+
+
+def messages(client: TestClient, job_id: str) -> list[str]:
+    return [e["message"] for e in client.get(f"{J}/{job_id}/events", params={"limit": 100}).json()["data"]]
+
+
+def assert_conflict(r, status: str) -> None:  # noqa: ANN001
+    assert r.status_code == 409, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_state" and f"'{status}'" in err["message"], err
+
+
+# The conditional UPDATEs take the job's row lock: both databases.
+@pytest.mark.dialects
+def test_resume_of_a_running_job_is_409_and_keeps_its_lease(client: TestClient, job_id: str) -> None:
+    attempt = start(job_id)
+    for _ in range(7):
+        assert_conflict(client.post(f"{J}/{job_id}/resume"), "running")
+    assert row(job_id) == ("running", False, WORKER, attempt)
+    assert not any("resumed" in m for m in messages(client, job_id))
+
+
+@pytest.mark.dialects
+def test_resume_of_a_queued_or_finished_job_is_409(client: TestClient, job_id: str) -> None:
+    assert_conflict(client.post(f"{J}/{job_id}/resume"), "queued")
+    assert client.post(f"{J}/{job_id}/cancel").json()["status"] == "cancelled"
+    assert_conflict(client.post(f"{J}/{job_id}/resume"), "cancelled")
+    assert row(job_id)[0] == "cancelled"
+
+
+@pytest.mark.dialects
+def test_pause_and_resume_interleaved_keep_the_status_true(client: TestClient, job_id: str) -> None:
+    # While the job starts: paused before a worker took it, no worker can take it until resumed.
+    assert client.post(f"{J}/{job_id}/pause").json()["status"] == "paused"
+    from core.db import session_scope
+    from core.jobs import acquire_lease
+
+    with session_scope() as db:
+        assert acquire_lease(db, job_id, WORKER, None) is None
+    assert client.post(f"{J}/{job_id}/resume").json()["status"] == "queued"
+    attempt = start(job_id)
+
+    # Running: each pause the worker has not honoured yet is withdrawn by a resume, and a resume
+    # without a pause to withdraw changes nothing. The trainer keeps its lease all along.
+    for _ in range(3):
+        paused = client.post(f"{J}/{job_id}/pause")
+        assert paused.json()["status"] == "running" and row(job_id) == ("running", True, WORKER, attempt)
+        resumed = client.post(f"{J}/{job_id}/resume")
+        assert resumed.status_code == 200 and resumed.json()["status"] == "running"
+        assert row(job_id) == ("running", False, WORKER, attempt)
+        assert_conflict(client.post(f"{J}/{job_id}/resume"), "running")
+        assert row(job_id) == ("running", False, WORKER, attempt)
+
+    # Honoured: paused only once the worker says the trainer stopped, queued again on resume.
+    client.post(f"{J}/{job_id}/pause")
+    worker_pauses(job_id, attempt)
+    assert row(job_id)[:3] == ("paused", False, None)
+    assert client.post(f"{J}/{job_id}/resume").json()["status"] == "queued"
+    assert_conflict(client.post(f"{J}/{job_id}/resume"), "queued")
+    assert start(job_id) == attempt + 1
+
+
+@pytest.mark.dialects
+def test_a_resume_racing_the_worker_or_a_cancel_reads_the_job_again(client: TestClient, job_id: str) -> None:
+    """A resume that read the job before a worker paused it, or before a cancel, acts on what the
+    job is when it writes: it queues the paused job, and leaves the cancelled one cancelled."""
+    from core.control import request_resume
+    from core.db import session_scope
+    from core.jobs import request_cancel
+    from core.models import Job
+    from core.states import IllegalTransition
+
+    attempt = start(job_id)
+    client.post(f"{J}/{job_id}/pause")
+    with session_scope() as db:
+        seen = db.get(Job, job_id)  # running, pause asked
+        assert (seen.status, seen.pause_requested) == ("running", True)
+        db.commit()
+        worker_pauses(job_id, attempt)
+        assert request_resume(db, seen).status == "queued"
+    assert row(job_id)[0] == "queued"
+
+    client.post(f"{J}/{job_id}/pause")
+    with session_scope() as db:
+        seen = db.get(Job, job_id)
+        assert seen.status == "paused"
+        db.commit()
+        with session_scope() as other:
+            request_cancel(other, other.get(Job, job_id))
+        with pytest.raises(IllegalTransition, match="'cancelled'"):
+            request_resume(db, seen)
+    assert row(job_id)[0] == "cancelled"
+
+
+@pytest.mark.dialects
+def test_a_resume_does_not_withdraw_a_preemption(client: TestClient, job_id: str) -> None:
+    from core.control import preempt
+    from core.db import session_scope
+    from core.models import Job
+
+    attempt = start(job_id)
+    file_id = client.get(f"{J}/{job_id}").json()["training_file"]
+    higher = client.post(J, json={"model": "tiny-llama", "training_file": file_id, "priority": 5}).json()["id"]
+    with session_scope() as db:
+        assert preempt(db, db.get(Job, job_id), db.get(Job, higher))
+    assert_conflict(client.post(f"{J}/{job_id}/resume"), "running")
+    assert row(job_id) == ("running", True, WORKER, attempt)
