@@ -11,7 +11,7 @@ from __future__ import annotations
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from core import states
+from core import limits, states
 from core.models import Job
 
 def request_pause(db: Session, job: Job) -> Job:
@@ -42,7 +42,7 @@ def request_pause(db: Session, job: Job) -> Job:
 
 
 def request_resume(db: Session, job: Job) -> Job:
-    """paused -> queued; the caller commits, then enqueues.
+    """paused -> queued, within its owner's quotas; the caller commits, then enqueues.
 
     A running job whose user asked it to pause, and whose worker has not honoured that yet, keeps
     running: the pause is withdrawn. Every other status is IllegalTransition, a running job's
@@ -65,6 +65,9 @@ def request_resume(db: Session, job: Job) -> Job:
                 states.add_event(db, job, "Pause withdrawn.", type="status")
                 return job
         elif observed == states.PAUSED:
+            # Under the owner's lock, taken before the job's row as creation takes it before its
+            # insert: concurrent creations and resumes are counted one after another.
+            limits.check_resume_quota(db, job)
             # Conditioned on paused: a cancel that ended the job meanwhile is not overwritten.
             res = db.execute(
                 update(Job).where(Job.id == job.id, Job.status == states.PAUSED)

@@ -1,8 +1,8 @@
 """Per-user limits of a shared service: unfinished jobs, GPUs asked for, job creation rate.
 
-Quota checks run inside the transaction that inserts the job, after locking the user's row
-(PostgreSQL; on SQLite the database's write lock), so two requests of one user cannot both pass the
-last free slot. The rate limit is a sliding window in Redis, shared by every API process, that
+Quota checks run inside the transaction that inserts the job (or queues a paused one again),
+after locking the user's row (PostgreSQL; on SQLite the database's write lock), so two requests
+of one user cannot both pass the last free slot. The rate limit is a sliding window in Redis, shared by every API process, that
 counts only creations that were accepted.
 """
 
@@ -74,13 +74,19 @@ def planned_gpu_hours(plan: dict | None) -> float | None:
 
 
 def check_job_quota(db: Session, user: User, gpus: int, settings: Settings | None = None,
-                    gpu_hours: float | None = None) -> None:
-    """Unfinished jobs, GPUs and planned GPU-hours of the user, counted under the user's lock."""
+                    gpu_hours: float | None = None, *, besides: str | None = None) -> None:
+    """Unfinished jobs, GPUs and planned GPU-hours of the user, counted under the user's lock.
+
+    `besides`: the id of a job that exists already and asks to hold GPUs again (a paused one
+    resuming); it is left out of the count, so it is counted once, as the job asking.
+    """
     settings = settings or get_settings()
     check_gpus_allowed(gpus, settings)
     lock_user(db, user.id)
-    rows = db.execute(select(Job.status, Job.gpus, Job.plan, Job.spec)
-                      .where(Job.owner_id == user.id, Job.status.in_(ACTIVE))).all()
+    mine = [Job.owner_id == user.id, Job.status.in_(ACTIVE)]
+    if besides is not None:
+        mine.append(Job.id != besides)
+    rows = db.execute(select(Job.status, Job.gpus, Job.plan, Job.spec).where(*mine)).all()
     active = len(rows)
     # A job across hosts holds its gpus on each of its nodes.
     used = sum(g * int((spec or {}).get("nodes") or 1) for status, g, _, spec in rows if status in HOLDING_GPUS)
@@ -105,6 +111,18 @@ def check_job_quota(db: Session, user: User, gpus: int, settings: Settings | Non
                 "(TUNEQ_MAX_GPU_HOURS_PER_USER); lower max_steps or n_epochs, or wait for a job to finish",
                 "gpu_hour_budget", "hyperparameters",
             )
+
+
+def check_resume_quota(db: Session, job: Job, settings: Settings | None = None) -> None:
+    """The quotas of a creation, for a paused job about to be queued again.
+
+    A paused job holds no GPUs (HOLDING_GPUS), so its owner may use them meanwhile; resuming asks
+    for them again and is checked as creating the job was, under the same lock.
+    """
+    owner = db.get(User, job.owner_id) if job.owner_id is not None else None
+    if owner is None:
+        return  # a job without an owner counts against no user's quota
+    check_job_quota(db, owner, job.total_gpus, settings, planned_gpu_hours(job.plan), besides=job.id)
 
 
 @lru_cache

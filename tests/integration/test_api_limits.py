@@ -94,6 +94,36 @@ def test_a_job_across_hosts_counts_the_gpus_of_every_host(limits, member: TestCl
     assert create(member, f, gpus=1).status_code == 200
 
 
+# As above; the resume takes the same row lock.
+@pytest.mark.dialects
+def test_resume_checks_the_gpu_quota_again(limits, member: TestClient, admin_headers: dict[str, str]) -> None:  # noqa: ANN001
+    """Paused jobs hold no GPUs, so others may be created meanwhile; resuming asks for the GPUs
+    again and is refused as a creation would be, whoever resumes the job."""
+    limits(max_gpus_per_user=8, max_active_jobs_per_user=10)
+    f = upload(member)
+    paused = [create(member, f).json()["id"] for _ in range(8)]
+    for job_id in paused:
+        assert member.post(f"/v1/fine_tuning/jobs/{job_id}/pause").json()["status"] == "paused"
+    assert [create(member, f).status_code for _ in range(2)] == [200, 200]
+    assert create(member, f).json()["error"]["code"] == "active_job_limit"  # paused jobs are unfinished
+
+    answers = [member.post(f"/v1/fine_tuning/jobs/{job_id}/resume") for job_id in paused]
+    assert [r.status_code for r in answers] == [200] * 6 + [403] * 2, [r.text for r in answers]
+    refused = answers[-1]
+    err = refused.json()["error"]
+    assert err["code"] == "gpu_limit" and err["param"] == "gpus", err
+    assert "ask for 8 GPUs; 1 more would exceed the 8" in err["message"] and "TUNEQ_MAX_GPUS_PER_USER" in err["message"]
+    assert "retry-after" not in refused.headers
+    assert [member.get(f"/v1/fine_tuning/jobs/{j}").json()["status"] for j in paused[-2:]] == ["paused", "paused"]
+    # The owner's quota, whoever asks: an admin's resume of the member's job counts the member's GPUs.
+    admin = TestClient(member.app, headers=admin_headers)
+    assert admin.post(f"/v1/fine_tuning/jobs/{paused[-1]}/resume").json()["error"]["code"] == "gpu_limit"
+
+    assert member.post(f"/v1/fine_tuning/jobs/{paused[0]}/cancel").json()["status"] == "cancelled"
+    assert member.post(f"/v1/fine_tuning/jobs/{paused[-1]}/resume").json()["status"] == "queued"
+    assert member.post(f"/v1/fine_tuning/jobs/{paused[-2]}/resume").status_code == 403
+
+
 def test_job_creation_rate_answers_429_with_retry_after(limits, member: TestClient) -> None:  # noqa: ANN001
     # A fixed window: an hour, so that four creations on a busy machine never straddle two windows.
     limits(job_create_rate=3, job_create_window_s=3600)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from sqlalchemy import func, select
 
 from tests.security.conftest import create, upload
@@ -77,3 +78,31 @@ def test_quota_check_and_insert_are_one_step(service_env, limits) -> None:  # no
     with session_scope() as db:
         active = db.scalar(select(func.count(Job.id)))
     assert outcomes.count("created") == active == 10, (outcomes, active)
+
+
+# The user's row lock is what serialises them on PostgreSQL: both databases.
+@pytest.mark.dialects
+def test_concurrent_resumes_and_creations_respect_the_quota(limits, member, service_env) -> None:  # noqa: ANN001
+    """Paused jobs hold no GPUs; resuming them while new jobs are created, all at once, may leave
+    no more GPUs asked for than allowed: a resume counts under the lock a creation takes."""
+    from core.db import session_scope
+    from core.limits import HOLDING_GPUS
+    from core.models import Job
+
+    limits(max_active_jobs_per_user=20, max_gpus_per_user=8, job_create_rate=10_000)
+    f = upload(member)
+    paused = [create(member, f).json()["id"] for _ in range(8)]
+    for job_id in paused:
+        assert member.post(f"/v1/fine_tuning/jobs/{job_id}/pause").json()["status"] == "paused"
+
+    def resume_or_create(i: int) -> int:
+        if i % 2:
+            return member.post(f"/v1/fine_tuning/jobs/{paused[i // 2]}/resume").status_code
+        return create(member, f).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(resume_or_create, range(16)))
+    with session_scope() as db:
+        gpus = db.scalar(select(func.sum(Job.gpus)).where(Job.status.in_(HOLDING_GPUS)))
+    assert sorted(set(codes)) == [200, 403], codes
+    assert codes.count(200) == gpus == 8, (codes, gpus)
