@@ -74,11 +74,19 @@ def not_found(what: str, id_: str, param: str | None = None) -> APIError:
     return APIError(404, f"No {what} with id {id_!r}", param=param, code="not_found")
 
 
-def envelope(status: int, message: str, param: str | None = None, code: str | None = None,
-             headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": _TYPES.get(status, "api_error"), "param": param, "code": code}}
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """OpenAI's error object: {"error": {message, type, param, code}}."""
+    body: dict[str, Any] = {"error": {"message": message, "type": _TYPES.get(status, "api_error"), "param": param,
+                                      "code": code}}
     if extra:
         body["error"]["details"] = extra
+    return body
+
+
+def envelope(status: int, message: str, param: str | None = None, code: str | None = None,
+             headers: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> JSONResponse:
+    body = error_body(status, message, param, code, extra)
     if status == 401:
         headers = {"WWW-Authenticate": "Bearer", **(headers or {})}
     return JSONResponse(body, status_code=status, headers=headers)

@@ -5,12 +5,16 @@ with one (`after`, or the `Last-Event-ID` a reconnecting EventSource sends, whic
 every event after that one, so a reconnect loses nothing. Each SSE message has the event's id as
 `id` and the event object (as in the page) as JSON `data`; a comment line every PING_S keeps
 proxies from closing an idle stream. When the job has ended and its last events are sent, a
-final `event: end` with `{"id": job id, "status": ...}` tells the client not to reconnect.
+final `event: end` with `{"id": job id, "status": ...}` tells the client not to reconnect. A
+stream whose key was revoked, or whose reader lost access to the job, ends with `event: error`
+and the error object a new request would get (RECHECK_S).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -23,7 +27,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from api.crud import load_job
 from api.deps import BearerToken, SettingsDep, in_one_hop, read_in_one_hop
-from api.errors import bad_request
+from api.errors import APIError, bad_request, error_body
 from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
 from api.schemas import EventOut, Page
 from api.event_hub import EventHub
@@ -38,6 +42,11 @@ PING_S = 15.0
 # (a dashboard's page of streams, every client reconnecting after a restart) waits its turn
 # here instead of taking the threads, and the interpreter lock, that polls and lists need.
 OPENING = anyio.CapacityLimiter(2)
+# An open stream checks its key again this often: a revoked key (or a reader who lost access to
+# the job) stops getting events within this time, not when the job ends, hours later. One query a
+# stream per period, through a limiter of its own so that many streams' checks queue here.
+RECHECK_S = 5.0
+RECHECKING = anyio.CapacityLimiter(1)
 
 STREAM_DOC = {200: {"description": "A page of events, or with stream=true a text/event-stream of them.",
                     "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
@@ -65,7 +74,7 @@ async def list_fine_tuning_events(
     # queries alone; the hub reads for the stream afterwards.
     cursor, param = (last_event_id, "Last-Event-ID") if last_event_id else (after, "after")
     job_id, seq = await in_one_hop(_stream_start, token, job_id, cursor, param, limit, settings, limiter=OPENING)
-    return EventSourceResponse(_follow(job_id, seq), ping=PING_S, sep=SEP,
+    return EventSourceResponse(_follow(job_id, seq, token), ping=PING_S, sep=SEP,
                                headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
@@ -107,10 +116,43 @@ def _render(ev: JobEvent) -> bytes:
 HUB = EventHub(_render)
 
 
-async def _follow(job_id: str, after_seq: int) -> AsyncIterator[bytes | dict[str, Any]]:
-    async for kind, item in HUB.watch(job_id, after_seq):
-        if kind == "event":
-            yield item[1]  # the encoded message
-        elif kind == "end":
-            yield {"event": "end", "data": json.dumps({"id": job_id, "status": item})}
-        # "dropped": the client stopped reading; closing the stream lets it reconnect and resume.
+def _still_readable(db: Session, user: User, job_id: str) -> None:
+    load_job(db, job_id, user)
+
+
+async def _follow(job_id: str, after_seq: int, token: str) -> AsyncIterator[bytes | dict[str, Any]]:
+    watch = HUB.watch(job_id, after_seq)
+    checked = time.monotonic()
+    pending: asyncio.Future[tuple[str, Any]] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(watch.__anext__())
+            # Waits for the next event without cancelling it, so that the key is checked on a
+            # quiet stream too.
+            await asyncio.wait({pending}, timeout=RECHECK_S)
+            if time.monotonic() - checked >= RECHECK_S:
+                try:
+                    await in_one_hop(_still_readable, token, job_id, limiter=RECHECKING)
+                except APIError as exc:  # revoked, or the job is no longer this reader's
+                    yield {"event": "error", "data": json.dumps(error_body(exc.status, exc.message, exc.param, exc.code))}
+                    return
+                checked = time.monotonic()
+            if not pending.done():
+                continue
+            try:
+                kind, item = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            if kind == "event":
+                yield item[1]  # the encoded message
+            elif kind == "end":
+                yield {"event": "end", "data": json.dumps({"id": job_id, "status": item})}
+                return
+            else:  # "dropped": the client stopped reading; closing lets it reconnect and resume.
+                return
+    finally:
+        if pending is not None:
+            pending.cancel()
+        await watch.aclose()

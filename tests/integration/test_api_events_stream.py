@@ -152,3 +152,37 @@ def test_keepalive_ping_while_nothing_happens(client: TestClient, job_id: str, m
             if "comment" in msg:
                 break
     assert "id" in seen[0] and "comment" in seen[-1]  # the backlog, then a ping on a quiet stream
+
+
+def test_a_stream_ends_soon_after_its_key_is_revoked(client: TestClient, job_id: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """teams.md: a revoked key stops working at once; an open stream must not go on sending the
+    job's events until it ends."""
+    from api.routes import events
+    from core.db import session_scope
+    from core.identity import revoke_key
+    from core.models import ApiKey
+
+    monkeypatch.setattr(events, "RECHECK_S", 0.3)
+    user_id, key = create_user_with_key("watcher", "admin")
+    got: list[dict[str, Any]] = []
+    with client.stream("GET", f"/v1/fine_tuning/jobs/{job_id}/events", params={"stream": "true"},
+                       headers={"Authorization": f"Bearer {key}"}) as r:
+        assert r.status_code == 200
+        lines = sse_messages(r.iter_lines())
+        got.append(next(m for m in lines if "id" in m))  # the backlog flows while the key is good
+        with session_scope() as db:
+            revoke_key(db, db.query(ApiKey).filter_by(user_id=user_id).one().id)
+        t0 = time.monotonic()
+        writer = threading.Thread(target=add_events, args=(job_id, [f"after {i}" for i in range(40)]),
+                                  kwargs={"delay": 0.05})
+        writer.start()
+        try:
+            got += [m for m in lines if "comment" not in m]
+        finally:
+            writer.join()
+    assert time.monotonic() - t0 < 5
+    assert got[-1]["event"] == "error", got[-1]
+    assert json.loads(got[-1]["data"])["error"]["code"] == "invalid_api_key"
+    leaked = [json.loads(m["data"])["message"] for m in got if "id" in m and "after" in m.get("data", "")]
+    assert len(leaked) < 40, leaked  # the stream stopped before the job's later events
