@@ -173,6 +173,8 @@ class Client:
                 for name, data in _sse_messages(r.iter_lines()):
                     if name == "end":
                         return
+                    if name == "error":  # the server ended it: the key was revoked, or access lost
+                        raise TuneqError(f"the event stream ended: {json.loads(data)['error']['message']}")
                     if name == "message" and data:
                         yield json.loads(data)
         except _transport_errors() as exc:
