@@ -131,6 +131,22 @@ def first_validation_error(errors: list[dict[str, Any]], drop: tuple[str, ...] =
     return message, param
 
 
+def _whole_body_error(err: dict[str, Any]) -> str | None:
+    """The message for a body that is no JSON object at all, which pydantic reports at a location
+    that reads like a field (a character offset, or none)."""
+    loc = tuple(err.get("loc", ()))
+    if not loc or loc[0] != "body":
+        return None
+    if err.get("type") == "json_invalid":
+        where = f" at character {loc[1]}" if len(loc) > 1 and isinstance(loc[1], int) else ""
+        return f"the request body is not valid JSON: {(err.get('ctx') or {}).get('error', 'invalid')}{where}"
+    if len(loc) == 1 and err.get("type") == "missing":
+        return "the request body is missing: send a JSON object with Content-Type: application/json"
+    if len(loc) == 1 and err.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+        return "the request body must be a JSON object, sent with Content-Type: application/json"
+    return None
+
+
 def database_unavailable(exc: BaseException) -> bool:
     """A lost or refused database connection (restart, failover), not a bad statement."""
     return isinstance(exc, DBAPIError) and (isinstance(exc, OperationalError) or exc.connection_invalidated)
@@ -149,7 +165,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = first_validation_error(list(exc.errors()), drop=("body", "query", "path", "header"))
+        errors = list(exc.errors())
+        whole = _whole_body_error(errors[0]) if errors else None
+        if whole is not None:
+            return envelope(400, whole, None, "invalid_json")
+        message, param = first_validation_error(errors, drop=("body", "query", "path", "header"))
         return envelope(400, message, param, "invalid_value")
 
     @app.exception_handler(ValidationError)

@@ -470,3 +470,17 @@ def test_a_resume_does_not_withdraw_a_preemption(client: TestClient, job_id: str
         assert preempt(db, db.get(Job, job_id), db.get(Job, higher))
     assert_conflict(client.post(f"{J}/{job_id}/resume"), "running")
     assert row(job_id) == ("running", True, WORKER, attempt)
+
+
+@pytest.mark.parametrize("content, headers, said", [
+    (b'{"model": "tiny-llama", "training_file": ', {"content-type": "application/json"}, "not valid JSON"),
+    (b"", {"content-type": "application/json"}, "body is missing"),
+    (b"model=tiny-llama", {"content-type": "application/x-www-form-urlencoded"}, "must be a JSON object"),
+    (b'["model"]', {"content-type": "application/json"}, "must be a JSON object"),
+])
+def test_a_body_that_is_no_json_object_is_told_so(client: TestClient, content: bytes, headers: dict, said: str) -> None:
+    # Not "[23]: JSON decode error": the offset is no field of the body.
+    r = client.post("/v1/fine_tuning/jobs", content=content, headers=headers)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert said in err["message"] and err["param"] is None and err["code"] == "invalid_json", err
