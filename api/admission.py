@@ -29,8 +29,8 @@ from api.limits import check_file_tokens
 from api.schemas import CreateJobRequest
 from core import states
 from core.jobs import check_gpus_fit, create_job, spread_over_hosts
-from core.limits import (check_gpus_allowed, check_job_quota, deleted_files, job_file_ids, planned_gpu_hours,
-                         release_job_slot, take_job_slot)
+from core.limits import (check_gpus_allowed, check_job_quota, deleted_files, job_file_ids, lock_files,
+                         planned_gpu_hours, release_job_slot, take_job_slot)
 from core.model_roots import resolve_model
 from core.models import File, Job, User
 from core.policy import check_priority
@@ -178,6 +178,12 @@ def job_files(db: Session, user: User, spec: JobSpec, req: Request) -> list[tupl
     return files
 
 
+def file_gone(file_id: str, param: str | None) -> APIError:
+    """A file the job names that was deleted while this request checked the job."""
+    return APIError(400, f"{param or 'file'}: file {file_id} was deleted; upload it again", param=param,
+                    code="file_not_found")
+
+
 def check_data(files: list[tuple[File, str, str]], spec: JobSpec, model_path: str, settings: Settings, *,
                in_child: bool = False) -> dict[str, dict[str, Any]]:
     """Every file trainable with this model and max_seq_len, and within the token limit; the
@@ -274,11 +280,11 @@ def admit(db: Session, user: User, body: CreateJobRequest, settings: Settings) -
     with rate_slot(user, settings):  # taken only now: a refused body uses no slot
         check_job_quota(db, user, spec.ranks(body.gpus), settings, planned_gpu_hours(job_plan))
         spec_json = spec.model_dump(mode="json")
-        gone = deleted_files(db, job_file_ids(req.training.id, req.validation.id if req.validation else None, spec_json))
+        file_ids = job_file_ids(req.training.id, req.validation.id if req.validation else None, spec_json)
+        lock_files(db, file_ids)  # held until the job is committed: a DELETE of these files waits, then sees it
+        gone = deleted_files(db, file_ids)
         if gone:  # deleted while this request was checking the job
-            param = {req.training.id: "training_file", **({req.validation.id: "validation_file"} if req.validation else {})}
-            raise APIError(400, f"{param.get(gone[0], 'file')}: file {gone[0]} was deleted; upload it again",
-                           param=param.get(gone[0]), code="file_not_found")
+            raise file_gone(gone[0], {f.id: param for f, param, _ in files}.get(gone[0]))
         job = create_job(
             db, spec=spec_json, model=body.model, method=spec.method, training_file=req.training,
             validation_file=req.validation, suffix=spec.suffix, owner_id=user.id, priority=body.priority, gpus=body.gpus,

@@ -54,6 +54,17 @@ def lock_user(db: Session, user_id: str) -> None:
     db.execute(update(User).where(User.id == user_id).values(name=User.name))
 
 
+def lock_files(db: Session, file_ids: set[str]) -> None:
+    """Serialise a job's creation with the deletion of any file it reads, until the transaction ends.
+
+    Both sides lock the file rows themselves: the creator and the file's owner may be different
+    users (an admin trains on a member's file), so neither user's lock covers both. The rows are
+    locked one by one in id order, so two creations naming the same files cannot deadlock.
+    """
+    for file_id in sorted(file_ids):
+        db.execute(update(File).where(File.id == file_id).values(status=File.status))
+
+
 def check_gpus_allowed(gpus: int, settings: Settings | None = None, nodes: int = 1) -> None:
     """A job asking for more GPUs (gpus on each of its nodes) than a user may ever hold: refused
     before any other work."""
@@ -214,5 +225,5 @@ def jobs_using_file(db: Session, file_id: str) -> list[str]:
 
 
 def deleted_files(db: Session, file_ids: set[str]) -> list[str]:
-    """Those of `file_ids` deleted meanwhile; asked under the owner's lock, which DELETE takes too."""
+    """Those of `file_ids` deleted meanwhile; asked under the files' locks (lock_files), which DELETE takes too."""
     return list(db.scalars(select(File.id).where(File.id.in_(file_ids), File.status == DELETED)))

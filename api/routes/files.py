@@ -16,14 +16,14 @@ from sqlalchemy.orm import Session
 from api.content import stored_content
 from api.crud import bad_lines_summary, load_file
 from api.deps import CurrentUser, SessionDep, SettingsDep, StorageDep
-from api.errors import APIError, bad_request
+from api.errors import APIError, bad_request, not_found
 from api.limits import check_examples
 from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
 from api.schemas import FileDeleted, FileObject, Page
 from api.upload_stream import MultipartFile, Pipe, feed
 from api.uploads import FORM_OVERHEAD, too_large_message
 from core.identity import DELETED, can_read_file, readable_files
-from core.limits import check_file_quota, jobs_using_file, lock_user
+from core.limits import check_file_quota, jobs_using_file, lock_files
 from core.models import File, User, new_id
 from core.settings import Settings
 from core.storage import Storage
@@ -151,8 +151,12 @@ def _checked_row(db: Session, user: User, settings: Settings, storage: Storage, 
 def delete_file(file_id: str, user: CurrentUser, db: SessionDep, storage: StorageDep) -> FileDeleted:
     """Delete a file and its stored bytes; refused (409) while an unfinished job uses it."""
     f = load_file(db, file_id, user)
-    if f.owner_id is not None:
-        lock_user(db, f.owner_id)  # a job creation that names the file checks it under this lock
+    # A job creation that names the file locks its row too, whoever creates the job: one of the
+    # two waits for the other and then sees its job, or its deletion.
+    lock_files(db, {f.id})
+    db.refresh(f)
+    if f.status == DELETED:  # deleted by a concurrent request meanwhile
+        raise not_found("file", file_id)
     users = jobs_using_file(db, f.id)
     if users:
         raise APIError(409, f"file {file_id} is used by unfinished job(s) {', '.join(users)}; cancel them or wait "
