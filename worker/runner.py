@@ -255,7 +255,7 @@ class JobRun:
         try:
             spec = runnable_spec(self.db, self.job)
         except SpecError as exc:
-            error = {"code": "invalid_spec", "message": str(exc), "param": exc.param}
+            error = {"code": exc.code, "message": str(exc), "param": exc.param}
             return self.finish(states.FAILED, f"Job failed: {exc}", error=error)
         self.dir.mkdir(parents=True, exist_ok=True)
         if strays := kill_strays(self.dir):

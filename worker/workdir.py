@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 import trainer.spec
+from core.identity import DELETED
 from core.models import File, Job
 from core.ports import free_port
 from core.settings import Settings
@@ -27,38 +28,47 @@ CODE_ROOT = Path(trainer.spec.__file__).resolve().parents[1]
 
 
 class SpecError(ValueError):
-    """The stored spec cannot be turned into a runnable one; `param` names the field."""
+    """The stored spec cannot be turned into a runnable one; `param` names the field, `code` the
+    error the job fails with."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_spec"):
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 def job_dir(settings: Settings, job_id: str) -> Path:
     return settings.resolved_work_dir() / job_id
 
 
+def _local_file(db: Session, field: str, file_id: str) -> str:
+    """Where the trainer reads a stored file the job names; SpecError when it no longer exists.
+
+    A file deleted (its row kept, its bytes gone) or missing from storage cannot come back by
+    retrying: the job fails at once, naming the file, rather than crash the attempt and be
+    re-queued until its retries run out.
+    """
+    f = db.get(File, file_id)
+    if f is None or f.status == DELETED:
+        raise SpecError(f"{field}: file {file_id} does not exist (deleted?); upload it again and create a new job",
+                        field, "file_not_found")
+    try:
+        # A local copy: the trainer reads files, and S3 storage keeps them in a bucket.
+        return str(get_storage().local_path(f.storage_key))
+    except FileNotFoundError:
+        raise SpecError(f"{field}: the content of file {file_id} is missing from storage; upload it again and "
+                        "create a new job", field, "file_not_found") from None
+
+
 def runnable_spec(db: Session, job: Job) -> dict[str, Any]:
     """job.spec with its file ids replaced by local paths, checked against JobSpec."""
     spec = dict(job.spec)
-    storage = get_storage()
     for field in ("training_file", "validation_file"):
         file_id = spec.get(field)
-        if not file_id:
-            continue
-        f = db.get(File, file_id)
-        if f is None:
-            raise SpecError(f"{field}: file {file_id} does not exist", field)
-        # A local copy: the trainer reads files, and S3 storage keeps them in a bucket.
-        spec[field] = str(storage.local_path(f.storage_key))
+        if file_id:
+            spec[field] = _local_file(db, field, file_id)
     # Replay, forgetting and eval files are stored files named by id, like training_file.
-    paths = {}
-    for field, file_id, _ in extra_files(spec):
-        f = db.get(File, file_id)
-        if f is None:
-            raise SpecError(f"{field}: file {file_id} does not exist", field)
-        paths[field] = str(storage.local_path(f.storage_key))
-    spec = with_files(spec, paths)
+    spec = with_files(spec, {field: _local_file(db, field, file_id) for field, file_id, _ in extra_files(spec)})
     if spec.get("init_from"):
         try:
             spec["init_from"] = resolve_init_from(db, spec["init_from"])

@@ -191,6 +191,29 @@ def test_bad_training_data_fails_with_the_trainers_error(db: Session, worker_env
     assert job.error["code"] == "data" and job.error["message"]
 
 
+@SQLITE_ONLY
+@pytest.mark.parametrize("gone", ["deleted", "bytes_missing"])
+def test_a_job_whose_file_is_gone_fails_once_naming_the_file(db: Session, worker_env: dict[str, str], gone: str) -> None:
+    """A file deleted under a queued job (or its bytes lost) fails the job at once, as the user's
+    error: not an attempt that crashes, is re-queued by the reaper and ends as `infrastructure`."""
+    from core.identity import DELETED
+    from core.models import File
+
+    job = make_job(db, worker_env["model"])
+    f = db.get(File, job.training_file)
+    get_storage().delete(f.storage_key)
+    if gone == "deleted":
+        f.status = DELETED
+    db.commit()
+    assert run_job(job.id, worker_id="w1") == states.FAILED
+    db.expire_all()
+    job = db.get(Job, job.id)
+    assert job.status == states.FAILED and job.lease_owner is None
+    assert job.error["code"] == "file_not_found" and job.error["param"] == "training_file", job.error
+    assert f.id in job.error["message"]
+    assert not [e for e in events_of(job.id) if "Trainer started" in e.message]
+
+
 def test_second_delivery_of_a_running_job_drops_out_and_cancel_stops_the_trainer(running: Job, db: Session) -> None:
     # A second delivery leaves the running job alone, so the same trainer then serves the cancel.
     assert run_job(running.id, worker_id="w2") == "skipped"
