@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from api import data_check, planning, validation
 from api.continuation import Source, resolve_source
-from api.crud import usable_file
+from api.crud import file_gone, usable_file
 from api.errors import APIError
 from api.job_spec import build_spec
 from api.limits import check_file_tokens
@@ -176,12 +176,6 @@ def job_files(db: Session, user: User, spec: JobSpec, req: Request) -> list[tupl
                            param=param, code="invalid_file")
         files.append((f, param, file_format))
     return files
-
-
-def file_gone(file_id: str, param: str | None) -> APIError:
-    """A file the job names that was deleted while this request checked the job."""
-    return APIError(400, f"{param or 'file'}: file {file_id} was deleted; upload it again", param=param,
-                    code="file_not_found")
 
 
 def check_data(files: list[tuple[File, str, str]], spec: JobSpec, model_path: str, settings: Settings, *,

@@ -52,6 +52,12 @@ def usable_file(db: Session, file_id: str, param: str, user: User) -> File:
     return f
 
 
+def file_gone(file_id: str, param: str | None) -> APIError:
+    """A file a job names that was deleted while the request creating the job checked it."""
+    return APIError(400, f"{param or 'file'}: file {file_id} was deleted; upload it again", param=param,
+                    code="file_not_found")
+
+
 def bad_lines_summary(report: dict[str, Any]) -> str:
     errors = report.get("errors") or []
     if not errors:

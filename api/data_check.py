@@ -57,7 +57,8 @@ def check_file(f: File, param: str, model_path: str, max_seq_len: int, data_form
     from trainer.errors import ModelError
 
     try:
-        report = cached_token_report(f, model_path, max_seq_len, data_format, train_on_inputs, in_child=in_child)
+        report = cached_token_report(f, model_path, max_seq_len, data_format, train_on_inputs, in_child=in_child,
+                                     param=param)
     except ModelError as exc:
         raise APIError(400, str(exc), param="model", code="model_unusable") from None
     if not report["valid"]:

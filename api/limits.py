@@ -39,7 +39,7 @@ def check_file_tokens(f: File, param: str, model_path: str, max_seq_len: int, se
     # The job's data check asks for the same report, so a file is tokenized once (then cached).
     try:
         tokens = int(token_report(f, model_path, max_seq_len, data_format, train_on_inputs,
-                                  in_child=in_child).get("tokens") or 0)
+                                  in_child=in_child, param=param).get("tokens") or 0)
     except ModelError as exc:
         raise APIError(400, str(exc), param="model", code="model_unusable") from None
     if tokens > settings.max_tokens_per_file:

@@ -33,6 +33,7 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 
+from api.crud import file_gone
 from api.errors import APIError
 from core import states
 from core.db import session_scope
@@ -231,14 +232,22 @@ def run_in_child(fn: Any, *args: Any) -> Any:
 
 
 def token_report(f: File, model_dir: str, max_seq_len: int, data_format: str, train_on_inputs: bool | None,
-                 *, in_child: bool) -> dict[str, Any]:
+                 *, in_child: bool, param: str) -> dict[str, Any]:
     """trainer.data.validate_file's report of a stored file with the model's tokenizer, from the
-    cache when this file was counted before with this tokenizer and format."""
+    cache when this file was counted before with this tokenizer and format.
+
+    A file whose bytes are gone was deleted after the request read its row: 400 naming `param`,
+    as for a file that never existed (the creation's check under the file's lock says the same).
+    """
     key = report_key(f.sha256, model_dir, max_seq_len, data_format, train_on_inputs)
     report = cached_report(key)
     if report is not None:
         return report
-    args = (str(get_storage().local_path(f.storage_key)), f.sha256, model_dir, max_seq_len, data_format, train_on_inputs)
+    try:
+        path = get_storage().local_path(f.storage_key)
+    except FileNotFoundError:
+        raise file_gone(f.id, param) from None
+    args = (str(path), f.sha256, model_dir, max_seq_len, data_format, train_on_inputs)
     if not in_child:
         from api.data_check import token_report as in_process
 

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.security.conftest import create, upload
+from tests.security.conftest import GOOD_LINE, create, upload
 
 # How long the creation, past its check that the files still exist, waits for the deletion to
 # make its own check: a deletion that is not held off by the creation's lock makes it at once.
@@ -99,3 +99,27 @@ def test_concurrent_creation_and_deletion_never_both_succeed(member, admin, limi
         assert bool(jobs) == (created.status_code == 200)
     assert all(r in ((200, 409), (400, 200)) for r in results), results
 
+
+
+def test_a_file_deleted_while_its_job_is_checked_is_400_naming_it(member, monkeypatch) -> None:  # noqa: ANN001
+    """The owner deletes the file after the creation read its row, before the data check reads its
+    bytes (no job holds it yet, so the deletion succeeds): the creation answers 400, not 500."""
+    import api.admission
+
+    # Content of its own: no token report of an earlier test stands in for reading the bytes.
+    f = upload(member, text=GOOD_LINE.replace("abc", "deleted-midway") + "\n")
+    real_job_files = api.admission.job_files
+    deleted = []
+
+    def job_files(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        files = real_job_files(*args, **kwargs)
+        with ThreadPoolExecutor(1) as pool:  # the DELETE as another request, on another thread
+            deleted.append(pool.submit(member.delete, f"/v1/files/{f}").result(timeout=60))
+        return files
+
+    monkeypatch.setattr(api.admission, "job_files", job_files)
+    r = create(member, f)
+    assert deleted[0].status_code == 200, deleted[0].text
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "file_not_found" and r.json()["error"]["param"] == "training_file"
+    assert f in r.json()["error"]["message"]
