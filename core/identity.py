@@ -12,10 +12,11 @@ import hmac
 import re
 import secrets
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import Insert, bindparam, func, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from core.models import ApiKey, File, Job, Team, User, now
+from core.models import ApiKey, File, Job, Team, User, new_id, now
 
 ADMIN = "admin"
 MEMBER = "member"
@@ -47,13 +48,24 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
+def _insert(db: Session, model: type) -> Insert:
+    """INSERT … ON CONFLICT support of the session's database."""
+    return (postgresql.insert if db.get_bind().dialect.name == "postgresql" else sqlite.insert)(model)
+
+
 def get_or_create_team(db: Session, name: str) -> Team:
+    """The team named `name`, created on first use.
+
+    Insert-or-get: requests naming a new team at once (users created into it, its cap set) all
+    end with the one row. A plain INSERT after a SELECT that found none fails on the name's unique
+    key in all but the first; ON CONFLICT waits for the first to commit and then leaves its row.
+    """
     check_name(name, "team")
     team = db.scalar(select(Team).where(Team.name == name))
     if team is None:
-        team = Team(name=name)
-        db.add(team)
-        db.flush()
+        db.execute(_insert(db, Team).values(id=new_id("team"), name=name, created_at=now())
+                   .on_conflict_do_nothing(index_elements=["name"]))
+        team = db.scalar(select(Team).where(Team.name == name))
     return team
 
 
@@ -62,12 +74,18 @@ def create_user(db: Session, name: str, role: str = MEMBER, team: str | None = N
     check_name(name, "name")
     if role not in ROLES:
         raise IdentityError(f"role: must be 'admin' or 'member', got {role!r}", "role")
+    exists = IdentityError(f"name: a user named {name!r} exists already", "name", "user_exists")
     if db.scalar(select(User).where(User.name == name)) is not None:
-        raise IdentityError(f"name: a user named {name!r} exists already", "name", "user_exists")
-    user = User(name=name, role=role, team_id=get_or_create_team(db, team).id if team else None)
-    db.add(user)
-    db.flush()
-    return user
+        raise exists
+    team_id = get_or_create_team(db, team).id if team else None
+    # Two requests creating one name at once both pass the SELECT above: the second's insert
+    # finds the first's row (once that commits) and inserts nothing, which is the refusal.
+    user_id = new_id("user")
+    inserted = db.execute(_insert(db, User).values(id=user_id, name=name, role=role, team_id=team_id, created_at=now())
+                          .on_conflict_do_nothing(index_elements=["name"]))
+    if inserted.rowcount == 0:
+        raise exists
+    return db.get(User, user_id)
 
 
 def find_user(db: Session, ref: str) -> User | None:
