@@ -81,11 +81,12 @@ def create_user(db: Session, name: str, role: str = MEMBER, team: str | None = N
     # Two requests creating one name at once both pass the SELECT above: the second's insert
     # finds the first's row (once that commits) and inserts nothing, which is the refusal.
     user_id = new_id("user")
-    inserted = db.execute(_insert(db, User).values(id=user_id, name=name, role=role, team_id=team_id, created_at=now())
-                          .on_conflict_do_nothing(index_elements=["name"]))
-    if inserted.rowcount == 0:
+    db.execute(_insert(db, User).values(id=user_id, name=name, role=role, team_id=team_id, created_at=now())
+               .on_conflict_do_nothing(index_elements=["name"]))
+    user = db.get(User, user_id)  # read back rather than trust rowcount, which SQLite's driver may not reset
+    if user is None:
         raise exists
-    return db.get(User, user_id)
+    return user
 
 
 def find_user(db: Session, ref: str) -> User | None:
