@@ -232,7 +232,8 @@ class UserOut(BaseModel):
 class PriorityCap(BaseModel):
     """An admin's grant: the highest job priority a team or user may ask for; null removes it."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: `true` is not a cap of 1 (which would let the user preempt other teams), nor "5" or 2.0 a number.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     max_priority: int | None = Field(..., ge=-100, le=100)
 

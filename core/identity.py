@@ -69,6 +69,15 @@ def get_or_create_team(db: Session, name: str) -> Team:
     return team
 
 
+def find_team(db: Session, name: str) -> Team:
+    """An existing team by name; IdentityError (404) otherwise."""
+    team = db.scalar(select(Team).where(Team.name == name))
+    if team is None:
+        raise IdentityError(f"team: no team named {name!r}; a team is created with its first user "
+                            "(POST /v1/admin/users with `team`)", "team", "not_found")
+    return team
+
+
 def create_user(db: Session, name: str, role: str = MEMBER, team: str | None = None) -> User:
     """A new user (the caller commits); its team is created on first use."""
     check_name(name, "name")
@@ -83,7 +92,7 @@ def create_user(db: Session, name: str, role: str = MEMBER, team: str | None = N
     user_id = new_id("user")
     db.execute(_insert(db, User).values(id=user_id, name=name, role=role, team_id=team_id, created_at=now())
                .on_conflict_do_nothing(index_elements=["name"]))
-    user = db.get(User, user_id)  # read back rather than trust rowcount, which SQLite's driver may not reset
+    user = db.get(User, user_id)  # read back: rowcount of an insert that did nothing was seen nonzero on SQLite
     if user is None:
         raise exists
     return user

@@ -12,7 +12,7 @@ from api.errors import bad_request, not_found
 from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
 from api.schemas import (CreatedKeyOut, CreateKeyRequest, CreateUserRequest, KeyOut, Page, PriorityCap, TeamOut,
                          UserOut)
-from core.identity import create_key, create_user, get_or_create_team, revoke_key
+from core.identity import create_key, create_user, find_team, revoke_key
 from core.policy import priority_cap
 from core.models import ApiKey, Team, User
 
@@ -75,8 +75,9 @@ def set_user_priority_cap(user_id: str, body: PriorityCap, admin: AdminUser, db:
 
 @router.patch("/teams/{team}")
 def set_team_priority_cap(team: str, body: PriorityCap, admin: AdminUser, db: SessionDep) -> TeamOut:
-    """The highest priority the team's members may ask for (created on first use, like users' teams)."""
-    row = get_or_create_team(db, team)
+    """The highest priority the team's members may ask for. The team must exist (it is created with
+    its first user): a mistyped name answers 404 rather than grant a cap to a team of nobody."""
+    row = find_team(db, team)
     row.max_priority = body.max_priority
     db.commit()
     return TeamOut(id=row.id, name=row.name, max_priority=row.max_priority)
