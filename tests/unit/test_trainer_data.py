@@ -184,3 +184,15 @@ def test_tokenizers_without_offsets_get_the_same_masks(tokenizer):
             return tokenizer(text, **kwargs)
 
     assert tokenize_messages(NoOffsets(), parse_example(CONVERSATION)) == expected
+
+
+def test_a_byte_order_mark_before_the_first_line_is_not_part_of_it(tmp_path: Path, tokenizer):
+    # Windows editors write UTF-8 with a BOM; the line after it is the same example.
+    path = write_jsonl(tmp_path / "bom.jsonl", [CONVERSATION] * 2)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    report = validate_file(path, tokenizer)
+    assert report["valid"] and report["examples"] == 2, report
+    assert report["tokens"] == validate_file(write_jsonl(tmp_path / "plain.jsonl", [CONVERSATION] * 2), tokenizer)["tokens"]
+    # Only at the start of the file: elsewhere it is a broken line.
+    path.write_bytes(path.read_bytes() + b"\xef\xbb\xbf" + json.dumps(CONVERSATION).encode() + b"\n")
+    assert validate_file(path)["error_counts"] == {"invalid_json": 1}

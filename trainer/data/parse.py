@@ -411,6 +411,9 @@ def iter_lines(path: str | Path, counter: list[int] | None = None) -> Iterator[t
             continue
         if not raw.strip():
             continue
+        if number == 1:
+            # Windows editors start UTF-8 files with a byte order mark; it is no part of the JSON.
+            raw = raw.removeprefix(b"\xef\xbb\xbf")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
