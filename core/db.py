@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, Insert, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, PendingRollbackError
 from sqlalchemy.orm import Session, sessionmaker
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
@@ -62,6 +63,11 @@ def _count_writes(engine: Engine) -> None:
 def _bump(tables) -> None:  # noqa: ANN001
     for t in tables:
         _writes[t] = _writes.get(t, 0) + 1
+
+
+def dialect_insert(db: Session, model: type) -> Insert:
+    """INSERT of `model` with the session's database's ON CONFLICT support (PostgreSQL or SQLite)."""
+    return (postgresql.insert if db.get_bind().dialect.name == "postgresql" else sqlite.insert)(model)
 
 
 def make_engine(url: str, settings: Settings | None = None) -> Engine:

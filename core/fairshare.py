@@ -25,10 +25,10 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from sqlalchemy import func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from core import states
+from core.db import dialect_insert
 from core.models import GpuUsage, Job, User
 from core.settings import get_settings
 
@@ -54,7 +54,7 @@ def _add(db: Session, principal: str, gpu_hours: float, t: float, half_life_h: f
     """Add GPU-hours to a principal's decayed sum, in the caller's transaction.
 
     The row is locked by an UPDATE before it is read, so two hosts adding at once both count."""
-    ins = (postgresql.insert if db.get_bind().dialect.name == "postgresql" else sqlite.insert)(GpuUsage)
+    ins = dialect_insert(db, GpuUsage)
     db.execute(ins.values(principal=principal, gpu_hours=0.0, at=t).on_conflict_do_nothing())
     db.execute(update(GpuUsage).where(GpuUsage.principal == principal).values(at=GpuUsage.at)
                .execution_options(synchronize_session=False))

@@ -12,10 +12,10 @@ import hmac
 import re
 import secrets
 
-from sqlalchemy import Insert, bindparam, func, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
+from core.db import dialect_insert
 from core.models import ApiKey, File, Job, Team, User, new_id, now
 
 ADMIN = "admin"
@@ -48,11 +48,6 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
-def _insert(db: Session, model: type) -> Insert:
-    """INSERT … ON CONFLICT support of the session's database."""
-    return (postgresql.insert if db.get_bind().dialect.name == "postgresql" else sqlite.insert)(model)
-
-
 def get_or_create_team(db: Session, name: str) -> Team:
     """The team named `name`, created on first use.
 
@@ -63,7 +58,7 @@ def get_or_create_team(db: Session, name: str) -> Team:
     check_name(name, "team")
     team = db.scalar(select(Team).where(Team.name == name))
     if team is None:
-        db.execute(_insert(db, Team).values(id=new_id("team"), name=name, created_at=now())
+        db.execute(dialect_insert(db, Team).values(id=new_id("team"), name=name, created_at=now())
                    .on_conflict_do_nothing(index_elements=["name"]))
         team = db.scalar(select(Team).where(Team.name == name))
     return team
@@ -90,7 +85,7 @@ def create_user(db: Session, name: str, role: str = MEMBER, team: str | None = N
     # Two requests creating one name at once both pass the SELECT above: the second's insert
     # finds the first's row (once that commits) and inserts nothing, which is the refusal.
     user_id = new_id("user")
-    db.execute(_insert(db, User).values(id=user_id, name=name, role=role, team_id=team_id, created_at=now())
+    db.execute(dialect_insert(db, User).values(id=user_id, name=name, role=role, team_id=team_id, created_at=now())
                .on_conflict_do_nothing(index_elements=["name"]))
     user = db.get(User, user_id)  # read back: rowcount of an insert that did nothing was seen nonzero on SQLite
     if user is None:
