@@ -13,6 +13,7 @@ and the error object a new request would get (RECHECK_S).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -153,6 +154,10 @@ async def _follow(job_id: str, after_seq: int, token: str) -> AsyncIterator[byte
             else:  # "dropped": the client stopped reading; closing lets it reconnect and resume.
                 return
     finally:
-        if pending is not None:
+        if pending is not None and not pending.done():
+            # The wait is inside the hub's generator: cancelled and awaited, it leaves the generator
+            # closed (its watcher removed). aclose() alone would find it still running.
             pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await pending
         await watch.aclose()
