@@ -89,10 +89,14 @@ class EventOut(BaseModel):
     id: str
     object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
     created_at: int
-    level: str
+    # OpenAI's values alone: a typed client (the SDK's own models, a generated one) rejects others.
+    level: Literal["info", "warn", "error"]
     message: str
-    type: str
+    type: Literal["message", "metrics"]
     data: dict[str, Any] | None
+    # tuneq's extension: what happened (status, checkpoint, metrics, validation, eval, retry, ...),
+    # finer than `type`, which says only whether `data` holds a step's metrics.
+    kind: str
 
 
 class CheckpointOut(BaseModel):

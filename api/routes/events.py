@@ -53,8 +53,14 @@ STREAM_DOC = {200: {"description": "A page of events, or with stream=true a text
                     "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 
+# The stored level and kind are tuneq's own; OpenAI's event has fewer of each.
+OPENAI_LEVEL = {"info": "info", "warning": "warn", "warn": "warn", "error": "error"}
+
+
 def event_out(ev: JobEvent) -> EventOut:
-    return EventOut(id=ev.id, created_at=int(ev.created_at), level=ev.level, message=ev.message, type=ev.type, data=ev.data)
+    return EventOut(id=ev.id, created_at=int(ev.created_at), level=OPENAI_LEVEL.get(ev.level, "info"),
+                    message=ev.message, type="metrics" if ev.type == "metrics" else "message", data=ev.data,
+                    kind=ev.type)
 
 
 @router.get("/{job_id}/events", response_model=Page[EventOut], responses=STREAM_DOC)

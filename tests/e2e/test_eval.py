@@ -34,7 +34,7 @@ def test_the_best_checkpoint_is_the_jobs_adapter(stack: Stack, tmp_path: Path) -
         assert r.status_code == 200, r.text
         job = wait_for(stack, r.json()["id"], TERMINAL)
         assert job["status"] == "succeeded", f"{job}\n{dump_logs(stack)}"
-        passes = {e["data"]["step"]: e["data"]["eval_similarity"] for e in all_events(c, job["id"]) if e["type"] == "eval"}
+        passes = {e["data"]["step"]: e["data"]["eval_similarity"] for e in all_events(c, job["id"]) if e["kind"] == "eval"}
         assert sorted(passes) == [2, 4, 6, 8]
         best = min(s for s, v in passes.items() if v == max(passes.values()))
         assert job["metrics"]["exported_step"] == best and job["metrics"]["export_metric"] == "eval_similarity"

@@ -60,9 +60,9 @@ def test_each_format_trains_through_the_api(stack: Stack) -> None:
             job = wait_for(stack, job_id, TERMINAL)
             assert job["status"] == "succeeded", f"{fmt}: {job}\n{dump_logs(stack)}"
             events = all_events(c, job_id)
-            check = next(e for e in events if e["type"] == "data_check")["data"]["training_file"]
+            check = next(e for e in events if e["kind"] == "data_check")["data"]["training_file"]
             assert check["format"] == fmt and check["examples"] == 48 and check["tokens"] > check["trained_tokens"] > 0
-            start = next(e for e in events if e["type"] == "start")["data"]
+            start = next(e for e in events if e["kind"] == "start")["data"]
             assert start["data_format"] == fmt
             losses = train_losses(events)
             assert len(losses) == HP["max_steps"] and losses[-1] < losses[0], (fmt, losses)
@@ -85,9 +85,9 @@ def test_mix_packing_and_forgetting_through_the_api(stack: Stack) -> None:
         job = wait_for(stack, r.json()["id"], TERMINAL)
         assert job["status"] == "succeeded", f"{job}\n{dump_logs(stack)}"
         events = all_events(c, job["id"])
-    start = next(e for e in events if e["type"] == "start")["data"]
+    start = next(e for e in events if e["kind"] == "start")["data"]
     assert start["mixed_examples"] == [32] and start["packed_rows"] < start["examples"] + 32
-    forgetting = next(e for e in events if e["type"] == "forgetting")["data"]
+    forgetting = next(e for e in events if e["kind"] == "forgetting")["data"]
     metrics = job["metrics"]
     for key in ("forgetting_loss_before", "forgetting_loss_after", "forgetting_perplexity_before",
                 "forgetting_perplexity_after", "forgetting_loss_increase"):

@@ -45,7 +45,7 @@ def test_dpo_through_the_openai_sdk(stack: Stack, tiny_model_dir: Path, tmp_path
     metrics = [e.data for e in events if e.type == "metrics"]
     assert metrics and {"train_loss", "train_chosen_reward", "train_rejected_reward", "train_reward_margin",
                         "train_preference_accuracy"} <= set(metrics[0])
-    validation = [e.data for e in events if e.type == "validation"]
+    validation = [e.data for e in events if e.kind == "validation"]
     assert validation[-1]["full_valid_preference_accuracy"] > 0.9, validation
     assert job.metrics["full_valid_preference_accuracy"] > 0.9
 

@@ -67,9 +67,9 @@ def test_full_model_published_longer_than_the_lease(short_lease_stack: Stack, tm
         job = wait_for(stack, r.json()["id"], TERMINAL, timeout=900)
         assert job["status"] == "succeeded", f"{job}\n{dump_logs(stack)}"
         events = all_events(c, job["id"])
-        starts = [e for e in events if e.get("type") == "start"]
+        starts = [e for e in events if e.get("kind") == "start"]
         assert len(starts) == 1, f"the trainer ran {len(starts)} times\n{dump_logs(stack)}"
-        assert not [e for e in events if e.get("type") == "retry"]
+        assert not [e for e in events if e.get("kind") == "retry"]
 
         arts = {a["name"]: a for a in c.get(f"/v1/fine_tuning/jobs/{job['id']}/artifacts").json()["data"]}
         r = c.get(f"/v1/fine_tuning/jobs/{job['id']}/artifacts/model.tar.gz/content")

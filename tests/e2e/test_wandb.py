@@ -37,7 +37,7 @@ def test_a_wandb_integration_yields_an_offline_run_to_sync(stack: Stack, tmp_pat
     assert job.status == "succeeded", f"{job}\n{dump_logs(stack)}"
 
     events = list(sdk.fine_tuning.jobs.list_events(job.id, limit=100))
-    (started,) = [e for e in events if e.type == "integration"]
+    (started,) = [e for e in events if e.kind == "integration"]
     assert started.level == "info" and started.data["run_id"] == job.id
     losses = {e.data["step"]: e.data["train_loss"] for e in events if e.type == "metrics"}
     assert sorted(losses) == list(range(1, 7))

@@ -113,7 +113,7 @@ def test_lora_through_http(stack: Stack, tiny_model_dir: Path, tmp_path: Path) -
     # The worker's trainer template forked its trainer: its import counts from the job's arrival,
     # and the job's body has every phase from the queue to the first step.
     with stack.client() as c:
-        [startup] = [e["data"] for e in all_events(c, job["id"]) if e["type"] == "startup"]
+        [startup] = [e["data"] for e in all_events(c, job["id"]) if e["kind"] == "startup"]
     assert startup["detail"]["forked"] is True and startup["phases"]["import"] < 1.0, startup
     assert {"queue", "launch", "import", "data", "load", "first_step", "total"} <= set(job["progress"]["startup"])
     check_manifest(out)

@@ -41,7 +41,7 @@ def test_job_creation_records_token_statistics_of_every_file(client: TestClient)
     assert r.status_code == 200, r.text
     job = r.json()
     events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
-    check = next(e for e in events if e["type"] == "data_check")
+    check = next(e for e in events if e["kind"] == "data_check")
     stats = check["data"]
     assert set(stats) == {"training_file", "mix[0].file", "forgetting_file"}
     assert stats["training_file"] | {"tokens": 0, "trained_tokens": 0, "longest": 0} == {
@@ -95,7 +95,7 @@ def test_openai_tool_lines_are_accepted_and_bad_ones_reported_by_line(client: Te
     r = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-llama", "training_file": train})
     assert r.status_code == 200, r.text
     events = client.get(f"/v1/fine_tuning/jobs/{r.json()['id']}/events").json()["data"]
-    assert next(e for e in events if e["type"] == "data_check")["data"]["training_file"]["trained_tokens"] > 0
+    assert next(e for e in events if e["kind"] == "data_check")["data"]["training_file"]["trained_tokens"] > 0
 
     bad = {**TOOL_LINE, "messages": [*TOOL_LINE["messages"][:3], {**TOOL_LINE["messages"][3], "tool_call_id": "nope"},
                                      TOOL_LINE["messages"][4]]}

@@ -83,7 +83,7 @@ def test_a_job_with_an_eval_block_shows_its_scores(client: TestClient, monkeypat
                export={"select": "best", "metric": "sim"}, schedule={"checkpoint_every_steps": 2})
     assert r.status_code == 200, r.text
     job_id = r.json()["id"]
-    check = next(e for e in client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"] if e["type"] == "data_check")
+    check = next(e for e in client.get(f"/v1/fine_tuning/jobs/{job_id}/events").json()["data"] if e["kind"] == "data_check")
     assert check["data"]["eval.file"]["format"] == "eval" and check["data"]["eval.file"]["examples"] == 2
     # A file a job reads cannot be deleted under it.
     assert client.delete(f"/v1/files/{evals}").status_code == 409

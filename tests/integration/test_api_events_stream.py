@@ -104,8 +104,8 @@ def test_stream_sends_backlog_then_live_events_in_order_and_ends_with_the_job(cl
     assert [m["id"] for m in got if "id" in m] == [e["id"] for e in events] == page_ids(client, job_id)
     assert [e["id"] for e in events[: len(before)]] == before  # the backlog, oldest first
     assert [e["message"] for e in events if e["type"] == "metrics"] == live
-    assert events[-1]["type"] == "status" and events[-1]["data"]["to"] == "cancelled"
-    assert set(events[0]) == {"id", "object", "created_at", "level", "message", "type", "data"}
+    assert events[-1]["kind"] == "status" and events[-1]["data"]["to"] == "cancelled"
+    assert set(events[0]) == {"id", "object", "created_at", "level", "message", "type", "data", "kind"}
     assert got[-1]["event"] == "end" and json.loads(got[-1]["data"]) == {"id": job_id, "status": "cancelled"}
     assert time.monotonic() - t0 < 10  # live, not at the end of some long timeout
 

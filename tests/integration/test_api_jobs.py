@@ -223,8 +223,8 @@ def test_events_newest_first_with_cursor(client: TestClient, file_id: str) -> No
     client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
     events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 100}).json()["data"]
     # Status events only: job creation also logs a data_check summary between them.
-    assert [e["data"]["to"] for e in events if e["type"] == "status"] == ["cancelled", "queued", "validating_files"]
-    assert [e["type"] for e in events].count("data_check") == 1
+    assert [e["data"]["to"] for e in events if e["kind"] == "status"] == ["cancelled", "queued", "validating_files"]
+    assert [e["kind"] for e in events].count("data_check") == 1
     assert all(e["object"] == "fine_tuning.job.event" and e["level"] == "info" for e in events)
     assert events[0]["message"] == "Job cancelled."
     first = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 1}).json()

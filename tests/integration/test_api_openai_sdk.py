@@ -58,8 +58,12 @@ def test_sdk_walkthrough(sdk: openai.OpenAI, service_env: dict[str, str]) -> Non
     cancelled = sdk.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled"
     events = list(sdk.fine_tuning.jobs.list_events(job.id, limit=2))
-    assert [e.data["to"] for e in events if e.type == "status"] == ["cancelled", "queued", "validating_files"]
+    assert [e.data["to"] for e in events if e.kind == "status"] == ["cancelled", "queued", "validating_files"]
     assert all(e.object == "fine_tuning.job.event" for e in events)
+    from openai.types.fine_tuning import FineTuningJobEvent
+
+    for raw in sdk.fine_tuning.jobs.with_raw_response.list_events(job.id).http_response.json()["data"]:
+        FineTuningJobEvent.model_validate(raw)
     assert sdk.fine_tuning.jobs.checkpoints.list(job.id).data == []
     assert [m.id for m in sdk.models.list()] == ["tiny-llama"]
 

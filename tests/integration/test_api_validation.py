@@ -73,9 +73,9 @@ def test_creation_answers_at_once_and_the_check_queues_the_job(client: TestClien
     assert job["status"] == "queued", job
     assert not no_tokenizing_here, "the request's process tokenized the file"
     events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
-    check = next(e for e in events if e["type"] == "data_check")
+    check = next(e for e in events if e["kind"] == "data_check")
     assert check["data"]["training_file"]["examples"] == 8 and check["data"]["training_file"]["tokens"] > 0
-    assert [e["data"]["to"] for e in events if e["type"] == "status"] == ["queued", "validating_files"]
+    assert [e["data"]["to"] for e in events if e["kind"] == "status"] == ["queued", "validating_files"]
 
     # The token report is kept by file content and tokenizer: the next job of this file is
     # checked at once from it, without tokenizing again.

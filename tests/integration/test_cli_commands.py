@@ -100,7 +100,7 @@ def test_watch_follows_a_running_job_to_its_end(runner: CliRunner, db: Session, 
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     events, final = lines[:-1], lines[-1]
     assert [e["data"]["train_loss"] for e in events if e["type"] == "metrics"] == [2.0, 1.5, 1.0]
-    assert [e["data"]["to"] for e in events if e["type"] == "status"][-2:] == ["running", "succeeded"]
+    assert [e["data"]["to"] for e in events if e["kind"] == "status"][-2:] == ["running", "succeeded"]
     assert len({e["id"] for e in events}) == len(events)  # nothing twice
     assert final["status"] == "succeeded" and final["progress"]["step"] == 3
     assert time.monotonic() - t0 < 20
@@ -130,7 +130,7 @@ def test_events_status_list_and_control_commands_print_json(runner: CliRunner, d
     assert json.loads(runner.invoke(cli.app, ["cancel", job.id, "--json"]).stdout)["status"] == "cancelled"
 
     events = json.loads(runner.invoke(cli.app, ["events", job.id, "--json", "--limit", "100"]).stdout)
-    assert [e["data"]["to"] for e in events if e["type"] == "status" and e["data"].get("to")][-3:] == [
+    assert [e["data"]["to"] for e in events if e["kind"] == "status" and e["data"].get("to")][-3:] == [
         "paused", "queued", "cancelled"]
     follow = runner.invoke(cli.app, ["events", job.id, "--follow", "--json"])  # the job has ended: returns
     assert follow.exit_code == 0 and [json.loads(x)["id"] for x in follow.stdout.splitlines()] == [e["id"] for e in events][-20:]

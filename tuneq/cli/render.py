@@ -145,7 +145,7 @@ def print_job(job: dict[str, Any]) -> None:
 
 
 def event_line(e: dict[str, Any]) -> str:
-    return f"{when(e['created_at'])}  {e['level']:<7} {e['type']:<10} {e['message']}"
+    return f"{when(e['created_at'])}  {e['level']:<7} {e.get('kind', e['type']):<10} {e['message']}"
 
 
 class LiveBar:

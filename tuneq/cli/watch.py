@@ -51,7 +51,7 @@ def follow_events(c: Client, job_id: str, *, after: str | None = None, limit: in
 
 def _shown(ev: dict[str, Any]) -> bool:
     """Events worth a line above the bar: everything but the per-step metrics."""
-    return ev.get("type") != "metrics"
+    return ev.get("type") != "metrics"  # OpenAI's own type: a step's metrics or not
 
 
 def _finish_watch(job: dict[str, Any], as_json: bool) -> None:
@@ -94,7 +94,7 @@ def watch(
                 if ev.get("type") == "metrics":
                     bar.metrics(ev.get("data") or {})
                 # The job object has what events lack (ETA, queue position); a few reads a second at most.
-                if ev.get("type") == "status" or time.monotonic() - refreshed > 2:
+                if ev.get("kind") == "status" or time.monotonic() - refreshed > 2:
                     bar.job(c.get_job(job_id))
                     refreshed = time.monotonic()
             job = c.get_job(job_id)

@@ -75,7 +75,7 @@ export function jobView(root, jobId) {
       state.seen.add(ev.id);
       state.events.push(ev);
       added++;
-      if (ev.type === "checkpoint" || ev.type === "status") refreshLists();
+      if (ev.kind === "checkpoint" || ev.kind === "status") refreshLists();
     }
     if (added) scheduleDraw();
   }
@@ -115,9 +115,9 @@ export function jobView(root, jobId) {
         if (Number.isFinite(d.train_rejected_reward)) rejected.set(d.step, d.train_rejected_reward);
         if (Number.isFinite(d.train_reward_margin)) margin.set(d.step, d.train_reward_margin);
         if (Number.isFinite(d.train_preference_accuracy)) accuracy.set(d.step, d.train_preference_accuracy);
-      } else if (ev.type === "validation" && Number.isFinite(d.valid_loss)) {
+      } else if (ev.kind === "validation" && Number.isFinite(d.valid_loss)) {
         valid.set(d.step, d.valid_loss);
-      } else if (ev.type === "eval") {
+      } else if (ev.kind === "eval") {
         for (const [k, v] of Object.entries(evalScores(d))) {
           if (!scores.has(k)) scores.set(k, new Map());
           scores.get(k).set(d.step, v);
@@ -158,8 +158,8 @@ export function jobView(root, jobId) {
         { name: k, label: k.slice(5), cls: `s-eval${i % 4}`, points })) }));
     }
     const shown = state.events.slice(-SHOWN_EVENTS).reverse();
-    replace(el.events, shown.map((ev) => h("tr", { class: `lvl-${ev.level === "error" ? "error" : ev.level === "warning" ? "warning" : "info"}` },
-      h("td", {}, fmtTime(ev.created_at)), h("td", {}, ev.level), h("td", {}, ev.type), h("td", {}, ev.message))));
+    replace(el.events, shown.map((ev) => h("tr", { class: `lvl-${ev.level === "error" ? "error" : ev.level === "warn" ? "warning" : "info"}` },
+      h("td", {}, fmtTime(ev.created_at)), h("td", {}, ev.level), h("td", {}, ev.kind), h("td", {}, ev.message))));
   }
 
   // progress.startup: each phase's seconds (queue, launch, import, data, load, ...) and the total.
