@@ -122,10 +122,11 @@ def request_cancel(db: Session, job: Job) -> Job:
     """
     for _ in range(5):
         observed = job.status
+        # Done already: a client's retry (its first answer lost) gets the job, not an error.
+        if observed in (states.CANCELLING, states.CANCELLED):
+            return job
         if observed in states.TERMINAL:
             raise states.IllegalTransition(job.id, observed, states.CANCELLED)
-        if observed == states.CANCELLING:
-            return job
         res = db.execute(
             update(Job)
             .where(Job.id == job.id, Job.status == observed)

@@ -56,8 +56,8 @@ def test_submit_prints_the_job_id_and_queues_it(runner: CliRunner, tmp_path: Pat
     assert status.exit_code == 0 and "queued" in status.stdout and "Job queued." in status.stdout
     cancel = runner.invoke(cli.app, ["cancel", job_id])
     assert cancel.exit_code == 0 and cancel.stdout.strip() == f"{job_id} cancelled"
-    again = runner.invoke(cli.app, ["cancel", job_id])
-    assert again.exit_code == 1 and "cannot go from 'cancelled'" in again.stderr
+    again = runner.invoke(cli.app, ["cancel", job_id])  # done already: the same answer
+    assert again.exit_code == 0 and again.stdout.strip() == f"{job_id} cancelled"
 
 
 @pytest.mark.parametrize("method", ["ia3", "prefix", "freeze"])

@@ -211,9 +211,26 @@ def test_cancel_a_queued_job(client: TestClient, file_id: str) -> None:
     job = create(client, model="tiny-llama", training_file=file_id).json()
     r = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "cancelled" and r.json()["finished_at"]
+    # Cancelling again (a retry whose first answer was lost) is the same answer, with no new event.
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
     again = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
-    assert again.status_code == 409
-    assert again.json()["error"]["type"] == "conflict_error" and "cancelled" in again.json()["error"]["message"]
+    assert again.status_code == 200 and again.json()["status"] == "cancelled"
+    assert again.json()["finished_at"] == r.json()["finished_at"]
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"] == events
+
+
+def test_cancel_of_a_finished_job_is_a_conflict(client: TestClient, file_id: str) -> None:
+    from core import states
+    from core.db import session_scope
+    from core.models import Job
+
+    job = create(client, model="tiny-llama", training_file=file_id).json()
+    with session_scope() as db:
+        row = db.get(Job, job["id"])
+        row.status, row.finished_at = states.SUCCEEDED, row.created_at + 1
+    r = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    assert r.status_code == 409 and r.json()["error"]["type"] == "conflict_error"
+    assert "succeeded" in r.json()["error"]["message"]
 
 
 # Event numbers and their order, as each database assigns them.
