@@ -106,8 +106,12 @@ def preempt(db: Session, victim: Job, for_job: Job) -> bool:
     return True
 
 
-def after_pause(db: Session, job: Job) -> None:
-    """Called right after running -> paused: a preempted job goes straight back to the queue."""
+def after_pause(db: Session, job: Job, *, withdrawn: bool = False) -> None:
+    """Called right after running -> paused: a preempted job goes straight back to the queue, and
+    so does one whose pause the user withdrew (a resume) while its trainer was already stopping."""
     if job.preempted_by:
         job.preempted_by = None
         states.transition(db, job, states.QUEUED, "Job re-queued after preemption; it resumes when GPUs are free.")
+    elif withdrawn:
+        states.transition(db, job, states.QUEUED, "Pause withdrawn while the trainer was stopping; job re-queued, "
+                                                  "it continues from its latest checkpoint.")

@@ -598,16 +598,24 @@ class JobRun:
             target, message, error = states.CANCELLED, "Job cancelled.", None  # the user's cancel wins
         if before is not None:
             before(job)
+        # The user resumed after this worker had told the trainer to stop: request_resume took the
+        # flag back and answered that the job goes on, so it does, from the checkpoint just saved.
+        withdrawn = target == states.PAUSED and not job.pause_requested and job.preempted_by is None
         if target == states.PAUSED:
             job.pause_requested = False  # honoured; a resume must not pause again at once
         if target in states.TERMINAL:
             self.db.add_all(stored.row(job.id) for stored in curves)
         states.transition(self.db, job, target, message, error=error)
         if target == states.PAUSED:
-            control.after_pause(self.db, job)
+            control.after_pause(self.db, job, withdrawn=withdrawn)
         self.db.commit()
         self.ended_here = job.status in states.TERMINAL
         log.info("job %s: %s", self.job_id, job.status)
+        if withdrawn:
+            try:
+                enqueue_job(self.job_id)
+            except Exception:  # noqa: BLE001 - the host's dispatcher re-sends queued jobs anyway
+                log.warning("job %s: enqueue after a withdrawn pause failed; the dispatcher will send it", self.job_id)
         return job.status
 
     def publish_curves(self) -> list[Stored]:

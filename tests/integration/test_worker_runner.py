@@ -249,6 +249,38 @@ def test_pause_saves_a_checkpoint_and_frees_the_slot(running: Job, db: Session) 
 
 
 @SQLITE_ONLY
+def test_a_resume_after_the_trainer_was_told_to_pause_requeues_the_job(
+        running: Job, db: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resume lands after the worker signalled the trainer but before it wrote `paused`: the
+    resume answered that the pause was withdrawn, so the job must go on, not stay paused."""
+    from core.control import request_resume
+    from core.db import session_scope
+    from worker import runner
+
+    answered = []
+    original = runner.JobRun.finish
+
+    def finish_after_a_resume(self, target, message, **kw):  # noqa: ANN001, ANN003
+        if target == states.PAUSED:
+            with session_scope() as other:
+                answered.append(request_resume(other, other.get(Job, self.job_id)).status)
+        return original(self, target, message, **kw)
+
+    monkeypatch.setattr(runner.JobRun, "finish", finish_after_a_resume)
+    db.execute(update(Job).where(Job.id == running.id).values(pause_requested=True))
+    db.commit()
+    assert running.background.join() == states.QUEUED
+    assert answered == [states.RUNNING]  # the resume's own answer: still running, pause withdrawn
+    db.expire_all()
+    job = db.get(Job, running.id)
+    assert job.status == states.QUEUED and not job.pause_requested and job.lease_owner is None
+    assert [e.data["to"] for e in events_of(job.id, "status") if e.data and e.data.get("to")][-2:] == [
+        states.PAUSED, states.QUEUED]
+    db.execute(update(Job).where(Job.id == running.id).values(status=states.CANCELLED))
+    db.commit()
+
+
+@SQLITE_ONLY
 def test_lost_lease_kills_the_trainer_and_leaves_the_job_alone(running: Job, db: Session) -> None:
     pid = trainer_pid(running.id)
     # Another worker took the job over (as after a reap): the old run must stop writing.
