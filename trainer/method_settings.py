@@ -24,7 +24,8 @@ MERGEABLE_METHODS = ("lora", "qlora", "ia3")
 
 class StrictModel(BaseModel):
     # strict: JSON true is not the number 1, nor "3" the number 3; a typo must not train.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # allow_inf_nan: a NaN learning rate is named as what it is, not as "above the maximum".
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class QuantizationSettings(StrictModel):

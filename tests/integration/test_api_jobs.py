@@ -501,3 +501,13 @@ def test_a_body_that_is_no_json_object_is_told_so(client: TestClient, content: b
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert said in err["message"] and err["param"] is None and err["code"] == "invalid_json", err
+
+
+@pytest.mark.parametrize("method", ["lora", "auto"])
+def test_a_learning_rate_that_is_not_a_finite_number_is_named_so(client: TestClient, file_id: str, method: str) -> None:
+    body = json.dumps({"model": "tiny-llama", "training_file": file_id, "method": method,
+                       "hyperparameters": {"learning_rate": float("nan")}})  # json writes NaN, as Python clients do
+    r = client.post("/v1/fine_tuning/jobs", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "hyperparameters.learning_rate" and "finite" in err["message"], err

@@ -196,3 +196,14 @@ def test_a_byte_order_mark_before_the_first_line_is_not_part_of_it(tmp_path: Pat
     # Only at the start of the file: elsewhere it is a broken line.
     path.write_bytes(path.read_bytes() + b"\xef\xbb\xbf" + json.dumps(CONVERSATION).encode() + b"\n")
     assert validate_file(path)["error_counts"] == {"invalid_json": 1}
+
+
+@pytest.mark.parametrize(("line", "named"), [("null", "null"), ("[1, 2]", "array"), ('"text"', "string"),
+                                              ("3", "number"), ("true", "boolean")])
+def test_a_line_that_is_no_object_is_named_in_jsons_words(tmp_path: Path, line: str, named: str):
+    # First line (the format is not known yet) and a later line of a chat file: the same words.
+    path = tmp_path / "lines.jsonl"
+    path.write_text(f"{line}\n{json.dumps(CONVERSATION)}\n{line}\n")
+    errors = validate_file(path)["errors"]
+    assert [(e["line"], e["code"]) for e in errors] == [(1, "not_object"), (3, "not_object")]
+    assert all(e["message"] == f"line must be a JSON object, not {named}" for e in errors), errors

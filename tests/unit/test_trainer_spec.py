@@ -49,3 +49,10 @@ def test_cross_field_checks_name_field_and_range():
     assert "lora" in _error(method="full", lora={"r": 8})
     assert "lora.target_modules" in _error(lora={"target_modules": []})
     assert "lora.target_modules" in _error(lora={"target_modules": ["q_proj;rm -rf"]})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_number_that_is_not_finite_is_named_so(value):
+    # JSON bodies may carry NaN and Infinity; "above the maximum" would be the wrong reason.
+    message = _error(hyperparameters={"learning_rate": value})
+    assert message.startswith("hyperparameters.learning_rate:") and "finite number" in message, message

@@ -64,6 +64,17 @@ class Chat(list):
         self.tools = tools
 
 
+def json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type, for messages about a user's line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
 class LineError(ValueError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -85,7 +96,7 @@ def _content_text(content: Any, where: str) -> str:
     elif content is None:
         raise LineError("empty_content", f"{where}.content is missing")
     else:
-        raise LineError("empty_content", f"{where}.content must be a string, not {type(content).__name__}")
+        raise LineError("empty_content", f"{where}.content must be a string, not {json_type(content)}")
     if not text.strip():
         raise LineError("empty_content", f"{where}.content is empty")
     return text
@@ -104,7 +115,7 @@ def parse_example(obj: Any) -> Chat:
 
 def _messages(obj: Any) -> Chat:
     if not isinstance(obj, dict):
-        raise LineError("not_object", f"line must be a JSON object, not {type(obj).__name__}")
+        raise LineError("not_object", f"line must be a JSON object, not {json_type(obj)}")
     if "messages" not in obj:
         keys = ", ".join(sorted(obj)[:5]) or "none"
         raise LineError("missing_messages", f"'messages' is missing (keys: {keys}); the chat format is required")
@@ -154,7 +165,7 @@ def _tools(raw: Any) -> list[dict] | None:
     if raw is None:
         return None
     if not isinstance(raw, list):
-        raise LineError("invalid_tools", f"'tools' must be a list, not {type(raw).__name__}")
+        raise LineError("invalid_tools", f"'tools' must be a list, not {json_type(raw)}")
     tools, names = [], set()
     for k, tool in enumerate(raw):
         where = f"tools[{k}]"
@@ -240,7 +251,7 @@ def parse_eval(obj: Any) -> EvalItem:
                         "line ends with the user turn the model answers")
     expected = obj.get("expected")
     if not isinstance(expected, str):
-        raise LineError("invalid_type", f"'expected' must be a string, not {type(expected).__name__}")
+        raise LineError("invalid_type", f"'expected' must be a string, not {json_type(expected)}")
     if not expected.strip():
         raise LineError("empty_content", "'expected' is empty")
     return EvalItem(messages, expected)
@@ -343,7 +354,7 @@ def _string(obj: dict, key: str, required: bool = True, may_be_empty: bool = Fal
             raise LineError("missing_field", f"'{key}' is missing")
         return ""
     if not isinstance(value, str):
-        raise LineError("invalid_type", f"'{key}' must be a string, not {type(value).__name__}")
+        raise LineError("invalid_type", f"'{key}' must be a string, not {json_type(value)}")
     if not may_be_empty and not value.strip():
         raise LineError("empty_content", f"'{key}' is empty")
     return value
@@ -352,7 +363,7 @@ def _string(obj: dict, key: str, required: bool = True, may_be_empty: bool = Fal
 def parse_record(obj: Any, fmt: str) -> Record:
     """One decoded line of a file in format `fmt`, or LineError naming the first problem."""
     if not isinstance(obj, dict):
-        raise LineError("not_object", f"line must be a JSON object, not {type(obj).__name__}")
+        raise LineError("not_object", f"line must be a JSON object, not {json_type(obj)}")
     seen = detect_format(obj)
     if seen is None:
         keys = ", ".join(sorted(obj)[:5]) or "none"
@@ -466,9 +477,12 @@ def iter_records(
         if fmt is None:
             fmt = detect_format(obj)
             if fmt is None:
-                keys = ", ".join(sorted(obj)[:5]) if isinstance(obj, dict) else type(obj).__name__
+                if not isinstance(obj, dict):
+                    yield number, "chat", LineError("not_object", f"line must be a JSON object, not {json_type(obj)}")
+                    continue
+                keys = ", ".join(sorted(obj)[:5]) or "none"
                 yield number, "chat", LineError(
-                    "unknown_format" if isinstance(obj, dict) else "not_object",
+                    "unknown_format",
                     f"not an example of any format (keys: {keys}); "
                     "expected 'messages', 'instruction'/'output', 'prompt'/'completion', 'text' or "
                     "'input'/'preferred_output'/'non_preferred_output'",
