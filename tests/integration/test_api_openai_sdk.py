@@ -80,8 +80,9 @@ def test_sdk_raises_typed_errors_with_param(sdk: openai.OpenAI) -> None:
     assert exc.value.param == "hyperparameters.n_epochs"
     job = sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id)
     sdk.fine_tuning.jobs.cancel(job.id)
+    assert sdk.fine_tuning.jobs.cancel(job.id).status == "cancelled"  # a retried cancel is no error
     with pytest.raises(openai.ConflictError):
-        sdk.fine_tuning.jobs.cancel(job.id)
+        sdk.fine_tuning.jobs.resume(job.id)
 
 
 def test_sdk_metadata_is_stored_returned_and_filters_the_list(sdk: openai.OpenAI, service_env: dict[str, str]) -> None:

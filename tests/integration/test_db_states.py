@@ -62,5 +62,8 @@ def test_cancel_of_a_queued_job_is_immediate(db: Session) -> None:
     db.expire_all()
     job = db.get(Job, job.id)
     assert job.status == states.CANCELLED and job.cancel_requested
+    assert request_cancel(db, job).status == states.CANCELLED  # again: answered as it is (a client's retry)
+    job.status = states.SUCCEEDED
+    db.commit()
     with pytest.raises(states.IllegalTransition):
-        request_cancel(db, job)  # a terminal job cannot be cancelled again
+        request_cancel(db, job)  # a job that ended otherwise cannot be cancelled
