@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from core import control, policy, states
 from core.inference import SERVER_OWNER
-from core.models import Job
-from core.scheduling import Waiting, blocked_head
+from core.models import Job, now
+from core.settings import get_settings
+from core.scheduling import Waiting
 from worker.gpus import GpuPool
 
 log = logging.getLogger(__name__)
@@ -37,21 +38,68 @@ def being_freed(held: dict[str, int], running: list[Job]) -> int:
             + sum(held[j.id] for j in running if j.pause_requested))
 
 
+# Jobs of the head's priority read past the head for one that may preempt here: enough for a few
+# teams' heads, and the queue is not read to its end on every decision.
+CANDIDATES = 16
+
+
 def preempt_for(db: Session, pool: GpuPool, queue: Iterable[Waiting], free: int) -> list[str]:
     """Pause the lowest-priority jobs on this host when that frees enough GPUs for a
-    higher-priority waiting job; return the ids asked to pause."""
-    head = blocked_head(queue, free, pool.count, memory_gib=pool.memory_gib)
-    if head is None:
-        return []
-    held, running = local_holdings(db, pool)
-    if not held:
-        return []
-    # GPUs already being given back count as free: preempting another job for them would pause two.
-    need = head.gpus - free - being_freed(held, running)
-    for_job = db.get(Job, head.id)
-    owner = for_job.owner_id if for_job is not None else None
-    victims = sorted((j for j in running if not j.pause_requested and j.priority < head.priority
-                      and policy.may_preempt(db, head.priority, owner, j.owner_id)),
+    higher-priority waiting job; return the ids asked to pause.
+
+    The candidate is the first job that could run here but not on the free GPUs. If the policy
+    lets it pause nothing here (a member's job, and the running ones are another team's), the next
+    job of the same priority may, for example one of the running job's own team: the host is then
+    reserved for that job, so that the GPUs it frees go to it and not to the head, which had no
+    right to them. A job of lower priority than the head is never such a candidate: the head would
+    outrank it and take the GPUs."""
+    if free >= pool.count:
+        return []  # nothing runs here that a job could wait for; the queue need not be read
+    t = now()
+    freeing = 0
+    held: dict[str, int] | None = None
+    running: list[Job] = []
+    head: Waiting | None = None
+    seen = 0
+    for w in queue:
+        if not (w.retry_at <= t and free < w.gpus and w.fits(pool.count, pool.count, pool.memory_gib)):
+            continue
+        if head is not None and (w.priority != head.priority or seen >= CANDIDATES
+                                 or get_settings().reserve_after_h <= 0):
+            break  # without reservations, GPUs freed for a later job would go to the head
+        seen += 1
+        if held is None:
+            held, running = local_holdings(db, pool)
+            if not held:
+                return []
+            # GPUs already being given back count as free: preempting another job for them would pause two.
+            freeing = being_freed(held, running)
+        if head is None:
+            head = w
+            if w.gpus - free - freeing <= 0:
+                return []
+        chosen = _victims(db, w, held, running, w.gpus - free - freeing)
+        if not chosen:
+            continue
+        for_job = db.get(Job, w.id)
+        if for_job is None:
+            continue
+        if w is not head and not _hold_host(db, for_job, pool.host):
+            continue
+        asked = [v.id for v in chosen if control.preempt(db, v, for_job)]
+        if asked:
+            log.warning("preempting %s for job %s (priority %s)", asked, w.id, w.priority)
+        elif w is not head:
+            _release_host(db, for_job, pool.host)
+        return asked
+    db.rollback()
+    return []
+
+
+def _victims(db: Session, w: Waiting, held: dict[str, int], running: list[Job], need: int) -> list[Job]:
+    """The lowest-priority running jobs here that `w` may pause and whose GPUs cover `need`, or []."""
+    victims = sorted((j for j in running if not j.pause_requested and j.priority < w.priority
+                      and policy.may_preempt(db, w.priority, w.owner or None, j.owner_id)),
                      key=lambda j: (j.priority, -(j.started_at or 0)))
     chosen = []
     for v in victims:
@@ -59,13 +107,22 @@ def preempt_for(db: Session, pool: GpuPool, queue: Iterable[Waiting], free: int)
             break
         chosen.append(v)
         need -= held[v.id]
-    if need > 0 or not chosen:
-        db.rollback()
-        return []
-    asked = [v.id for v in chosen if for_job is not None and control.preempt(db, v, for_job)]
-    if asked:
-        log.warning("preempting %s for job %s (priority %s)", asked, head.id, head.priority)
-    return asked
+    return chosen if need <= 0 else []
+
+
+def _hold_host(db: Session, job: Job, host: str) -> bool:
+    """Reserve this host for `job` (core.scheduling.reserved_here), unless it holds another host."""
+    res = db.execute(update(Job).where(Job.id == job.id, Job.status == states.QUEUED,
+                                       or_(Job.reserved_host.is_(None), Job.reserved_host == host))
+                     .values(reserved_host=host).execution_options(synchronize_session=False))
+    db.commit()
+    return res.rowcount == 1
+
+
+def _release_host(db: Session, job: Job, host: str) -> None:
+    db.execute(update(Job).where(Job.id == job.id, Job.reserved_host == host).values(reserved_host=None)
+               .execution_options(synchronize_session=False))
+    db.commit()
 
 
 def coming_free(db: Session, pool: GpuPool, job: Job, gpus: int) -> bool:

@@ -86,3 +86,59 @@ def test_the_default_band_preempts_only_its_own_team(service_env, limits, tmp_pa
     with session_scope() as db:
         asked = preempt_for(db, pool, waiting(db), pool.free())
     assert asked == ([running] if preempts else [])
+
+
+@pytest.mark.parametrize(("second_priority", "reserve_after_h", "preempts"), [
+    (0, 4, True),     # as high as the head, and of the running job's team: it preempts, and gets the GPU
+    (-5, 4, False),   # lower than the head: the head would take the GPU it frees
+    (0, 0, False),    # no reservations: the freed GPU could not be kept from the head
+])
+def test_a_job_behind_a_head_that_may_not_preempt_may(service_env, limits, tmp_path: Path,  # noqa: ANN001
+                                                      second_priority: int, reserve_after_h: float,
+                                                      preempts: bool) -> None:
+    """Red's low job runs; blue's job heads the queue but may not pause red's; red's own job of the
+    same priority behind it may, and the GPU that frees goes to red's job, not to blue's."""
+    from core import control, states
+    from core.db import session_scope
+    from core.jobs import create_job
+    from core.models import Job
+    from core.scheduling import waiting
+    from core.settings import get_settings
+    from tests.conftest import create_user_with_key
+    from tests.integration.conftest import chat_lines, store_file
+    from worker.gpus import GpuPool
+    from worker.placement import preempt_for, take
+
+    limits(fair_share=False, reserve_after_h=reserve_after_h)  # the queue in creation order
+    red, _ = create_user_with_key("red-low", "member", "red")
+    blue, _ = create_user_with_key("blue-head", "member", "blue")
+    red2, _ = create_user_with_key("red-next", "member", "red")
+    with session_scope() as db:
+        f = store_file(db, chat_lines(4))
+        running, head, second = (
+            create_job(db, spec={"model": "tiny-llama", "training_file": f.id}, model="tiny-llama", method="lora",
+                       training_file=f, owner_id=owner, priority=priority).id
+            for owner, priority in ((red, -10), (blue, 0), (red2, second_priority)))
+        db.flush()
+        states.transition(db, db.get(Job, running), states.RUNNING, "running")
+    pool = GpuPool(1, tmp_path / "locks", kind="gpu")
+    held = pool.reserve(1, owner=running)
+    assert held is not None
+    with session_scope() as db:
+        assert [w.id for w in waiting(db)] == [head, second]
+        assert preempt_for(db, pool, waiting(db), pool.free()) == ([running] if preempts else [])
+        assert db.get(Job, second).reserved_host == (pool.host if preempts else None)
+    if not preempts:
+        return
+    with session_scope() as db:  # the victim's worker: paused at a checkpoint, re-queued, GPU unlocked
+        victim = db.get(Job, running)
+        victim.pause_requested = False
+        states.transition(db, victim, states.PAUSED, "Job paused.")
+        control.after_pause(db, victim)
+    pool.release(held)
+    with session_scope() as db:
+        taken = take(db, pool, head, "worker-1", get_settings())  # the head's delivery comes first
+        assert not isinstance(taken, str), taken
+        job, reservation = taken
+        assert job.id == second and job.status == states.RUNNING and job.reserved_host is None
+        pool.release(reservation)
