@@ -79,7 +79,7 @@ def last_step(evs: list[dict]) -> int:
 def steps_per_s(evs: list[dict]) -> float | None:
     """Steps per second of the job's last trainer run, from its metrics events' timestamps (whole
     seconds in the API, so rough over a short run): what --low-steps has to outlast."""
-    starts = [i for i, e in enumerate(evs) if e.get("type") == "start"]
+    starts = [i for i, e in enumerate(evs) if e.get("kind") == "start"]
     ms = [e for e in evs[starts[-1] if starts else 0:] if e.get("type") == "metrics" and e.get("data")]
     if len(ms) < 2 or ms[-1]["created_at"] <= ms[0]["created_at"]:
         return None
@@ -185,7 +185,7 @@ def main() -> int:
         note(f"high-priority job {high_id} created ({args.high_steps} steps)")
 
         def low_preempted() -> bool:
-            if any(e.get("type") == "preempted" for e in low_tail.poll()):
+            if any(e.get("kind") == "preempted" for e in low_tail.poll()):
                 return True
             if c.get_job(low_id)["status"] in TERMINAL:
                 raise SystemExit(f"the low job ended before it was preempted: raise --low-steps (now {args.low_steps})")
@@ -212,10 +212,10 @@ def main() -> int:
         note(f"low job {low_job['status']}")
 
         low_events, high_events = events(c, low_id), events(c, high_id)
-        starts = [e for e in low_events if e.get("type") == "start"]
-        preempted = [e for e in low_events if e.get("type") == "preempted"]
+        starts = [e for e in low_events if e.get("kind") == "start"]
+        preempted = [e for e in low_events if e.get("kind") == "preempted"]
         resumed_at = [e["data"].get("resumed_from_step") for e in starts if e.get("data")]
-        gpus_seen = sorted({str((e.get("data") or {}).get("device")) for e in low_events + high_events if e.get("type") == "start"})
+        gpus_seen = sorted({str((e.get("data") or {}).get("device")) for e in low_events + high_events if e.get("kind") == "start"})
         at = dict((m, t) for t, m in timeline)
         preempted_at = next(t for m, t in at.items() if m.startswith("low job asked to pause"))
         stopped_at = next(t for m, t in at.items() if m.startswith("low job stopped"))

@@ -521,8 +521,8 @@ def _service_job(c, body: dict, label: str, args, upload_s: float, keep_events: 
     if final["status"] != "succeeded" or not metrics:
         errors = [e["message"] for e in seen if e["level"] == "error"]
         return {"name": label, "ok": False, "error": f"{final['status']}: {errors[-1:] or final.get('error')}"}
-    left_out = sorted({e["data"]["step"] + 1 for e in seen if e["type"] in ("validation", "checkpoint")} | held_steps())
-    startup = next((e["data"] for e in seen if e["type"] == "startup"), None)
+    left_out = sorted({e["data"]["step"] + 1 for e in seen if e["kind"] in ("validation", "checkpoint")} | held_steps())
+    startup = next((e["data"] for e in seen if e["kind"] == "startup"), None)
     progress = final.get("progress") or {}
     return {
         "name": label, "ok": True, "setting": "service", "id": job["id"],
@@ -530,11 +530,11 @@ def _service_job(c, body: dict, label: str, args, upload_s: float, keep_events: 
         "left_out_steps": left_out, "step_tps": [round(m["tokens_per_second"]) for m in metrics],
         "last_step_tps": metrics[-1]["tokens_per_second"], "max_mfu": max((m.get("mfu") or 0) for m in metrics),
         "peak_gib": (metrics[-1].get("peak_memory_bytes") or 0) / 2**30,
-        "evaluations_s": [], "checkpoints_s": [e["data"].get("seconds") for e in seen if e["type"] == "checkpoint"],
+        "evaluations_s": [], "checkpoints_s": [e["data"].get("seconds") for e in seen if e["kind"] == "checkpoint"],
         "startup": startup, "progress_startup": progress.get("startup"),
         "speed": next((e["data"].get("fast_path", {}).get("speed") or e["data"].get("speed")
-                       for e in seen if e["type"] == "start"), None),
-        "start": next((e["data"] for e in seen if e["type"] == "start"), None),
+                       for e in seen if e["kind"] == "start"), None),
+        "start": next((e["data"] for e in seen if e["kind"] == "start"), None),
         "submit_to_first_step_s": round(first_step_seen - submitted, 2) if first_step_seen else None,
         "submit_to_last_step_s": round(last_step_seen - submitted, 2) if last_step_seen else None,
         "submitted_at": submitted, "post_s": round(post_s, 3), "upload_s": round(upload_s, 2),
