@@ -138,7 +138,10 @@ def test_a_killed_follower_host_stops_every_rank_and_the_job_resumes_from_the_st
     runs = gang_hosts(g.id)
     assert sorted(runs[-1]) == sorted([leader, "host-c"]), runs
     resumed = [e.data.get("resumed_from_step") for e in events_of(g.id, "start")]
-    assert resumed[0] is None and resumed[-1] == newest, (resumed, newest)
+    # From the store, and at least from what it held at the kill: on a loaded machine rank 0 may
+    # have passed the next checkpoint before it was stopped, which the worker then stores as well.
+    stored = {c.step for c in stored_checkpoints(db, g.id) if c.uploaded_at}
+    assert resumed[0] is None and resumed[-1] >= newest and resumed[-1] in stored, (resumed, newest, stored)
     assert sorted(losses(g.id)) == list(range(1, steps + 1))
     assert wait_for(lambda: no_gang_left(db), 30, "the gang's rows to go")
     assert job_status(g.id) == states.SUCCEEDED
