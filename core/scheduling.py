@@ -261,11 +261,26 @@ def reserved_here(db: Session, host: str, total: int, memory_gib: float | None) 
     held = _read(db, None, Job.reserved_host == host)
     for w in held:
         if not w.fits(total, total, memory_gib):
-            db.execute(update(Job).where(Job.id == w.id, Job.reserved_host == host).values(reserved_host=None)
-                       .execution_options(synchronize_session=False))
-            db.commit()
+            release_host(db, w.id, host)
     fitting = [w for w in held if w.fits(total, total, memory_gib)]
     return min(fitting, key=lambda w: (-w.priority, w.created_at, w.id)) if fitting else None
+
+
+def hold_host(db: Session, job_id: str, host: str) -> bool:
+    """Reserve `host` for a queued job now (a preemption made room there for it), unless the job
+    holds another host. Commits."""
+    res = db.execute(update(Job).where(Job.id == job_id, Job.status == states.QUEUED,
+                                       (Job.reserved_host.is_(None)) | (Job.reserved_host == host))
+                     .values(reserved_host=host).execution_options(synchronize_session=False))
+    db.commit()
+    return res.rowcount == 1
+
+
+def release_host(db: Session, job_id: str, host: str) -> None:
+    """Give up the job's reservation of `host`, if it holds one. Commits."""
+    db.execute(update(Job).where(Job.id == job_id, Job.reserved_host == host).values(reserved_host=None)
+               .execution_options(synchronize_session=False))
+    db.commit()
 
 
 def host_alive(db: Session, host: str, t: float, ttl_s: float) -> bool:

@@ -6,14 +6,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core import control, policy, states
 from core.inference import SERVER_OWNER
 from core.models import Job, now
 from core.settings import get_settings
-from core.scheduling import Waiting
+from core.scheduling import Waiting, hold_host, release_host
 from worker.gpus import GpuPool
 
 log = logging.getLogger(__name__)
@@ -84,13 +84,13 @@ def preempt_for(db: Session, pool: GpuPool, queue: Iterable[Waiting], free: int)
         for_job = db.get(Job, w.id)
         if for_job is None:
             continue
-        if w is not head and not _hold_host(db, for_job, pool.host):
+        if w is not head and not hold_host(db, for_job.id, pool.host):
             continue
         asked = [v.id for v in chosen if control.preempt(db, v, for_job)]
         if asked:
             log.warning("preempting %s for job %s (priority %s)", asked, w.id, w.priority)
         elif w is not head:
-            _release_host(db, for_job, pool.host)
+            release_host(db, for_job.id, pool.host)
         return asked
     db.rollback()
     return []
@@ -108,21 +108,6 @@ def _victims(db: Session, w: Waiting, held: dict[str, int], running: list[Job], 
         chosen.append(v)
         need -= held[v.id]
     return chosen if need <= 0 else []
-
-
-def _hold_host(db: Session, job: Job, host: str) -> bool:
-    """Reserve this host for `job` (core.scheduling.reserved_here), unless it holds another host."""
-    res = db.execute(update(Job).where(Job.id == job.id, Job.status == states.QUEUED,
-                                       or_(Job.reserved_host.is_(None), Job.reserved_host == host))
-                     .values(reserved_host=host).execution_options(synchronize_session=False))
-    db.commit()
-    return res.rowcount == 1
-
-
-def _release_host(db: Session, job: Job, host: str) -> None:
-    db.execute(update(Job).where(Job.id == job.id, Job.reserved_host == host).values(reserved_host=None)
-               .execution_options(synchronize_session=False))
-    db.commit()
 
 
 def coming_free(db: Session, pool: GpuPool, job: Job, gpus: int) -> bool:
