@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 # CPU test machines' lock; the Dockerfile and bench/device_*.sh install their own from requirements/.
 LOCK := requirements/cpu.txt
 TOOLS := requirements/tools.txt
+# Where this kind of machine keeps wheels it carries (torch's CPU build): pip's find-links.
+FIND_LINKS := $(addprefix --find-links ,$(wildcard $(or $(PIP_FIND_LINKS),/opt/wheels)))
 # A changed pyproject.toml or lock names a new stamp, so the venv is brought to it.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) $(TOOLS) | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
@@ -23,9 +25,11 @@ $(STAMP): pyproject.toml $(LOCK) $(TOOLS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(TOOLS)
 	# Exactly the lock, each file checked against its hash; --no-deps, since the lock is the whole
-	# closure. Its torch is the CPU build this machine carries as a file (pip's find-links).
-	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(LOCK)
-	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	# closure. uv (the tools lock's, hash-checked) installs it in seconds where pip takes a minute
+	# or more. It does not read pip's configuration, so the find-links that carry this machine's
+	# CPU build of torch as a file are passed on.
+	$(BIN)/uv pip install -q --python $(BIN)/python $(FIND_LINKS) --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps --no-build-isolation -e .
 	$(BIN)/python -m pip check
 	rm -f $(VENV)/.installed-*
 	touch $@
