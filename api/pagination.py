@@ -18,15 +18,22 @@ T = TypeVar("T")
 
 DEFAULT_LIMIT = 20
 
-# The static bound documents a range for clients and fuzzers; check_limit applies the configured one.
-LimitQuery = Annotated[int, Query(ge=1, le=10_000, description="Items per page (at most TUNEQ_PAGE_LIMIT_MAX).")]
+# OpenAI's largest `limit` (its files list's; it names none larger for any list). Above it, or
+# below 1, a limit is the client's error.
+MAX_LIMIT = 10_000
+LimitQuery = Annotated[int, Query(ge=1, le=MAX_LIMIT, description=(
+    "Items per page. Above the server's page size (TUNEQ_PAGE_LIMIT_MAX) the page holds that many, "
+    "with has_more set when there are more."))]
 AfterQuery = Annotated[str | None, Query(description="Id of the last item of the previous page.")]
 
 
-def check_limit(limit: int, settings: Settings) -> int:
-    if limit < 1 or limit > settings.page_limit_max:
-        raise bad_request(f"limit: must be between 1 and {settings.page_limit_max}, got {limit}", "limit")
-    return limit
+def page_size(limit: int, settings: Settings) -> int:
+    """The rows a page of `limit` holds: a limit OpenAI allows but over this server's page size is
+    served as a full page with has_more, which clients (the SDK's auto-paging included) follow
+    with `after`, rather than refused."""
+    if limit < 1 or limit > MAX_LIMIT:
+        raise bad_request(f"limit: must be between 1 and {MAX_LIMIT}, got {limit}", "limit")
+    return min(limit, settings.page_limit_max)
 
 
 def make_page(rows: Sequence[Any], limit: int, to_out: Callable[[Any], T]) -> Page[T]:

@@ -100,7 +100,7 @@ class Settings(BaseSettings):
     retry_backoff_s: float = Field(5.0, ge=0, description="Seconds before the first retry of such a job; doubles with each further retry, at most 300.")
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1, description="Largest upload in bytes; a larger one is refused with 413 while it streams in.")
     api_docs: bool = Field(False, description="Serve /docs, Swagger UI loaded from a CDN under a Content-Security-Policy. Off by default: it shares its origin with /ui, which keeps the API key.")
-    page_limit_max: int = Field(100, ge=1, le=10_000, description="Largest `limit` a list route accepts.")
+    page_limit_max: int = Field(100, ge=1, le=10_000, description="Most items a page of a list route holds. A larger `limit` (up to 10,000, OpenAI's bound) gets a page this size with has_more set when there are more.")
     # Serving under load: what one API process takes on before it answers 503 at once rather than
     # queue work it cannot finish in time, and how long a client may take to send a request.
     max_json_body_bytes: int = Field(

@@ -9,7 +9,7 @@ from sqlalchemy import and_, or_, select
 
 from api.deps import AdminUser, SessionDep, SettingsDep
 from api.errors import bad_request, not_found
-from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
+from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, make_page, page_size
 from api.schemas import (CreatedKeyOut, CreateKeyRequest, CreateUserRequest, KeyOut, Page, PriorityCap, TeamOut,
                          UserOut)
 from core.identity import create_key, create_user, find_team, revoke_key
@@ -41,7 +41,7 @@ def load_user(db: SessionDep, user_id: str) -> User:
 def list_users(
     admin: AdminUser, db: SessionDep, settings: SettingsDep, after: AfterQuery = None, limit: LimitQuery = DEFAULT_LIMIT
 ) -> Page[UserOut]:
-    check_limit(limit, settings)
+    limit = page_size(limit, settings)
     stmt = select(User)
     if after is not None:
         cursor = db.get(User, after)

@@ -8,7 +8,7 @@ from sqlalchemy import and_, or_, select
 from api.crud import load_job
 from api.deps import CurrentUser, SessionDep, SettingsDep
 from api.errors import bad_request
-from api.pagination import AfterQuery, LimitQuery, check_limit, make_page
+from api.pagination import AfterQuery, LimitQuery, make_page, page_size
 from api.schemas import CheckpointOut, Page
 from core.inference import checkpoint_model_name
 from core.models import Checkpoint, Job
@@ -28,7 +28,7 @@ def list_fine_tuning_checkpoints(
     job_id: str, user: CurrentUser, db: SessionDep, settings: SettingsDep, after: AfterQuery = None,
     limit: LimitQuery = 10,
 ) -> Page[CheckpointOut]:
-    check_limit(limit, settings)
+    limit = page_size(limit, settings)
     job = load_job(db, job_id, user)
     # Only checkpoints whole in the store: any host can resume or continue from those.
     stmt = select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.uploaded_at.is_not(None))

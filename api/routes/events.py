@@ -29,7 +29,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from api.crud import load_job
 from api.deps import BearerToken, SettingsDep, in_one_hop, read_in_one_hop
 from api.errors import APIError, bad_request, error_body
-from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
+from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, make_page, page_size
 from api.schemas import EventOut, Page
 from api.event_hub import EventHub
 from core.event_feed import start_seq
@@ -88,7 +88,7 @@ async def list_fine_tuning_events(
 def _stream_start(db: Session, user: User, job_id: str, cursor: str | None, param: str, limit: int,
                   settings: Settings) -> tuple[str, int]:
     """The job's id and the seq its stream starts after (400 for a cursor that names no event of it)."""
-    check_limit(limit, settings)
+    limit = page_size(limit, settings)
     job = load_job(db, job_id, user)
     seq = start_seq(db, job.id, after_event_id=cursor, backlog=limit)
     if seq is None:
@@ -98,7 +98,7 @@ def _stream_start(db: Session, user: User, job_id: str, cursor: str | None, para
 
 def _event_page(db: Session, user: User, job_id: str, after: str | None, limit: int,
                 settings: Settings) -> Page[EventOut]:
-    check_limit(limit, settings)
+    limit = page_size(limit, settings)
     job = load_job(db, job_id, user)
     # seq, not created_at: events written in one transaction share a timestamp but never a seq.
     stmt = select(JobEvent).where(JobEvent.job_id == job.id)

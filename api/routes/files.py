@@ -18,7 +18,7 @@ from api.crud import bad_lines_summary, load_file
 from api.deps import CurrentUser, SessionDep, SettingsDep, StorageDep
 from api.errors import APIError, bad_request, not_found
 from api.limits import check_examples
-from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
+from api.pagination import MAX_LIMIT, AfterQuery, LimitQuery, make_page, page_size
 from api.schemas import FileDeleted, FileObject, Page
 from api.upload_stream import MultipartFile, Pipe, feed
 from api.uploads import FORM_OVERHEAD, too_large_message
@@ -173,11 +173,11 @@ def list_files(
     db: SessionDep,
     settings: SettingsDep,
     after: AfterQuery = None,
-    limit: LimitQuery = DEFAULT_LIMIT,
+    limit: LimitQuery = MAX_LIMIT,  # OpenAI's default for files: all of them (a page of the server's size)
     purpose: Annotated[str | None, Query()] = None,
     order: Annotated[Literal["asc", "desc"], Query()] = "desc",
 ) -> Page[FileObject]:
-    check_limit(limit, settings)
+    limit = page_size(limit, settings)
     desc = order == "desc"
     stmt = select(File).where(readable_files(user))
     if purpose is not None:

@@ -20,7 +20,7 @@ from api.crud import load_job
 from api.deps import BearerToken, ChangeableJob, CurrentUser, SessionDep, SettingsDep, read_in_one_hop
 from api.errors import bad_request
 from api.job_spec import METADATA_KEY_CHARS, base_learning_rate, method_view
-from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, check_limit, make_page
+from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, make_page, page_size
 from api.schemas import CreateJobRequest, JobErrorOut, JobOut, Page
 from core import gang, states
 from core.control import request_pause, request_resume
@@ -116,7 +116,7 @@ async def list_fine_tuning_jobs(
 
 def _list_jobs(db: Session, user: User, settings: Settings, after: str | None, limit: int, status: str | None,
                conditions: list[Any]) -> Page[JobOut]:
-    check_limit(limit, settings)
+    limit = page_size(limit, settings)
     stmt = select(Job).where(readable_jobs(user), *conditions)
     if status is not None:
         if status not in states.ALLOWED:  # a typo would otherwise list nothing, as if no job had it

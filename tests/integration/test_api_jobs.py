@@ -202,7 +202,7 @@ def test_pages_are_newest_first_with_cursors(client: TestClient, file_id: str) -
             break
         after = page["data"][-1]["id"]
     assert seen == newest_first
-    assert error_of(client.get("/v1/fine_tuning/jobs", params={"limit": 101}))["param"] == "limit"
+    assert error_of(client.get("/v1/fine_tuning/jobs", params={"limit": 10_001}))["param"] == "limit"
     assert error_of(client.get("/v1/fine_tuning/jobs", params={"limit": 0}))["param"] == "limit"
     assert error_of(client.get("/v1/fine_tuning/jobs", params={"after": "ftjob-nope"}))["param"] == "after"
 

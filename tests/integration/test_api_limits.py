@@ -159,12 +159,24 @@ def test_tokens_per_file_counted_with_the_models_tokenizer(limits, member: TestC
     assert create(member, f).status_code == 200
 
 
-def test_page_size_is_bounded(limits, member: TestClient) -> None:  # noqa: ANN001
-    limits(page_limit_max=5)
-    for url in ("/v1/files", "/v1/fine_tuning/jobs"):
-        assert member.get(url, params={"limit": 5}).status_code == 200
-        r = member.get(url, params={"limit": 6})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "limit"
+def test_a_limit_over_the_page_size_gets_full_pages_to_follow(limits, member: TestClient) -> None:  # noqa: ANN001
+    """OpenAI allows `limit` up to 10,000 (its files list defaults to that). A limit over the
+    server's page size is served as pages of that size with has_more, which a client follows; a
+    limit outside OpenAI's range is the client's error."""
+    limits(page_limit_max=2)
+    files = [upload(member, 1) for _ in range(3)]
+    jobs = [create(member, files[0]).json()["id"] for _ in range(3)]
+    for url, ids in (("/v1/files", files), ("/v1/fine_tuning/jobs", jobs)):
+        page = member.get(url, params={"limit": 10_000}).json()
+        assert len(page["data"]) == 2 and page["has_more"] is True, url
+        rest = member.get(url, params={"limit": 10_000, "after": page["last_id"]}).json()
+        assert [x["id"] for x in page["data"] + rest["data"]] == ids[::-1] and rest["has_more"] is False, url
+        for bad in (0, 10_001):
+            r = member.get(url, params={"limit": bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "limit", (url, bad)
+    # The files list's default is OpenAI's (all files), so it too is a full page to follow.
+    assert len(member.get("/v1/files").json()["data"]) == 2
+    assert len(member.get(f"/v1/fine_tuning/jobs/{jobs[0]}/events", params={"limit": 500}).json()["data"]) <= 2
 
 
 def test_a_job_tokenizes_its_file_once(limits, member: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001

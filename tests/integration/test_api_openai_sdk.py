@@ -151,3 +151,20 @@ def test_sdk_integrations_are_stored_returned_and_checked(sdk: openai.OpenAI) ->
         sdk.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id,
                                     integrations=[{"type": "wandb", "wandb": {"project": "a/b"}}])
     assert exc.value.param == "integrations[0].wandb.project" and "'/'" in exc.value.message
+
+
+def test_the_sdk_lists_every_file_when_its_limit_is_over_the_page_size(
+    service_env: dict[str, str], admin_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenAI's files list takes `limit` up to 10,000; tuneq serves pages of its own size and the
+    SDK's iteration follows them to the last file."""
+    from api.main import create_app
+    from tests.conftest import reset_caches
+
+    monkeypatch.setenv("TUNEQ_PAGE_LIMIT_MAX", "2")
+    reset_caches()
+    with TestClient(create_app()) as http:
+        sdk = openai.OpenAI(base_url="http://testserver/v1", api_key=admin_key, http_client=http, max_retries=0)
+        ids = [sdk.files.create(file=(f"{i}.jsonl", (LINES[0] + "\n").encode()), purpose="fine-tune").id for i in range(5)]
+        assert [f.id for f in sdk.files.list(limit=10_000)] == ids[::-1]
+        assert [f.id for f in sdk.files.list()] == ids[::-1]
