@@ -52,6 +52,11 @@ def test_bad_file_reports_its_bad_lines(client: TestClient) -> None:
     assert [e["line"] for e in f["validation"]["errors"]] == [2, 4]
     assert [e["code"] for e in f["validation"]["errors"]] == ["invalid_json", "no_assistant"]
     assert "line 2" in f["status_details"] and "line 4" in f["status_details"]
+    assert f["validation"]["format"] == "chat"
+    # A file none of whose lines is an example of any format has no format to report.
+    odd = upload(client, '{"body": "x"}\n[1, 2]\n').json()
+    assert odd["status"] == "error" and odd["validation"]["format"] is None
+    assert [e["code"] for e in odd["validation"]["errors"]] == ["unknown_format", "not_object"]
 
 
 def test_wrong_purpose_is_refused(client: TestClient) -> None:

@@ -119,6 +119,18 @@ def test_a_file_mixing_formats_names_the_odd_lines(tmp_path: Path):
     assert named["format"] == "text" and named["examples"] == 1
 
 
+def test_a_file_with_no_example_of_any_format_reports_no_format(tmp_path: Path):
+    """The report's format is the file's: none when no line showed one, the detected one when
+    every line of it is broken."""
+    unknown = validate_file(write_jsonl(tmp_path / "u.jsonl", [{"nothing": 1}, [1, 2], {"body": "x"}]))
+    assert not unknown["valid"] and unknown["format"] is None
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("\n\n")
+    assert validate_file(empty)["format"] is None
+    broken = validate_file(write_jsonl(tmp_path / "b.jsonl", [{"nothing": 1}, {"instruction": "Do it."}]))
+    assert not broken["valid"] and broken["format"] == "alpaca"
+
+
 def test_token_statistics_count_truncated_and_dropped_examples(tmp_path: Path, tokenizer):
     long_prompt = {"prompt": " ".join(["word"] * 40), "completion": " done."}
     path = write_jsonl(tmp_path / "pc.jsonl", [PROMPT_COMPLETION, long_prompt])

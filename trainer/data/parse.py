@@ -464,24 +464,25 @@ def _has_lone_surrogate(obj: Any) -> bool:
 
 def iter_records(
     path: str | Path, data_format: str = "auto", counter: list[int] | None = None
-) -> Iterator[tuple[int, str, Record | LineError]]:
+) -> Iterator[tuple[int, str | None, Record | LineError]]:
     """(line number, the file's format, parsed example or LineError) for every non-blank line.
 
-    With data_format auto, the first line that looks like a format fixes it for the file.
+    With data_format auto, the first line that looks like a format fixes it for the file; until
+    then the format is None (only a LineError comes with it).
     """
     fmt = None if data_format == "auto" else data_format
     for number, obj in iter_lines(path, counter):
         if isinstance(obj, LineError):
-            yield number, fmt or "chat", obj
+            yield number, fmt, obj
             continue
         if fmt is None:
             fmt = detect_format(obj)
             if fmt is None:
                 if not isinstance(obj, dict):
-                    yield number, "chat", LineError("not_object", f"line must be a JSON object, not {json_type(obj)}")
+                    yield number, None, LineError("not_object", f"line must be a JSON object, not {json_type(obj)}")
                     continue
                 keys = ", ".join(sorted(obj)[:5]) or "none"
-                yield number, "chat", LineError(
+                yield number, None, LineError(
                     "unknown_format",
                     f"not an example of any format (keys: {keys}); "
                     "expected 'messages', 'instruction'/'output', 'prompt'/'completion', 'text' or "

@@ -33,7 +33,7 @@ def validate_file(
     errors: list[dict] = []
     counts: Counter[str] = Counter()
     examples = tokens = trained = truncated = dropped = longest = 0
-    seen_format = None if data_format == "auto" else data_format
+    seen: list[str | None] = [None if data_format == "auto" else data_format]
     counter = [0]
 
     def fail(line: int, err: LineError) -> None:
@@ -47,9 +47,10 @@ def validate_file(
     if not p.is_file():
         fail(0, LineError("file_not_found", f"{path} is not a readable file"))
     else:
-        def items() -> Iterator[tuple[tuple[int, str, Any], Any, bool]]:
+        def items() -> Iterator[tuple[tuple[int, str | None, Any], Any, bool]]:
             # Records go to the tokenizer in chunks (tokenize_stream); the rest passes through in order.
             for number, fmt, rec in iter_records(p, data_format, counter):
+                seen[0] = fmt or seen[0]  # the file's format once a line showed it, bad lines included
                 tokenized_here = tokenizer is not None and not isinstance(rec, (LineError, EvalItem))
                 yield (number, fmt, rec), rec if tokenized_here else None, trains_inputs(fmt, train_on_inputs)
 
@@ -57,7 +58,6 @@ def validate_file(
             if isinstance(rec, LineError):
                 fail(number, rec)
                 continue
-            seen_format = fmt
             if isinstance(rec, EvalItem):
                 # Asked, not trained: its tokens are the prompt's, none of them trained.
                 if tokenizer is not None:
@@ -87,11 +87,13 @@ def validate_file(
         if examples == 0 and not counts:
             fail(0, LineError("empty_file", "the file has no examples"))
     counted = tokenizer is not None
-    if counted and not counts and seen_format != EVAL_FORMAT:
-        cache.save(cache.key(p, tokenizer, seen_format or "chat", train_on_inputs), tokenized)
+    seen_format = seen[0]
+    if counted and not counts and seen_format not in (EVAL_FORMAT, None):
+        cache.save(cache.key(p, tokenizer, seen_format, train_on_inputs), tokenized)
     return {
         "valid": not counts,
-        "format": seen_format or "chat",
+        # None when no line was an example of any format: the file has none to report.
+        "format": seen_format,
         "lines": counter[0],
         "examples": examples,
         "errors": errors,
