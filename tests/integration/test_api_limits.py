@@ -101,7 +101,9 @@ def test_resume_checks_the_gpu_quota_again(limits, member: TestClient, admin_hea
     again and is refused as a creation would be, whoever resumes the job."""
     limits(max_gpus_per_user=8, max_active_jobs_per_user=10)
     f = upload(member)
-    paused = [create(member, f).json()["id"] for _ in range(8)]
+    made = [create(member, f) for _ in range(8)]
+    assert all(r.status_code == 200 for r in made), [r.text for r in made if r.status_code != 200]
+    paused = [r.json()["id"] for r in made]
     for job_id in paused:
         assert member.post(f"/v1/fine_tuning/jobs/{job_id}/pause").json()["status"] == "paused"
     assert [create(member, f).status_code for _ in range(2)] == [200, 200]
