@@ -28,6 +28,9 @@ COPY tuneq ./tuneq
 COPY migrations ./migrations
 # Editable: core.migrate finds alembic.ini and migrations/ next to the code in /app.
 RUN pip install --no-deps --no-build-isolation -e .
+# tuneq's own bytecode, as pip compiled the packages': the runtime sets PYTHONDONTWRITEBYTECODE (and
+# its user may not write /app), so each process, every trainer included, would compile them again.
+RUN python -m compileall -q api core worker trainer tuneq migrations
 
 # ---- runtime -------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE}

@@ -82,3 +82,16 @@ def test_the_cuda_image_holds_the_fast_paths_kernels_at_the_benchs_version():
     bench = lock.read_lock(ROOT / "requirements" / "device-site.txt")
     assert cuda.get("liger-kernel") == bench.get("liger-kernel") and cuda["liger-kernel"][1], (
         cuda.get("liger-kernel"), bench.get("liger-kernel"))
+
+
+def test_the_installed_packages_and_the_image_carry_their_bytecode():
+    """Where PYTHONDONTWRITEBYTECODE is set (these machines, the image's runtime) no process
+    writes .pyc files: an install without them makes every process compile torch and transformers
+    again, which doubled their import and the suite's time."""
+    import torch
+    import transformers
+
+    for module in (torch, transformers):
+        assert Path(importlib.util.cache_from_source(module.__file__)).is_file(), f"{module.__name__} has no bytecode"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "compileall -q api core worker trainer tuneq migrations" in dockerfile
