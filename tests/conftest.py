@@ -94,9 +94,11 @@ def xdist_index() -> int:
 
 def redis_db(slot: int = 0) -> int:
     """The Redis database number of this test process's `slot`: TUNEQ_TEST_REDIS_DB is the first of
-    a run, and each xdist worker takes the next REDIS_DBS_PER_PROCESS (a server has 16)."""
+    a run, and each xdist worker takes the next REDIS_DBS_PER_PROCESS. A server has 16; database 0
+    is left out (the default of TUNEQ_REDIS_URL, so anything started without the test's URL uses
+    it), and up to 7 test processes get databases of their own."""
     base = int(os.environ.get("TUNEQ_TEST_REDIS_DB", "9"))
-    return (base + xdist_index() * REDIS_DBS_PER_PROCESS + slot) % 16
+    return 1 + (base - 1 + xdist_index() * REDIS_DBS_PER_PROCESS + slot) % 15
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
