@@ -104,6 +104,20 @@ class Client:
         except ValueError:
             raise TuneqError(f"{self.base_url}{path} did not answer with JSON; is TUNEQ_URL a tuneq server?") from None
 
+    def _newest(self, path: str, limit: int, params: dict[str, Any] | None = None,
+                after: str | None = None) -> list[dict[str, Any]]:
+        """The first `limit` items of a list route, following its pages: a server serves at most
+        its own page size (TUNEQ_PAGE_LIMIT_MAX) of a larger limit, with has_more set."""
+        items: list[dict[str, Any]] = []
+        while len(items) < limit:
+            query = {**(params or {}), "limit": limit - len(items), **({"after": after} if after else {})}
+            page = self._json("GET", path, params=query)
+            items += page["data"]
+            if not page.get("has_more") or not page["data"]:
+                break
+            after = page["data"][-1]["id"]
+        return items
+
     # -- resources
 
     def upload_file(self, path: Path, purpose: str = "fine-tune") -> dict[str, Any]:
@@ -123,8 +137,7 @@ class Client:
         return self._json("GET", f"/v1/fine_tuning/jobs/{job_id}")
 
     def list_jobs(self, limit: int = 20, status: str | None = None) -> list[dict[str, Any]]:
-        params: dict[str, Any] = {"limit": limit, **({"status": status} if status else {})}
-        return self._json("GET", "/v1/fine_tuning/jobs", params=params)["data"]
+        return self._newest("/v1/fine_tuning/jobs", limit, {"status": status} if status else None)
 
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         return self._json("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel")
@@ -137,8 +150,7 @@ class Client:
 
     def events(self, job_id: str, limit: int = 20, after: str | None = None) -> list[dict[str, Any]]:
         """One page, newest first (OpenAI's order); `after` is the last (oldest) id of the page before."""
-        params: dict[str, Any] = {"limit": limit, **({"after": after} if after else {})}
-        return self._json("GET", f"/v1/fine_tuning/jobs/{job_id}/events", params=params)["data"]
+        return self._newest(f"/v1/fine_tuning/jobs/{job_id}/events", limit, after=after)
 
     def events_since(self, job_id: str, since: str | None, limit: int = 20) -> list[dict[str, Any]]:
         """Events newer than the event `since`, oldest first (without it: the newest `limit`)."""
@@ -147,14 +159,15 @@ class Client:
         newer: list[dict[str, Any]] = []
         cursor = None
         while True:
-            page = self.events(job_id, 100, cursor)
-            for ev in page:
+            page = self._json("GET", f"/v1/fine_tuning/jobs/{job_id}/events",
+                              params={"limit": 100, **({"after": cursor} if cursor else {})})
+            for ev in page["data"]:
                 if ev["id"] == since:
                     return list(reversed(newer))
                 newer.append(ev)
-            if len(page) < 100:
+            if not page.get("has_more") or not page["data"]:
                 return list(reversed(newer))
-            cursor = page[-1]["id"]
+            cursor = page["data"][-1]["id"]
 
     def stream_events(self, job_id: str, after: str | None = None, limit: int = 20) -> Iterator[dict[str, Any]]:
         """The job's events as the server streams them (SSE), oldest first, until the job ends.
@@ -204,7 +217,7 @@ class Client:
         raise TuneqError(f"the answer from {self.base_url} ended without [DONE]")
 
     def list_files(self, limit: int = 20) -> list[dict[str, Any]]:
-        return self._json("GET", "/v1/files", params={"limit": limit})["data"]
+        return self._newest("/v1/files", limit)
 
     def get_file(self, file_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/files/{file_id}")

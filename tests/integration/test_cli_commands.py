@@ -139,6 +139,28 @@ def test_events_status_list_and_control_commands_print_json(runner: CliRunner, d
     assert json.loads(runner.invoke(cli.app, ["models", "--json"]).stdout) == []
 
 
+def test_the_cli_follows_pages_to_the_count_asked(runner: CliRunner, db: Session, app: Any,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server serves at most its page size of a larger limit (with has_more): `list --limit 5`
+    and `events --limit 5` still show five, and polling for new events pages back to the last
+    one seen."""
+    from tests.conftest import reset_caches
+
+    jobs = [make_job(db) for _ in range(5)]
+    for verb in ("pause", "resume", "pause", "resume", "cancel"):
+        assert runner.invoke(cli.app, [verb, jobs[0].id]).exit_code == 0
+    monkeypatch.setenv("TUNEQ_PAGE_LIMIT_MAX", "2")
+    reset_caches()
+    listed = json.loads(runner.invoke(cli.app, ["list", "--json", "--limit", "5"]).stdout)
+    assert [j["id"] for j in listed] == [j.id for j in reversed(jobs)]
+    events = json.loads(runner.invoke(cli.app, ["events", jobs[0].id, "--json", "--limit", "5"]).stdout)
+    assert len(events) == 5 and len({e["id"] for e in events}) == 5
+    with Client("http://testserver", http=TestClient(app)) as c:
+        newest_first = c.events(jobs[0].id, limit=100)
+        assert len(newest_first) > 5
+        assert c.events_since(jobs[0].id, newest_first[-1]["id"]) == list(reversed(newest_first[:-1]))
+
+
 def test_files_upload_list_show(runner: CliRunner, tmp_path: Path) -> None:
     good = tmp_path / "good.jsonl"
     good.write_text(chat_lines(3))
