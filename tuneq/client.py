@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -104,19 +105,21 @@ class Client:
         except ValueError:
             raise TuneqError(f"{self.base_url}{path} did not answer with JSON; is TUNEQ_URL a tuneq server?") from None
 
+    def _items(self, path: str, limit: int, params: dict[str, Any] | None = None,
+               after: str | None = None) -> Iterator[dict[str, Any]]:
+        """A list route's items in its order, following its pages (`has_more`, `after`): a server
+        serves at most its own page size (TUNEQ_PAGE_LIMIT_MAX) of a larger limit."""
+        while True:
+            page = self._json("GET", path, params={**(params or {}), "limit": limit, **({"after": after} if after else {})})
+            yield from page["data"]
+            if not page.get("has_more") or not page["data"]:
+                return
+            after = page["data"][-1]["id"]
+
     def _newest(self, path: str, limit: int, params: dict[str, Any] | None = None,
                 after: str | None = None) -> list[dict[str, Any]]:
-        """The first `limit` items of a list route, following its pages: a server serves at most
-        its own page size (TUNEQ_PAGE_LIMIT_MAX) of a larger limit, with has_more set."""
-        items: list[dict[str, Any]] = []
-        while len(items) < limit:
-            query = {**(params or {}), "limit": limit - len(items), **({"after": after} if after else {})}
-            page = self._json("GET", path, params=query)
-            items += page["data"]
-            if not page.get("has_more") or not page["data"]:
-                break
-            after = page["data"][-1]["id"]
-        return items
+        """The first `limit` items of a list route (newest first), over as many pages as it takes."""
+        return list(islice(self._items(path, limit, params, after), limit))
 
     # -- resources
 
@@ -149,7 +152,7 @@ class Client:
         return self._json("POST", f"/v1/fine_tuning/jobs/{job_id}/resume")
 
     def events(self, job_id: str, limit: int = 20, after: str | None = None) -> list[dict[str, Any]]:
-        """One page, newest first (OpenAI's order); `after` is the last (oldest) id of the page before."""
+        """The newest `limit` events (OpenAI's order), or those older than the event `after`."""
         return self._newest(f"/v1/fine_tuning/jobs/{job_id}/events", limit, after=after)
 
     def events_since(self, job_id: str, since: str | None, limit: int = 20) -> list[dict[str, Any]]:
@@ -157,17 +160,11 @@ class Client:
         if since is None:
             return list(reversed(self.events(job_id, limit)))
         newer: list[dict[str, Any]] = []
-        cursor = None
-        while True:
-            page = self._json("GET", f"/v1/fine_tuning/jobs/{job_id}/events",
-                              params={"limit": 100, **({"after": cursor} if cursor else {})})
-            for ev in page["data"]:
-                if ev["id"] == since:
-                    return list(reversed(newer))
-                newer.append(ev)
-            if not page.get("has_more") or not page["data"]:
-                return list(reversed(newer))
-            cursor = page["data"][-1]["id"]
+        for ev in self._items(f"/v1/fine_tuning/jobs/{job_id}/events", 100):
+            if ev["id"] == since:
+                break
+            newer.append(ev)
+        return list(reversed(newer))
 
     def stream_events(self, job_id: str, after: str | None = None, limit: int = 20) -> Iterator[dict[str, Any]]:
         """The job's events as the server streams them (SSE), oldest first, until the job ends.
