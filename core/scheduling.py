@@ -230,16 +230,21 @@ def pick(queue: list[Waiting], free: int, total: int, t: float | None = None,
     return None
 
 
-def blocked_head(queue: Iterable[Waiting], free: int, total: int, t: float | None = None,
-                 memory_gib: float | None = None) -> Waiting | None:
-    """The first job that could run on this host but not with its free GPUs now."""
+def blocked(queue: Iterable[Waiting], free: int, total: int, t: float | None = None,
+            memory_gib: float | None = None) -> Iterator[Waiting]:
+    """The jobs, in queue order, that could run on this host but not with its free GPUs now."""
     if free >= total:  # none: and the queue need not be read to its end to know it
-        return None
+        return
     t = now() if t is None else t
     for w in queue:
         if w.retry_at <= t and free < w.gpus and w.fits(total, total, memory_gib):
-            return w
-    return None
+            yield w
+
+
+def blocked_head(queue: Iterable[Waiting], free: int, total: int, t: float | None = None,
+                 memory_gib: float | None = None) -> Waiting | None:
+    """The first job that could run on this host but not with its free GPUs now."""
+    return next(blocked(queue, free, total, t, memory_gib), None)
 
 
 # -- reservations against starvation -----------------------------------------------------------

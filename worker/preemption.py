@@ -11,9 +11,9 @@ from sqlalchemy.orm import Session
 
 from core import control, policy, states
 from core.inference import SERVER_OWNER
-from core.models import Job, now
+from core.models import Job
+from core.scheduling import Waiting, blocked, hold_host, release_host
 from core.settings import get_settings
-from core.scheduling import Waiting, hold_host, release_host
 from worker.gpus import GpuPool
 
 log = logging.getLogger(__name__)
@@ -53,17 +53,12 @@ def preempt_for(db: Session, pool: GpuPool, queue: Iterable[Waiting], free: int)
     reserved for that job, so that the GPUs it frees go to it and not to the head, which had no
     right to them. A job of lower priority than the head is never such a candidate: the head would
     outrank it and take the GPUs."""
-    if free >= pool.count:
-        return []  # nothing runs here that a job could wait for; the queue need not be read
-    t = now()
     freeing = 0
     held: dict[str, int] | None = None
     running: list[Job] = []
     head: Waiting | None = None
     seen = 0
-    for w in queue:
-        if not (w.retry_at <= t and free < w.gpus and w.fits(pool.count, pool.count, pool.memory_gib)):
-            continue
+    for w in blocked(queue, free, pool.count, memory_gib=pool.memory_gib):
         if head is not None and (w.priority != head.priority or seen >= CANDIDATES
                                  or get_settings().reserve_after_h <= 0):
             break  # without reservations, GPUs freed for a later job would go to the head
