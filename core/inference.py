@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -42,10 +43,18 @@ _JOB_ID = re.compile(r"^ftjob-[0-9a-f]{24}$")
 _CKPT = re.compile(r"^ckpt-step-(\d{1,12})$")
 
 
+def fine_tuned_model_name(job: Job) -> str:
+    """The `fine_tuned_model` a job gets when it succeeds, in OpenAI's form ft:base:suffix:id."""
+    base = job.model.rstrip("/")
+    if os.path.isabs(base):
+        base = Path(base).name  # a local directory: its folder name, not where this host keeps it
+    return f"ft:{base}:{job.suffix or 'tuneq'}:{job.id}"
+
+
 def checkpoint_model_name(job: Job, step: int) -> str:
-    """A checkpoint's `fine_tuned_model_checkpoint`: the job's model name and the step."""
-    name = job.fine_tuned_model or f"ft:{job.model}:{job.suffix or ''}:{job.id}"
-    return f"{name}:ckpt-step-{step}"
+    """A checkpoint's `fine_tuned_model_checkpoint`: the job's model name and the step. The same
+    while the job trains and after it succeeded, so a name read from a running job keeps working."""
+    return f"{job.fine_tuned_model or fine_tuned_model_name(job)}:ckpt-step-{step}"
 
 
 @dataclass(frozen=True)
@@ -62,39 +71,69 @@ class UnknownModel(LookupError):
     pass
 
 
-def resolve_target(db: Session, user: User, name: str, settings: Settings) -> Target:
-    """The Target of `name`, or UnknownModel: unknown names and models of jobs the caller may not
-    read are refused alike, so another user's model cannot be confirmed to exist."""
+@dataclass(frozen=True)
+class FineTuned:
+    """What a fine-tuned model name stands for: a succeeded job's final weights, or one of its
+    stored checkpoints."""
+
+    job: Job
+    checkpoint: Checkpoint | None = None
+
+    @property
+    def ref(self) -> str:
+        """The id a worker turns into weights (a job's or a checkpoint's), as from_checkpoint takes."""
+        return self.checkpoint.id if self.checkpoint is not None else self.job.id
+
+    @property
+    def created(self) -> float:
+        if self.checkpoint is not None:
+            return self.checkpoint.created_at
+        return self.job.finished_at or self.job.created_at
+
+
+def is_fine_tuned_name(name: str) -> bool:
+    return name.startswith("ft:")
+
+
+def find_fine_tuned(db: Session, user: User, name: str) -> FineTuned | None:
+    """The job (and checkpoint) of a fine-tuned model name (`fine_tuned_model`, or a checkpoint's
+    `fine_tuned_model_checkpoint`), or None: unknown names and models of jobs the caller may not
+    read are alike, so another user's model cannot be confirmed to exist."""
     parts = name.split(":")
-    if len(parts) >= 2 and name.startswith("ft:"):
-        job_id, step = parts[-1], None
-        if (m := _CKPT.match(parts[-1])) and len(parts) >= 3:
-            job_id, step = parts[-2], int(m.group(1))
-        if _JOB_ID.match(job_id):
-            job = db.get(Job, job_id)
-            if job is not None and can_read_job(db, user, job):
-                return _job_target(db, job, name, step)
-        raise UnknownModel(name)
+    if len(parts) < 2 or not is_fine_tuned_name(name):
+        return None
+    job_id, step = parts[-1], None
+    if (m := _CKPT.match(parts[-1])) and len(parts) >= 3:
+        job_id, step = parts[-2], int(m.group(1))
+    if not _JOB_ID.match(job_id):
+        return None
+    job = db.get(Job, job_id)
+    if job is None or not can_read_job(db, user, job):
+        return None
+    if step is None:
+        ok = job.status == "succeeded" and job.fine_tuned_model == name
+        return FineTuned(job) if ok else None
+    ck = db.scalar(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == step,
+                                            Checkpoint.uploaded_at.is_not(None)).order_by(Checkpoint.created_at.desc()).limit(1))
+    if ck is None or checkpoint_model_name(job, step) != name:
+        return None
+    return FineTuned(job, ck)
+
+
+def resolve_target(db: Session, user: User, name: str, settings: Settings) -> Target:
+    """The Target of `name` (a base model or a fine-tuned one), or UnknownModel."""
+    if is_fine_tuned_name(name):
+        found = find_fine_tuned(db, user, name)
+        if found is None:
+            raise UnknownModel(name)
+        # The base the job trained on, as its workers loaded it (admission resolved the name).
+        base = (found.job.spec or {}).get("model") or found.job.model
+        return Target(model=name, base=base, weights=found.ref, context=context_length(base))
     try:
         base = resolve_model(name, settings)
     except ModelNotFound:
         raise UnknownModel(name) from None
     return Target(model=name, base=base, context=context_length(base))
-
-
-def _job_target(db: Session, job: Job, name: str, step: int | None) -> Target:
-    # The base the job trained on, as its workers loaded it (admission resolved the name).
-    base = (job.spec or {}).get("model") or job.model
-    context = context_length(base)
-    if step is None:
-        if job.status != "succeeded" or job.fine_tuned_model != name:
-            raise UnknownModel(name)
-        return Target(model=name, base=base, weights=job.id, context=context)
-    ck = db.scalar(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == step,
-                                            Checkpoint.uploaded_at.is_not(None)).order_by(Checkpoint.created_at.desc()).limit(1))
-    if ck is None or checkpoint_model_name(job, step) != name:
-        raise UnknownModel(name)
-    return Target(model=name, base=base, weights=ck.id, context=context)
 
 
 def context_length(model_path: str) -> int | None:

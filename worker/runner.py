@@ -25,6 +25,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from core import control, gang, states
 from core.db import OUTAGE_ERRORS, get_sessionmaker
+from core.inference import fine_tuned_model_name
 from core.jobs import heartbeat, lock_leased_job, release_lease
 from core.models import Checkpoint, Job
 from core.queue import clear_pending, enqueue_job
@@ -636,13 +637,6 @@ class JobRun:
             log.warning("job %s: could not store trainer.log", self.job_id, exc_info=True)
         shutil.rmtree(self.dir, ignore_errors=True)
         log.info("job %s: work directory %s removed", self.job_id, self.dir)
-
-
-def fine_tuned_model_name(job: Job) -> str:
-    base = job.model.rstrip("/")
-    if os.path.isabs(base):
-        base = Path(base).name  # a local directory: its folder name, not where this host keeps it
-    return f"ft:{base}:{job.suffix or 'tuneq'}:{job.id}"
 
 
 def _death(returncode: int | None) -> str:

@@ -44,3 +44,18 @@ def test_what_the_sdk_sends_is_accepted():
         "stop": "\n", "seed": 3, "presence_penalty": 0, "frequency_penalty": 0.0, "user": "someone"}))
     assert [m.plain() for m in body.messages] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
     assert body.stops() == ["\n"] and body.temperature == 0.0
+
+
+@pytest.mark.parametrize(("model", "suffix", "base"), [("tiny-llama", None, "tiny-llama"), ("org/name", "bot", "org/name"),
+                                                       ("/models/llama/", "x", "llama")])
+def test_a_checkpoint_keeps_its_model_name_when_its_job_succeeds(model: str, suffix: str | None, base: str) -> None:
+    """Clients read checkpoint names from a running job's checkpoint list and chat with them later:
+    the name must not change when the job succeeds and gets its fine_tuned_model."""
+    from core.inference import checkpoint_model_name, fine_tuned_model_name
+    from core.models import Job
+
+    job = Job(id="ftjob-" + "a" * 24, model=model, suffix=suffix, fine_tuned_model=None)
+    training = checkpoint_model_name(job, 7)
+    job.fine_tuned_model = fine_tuned_model_name(job)
+    assert job.fine_tuned_model == f"ft:{base}:{suffix or 'tuneq'}:{job.id}"
+    assert checkpoint_model_name(job, 7) == training == f"{job.fine_tuned_model}:ckpt-step-7"
