@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from api import data_check, planning, validation
-from api.continuation import Source, resolve_source
+from api.continuation import Source, continued_from_model, resolve_source
 from api.crud import file_gone, usable_file
 from api.errors import APIError
 from api.job_spec import build_spec
@@ -257,7 +257,7 @@ def across_hosts(body: CreateJobRequest) -> CreateJobRequest:
 def admit(db: Session, user: User, body: CreateJobRequest, settings: Settings) -> Job:
     """Check a creation body, store the job with its plan and data check, and enqueue it."""
     submitted = time.time()
-    body = across_hosts(body)
+    body = continued_from_model(db, user, across_hosts(body))
     check_priority(db, user, body.priority, settings)
     check_gpus_allowed(body.gpus, settings, body.nodes or 1)
     req = resolve(db, user, body, settings)
@@ -380,7 +380,7 @@ def finish_validation(job_id: str, owner: str) -> None:
 
 def plan_only(db: Session, user: User, body: CreateJobRequest, settings: Settings) -> tuple[dict[str, Any], int | None]:
     """The plan of a creation body and the training tokens it counted; nothing is stored."""
-    body = across_hosts(body)
+    body = continued_from_model(db, user, across_hosts(body))
     req = resolve(db, user, body, settings, validation=False)
     one = OnePlan(req, settings, refuse=False)
     spec = build(req, one)

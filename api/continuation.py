@@ -1,5 +1,8 @@
 """`from_checkpoint`: a new job that starts from a previous job's final weights or checkpoint.
 
+OpenAI's own way to ask the same is a fine-tuned model (or checkpoint) name as the job's `model`:
+such a job trains the base that model was trained on, from its weights (continued_from_model).
+
 The API checks what it can see in the database (the source exists, the caller may read it, it
 finished, it trained the same base model) and stores the id as the spec's init_from; the worker
 turns the id into a local directory when the job runs, as it does with file ids.
@@ -14,8 +17,10 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from api.errors import bad_request
+from api.schemas import CreateJobRequest
 from core import states
 from core.identity import can_read_job
+from core.inference import find_fine_tuned, is_fine_tuned_name
 from core.models import Checkpoint, Job, User
 from trainer.init_weights import source_mismatch
 from trainer.spec import METHOD_SETTINGS, JobSpec
@@ -72,3 +77,18 @@ def resolve_source(db: Session, user: User, ref: str, model: str) -> Source:
             PARAM,
         )
     return Source(ref=ref, job=job)
+
+
+def continued_from_model(db: Session, user: User, body: CreateJobRequest) -> CreateJobRequest:
+    """A body whose `model` is a fine-tuned model name, as the same job asked with from_checkpoint:
+    `model` becomes the base it was trained on and `from_checkpoint` its job or checkpoint id."""
+    if not is_fine_tuned_name(body.model):
+        return body
+    found = find_fine_tuned(db, user, body.model)
+    if found is None:  # an unreadable job's model reads as unknown, as it does to chat
+        raise bad_request(f"model: no fine-tuned model {body.model!r} (a succeeded job's fine_tuned_model or a "
+                          "stored checkpoint's fine_tuned_model_checkpoint)", "model", "model_not_found")
+    if body.from_checkpoint and body.from_checkpoint != found.ref:
+        raise bad_request(f"{PARAM}: {body.from_checkpoint} is not the weights of model {body.model!r} "
+                          f"({found.ref}); give one of the two", PARAM)
+    return body.model_copy(update={"model": found.job.model, "from_checkpoint": found.ref})

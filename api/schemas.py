@@ -120,11 +120,20 @@ class ArtifactOut(BaseModel):
     sha256: str
 
 
+# What no user owns (base models, a job without an owner) belongs to this organization.
+ORGANIZATION = "tuneq"
+
+
+def owner_of(owner_id: str | None) -> str:
+    """A job's organization_id and its fine-tuned model's owned_by: whoever trained it."""
+    return owner_id or ORGANIZATION
+
+
 class ModelOut(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
-    owned_by: str = "tuneq"
+    owned_by: str = ORGANIZATION
 
 
 def _settings_fields(name: str) -> str:
@@ -154,7 +163,9 @@ class _JobRequest(BaseModel):
     # strict: `"gpus": true` is not one GPU, nor `"priority": "5"` a number.
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str = Field(..., min_length=1, max_length=512, description="A name from GET /v1/models.")
+    model: str = Field(..., min_length=1, max_length=512, description=(
+        "A name from GET /v1/models: a base model, or a fine-tuned model (a checkpoint's name too) to "
+        "continue training, as from_checkpoint does; the job then trains that model's base."))
     training_file: str = Field(..., min_length=1, description="A file id from POST /v1/files.")
     validation_file: str | None = Field(None, description="A file id from POST /v1/files.")
     seed: Annotated[int | None, *Hyperparameters.model_fields["seed"].metadata] = Field(

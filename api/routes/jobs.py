@@ -21,7 +21,7 @@ from api.deps import BearerToken, ChangeableJob, CurrentUser, SessionDep, Settin
 from api.errors import bad_request
 from api.job_spec import METADATA_KEY_CHARS, base_learning_rate, method_view
 from api.pagination import DEFAULT_LIMIT, AfterQuery, LimitQuery, make_page, page_size
-from api.schemas import CreateJobRequest, JobErrorOut, JobOut, Page
+from api.schemas import CreateJobRequest, JobErrorOut, JobOut, Page, owner_of
 from core import gang, states
 from core.control import request_pause, request_resume
 from core.identity import can_read_job, readable_jobs
@@ -35,8 +35,6 @@ from core.scheduling import shown_positions
 log = logging.getLogger("tuneq.api")
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
-
-ORGANIZATION = "tuneq"
 
 
 def _int(t: float | None) -> int | None:
@@ -58,7 +56,7 @@ def job_out(job: Job, positions: Mapping[str, int] | None = None,
     progress = job_progress(object_session(job), job, positions=positions, metrics=metrics)  # core/progress.py: FIELDS, queue_position 1 runs next
     return JobOut(
         id=job.id, created_at=int(job.created_at), finished_at=_int(job.finished_at), model=job.model,
-        fine_tuned_model=job.fine_tuned_model, organization_id=job.owner_id or ORGANIZATION, status=job.status,
+        fine_tuned_model=job.fine_tuned_model, organization_id=owner_of(job.owner_id), status=job.status,
         training_file=job.training_file, validation_file=job.validation_file, hyperparameters=hp,
         seed=int(hp.get("seed", 0)), trained_tokens=job.trained_tokens, error=error, result_files=[],
         estimated_finish=_int(progress.get("estimated_finish")),

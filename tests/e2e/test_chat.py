@@ -81,6 +81,21 @@ def test_the_sdk_gets_the_learned_answer_where_the_base_model_does_not(chat_stac
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
 
 
+def test_the_sdk_lists_the_trained_model_and_continues_training_it(chat_stack, trained):
+    client = sdk(chat_stack)
+    name = trained["fine_tuned_model"]
+    assert name in [m.id for m in client.models.list()]
+    model = client.models.retrieve(name)
+    assert model.id == name and model.created == trained["finished_at"]
+    ck = trained["checkpoints"][0]["fine_tuned_model_checkpoint"]
+    assert client.models.retrieve(ck).id == ck
+    # OpenAI's way to continue training a fine-tuned model: name it as the new job's model.
+    job = client.fine_tuning.jobs.create(model=name, training_file=trained["training_file"],
+                                         hyperparameters={"n_epochs": 1})
+    assert job.model == "tiny-llama" and job.status in ("validating_files", "queued")
+    client.fine_tuning.jobs.cancel(job.id)
+
+
 def test_the_raw_stream_ends_with_done(chat_stack, trained):
     body = {"model": trained["fine_tuned_model"], "messages": ask("apple"), "temperature": 0, "max_tokens": 12, "stream": True}
     with chat_stack.client() as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
