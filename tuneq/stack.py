@@ -347,6 +347,6 @@ class Stack:
         try:
             key = self.admin_key_path.read_text().strip()
             r = httpx.get(f"{self.url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=5)
-            return [m["id"] for m in r.json()["data"]]
+            return [m["id"] for m in r.json()["data"] if not m["id"].startswith("ft:")]  # the base models
         except (OSError, httpx.HTTPError, ValueError, KeyError):
             return []

@@ -82,7 +82,7 @@ def list_jobs(
 
 @friendly
 def models(as_json: Annotated[bool, typer.Option("--json", help="Print the model objects as JSON.")] = False) -> None:
-    """List the base models the server offers."""
+    """List the models: the base models the server offers, then the fine-tuned ones you may use."""
     with client() as c:
         items = c.models()
     if as_json:
