@@ -97,6 +97,8 @@ class Job(Base):
     progress: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # OpenAI's result_files: ids of the files (purpose fine-tune-results) written when it succeeded.
+    result_files: Mapped[list[str] | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=now, index=True)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -38,18 +38,32 @@ SCALARS: dict[str, list[tuple[str, str, float]]] = {
 }
 
 
-def curve_points(ev_type: str, data: Any) -> tuple[int, dict[str, float]] | None:
-    """(step, {tag: value}) of one event's figures; None for an event without a step or figures.
-    Values that are missing, not numbers or not finite (a diverged loss) are left out."""
-    scalars = SCALARS.get(ev_type)
+def _scalars(ev_type: str, data: Any) -> list[tuple[str, str, float]] | None:
     if ev_type == "eval" and isinstance(data, dict):
         # Graders are named by the job: eval/<name> for each score, and the pass's seconds.
-        scalars = [(k, "eval/" + k.removeprefix("eval_"), 1.0) for k in data if k.startswith("eval_")]
+        return [(k, "eval/" + k.removeprefix("eval_"), 1.0) for k in data if k.startswith("eval_")]
+    return SCALARS.get(ev_type)
+
+
+def step_figures(ev_type: str, data: Any) -> tuple[int, dict[str, float]] | None:
+    """(step, {name: value}) of one event's figures under the trainer's names (train_loss,
+    valid_loss, eval_<grader>, ...); None for an event without a step or figures. Values that are
+    missing, not numbers or not finite (a diverged loss) are left out."""
+    scalars = _scalars(ev_type, data)
     if not scalars or not isinstance(data, dict) or not isinstance(data.get("step"), int):
         return None
-    points = {}
-    for key, tag, scale in scalars:
+    figures = {}
+    for key, _tag, _scale in scalars:
         value = data.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-            points[tag] = value * scale
-    return (data["step"], points) if points else None
+            figures[key] = value
+    return (data["step"], figures) if figures else None
+
+
+def curve_points(ev_type: str, data: Any) -> tuple[int, dict[str, float]] | None:
+    """(step, {tag: value}) of one event's figures, as the curves name and scale them."""
+    found = step_figures(ev_type, data)
+    if found is None:
+        return None
+    tags = {key: (tag, scale) for key, tag, scale in _scalars(ev_type, data) or ()}
+    return found[0], {tags[key][0]: value * tags[key][1] for key, value in found[1].items()}

@@ -29,6 +29,7 @@ from core.inference import fine_tuned_model_name
 from core.jobs import heartbeat, lock_leased_job, release_lease
 from core.models import Checkpoint, Job
 from core.queue import clear_pending, enqueue_job
+from core.results import store_results
 from core.retries import USER_ERRORS, retry_or_fail
 from core.scheduling import RETRY_AT
 from core.settings import Settings, get_settings
@@ -550,6 +551,7 @@ class JobRun:
             job.trained_tokens = finished.get("trained_tokens", job.trained_tokens)
             job.metrics = {**job.metrics, **(finished.get("metrics") or {}), **by_host}
             job.progress = {**job.progress, "eta_seconds": 0}
+            store_results(self.db, storage, job)  # OpenAI's result_files: the figures per step, as CSV
 
         return self.finish(states.SUCCEEDED, "The job has successfully completed.", before=record)
 

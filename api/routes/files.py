@@ -22,6 +22,7 @@ from api.pagination import MAX_LIMIT, AfterQuery, LimitQuery, make_page, page_si
 from api.schemas import FileDeleted, FileObject, Page
 from api.upload_stream import MultipartFile, Pipe, feed
 from api.uploads import FORM_OVERHEAD, too_large_message
+from core import results
 from core.identity import DELETED, can_read_file, readable_files
 from core.limits import check_file_quota, jobs_using_file, lock_files
 from core.models import File, User, new_id
@@ -205,4 +206,5 @@ def get_file_content(file_id: str, user: CurrentUser, db: SessionDep, storage: S
     f = load_file(db, file_id, user)
     if not storage.exists(f.storage_key):
         raise APIError(404, f"the content of file {file_id} is missing from storage", code="content_missing")
-    return stored_content(storage, f.storage_key, size=f.bytes, media_type="application/jsonl", filename=f.filename)
+    media_type = results.MEDIA_TYPE if f.purpose == results.PURPOSE else "application/jsonl"
+    return stored_content(storage, f.storage_key, size=f.bytes, media_type=media_type, filename=f.filename)

@@ -96,6 +96,36 @@ def test_the_sdk_lists_the_trained_model_and_continues_training_it(chat_stack, t
     client.fine_tuning.jobs.cancel(job.id)
 
 
+def test_the_results_file_holds_the_jobs_figures_per_step(chat_stack, trained):
+    """OpenAI's result_files: the SDK reads the job's curve as CSV through the Files API."""
+    import csv
+    import io
+
+    from openai import BadRequestError, NotFoundError
+
+    client = sdk(chat_stack)
+    job = client.fine_tuning.jobs.retrieve(trained["id"])
+    [file_id] = job.result_files
+    meta = client.files.retrieve(file_id)
+    assert meta.purpose == "fine-tune-results" and meta.filename == "step_metrics.csv" and meta.status == "processed"
+    assert file_id in [f.id for f in client.files.list(purpose="fine-tune-results")]
+    content = client.files.content(file_id)
+    assert content.response.headers["content-type"].startswith("text/csv") and len(content.content) == meta.bytes
+    rows = list(csv.DictReader(io.StringIO(content.text)))
+    assert [int(r["step"]) for r in rows] == list(range(1, 21))  # every step of the twenty, once
+    assert all(float(r["train_loss"]) > 0 for r in rows) and float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    # The same figures as the job's metrics events.
+    events = [e for e in client.fine_tuning.jobs.list_events(trained["id"], limit=100) if e.type == "metrics"]
+    last = max(events, key=lambda e: e.data["step"])
+    assert float(rows[-1]["train_loss"]) == pytest.approx(last.data["train_loss"])
+    # It is nobody's training data, and another team's member cannot read it.
+    with pytest.raises(BadRequestError, match="purpose"):
+        client.fine_tuning.jobs.create(model="tiny-llama", training_file=file_id)
+    other = _member_key(chat_stack.env["TUNEQ_DATABASE_URL"], f"other-{secrets.token_hex(4)}", f"other-{secrets.token_hex(4)}")
+    with pytest.raises(NotFoundError):
+        sdk(dataclasses.replace(chat_stack, key=other)).files.content(file_id)
+
+
 def test_the_raw_stream_ends_with_done(chat_stack, trained):
     body = {"model": trained["fine_tuned_model"], "messages": ask("apple"), "temperature": 0, "max_tokens": 12, "stream": True}
     with chat_stack.client() as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
