@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core import states
 from core.identity import can_read_job
 from core.model_roots import ModelNotFound, resolve_model
 from core.models import Checkpoint, Job, User
@@ -111,7 +112,7 @@ def find_fine_tuned(db: Session, user: User, name: str) -> FineTuned | None:
     if job is None or not can_read_job(db, user, job):
         return None
     if step is None:
-        ok = job.status == "succeeded" and job.fine_tuned_model == name
+        ok = job.status == states.SUCCEEDED and job.fine_tuned_model == name
         return FineTuned(job) if ok else None
     ck = db.scalar(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step == step,
                                             Checkpoint.uploaded_at.is_not(None)).order_by(Checkpoint.created_at.desc()).limit(1))

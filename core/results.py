@@ -48,16 +48,13 @@ def results_table(events: Iterable[tuple[str, Any]]) -> bytes:
 
 
 def store_results(db: Session, storage: Storage, job: Job) -> File:
-    """Store the job's results file and add its row, named in job.result_files; committed with the
-    job's success by the caller."""
+    """Store the job's results file; its row, not added yet. Called before the job's row is
+    locked to record the success: a long job has many thousands of events to read."""
     events = db.execute(select(JobEvent.type, JobEvent.data)
                         .where(JobEvent.job_id == job.id, JobEvent.type.in_(EVENT_TYPES)).order_by(JobEvent.seq))
     data = results_table((t, d) for t, d in events)
     file_id = new_id("file")
     key = f"files/{file_id}.csv"
     size, sha256 = storage.put_stream(key, io.BytesIO(data))
-    row = File(id=file_id, owner_id=job.owner_id, filename=FILENAME, purpose=PURPOSE, bytes=size, storage_key=key,
-               status="processed", sha256=sha256, report={})
-    db.add(row)
-    job.result_files = [file_id]
-    return row
+    return File(id=file_id, owner_id=job.owner_id, filename=FILENAME, purpose=PURPOSE, bytes=size, storage_key=key,
+                status="processed", sha256=sha256, report={})

@@ -544,6 +544,8 @@ class JobRun:
         by_host = self.peaks_by_host(finished.get("peak_memory_bytes_by_rank"))
         self.db.rollback()  # no transaction held open while gigabytes move
         stored = publish_final(storage, self.job, final, kept)
+        results = store_results(self.db, storage, self.job)  # OpenAI's result_files: the figures per step, as CSV
+        self.db.rollback()
 
         def record(job: Job) -> None:
             self.db.add_all(s.row(job.id) for s in stored)
@@ -551,7 +553,8 @@ class JobRun:
             job.trained_tokens = finished.get("trained_tokens", job.trained_tokens)
             job.metrics = {**job.metrics, **(finished.get("metrics") or {}), **by_host}
             job.progress = {**job.progress, "eta_seconds": 0}
-            store_results(self.db, storage, job)  # OpenAI's result_files: the figures per step, as CSV
+            self.db.add(results)
+            job.result_files = [results.id]
 
         return self.finish(states.SUCCEEDED, "The job has successfully completed.", before=record)
 
